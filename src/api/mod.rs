@@ -1,0 +1,28 @@
+//! Generated protobuf and gRPC code, and conversions between wire and domain.
+//!
+//! - `pb`: the public API (`chatstore.v1`), served by routers;
+//! - `pb::replicated`: commands and records replicated through Raft and stored;
+//! - `pb::raft`: the node-to-node Raft transport;
+//! - `pb::node`: the node API used by routers and `chatctl`.
+
+pub mod codec;
+pub mod status;
+
+#[allow(clippy::all)]
+pub mod pb {
+    tonic::include_proto!("chatstore.v1");
+
+    pub mod replicated {
+        tonic::include_proto!("chatstore.v1.replicated");
+    }
+    pub mod raft {
+        tonic::include_proto!("chatstore.v1.raft");
+    }
+    pub mod node {
+        tonic::include_proto!("chatstore.v1.node");
+    }
+
+    /// Encoded descriptors of every service, for gRPC server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("chatstore_descriptor");
+}

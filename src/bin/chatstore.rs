@@ -1,0 +1,69 @@
+//! `chatstore`: runs a node (`node`), the front tier (`router`), or a whole
+//! local cluster (`dev`).
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use chatstore::cluster::ClusterConfig;
+use chatstore::types::NodeId;
+
+#[derive(Parser)]
+#[command(
+    name = "chatstore",
+    version,
+    about = "Geo-distributed, Raft-replicated message store"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run node N of a cluster config.
+    Node {
+        #[arg(long, env = "CHATSTORE_CONFIG")]
+        config: PathBuf,
+        #[arg(long)]
+        id: u64,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,openraft=warn,sled=warn,h2=warn,tower=warn".into()),
+        )
+        .init();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Runtime::new().context("start tokio")?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Node { config, id } => run_node(config, id).await,
+        }
+    })
+}
+
+async fn run_node(config: PathBuf, id: u64) -> anyhow::Result<()> {
+    let config = ClusterConfig::load(&config)?;
+    if let Some(addr) = config.node(NodeId(id)).and_then(|n| n.metrics_addr.clone()) {
+        chatstore::metrics::install_exporter(addr.parse().context("metrics_addr")?)?;
+    }
+    let node = chatstore::node::Node::start(&config, NodeId(id)).await?;
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    node.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,276 @@
+//! Cluster configuration, read from TOML.
+//!
+//! One file describes the whole cluster; every node and router reads the same
+//! file, so they agree on the regions, the nodes, the shard count and each
+//! shard's initial replicas without talking to each other.
+//!
+//! ```toml
+//! cluster_name = "local"
+//! shards = 64
+//! replication_factor = 3
+//! regions = ["eu", "us", "ap"]
+//!
+//! [[nodes]]
+//! id = 1
+//! region = "eu"
+//! raft_addr = "127.0.0.1:7101"   # Raft transport and node API
+//! data_dir = "data/node1"         # optional; default: <data_root>/node<id>
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::types::{NodeId, ShardId};
+
+/// The largest shard count a cluster may be bootstrapped with.
+pub const SHARDS_MAX: u32 = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("read cluster config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("parse cluster config {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("invalid cluster config: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Names the cluster in logs and read tokens.
+    pub cluster_name: String,
+    /// Number of shards (Raft groups), fixed at bootstrap.
+    #[serde(default = "default_shards")]
+    pub shards: u32,
+    /// Replicas per shard; one per region when it equals the region count.
+    #[serde(default = "default_replication_factor")]
+    pub replication_factor: u32,
+    /// Regions in the order used to assign preferred leader regions.
+    pub regions: Vec<String>,
+    pub nodes: Vec<NodeConfig>,
+    /// Where node data goes when a node has no `data_dir`: `<data_root>/node<id>`.
+    /// Relative paths are relative to the current directory.
+    #[serde(default = "default_data_root")]
+    pub data_root: PathBuf,
+    #[serde(default)]
+    pub raft: RaftTiming,
+    /// Overrides of a shard's preferred leader region, by shard id. Shards not
+    /// listed take `regions[shard_id % regions.len()]`.
+    #[serde(default)]
+    pub preferred_regions: BTreeMap<u32, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    pub id: u64,
+    pub region: String,
+    /// Address of the node's gRPC server (Raft transport and node API).
+    pub raft_addr: String,
+    /// Address the node advertises to peers; defaults to `raft_addr`.
+    #[serde(default)]
+    pub advertise_addr: Option<String>,
+    #[serde(default)]
+    pub metrics_addr: Option<String>,
+    #[serde(default)]
+    pub data_dir: Option<PathBuf>,
+}
+
+/// Raft timing. The defaults are sized for WAN links of up to ~200 ms round
+/// trip (DESIGN section 3a): openraft's own defaults lose leader leases across
+/// an 80 ms link.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftTiming {
+    pub heartbeat_ms: u64,
+    pub election_timeout_ms_min: u64,
+    pub election_timeout_ms_max: u64,
+    /// Build a snapshot after this many applied entries since the last one.
+    pub snapshot_every_entries: u64,
+    /// Entries kept behind a snapshot for followers that are slightly behind.
+    pub logs_kept_behind_snapshot: u64,
+    pub install_snapshot_timeout_ms: u64,
+}
+
+impl Default for RaftTiming {
+    fn default() -> Self {
+        RaftTiming {
+            heartbeat_ms: 300,
+            election_timeout_ms_min: 900,
+            election_timeout_ms_max: 1200,
+            snapshot_every_entries: 10_000,
+            logs_kept_behind_snapshot: 1_000,
+            install_snapshot_timeout_ms: 5 * 60 * 1000,
+        }
+    }
+}
+
+fn default_shards() -> u32 {
+    64
+}
+fn default_replication_factor() -> u32 {
+    3
+}
+fn default_data_root() -> PathBuf {
+    PathBuf::from("data")
+}
+
+impl ClusterConfig {
+    pub fn load(path: &Path) -> Result<ClusterConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let config: ClusterConfig = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source: Box::new(source),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn from_toml(text: &str) -> Result<ClusterConfig, ConfigError> {
+        let config: ClusterConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: PathBuf::from("<inline>"),
+            source: Box::new(source),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a cluster config always serializes")
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.cluster_name.is_empty() {
+            return bad("cluster_name is empty".into());
+        }
+        if self.shards == 0 || self.shards > SHARDS_MAX {
+            return bad(format!(
+                "shards = {} (must be 1..={SHARDS_MAX})",
+                self.shards
+            ));
+        }
+        if self.regions.is_empty() {
+            return bad("no regions".into());
+        }
+        let regions: BTreeSet<&str> = self.regions.iter().map(String::as_str).collect();
+        if regions.len() != self.regions.len() {
+            return bad("a region is listed twice".into());
+        }
+        let mut ids = BTreeSet::new();
+        for n in &self.nodes {
+            if n.id == 0 {
+                return bad("node id 0 is reserved".into());
+            }
+            if !ids.insert(n.id) {
+                return bad(format!("node id {} is listed twice", n.id));
+            }
+            if !regions.contains(n.region.as_str()) {
+                return bad(format!("node {} is in unknown region {:?}", n.id, n.region));
+            }
+        }
+        let rf = self.replication_factor as usize;
+        if rf == 0 || rf > self.nodes.len() {
+            return bad(format!(
+                "replication_factor = {rf} but the config has {} nodes",
+                self.nodes.len()
+            ));
+        }
+        for (shard, region) in &self.preferred_regions {
+            if *shard >= self.shards {
+                return bad(format!("preferred_regions names shard {shard} >= shards"));
+            }
+            if !regions.contains(region.as_str()) {
+                return bad(format!(
+                    "preferred region {region:?} of shard {shard} is unknown"
+                ));
+            }
+        }
+        let t = &self.raft;
+        if t.heartbeat_ms == 0 || t.election_timeout_ms_min <= t.heartbeat_ms * 2 {
+            return bad("raft.election_timeout_ms_min must exceed 2 x heartbeat_ms".into());
+        }
+        if t.election_timeout_ms_max <= t.election_timeout_ms_min {
+            return bad("raft.election_timeout_ms_max must exceed election_timeout_ms_min".into());
+        }
+        Ok(())
+    }
+
+    pub fn node(&self, id: NodeId) -> Option<&NodeConfig> {
+        self.nodes.iter().find(|n| n.id == id.0)
+    }
+
+    pub fn shard_ids(&self) -> impl Iterator<Item = ShardId> {
+        (0..self.shards).map(|s| ShardId(s as u64))
+    }
+
+    /// The data folder of node `id`.
+    pub fn data_dir(&self, id: NodeId) -> PathBuf {
+        match self.node(id).and_then(|n| n.data_dir.clone()) {
+            Some(dir) => dir,
+            None => self.data_root.join(format!("node{}", id.0)),
+        }
+    }
+}
+
+impl NodeConfig {
+    pub fn advertised(&self) -> &str {
+        self.advertise_addr.as_deref().unwrap_or(&self.raft_addr)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONFIG: &str = r#"
+cluster_name = "t"
+shards = 8
+regions = ["eu", "us", "ap"]
+[[nodes]]
+id = 1
+region = "eu"
+raft_addr = "127.0.0.1:1"
+[[nodes]]
+id = 2
+region = "us"
+raft_addr = "127.0.0.1:2"
+[[nodes]]
+id = 3
+region = "ap"
+raft_addr = "127.0.0.1:3"
+"#;
+
+    #[test]
+    fn parses_and_round_trips() {
+        let c = ClusterConfig::from_toml(CONFIG).unwrap();
+        assert_eq!(c.shards, 8);
+        assert_eq!(c.raft, RaftTiming::default());
+        let again = ClusterConfig::from_toml(&c.to_toml()).unwrap();
+        assert_eq!(c, again);
+    }
+
+    #[test]
+    fn rejects_bad_configs() {
+        let dup = CONFIG.replace("id = 2", "id = 1");
+        assert!(ClusterConfig::from_toml(&dup).is_err());
+        let bad_region = CONFIG.replace("region = \"ap\"", "region = \"mars\"");
+        assert!(ClusterConfig::from_toml(&bad_region).is_err());
+        let zero = CONFIG.replace("shards = 8", "shards = 0");
+        assert!(ClusterConfig::from_toml(&zero).is_err());
+        let unknown = format!("{CONFIG}\nbogus = 1\n");
+        assert!(ClusterConfig::from_toml(&unknown).is_err());
+    }
+}

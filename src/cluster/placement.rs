@@ -1,0 +1,219 @@
+//! Placement: chat → slot → shard → replicas.
+//!
+//! `slot = xxh3_64(chat_id as 8 big-endian bytes, seed 0) mod 4096`. Slots map
+//! to shards in contiguous ranges (shard `s` owns slots
+//! `[s * 4096 / shards, (s + 1) * 4096 / shards)`), so a later split moves a
+//! range. Every router and node computes the same answer from the cluster
+//! config alone; the hash is named exactly and pinned by test vectors, never
+//! `DefaultHasher`, whose output may change between Rust releases.
+//!
+//! Initial replicas: a shard's preferred region comes first, then the other
+//! regions in config order, one replica per region while regions last; within
+//! a region the node is chosen by shard id, so load spreads evenly.
+
+use std::collections::BTreeMap;
+
+use crate::cluster::ClusterConfig;
+use crate::types::{ChatId, NodeId, ShardId};
+
+/// Number of slots. Fixed forever: changing it moves every chat.
+pub const SLOT_COUNT: u64 = 4096;
+
+pub fn slot_of_chat(chat: ChatId) -> u64 {
+    xxhash_rust::xxh3::xxh3_64_with_seed(&chat.0.to_be_bytes(), 0) % SLOT_COUNT
+}
+
+#[derive(Debug, Clone)]
+pub struct Placement {
+    shards: u64,
+    /// Per shard: replicas (preferred-region replica first) and preferred region.
+    replicas: Vec<Vec<NodeId>>,
+    preferred_region: Vec<String>,
+    node_region: BTreeMap<NodeId, String>,
+}
+
+impl Placement {
+    pub fn new(config: &ClusterConfig) -> Placement {
+        let shards = config.shards as u64;
+        let mut by_region: BTreeMap<&str, Vec<NodeId>> = BTreeMap::new();
+        for n in &config.nodes {
+            by_region.entry(&n.region).or_default().push(NodeId(n.id));
+        }
+        for nodes in by_region.values_mut() {
+            nodes.sort();
+        }
+        let rf = config.replication_factor as usize;
+        let mut replicas = Vec::with_capacity(shards as usize);
+        let mut preferred_region = Vec::with_capacity(shards as usize);
+        for s in 0..shards {
+            let preferred = config
+                .preferred_regions
+                .get(&(s as u32))
+                .cloned()
+                .unwrap_or_else(|| config.regions[(s as usize) % config.regions.len()].clone());
+            // Regions in order, starting at the preferred one.
+            let start = config
+                .regions
+                .iter()
+                .position(|r| *r == preferred)
+                .expect("validated: preferred region exists");
+            let order: Vec<&str> = (0..config.regions.len())
+                .map(|i| config.regions[(start + i) % config.regions.len()].as_str())
+                .collect();
+            let mut chosen: Vec<NodeId> = Vec::with_capacity(rf);
+            let mut round = 0usize;
+            while chosen.len() < rf {
+                let mut progressed = false;
+                for region in &order {
+                    if chosen.len() == rf {
+                        break;
+                    }
+                    let Some(nodes) = by_region.get(region) else {
+                        continue;
+                    };
+                    if round < nodes.len() {
+                        let pick = nodes[(s as usize + round) % nodes.len()];
+                        if !chosen.contains(&pick) {
+                            chosen.push(pick);
+                            progressed = true;
+                        }
+                    }
+                }
+                round += 1;
+                assert!(
+                    progressed || round <= config.nodes.len(),
+                    "validated: replication_factor <= node count"
+                );
+            }
+            replicas.push(chosen);
+            preferred_region.push(preferred);
+        }
+        let node_region = config
+            .nodes
+            .iter()
+            .map(|n| (NodeId(n.id), n.region.clone()))
+            .collect();
+        Placement {
+            shards,
+            replicas,
+            preferred_region,
+            node_region,
+        }
+    }
+
+    pub fn shard_count(&self) -> u64 {
+        self.shards
+    }
+
+    pub fn shard_of_slot(&self, slot: u64) -> ShardId {
+        debug_assert!(slot < SLOT_COUNT);
+        // Inverse of the contiguous ranges in the module doc.
+        ShardId(((slot + 1) * self.shards - 1) / SLOT_COUNT)
+    }
+
+    pub fn shard_of_chat(&self, chat: ChatId) -> ShardId {
+        self.shard_of_slot(slot_of_chat(chat))
+    }
+
+    /// Initial replicas of `shard`; the first is in the preferred region.
+    pub fn replicas(&self, shard: ShardId) -> &[NodeId] {
+        &self.replicas[shard.0 as usize]
+    }
+
+    pub fn preferred_region(&self, shard: ShardId) -> &str {
+        &self.preferred_region[shard.0 as usize]
+    }
+
+    pub fn region_of(&self, node: NodeId) -> Option<&str> {
+        self.node_region.get(&node).map(String::as_str)
+    }
+
+    /// Shards that have an initial replica on `node`.
+    pub fn shards_on(&self, node: NodeId) -> Vec<ShardId> {
+        (0..self.shards)
+            .map(ShardId)
+            .filter(|s| self.replicas(*s).contains(&node))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Pinned values: if these change, every chat in every cluster moves.
+    #[test]
+    fn slot_test_vectors() {
+        assert_eq!(
+            xxhash_rust::xxh3::xxh3_64_with_seed(b"", 0),
+            0x2D06_8005_38D3_94C2,
+            "xxh3 reference value for empty input"
+        );
+        let vectors = [
+            (1u64, SLOT_PINNED_1),
+            (42, SLOT_PINNED_42),
+            (u64::MAX, SLOT_PINNED_MAX),
+        ];
+        for (chat, slot) in vectors {
+            assert_eq!(slot_of_chat(ChatId(chat)), slot, "chat {chat}");
+        }
+    }
+    // Computed independently with the Python `xxhash` package (xxh3_64_intdigest, seed 0).
+    const SLOT_PINNED_1: u64 = 3059;
+    const SLOT_PINNED_42: u64 = 172;
+    const SLOT_PINNED_MAX: u64 = 1043;
+
+    fn config(nodes: &[(u64, &str)], shards: u32) -> ClusterConfig {
+        let mut text = format!(
+            "cluster_name = \"t\"\nshards = {shards}\nregions = [\"eu\", \"us\", \"ap\"]\n"
+        );
+        for (id, region) in nodes {
+            text.push_str(&format!(
+                "[[nodes]]\nid = {id}\nregion = \"{region}\"\nraft_addr = \"127.0.0.1:{id}\"\n"
+            ));
+        }
+        ClusterConfig::from_toml(&text).unwrap()
+    }
+
+    #[test]
+    fn slots_cover_shards_in_contiguous_ranges() {
+        let p = Placement::new(&config(&[(1, "eu"), (2, "us"), (3, "ap")], 64));
+        let mut last = 0;
+        let mut counts = [0u32; 64];
+        for slot in 0..SLOT_COUNT {
+            let s = p.shard_of_slot(slot).0;
+            assert!(s >= last, "ranges are contiguous");
+            last = s;
+            counts[s as usize] += 1;
+        }
+        assert!(counts.iter().all(|c| *c == 64), "{counts:?}");
+        assert_eq!(p.shard_of_slot(0), ShardId(0));
+        assert_eq!(p.shard_of_slot(SLOT_COUNT - 1), ShardId(63));
+    }
+
+    #[test]
+    fn one_replica_per_region_preferred_first() {
+        let p = Placement::new(&config(&[(1, "eu"), (2, "us"), (3, "ap")], 6));
+        for s in 0..6 {
+            let r = p.replicas(ShardId(s));
+            assert_eq!(r.len(), 3);
+            assert_eq!(p.region_of(r[0]).unwrap(), p.preferred_region(ShardId(s)));
+            let mut regions: Vec<_> = r.iter().map(|n| p.region_of(*n).unwrap()).collect();
+            regions.sort();
+            assert_eq!(regions, ["ap", "eu", "us"]);
+        }
+        assert_eq!(p.preferred_region(ShardId(0)), "eu");
+        assert_eq!(p.preferred_region(ShardId(1)), "us");
+    }
+
+    #[test]
+    fn nine_nodes_spread_evenly() {
+        let nodes: Vec<(u64, &str)> = (1..=9)
+            .map(|i| (i, ["eu", "us", "ap"][((i - 1) / 3) as usize]))
+            .collect();
+        let p = Placement::new(&config(&nodes, 90));
+        for n in 1..=9 {
+            assert_eq!(p.shards_on(NodeId(n)).len(), 30, "node {n}");
+        }
+    }
+}

@@ -1,0 +1,7 @@
+pub mod api;
+pub mod cluster;
+pub mod metrics;
+pub mod node;
+pub mod shard;
+pub mod storage;
+pub mod types;

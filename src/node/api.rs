@@ -1,0 +1,210 @@
+//! The node API: writes to shards this node leads, reads from its replicas at
+//! the requested consistency, status and verification for routers and
+//! `chatctl`.
+
+use std::time::Duration;
+
+use openraft::async_runtime::WatchReceiver;
+use tonic::{Request, Response, Status};
+
+use crate::api::pb::node::node_api_server::NodeApi;
+use crate::api::pb::node::{
+    read_request::Query, ChatDigestsReply, ChatDigestsRequest, NodeStatus, ReadReply, ReadRequest,
+    ShardRequest, ShardStatus, StatusRequest, WriteReply, WriteRequest,
+};
+use crate::api::pb::Consistency;
+use crate::api::status::{from_read_error, from_shard_error};
+use crate::node::Registry;
+use crate::shard::Shard;
+use crate::types::{NodeId, ShardId};
+
+/// Largest node API request.
+pub const NODE_API_MESSAGE_BYTES_MAX: usize = 8 * 1024 * 1024;
+/// Longest a SESSION read may wait for the replica to catch up.
+pub const SESSION_WAIT_MS_MAX: u32 = 5_000;
+/// Most commands in one write request.
+pub const WRITE_COMMANDS_MAX: usize = 1_024;
+
+pub struct NodeApiService {
+    pub registry: Registry,
+    pub node_id: NodeId,
+    pub region: String,
+}
+
+impl NodeApiService {
+    fn shard(&self, id: u64) -> Result<std::sync::Arc<Shard>, Status> {
+        self.registry.get(ShardId(id)).ok_or_else(|| {
+            Status::not_found(format!(
+                "shard {id} has no replica on node {}",
+                self.node_id.0
+            ))
+        })
+    }
+}
+
+pub fn shard_status(shard: &Shard) -> ShardStatus {
+    let m = shard.raft.metrics().borrow_watched().clone();
+    let membership = m.membership_config.membership();
+    let voters: Vec<u64> = membership.voter_ids().collect();
+    let learners: Vec<u64> = membership.learner_ids().collect();
+    ShardStatus {
+        shard_id: shard.id.0,
+        leader_node: m.current_leader.unwrap_or(0),
+        is_leader: m.state == openraft::ServerState::Leader,
+        term: m.current_term,
+        last_log_index: m.last_log_index.unwrap_or(0),
+        committed_index: m.local_committed.as_ref().map(|l| l.index).unwrap_or(0),
+        applied_index: m.last_applied.as_ref().map(|l| l.index).unwrap_or(0),
+        snapshot_index: m.snapshot.as_ref().map(|l| l.index).unwrap_or(0),
+        purged_index: m.purged.as_ref().map(|l| l.index).unwrap_or(0),
+        voters,
+        learners,
+        state: format!("{:?}", m.state),
+    }
+}
+
+#[tonic::async_trait]
+impl NodeApi for NodeApiService {
+    async fn write(&self, request: Request<WriteRequest>) -> Result<Response<WriteReply>, Status> {
+        let req = request.into_inner();
+        if req.commands.is_empty() || req.commands.len() > WRITE_COMMANDS_MAX {
+            return Err(Status::invalid_argument(format!(
+                "a write carries 1 to {WRITE_COMMANDS_MAX} commands, not {}",
+                req.commands.len()
+            )));
+        }
+        let shard = self.shard(req.shard_id)?;
+        metrics::counter!(crate::metrics::NODE_API_REQUESTS, "rpc" => "write").increment(1);
+        let outcome = shard
+            .propose(req.commands)
+            .await
+            .map_err(from_shard_error)?;
+        Ok(Response::new(WriteReply {
+            results: outcome.results,
+            log_index: outcome.log_index,
+            log_term: outcome.log_term,
+            leader_node: self.node_id.0,
+        }))
+    }
+
+    async fn read(&self, request: Request<ReadRequest>) -> Result<Response<ReadReply>, Status> {
+        let req = request.into_inner();
+        let shard = self.shard(req.shard_id)?;
+        metrics::counter!(crate::metrics::NODE_API_REQUESTS, "rpc" => "read").increment(1);
+        let consistency = Consistency::try_from(req.consistency).map_err(|_| {
+            Status::invalid_argument(format!("unknown consistency {}", req.consistency))
+        })?;
+        match consistency {
+            Consistency::Linearizable => {
+                shard
+                    .linearizable_barrier()
+                    .await
+                    .map_err(from_shard_error)?;
+            }
+            Consistency::Session => {
+                let wait = Duration::from_millis(req.wait_ms.min(SESSION_WAIT_MS_MAX) as u64);
+                shard
+                    .wait_applied(req.min_index, wait)
+                    .await
+                    .map_err(from_shard_error)?;
+            }
+            Consistency::Stale => {}
+        }
+        let m = shard.raft.metrics().borrow_watched().clone();
+        let mut reply = ReadReply {
+            applied_index: m.last_applied.as_ref().map(|l| l.index).unwrap_or(0),
+            applied_term: m
+                .last_applied
+                .as_ref()
+                .map(|l| l.leader_id.term)
+                .unwrap_or(0),
+            served_by_node: self.node_id.0,
+            ..Default::default()
+        };
+        let reader = &shard.reader;
+        match req.query {
+            Some(Query::History(q)) => {
+                reply.messages = reader
+                    .history(q.chat_id, q.before_seq, q.limit)
+                    .map_err(from_read_error)?;
+            }
+            Some(Query::Messages(q)) => {
+                reply.messages = reader
+                    .messages(q.chat_id, &q.seqs)
+                    .map_err(from_read_error)?;
+            }
+            Some(Query::Difference(q)) => {
+                reply.difference = Some(
+                    reader
+                        .difference(q.chat_id, q.pts, q.limit)
+                        .map_err(from_read_error)?,
+                );
+            }
+            Some(Query::Chat(q)) => {
+                reply.chat = Some(
+                    reader
+                        .chat(q.chat_id)
+                        .map_err(|e| Status::internal(e.to_string()))?,
+                );
+            }
+            None => return Err(Status::invalid_argument("read request without a query")),
+        }
+        Ok(Response::new(reply))
+    }
+
+    async fn status(
+        &self,
+        _request: Request<StatusRequest>,
+    ) -> Result<Response<NodeStatus>, Status> {
+        Ok(Response::new(NodeStatus {
+            node_id: self.node_id.0,
+            region: self.region.clone(),
+            shards: self
+                .registry
+                .all()
+                .iter()
+                .map(|s| shard_status(s))
+                .collect(),
+        }))
+    }
+
+    async fn chat_digests(
+        &self,
+        request: Request<ChatDigestsRequest>,
+    ) -> Result<Response<ChatDigestsReply>, Status> {
+        let shard = self.shard(request.into_inner().shard_id)?;
+        let applied = shard.applied_index();
+        let chats = shard
+            .reader
+            .digests()
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(ChatDigestsReply {
+            applied_index: applied,
+            chats,
+        }))
+    }
+
+    async fn trigger_snapshot(
+        &self,
+        request: Request<ShardRequest>,
+    ) -> Result<Response<ShardStatus>, Status> {
+        let shard = self.shard(request.into_inner().shard_id)?;
+        let applied = shard.applied_index();
+        shard
+            .raft
+            .trigger()
+            .snapshot()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        shard
+            .raft
+            .wait(Some(Duration::from_secs(30)))
+            .metrics(
+                |m| m.snapshot.as_ref().map(|s| s.index).unwrap_or(0) >= applied,
+                "snapshot built",
+            )
+            .await
+            .map_err(|e| Status::deadline_exceeded(e.to_string()))?;
+        Ok(Response::new(shard_status(&shard)))
+    }
+}

@@ -1,0 +1,147 @@
+//! The server side of the Raft transport: routes each request to its shard's
+//! openraft instance.
+
+use std::sync::Arc;
+
+use tokio::io::AsyncWriteExt;
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::api::codec::{from_postcard, to_postcard, RAFT_WIRE_VERSION};
+use crate::api::pb::raft::raft_reply::Result as ReplyResult;
+use crate::api::pb::raft::raft_transport_server::RaftTransport;
+use crate::api::pb::raft::{RaftReply, RaftRequest, SnapshotChunk};
+use crate::node::Registry;
+use crate::shard::snapshot::SnapshotFile;
+use crate::shard::types::{Snapshot, SnapshotMeta, Vote};
+use crate::shard::Shard;
+use crate::types::ShardId;
+
+/// Largest snapshot a node accepts.
+const SNAPSHOT_BYTES_MAX: u64 = 64 * 1024 * 1024 * 1024;
+
+pub struct TransportService {
+    pub registry: Registry,
+}
+
+fn ok<T: serde::Serialize>(v: &T) -> Response<RaftReply> {
+    Response::new(RaftReply {
+        result: Some(ReplyResult::Ok(to_postcard(v).into())),
+    })
+}
+
+fn err(msg: String) -> Response<RaftReply> {
+    Response::new(RaftReply {
+        result: Some(ReplyResult::Error(msg)),
+    })
+}
+
+impl TransportService {
+    fn shard(&self, req: &RaftRequest) -> Result<Arc<Shard>, Status> {
+        if req.format_version != RAFT_WIRE_VERSION {
+            return Err(Status::invalid_argument(format!(
+                "raft wire version {} is not supported (this node speaks {RAFT_WIRE_VERSION})",
+                req.format_version
+            )));
+        }
+        self.registry
+            .get(ShardId(req.shard_id))
+            .ok_or_else(|| Status::not_found(format!("shard {} is not hosted here", req.shard_id)))
+    }
+}
+
+macro_rules! forward {
+    ($self:ident, $request:ident, $method:ident, $what:literal) => {{
+        let req = $request.into_inner();
+        let shard = $self.shard(&req)?;
+        let rpc = from_postcard(&req.payload, $what)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        match shard.raft.$method(rpc).await {
+            Ok(resp) => Ok(ok(&resp)),
+            Err(e) => Ok(err(e.to_string())),
+        }
+    }};
+}
+
+#[tonic::async_trait]
+impl RaftTransport for TransportService {
+    async fn append_entries(
+        &self,
+        request: Request<RaftRequest>,
+    ) -> Result<Response<RaftReply>, Status> {
+        forward!(self, request, append_entries, "append-entries request")
+    }
+
+    async fn vote(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+        forward!(self, request, vote, "vote request")
+    }
+
+    async fn pre_vote(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+        forward!(self, request, pre_vote, "pre-vote request")
+    }
+
+    async fn transfer_leader(
+        &self,
+        request: Request<RaftRequest>,
+    ) -> Result<Response<RaftReply>, Status> {
+        forward!(
+            self,
+            request,
+            handle_transfer_leader,
+            "transfer-leader request"
+        )
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: Request<Streaming<SnapshotChunk>>,
+    ) -> Result<Response<RaftReply>, Status> {
+        let mut stream = request.into_inner();
+        let first = stream
+            .next()
+            .await
+            .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))??;
+        if first.format_version != RAFT_WIRE_VERSION {
+            return Err(Status::invalid_argument("unsupported raft wire version"));
+        }
+        let shard = self.registry.get(ShardId(first.shard_id)).ok_or_else(|| {
+            Status::not_found(format!("shard {} is not hosted here", first.shard_id))
+        })?;
+        let (vote, meta): (Vote, SnapshotMeta) = from_postcard(&first.header, "snapshot header")
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let dir = self.registry.storage().snapshot_dir(shard.id);
+        tokio::fs::create_dir_all(&dir).await?;
+        let path = dir.join(format!("recv-{}.tmp", rand::random::<u64>()));
+        let result = async {
+            let mut file = tokio::fs::File::create(&path).await?;
+            let mut total = first.data.len() as u64;
+            file.write_all(&first.data).await?;
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(std::io::Error::other)?;
+                total += chunk.data.len() as u64;
+                if total > SNAPSHOT_BYTES_MAX {
+                    return Err(std::io::Error::other("snapshot exceeds the size limit"));
+                }
+                file.write_all(&chunk.data).await?;
+            }
+            file.sync_all().await?;
+            Ok::<(), std::io::Error>(())
+        }
+        .await;
+        if let Err(e) = result {
+            let _ = tokio::fs::remove_file(&path).await;
+            return Ok(err(format!("receive snapshot: {e}")));
+        }
+        let snapshot = Snapshot {
+            meta,
+            snapshot: SnapshotFile { path: path.clone() },
+        };
+        let reply = match shard.raft.install_full_snapshot(vote, snapshot).await {
+            Ok(resp) => ok(&resp),
+            Err(e) => err(e.to_string()),
+        };
+        // Installed snapshots are renamed away; anything left is unused.
+        let _ = tokio::fs::remove_file(&path).await;
+        Ok(reply)
+    }
+}

@@ -1,0 +1,657 @@
+//! Deterministic application of commands to a shard's state tree.
+//!
+//! Every replica applies the same entries in the same order and must end with
+//! byte-identical state (DESIGN section 2). So apply:
+//! - reads time only from the batch (`now_ms`, stamped by the leader);
+//! - decides every rejection here, from replicated state and replicated
+//!   settings only, and moves `pts` once per effect, never on a rejection or a
+//!   dedup hit;
+//! - iterates only ordered maps.
+//!
+//! Effects of a whole `apply` call go to an [`Overlay`] and then into sled as
+//! one atomic batch together with the applied log id, so a crash leaves the
+//! tree at some applied entry, never between two effects of one entry.
+
+use std::collections::BTreeMap;
+use std::io;
+
+use prost::Message;
+
+use crate::api::codec::decode;
+use crate::api::pb::replicated::{
+    self as rp, command, command_result, self_destruct, ChangeKind, ChangeRecord, ChatRecord,
+    CommandBatch, CommandError, CommandResult, DedupRecord, ErrorCode, MessageRecord,
+    ShardSettings,
+};
+use crate::storage::keys;
+
+/// Settings a shard uses until its bootstrap command sets them.
+pub fn default_settings() -> ShardSettings {
+    ShardSettings {
+        body_bytes_max: 64 * 1024,
+        dedup_window_ms: 24 * 3600 * 1000,
+        change_retention_ms: 7 * 24 * 3600 * 1000,
+    }
+}
+
+/// Limit on self-destruct timers: 1 s to 365 days.
+pub const SELF_DESTRUCT_SECS_MAX: u32 = 365 * 24 * 3600;
+/// Most messages one MarkRead starts delete-after-read timers for; the rest
+/// start with the next MarkRead or stay pending.
+pub const MARK_READ_TIMERS_MAX: usize = 10_000;
+/// Most items one Expire or GC command may touch.
+pub const EXPIRE_ITEMS_MAX: u32 = 10_000;
+/// Longest close reason kept.
+pub const CLOSE_REASON_BYTES_MAX: usize = 1024;
+
+/// Writes buffered over sled reads, so commands see the effects of earlier
+/// commands in the same apply call.
+pub struct Overlay<'a> {
+    base: &'a sled::Tree,
+    writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+}
+
+impl<'a> Overlay<'a> {
+    pub fn new(base: &'a sled::Tree) -> Overlay<'a> {
+        Overlay {
+            base,
+            writes: BTreeMap::new(),
+        }
+    }
+
+    pub fn get(&self, key: &[u8]) -> io::Result<Option<Vec<u8>>> {
+        if let Some(v) = self.writes.get(key) {
+            return Ok(v.clone());
+        }
+        Ok(self
+            .base
+            .get(key)
+            .map_err(io::Error::other)?
+            .map(|v| v.to_vec()))
+    }
+
+    pub fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.writes.insert(key, Some(value));
+    }
+
+    pub fn delete(&mut self, key: Vec<u8>) {
+        self.writes.insert(key, None);
+    }
+
+    /// Up to `limit` live pairs with `start <= key < end`, ascending: sled's
+    /// pairs merged with the buffered writes, which win.
+    pub fn scan(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+    ) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut out = Vec::new();
+        let mut base = self.base.range(start.to_vec()..end.to_vec()).peekable();
+        let mut over = self.writes.range(start.to_vec()..end.to_vec()).peekable();
+        while out.len() < limit {
+            let next_base = match base.peek() {
+                Some(Ok((k, _))) => Some(k.to_vec()),
+                Some(Err(_)) => {
+                    let err = base.next().expect("peeked").expect_err("peeked an error");
+                    return Err(io::Error::other(err));
+                }
+                None => None,
+            };
+            let next_over = over.peek().map(|(k, _)| (*k).clone());
+            match (next_base, next_over) {
+                (None, None) => break,
+                (Some(b), Some(o)) if o <= b => {
+                    if o == b {
+                        base.next();
+                    }
+                    let (k, v) = over.next().expect("peeked");
+                    if let Some(v) = v {
+                        out.push((k.clone(), v.clone()));
+                    }
+                }
+                (Some(_), _) => {
+                    let (k, v) = base.next().expect("peeked").map_err(io::Error::other)?;
+                    out.push((k.to_vec(), v.to_vec()));
+                }
+                (None, Some(_)) => {
+                    let (k, v) = over.next().expect("peeked");
+                    if let Some(v) = v {
+                        out.push((k.clone(), v.clone()));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn into_batch(self) -> sled::Batch {
+        let mut batch = sled::Batch::default();
+        for (k, v) in self.writes {
+            match v {
+                Some(v) => batch.insert(k, v),
+                None => batch.remove(k),
+            }
+        }
+        batch
+    }
+}
+
+fn reject(code: ErrorCode, message: impl Into<String>) -> CommandResult {
+    CommandResult {
+        outcome: Some(command_result::Outcome::Error(CommandError {
+            code: code as i32,
+            message: message.into(),
+        })),
+    }
+}
+
+fn changed(pts: u64) -> CommandResult {
+    CommandResult {
+        outcome: Some(command_result::Outcome::Change(rp::ChangeResult { pts })),
+    }
+}
+
+/// Applies commands for one shard. Holds the replicated settings.
+pub struct Applier<'o, 'a> {
+    pub kv: &'o mut Overlay<'a>,
+    pub settings: ShardSettings,
+}
+
+impl Applier<'_, '_> {
+    fn get_rec<T: Message + Default>(
+        &self,
+        key: &[u8],
+        what: &'static str,
+    ) -> io::Result<Option<T>> {
+        match self.kv.get(key)? {
+            Some(v) => Ok(Some(decode::<T>(&v, what)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn chat(&self, chat: u64) -> io::Result<ChatRecord> {
+        Ok(self
+            .get_rec(&keys::chat(chat), "chat record")?
+            .unwrap_or_default())
+    }
+
+    fn put_chat(&mut self, chat: u64, rec: &ChatRecord) {
+        self.kv.put(keys::chat(chat), rec.encode_to_vec());
+    }
+
+    /// Bumps the chat's pts and records what changed.
+    fn record_change(
+        &mut self,
+        chat_id: u64,
+        chat: &mut ChatRecord,
+        kind: ChangeKind,
+        seq: u64,
+        user: u64,
+        now: u64,
+    ) -> u64 {
+        chat.last_pts += 1;
+        let rec = ChangeRecord {
+            pts: chat.last_pts,
+            kind: kind as i32,
+            seq,
+            user_id: user,
+            at_ms: now,
+        };
+        self.kv
+            .put(keys::change(chat_id, chat.last_pts), rec.encode_to_vec());
+        chat.last_pts
+    }
+
+    pub fn apply_batch(&mut self, batch: &CommandBatch) -> io::Result<Vec<CommandResult>> {
+        let mut results = Vec::with_capacity(batch.commands.len());
+        for cmd in &batch.commands {
+            results.push(self.apply_one(cmd, batch.now_ms)?);
+        }
+        Ok(results)
+    }
+
+    fn apply_one(&mut self, cmd: &rp::Command, now: u64) -> io::Result<CommandResult> {
+        let Some(kind) = &cmd.kind else {
+            return Ok(reject(ErrorCode::InvalidArgument, "empty command"));
+        };
+        match kind {
+            command::Kind::Send(c) => self.send(c, now),
+            command::Kind::Edit(c) => self.edit(c, now),
+            command::Kind::Delete(c) => self.delete(c, now),
+            command::Kind::MarkRead(c) => self.mark_read(c, now),
+            command::Kind::Expire(c) => self.expire(c, now),
+            command::Kind::CloseChat(c) => self.close(c, now),
+            command::Kind::ReopenChat(c) => self.reopen(c, now),
+            command::Kind::GcDedup(c) => self.gc_dedup(c),
+            command::Kind::Bootstrap(c) => self.bootstrap(c),
+        }
+    }
+
+    fn send(&mut self, c: &rp::SendCmd, now: u64) -> io::Result<CommandResult> {
+        if c.chat_id == 0 || c.sender_id == 0 || c.client_msg_id == 0 {
+            return Ok(reject(
+                ErrorCode::InvalidArgument,
+                "chat_id, sender_id and client_msg_id must be non-zero",
+            ));
+        }
+        if c.body.len() > self.settings.body_bytes_max as usize {
+            return Ok(reject(
+                ErrorCode::ResourceExhausted,
+                format!(
+                    "body is {} bytes; the limit is {}",
+                    c.body.len(),
+                    self.settings.body_bytes_max
+                ),
+            ));
+        }
+        if let Some(sd) = &c.self_destruct {
+            match sd.policy {
+                Some(self_destruct::Policy::AfterSendSecs(s))
+                | Some(self_destruct::Policy::AfterReadSecs(s))
+                    if !(1..=SELF_DESTRUCT_SECS_MAX).contains(&s) =>
+                {
+                    return Ok(reject(
+                        ErrorCode::InvalidArgument,
+                        format!("self-destruct after {s} s is out of range (1 s to 365 days)"),
+                    ));
+                }
+                _ => {}
+            }
+        }
+        let dedup_key = keys::dedup(c.chat_id, c.sender_id, c.client_msg_id);
+        if let Some(d) = self.get_rec::<DedupRecord>(&dedup_key, "dedup record")? {
+            metrics::counter!(crate::metrics::DEDUP_HITS).increment(1);
+            return Ok(CommandResult {
+                outcome: Some(command_result::Outcome::Send(rp::SendResult {
+                    seq: d.seq,
+                    pts: d.pts,
+                    created_at_ms: d.created_at_ms,
+                    duplicate: true,
+                })),
+            });
+        }
+        let mut chat = self.chat(c.chat_id)?;
+        if chat.closed {
+            return Ok(reject(
+                ErrorCode::FailedPrecondition,
+                format!("chat {} is closed: {}", c.chat_id, chat.close_reason),
+            ));
+        }
+        let seq = chat.last_seq + 1;
+        let created = now.max(chat.last_created_at_ms);
+        chat.last_seq = seq;
+        chat.last_created_at_ms = created;
+        let pts = self.record_change(
+            c.chat_id,
+            &mut chat,
+            ChangeKind::New,
+            seq,
+            c.sender_id,
+            created,
+        );
+        let mut expire_at = 0;
+        match c.self_destruct.as_ref().and_then(|s| s.policy) {
+            Some(self_destruct::Policy::AfterSendSecs(s)) => {
+                expire_at = created + s as u64 * 1000;
+                self.kv
+                    .put(keys::ttl(expire_at, c.chat_id, seq), Vec::new());
+            }
+            Some(self_destruct::Policy::AfterReadSecs(_)) => {
+                self.kv.put(keys::after_read(c.chat_id, seq), Vec::new());
+            }
+            None => {}
+        }
+        let msg = MessageRecord {
+            chat_id: c.chat_id,
+            seq,
+            sender_id: c.sender_id,
+            client_msg_id: c.client_msg_id,
+            body: c.body.clone(),
+            created_at_ms: created,
+            edited_at_ms: 0,
+            deleted: false,
+            self_destruct: c.self_destruct,
+            expire_at_ms: expire_at,
+            pts,
+        };
+        self.kv
+            .put(keys::message(c.chat_id, seq), msg.encode_to_vec());
+        let dedup = DedupRecord {
+            seq,
+            created_at_ms: created,
+            pts,
+        };
+        self.kv.put(dedup_key, dedup.encode_to_vec());
+        self.kv.put(
+            keys::dedup_by_time(created, c.chat_id, c.sender_id, c.client_msg_id),
+            Vec::new(),
+        );
+        self.put_chat(c.chat_id, &chat);
+        Ok(CommandResult {
+            outcome: Some(command_result::Outcome::Send(rp::SendResult {
+                seq,
+                pts,
+                created_at_ms: created,
+                duplicate: false,
+            })),
+        })
+    }
+
+    /// Loads a live message for a change by `user`, or the rejection.
+    fn live_message(
+        &self,
+        chat: &ChatRecord,
+        chat_id: u64,
+        seq: u64,
+        now: u64,
+    ) -> io::Result<Result<MessageRecord, CommandResult>> {
+        if chat.closed {
+            return Ok(Err(reject(
+                ErrorCode::FailedPrecondition,
+                format!("chat {chat_id} is closed: {}", chat.close_reason),
+            )));
+        }
+        let Some(msg) = self.get_rec::<MessageRecord>(&keys::message(chat_id, seq), "message")?
+        else {
+            return Ok(Err(reject(
+                ErrorCode::NotFound,
+                format!("chat {chat_id} has no message {seq}"),
+            )));
+        };
+        if msg.deleted || (msg.expire_at_ms != 0 && msg.expire_at_ms <= now) {
+            return Ok(Err(reject(
+                ErrorCode::NotFound,
+                format!("message {seq} of chat {chat_id} is deleted"),
+            )));
+        }
+        Ok(Ok(msg))
+    }
+
+    fn edit(&mut self, c: &rp::EditCmd, now: u64) -> io::Result<CommandResult> {
+        if c.chat_id == 0 || c.seq == 0 || c.editor_id == 0 {
+            return Ok(reject(
+                ErrorCode::InvalidArgument,
+                "chat_id, seq and editor_id must be non-zero",
+            ));
+        }
+        if c.body.len() > self.settings.body_bytes_max as usize {
+            return Ok(reject(
+                ErrorCode::ResourceExhausted,
+                format!(
+                    "body is {} bytes; the limit is {}",
+                    c.body.len(),
+                    self.settings.body_bytes_max
+                ),
+            ));
+        }
+        let mut chat = self.chat(c.chat_id)?;
+        let mut msg = match self.live_message(&chat, c.chat_id, c.seq, now)? {
+            Ok(m) => m,
+            Err(rejection) => return Ok(rejection),
+        };
+        if msg.sender_id != c.editor_id {
+            return Ok(reject(
+                ErrorCode::FailedPrecondition,
+                format!(
+                    "user {} did not send message {} and cannot edit it",
+                    c.editor_id, c.seq
+                ),
+            ));
+        }
+        let at = now.max(msg.created_at_ms);
+        let pts = self.record_change(
+            c.chat_id,
+            &mut chat,
+            ChangeKind::Edit,
+            c.seq,
+            c.editor_id,
+            at,
+        );
+        msg.body = c.body.clone();
+        msg.edited_at_ms = at;
+        msg.pts = pts;
+        self.kv
+            .put(keys::message(c.chat_id, c.seq), msg.encode_to_vec());
+        self.put_chat(c.chat_id, &chat);
+        Ok(changed(pts))
+    }
+
+    fn delete(&mut self, c: &rp::DeleteCmd, now: u64) -> io::Result<CommandResult> {
+        if c.chat_id == 0 || c.seq == 0 || c.requester_id == 0 {
+            return Ok(reject(
+                ErrorCode::InvalidArgument,
+                "chat_id, seq and requester_id must be non-zero",
+            ));
+        }
+        let mut chat = self.chat(c.chat_id)?;
+        let mut msg = match self.live_message(&chat, c.chat_id, c.seq, now)? {
+            Ok(m) => m,
+            Err(rejection) => return Ok(rejection),
+        };
+        if msg.sender_id != c.requester_id {
+            return Ok(reject(
+                ErrorCode::FailedPrecondition,
+                format!(
+                    "user {} did not send message {} and cannot delete it",
+                    c.requester_id, c.seq
+                ),
+            ));
+        }
+        let pts = self.record_change(
+            c.chat_id,
+            &mut chat,
+            ChangeKind::Delete,
+            c.seq,
+            c.requester_id,
+            now,
+        );
+        if msg.expire_at_ms != 0 {
+            self.kv
+                .delete(keys::ttl(msg.expire_at_ms, c.chat_id, c.seq));
+        }
+        self.kv.delete(keys::after_read(c.chat_id, c.seq));
+        // Delete for everyone: the body is gone, a tombstone keeps the seq.
+        msg.deleted = true;
+        msg.body = Default::default();
+        msg.expire_at_ms = 0;
+        msg.pts = pts;
+        self.kv
+            .put(keys::message(c.chat_id, c.seq), msg.encode_to_vec());
+        self.put_chat(c.chat_id, &chat);
+        Ok(changed(pts))
+    }
+
+    fn mark_read(&mut self, c: &rp::MarkReadCmd, now: u64) -> io::Result<CommandResult> {
+        if c.chat_id == 0 || c.reader_id == 0 || c.up_to_seq == 0 {
+            return Ok(reject(
+                ErrorCode::InvalidArgument,
+                "chat_id, reader_id and up_to_seq must be non-zero",
+            ));
+        }
+        let mut chat = self.chat(c.chat_id)?;
+        if c.up_to_seq > chat.last_seq {
+            return Ok(reject(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "up_to_seq {} is beyond the chat's last seq {}",
+                    c.up_to_seq, chat.last_seq
+                ),
+            ));
+        }
+        let cursor_key = keys::read_cursor(c.chat_id, c.reader_id);
+        let old = match self.kv.get(&cursor_key)? {
+            Some(v) => u64::from_be_bytes(v.as_slice().try_into().map_err(|_| {
+                io::Error::new(io::ErrorKind::InvalidData, "read cursor is not 8 bytes")
+            })?),
+            None => 0,
+        };
+        if c.up_to_seq <= old {
+            return Ok(changed(chat.last_pts));
+        }
+        // Start delete-after-read timers of messages others sent.
+        let pending = self.kv.scan(
+            &keys::after_read(c.chat_id, old + 1),
+            &keys::after_read(c.chat_id, c.up_to_seq + 1),
+            MARK_READ_TIMERS_MAX,
+        )?;
+        for (key, _) in pending {
+            let seq = keys::part(&key, 1)
+                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "bad after-read key"))?;
+            let Some(mut msg) =
+                self.get_rec::<MessageRecord>(&keys::message(c.chat_id, seq), "message")?
+            else {
+                self.kv.delete(key);
+                continue;
+            };
+            if msg.sender_id == c.reader_id {
+                continue;
+            }
+            let secs = match msg.self_destruct.and_then(|s| s.policy) {
+                Some(self_destruct::Policy::AfterReadSecs(s)) => s as u64,
+                _ => {
+                    self.kv.delete(key);
+                    continue;
+                }
+            };
+            msg.expire_at_ms = now + secs * 1000;
+            self.kv
+                .put(keys::ttl(msg.expire_at_ms, c.chat_id, seq), Vec::new());
+            self.kv
+                .put(keys::message(c.chat_id, seq), msg.encode_to_vec());
+            self.kv.delete(key);
+        }
+        self.kv.put(cursor_key, c.up_to_seq.to_be_bytes().to_vec());
+        let pts = self.record_change(
+            c.chat_id,
+            &mut chat,
+            ChangeKind::Read,
+            c.up_to_seq,
+            c.reader_id,
+            now,
+        );
+        self.put_chat(c.chat_id, &chat);
+        Ok(changed(pts))
+    }
+
+    fn expire(&mut self, c: &rp::ExpireCmd, now: u64) -> io::Result<CommandResult> {
+        let max = c.max_items.min(EXPIRE_ITEMS_MAX) as usize;
+        let due = self.kv.scan(
+            &keys::ttl(0, 0, 0),
+            &keys::ttl(c.up_to_ms.saturating_add(1), 0, 0),
+            max,
+        )?;
+        let mut expired = 0u32;
+        for (key, _) in due {
+            let (Some(chat_id), Some(seq)) = (keys::part(&key, 1), keys::part(&key, 2)) else {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "bad TTL key"));
+            };
+            self.kv.delete(key);
+            if self.kv.get(&keys::message(chat_id, seq))?.is_none() {
+                continue;
+            }
+            // Gone: the record itself is removed, not tombstoned.
+            self.kv.delete(keys::message(chat_id, seq));
+            let mut chat = self.chat(chat_id)?;
+            self.record_change(chat_id, &mut chat, ChangeKind::Expire, seq, 0, now);
+            self.put_chat(chat_id, &chat);
+            expired += 1;
+        }
+        metrics::counter!(crate::metrics::TTL_EXPIRED).increment(expired as u64);
+        Ok(CommandResult {
+            outcome: Some(command_result::Outcome::Expire(rp::ExpireResult {
+                expired,
+            })),
+        })
+    }
+
+    fn close(&mut self, c: &rp::CloseChatCmd, now: u64) -> io::Result<CommandResult> {
+        if c.chat_id == 0 {
+            return Ok(reject(
+                ErrorCode::InvalidArgument,
+                "chat_id must be non-zero",
+            ));
+        }
+        if c.reason.len() > CLOSE_REASON_BYTES_MAX {
+            return Ok(reject(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "close reason is {} bytes; the limit is {CLOSE_REASON_BYTES_MAX}",
+                    c.reason.len()
+                ),
+            ));
+        }
+        let mut chat = self.chat(c.chat_id)?;
+        if chat.closed && chat.close_reason == c.reason {
+            return Ok(changed(chat.last_pts));
+        }
+        chat.closed = true;
+        chat.close_reason = c.reason.clone();
+        let pts = self.record_change(c.chat_id, &mut chat, ChangeKind::Close, 0, 0, now);
+        self.put_chat(c.chat_id, &chat);
+        Ok(changed(pts))
+    }
+
+    fn reopen(&mut self, c: &rp::ReopenChatCmd, now: u64) -> io::Result<CommandResult> {
+        if c.chat_id == 0 {
+            return Ok(reject(
+                ErrorCode::InvalidArgument,
+                "chat_id must be non-zero",
+            ));
+        }
+        let mut chat = self.chat(c.chat_id)?;
+        if !chat.closed {
+            return Ok(changed(chat.last_pts));
+        }
+        chat.closed = false;
+        chat.close_reason.clear();
+        let pts = self.record_change(c.chat_id, &mut chat, ChangeKind::Reopen, 0, 0, now);
+        self.put_chat(c.chat_id, &chat);
+        Ok(changed(pts))
+    }
+
+    fn gc_dedup(&mut self, c: &rp::GcDedupCmd) -> io::Result<CommandResult> {
+        let max = c.max_items.min(EXPIRE_ITEMS_MAX) as usize;
+        let old = self.kv.scan(
+            &keys::dedup_by_time(0, 0, 0, 0),
+            &keys::dedup_by_time(c.before_ms, 0, 0, 0),
+            max,
+        )?;
+        let n = old.len() as u32;
+        for (key, _) in old {
+            let parts = (
+                keys::part(&key, 1),
+                keys::part(&key, 2),
+                keys::part(&key, 3),
+            );
+            let (Some(chat), Some(sender), Some(cmid)) = parts else {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "bad dedup-by-time key",
+                ));
+            };
+            self.kv.delete(keys::dedup(chat, sender, cmid));
+            self.kv.delete(key);
+        }
+        Ok(CommandResult {
+            outcome: Some(command_result::Outcome::Expire(rp::ExpireResult {
+                expired: n,
+            })),
+        })
+    }
+
+    fn bootstrap(&mut self, c: &rp::BootstrapCmd) -> io::Result<CommandResult> {
+        if self.kv.get(keys::SM_META_INCARNATION)?.is_none() {
+            self.kv.put(
+                keys::SM_META_INCARNATION.to_vec(),
+                c.incarnation.to_be_bytes().to_vec(),
+            );
+            if let Some(s) = &c.settings {
+                self.kv
+                    .put(keys::SM_META_SETTINGS.to_vec(), s.encode_to_vec());
+                self.settings = *s;
+            }
+        }
+        Ok(changed(0))
+    }
+}

@@ -1,0 +1,327 @@
+//! One shard: an openraft group whose log and state machine live in the
+//! node's sled Db.
+//!
+//! ```text
+//!  node API ── propose(cmds) ──▶ Proposer task ── one entry per batch ──▶ Raft (openraft)
+//!                                  (queues while ≤ N entries are in flight)   │
+//!                                                                    LogStore │ StateMachine
+//!  node API ── read ──▶ barrier (read-index / applied ≥ token) ──▶ reads (sled tree)
+//! ```
+
+pub mod apply;
+pub mod log_store;
+pub mod network;
+pub mod reads;
+pub mod snapshot;
+pub mod state_machine;
+pub mod types;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use openraft::async_runtime::WatchReceiver;
+use openraft::{Config, ReadPolicy, ServerState, SnapshotPolicy};
+use prost::Message;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use crate::api::pb::replicated::{Command, CommandResult};
+use crate::cluster::RaftTiming;
+use crate::shard::log_store::LogStore;
+use crate::shard::network::{NetworkFactory, Peers};
+use crate::shard::reads::StateReader;
+use crate::shard::state_machine::StateMachine;
+use crate::shard::types::{NodeAddr, Proposal, Raft};
+use crate::storage::Storage;
+use crate::types::{now_ms, NodeId, ShardId};
+
+/// Commands waiting for a proposal slot, per shard.
+const PROPOSAL_QUEUE_MAX: usize = 16_384;
+/// Entries one shard leader keeps in flight; further commands queue and are
+/// batched into the next entry.
+const PROPOSALS_IN_FLIGHT_MAX: usize = 4;
+/// Most commands in one log entry.
+const BATCH_COMMANDS_MAX: usize = 2_048;
+/// Most encoded command bytes in one log entry; below
+/// [`crate::storage::ENTRY_BYTES_MAX`] with room for the envelope.
+pub const BATCH_BYTES_MAX: usize = 96 * 1024;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    #[error("{shard} is led by another node")]
+    NotLeader {
+        shard: ShardId,
+        leader: Option<(NodeId, NodeAddr)>,
+    },
+    #[error("{shard} is unavailable: {reason}")]
+    Unavailable { shard: ShardId, reason: String },
+    #[error("{shard} is overloaded: {reason}")]
+    Overloaded { shard: ShardId, reason: String },
+    #[error("{0}")]
+    InvalidArgument(String),
+}
+
+/// The outcome of a committed and applied write.
+#[derive(Debug, Clone)]
+pub struct WriteOutcome {
+    pub results: Vec<CommandResult>,
+    pub log_index: u64,
+    pub log_term: u64,
+}
+
+type ProposalReply = oneshot::Sender<Result<WriteOutcome, Error>>;
+
+pub struct Shard {
+    pub id: ShardId,
+    pub raft: Raft,
+    pub reader: StateReader,
+    proposals: mpsc::Sender<(Vec<Command>, ProposalReply)>,
+}
+
+/// openraft configuration from the cluster's Raft timing.
+pub fn raft_config(cluster_name: &str, t: &RaftTiming) -> anyhow::Result<Arc<Config>> {
+    let config = Config {
+        cluster_name: cluster_name.to_string(),
+        heartbeat_interval: t.heartbeat_ms,
+        election_timeout_min: t.election_timeout_ms_min,
+        election_timeout_max: t.election_timeout_ms_max,
+        install_snapshot_timeout: t.install_snapshot_timeout_ms,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(t.snapshot_every_entries),
+        max_in_snapshot_log_to_keep: t.logs_kept_behind_snapshot,
+        replication_lag_threshold: t.snapshot_every_entries * 2,
+        max_payload_entries: 512,
+        enable_pre_vote: Some(true),
+        // Restoring leadership without an election needs both a synced state
+        // machine and a synced committed pointer; ours syncs neither on
+        // apply, so a restarted leader must win an election.
+        enable_leader_restore: Some(false),
+        ..Default::default()
+    };
+    Ok(Arc::new(config.validate()?))
+}
+
+impl Shard {
+    pub async fn open(
+        storage: &Storage,
+        peers: Peers,
+        id: ShardId,
+        config: Arc<Config>,
+    ) -> anyhow::Result<Shard> {
+        let log = LogStore::open(storage, id)?;
+        let sm = StateMachine::open(storage, id)?;
+        let reader = StateReader::new(sm.tree().clone());
+        let network = NetworkFactory {
+            shard: id,
+            peers: peers.clone(),
+            rpc_timeout_min: Duration::from_millis(config.election_timeout_min),
+        };
+        let raft = Raft::new(peers.self_id().0, config, network, log, sm).await?;
+        let (tx, rx) = mpsc::channel(PROPOSAL_QUEUE_MAX);
+        tokio::spawn(run_proposer(id, raft.clone(), rx));
+        Ok(Shard {
+            id,
+            raft,
+            reader,
+            proposals: tx,
+        })
+    }
+
+    /// Proposes `commands` as part of one log entry and waits until the entry
+    /// is committed and applied.
+    pub async fn propose(&self, commands: Vec<Command>) -> Result<WriteOutcome, Error> {
+        let bytes: usize = commands.iter().map(|c| c.encoded_len()).sum();
+        if bytes > BATCH_BYTES_MAX {
+            return Err(Error::InvalidArgument(format!(
+                "one write is {bytes} bytes of commands; the limit is {BATCH_BYTES_MAX}"
+            )));
+        }
+        let (tx, rx) = oneshot::channel();
+        self.proposals
+            .try_send((commands, tx))
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => Error::Overloaded {
+                    shard: self.id,
+                    reason: format!("{PROPOSAL_QUEUE_MAX} writes are queued"),
+                },
+                mpsc::error::TrySendError::Closed(_) => Error::Unavailable {
+                    shard: self.id,
+                    reason: "shard is shutting down".into(),
+                },
+            })?;
+        rx.await.unwrap_or_else(|_| {
+            Err(Error::Unavailable {
+                shard: self.id,
+                reason: "proposal dropped".into(),
+            })
+        })
+    }
+
+    /// The leader as this replica knows it.
+    pub fn leader(&self) -> Option<(NodeId, NodeAddr)> {
+        let m = self.raft.metrics().borrow_watched().clone();
+        let leader = m.current_leader?;
+        let node = m
+            .membership_config
+            .membership()
+            .get_node(&leader)
+            .cloned()?;
+        Some((NodeId(leader), node))
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow_watched().state == ServerState::Leader
+    }
+
+    fn not_leader(&self) -> Error {
+        Error::NotLeader {
+            shard: self.id,
+            leader: self.leader(),
+        }
+    }
+
+    /// Waits until this replica may serve a LINEARIZABLE read (read-index
+    /// through the leader's quorum, then applied up to it).
+    pub async fn linearizable_barrier(&self) -> Result<u64, Error> {
+        match self.raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
+            Ok(read_log_id) => Ok(read_log_id.log_id().index),
+            Err(e) => {
+                if e.forward_to_leader().is_some() {
+                    Err(self.not_leader())
+                } else {
+                    Err(Error::Unavailable {
+                        shard: self.id,
+                        reason: e.to_string(),
+                    })
+                }
+            }
+        }
+    }
+
+    /// Waits up to `wait` until this replica has applied `index`.
+    pub async fn wait_applied(&self, index: u64, wait: Duration) -> Result<u64, Error> {
+        let applied = self.applied_index();
+        if applied >= index {
+            return Ok(applied);
+        }
+        match self
+            .raft
+            .wait(Some(wait))
+            .applied_index_at_least(Some(index), "session read")
+            .await
+        {
+            Ok(m) => Ok(m.last_applied.map(|l| l.index).unwrap_or(0)),
+            Err(_) => Err(Error::Unavailable {
+                shard: self.id,
+                reason: format!(
+                    "replica has applied {} < {index} after {wait:?}",
+                    self.applied_index()
+                ),
+            }),
+        }
+    }
+
+    pub fn applied_index(&self) -> u64 {
+        self.raft
+            .metrics()
+            .borrow_watched()
+            .last_applied
+            .as_ref()
+            .map(|l| l.index)
+            .unwrap_or(0)
+    }
+
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!(shard = %self.id, error = %e, "raft shutdown");
+        }
+    }
+}
+
+/// Batches queued writes into log entries: waits for a free in-flight slot,
+/// then takes everything queued (up to the entry limits) as one proposal.
+async fn run_proposer(
+    shard: ShardId,
+    raft: Raft,
+    mut rx: mpsc::Receiver<(Vec<Command>, ProposalReply)>,
+) {
+    let slots = Arc::new(Semaphore::new(PROPOSALS_IN_FLIGHT_MAX));
+    let mut carry: Option<(Vec<Command>, ProposalReply)> = None;
+    loop {
+        let first = match carry.take() {
+            Some(f) => f,
+            None => match rx.recv().await {
+                Some(f) => f,
+                None => return,
+            },
+        };
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let mut bytes: usize = first.0.iter().map(|c| c.encoded_len()).sum();
+        let mut waiters = vec![first];
+        let mut count = waiters[0].0.len();
+        while count < BATCH_COMMANDS_MAX {
+            match rx.try_recv() {
+                Ok(next) => {
+                    let b: usize = next.0.iter().map(|c| c.encoded_len()).sum();
+                    if bytes + b > BATCH_BYTES_MAX || count + next.0.len() > BATCH_COMMANDS_MAX {
+                        carry = Some(next);
+                        break;
+                    }
+                    bytes += b;
+                    count += next.0.len();
+                    waiters.push(next);
+                }
+                Err(_) => break,
+            }
+        }
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let mut commands = Vec::with_capacity(count);
+            let mut spans = Vec::with_capacity(waiters.len());
+            let mut replies = Vec::with_capacity(waiters.len());
+            for (cmds, reply) in waiters {
+                spans.push(cmds.len());
+                commands.extend(cmds);
+                replies.push(reply);
+            }
+            metrics::histogram!(crate::metrics::SHARD_PROPOSAL_COMMANDS)
+                .record(commands.len() as f64);
+            let started = Instant::now();
+            let result = raft.client_write(Proposal::new(now_ms(), commands)).await;
+            metrics::histogram!(crate::metrics::SHARD_PROPOSAL_SECONDS)
+                .record(started.elapsed().as_secs_f64());
+            match result {
+                Ok(resp) => {
+                    let mut results = resp.data.results.into_iter();
+                    for (n, reply) in spans.into_iter().zip(replies) {
+                        let mine: Vec<CommandResult> = results.by_ref().take(n).collect();
+                        let _ = reply.send(Ok(WriteOutcome {
+                            results: mine,
+                            log_index: resp.log_id.index,
+                            log_term: resp.log_id.leader_id.term,
+                        }));
+                    }
+                }
+                Err(e) => {
+                    let err = match e.forward_to_leader() {
+                        Some(f) => Error::NotLeader {
+                            shard,
+                            leader: match (f.leader_id, f.leader_node.clone()) {
+                                (Some(id), Some(node)) => Some((NodeId(id), node)),
+                                _ => None,
+                            },
+                        },
+                        None => Error::Unavailable {
+                            shard,
+                            reason: e.to_string(),
+                        },
+                    };
+                    for reply in replies {
+                        let _ = reply.send(Err(err.clone()));
+                    }
+                }
+            }
+        });
+    }
+}

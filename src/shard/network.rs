@@ -1,0 +1,323 @@
+//! The client side of the Raft transport: openraft's `RaftNetworkV2` for one
+//! shard, over the node's shared gRPC connections to its peers.
+//!
+//! Every shard of a node reaches a peer through the same tonic `Channel` (one
+//! HTTP/2 connection, multiplexed), and tags each request with its shard id.
+//! openraft's messages travel postcard-encoded inside versioned envelopes.
+//! Snapshots stream from their file in chunks.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
+};
+use tokio::io::AsyncReadExt;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::api::codec::{from_postcard, to_postcard, RAFT_WIRE_VERSION};
+use crate::api::pb::raft::raft_reply::Result as ReplyResult;
+use crate::api::pb::raft::raft_transport_client::RaftTransportClient;
+use crate::api::pb::raft::{RaftReply, RaftRequest, SnapshotChunk};
+use crate::shard::snapshot::SnapshotFile;
+use crate::shard::types::{NodeAddr, Snapshot, TypeConfig, Vote};
+use crate::types::{NodeId, ShardId};
+
+/// Largest gRPC message a node sends or accepts on the Raft transport.
+pub const RAFT_MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// Snapshot chunk size on the wire.
+pub const SNAPSHOT_CHUNK_BYTES: usize = 1024 * 1024;
+/// How long to wait for a TCP connection to a peer.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The node's connections to its peers, shared by all its shards.
+#[derive(Clone)]
+pub struct Peers {
+    self_id: NodeId,
+    channels: Arc<Mutex<HashMap<(u64, String), Channel>>>,
+}
+
+impl Peers {
+    pub fn new(self_id: NodeId) -> Peers {
+        Peers {
+            self_id,
+            channels: Arc::default(),
+        }
+    }
+
+    pub fn self_id(&self) -> NodeId {
+        self.self_id
+    }
+
+    /// A client for `node` at `addr`; connects lazily and reuses the
+    /// connection for every shard.
+    pub fn client(&self, node: u64, addr: &str) -> Result<RaftTransportClient<Channel>, String> {
+        let mut channels = self.channels.lock().expect("peer channel lock");
+        let channel = match channels.get(&(node, addr.to_string())) {
+            Some(c) => c.clone(),
+            None => {
+                let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+                    .map_err(|e| format!("bad address {addr:?} for node {node}: {e}"))?
+                    .connect_timeout(CONNECT_TIMEOUT)
+                    .tcp_nodelay(true)
+                    .http2_keep_alive_interval(Duration::from_secs(10))
+                    .keep_alive_timeout(Duration::from_secs(20));
+                let c = endpoint.connect_lazy();
+                channels.insert((node, addr.to_string()), c.clone());
+                c
+            }
+        };
+        Ok(RaftTransportClient::new(channel)
+            .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX))
+    }
+}
+
+/// Creates per-peer clients for one shard.
+pub struct NetworkFactory {
+    pub shard: ShardId,
+    pub peers: Peers,
+    /// Shortest timeout for one RPC. openraft sizes RPC timeouts by the
+    /// heartbeat interval, which is too short for a WAN round trip plus a
+    /// busy peer (DESIGN section 3a); a late answer is better than a resend.
+    pub rpc_timeout_min: Duration,
+}
+
+impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
+    type Network = PeerLink;
+
+    async fn new_client(&mut self, target: u64, node: &NodeAddr) -> PeerLink {
+        PeerLink {
+            shard: self.shard,
+            target,
+            from: self.peers.self_id().0,
+            client: self.peers.client(target, &node.addr),
+            rpc_timeout_min: self.rpc_timeout_min,
+        }
+    }
+}
+
+/// One shard's link to one peer.
+pub struct PeerLink {
+    shard: ShardId,
+    target: u64,
+    from: u64,
+    client: Result<RaftTransportClient<Channel>, String>,
+    rpc_timeout_min: Duration,
+}
+
+fn unreachable<E: std::fmt::Display>(e: E) -> Unreachable<TypeConfig> {
+    Unreachable::from_string(e.to_string())
+}
+
+impl PeerLink {
+    fn request(&self, payload: Vec<u8>, timeout: Duration) -> tonic::Request<RaftRequest> {
+        let mut req = tonic::Request::new(RaftRequest {
+            format_version: RAFT_WIRE_VERSION,
+            shard_id: self.shard.0,
+            from_node: self.from,
+            payload: payload.into(),
+        });
+        req.set_timeout(timeout);
+        req
+    }
+
+    async fn call<Req, Resp, F, Fut>(
+        &mut self,
+        rpc: &'static str,
+        body: &Req,
+        option: &RPCOption,
+        f: F,
+    ) -> Result<Resp, RPCError<TypeConfig>>
+    where
+        Req: serde::Serialize,
+        Resp: serde::de::DeserializeOwned,
+        F: FnOnce(RaftTransportClient<Channel>, tonic::Request<RaftRequest>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<RaftReply>, tonic::Status>>,
+    {
+        let client = self
+            .client
+            .clone()
+            .map_err(|e| RPCError::Unreachable(unreachable(e)))?;
+        let req = self.request(
+            to_postcard(body),
+            option.soft_ttl().max(self.rpc_timeout_min),
+        );
+        let started = Instant::now();
+        let result = f(client, req).await;
+        metrics::histogram!(crate::metrics::RAFT_RPC_SECONDS, "rpc" => rpc)
+            .record(started.elapsed().as_secs_f64());
+        let reply = match result {
+            Ok(r) => r.into_inner(),
+            Err(status) => {
+                return Err(match status.code() {
+                    tonic::Code::Unavailable
+                    | tonic::Code::DeadlineExceeded
+                    | tonic::Code::Cancelled => RPCError::Unreachable(unreachable(format!(
+                        "{rpc} to node {}: {status}",
+                        self.target
+                    ))),
+                    _ => RPCError::Network(NetworkError::from_string(format!(
+                        "{rpc} to node {}: {status}",
+                        self.target
+                    ))),
+                })
+            }
+        };
+        decode_reply(reply, rpc, self.target)
+    }
+}
+
+fn decode_reply<Resp: serde::de::DeserializeOwned>(
+    reply: RaftReply,
+    rpc: &'static str,
+    target: u64,
+) -> Result<Resp, RPCError<TypeConfig>> {
+    match reply.result {
+        Some(ReplyResult::Ok(bytes)) => from_postcard(&bytes, "raft reply")
+            .map_err(|e| RPCError::Network(NetworkError::from_string(e.to_string()))),
+        Some(ReplyResult::RaftError(_)) | Some(ReplyResult::Error(_)) | None => {
+            let msg = match reply.result {
+                Some(ReplyResult::Error(s)) => s,
+                _ => "remote raft is shutting down".to_string(),
+            };
+            Err(RPCError::Unreachable(unreachable(format!(
+                "{rpc} to node {target}: {msg}"
+            ))))
+        }
+    }
+}
+
+impl RaftNetworkV2<TypeConfig> for PeerLink {
+    type SnapshotData = SnapshotFile;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call("append_entries", &rpc, &option, |mut c, r| async move {
+            c.append_entries(r).await
+        })
+        .await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call(
+            "vote",
+            &rpc,
+            &option,
+            |mut c, r| async move { c.vote(r).await },
+        )
+        .await
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call("pre_vote", &rpc, &option, |mut c, r| async move {
+            c.pre_vote(r).await
+        })
+        .await
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call("transfer_leader", &req, &option, |mut c, r| async move {
+            c.transfer_leader(r).await
+        })
+        .await
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: Snapshot,
+        cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let mut client = self
+            .client
+            .clone()
+            .map_err(|e| StreamingError::Unreachable(unreachable(e)))?;
+        let header = to_postcard(&(vote, snapshot.meta.clone()));
+        let mut file = tokio::fs::File::open(&snapshot.snapshot.path)
+            .await
+            .map_err(|e| {
+                StreamingError::Network(NetworkError::from_string(format!(
+                    "open snapshot file: {e}"
+                )))
+            })?;
+        let (shard, from) = (self.shard.0, self.from);
+        let (tx, rx) = tokio::sync::mpsc::channel::<SnapshotChunk>(4);
+        let reader = tokio::spawn(async move {
+            let mut first = true;
+            loop {
+                let mut buf = vec![0u8; SNAPSHOT_CHUNK_BYTES];
+                let mut filled = 0;
+                while filled < buf.len() {
+                    let n = file.read(&mut buf[filled..]).await?;
+                    if n == 0 {
+                        break;
+                    }
+                    filled += n;
+                }
+                buf.truncate(filled);
+                let done = filled < SNAPSHOT_CHUNK_BYTES;
+                let chunk = SnapshotChunk {
+                    format_version: RAFT_WIRE_VERSION,
+                    shard_id: shard,
+                    from_node: from,
+                    header: if first {
+                        header.clone().into()
+                    } else {
+                        Default::default()
+                    },
+                    data: buf.into(),
+                };
+                first = false;
+                if tx.send(chunk).await.is_err() || done {
+                    return Ok::<(), std::io::Error>(());
+                }
+            }
+        });
+        let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        req.set_timeout(option.hard_ttl());
+        let target = self.target;
+        let send = async move { client.install_snapshot(req).await };
+        let result = tokio::select! {
+            r = send => r,
+            closed = cancel => {
+                reader.abort();
+                return Err(StreamingError::Closed(closed));
+            }
+        };
+        reader.abort();
+        let reply = result
+            .map_err(|s| {
+                StreamingError::Unreachable(unreachable(format!(
+                    "install_snapshot to node {target}: {s}"
+                )))
+            })?
+            .into_inner();
+        decode_reply(reply, "install_snapshot", target).map_err(|e| match e {
+            RPCError::Unreachable(u) => StreamingError::Unreachable(u),
+            RPCError::Network(n) => StreamingError::Network(n),
+            other => StreamingError::Network(NetworkError::from_string(other.to_string())),
+        })
+    }
+}

@@ -1,0 +1,279 @@
+//! Reads from a replica's applied state. Callers decide beforehand whether the
+//! replica may serve (read-index barrier, applied ≥ token, or stale).
+//!
+//! A read never returns a message whose `expire_at` has passed by this node's
+//! clock plus [`CLOCK_OFFSET_MS_MAX`], even if the expiry command has not been
+//! applied yet.
+
+use std::io;
+
+use xxhash_rust::xxh3::Xxh3;
+
+use crate::api::codec::decode;
+use crate::api::pb::node::ChatDigest;
+use crate::api::pb::replicated::{ChangeRecord, ChatRecord, MessageRecord};
+use crate::api::pb::{self, ChangeKind};
+use crate::storage::keys;
+use crate::types::now_ms;
+
+/// The most a node's clock may be off from its peers'. Reads hide messages
+/// this long before they expire so that no replica shows one after expiry.
+pub const CLOCK_OFFSET_MS_MAX: u64 = 500;
+/// Largest page of messages or changes one read returns.
+pub const PAGE_MAX: u32 = 1000;
+/// Most read cursors `chat` returns.
+pub const READ_CURSORS_MAX: usize = 1000;
+
+#[derive(Clone)]
+pub struct StateReader {
+    tree: sled::Tree,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("chat {chat} is closed: {reason}")]
+    ChatClosed { chat: u64, reason: String },
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+impl From<crate::api::codec::DecodeError> for ReadError {
+    fn from(e: crate::api::codec::DecodeError) -> ReadError {
+        ReadError::Io(e.into())
+    }
+}
+
+fn io_err(e: sled::Error) -> io::Error {
+    io::Error::other(e)
+}
+
+pub fn visible(m: &MessageRecord, now: u64) -> bool {
+    m.expire_at_ms == 0 || m.expire_at_ms > now + CLOCK_OFFSET_MS_MAX
+}
+
+pub fn to_public(m: MessageRecord) -> pb::Message {
+    pb::Message {
+        chat_id: m.chat_id,
+        seq: m.seq,
+        sender_id: m.sender_id,
+        client_msg_id: m.client_msg_id,
+        body: m.body,
+        created_at_ms: m.created_at_ms,
+        edited_at_ms: m.edited_at_ms,
+        expire_at_ms: m.expire_at_ms,
+        deleted: m.deleted,
+        pts: m.pts,
+    }
+}
+
+fn change_kind(k: i32) -> ChangeKind {
+    use crate::api::pb::replicated::ChangeKind as R;
+    match R::try_from(k).unwrap_or(R::Unspecified) {
+        R::New => ChangeKind::NewMessage,
+        R::Edit => ChangeKind::EditMessage,
+        R::Delete => ChangeKind::DeleteMessage,
+        R::Expire => ChangeKind::ExpireMessage,
+        R::Read => ChangeKind::Read,
+        R::Close => ChangeKind::Close,
+        R::Reopen => ChangeKind::Reopen,
+        R::Unspecified => ChangeKind::Unspecified,
+    }
+}
+
+impl StateReader {
+    pub fn new(tree: sled::Tree) -> StateReader {
+        StateReader { tree }
+    }
+
+    pub fn has_key(&self, key: &[u8]) -> bool {
+        matches!(self.tree.contains_key(key), Ok(true))
+    }
+
+    pub fn chat_record(&self, chat: u64) -> io::Result<ChatRecord> {
+        match self.tree.get(keys::chat(chat)).map_err(io_err)? {
+            Some(v) => Ok(decode(&v, "chat record")?),
+            None => Ok(ChatRecord::default()),
+        }
+    }
+
+    fn open_chat(&self, chat: u64) -> Result<ChatRecord, ReadError> {
+        let rec = self.chat_record(chat)?;
+        if rec.closed {
+            return Err(ReadError::ChatClosed {
+                chat,
+                reason: rec.close_reason,
+            });
+        }
+        Ok(rec)
+    }
+
+    fn message(&self, chat: u64, seq: u64) -> io::Result<Option<MessageRecord>> {
+        match self.tree.get(keys::message(chat, seq)).map_err(io_err)? {
+            Some(v) => Ok(Some(decode(&v, "message")?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Newest first, strictly below `before_seq` (0 = from the newest).
+    pub fn history(
+        &self,
+        chat: u64,
+        before_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<pb::Message>, ReadError> {
+        self.open_chat(chat)?;
+        let now = now_ms();
+        let end = if before_seq == 0 {
+            u64::MAX
+        } else {
+            before_seq
+        };
+        let mut out = Vec::new();
+        for pair in self
+            .tree
+            .range(keys::message(chat, 0)..keys::message(chat, end))
+            .rev()
+        {
+            if out.len() >= limit.min(PAGE_MAX) as usize {
+                break;
+            }
+            let (_, v) = pair.map_err(io_err)?;
+            let m: MessageRecord = decode(&v, "message")?;
+            if visible(&m, now) {
+                out.push(to_public(m));
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn messages(&self, chat: u64, seqs: &[u64]) -> Result<Vec<pb::Message>, ReadError> {
+        self.open_chat(chat)?;
+        let now = now_ms();
+        let mut out = Vec::new();
+        for seq in seqs {
+            if let Some(m) = self.message(chat, *seq)? {
+                if visible(&m, now) {
+                    out.push(to_public(m));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Changes after `pts`, oldest first.
+    pub fn difference(
+        &self,
+        chat: u64,
+        pts: u64,
+        limit: u32,
+    ) -> Result<pb::ChatDifference, ReadError> {
+        let rec = self.chat_record(chat)?;
+        let now = now_ms();
+        let limit = limit.clamp(1, PAGE_MAX) as usize;
+        let mut changes = Vec::new();
+        let mut last = pts;
+        let mut more = false;
+        let start = keys::change(chat, pts.saturating_add(1));
+        let mut first_seen = None;
+        for pair in self.tree.range(start..keys::change(chat, u64::MAX)) {
+            let (_, v) = pair.map_err(io_err)?;
+            let c: ChangeRecord = decode(&v, "change record")?;
+            first_seen.get_or_insert(c.pts);
+            if changes.len() >= limit {
+                more = true;
+                break;
+            }
+            let kind = change_kind(c.kind);
+            let message = match kind {
+                // A closed chat's content stays hidden; its changes still flow.
+                ChangeKind::NewMessage | ChangeKind::EditMessage if !rec.closed => self
+                    .message(chat, c.seq)?
+                    .filter(|m| visible(m, now))
+                    .map(to_public),
+                _ => None,
+            };
+            last = c.pts;
+            changes.push(pb::Change {
+                chat_id: chat,
+                pts: c.pts,
+                kind: kind as i32,
+                seq: c.seq,
+                message,
+                user_id: c.user_id,
+            });
+        }
+        // A gap between the cursor and the oldest kept change means the
+        // retention window has passed the cursor.
+        let reset_required = matches!(first_seen, Some(first) if first > pts + 1);
+        Ok(pb::ChatDifference {
+            chat_id: chat,
+            changes: if reset_required { Vec::new() } else { changes },
+            pts: if reset_required { rec.last_pts } else { last },
+            reset_required,
+            more,
+        })
+    }
+
+    pub fn chat(&self, chat: u64) -> io::Result<pb::GetChatResponse> {
+        let rec = self.chat_record(chat)?;
+        let mut cursors = Vec::new();
+        for pair in self
+            .tree
+            .scan_prefix(keys::chat_prefix(keys::TAG_READ_CURSOR, chat))
+            .take(READ_CURSORS_MAX)
+        {
+            let (k, v) = pair.map_err(io_err)?;
+            let reader =
+                keys::part(&k, 1).ok_or_else(|| io::Error::other("bad read cursor key"))?;
+            let seq = u64::from_be_bytes(
+                v.as_ref()
+                    .try_into()
+                    .map_err(|_| io::Error::other("bad read cursor"))?,
+            );
+            cursors.push(pb::ReadCursor {
+                reader_id: reader,
+                seq,
+            });
+        }
+        Ok(pb::GetChatResponse {
+            chat_id: chat,
+            last_seq: rec.last_seq,
+            pts: rec.last_pts,
+            closed: rec.closed,
+            close_reason: rec.close_reason,
+            read_cursors: cursors,
+            read_token: Default::default(),
+        })
+    }
+
+    /// Per-chat digests over the raw message records in seq order: equal
+    /// digests mean byte-identical chat logs.
+    pub fn digests(&self) -> io::Result<Vec<ChatDigest>> {
+        let mut out = Vec::new();
+        for pair in self.tree.scan_prefix([keys::TAG_CHAT]) {
+            let (k, v) = pair.map_err(io_err)?;
+            let chat = keys::part(&k, 0).ok_or_else(|| io::Error::other("bad chat key"))?;
+            let rec: ChatRecord = decode(&v, "chat record")?;
+            let mut hash = Xxh3::new();
+            hash.update(&v);
+            let mut count = 0;
+            for m in self
+                .tree
+                .scan_prefix(keys::chat_prefix(keys::TAG_MESSAGE, chat))
+            {
+                let (mk, mv) = m.map_err(io_err)?;
+                hash.update(&mk);
+                hash.update(&mv);
+                count += 1;
+            }
+            out.push(ChatDigest {
+                chat_id: chat,
+                last_seq: rec.last_seq,
+                last_pts: rec.last_pts,
+                digest: hash.digest(),
+                message_count: count,
+            });
+        }
+        Ok(out)
+    }
+}
