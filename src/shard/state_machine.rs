@@ -312,7 +312,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // loading it, open() finds the tree behind it and loads it again.
         let file = self.snapshot_dir.join(snapshot_file_name(meta));
         if snapshot.path != file {
-            std::fs::rename(&snapshot.path, &file)?;
+            if snapshot.path.parent() == Some(self.snapshot_dir.as_path()) {
+                std::fs::rename(&snapshot.path, &file)?;
+            } else {
+                std::fs::copy(&snapshot.path, &file)?;
+            }
         }
         std::fs::File::open(&file)?.sync_all()?;
         set_current(&self.snapshot_dir, meta, &file)?;

@@ -1,0 +1,293 @@
+//! In-process clusters: three nodes in this test process over real loopback
+//! gRPC, real sled on disk.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chatstore::api::pb::node::{ShardRequest, StatusRequest};
+use chatstore::api::pb::replicated::command_result::Outcome;
+use chatstore::cluster::ClusterConfig;
+use chatstore::node::Node;
+use chatstore::types::NodeId;
+use common::{send_cmd, three_region_config, Client, ConfigOptions, TestDir};
+
+async fn start(config: &ClusterConfig, id: u64) -> Node {
+    // A stopped node's sled lock is released once its last handle drops;
+    // allow a moment for that.
+    let mut last = None;
+    for _ in 0..50 {
+        match Node::start(config, NodeId(id)).await {
+            Ok(n) => return n,
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("start node {id}: {:?}", last);
+}
+
+/// Sends `count` messages spread over `chats` chats starting at `first_chat`,
+/// 16 at a time; returns (chat, client_msg_id) → seq.
+async fn send_many(
+    client: &Client,
+    first_chat: u64,
+    chats: u64,
+    count: u64,
+    tag: u64,
+) -> BTreeMap<(u64, u64), u64> {
+    let mut tasks = tokio::task::JoinSet::new();
+    let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(16));
+    for i in 0..count {
+        let chat = first_chat + i % chats;
+        let cmid = tag * 1_000_000 + i;
+        let client = client.clone();
+        let permit = sem.clone().acquire_owned().await.unwrap();
+        tasks.spawn(async move {
+            let _permit = permit;
+            let reply = client
+                .write(
+                    chat,
+                    vec![send_cmd(chat, 7, cmid, format!("m{cmid}").as_bytes())],
+                    Duration::from_secs(30),
+                )
+                .await
+                .expect("send acknowledged");
+            match reply.results[0].outcome.clone() {
+                Some(Outcome::Send(r)) => ((chat, cmid), r.seq),
+                other => panic!("unexpected outcome {other:?}"),
+            }
+        });
+    }
+    let mut acked = BTreeMap::new();
+    while let Some(r) = tasks.join_next().await {
+        let (k, seq) = r.expect("send task");
+        acked.insert(k, seq);
+    }
+    acked
+}
+
+async fn check_acked_everywhere(client: &Client, nodes: &[u64], acked: &BTreeMap<(u64, u64), u64>) {
+    let chats: std::collections::BTreeSet<u64> = acked.keys().map(|(c, _)| *c).collect();
+    for node in nodes {
+        for chat in &chats {
+            let history = client.history_on(*node, *chat).await.expect("read history");
+            let seqs: Vec<u64> = history.iter().map(|m| m.seq).collect();
+            let expect: Vec<u64> = (1..=history.len() as u64).collect();
+            assert_eq!(
+                seqs, expect,
+                "node {node} chat {chat}: seqs are 1..n without gaps"
+            );
+            let by_cmid: BTreeMap<u64, u64> =
+                history.iter().map(|m| (m.client_msg_id, m.seq)).collect();
+            assert_eq!(
+                by_cmid.len(),
+                history.len(),
+                "node {node} chat {chat}: no duplicate client_msg_id"
+            );
+            for ((c, cmid), seq) in acked.iter().filter(|((c, _), _)| c == chat) {
+                assert_eq!(
+                    by_cmid.get(cmid),
+                    Some(seq),
+                    "node {node}: acknowledged message {c}/{cmid} at seq {seq}"
+                );
+            }
+        }
+    }
+}
+
+/// Writes to many chats land on every replica; with one node stopped writes
+/// keep going; the restarted node catches up from its own data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writes_replicate_survive_a_stopped_node_and_catch_up() {
+    let dir = TestDir::new("cluster");
+    let config = three_region_config(
+        &dir.path,
+        &ConfigOptions {
+            shards: 16,
+            ..Default::default()
+        },
+    );
+    let mut nodes = BTreeMap::new();
+    for id in 1..=3 {
+        nodes.insert(id, start(&config, id).await);
+    }
+    let client = Client::new(&config);
+    client
+        .wait_leaders(&[1, 2, 3], Duration::from_secs(30))
+        .await
+        .unwrap();
+
+    eprintln!("phase 1: 300 sends to 40 chats");
+    let mut acked = send_many(&client, 1, 40, 300, 1).await;
+    client
+        .wait_converged(&[1, 2, 3], Duration::from_secs(30))
+        .await
+        .unwrap();
+    check_acked_everywhere(&client, &[1, 2, 3], &acked).await;
+
+    eprintln!("phase 2: stop node 3, keep writing");
+    nodes.remove(&3).unwrap().shutdown().await;
+    acked.extend(send_many(&client, 1, 40, 200, 2).await);
+    check_acked_everywhere(&client, &[1, 2], &acked).await;
+
+    eprintln!("phase 3: restart node 3; it catches up");
+    nodes.insert(3, start(&config, 3).await);
+    client
+        .wait_converged(&[1, 2, 3], Duration::from_secs(60))
+        .await
+        .unwrap();
+    check_acked_everywhere(&client, &[1, 2, 3], &acked).await;
+
+    eprintln!("phase 4: a retried send returns the original seq");
+    let (&(chat, cmid), &seq) = acked.iter().next().unwrap();
+    let again = client
+        .write(
+            chat,
+            vec![send_cmd(chat, 7, cmid, b"retry")],
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    match again.results[0].outcome.clone() {
+        Some(Outcome::Send(r)) => {
+            assert!(r.duplicate);
+            assert_eq!(r.seq, seq);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    for (_, n) in nodes {
+        n.shutdown().await;
+    }
+}
+
+/// A replica that fell behind past the purged log catches up by snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lagging_replica_catches_up_by_snapshot() {
+    let dir = TestDir::new("snapshot");
+    let opts = ConfigOptions {
+        shards: 2,
+        snapshot_every_entries: 50,
+        logs_kept_behind_snapshot: 5,
+    };
+    let config = three_region_config(&dir.path, &opts);
+    let mut nodes = BTreeMap::new();
+    for id in 1..=3 {
+        nodes.insert(id, start(&config, id).await);
+    }
+    let client = Client::new(&config);
+    client
+        .wait_leaders(&[1, 2, 3], Duration::from_secs(30))
+        .await
+        .unwrap();
+    let mut acked = send_many(&client, 1, 10, 20, 1).await;
+    client
+        .wait_converged(&[1, 2, 3], Duration::from_secs(30))
+        .await
+        .unwrap();
+
+    // Stop a node that leads nothing, so the survivors keep every leader.
+    let victim = {
+        let mut pick = 3;
+        for id in [3, 2, 1] {
+            let s = client
+                .node(id)
+                .status(StatusRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            if s.shards.iter().all(|sh| !sh.is_leader) {
+                pick = id;
+                break;
+            }
+        }
+        pick
+    };
+    let before: Vec<_> = client
+        .node(victim)
+        .status(StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .shards;
+    eprintln!("stopping node {victim}");
+    nodes.remove(&victim).unwrap().shutdown().await;
+    let alive: Vec<u64> = (1..=3).filter(|n| *n != victim).collect();
+
+    // Sends one at a time so that each is its own log entry.
+    for i in 0..150u64 {
+        let chat = 1 + i % 10;
+        let r = client
+            .write(
+                chat,
+                vec![send_cmd(chat, 9, 500_000 + i, b"x")],
+                Duration::from_secs(30),
+            )
+            .await
+            .unwrap();
+        if let Some(Outcome::Send(s)) = &r.results[0].outcome {
+            acked.insert((chat, 500_000 + i), s.seq);
+        }
+    }
+    for shard in 0..2 {
+        for node in &alive {
+            client
+                .node(*node)
+                .trigger_snapshot(ShardRequest { shard_id: shard })
+                .await
+                .unwrap();
+        }
+    }
+    // Wait until the log the victim needs is purged on the survivors.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut purged_past = true;
+        for node in &alive {
+            let s = client
+                .node(*node)
+                .status(StatusRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            for sh in s.shards {
+                let old = before.iter().find(|b| b.shard_id == sh.shard_id).unwrap();
+                if sh.purged_index <= old.last_log_index + 1 {
+                    purged_past = false;
+                }
+            }
+        }
+        if purged_past {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "logs were not purged");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    eprintln!("restarting node {victim}; it needs snapshots");
+    nodes.insert(victim, start(&config, victim).await);
+    client
+        .wait_converged(&[1, 2, 3], Duration::from_secs(60))
+        .await
+        .unwrap();
+    let after = client
+        .node(victim)
+        .status(StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .shards;
+    for sh in &after {
+        let old = before.iter().find(|b| b.shard_id == sh.shard_id).unwrap();
+        assert!(
+            sh.snapshot_index > old.last_log_index,
+            "shard {} on node {victim}: snapshot {} should be past its old log end {}",
+            sh.shard_id,
+            sh.snapshot_index,
+            old.last_log_index
+        );
+    }
+    check_acked_everywhere(&client, &[1, 2, 3], &acked).await;
+    for (_, n) in nodes {
+        n.shutdown().await;
+    }
+}

@@ -1,0 +1,303 @@
+//! Test fixtures: cluster configs on free loopback ports, node API clients
+//! that find shard leaders, and convergence checks. Used by the in-process
+//! cluster tests and the multi-process crash tests.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use chatstore::api::pb::node::node_api_client::NodeApiClient;
+use chatstore::api::pb::node::{
+    read_request, ChatDigestsRequest, ReadRequest, StatusRequest, WriteReply, WriteRequest,
+};
+use chatstore::api::pb::replicated::{command, Command, SendCmd};
+use chatstore::api::pb::{self, Consistency};
+use chatstore::api::status::leader_hint;
+use chatstore::cluster::{ClusterConfig, Placement};
+use chatstore::types::{ChatId, ShardId};
+use tonic::transport::Channel;
+
+/// Ports handed out by this process, so two fixtures never share one.
+static NEXT_PORT_OFFSET: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+
+/// A free TCP port on 127.0.0.1 (bound and released; the OS does not hand it
+/// out again soon).
+pub fn free_port() -> u16 {
+    let _ = NEXT_PORT_OFFSET.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    l.local_addr().expect("local addr").port()
+}
+
+pub struct ConfigOptions {
+    pub shards: u32,
+    pub snapshot_every_entries: u64,
+    pub logs_kept_behind_snapshot: u64,
+}
+
+impl Default for ConfigOptions {
+    fn default() -> Self {
+        ConfigOptions {
+            shards: 8,
+            snapshot_every_entries: 10_000,
+            logs_kept_behind_snapshot: 1_000,
+        }
+    }
+}
+
+/// A three-node, three-region config on free ports with data under `root`.
+pub fn three_region_config(root: &Path, opts: &ConfigOptions) -> ClusterConfig {
+    let mut text = format!(
+        "cluster_name = \"test\"\nshards = {}\nreplication_factor = 3\nregions = [\"eu\", \"us\", \"ap\"]\ndata_root = {:?}\n\
+         [raft]\nheartbeat_ms = 200\nelection_timeout_ms_min = 1000\nelection_timeout_ms_max = 1600\n\
+         snapshot_every_entries = {}\nlogs_kept_behind_snapshot = {}\n",
+        opts.shards,
+        root.display().to_string(),
+        opts.snapshot_every_entries,
+        opts.logs_kept_behind_snapshot,
+    );
+    for (id, region) in [(1, "eu"), (2, "us"), (3, "ap")] {
+        text.push_str(&format!(
+            "[[nodes]]\nid = {id}\nregion = \"{region}\"\nraft_addr = \"127.0.0.1:{}\"\n",
+            free_port()
+        ));
+    }
+    ClusterConfig::from_toml(&text).expect("test config is valid")
+}
+
+pub fn send_cmd(chat: u64, sender: u64, client_msg_id: u64, body: &[u8]) -> Command {
+    Command {
+        kind: Some(command::Kind::Send(SendCmd {
+            chat_id: chat,
+            sender_id: sender,
+            client_msg_id,
+            body: body.to_vec().into(),
+            self_destruct: None,
+        })),
+    }
+}
+
+/// Talks to nodes through their node API; follows leader hints.
+#[derive(Clone)]
+pub struct Client {
+    pub config: ClusterConfig,
+    pub placement: Placement,
+    clients: BTreeMap<u64, NodeApiClient<Channel>>,
+    leaders: std::sync::Arc<std::sync::Mutex<BTreeMap<u64, u64>>>,
+}
+
+/// How long one node API call may take before the client gives up on it.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Client {
+    pub fn new(config: &ClusterConfig) -> Client {
+        let clients = config
+            .nodes
+            .iter()
+            .map(|n| {
+                let channel =
+                    tonic::transport::Endpoint::from_shared(format!("http://{}", n.raft_addr))
+                        .expect("valid address")
+                        .connect_timeout(Duration::from_secs(2))
+                        .connect_lazy();
+                (n.id, NodeApiClient::new(channel))
+            })
+            .collect();
+        Client {
+            config: config.clone(),
+            placement: Placement::new(config),
+            clients,
+            leaders: Default::default(),
+        }
+    }
+
+    pub fn node(&self, id: u64) -> NodeApiClient<Channel> {
+        self.clients[&id].clone()
+    }
+
+    pub fn shard_of(&self, chat: u64) -> ShardId {
+        self.placement.shard_of_chat(ChatId(chat))
+    }
+
+    /// Writes `commands` to the leader of `chat`'s shard, retrying (with the
+    /// same commands, so sends stay deduplicated) until `deadline` passes.
+    pub async fn write(
+        &self,
+        chat: u64,
+        commands: Vec<Command>,
+        deadline: Duration,
+    ) -> Result<WriteReply, String> {
+        let shard = self.shard_of(chat);
+        let replicas: Vec<u64> = self.placement.replicas(shard).iter().map(|n| n.0).collect();
+        let started = Instant::now();
+        let mut target = self
+            .leaders
+            .lock()
+            .unwrap()
+            .get(&shard.0)
+            .copied()
+            .unwrap_or(replicas[0]);
+        let mut attempt = 0usize;
+        let mut last_err = String::new();
+        while started.elapsed() < deadline {
+            attempt += 1;
+            let mut req = tonic::Request::new(WriteRequest {
+                shard_id: shard.0,
+                commands: commands.clone(),
+            });
+            req.set_timeout(CALL_TIMEOUT);
+            match self.node(target).write(req).await {
+                Ok(r) => {
+                    self.leaders.lock().unwrap().insert(shard.0, target);
+                    return Ok(r.into_inner());
+                }
+                Err(status) => {
+                    last_err = format!("node {target}: {status}");
+                    match leader_hint(&status) {
+                        Some((leader, _)) if leader != target => target = leader,
+                        _ => {
+                            target = replicas[attempt % replicas.len()];
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    }
+                }
+            }
+        }
+        Err(format!(
+            "write to {shard} failed for {deadline:?}: {last_err}"
+        ))
+    }
+
+    /// All messages of `chat` on `node`'s replica (STALE), oldest first.
+    pub async fn history_on(
+        &self,
+        node: u64,
+        chat: u64,
+    ) -> Result<Vec<pb::Message>, tonic::Status> {
+        let mut out = Vec::new();
+        let mut before = 0;
+        loop {
+            let req = ReadRequest {
+                shard_id: self.shard_of(chat).0,
+                consistency: Consistency::Stale as i32,
+                query: Some(read_request::Query::History(pb::GetHistoryRequest {
+                    chat_id: chat,
+                    before_seq: before,
+                    limit: 1000,
+                    ..Default::default()
+                })),
+                ..Default::default()
+            };
+            let page = self.node(node).read(req).await?.into_inner().messages;
+            let Some(last) = page.last() else { break };
+            before = last.seq;
+            let done = page.len() < 1000;
+            out.extend(page);
+            if done {
+                break;
+            }
+        }
+        out.reverse();
+        Ok(out)
+    }
+
+    /// Per-shard digests on every node, once every replica of every shard
+    /// has the same applied index and digests; fails after `deadline`.
+    pub async fn wait_converged(&self, nodes: &[u64], deadline: Duration) -> Result<(), String> {
+        let started = Instant::now();
+        let mut last = String::new();
+        while started.elapsed() < deadline {
+            match self.converged(nodes).await {
+                Ok(()) => return Ok(()),
+                Err(e) => last = e,
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        Err(format!("replicas did not converge in {deadline:?}: {last}"))
+    }
+
+    async fn converged(&self, nodes: &[u64]) -> Result<(), String> {
+        for shard in 0..self.config.shards as u64 {
+            let mut seen: Option<(u64, Vec<_>)> = None;
+            for node in nodes {
+                let reply = self
+                    .node(*node)
+                    .chat_digests(ChatDigestsRequest { shard_id: shard })
+                    .await
+                    .map_err(|e| format!("node {node}: {e}"))?
+                    .into_inner();
+                let state = (reply.applied_index, reply.chats);
+                match &seen {
+                    None => seen = Some(state),
+                    Some(s) if *s == state => {}
+                    Some(s) => {
+                        return Err(format!(
+                            "shard {shard}: node {node} at applied {} differs from applied {}",
+                            state.0, s.0
+                        ))
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until every shard has a leader known to `nodes`.
+    pub async fn wait_leaders(&self, nodes: &[u64], deadline: Duration) -> Result<(), String> {
+        let started = Instant::now();
+        while started.elapsed() < deadline {
+            let mut led = std::collections::BTreeSet::new();
+            for node in nodes {
+                if let Ok(s) = self.node(*node).status(StatusRequest {}).await {
+                    for sh in s.into_inner().shards {
+                        if sh.is_leader {
+                            led.insert(sh.shard_id);
+                        }
+                    }
+                }
+            }
+            if led.len() == self.config.shards as usize {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Err(format!(
+            "not every shard elected a leader within {deadline:?}"
+        ))
+    }
+}
+
+/// A temporary folder that is removed on drop unless the test failed, in
+/// which case it is kept and its path printed for inspection.
+pub struct TestDir {
+    pub path: PathBuf,
+}
+
+impl TestDir {
+    pub fn new(name: &str) -> TestDir {
+        let path = std::env::temp_dir().join(format!("chatstore-{name}-{}", rand_suffix()));
+        std::fs::create_dir_all(&path).expect("create test dir");
+        TestDir { path }
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("test failed; data kept in {}", self.path.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+fn rand_suffix() -> String {
+    format!(
+        "{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos()
+    )
+}
