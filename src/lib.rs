@@ -1,4 +1,5 @@
 pub mod api;
+pub mod cli;
 pub mod cluster;
 pub mod metrics;
 pub mod node;

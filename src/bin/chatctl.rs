@@ -1,1 +1,16 @@
-fn main() {}
+//! `chatctl`: the cluster CLI. Thin wrapper over `chatstore::cli`.
+
+use clap::Parser;
+
+fn main() {
+    let cli = chatstore::cli::Cli::parse();
+    let runtime = tokio::runtime::Runtime::new().expect("start tokio");
+    let code = match runtime.block_on(chatstore::cli::run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            2
+        }
+    };
+    std::process::exit(code);
+}

@@ -29,6 +29,16 @@ enum Command {
         #[arg(long)]
         id: u64,
     },
+    /// Run every node of a config in this process: a local cluster for
+    /// development. Data goes under the config's data_root.
+    Dev {
+        #[arg(
+            long,
+            env = "CHATSTORE_CONFIG",
+            default_value = "cluster-configs/local-3region.toml"
+        )]
+        config: PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -43,6 +53,7 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async move {
         match cli.command {
             Command::Node { config, id } => run_node(config, id).await,
+            Command::Dev { config } => run_dev(config).await,
         }
     })
 }
@@ -56,6 +67,33 @@ async fn run_node(config: PathBuf, id: u64) -> anyhow::Result<()> {
     wait_for_signal().await;
     tracing::info!("shutting down");
     node.shutdown().await;
+    Ok(())
+}
+
+async fn run_dev(config_path: PathBuf) -> anyhow::Result<()> {
+    let config = ClusterConfig::load(&config_path)?;
+    let mut nodes = Vec::new();
+    for n in &config.nodes {
+        nodes.push(chatstore::node::Node::start(&config, NodeId(n.id)).await?);
+    }
+    println!(
+        "chatstore dev cluster {:?} is up ({} shards):",
+        config.cluster_name, config.shards
+    );
+    for n in &nodes {
+        println!(
+            "  node {} ({}) at {}  data: {}",
+            n.id.0,
+            n.region,
+            n.addr,
+            config.data_dir(n.id).display()
+        );
+    }
+    println!("Press Ctrl-C to stop; data stays for the next start.");
+    wait_for_signal().await;
+    for n in nodes {
+        n.shutdown().await;
+    }
     Ok(())
 }
 
