@@ -3,6 +3,7 @@ pub mod cli;
 pub mod cluster;
 pub mod metrics;
 pub mod node;
+pub mod router;
 pub mod shard;
 pub mod storage;
 pub mod types;

@@ -8,6 +8,7 @@ pub const SHARD_PROPOSAL_SECONDS: &str = "chatstore_shard_proposal_seconds";
 pub const DEDUP_HITS: &str = "chatstore_dedup_hits_total";
 pub const TTL_EXPIRED: &str = "chatstore_ttl_expired_total";
 pub const RAFT_RPC_SECONDS: &str = "chatstore_raft_rpc_seconds";
+pub const ROUTER_REQUESTS: &str = "chatstore_router_requests_total";
 pub const NODE_API_REQUESTS: &str = "chatstore_node_api_requests_total";
 
 /// Installs the Prometheus exporter listening on `addr`.

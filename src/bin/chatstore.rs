@@ -29,6 +29,18 @@ enum Command {
         #[arg(long)]
         id: u64,
     },
+    /// Run a router: the public API for one region.
+    Router {
+        #[arg(long, env = "CHATSTORE_CONFIG")]
+        config: PathBuf,
+        /// The region this router serves; SESSION and STALE reads stay in it.
+        #[arg(long)]
+        region: String,
+        #[arg(long, default_value = "127.0.0.1:7201")]
+        listen: String,
+        #[arg(long)]
+        metrics: Option<String>,
+    },
     /// Run every node of a config in this process: a local cluster for
     /// development. Data goes under the config's data_root.
     Dev {
@@ -42,10 +54,14 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Logs go to stderr; stdout is for what a person asked for. openraft
+    // logs every unreachable peer at WARN, which floods the log while a
+    // cluster starts or a node is down; RUST_LOG=openraft=warn brings it back.
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,openraft=warn,sled=warn,h2=warn,tower=warn".into()),
+                .unwrap_or_else(|_| "info,openraft=error,sled=warn,h2=warn,tower=warn".into()),
         )
         .init();
     let cli = Cli::parse();
@@ -54,6 +70,12 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Command::Node { config, id } => run_node(config, id).await,
             Command::Dev { config } => run_dev(config).await,
+            Command::Router {
+                config,
+                region,
+                listen,
+                metrics,
+            } => run_router(config, region, listen, metrics).await,
         }
     })
 }
@@ -70,11 +92,53 @@ async fn run_node(config: PathBuf, id: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn run_router(
+    config: PathBuf,
+    region: String,
+    listen: String,
+    metrics: Option<String>,
+) -> anyhow::Result<()> {
+    let config = ClusterConfig::load(&config)?;
+    if let Some(addr) = metrics {
+        chatstore::metrics::install_exporter(addr.parse().context("--metrics")?)?;
+    }
+    if config.read_token_secret.is_none() {
+        tracing::warn!("no read_token_secret in the cluster config: read tokens are signed with the cluster name (development only)");
+    }
+    let router = chatstore::router::Router::new(&config, &region, &config.token_secret())?;
+    let listener = tokio::net::TcpListener::bind(&listen)
+        .await
+        .with_context(|| format!("listen on {listen}"))?;
+    tracing::info!(%region, addr = %listener.local_addr()?, "router started");
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let server = tokio::spawn(chatstore::router::serve(router, listener, stop_rx));
+    wait_for_signal().await;
+    let _ = stop.send(true);
+    server.await??;
+    Ok(())
+}
+
 async fn run_dev(config_path: PathBuf) -> anyhow::Result<()> {
     let config = ClusterConfig::load(&config_path)?;
+    eprintln!("chatstore dev: DEVELOPMENT MODE - no TLS, no authentication, read tokens signed with a well-known key");
     let mut nodes = Vec::new();
     for n in &config.nodes {
         nodes.push(chatstore::node::Node::start(&config, NodeId(n.id)).await?);
+    }
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let mut routers = Vec::new();
+    let mut router_addrs = Vec::new();
+    for r in &config.routers {
+        let router = chatstore::router::Router::new(&config, &r.region, &config.token_secret())?;
+        let listener = tokio::net::TcpListener::bind(&r.listen)
+            .await
+            .with_context(|| format!("listen on {}", r.listen))?;
+        router_addrs.push((r.region.clone(), listener.local_addr()?));
+        routers.push(tokio::spawn(chatstore::router::serve(
+            router,
+            listener,
+            stop_rx.clone(),
+        )));
     }
     println!(
         "chatstore dev cluster {:?} is up ({} shards):",
@@ -89,8 +153,22 @@ async fn run_dev(config_path: PathBuf) -> anyhow::Result<()> {
             config.data_dir(n.id).display()
         );
     }
+    for (region, addr) in &router_addrs {
+        println!("  router ({region}) at {addr}");
+    }
+    if let Some((_, addr)) = router_addrs.first() {
+        println!();
+        println!("Try:");
+        println!("  chatctl --router {addr} send --chat 1 --sender 42 \"hello\"");
+        println!("  chatctl --router {addr} history --chat 1");
+        println!("  chatctl --router {addr} tail --chat 1");
+    }
     println!("Press Ctrl-C to stop; data stays for the next start.");
     wait_for_signal().await;
+    let _ = stop.send(true);
+    for r in routers {
+        let _ = r.await;
+    }
     for n in nodes {
         n.shutdown().await;
     }

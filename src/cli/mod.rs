@@ -25,6 +25,14 @@ pub struct Cli {
         default_value = "127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103"
     )]
     pub endpoints: Vec<String>,
+    /// Router address (host:port) for the data commands.
+    #[arg(
+        long,
+        env = "CHATSTORE_ROUTER",
+        default_value = "127.0.0.1:7201",
+        global = true
+    )]
+    pub router: String,
     /// Machine-readable output.
     #[arg(long, global = true)]
     pub json: bool,
@@ -38,6 +46,35 @@ pub enum Cmd {
     Status,
     /// Compare per-chat digests across every replica of every shard.
     Verify,
+    /// Send a message (debugging).
+    Send {
+        #[arg(long)]
+        chat: u64,
+        #[arg(long)]
+        sender: u64,
+        /// Idempotency key; random when not given.
+        #[arg(long)]
+        client_msg_id: Option<u64>,
+        body: String,
+    },
+    /// Show a chat's messages, newest first (debugging).
+    History {
+        #[arg(long)]
+        chat: u64,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        /// Show messages below this seq (0 = from the newest).
+        #[arg(long, default_value_t = 0)]
+        before: u64,
+    },
+    /// Follow a chat's changes as they happen (Ctrl-C to stop).
+    Tail {
+        #[arg(long)]
+        chat: u64,
+        /// Start after this pts (0 = from the beginning).
+        #[arg(long, default_value_t = 0)]
+        from_pts: u64,
+    },
 }
 
 /// Runs the CLI; returns the process exit code.
@@ -45,8 +82,32 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Cmd::Status => status(&cli.endpoints, cli.json).await,
         Cmd::Verify => verify(&cli.endpoints, cli.json).await,
+        Cmd::Send {
+            chat,
+            sender,
+            client_msg_id,
+            body,
+        } => {
+            data::send(
+                &cli.router,
+                chat,
+                sender,
+                client_msg_id.unwrap_or_else(rand::random),
+                body,
+                cli.json,
+            )
+            .await
+        }
+        Cmd::History {
+            chat,
+            limit,
+            before,
+        } => data::history(&cli.router, chat, limit, before, cli.json).await,
+        Cmd::Tail { chat, from_pts } => data::tail(&cli.router, chat, from_pts, cli.json).await,
     }
 }
+
+mod data;
 
 async fn client(addr: &str) -> anyhow::Result<NodeApiClient<Channel>> {
     let channel = Endpoint::from_shared(format!("http://{addr}"))

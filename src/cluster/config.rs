@@ -67,6 +67,24 @@ pub struct ClusterConfig {
     /// listed take `regions[shard_id % regions.len()]`.
     #[serde(default)]
     pub preferred_regions: BTreeMap<u32, String>,
+    /// Routers that `chatstore dev` starts (one per region is typical).
+    /// Production routers are started with `chatstore router`.
+    #[serde(default)]
+    pub routers: Vec<RouterConfig>,
+    /// Key for the MAC of read tokens; every router of a cluster must share
+    /// it. Without it the cluster name is used, which is fine for development
+    /// only.
+    #[serde(default)]
+    pub read_token_secret: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RouterConfig {
+    pub region: String,
+    pub listen: String,
+    #[serde(default)]
+    pub metrics_addr: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -188,6 +206,14 @@ impl ClusterConfig {
                 self.nodes.len()
             ));
         }
+        for r in &self.routers {
+            if !regions.contains(r.region.as_str()) {
+                return bad(format!(
+                    "router {} is in unknown region {:?}",
+                    r.listen, r.region
+                ));
+            }
+        }
         for (shard, region) in &self.preferred_regions {
             if *shard >= self.shards {
                 return bad(format!("preferred_regions names shard {shard} >= shards"));
@@ -206,6 +232,14 @@ impl ClusterConfig {
             return bad("raft.election_timeout_ms_max must exceed election_timeout_ms_min".into());
         }
         Ok(())
+    }
+
+    /// The secret read tokens are signed with.
+    pub fn token_secret(&self) -> Vec<u8> {
+        match &self.read_token_secret {
+            Some(s) => s.as_bytes().to_vec(),
+            None => self.cluster_name.as_bytes().to_vec(),
+        }
     }
 
     pub fn node(&self, id: NodeId) -> Option<&NodeConfig> {

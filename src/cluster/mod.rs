@@ -6,5 +6,5 @@
 pub mod config;
 pub mod placement;
 
-pub use config::{ClusterConfig, ConfigError, NodeConfig, RaftTiming};
+pub use config::{ClusterConfig, ConfigError, NodeConfig, RaftTiming, RouterConfig};
 pub use placement::{slot_of_chat, Placement, SLOT_COUNT};

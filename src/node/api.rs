@@ -84,6 +84,7 @@ impl NodeApi for NodeApiService {
             log_index: outcome.log_index,
             log_term: outcome.log_term,
             leader_node: self.node_id.0,
+            incarnation: shard.reader.incarnation(),
         }))
     }
 
@@ -119,6 +120,7 @@ impl NodeApi for NodeApiService {
                 .map(|l| l.leader_id.term)
                 .unwrap_or(0),
             served_by_node: self.node_id.0,
+            incarnation: shard.reader.incarnation(),
             ..Default::default()
         };
         let reader = &shard.reader;

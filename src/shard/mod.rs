@@ -219,6 +219,11 @@ impl Shard {
         }
     }
 
+    pub fn committed_index(&self) -> u64 {
+        let m = self.raft.metrics().borrow_watched().clone();
+        m.local_committed.as_ref().map(|l| l.index).unwrap_or(0)
+    }
+
     pub fn applied_index(&self) -> u64 {
         self.raft
             .metrics()

@@ -89,6 +89,14 @@ impl StateReader {
         matches!(self.tree.contains_key(key), Ok(true))
     }
 
+    /// The shard's incarnation; 0 until its bootstrap command is applied.
+    pub fn incarnation(&self) -> u64 {
+        match self.tree.get(keys::SM_META_INCARNATION) {
+            Ok(Some(v)) => v.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0),
+            _ => 0,
+        }
+    }
+
     pub fn chat_record(&self, chat: u64) -> io::Result<ChatRecord> {
         match self.tree.get(keys::chat(chat)).map_err(io_err)? {
             Some(v) => Ok(decode(&v, "chat record")?),

@@ -1,0 +1,489 @@
+//! The router: chatstore's stateless front tier.
+//!
+//! ```text
+//!  frontend ──gRPC (chatstore.v1)──▶ service ─ validate ─▶ Router
+//!                                                           │ chat → slot → shard (placement)
+//!        writes ──▶ shard leader (cache fed by status polls and NotLeader hints),
+//!                   bounded retries with backoff; a retried send keeps its
+//!                   client_msg_id, so it is never stored twice
+//!        reads  ──▶ SESSION: a replica in this region that has applied the
+//!                   caller's token; else the leader. LINEARIZABLE: leader
+//!                   read-index. STALE: nearest replica.
+//! ```
+//!
+//! The router holds no data; its only state is the leader cache.
+
+pub mod service;
+pub mod token;
+pub mod validate;
+pub mod watch;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+use crate::api::pb::node::node_api_client::NodeApiClient;
+use crate::api::pb::node::{
+    read_request::Query, ReadReply, ReadRequest, StatusRequest, WriteRequest,
+};
+use crate::api::pb::replicated::{command_result, Command, CommandResult, ErrorCode};
+use crate::api::pb::Consistency;
+use crate::api::status::leader_hint;
+use crate::cluster::{ClusterConfig, Placement};
+use crate::router::token::{ShardPosition, TokenKeys};
+use crate::types::{ChatId, NodeId, ShardId};
+
+/// How long a write may keep retrying across leader changes.
+pub const WRITE_DEADLINE: Duration = Duration::from_secs(10);
+/// How long one call to a node may take.
+pub const NODE_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a SESSION read waits on a local replica for the caller's token
+/// before trying the leader.
+pub const SESSION_LOCAL_WAIT_MS: u32 = 1_000;
+/// How long the leader may wait for its own apply to reach a token.
+pub const SESSION_LEADER_WAIT_MS: u32 = 3_000;
+/// How often leaders are refreshed from node status.
+const LEADER_REFRESH: Duration = Duration::from_secs(2);
+
+struct NodeEntry {
+    region: String,
+    client: NodeApiClient<Channel>,
+}
+
+/// Routes requests to shards. Cheap to clone.
+#[derive(Clone)]
+pub struct Router {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    placement: Placement,
+    region: String,
+    keys: TokenKeys,
+    nodes: BTreeMap<u64, NodeEntry>,
+    leaders: RwLock<BTreeMap<u64, u64>>,
+}
+
+/// A write's outcome: the command's result and where it sits in the log.
+pub struct Written {
+    pub result: CommandResult,
+    pub position: ShardPosition,
+}
+
+/// A read's answer and the position it reflects.
+pub struct ReadAnswer {
+    pub reply: ReadReply,
+    pub position: ShardPosition,
+}
+
+impl Router {
+    pub fn new(
+        config: &ClusterConfig,
+        region: &str,
+        token_secret: &[u8],
+    ) -> anyhow::Result<Router> {
+        if !config.regions.iter().any(|r| r == region) {
+            anyhow::bail!(
+                "region {region:?} is not in the cluster config (regions: {:?})",
+                config.regions
+            );
+        }
+        let mut nodes = BTreeMap::new();
+        for n in &config.nodes {
+            let channel = Endpoint::from_shared(format!("http://{}", n.advertised()))?
+                .connect_timeout(Duration::from_secs(2))
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(10))
+                .keep_alive_timeout(Duration::from_secs(10))
+                .connect_lazy();
+            nodes.insert(
+                n.id,
+                NodeEntry {
+                    region: n.region.clone(),
+                    client: NodeApiClient::new(channel),
+                },
+            );
+        }
+        let placement = Placement::new(config);
+        // Until told otherwise, a shard's leader is its preferred replica.
+        let leaders = config
+            .shard_ids()
+            .map(|s| (s.0, placement.replicas(s)[0].0))
+            .collect();
+        Ok(Router {
+            inner: Arc::new(Inner {
+                placement,
+                region: region.to_string(),
+                keys: TokenKeys::new(&config.cluster_name, token_secret),
+                nodes,
+                leaders: RwLock::new(leaders),
+            }),
+        })
+    }
+
+    pub fn keys(&self) -> &TokenKeys {
+        &self.inner.keys
+    }
+
+    pub fn region(&self) -> &str {
+        &self.inner.region
+    }
+
+    pub fn shard_of(&self, chat: u64) -> ShardId {
+        self.inner.placement.shard_of_chat(ChatId(chat))
+    }
+
+    fn client(&self, node: u64) -> Option<NodeApiClient<Channel>> {
+        self.inner.nodes.get(&node).map(|n| n.client.clone())
+    }
+
+    fn leader_guess(&self, shard: ShardId) -> u64 {
+        self.inner
+            .leaders
+            .read()
+            .expect("leader cache")
+            .get(&shard.0)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn set_leader(&self, shard: ShardId, node: u64) {
+        if self.inner.nodes.contains_key(&node) {
+            self.inner
+                .leaders
+                .write()
+                .expect("leader cache")
+                .insert(shard.0, node);
+        }
+    }
+
+    /// Replicas of `shard`: those in this router's region first.
+    fn replicas_near_first(&self, shard: ShardId) -> Vec<u64> {
+        let mut all: Vec<u64> = self
+            .inner
+            .placement
+            .replicas(shard)
+            .iter()
+            .map(|n: &NodeId| n.0)
+            .collect();
+        all.sort_by_key(|n| {
+            let local = self
+                .inner
+                .nodes
+                .get(n)
+                .map(|e| e.region == self.inner.region)
+                .unwrap_or(false);
+            (!local, *n)
+        });
+        all
+    }
+
+    pub fn is_local(&self, node: u64) -> bool {
+        self.inner
+            .nodes
+            .get(&node)
+            .map(|e| e.region == self.inner.region)
+            .unwrap_or(false)
+    }
+
+    /// Calls the shard's leader, following NotLeader hints and rotating over
+    /// replicas with backoff until `deadline`.
+    async fn on_leader<T, F, Fut>(
+        &self,
+        shard: ShardId,
+        deadline: Duration,
+        mut call: F,
+    ) -> Result<(u64, T), Status>
+    where
+        F: FnMut(NodeApiClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+    {
+        let started = Instant::now();
+        let replicas = self.replicas_near_first(shard);
+        let mut target = self.leader_guess(shard);
+        if target == 0 {
+            target = replicas[0];
+        }
+        let mut attempt: u32 = 0;
+        loop {
+            let client = self
+                .client(target)
+                .ok_or_else(|| Status::internal(format!("unknown node {target}")))?;
+            let status = match call(client).await {
+                Ok(v) => {
+                    self.set_leader(shard, target);
+                    return Ok((target, v));
+                }
+                Err(s) => s,
+            };
+            let retryable = matches!(
+                status.code(),
+                Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown
+            );
+            if !retryable || started.elapsed() >= deadline {
+                return Err(if retryable {
+                    Status::unavailable(format!(
+                        "{shard}: no leader answered within {deadline:?} (last: {}); safe to retry",
+                        status.message()
+                    ))
+                } else {
+                    status
+                });
+            }
+            attempt += 1;
+            match leader_hint(&status) {
+                Some((leader, _)) if leader != target && self.inner.nodes.contains_key(&leader) => {
+                    self.set_leader(shard, leader);
+                    target = leader;
+                }
+                _ => {
+                    target = replicas[attempt as usize % replicas.len()];
+                    let backoff = Duration::from_millis((25u64 << attempt.min(4)).min(400));
+                    tokio::time::sleep(backoff).await;
+                }
+            }
+        }
+    }
+
+    /// Proposes one command for `chat` and waits for its applied result.
+    pub async fn write(&self, chat: u64, command: Command) -> Result<Written, Status> {
+        let shard = self.shard_of(chat);
+        let (_, reply) = self
+            .on_leader(shard, WRITE_DEADLINE, |mut c| {
+                let cmd = command.clone();
+                async move {
+                    let mut req = tonic::Request::new(WriteRequest {
+                        shard_id: shard.0,
+                        commands: vec![cmd],
+                    });
+                    req.set_timeout(NODE_CALL_TIMEOUT);
+                    c.write(req).await.map(|r| r.into_inner())
+                }
+            })
+            .await?;
+        let result = reply
+            .results
+            .into_iter()
+            .next()
+            .ok_or_else(|| Status::internal("node returned no result"))?;
+        if let Some(command_result::Outcome::Error(e)) = &result.outcome {
+            return Err(command_error_status(e.code, &e.message));
+        }
+        Ok(Written {
+            result,
+            position: ShardPosition {
+                shard: shard.0,
+                incarnation: reply.incarnation,
+                index: reply.log_index,
+                term: reply.log_term,
+            },
+        })
+    }
+
+    /// Reads from `shard` at `consistency`; `min` is the caller's position.
+    pub async fn read(
+        &self,
+        shard: ShardId,
+        consistency: Consistency,
+        min: Option<ShardPosition>,
+        query: Query,
+    ) -> Result<ReadAnswer, Status> {
+        let min_index = min.map(|p| p.index).unwrap_or(0);
+        let make = |c: Consistency, wait_ms: u32| ReadRequest {
+            shard_id: shard.0,
+            consistency: c as i32,
+            min_index,
+            wait_ms,
+            query: Some(query.clone()),
+        };
+        let reply = match consistency {
+            Consistency::Linearizable => {
+                self.read_leader(shard, make(Consistency::Linearizable, 0))
+                    .await?
+            }
+            Consistency::Session => {
+                let mut answer = None;
+                for node in self.replicas_near_first(shard) {
+                    if !self.is_local(node) {
+                        break;
+                    }
+                    if let Ok(r) = self
+                        .read_on(node, make(Consistency::Session, SESSION_LOCAL_WAIT_MS))
+                        .await
+                    {
+                        answer = Some(r);
+                        break;
+                    }
+                }
+                match answer {
+                    Some(r) => r,
+                    None => {
+                        self.read_leader(shard, make(Consistency::Session, SESSION_LEADER_WAIT_MS))
+                            .await?
+                    }
+                }
+            }
+            Consistency::Stale => {
+                let mut last = Status::unavailable(format!("{shard}: no replica answered"));
+                let mut answer = None;
+                for node in self.replicas_near_first(shard) {
+                    match self.read_on(node, make(Consistency::Stale, 0)).await {
+                        Ok(r) => {
+                            answer = Some(r);
+                            break;
+                        }
+                        Err(s) if is_retryable(&s) => last = s,
+                        Err(s) => return Err(s),
+                    }
+                }
+                answer.ok_or(last)?
+            }
+        };
+        if let Some(p) = min {
+            if p.incarnation != 0 && reply.incarnation != 0 && p.incarnation != reply.incarnation {
+                return Err(Status::invalid_argument(format!(
+                    "read token is from an earlier incarnation of {shard}; drop it"
+                )));
+            }
+        }
+        let position = ShardPosition {
+            shard: shard.0,
+            incarnation: reply.incarnation,
+            index: reply.applied_index,
+            term: reply.applied_term,
+        };
+        Ok(ReadAnswer { reply, position })
+    }
+
+    async fn read_on(&self, node: u64, req: ReadRequest) -> Result<ReadReply, Status> {
+        let mut client = self
+            .client(node)
+            .ok_or_else(|| Status::internal(format!("unknown node {node}")))?;
+        let mut r = tonic::Request::new(req);
+        r.set_timeout(NODE_CALL_TIMEOUT);
+        client.read(r).await.map(|r| r.into_inner())
+    }
+
+    async fn read_leader(&self, shard: ShardId, req: ReadRequest) -> Result<ReadReply, Status> {
+        let (_, reply) = self
+            .on_leader(shard, WRITE_DEADLINE, |mut c| {
+                let req = req.clone();
+                async move {
+                    let mut r = tonic::Request::new(req);
+                    r.set_timeout(NODE_CALL_TIMEOUT);
+                    c.read(r).await.map(|r| r.into_inner())
+                }
+            })
+            .await?;
+        Ok(reply)
+    }
+
+    /// Reads from the replicas of `shard`, nearest first, for a Watch:
+    /// returns once a replica has applied past `after_index` (or after its
+    /// wait), so a caller can long-poll for changes.
+    pub async fn read_for_watch(
+        &self,
+        shard: ShardId,
+        after_index: u64,
+        query: Query,
+        start_at: usize,
+    ) -> (usize, Result<ReadReply, Status>) {
+        let replicas = self.replicas_near_first(shard);
+        let i = start_at % replicas.len();
+        let req = ReadRequest {
+            shard_id: shard.0,
+            consistency: Consistency::Session as i32,
+            min_index: after_index + 1,
+            wait_ms: watch::LONG_POLL_MS,
+            query: Some(query),
+        };
+        (i, self.read_on(replicas[i], req).await)
+    }
+
+    /// Polls node status to keep the leader cache fresh until `shutdown`.
+    pub async fn refresh_leaders_until(self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            for (id, entry) in &self.inner.nodes {
+                let mut c = entry.client.clone();
+                let mut req = tonic::Request::new(StatusRequest {});
+                req.set_timeout(Duration::from_secs(2));
+                if let Ok(s) = c.status(req).await {
+                    for sh in s.into_inner().shards {
+                        if sh.is_leader {
+                            self.set_leader(ShardId(sh.shard_id), *id);
+                        }
+                    }
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(LEADER_REFRESH) => {}
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+        }
+    }
+}
+
+/// Largest public API request (a 64 KiB body plus room).
+pub const API_MESSAGE_BYTES_MAX: usize = 1024 * 1024;
+/// Concurrent requests per client connection.
+pub const REQUESTS_PER_CONNECTION_MAX: usize = 1024;
+
+/// Serves the public API, health and reflection on `listener` until
+/// `shutdown` turns true.
+pub async fn serve(
+    router: Router,
+    listener: tokio::net::TcpListener,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    use crate::api::pb;
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<pb::chat_store_server::ChatStoreServer<service::ChatStoreService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    tokio::spawn(router.clone().refresh_leaders_until(shutdown.clone()));
+    let api = pb::chat_store_server::ChatStoreServer::new(service::ChatStoreService::new(router))
+        .max_decoding_message_size(API_MESSAGE_BYTES_MAX);
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .concurrency_limit_per_connection(REQUESTS_PER_CONNECTION_MAX)
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(api)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            async move {
+                let _ = shutdown.wait_for(|s| *s).await;
+            },
+        )
+        .await?;
+    Ok(())
+}
+
+fn is_retryable(s: &Status) -> bool {
+    matches!(
+        s.code(),
+        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown
+    )
+}
+
+/// A deterministic apply-time rejection as a gRPC status.
+pub fn command_error_status(code: i32, message: &str) -> Status {
+    let code = match ErrorCode::try_from(code).unwrap_or(ErrorCode::Unspecified) {
+        ErrorCode::InvalidArgument => Code::InvalidArgument,
+        ErrorCode::NotFound => Code::NotFound,
+        ErrorCode::FailedPrecondition => Code::FailedPrecondition,
+        ErrorCode::ResourceExhausted => Code::ResourceExhausted,
+        ErrorCode::PermissionDenied => Code::PermissionDenied,
+        ErrorCode::Unspecified => Code::Internal,
+    };
+    Status::new(code, message.to_string())
+}

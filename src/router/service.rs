@@ -1,0 +1,347 @@
+//! The public `chatstore.v1.ChatStore` service on a router.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use tokio::sync::{mpsc, Semaphore};
+use tonic::{Request, Response, Status};
+
+use crate::api::pb::chat_store_server::ChatStore;
+use crate::api::pb::node::{read_request::Query, DifferenceQuery};
+use crate::api::pb::replicated::{self as rp, command, command_result, Command};
+use crate::api::pb::{self, self_destruct_policy};
+use crate::router::token::TokenBody;
+use crate::router::{validate, watch, Router};
+
+/// Most Watch streams one router serves at once.
+pub const WATCH_STREAMS_MAX: usize = 10_000;
+
+pub struct ChatStoreService {
+    pub router: Router,
+    pub watch_slots: Arc<Semaphore>,
+}
+
+impl ChatStoreService {
+    pub fn new(router: Router) -> ChatStoreService {
+        ChatStoreService {
+            router,
+            watch_slots: Arc::new(Semaphore::new(WATCH_STREAMS_MAX)),
+        }
+    }
+
+    fn token(&self, bytes: &[u8]) -> Result<TokenBody, Status> {
+        self.router
+            .keys()
+            .decode(bytes)
+            .map_err(|e| Status::invalid_argument(e.to_string()))
+    }
+
+    async fn write_change(
+        &self,
+        chat: u64,
+        token: TokenBody,
+        kind: command::Kind,
+    ) -> Result<Response<pb::WriteResponse>, Status> {
+        let mut token = token;
+        let w = self
+            .router
+            .write(chat, Command { kind: Some(kind) })
+            .await?;
+        token.merge(w.position);
+        let pts = match w.result.outcome {
+            Some(command_result::Outcome::Change(c)) => c.pts,
+            _ => 0,
+        };
+        Ok(Response::new(pb::WriteResponse {
+            pts,
+            read_token: self.router.keys().encode(&token).into(),
+        }))
+    }
+
+    async fn read(
+        &self,
+        chat: u64,
+        consistency: i32,
+        token: &[u8],
+        query: Query,
+    ) -> Result<(crate::api::pb::node::ReadReply, Vec<u8>), Status> {
+        let consistency = validate::consistency(consistency)?;
+        let mut token = self.token(token)?;
+        let shard = self.router.shard_of(chat);
+        let answer = self
+            .router
+            .read(shard, consistency, token.position(shard.0), query)
+            .await?;
+        token.merge(answer.position);
+        Ok((answer.reply, self.router.keys().encode(&token)))
+    }
+}
+
+fn record(metric_rpc: &'static str) {
+    metrics::counter!(crate::metrics::ROUTER_REQUESTS, "rpc" => metric_rpc).increment(1);
+}
+
+#[tonic::async_trait]
+impl ChatStore for ChatStoreService {
+    async fn send(
+        &self,
+        request: Request<pb::SendRequest>,
+    ) -> Result<Response<pb::SendResponse>, Status> {
+        record("send");
+        let r = request.into_inner();
+        validate::send(&r)?;
+        let self_destruct = r
+            .self_destruct
+            .and_then(|s| s.policy)
+            .map(|p| rp::SelfDestruct {
+                policy: Some(match p {
+                    self_destruct_policy::Policy::AfterSendSecs(s) => {
+                        rp::self_destruct::Policy::AfterSendSecs(s)
+                    }
+                    self_destruct_policy::Policy::AfterReadSecs(s) => {
+                        rp::self_destruct::Policy::AfterReadSecs(s)
+                    }
+                }),
+            });
+        let cmd = Command {
+            kind: Some(command::Kind::Send(rp::SendCmd {
+                chat_id: r.chat_id,
+                sender_id: r.sender_id,
+                client_msg_id: r.client_msg_id,
+                body: r.body,
+                self_destruct,
+            })),
+        };
+        let min_token = r.min_token.clone();
+        self.token(&min_token)?;
+        let w = self.router.write(r.chat_id, cmd).await?;
+        let Some(command_result::Outcome::Send(s)) = w.result.outcome else {
+            return Err(Status::internal("send returned no send result"));
+        };
+        let mut token = self.token(&min_token)?;
+        token.merge(w.position);
+        Ok(Response::new(pb::SendResponse {
+            seq: s.seq,
+            pts: s.pts,
+            created_at_ms: s.created_at_ms,
+            read_token: self.router.keys().encode(&token).into(),
+            duplicate: s.duplicate,
+        }))
+    }
+
+    async fn edit(
+        &self,
+        request: Request<pb::EditRequest>,
+    ) -> Result<Response<pb::WriteResponse>, Status> {
+        record("edit");
+        let r = request.into_inner();
+        validate::edit(&r)?;
+        let token = self.token(&r.min_token)?;
+        self.write_change(
+            r.chat_id,
+            token,
+            command::Kind::Edit(rp::EditCmd {
+                chat_id: r.chat_id,
+                seq: r.seq,
+                editor_id: r.editor_id,
+                body: r.body,
+            }),
+        )
+        .await
+    }
+
+    async fn delete(
+        &self,
+        request: Request<pb::DeleteRequest>,
+    ) -> Result<Response<pb::WriteResponse>, Status> {
+        record("delete");
+        let r = request.into_inner();
+        validate::delete(&r)?;
+        let token = self.token(&r.min_token)?;
+        self.write_change(
+            r.chat_id,
+            token,
+            command::Kind::Delete(rp::DeleteCmd {
+                chat_id: r.chat_id,
+                seq: r.seq,
+                requester_id: r.requester_id,
+            }),
+        )
+        .await
+    }
+
+    async fn mark_read(
+        &self,
+        request: Request<pb::MarkReadRequest>,
+    ) -> Result<Response<pb::WriteResponse>, Status> {
+        record("mark_read");
+        let r = request.into_inner();
+        validate::mark_read(&r)?;
+        let token = self.token(&r.min_token)?;
+        self.write_change(
+            r.chat_id,
+            token,
+            command::Kind::MarkRead(rp::MarkReadCmd {
+                chat_id: r.chat_id,
+                reader_id: r.reader_id,
+                up_to_seq: r.up_to_seq,
+            }),
+        )
+        .await
+    }
+
+    async fn close_chat(
+        &self,
+        request: Request<pb::CloseChatRequest>,
+    ) -> Result<Response<pb::WriteResponse>, Status> {
+        record("close_chat");
+        let r = request.into_inner();
+        validate::close(&r)?;
+        let token = self.token(&r.min_token)?;
+        self.write_change(
+            r.chat_id,
+            token,
+            command::Kind::CloseChat(rp::CloseChatCmd {
+                chat_id: r.chat_id,
+                reason: r.reason,
+            }),
+        )
+        .await
+    }
+
+    async fn reopen_chat(
+        &self,
+        request: Request<pb::ReopenChatRequest>,
+    ) -> Result<Response<pb::WriteResponse>, Status> {
+        record("reopen_chat");
+        let r = request.into_inner();
+        if r.chat_id == 0 {
+            return Err(Status::invalid_argument("chat_id must be non-zero"));
+        }
+        let token = self.token(&r.min_token)?;
+        self.write_change(
+            r.chat_id,
+            token,
+            command::Kind::ReopenChat(rp::ReopenChatCmd { chat_id: r.chat_id }),
+        )
+        .await
+    }
+
+    async fn get_history(
+        &self,
+        request: Request<pb::GetHistoryRequest>,
+    ) -> Result<Response<pb::MessagesResponse>, Status> {
+        record("get_history");
+        let mut r = request.into_inner();
+        if r.chat_id == 0 {
+            return Err(Status::invalid_argument("chat_id must be non-zero"));
+        }
+        r.limit = validate::page_limit(r.limit)?;
+        let (chat, consistency, token) = (r.chat_id, r.consistency, r.min_token.clone());
+        let (reply, token) = self
+            .read(chat, consistency, &token, Query::History(r))
+            .await?;
+        Ok(Response::new(pb::MessagesResponse {
+            messages: reply.messages,
+            read_token: token.into(),
+            served_by_node: reply.served_by_node,
+        }))
+    }
+
+    async fn get_messages(
+        &self,
+        request: Request<pb::GetMessagesRequest>,
+    ) -> Result<Response<pb::MessagesResponse>, Status> {
+        record("get_messages");
+        let r = request.into_inner();
+        validate::messages(&r)?;
+        let (chat, consistency, token) = (r.chat_id, r.consistency, r.min_token.clone());
+        let (reply, token) = self
+            .read(chat, consistency, &token, Query::Messages(r))
+            .await?;
+        Ok(Response::new(pb::MessagesResponse {
+            messages: reply.messages,
+            read_token: token.into(),
+            served_by_node: reply.served_by_node,
+        }))
+    }
+
+    async fn get_difference(
+        &self,
+        request: Request<pb::GetDifferenceRequest>,
+    ) -> Result<Response<pb::GetDifferenceResponse>, Status> {
+        record("get_difference");
+        let r = request.into_inner();
+        validate::cursors(&r.cursors)?;
+        let limit = validate::page_limit(if r.limit == 0 { 100 } else { r.limit })?;
+        let consistency = validate::consistency(r.consistency)?;
+        let mut token = self.token(&r.min_token)?;
+        let reads = r.cursors.iter().map(|c| {
+            let shard = self.router.shard_of(c.chat_id);
+            let min = token.position(shard.0);
+            let query = Query::Difference(DifferenceQuery {
+                chat_id: c.chat_id,
+                pts: c.pts,
+                limit,
+            });
+            self.router.read(shard, consistency, min, query)
+        });
+        let answers = futures::future::join_all(reads).await;
+        let mut chats = Vec::with_capacity(answers.len());
+        for a in answers {
+            let a = a?;
+            token.merge(a.position);
+            if let Some(d) = a.reply.difference {
+                chats.push(d);
+            }
+        }
+        Ok(Response::new(pb::GetDifferenceResponse {
+            chats,
+            read_token: self.router.keys().encode(&token).into(),
+        }))
+    }
+
+    type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
+
+    async fn watch(
+        &self,
+        request: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        record("watch");
+        let r = request.into_inner();
+        validate::cursors(&r.cursors)?;
+        let permit = self.watch_slots.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "this router serves {WATCH_STREAMS_MAX} watches already"
+            ))
+        })?;
+        let (tx, rx) = mpsc::channel(watch::STREAM_BUFFER);
+        let router = self.router.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            watch::run(router, r.cursors, tx).await;
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn get_chat(
+        &self,
+        request: Request<pb::GetChatRequest>,
+    ) -> Result<Response<pb::GetChatResponse>, Status> {
+        record("get_chat");
+        let r = request.into_inner();
+        if r.chat_id == 0 {
+            return Err(Status::invalid_argument("chat_id must be non-zero"));
+        }
+        let (chat, consistency, token) = (r.chat_id, r.consistency, r.min_token.clone());
+        let (reply, token) = self.read(chat, consistency, &token, Query::Chat(r)).await?;
+        let mut out = reply
+            .chat
+            .ok_or_else(|| Status::internal("node returned no chat"))?;
+        out.read_token = token.into();
+        Ok(Response::new(out))
+    }
+}

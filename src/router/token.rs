@@ -1,0 +1,195 @@
+//! Read tokens: what a client holds so that its reads never go backwards.
+//!
+//! A token is a small vector clock over shards: for each shard the client has
+//! touched, an applied log position (index, term) and the shard's
+//! incarnation. Every response returns the caller's token merged with the
+//! position the response reflects, so a client just keeps the newest token
+//! and passes it back. Positions come only from entries that were committed
+//! and applied when the response was sent.
+//!
+//! Wire form (opaque to clients): `version(1) | body | mac(16)`, where body is
+//! a prost `TokenBody` and mac is the first 16 bytes of HMAC-SHA256 over
+//! version and body, keyed by the cluster's token secret.
+
+use hmac::{Hmac, Mac};
+use prost::Message;
+use sha2::Sha256;
+
+/// Token format version.
+pub const TOKEN_VERSION: u8 = 1;
+/// Most shards one token remembers; the lowest positions are dropped first.
+pub const TOKEN_SHARDS_MAX: usize = 64;
+/// Largest token accepted.
+pub const TOKEN_BYTES_MAX: usize = 4096;
+const MAC_BYTES: usize = 16;
+
+#[derive(Clone, PartialEq, Message)]
+pub struct TokenBody {
+    #[prost(uint64, tag = "1")]
+    pub cluster: u64,
+    #[prost(message, repeated, tag = "2")]
+    pub shards: Vec<ShardPosition>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Message)]
+pub struct ShardPosition {
+    #[prost(uint64, tag = "1")]
+    pub shard: u64,
+    #[prost(uint64, tag = "2")]
+    pub incarnation: u64,
+    #[prost(uint64, tag = "3")]
+    pub index: u64,
+    #[prost(uint64, tag = "4")]
+    pub term: u64,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum TokenError {
+    #[error("read token is malformed: {0}")]
+    Malformed(&'static str),
+    #[error("read token was not issued by this cluster (bad MAC)")]
+    BadMac,
+}
+
+/// Issues and checks tokens for one cluster.
+#[derive(Clone)]
+pub struct TokenKeys {
+    secret: Vec<u8>,
+    cluster: u64,
+}
+
+impl TokenKeys {
+    pub fn new(cluster_name: &str, secret: &[u8]) -> TokenKeys {
+        TokenKeys {
+            secret: secret.to_vec(),
+            cluster: xxhash_rust::xxh3::xxh3_64(cluster_name.as_bytes()),
+        }
+    }
+
+    fn mac(&self, body: &[u8]) -> [u8; MAC_BYTES] {
+        let mut m =
+            <Hmac<Sha256> as Mac>::new_from_slice(&self.secret).expect("HMAC takes any key length");
+        m.update(&[TOKEN_VERSION]);
+        m.update(body);
+        let full = m.finalize().into_bytes();
+        let mut out = [0u8; MAC_BYTES];
+        out.copy_from_slice(&full[..MAC_BYTES]);
+        out
+    }
+
+    /// Decodes a client's token; empty bytes are an empty token.
+    pub fn decode(&self, bytes: &[u8]) -> Result<TokenBody, TokenError> {
+        if bytes.is_empty() {
+            return Ok(TokenBody {
+                cluster: self.cluster,
+                shards: Vec::new(),
+            });
+        }
+        if bytes.len() > TOKEN_BYTES_MAX {
+            return Err(TokenError::Malformed("too long"));
+        }
+        if bytes.len() < 1 + MAC_BYTES {
+            return Err(TokenError::Malformed("too short"));
+        }
+        if bytes[0] != TOKEN_VERSION {
+            return Err(TokenError::Malformed("unknown version"));
+        }
+        let (body, mac) = bytes[1..].split_at(bytes.len() - 1 - MAC_BYTES);
+        // Constant-time comparison.
+        let want = self.mac(body);
+        let diff = want.iter().zip(mac).fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        if diff != 0 {
+            return Err(TokenError::BadMac);
+        }
+        let body = TokenBody::decode(body).map_err(|_| TokenError::Malformed("bad body"))?;
+        if body.cluster != self.cluster {
+            return Err(TokenError::Malformed("token of another cluster"));
+        }
+        Ok(body)
+    }
+
+    pub fn encode(&self, body: &TokenBody) -> Vec<u8> {
+        let b = body.encode_to_vec();
+        let mut out = Vec::with_capacity(1 + b.len() + MAC_BYTES);
+        out.push(TOKEN_VERSION);
+        out.extend_from_slice(&b);
+        out.extend_from_slice(&self.mac(&b));
+        out
+    }
+}
+
+impl TokenBody {
+    pub fn position(&self, shard: u64) -> Option<ShardPosition> {
+        self.shards.iter().find(|p| p.shard == shard).copied()
+    }
+
+    /// Merges a position in: per shard, the later (index) wins; a new
+    /// incarnation replaces the old one.
+    pub fn merge(&mut self, pos: ShardPosition) {
+        match self.shards.iter_mut().find(|p| p.shard == pos.shard) {
+            Some(p) => {
+                if p.incarnation != pos.incarnation || pos.index > p.index {
+                    *p = pos;
+                }
+            }
+            None => {
+                self.shards.push(pos);
+                if self.shards.len() > TOKEN_SHARDS_MAX {
+                    let lowest = self
+                        .shards
+                        .iter()
+                        .enumerate()
+                        .min_by_key(|(_, p)| p.index)
+                        .map(|(i, _)| i)
+                        .expect("non-empty");
+                    self.shards.swap_remove(lowest);
+                }
+            }
+        }
+        self.shards.sort_by_key(|p| p.shard);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pos(shard: u64, index: u64) -> ShardPosition {
+        ShardPosition {
+            shard,
+            incarnation: 7,
+            index,
+            term: 1,
+        }
+    }
+
+    #[test]
+    fn round_trip_merge_and_tamper() {
+        let keys = TokenKeys::new("c", b"secret");
+        let mut body = keys.decode(&[]).unwrap();
+        body.merge(pos(3, 10));
+        body.merge(pos(3, 5));
+        body.merge(pos(1, 2));
+        assert_eq!(body.position(3).unwrap().index, 10);
+        let bytes = keys.encode(&body);
+        assert_eq!(keys.decode(&bytes).unwrap(), body);
+        let mut bad = bytes.clone();
+        let n = bad.len();
+        bad[n / 2] ^= 1;
+        assert!(keys.decode(&bad).is_err());
+        let other = TokenKeys::new("c", b"other secret");
+        assert_eq!(other.decode(&bytes), Err(TokenError::BadMac));
+        assert!(keys.decode(b"garbage").is_err());
+    }
+
+    #[test]
+    fn keeps_at_most_the_limit() {
+        let keys = TokenKeys::new("c", b"s");
+        let mut body = keys.decode(&[]).unwrap();
+        for s in 0..(TOKEN_SHARDS_MAX as u64 + 10) {
+            body.merge(pos(s, s + 1));
+        }
+        assert_eq!(body.shards.len(), TOKEN_SHARDS_MAX);
+        assert!(body.position(0).is_none(), "lowest positions dropped first");
+    }
+}

@@ -1,0 +1,119 @@
+//! Watch: a server stream of changes to a set of chats, from given pts
+//! cursors.
+//!
+//! Each watched chat has a task that long-polls a replica (nearest first):
+//! "the difference after pts, once you have applied past index i". Every
+//! change is sent once, in pts order, and the cursor advances only past what
+//! was sent, so a replica restart, a leader change or a switch of replica
+//! neither loses nor repeats an event. A client that reconnects (for example
+//! after a router restart) passes the last pts it received and resumes
+//! exactly there.
+
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use crate::api::pb::node::{read_request::Query, DifferenceQuery};
+use crate::api::pb::{Cursor, WatchEvent};
+use crate::router::Router;
+
+/// How long a replica holds a watch poll open waiting for a new entry.
+pub const LONG_POLL_MS: u32 = 3_000;
+/// Changes fetched per poll.
+const POLL_CHANGES_MAX: u32 = 500;
+/// Events buffered per stream before the stream applies backpressure.
+pub const STREAM_BUFFER: usize = 1024;
+
+/// Streams the changes of `cursors` into `tx` until the receiver goes away.
+pub async fn run(
+    router: Router,
+    cursors: Vec<Cursor>,
+    tx: mpsc::Sender<Result<WatchEvent, tonic::Status>>,
+) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for c in cursors {
+        tasks.spawn(watch_chat(router.clone(), c, tx.clone()));
+    }
+    drop(tx);
+    while tasks.join_next().await.is_some() {}
+}
+
+async fn watch_chat(
+    router: Router,
+    cursor: Cursor,
+    tx: mpsc::Sender<Result<WatchEvent, tonic::Status>>,
+) {
+    let shard = router.shard_of(cursor.chat_id);
+    let mut pts = cursor.pts;
+    let mut after_index = 0u64;
+    let mut replica = 0usize;
+    let mut failures = 0u32;
+    loop {
+        if tx.is_closed() {
+            return;
+        }
+        let query = Query::Difference(DifferenceQuery {
+            chat_id: cursor.chat_id,
+            pts,
+            limit: POLL_CHANGES_MAX,
+        });
+        // First poll: answer now (min index 0); later: wait for news.
+        let (used, result) = router
+            .read_for_watch(shard, after_index, query, replica)
+            .await;
+        let reply = match result {
+            Ok(r) => r,
+            Err(status) => {
+                // A replica that timed out waiting is fine; one that is down
+                // or failing makes us move to the next.
+                if status.code() != tonic::Code::Unavailable
+                    || !status.message().contains("has applied")
+                {
+                    replica = used + 1;
+                    failures += 1;
+                    let backoff = Duration::from_millis((50u64 << failures.min(4)).min(1000));
+                    tokio::time::sleep(backoff).await;
+                } else if after_index > 0 {
+                    // Waited with no news; keep polling the same replica.
+                }
+                continue;
+            }
+        };
+        failures = 0;
+        replica = used;
+        let Some(diff) = reply.difference else {
+            continue;
+        };
+        if diff.reset_required {
+            let event = WatchEvent {
+                change: None,
+                reset_required: true,
+                chat_id: cursor.chat_id,
+                pts: diff.pts,
+            };
+            if tx.send(Ok(event)).await.is_err() {
+                return;
+            }
+            pts = diff.pts;
+        }
+        for change in diff.changes {
+            if change.pts <= pts {
+                continue;
+            }
+            pts = change.pts;
+            let event = WatchEvent {
+                chat_id: cursor.chat_id,
+                pts: change.pts,
+                change: Some(change),
+                reset_required: false,
+            };
+            if tx.send(Ok(event)).await.is_err() {
+                return;
+            }
+        }
+        // With more changes pending, poll again at once from the same index.
+        if !diff.more {
+            after_index = reply.applied_index;
+        }
+    }
+}
