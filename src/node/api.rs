@@ -103,6 +103,19 @@ impl NodeApi for NodeApiService {
                     .map_err(from_shard_error)?;
             }
             Consistency::Session => {
+                if shard.is_leader() {
+                    // The leader's log holds every committed entry, so a
+                    // token beyond its log's end was not issued for a
+                    // committed write. (Its commit index can briefly lag
+                    // right after an election, so that is not the bound.)
+                    let last = shard.last_log_index();
+                    if req.min_index > last {
+                        return Err(Status::invalid_argument(format!(
+                            "read token names index {} of shard {}, beyond its log end {last}",
+                            req.min_index, req.shard_id
+                        )));
+                    }
+                }
                 let wait = Duration::from_millis(req.wait_ms.min(SESSION_WAIT_MS_MAX) as u64);
                 shard
                     .wait_applied(req.min_index, wait)

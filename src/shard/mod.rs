@@ -219,6 +219,14 @@ impl Shard {
         }
     }
 
+    pub fn last_log_index(&self) -> u64 {
+        self.raft
+            .metrics()
+            .borrow_watched()
+            .last_log_index
+            .unwrap_or(0)
+    }
+
     pub fn committed_index(&self) -> u64 {
         let m = self.raft.metrics().borrow_watched().clone();
         m.local_committed.as_ref().map(|l| l.index).unwrap_or(0)

@@ -3,6 +3,8 @@
 //! cluster tests and the multi-process crash tests.
 #![allow(dead_code)]
 
+pub mod procs;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

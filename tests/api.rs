@@ -1,0 +1,780 @@
+//! The public API against real multi-process clusters (nodes and routers
+//! started from the built binary): every RPC and its error codes, two
+//! devices in two regions, read-your-writes across routers and a leader
+//! kill, and Watch across a router restart and a leader kill.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use chatstore::api::pb::node::StatusRequest;
+use chatstore::api::pb::{self, chat_store_client::ChatStoreClient, Consistency};
+use chatstore::router::token::{ShardPosition, TokenKeys};
+use common::procs::{router_client, ProcessCluster};
+use common::{Client, ConfigOptions, TestDir};
+use tonic::transport::Channel;
+use tonic::Code;
+
+type Api = ChatStoreClient<Channel>;
+
+async fn up(dir: &TestDir, regions: &[&str]) -> (ProcessCluster, Vec<Api>, Client) {
+    let mut cluster = ProcessCluster::new(
+        &dir.path,
+        &ConfigOptions {
+            shards: 8,
+            ..Default::default()
+        },
+    );
+    cluster.start_all_nodes();
+    let nodes = Client::new(&cluster.config);
+    nodes
+        .wait_leaders(&[1, 2, 3], Duration::from_secs(60))
+        .await
+        .expect("leaders");
+    let mut apis = Vec::new();
+    for r in regions {
+        let addr = cluster.start_router(r);
+        apis.push(router_client(&addr).await);
+    }
+    (cluster, apis, nodes)
+}
+
+async fn send(api: &mut Api, chat: u64, sender: u64, cmid: u64, body: &str) -> pb::SendResponse {
+    api.send(pb::SendRequest {
+        chat_id: chat,
+        sender_id: sender,
+        client_msg_id: cmid,
+        body: body.as_bytes().to_vec().into(),
+        ..Default::default()
+    })
+    .await
+    .expect("send")
+    .into_inner()
+}
+
+fn code<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Status>) -> Code {
+    match r {
+        Ok(v) => panic!("expected an error, got {v:?}"),
+        Err(s) => {
+            assert!(!s.message().is_empty(), "errors say what was wrong");
+            eprintln!("{:?}: {}", s.code(), s.message());
+            s.code()
+        }
+    }
+}
+
+async fn chat_pts(api: &mut Api, chat: u64) -> u64 {
+    api.get_chat(pb::GetChatRequest {
+        chat_id: chat,
+        ..Default::default()
+    })
+    .await
+    .expect("get chat")
+    .into_inner()
+    .pts
+}
+
+/// Every RPC, and each bad input refused with its code and no change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_rpc_and_its_error_codes() {
+    let dir = TestDir::new("api-rpcs");
+    let (_cluster, mut apis, _) = up(&dir, &["eu"]).await;
+    let api = &mut apis[0];
+    let chat = 11;
+
+    let a = send(api, chat, 1, 100, "first").await;
+    assert_eq!((a.seq, a.pts, a.duplicate), (1, 1, false));
+    assert!(!a.read_token.is_empty());
+    let again = send(api, chat, 1, 100, "first (retry)").await;
+    assert_eq!(
+        (again.seq, again.duplicate),
+        (1, true),
+        "a retried send returns the original seq"
+    );
+    let b = send(api, chat, 2, 200, "second").await;
+    assert_eq!(b.seq, 2);
+
+    let e = api
+        .edit(pb::EditRequest {
+            chat_id: chat,
+            seq: 1,
+            editor_id: 1,
+            body: b"first, edited"[..].into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(e.pts, 3);
+    let d = api
+        .delete(pb::DeleteRequest {
+            chat_id: chat,
+            seq: 2,
+            requester_id: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(d.pts, 4);
+    let r = api
+        .mark_read(pb::MarkReadRequest {
+            chat_id: chat,
+            reader_id: 2,
+            up_to_seq: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.pts, 5);
+
+    let h = api
+        .get_history(pb::GetHistoryRequest {
+            chat_id: chat,
+            limit: 10,
+            min_token: r.read_token.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(h.messages.len(), 2);
+    assert_eq!(h.messages[0].seq, 2, "newest first");
+    assert!(
+        h.messages[0].deleted && h.messages[0].body.is_empty(),
+        "deleted for everyone"
+    );
+    assert_eq!(&h.messages[1].body[..], b"first, edited");
+    assert!(h.messages[1].edited_at_ms >= h.messages[1].created_at_ms);
+
+    let m = api
+        .get_messages(pb::GetMessagesRequest {
+            chat_id: chat,
+            seqs: vec![1, 99],
+            consistency: Consistency::Linearizable as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(m.messages.len(), 1);
+
+    let diff = api
+        .get_difference(pb::GetDifferenceRequest {
+            cursors: vec![pb::Cursor {
+                chat_id: chat,
+                pts: 0,
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let kinds: Vec<i32> = diff.chats[0].changes.iter().map(|c| c.kind).collect();
+    use pb::ChangeKind::*;
+    assert_eq!(
+        kinds,
+        [NewMessage, NewMessage, EditMessage, DeleteMessage, Read].map(|k| k as i32)
+    );
+    assert_eq!(diff.chats[0].pts, 5);
+
+    let c = api
+        .get_chat(pb::GetChatRequest {
+            chat_id: chat,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((c.last_seq, c.pts, c.closed), (2, 5, false));
+    assert_eq!(
+        c.read_cursors,
+        vec![pb::ReadCursor {
+            reader_id: 2,
+            seq: 1
+        }]
+    );
+
+    // Bad input: each refused with its code, and nothing changes.
+    let big = vec![b'x'; 64 * 1024 + 1];
+    assert_eq!(
+        code(
+            api.send(pb::SendRequest {
+                chat_id: 0,
+                sender_id: 1,
+                client_msg_id: 1,
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            api.send(pb::SendRequest {
+                chat_id: chat,
+                sender_id: 0,
+                client_msg_id: 1,
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            api.send(pb::SendRequest {
+                chat_id: chat,
+                sender_id: 1,
+                client_msg_id: 0,
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            api.send(pb::SendRequest {
+                chat_id: chat,
+                sender_id: 1,
+                client_msg_id: 9,
+                body: big.into(),
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::ResourceExhausted
+    );
+    assert_eq!(
+        code(
+            api.send(pb::SendRequest {
+                chat_id: chat,
+                sender_id: 1,
+                client_msg_id: 9,
+                self_destruct: Some(pb::SelfDestructPolicy {
+                    policy: Some(pb::self_destruct_policy::Policy::AfterSendSecs(0))
+                }),
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            api.edit(pb::EditRequest {
+                chat_id: chat,
+                seq: 1,
+                editor_id: 2,
+                body: b"hijack"[..].into(),
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::FailedPrecondition,
+        "edit by someone other than the sender"
+    );
+    assert_eq!(
+        code(
+            api.delete(pb::DeleteRequest {
+                chat_id: chat,
+                seq: 1,
+                requester_id: 2,
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::FailedPrecondition
+    );
+    assert_eq!(
+        code(
+            api.edit(pb::EditRequest {
+                chat_id: chat,
+                seq: 77,
+                editor_id: 1,
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(
+            api.get_history(pb::GetHistoryRequest {
+                chat_id: chat,
+                limit: 5000,
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            api.get_history(pb::GetHistoryRequest {
+                chat_id: chat,
+                min_token: b"not a token"[..].into(),
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::InvalidArgument
+    );
+    let mut forged = a.read_token.to_vec();
+    let n = forged.len();
+    forged[n - 1] ^= 1;
+    assert_eq!(
+        code(
+            api.get_history(pb::GetHistoryRequest {
+                chat_id: chat,
+                min_token: forged.into(),
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::InvalidArgument,
+        "a token with a bad MAC"
+    );
+    // A correctly signed token naming an index far beyond the commit index.
+    let keys = TokenKeys::new("test", b"test");
+    let mut body = keys.decode(&[]).unwrap();
+    let shard = chatstore::cluster::Placement::new(&_cluster.config)
+        .shard_of_chat(chatstore::types::ChatId(chat))
+        .0;
+    body.merge(ShardPosition {
+        shard,
+        incarnation: 0,
+        index: 1 << 40,
+        term: 1,
+    });
+    assert_eq!(
+        code(
+            api.get_history(pb::GetHistoryRequest {
+                chat_id: chat,
+                min_token: keys.encode(&body).into(),
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::InvalidArgument,
+        "a token beyond the commit index"
+    );
+    let cursors: Vec<pb::Cursor> = (1..=101)
+        .map(|c| pb::Cursor { chat_id: c, pts: 0 })
+        .collect();
+    assert_eq!(
+        code(
+            api.get_difference(pb::GetDifferenceRequest {
+                cursors: cursors.clone(),
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(api.watch(pb::WatchRequest { cursors }).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            api.get_messages(pb::GetMessagesRequest {
+                chat_id: chat,
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            api.mark_read(pb::MarkReadRequest {
+                chat_id: chat,
+                reader_id: 3,
+                up_to_seq: 50,
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::InvalidArgument,
+        "mark read beyond the last message"
+    );
+    assert_eq!(chat_pts(api, chat).await, 5, "bad input changed nothing");
+
+    // Moderation.
+    let closed = api
+        .close_chat(pb::CloseChatRequest {
+            chat_id: chat,
+            reason: "spam".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(closed.pts, 6);
+    assert_eq!(
+        code(
+            api.send(pb::SendRequest {
+                chat_id: chat,
+                sender_id: 1,
+                client_msg_id: 300,
+                body: b"x"[..].into(),
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::FailedPrecondition
+    );
+    assert_eq!(
+        code(
+            api.get_history(pb::GetHistoryRequest {
+                chat_id: chat,
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::FailedPrecondition
+    );
+    assert_eq!(
+        code(
+            api.close_chat(pb::CloseChatRequest {
+                chat_id: chat,
+                reason: "".into(),
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::InvalidArgument
+    );
+    let c = api
+        .get_chat(pb::GetChatRequest {
+            chat_id: chat,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(c.closed);
+    assert_eq!(c.close_reason, "spam");
+    api.reopen_chat(pb::ReopenChatRequest {
+        chat_id: chat,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(send(api, chat, 1, 301, "back").await.seq, 3);
+
+    // Health.
+    let channel = tonic::transport::Endpoint::from_shared(format!(
+        "http://{}",
+        _cluster.config.nodes[0].raft_addr
+    ))
+    .unwrap()
+    .connect()
+    .await
+    .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let h = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        h.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+}
+
+/// Two devices of one user behind routers in two regions: one sends, edits
+/// and deletes; the other sees each change through Watch and through
+/// GetDifference, in pts order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_devices_in_two_regions_see_every_change() {
+    let dir = TestDir::new("api-devices");
+    let (_cluster, mut apis, _) = up(&dir, &["eu", "us"]).await;
+    let (mut phone, mut laptop) = (apis.remove(0), apis.remove(0));
+    let chat = 21;
+    let mut watch = laptop
+        .watch(pb::WatchRequest {
+            cursors: vec![pb::Cursor {
+                chat_id: chat,
+                pts: 0,
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let s1 = send(&mut phone, chat, 5, 1, "one").await;
+    send(&mut phone, chat, 5, 2, "two").await;
+    phone
+        .edit(pb::EditRequest {
+            chat_id: chat,
+            seq: s1.seq,
+            editor_id: 5,
+            body: b"one!"[..].into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let last = phone
+        .delete(pb::DeleteRequest {
+            chat_id: chat,
+            seq: 2,
+            requester_id: 5,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(last.pts, 4);
+
+    let mut seen = Vec::new();
+    while seen.len() < 4 {
+        let ev = tokio::time::timeout(Duration::from_secs(20), watch.message())
+            .await
+            .expect("watch delivers within 20 s")
+            .expect("watch stream")
+            .expect("stream open");
+        seen.push(ev.change.expect("a change"));
+    }
+    let pts: Vec<u64> = seen.iter().map(|c| c.pts).collect();
+    assert_eq!(
+        pts,
+        vec![1, 2, 3, 4],
+        "Watch delivers every change once, in pts order"
+    );
+    assert_eq!(&seen[2].message.as_ref().unwrap().body[..], b"one!");
+    assert_eq!(seen[3].kind, pb::ChangeKind::DeleteMessage as i32);
+
+    let diff = laptop
+        .get_difference(pb::GetDifferenceRequest {
+            cursors: vec![pb::Cursor {
+                chat_id: chat,
+                pts: 0,
+            }],
+            min_token: last.read_token.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let dpts: Vec<u64> = diff.chats[0].changes.iter().map(|c| c.pts).collect();
+    assert_eq!(
+        dpts, pts,
+        "GetDifference gives the same changes in the same order"
+    );
+    let partial = laptop
+        .get_difference(pb::GetDifferenceRequest {
+            cursors: vec![pb::Cursor {
+                chat_id: chat,
+                pts: 2,
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        partial.chats[0]
+            .changes
+            .iter()
+            .map(|c| c.pts)
+            .collect::<Vec<_>>(),
+        vec![3, 4]
+    );
+}
+
+fn leader_of(status: &[pb::node::NodeStatus], shard: u64) -> Option<u64> {
+    status
+        .iter()
+        .flat_map(|n| {
+            n.shards
+                .iter()
+                .filter(|s| s.is_leader && s.shard_id == shard)
+                .map(move |_| n.node_id)
+        })
+        .next()
+}
+
+async fn statuses(nodes: &Client) -> Vec<pb::node::NodeStatus> {
+    let mut out = Vec::new();
+    for id in 1..=3 {
+        if let Ok(s) = nodes.node(id).status(StatusRequest {}).await {
+            out.push(s.into_inner());
+        }
+    }
+    out
+}
+
+/// A SESSION read with the token of a just-acknowledged write sees it, on a
+/// router in another region, also right after the shard's leader is killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn read_your_writes_across_routers_and_a_leader_kill() {
+    let dir = TestDir::new("api-ryw");
+    let (mut cluster, mut apis, nodes) = up(&dir, &["eu", "us"]).await;
+    let (mut writer, mut reader) = (apis.remove(0), apis.remove(0));
+    let chat = 31;
+    let shard = nodes.shard_of(chat).0;
+    let mut token = bytes::Bytes::new();
+    let mut killed = None;
+    for i in 1..=40u64 {
+        if i == 15 {
+            let leader = leader_of(&statuses(&nodes).await, shard).expect("shard has a leader");
+            eprintln!("killing node {leader}, leader of shard {shard}");
+            cluster.kill_node(leader);
+            killed = Some(leader);
+        }
+        if i == 30 {
+            cluster.start_node(killed.unwrap());
+        }
+        let sent = writer
+            .send(pb::SendRequest {
+                chat_id: chat,
+                sender_id: 1,
+                client_msg_id: i,
+                body: format!("m{i}").into_bytes().into(),
+                min_token: token.clone(),
+                ..Default::default()
+            })
+            .await;
+        let sent = match sent {
+            Ok(s) => s.into_inner(),
+            Err(s) if s.code() == Code::Unavailable => {
+                // No leader yet: the write is safe to retry with the same id.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                writer
+                    .send(pb::SendRequest {
+                        chat_id: chat,
+                        sender_id: 1,
+                        client_msg_id: i,
+                        body: format!("m{i}").into_bytes().into(),
+                        min_token: token.clone(),
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("send after retry")
+                    .into_inner()
+            }
+            Err(s) => panic!("send {i}: {s}"),
+        };
+        token = sent.read_token.clone();
+        let got = reader
+            .get_messages(pb::GetMessagesRequest {
+                chat_id: chat,
+                seqs: vec![sent.seq],
+                min_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("session read")
+            .into_inner();
+        assert_eq!(
+            got.messages.len(),
+            1,
+            "write {i} (seq {}) is visible to its session on the other router",
+            sent.seq
+        );
+        assert_eq!(got.messages[0].client_msg_id, i);
+        token = got.read_token;
+    }
+}
+
+/// A Watch keeps delivering across a leader kill and a router restart (the
+/// client resumes from the last pts it got): no event lost, none repeated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn watch_across_router_restart_and_leader_kill_loses_and_repeats_nothing() {
+    let dir = TestDir::new("api-watch");
+    let (mut cluster, mut apis, nodes) = up(&dir, &["eu", "us"]).await;
+    let mut writer = apis.remove(0);
+    let chat = 41;
+    let shard = nodes.shard_of(chat).0;
+    let total = 60u64;
+
+    let writer_task = tokio::spawn(async move {
+        for i in 1..=total {
+            let started = Instant::now();
+            loop {
+                let r = writer
+                    .send(pb::SendRequest {
+                        chat_id: chat,
+                        sender_id: 9,
+                        client_msg_id: i,
+                        body: b"w"[..].into(),
+                        ..Default::default()
+                    })
+                    .await;
+                match r {
+                    Ok(_) => break,
+                    Err(s) if started.elapsed() < Duration::from_secs(60) => {
+                        eprintln!("send {i} failed ({}), retrying with the same id", s.code());
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    Err(s) => panic!("send {i}: {s}"),
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+
+    let mut received: Vec<u64> = Vec::new();
+    let mut last_pts = 0;
+    let mut router_restarted = false;
+    let mut leader_killed = false;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    'outer: while Instant::now() < deadline {
+        let mut api = router_client(&cluster.start_router_if_missing("us")).await;
+        let mut stream = match api
+            .watch(pb::WatchRequest {
+                cursors: vec![pb::Cursor {
+                    chat_id: chat,
+                    pts: last_pts,
+                }],
+            })
+            .await
+        {
+            Ok(s) => s.into_inner(),
+            Err(_) => continue,
+        };
+        loop {
+            if received.len() as u64 >= total {
+                break 'outer;
+            }
+            if !leader_killed && received.len() >= 15 {
+                leader_killed = true;
+                if let Some(leader) = leader_of(&statuses(&nodes).await, shard) {
+                    eprintln!("killing node {leader}, leader of shard {shard}");
+                    cluster.kill_node(leader);
+                    cluster.start_node(leader);
+                }
+            }
+            if !router_restarted && received.len() >= 35 {
+                router_restarted = true;
+                eprintln!("restarting the watching router");
+                cluster.kill_router("us");
+                continue 'outer;
+            }
+            match tokio::time::timeout(Duration::from_secs(30), stream.message()).await {
+                Ok(Ok(Some(ev))) => {
+                    let ch = ev.change.expect("a change");
+                    assert_eq!(ch.pts, last_pts + 1, "no gap and no repeat in pts");
+                    last_pts = ch.pts;
+                    if ch.kind == pb::ChangeKind::NewMessage as i32 {
+                        received.push(ch.seq);
+                    }
+                }
+                _ => continue 'outer,
+            }
+        }
+    }
+    writer_task.await.unwrap();
+    assert!(leader_killed && router_restarted);
+    assert_eq!(
+        received,
+        (1..=total).collect::<Vec<_>>(),
+        "every message seen once, in order"
+    );
+}

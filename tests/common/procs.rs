@@ -1,0 +1,140 @@
+//! Multi-process clusters: real `chatstore` node and router processes on
+//! loopback, started from the built binary. Every process is killed when the
+//! `ProcessCluster` is dropped.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use chatstore::cluster::ClusterConfig;
+
+use super::{free_port, three_region_config, ConfigOptions};
+
+pub struct ProcessCluster {
+    pub config: ClusterConfig,
+    pub config_path: PathBuf,
+    pub log_dir: PathBuf,
+    nodes: BTreeMap<u64, Child>,
+    routers: BTreeMap<String, (Child, String)>,
+    router_ports: BTreeMap<String, u16>,
+}
+
+impl ProcessCluster {
+    /// Writes a three-region config under `dir` (no process starts yet).
+    pub fn new(dir: &Path, opts: &ConfigOptions) -> ProcessCluster {
+        let config = three_region_config(&dir.join("data"), opts);
+        let config_path = dir.join("cluster.toml");
+        std::fs::write(&config_path, config.to_toml()).expect("write config");
+        let log_dir = dir.join("logs");
+        std::fs::create_dir_all(&log_dir).expect("create log dir");
+        ProcessCluster {
+            config,
+            config_path,
+            log_dir,
+            nodes: BTreeMap::new(),
+            routers: BTreeMap::new(),
+            router_ports: BTreeMap::new(),
+        }
+    }
+
+    fn log(&self, name: &str) -> std::fs::File {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_dir.join(format!("{name}.log")))
+            .expect("open log")
+    }
+
+    pub fn start_node(&mut self, id: u64) {
+        let child = Command::new(env!("CARGO_BIN_EXE_chatstore"))
+            .args(["node", "--config"])
+            .arg(&self.config_path)
+            .args(["--id", &id.to_string()])
+            .env("RUST_LOG", "warn,openraft=error")
+            .stdout(Stdio::null())
+            .stderr(self.log(&format!("node{id}")))
+            .spawn()
+            .expect("spawn chatstore node");
+        self.nodes.insert(id, child);
+    }
+
+    pub fn start_all_nodes(&mut self) {
+        for id in 1..=3 {
+            self.start_node(id);
+        }
+    }
+
+    /// SIGKILL.
+    pub fn kill_node(&mut self, id: u64) {
+        if let Some(mut c) = self.nodes.remove(&id) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts (or restarts, on the same port) the router of `region`;
+    /// returns its address.
+    pub fn start_router(&mut self, region: &str) -> String {
+        let port = *self
+            .router_ports
+            .entry(region.to_string())
+            .or_insert_with(free_port);
+        let addr = format!("127.0.0.1:{port}");
+        let child = Command::new(env!("CARGO_BIN_EXE_chatstore"))
+            .args(["router", "--config"])
+            .arg(&self.config_path)
+            .args(["--region", region, "--listen", &addr])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(self.log(&format!("router-{region}")))
+            .spawn()
+            .expect("spawn chatstore router");
+        self.routers
+            .insert(region.to_string(), (child, addr.clone()));
+        addr
+    }
+
+    /// The router of `region`, started if it is not running.
+    pub fn start_router_if_missing(&mut self, region: &str) -> String {
+        match self.routers.get(region) {
+            Some((_, addr)) => addr.clone(),
+            None => self.start_router(region),
+        }
+    }
+
+    pub fn kill_router(&mut self, region: &str) {
+        if let Some((mut c, _)) = self.routers.remove(region) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for ProcessCluster {
+    fn drop(&mut self) {
+        for (_, mut c) in std::mem::take(&mut self.nodes) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for (_, (mut c, _)) in std::mem::take(&mut self.routers) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Connects to a router, retrying while it starts.
+pub async fn router_client(
+    addr: &str,
+) -> chatstore::api::pb::chat_store_client::ChatStoreClient<tonic::transport::Channel> {
+    let endpoint =
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}")).expect("valid address");
+    for _ in 0..100 {
+        if let Ok(ch) = endpoint.connect().await {
+            return chatstore::api::pb::chat_store_client::ChatStoreClient::new(ch);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("router at {addr} did not come up");
+}
