@@ -2,16 +2,26 @@
 CONFIG ?= cluster-configs/local-3region.toml
 CARGO  ?= cargo
 
-.PHONY: dev test build verify fix clean nextest
+.PHONY: dev test chaos build verify fix clean nextest
+SEED ?=
+DURATION ?= 120
 
 ## Build (release) and run a local three-region cluster; data under ./data.
 dev:
 	$(CARGO) build --release --bins
 	./target/release/chatstore dev --config $(CONFIG)
 
-## Run the whole test suite (unit, property, in-process and multi-process).
+## Run the whole test suite (unit, property, in-process, multi-process and
+## chaos), then the chaos checker's self-test against a deliberately broken
+## node (a separate build with the test-only feature `broken-early-ack`).
 test: nextest
 	$(CARGO) nextest run --no-fail-fast
+	$(CARGO) nextest run --no-fail-fast --features broken-early-ack --test chaos_broken
+
+## One chaos run: `make chaos SEED=42 DURATION=300` replays seed 42 for 300 s
+## (a random seed, printed, when SEED is empty).
+chaos: nextest
+	CHATSTORE_SEED=$(SEED) CHATSTORE_CHAOS_SECS=$(DURATION) $(CARGO) nextest run --test chaos --run-ignored only --no-capture chaos_from_env
 
 ## Release binaries.
 build:
@@ -21,6 +31,7 @@ build:
 verify: nextest
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --all-targets --features broken-early-ack -- -D warnings
 	$(CARGO) nextest run --no-fail-fast
 
 ## Apply formatting and lint fixes.

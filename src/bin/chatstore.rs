@@ -28,6 +28,10 @@ enum Command {
         config: PathBuf,
         #[arg(long)]
         id: u64,
+        /// Reach peer ID at ADDR instead of its configured address
+        /// (ID=ADDR, repeatable): for proxies in tests and odd networks.
+        #[arg(long = "peer-addr", value_parser = parse_id_addr)]
+        peer_addrs: Vec<(u64, String)>,
     },
     /// Run a router: the public API for one region.
     Router {
@@ -40,6 +44,10 @@ enum Command {
         listen: String,
         #[arg(long)]
         metrics: Option<String>,
+        /// Reach node ID at ADDR instead of its configured address
+        /// (ID=ADDR, repeatable).
+        #[arg(long = "node-addr", value_parser = parse_id_addr)]
+        node_addrs: Vec<(u64, String)>,
     },
     /// Run every node of a config in this process: a local cluster for
     /// development. Data goes under the config's data_root.
@@ -68,24 +76,39 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("start tokio")?;
     runtime.block_on(async move {
         match cli.command {
-            Command::Node { config, id } => run_node(config, id).await,
+            Command::Node {
+                config,
+                id,
+                peer_addrs,
+            } => run_node(config, id, peer_addrs).await,
             Command::Dev { config } => run_dev(config).await,
             Command::Router {
                 config,
                 region,
                 listen,
                 metrics,
-            } => run_router(config, region, listen, metrics).await,
+                node_addrs,
+            } => run_router(config, region, listen, metrics, node_addrs).await,
         }
     })
 }
 
-async fn run_node(config: PathBuf, id: u64) -> anyhow::Result<()> {
+fn parse_id_addr(s: &str) -> Result<(u64, String), String> {
+    let (id, addr) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected ID=ADDR, got {s:?}"))?;
+    let id = id.parse().map_err(|_| format!("bad node id {id:?}"))?;
+    Ok((id, addr.to_string()))
+}
+
+async fn run_node(config: PathBuf, id: u64, peer_addrs: Vec<(u64, String)>) -> anyhow::Result<()> {
     let config = ClusterConfig::load(&config)?;
     if let Some(addr) = config.node(NodeId(id)).and_then(|n| n.metrics_addr.clone()) {
         chatstore::metrics::install_exporter(addr.parse().context("metrics_addr")?)?;
     }
-    let node = chatstore::node::Node::start(&config, NodeId(id)).await?;
+    let node =
+        chatstore::node::Node::start_with(&config, NodeId(id), peer_addrs.into_iter().collect())
+            .await?;
     wait_for_signal().await;
     tracing::info!("shutting down");
     node.shutdown().await;
@@ -97,6 +120,7 @@ async fn run_router(
     region: String,
     listen: String,
     metrics: Option<String>,
+    node_addrs: Vec<(u64, String)>,
 ) -> anyhow::Result<()> {
     let config = ClusterConfig::load(&config)?;
     if let Some(addr) = metrics {
@@ -105,7 +129,13 @@ async fn run_router(
     if config.read_token_secret.is_none() {
         tracing::warn!("no read_token_secret in the cluster config: read tokens are signed with the cluster name (development only)");
     }
-    let router = chatstore::router::Router::new(&config, &region, &config.token_secret())?;
+    let node_addrs = node_addrs.into_iter().collect();
+    let router = chatstore::router::Router::with_node_addrs(
+        &config,
+        &region,
+        &config.token_secret(),
+        &node_addrs,
+    )?;
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
         .with_context(|| format!("listen on {listen}"))?;

@@ -75,6 +75,14 @@ impl NodeApi for NodeApiService {
         }
         let shard = self.shard(req.shard_id)?;
         metrics::counter!(crate::metrics::NODE_API_REQUESTS, "rpc" => "write").increment(1);
+        #[cfg(feature = "broken-early-ack")]
+        if shard.is_leader() {
+            return Ok(Response::new(broken_early_ack(
+                &shard,
+                req.commands,
+                self.node_id,
+            )));
+        }
         let outcome = shard
             .propose(req.commands)
             .await
@@ -221,5 +229,44 @@ impl NodeApi for NodeApiService {
             .await
             .map_err(|e| Status::deadline_exceeded(e.to_string()))?;
         Ok(Response::new(shard_status(&shard)))
+    }
+}
+
+/// DELIBERATELY BROKEN (feature `broken-early-ack`, tests only): acknowledges
+/// a write as soon as it is handed to Raft, before a majority has it, so the
+/// chaos checker can prove it catches lost writes.
+#[cfg(feature = "broken-early-ack")]
+fn broken_early_ack(
+    shard: &std::sync::Arc<Shard>,
+    commands: Vec<crate::api::pb::replicated::Command>,
+    node: NodeId,
+) -> WriteReply {
+    use crate::api::pb::replicated::{
+        command, command_result, ChangeResult, CommandResult, SendResult,
+    };
+    let results = commands
+        .iter()
+        .map(|c| CommandResult {
+            outcome: Some(match c.kind {
+                Some(command::Kind::Send(_)) => command_result::Outcome::Send(SendResult {
+                    seq: 0,
+                    pts: 0,
+                    created_at_ms: crate::types::now_ms(),
+                    duplicate: false,
+                }),
+                _ => command_result::Outcome::Change(ChangeResult { pts: 0 }),
+            }),
+        })
+        .collect();
+    let shard = shard.clone();
+    tokio::spawn(async move {
+        let _ = shard.propose(commands).await;
+    });
+    WriteReply {
+        results,
+        log_index: 0,
+        log_term: 0,
+        leader_node: node.0,
+        incarnation: 0,
     }
 }

@@ -76,6 +76,16 @@ pub struct Node {
 impl Node {
     /// Opens the node's data, opens its shards, and starts serving.
     pub async fn start(config: &ClusterConfig, id: NodeId) -> anyhow::Result<Node> {
+        Node::start_with(config, id, BTreeMap::new()).await
+    }
+
+    /// Like [`Node::start`], reaching the peers in `peer_addrs` at the given
+    /// addresses instead of their configured ones.
+    pub async fn start_with(
+        config: &ClusterConfig,
+        id: NodeId,
+        peer_addrs: BTreeMap<u64, String>,
+    ) -> anyhow::Result<Node> {
         let me = config
             .node(id)
             .with_context(|| format!("node {} is not in the cluster config", id.0))?
@@ -91,7 +101,7 @@ impl Node {
         let addr = listener.local_addr()?;
 
         let placement = Placement::new(config);
-        let peers = Peers::new(id);
+        let peers = Peers::with_overrides(id, peer_addrs);
         let raft = raft_config(&config.cluster_name, &config.raft)?;
         let mut shards = BTreeMap::new();
         for shard_id in placement.shards_on(id) {

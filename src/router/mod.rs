@@ -85,6 +85,17 @@ impl Router {
         region: &str,
         token_secret: &[u8],
     ) -> anyhow::Result<Router> {
+        Router::with_node_addrs(config, region, token_secret, &BTreeMap::new())
+    }
+
+    /// Like [`Router::new`], reaching the nodes in `node_addrs` at the given
+    /// addresses (a test harness's fault-injecting proxies).
+    pub fn with_node_addrs(
+        config: &ClusterConfig,
+        region: &str,
+        token_secret: &[u8],
+        node_addrs: &BTreeMap<u64, String>,
+    ) -> anyhow::Result<Router> {
         if !config.regions.iter().any(|r| r == region) {
             anyhow::bail!(
                 "region {region:?} is not in the cluster config (regions: {:?})",
@@ -93,7 +104,11 @@ impl Router {
         }
         let mut nodes = BTreeMap::new();
         for n in &config.nodes {
-            let channel = Endpoint::from_shared(format!("http://{}", n.advertised()))?
+            let addr = node_addrs
+                .get(&n.id)
+                .map(String::as_str)
+                .unwrap_or(n.advertised());
+            let channel = Endpoint::from_shared(format!("http://{addr}"))?
                 .connect_timeout(Duration::from_secs(2))
                 .tcp_nodelay(true)
                 .http2_keep_alive_interval(Duration::from_secs(10))

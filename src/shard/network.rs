@@ -40,13 +40,24 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 pub struct Peers {
     self_id: NodeId,
     channels: Arc<Mutex<HashMap<(u64, String), Channel>>>,
+    /// Addresses to use instead of the membership's, by node: lets a test
+    /// harness put a fault-injecting proxy on every link.
+    overrides: Arc<std::collections::BTreeMap<u64, String>>,
 }
 
 impl Peers {
     pub fn new(self_id: NodeId) -> Peers {
+        Peers::with_overrides(self_id, Default::default())
+    }
+
+    pub fn with_overrides(
+        self_id: NodeId,
+        overrides: std::collections::BTreeMap<u64, String>,
+    ) -> Peers {
         Peers {
             self_id,
             channels: Arc::default(),
+            overrides: Arc::new(overrides),
         }
     }
 
@@ -57,6 +68,11 @@ impl Peers {
     /// A client for `node` at `addr`; connects lazily and reuses the
     /// connection for every shard.
     pub fn client(&self, node: u64, addr: &str) -> Result<RaftTransportClient<Channel>, String> {
+        let addr = self
+            .overrides
+            .get(&node)
+            .map(String::as_str)
+            .unwrap_or(addr);
         let mut channels = self.channels.lock().expect("peer channel lock");
         let channel = match channels.get(&(node, addr.to_string())) {
             Some(c) => c.clone(),

@@ -3,7 +3,9 @@
 //! cluster tests and the multi-process crash tests.
 #![allow(dead_code)]
 
+pub mod chaos;
 pub mod procs;
+pub mod proxy;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -18,6 +18,10 @@ pub struct ProcessCluster {
     nodes: BTreeMap<u64, Child>,
     routers: BTreeMap<String, (Child, String)>,
     router_ports: BTreeMap<String, u16>,
+    /// Extra arguments per node (e.g. `--peer-addr` for proxies).
+    pub node_args: BTreeMap<u64, Vec<String>>,
+    /// Extra arguments for every router (e.g. `--node-addr`).
+    pub router_args: BTreeMap<String, Vec<String>>,
 }
 
 impl ProcessCluster {
@@ -35,6 +39,8 @@ impl ProcessCluster {
             nodes: BTreeMap::new(),
             routers: BTreeMap::new(),
             router_ports: BTreeMap::new(),
+            node_args: BTreeMap::new(),
+            router_args: BTreeMap::new(),
         }
     }
 
@@ -51,6 +57,7 @@ impl ProcessCluster {
             .args(["node", "--config"])
             .arg(&self.config_path)
             .args(["--id", &id.to_string()])
+            .args(self.node_args.get(&id).cloned().unwrap_or_default())
             .env("RUST_LOG", "warn,openraft=error")
             .stdout(Stdio::null())
             .stderr(self.log(&format!("node{id}")))
@@ -62,6 +69,20 @@ impl ProcessCluster {
     pub fn start_all_nodes(&mut self) {
         for id in 1..=3 {
             self.start_node(id);
+        }
+    }
+
+    pub fn is_running(&self, id: u64) -> bool {
+        self.nodes.contains_key(&id)
+    }
+
+    /// SIGSTOP (`stop = true`) or SIGCONT a node process.
+    pub fn pause_node(&self, id: u64, stop: bool) {
+        if let Some(c) = self.nodes.get(&id) {
+            let sig = if stop { "-STOP" } else { "-CONT" };
+            let _ = Command::new("kill")
+                .args([sig, &c.id().to_string()])
+                .status();
         }
     }
 
@@ -85,6 +106,7 @@ impl ProcessCluster {
             .args(["router", "--config"])
             .arg(&self.config_path)
             .args(["--region", region, "--listen", &addr])
+            .args(self.router_args.get(region).cloned().unwrap_or_default())
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(self.log(&format!("router-{region}")))
@@ -114,6 +136,9 @@ impl ProcessCluster {
 impl Drop for ProcessCluster {
     fn drop(&mut self) {
         for (_, mut c) in std::mem::take(&mut self.nodes) {
+            let _ = Command::new("kill")
+                .args(["-CONT", &c.id().to_string()])
+                .status();
             let _ = c.kill();
             let _ = c.wait();
         }

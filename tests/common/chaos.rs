@@ -1,0 +1,782 @@
+//! The chaos harness: a real three-region cluster of `chatstore` processes
+//! with a fault-injecting proxy on every node-to-node link, a recorded
+//! workload, a seeded fault schedule, and a checker over the history and a
+//! final read of every replica.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chatstore::api::pb::{self, chat_store_client::ChatStoreClient, Consistency};
+use rand::{Rng, SeedableRng};
+use tonic::transport::Channel;
+use tonic::Code;
+
+use super::procs::{router_client, ProcessCluster};
+use super::proxy::Proxy;
+use super::{Client, ConfigOptions, TestDir};
+
+pub const REGIONS: [&str; 3] = ["eu", "us", "ap"];
+/// Chats the workload writes to.
+const CHATS: u64 = 12;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Fault {
+    KillNode,
+    KillLeaderOfBusyShard,
+    PauseNode,
+    PartitionRegion,
+    OneWayPartition,
+    RestartRouter,
+}
+
+pub const ALL_FAULTS: [Fault; 6] = [
+    Fault::KillNode,
+    Fault::KillLeaderOfBusyShard,
+    Fault::PauseNode,
+    Fault::PartitionRegion,
+    Fault::OneWayPartition,
+    Fault::RestartRouter,
+];
+
+#[derive(Debug, Clone)]
+pub enum Outcome<T> {
+    Ok(T),
+    Failed,
+    Unknown,
+}
+
+#[derive(Debug, Clone)]
+pub enum OpKind {
+    Send {
+        chat: u64,
+        cmid: u64,
+        outcome: Outcome<u64>,
+    },
+    Edit {
+        chat: u64,
+        seq: u64,
+        body: String,
+        outcome: Outcome<()>,
+    },
+    Delete {
+        chat: u64,
+        seq: u64,
+        outcome: Outcome<()>,
+    },
+    LinRead {
+        chat: u64,
+        last_seq: Option<u64>,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct Op {
+    pub session: usize,
+    pub invoke: Instant,
+    pub complete: Instant,
+    pub kind: OpKind,
+}
+
+/// What happened, shared by workload tasks.
+#[derive(Default)]
+pub struct History {
+    pub ops: Mutex<Vec<Op>>,
+    /// Violations seen while running (session monotonicity, Watch gaps).
+    pub online_violations: Mutex<Vec<String>>,
+    pub watch_events: Mutex<u64>,
+}
+
+pub struct Chaos {
+    pub seed: u64,
+    pub dir: TestDir,
+    pub procs: ProcessCluster,
+    pub nodes: Client,
+    pub proxies: BTreeMap<(u64, u64), Proxy>,
+    pub routers: BTreeMap<String, String>,
+}
+
+impl Chaos {
+    pub async fn start(seed: u64, name: &str) -> Chaos {
+        let dir = TestDir::new(name);
+        let mut procs = ProcessCluster::new(
+            &dir.path,
+            &ConfigOptions {
+                shards: 6,
+                snapshot_every_entries: 300,
+                logs_kept_behind_snapshot: 50,
+            },
+        );
+        let mut proxies = BTreeMap::new();
+        for a in 1..=3u64 {
+            let mut args = Vec::new();
+            for b in 1..=3u64 {
+                if a == b {
+                    continue;
+                }
+                let target = procs
+                    .config
+                    .node(chatstore::types::NodeId(b))
+                    .unwrap()
+                    .raft_addr
+                    .clone();
+                let p = Proxy::start(target).await;
+                args.push("--peer-addr".to_string());
+                args.push(format!("{b}={}", p.addr));
+                proxies.insert((a, b), p);
+            }
+            procs.node_args.insert(a, args);
+        }
+        procs.start_all_nodes();
+        let nodes = Client::new(&procs.config);
+        nodes
+            .wait_leaders(&[1, 2, 3], Duration::from_secs(60))
+            .await
+            .expect("leaders elected");
+        let mut routers = BTreeMap::new();
+        for r in REGIONS {
+            routers.insert(r.to_string(), procs.start_router(r));
+        }
+        for addr in routers.values() {
+            router_client(addr).await;
+        }
+        Chaos {
+            seed,
+            dir,
+            procs,
+            nodes,
+            proxies,
+            routers,
+        }
+    }
+
+    pub fn heal_network(&self) {
+        for p in self.proxies.values() {
+            p.ctl.heal();
+        }
+    }
+
+    /// Cuts (both ways) every link of `node`.
+    fn partition(&self, node: u64, cut: bool) {
+        for ((a, b), p) in &self.proxies {
+            if *a == node || *b == node {
+                p.ctl.set_cut(cut);
+            }
+        }
+    }
+
+    /// `node` can no longer reach the others; they still reach it.
+    fn one_way(&self, node: u64, on: bool) {
+        for ((a, b), p) in &self.proxies {
+            if *a == node {
+                p.ctl.stall_up.store(on, Ordering::SeqCst);
+            }
+            if *b == node {
+                p.ctl.stall_down.store(on, Ordering::SeqCst);
+            }
+        }
+    }
+
+    async fn leader_of_busy_shard(&self) -> Option<u64> {
+        let shard = self.nodes.shard_of(1).0;
+        for id in 1..=3 {
+            if let Ok(s) = self.nodes.node(id).status(pb::node::StatusRequest {}).await {
+                if s.into_inner()
+                    .shards
+                    .iter()
+                    .any(|sh| sh.shard_id == shard && sh.is_leader)
+                {
+                    return Some(id);
+                }
+            }
+        }
+        None
+    }
+
+    /// Runs one fault for `hold`, then repairs it.
+    pub async fn inject(
+        &mut self,
+        fault: Fault,
+        rng: &mut rand::rngs::StdRng,
+        hold: Duration,
+        log: &mut Vec<String>,
+    ) {
+        let node = rng.random_range(1..=3u64);
+        match fault {
+            Fault::KillNode => {
+                log.push(format!(
+                    "SIGKILL node {node} (its whole region) for {hold:?}"
+                ));
+                self.procs.kill_node(node);
+                tokio::time::sleep(hold).await;
+                self.procs.start_node(node);
+            }
+            Fault::KillLeaderOfBusyShard => {
+                let leader = self.leader_of_busy_shard().await.unwrap_or(node);
+                log.push(format!(
+                    "SIGKILL node {leader}, leader of the busiest shard, for {hold:?}"
+                ));
+                self.procs.kill_node(leader);
+                tokio::time::sleep(hold).await;
+                self.procs.start_node(leader);
+            }
+            Fault::PauseNode => {
+                log.push(format!("SIGSTOP node {node} for {hold:?}"));
+                self.procs.pause_node(node, true);
+                tokio::time::sleep(hold).await;
+                self.procs.pause_node(node, false);
+            }
+            Fault::PartitionRegion => {
+                log.push(format!(
+                    "partition node {node} from the other regions for {hold:?}"
+                ));
+                self.partition(node, true);
+                tokio::time::sleep(hold).await;
+                self.partition(node, false);
+            }
+            Fault::OneWayPartition => {
+                log.push(format!(
+                    "one-way partition: node {node} cannot reach the others for {hold:?}"
+                ));
+                self.one_way(node, true);
+                tokio::time::sleep(hold).await;
+                self.one_way(node, false);
+            }
+            Fault::RestartRouter => {
+                let region = REGIONS[rng.random_range(0..3)];
+                log.push(format!("restart router {region}"));
+                self.procs.kill_router(region);
+                tokio::time::sleep(hold / 4).await;
+                self.procs.start_router(region);
+            }
+        }
+    }
+}
+
+fn transient(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown
+    )
+}
+
+async fn connect(routers: &[String], i: usize) -> Option<ChatStoreClient<Channel>> {
+    let addr = &routers[i % routers.len()];
+    let ep = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .ok()?
+        .connect_timeout(Duration::from_secs(1));
+    ep.connect().await.ok().map(ChatStoreClient::new)
+}
+
+/// One client session: sends (retrying with the same client_msg_id), edits
+/// and deletes its own messages, SESSION reads with its token (checked for
+/// read-your-writes and monotonicity as it goes), LINEARIZABLE reads.
+pub async fn run_session(
+    session: usize,
+    seed: u64,
+    routers: Vec<String>,
+    history: Arc<History>,
+    stop: Arc<AtomicBool>,
+) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ (0x5e55 + session as u64));
+    let sender = 1000 + session as u64;
+    let mut token = bytes::Bytes::new();
+    let mut my_msgs: Vec<(u64, u64)> = Vec::new();
+    let mut seen_pts: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut n = 0u64;
+    let mut api = None;
+    while !stop.load(Ordering::Relaxed) {
+        if api.is_none() {
+            api = connect(&routers, rng.random_range(0..routers.len())).await;
+            if api.is_none() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        }
+        let chat = rng.random_range(1..=CHATS);
+        let roll = rng.random_range(0..100);
+        let invoke = Instant::now();
+        let kind = if roll < 60 {
+            n += 1;
+            let cmid = (session as u64 + 1) * 1_000_000 + n;
+            let req = pb::SendRequest {
+                chat_id: chat,
+                sender_id: sender,
+                client_msg_id: cmid,
+                body: format!("s{session}-{n}").into_bytes().into(),
+                min_token: token.clone(),
+                ..Default::default()
+            };
+            // A frontend retries an ambiguous failure once, with the same id.
+            let mut outcome = Outcome::Unknown;
+            for _ in 0..2 {
+                let Some(c) = api.as_mut() else { break };
+                match tokio::time::timeout(Duration::from_secs(15), c.send(req.clone())).await {
+                    Ok(Ok(r)) => {
+                        let r = r.into_inner();
+                        token = r.read_token.clone();
+                        my_msgs.push((chat, r.seq));
+                        let e = seen_pts.entry(chat).or_default();
+                        *e = (*e).max(r.pts);
+                        outcome = Outcome::Ok(r.seq);
+                        break;
+                    }
+                    Ok(Err(s)) if !transient(s.code()) => {
+                        outcome = Outcome::Failed;
+                        break;
+                    }
+                    _ => {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        api = connect(&routers, rng.random_range(0..routers.len())).await;
+                    }
+                }
+            }
+            OpKind::Send {
+                chat,
+                cmid,
+                outcome,
+            }
+        } else if roll < 68 && !my_msgs.is_empty() {
+            let (chat, seq) = my_msgs[rng.random_range(0..my_msgs.len())];
+            let body = format!("edit-{session}-{}", rng.random::<u32>());
+            let r = tokio::time::timeout(
+                Duration::from_secs(15),
+                api.as_mut().unwrap().edit(pb::EditRequest {
+                    chat_id: chat,
+                    seq,
+                    editor_id: sender,
+                    body: body.clone().into_bytes().into(),
+                    min_token: token.clone(),
+                }),
+            )
+            .await;
+            let outcome = match r {
+                Ok(Ok(r)) => {
+                    token = r.into_inner().read_token;
+                    Outcome::Ok(())
+                }
+                Ok(Err(s)) if !transient(s.code()) => Outcome::Failed,
+                _ => {
+                    api = None;
+                    Outcome::Unknown
+                }
+            };
+            OpKind::Edit {
+                chat,
+                seq,
+                body,
+                outcome,
+            }
+        } else if roll < 72 && !my_msgs.is_empty() {
+            let (chat, seq) = my_msgs.swap_remove(rng.random_range(0..my_msgs.len()));
+            let r = tokio::time::timeout(
+                Duration::from_secs(15),
+                api.as_mut().unwrap().delete(pb::DeleteRequest {
+                    chat_id: chat,
+                    seq,
+                    requester_id: sender,
+                    min_token: token.clone(),
+                }),
+            )
+            .await;
+            let outcome = match r {
+                Ok(Ok(r)) => {
+                    token = r.into_inner().read_token;
+                    Outcome::Ok(())
+                }
+                Ok(Err(s)) if !transient(s.code()) => Outcome::Failed,
+                _ => {
+                    api = None;
+                    Outcome::Unknown
+                }
+            };
+            OpKind::Delete { chat, seq, outcome }
+        } else if roll < 88 {
+            // SESSION read: sees this session's writes, never goes back.
+            let r = tokio::time::timeout(
+                Duration::from_secs(15),
+                api.as_mut().unwrap().get_chat(pb::GetChatRequest {
+                    chat_id: chat,
+                    consistency: Consistency::Session as i32,
+                    min_token: token.clone(),
+                }),
+            )
+            .await;
+            match r {
+                Ok(Ok(r)) => {
+                    let r = r.into_inner();
+                    let prev = seen_pts.get(&chat).copied().unwrap_or(0);
+                    if r.pts < prev {
+                        history.online_violations.lock().unwrap().push(format!(
+                            "session {session}: SESSION read of chat {chat} returned pts {} after it had seen pts {prev}",
+                            r.pts
+                        ));
+                    }
+                    seen_pts.insert(chat, prev.max(r.pts));
+                    token = r.read_token;
+                }
+                Ok(Err(s)) if transient(s.code()) => api = None,
+                Ok(Err(_)) => {}
+                Err(_) => api = None,
+            }
+            continue;
+        } else {
+            let r = tokio::time::timeout(
+                Duration::from_secs(15),
+                api.as_mut().unwrap().get_chat(pb::GetChatRequest {
+                    chat_id: chat,
+                    consistency: Consistency::Linearizable as i32,
+                    min_token: Default::default(),
+                }),
+            )
+            .await;
+            let last_seq = match r {
+                Ok(Ok(r)) => Some(r.into_inner().last_seq),
+                Ok(Err(s)) if transient(s.code()) => {
+                    api = None;
+                    None
+                }
+                _ => None,
+            };
+            OpKind::LinRead { chat, last_seq }
+        };
+        record(&history, session, invoke, kind);
+    }
+}
+
+fn record(history: &History, session: usize, invoke: Instant, kind: OpKind) {
+    history.ops.lock().unwrap().push(Op {
+        session,
+        invoke,
+        complete: Instant::now(),
+        kind,
+    });
+}
+
+/// Watches a few chats, reconnecting from the last pts it got; checks that
+/// pts arrive in order with no gap and no repeat.
+pub async fn run_watcher(
+    id: usize,
+    routers: Vec<String>,
+    history: Arc<History>,
+    stop: Arc<AtomicBool>,
+) {
+    let chats: Vec<u64> = (1..=3).collect();
+    let mut last: BTreeMap<u64, u64> = chats.iter().map(|c| (*c, 0)).collect();
+    let mut attempt = id;
+    while !stop.load(Ordering::Relaxed) {
+        attempt += 1;
+        let Some(mut api) = connect(&routers, attempt).await else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let cursors = last
+            .iter()
+            .map(|(c, p)| pb::Cursor {
+                chat_id: *c,
+                pts: *p,
+            })
+            .collect();
+        let Ok(stream) = api.watch(pb::WatchRequest { cursors }).await else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let mut stream = stream.into_inner();
+        while !stop.load(Ordering::Relaxed) {
+            let ev = match tokio::time::timeout(Duration::from_secs(2), stream.message()).await {
+                Ok(Ok(Some(ev))) => ev,
+                Err(_) => continue,
+                _ => break,
+            };
+            let prev = last.get(&ev.chat_id).copied().unwrap_or(0);
+            if ev.pts != prev + 1 {
+                history.online_violations.lock().unwrap().push(format!(
+                    "watcher {id}: chat {} went from pts {prev} to {} (gap or repeat)",
+                    ev.chat_id, ev.pts
+                ));
+            }
+            last.insert(ev.chat_id, ev.pts);
+            *history.watch_events.lock().unwrap() += 1;
+        }
+    }
+}
+
+/// Runs the workload under a seeded fault schedule for `secs`, heals, and
+/// returns the checker's findings (empty = all promises kept).
+pub async fn run(seed: u64, secs: u64, name: &str) -> (Vec<String>, Chaos) {
+    eprintln!("chaos seed = {seed} (replay: make chaos SEED={seed} DURATION={secs})");
+    let mut chaos = Chaos::start(seed, name).await;
+    let history = Arc::new(History::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let routers: Vec<String> = chaos.routers.values().cloned().collect();
+    let mut tasks = tokio::task::JoinSet::new();
+    for s in 0..6 {
+        tasks.spawn(run_session(
+            s,
+            seed,
+            routers.clone(),
+            history.clone(),
+            stop.clone(),
+        ));
+    }
+    for w in 0..2 {
+        tasks.spawn(run_watcher(
+            w,
+            routers.clone(),
+            history.clone(),
+            stop.clone(),
+        ));
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut faults = ALL_FAULTS.to_vec();
+    // Every run covers every fault kind, in a seeded order, then repeats.
+    for i in (1..faults.len()).rev() {
+        faults.swap(i, rng.random_range(0..=i));
+    }
+    let started = Instant::now();
+    let mut log = Vec::new();
+    let mut k = 0;
+    while started.elapsed() < Duration::from_secs(secs) || k < faults.len() {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(500..1500))).await;
+        let fault = faults[k % faults.len()];
+        k += 1;
+        let hold = Duration::from_millis(rng.random_range(1500..3500));
+        let t = started.elapsed();
+        chaos.inject(fault, &mut rng, hold, &mut log).await;
+        eprintln!("t={t:.1?}: {}", log.last().unwrap());
+    }
+    chaos.heal_network();
+    // Let the workload run a little on the healed cluster, then stop it.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    let drain = async { while tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(Duration::from_secs(60), drain)
+        .await
+        .is_err()
+    {
+        panic!("workload did not stop within 60 s");
+    }
+    let findings = check(&chaos, &history).await;
+    // Keep the history next to the data folders.
+    if let Ok(mut f) = std::fs::File::create(chaos.dir.path.join("history.txt")) {
+        let _ = writeln!(f, "seed {seed}\nfaults:\n{}", log.join("\n"));
+        for op in history.ops.lock().unwrap().iter() {
+            let _ = writeln!(
+                f,
+                "{:?} +{:?} session {} {:?}",
+                op.invoke.duration_since(started),
+                op.complete.duration_since(op.invoke),
+                op.session,
+                op.kind
+            );
+        }
+    }
+    (findings, chaos)
+}
+
+/// The checker: history plus a final full read of every replica.
+pub async fn check(chaos: &Chaos, history: &History) -> Vec<String> {
+    let mut bad: Vec<String> = history.online_violations.lock().unwrap().clone();
+    let ops = history.ops.lock().unwrap().clone();
+    let acked_sends = ops
+        .iter()
+        .filter(|o| {
+            matches!(
+                o.kind,
+                OpKind::Send {
+                    outcome: Outcome::Ok(_),
+                    ..
+                }
+            )
+        })
+        .count();
+    let lin_reads = ops
+        .iter()
+        .filter(|o| {
+            matches!(
+                o.kind,
+                OpKind::LinRead {
+                    last_seq: Some(_),
+                    ..
+                }
+            )
+        })
+        .count();
+    eprintln!(
+        "history: {} ops, {acked_sends} acknowledged sends, {lin_reads} linearizable reads, {} watch events",
+        ops.len(),
+        history.watch_events.lock().unwrap()
+    );
+    if acked_sends < 20 {
+        bad.push(format!(
+            "the workload made too little progress ({acked_sends} acknowledged sends)"
+        ));
+    }
+    if let Err(e) = chaos
+        .nodes
+        .wait_converged(&[1, 2, 3], Duration::from_secs(120))
+        .await
+    {
+        bad.push(e);
+        return bad;
+    }
+    // Final state of every chat on every replica.
+    let mut finals: BTreeMap<u64, Vec<Vec<pb::Message>>> = BTreeMap::new();
+    for chat in 1..=CHATS {
+        for node in 1..=3 {
+            match chaos.nodes.history_on(node, chat).await {
+                Ok(h) => finals.entry(chat).or_default().push(h),
+                Err(e) => bad.push(format!("read chat {chat} on node {node}: {e}")),
+            }
+        }
+    }
+    for (chat, replicas) in &finals {
+        for (i, h) in replicas.iter().enumerate() {
+            let node = i + 1;
+            let seqs: Vec<u64> = h.iter().map(|m| m.seq).collect();
+            if seqs != (1..=h.len() as u64).collect::<Vec<_>>() {
+                bad.push(format!(
+                    "node {node} chat {chat}: seqs are not 1..n: {seqs:?}"
+                ));
+            }
+            let mut ids = BTreeSet::new();
+            for m in h {
+                if !ids.insert((m.sender_id, m.client_msg_id)) {
+                    bad.push(format!(
+                        "node {node} chat {chat}: ({}, {}) stored twice",
+                        m.sender_id, m.client_msg_id
+                    ));
+                }
+            }
+            if *h != replicas[0] {
+                bad.push(format!("chat {chat}: node {node} differs from node 1"));
+            }
+        }
+    }
+    let by_id = |chat: u64| -> BTreeMap<u64, pb::Message> {
+        finals
+            .get(&chat)
+            .map(|r| r[0].iter().map(|m| (m.client_msg_id, m.clone())).collect())
+            .unwrap_or_default()
+    };
+    // Sends: every acknowledged one is there at its seq.
+    let mut send_seq: BTreeMap<(u64, u64), u64> = BTreeMap::new();
+    for op in &ops {
+        if let OpKind::Send {
+            chat,
+            cmid,
+            outcome: Outcome::Ok(seq),
+        } = &op.kind
+        {
+            send_seq.insert((*chat, *seq), *cmid);
+            match by_id(*chat).get(cmid) {
+                Some(m) if m.seq == *seq || *seq == 0 => {}
+                Some(m) => bad.push(format!(
+                    "acknowledged send {chat}/{cmid} was seq {seq} but is stored at {}",
+                    m.seq
+                )),
+                None => bad.push(format!(
+                    "LOST: acknowledged send {chat}/{cmid} (seq {seq}) is on no replica"
+                )),
+            }
+        }
+    }
+    // Edits and deletes: the last acknowledged change of each message shows.
+    let mut last_change: BTreeMap<(u64, u64), &OpKind> = BTreeMap::new();
+    for op in &ops {
+        match &op.kind {
+            OpKind::Edit { chat, seq, .. } | OpKind::Delete { chat, seq, .. } => {
+                last_change.insert((*chat, *seq), &op.kind);
+            }
+            _ => {}
+        }
+    }
+    for ((chat, seq), kind) in last_change {
+        let msg = finals
+            .get(&chat)
+            .and_then(|r| r[0].iter().find(|m| m.seq == seq).cloned());
+        match kind {
+            OpKind::Edit {
+                body,
+                outcome: Outcome::Ok(()),
+                ..
+            } => match msg {
+                Some(m) if m.deleted || m.body[..] == *body.as_bytes() => {}
+                Some(m) => bad.push(format!(
+                    "acknowledged edit of {chat}/{seq} to {body:?} is not visible (body {:?})",
+                    String::from_utf8_lossy(&m.body)
+                )),
+                None => bad.push(format!("edited message {chat}/{seq} is missing")),
+            },
+            OpKind::Delete {
+                outcome: Outcome::Ok(()),
+                ..
+            } => {
+                if let Some(m) = msg {
+                    if !m.deleted {
+                        bad.push(format!(
+                            "acknowledged delete of {chat}/{seq} is not visible"
+                        ));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    // LINEARIZABLE reads: each sees every send acknowledged before it began,
+    // and never less than a read that finished before it began.
+    let mut lin: Vec<&Op> = ops
+        .iter()
+        .filter(|o| {
+            matches!(
+                o.kind,
+                OpKind::LinRead {
+                    last_seq: Some(_),
+                    ..
+                }
+            )
+        })
+        .collect();
+    lin.sort_by_key(|o| o.invoke);
+    for r in &lin {
+        let OpKind::LinRead {
+            chat,
+            last_seq: Some(got),
+        } = r.kind
+        else {
+            continue;
+        };
+        let must = ops
+            .iter()
+            .filter(|o| o.complete < r.invoke)
+            .filter_map(|o| match o.kind {
+                OpKind::Send {
+                    chat: c,
+                    outcome: Outcome::Ok(seq),
+                    ..
+                } if c == chat => Some(seq),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0);
+        if got < must {
+            bad.push(format!("LINEARIZABLE read of chat {chat} saw last seq {got}, but seq {must} was acknowledged before it began"));
+        }
+        for earlier in &lin {
+            if let OpKind::LinRead {
+                chat: c,
+                last_seq: Some(prev),
+            } = earlier.kind
+            {
+                if c == chat && earlier.complete < r.invoke && prev > got {
+                    bad.push(format!(
+                        "LINEARIZABLE reads of chat {chat} went backwards: {prev} then {got}"
+                    ));
+                }
+            }
+        }
+    }
+    bad
+}
