@@ -123,6 +123,9 @@ impl Chaos {
                     .raft_addr
                     .clone();
                 let p = Proxy::start(target).await;
+                p.ctl
+                    .delay_ms
+                    .store(one_way_delay_ms(a, b), Ordering::SeqCst);
                 args.push("--peer-addr".to_string());
                 args.push(format!("{b}={}", p.addr));
                 proxies.insert((a, b), p);
@@ -252,6 +255,17 @@ impl Chaos {
                 self.procs.start_router(region);
             }
         }
+    }
+}
+
+/// One-way delay per region pair (node 1 = eu, 2 = us, 3 = ap): a small
+/// copy of a real matrix (eu-us < us-ap < eu-ap), kept short so CI stays fast.
+pub fn one_way_delay_ms(a: u64, b: u64) -> u64 {
+    match (a.min(b), a.max(b)) {
+        (1, 2) => 5,
+        (2, 3) => 8,
+        (1, 3) => 10,
+        _ => 0,
     }
 }
 
