@@ -159,3 +159,138 @@ pub async fn tail(addr: &str, chat: u64, from_pts: u64, json: bool) -> anyhow::R
         }
     }
 }
+
+pub async fn chat_info(addr: &str, chat: u64, json: bool) -> anyhow::Result<i32> {
+    let mut c = router(addr).await?;
+    let r = c
+        .get_chat(pb::GetChatRequest {
+            chat_id: chat,
+            consistency: pb::Consistency::Linearizable as i32,
+            ..Default::default()
+        })
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    if json {
+        let cursors: Vec<_> = r
+            .read_cursors
+            .iter()
+            .map(|c| serde_json::json!({"reader": c.reader_id, "seq": c.seq}))
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"chat": chat, "last_seq": r.last_seq, "pts": r.pts, "closed": r.closed, "close_reason": r.close_reason, "read_cursors": cursors})
+        );
+    } else {
+        println!("chat      {chat}");
+        println!("last seq  {}", r.last_seq);
+        println!("pts       {}", r.pts);
+        if r.closed {
+            println!("closed    yes: {}", r.close_reason);
+        } else {
+            println!("closed    no");
+        }
+        println!("readers   {}", r.read_cursors.len());
+    }
+    Ok(0)
+}
+
+/// Chat ids from one argument or a file (one per line, `#` comments).
+pub fn chat_ids(chat: Option<u64>, file: Option<&std::path::Path>) -> anyhow::Result<Vec<u64>> {
+    match (chat, file) {
+        (Some(c), None) => Ok(vec![c]),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("read {}", path.display()))?;
+            let mut ids = Vec::new();
+            for (n, line) in text.lines().enumerate() {
+                let line = line.split('#').next().unwrap_or("").trim();
+                if line.is_empty() {
+                    continue;
+                }
+                let id: u64 = line.parse().with_context(|| {
+                    format!("{}:{}: {line:?} is not a chat id", path.display(), n + 1)
+                })?;
+                if id == 0 {
+                    anyhow::bail!("{}:{}: chat id 0 does not exist", path.display(), n + 1);
+                }
+                ids.push(id);
+            }
+            if ids.is_empty() {
+                anyhow::bail!("{} names no chats", path.display());
+            }
+            Ok(ids)
+        }
+        _ => anyhow::bail!("name one chat, or --file with chat ids (not both)"),
+    }
+}
+
+/// Closes (`reason` set) or reopens chats, with a progress bar and a
+/// summary; exit code 1 if any chat failed.
+pub async fn moderate(
+    addr: &str,
+    chats: &[u64],
+    reason: Option<String>,
+    dry_run: bool,
+    json: bool,
+) -> anyhow::Result<i32> {
+    let (verb, done) = if reason.is_some() {
+        ("close", "closed")
+    } else {
+        ("reopen", "reopened")
+    };
+    if dry_run {
+        println!("dry run: would {verb} {} chat(s): {chats:?}", chats.len());
+        return Ok(0);
+    }
+    let mut c = router(addr).await?;
+    let bar = indicatif::ProgressBar::new(chats.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} ({eta} left)")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(format!("{verb} chats"));
+    let mut failed = Vec::new();
+    for chat in chats {
+        let r = match &reason {
+            Some(reason) => c
+                .close_chat(pb::CloseChatRequest {
+                    chat_id: *chat,
+                    reason: reason.clone(),
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ()),
+            None => c
+                .reopen_chat(pb::ReopenChatRequest {
+                    chat_id: *chat,
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ()),
+        };
+        if let Err(s) = r {
+            failed.push((*chat, format!("{:?}: {}", s.code(), s.message())));
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let ok = chats.len() - failed.len();
+    if json {
+        let f: Vec<_> = failed
+            .iter()
+            .map(|(c, e)| serde_json::json!({"chat": c, "error": e}))
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"action": verb, "ok": ok, "failed": f})
+        );
+    } else {
+        println!("{done} {ok} of {} chat(s)", chats.len());
+        for (chat, e) in &failed {
+            println!("  chat {chat}: {e}");
+        }
+    }
+    Ok(if failed.is_empty() { 0 } else { 1 })
+}

@@ -67,6 +67,9 @@ pub enum Cmd {
         #[arg(long, default_value_t = 0)]
         before: u64,
     },
+    /// Inspect or moderate chats.
+    #[command(subcommand)]
+    Chat(ChatCmd),
     /// Follow a chat's changes as they happen (Ctrl-C to stop).
     Tail {
         #[arg(long)]
@@ -74,6 +77,34 @@ pub enum Cmd {
         /// Start after this pts (0 = from the beginning).
         #[arg(long, default_value_t = 0)]
         from_pts: u64,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ChatCmd {
+    /// A chat's last seq, pts, closed state and read cursors.
+    Info { chat: u64 },
+    /// Close chats: they refuse writes and hide their content from reads.
+    Close {
+        /// The chat to close (or use --file).
+        chat: Option<u64>,
+        /// A file of chat ids, one per line (# starts a comment).
+        #[arg(long)]
+        file: Option<std::path::PathBuf>,
+        /// Why, recorded in each chat's log.
+        #[arg(long)]
+        reason: String,
+        /// Show what would be closed and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Reopen closed chats.
+    Reopen {
+        chat: Option<u64>,
+        #[arg(long)]
+        file: Option<std::path::PathBuf>,
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -104,6 +135,24 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             before,
         } => data::history(&cli.router, chat, limit, before, cli.json).await,
         Cmd::Tail { chat, from_pts } => data::tail(&cli.router, chat, from_pts, cli.json).await,
+        Cmd::Chat(ChatCmd::Info { chat }) => data::chat_info(&cli.router, chat, cli.json).await,
+        Cmd::Chat(ChatCmd::Close {
+            chat,
+            file,
+            reason,
+            dry_run,
+        }) => {
+            let chats = data::chat_ids(chat, file.as_deref())?;
+            data::moderate(&cli.router, &chats, Some(reason), dry_run, cli.json).await
+        }
+        Cmd::Chat(ChatCmd::Reopen {
+            chat,
+            file,
+            dry_run,
+        }) => {
+            let chats = data::chat_ids(chat, file.as_deref())?;
+            data::moderate(&cli.router, &chats, None, dry_run, cli.json).await
+        }
     }
 }
 

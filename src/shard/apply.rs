@@ -470,6 +470,12 @@ impl Applier<'_, '_> {
             ));
         }
         let mut chat = self.chat(c.chat_id)?;
+        if chat.closed {
+            return Ok(reject(
+                ErrorCode::FailedPrecondition,
+                format!("chat {} is closed: {}", c.chat_id, chat.close_reason),
+            ));
+        }
         if c.up_to_seq > chat.last_seq {
             return Ok(reject(
                 ErrorCode::InvalidArgument,

@@ -97,6 +97,36 @@ impl StateReader {
         }
     }
 
+    /// The earliest expire_at in the TTL index, if any message has one.
+    pub fn earliest_expiry(&self) -> io::Result<Option<u64>> {
+        match self.tree.scan_prefix([keys::TAG_TTL]).next() {
+            Some(pair) => {
+                let (k, _) = pair.map_err(io_err)?;
+                Ok(keys::part(&k, 0))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Creation time of the oldest dedup record, if any.
+    pub fn oldest_dedup(&self) -> io::Result<Option<u64>> {
+        match self.tree.scan_prefix([keys::TAG_DEDUP_BY_TIME]).next() {
+            Some(pair) => {
+                let (k, _) = pair.map_err(io_err)?;
+                Ok(keys::part(&k, 0))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// The shard's replicated settings.
+    pub fn settings(&self) -> io::Result<crate::api::pb::replicated::ShardSettings> {
+        match self.tree.get(keys::SM_META_SETTINGS).map_err(io_err)? {
+            Some(v) => Ok(decode(&v, "shard settings")?),
+            None => Ok(crate::shard::apply::default_settings()),
+        }
+    }
+
     pub fn chat_record(&self, chat: u64) -> io::Result<ChatRecord> {
         match self.tree.get(keys::chat(chat)).map_err(io_err)? {
             Some(v) => Ok(decode(&v, "chat record")?),
