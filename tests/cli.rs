@@ -38,6 +38,10 @@ async fn chatctl_data_moderation_status_and_errors() {
         .wait_leaders(&[1, 2, 3], Duration::from_secs(60))
         .await
         .unwrap();
+    let metrics = format!("127.0.0.1:{}", common::free_port());
+    cluster
+        .router_args
+        .insert("eu".into(), vec!["--metrics".into(), metrics.clone()]);
     let router = cluster.start_router("eu");
     router_client(&router).await;
     let endpoints: Vec<String> = cluster
@@ -127,6 +131,10 @@ async fn chatctl_data_moderation_status_and_errors() {
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.starts_with("ok:"), "{out}");
 
+    // The router's Prometheus endpoint counts what it served.
+    let body = http_get(&metrics, "/metrics").await;
+    assert!(body.contains("chatstore_router_requests_total"), "{body}");
+
     // A node that is down: clear error, non-zero exit.
     cluster.kill_node(3);
     let (code, out, _) = chatctl(&["--endpoints", &endpoints, "status"]);
@@ -141,4 +149,19 @@ async fn chatctl_data_moderation_status_and_errors() {
     let (code, _, err) = chatctl(&["--router", "127.0.0.1:1", "history", "--chat", "1"]);
     assert_eq!(code, 2);
     assert!(err.contains("cannot reach the router"), "{err}");
+}
+
+async fn http_get(addr: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to metrics");
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
 }

@@ -150,6 +150,11 @@ async fn run_router(
 
 async fn run_dev(config_path: PathBuf) -> anyhow::Result<()> {
     let config = ClusterConfig::load(&config_path)?;
+    // One process, one metrics registry: served on the first node's address.
+    if let Some(addr) = config.nodes.iter().find_map(|n| n.metrics_addr.clone()) {
+        chatstore::metrics::install_exporter(addr.parse().context("metrics_addr")?)?;
+        println!("metrics (all nodes and routers of this process): http://{addr}/metrics");
+    }
     eprintln!("chatstore dev: DEVELOPMENT MODE - no TLS, no authentication, read tokens signed with a well-known key");
     let mut nodes = Vec::new();
     for n in &config.nodes {
