@@ -7,9 +7,16 @@
 //! - self-destruct: when the TTL index holds due messages, propose
 //!   `Expire { up_to_ms: now, max_items }` (DESIGN section 6);
 //! - dedup records older than the replicated dedup window are dropped with
-//!   `GcDedup`.
+//!   `GcDedup`;
+//! - leadership returns to the shard's preferred region: a leader outside it
+//!   that has led for a while hands over to a caught-up voter there (damped:
+//!   a hold time before the first try and between tries, so it does not
+//!   flap while a node restarts).
 
-use std::time::Duration;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use openraft::async_runtime::WatchReceiver;
 
 use tokio::sync::watch;
 
@@ -18,7 +25,7 @@ use crate::node::Registry;
 use crate::shard::apply::default_settings;
 use crate::shard::Shard;
 use crate::storage::keys;
-use crate::types::now_ms;
+use crate::types::{now_ms, ShardId};
 
 /// How often chores run. Bounds how late a self-destructing message is
 /// deleted after its expiry (reads hide it on time regardless).
@@ -28,7 +35,26 @@ pub const EXPIRE_BATCH_MAX: u32 = 1_000;
 /// Most dedup records one GcDedup command drops.
 pub const GC_BATCH_MAX: u32 = 1_000;
 
-pub async fn run(registry: Registry, mut shutdown: watch::Receiver<bool>) {
+/// A preferred voter must be this close to the leader's log to receive
+/// leadership.
+pub const TRANSFER_LAG_MAX: u64 = 100;
+
+/// What the chores need to know about the cluster.
+pub struct Context {
+    /// This node's region.
+    pub region: String,
+    /// Each shard's preferred leader region.
+    pub preferred: BTreeMap<ShardId, String>,
+    /// How long a node must have led a shard before handing it back, and
+    /// the least time between two hand-back attempts.
+    pub return_after: Duration,
+}
+
+pub async fn run(registry: Registry, ctx: Context, mut shutdown: watch::Receiver<bool>) {
+    // Since when this node leads each shard, and when it last tried to hand
+    // one back.
+    let mut leading_since: BTreeMap<ShardId, Instant> = BTreeMap::new();
+    let mut last_transfer: BTreeMap<ShardId, Instant> = BTreeMap::new();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(TICK) => {}
@@ -36,10 +62,24 @@ pub async fn run(registry: Registry, mut shutdown: watch::Receiver<bool>) {
         }
         for shard in registry.all() {
             if !shard.is_leader() {
+                leading_since.remove(&shard.id);
                 continue;
             }
+            let since = *leading_since.entry(shard.id).or_insert_with(Instant::now);
             if let Err(e) = chores(&shard).await {
                 tracing::debug!(shard = %shard.id, error = %e, "leader chores");
+            }
+            let recently = last_transfer
+                .get(&shard.id)
+                .is_some_and(|t| t.elapsed() < ctx.return_after);
+            if since.elapsed() >= ctx.return_after && !recently {
+                if let Some(target) = preferred_target(&shard, &ctx) {
+                    tracing::info!(shard = %shard.id, to = target, "returning leadership to the preferred region");
+                    last_transfer.insert(shard.id, Instant::now());
+                    if let Err(e) = shard.raft.trigger().transfer_leader(target).await {
+                        tracing::warn!(shard = %shard.id, error = %e, "transfer leadership");
+                    }
+                }
             }
         }
     }
@@ -85,4 +125,34 @@ async fn chores(shard: &Shard) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// A caught-up voter in the shard's preferred region, if this leader is not
+/// in it.
+fn preferred_target(shard: &Shard, ctx: &Context) -> Option<u64> {
+    let preferred = ctx.preferred.get(&shard.id)?;
+    if *preferred == ctx.region {
+        return None;
+    }
+    let m = shard.raft.metrics().borrow_watched().clone();
+    let last = m.last_log_index.unwrap_or(0);
+    let matched = m.replication.as_ref()?;
+    let membership = m.membership_config.membership();
+    let target = membership
+        .voter_ids()
+        .filter(|id| {
+            membership
+                .get_node(id)
+                .is_some_and(|n| n.region == *preferred)
+        })
+        .find(|id| {
+            let at = matched
+                .get(id)
+                .cloned()
+                .flatten()
+                .map(|l| l.index)
+                .unwrap_or(0);
+            at + TRANSFER_LAG_MAX >= last
+        });
+    target
 }

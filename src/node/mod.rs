@@ -153,7 +153,16 @@ impl Node {
             }
         }
 
-        let duties = tokio::spawn(duties::run(registry.clone(), shutdown_rx));
+        let ctx = duties::Context {
+            region: me.region.clone(),
+            preferred: config
+                .shard_ids()
+                .map(|s| (s, placement.preferred_region(s).to_string()))
+                .collect(),
+            // Long enough that a restarting node is caught up and stable.
+            return_after: std::time::Duration::from_millis(config.raft.election_timeout_ms_max * 5),
+        };
+        let duties = tokio::spawn(duties::run(registry.clone(), ctx, shutdown_rx));
         tracing::info!(node = id.0, %addr, shards = registry.all().len(), "node started");
         Ok(Node {
             id,
