@@ -7,6 +7,9 @@ use crate::shard;
 /// Metadata keys that carry a leader hint with `UNAVAILABLE` answers.
 pub const LEADER_ID_HEADER: &str = "x-chatstore-leader-id";
 pub const LEADER_ADDR_HEADER: &str = "x-chatstore-leader-addr";
+/// Set on the `UNAVAILABLE` answer of a replica that waited for an index it
+/// has not applied yet (it is alive, only behind).
+pub const BEHIND_HEADER: &str = "x-chatstore-behind";
 
 pub fn from_shard_error(e: shard::Error) -> Status {
     match e {
@@ -35,6 +38,17 @@ pub fn from_shard_error(e: shard::Error) -> Status {
             format!("{shard} is overloaded ({reason}); retry later"),
         ),
         shard::Error::InvalidArgument(m) => Status::new(Code::InvalidArgument, m),
+        e @ shard::Error::Behind { .. } => {
+            let mut status = Status::new(
+                Code::Unavailable,
+                format!("{e}; try another replica or the leader"),
+            );
+            status.metadata_mut().insert(
+                BEHIND_HEADER,
+                tonic::metadata::MetadataValue::from_static("1"),
+            );
+            status
+        }
     }
 }
 
@@ -46,6 +60,11 @@ pub fn from_read_error(e: shard::reads::ReadError) -> Status {
         ),
         shard::reads::ReadError::Io(e) => Status::new(Code::Internal, format!("read failed: {e}")),
     }
+}
+
+/// True if the status says "alive but behind" rather than failing.
+pub fn is_behind(status: &Status) -> bool {
+    status.metadata().get(BEHIND_HEADER).is_some()
 }
 
 /// The leader hint of an `UNAVAILABLE` status, if it carries one.

@@ -66,9 +66,7 @@ async fn watch_chat(
             Err(status) => {
                 // A replica that timed out waiting is fine; one that is down
                 // or failing makes us move to the next.
-                if status.code() != tonic::Code::Unavailable
-                    || !status.message().contains("has applied")
-                {
+                if !crate::api::status::is_behind(&status) {
                     replica = used + 1;
                     failures += 1;
                     let backoff = Duration::from_millis((50u64 << failures.min(4)).min(1000));

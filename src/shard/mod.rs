@@ -58,6 +58,14 @@ pub enum Error {
     Overloaded { shard: ShardId, reason: String },
     #[error("{0}")]
     InvalidArgument(String),
+    /// A replica waited for an index it has not applied yet.
+    #[error("{shard}: replica has applied {applied} < {wanted} after waiting {waited_ms} ms")]
+    Behind {
+        shard: ShardId,
+        applied: u64,
+        wanted: u64,
+        waited_ms: u64,
+    },
 }
 
 /// The outcome of a committed and applied write.
@@ -209,12 +217,11 @@ impl Shard {
             .await
         {
             Ok(m) => Ok(m.last_applied.map(|l| l.index).unwrap_or(0)),
-            Err(_) => Err(Error::Unavailable {
+            Err(_) => Err(Error::Behind {
                 shard: self.id,
-                reason: format!(
-                    "replica has applied {} < {index} after {wait:?}",
-                    self.applied_index()
-                ),
+                applied: self.applied_index(),
+                wanted: index,
+                waited_ms: wait.as_millis() as u64,
             }),
         }
     }
