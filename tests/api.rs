@@ -7,30 +7,17 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use chatstore::api::pb::node::StatusRequest;
 use chatstore::api::pb::{self, chat_store_client::ChatStoreClient, Consistency};
 use chatstore::router::token::{ShardPosition, TokenKeys};
-use common::procs::{router_client, ProcessCluster};
-use common::{Client, ConfigOptions, TestDir};
+use common::procs::{router_client, start_cluster, ProcessCluster};
+use common::{Client, TestDir};
 use tonic::transport::Channel;
 use tonic::Code;
 
 type Api = ChatStoreClient<Channel>;
 
 async fn up(dir: &TestDir, regions: &[&str]) -> (ProcessCluster, Vec<Api>, Client) {
-    let mut cluster = ProcessCluster::new(
-        &dir.path,
-        &ConfigOptions {
-            shards: 8,
-            ..Default::default()
-        },
-    );
-    cluster.start_all_nodes();
-    let nodes = Client::new(&cluster.config);
-    nodes
-        .wait_leaders(&[1, 2, 3], Duration::from_secs(60))
-        .await
-        .expect("leaders");
+    let (mut cluster, nodes) = start_cluster(&dir.path, 8).await;
     let mut apis = Vec::new();
     for r in regions {
         let addr = cluster.start_router(r);
@@ -57,7 +44,6 @@ fn code<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Status>) -> Cod
         Ok(v) => panic!("expected an error, got {v:?}"),
         Err(s) => {
             assert!(!s.message().is_empty(), "errors say what was wrong");
-            eprintln!("{:?}: {}", s.code(), s.message());
             s.code()
         }
     }
@@ -586,28 +572,22 @@ async fn two_devices_in_two_regions_see_every_change() {
             .collect::<Vec<_>>(),
         vec![3, 4]
     );
-}
 
-fn leader_of(status: &[pb::node::NodeStatus], shard: u64) -> Option<u64> {
-    status
-        .iter()
-        .flat_map(|n| {
-            n.shards
-                .iter()
-                .filter(|s| s.is_leader && s.shard_id == shard)
-                .map(move |_| n.node_id)
+    // SESSION reads stay in the caller's region: the us router's answer
+    // comes from node 2, the us replica.
+    let h = laptop
+        .get_history(pb::GetHistoryRequest {
+            chat_id: chat,
+            min_token: last.read_token.clone(),
+            ..Default::default()
         })
-        .next()
-}
-
-async fn statuses(nodes: &Client) -> Vec<pb::node::NodeStatus> {
-    let mut out = Vec::new();
-    for id in 1..=3 {
-        if let Ok(s) = nodes.node(id).status(StatusRequest {}).await {
-            out.push(s.into_inner());
-        }
-    }
-    out
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        h.served_by_node, 2,
+        "served by the replica in the router's region"
+    );
 }
 
 /// A SESSION read with the token of a just-acknowledged write sees it, on a
@@ -623,7 +603,7 @@ async fn read_your_writes_across_routers_and_a_leader_kill() {
     let mut killed = None;
     for i in 1..=40u64 {
         if i == 15 {
-            let leader = leader_of(&statuses(&nodes).await, shard).expect("shard has a leader");
+            let leader = nodes.leader_of(shard).await.expect("shard has a leader");
             eprintln!("killing node {leader}, leader of shard {shard}");
             cluster.kill_node(leader);
             killed = Some(leader);
@@ -745,7 +725,7 @@ async fn watch_across_router_restart_and_leader_kill_loses_and_repeats_nothing()
             }
             if !leader_killed && received.len() >= 15 {
                 leader_killed = true;
-                if let Some(leader) = leader_of(&statuses(&nodes).await, shard) {
+                if let Some(leader) = nodes.leader_of(shard).await {
                     eprintln!("killing node {leader}, leader of shard {shard}");
                     cluster.kill_node(leader);
                     cluster.start_node(leader);

@@ -7,8 +7,8 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::procs::{router_client, ProcessCluster};
-use common::{Client, ConfigOptions, TestDir};
+use common::procs::{router_client, start_cluster};
+use common::TestDir;
 
 fn chatctl(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_chatctl"))
@@ -25,19 +25,7 @@ fn chatctl(args: &[&str]) -> (i32, String, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn chatctl_data_moderation_status_and_errors() {
     let dir = TestDir::new("cli");
-    let mut cluster = ProcessCluster::new(
-        &dir.path,
-        &ConfigOptions {
-            shards: 4,
-            ..Default::default()
-        },
-    );
-    cluster.start_all_nodes();
-    let nodes = Client::new(&cluster.config);
-    nodes
-        .wait_leaders(&[1, 2, 3], Duration::from_secs(60))
-        .await
-        .unwrap();
+    let (mut cluster, nodes) = start_cluster(&dir.path, 4).await;
     let metrics = format!("127.0.0.1:{}", common::free_port());
     cluster
         .router_args

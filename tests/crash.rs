@@ -8,71 +8,20 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chatstore::api::pb::replicated::command_result::Outcome;
 use rand::{Rng, SeedableRng};
 
-use common::{send_cmd, three_region_config, Client, ConfigOptions, TestDir};
-
-/// The node processes of a test; every one is killed when this is dropped.
-struct Processes {
-    config_path: PathBuf,
-    log_dir: PathBuf,
-    children: BTreeMap<u64, Child>,
-}
-
-impl Processes {
-    fn start(&mut self, id: u64) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_dir.join(format!("node{id}.log")))
-            .expect("open node log");
-        let child = Command::new(env!("CARGO_BIN_EXE_chatstore"))
-            .args(["node", "--config"])
-            .arg(&self.config_path)
-            .args(["--id", &id.to_string()])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn chatstore node");
-        self.children.insert(id, child);
-    }
-
-    fn kill(&mut self, id: u64) {
-        if let Some(mut c) = self.children.remove(&id) {
-            let _ = c.kill(); // SIGKILL
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Processes {
-    fn drop(&mut self) {
-        for (_, mut c) in std::mem::take(&mut self.children) {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
+use common::procs::ProcessCluster;
+use common::{send_cmd, Client, ConfigOptions, TestDir};
 
 fn seed() -> u64 {
     std::env::var("CHATSTORE_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(rand::random)
-}
-
-fn write_config(dir: &Path, opts: &ConfigOptions) -> (chatstore::cluster::ClusterConfig, PathBuf) {
-    let config = three_region_config(&dir.join("data"), opts);
-    let path = dir.join("cluster.toml");
-    std::fs::write(&path, config.to_toml()).expect("write config");
-    (config, path)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -84,7 +33,7 @@ async fn sigkill_during_writes_loses_nothing_acknowledged() {
         .unwrap_or(20);
     eprintln!("crash test seed = {seed} (replay with CHATSTORE_SEED={seed}), {run_secs} s");
     let dir = TestDir::new("crash");
-    let (config, config_path) = write_config(
+    let mut procs = ProcessCluster::new(
         &dir.path,
         &ConfigOptions {
             shards: 8,
@@ -92,17 +41,8 @@ async fn sigkill_during_writes_loses_nothing_acknowledged() {
             logs_kept_behind_snapshot: 50,
         },
     );
-    let log_dir = dir.path.join("logs");
-    std::fs::create_dir_all(&log_dir).unwrap();
-    let mut procs = Processes {
-        config_path,
-        log_dir,
-        children: BTreeMap::new(),
-    };
-    for id in 1..=3 {
-        procs.start(id);
-    }
-    let client = Client::new(&config);
+    procs.start_all_nodes();
+    let client = Client::new(&procs.config);
     client
         .wait_leaders(&[1, 2, 3], Duration::from_secs(60))
         .await
@@ -152,10 +92,10 @@ async fn sigkill_during_writes_loses_nothing_acknowledged() {
         tokio::time::sleep(Duration::from_millis(rng.random_range(1000..3000))).await;
         let victim = rng.random_range(1..=3u64);
         eprintln!("t={:?}: SIGKILL node {victim}", started.elapsed());
-        procs.kill(victim);
+        procs.kill_node(victim);
         kills += 1;
         tokio::time::sleep(Duration::from_millis(rng.random_range(200..2000))).await;
-        procs.start(victim);
+        procs.start_node(victim);
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     while let Some(r) = writers.join_next().await {

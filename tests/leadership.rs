@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use chatstore::api::pb::node::StatusRequest;
 use chatstore::cluster::Placement;
 use chatstore::types::{NodeId, ShardId};
-use common::procs::ProcessCluster;
-use common::{send_cmd, Client, ConfigOptions, TestDir};
+use common::procs::start_cluster;
+use common::{send_cmd, Client, TestDir};
 
 /// shard → leader node, as the live nodes report it.
 async fn leaders(nodes: &Client, live: &[u64]) -> BTreeMap<u64, u64> {
@@ -58,20 +58,8 @@ async fn wait_preferred(
 async fn leadership_returns_to_the_preferred_region_after_a_restart() {
     let dir = TestDir::new("leadership");
     let shards = 6u64;
-    let mut cluster = ProcessCluster::new(
-        &dir.path,
-        &ConfigOptions {
-            shards: shards as u32,
-            ..Default::default()
-        },
-    );
-    cluster.start_all_nodes();
-    let nodes = Client::new(&cluster.config);
+    let (mut cluster, nodes) = start_cluster(&dir.path, shards as u32).await;
     let placement = Placement::new(&cluster.config);
-    nodes
-        .wait_leaders(&[1, 2, 3], Duration::from_secs(60))
-        .await
-        .unwrap();
     wait_preferred(&nodes, &placement, shards, Duration::from_secs(60))
         .await
         .unwrap();

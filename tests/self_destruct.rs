@@ -9,26 +9,14 @@ use std::time::{Duration, Instant};
 
 use chatstore::api::pb::{self, chat_store_client::ChatStoreClient, self_destruct_policy::Policy};
 use chatstore::types::now_ms;
-use common::procs::{router_client, ProcessCluster};
-use common::{Client, ConfigOptions, TestDir};
+use common::procs::{router_client, start_cluster, ProcessCluster};
+use common::{Client, TestDir};
 use tonic::transport::Channel;
 
 type Api = ChatStoreClient<Channel>;
 
 async fn up(dir: &TestDir) -> (ProcessCluster, Api, Client) {
-    let mut cluster = ProcessCluster::new(
-        &dir.path,
-        &ConfigOptions {
-            shards: 4,
-            ..Default::default()
-        },
-    );
-    cluster.start_all_nodes();
-    let nodes = Client::new(&cluster.config);
-    nodes
-        .wait_leaders(&[1, 2, 3], Duration::from_secs(60))
-        .await
-        .expect("leaders");
+    let (mut cluster, nodes) = start_cluster(&dir.path, 4).await;
     let addr = cluster.start_router("eu");
     let api = router_client(&addr).await;
     (cluster, api, nodes)
@@ -220,13 +208,6 @@ async fn delete_after_send_and_after_read() {
     wait_gone(&nodes, &[1, 2, 3], chat, r.seq, Duration::from_secs(10)).await;
 }
 
-fn leader_of(nodes: &[pb::node::NodeStatus], shard: u64) -> Option<u64> {
-    nodes
-        .iter()
-        .find(|n| n.shards.iter().any(|s| s.shard_id == shard && s.is_leader))
-        .map(|n| n.node_id)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn expiry_survives_a_leader_kill_and_a_full_restart() {
     let dir = TestDir::new("ttl-faults");
@@ -236,18 +217,7 @@ async fn expiry_survives_a_leader_kill_and_a_full_restart() {
 
     eprintln!("expiry across a leader kill");
     let s = send(&mut api, chat, 1, 1, Some(Policy::AfterSendSecs(3))).await;
-    let mut statuses = Vec::new();
-    for id in 1..=3 {
-        statuses.push(
-            nodes
-                .node(id)
-                .status(pb::node::StatusRequest {})
-                .await
-                .unwrap()
-                .into_inner(),
-        );
-    }
-    let leader = leader_of(&statuses, shard).expect("a leader");
+    let leader = nodes.leader_of(shard).await.expect("a leader");
     cluster.kill_node(leader);
     let live: Vec<u64> = (1..=3).filter(|n| *n != leader).collect();
     wait_gone(&nodes, &live, chat, s.seq, Duration::from_secs(20)).await;

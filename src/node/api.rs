@@ -132,14 +132,11 @@ impl NodeApi for NodeApiService {
             }
             Consistency::Stale => {}
         }
-        let m = shard.raft.metrics().borrow_watched().clone();
+        // Only the applied log id is needed; no copy of the whole metrics.
+        let applied = shard.raft.metrics().borrow_watched().last_applied;
         let mut reply = ReadReply {
-            applied_index: m.last_applied.as_ref().map(|l| l.index).unwrap_or(0),
-            applied_term: m
-                .last_applied
-                .as_ref()
-                .map(|l| l.leader_id.term)
-                .unwrap_or(0),
+            applied_index: applied.map(|l| l.index).unwrap_or(0),
+            applied_term: applied.map(|l| l.leader_id.term).unwrap_or(0),
             served_by_node: self.node_id.0,
             incarnation: shard.reader.incarnation(),
             ..Default::default()

@@ -234,10 +234,7 @@ impl Router {
                 }
                 Err(s) => s,
             };
-            let retryable = matches!(
-                status.code(),
-                Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown
-            );
+            let retryable = is_retryable(&status);
             if !retryable || started.elapsed() >= deadline {
                 return Err(if retryable {
                     Status::unavailable(format!(

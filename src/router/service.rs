@@ -113,13 +113,12 @@ impl ChatStore for ChatStoreService {
                 self_destruct,
             })),
         };
-        let min_token = r.min_token.clone();
-        self.token(&min_token)?;
+        // Decode the token first: a malformed one must change nothing.
+        let mut token = self.token(&r.min_token)?;
         let w = self.router.write(r.chat_id, cmd).await?;
         let Some(command_result::Outcome::Send(s)) = w.result.outcome else {
             return Err(Status::internal("send returned no send result"));
         };
-        let mut token = self.token(&min_token)?;
         token.merge(w.position);
         Ok(Response::new(pb::SendResponse {
             seq: s.seq,

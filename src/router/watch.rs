@@ -71,9 +71,8 @@ async fn watch_chat(
                     failures += 1;
                     let backoff = Duration::from_millis((50u64 << failures.min(4)).min(1000));
                     tokio::time::sleep(backoff).await;
-                } else if after_index > 0 {
-                    // Waited with no news; keep polling the same replica.
                 }
+                // Otherwise the replica waited with no news: poll it again.
                 continue;
             }
         };

@@ -78,11 +78,19 @@ pub struct WriteOutcome {
 
 type ProposalReply = oneshot::Sender<Result<WriteOutcome, Error>>;
 
+/// One caller's commands waiting for a proposal, with their encoded size
+/// (computed once, when the caller's limit is checked).
+struct PendingWrite {
+    commands: Vec<Command>,
+    bytes: usize,
+    reply: ProposalReply,
+}
+
 pub struct Shard {
     pub id: ShardId,
     pub raft: Raft,
     pub reader: StateReader,
-    proposals: mpsc::Sender<(Vec<Command>, ProposalReply)>,
+    proposals: mpsc::Sender<PendingWrite>,
 }
 
 /// openraft configuration from the cluster's Raft timing.
@@ -144,7 +152,11 @@ impl Shard {
         }
         let (tx, rx) = oneshot::channel();
         self.proposals
-            .try_send((commands, tx))
+            .try_send(PendingWrite {
+                commands,
+                bytes,
+                reply: tx,
+            })
             .map_err(|e| match e {
                 mpsc::error::TrySendError::Full(_) => Error::Overloaded {
                     shard: self.id,
@@ -234,11 +246,6 @@ impl Shard {
             .unwrap_or(0)
     }
 
-    pub fn committed_index(&self) -> u64 {
-        let m = self.raft.metrics().borrow_watched().clone();
-        m.local_committed.as_ref().map(|l| l.index).unwrap_or(0)
-    }
-
     pub fn applied_index(&self) -> u64 {
         self.raft
             .metrics()
@@ -258,13 +265,9 @@ impl Shard {
 
 /// Batches queued writes into log entries: waits for a free in-flight slot,
 /// then takes everything queued (up to the entry limits) as one proposal.
-async fn run_proposer(
-    shard: ShardId,
-    raft: Raft,
-    mut rx: mpsc::Receiver<(Vec<Command>, ProposalReply)>,
-) {
+async fn run_proposer(shard: ShardId, raft: Raft, mut rx: mpsc::Receiver<PendingWrite>) {
     let slots = Arc::new(Semaphore::new(PROPOSALS_IN_FLIGHT_MAX));
-    let mut carry: Option<(Vec<Command>, ProposalReply)> = None;
+    let mut carry: Option<PendingWrite> = None;
     loop {
         let first = match carry.take() {
             Some(f) => f,
@@ -276,19 +279,20 @@ async fn run_proposer(
         let Ok(permit) = slots.clone().acquire_owned().await else {
             return;
         };
-        let mut bytes: usize = first.0.iter().map(|c| c.encoded_len()).sum();
+        let mut bytes = first.bytes;
+        let mut count = first.commands.len();
         let mut waiters = vec![first];
-        let mut count = waiters[0].0.len();
         while count < BATCH_COMMANDS_MAX {
             match rx.try_recv() {
                 Ok(next) => {
-                    let b: usize = next.0.iter().map(|c| c.encoded_len()).sum();
-                    if bytes + b > BATCH_BYTES_MAX || count + next.0.len() > BATCH_COMMANDS_MAX {
+                    if bytes + next.bytes > BATCH_BYTES_MAX
+                        || count + next.commands.len() > BATCH_COMMANDS_MAX
+                    {
                         carry = Some(next);
                         break;
                     }
-                    bytes += b;
-                    count += next.0.len();
+                    bytes += next.bytes;
+                    count += next.commands.len();
                     waiters.push(next);
                 }
                 Err(_) => break,
@@ -300,9 +304,10 @@ async fn run_proposer(
             let mut commands = Vec::with_capacity(count);
             let mut spans = Vec::with_capacity(waiters.len());
             let mut replies = Vec::with_capacity(waiters.len());
-            for (cmds, reply) in waiters {
-                spans.push(cmds.len());
-                commands.extend(cmds);
+            for w in waiters {
+                spans.push(w.commands.len());
+                commands.extend(w.commands);
+                let reply = w.reply;
                 replies.push(reply);
             }
             metrics::histogram!(crate::metrics::SHARD_PROPOSAL_COMMANDS)

@@ -20,7 +20,6 @@ use std::sync::{Arc, Mutex};
 use futures::{Stream, StreamExt};
 use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
 use openraft::EntryPayload as OpenraftPayload;
-use prost::Message;
 use serde::{Deserialize, Serialize};
 
 use crate::api::codec::{from_json, to_json};
@@ -361,9 +360,4 @@ impl StateMachine {
     pub fn settings(&self) -> &ShardSettings {
         &self.settings
     }
-}
-
-/// Encodes a record for tests and tools.
-pub fn encode<T: Message>(m: &T) -> Vec<u8> {
-    m.encode_to_vec()
 }

@@ -183,19 +183,7 @@ impl Chaos {
     }
 
     async fn leader_of_busy_shard(&self) -> Option<u64> {
-        let shard = self.nodes.shard_of(1).0;
-        for id in 1..=3 {
-            if let Ok(s) = self.nodes.node(id).status(pb::node::StatusRequest {}).await {
-                if s.into_inner()
-                    .shards
-                    .iter()
-                    .any(|sh| sh.shard_id == shard && sh.is_leader)
-                {
-                    return Some(id);
-                }
-            }
-        }
-        None
+        self.nodes.leader_of(self.nodes.shard_of(1).0).await
     }
 
     /// Runs one fault for `hold`, then repairs it.
@@ -366,17 +354,7 @@ pub async fn run_session(
                 }),
             )
             .await;
-            let outcome = match r {
-                Ok(Ok(r)) => {
-                    token = r.into_inner().read_token;
-                    Outcome::Ok(())
-                }
-                Ok(Err(s)) if !transient(s.code()) => Outcome::Failed,
-                _ => {
-                    api = None;
-                    Outcome::Unknown
-                }
-            };
+            let outcome = write_outcome(r, &mut token, &mut api);
             OpKind::Edit {
                 chat,
                 seq,
@@ -395,17 +373,7 @@ pub async fn run_session(
                 }),
             )
             .await;
-            let outcome = match r {
-                Ok(Ok(r)) => {
-                    token = r.into_inner().read_token;
-                    Outcome::Ok(())
-                }
-                Ok(Err(s)) if !transient(s.code()) => Outcome::Failed,
-                _ => {
-                    api = None;
-                    Outcome::Unknown
-                }
-            };
+            let outcome = write_outcome(r, &mut token, &mut api);
             OpKind::Delete { chat, seq, outcome }
         } else if roll < 88 {
             // SESSION read: sees this session's writes, never goes back.
@@ -457,6 +425,29 @@ pub async fn run_session(
             OpKind::LinRead { chat, last_seq }
         };
         record(&history, session, invoke, kind);
+    }
+}
+
+/// The outcome of an edit or delete: a transient failure is unknown (it
+/// may have been applied) and drops the connection for a fresh one.
+fn write_outcome(
+    r: Result<
+        Result<tonic::Response<pb::WriteResponse>, tonic::Status>,
+        tokio::time::error::Elapsed,
+    >,
+    token: &mut bytes::Bytes,
+    api: &mut Option<ChatStoreClient<Channel>>,
+) -> Outcome<()> {
+    match r {
+        Ok(Ok(r)) => {
+            *token = r.into_inner().read_token;
+            Outcome::Ok(())
+        }
+        Ok(Err(s)) if !transient(s.code()) => Outcome::Failed,
+        _ => {
+            *api = None;
+            Outcome::Unknown
+        }
     }
 }
 

@@ -22,13 +22,9 @@ use chatstore::cluster::{ClusterConfig, Placement};
 use chatstore::types::{ChatId, ShardId};
 use tonic::transport::Channel;
 
-/// Ports handed out by this process, so two fixtures never share one.
-static NEXT_PORT_OFFSET: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
-
 /// A free TCP port on 127.0.0.1 (bound and released; the OS does not hand it
 /// out again soon).
 pub fn free_port() -> u16 {
-    let _ = NEXT_PORT_OFFSET.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
     l.local_addr().expect("local addr").port()
 }
@@ -244,6 +240,22 @@ impl Client {
             }
         }
         Ok(())
+    }
+
+    /// The node that leads `shard`, as the live nodes report it.
+    pub async fn leader_of(&self, shard: u64) -> Option<u64> {
+        for (id, client) in &self.clients {
+            if let Ok(s) = client.clone().status(StatusRequest {}).await {
+                if s.into_inner()
+                    .shards
+                    .iter()
+                    .any(|sh| sh.shard_id == shard && sh.is_leader)
+                {
+                    return Some(*id);
+                }
+            }
+        }
+        None
     }
 
     /// Waits until every shard has a leader known to `nodes`.

@@ -149,6 +149,25 @@ impl Drop for ProcessCluster {
     }
 }
 
+/// Starts the three nodes of a fresh cluster under `dir` and waits until
+/// every shard has a leader.
+pub async fn start_cluster(dir: &Path, shards: u32) -> (ProcessCluster, super::Client) {
+    let mut cluster = ProcessCluster::new(
+        dir,
+        &ConfigOptions {
+            shards,
+            ..Default::default()
+        },
+    );
+    cluster.start_all_nodes();
+    let nodes = super::Client::new(&cluster.config);
+    nodes
+        .wait_leaders(&[1, 2, 3], Duration::from_secs(60))
+        .await
+        .expect("every shard elects a leader");
+    (cluster, nodes)
+}
+
 /// Connects to a router, retrying while it starts.
 pub async fn router_client(
     addr: &str,
