@@ -7,6 +7,12 @@ pub const SHARD_PROPOSAL_COMMANDS: &str = "chatstore_shard_proposal_commands";
 pub const SHARD_PROPOSAL_SECONDS: &str = "chatstore_shard_proposal_seconds";
 pub const DEDUP_HITS: &str = "chatstore_dedup_hits_total";
 pub const TTL_EXPIRED: &str = "chatstore_ttl_expired_total";
+pub const ERASURE_KEYS_DESTROYED: &str = "chatstore_erasure_keys_destroyed_total";
+pub const ERASURE_RECORDS_RESEALED: &str = "chatstore_erasure_records_resealed_total";
+pub const ERASURE_SNAPSHOTS_FORCED: &str = "chatstore_erasure_snapshots_forced_total";
+pub const ERASURE_PURGES_FORCED: &str = "chatstore_erasure_purges_forced_total";
+/// Epoch keys alive on this node; more than two means erasure is behind.
+pub const ERASURE_KEYS_ALIVE: &str = "chatstore_erasure_keys_alive";
 pub const RAFT_RPC_SECONDS: &str = "chatstore_raft_rpc_seconds";
 pub const ROUTER_REQUESTS: &str = "chatstore_router_requests_total";
 pub const NODE_API_REQUESTS: &str = "chatstore_node_api_requests_total";

@@ -444,6 +444,23 @@ async fn every_rpc_and_its_error_codes() {
         .into_inner();
     assert!(c.closed);
     assert_eq!(c.close_reason, "spam");
+    // The reason is in the chat's change log, for every device.
+    let diff = api
+        .get_difference(pb::GetDifferenceRequest {
+            cursors: vec![pb::Cursor {
+                chat_id: chat,
+                pts: 5,
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let change = &diff.chats[0].changes[0];
+    assert_eq!(
+        (change.kind, change.reason.as_str()),
+        (pb::ChangeKind::Close as i32, "spam")
+    );
     api.reopen_chat(pb::ReopenChatRequest {
         chat_id: chat,
         ..Default::default()

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use chatstore::api::pb::node::{ShardRequest, StatusRequest};
 use chatstore::api::pb::replicated::command_result::Outcome;
+use chatstore::api::pb::replicated::{command, self_destruct, SelfDestruct};
 use chatstore::cluster::ClusterConfig;
 use chatstore::node::Node;
 use chatstore::types::NodeId;
@@ -169,6 +170,7 @@ async fn lagging_replica_catches_up_by_snapshot() {
         shards: 2,
         snapshot_every_entries: 50,
         logs_kept_behind_snapshot: 5,
+        ..Default::default()
     };
     let config = three_region_config(&dir.path, &opts);
     let mut nodes = BTreeMap::new();
@@ -229,6 +231,26 @@ async fn lagging_replica_catches_up_by_snapshot() {
             acked.insert((chat, 500_000 + i), s.seq);
         }
     }
+    // Self-destructing messages (no one reads them) are sealed at rest; the
+    // snapshot carries them sealed with its own key, which travels with it.
+    let mut sealed = Vec::new();
+    for chat in 1..=10u64 {
+        let mut cmd = send_cmd(chat, 9, 900_000 + chat, format!("sealed-{chat}").as_bytes());
+        if let Some(command::Kind::Send(s)) = &mut cmd.kind {
+            s.self_destruct = Some(SelfDestruct {
+                policy: Some(self_destruct::Policy::AfterReadSecs(86_400)),
+            });
+        }
+        let r = client
+            .write(chat, vec![cmd], Duration::from_secs(30))
+            .await
+            .unwrap();
+        let Some(Outcome::Send(s)) = &r.results[0].outcome else {
+            panic!("send refused: {:?}", r.results[0]);
+        };
+        acked.insert((chat, 900_000 + chat), s.seq);
+        sealed.push((chat, s.seq));
+    }
     for shard in 0..2 {
         for node in &alive {
             client
@@ -287,6 +309,11 @@ async fn lagging_replica_catches_up_by_snapshot() {
         );
     }
     check_acked_everywhere(&client, &[1, 2, 3], &acked).await;
+    for (chat, seq) in sealed {
+        let h = client.history_on(victim, chat).await.unwrap();
+        let m = h.iter().find(|m| m.seq == seq).expect("sealed message");
+        assert_eq!(m.body.as_ref(), format!("sealed-{chat}").as_bytes());
+    }
     for (_, n) in nodes {
         n.shutdown().await;
     }

@@ -39,6 +39,7 @@ async fn sigkill_during_writes_loses_nothing_acknowledged() {
             shards: 8,
             snapshot_every_entries: 200,
             logs_kept_behind_snapshot: 50,
+            ..Default::default()
         },
     );
     procs.start_all_nodes();

@@ -241,3 +241,278 @@ async fn expiry_survives_a_leader_kill_and_a_full_restart() {
         .unwrap();
     wait_gone(&nodes, &[1, 2, 3], chat, s.seq, Duration::from_secs(20)).await;
 }
+
+/// Every file under every node's data folder.
+fn files_under(root: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            match entry.file_type() {
+                Ok(t) if t.is_dir() => stack.push(path),
+                Ok(t) if t.is_file() => out.push(path),
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+/// Which of `needles` (each at least 8 bytes) occur in any file under
+/// `root`, with the file. One pass per file over 8-byte windows, so a debug
+/// build scans tens of megabytes quickly.
+fn scan(root: &std::path::Path, needles: &[Vec<u8>]) -> Vec<(usize, std::path::PathBuf)> {
+    use std::collections::HashMap;
+    let mut by_prefix: HashMap<[u8; 8], Vec<usize>> = HashMap::new();
+    for (i, n) in needles.iter().enumerate() {
+        assert!(n.len() >= 8, "needles are at least 8 bytes");
+        by_prefix
+            .entry(n[..8].try_into().unwrap())
+            .or_default()
+            .push(i);
+    }
+    let mut found = Vec::new();
+    for file in files_under(root) {
+        // A file may vanish while we list (snapshots, keys): that is fine.
+        let Ok(bytes) = std::fs::read(&file) else {
+            continue;
+        };
+        let mut seen = std::collections::BTreeSet::new();
+        for (pos, w) in bytes.windows(8).enumerate() {
+            let Some(ids) = by_prefix.get(<&[u8; 8]>::try_from(w).unwrap()) else {
+                continue;
+            };
+            for &i in ids {
+                if bytes[pos..].starts_with(&needles[i]) && seen.insert(i) {
+                    found.push((i, file.clone()));
+                }
+            }
+        }
+    }
+    found
+}
+
+/// The 32-byte keys in every key file (epoch keys and snapshot keys) under
+/// `root`.
+fn key_material(root: &std::path::Path) -> Vec<Vec<u8>> {
+    files_under(root)
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "key"))
+        .filter_map(|p| std::fs::read(p).ok())
+        .filter(|b| b.len() == 40)
+        .map(|b| b[8..].to_vec())
+        .collect()
+}
+
+/// Self-destructed bodies become unrecoverable from disk: sealed at rest
+/// everywhere (Raft log, state, snapshot files), then their keys destroyed
+/// within the documented bound (about 2.5 seal epochs after expiry). The
+/// scan that proves it is shown to see: a normal message's marker is found.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn self_destructed_bodies_are_erased_from_disk() {
+    const EPOCH_SECS: u64 = 2;
+    let dir = TestDir::new("ttl-erasure");
+    let mut cluster = ProcessCluster::new(
+        &dir.path,
+        &common::ConfigOptions {
+            shards: 2,
+            seal_epoch_secs: Some(EPOCH_SECS),
+            ..Default::default()
+        },
+    );
+    cluster.start_all_nodes();
+    let nodes = Client::new(&cluster.config);
+    nodes
+        .wait_leaders(&[1, 2, 3], Duration::from_secs(60))
+        .await
+        .expect("every shard elects a leader");
+    let addr = cluster.start_router("eu");
+    let mut api = router_client(&addr).await;
+    let data = dir.path.join("data");
+
+    // Every key that exists while the messages live is recorded: any of
+    // them may have sealed a copy of a body.
+    let keys_seen = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
+    let (stop_sampling, mut stopped) = tokio::sync::watch::channel(false);
+    let sampler = {
+        let keys_seen = keys_seen.clone();
+        let data = data.clone();
+        tokio::spawn(async move {
+            loop {
+                let found = {
+                    let data = data.clone();
+                    tokio::task::spawn_blocking(move || key_material(&data))
+                        .await
+                        .unwrap()
+                };
+                keys_seen.lock().unwrap().extend(found);
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    _ = stopped.changed() => return,
+                }
+            }
+        })
+    };
+    let secret = format!("EPHEMERAL-{:016x}", rand::random::<u64>()).into_bytes();
+    let plain = format!("PERMANENT-{:016x}", rand::random::<u64>()).into_bytes();
+    let chat = 11;
+    let body_of = |marker: &[u8], n: u64| {
+        let mut b = marker.to_vec();
+        b.extend_from_slice(format!(" message {n}").as_bytes());
+        b
+    };
+    let send_body = |api: &mut Api, body: Vec<u8>, cmid: u64, policy: Option<Policy>| {
+        let mut api = api.clone();
+        async move {
+            api.send(pb::SendRequest {
+                chat_id: chat,
+                sender_id: 1,
+                client_msg_id: cmid,
+                body: body.into(),
+                self_destruct: policy.map(|p| pb::SelfDestructPolicy { policy: Some(p) }),
+                ..Default::default()
+            })
+            .await
+            .expect("send")
+            .into_inner()
+        }
+    };
+
+    eprintln!("send: a normal message, self-destructing ones of both policies, an edit");
+    send_body(&mut api, body_of(&plain, 0), 1, None).await;
+    let mut last = None;
+    for n in 1..=10 {
+        last = Some(
+            send_body(
+                &mut api,
+                body_of(&secret, n),
+                100 + n,
+                Some(Policy::AfterSendSecs(4)),
+            )
+            .await,
+        );
+    }
+    let mut after_read = Vec::new();
+    for n in 11..=15 {
+        after_read.push(
+            send_body(
+                &mut api,
+                body_of(&secret, n),
+                100 + n,
+                Some(Policy::AfterReadSecs(3)),
+            )
+            .await,
+        );
+    }
+    let edited = after_read[0].seq;
+    api.edit(pb::EditRequest {
+        chat_id: chat,
+        seq: edited,
+        editor_id: 1,
+        body: body_of(&secret, 99).into(),
+        ..Default::default()
+    })
+    .await
+    .expect("edit");
+
+    eprintln!("snapshot every replica while the messages live, so snapshot files hold them too");
+    let shard = nodes.shard_of(chat).0;
+    for node in 1..=3 {
+        nodes
+            .node(node)
+            .trigger_snapshot(chatstore::api::pb::node::ShardRequest { shard_id: shard })
+            .await
+            .expect("trigger snapshot");
+    }
+    let started = Instant::now();
+    loop {
+        let snapshot_keys = files_under(&data)
+            .iter()
+            .filter(|p| {
+                p.to_string_lossy().contains("snapshots")
+                    && p.extension().is_some_and(|e| e == "key")
+            })
+            .count();
+        if snapshot_keys >= 3 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "snapshots with sealed bodies were not written"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let found = scan(&data, &[secret.clone(), plain.clone()]);
+    assert!(
+        found.iter().all(|(i, _)| *i != 0),
+        "a self-destructing body is on disk in the clear: {found:?}"
+    );
+    assert!(
+        found.iter().any(|(i, _)| *i == 1),
+        "the scan does not see a normal message's body, so it proves nothing"
+    );
+
+    eprintln!("let them expire: the after-read ones are read by another user");
+    api.mark_read(pb::MarkReadRequest {
+        chat_id: chat,
+        reader_id: 2,
+        up_to_seq: after_read.last().unwrap().seq,
+        ..Default::default()
+    })
+    .await
+    .expect("mark read");
+    let last = last.unwrap();
+    for seq in (last.seq - 9..=last.seq).chain(after_read.iter().map(|r| r.seq)) {
+        wait_gone(&nodes, &[1, 2, 3], chat, seq, Duration::from_secs(20)).await;
+    }
+    let expired_at = Instant::now();
+    stop_sampling.send(true).unwrap();
+    sampler.await.unwrap();
+    let keys_while_live: Vec<Vec<u8>> = keys_seen.lock().unwrap().iter().cloned().collect();
+    eprintln!(
+        "{} keys existed while the messages lived",
+        keys_while_live.len()
+    );
+    assert!(
+        keys_while_live.len() >= 3,
+        "every node sealed with at least one key"
+    );
+
+    eprintln!("wait for every key that sealed them to be destroyed on every node");
+    let bound = Duration::from_secs(EPOCH_SECS * 5 / 2 + 2);
+    let mut needles = keys_while_live.clone();
+    needles.push(secret.clone());
+    let deadline = bound * 4 + Duration::from_secs(20);
+    loop {
+        let found = scan(&data, &needles);
+        if found.is_empty() {
+            break;
+        }
+        assert!(
+            expired_at.elapsed() < deadline,
+            "{} of the keys or bodies are still on disk {:?} after expiry (bound {bound:?}): {found:?}",
+            found.len(),
+            expired_at.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    eprintln!(
+        "erased {:?} after the last expiry (documented bound {bound:?})",
+        expired_at.elapsed()
+    );
+    let found = scan(&data, std::slice::from_ref(&plain));
+    assert!(
+        !found.is_empty(),
+        "the normal message's body must still be on disk"
+    );
+
+    eprintln!("the chat still reads correctly on every replica");
+    for node in 1..=3 {
+        let h = nodes.history_on(node, chat).await.expect("history");
+        assert_eq!(h.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![1]);
+    }
+}

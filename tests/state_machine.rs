@@ -1,14 +1,18 @@
 //! State machine properties, on real sled trees: the same commands give
-//! byte-identical state on independent replicas whatever the apply batching;
+//! byte-identical state on independent replicas whatever the apply batching
+//! and whether self-destructing bodies are sealed (compared in the clear);
 //! seqs are gapless per chat; a retried send returns the original seq.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use chatstore::api::pb::replicated::{
     command, command_result, self_destruct, CloseChatCmd, Command, CommandBatch, DeleteCmd,
     EditCmd, ExpireCmd, MarkReadCmd, ReopenChatCmd, SelfDestruct, SendCmd,
 };
 use chatstore::shard::apply::{default_settings, Applier, Overlay};
+use chatstore::shard::sealing;
+use chatstore::storage::KeyRing;
 use proptest::prelude::*;
 
 fn apply_all(
@@ -16,9 +20,21 @@ fn apply_all(
     batches: &[CommandBatch],
     split: usize,
 ) -> Vec<command_result::Outcome> {
+    apply_all_with(tree, batches, split, None)
+}
+
+fn apply_all_with(
+    tree: &sled::Tree,
+    batches: &[CommandBatch],
+    split: usize,
+    keys: Option<&KeyRing>,
+) -> Vec<command_result::Outcome> {
     let mut outcomes = Vec::new();
     for group in batches.chunks(split.max(1)) {
-        let mut overlay = Overlay::new(tree);
+        let mut overlay = match keys {
+            Some(k) => Overlay::sealed(tree, k),
+            None => Overlay::new(tree),
+        };
         let mut applier = Applier {
             kv: &mut overlay,
             settings: default_settings(),
@@ -28,7 +44,8 @@ fn apply_all(
                 outcomes.push(r.outcome.expect("every command has an outcome"));
             }
         }
-        tree.apply_batch(overlay.into_batch()).expect("write batch");
+        tree.apply_batch(overlay.into_batch().expect("seal"))
+            .expect("write batch");
     }
     outcomes
 }
@@ -38,6 +55,21 @@ fn dump(tree: &sled::Tree) -> Vec<(Vec<u8>, Vec<u8>)> {
         .map(|r| {
             let (k, v) = r.unwrap();
             (k.to_vec(), v.to_vec())
+        })
+        .collect()
+}
+
+/// The tree's pairs with sealed bodies opened.
+fn dump_in_clear(tree: &sled::Tree, keys: &KeyRing) -> Vec<(Vec<u8>, Vec<u8>)> {
+    dump(tree)
+        .into_iter()
+        .map(|(k, v)| {
+            if k.first() == Some(&b'm') {
+                if let Some(plain) = sealing::plain_message_bytes(keys, &v, None).unwrap() {
+                    return (k, plain);
+                }
+            }
+            (k, v)
         })
         .collect()
 }
@@ -54,6 +86,7 @@ fn arb_command() -> impl Strategy<Value = Command> {
                     sender_id,
                     client_msg_id,
                     body: body.into(),
+                    sealed_body: None,
                     self_destruct: match sd {
                         1 => Some(SelfDestruct { policy: Some(self_destruct::Policy::AfterSendSecs(secs)) }),
                         2 => Some(SelfDestruct { policy: Some(self_destruct::Policy::AfterReadSecs(secs)) }),
@@ -63,7 +96,7 @@ fn arb_command() -> impl Strategy<Value = Command> {
             }
         ),
         1 => (chat.clone(), seq.clone(), user.clone()).prop_map(|(chat_id, seq, editor_id)| Command {
-            kind: Some(command::Kind::Edit(EditCmd { chat_id, seq, editor_id, body: b"edited"[..].into() })),
+            kind: Some(command::Kind::Edit(EditCmd { chat_id, seq, editor_id, body: b"edited"[..].into(), sealed_body: None })),
         }),
         1 => (chat.clone(), seq.clone(), user.clone()).prop_map(|(chat_id, seq, requester_id)| Command {
             kind: Some(command::Kind::Delete(DeleteCmd { chat_id, seq, requester_id })),
@@ -112,10 +145,12 @@ proptest! {
         let db = sled::Config::new().temporary(true).open().unwrap();
         let a = db.open_tree("a").unwrap();
         let b = db.open_tree("b").unwrap();
-        let out_a = apply_all(&a, &batches, split_a);
+        let key_dir = tempfile::tempdir().unwrap();
+        let keys = KeyRing::open(key_dir.path(), Duration::from_secs(60)).unwrap();
+        let out_a = apply_all_with(&a, &batches, split_a, Some(&keys));
         let out_b = apply_all(&b, &batches, split_b);
         prop_assert_eq!(out_a, out_b);
-        prop_assert_eq!(dump(&a), dump(&b));
+        prop_assert_eq!(dump_in_clear(&a, &keys), dump(&b));
     }
 
     #[test]

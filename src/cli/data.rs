@@ -141,14 +141,14 @@ pub async fn tail(addr: &str, chat: u64, from_pts: u64, json: bool) -> anyhow::R
         if json {
             println!(
                 "{}",
-                serde_json::json!({"pts": ch.pts, "kind": kind.as_str_name(), "seq": ch.seq, "user": ch.user_id, "body": ch.message.as_ref().map(|m| body_text(&m.body))})
+                serde_json::json!({"pts": ch.pts, "kind": kind.as_str_name(), "seq": ch.seq, "user": ch.user_id, "body": ch.message.as_ref().map(|m| body_text(&m.body)), "reason": ch.reason})
             );
         } else {
-            let body = ch
-                .message
-                .as_ref()
-                .map(|m| body_text(&m.body))
-                .unwrap_or_default();
+            let body = match &ch.message {
+                Some(m) => body_text(&m.body),
+                None if !ch.reason.is_empty() => format!("reason: {}", ch.reason),
+                None => String::new(),
+            };
             println!(
                 "pts {:>6}  {:<15} seq {:>6}  user {:>6}  {body}",
                 ch.pts,

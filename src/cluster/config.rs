@@ -76,6 +76,31 @@ pub struct ClusterConfig {
     /// only.
     #[serde(default)]
     pub read_token_secret: Option<String>,
+    #[serde(default)]
+    pub erasure: ErasureConfig,
+}
+
+/// How self-destructed bodies are erased from disk (node-local; see
+/// [`crate::storage::seal`] and [`crate::node::erasure`]).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ErasureConfig {
+    /// Length of one seal epoch. A self-destructed body is unrecoverable from
+    /// a running node's data folder within about 2.5 epochs of its expiry.
+    /// Shorter epochs erase sooner and rebuild snapshots of shards holding
+    /// self-destructing messages more often.
+    pub seal_epoch_secs: u64,
+}
+
+/// Longest seal epoch allowed: one day.
+pub const SEAL_EPOCH_SECS_MAX: u64 = 86_400;
+
+impl Default for ErasureConfig {
+    fn default() -> Self {
+        ErasureConfig {
+            seal_epoch_secs: crate::storage::DEFAULT_SEAL_EPOCH.as_secs(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -182,6 +207,12 @@ impl ClusterConfig {
         }
         if self.regions.is_empty() {
             return bad("no regions".into());
+        }
+        if !(1..=SEAL_EPOCH_SECS_MAX).contains(&self.erasure.seal_epoch_secs) {
+            return bad(format!(
+                "erasure.seal_epoch_secs = {} (must be 1..={SEAL_EPOCH_SECS_MAX})",
+                self.erasure.seal_epoch_secs
+            ));
         }
         let regions: BTreeSet<&str> = self.regions.iter().map(String::as_str).collect();
         if regions.len() != self.regions.len() {

@@ -17,6 +17,7 @@
 
 pub mod api;
 pub mod duties;
+pub mod erasure;
 pub mod transport;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -71,6 +72,7 @@ pub struct Node {
     shutdown: watch::Sender<bool>,
     server: Option<JoinHandle<()>>,
     duties: Option<JoinHandle<()>>,
+    eraser: Option<JoinHandle<()>>,
 }
 
 impl Node {
@@ -91,8 +93,9 @@ impl Node {
             .with_context(|| format!("node {} is not in the cluster config", id.0))?
             .clone();
         let dir = config.data_dir(id);
-        let storage =
-            Storage::open(&dir).with_context(|| format!("open data folder {}", dir.display()))?;
+        let seal_epoch = std::time::Duration::from_secs(config.erasure.seal_epoch_secs);
+        let storage = Storage::open_with_epoch(&dir, seal_epoch)
+            .with_context(|| format!("open data folder {}", dir.display()))?;
         check_identity(&storage, config, id)?;
 
         let listener = TcpListener::bind(&me.raft_addr)
@@ -162,7 +165,8 @@ impl Node {
             // Long enough that a restarting node is caught up and stable.
             return_after: std::time::Duration::from_millis(config.raft.election_timeout_ms_max * 5),
         };
-        let duties = tokio::spawn(duties::run(registry.clone(), ctx, shutdown_rx));
+        let duties = tokio::spawn(duties::run(registry.clone(), ctx, shutdown_rx.clone()));
+        let eraser = tokio::spawn(erasure::run(registry.clone(), shutdown_rx));
         tracing::info!(node = id.0, %addr, shards = registry.all().len(), "node started");
         Ok(Node {
             id,
@@ -172,6 +176,7 @@ impl Node {
             shutdown,
             server: Some(server),
             duties: Some(duties),
+            eraser: Some(eraser),
         })
     }
 
@@ -183,6 +188,9 @@ impl Node {
         }
         if let Some(d) = self.duties.take() {
             let _ = d.await;
+        }
+        if let Some(e) = self.eraser.take() {
+            let _ = e.await;
         }
         for shard in self.registry.all() {
             shard.shutdown().await;

@@ -112,7 +112,22 @@ impl RaftTransport for TransportService {
         let dir = self.registry.storage().snapshot_dir(shard.id);
         tokio::fs::create_dir_all(&dir).await?;
         let path = dir.join(format!("recv-{}.tmp", rand::random::<u64>()));
+        let key_path = crate::shard::snapshot::key_path(&path);
+        let keys = self.registry.storage().keys().clone();
         let result = async {
+            if !first.seal_key.is_empty() {
+                let key: crate::storage::seal::Key = first
+                    .seal_key
+                    .as_ref()
+                    .try_into()
+                    .map_err(|_| std::io::Error::other("snapshot seal key is not 32 bytes"))?;
+                let path = key_path.clone();
+                tokio::task::spawn_blocking(move || {
+                    crate::storage::seal::write_key_file(&path, keys.current_epoch(), &key)
+                })
+                .await
+                .map_err(std::io::Error::other)??;
+            }
             let mut file = tokio::fs::File::create(&path).await?;
             let mut total = first.data.len() as u64;
             file.write_all(&first.data).await?;
@@ -129,7 +144,7 @@ impl RaftTransport for TransportService {
         }
         .await;
         if let Err(e) = result {
-            let _ = tokio::fs::remove_file(&path).await;
+            discard_received(&path, &key_path).await;
             return Ok(err(format!("receive snapshot: {e}")));
         }
         let snapshot = Snapshot {
@@ -141,7 +156,16 @@ impl RaftTransport for TransportService {
             Err(e) => err(e.to_string()),
         };
         // Installed snapshots are renamed away; anything left is unused.
-        let _ = tokio::fs::remove_file(&path).await;
+        discard_received(&path, &key_path).await;
         Ok(reply)
     }
+}
+
+/// Removes a received snapshot file that was not installed, destroying its
+/// key.
+async fn discard_received(path: &std::path::Path, key_path: &std::path::Path) {
+    let _ = tokio::fs::remove_file(path).await;
+    let key_path = key_path.to_path_buf();
+    let _ = tokio::task::spawn_blocking(move || crate::storage::seal::destroy_key_file(&key_path))
+        .await;
 }

@@ -111,6 +111,7 @@ impl ChatStore for ChatStoreService {
                 client_msg_id: r.client_msg_id,
                 body: r.body,
                 self_destruct,
+                sealed_body: None,
             })),
         };
         // Decode the token first: a malformed one must change nothing.
@@ -145,6 +146,7 @@ impl ChatStore for ChatStoreService {
                 seq: r.seq,
                 editor_id: r.editor_id,
                 body: r.body,
+                sealed_body: None,
             }),
         )
         .await

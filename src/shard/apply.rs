@@ -1,7 +1,8 @@
 //! Deterministic application of commands to a shard's state tree.
 //!
 //! Every replica applies the same entries in the same order and must end with
-//! byte-identical state (DESIGN section 2). So apply:
+//! byte-identical state, up to the sealing of self-destructing bodies, which
+//! each node does with its own keys below apply (DESIGN section 2). So apply:
 //! - reads time only from the batch (`now_ms`, stamped by the leader);
 //! - decides every rejection here, from replicated state and replicated
 //!   settings only, and moves `pts` once per effect, never on a rejection or a
@@ -23,7 +24,8 @@ use crate::api::pb::replicated::{
     CommandBatch, CommandError, CommandResult, DedupRecord, ErrorCode, MessageRecord,
     ShardSettings,
 };
-use crate::storage::keys;
+use crate::shard::sealing;
+use crate::storage::{keys, KeyRing};
 
 /// Settings a shard uses until its bootstrap command sets them.
 pub fn default_settings() -> ShardSettings {
@@ -46,16 +48,33 @@ pub const CLOSE_REASON_BYTES_MAX: usize = 1024;
 
 /// Writes buffered over sled reads, so commands see the effects of earlier
 /// commands in the same apply call.
+///
+/// With a key ring, message records are opened when read from sled and
+/// self-destructing bodies sealed when the writes become a batch, so apply
+/// only ever sees bodies in the clear. [`Overlay::scan`] is used on index
+/// keys only and returns stored bytes as they are.
 pub struct Overlay<'a> {
     base: &'a sled::Tree,
     writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    keys: Option<&'a KeyRing>,
 }
 
 impl<'a> Overlay<'a> {
+    /// An overlay that stores bodies as they are (tests of apply logic).
     pub fn new(base: &'a sled::Tree) -> Overlay<'a> {
         Overlay {
             base,
             writes: BTreeMap::new(),
+            keys: None,
+        }
+    }
+
+    /// An overlay that seals self-destructing bodies with `keys`.
+    pub fn sealed(base: &'a sled::Tree, keys: &'a KeyRing) -> Overlay<'a> {
+        Overlay {
+            base,
+            writes: BTreeMap::new(),
+            keys: Some(keys),
         }
     }
 
@@ -63,11 +82,15 @@ impl<'a> Overlay<'a> {
         if let Some(v) = self.writes.get(key) {
             return Ok(v.clone());
         }
-        Ok(self
-            .base
-            .get(key)
-            .map_err(io::Error::other)?
-            .map(|v| v.to_vec()))
+        let Some(v) = self.base.get(key).map_err(io::Error::other)? else {
+            return Ok(None);
+        };
+        if let (Some(ring), Some(&keys::TAG_MESSAGE)) = (self.keys, key.first()) {
+            if let Some(plain) = sealing::plain_message_bytes(ring, &v, None)? {
+                return Ok(Some(plain));
+            }
+        }
+        Ok(Some(v.to_vec()))
     }
 
     pub fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
@@ -125,15 +148,31 @@ impl<'a> Overlay<'a> {
         Ok(out)
     }
 
-    pub fn into_batch(self) -> sled::Batch {
+    /// The buffered writes as one sled batch, self-destructing bodies sealed.
+    pub fn into_batch(self) -> io::Result<sled::Batch> {
         let mut batch = sled::Batch::default();
+        let mut sealing_key = None;
         for (k, v) in self.writes {
             match v {
-                Some(v) => batch.insert(k, v),
+                Some(v) => match (self.keys, k.first()) {
+                    (Some(ring), Some(&keys::TAG_MESSAGE)) => {
+                        let m: MessageRecord = decode(&v, "message")?;
+                        if sealing::needs_seal(&m) {
+                            let (epoch, key) = match sealing_key {
+                                Some(k) => k,
+                                None => *sealing_key.insert(ring.current_key()?),
+                            };
+                            batch.insert(k, sealing::seal_message(m, epoch, &key));
+                        } else {
+                            batch.insert(k, v);
+                        }
+                    }
+                    _ => batch.insert(k, v),
+                },
                 None => batch.remove(k),
             }
         }
-        batch
+        Ok(batch)
     }
 }
 
@@ -197,6 +236,7 @@ impl Applier<'_, '_> {
             seq,
             user_id: user,
             at_ms: now,
+            reason: String::new(),
         };
         self.kv
             .put(keys::change(chat_id, chat.last_pts), rec.encode_to_vec());
@@ -314,6 +354,7 @@ impl Applier<'_, '_> {
             self_destruct: c.self_destruct,
             expire_at_ms: expire_at,
             pts,
+            sealed_body: None,
         };
         self.kv
             .put(keys::message(c.chat_id, seq), msg.encode_to_vec());
@@ -594,6 +635,18 @@ impl Applier<'_, '_> {
         chat.closed = true;
         chat.close_reason = c.reason.clone();
         let pts = self.record_change(c.chat_id, &mut chat, ChangeKind::Close, 0, 0, now);
+        // The reason goes into the chat's change log too, so every device
+        // learns why.
+        let rec = ChangeRecord {
+            pts,
+            kind: ChangeKind::Close as i32,
+            seq: 0,
+            user_id: 0,
+            at_ms: now,
+            reason: c.reason.clone(),
+        };
+        self.kv
+            .put(keys::change(c.chat_id, pts), rec.encode_to_vec());
         self.put_chat(c.chat_id, &chat);
         Ok(changed(pts))
     }

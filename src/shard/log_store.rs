@@ -8,11 +8,15 @@
 //! wrote is synced too, so the purged entries are never needed again.
 //!
 //! Entries are stored as `LogEntryRecord` (prost, versioned); the membership
-//! inside a membership entry is openraft's type, as JSON.
+//! inside a membership entry is openraft's type, as JSON. Self-destructing
+//! bodies inside entries are sealed with the node's current epoch key
+//! ([`crate::shard::sealing`]); the record says which epoch, so the eraser
+//! knows which entries keep an old key alive.
 
 use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
+use std::sync::Arc;
 
 use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::EntryPayload as OpenraftPayload;
@@ -20,8 +24,9 @@ use prost::Message;
 
 use crate::api::codec::{decode, from_json, to_json, REPLICATED_FORMAT_VERSION};
 use crate::api::pb::replicated::{log_entry_record, LogEntryRecord};
+use crate::shard::sealing;
 use crate::shard::types::{log_id, Entry, LogId, Proposal, TypeConfig, Vote};
-use crate::storage::{keys, trees, Durability, Storage, ENTRY_BYTES_MAX};
+use crate::storage::{keys, trees, Durability, KeyRing, Storage, ENTRY_BYTES_MAX};
 use crate::types::ShardId;
 
 #[derive(Clone)]
@@ -29,6 +34,7 @@ pub struct LogStore {
     shard: ShardId,
     tree: sled::Tree,
     durability: Durability,
+    keys: Arc<KeyRing>,
 }
 
 impl LogStore {
@@ -37,7 +43,13 @@ impl LogStore {
             shard,
             tree: storage.open_tree(&trees::log_tree(shard))?,
             durability: storage.durability().clone(),
+            keys: storage.keys().clone(),
         })
+    }
+
+    /// The log tree (for the eraser, which only reads it).
+    pub fn tree(&self) -> &sled::Tree {
+        &self.tree
     }
 
     fn meta<T: serde::de::DeserializeOwned>(
@@ -56,18 +68,28 @@ impl LogStore {
         match self.tree.range(start..).next_back() {
             Some(pair) => {
                 let (_, v) = pair.map_err(io::Error::other)?;
-                Ok(Some(decode_entry(&v)?.log_id))
+                Ok(Some(decode_entry(&self.keys, &v)?.log_id))
             }
             None => Ok(None),
         }
     }
 }
 
-pub fn encode_entry(entry: &Entry) -> io::Result<Vec<u8>> {
+/// The stored form of an entry, with self-destructing bodies sealed.
+pub fn encode_entry(keys: &KeyRing, entry: &Entry) -> io::Result<Vec<u8>> {
+    let mut sealed_epoch = 0;
     let payload = match &entry.payload {
         OpenraftPayload::Blank => log_entry_record::Payload::Blank(true),
         OpenraftPayload::Normal(p) => {
-            log_entry_record::Payload::Normal(p.batch.encode_to_vec().into())
+            let (epoch, key) = keys.current_key()?;
+            let bytes = match sealing::seal_batch(&p.batch, epoch, &key) {
+                Some(sealed) => {
+                    sealed_epoch = epoch;
+                    sealed.encode_to_vec()
+                }
+                None => p.batch.encode_to_vec(),
+            };
+            log_entry_record::Payload::Normal(bytes.into())
         }
         OpenraftPayload::Membership(m) => {
             log_entry_record::Payload::MembershipJson(to_json(&m).into())
@@ -78,6 +100,7 @@ pub fn encode_entry(entry: &Entry) -> io::Result<Vec<u8>> {
         term: entry.log_id.leader_id.term,
         index: entry.log_id.index,
         payload: Some(payload),
+        sealed_epoch,
     };
     let bytes = rec.encode_to_vec();
     if bytes.len() > ENTRY_BYTES_MAX {
@@ -93,7 +116,14 @@ pub fn encode_entry(entry: &Entry) -> io::Result<Vec<u8>> {
     Ok(bytes)
 }
 
-pub fn decode_entry(bytes: &[u8]) -> io::Result<Entry> {
+/// The stored record's epoch of sealed bodies (0 = none), without opening it.
+pub fn entry_sealed_epoch(bytes: &[u8]) -> io::Result<u64> {
+    let rec: LogEntryRecord = decode(bytes, "log entry")?;
+    Ok(rec.sealed_epoch)
+}
+
+/// An entry from its stored form, with sealed bodies opened.
+pub fn decode_entry(keys: &KeyRing, bytes: &[u8]) -> io::Result<Entry> {
     let rec: LogEntryRecord = decode(bytes, "log entry")?;
     if rec.format_version != REPLICATED_FORMAT_VERSION {
         return Err(io::Error::new(
@@ -106,9 +136,13 @@ pub fn decode_entry(bytes: &[u8]) -> io::Result<Entry> {
     }
     let payload = match rec.payload {
         Some(log_entry_record::Payload::Blank(_)) => OpenraftPayload::Blank,
-        Some(log_entry_record::Payload::Normal(b)) => OpenraftPayload::Normal(Proposal {
-            batch: decode(&b, "command batch")?,
-        }),
+        Some(log_entry_record::Payload::Normal(b)) => {
+            let mut batch = decode(&b, "command batch")?;
+            if rec.sealed_epoch != 0 {
+                sealing::open_batch(keys, &mut batch)?;
+            }
+            OpenraftPayload::Normal(Proposal { batch })
+        }
         Some(log_entry_record::Payload::MembershipJson(b)) => {
             OpenraftPayload::Membership(from_json(&b, "membership")?)
         }
@@ -149,7 +183,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
         let mut out = Vec::new();
         for pair in self.tree.range::<Vec<u8>, _>((start, end)) {
             let (_, v) = pair.map_err(io::Error::other)?;
-            out.push(decode_entry(&v)?);
+            out.push(decode_entry(&self.keys, &v)?);
         }
         Ok(out)
     }
@@ -206,10 +240,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
     {
+        let keys = self.keys.clone();
+        let _sealing = keys.hold();
         for entry in entries {
-            let bytes = encode_entry(&entry)?;
+            let bytes = encode_entry(&self.keys, &entry)?;
             // Read-back check: what we store must decode to what we were given.
-            debug_assert_eq!(decode_entry(&bytes)?.log_id, entry.log_id);
+            debug_assert_eq!(decode_entry(&self.keys, &bytes)?.log_id, entry.log_id);
             self.tree
                 .insert(keys::log_entry(entry.log_id.index), bytes)
                 .map_err(io::Error::other)?;

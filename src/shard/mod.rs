@@ -12,6 +12,7 @@ pub mod apply;
 pub mod log_store;
 pub mod network;
 pub mod reads;
+pub mod sealing;
 pub mod snapshot;
 pub mod state_machine;
 pub mod types;
@@ -90,7 +91,17 @@ pub struct Shard {
     pub id: ShardId,
     pub raft: Raft,
     pub reader: StateReader,
+    /// Where the shard's data lives, for the node's eraser.
+    pub files: ShardFiles,
     proposals: mpsc::Sender<PendingWrite>,
+}
+
+/// A shard's sled trees and snapshot folder.
+#[derive(Clone)]
+pub struct ShardFiles {
+    pub log: sled::Tree,
+    pub state: sled::Tree,
+    pub snapshot_dir: std::path::PathBuf,
 }
 
 /// openraft configuration from the cluster's Raft timing.
@@ -124,7 +135,12 @@ impl Shard {
     ) -> anyhow::Result<Shard> {
         let log = LogStore::open(storage, id)?;
         let sm = StateMachine::open(storage, id)?;
-        let reader = StateReader::new(sm.tree().clone());
+        let reader = StateReader::new(sm.tree().clone(), storage.keys().clone());
+        let files = ShardFiles {
+            log: log.tree().clone(),
+            state: sm.tree().clone(),
+            snapshot_dir: storage.snapshot_dir(id),
+        };
         let network = NetworkFactory {
             shard: id,
             peers: peers.clone(),
@@ -137,6 +153,7 @@ impl Shard {
             id,
             raft,
             reader,
+            files,
             proposals: tx,
         })
     }

@@ -271,6 +271,17 @@ impl RaftNetworkV2<TypeConfig> for PeerLink {
             .clone()
             .map_err(|e| StreamingError::Unreachable(unreachable(e)))?;
         let header = to_postcard(&(vote, snapshot.meta.clone()));
+        // The key is read before the file is opened: a file replaced
+        // meanwhile fails to open rather than pairing with the wrong key.
+        let seal_key = match crate::storage::seal::read_key_file(&snapshot_key_path(&snapshot)) {
+            Ok((_, key)) => key.to_vec(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => {
+                return Err(StreamingError::Network(NetworkError::from_string(format!(
+                    "read snapshot key: {e}"
+                ))))
+            }
+        };
         let mut file = tokio::fs::File::open(&snapshot.snapshot.path)
             .await
             .map_err(|e| {
@@ -281,6 +292,7 @@ impl RaftNetworkV2<TypeConfig> for PeerLink {
         let (shard, from) = (self.shard.0, self.from);
         let (tx, rx) = tokio::sync::mpsc::channel::<SnapshotChunk>(4);
         let reader = tokio::spawn(async move {
+            let mut seal_key = seal_key;
             let mut first = true;
             loop {
                 let mut buf = vec![0u8; SNAPSHOT_CHUNK_BYTES];
@@ -304,6 +316,11 @@ impl RaftNetworkV2<TypeConfig> for PeerLink {
                         Default::default()
                     },
                     data: buf.into(),
+                    seal_key: if first {
+                        std::mem::take(&mut seal_key).into()
+                    } else {
+                        Default::default()
+                    },
                 };
                 first = false;
                 if tx.send(chunk).await.is_err() || done {
@@ -336,4 +353,8 @@ impl RaftNetworkV2<TypeConfig> for PeerLink {
             other => StreamingError::Network(NetworkError::from_string(other.to_string())),
         })
     }
+}
+
+fn snapshot_key_path(snapshot: &Snapshot) -> std::path::PathBuf {
+    crate::shard::snapshot::key_path(&snapshot.snapshot.path)
 }

@@ -6,6 +6,7 @@
 //! applied yet.
 
 use std::io;
+use std::sync::Arc;
 
 use xxhash_rust::xxh3::Xxh3;
 
@@ -13,7 +14,8 @@ use crate::api::codec::decode;
 use crate::api::pb::node::ChatDigest;
 use crate::api::pb::replicated::{ChangeRecord, ChatRecord, MessageRecord};
 use crate::api::pb::{self, ChangeKind};
-use crate::storage::keys;
+use crate::shard::sealing;
+use crate::storage::{keys, KeyRing};
 use crate::types::now_ms;
 
 /// The most a node's clock may be off from its peers'. Reads hide messages
@@ -27,6 +29,7 @@ pub const READ_CURSORS_MAX: usize = 1000;
 #[derive(Clone)]
 pub struct StateReader {
     tree: sled::Tree,
+    keys: Arc<KeyRing>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -81,8 +84,8 @@ fn change_kind(k: i32) -> ChangeKind {
 }
 
 impl StateReader {
-    pub fn new(tree: sled::Tree) -> StateReader {
-        StateReader { tree }
+    pub fn new(tree: sled::Tree, keys: Arc<KeyRing>) -> StateReader {
+        StateReader { tree, keys }
     }
 
     pub fn has_key(&self, key: &[u8]) -> bool {
@@ -147,7 +150,7 @@ impl StateReader {
 
     fn message(&self, chat: u64, seq: u64) -> io::Result<Option<MessageRecord>> {
         match self.tree.get(keys::message(chat, seq)).map_err(io_err)? {
-            Some(v) => Ok(Some(decode(&v, "message")?)),
+            Some(v) => Ok(Some(sealing::open_message(&self.keys, &v, None)?)),
             None => Ok(None),
         }
     }
@@ -176,7 +179,7 @@ impl StateReader {
                 break;
             }
             let (_, v) = pair.map_err(io_err)?;
-            let m: MessageRecord = decode(&v, "message")?;
+            let m = sealing::open_message(&self.keys, &v, None)?;
             if visible(&m, now) {
                 out.push(to_public(m));
             }
@@ -238,6 +241,7 @@ impl StateReader {
                 seq: c.seq,
                 message,
                 user_id: c.user_id,
+                reason: c.reason,
             });
         }
         // A gap between the cursor and the oldest kept change means the
@@ -284,8 +288,9 @@ impl StateReader {
         })
     }
 
-    /// Per-chat digests over the raw message records in seq order: equal
-    /// digests mean byte-identical chat logs.
+    /// Per-chat digests over the message records in seq order, with bodies
+    /// in the clear: equal digests mean identical chat logs (ciphertexts of
+    /// self-destructing bodies differ between nodes by design).
     pub fn digests(&self) -> io::Result<Vec<ChatDigest>> {
         let mut out = Vec::new();
         for pair in self.tree.scan_prefix([keys::TAG_CHAT]) {
@@ -301,7 +306,10 @@ impl StateReader {
             {
                 let (mk, mv) = m.map_err(io_err)?;
                 hash.update(&mk);
-                hash.update(&mv);
+                match sealing::plain_message_bytes(&self.keys, &mv, None)? {
+                    Some(plain) => hash.update(&plain),
+                    None => hash.update(&mv),
+                }
                 count += 1;
             }
             out.push(ChatDigest {

@@ -5,6 +5,10 @@
 //! state machine task, which blocks apply (DESIGN section 3). The copy goes to
 //! a file, so snapshots are streamed from and to disk, never held in memory.
 //!
+//! Self-destructing bodies inside are sealed with the file's own key, kept
+//! next to it in `<file>.key` ([`key_path`]); the key travels and dies with
+//! the file.
+//!
 //! Format: `CSSNAP01`, then records `[u32 key_len][key][u32 value_len][value]`
 //! (big-endian), then `[u32 0xFFFF_FFFF][u64 xxh3 of all preceding bytes]`.
 
@@ -41,8 +45,20 @@ impl<W: Write> Write for HashingWriter<W> {
     }
 }
 
-/// Writes every pair of `tree` to `path` and fsyncs it.
-pub fn write_tree(tree: &sled::Tree, path: &Path) -> io::Result<u64> {
+/// Where the key of a snapshot file's sealed bodies is kept.
+pub fn key_path(file: &Path) -> PathBuf {
+    let mut name = file.as_os_str().to_owned();
+    name.push(".key");
+    PathBuf::from(name)
+}
+
+/// Writes every pair of `tree` to `path` and fsyncs it. `transform` may
+/// replace a value on its way into the file.
+pub fn write_tree(
+    tree: &sled::Tree,
+    path: &Path,
+    mut transform: impl FnMut(&[u8], &[u8]) -> io::Result<Option<Vec<u8>>>,
+) -> io::Result<u64> {
     let file = File::create(path)?;
     let mut w = HashingWriter {
         inner: BufWriter::with_capacity(1 << 20, file),
@@ -52,10 +68,12 @@ pub fn write_tree(tree: &sled::Tree, path: &Path) -> io::Result<u64> {
     let mut count = 0u64;
     for pair in tree.iter() {
         let (k, v) = pair.map_err(io::Error::other)?;
+        let replaced = transform(&k, &v)?;
+        let v = replaced.as_deref().unwrap_or(&v);
         w.write_all(&(k.len() as u32).to_be_bytes())?;
         w.write_all(&k)?;
         w.write_all(&(v.len() as u32).to_be_bytes())?;
-        w.write_all(&v)?;
+        w.write_all(v)?;
         count += 1;
     }
     w.write_all(&END.to_be_bytes())?;
@@ -144,7 +162,7 @@ mod tests {
                 .unwrap();
         }
         let path = dir.path().join("s");
-        assert_eq!(write_tree(&tree, &path).unwrap(), 1000);
+        assert_eq!(write_tree(&tree, &path, |_, _| Ok(None)).unwrap(), 1000);
         let pairs = read_pairs(&path).unwrap();
         assert_eq!(pairs.len(), 1000);
         assert_eq!(pairs[5].0, 5u32.to_be_bytes());

@@ -12,6 +12,10 @@
 //! open, a tree whose applied id is behind the current snapshot — an
 //! interrupted install, or state lost because sled had not flushed it — is
 //! reloaded from the snapshot file; openraft then re-applies the log after it.
+//!
+//! Self-destructing bodies are sealed in the tree with the node's epoch keys
+//! and, in a snapshot file, with that file's own key: building a snapshot
+//! re-seals them for the file, loading one re-seals them for the tree.
 
 use std::io;
 use std::path::PathBuf;
@@ -25,10 +29,12 @@ use serde::{Deserialize, Serialize};
 use crate::api::codec::{from_json, to_json};
 use crate::api::pb::replicated::ShardSettings;
 use crate::shard::apply::{default_settings, Applier, Overlay};
+use crate::shard::sealing;
 use crate::shard::snapshot::{self, SnapshotFile};
 use crate::shard::types::{
     ApplyOutput, LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig,
 };
+use crate::storage::seal::{self, Key, KeyRing};
 use crate::storage::{keys, trees, Storage};
 use crate::types::ShardId;
 
@@ -50,6 +56,7 @@ pub struct StateMachine {
     snapshot_dir: PathBuf,
     settings: ShardSettings,
     current: Current,
+    keys: Arc<KeyRing>,
 }
 
 impl StateMachine {
@@ -57,6 +64,7 @@ impl StateMachine {
         let tree = storage.open_tree(&trees::state_tree(shard))?;
         let snapshot_dir = storage.snapshot_dir(shard);
         std::fs::create_dir_all(&snapshot_dir)?;
+        remove_unfinished(&snapshot_dir)?;
         let current = load_current(&snapshot_dir)?;
         let mut sm = StateMachine {
             shard,
@@ -65,6 +73,7 @@ impl StateMachine {
             snapshot_dir,
             settings: default_settings(),
             current: Arc::new(Mutex::new(current.clone())),
+            keys: storage.keys().clone(),
         };
         if let Some((meta, path)) = current {
             let applied = sm.read_applied()?;
@@ -119,6 +128,10 @@ impl StateMachine {
     /// membership are written last, so an interrupted load is detected on open.
     fn load_tree_from(&mut self, meta: &SnapshotMeta, path: &std::path::Path) -> io::Result<()> {
         let pairs = snapshot::read_pairs(path)?;
+        let snapshot_key = read_snapshot_key(path)?;
+        let ring = self.keys.clone();
+        let _sealing = ring.hold();
+        let (epoch, key) = ring.current_key()?;
         self.tree.clear().map_err(io::Error::other)?;
         let mut batch = sled::Batch::default();
         let mut in_batch = 0;
@@ -126,6 +139,13 @@ impl StateMachine {
             if k.as_slice() == keys::SM_META_APPLIED || k.as_slice() == keys::SM_META_MEMBERSHIP {
                 continue;
             }
+            let v = if k.first() == Some(&keys::TAG_MESSAGE) && sealing::sealed_epoch(&v)?.is_some()
+            {
+                let m = sealing::open_message(&self.keys, &v, snapshot_key.as_ref())?;
+                sealing::seal_message(m, epoch, &key)
+            } else {
+                v
+            };
             batch.insert(k, v);
             in_batch += 1;
             if in_batch == 10_000 {
@@ -145,7 +165,35 @@ impl StateMachine {
     }
 }
 
-fn load_current(dir: &std::path::Path) -> io::Result<Option<(SnapshotMeta, PathBuf)>> {
+/// Removes snapshot files a crash left half-built or half-received, and
+/// destroys their keys.
+fn remove_unfinished(dir: &std::path::Path) -> io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let n = entry.file_name();
+        let n = n.to_string_lossy();
+        if n.starts_with("build-") || n.starts_with("recv-") {
+            if n.ends_with(".key") {
+                seal::destroy_key_file(&entry.path())?;
+            } else {
+                std::fs::remove_file(entry.path())?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The key of a snapshot file's sealed bodies, if it has any.
+fn read_snapshot_key(file: &std::path::Path) -> io::Result<Option<Key>> {
+    match seal::read_key_file(&snapshot::key_path(file)) {
+        Ok((_, key)) => Ok(Some(key)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The current snapshot's meta and file, from the pointer in `dir`.
+pub fn load_current(dir: &std::path::Path) -> io::Result<Option<(SnapshotMeta, PathBuf)>> {
     let path = dir.join("current.json");
     match std::fs::read(&path) {
         Ok(bytes) => {
@@ -164,7 +212,7 @@ fn load_current(dir: &std::path::Path) -> io::Result<Option<(SnapshotMeta, PathB
 }
 
 /// Makes `file` (already inside `dir`) the current snapshot, durably, and
-/// removes older snapshot files.
+/// removes older snapshot files, destroying their keys.
 fn set_current(
     dir: &std::path::Path,
     meta: &SnapshotMeta,
@@ -189,7 +237,14 @@ fn set_current(
         let entry = entry?;
         let n = entry.file_name();
         let n = n.to_string_lossy();
-        if n.starts_with("snap-") && *n != name {
+        if !n.starts_with("snap-") || *n == name {
+            continue;
+        }
+        if n.ends_with(".key") {
+            if n.strip_suffix(".key") != Some(name.as_str()) {
+                seal::destroy_key_file(&entry.path())?;
+            }
+        } else {
             let _ = std::fs::remove_file(entry.path());
         }
     }
@@ -198,8 +253,15 @@ fn set_current(
 
 fn snapshot_file_name(meta: &SnapshotMeta) -> String {
     match &meta.last_log_id {
-        Some(id) => format!("snap-{}-{}.bin", id.leader_id.term, id.index),
-        None => "snap-empty.bin".to_string(),
+        // Unique, so a file being streamed to a peer is never replaced under
+        // its key.
+        Some(id) => format!(
+            "snap-{}-{}-{:016x}.bin",
+            id.leader_id.term,
+            id.index,
+            rand::random::<u64>()
+        ),
+        None => format!("snap-empty-{:016x}.bin", rand::random::<u64>()),
     }
 }
 
@@ -220,6 +282,10 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         let current = self.current.clone();
         tokio::task::spawn_blocking(move || {
             let file = dir.join(snapshot_file_name(&meta));
+            let tmp_key = snapshot::key_path(&tmp);
+            if tmp_key.exists() {
+                std::fs::rename(&tmp_key, snapshot::key_path(&file))?;
+            }
             std::fs::rename(&tmp, &file)?;
             set_current(&dir, &meta, &file)?;
             *current.lock().expect("snapshot pointer lock") = Some((meta.clone(), file.clone()));
@@ -245,7 +311,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     where
         S: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + Send,
     {
-        let mut overlay = Overlay::new(&self.tree);
+        let mut overlay = Overlay::sealed(&self.tree, &self.keys);
         let mut applier = Applier {
             kv: &mut overlay,
             settings: self.settings,
@@ -276,9 +342,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         if let Some(m) = membership {
             overlay.put(keys::SM_META_MEMBERSHIP.to_vec(), to_json(&m));
         }
-        self.tree
-            .apply_batch(overlay.into_batch())
-            .map_err(io::Error::other)?;
+        {
+            let _sealing = self.keys.hold();
+            self.tree
+                .apply_batch(overlay.into_batch()?)
+                .map_err(io::Error::other)?;
+        }
         metrics::counter!(crate::metrics::SHARD_APPLY_ENTRIES).increment(replies.len() as u64);
         for (responder, output) in replies {
             if let Some(r) = responder {
@@ -310,12 +379,18 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // Make the received file the current snapshot first: if we crash while
         // loading it, open() finds the tree behind it and loads it again.
         let file = self.snapshot_dir.join(snapshot_file_name(meta));
-        if snapshot.path != file {
-            if snapshot.path.parent() == Some(self.snapshot_dir.as_path()) {
-                std::fs::rename(&snapshot.path, &file)?;
-            } else {
-                std::fs::copy(&snapshot.path, &file)?;
+        let received_key = snapshot::key_path(&snapshot.path);
+        if snapshot.path.parent() == Some(self.snapshot_dir.as_path()) {
+            if received_key.exists() {
+                std::fs::rename(&received_key, snapshot::key_path(&file))?;
             }
+            std::fs::rename(&snapshot.path, &file)?;
+        } else {
+            if let Some(key) = read_snapshot_key(&snapshot.path)? {
+                let epoch = self.keys.current_epoch();
+                seal::write_key_file(&snapshot::key_path(&file), epoch, &key)?;
+            }
+            std::fs::copy(&snapshot.path, &file)?;
         }
         std::fs::File::open(&file)?.sync_all()?;
         set_current(&self.snapshot_dir, meta, &file)?;
@@ -344,7 +419,21 @@ impl StateMachine {
         let tmp = self
             .snapshot_dir
             .join(format!("build-{}.tmp", rand::random::<u64>()));
-        snapshot::write_tree(&self.tree, &tmp)?;
+        // Sealed bodies go into the file sealed with a key of its own.
+        let mut file_key: Option<Key> = None;
+        let ring = self.keys.clone();
+        snapshot::write_tree(&self.tree, &tmp, |k, v| {
+            if k.first() != Some(&keys::TAG_MESSAGE) || sealing::sealed_epoch(v)?.is_none() {
+                return Ok(None);
+            }
+            let m = sealing::open_message(&ring, v, None)?;
+            let key = file_key.get_or_insert_with(seal::new_key);
+            Ok(Some(sealing::seal_message(m, seal::SNAPSHOT_EPOCH, key)))
+        })?;
+        if let Some(key) = file_key {
+            let epoch = self.keys.current_epoch();
+            seal::write_key_file(&snapshot::key_path(&tmp), epoch, &key)?;
+        }
         Ok(SnapshotBuilder {
             dir: self.snapshot_dir.clone(),
             tmp,

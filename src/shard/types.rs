@@ -182,6 +182,7 @@ mod tests {
                     client_msg_id: 3,
                     body: bytes::Bytes::from_static(b"hello"),
                     self_destruct: None,
+                    sealed_body: None,
                 })),
             }],
         );

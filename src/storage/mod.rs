@@ -14,12 +14,15 @@
 
 pub mod durability;
 pub mod keys;
+pub mod seal;
 pub mod trees;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 pub use durability::Durability;
+pub use seal::KeyRing;
 
 /// Upper bound on one encoded Raft log entry. sled does not fsync blobs above
 /// ~128 KiB; staying well below keeps every entry covered by `fdatasync`.
@@ -44,18 +47,30 @@ impl From<Error> for std::io::Error {
     }
 }
 
-/// A node's storage: the sled `Db`, its durability thread, and the folder for
-/// snapshot files.
+/// How long an epoch key seals new bodies when the config does not say.
+pub const DEFAULT_SEAL_EPOCH: Duration = Duration::from_secs(300);
+
+/// A node's storage: the sled `Db`, its durability thread, the folder for
+/// snapshot files, and the key ring that seals self-destructing bodies (in
+/// `keys/`, outside sled).
 #[derive(Clone)]
 pub struct Storage {
     db: sled::Db,
     durability: Durability,
     dir: Arc<PathBuf>,
+    keys: Arc<KeyRing>,
 }
 
 impl Storage {
-    /// Opens (or creates) the node's storage under `dir`.
+    /// Opens (or creates) the node's storage under `dir`, with the default
+    /// seal epoch.
     pub fn open(dir: &Path) -> Result<Storage, Error> {
+        Storage::open_with_epoch(dir, DEFAULT_SEAL_EPOCH)
+    }
+
+    /// Opens (or creates) the node's storage under `dir`; epoch keys seal new
+    /// bodies for `seal_epoch` each.
+    pub fn open_with_epoch(dir: &Path, seal_epoch: Duration) -> Result<Storage, Error> {
         std::fs::create_dir_all(dir)?;
         let sled_dir = dir.join("sled");
         let db = sled::Config::new()
@@ -67,11 +82,18 @@ impl Storage {
         let data_file = std::fs::File::open(sled_dir.join("db"))?;
         let durability = Durability::start(db.clone(), data_file);
         std::fs::create_dir_all(dir.join("snapshots"))?;
+        let keys = KeyRing::open(&dir.join("keys"), seal_epoch)?;
         Ok(Storage {
             db,
             durability,
             dir: Arc::new(dir.to_path_buf()),
+            keys: Arc::new(keys),
         })
+    }
+
+    /// The key ring that seals self-destructing bodies.
+    pub fn keys(&self) -> &Arc<KeyRing> {
+        &self.keys
     }
 
     pub fn db(&self) -> &sled::Db {

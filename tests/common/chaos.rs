@@ -107,6 +107,9 @@ impl Chaos {
                 shards: 6,
                 snapshot_every_entries: 300,
                 logs_kept_behind_snapshot: 50,
+                // Short seal epochs keep the eraser re-sealing, snapshotting
+                // and purging (edits are sealed in the log) under faults.
+                seal_epoch_secs: Some(4),
             },
         );
         let mut proxies = BTreeMap::new();

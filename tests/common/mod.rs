@@ -33,6 +33,8 @@ pub struct ConfigOptions {
     pub shards: u32,
     pub snapshot_every_entries: u64,
     pub logs_kept_behind_snapshot: u64,
+    /// `[erasure] seal_epoch_secs`; the node default when None.
+    pub seal_epoch_secs: Option<u64>,
 }
 
 impl Default for ConfigOptions {
@@ -41,6 +43,7 @@ impl Default for ConfigOptions {
             shards: 8,
             snapshot_every_entries: 10_000,
             logs_kept_behind_snapshot: 1_000,
+            seal_epoch_secs: None,
         }
     }
 }
@@ -56,6 +59,9 @@ pub fn three_region_config(root: &Path, opts: &ConfigOptions) -> ClusterConfig {
         opts.snapshot_every_entries,
         opts.logs_kept_behind_snapshot,
     );
+    if let Some(secs) = opts.seal_epoch_secs {
+        text.push_str(&format!("[erasure]\nseal_epoch_secs = {secs}\n"));
+    }
     for (id, region) in [(1, "eu"), (2, "us"), (3, "ap")] {
         text.push_str(&format!(
             "[[nodes]]\nid = {id}\nregion = \"{region}\"\nraft_addr = \"127.0.0.1:{}\"\n",
@@ -73,6 +79,7 @@ pub fn send_cmd(chat: u64, sender: u64, client_msg_id: u64, body: &[u8]) -> Comm
             client_msg_id,
             body: body.to_vec().into(),
             self_destruct: None,
+            sealed_body: None,
         })),
     }
 }

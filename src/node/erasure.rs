@@ -1,0 +1,219 @@
+//! The eraser: makes self-destructed bodies unrecoverable from this node's
+//! data folder within a bound, although sled keeps stale bytes in its files.
+//!
+//! Bodies are sealed with the key of the epoch in which they were written
+//! ([`crate::storage::seal`]). A few times per epoch the eraser walks every
+//! shard this node hosts:
+//! 1. live self-destructing records sealed in a past epoch are re-sealed with
+//!    the current key (found through the TTL and delete-after-read indexes,
+//!    which list every record with a body to seal);
+//! 2. a log that still holds entries sealed in a past epoch gets a snapshot,
+//!    then is purged up to it;
+//! 3. a current snapshot file whose key is from a past epoch is replaced by
+//!    a new snapshot (the old file and its key are destroyed).
+//!
+//! When no shard holds anything from a past epoch, the eraser syncs sled and
+//! destroys the past epoch keys; every stale copy sealed with them, wherever
+//! sled left it, is then noise.
+//!
+//! The bound: a body that expires in epoch `n` is deleted by the Expire
+//! command within about a second; key `n` and anything older go at the first
+//! clean round of epoch `n + 1`, and a snapshot built in epoch `n + 1` that
+//! still held the body (expiry right at the boundary) is rebuilt in epoch
+//! `n + 2`. So a running node erases a body within 2 epochs plus two rounds
+//! of its expiry (about 2.5 epochs). A node that is down erases nothing until
+//! it runs again.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::async_runtime::WatchReceiver;
+use tokio::sync::watch;
+
+use crate::node::Registry;
+use crate::shard::log_store::entry_sealed_epoch;
+use crate::shard::state_machine::load_current;
+use crate::shard::{sealing, snapshot, Shard, ShardFiles};
+use crate::storage::keys;
+use crate::storage::seal::{self, KeyRing};
+
+/// Rounds per epoch.
+const ROUNDS_PER_EPOCH: u32 = 4;
+const ROUND_MIN: Duration = Duration::from_millis(250);
+const ROUND_MAX: Duration = Duration::from_secs(30);
+
+pub async fn run(registry: Registry, mut shutdown: watch::Receiver<bool>) {
+    let ring = registry.storage().keys().clone();
+    let period = (ring.epoch_length() / ROUNDS_PER_EPOCH).clamp(ROUND_MIN, ROUND_MAX);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            _ = shutdown.changed() => return,
+        }
+        if *shutdown.borrow() {
+            return;
+        }
+        match round(&registry, &ring).await {
+            Ok(destroyed) if destroyed > 0 => {
+                tracing::debug!(destroyed, "destroyed past epoch keys");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "erasure round"),
+        }
+    }
+}
+
+/// One pass over every shard; returns how many epoch keys it destroyed.
+async fn round(registry: &Registry, ring: &Arc<KeyRing>) -> io::Result<usize> {
+    let epoch = ring.current_epoch();
+    let past_keys = ring.epochs().iter().any(|e| *e < epoch);
+    let r = ring.clone();
+    tokio::task::spawn_blocking(move || r.wait_for_sealers())
+        .await
+        .map_err(io::Error::other)?;
+    let mut clean = true;
+    for shard in registry.all() {
+        let files = shard.files.clone();
+        let r = ring.clone();
+        let found = tokio::task::spawn_blocking(move || inspect(&files, &r, epoch, past_keys))
+            .await
+            .map_err(io::Error::other)??;
+        if !found.is_clean() {
+            clean = false;
+            act(&shard, &found).await;
+        }
+    }
+    metrics::gauge!(crate::metrics::ERASURE_KEYS_ALIVE).set(ring.epochs().len() as f64);
+    if !clean || !past_keys {
+        return Ok(0);
+    }
+    registry.storage().durability().sync().await?;
+    let r = ring.clone();
+    let destroyed = tokio::task::spawn_blocking(move || r.destroy_before(epoch))
+        .await
+        .map_err(io::Error::other)??;
+    metrics::counter!(crate::metrics::ERASURE_KEYS_DESTROYED).increment(destroyed as u64);
+    metrics::gauge!(crate::metrics::ERASURE_KEYS_ALIVE).set(ring.epochs().len() as f64);
+    Ok(destroyed)
+}
+
+/// What one shard still holds from past epochs.
+#[derive(Debug, Default)]
+struct Findings {
+    /// Records that could not be re-sealed this round (changed meanwhile).
+    records_left: usize,
+    /// The last log entry sealed with a past epoch key.
+    log_sealed_upto: Option<u64>,
+    /// The current snapshot's key is from a past epoch.
+    old_snapshot_key: bool,
+}
+
+impl Findings {
+    fn is_clean(&self) -> bool {
+        self.records_left == 0 && self.log_sealed_upto.is_none() && !self.old_snapshot_key
+    }
+}
+
+fn inspect(
+    files: &ShardFiles,
+    ring: &KeyRing,
+    epoch: u64,
+    past_keys: bool,
+) -> io::Result<Findings> {
+    let mut found = Findings::default();
+    if past_keys {
+        found.records_left = reseal_records(&files.state, ring, epoch)?;
+        for pair in files.log.range(keys::log_entry(0)..) {
+            let (k, v) = pair.map_err(io::Error::other)?;
+            let sealed = entry_sealed_epoch(&v)?;
+            if sealed != 0 && sealed < epoch {
+                found.log_sealed_upto = keys::part(&k, 0);
+            }
+        }
+    }
+    if let Some((_, file)) = load_current(&files.snapshot_dir)? {
+        match seal::read_key_file(&snapshot::key_path(&file)) {
+            Ok((stamp, _)) => found.old_snapshot_key = stamp < epoch,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(found)
+}
+
+/// Re-seals live self-destructing records sealed before `epoch`; returns how
+/// many were left because they changed meanwhile (apply re-seals those
+/// itself, with the current key, so the next round finds them done).
+fn reseal_records(state: &sled::Tree, ring: &KeyRing, epoch: u64) -> io::Result<usize> {
+    let (current, key) = ring.current_key()?;
+    let mut left = 0;
+    let mut count = 0u64;
+    let indexed = state
+        .scan_prefix([keys::TAG_TTL])
+        .map(|r| r.map(|(k, _)| (keys::part(&k, 1), keys::part(&k, 2))))
+        .chain(
+            state
+                .scan_prefix([keys::TAG_AFTER_READ])
+                .map(|r| r.map(|(k, _)| (keys::part(&k, 0), keys::part(&k, 1)))),
+        );
+    for item in indexed {
+        let (Some(chat), Some(seq)) = item.map_err(io::Error::other)? else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "bad self-destruct index key",
+            ));
+        };
+        let mkey = keys::message(chat, seq);
+        let Some(raw) = state.get(&mkey).map_err(io::Error::other)? else {
+            continue;
+        };
+        match sealing::sealed_epoch(&raw)? {
+            Some(e) if e < epoch => {}
+            _ => continue,
+        }
+        let m = sealing::open_message(ring, &raw, None)?;
+        let resealed = sealing::seal_message(m, current, &key);
+        if state
+            .compare_and_swap(&mkey, Some(raw), Some(resealed))
+            .map_err(io::Error::other)?
+            .is_err()
+        {
+            left += 1;
+        } else {
+            count += 1;
+        }
+    }
+    metrics::counter!(crate::metrics::ERASURE_RECORDS_RESEALED).increment(count);
+    Ok(left)
+}
+
+/// Asks openraft for the snapshot or purge that clears a shard's past epochs.
+async fn act(shard: &Shard, found: &Findings) {
+    let snapshot_upto = shard
+        .raft
+        .metrics()
+        .borrow_watched()
+        .snapshot
+        .as_ref()
+        .map(|id| id.index);
+    let purge = match found.log_sealed_upto {
+        Some(upto) if snapshot_upto >= Some(upto) => Some(upto),
+        Some(_) => None,
+        None if found.old_snapshot_key => None,
+        None => return,
+    };
+    let result = match purge {
+        Some(upto) => {
+            metrics::counter!(crate::metrics::ERASURE_PURGES_FORCED).increment(1);
+            shard.raft.trigger().purge_log(upto).await
+        }
+        None => {
+            metrics::counter!(crate::metrics::ERASURE_SNAPSHOTS_FORCED).increment(1);
+            shard.raft.trigger().snapshot().await
+        }
+    };
+    if let Err(e) = result {
+        tracing::warn!(shard = %shard.id, error = %e, "erasure: snapshot or purge");
+    }
+}
