@@ -2,14 +2,21 @@
 CONFIG ?= cluster-configs/local-3region.toml
 CARGO  ?= cargo
 
-.PHONY: dev test chaos build verify fix clean nextest
+.PHONY: dev dev-geo test chaos bench-geo build verify fix clean nextest
 SEED ?=
 DURATION ?= 120
+BENCH_SECS ?= 10
 
 ## Build (release) and run a local three-region cluster; data under ./data.
 dev:
 	$(CARGO) build --release --bins
 	./target/release/chatstore dev --config $(CONFIG)
+
+## The same cluster with simulated distance between regions: every call
+## between regions takes the round trip in the config's [latency] table.
+dev-geo:
+	$(CARGO) build --release --bins
+	./target/release/chatstore dev --geo --config $(CONFIG)
 
 ## Run the whole test suite (unit, property, in-process, multi-process and
 ## chaos), then the chaos checker's self-test against a deliberately broken
@@ -22,6 +29,12 @@ test: nextest
 ## (a random seed, printed, when SEED is empty).
 chaos: nextest
 	CHATSTORE_SEED=$(SEED) CHATSTORE_CHAOS_SECS=$(DURATION) $(CARGO) nextest run --test chaos --run-ignored only --no-capture chaos_from_env
+
+## Geo benchmark (release build): per-region write, SESSION read and
+## GetDifference latency on a simulated 80/150/200 ms deployment, and region
+## failover; writes its section of BENCHMARKS.md. BENCH_SECS per region.
+bench-geo:
+	BENCH_SECS=$(BENCH_SECS) $(CARGO) test --release --test geo -- --ignored bench_geo --nocapture
 
 ## Release binaries.
 build:

@@ -58,6 +58,10 @@ enum Command {
             default_value = "cluster-configs/local-3region.toml"
         )]
         config: PathBuf,
+        /// Simulate the distance between regions: every call between
+        /// regions takes the round trip in the config's `[latency] rtt_ms`.
+        #[arg(long)]
+        geo: bool,
     },
 }
 
@@ -81,7 +85,7 @@ fn main() -> anyhow::Result<()> {
                 id,
                 peer_addrs,
             } => run_node(config, id, peer_addrs).await,
-            Command::Dev { config } => run_dev(config).await,
+            Command::Dev { config, geo } => run_dev(config, geo).await,
             Command::Router {
                 config,
                 region,
@@ -148,8 +152,29 @@ async fn run_router(
     Ok(())
 }
 
-async fn run_dev(config_path: PathBuf) -> anyhow::Result<()> {
-    let config = ClusterConfig::load(&config_path)?;
+async fn run_dev(config_path: PathBuf, geo: bool) -> anyhow::Result<()> {
+    let mut config = ClusterConfig::load(&config_path)?;
+    if geo {
+        if config.latency.rtt_ms.is_empty() {
+            anyhow::bail!(
+                "--geo needs round-trip times: add a [latency] rtt_ms table to {}",
+                config_path.display()
+            );
+        }
+        config.latency.simulate = true;
+    }
+    if config.latency.simulate {
+        let pairs: Vec<String> = config
+            .latency
+            .pairs()
+            .iter()
+            .map(|(a, b, rtt)| format!("{a}-{b} {rtt} ms"))
+            .collect();
+        println!(
+            "simulated round trips between regions: {}",
+            pairs.join(", ")
+        );
+    }
     // One process, one metrics registry: served on the first node's address.
     if let Some(addr) = config.nodes.iter().find_map(|n| n.metrics_addr.clone()) {
         chatstore::metrics::install_exporter(addr.parse().context("metrics_addr")?)?;

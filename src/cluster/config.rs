@@ -78,6 +78,54 @@ pub struct ClusterConfig {
     pub read_token_secret: Option<String>,
     #[serde(default)]
     pub erasure: ErasureConfig,
+    #[serde(default)]
+    pub latency: LatencyConfig,
+}
+
+/// Round-trip times between regions. Documents the deployment; with
+/// `simulate = true` (`chatstore dev --geo`, tests, benchmarks) nodes and
+/// routers on one host delay their calls to match ([`crate::cluster::latency`]).
+///
+/// ```toml
+/// [latency]
+/// simulate = true
+/// rtt_ms = { "eu/us" = 80, "us/ap" = 150, "eu/ap" = 200 }
+/// ```
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LatencyConfig {
+    pub simulate: bool,
+    /// Round trip in milliseconds by `"region/region"`.
+    pub rtt_ms: BTreeMap<String, u64>,
+}
+
+/// Longest round trip a link may be given.
+pub const RTT_MS_MAX: u64 = 10_000;
+
+impl LatencyConfig {
+    /// `(region, region, rtt_ms)` for every listed pair; unparsable keys are
+    /// left out (validation reports them).
+    pub fn pairs(&self) -> Vec<(String, String, u64)> {
+        self.rtt_ms
+            .iter()
+            .filter_map(|(k, v)| {
+                let (a, b) = k.split_once('/')?;
+                Some((a.to_string(), b.to_string(), *v))
+            })
+            .collect()
+    }
+
+    /// The round trip between two regions (0 within a region or unlisted).
+    pub fn rtt(&self, a: &str, b: &str) -> u64 {
+        if a == b {
+            return 0;
+        }
+        self.pairs()
+            .into_iter()
+            .find(|(x, y, _)| (x == a && y == b) || (x == b && y == a))
+            .map(|(_, _, rtt)| rtt)
+            .unwrap_or(0)
+    }
 }
 
 /// How self-destructed bodies are erased from disk (node-local; see
@@ -217,6 +265,27 @@ impl ClusterConfig {
         let regions: BTreeSet<&str> = self.regions.iter().map(String::as_str).collect();
         if regions.len() != self.regions.len() {
             return bad("a region is listed twice".into());
+        }
+        let mut pairs = BTreeSet::new();
+        for (key, rtt) in &self.latency.rtt_ms {
+            let Some((a, b)) = key.split_once('/') else {
+                return bad(format!(
+                    "latency.rtt_ms key {key:?} is not \"region/region\""
+                ));
+            };
+            if a == b || !regions.contains(a) || !regions.contains(b) {
+                return bad(format!(
+                    "latency.rtt_ms key {key:?} must name two different configured regions"
+                ));
+            }
+            if !pairs.insert((a.min(b), a.max(b))) {
+                return bad(format!("latency.rtt_ms lists {a} and {b} twice"));
+            }
+            if *rtt > RTT_MS_MAX {
+                return bad(format!(
+                    "latency.rtt_ms {key:?} = {rtt} (at most {RTT_MS_MAX})"
+                ));
+            }
         }
         let mut ids = BTreeSet::new();
         for n in &self.nodes {

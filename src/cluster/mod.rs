@@ -4,6 +4,7 @@
 //! (`placement`).
 
 pub mod config;
+pub mod latency;
 pub mod placement;
 
 pub use config::{ClusterConfig, ConfigError, NodeConfig, RaftTiming, RouterConfig};

@@ -30,6 +30,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::api::pb;
+use crate::cluster::latency::LinkDelays;
 use crate::cluster::{ClusterConfig, Placement};
 use crate::shard::network::{Peers, RAFT_MESSAGE_BYTES_MAX};
 use crate::shard::types::NodeAddr;
@@ -104,7 +105,7 @@ impl Node {
         let addr = listener.local_addr()?;
 
         let placement = Placement::new(config);
-        let peers = Peers::with_overrides(id, peer_addrs);
+        let peers = Peers::new(id, &me.region, LinkDelays::from_config(config), peer_addrs);
         let raft = raft_config(&config.cluster_name, &config.raft)?;
         let mut shards = BTreeMap::new();
         for shard_id in placement.shards_on(id) {

@@ -32,6 +32,7 @@ use crate::api::pb::node::{
 use crate::api::pb::replicated::{command_result, Command, CommandResult, ErrorCode};
 use crate::api::pb::Consistency;
 use crate::api::status::leader_hint;
+use crate::cluster::latency::{Delayed, LinkDelays};
 use crate::cluster::{ClusterConfig, Placement};
 use crate::router::token::{ShardPosition, TokenKeys};
 use crate::types::{ChatId, NodeId, ShardId};
@@ -48,9 +49,13 @@ pub const SESSION_LEADER_WAIT_MS: u32 = 3_000;
 /// How often leaders are refreshed from node status.
 const LEADER_REFRESH: Duration = Duration::from_secs(2);
 
+/// A node API client, delayed by the simulated distance to the node's
+/// region (no delay unless latency is simulated).
+type NodeClient = NodeApiClient<Delayed<Channel>>;
+
 struct NodeEntry {
     region: String,
-    client: NodeApiClient<Channel>,
+    client: NodeClient,
 }
 
 /// Routes requests to shards. Cheap to clone.
@@ -102,6 +107,7 @@ impl Router {
                 config.regions
             );
         }
+        let delays = LinkDelays::from_config(config);
         let mut nodes = BTreeMap::new();
         for n in &config.nodes {
             let addr = node_addrs
@@ -118,7 +124,10 @@ impl Router {
                 n.id,
                 NodeEntry {
                     region: n.region.clone(),
-                    client: NodeApiClient::new(channel),
+                    client: NodeApiClient::new(Delayed::new(
+                        channel,
+                        delays.one_way(region, &n.region),
+                    )),
                 },
             );
         }
@@ -151,7 +160,7 @@ impl Router {
         self.inner.placement.shard_of_chat(ChatId(chat))
     }
 
-    fn client(&self, node: u64) -> Option<NodeApiClient<Channel>> {
+    fn client(&self, node: u64) -> Option<NodeClient> {
         self.inner.nodes.get(&node).map(|n| n.client.clone())
     }
 
@@ -213,7 +222,7 @@ impl Router {
         mut call: F,
     ) -> Result<(u64, T), Status>
     where
-        F: FnMut(NodeApiClient<Channel>) -> Fut,
+        F: FnMut(NodeClient) -> Fut,
         Fut: std::future::Future<Output = Result<T, Status>>,
     {
         let started = Instant::now();

@@ -293,7 +293,8 @@ impl ChatStore for ChatStoreService {
         for a in answers {
             let a = a?;
             token.merge(a.position);
-            if let Some(d) = a.reply.difference {
+            if let Some(mut d) = a.reply.difference {
+                d.served_by_node = a.reply.served_by_node;
                 chats.push(d);
             }
         }

@@ -87,6 +87,7 @@ async fn watch_chat(
                 reset_required: true,
                 chat_id: cursor.chat_id,
                 pts: diff.pts,
+                served_by_node: reply.served_by_node,
             };
             if tx.send(Ok(event)).await.is_err() {
                 return;
@@ -103,6 +104,7 @@ async fn watch_chat(
                 pts: change.pts,
                 change: Some(change),
                 reset_required: false,
+                served_by_node: reply.served_by_node,
             };
             if tx.send(Ok(event)).await.is_err() {
                 return;

@@ -24,6 +24,7 @@ use crate::api::codec::{from_postcard, to_postcard, RAFT_WIRE_VERSION};
 use crate::api::pb::raft::raft_reply::Result as ReplyResult;
 use crate::api::pb::raft::raft_transport_client::RaftTransportClient;
 use crate::api::pb::raft::{RaftReply, RaftRequest, SnapshotChunk};
+use crate::cluster::latency::{Delayed, LinkDelays};
 use crate::shard::snapshot::SnapshotFile;
 use crate::shard::types::{NodeAddr, Snapshot, TypeConfig, Vote};
 use crate::types::{NodeId, ShardId};
@@ -35,10 +36,16 @@ pub const SNAPSHOT_CHUNK_BYTES: usize = 1024 * 1024;
 /// How long to wait for a TCP connection to a peer.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// A client of a peer's Raft transport, delayed by the simulated distance
+/// to its region (no delay unless latency is simulated).
+pub type PeerClient = RaftTransportClient<Delayed<Channel>>;
+
 /// The node's connections to its peers, shared by all its shards.
 #[derive(Clone)]
 pub struct Peers {
     self_id: NodeId,
+    region: Arc<str>,
+    delays: LinkDelays,
     channels: Arc<Mutex<HashMap<(u64, String), Channel>>>,
     /// Addresses to use instead of the membership's, by node: lets a test
     /// harness put a fault-injecting proxy on every link.
@@ -46,16 +53,18 @@ pub struct Peers {
 }
 
 impl Peers {
-    pub fn new(self_id: NodeId) -> Peers {
-        Peers::with_overrides(self_id, Default::default())
-    }
-
-    pub fn with_overrides(
+    /// Peers of node `self_id` in `region`; `overrides` replace the
+    /// membership's addresses of some nodes.
+    pub fn new(
         self_id: NodeId,
+        region: &str,
+        delays: LinkDelays,
         overrides: std::collections::BTreeMap<u64, String>,
     ) -> Peers {
         Peers {
             self_id,
+            region: region.into(),
+            delays,
             channels: Arc::default(),
             overrides: Arc::new(overrides),
         }
@@ -65,9 +74,9 @@ impl Peers {
         self.self_id
     }
 
-    /// A client for `node` at `addr`; connects lazily and reuses the
-    /// connection for every shard.
-    pub fn client(&self, node: u64, addr: &str) -> Result<RaftTransportClient<Channel>, String> {
+    /// A client for `node` at `addr` in `region`; connects lazily and reuses
+    /// the connection for every shard.
+    pub fn client(&self, node: u64, addr: &str, region: &str) -> Result<PeerClient, String> {
         let addr = self
             .overrides
             .get(&node)
@@ -88,7 +97,8 @@ impl Peers {
                 c
             }
         };
-        Ok(RaftTransportClient::new(channel)
+        let delay = self.delays.one_way(&self.region, region);
+        Ok(RaftTransportClient::new(Delayed::new(channel, delay))
             .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
             .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX))
     }
@@ -112,7 +122,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             shard: self.shard,
             target,
             from: self.peers.self_id().0,
-            client: self.peers.client(target, &node.addr),
+            client: self.peers.client(target, &node.addr, &node.region),
             rpc_timeout_min: self.rpc_timeout_min,
         }
     }
@@ -123,7 +133,7 @@ pub struct PeerLink {
     shard: ShardId,
     target: u64,
     from: u64,
-    client: Result<RaftTransportClient<Channel>, String>,
+    client: Result<PeerClient, String>,
     rpc_timeout_min: Duration,
 }
 
@@ -153,7 +163,7 @@ impl PeerLink {
     where
         Req: serde::Serialize,
         Resp: serde::de::DeserializeOwned,
-        F: FnOnce(RaftTransportClient<Channel>, tonic::Request<RaftRequest>) -> Fut,
+        F: FnOnce(PeerClient, tonic::Request<RaftRequest>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<RaftReply>, tonic::Status>>,
     {
         let client = self

@@ -253,6 +253,8 @@ impl StateReader {
             pts: if reset_required { rec.last_pts } else { last },
             reset_required,
             more,
+            // Set by the router from the node's reply.
+            served_by_node: 0,
         })
     }
 

@@ -110,6 +110,9 @@ impl Chaos {
                 // Short seal epochs keep the eraser re-sealing, snapshotting
                 // and purging (edits are sealed in the log) under faults.
                 seal_epoch_secs: Some(4),
+                // A small copy of a real matrix (eu-us < us-ap < eu-ap),
+                // short so CI stays fast; applied by nodes and routers.
+                rtt_ms: Some(RTT_MS),
             },
         );
         let mut proxies = BTreeMap::new();
@@ -126,9 +129,6 @@ impl Chaos {
                     .raft_addr
                     .clone();
                 let p = Proxy::start(target).await;
-                p.ctl
-                    .delay_ms
-                    .store(one_way_delay_ms(a, b), Ordering::SeqCst);
                 args.push("--peer-addr".to_string());
                 args.push(format!("{b}={}", p.addr));
                 proxies.insert((a, b), p);
@@ -249,16 +249,8 @@ impl Chaos {
     }
 }
 
-/// One-way delay per region pair (node 1 = eu, 2 = us, 3 = ap): a small
-/// copy of a real matrix (eu-us < us-ap < eu-ap), kept short so CI stays fast.
-pub fn one_way_delay_ms(a: u64, b: u64) -> u64 {
-    match (a.min(b), a.max(b)) {
-        (1, 2) => 5,
-        (2, 3) => 8,
-        (1, 3) => 10,
-        _ => 0,
-    }
-}
+/// Simulated round trips of the chaos cluster: eu/us, us/ap, eu/ap.
+pub const RTT_MS: (u64, u64, u64) = (10, 16, 20);
 
 fn transient(code: Code) -> bool {
     matches!(

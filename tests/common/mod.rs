@@ -35,6 +35,8 @@ pub struct ConfigOptions {
     pub logs_kept_behind_snapshot: u64,
     /// `[erasure] seal_epoch_secs`; the node default when None.
     pub seal_epoch_secs: Option<u64>,
+    /// Simulated round trips (eu/us, us/ap, eu/ap) in ms; none when None.
+    pub rtt_ms: Option<(u64, u64, u64)>,
 }
 
 impl Default for ConfigOptions {
@@ -44,6 +46,7 @@ impl Default for ConfigOptions {
             snapshot_every_entries: 10_000,
             logs_kept_behind_snapshot: 1_000,
             seal_epoch_secs: None,
+            rtt_ms: None,
         }
     }
 }
@@ -59,6 +62,11 @@ pub fn three_region_config(root: &Path, opts: &ConfigOptions) -> ClusterConfig {
         opts.snapshot_every_entries,
         opts.logs_kept_behind_snapshot,
     );
+    if let Some((eu_us, us_ap, eu_ap)) = opts.rtt_ms {
+        text.push_str(&format!(
+            "[latency]\nsimulate = true\nrtt_ms = {{ \"eu/us\" = {eu_us}, \"us/ap\" = {us_ap}, \"eu/ap\" = {eu_ap} }}\n"
+        ));
+    }
     if let Some(secs) = opts.seal_epoch_secs {
         text.push_str(&format!("[erasure]\nseal_epoch_secs = {secs}\n"));
     }

@@ -1,7 +1,10 @@
 //! A fault-injecting TCP proxy for one directed link (client side → server
-//! side): added one-way delay, a stall of either direction (one-way
-//! partition: bytes are held, as a black-holed path would hold TCP), and a
-//! cut (full partition: connections are closed and new ones refused).
+//! side): a stall of either direction (one-way partition: bytes are held, as
+//! a black-holed path would hold TCP), and a cut (full partition: connections
+//! are closed and new ones refused). Distance between regions is not the
+//! proxy's job: nodes and routers simulate it from the config's `[latency]`
+//! table (`chatstore::cluster::latency`), the same way `chatstore dev --geo`
+//! does.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -10,12 +13,9 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use tokio::time::Instant;
 
 #[derive(Default)]
 pub struct LinkControl {
-    /// Added delay per direction, in milliseconds.
-    pub delay_ms: AtomicU64,
     /// Hold bytes from client to server.
     pub stall_up: AtomicBool,
     /// Hold bytes from server to client.
@@ -93,8 +93,8 @@ impl Proxy {
     }
 }
 
-/// Copies one direction through a delay line, holding bytes while stalled
-/// and stopping when the link is cut.
+/// Copies one direction, holding bytes while stalled and stopping when the
+/// link is cut.
 async fn pump(
     mut r: tokio::net::tcp::OwnedReadHalf,
     mut w: tokio::net::tcp::OwnedWriteHalf,
@@ -102,14 +102,13 @@ async fn pump(
     up: bool,
     gen: u64,
 ) {
-    let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
+    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
     let cut = |c: &LinkControl| {
         c.cut.load(Ordering::SeqCst) || c.generation.load(Ordering::SeqCst) != gen
     };
     let c2 = c.clone();
     let writer = async move {
-        while let Some((due, bytes)) = rx.recv().await {
-            tokio::time::sleep_until(due).await;
+        while let Some(bytes) = rx.recv().await {
             loop {
                 if cut(&c2) {
                     return;
@@ -140,11 +139,7 @@ async fn pump(
             match n {
                 Ok(0) | Err(_) => return,
                 Ok(n) => {
-                    let delay = Duration::from_millis(c.delay_ms.load(Ordering::SeqCst));
-                    if tx
-                        .send((Instant::now() + delay, buf[..n].to_vec()))
-                        .is_err()
-                    {
+                    if tx.send(buf[..n].to_vec()).is_err() {
                         return;
                     }
                 }
@@ -152,6 +147,6 @@ async fn pump(
         }
     };
     // The reader ends on EOF or a cut and drops its sender; the writer then
-    // drains what is in the delay line and closes its side.
+    // drains what it holds and closes its side.
     tokio::join!(writer, reader);
 }
