@@ -58,6 +58,10 @@ enum Command {
             default_value = "cluster-configs/local-3region.toml"
         )]
         config: PathBuf,
+        /// Put node data under this folder instead of the config's
+        /// data_root (nodes with their own data_dir keep it).
+        #[arg(long)]
+        data_root: Option<PathBuf>,
     },
 }
 
@@ -81,7 +85,7 @@ fn main() -> anyhow::Result<()> {
                 id,
                 peer_addrs,
             } => run_node(config, id, peer_addrs).await,
-            Command::Dev { config } => run_dev(config).await,
+            Command::Dev { config, data_root } => run_dev(config, data_root).await,
             Command::Router {
                 config,
                 region,
@@ -148,8 +152,11 @@ async fn run_router(
     Ok(())
 }
 
-async fn run_dev(config_path: PathBuf) -> anyhow::Result<()> {
-    let config = ClusterConfig::load(&config_path)?;
+async fn run_dev(config_path: PathBuf, data_root: Option<PathBuf>) -> anyhow::Result<()> {
+    let mut config = ClusterConfig::load(&config_path)?;
+    if let Some(root) = data_root {
+        config.data_root = root;
+    }
     // One process, one metrics registry: served on the first node's address.
     if let Some(addr) = config.nodes.iter().find_map(|n| n.metrics_addr.clone()) {
         chatstore::metrics::install_exporter(addr.parse().context("metrics_addr")?)?;
