@@ -2,7 +2,7 @@
 CONFIG ?= cluster-configs/local-3region.toml
 CARGO  ?= cargo
 
-.PHONY: dev test chaos build verify fix clean nextest
+.PHONY: dev test chaos build bench verify fix clean nextest
 SEED ?=
 DURATION ?= 120
 
@@ -26,6 +26,11 @@ chaos: nextest
 ## Release binaries.
 build:
 	$(CARGO) build --release --bins
+
+## Benchmarks: a fresh local cluster, the fixed suite of `chatctl
+## bench-suite`, results into BENCHMARKS.md. BENCH_SECS=3 for a quick try.
+bench:
+	CARGO="$(CARGO)" CONFIG="$(CONFIG)" ./scripts/bench.sh
 
 ## Read-only checks: formatting, lints, tests.
 verify: nextest

@@ -604,7 +604,7 @@ fn progress_bar(quiet: bool, len: u64, message: &str) -> indicatif::ProgressBar 
 
 /// Opens `count` connections, spread over `routers` in turn. A router that
 /// does not answer is an error: a benchmark against nothing measures nothing.
-async fn connect(routers: &[String], count: usize) -> anyhow::Result<Vec<Channel>> {
+pub(super) async fn connect(routers: &[String], count: usize) -> anyhow::Result<Vec<Channel>> {
     let mut channels = Vec::with_capacity(count);
     for i in 0..count {
         let addr = &routers[i % routers.len()];

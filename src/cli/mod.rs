@@ -82,6 +82,9 @@ pub enum Cmd {
     /// Load the routers through the public API and report throughput and
     /// latency percentiles.
     Bench(bench::BenchArgs),
+    /// Run `make bench`'s fixed set of benchmarks against a running cluster
+    /// and write the results as a markdown section.
+    BenchSuite(bench_suite::SuiteArgs),
 }
 
 #[derive(Subcommand)]
@@ -140,6 +143,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         } => data::history(&cli.router, chat, limit, before, cli.json).await,
         Cmd::Tail { chat, from_pts } => data::tail(&cli.router, chat, from_pts, cli.json).await,
         Cmd::Bench(args) => bench::command(args, &cli.router, cli.json).await,
+        Cmd::BenchSuite(args) => {
+            bench_suite::command(args, &cli.endpoints, &cli.router, cli.json).await
+        }
         Cmd::Chat(ChatCmd::Info { chat }) => data::chat_info(&cli.router, chat, cli.json).await,
         Cmd::Chat(ChatCmd::Close {
             chat,
@@ -162,6 +168,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
 }
 
 mod bench;
+mod bench_suite;
 mod data;
 
 async fn client(addr: &str) -> anyhow::Result<NodeApiClient<Channel>> {
