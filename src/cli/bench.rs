@@ -171,6 +171,14 @@ enum Mix {
 }
 
 impl Mix {
+    /// Every operation the mix sends, in the order they are reported.
+    fn ops(self) -> Vec<Op> {
+        match self {
+            Mix::Only(op) => vec![op],
+            Mix::SendOrHistory => vec![Op::Send, Op::History],
+        }
+    }
+
     fn next(self) -> Op {
         match self {
             Mix::Only(op) => op,
@@ -841,6 +849,10 @@ async fn closed_loop(
     tokio::time::sleep_until(window.measure_from.into()).await;
     let cpu_start = CpuSample::take(args.server_pid);
     let mut stats = Stats::default();
+    // Rows in a fixed order, and a row even for an operation that never ran.
+    for op in mix.ops() {
+        stats.op(op.name());
+    }
     let mut window_end = window.measure_from;
     while let Some(joined) = workers.join_next().await {
         let (s, last_done) = joined.context("a bench worker panicked")?;
