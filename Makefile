@@ -2,10 +2,9 @@
 CONFIG ?= cluster-configs/local-3region.toml
 CARGO  ?= cargo
 
-.PHONY: dev dev-geo test chaos bench-geo build verify fix clean nextest
+.PHONY: dev dev-geo test chaos bench bench-geo build verify fix clean nextest
 SEED ?=
 DURATION ?= 120
-BENCH_SECS ?= 10
 
 ## Build (release) and run a local three-region cluster; data under ./data.
 dev:
@@ -32,13 +31,18 @@ chaos: nextest
 
 ## Geo benchmark (release build): per-region write, SESSION read and
 ## GetDifference latency on a simulated 80/150/200 ms deployment, and region
-## failover; writes its section of BENCHMARKS.md. BENCH_SECS per region.
+## failover; writes its section of BENCHMARKS.md. BENCH_SECS (default 10) per region.
 bench-geo:
-	BENCH_SECS=$(BENCH_SECS) $(CARGO) test --release --test geo -- --ignored bench_geo --nocapture
+	$(CARGO) test --release --test geo -- --ignored bench_geo --nocapture
 
 ## Release binaries.
 build:
 	$(CARGO) build --release --bins
+
+## Benchmarks: a fresh local cluster, the fixed suite of `chatctl
+## bench-suite`, results into BENCHMARKS.md. BENCH_SECS=3 for a quick try.
+bench:
+	CARGO="$(CARGO)" CONFIG="$(CONFIG)" ./scripts/bench.sh
 
 ## Read-only checks: formatting, lints, tests.
 verify: nextest

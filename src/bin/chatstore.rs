@@ -62,6 +62,10 @@ enum Command {
         /// regions takes the round trip in the config's `[latency] rtt_ms`.
         #[arg(long)]
         geo: bool,
+        /// Put node data under this folder instead of the config's
+        /// data_root (nodes with their own data_dir keep it).
+        #[arg(long)]
+        data_root: Option<PathBuf>,
     },
 }
 
@@ -85,7 +89,11 @@ fn main() -> anyhow::Result<()> {
                 id,
                 peer_addrs,
             } => run_node(config, id, peer_addrs).await,
-            Command::Dev { config, geo } => run_dev(config, geo).await,
+            Command::Dev {
+                config,
+                geo,
+                data_root,
+            } => run_dev(config, geo, data_root).await,
             Command::Router {
                 config,
                 region,
@@ -152,8 +160,15 @@ async fn run_router(
     Ok(())
 }
 
-async fn run_dev(config_path: PathBuf, geo: bool) -> anyhow::Result<()> {
+async fn run_dev(
+    config_path: PathBuf,
+    geo: bool,
+    data_root: Option<PathBuf>,
+) -> anyhow::Result<()> {
     let mut config = ClusterConfig::load(&config_path)?;
+    if let Some(root) = data_root {
+        config.data_root = root;
+    }
     if geo {
         if config.latency.rtt_ms.is_empty() {
             anyhow::bail!(

@@ -1,4 +1,5 @@
-//! `chatctl`, the cluster CLI. Talks to nodes' node API.
+//! `chatctl`, the cluster CLI. Talks to nodes' node API, and to routers'
+//! public API for the data commands and the load generator (`bench`).
 //!
 //! Exit codes: 0 success, 1 a check found a problem (e.g. `verify` found
 //! diverging replicas), 2 a node could not be reached or the call failed.
@@ -78,6 +79,12 @@ pub enum Cmd {
         #[arg(long, default_value_t = 0)]
         from_pts: u64,
     },
+    /// Load the routers through the public API and report throughput and
+    /// latency percentiles.
+    Bench(bench::BenchArgs),
+    /// Run `make bench`'s fixed set of benchmarks against a running cluster
+    /// and write the results as a markdown section.
+    BenchSuite(bench_suite::SuiteArgs),
 }
 
 #[derive(Subcommand)]
@@ -135,6 +142,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             before,
         } => data::history(&cli.router, chat, limit, before, cli.json).await,
         Cmd::Tail { chat, from_pts } => data::tail(&cli.router, chat, from_pts, cli.json).await,
+        Cmd::Bench(args) => bench::command(args, &cli.router, cli.json).await,
+        Cmd::BenchSuite(args) => {
+            bench_suite::command(args, &cli.endpoints, &cli.router, cli.json).await
+        }
         Cmd::Chat(ChatCmd::Info { chat }) => data::chat_info(&cli.router, chat, cli.json).await,
         Cmd::Chat(ChatCmd::Close {
             chat,
@@ -156,6 +167,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     }
 }
 
+mod bench;
+mod bench_suite;
 mod data;
 
 async fn client(addr: &str) -> anyhow::Result<NodeApiClient<Channel>> {

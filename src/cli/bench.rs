@@ -1,0 +1,1516 @@
+//! `chatctl bench`: a load generator over the public API of one or more
+//! routers.
+//!
+//! ```text
+//!  closed loop (every workload but watch):
+//!
+//!   worker 0 ─┐                 connection 0 ─▶ router A
+//!   worker 1 ─┼─ worker i uses ─ connection 1 ─▶ router B     (--connections,
+//!     ...     │  connection      connection 2 ─▶ router A      spread over
+//!   worker N ─┘  i % M           ...                           --routers)
+//!   (--in-flight: each worker has one request outstanding at a time)
+//!
+//!   each worker ──▶ its own Stats (a latency histogram and error counts per
+//!                   operation) ──merged at the end──▶ Report ──▶ text or --json
+//!   shared counters ──▶ progress task ──▶ one line on stderr
+//!
+//!  watch: --watchers streams on one chat; a sender sends into that chat at
+//!  --rate messages/s, each body starting with the time the send started;
+//!  every watcher measures send start → event received.
+//! ```
+//!
+//! A run: connect (a router that does not answer is an error), prefill the
+//! chats (read workloads only), warm up (requests sent, not measured), then
+//! the measured window (`--duration` or `--count`), then the summary. Failed
+//! requests are counted by gRPC code and never stop the run.
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use tokio::task::JoinSet;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+use crate::api::pb::chat_store_client::ChatStoreClient;
+use crate::api::pb::{self, ChangeKind, Consistency};
+use crate::router::service::WATCH_STREAMS_MAX;
+use crate::router::validate::BODY_BYTES_MAX;
+
+/// Measured seconds when neither `--duration` nor `--count` is given.
+const DURATION_SECS_DEFAULT: f64 = 10.0;
+/// Most outstanding requests one run may keep.
+const IN_FLIGHT_MAX: usize = 10_000;
+/// Most HTTP/2 connections one run may open.
+const CONNECTIONS_MAX: usize = 256;
+/// Most messages a prefill may put in one chat.
+const PREFILL_MAX: u64 = 1_000;
+/// Requests a prefill keeps outstanding.
+const PREFILL_IN_FLIGHT: usize = 64;
+/// Attempts per prefill send (it keeps its client_msg_id, so a retry is
+/// never stored twice).
+const PREFILL_SEND_ATTEMPTS: u32 = 3;
+/// Messages in one page of the history workload.
+const HISTORY_PAGE: u32 = 50;
+/// Chats one GetDifference asks about: a client catching up on a few chats.
+const DIFFERENCE_CURSORS: u64 = 10;
+/// How far behind a chat's last known pts a difference cursor starts.
+const DIFFERENCE_BEHIND_PTS: u64 = 10;
+/// Changes one GetDifference may return per chat.
+const DIFFERENCE_LIMIT: u32 = 100;
+/// Watch streams per HTTP/2 connection: many clients each hold a few.
+const WATCHERS_PER_CONNECTION: usize = 100;
+/// Fastest send rate of the watch workload, messages per second.
+const WATCH_RATE_MAX: f64 = 10_000.0;
+/// How long watchers may take, after the last send, to receive every event.
+const DELIVERY_GRACE: Duration = Duration::from_secs(5);
+/// Longest a unary request may take before it counts as DeadlineExceeded;
+/// above the router's own write deadline, so its retries can finish.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long to wait for a router to accept a connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How often the progress line is redrawn.
+const PROGRESS_TICK: Duration = Duration::from_millis(250);
+/// Histogram range in microseconds: 1 µs to 60 s, three significant digits.
+const LATENCY_US_MAX: u64 = 60_000_000;
+const LATENCY_SIGNIFICANT_DIGITS: u8 = 3;
+/// Clock ticks per second in /proc/PID/stat: USER_HZ, 100 on every Linux
+/// architecture chatstore builds for (proc(5)).
+const USER_HZ: u64 = 100;
+
+/// What `chatctl bench` sends.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Workload {
+    /// Unary Send into a random chat, each with a unique client_msg_id.
+    Send,
+    /// GetHistory limit 1, SESSION, of a random prefilled chat.
+    Read,
+    /// GetHistory pages of 50 messages, SESSION, of a random prefilled chat.
+    History,
+    /// GetDifference over 10 prefilled chats, each cursor a little behind.
+    Difference,
+    /// Half Send, half SESSION history pages; each worker keeps its read
+    /// token as a client would, so its reads see its writes.
+    Mixed,
+    /// Fan-out: --watchers Watch streams on one chat, a sender at --rate.
+    Watch,
+    /// The router's gRPC health Check: the ceiling of tonic on this machine.
+    Noop,
+}
+
+impl Workload {
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::Send => "send",
+            Workload::Read => "read",
+            Workload::History => "history",
+            Workload::Difference => "difference",
+            Workload::Mixed => "mixed",
+            Workload::Watch => "watch",
+            Workload::Noop => "noop",
+        }
+    }
+
+    /// The requests of a closed-loop workload; None for watch, which has its
+    /// own driver.
+    fn mix(self) -> Option<Mix> {
+        match self {
+            Workload::Send => Some(Mix::Only(Op::Send)),
+            Workload::Read => Some(Mix::Only(Op::Read)),
+            Workload::History => Some(Mix::Only(Op::History)),
+            Workload::Difference => Some(Mix::Only(Op::Difference)),
+            Workload::Mixed => Some(Mix::SendOrHistory),
+            Workload::Noop => Some(Mix::Only(Op::Check)),
+            Workload::Watch => None,
+        }
+    }
+
+    /// Whether the chats must hold messages before the run.
+    fn reads_messages(self) -> bool {
+        matches!(
+            self,
+            Workload::Read | Workload::History | Workload::Difference | Workload::Mixed
+        )
+    }
+}
+
+/// One kind of request, reported as its own row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Op {
+    Check,
+    Send,
+    Read,
+    History,
+    Difference,
+}
+
+impl Op {
+    fn name(self) -> &'static str {
+        match self {
+            Op::Check => "check",
+            Op::Send => "send",
+            Op::Read => "read",
+            Op::History => "history",
+            Op::Difference => "difference",
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Mix {
+    Only(Op),
+    SendOrHistory,
+}
+
+impl Mix {
+    /// Every operation the mix sends, in the order they are reported.
+    fn ops(self) -> Vec<Op> {
+        match self {
+            Mix::Only(op) => vec![op],
+            Mix::SendOrHistory => vec![Op::Send, Op::History],
+        }
+    }
+
+    fn next(self) -> Op {
+        match self {
+            Mix::Only(op) => op,
+            Mix::SendOrHistory => {
+                if rand::random::<bool>() {
+                    Op::Send
+                } else {
+                    Op::History
+                }
+            }
+        }
+    }
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct BenchArgs {
+    /// Routers to load (host:port, comma-separated); default: the global --router.
+    #[arg(long, value_delimiter = ',')]
+    pub routers: Vec<String>,
+    #[arg(long, value_enum, default_value_t = Workload::Send)]
+    pub workload: Workload,
+    /// Chats the load is spread over: ids --first-chat, --first-chat + 1, ...
+    #[arg(long, default_value_t = 1000)]
+    pub chats: u64,
+    /// The lowest chat id used (the watch workload's one chat).
+    #[arg(long, default_value_t = 1)]
+    pub first_chat: u64,
+    /// Requests outstanding at once (for watch: sends outstanding at once).
+    #[arg(long, default_value_t = 64)]
+    pub in_flight: usize,
+    /// Message body size in bytes.
+    #[arg(long, default_value_t = 1024)]
+    pub size: usize,
+    /// Measured seconds (default 10 when --count is not given).
+    #[arg(long, conflicts_with = "count")]
+    pub duration: Option<f64>,
+    /// Measured requests (for watch: measured sends) instead of a duration.
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// Seconds of load before measuring starts.
+    #[arg(long, default_value_t = 2.0)]
+    pub warmup: f64,
+    /// HTTP/2 connections, spread over the routers; one connection carries
+    /// all its requests over one TCP stream, so use several.
+    #[arg(long, default_value_t = 4)]
+    pub connections: usize,
+    /// Messages each chat holds before a read workload starts (topped up;
+    /// 0 skips the prefill).
+    #[arg(long, default_value_t = 50)]
+    pub prefill: u64,
+    /// Watch streams on the watched chat (watch workload).
+    #[arg(long, default_value_t = 1000)]
+    pub watchers: usize,
+    /// Messages per second sent into the watched chat (watch workload).
+    #[arg(long, default_value_t = 10.0)]
+    pub rate: f64,
+    /// Also report the CPU use of this process (the cluster, when it runs
+    /// on this machine) over the measured window.
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+}
+
+impl BenchArgs {
+    /// The suite's arguments for one case.
+    pub fn for_case(
+        routers: Vec<String>,
+        workload: Workload,
+        in_flight: usize,
+        measured_secs: f64,
+        warmup_secs: f64,
+        server_pid: Option<u32>,
+    ) -> BenchArgs {
+        BenchArgs {
+            routers,
+            workload,
+            chats: 1000,
+            first_chat: 1,
+            in_flight,
+            size: 1024,
+            duration: Some(measured_secs),
+            count: None,
+            warmup: warmup_secs,
+            connections: 4,
+            prefill: 50,
+            watchers: 1000,
+            rate: 10.0,
+            server_pid,
+        }
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        if self.routers.is_empty() {
+            anyhow::bail!("name at least one router");
+        }
+        if self.chats == 0 || self.first_chat == 0 {
+            anyhow::bail!("--chats and --first-chat must be at least 1 (chat 0 does not exist)");
+        }
+        if self.first_chat.checked_add(self.chats).is_none() {
+            anyhow::bail!("--first-chat + --chats overflows a chat id");
+        }
+        if !(1..=IN_FLIGHT_MAX).contains(&self.in_flight) {
+            anyhow::bail!("--in-flight must be 1 to {IN_FLIGHT_MAX}");
+        }
+        if !(1..=CONNECTIONS_MAX).contains(&self.connections) {
+            anyhow::bail!("--connections must be 1 to {CONNECTIONS_MAX}");
+        }
+        if self.size > BODY_BYTES_MAX {
+            anyhow::bail!(
+                "--size {} is above the body limit {BODY_BYTES_MAX}",
+                self.size
+            );
+        }
+        if self.prefill > PREFILL_MAX {
+            anyhow::bail!("--prefill must be at most {PREFILL_MAX} messages per chat");
+        }
+        if let Some(d) = self.duration {
+            if !(d > 0.0 && d.is_finite()) {
+                anyhow::bail!("--duration must be a positive number of seconds");
+            }
+        }
+        if self.count == Some(0) {
+            anyhow::bail!("--count must be at least 1");
+        }
+        if !(self.warmup >= 0.0 && self.warmup.is_finite()) {
+            anyhow::bail!("--warmup must be zero or more seconds");
+        }
+        if self.workload == Workload::Watch {
+            if !(1..=WATCH_STREAMS_MAX).contains(&self.watchers) {
+                anyhow::bail!("--watchers must be 1 to {WATCH_STREAMS_MAX}");
+            }
+            if !(self.rate > 0.0 && self.rate <= WATCH_RATE_MAX) {
+                anyhow::bail!("--rate must be above 0 and at most {WATCH_RATE_MAX}");
+            }
+        }
+        Ok(())
+    }
+
+    fn random_chat(&self) -> u64 {
+        self.first_chat + rand::random_range(0..self.chats)
+    }
+}
+
+/// The result of one run.
+#[derive(Serialize, Debug, Clone)]
+pub struct Report {
+    pub workload: &'static str,
+    pub routers: Vec<String>,
+    pub in_flight: usize,
+    pub connections: usize,
+    pub chats: u64,
+    pub size_bytes: usize,
+    pub warmup_secs: f64,
+    pub measured_secs: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub watch: Option<WatchSetup>,
+    /// CPU time of `chatctl` over the measured window, percent of one core.
+    pub client_cpu_percent: Option<f64>,
+    /// CPU time of --server-pid over the measured window, percent of one core.
+    pub server_cpu_percent: Option<f64>,
+    pub ops: Vec<OpReport>,
+}
+
+#[derive(Serialize, Debug, Clone)]
+pub struct WatchSetup {
+    pub watchers: usize,
+    pub rate_per_sec: f64,
+    pub chat: u64,
+}
+
+/// One operation's row of the summary.
+#[derive(Serialize, Debug, Clone)]
+pub struct OpReport {
+    pub op: &'static str,
+    /// Successful operations in the measured window.
+    pub count: u64,
+    pub ops_per_sec: f64,
+    /// Latency of the successful operations.
+    pub latency_ms: Percentiles,
+    /// Failed operations by gRPC code (or `Undelivered` for watch events
+    /// that never arrived).
+    pub errors: BTreeMap<String, u64>,
+}
+
+#[derive(Serialize, Debug, Clone, Copy)]
+pub struct Percentiles {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+}
+
+/// Latencies and errors of one operation as one task saw them.
+struct OpStats {
+    latency_us: Histogram<u64>,
+    errors: BTreeMap<String, u64>,
+}
+
+impl OpStats {
+    fn new() -> OpStats {
+        OpStats {
+            latency_us: Histogram::new_with_bounds(1, LATENCY_US_MAX, LATENCY_SIGNIFICANT_DIGITS)
+                .expect("constant histogram bounds are valid"),
+            errors: BTreeMap::new(),
+        }
+    }
+
+    fn record(&mut self, latency: Duration, result: Result<(), Code>) {
+        match result {
+            Ok(()) => self
+                .latency_us
+                .saturating_record(latency.as_micros().max(1) as u64),
+            Err(code) => *self.errors.entry(format!("{code:?}")).or_default() += 1,
+        }
+    }
+
+    fn merge(&mut self, other: OpStats) {
+        self.latency_us
+            .add(other.latency_us)
+            .expect("histograms with the same bounds add");
+        for (code, n) in other.errors {
+            *self.errors.entry(code).or_default() += n;
+        }
+    }
+
+    fn report(&self, op: &'static str, window: Duration) -> OpReport {
+        let h = &self.latency_us;
+        let ms = |us: u64| us as f64 / 1000.0;
+        let secs = window.as_secs_f64();
+        OpReport {
+            op,
+            count: h.len(),
+            ops_per_sec: if secs > 0.0 {
+                h.len() as f64 / secs
+            } else {
+                0.0
+            },
+            latency_ms: Percentiles {
+                p50: ms(h.value_at_quantile(0.5)),
+                p90: ms(h.value_at_quantile(0.9)),
+                p99: ms(h.value_at_quantile(0.99)),
+                p999: ms(h.value_at_quantile(0.999)),
+                max: ms(h.max()),
+            },
+            errors: self.errors.clone(),
+        }
+    }
+}
+
+/// Per-operation stats, in the order operations were first seen.
+#[derive(Default)]
+struct Stats {
+    ops: Vec<(&'static str, OpStats)>,
+}
+
+impl Stats {
+    fn op(&mut self, name: &'static str) -> &mut OpStats {
+        let i = match self.ops.iter().position(|(n, _)| *n == name) {
+            Some(i) => i,
+            None => {
+                self.ops.push((name, OpStats::new()));
+                self.ops.len() - 1
+            }
+        };
+        &mut self.ops[i].1
+    }
+
+    fn merge(&mut self, other: Stats) {
+        for (name, s) in other.ops {
+            self.op(name).merge(s);
+        }
+    }
+
+    fn reports(&self, window: Duration) -> Vec<OpReport> {
+        self.ops.iter().map(|(n, s)| s.report(n, window)).collect()
+    }
+}
+
+/// Counters the progress line reads while tasks run.
+#[derive(Default)]
+struct Progress {
+    ok: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl Progress {
+    fn count(&self, result: Result<(), Code>) {
+        match result {
+            Ok(()) => self.ok.fetch_add(1, Ordering::Relaxed),
+            Err(_) => self.failed.fetch_add(1, Ordering::Relaxed),
+        };
+    }
+}
+
+/// When the measured window starts and what ends it.
+struct Window {
+    measure_from: Instant,
+    end: End,
+}
+
+enum End {
+    At(Instant),
+    /// After this many measured requests; `issued` hands out the tickets.
+    After {
+        count: u64,
+        issued: AtomicU64,
+    },
+}
+
+impl Window {
+    fn new(args: &BenchArgs) -> Window {
+        let measure_from = Instant::now() + Duration::from_secs_f64(args.warmup);
+        let end = match args.count {
+            Some(count) => End::After {
+                count,
+                issued: AtomicU64::new(0),
+            },
+            None => End::At(
+                measure_from
+                    + Duration::from_secs_f64(args.duration.unwrap_or(DURATION_SECS_DEFAULT)),
+            ),
+        };
+        Window { measure_from, end }
+    }
+
+    /// Whether a request starting `now` may go, and whether it is measured.
+    fn admit(&self, now: Instant) -> Option<bool> {
+        if now < self.measure_from {
+            return Some(false);
+        }
+        match &self.end {
+            End::At(end) => (now < *end).then_some(true),
+            End::After { count, issued } => {
+                (issued.fetch_add(1, Ordering::Relaxed) < *count).then_some(true)
+            }
+        }
+    }
+
+    fn describe(&self, now: Instant) -> String {
+        if now < self.measure_from {
+            return format!(
+                "warming up, {:.1} s to go",
+                (self.measure_from - now).as_secs_f64()
+            );
+        }
+        let elapsed = (now - self.measure_from).as_secs_f64();
+        match &self.end {
+            End::At(end) => format!(
+                "{elapsed:.1}/{:.1} s",
+                (*end - self.measure_from).as_secs_f64()
+            ),
+            End::After { count, issued } => format!(
+                "{}/{count} requests",
+                issued.load(Ordering::Relaxed).min(*count)
+            ),
+        }
+    }
+}
+
+/// A process's CPU time (user + system) so far, from /proc/PID/stat.
+fn cpu_time(pid: &str) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces; fields after it are plain.
+    let fields: Vec<&str> = stat
+        .get(stat.rfind(')')? + 1..)?
+        .split_whitespace()
+        .collect();
+    // utime and stime are fields 14 and 15, the 12th and 13th after the name.
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 1000 / USER_HZ))
+}
+
+/// Samples the CPU time of this process and of an optional server process.
+#[derive(Clone, Copy)]
+pub struct CpuSample {
+    at: Instant,
+    client: Option<Duration>,
+    server: Option<Duration>,
+}
+
+impl CpuSample {
+    pub fn take(server_pid: Option<u32>) -> CpuSample {
+        CpuSample {
+            at: Instant::now(),
+            client: cpu_time("self"),
+            server: server_pid.and_then(|p| cpu_time(&p.to_string())),
+        }
+    }
+
+    /// (client, server) CPU use since `earlier`, in percent of one core.
+    pub fn percent_since(&self, earlier: &CpuSample) -> (Option<f64>, Option<f64>) {
+        let wall = (self.at - earlier.at).as_secs_f64();
+        let pct = |now: Option<Duration>, then: Option<Duration>| match (now, then) {
+            (Some(n), Some(t)) if wall > 0.0 => {
+                Some(n.saturating_sub(t).as_secs_f64() / wall * 100.0)
+            }
+            _ => None,
+        };
+        (
+            pct(self.client, earlier.client),
+            pct(self.server, earlier.server),
+        )
+    }
+}
+
+fn progress_line(quiet: bool) -> indicatif::ProgressBar {
+    if quiet || !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {msg}").expect("valid template"),
+    );
+    bar.enable_steady_tick(PROGRESS_TICK);
+    bar
+}
+
+fn progress_bar(quiet: bool, len: u64, message: &str) -> indicatif::ProgressBar {
+    if quiet || !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} ({eta} left)")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(message.to_string());
+    bar
+}
+
+/// Opens `count` connections, spread over `routers` in turn. A router that
+/// does not answer is an error: a benchmark against nothing measures nothing.
+pub(super) async fn connect(routers: &[String], count: usize) -> anyhow::Result<Vec<Channel>> {
+    let mut channels = Vec::with_capacity(count);
+    for i in 0..count {
+        let addr = &routers[i % routers.len()];
+        let channel = Endpoint::from_shared(format!("http://{addr}"))
+            .with_context(|| format!("bad router address {addr:?}"))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot reach the router at {addr}; is it running? (check --router/--routers)"
+                )
+            })?;
+        channels.push(channel);
+    }
+    Ok(channels)
+}
+
+fn with_timeout<T>(message: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(message);
+    r.set_timeout(REQUEST_TIMEOUT);
+    r
+}
+
+/// A body of `size` bytes, starting with `stamp` when it has room.
+fn body(size: usize, stamp: Option<u64>) -> Bytes {
+    let mut b = vec![b'x'; size];
+    if let Some(stamp) = stamp {
+        b[..8].copy_from_slice(&stamp.to_le_bytes());
+    }
+    Bytes::from(b)
+}
+
+fn client_msg_id() -> u64 {
+    // Zero means "no id" to the router; any other random value is unique
+    // in practice.
+    rand::random::<u64>().max(1)
+}
+
+/// The highest pts seen per chat, so difference cursors start just behind it.
+struct ChatPts {
+    first_chat: u64,
+    pts: Vec<AtomicU64>,
+}
+
+impl ChatPts {
+    fn new(first_chat: u64, chats: u64) -> ChatPts {
+        ChatPts {
+            first_chat,
+            pts: (0..chats).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    fn raise(&self, chat: u64, pts: u64) {
+        self.pts[(chat - self.first_chat) as usize].fetch_max(pts, Ordering::Relaxed);
+    }
+
+    fn get(&self, chat: u64) -> u64 {
+        self.pts[(chat - self.first_chat) as usize].load(Ordering::Relaxed)
+    }
+}
+
+/// One closed-loop worker: one request outstanding at a time.
+struct Worker {
+    args: Arc<BenchArgs>,
+    sender_id: u64,
+    api: ChatStoreClient<Channel>,
+    health: HealthClient<Channel>,
+    body: Bytes,
+    /// Carried from response to request when the workload keeps a session.
+    token: Bytes,
+    keep_token: bool,
+    chat_pts: Arc<ChatPts>,
+}
+
+impl Worker {
+    fn keep(&mut self, token: Bytes) {
+        if self.keep_token {
+            self.token = token;
+        }
+    }
+
+    async fn call(&mut self, op: Op) -> Result<(), Status> {
+        match op {
+            Op::Check => {
+                let req = HealthCheckRequest {
+                    service: String::new(),
+                };
+                self.health.check(with_timeout(req)).await.map(drop)
+            }
+            Op::Send => {
+                let chat = self.args.random_chat();
+                let r = self
+                    .api
+                    .send(with_timeout(pb::SendRequest {
+                        chat_id: chat,
+                        sender_id: self.sender_id,
+                        client_msg_id: client_msg_id(),
+                        body: self.body.clone(),
+                        self_destruct: None,
+                        min_token: self.token.clone(),
+                    }))
+                    .await?
+                    .into_inner();
+                self.keep(r.read_token);
+                Ok(())
+            }
+            Op::Read | Op::History => {
+                let limit = if op == Op::Read { 1 } else { HISTORY_PAGE };
+                let r = self
+                    .api
+                    .get_history(with_timeout(pb::GetHistoryRequest {
+                        chat_id: self.args.random_chat(),
+                        before_seq: 0,
+                        limit,
+                        consistency: Consistency::Session as i32,
+                        min_token: self.token.clone(),
+                    }))
+                    .await?
+                    .into_inner();
+                self.keep(r.read_token);
+                Ok(())
+            }
+            Op::Difference => {
+                let cursors_count = DIFFERENCE_CURSORS.min(self.args.chats);
+                let start = rand::random_range(0..self.args.chats);
+                let cursors = (0..cursors_count)
+                    .map(|i| {
+                        let chat = self.args.first_chat + (start + i) % self.args.chats;
+                        pb::Cursor {
+                            chat_id: chat,
+                            pts: self
+                                .chat_pts
+                                .get(chat)
+                                .saturating_sub(DIFFERENCE_BEHIND_PTS),
+                        }
+                    })
+                    .collect();
+                let r = self
+                    .api
+                    .get_difference(with_timeout(pb::GetDifferenceRequest {
+                        cursors,
+                        limit: DIFFERENCE_LIMIT,
+                        consistency: Consistency::Session as i32,
+                        min_token: self.token.clone(),
+                    }))
+                    .await?
+                    .into_inner();
+                self.keep(r.read_token);
+                Ok(())
+            }
+        }
+    }
+
+    /// Sends requests until the window closes; returns what it measured and
+    /// when its last measured request finished.
+    async fn run(
+        mut self,
+        mix: Mix,
+        window: Arc<Window>,
+        progress: Arc<Progress>,
+    ) -> (Stats, Option<Instant>) {
+        let mut stats = Stats::default();
+        let mut last_done = None;
+        loop {
+            let start = Instant::now();
+            let Some(measured) = window.admit(start) else {
+                break;
+            };
+            let op = mix.next();
+            let result = self.call(op).await.map_err(|s| s.code());
+            if measured {
+                let done = Instant::now();
+                stats.op(op.name()).record(done - start, result);
+                progress.count(result);
+                last_done = Some(done);
+            }
+        }
+        (stats, last_done)
+    }
+}
+
+/// Runs one benchmark and returns its report. `quiet` hides progress.
+pub async fn run(args: BenchArgs, quiet: bool) -> anyhow::Result<Report> {
+    args.check()?;
+    let args = Arc::new(args);
+    let channels = connect(&args.routers, args.connections.max(args.routers.len())).await?;
+    let chat_pts = Arc::new(ChatPts::new(args.first_chat, args.chats));
+    if args.workload.reads_messages() && args.prefill > 0 {
+        prefill(&args, &channels, &chat_pts, quiet).await?;
+    }
+    match args.workload.mix() {
+        Some(mix) => closed_loop(args, mix, channels, chat_pts, quiet).await,
+        None => watch(args, channels, quiet).await,
+    }
+}
+
+async fn closed_loop(
+    args: Arc<BenchArgs>,
+    mix: Mix,
+    channels: Vec<Channel>,
+    chat_pts: Arc<ChatPts>,
+    quiet: bool,
+) -> anyhow::Result<Report> {
+    let window = Arc::new(Window::new(&args));
+    let progress = Arc::new(Progress::default());
+    let body = body(args.size, None);
+    let mut workers = JoinSet::new();
+    for i in 0..args.in_flight {
+        let channel = channels[i % channels.len()].clone();
+        let worker = Worker {
+            args: args.clone(),
+            sender_id: i as u64 + 1,
+            api: ChatStoreClient::new(channel.clone()),
+            health: HealthClient::new(channel),
+            body: body.clone(),
+            token: Bytes::new(),
+            keep_token: matches!(mix, Mix::SendOrHistory),
+            chat_pts: chat_pts.clone(),
+        };
+        workers.spawn(worker.run(mix, window.clone(), progress.clone()));
+    }
+    let line = progress_line(quiet);
+    let name = args.workload.name();
+    let drawing = Arc::new(AtomicBool::new(true));
+    let drawer = tokio::spawn(draw_progress(
+        line.clone(),
+        name,
+        window.clone(),
+        progress.clone(),
+        drawing.clone(),
+    ));
+    tokio::time::sleep_until(window.measure_from.into()).await;
+    let cpu_start = CpuSample::take(args.server_pid);
+    let mut stats = Stats::default();
+    // Rows in a fixed order, and a row even for an operation that never ran.
+    for op in mix.ops() {
+        stats.op(op.name());
+    }
+    let mut window_end = window.measure_from;
+    while let Some(joined) = workers.join_next().await {
+        let (s, last_done) = joined.context("a bench worker panicked")?;
+        stats.merge(s);
+        if let Some(t) = last_done {
+            window_end = window_end.max(t);
+        }
+    }
+    let cpu_end = CpuSample::take(args.server_pid);
+    drawing.store(false, Ordering::Relaxed);
+    let _ = drawer.await;
+    line.finish_and_clear();
+    let (client_cpu, server_cpu) = cpu_end.percent_since(&cpu_start);
+    let measured = window_end - window.measure_from;
+    Ok(Report {
+        workload: name,
+        routers: args.routers.clone(),
+        in_flight: args.in_flight,
+        connections: channels.len(),
+        chats: args.chats,
+        size_bytes: args.size,
+        warmup_secs: args.warmup,
+        measured_secs: measured.as_secs_f64(),
+        watch: None,
+        client_cpu_percent: client_cpu,
+        server_cpu_percent: server_cpu,
+        ops: stats.reports(measured),
+    })
+}
+
+async fn draw_progress(
+    line: indicatif::ProgressBar,
+    name: &'static str,
+    window: Arc<Window>,
+    progress: Arc<Progress>,
+    drawing: Arc<AtomicBool>,
+) {
+    if line.is_hidden() {
+        return;
+    }
+    while drawing.load(Ordering::Relaxed) {
+        let now = Instant::now();
+        let ok = progress.ok.load(Ordering::Relaxed);
+        let failed = progress.failed.load(Ordering::Relaxed);
+        let secs = now
+            .saturating_duration_since(window.measure_from)
+            .as_secs_f64();
+        let rate = if secs > 0.0 { ok as f64 / secs } else { 0.0 };
+        line.set_message(format!(
+            "{name}: {}  {ok} ok  {rate:.0}/s  {failed} errors",
+            window.describe(now)
+        ));
+        tokio::time::sleep(PROGRESS_TICK).await;
+    }
+}
+
+/// Tops every chat up to `--prefill` messages, so reads find something.
+/// Records each chat's pts for the difference workload.
+async fn prefill(
+    args: &Arc<BenchArgs>,
+    channels: &[Channel],
+    chat_pts: &Arc<ChatPts>,
+    quiet: bool,
+) -> anyhow::Result<()> {
+    // How many messages each chat holds already.
+    let bar = progress_bar(quiet, args.chats, "prefill: counting messages");
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = JoinSet::new();
+    for i in 0..PREFILL_IN_FLIGHT.min(args.chats as usize) {
+        let mut api = ChatStoreClient::new(channels[i % channels.len()].clone());
+        let (args, next, bar, chat_pts) =
+            (args.clone(), next.clone(), bar.clone(), chat_pts.clone());
+        tasks.spawn(async move {
+            let mut missing = Vec::new();
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= args.chats {
+                    return Ok::<_, anyhow::Error>(missing);
+                }
+                let chat = args.first_chat + n;
+                let info = api
+                    .get_chat(with_timeout(pb::GetChatRequest {
+                        chat_id: chat,
+                        consistency: Consistency::Linearizable as i32,
+                        min_token: Bytes::new(),
+                    }))
+                    .await
+                    .map_err(|s| anyhow::anyhow!("chat {chat}: {:?}: {}", s.code(), s.message()))
+                    .context("prefill: read a chat's last seq")?
+                    .into_inner();
+                chat_pts.raise(chat, info.pts);
+                missing.push((chat, args.prefill.saturating_sub(info.last_seq)));
+                bar.inc(1);
+            }
+        });
+    }
+    let mut missing = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        missing.extend(joined.context("a prefill task panicked")??);
+    }
+    bar.finish_and_clear();
+
+    // The sends, interleaved over chats so every shard fills at once.
+    let rounds = missing.iter().map(|(_, m)| *m).max().unwrap_or(0);
+    let sends: Vec<u64> = (0..rounds)
+        .flat_map(|round| {
+            missing
+                .iter()
+                .filter(move |(_, m)| *m > round)
+                .map(|(chat, _)| *chat)
+        })
+        .collect();
+    if sends.is_empty() {
+        return Ok(());
+    }
+    if quiet || !std::io::stderr().is_terminal() {
+        eprintln!(
+            "prefill: sending {} messages to bring {} chats to {} each",
+            sends.len(),
+            args.chats,
+            args.prefill
+        );
+    }
+    let bar = progress_bar(quiet, sends.len() as u64, "prefill: sending");
+    let sends = Arc::new(sends);
+    let next = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let body = body(args.size, None);
+    let mut tasks = JoinSet::new();
+    for i in 0..PREFILL_IN_FLIGHT {
+        let mut api = ChatStoreClient::new(channels[i % channels.len()].clone());
+        let (sends, next, failed, bar, body, chat_pts) = (
+            sends.clone(),
+            next.clone(),
+            failed.clone(),
+            bar.clone(),
+            body.clone(),
+            chat_pts.clone(),
+        );
+        tasks.spawn(async move {
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed) as usize;
+                let Some(&chat) = sends.get(n) else { return };
+                let id = client_msg_id();
+                let mut sent = false;
+                for _ in 0..PREFILL_SEND_ATTEMPTS {
+                    let r = api
+                        .send(with_timeout(pb::SendRequest {
+                            chat_id: chat,
+                            sender_id: 1,
+                            client_msg_id: id,
+                            body: body.clone(),
+                            self_destruct: None,
+                            min_token: Bytes::new(),
+                        }))
+                        .await;
+                    if let Ok(r) = r {
+                        chat_pts.raise(chat, r.into_inner().pts);
+                        sent = true;
+                        break;
+                    }
+                }
+                if !sent {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+                bar.inc(1);
+            }
+        });
+    }
+    while let Some(joined) = tasks.join_next().await {
+        joined.context("a prefill task panicked")?;
+    }
+    bar.finish_and_clear();
+    let failed = failed.load(Ordering::Relaxed);
+    if failed > 0 {
+        eprintln!(
+            "prefill: {failed} of {} sends failed after {PREFILL_SEND_ATTEMPTS} attempts; some chats hold fewer messages",
+            sends.len()
+        );
+    }
+    Ok(())
+}
+
+/// What the watch sender and watchers share.
+struct WatchShared {
+    /// The zero of every timestamp in a message body.
+    epoch: Instant,
+    window: Window,
+    /// The highest seq of a measured send, once the sender has stopped: a
+    /// watcher that has seen it has seen every measured message.
+    last_seq: tokio::sync::watch::Sender<Option<u64>>,
+    /// Measured sends, for the progress line.
+    sends: Progress,
+    /// Measured events received by all watchers, for the progress line.
+    delivered: AtomicU64,
+}
+
+impl WatchShared {
+    fn stamp(&self, at: Instant) -> u64 {
+        (at - self.epoch).as_nanos() as u64
+    }
+
+    fn measured(&self, stamp: u64) -> bool {
+        stamp >= self.stamp(self.window.measure_from)
+    }
+}
+
+/// Fan-out: many watchers on one chat, one sender at a fixed rate.
+async fn watch(
+    args: Arc<BenchArgs>,
+    channels: Vec<Channel>,
+    quiet: bool,
+) -> anyhow::Result<Report> {
+    let chat = args.first_chat;
+    let mut api = ChatStoreClient::new(channels[0].clone());
+    // Watch from the chat's current pts, so no watcher replays old history.
+    let info = api
+        .get_chat(with_timeout(pb::GetChatRequest {
+            chat_id: chat,
+            consistency: Consistency::Linearizable as i32,
+            min_token: Bytes::new(),
+        }))
+        .await
+        .map_err(|s| anyhow::anyhow!("read chat {chat}: {:?}: {}", s.code(), s.message()))?
+        .into_inner();
+    let watch_connections = args
+        .connections
+        .max(args.watchers.div_ceil(WATCHERS_PER_CONNECTION));
+    let watch_channels = connect(&args.routers, watch_connections).await?;
+
+    let bar = progress_bar(quiet, args.watchers as u64, "opening watch streams");
+    let mut opening = JoinSet::new();
+    for i in 0..args.watchers {
+        let mut client = ChatStoreClient::new(watch_channels[i % watch_channels.len()].clone());
+        let bar = bar.clone();
+        opening.spawn(async move {
+            let r = client
+                .watch(pb::WatchRequest {
+                    cursors: vec![pb::Cursor {
+                        chat_id: chat,
+                        pts: info.pts,
+                    }],
+                })
+                .await;
+            bar.inc(1);
+            r.map(|r| r.into_inner())
+        });
+    }
+    let mut streams = Vec::with_capacity(args.watchers);
+    let mut open_errors = Stats::default();
+    while let Some(joined) = opening.join_next().await {
+        match joined.context("a watch task panicked")? {
+            Ok(stream) => streams.push(stream),
+            Err(s) => open_errors
+                .op("watch_open")
+                .record(Duration::ZERO, Err(s.code())),
+        }
+    }
+    bar.finish_and_clear();
+    if streams.is_empty() {
+        anyhow::bail!("no watch stream opened on chat {chat}");
+    }
+
+    let shared = Arc::new(WatchShared {
+        epoch: Instant::now(),
+        window: Window::new(&args),
+        last_seq: tokio::sync::watch::channel(None).0,
+        sends: Progress::default(),
+        delivered: AtomicU64::new(0),
+    });
+    let watching = streams.len() as u64;
+    let mut watchers = JoinSet::new();
+    for stream in streams {
+        watchers.spawn(watcher(stream, shared.clone()));
+    }
+
+    let line = progress_line(quiet);
+    let drawing = Arc::new(AtomicBool::new(true));
+    let drawer = tokio::spawn(draw_watch_progress(
+        line.clone(),
+        shared.clone(),
+        drawing.clone(),
+    ));
+
+    let cpu_start = tokio::spawn({
+        let (at, pid) = (shared.window.measure_from, args.server_pid);
+        async move {
+            tokio::time::sleep_until(at.into()).await;
+            CpuSample::take(pid)
+        }
+    });
+    let (sent, send_window_end) = watch_sender(&args, api, shared.clone()).await;
+    let _ = shared.last_seq.send(Some(sent.last_seq));
+    let deadline = tokio::time::Instant::now() + DELIVERY_GRACE;
+    let mut deliver = Stats::default();
+    deliver.op("deliver");
+    loop {
+        match tokio::time::timeout_at(deadline, watchers.join_next()).await {
+            Ok(Some(joined)) => deliver.merge(joined.context("a watcher panicked")?),
+            Ok(None) => break,
+            // Watchers still missing events after the grace period: stop them.
+            Err(_) => {
+                watchers.abort_all();
+                while let Some(joined) = watchers.join_next().await {
+                    if let Ok(s) = joined {
+                        deliver.merge(s);
+                    }
+                }
+                break;
+            }
+        }
+    }
+    let cpu_end = CpuSample::take(args.server_pid);
+    drawing.store(false, Ordering::Relaxed);
+    let _ = drawer.await;
+    line.finish_and_clear();
+    let cpu_start = cpu_start.await.context("the CPU sampler panicked")?;
+    let (client_cpu, server_cpu) = cpu_end.percent_since(&cpu_start);
+
+    let measured = send_window_end.saturating_duration_since(shared.window.measure_from);
+    let delivery = deliver.op("deliver");
+    let expected = sent.measured_ok * watching;
+    let undelivered = expected.saturating_sub(delivery.latency_us.len());
+    if undelivered > 0 {
+        *delivery.errors.entry("Undelivered".into()).or_default() += undelivered;
+    }
+    let mut stats = sent.stats;
+    stats.merge(deliver);
+    stats.merge(open_errors);
+    Ok(Report {
+        workload: Workload::Watch.name(),
+        routers: args.routers.clone(),
+        in_flight: args.in_flight,
+        connections: channels.len() + watch_channels.len(),
+        chats: 1,
+        size_bytes: args.size.max(8),
+        warmup_secs: args.warmup,
+        measured_secs: measured.as_secs_f64(),
+        watch: Some(WatchSetup {
+            watchers: args.watchers,
+            rate_per_sec: args.rate,
+            chat,
+        }),
+        client_cpu_percent: client_cpu,
+        server_cpu_percent: server_cpu,
+        ops: stats.reports(measured),
+    })
+}
+
+/// What the watch sender has counted so far.
+struct SendTally {
+    stats: Stats,
+    /// The highest seq of a measured send that succeeded.
+    last_seq: u64,
+    /// Measured sends that succeeded: each should reach every watcher.
+    measured_ok: u64,
+}
+
+impl SendTally {
+    fn add(&mut self, joined: Result<SendOutcome, tokio::task::JoinError>, progress: &Progress) {
+        let Ok((measured, latency, result)) = joined else {
+            return;
+        };
+        if !measured {
+            return;
+        }
+        let code = result.as_ref().map(drop).map_err(|s| s.code());
+        self.stats.op(Op::Send.name()).record(latency, code);
+        progress.count(code);
+        if let Ok(seq) = result {
+            self.last_seq = self.last_seq.max(seq);
+            self.measured_ok += 1;
+        }
+    }
+}
+
+/// (measured, latency, the seq or the error) of one watch-workload send.
+type SendOutcome = (bool, Duration, Result<u64, Status>);
+
+/// Sends into the watched chat at `--rate` until the window closes, with at
+/// most `--in-flight` sends outstanding. Returns the tally and when the last
+/// measured send started (the end of the measured window).
+async fn watch_sender(
+    args: &BenchArgs,
+    api: ChatStoreClient<Channel>,
+    shared: Arc<WatchShared>,
+) -> (SendTally, Instant) {
+    let chat = args.first_chat;
+    let size = args.size.max(8);
+    let slots = Arc::new(tokio::sync::Semaphore::new(args.in_flight));
+    let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / args.rate));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut sends: JoinSet<SendOutcome> = JoinSet::new();
+    let mut tally = SendTally {
+        stats: Stats::default(),
+        last_seq: 0,
+        measured_ok: 0,
+    };
+    let mut window_end = shared.window.measure_from;
+    loop {
+        ticks.tick().await;
+        let permit = slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the send semaphore is never closed");
+        let start = Instant::now();
+        let Some(measured) = shared.window.admit(start) else {
+            break;
+        };
+        if measured {
+            window_end = start;
+        }
+        let mut api = api.clone();
+        let body = body(size, Some(shared.stamp(start)));
+        sends.spawn(async move {
+            let _permit = permit;
+            let r = api
+                .send(with_timeout(pb::SendRequest {
+                    chat_id: chat,
+                    sender_id: 1,
+                    client_msg_id: client_msg_id(),
+                    body,
+                    self_destruct: None,
+                    min_token: Bytes::new(),
+                }))
+                .await;
+            (measured, start.elapsed(), r.map(|r| r.into_inner().seq))
+        });
+        // Count finished sends as we go, so the set stays small.
+        while let Some(joined) = sends.try_join_next() {
+            tally.add(joined, &shared.sends);
+        }
+    }
+    while let Some(joined) = sends.join_next().await {
+        tally.add(joined, &shared.sends);
+    }
+    (tally, window_end)
+}
+
+/// One watch stream: measures, for each measured message, the time from
+/// its send starting to this event arriving. Stops once it has seen the
+/// sender's last measured seq, or when the stream ends.
+async fn watcher(mut stream: tonic::Streaming<pb::WatchEvent>, shared: Arc<WatchShared>) -> Stats {
+    let mut stats = Stats::default();
+    let mut last_seq = shared.last_seq.subscribe();
+    let mut seen_seq = 0u64;
+    loop {
+        if let Some(last) = *last_seq.borrow_and_update() {
+            if seen_seq >= last {
+                return stats;
+            }
+        }
+        let event = tokio::select! {
+            e = stream.message() => e,
+            // The sender stopped: look again whether we are done.
+            _ = last_seq.changed() => continue,
+        };
+        let event = match event {
+            Ok(Some(e)) => e,
+            Ok(None) => return stats,
+            Err(s) => {
+                stats.op("deliver").record(Duration::ZERO, Err(s.code()));
+                return stats;
+            }
+        };
+        let Some(change) = event.change else { continue };
+        if change.kind != ChangeKind::NewMessage as i32 {
+            continue;
+        }
+        let Some(message) = change.message else {
+            continue;
+        };
+        seen_seq = seen_seq.max(message.seq);
+        let Some(stamp) = message.body.get(..8) else {
+            continue;
+        };
+        let stamp = u64::from_le_bytes(stamp.try_into().expect("a slice of 8 bytes"));
+        if !shared.measured(stamp) {
+            continue;
+        }
+        let received = shared.stamp(Instant::now());
+        let latency = Duration::from_nanos(received.saturating_sub(stamp));
+        stats.op("deliver").record(latency, Ok(()));
+        shared.delivered.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+async fn draw_watch_progress(
+    line: indicatif::ProgressBar,
+    shared: Arc<WatchShared>,
+    drawing: Arc<AtomicBool>,
+) {
+    if line.is_hidden() {
+        return;
+    }
+    while drawing.load(Ordering::Relaxed) {
+        let now = Instant::now();
+        let sent = shared.sends.ok.load(Ordering::Relaxed);
+        let failed = shared.sends.failed.load(Ordering::Relaxed);
+        let events = shared.delivered.load(Ordering::Relaxed);
+        let secs = now
+            .saturating_duration_since(shared.window.measure_from)
+            .as_secs_f64();
+        let rate = if secs > 0.0 {
+            events as f64 / secs
+        } else {
+            0.0
+        };
+        line.set_message(format!(
+            "watch: {}  {sent} sent  {failed} failed  {events} events received  {rate:.0} events/s",
+            shared.window.describe(now)
+        ));
+        tokio::time::sleep(PROGRESS_TICK).await;
+    }
+}
+
+/// `chatctl bench`: runs one benchmark and prints its report.
+pub async fn command(mut args: BenchArgs, router: &str, json: bool) -> anyhow::Result<i32> {
+    if args.routers.is_empty() {
+        args.routers = vec![router.to_string()];
+    }
+    let report = run(args, json).await?;
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", text(&report));
+    }
+    Ok(0)
+}
+
+/// Errors by code as one short phrase, "0" when there were none.
+pub fn errors_text(errors: &BTreeMap<String, u64>) -> String {
+    if errors.is_empty() {
+        return "0".to_string();
+    }
+    errors
+        .iter()
+        .map(|(code, n)| format!("{n} {code}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn cpu_text(percent: Option<f64>) -> String {
+    percent.map_or_else(|| "-".to_string(), |p| format!("{p:.0}%"))
+}
+
+/// The report for a person.
+fn text(r: &Report) -> String {
+    let mut out = String::new();
+    let setup = match &r.watch {
+        Some(w) => format!(
+            "{} watchers on chat {}, {} messages/s, at most {} sends in flight",
+            w.watchers, w.chat, w.rate_per_sec, r.in_flight
+        ),
+        None => format!(
+            "{} in flight, {} chats, {}-byte bodies",
+            r.in_flight, r.chats, r.size_bytes
+        ),
+    };
+    out.push_str(&format!(
+        "{}: {setup}; {} connections to {}\n",
+        r.workload,
+        r.connections,
+        r.routers.join(", ")
+    ));
+    out.push_str(&format!(
+        "measured {:.1} s after a {:.1} s warmup; CPU (percent of one core): chatctl {}, server {}\n",
+        r.measured_secs,
+        r.warmup_secs,
+        cpu_text(r.client_cpu_percent),
+        cpu_text(r.server_cpu_percent)
+    ));
+    out.push_str(&format!(
+        "{:<12} {:>9} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8}  ERRORS\n",
+        "OP", "COUNT", "OPS/S", "P50 MS", "P90 MS", "P99 MS", "P999 MS", "MAX MS"
+    ));
+    for op in &r.ops {
+        let l = &op.latency_ms;
+        out.push_str(&format!(
+            "{:<12} {:>9} {:>10.1} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2}  {}\n",
+            op.op,
+            op.count,
+            op.ops_per_sec,
+            l.p50,
+            l.p90,
+            l.p99,
+            l.p999,
+            l.max,
+            errors_text(&op.errors)
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_time_reads_this_process() {
+        // Any running process has a stat line; the parse must find numbers.
+        assert!(cpu_time("self").is_some());
+    }
+
+    #[test]
+    fn a_count_window_admits_exactly_count_measured_requests() {
+        let args = BenchArgs {
+            count: Some(5),
+            warmup: 0.0,
+            ..BenchArgs::for_case(vec!["x".into()], Workload::Send, 1, 1.0, 0.0, None)
+        };
+        let window = Window::new(&BenchArgs {
+            duration: None,
+            ..args
+        });
+        let now = Instant::now();
+        let admitted = (0..10).filter_map(|_| window.admit(now)).count();
+        assert_eq!(admitted, 5);
+    }
+
+    #[test]
+    fn warmup_requests_are_not_measured() {
+        let args = BenchArgs::for_case(vec!["x".into()], Workload::Send, 1, 1.0, 60.0, None);
+        let window = Window::new(&args);
+        assert_eq!(window.admit(Instant::now()), Some(false));
+        assert_eq!(window.admit(window.measure_from), Some(true));
+        let End::At(end) = window.end else {
+            panic!("a duration window ends at a time")
+        };
+        assert_eq!(window.admit(end), None);
+    }
+
+    #[test]
+    fn stats_merge_latencies_and_errors() {
+        let mut a = Stats::default();
+        a.op("send").record(Duration::from_millis(2), Ok(()));
+        a.op("send").record(Duration::ZERO, Err(Code::Unavailable));
+        let mut b = Stats::default();
+        b.op("send").record(Duration::from_millis(4), Ok(()));
+        b.op("history").record(Duration::from_millis(1), Ok(()));
+        a.merge(b);
+        let reports = a.reports(Duration::from_secs(1));
+        assert_eq!(reports.len(), 2);
+        assert_eq!(reports[0].op, "send");
+        assert_eq!(reports[0].count, 2);
+        assert_eq!(reports[0].errors.get("Unavailable"), Some(&1));
+        assert!((reports[0].latency_ms.max - 4.0).abs() < 0.01);
+        assert_eq!(errors_text(&reports[0].errors), "1 Unavailable");
+    }
+
+    #[test]
+    fn a_stamped_body_carries_its_stamp() {
+        let b = body(16, Some(0x0102_0304_0506_0708));
+        assert_eq!(b.len(), 16);
+        assert_eq!(
+            u64::from_le_bytes(b[..8].try_into().unwrap()),
+            0x0102_0304_0506_0708
+        );
+    }
+}
