@@ -248,9 +248,10 @@ async fn serve(
         region,
     })
     .max_decoding_message_size(api::NODE_API_MESSAGE_BYTES_MAX);
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // The builder's tcp_nodelay only reaches listeners tonic binds itself;
+    // accepted sockets get it here, or Nagle holds back small replies.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let result = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .add_service(health)
         .add_service(reflection)
         .add_service(transport)

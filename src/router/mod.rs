@@ -473,18 +473,17 @@ pub async fn serve(
     tokio::spawn(router.clone().refresh_leaders_until(shutdown.clone()));
     let api = pb::chat_store_server::ChatStoreServer::new(service::ChatStoreService::new(router))
         .max_decoding_message_size(API_MESSAGE_BYTES_MAX);
+    // The builder's tcp_nodelay only reaches listeners tonic binds itself;
+    // accepted sockets get it here, or Nagle holds back small replies.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .concurrency_limit_per_connection(REQUESTS_PER_CONNECTION_MAX)
         .add_service(health)
         .add_service(reflection)
         .add_service(api)
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            async move {
-                let _ = shutdown.wait_for(|s| *s).await;
-            },
-        )
+        .serve_with_incoming_shutdown(incoming, async move {
+            let _ = shutdown.wait_for(|s| *s).await;
+        })
         .await?;
     Ok(())
 }
