@@ -195,9 +195,9 @@ pub struct RaftTiming {
 impl Default for RaftTiming {
     fn default() -> Self {
         RaftTiming {
-            heartbeat_ms: 300,
-            election_timeout_ms_min: 900,
-            election_timeout_ms_max: 1200,
+            heartbeat_ms: 250,
+            election_timeout_ms_min: 750,
+            election_timeout_ms_max: 1000,
             snapshot_every_entries: 10_000,
             logs_kept_behind_snapshot: 1_000,
             install_snapshot_timeout_ms: 5 * 60 * 1000,

@@ -124,6 +124,30 @@ impl Placement {
         &self.preferred_region[shard.0 as usize]
     }
 
+    /// The order in which `shard`'s replicas should take over its leadership:
+    /// the preferred replica, then the others by round trip from the
+    /// preferred region (nearest first, so writes stay fast after a
+    /// failover), placement order breaking ties.
+    pub fn failover_order(
+        &self,
+        shard: ShardId,
+        latency: &crate::cluster::config::LatencyConfig,
+    ) -> Vec<NodeId> {
+        let replicas = self.replicas(shard);
+        let home = self.preferred_region(shard);
+        let mut rest: Vec<(usize, NodeId)> = replicas.iter().copied().enumerate().skip(1).collect();
+        rest.sort_by_key(|(i, n)| {
+            let region = self.region_of(*n).unwrap_or_default();
+            (latency.rtt(home, region), *i)
+        });
+        replicas
+            .iter()
+            .take(1)
+            .copied()
+            .chain(rest.into_iter().map(|(_, n)| n))
+            .collect()
+    }
+
     pub fn region_of(&self, node: NodeId) -> Option<&str> {
         self.node_region.get(&node).map(String::as_str)
     }
@@ -214,6 +238,50 @@ mod tests {
         let p = Placement::new(&config(&nodes, 90));
         for n in 1..=9 {
             assert_eq!(p.shards_on(NodeId(n)).len(), 30, "node {n}");
+        }
+    }
+
+    /// After the preferred replica, the nearest region takes over first.
+    #[test]
+    fn failover_order_prefers_the_nearest_region() {
+        let mut c = config(&[(1, "eu"), (2, "us"), (3, "ap")], 3);
+        c.latency.rtt_ms = [("eu/us", 80), ("us/ap", 150), ("eu/ap", 200)]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        let p = Placement::new(&c);
+        for shard in 0..3 {
+            let s = ShardId(shard);
+            let order: Vec<&str> = p
+                .failover_order(s, &c.latency)
+                .iter()
+                .map(|n| p.region_of(*n).unwrap())
+                .collect();
+            let expect = match p.preferred_region(s) {
+                "eu" => ["eu", "us", "ap"],
+                "us" => ["us", "eu", "ap"],
+                _ => ["ap", "us", "eu"],
+            };
+            assert_eq!(order, expect, "shard {shard}");
+        }
+    }
+
+    /// Bands are ordered and disjoint, and the next replica in line
+    /// campaigns (after its own lease plus its timeout) only once the lease
+    /// of every later voter has passed.
+    #[test]
+    fn election_bands_are_ordered_and_leases_pass_in_time() {
+        let t = crate::cluster::RaftTiming::default();
+        let bands: Vec<(u64, u64)> = (0..4).map(|r| crate::shard::election_band(&t, r)).collect();
+        assert_eq!(bands[0].0, t.election_timeout_ms_min);
+        for w in bands.windows(2) {
+            assert!(w[0].0 < w[0].1 && w[0].1 <= w[1].0, "{bands:?}");
+        }
+        for r in 1..3 {
+            let earliest_campaign = bands[r].1 + bands[r].0;
+            for later in &bands[r + 1..] {
+                assert!(earliest_campaign >= later.1, "{bands:?}");
+            }
         }
     }
 }

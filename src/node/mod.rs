@@ -34,7 +34,7 @@ use crate::cluster::latency::LinkDelays;
 use crate::cluster::{ClusterConfig, Placement};
 use crate::shard::network::{Peers, RAFT_MESSAGE_BYTES_MAX};
 use crate::shard::types::NodeAddr;
-use crate::shard::{raft_config, Shard};
+use crate::shard::{election_band, raft_config, Shard};
 use crate::storage::{trees, Storage};
 use crate::types::{NodeId, ShardId};
 
@@ -106,10 +106,13 @@ impl Node {
 
         let placement = Placement::new(config);
         let peers = Peers::new(id, &me.region, LinkDelays::from_config(config), peer_addrs);
-        let raft = raft_config(&config.cluster_name, &config.raft)?;
         let mut shards = BTreeMap::new();
         for shard_id in placement.shards_on(id) {
-            let shard = Shard::open(&storage, peers.clone(), shard_id, raft.clone())
+            let order = placement.failover_order(shard_id, &config.latency);
+            let rank = order.iter().position(|n| *n == id).unwrap_or(order.len());
+            let band = election_band(&config.raft, rank);
+            let raft = raft_config(&config.cluster_name, &config.raft, band)?;
+            let shard = Shard::open(&storage, peers.clone(), shard_id, raft)
                 .await
                 .with_context(|| format!("open {shard_id}"))?;
             shards.insert(shard_id, Arc::new(shard));

@@ -70,7 +70,13 @@ struct Inner {
     keys: TokenKeys,
     nodes: BTreeMap<u64, NodeEntry>,
     leaders: RwLock<BTreeMap<u64, u64>>,
+    /// Nodes a call could not reach, until when they are passed over.
+    unreachable_until: std::sync::Mutex<BTreeMap<u64, Instant>>,
 }
+
+/// How long a node that could not be reached is passed over (its followers'
+/// stale leader hints included) before it is tried again.
+const UNREACHABLE_FOR: Duration = Duration::from_secs(1);
 
 /// A write's outcome: the command's result and where it sits in the log.
 pub struct Written {
@@ -144,6 +150,7 @@ impl Router {
                 keys: TokenKeys::new(&config.cluster_name, token_secret),
                 nodes,
                 leaders: RwLock::new(leaders),
+                unreachable_until: Default::default(),
             }),
         })
     }
@@ -213,8 +220,44 @@ impl Router {
             .unwrap_or(false)
     }
 
+    fn mark_unreachable(&self, node: u64) {
+        self.inner
+            .unreachable_until
+            .lock()
+            .expect("unreachable nodes")
+            .insert(node, Instant::now() + UNREACHABLE_FOR);
+    }
+
+    fn mark_reachable(&self, node: u64) {
+        self.inner
+            .unreachable_until
+            .lock()
+            .expect("unreachable nodes")
+            .remove(&node);
+    }
+
+    fn is_unreachable(&self, node: u64) -> bool {
+        self.inner
+            .unreachable_until
+            .lock()
+            .expect("unreachable nodes")
+            .get(&node)
+            .is_some_and(|until| Instant::now() < *until)
+    }
+
+    /// The first of `replicas`, starting at `from` and wrapping, that was not
+    /// recently unreachable (or `replicas[from]` if all were).
+    fn next_reachable(&self, replicas: &[u64], from: usize) -> u64 {
+        (0..replicas.len())
+            .map(|i| replicas[(from + i) % replicas.len()])
+            .find(|n| !self.is_unreachable(*n))
+            .unwrap_or(replicas[from % replicas.len()])
+    }
+
     /// Calls the shard's leader, following NotLeader hints and rotating over
-    /// replicas with backoff until `deadline`.
+    /// replicas with backoff until `deadline`. A node the call cannot reach
+    /// is passed over for a while, hints naming it included: after a leader
+    /// dies its followers keep naming it until they elect a new one.
     async fn on_leader<T, F, Fut>(
         &self,
         shard: ShardId,
@@ -228,8 +271,8 @@ impl Router {
         let started = Instant::now();
         let replicas = self.replicas_near_first(shard);
         let mut target = self.leader_guess(shard);
-        if target == 0 {
-            target = replicas[0];
+        if target == 0 || self.is_unreachable(target) {
+            target = self.next_reachable(&replicas, 0);
         }
         let mut attempt: u32 = 0;
         loop {
@@ -239,10 +282,16 @@ impl Router {
             let status = match call(client).await {
                 Ok(v) => {
                     self.set_leader(shard, target);
+                    self.mark_reachable(target);
                     return Ok((target, v));
                 }
                 Err(s) => s,
             };
+            // A status made on this side (connection refused or reset) has a
+            // source; one the node sent does not.
+            if std::error::Error::source(&status).is_some() {
+                self.mark_unreachable(target);
+            }
             let retryable = is_retryable(&status);
             if !retryable || started.elapsed() >= deadline {
                 return Err(if retryable {
@@ -256,13 +305,17 @@ impl Router {
             }
             attempt += 1;
             match leader_hint(&status) {
-                Some((leader, _)) if leader != target && self.inner.nodes.contains_key(&leader) => {
+                Some((leader, _))
+                    if leader != target
+                        && self.inner.nodes.contains_key(&leader)
+                        && !self.is_unreachable(leader) =>
+                {
                     self.set_leader(shard, leader);
                     target = leader;
                 }
                 _ => {
-                    target = replicas[attempt as usize % replicas.len()];
-                    let backoff = Duration::from_millis((25u64 << attempt.min(4)).min(400));
+                    target = self.next_reachable(&replicas, attempt as usize);
+                    let backoff = Duration::from_millis((25u64 << attempt.min(3)).min(200));
                     tokio::time::sleep(backoff).await;
                 }
             }

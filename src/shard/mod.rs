@@ -104,13 +104,42 @@ pub struct ShardFiles {
     pub snapshot_dir: std::path::PathBuf,
 }
 
-/// openraft configuration from the cluster's Raft timing.
-pub fn raft_config(cluster_name: &str, t: &RaftTiming) -> anyhow::Result<Arc<Config>> {
+/// The election timeout band of the replica at `rank` (0-based) in its
+/// shard's failover order. With `q = (max - min) / 4`, rank 0 draws from
+/// `[min, min + q)` and rank 1 from `[min + q, min + 2q)`; rank 2 and later
+/// wait longer, from `[max + 2q(r - 2), max + 2q(r - 1))`.
+///
+/// A vote takes a round trip between regions, so randomised timeouts that
+/// overlap split votes often across a WAN. openraft also starts an election
+/// only after its leader lease (its own `election_timeout_max`) plus its
+/// timeout, and a voter refuses until its own lease has passed. With these
+/// bands the next replica in line campaigns once every other voter's lease
+/// has passed, and the one after it only once that campaign (two round
+/// trips) has had time to finish: no split vote, and the nearest region
+/// takes over.
+pub fn election_band(t: &RaftTiming, rank: usize) -> (u64, u64) {
+    let (min, max) = (t.election_timeout_ms_min, t.election_timeout_ms_max);
+    let q = ((max - min) / 4).max(1);
+    let (lo, hi) = match rank as u64 {
+        0 => (min, min + q),
+        1 => (min + q, min + 2 * q),
+        r => (max + 2 * q * (r - 2), max + 2 * q * (r - 1)),
+    };
+    (lo, hi.max(lo + 1))
+}
+
+/// openraft configuration from the cluster's Raft timing, for a replica
+/// whose election timeout is drawn from `election` (see [`election_band`]).
+pub fn raft_config(
+    cluster_name: &str,
+    t: &RaftTiming,
+    election: (u64, u64),
+) -> anyhow::Result<Arc<Config>> {
     let config = Config {
         cluster_name: cluster_name.to_string(),
         heartbeat_interval: t.heartbeat_ms,
-        election_timeout_min: t.election_timeout_ms_min,
-        election_timeout_max: t.election_timeout_ms_max,
+        election_timeout_min: election.0,
+        election_timeout_max: election.1,
         install_snapshot_timeout: t.install_snapshot_timeout_ms,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(t.snapshot_every_entries),
         max_in_snapshot_log_to_keep: t.logs_kept_behind_snapshot,

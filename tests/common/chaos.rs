@@ -113,6 +113,7 @@ impl Chaos {
                 // A small copy of a real matrix (eu-us < us-ap < eu-ap),
                 // short so CI stays fast; applied by nodes and routers.
                 rtt_ms: Some(RTT_MS),
+                ..Default::default()
             },
         );
         let mut proxies = BTreeMap::new();

@@ -37,6 +37,9 @@ pub struct ConfigOptions {
     pub seal_epoch_secs: Option<u64>,
     /// Simulated round trips (eu/us, us/ap, eu/ap) in ms; none when None.
     pub rtt_ms: Option<(u64, u64, u64)>,
+    /// Raft heartbeat and election timeout range in ms; the test default
+    /// (200, 1000-1600) when None.
+    pub raft_timing: Option<(u64, u64, u64)>,
 }
 
 impl Default for ConfigOptions {
@@ -47,18 +50,23 @@ impl Default for ConfigOptions {
             logs_kept_behind_snapshot: 1_000,
             seal_epoch_secs: None,
             rtt_ms: None,
+            raft_timing: None,
         }
     }
 }
 
 /// A three-node, three-region config on free ports with data under `root`.
 pub fn three_region_config(root: &Path, opts: &ConfigOptions) -> ClusterConfig {
+    let (heartbeat, election_min, election_max) = opts.raft_timing.unwrap_or((200, 1000, 1600));
     let mut text = format!(
         "cluster_name = \"test\"\nshards = {}\nreplication_factor = 3\nregions = [\"eu\", \"us\", \"ap\"]\ndata_root = {:?}\n\
-         [raft]\nheartbeat_ms = 200\nelection_timeout_ms_min = 1000\nelection_timeout_ms_max = 1600\n\
+         [raft]\nheartbeat_ms = {}\nelection_timeout_ms_min = {}\nelection_timeout_ms_max = {}\n\
          snapshot_every_entries = {}\nlogs_kept_behind_snapshot = {}\n",
         opts.shards,
         root.display().to_string(),
+        heartbeat,
+        election_min,
+        election_max,
         opts.snapshot_every_entries,
         opts.logs_kept_behind_snapshot,
     );
@@ -316,6 +324,11 @@ impl Drop for TestDir {
     fn drop(&mut self) {
         if std::thread::panicking() {
             eprintln!("test failed; data kept in {}", self.path.display());
+        } else if std::env::var_os("CHATSTORE_TEST_KEEP").is_some() {
+            eprintln!(
+                "CHATSTORE_TEST_KEEP is set; data kept in {}",
+                self.path.display()
+            );
         } else {
             let _ = std::fs::remove_dir_all(&self.path);
         }

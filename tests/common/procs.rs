@@ -58,7 +58,11 @@ impl ProcessCluster {
             .arg(&self.config_path)
             .args(["--id", &id.to_string()])
             .args(self.node_args.get(&id).cloned().unwrap_or_default())
-            .env("RUST_LOG", "warn,openraft=error")
+            .env(
+                "RUST_LOG",
+                std::env::var("CHATSTORE_TEST_NODE_LOG")
+                    .unwrap_or_else(|_| "warn,openraft=error".into()),
+            )
             .stdout(Stdio::null())
             .stderr(self.log(&format!("node{id}")))
             .spawn()
