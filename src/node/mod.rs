@@ -242,7 +242,6 @@ async fn serve(
     let transport =
         pb::raft::raft_transport_server::RaftTransportServer::new(transport::TransportService {
             registry: registry.clone(),
-            shutdown: shutdown.clone(),
         })
         .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
         .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX);

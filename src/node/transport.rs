@@ -22,9 +22,6 @@ const SNAPSHOT_BYTES_MAX: u64 = 64 * 1024 * 1024 * 1024;
 
 pub struct TransportService {
     pub registry: Registry,
-    /// Turns true when the node stops: open append streams end then, or the
-    /// server's graceful shutdown would wait for them forever.
-    pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 fn ok<T: serde::Serialize>(v: &T) -> Response<RaftReply> {
@@ -66,65 +63,8 @@ macro_rules! forward {
     }};
 }
 
-/// Replies of one pipelined append stream.
-type ReplyStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<RaftReply, Status>> + Send>>;
-
 #[tonic::async_trait]
 impl RaftTransport for TransportService {
-    type StreamAppendStream = ReplyStream;
-
-    async fn stream_append(
-        &self,
-        request: Request<Streaming<RaftRequest>>,
-    ) -> Result<Response<ReplyStream>, Status> {
-        let mut incoming = request.into_inner();
-        let first = incoming
-            .next()
-            .await
-            .ok_or_else(|| Status::invalid_argument("empty append stream"))??;
-        let shard = self.shard(&first)?;
-        let shard_id = first.shard_id;
-        let decode = move |req: RaftRequest| -> Result<_, Status> {
-            if req.shard_id != shard_id || req.format_version != RAFT_WIRE_VERSION {
-                return Err(Status::invalid_argument(
-                    "an append stream carries one shard's requests in one wire version",
-                ));
-            }
-            from_postcard(&req.payload, "append-entries request")
-                .map_err(|e| Status::invalid_argument(e.to_string()))
-        };
-        let first = decode(first)?;
-        // A bad or failed request ends the input, and with it the stream:
-        // the leader reopens it and resends from what was acknowledged.
-        let rest = incoming
-            .map_while(move |r| r.ok().map(&decode))
-            .map_while(|r| r.ok());
-        // The input must end when the replies do (node stopping, caller
-        // gone): openraft reads it on a task of its own, which would
-        // otherwise hold the request open and the server's shutdown with it.
-        let (replies_dropped, input_end) = tokio::sync::oneshot::channel::<()>();
-        let mut shutdown = self.shutdown.clone();
-        let stopping = async move {
-            let _ = shutdown.wait_for(|s| *s).await;
-        };
-        let input =
-            futures::StreamExt::take_until(tokio_stream::once(first).chain(rest), input_end);
-        let replies = shard.raft.stream_append(input).map(move |r| {
-            let _alive = &replies_dropped;
-            Ok(match r {
-                Ok(result) => RaftReply {
-                    result: Some(ReplyResult::Ok(to_postcard(&result).into())),
-                },
-                Err(fatal) => RaftReply {
-                    result: Some(ReplyResult::Error(fatal.to_string())),
-                },
-            })
-        });
-        Ok(Response::new(Box::pin(futures::StreamExt::take_until(
-            replies, stopping,
-        ))))
-    }
-
     async fn append_entries(
         &self,
         request: Request<RaftRequest>,

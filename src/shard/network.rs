@@ -11,13 +11,11 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::future::BoxFuture;
-use futures::stream::{BoxStream, Stream, StreamExt};
 use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult,
-    TransferLeaderRequest, TransferLeaderResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use tokio::io::AsyncReadExt;
 use tonic::transport::{Channel, Endpoint};
@@ -76,34 +74,9 @@ impl Peers {
         self.self_id
     }
 
-    /// The simulated one-way delay to `region` (zero unless simulated).
-    pub fn one_way(&self, region: &str) -> Duration {
-        self.delays.one_way(&self.region, region)
-    }
-
     /// A client for `node` at `addr` in `region`; connects lazily and reuses
     /// the connection for every shard.
     pub fn client(&self, node: u64, addr: &str, region: &str) -> Result<PeerClient, String> {
-        let channel = self.channel(node, addr)?;
-        let delay = self.delays.one_way(&self.region, region);
-        Ok(RaftTransportClient::new(Delayed::new(channel, delay))
-            .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
-            .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX))
-    }
-
-    /// A client for `node` with no simulated delay, for streams that delay
-    /// each message themselves.
-    pub fn stream_client(
-        &self,
-        node: u64,
-        addr: &str,
-    ) -> Result<RaftTransportClient<Channel>, String> {
-        Ok(RaftTransportClient::new(self.channel(node, addr)?)
-            .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
-            .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX))
-    }
-
-    fn channel(&self, node: u64, addr: &str) -> Result<Channel, String> {
         let addr = self
             .overrides
             .get(&node)
@@ -124,7 +97,10 @@ impl Peers {
                 c
             }
         };
-        Ok(channel)
+        let delay = self.delays.one_way(&self.region, region);
+        Ok(RaftTransportClient::new(Delayed::new(channel, delay))
+            .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX))
     }
 }
 
@@ -147,9 +123,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             target,
             from: self.peers.self_id().0,
             client: self.peers.client(target, &node.addr, &node.region),
-            stream_client: self.peers.stream_client(target, &node.addr),
             rpc_timeout_min: self.rpc_timeout_min,
-            one_way: self.peers.one_way(&node.region),
         }
     }
 }
@@ -160,11 +134,7 @@ pub struct PeerLink {
     target: u64,
     from: u64,
     client: Result<PeerClient, String>,
-    stream_client: Result<RaftTransportClient<Channel>, String>,
     rpc_timeout_min: Duration,
-    /// Simulated one-way delay to the peer, applied per message on append
-    /// streams (unary calls get it from [`Delayed`]).
-    one_way: Duration,
 }
 
 fn unreachable<E: std::fmt::Display>(e: E) -> Unreachable<TypeConfig> {
@@ -251,33 +221,6 @@ fn decode_reply<Resp: serde::de::DeserializeOwned>(
 
 impl RaftNetworkV2<TypeConfig> for PeerLink {
     type SnapshotData = SnapshotFile;
-
-    /// Pipelined replication over one gRPC stream per shard and peer: the
-    /// leader sends entries as they come instead of one request per round
-    /// trip; the follower answers each in order. With a request outstanding
-    /// and no answer for the RPC timeout, the stream fails and openraft
-    /// reopens it.
-    fn stream_append<'s, S>(
-        &'s mut self,
-        input: S,
-        option: RPCOption,
-    ) -> BoxFuture<'s, AppendStreamResult<'s>>
-    where
-        S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
-    {
-        let client = self.stream_client.clone();
-        let requests = AppendStreamParams {
-            shard: self.shard.0,
-            from: self.from,
-            target: self.target,
-            one_way: self.one_way,
-            timeout: option.soft_ttl().max(self.rpc_timeout_min),
-        };
-        let opened = client
-            .map_err(|e| RPCError::Unreachable(unreachable(e)))
-            .map(|client| open_append_stream(client, input.boxed(), requests));
-        Box::pin(futures::future::ready(opened))
-    }
 
     async fn append_entries(
         &mut self,
@@ -424,142 +367,4 @@ impl RaftNetworkV2<TypeConfig> for PeerLink {
 
 fn snapshot_key_path(snapshot: &Snapshot) -> std::path::PathBuf {
     crate::shard::snapshot::key_path(&snapshot.snapshot.path)
-}
-
-/// Delivers each item of `items` `delay` after it was produced, in order,
-/// without holding later items back by more than that: the simulated
-/// distance of a stream's messages. Items flow through channels, so the
-/// result is a concrete stream type (tonic's streaming calls need one that
-/// the compiler can prove `Send` inside spawned tasks).
-fn delay_line<T: Send + 'static>(
-    items: impl Stream<Item = T> + Send + 'static,
-    delay: Duration,
-) -> tokio_stream::wrappers::UnboundedReceiverStream<T> {
-    let (out_tx, out_rx) = tokio::sync::mpsc::unbounded_channel();
-    if delay.is_zero() {
-        tokio::spawn(async move {
-            futures::pin_mut!(items);
-            while let Some(item) = items.next().await {
-                if out_tx.send(item).is_err() {
-                    return;
-                }
-            }
-        });
-        return tokio_stream::wrappers::UnboundedReceiverStream::new(out_rx);
-    }
-    let (line_tx, mut line_rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        futures::pin_mut!(items);
-        while let Some(item) = items.next().await {
-            if line_tx
-                .send((tokio::time::Instant::now() + delay, item))
-                .is_err()
-            {
-                return;
-            }
-        }
-    });
-    tokio::spawn(async move {
-        while let Some((due, item)) = line_rx.recv().await {
-            tokio::time::sleep_until(due).await;
-            if out_tx.send(item).is_err() {
-                return;
-            }
-        }
-    });
-    tokio_stream::wrappers::UnboundedReceiverStream::new(out_rx)
-}
-
-/// The result of opening a pipelined append stream.
-type AppendStreamResult<'s> = Result<
-    BoxStream<'s, Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>>,
-    RPCError<TypeConfig>,
->;
-
-struct AppendStreamParams {
-    shard: u64,
-    from: u64,
-    target: u64,
-    one_way: Duration,
-    timeout: Duration,
-}
-
-/// Opens the stream on a task of its own, which feeds replies (decoded, in
-/// order) to the returned stream; a failure to open arrives as the first
-/// item.
-fn open_append_stream(
-    mut client: RaftTransportClient<Channel>,
-    input: BoxStream<'static, AppendEntriesRequest<TypeConfig>>,
-    p: AppendStreamParams,
-) -> BoxStream<'static, Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>> {
-    let AppendStreamParams {
-        shard,
-        from,
-        target,
-        one_way,
-        timeout,
-    } = p;
-    // The task moves only wire types: openraft's generic types across an
-    // await in a spawned task trip the compiler's Send check.
-    // Unbounded: replies are bounded by the requests openraft has sent.
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Result<RaftReply, String>>();
-    let outstanding = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let sent = outstanding.clone();
-    let requests: BoxStream<'static, RaftRequest> = input
-        .map(move |rpc| {
-            sent.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            RaftRequest {
-                format_version: RAFT_WIRE_VERSION,
-                shard_id: shard,
-                from_node: from,
-                payload: to_postcard(&rpc).into(),
-            }
-        })
-        .boxed();
-    let requests = delay_line(requests, one_way);
-    tokio::spawn(async move {
-        let response = match client.stream_append(requests).await {
-            Ok(r) => r,
-            Err(s) => {
-                let _ = tx.send(Err(s.to_string()));
-                return;
-            }
-        };
-        let mut replies = delay_line(response.into_inner(), one_way);
-        loop {
-            let next = if outstanding.load(std::sync::atomic::Ordering::SeqCst) > 0 {
-                match tokio::time::timeout(timeout, replies.next()).await {
-                    Ok(next) => next,
-                    Err(_) => {
-                        let _ = tx.send(Err(format!("no answer within {timeout:?}")));
-                        return;
-                    }
-                }
-            } else {
-                replies.next().await
-            };
-            let Some(next) = next else { return };
-            let item = match next {
-                Ok(reply) => {
-                    outstanding.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-                    Ok(reply)
-                }
-                Err(s) => Err(s.to_string()),
-            };
-            let stop = item.is_err();
-            if tx.send(item).is_err() || stop {
-                return;
-            }
-        }
-    });
-    tokio_stream::wrappers::UnboundedReceiverStream::new(rx)
-        .map(move |item| match item {
-            Ok(reply) => {
-                decode_reply::<StreamAppendResult<TypeConfig>>(reply, "stream_append", target)
-            }
-            Err(what) => Err(RPCError::Unreachable(unreachable(format!(
-                "stream_append to node {target}: {what}"
-            )))),
-        })
-        .boxed()
 }
