@@ -46,6 +46,9 @@ pub const EXPIRE_ITEMS_MAX: u32 = 10_000;
 /// Longest close reason kept.
 pub const CLOSE_REASON_BYTES_MAX: usize = 1024;
 
+/// Key-ordered writes of one apply call: a value, or None to remove.
+pub type Writes = Vec<(Vec<u8>, Option<Vec<u8>>)>;
+
 /// Writes buffered over sled reads, so commands see the effects of earlier
 /// commands in the same apply call.
 ///
@@ -151,28 +154,39 @@ impl<'a> Overlay<'a> {
     /// The buffered writes as one sled batch, self-destructing bodies sealed.
     pub fn into_batch(self) -> io::Result<sled::Batch> {
         let mut batch = sled::Batch::default();
-        let mut sealing_key = None;
-        for (k, v) in self.writes {
+        for (k, v) in self.into_writes()? {
             match v {
-                Some(v) => match (self.keys, k.first()) {
-                    (Some(ring), Some(&keys::TAG_MESSAGE)) => {
-                        let m: MessageRecord = decode(&v, "message")?;
-                        if sealing::needs_seal(&m) {
-                            let (epoch, key) = match sealing_key {
-                                Some(k) => k,
-                                None => *sealing_key.insert(ring.current_key()?),
-                            };
-                            batch.insert(k, sealing::seal_message(m, epoch, &key));
-                        } else {
-                            batch.insert(k, v);
-                        }
-                    }
-                    _ => batch.insert(k, v),
-                },
+                Some(v) => batch.insert(k, v),
                 None => batch.remove(k),
             }
         }
         Ok(batch)
+    }
+
+    /// The buffered writes in key order (None = remove), self-destructing
+    /// bodies sealed.
+    pub fn into_writes(self) -> io::Result<Writes> {
+        let mut out = Vec::with_capacity(self.writes.len());
+        let mut sealing_key = None;
+        for (k, v) in self.writes {
+            let v = match (v, self.keys, k.first()) {
+                (Some(v), Some(ring), Some(&keys::TAG_MESSAGE)) => {
+                    let m: MessageRecord = decode(&v, "message")?;
+                    if sealing::needs_seal(&m) {
+                        let (epoch, key) = match sealing_key {
+                            Some(k) => k,
+                            None => *sealing_key.insert(ring.current_key()?),
+                        };
+                        Some(sealing::seal_message(m, epoch, &key))
+                    } else {
+                        Some(v)
+                    }
+                }
+                (v, _, _) => v,
+            };
+            out.push((k, v));
+        }
+        Ok(out)
     }
 }
 

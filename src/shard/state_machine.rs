@@ -7,11 +7,21 @@
 //!                   ── install_snapshot ──▶ clear tree, load file, applied id last
 //! ```
 //!
-//! Crash recovery: the applied log id is written last (in the same atomic
-//! batch as the effects for apply; after all data for a snapshot install). On
-//! open, a tree whose applied id is behind the current snapshot — an
-//! interrupted install, or state lost because sled had not flushed it — is
-//! reloaded from the snapshot file; openraft then re-applies the log after it.
+//! Crash recovery. sled recovers a prefix of its writes. One apply call
+//! writes an "applying" marker, then its effects (plain inserts and
+//! removes: sled's atomic batches switch the whole Db to a global lock that
+//! halved write throughput), then the applied log id, then removes the
+//! marker. A snapshot install writes its data and then the applied id. On
+//! open, a tree that still has the marker (an apply cut short, its effects
+//! partly written) or whose applied id is behind the current snapshot (an
+//! interrupted install, or state lost because sled had not flushed it) is
+//! reloaded from the snapshot file, or cleared when there is none (then no
+//! log entry was ever purged); openraft then re-applies the log after it.
+//!
+//! Readers may see an apply call's effects part-written. Effects go in key
+//! order, so within a chat the chat record comes first, then the message,
+//! then its change record; reads that need a position wait for the applied
+//! id, which comes last.
 //!
 //! Self-destructing bodies are sealed in the tree with the node's epoch keys
 //! and, in a snapshot file, with that file's own key: building a snapshot
@@ -75,13 +85,35 @@ impl StateMachine {
             current: Arc::new(Mutex::new(current.clone())),
             keys: storage.keys().clone(),
         };
-        if let Some((meta, path)) = current {
-            let applied = sm.read_applied()?;
-            if applied < meta.last_log_id {
-                tracing::warn!(shard = %shard, ?applied, snapshot = ?meta.last_log_id,
-                    "state is behind the current snapshot; reloading it");
-                sm.load_tree_from(&meta, &path)?;
+        let interrupted = sm
+            .tree
+            .contains_key(keys::SM_META_APPLYING)
+            .map_err(io::Error::other)?;
+        match current {
+            Some((meta, path)) => {
+                let applied = sm.read_applied()?;
+                if interrupted || applied < meta.last_log_id {
+                    tracing::warn!(shard = %shard, ?applied, snapshot = ?meta.last_log_id, interrupted,
+                        "state is behind the current snapshot or was left mid-apply; reloading the snapshot");
+                    sm.load_tree_from(&meta, &path)?;
+                }
             }
+            None if interrupted => {
+                // No snapshot yet, so no log entry was ever purged: start
+                // over and let openraft apply the whole log again.
+                tracing::warn!(shard = %shard, "state was left mid-apply; rebuilding it from the log");
+                // The marker goes last, so a crash meanwhile repeats this.
+                for key in sm.tree.iter().keys() {
+                    let key = key.map_err(io::Error::other)?;
+                    if key.as_ref() != keys::SM_META_APPLYING {
+                        sm.tree.remove(key).map_err(io::Error::other)?;
+                    }
+                }
+                sm.tree
+                    .remove(keys::SM_META_APPLYING)
+                    .map_err(io::Error::other)?;
+            }
+            None => {}
         }
         sm.settings = sm.read_settings()?;
         Ok(sm)
@@ -133,8 +165,6 @@ impl StateMachine {
         let _sealing = ring.hold();
         let (epoch, key) = ring.current_key()?;
         self.tree.clear().map_err(io::Error::other)?;
-        let mut batch = sled::Batch::default();
-        let mut in_batch = 0;
         for (k, v) in pairs {
             if k.as_slice() == keys::SM_META_APPLIED || k.as_slice() == keys::SM_META_MEMBERSHIP {
                 continue;
@@ -146,20 +176,14 @@ impl StateMachine {
             } else {
                 v
             };
-            batch.insert(k, v);
-            in_batch += 1;
-            if in_batch == 10_000 {
-                self.tree
-                    .apply_batch(std::mem::take(&mut batch))
-                    .map_err(io::Error::other)?;
-                in_batch = 0;
-            }
+            self.tree.insert(k, v).map_err(io::Error::other)?;
         }
-        self.tree.apply_batch(batch).map_err(io::Error::other)?;
-        let mut last = sled::Batch::default();
-        last.insert(keys::SM_META_MEMBERSHIP, to_json(&meta.last_membership));
-        last.insert(keys::SM_META_APPLIED, to_json(&meta.last_log_id));
-        self.tree.apply_batch(last).map_err(io::Error::other)?;
+        self.tree
+            .insert(keys::SM_META_MEMBERSHIP, to_json(&meta.last_membership))
+            .map_err(io::Error::other)?;
+        self.tree
+            .insert(keys::SM_META_APPLIED, to_json(&meta.last_log_id))
+            .map_err(io::Error::other)?;
         self.settings = self.read_settings()?;
         Ok(())
     }
@@ -338,14 +362,27 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             return Ok(());
         };
         self.settings = applier.settings;
-        overlay.put(keys::SM_META_APPLIED.to_vec(), to_json(&Some(last)));
-        if let Some(m) = membership {
-            overlay.put(keys::SM_META_MEMBERSHIP.to_vec(), to_json(&m));
-        }
         {
             let _sealing = self.keys.hold();
-            self.tree
-                .apply_batch(overlay.into_batch()?)
+            let writes = overlay.into_writes()?;
+            let tree = &self.tree;
+            let put = |k: &[u8], v: Vec<u8>| tree.insert(k, v).map(drop);
+            // Marker, effects, applied id, marker removed: sled recovers a
+            // prefix of these, and open() rebuilds a tree found with the
+            // marker (see the module doc).
+            put(keys::SM_META_APPLYING, to_json(&Some(last))).map_err(io::Error::other)?;
+            for (k, v) in writes {
+                match v {
+                    Some(v) => put(&k, v),
+                    None => tree.remove(k).map(drop),
+                }
+                .map_err(io::Error::other)?;
+            }
+            if let Some(m) = membership {
+                put(keys::SM_META_MEMBERSHIP, to_json(&m)).map_err(io::Error::other)?;
+            }
+            put(keys::SM_META_APPLIED, to_json(&Some(last))).map_err(io::Error::other)?;
+            tree.remove(keys::SM_META_APPLYING)
                 .map_err(io::Error::other)?;
         }
         metrics::counter!(crate::metrics::SHARD_APPLY_ENTRIES).increment(replies.len() as u64);
@@ -448,5 +485,40 @@ impl StateMachine {
     /// Settings currently in force (replicated).
     pub fn settings(&self) -> &ShardSettings {
         &self.settings
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An apply cut short by a crash leaves its marker; the next open drops
+    /// the part-written state so that openraft applies the log again.
+    #[test]
+    fn a_tree_left_mid_apply_is_rebuilt_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path()).unwrap();
+        let shard = ShardId(0);
+        {
+            let sm = StateMachine::open(&storage, shard).unwrap();
+            sm.tree
+                .insert(
+                    keys::SM_META_APPLYING,
+                    to_json(&Some(crate::shard::types::log_id(1, 7))),
+                )
+                .unwrap();
+            sm.tree
+                .insert(keys::chat(5), b"half-written".to_vec())
+                .unwrap();
+        }
+        let sm = StateMachine::open(&storage, shard).unwrap();
+        assert!(sm.tree.is_empty(), "part-written state is gone");
+        assert_eq!(sm.read_applied().unwrap(), None);
+
+        // A clean tree is left alone.
+        sm.tree.insert(keys::chat(6), b"whole".to_vec()).unwrap();
+        drop(sm);
+        let sm = StateMachine::open(&storage, shard).unwrap();
+        assert_eq!(sm.tree.len(), 1);
     }
 }

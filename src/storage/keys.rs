@@ -6,7 +6,7 @@
 //! - `0x01 index`             one log entry
 //!
 //! State tree:
-//! - `0x00 name`              metadata: applied log id, membership, settings
+//! - `0x00 name`              metadata: applied log id, apply in progress, membership, settings
 //! - `c chat`                 chat record (last seq, pts, closed)
 //! - `m chat seq`             message
 //! - `p chat pts`             change record
@@ -22,6 +22,9 @@ pub const LOG_META_PURGED: &[u8] = b"\x00purged";
 pub const LOG_ENTRY_TAG: u8 = 0x01;
 
 pub const SM_META_APPLIED: &[u8] = b"\x00applied";
+/// Present while an apply call's effects are being written; see
+/// `shard::state_machine`.
+pub const SM_META_APPLYING: &[u8] = b"\x00applying";
 pub const SM_META_MEMBERSHIP: &[u8] = b"\x00membership";
 pub const SM_META_SETTINGS: &[u8] = b"\x00settings";
 pub const SM_META_INCARNATION: &[u8] = b"\x00incarnation";
