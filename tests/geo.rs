@@ -17,7 +17,7 @@ use chatstore::api::pb::node::StatusRequest;
 use chatstore::api::pb::{self, chat_store_client::ChatStoreClient};
 use chatstore::cluster::Placement;
 use chatstore::types::{NodeId, ShardId};
-use common::procs::{router_client, ProcessCluster};
+use common::procs::{router_client, start_cluster_with};
 use common::{send_cmd, Client, ConfigOptions, TestDir};
 use tonic::transport::Channel;
 
@@ -102,20 +102,15 @@ async fn send(api: &mut ChatStoreClient<Channel>, chat: u64, cmid: u64) -> pb::S
 async fn leaders_and_reads_stay_in_their_regions_and_a_region_fails_over_and_returns() {
     let dir = TestDir::new("geo");
     let shards = 6u64;
-    let mut cluster = ProcessCluster::new(
+    let (mut cluster, nodes) = start_cluster_with(
         &dir.path,
         &ConfigOptions {
             shards: shards as u32,
             rtt_ms: Some((20, 40, 60)),
             ..Default::default()
         },
-    );
-    cluster.start_all_nodes();
-    let nodes = Client::new(&cluster.config);
-    nodes
-        .wait_leaders(&[1, 2, 3], Duration::from_secs(60))
-        .await
-        .expect("every shard elects a leader");
+    )
+    .await;
     let placement = Placement::new(&cluster.config);
     wait_preferred(&nodes, &placement, shards, Duration::from_secs(60))
         .await
@@ -280,7 +275,7 @@ async fn bench_geo() {
     };
     let dir = TestDir::new("bench-geo");
     let shards = 12u64;
-    let mut cluster = ProcessCluster::new(
+    let (mut cluster, nodes) = start_cluster_with(
         &dir.path,
         &ConfigOptions {
             shards: shards as u32,
@@ -289,13 +284,8 @@ async fn bench_geo() {
             raft_timing: Some(timing),
             ..Default::default()
         },
-    );
-    cluster.start_all_nodes();
-    let nodes = Client::new(&cluster.config);
-    nodes
-        .wait_leaders(&[1, 2, 3], Duration::from_secs(60))
-        .await
-        .expect("every shard elects a leader");
+    )
+    .await;
     let placement = Placement::new(&cluster.config);
     wait_preferred(&nodes, &placement, shards, Duration::from_secs(60))
         .await

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use chatstore::api::pb::{self, chat_store_client::ChatStoreClient, self_destruct_policy::Policy};
 use chatstore::types::now_ms;
-use common::procs::{router_client, start_cluster, ProcessCluster};
+use common::procs::{router_client, start_cluster, start_cluster_with, ProcessCluster};
 use common::{Client, TestDir};
 use tonic::transport::Channel;
 
@@ -316,20 +316,15 @@ fn key_material(root: &std::path::Path) -> Vec<Vec<u8>> {
 async fn self_destructed_bodies_are_erased_from_disk() {
     const EPOCH_SECS: u64 = 2;
     let dir = TestDir::new("ttl-erasure");
-    let mut cluster = ProcessCluster::new(
+    let (mut cluster, nodes) = start_cluster_with(
         &dir.path,
         &common::ConfigOptions {
             shards: 2,
             seal_epoch_secs: Some(EPOCH_SECS),
             ..Default::default()
         },
-    );
-    cluster.start_all_nodes();
-    let nodes = Client::new(&cluster.config);
-    nodes
-        .wait_leaders(&[1, 2, 3], Duration::from_secs(60))
-        .await
-        .expect("every shard elects a leader");
+    )
+    .await;
     let addr = cluster.start_router("eu");
     let mut api = router_client(&addr).await;
     let data = dir.path.join("data");

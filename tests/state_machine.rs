@@ -44,8 +44,14 @@ fn apply_all_with(
                 outcomes.push(r.outcome.expect("every command has an outcome"));
             }
         }
-        tree.apply_batch(overlay.into_batch().expect("seal"))
-            .expect("write batch");
+        let mut batch = sled::Batch::default();
+        for (k, v) in overlay.into_writes().expect("seal") {
+            match v {
+                Some(v) => batch.insert(k, v),
+                None => batch.remove(k),
+            }
+        }
+        tree.apply_batch(batch).expect("write batch");
     }
     outcomes
 }

@@ -51,10 +51,6 @@ impl LinkDelays {
             .copied()
             .unwrap_or_default()
     }
-
-    pub fn is_simulated(&self) -> bool {
-        !self.one_way.is_empty()
-    }
 }
 
 /// A gRPC client transport that waits `one_way` before sending each request

@@ -151,18 +151,6 @@ impl<'a> Overlay<'a> {
         Ok(out)
     }
 
-    /// The buffered writes as one sled batch, self-destructing bodies sealed.
-    pub fn into_batch(self) -> io::Result<sled::Batch> {
-        let mut batch = sled::Batch::default();
-        for (k, v) in self.into_writes()? {
-            match v {
-                Some(v) => batch.insert(k, v),
-                None => batch.remove(k),
-            }
-        }
-        Ok(batch)
-    }
-
     /// The buffered writes in key order (None = remove), self-destructing
     /// bodies sealed.
     pub fn into_writes(self) -> io::Result<Writes> {

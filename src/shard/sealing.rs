@@ -48,11 +48,12 @@ pub fn plain_message_bytes(
     raw: &[u8],
     snapshot_key: Option<&Key>,
 ) -> io::Result<Option<Vec<u8>>> {
-    let m: MessageRecord = decode(raw, "message")?;
-    if m.sealed_body.is_none() {
+    let mut m: MessageRecord = decode(raw, "message")?;
+    let Some(sealed) = m.sealed_body.take() else {
         return Ok(None);
-    }
-    Ok(Some(open_message(ring, raw, snapshot_key)?.encode_to_vec()))
+    };
+    m.body = ring.unseal(&sealed, snapshot_key)?.into();
+    Ok(Some(m.encode_to_vec()))
 }
 
 /// The epoch a stored record's body is sealed with, if it is sealed.

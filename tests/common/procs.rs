@@ -156,13 +156,22 @@ impl Drop for ProcessCluster {
 /// Starts the three nodes of a fresh cluster under `dir` and waits until
 /// every shard has a leader.
 pub async fn start_cluster(dir: &Path, shards: u32) -> (ProcessCluster, super::Client) {
-    let mut cluster = ProcessCluster::new(
+    start_cluster_with(
         dir,
         &ConfigOptions {
             shards,
             ..Default::default()
         },
-    );
+    )
+    .await
+}
+
+/// Like [`start_cluster`], with any config options.
+pub async fn start_cluster_with(
+    dir: &Path,
+    opts: &ConfigOptions,
+) -> (ProcessCluster, super::Client) {
+    let mut cluster = ProcessCluster::new(dir, opts);
     cluster.start_all_nodes();
     let nodes = super::Client::new(&cluster.config);
     nodes
