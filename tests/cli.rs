@@ -110,7 +110,10 @@ async fn chatctl_data_moderation_status_and_errors() {
     // Status and verify over the node API.
     let (code, out, err) = chatctl(&["--endpoints", &endpoints, "status"]);
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("SHARD") && out.contains("eu"), "{out}");
+    assert!(
+        out.contains("shards: 4 of 4") && out.contains("eu"),
+        "{out}"
+    );
     nodes
         .wait_converged(&[1, 2, 3], Duration::from_secs(30))
         .await
@@ -125,11 +128,12 @@ async fn chatctl_data_moderation_status_and_errors() {
 
     // A node that is down: clear error, non-zero exit.
     cluster.kill_node(3);
-    let (code, out, _) = chatctl(&["--endpoints", &endpoints, "status"]);
+    let (code, out, err) = chatctl(&["--endpoints", &endpoints, "status"]);
     assert_eq!(code, 2);
+    assert!(out.contains("DOWN"), "{out}");
     assert!(
-        out.contains("UNREACHABLE") && out.contains("is it running?"),
-        "{out}"
+        err.contains("node 3") && err.contains("is it running?"),
+        "{err}"
     );
     let (code, _, err) = chatctl(&["--endpoints", &endpoints, "verify"]);
     assert_eq!(code, 2);

@@ -267,23 +267,22 @@ async fn not_ready(endpoints: &[String], routers: &[String]) -> Option<String> {
             return Some(format!("router {router}: {:?}: {}", s.code(), s.message()));
         }
     }
-    let (nodes, failed) = super::statuses(endpoints).await;
-    if !failed.is_empty() {
-        return Some(failed.join("; "));
+    let view = match super::ops::Ops::new(endpoints, true).gather().await {
+        Ok(v) => v,
+        Err(e) => return Some(format!("{e:#}")),
+    };
+    if let Some(n) = view.nodes.values().find(|n| !n.up) {
+        return Some(format!("node {} at {} is down", n.id, n.addr));
     }
-    let mut shards = BTreeSet::new();
-    let mut led = BTreeSet::new();
-    for (_, node) in &nodes {
-        for s in &node.shards {
-            shards.insert(s.shard_id);
-            if s.is_leader {
-                led.insert(s.shard_id);
-            }
-        }
-    }
+    let shards = view.shard_ids();
     if shards.is_empty() {
         return Some("the nodes report no shards yet".to_string());
     }
+    let led: BTreeSet<u64> = shards
+        .iter()
+        .copied()
+        .filter(|s| view.leader_status(*s).is_some())
+        .collect();
     let leaderless = shards.difference(&led).count();
     (leaderless > 0).then(|| format!("{leaderless} of {} shards have no leader yet", shards.len()))
 }

@@ -160,7 +160,14 @@ pub async fn tail(addr: &str, chat: u64, from_pts: u64, json: bool) -> anyhow::R
     }
 }
 
-pub async fn chat_info(addr: &str, chat: u64, json: bool) -> anyhow::Result<i32> {
+/// A chat's state from the router, with its shard and replicas from the
+/// nodes (`placement`, or why they could not be asked).
+pub async fn chat_info(
+    addr: &str,
+    chat: u64,
+    placement: anyhow::Result<serde_json::Value>,
+    json: bool,
+) -> anyhow::Result<i32> {
     let mut c = router(addr).await?;
     let r = c
         .get_chat(pb::GetChatRequest {
@@ -177,12 +184,29 @@ pub async fn chat_info(addr: &str, chat: u64, json: bool) -> anyhow::Result<i32>
             .iter()
             .map(|c| serde_json::json!({"reader": c.reader_id, "seq": c.seq}))
             .collect();
+        let placement = match &placement {
+            Ok(p) => p.clone(),
+            Err(e) => serde_json::json!({"error": format!("{e:#}")}),
+        };
         println!(
             "{}",
-            serde_json::json!({"chat": chat, "last_seq": r.last_seq, "pts": r.pts, "closed": r.closed, "close_reason": r.close_reason, "read_cursors": cursors})
+            serde_json::json!({"chat": chat, "last_seq": r.last_seq, "pts": r.pts, "closed": r.closed, "close_reason": r.close_reason, "read_cursors": cursors, "placement": placement})
         );
     } else {
         println!("chat      {chat}");
+        match &placement {
+            Ok(p) => {
+                println!(
+                    "shard     {} (slot {}, preferred region {})",
+                    p["shard"],
+                    p["slot"],
+                    p["preferred_region"].as_str().unwrap_or("")
+                );
+                println!("leader    node {}", p["leader"]);
+                println!("voters    {}", p["voters"]);
+            }
+            Err(e) => println!("shard     unknown: {e:#}"),
+        }
         println!("last seq  {}", r.last_seq);
         println!("pts       {}", r.pts);
         if r.closed {

@@ -4,16 +4,7 @@
 //! Exit codes: 0 success, 1 a check found a problem (e.g. `verify` found
 //! diverging replicas), 2 a node could not be reached or the call failed.
 
-use std::collections::BTreeMap;
-use std::time::Duration;
-
-use anyhow::Context;
 use clap::{Parser, Subcommand};
-use serde::Serialize;
-use tonic::transport::{Channel, Endpoint};
-
-use crate::api::pb::node::node_api_client::NodeApiClient;
-use crate::api::pb::node::{ChatDigestsRequest, NodeStatus, StatusRequest};
 
 #[derive(Parser)]
 #[command(name = "chatctl", version, about = "Operate a chatstore cluster")]
@@ -43,10 +34,67 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 pub enum Cmd {
-    /// Nodes and shards: leaders, terms, log and applied indexes.
+    /// Nodes (up, down, draining, replicas, leaders) and shard health.
     Status,
+    /// Every shard: leader, voters, learners, commit index and lag.
+    Shards,
     /// Compare per-chat digests across every replica of every shard.
     Verify,
+    /// Check that a newly started node is up and empty, ready for rebalance.
+    AddNode {
+        /// The new node's id.
+        #[arg(long)]
+        id: u64,
+        /// Its address, if it is not among --endpoints.
+        #[arg(long)]
+        addr: Option<String>,
+    },
+    /// Move every replica off a node (leaderships too) and wait until it is
+    /// empty. The node stays out of rebalancing.
+    Drain {
+        node: u64,
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Take a drained node out: refuses while any shard still lists it.
+    RemoveNode {
+        node: u64,
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Move one replica of a shard from one node to another (learner,
+    /// catch-up, promote, remove the old one).
+    MoveReplica {
+        shard: u64,
+        from: u64,
+        to: u64,
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Hand a shard's leadership to a voter (default: a caught-up one in the
+    /// shard's preferred region).
+    TransferLeader {
+        shard: u64,
+        to: Option<u64>,
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Move replicas off draining nodes, spread them evenly within each
+    /// region, delete stale copies, and put leaders in preferred regions.
+    Rebalance {
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Build a snapshot of every replica (or of one shard's replicas).
+    Snapshot {
+        #[arg(long)]
+        shard: Option<u64>,
+    },
+    /// Snapshot, then purge the Raft log up to the snapshot.
+    Compact {
+        #[arg(long)]
+        shard: Option<u64>,
+    },
     /// Send a message (debugging).
     Send {
         #[arg(long)]
@@ -118,8 +166,28 @@ pub enum ChatCmd {
 /// Runs the CLI; returns the process exit code.
 pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
-        Cmd::Status => status(&cli.endpoints, cli.json).await,
-        Cmd::Verify => verify(&cli.endpoints, cli.json).await,
+        Cmd::Status => cluster::status(&cli.endpoints, cli.json).await,
+        Cmd::Shards => cluster::shards(&cli.endpoints, cli.json).await,
+        Cmd::Verify => cluster::verify(&cli.endpoints, cli.json).await,
+        Cmd::AddNode { id, addr } => cluster::add_node(&cli.endpoints, id, addr, cli.json).await,
+        Cmd::Drain { node, dry_run } => {
+            cluster::drain(&cli.endpoints, node, dry_run, cli.json).await
+        }
+        Cmd::RemoveNode { node, dry_run } => {
+            cluster::remove_node(&cli.endpoints, node, dry_run, cli.json).await
+        }
+        Cmd::MoveReplica {
+            shard,
+            from,
+            to,
+            dry_run,
+        } => cluster::move_replica(&cli.endpoints, shard, from, to, dry_run, cli.json).await,
+        Cmd::TransferLeader { shard, to, dry_run } => {
+            cluster::transfer_leader(&cli.endpoints, shard, to, dry_run, cli.json).await
+        }
+        Cmd::Rebalance { dry_run } => cluster::rebalance(&cli.endpoints, dry_run, cli.json).await,
+        Cmd::Snapshot { shard } => cluster::snapshot(&cli.endpoints, shard, false, cli.json).await,
+        Cmd::Compact { shard } => cluster::snapshot(&cli.endpoints, shard, true, cli.json).await,
         Cmd::Send {
             chat,
             sender,
@@ -146,7 +214,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Cmd::BenchSuite(args) => {
             bench_suite::command(args, &cli.endpoints, &cli.router, cli.json).await
         }
-        Cmd::Chat(ChatCmd::Info { chat }) => data::chat_info(&cli.router, chat, cli.json).await,
+        Cmd::Chat(ChatCmd::Info { chat }) => {
+            let placement = cluster::chat_placement(&cli.endpoints, chat).await;
+            data::chat_info(&cli.router, chat, placement, cli.json).await
+        }
         Cmd::Chat(ChatCmd::Close {
             chat,
             file,
@@ -169,169 +240,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
 
 mod bench;
 mod bench_suite;
+mod cluster;
 mod data;
-
-async fn client(addr: &str) -> anyhow::Result<NodeApiClient<Channel>> {
-    let channel = Endpoint::from_shared(format!("http://{addr}"))
-        .with_context(|| format!("bad endpoint {addr:?}"))?
-        .connect_timeout(Duration::from_secs(3))
-        .timeout(Duration::from_secs(10))
-        .connect()
-        .await
-        .with_context(|| {
-            format!("cannot reach node at {addr}; is it running? (check --endpoints)")
-        })?;
-    Ok(NodeApiClient::new(channel))
-}
-
-async fn statuses(endpoints: &[String]) -> (Vec<(String, NodeStatus)>, Vec<String>) {
-    let mut ok = Vec::new();
-    let mut failed = Vec::new();
-    for addr in endpoints {
-        match client(addr).await {
-            Ok(mut c) => match c.status(StatusRequest {}).await {
-                Ok(s) => ok.push((addr.clone(), s.into_inner())),
-                Err(e) => failed.push(format!("{addr}: {}", e.message())),
-            },
-            Err(e) => failed.push(format!("{e:#}")),
-        }
-    }
-    (ok, failed)
-}
-
-#[derive(Serialize)]
-struct ShardRow {
-    shard: u64,
-    leader: u64,
-    term: u64,
-    replicas: BTreeMap<u64, (u64, u64)>,
-}
-
-async fn status(endpoints: &[String], json: bool) -> anyhow::Result<i32> {
-    let (nodes, failed) = statuses(endpoints).await;
-    let mut rows: BTreeMap<u64, ShardRow> = BTreeMap::new();
-    for (_, n) in &nodes {
-        for s in &n.shards {
-            let row = rows.entry(s.shard_id).or_insert(ShardRow {
-                shard: s.shard_id,
-                leader: 0,
-                term: 0,
-                replicas: BTreeMap::new(),
-            });
-            if s.is_leader || (row.leader == 0 && s.term >= row.term) {
-                row.leader = s.leader_node;
-                row.term = s.term;
-            }
-            row.replicas
-                .insert(n.node_id, (s.last_log_index, s.applied_index));
-        }
-    }
-    if json {
-        let out = serde_json::json!({
-            "nodes": nodes.iter().map(|(a, n)| serde_json::json!({"addr": a, "id": n.node_id, "region": n.region, "shards": n.shards.len()})).collect::<Vec<_>>(),
-            "unreachable": failed,
-            "shards": rows.values().collect::<Vec<_>>(),
-        });
-        println!("{}", serde_json::to_string_pretty(&out)?);
-    } else {
-        println!("{:<22} {:>6} {:<8} {:>7}", "NODE", "ID", "REGION", "SHARDS");
-        for (addr, n) in &nodes {
-            println!(
-                "{:<22} {:>6} {:<8} {:>7}",
-                addr,
-                n.node_id,
-                n.region,
-                n.shards.len()
-            );
-        }
-        for f in &failed {
-            println!("{f:<22}  UNREACHABLE");
-        }
-        println!();
-        println!(
-            "{:>6} {:>7} {:>6}  REPLICAS (node: last log / applied)",
-            "SHARD", "LEADER", "TERM"
-        );
-        for r in rows.values() {
-            let reps: Vec<String> = r
-                .replicas
-                .iter()
-                .map(|(n, (l, a))| format!("{n}: {l}/{a}"))
-                .collect();
-            let leader = if r.leader == 0 {
-                "-".to_string()
-            } else {
-                r.leader.to_string()
-            };
-            println!(
-                "{:>6} {:>7} {:>6}  {}",
-                r.shard,
-                leader,
-                r.term,
-                reps.join("  ")
-            );
-        }
-    }
-    Ok(if failed.is_empty() { 0 } else { 2 })
-}
-
-async fn verify(endpoints: &[String], json: bool) -> anyhow::Result<i32> {
-    let (nodes, failed) = statuses(endpoints).await;
-    if !failed.is_empty() {
-        for f in &failed {
-            eprintln!("error: {f}");
-        }
-        return Ok(2);
-    }
-    let mut problems = Vec::new();
-    let mut checked = 0;
-    let mut shards: BTreeMap<u64, Vec<&str>> = BTreeMap::new();
-    for (addr, n) in &nodes {
-        for s in &n.shards {
-            shards.entry(s.shard_id).or_default().push(addr);
-        }
-    }
-    for (shard, addrs) in &shards {
-        let mut seen: Option<(String, u64, Vec<_>)> = None;
-        for addr in addrs {
-            let reply = client(addr)
-                .await?
-                .chat_digests(ChatDigestsRequest { shard_id: *shard })
-                .await
-                .with_context(|| format!("digests of shard {shard} from {addr}"))?
-                .into_inner();
-            checked += reply.chats.len();
-            match &seen {
-                None => seen = Some((addr.to_string(), reply.applied_index, reply.chats)),
-                Some((first, applied, chats)) => {
-                    if *applied == reply.applied_index && *chats != reply.chats {
-                        problems.push(format!(
-                            "shard {shard}: {addr} and {first} differ at applied index {applied}"
-                        ));
-                    } else if *applied != reply.applied_index {
-                        problems.push(format!(
-                            "shard {shard}: {addr} at applied {} and {first} at {applied} (lagging; run again once writes stop)",
-                            reply.applied_index
-                        ));
-                    }
-                }
-            }
-        }
-    }
-    if json {
-        println!(
-            "{}",
-            serde_json::json!({"chat_digests_checked": checked, "problems": problems})
-        );
-    } else if problems.is_empty() {
-        println!(
-            "ok: {} shards, {checked} chat digests compared, all replicas identical",
-            shards.len()
-        );
-    } else {
-        for p in &problems {
-            println!("DIVERGED {p}");
-        }
-    }
-    Ok(if problems.is_empty() { 0 } else { 1 })
-}
+mod ops;

@@ -174,6 +174,16 @@ pub struct NodeConfig {
     pub metrics_addr: Option<String>,
     #[serde(default)]
     pub data_dir: Option<PathBuf>,
+    /// True (the default) for the nodes that form the initial replica sets
+    /// when the cluster is first started. A node added later is listed with
+    /// `bootstrap = false`: it starts empty and hosts what `chatctl` moves
+    /// onto it. Never change this for a node of a running cluster.
+    #[serde(default = "default_true")]
+    pub bootstrap: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// Raft timing. The defaults are sized for WAN links of up to ~200 ms round
@@ -300,10 +310,10 @@ impl ClusterConfig {
             }
         }
         let rf = self.replication_factor as usize;
-        if rf == 0 || rf > self.nodes.len() {
+        let bootstrap_nodes = self.nodes.iter().filter(|n| n.bootstrap).count();
+        if rf == 0 || rf > bootstrap_nodes {
             return bad(format!(
-                "replication_factor = {rf} but the config has {} nodes",
-                self.nodes.len()
+                "replication_factor = {rf} but the config has {bootstrap_nodes} bootstrap nodes"
             ));
         }
         for r in &self.routers {

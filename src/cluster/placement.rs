@@ -23,6 +23,13 @@ pub fn slot_of_chat(chat: ChatId) -> u64 {
     xxhash_rust::xxh3::xxh3_64_with_seed(&chat.0.to_be_bytes(), 0) % SLOT_COUNT
 }
 
+/// The shard that owns `slot` in a cluster of `shards` shards.
+pub fn shard_of_slot(slot: u64, shards: u64) -> ShardId {
+    debug_assert!(slot < SLOT_COUNT);
+    // Inverse of the contiguous ranges in the module doc.
+    ShardId(((slot + 1) * shards - 1) / SLOT_COUNT)
+}
+
 #[derive(Debug, Clone)]
 pub struct Placement {
     shards: u64,
@@ -36,7 +43,7 @@ impl Placement {
     pub fn new(config: &ClusterConfig) -> Placement {
         let shards = config.shards as u64;
         let mut by_region: BTreeMap<&str, Vec<NodeId>> = BTreeMap::new();
-        for n in &config.nodes {
+        for n in config.nodes.iter().filter(|n| n.bootstrap) {
             by_region.entry(&n.region).or_default().push(NodeId(n.id));
         }
         for nodes in by_region.values_mut() {
@@ -106,9 +113,7 @@ impl Placement {
     }
 
     pub fn shard_of_slot(&self, slot: u64) -> ShardId {
-        debug_assert!(slot < SLOT_COUNT);
-        // Inverse of the contiguous ranges in the module doc.
-        ShardId(((slot + 1) * self.shards - 1) / SLOT_COUNT)
+        shard_of_slot(slot, self.shards)
     }
 
     pub fn shard_of_chat(&self, chat: ChatId) -> ShardId {
@@ -146,6 +151,24 @@ impl Placement {
             .copied()
             .chain(rest.into_iter().map(|(_, n)| n))
             .collect()
+    }
+
+    /// The rank of `node`'s replica of `shard` in [`Placement::failover_order`].
+    /// A replica moved onto a node after bootstrap takes the rank of the
+    /// initial replica in its region (the one it most likely replaced).
+    pub fn failover_rank(
+        &self,
+        shard: ShardId,
+        node: NodeId,
+        latency: &crate::cluster::config::LatencyConfig,
+    ) -> usize {
+        let order = self.failover_order(shard, latency);
+        let region = self.region_of(node);
+        order
+            .iter()
+            .position(|n| *n == node)
+            .or_else(|| order.iter().position(|n| self.region_of(*n) == region))
+            .unwrap_or(order.len())
     }
 
     pub fn region_of(&self, node: NodeId) -> Option<&str> {

@@ -9,8 +9,8 @@ use tonic::{Request, Response, Status};
 
 use crate::api::pb::node::node_api_server::NodeApi;
 use crate::api::pb::node::{
-    read_request::Query, ChatDigestsReply, ChatDigestsRequest, NodeStatus, ReadReply, ReadRequest,
-    ShardRequest, ShardStatus, StatusRequest, WriteReply, WriteRequest,
+    read_request::Query, ChatDigestsReply, ChatDigestsRequest, Member, MemberProgress, NodeStatus,
+    ReadReply, ReadRequest, ShardRequest, ShardStatus, StatusRequest, WriteReply, WriteRequest,
 };
 use crate::api::pb::Consistency;
 use crate::api::status::{from_read_error, from_shard_error};
@@ -33,20 +33,46 @@ pub struct NodeApiService {
 
 impl NodeApiService {
     fn shard(&self, id: u64) -> Result<std::sync::Arc<Shard>, Status> {
-        self.registry.get(ShardId(id)).ok_or_else(|| {
-            Status::not_found(format!(
-                "shard {id} has no replica on node {}",
-                self.node_id.0
-            ))
-        })
+        hosted(&self.registry, id)
     }
 }
 
-pub fn shard_status(shard: &Shard) -> ShardStatus {
+/// This node's replica of shard `id`. A replica that is not here (moved away,
+/// or not yet opened) is UNAVAILABLE, so a router tries another one.
+pub fn hosted(registry: &Registry, id: u64) -> Result<std::sync::Arc<Shard>, Status> {
+    registry.get(ShardId(id)).ok_or_else(|| {
+        Status::unavailable(format!(
+            "shard {id} has no replica on node {}; try another replica",
+            registry.node_id().0
+        ))
+    })
+}
+
+pub fn shard_status(shard: &Shard, registry: &Registry) -> ShardStatus {
     let m = shard.raft.metrics().borrow_watched().clone();
     let membership = m.membership_config.membership();
     let voters: Vec<u64> = membership.voter_ids().collect();
     let learners: Vec<u64> = membership.learner_ids().collect();
+    let members = membership
+        .nodes()
+        .map(|(id, n)| Member {
+            node_id: *id,
+            addr: n.addr.clone(),
+            region: n.region.clone(),
+        })
+        .collect();
+    let progress = m
+        .replication
+        .as_ref()
+        .map(|r| {
+            r.iter()
+                .map(|(id, at)| MemberProgress {
+                    node_id: *id,
+                    matched_index: at.as_ref().map(|l| l.index).unwrap_or(0),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
     ShardStatus {
         shard_id: shard.id.0,
         leader_node: m.current_leader.unwrap_or(0),
@@ -60,6 +86,26 @@ pub fn shard_status(shard: &Shard) -> ShardStatus {
         voters,
         learners,
         state: format!("{:?}", m.state),
+        members,
+        progress,
+        preferred_region: registry.placement().preferred_region(shard.id).to_string(),
+    }
+}
+
+/// This node's status: identity, draining flag and every replica it hosts.
+pub fn node_status(registry: &Registry) -> NodeStatus {
+    NodeStatus {
+        node_id: registry.node_id().0,
+        region: registry.region().to_string(),
+        shards: registry
+            .all()
+            .iter()
+            .map(|s| shard_status(s, registry))
+            .collect(),
+        addr: registry.addr().to_string(),
+        draining: registry.is_draining(),
+        shard_count: registry.placement().shard_count(),
+        cluster_name: registry.config().cluster_name.clone(),
     }
 }
 
@@ -176,16 +222,7 @@ impl NodeApi for NodeApiService {
         &self,
         _request: Request<StatusRequest>,
     ) -> Result<Response<NodeStatus>, Status> {
-        Ok(Response::new(NodeStatus {
-            node_id: self.node_id.0,
-            region: self.region.clone(),
-            shards: self
-                .registry
-                .all()
-                .iter()
-                .map(|s| shard_status(s))
-                .collect(),
-        }))
+        Ok(Response::new(node_status(&self.registry)))
     }
 
     async fn chat_digests(
@@ -209,24 +246,30 @@ impl NodeApi for NodeApiService {
         request: Request<ShardRequest>,
     ) -> Result<Response<ShardStatus>, Status> {
         let shard = self.shard(request.into_inner().shard_id)?;
-        let applied = shard.applied_index();
-        shard
-            .raft
-            .trigger()
-            .snapshot()
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
-        shard
-            .raft
-            .wait(Some(Duration::from_secs(30)))
-            .metrics(
-                |m| m.snapshot.as_ref().map(|s| s.index).unwrap_or(0) >= applied,
-                "snapshot built",
-            )
-            .await
-            .map_err(|e| Status::deadline_exceeded(e.to_string()))?;
-        Ok(Response::new(shard_status(&shard)))
+        build_snapshot(&shard).await?;
+        Ok(Response::new(shard_status(&shard, &self.registry)))
     }
+}
+
+/// Builds a snapshot of everything `shard` has applied and waits for it.
+pub async fn build_snapshot(shard: &Shard) -> Result<u64, Status> {
+    let applied = shard.applied_index();
+    shard
+        .raft
+        .trigger()
+        .snapshot()
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    let m = shard
+        .raft
+        .wait(Some(Duration::from_secs(30)))
+        .metrics(
+            |m| m.snapshot.as_ref().map(|s| s.index).unwrap_or(0) >= applied,
+            "snapshot built",
+        )
+        .await
+        .map_err(|e| Status::deadline_exceeded(e.to_string()))?;
+    Ok(m.snapshot.map(|s| s.index).unwrap_or(0))
 }
 
 /// DELIBERATELY BROKEN (feature `broken-early-ack`, tests only): acknowledges

@@ -15,6 +15,7 @@
 //! so starting all nodes of a config forms every shard with no manual step;
 //! restarting reuses the data. [`duties`] runs leader-side chores.
 
+pub mod admin;
 pub mod api;
 pub mod duties;
 pub mod erasure;
@@ -38,12 +39,43 @@ use crate::shard::{election_band, raft_config, Shard};
 use crate::storage::{trees, Storage};
 use crate::types::{NodeId, ShardId};
 
-/// The shards a node hosts.
+/// The shards a node hosts, and what it needs to open or close one while it
+/// runs (membership changes made by `chatctl`).
 #[derive(Clone)]
 pub struct Registry {
     shards: Arc<RwLock<BTreeMap<ShardId, Arc<Shard>>>>,
     storage: Storage,
+    host: Arc<Host>,
 }
+
+/// What opening a replica needs, shared by the registry's clones.
+struct Host {
+    config: ClusterConfig,
+    id: NodeId,
+    addr: String,
+    region: String,
+    placement: Placement,
+    peers: Peers,
+    /// Node-level facts: identity, draining, the replica records.
+    node_tree: sled::Tree,
+    /// One replica opened or closed at a time.
+    changes: tokio::sync::Mutex<()>,
+}
+
+/// What a node remembers about a shard beyond the placement: a replica
+/// opened by `chatctl` (never bootstrapped by this node) or one removed
+/// (never reopened, even if the placement names this node).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReplicaRecord {
+    Joined,
+    Removed,
+}
+
+fn replica_key(shard: ShardId) -> String {
+    format!("replica/{}", shard.0)
+}
+
+const DRAINING_KEY: &str = "draining";
 
 impl Registry {
     pub fn get(&self, id: ShardId) -> Option<Arc<Shard>> {
@@ -61,6 +93,137 @@ impl Registry {
 
     pub fn storage(&self) -> &Storage {
         &self.storage
+    }
+
+    pub fn config(&self) -> &ClusterConfig {
+        &self.host.config
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.host.id
+    }
+
+    /// The address peers and routers reach this node at.
+    pub fn addr(&self) -> &str {
+        &self.host.addr
+    }
+
+    pub fn region(&self) -> &str {
+        &self.host.region
+    }
+
+    pub fn placement(&self) -> &Placement {
+        &self.host.placement
+    }
+
+    pub fn is_draining(&self) -> bool {
+        matches!(self.host.node_tree.get(DRAINING_KEY), Ok(Some(_)))
+    }
+
+    pub async fn set_draining(&self, draining: bool) -> anyhow::Result<()> {
+        if draining {
+            self.host.node_tree.insert(DRAINING_KEY, &[1u8])?;
+        } else {
+            self.host.node_tree.remove(DRAINING_KEY)?;
+        }
+        self.host.node_tree.flush_async().await?;
+        Ok(())
+    }
+
+    fn record(&self, shard: ShardId) -> anyhow::Result<Option<ReplicaRecord>> {
+        Ok(
+            match self.host.node_tree.get(replica_key(shard))?.as_deref() {
+                Some(b"joined") => Some(ReplicaRecord::Joined),
+                Some(b"removed") => Some(ReplicaRecord::Removed),
+                Some(other) => anyhow::bail!(
+                    "unknown replica record {:?} for {shard}",
+                    String::from_utf8_lossy(other)
+                ),
+                None => None,
+            },
+        )
+    }
+
+    async fn set_record(&self, shard: ShardId, record: ReplicaRecord) -> anyhow::Result<()> {
+        let value: &[u8] = match record {
+            ReplicaRecord::Joined => b"joined",
+            ReplicaRecord::Removed => b"removed",
+        };
+        self.host.node_tree.insert(replica_key(shard), value)?;
+        self.host.node_tree.flush_async().await?;
+        Ok(())
+    }
+
+    /// Opens this node's replica of `shard` (its data, if any, and its Raft
+    /// group) and adds it to the registry.
+    async fn open_shard(&self, shard: ShardId) -> anyhow::Result<Arc<Shard>> {
+        let host = &self.host;
+        let rank = host
+            .placement
+            .failover_rank(shard, host.id, &host.config.latency);
+        let band = election_band(&host.config.raft, rank);
+        let raft = raft_config(&host.config.cluster_name, &host.config.raft, band)?;
+        let opened = Shard::open(&self.storage, host.peers.clone(), shard, raft)
+            .await
+            .with_context(|| format!("open {shard}"))?;
+        let opened = Arc::new(opened);
+        self.shards
+            .write()
+            .expect("registry lock")
+            .insert(shard, opened.clone());
+        Ok(opened)
+    }
+
+    /// Hosts an empty replica of `shard` that the shard's leader can add as
+    /// a learner. Returns the existing replica if there is one.
+    pub async fn open_replica(&self, shard: ShardId) -> anyhow::Result<Arc<Shard>> {
+        let _one = self.host.changes.lock().await;
+        if shard.0 >= self.host.placement.shard_count() {
+            anyhow::bail!(
+                "the cluster has {} shards; there is no {shard}",
+                self.host.placement.shard_count()
+            );
+        }
+        if let Some(existing) = self.get(shard) {
+            return Ok(existing);
+        }
+        // Leftovers of an earlier replica that was removed.
+        self.delete_data(shard)?;
+        self.set_record(shard, ReplicaRecord::Joined).await?;
+        tracing::info!(shard = %shard, "opening a new replica");
+        self.open_shard(shard).await
+    }
+
+    /// Stops this node's replica of `shard` and deletes its data. Returns
+    /// false if there was none.
+    pub async fn close_replica(&self, shard: ShardId) -> anyhow::Result<bool> {
+        let _one = self.host.changes.lock().await;
+        let Some(replica) = self.get(shard) else {
+            return Ok(false);
+        };
+        // The record first: a crash part-way leaves a replica that is never
+        // reopened and whose data is deleted on the next start.
+        self.set_record(shard, ReplicaRecord::Removed).await?;
+        self.shards.write().expect("registry lock").remove(&shard);
+        replica.shutdown().await;
+        drop(replica);
+        self.delete_data(shard)?;
+        tracing::info!(shard = %shard, "replica closed and its data deleted");
+        Ok(true)
+    }
+
+    /// Deletes a replica's trees and snapshot files (with their keys).
+    fn delete_data(&self, shard: ShardId) -> anyhow::Result<()> {
+        let db = self.storage.db();
+        db.drop_tree(trees::log_tree(shard))?;
+        db.drop_tree(trees::state_tree(shard))?;
+        let dir = self.storage.snapshot_dir(shard);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("remove {}", dir.display())),
+        }
+        Ok(())
     }
 }
 
@@ -106,21 +269,46 @@ impl Node {
 
         let placement = Placement::new(config);
         let peers = Peers::new(id, &me.region, LinkDelays::from_config(config), peer_addrs);
-        let mut shards = BTreeMap::new();
-        for shard_id in placement.shards_on(id) {
-            let order = placement.failover_order(shard_id, &config.latency);
-            let rank = order.iter().position(|n| *n == id).unwrap_or(order.len());
-            let band = election_band(&config.raft, rank);
-            let raft = raft_config(&config.cluster_name, &config.raft, band)?;
-            let shard = Shard::open(&storage, peers.clone(), shard_id, raft)
-                .await
-                .with_context(|| format!("open {shard_id}"))?;
-            shards.insert(shard_id, Arc::new(shard));
-        }
         let registry = Registry {
-            shards: Arc::new(RwLock::new(shards)),
+            shards: Arc::default(),
             storage: storage.clone(),
+            host: Arc::new(Host {
+                config: config.clone(),
+                id,
+                addr: me.advertised().to_string(),
+                region: me.region.clone(),
+                placement: placement.clone(),
+                peers,
+                node_tree: storage.open_tree(trees::NODE_TREE)?,
+                changes: tokio::sync::Mutex::new(()),
+            }),
         };
+        // The shards this node hosts: its initial replicas, plus those moved
+        // here, minus those moved away.
+        let initial: Vec<ShardId> = if me.bootstrap {
+            placement.shards_on(id)
+        } else {
+            Vec::new()
+        };
+        let mut to_bootstrap = Vec::new();
+        for shard_id in config.shard_ids() {
+            let record = registry.record(shard_id)?;
+            match record {
+                Some(ReplicaRecord::Removed) => {
+                    // Finishes a close cut short by a crash.
+                    registry.delete_data(shard_id)?;
+                    continue;
+                }
+                Some(ReplicaRecord::Joined) => {}
+                None if initial.contains(&shard_id) => {
+                    if placement.replicas(shard_id).first() == Some(&id) {
+                        to_bootstrap.push(shard_id);
+                    }
+                }
+                None => continue,
+            }
+            registry.open_shard(shard_id).await?;
+        }
 
         let (shutdown, shutdown_rx) = watch::channel(false);
         let server = tokio::spawn(serve(
@@ -131,12 +319,10 @@ impl Node {
             shutdown_rx.clone(),
         ));
 
-        // Bootstrap: the preferred-region replica creates each new shard.
-        for shard_id in placement.shards_on(id) {
+        // Bootstrap: the preferred-region replica creates each new shard. A
+        // replica opened by chatctl or removed is never bootstrapped here.
+        for shard_id in to_bootstrap {
             let replicas = placement.replicas(shard_id);
-            if replicas.first() != Some(&id) {
-                continue;
-            }
             let shard = registry.get(shard_id).expect("opened above");
             if shard.raft.is_initialized().await? {
                 continue;
@@ -246,11 +432,14 @@ async fn serve(
         .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
         .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX);
     let node_api = pb::node::node_api_server::NodeApiServer::new(api::NodeApiService {
-        registry,
+        registry: registry.clone(),
         node_id: id,
         region,
     })
     .max_decoding_message_size(api::NODE_API_MESSAGE_BYTES_MAX);
+    let admin_api = pb::node::admin_server::AdminServer::new(admin::AdminService {
+        registry: registry.clone(),
+    });
     // The builder's tcp_nodelay only reaches listeners tonic binds itself;
     // accepted sockets get it here, or Nagle holds back small replies.
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
@@ -259,6 +448,7 @@ async fn serve(
         .add_service(reflection)
         .add_service(transport)
         .add_service(node_api)
+        .add_service(admin_api)
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = shutdown.wait_for(|s| *s).await;
         })

@@ -11,7 +11,10 @@
 //!                   read-index. STALE: nearest replica.
 //! ```
 //!
-//! The router holds no data; its only state is the leader cache.
+//! The router holds no data; its only state is the cluster map it caches:
+//! each shard's leader and voters, and each node's address. It starts from
+//! the config's placement and follows membership changes made by `chatctl`
+//! through node status polls and leader hints.
 
 pub mod service;
 pub mod token;
@@ -35,7 +38,7 @@ use crate::api::status::leader_hint;
 use crate::cluster::latency::{Delayed, LinkDelays};
 use crate::cluster::{ClusterConfig, Placement};
 use crate::router::token::{ShardPosition, TokenKeys};
-use crate::types::{ChatId, NodeId, ShardId};
+use crate::types::{ChatId, ShardId};
 
 /// How long a write may keep retrying across leader changes.
 pub const WRITE_DEADLINE: Duration = Duration::from_secs(10);
@@ -58,6 +61,26 @@ struct NodeEntry {
     client: NodeClient,
 }
 
+/// A lazily connected client of the node at `addr` in `node_region`, seen
+/// from a router in `region`.
+fn node_entry(
+    delays: &LinkDelays,
+    region: &str,
+    addr: &str,
+    node_region: &str,
+) -> anyhow::Result<NodeEntry> {
+    let channel = Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .connect_lazy();
+    Ok(NodeEntry {
+        region: node_region.to_string(),
+        client: NodeApiClient::new(Delayed::new(channel, delays.one_way(region, node_region))),
+    })
+}
+
 /// Routes requests to shards. Cheap to clone.
 #[derive(Clone)]
 pub struct Router {
@@ -68,8 +91,11 @@ struct Inner {
     placement: Placement,
     region: String,
     keys: TokenKeys,
-    nodes: BTreeMap<u64, NodeEntry>,
+    delays: LinkDelays,
+    nodes: RwLock<BTreeMap<u64, NodeEntry>>,
     leaders: RwLock<BTreeMap<u64, u64>>,
+    /// Each shard's voters, as the last status poll of its leader said.
+    replicas: RwLock<BTreeMap<u64, Vec<u64>>>,
     /// Nodes a call could not reach, until when they are passed over.
     unreachable_until: std::sync::Mutex<BTreeMap<u64, Instant>>,
 }
@@ -120,24 +146,13 @@ impl Router {
                 .get(&n.id)
                 .map(String::as_str)
                 .unwrap_or(n.advertised());
-            let channel = Endpoint::from_shared(format!("http://{addr}"))?
-                .connect_timeout(Duration::from_secs(2))
-                .tcp_nodelay(true)
-                .http2_keep_alive_interval(Duration::from_secs(10))
-                .keep_alive_timeout(Duration::from_secs(10))
-                .connect_lazy();
-            nodes.insert(
-                n.id,
-                NodeEntry {
-                    region: n.region.clone(),
-                    client: NodeApiClient::new(Delayed::new(
-                        channel,
-                        delays.one_way(region, &n.region),
-                    )),
-                },
-            );
+            nodes.insert(n.id, node_entry(&delays, region, addr, &n.region)?);
         }
         let placement = Placement::new(config);
+        let replicas = config
+            .shard_ids()
+            .map(|s| (s.0, placement.replicas(s).iter().map(|n| n.0).collect()))
+            .collect();
         // Until told otherwise, a shard's leader is its preferred replica.
         let leaders = config
             .shard_ids()
@@ -148,8 +163,10 @@ impl Router {
                 placement,
                 region: region.to_string(),
                 keys: TokenKeys::new(&config.cluster_name, token_secret),
-                nodes,
+                delays,
+                nodes: RwLock::new(nodes),
                 leaders: RwLock::new(leaders),
+                replicas: RwLock::new(replicas),
                 unreachable_until: Default::default(),
             }),
         })
@@ -168,7 +185,51 @@ impl Router {
     }
 
     fn client(&self, node: u64) -> Option<NodeClient> {
-        self.inner.nodes.get(&node).map(|n| n.client.clone())
+        self.inner
+            .nodes
+            .read()
+            .expect("node map")
+            .get(&node)
+            .map(|n| n.client.clone())
+    }
+
+    fn knows(&self, node: u64) -> bool {
+        self.inner
+            .nodes
+            .read()
+            .expect("node map")
+            .contains_key(&node)
+    }
+
+    /// Adds a node learned from a membership or a leader hint. Nodes in the
+    /// config keep their configured (or overridden) address.
+    fn learn_node(&self, node: u64, addr: &str, region: &str) {
+        if node == 0 || addr.is_empty() {
+            return;
+        }
+        let known_region = self
+            .inner
+            .nodes
+            .read()
+            .expect("node map")
+            .get(&node)
+            .map(|e| e.region.clone());
+        // A node first learned from a hint has no region until a
+        // membership names it.
+        if known_region.is_some_and(|r| !r.is_empty() || region.is_empty()) {
+            return;
+        }
+        match node_entry(&self.inner.delays, &self.inner.region, addr, region) {
+            Ok(entry) => {
+                tracing::info!(node, addr, region, "learned a new node");
+                self.inner
+                    .nodes
+                    .write()
+                    .expect("node map")
+                    .insert(node, entry);
+            }
+            Err(e) => tracing::warn!(node, addr, error = %e, "bad node address"),
+        }
     }
 
     fn leader_guess(&self, shard: ShardId) -> u64 {
@@ -182,7 +243,7 @@ impl Router {
     }
 
     fn set_leader(&self, shard: ShardId, node: u64) {
-        if self.inner.nodes.contains_key(&node) {
+        if self.knows(node) {
             self.inner
                 .leaders
                 .write()
@@ -195,15 +256,15 @@ impl Router {
     fn replicas_near_first(&self, shard: ShardId) -> Vec<u64> {
         let mut all: Vec<u64> = self
             .inner
-            .placement
-            .replicas(shard)
-            .iter()
-            .map(|n: &NodeId| n.0)
-            .collect();
+            .replicas
+            .read()
+            .expect("replica map")
+            .get(&shard.0)
+            .cloned()
+            .unwrap_or_default();
+        let nodes = self.inner.nodes.read().expect("node map");
         all.sort_by_key(|n| {
-            let local = self
-                .inner
-                .nodes
+            let local = nodes
                 .get(n)
                 .map(|e| e.region == self.inner.region)
                 .unwrap_or(false);
@@ -215,6 +276,8 @@ impl Router {
     pub fn is_local(&self, node: u64) -> bool {
         self.inner
             .nodes
+            .read()
+            .expect("node map")
             .get(&node)
             .map(|e| e.region == self.inner.region)
             .unwrap_or(false)
@@ -304,11 +367,13 @@ impl Router {
                 });
             }
             attempt += 1;
-            match leader_hint(&status) {
+            let hint = leader_hint(&status);
+            if let Some((leader, addr)) = &hint {
+                self.learn_node(*leader, addr, "");
+            }
+            match hint {
                 Some((leader, _))
-                    if leader != target
-                        && self.inner.nodes.contains_key(&leader)
-                        && !self.is_unreachable(leader) =>
+                    if leader != target && self.knows(leader) && !self.is_unreachable(leader) =>
                 {
                     self.set_leader(shard, leader);
                     target = leader;
@@ -483,14 +548,32 @@ impl Router {
             if *shutdown.borrow() {
                 return;
             }
-            for (id, entry) in &self.inner.nodes {
-                let mut c = entry.client.clone();
+            let nodes: Vec<(u64, NodeClient)> = self
+                .inner
+                .nodes
+                .read()
+                .expect("node map")
+                .iter()
+                .map(|(id, e)| (*id, e.client.clone()))
+                .collect();
+            for (id, mut c) in nodes {
                 let mut req = tonic::Request::new(StatusRequest {});
                 req.set_timeout(Duration::from_secs(2));
                 if let Ok(s) = c.status(req).await {
                     for sh in s.into_inner().shards {
-                        if sh.is_leader {
-                            self.set_leader(ShardId(sh.shard_id), *id);
+                        if !sh.is_leader {
+                            continue;
+                        }
+                        for m in &sh.members {
+                            self.learn_node(m.node_id, &m.addr, &m.region);
+                        }
+                        self.set_leader(ShardId(sh.shard_id), id);
+                        if !sh.voters.is_empty() {
+                            self.inner
+                                .replicas
+                                .write()
+                                .expect("replica map")
+                                .insert(sh.shard_id, sh.voters);
                         }
                     }
                 }

@@ -579,6 +579,12 @@ pub async fn run(seed: u64, secs: u64, name: &str) -> (Vec<String>, Chaos) {
 
 /// The checker: history plus a final full read of every replica.
 pub async fn check(chaos: &Chaos, history: &History) -> Vec<String> {
+    check_on(&chaos.nodes, &[1, 2, 3], history).await
+}
+
+/// The checker over the replicas on `node_ids` (after membership changes,
+/// the nodes that host each shard now).
+pub async fn check_on(nodes: &Client, node_ids: &[u64], history: &History) -> Vec<String> {
     let mut bad: Vec<String> = history.online_violations.lock().unwrap().clone();
     let ops = history.ops.lock().unwrap().clone();
     let acked_sends = ops
@@ -615,27 +621,35 @@ pub async fn check(chaos: &Chaos, history: &History) -> Vec<String> {
             "the workload made too little progress ({acked_sends} acknowledged sends)"
         ));
     }
-    if let Err(e) = chaos
-        .nodes
-        .wait_converged(&[1, 2, 3], Duration::from_secs(120))
+    if let Err(e) = nodes
+        .wait_converged(node_ids, Duration::from_secs(120))
         .await
     {
         bad.push(e);
         return bad;
     }
+    let hosts = match nodes.hosts(node_ids).await {
+        Ok(h) => h,
+        Err(e) => {
+            bad.push(e);
+            return bad;
+        }
+    };
     // Final state of every chat on every replica.
     let mut finals: BTreeMap<u64, Vec<Vec<pb::Message>>> = BTreeMap::new();
     for chat in 1..=CHATS {
-        for node in 1..=3 {
-            match chaos.nodes.history_on(node, chat).await {
+        let shard = nodes.shard_of(chat).0;
+        for &node in hosts.get(&shard).map(Vec::as_slice).unwrap_or_default() {
+            match nodes.history_on(node, chat).await {
                 Ok(h) => finals.entry(chat).or_default().push(h),
                 Err(e) => bad.push(format!("read chat {chat} on node {node}: {e}")),
             }
         }
     }
     for (chat, replicas) in &finals {
-        for (i, h) in replicas.iter().enumerate() {
-            let node = i + 1;
+        let shard = nodes.shard_of(*chat).0;
+        let on = hosts.get(&shard).cloned().unwrap_or_default();
+        for (h, node) in replicas.iter().zip(on) {
             let seqs: Vec<u64> = h.iter().map(|m| m.seq).collect();
             if seqs != (1..=h.len() as u64).collect::<Vec<_>>() {
                 bad.push(format!(
@@ -652,7 +666,9 @@ pub async fn check(chaos: &Chaos, history: &History) -> Vec<String> {
                 }
             }
             if *h != replicas[0] {
-                bad.push(format!("chat {chat}: node {node} differs from node 1"));
+                bad.push(format!(
+                    "chat {chat}: node {node} differs from the first replica"
+                ));
             }
         }
     }

@@ -40,6 +40,8 @@ pub struct ConfigOptions {
     /// Raft heartbeat and election timeout range in ms; the test default
     /// (200, 1000-1600) when None.
     pub raft_timing: Option<(u64, u64, u64)>,
+    /// Nodes listed with `bootstrap = false` (id, region): they start empty.
+    pub extra_nodes: Vec<(u64, &'static str)>,
 }
 
 impl Default for ConfigOptions {
@@ -51,6 +53,7 @@ impl Default for ConfigOptions {
             seal_epoch_secs: None,
             rtt_ms: None,
             raft_timing: None,
+            extra_nodes: Vec::new(),
         }
     }
 }
@@ -81,6 +84,12 @@ pub fn three_region_config(root: &Path, opts: &ConfigOptions) -> ClusterConfig {
     for (id, region) in [(1, "eu"), (2, "us"), (3, "ap")] {
         text.push_str(&format!(
             "[[nodes]]\nid = {id}\nregion = \"{region}\"\nraft_addr = \"127.0.0.1:{}\"\n",
+            free_port()
+        ));
+    }
+    for (id, region) in &opts.extra_nodes {
+        text.push_str(&format!(
+            "[[nodes]]\nid = {id}\nregion = \"{region}\"\nraft_addr = \"127.0.0.1:{}\"\nbootstrap = false\n",
             free_port()
         ));
     }
@@ -239,10 +248,39 @@ impl Client {
         Err(format!("replicas did not converge in {deadline:?}: {last}"))
     }
 
+    /// The nodes among `nodes` that host a replica of each shard.
+    pub async fn hosts(&self, nodes: &[u64]) -> Result<BTreeMap<u64, Vec<u64>>, String> {
+        let mut hosts: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+        for node in nodes {
+            let mut req = tonic::Request::new(StatusRequest {});
+            req.set_timeout(CALL_TIMEOUT);
+            let status = self
+                .node(*node)
+                .status(req)
+                .await
+                .map_err(|e| format!("node {node}: {e}"))?
+                .into_inner();
+            for sh in status.shards {
+                hosts.entry(sh.shard_id).or_default().push(*node);
+            }
+        }
+        Ok(hosts)
+    }
+
+    /// Every shard has a replica on `replication_factor` of `nodes`, and
+    /// they all have the same applied index and digests.
     async fn converged(&self, nodes: &[u64]) -> Result<(), String> {
+        let hosts = self.hosts(nodes).await?;
+        let rf = self.config.replication_factor as usize;
         for shard in 0..self.config.shards as u64 {
+            let on = hosts.get(&shard).cloned().unwrap_or_default();
+            if on.len() != rf {
+                return Err(format!(
+                    "shard {shard} has replicas on nodes {on:?}, not {rf} of {nodes:?}"
+                ));
+            }
             let mut seen: Option<(u64, Vec<_>)> = None;
-            for node in nodes {
+            for node in &on {
                 let reply = self
                     .node(*node)
                     .chat_digests(ChatDigestsRequest { shard_id: shard })

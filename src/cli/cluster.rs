@@ -1,0 +1,705 @@
+//! The cluster commands of chatctl: what they print and their exit codes
+//! (0 done / healthy, 1 a problem found or a step failed, 2 the cluster or
+//! a node could not be reached or refused the request).
+
+use std::collections::BTreeSet;
+
+use anyhow::Context;
+use serde::Serialize;
+
+use crate::api::pb::node::ChatDigestsRequest;
+use crate::cli::ops::{self, Ops, Step, View, LAG_MAX};
+
+/// Health of one shard, as `status` and `shards` judge it.
+#[derive(Debug, Serialize)]
+struct ShardHealth {
+    shard: u64,
+    leader: u64,
+    term: u64,
+    preferred_region: String,
+    leader_region: String,
+    voters: Vec<u64>,
+    learners: Vec<u64>,
+    commit_index: u64,
+    /// Per voter: its applied index (0 if its node is down).
+    applied: Vec<(u64, u64)>,
+    /// How far the slowest voter's apply is behind the leader's log.
+    lag: u64,
+    problems: Vec<String>,
+}
+
+fn shard_health(view: &View, shard: u64) -> ShardHealth {
+    let leader = view.leader_status(shard);
+    let m = view.membership(shard);
+    let mut h = ShardHealth {
+        shard,
+        leader: leader.map(|(id, _)| id).unwrap_or(0),
+        term: m.map(|s| s.term).unwrap_or(0),
+        preferred_region: m.map(|s| s.preferred_region.clone()).unwrap_or_default(),
+        leader_region: String::new(),
+        voters: m.map(|s| s.voters.clone()).unwrap_or_default(),
+        learners: m.map(|s| s.learners.clone()).unwrap_or_default(),
+        commit_index: leader.map(|(_, s)| s.committed_index).unwrap_or(0),
+        applied: Vec::new(),
+        lag: 0,
+        problems: Vec::new(),
+    };
+    let end = leader.map(|(_, s)| s.last_log_index).unwrap_or(0);
+    for v in &h.voters {
+        let node = view.nodes.get(v);
+        let applied = node
+            .and_then(|n| n.shards.get(&shard))
+            .map(|s| s.applied_index);
+        match (node, applied) {
+            (Some(n), Some(a)) if n.up => {
+                h.applied.push((*v, a));
+                h.lag = h.lag.max(end.saturating_sub(a));
+            }
+            (Some(n), _) if !n.up => {
+                h.applied.push((*v, 0));
+                h.problems.push(format!("voter {v} is down"));
+            }
+            _ => {
+                h.applied.push((*v, 0));
+                h.problems.push(format!("voter {v} has no replica"));
+            }
+        }
+    }
+    match leader {
+        None => h.problems.push("no leader".into()),
+        Some((id, _)) => {
+            h.leader_region = view
+                .nodes
+                .get(&id)
+                .map(|n| n.region.clone())
+                .unwrap_or_default();
+            if !h.preferred_region.is_empty() && h.leader_region != h.preferred_region {
+                h.problems.push(format!(
+                    "leader in {} (preferred {})",
+                    h.leader_region, h.preferred_region
+                ));
+            }
+        }
+    }
+    if h.lag > LAG_MAX {
+        h.problems
+            .push(format!("a voter is {} entries behind", h.lag));
+    }
+    if !h.learners.is_empty() {
+        h.problems
+            .push(format!("learners {:?} (a move in progress?)", h.learners));
+    }
+    h
+}
+
+pub async fn status(endpoints: &[String], json: bool) -> anyhow::Result<i32> {
+    let ops = Ops::new(endpoints, json);
+    let view = match ops.gather().await {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return Ok(2);
+        }
+    };
+    let shards: Vec<ShardHealth> = view
+        .shard_ids()
+        .into_iter()
+        .map(|s| shard_health(&view, s))
+        .collect();
+    let leaders = |id: u64| shards.iter().filter(|h| h.leader == id).count();
+    let replicas = |id: u64| shards.iter().filter(|h| h.voters.contains(&id)).count();
+    let unhealthy: Vec<&ShardHealth> = shards.iter().filter(|h| !h.problems.is_empty()).collect();
+    let down: Vec<String> = view
+        .nodes
+        .values()
+        .filter(|n| !n.up)
+        .map(|n| {
+            format!(
+                "node {} at {}: {}",
+                n.id,
+                n.addr,
+                n.error.clone().unwrap_or_default()
+            )
+        })
+        .chain(view.unknown_down.iter().map(|(a, e)| format!("{a}: {e}")))
+        .collect();
+    let missing = (0..view.shard_count)
+        .filter(|s| !view.shard_ids().contains(s))
+        .count();
+    if json {
+        let nodes: Vec<_> = view
+            .nodes
+            .values()
+            .map(|n| {
+                serde_json::json!({
+                    "id": n.id, "addr": n.addr, "region": n.region, "up": n.up,
+                    "draining": n.draining, "replicas": replicas(n.id), "leaders": leaders(n.id),
+                    "error": n.error,
+                })
+            })
+            .collect();
+        let out = serde_json::json!({
+            "cluster": view.cluster_name,
+            "nodes": nodes,
+            "unreachable": down,
+            "shards": view.shard_count,
+            "shards_seen": shards.len(),
+            "healthy_shards": shards.len() - unhealthy.len(),
+            "unhealthy": unhealthy,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!("cluster {:?}", view.cluster_name);
+        println!(
+            "{:>4}  {:<8} {:<24} {:<9} {:>8} {:>8}",
+            "NODE", "REGION", "ADDR", "STATE", "REPLICAS", "LEADERS"
+        );
+        for n in view.nodes.values() {
+            let state = match (n.up, n.draining) {
+                (false, _) => "DOWN",
+                (true, true) => "draining",
+                (true, false) => "up",
+            };
+            println!(
+                "{:>4}  {:<8} {:<24} {:<9} {:>8} {:>8}",
+                n.id,
+                n.region,
+                n.addr,
+                state,
+                replicas(n.id),
+                leaders(n.id)
+            );
+        }
+        for (addr, e) in &view.unknown_down {
+            println!(
+                "{:>4}  {:<8} {:<24} {:<9}  {e}",
+                "?", "?", addr, "UNREACHABLE"
+            );
+        }
+        println!();
+        println!(
+            "shards: {} of {} reporting, {} healthy (leader in the preferred region, every voter \
+             up and within {LAG_MAX} entries)",
+            shards.len(),
+            view.shard_count,
+            shards.len() - unhealthy.len()
+        );
+        if !unhealthy.is_empty() {
+            println!("{:>6} {:>7}  PROBLEMS", "SHARD", "LEADER");
+            for h in &unhealthy {
+                println!(
+                    "{:>6} {:>7}  {}",
+                    h.shard,
+                    if h.leader == 0 {
+                        "-".into()
+                    } else {
+                        h.leader.to_string()
+                    },
+                    h.problems.join("; ")
+                );
+            }
+        }
+    }
+    for d in &down {
+        eprintln!("error: {d}");
+    }
+    Ok(if !down.is_empty() {
+        2
+    } else if !unhealthy.is_empty() || missing > 0 {
+        1
+    } else {
+        0
+    })
+}
+
+pub async fn shards(endpoints: &[String], json: bool) -> anyhow::Result<i32> {
+    let ops = Ops::new(endpoints, json);
+    let view = match ops.gather().await {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return Ok(2);
+        }
+    };
+    let shards: Vec<ShardHealth> = view
+        .shard_ids()
+        .into_iter()
+        .map(|s| shard_health(&view, s))
+        .collect();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&shards)?);
+    } else {
+        println!(
+            "{:>6} {:<6} {:>7} {:<6} {:>6} {:>9} {:>6}  VOTERS (node:applied)  LEARNERS",
+            "SHARD", "PREF", "LEADER", "REGION", "TERM", "COMMIT", "LAG"
+        );
+        for h in &shards {
+            let voters: Vec<String> = h.applied.iter().map(|(n, a)| format!("{n}:{a}")).collect();
+            let learners: Vec<String> = h.learners.iter().map(|n| n.to_string()).collect();
+            println!(
+                "{:>6} {:<6} {:>7} {:<6} {:>6} {:>9} {:>6}  {:<22} {}",
+                h.shard,
+                h.preferred_region,
+                if h.leader == 0 {
+                    "-".into()
+                } else {
+                    h.leader.to_string()
+                },
+                h.leader_region,
+                h.term,
+                h.commit_index,
+                h.lag,
+                voters.join(" "),
+                learners.join(" ")
+            );
+        }
+    }
+    let unhealthy = shards.iter().any(|h| !h.problems.is_empty());
+    Ok(if unhealthy { 1 } else { 0 })
+}
+
+pub async fn verify(endpoints: &[String], json: bool) -> anyhow::Result<i32> {
+    let ops = Ops::new(endpoints, json);
+    let view = match ops.gather().await {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return Ok(2);
+        }
+    };
+    let down: Vec<String> = view
+        .nodes
+        .values()
+        .filter(|n| !n.up)
+        .map(|n| {
+            format!(
+                "node {} at {}: {}",
+                n.id,
+                n.addr,
+                n.error.clone().unwrap_or_default()
+            )
+        })
+        .chain(view.unknown_down.iter().map(|(a, e)| format!("{a}: {e}")))
+        .collect();
+    if !down.is_empty() {
+        for d in &down {
+            eprintln!("error: {d}");
+        }
+        return Ok(2);
+    }
+    let mut problems = Vec::new();
+    let mut checked = 0;
+    let shard_ids = view.shard_ids();
+    for shard in &shard_ids {
+        let mut seen: Option<(u64, u64, Vec<_>)> = None;
+        for n in view.nodes.values().filter(|n| n.shards.contains_key(shard)) {
+            let mut c = crate::api::pb::node::node_api_client::NodeApiClient::connect(format!(
+                "http://{}",
+                n.addr
+            ))
+            .await
+            .with_context(|| format!("connect to node {} at {}", n.id, n.addr))?
+            .max_decoding_message_size(64 << 20);
+            let reply = c
+                .chat_digests(ChatDigestsRequest { shard_id: *shard })
+                .await
+                .map_err(|s| anyhow::anyhow!(ops::describe(&n.addr, &s)))?
+                .into_inner();
+            checked += reply.chats.len();
+            match &seen {
+                None => seen = Some((n.id, reply.applied_index, reply.chats)),
+                Some((first, applied, chats)) => {
+                    if *applied == reply.applied_index && *chats != reply.chats {
+                        problems.push(format!(
+                            "shard {shard}: nodes {} and {first} differ at applied index {applied}",
+                            n.id
+                        ));
+                    } else if *applied != reply.applied_index {
+                        problems.push(format!(
+                            "shard {shard}: node {} at applied {} and node {first} at {applied} \
+                             (lagging; run again once writes stop)",
+                            n.id, reply.applied_index
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"shards": shard_ids.len(), "chat_digests_checked": checked, "problems": problems})
+        );
+    } else if problems.is_empty() {
+        println!(
+            "ok: {} shards, {checked} chat digests compared, all replicas identical",
+            shard_ids.len()
+        );
+    } else {
+        for p in &problems {
+            println!("DIVERGED {p}");
+        }
+    }
+    Ok(if problems.is_empty() { 0 } else { 1 })
+}
+
+/// Prints a plan, or runs it; the exit code says whether every step worked.
+async fn run_plan(
+    ops: &Ops,
+    steps: Vec<Step>,
+    label: &str,
+    dry_run: bool,
+    json: bool,
+) -> anyhow::Result<i32> {
+    if dry_run {
+        if json {
+            println!("{}", serde_json::json!({"dry_run": true, "steps": steps}));
+        } else if steps.is_empty() {
+            println!("nothing to do");
+        } else {
+            println!("would run {} step(s):", steps.len());
+            for s in &steps {
+                println!("  {s}");
+            }
+        }
+        return Ok(0);
+    }
+    let outcome = ops.execute(&steps, label).await;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&outcome)?);
+    } else if steps.is_empty() {
+        println!("nothing to do");
+    } else {
+        println!(
+            "{label}: {} of {} step(s) done",
+            outcome.done.len(),
+            steps.len()
+        );
+        for (s, e) in &outcome.failed {
+            println!("FAILED {s}: {e}");
+        }
+        if !outcome.failed.is_empty() {
+            println!("run the same command again to finish; every step is safe to repeat");
+        }
+    }
+    Ok(if outcome.failed.is_empty() { 0 } else { 1 })
+}
+
+fn fail(e: anyhow::Error) -> anyhow::Result<i32> {
+    eprintln!("error: {e:#}");
+    Ok(2)
+}
+
+pub async fn add_node(
+    endpoints: &[String],
+    id: u64,
+    addr: Option<String>,
+    json: bool,
+) -> anyhow::Result<i32> {
+    let mut all = endpoints.to_vec();
+    if let Some(a) = &addr {
+        all.push(a.clone());
+    }
+    let ops = Ops::new(&all, json);
+    let view = match ops.gather().await {
+        Ok(v) => v,
+        Err(e) => return fail(e),
+    };
+    let Some(node) = view.nodes.get(&id) else {
+        return fail(anyhow::anyhow!(
+            "node {id} did not answer; start it (`chatstore node --config F --id {id}`, listed \
+             in F with bootstrap = false) and pass its address with --addr"
+        ));
+    };
+    if !node.up {
+        return fail(anyhow::anyhow!(
+            "node {id} at {} is down: {}",
+            node.addr,
+            node.error.clone().unwrap_or_default()
+        ));
+    }
+    if node.draining {
+        if let Err(e) = ops.set_draining(&node.addr, false).await {
+            return fail(e);
+        }
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"node": id, "addr": node.addr, "region": node.region, "replicas": node.shards.len()})
+        );
+    } else {
+        println!(
+            "node {id} ({}, {}) is up in cluster {:?} with {} replica(s)",
+            node.region,
+            node.addr,
+            view.cluster_name,
+            node.shards.len()
+        );
+        println!(
+            "next: chatctl --endpoints {} rebalance --dry-run, then without --dry-run",
+            all.join(",")
+        );
+    }
+    Ok(0)
+}
+
+pub async fn drain(
+    endpoints: &[String],
+    node: u64,
+    dry_run: bool,
+    json: bool,
+) -> anyhow::Result<i32> {
+    let ops = Ops::new(endpoints, json);
+    let view = match ops.gather().await {
+        Ok(v) => v,
+        Err(e) => return fail(e),
+    };
+    let target = match view.node(node) {
+        Ok(n) => n.clone(),
+        Err(e) => return fail(e),
+    };
+    let steps = match ops::plan_drain(&view, &BTreeSet::from([node])) {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    if dry_run {
+        return run_plan(&ops, steps, &format!("draining node {node}"), true, json).await;
+    }
+    if target.up {
+        if let Err(e) = ops.set_draining(&target.addr, true).await {
+            return fail(e);
+        }
+    } else if !json {
+        eprintln!(
+            "note: node {node} is down; moving its replicas away from the other replicas' copies"
+        );
+    }
+    let code = run_plan(&ops, steps, &format!("draining node {node}"), false, json).await?;
+    if code != 0 {
+        return Ok(code);
+    }
+    // Anything left there (copies it still holds) goes now.
+    let view = ops.gather().await?;
+    let left: Vec<u64> = view
+        .nodes
+        .get(&node)
+        .map(|n| n.shards.keys().copied().collect())
+        .unwrap_or_default();
+    if !left.is_empty() {
+        let steps: Vec<Step> = left
+            .iter()
+            .map(|s| Step::CloseReplica {
+                shard: *s,
+                node,
+                why: "node drained".into(),
+            })
+            .collect();
+        ops.execute(&steps, "cleaning up").await;
+    }
+    if !json {
+        println!("node {node} is drained; `chatctl remove-node {node}` takes it out");
+    }
+    Ok(0)
+}
+
+pub async fn remove_node(
+    endpoints: &[String],
+    node: u64,
+    dry_run: bool,
+    json: bool,
+) -> anyhow::Result<i32> {
+    let ops = Ops::new(endpoints, json);
+    let view = match ops.gather().await {
+        Ok(v) => v,
+        Err(e) => return fail(e),
+    };
+    let still: Vec<u64> = view
+        .shard_ids()
+        .into_iter()
+        .filter(|s| {
+            view.membership(*s)
+                .is_some_and(|m| m.members.iter().any(|x| x.node_id == node))
+        })
+        .collect();
+    if !still.is_empty() {
+        eprintln!(
+            "error: node {node} is still a member of {} shard(s) ({:?}...); run `chatctl drain \
+             {node}` first",
+            still.len(),
+            &still[..still.len().min(8)]
+        );
+        return Ok(1);
+    }
+    let n = view.nodes.get(&node).cloned();
+    if dry_run {
+        println!("would take node {node} out: it is in no shard's membership");
+        return Ok(0);
+    }
+    if let Some(n) = n.filter(|n| n.up) {
+        // Keep it out of rebalancing for as long as it runs.
+        if let Err(e) = ops.set_draining(&n.addr, true).await {
+            return fail(e);
+        }
+        let steps: Vec<Step> = n
+            .shards
+            .keys()
+            .map(|s| Step::CloseReplica {
+                shard: *s,
+                node,
+                why: "node removed".into(),
+            })
+            .collect();
+        ops.execute(&steps, "deleting leftover copies").await;
+    }
+    if json {
+        println!("{}", serde_json::json!({"removed": node}));
+    } else {
+        println!(
+            "node {node} holds no replica and is marked draining; stop its process, delete its \
+             data folder, and drop it from --endpoints and the config"
+        );
+    }
+    Ok(0)
+}
+
+pub async fn move_replica(
+    endpoints: &[String],
+    shard: u64,
+    from: u64,
+    to: u64,
+    dry_run: bool,
+    json: bool,
+) -> anyhow::Result<i32> {
+    let ops = Ops::new(endpoints, json);
+    let view = match ops.gather().await {
+        Ok(v) => v,
+        Err(e) => return fail(e),
+    };
+    if let Err(e) = view.node(to) {
+        return fail(e);
+    }
+    let Some(m) = view.membership(shard) else {
+        return fail(anyhow::anyhow!(
+            "no node reports shard {shard} (the cluster has {})",
+            view.shard_count
+        ));
+    };
+    if !m.voters.contains(&from) && !(m.voters.contains(&to)) {
+        return fail(anyhow::anyhow!(
+            "node {from} is not a voter of shard {shard} (voters {:?})",
+            m.voters
+        ));
+    }
+    let steps = vec![Step::MoveReplica {
+        shard,
+        from,
+        to,
+        why: "requested".into(),
+    }];
+    run_plan(&ops, steps, "moving", dry_run, json).await
+}
+
+pub async fn transfer_leader(
+    endpoints: &[String],
+    shard: u64,
+    to: Option<u64>,
+    dry_run: bool,
+    json: bool,
+) -> anyhow::Result<i32> {
+    let ops = Ops::new(endpoints, json);
+    let view = match ops.gather().await {
+        Ok(v) => v,
+        Err(e) => return fail(e),
+    };
+    let Some((leader, _)) = view.leader_status(shard) else {
+        return fail(anyhow::anyhow!("shard {shard} has no leader right now"));
+    };
+    if dry_run {
+        println!(
+            "would move shard {shard}'s leadership from node {leader} to {}",
+            to.map(|t| format!("node {t}"))
+                .unwrap_or_else(|| "a caught-up voter in its preferred region".into())
+        );
+        return Ok(0);
+    }
+    match ops.transfer_leader(shard, to).await {
+        Ok(now) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"shard": shard, "from": leader, "leader": now})
+                );
+            } else {
+                println!("shard {shard}: leader was node {leader}, now node {now}");
+            }
+            Ok(0)
+        }
+        Err(e) => fail(e),
+    }
+}
+
+pub async fn rebalance(endpoints: &[String], dry_run: bool, json: bool) -> anyhow::Result<i32> {
+    let ops = Ops::new(endpoints, json);
+    let view = match ops.gather().await {
+        Ok(v) => v,
+        Err(e) => return fail(e),
+    };
+    if let Some(n) = view.nodes.values().find(|n| !n.up) {
+        return fail(anyhow::anyhow!(
+            "node {} at {} is down; rebalancing needs every node up (drain it if it is gone \
+             for good)",
+            n.id,
+            n.addr
+        ));
+    }
+    let steps = match ops::plan_rebalance(&view) {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    run_plan(&ops, steps, "rebalancing", dry_run, json).await
+}
+
+pub async fn snapshot(
+    endpoints: &[String],
+    shard: Option<u64>,
+    compact: bool,
+    json: bool,
+) -> anyhow::Result<i32> {
+    let ops = Ops::new(endpoints, json);
+    let view = match ops.gather().await {
+        Ok(v) => v,
+        Err(e) => return fail(e),
+    };
+    let shards: BTreeSet<u64> = match shard {
+        Some(s) => BTreeSet::from([s]),
+        None => view.shard_ids(),
+    };
+    let failed = ops.snapshot_all(&view, &shards, compact).await;
+    let what = if compact { "compacted" } else { "snapshotted" };
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"shards": shards.len(), "failed": failed})
+        );
+    } else {
+        println!("{what} {} shard(s) on every node that is up", shards.len());
+        for f in &failed {
+            println!("FAILED {f}");
+        }
+    }
+    Ok(if failed.is_empty() { 0 } else { 1 })
+}
+
+/// The shard a chat lives in and that shard's replicas.
+pub async fn chat_placement(endpoints: &[String], chat: u64) -> anyhow::Result<serde_json::Value> {
+    let ops = Ops::new(endpoints, true);
+    let view = ops.gather().await?;
+    let slot = crate::cluster::placement::slot_of_chat(crate::types::ChatId(chat));
+    let shard = crate::cluster::placement::shard_of_slot(slot, view.shard_count).0;
+    let h = shard_health(&view, shard);
+    Ok(serde_json::json!({
+        "slot": slot, "shard": shard, "leader": h.leader, "voters": h.voters,
+        "learners": h.learners, "preferred_region": h.preferred_region,
+    }))
+}

@@ -1,0 +1,934 @@
+//! Cluster operations: status, shards, moving replicas, draining and
+//! removing nodes, leadership, rebalancing, snapshots and compaction.
+//!
+//! chatctl learns the cluster from the nodes it is given (`--endpoints`) and
+//! from the shard memberships they report, so a node that joined later is
+//! found once any shard lists it. Every operation is a sequence of idempotent
+//! admin calls (see `proto/chatstore/v1/node.proto`, service `Admin`): an
+//! operation cut short (a leader change, a crash, Ctrl-C) is finished by
+//! running the same command again.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::IsTerminal;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde::Serialize;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+use crate::api::pb::node::admin_client::AdminClient;
+use crate::api::pb::node::node_api_client::NodeApiClient;
+use crate::api::pb::node::{
+    AddLearnerRequest, ChangeVotersRequest, CloseReplicaRequest, NodeStatus, SetDrainingRequest,
+    ShardRequest, ShardStatus, StatusRequest, TransferLeaderRequest,
+};
+use crate::api::status::leader_hint;
+
+/// How long one move may take, catch-up by snapshot included.
+const MOVE_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long a step waits for a shard to have a leader that answers.
+const LEADER_WAIT: Duration = Duration::from_secs(60);
+/// How often progress is polled.
+const POLL: Duration = Duration::from_millis(250);
+/// A replica this far behind its leader's log counts as lagging.
+pub const LAG_MAX: u64 = 100;
+
+/// One node as chatctl sees it.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeView {
+    pub id: u64,
+    pub addr: String,
+    pub region: String,
+    pub up: bool,
+    pub draining: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(skip)]
+    pub shards: BTreeMap<u64, ShardStatus>,
+}
+
+/// The cluster as the reachable nodes report it.
+pub struct View {
+    pub nodes: BTreeMap<u64, NodeView>,
+    /// Endpoints that did not answer and that no membership names.
+    pub unknown_down: Vec<(String, String)>,
+    pub shard_count: u64,
+    pub cluster_name: String,
+}
+
+impl View {
+    /// The status of `shard` from its leader: the replica that says it
+    /// leads, at the highest term.
+    pub fn leader_status(&self, shard: u64) -> Option<(u64, &ShardStatus)> {
+        self.nodes
+            .values()
+            .filter_map(|n| n.shards.get(&shard).map(|s| (n.id, s)))
+            .filter(|(_, s)| s.is_leader)
+            .max_by_key(|(_, s)| s.term)
+    }
+
+    /// The best-known membership of `shard`: the leader's, else that of
+    /// the replica at the highest term.
+    pub fn membership(&self, shard: u64) -> Option<&ShardStatus> {
+        if let Some((_, s)) = self.leader_status(shard) {
+            return Some(s);
+        }
+        self.nodes
+            .values()
+            .filter_map(|n| n.shards.get(&shard))
+            .max_by_key(|s| (s.term, s.last_log_index))
+    }
+
+    /// Shards numbered 0..shard_count that any node reported.
+    pub fn shard_ids(&self) -> BTreeSet<u64> {
+        self.nodes
+            .values()
+            .flat_map(|n| n.shards.keys().copied())
+            .collect()
+    }
+
+    pub fn node(&self, id: u64) -> anyhow::Result<&NodeView> {
+        self.nodes.get(&id).with_context(|| {
+            format!(
+                "node {id} is not known: it is in no shard's membership and not among --endpoints \
+                 (known: {:?})",
+                self.nodes.keys().collect::<Vec<_>>()
+            )
+        })
+    }
+
+    fn region_of(&self, id: u64) -> &str {
+        self.nodes.get(&id).map(|n| n.region.as_str()).unwrap_or("")
+    }
+
+    /// Voters per node, over every shard's best-known membership.
+    fn voter_load(&self) -> BTreeMap<u64, usize> {
+        let mut load: BTreeMap<u64, usize> = self.nodes.keys().map(|id| (*id, 0)).collect();
+        for shard in self.shard_ids() {
+            if let Some(m) = self.membership(shard) {
+                for v in &m.voters {
+                    *load.entry(*v).or_default() += 1;
+                }
+            }
+        }
+        load
+    }
+}
+
+/// Connections to nodes, by address, reused across calls.
+pub struct Ops {
+    channels: Mutex<BTreeMap<String, Channel>>,
+    endpoints: Vec<String>,
+    quiet: bool,
+}
+
+impl Ops {
+    pub fn new(endpoints: &[String], quiet: bool) -> Ops {
+        Ops {
+            channels: Mutex::default(),
+            endpoints: endpoints.to_vec(),
+            quiet,
+        }
+    }
+
+    fn channel(&self, addr: &str) -> anyhow::Result<Channel> {
+        let mut channels = self.channels.lock().expect("channel cache");
+        if let Some(c) = channels.get(addr) {
+            return Ok(c.clone());
+        }
+        let c = Endpoint::from_shared(format!("http://{addr}"))
+            .with_context(|| format!("bad node address {addr:?}"))?
+            .connect_timeout(Duration::from_secs(3))
+            .timeout(Duration::from_secs(60))
+            .connect_lazy();
+        channels.insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+
+    fn node_api(&self, addr: &str) -> anyhow::Result<NodeApiClient<Channel>> {
+        Ok(NodeApiClient::new(self.channel(addr)?).max_decoding_message_size(64 << 20))
+    }
+
+    fn admin(&self, addr: &str) -> anyhow::Result<AdminClient<Channel>> {
+        Ok(AdminClient::new(self.channel(addr)?).max_decoding_message_size(64 << 20))
+    }
+
+    async fn node_status(&self, addr: &str) -> Result<NodeStatus, String> {
+        let mut c = self.node_api(addr).map_err(|e| format!("{e:#}"))?;
+        let mut req = tonic::Request::new(StatusRequest {});
+        req.set_timeout(Duration::from_secs(5));
+        match c.status(req).await {
+            Ok(s) => Ok(s.into_inner()),
+            Err(s) => Err(describe(addr, &s)),
+        }
+    }
+
+    /// Asks every endpoint, then every node the memberships name, for its
+    /// status.
+    pub async fn gather(&self) -> anyhow::Result<View> {
+        let mut view = View {
+            nodes: BTreeMap::new(),
+            unknown_down: Vec::new(),
+            shard_count: 0,
+            cluster_name: String::new(),
+        };
+        let mut asked: BTreeSet<String> = BTreeSet::new();
+        let mut to_ask: Vec<(Option<u64>, String, String)> = self
+            .endpoints
+            .iter()
+            .map(|a| (None, a.clone(), String::new()))
+            .collect();
+        for _round in 0..4 {
+            if to_ask.is_empty() {
+                break;
+            }
+            let batch = std::mem::take(&mut to_ask);
+            let answers =
+                futures::future::join_all(batch.into_iter().map(|(id, addr, region)| async move {
+                    let answer = self.node_status(&addr).await;
+                    (id, addr, region, answer)
+                }))
+                .await;
+            for (id, addr, region, answer) in answers {
+                asked.insert(addr.clone());
+                match answer {
+                    Ok(s) => {
+                        if !view.cluster_name.is_empty() && view.cluster_name != s.cluster_name {
+                            bail!(
+                                "{addr} belongs to cluster {:?}, not {:?}; check --endpoints",
+                                s.cluster_name,
+                                view.cluster_name
+                            );
+                        }
+                        view.cluster_name = s.cluster_name.clone();
+                        view.shard_count = view.shard_count.max(s.shard_count);
+                        view.nodes.insert(
+                            s.node_id,
+                            NodeView {
+                                id: s.node_id,
+                                addr: if s.addr.is_empty() {
+                                    addr
+                                } else {
+                                    s.addr.clone()
+                                },
+                                region: s.region.clone(),
+                                up: true,
+                                draining: s.draining,
+                                error: None,
+                                shards: s.shards.into_iter().map(|x| (x.shard_id, x)).collect(),
+                            },
+                        );
+                    }
+                    Err(e) => match id {
+                        Some(id) => {
+                            view.nodes.entry(id).or_insert(NodeView {
+                                id,
+                                addr,
+                                region,
+                                up: false,
+                                draining: false,
+                                error: Some(e),
+                                shards: BTreeMap::new(),
+                            });
+                        }
+                        None => view.unknown_down.push((addr, e)),
+                    },
+                }
+            }
+            // Members nobody asked yet.
+            let mut seen: BTreeSet<u64> = view.nodes.keys().copied().collect();
+            for n in view.nodes.values() {
+                for s in n.shards.values() {
+                    for m in &s.members {
+                        if seen.insert(m.node_id) && !asked.contains(&m.addr) {
+                            to_ask.push((Some(m.node_id), m.addr.clone(), m.region.clone()));
+                        }
+                    }
+                }
+            }
+        }
+        // An endpoint that did not answer but that a membership names is
+        // that node, down.
+        let down = std::mem::take(&mut view.unknown_down);
+        for (addr, e) in down {
+            let named = view
+                .nodes
+                .values()
+                .flat_map(|n| n.shards.values())
+                .find_map(|s| {
+                    s.members
+                        .iter()
+                        .find(|m| m.addr == addr)
+                        .map(|m| (m.node_id, m.region.clone()))
+                });
+            match named {
+                Some((id, region)) if !view.nodes.contains_key(&id) => {
+                    view.nodes.insert(
+                        id,
+                        NodeView {
+                            id,
+                            addr,
+                            region,
+                            up: false,
+                            draining: false,
+                            error: Some(e),
+                            shards: BTreeMap::new(),
+                        },
+                    );
+                }
+                Some(_) => {}
+                None => view.unknown_down.push((addr, e)),
+            }
+        }
+        if !view.nodes.values().any(|n| n.up) {
+            let why: Vec<String> = view.unknown_down.iter().map(|(_, e)| e.clone()).collect();
+            bail!(
+                "no node answered ({}); is the cluster running? check --endpoints or \
+                 CHATSTORE_ENDPOINTS",
+                why.join("; ")
+            );
+        }
+        Ok(view)
+    }
+
+    /// The current leader of `shard` and its status, asking the shard's
+    /// members; waits up to [`LEADER_WAIT`] for one.
+    async fn leader(&self, shard: u64) -> anyhow::Result<(u64, String, ShardStatus)> {
+        let started = Instant::now();
+        let mut last = String::from("no replica answered");
+        while started.elapsed() < LEADER_WAIT {
+            let view = self.gather().await?;
+            if let Some((id, s)) = view.leader_status(shard) {
+                let addr = view.nodes[&id].addr.clone();
+                return Ok((id, addr, s.clone()));
+            }
+            if view.membership(shard).is_none() {
+                bail!("no node reports a replica of shard {shard}");
+            }
+            last = format!("shard {shard} has no leader yet");
+            tokio::time::sleep(POLL * 2).await;
+        }
+        bail!("{last} after {LEADER_WAIT:?}; check `chatctl status`")
+    }
+
+    /// Runs an admin call on the leader of `shard`, following leader hints
+    /// and retrying what is safe to retry until [`LEADER_WAIT`].
+    async fn on_leader<T, F, Fut>(&self, shard: u64, mut call: F) -> anyhow::Result<T>
+    where
+        F: FnMut(AdminClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let started = Instant::now();
+        let (_, mut addr, _) = self.leader(shard).await?;
+        loop {
+            let status = match call(self.admin(&addr)?).await {
+                Ok(r) => return Ok(r.into_inner()),
+                Err(s) => s,
+            };
+            let retryable = matches!(
+                status.code(),
+                Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled
+            );
+            if !retryable || started.elapsed() > LEADER_WAIT {
+                bail!("{}", describe(&addr, &status));
+            }
+            match leader_hint(&status) {
+                Some((_, hinted)) if !hinted.is_empty() && hinted != addr => addr = hinted,
+                _ => {
+                    tokio::time::sleep(POLL * 2).await;
+                    addr = self.leader(shard).await?.1;
+                }
+            }
+        }
+    }
+
+    fn say(&self, bar: &indicatif::ProgressBar, line: String) {
+        if self.quiet {
+            return;
+        }
+        if bar.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            bar.println(line);
+        }
+    }
+
+    /// Moves `shard`'s replica from node `from` to node `to`: opens a
+    /// replica on `to`, adds it as a learner, waits for it to catch up (by
+    /// snapshot if the log was purged), promotes it, moves leadership off
+    /// `from` if needed, removes `from` and deletes its data.
+    pub async fn move_replica(
+        &self,
+        shard: u64,
+        from: u64,
+        to: u64,
+        bar: &indicatif::ProgressBar,
+    ) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let view = self.gather().await?;
+        let target = view.node(to)?.clone();
+        if !target.up {
+            bail!(
+                "node {to} at {} is down ({}); start it first",
+                target.addr,
+                target.error.clone().unwrap_or_default()
+            );
+        }
+        let (_, _, st) = self.leader(shard).await?;
+        let members: BTreeSet<u64> = st.members.iter().map(|m| m.node_id).collect();
+        if !st.voters.contains(&to) || members.contains(&from) {
+            check_regions(&view, &st.voters, from, to)?;
+        }
+        if !members.contains(&from) && st.voters.contains(&to) {
+            // Done before; make sure the old replica's data is gone.
+            self.close_replica(&view, shard, from, bar).await;
+            return Ok(());
+        }
+        if !members.contains(&from) {
+            bail!(
+                "node {from} holds no replica of shard {shard} (voters {:?})",
+                st.voters
+            );
+        }
+        bar.set_message(format!("shard {shard}: opening a replica on node {to}"));
+        self.admin(&target.addr)?
+            .open_replica(ShardRequest { shard_id: shard })
+            .await
+            .map_err(|s| anyhow::anyhow!(describe(&target.addr, &s)))?;
+        if !members.contains(&to) {
+            bar.set_message(format!("shard {shard}: adding node {to} as a learner"));
+            let (addr, region) = (target.addr.clone(), target.region.clone());
+            self.on_leader(shard, |mut c| {
+                let req = AddLearnerRequest {
+                    shard_id: shard,
+                    node_id: to,
+                    addr: addr.clone(),
+                    region: region.clone(),
+                };
+                async move { c.add_learner(req).await }
+            })
+            .await?;
+        }
+        // Catch up to the leader's log end as it was when the learner joined.
+        let (_, _, st) = self.leader(shard).await?;
+        let goal = st.last_log_index;
+        loop {
+            let (_, _, st) = self.leader(shard).await?;
+            let at = st
+                .progress
+                .iter()
+                .find(|p| p.node_id == to)
+                .map(|p| p.matched_index)
+                .unwrap_or(0);
+            if at >= goal || st.voters.contains(&to) {
+                break;
+            }
+            if started.elapsed() > MOVE_TIMEOUT {
+                bail!(
+                    "node {to} reached index {at} of {goal} in shard {shard} within \
+                     {MOVE_TIMEOUT:?}; run the move again to continue"
+                );
+            }
+            bar.set_message(format!("shard {shard}: node {to} catching up, {at}/{goal}"));
+            tokio::time::sleep(POLL).await;
+        }
+        bar.set_message(format!("shard {shard}: promoting node {to} to voter"));
+        self.on_leader(shard, |mut c| {
+            let req = ChangeVotersRequest {
+                shard_id: shard,
+                add: vec![to],
+                remove: vec![],
+            };
+            async move { c.change_voters(req).await }
+        })
+        .await?;
+        let (leader, _, _) = self.leader(shard).await?;
+        if leader == from {
+            bar.set_message(format!("shard {shard}: moving leadership off node {from}"));
+            self.on_leader(shard, |mut c| {
+                let req = TransferLeaderRequest {
+                    shard_id: shard,
+                    to_node: 0,
+                };
+                async move { c.transfer_leader(req).await }
+            })
+            .await?;
+        }
+        bar.set_message(format!("shard {shard}: removing node {from}"));
+        self.on_leader(shard, |mut c| {
+            let req = ChangeVotersRequest {
+                shard_id: shard,
+                add: vec![],
+                remove: vec![from],
+            };
+            async move { c.change_voters(req).await }
+        })
+        .await?;
+        let view = self.gather().await?;
+        self.close_replica(&view, shard, from, bar).await;
+        Ok(())
+    }
+
+    /// Deletes node `node`'s replica of `shard` once the leader no longer
+    /// lists it; a node that is down keeps its copy until `rebalance` runs
+    /// again with it up.
+    async fn close_replica(
+        &self,
+        view: &View,
+        shard: u64,
+        node: u64,
+        bar: &indicatif::ProgressBar,
+    ) {
+        let Some(n) = view.nodes.get(&node) else {
+            return;
+        };
+        if !n.up {
+            self.say(
+                bar,
+                format!(
+                    "note: node {node} is down; its old copy of shard {shard} is deleted when \
+                     `chatctl rebalance` runs with it up"
+                ),
+            );
+            return;
+        }
+        let req = CloseReplicaRequest {
+            shard_id: shard,
+            force: true,
+        };
+        match self.admin(&n.addr) {
+            Ok(mut c) => {
+                if let Err(s) = c.close_replica(req).await {
+                    self.say(
+                        bar,
+                        format!(
+                            "note: {}; run `chatctl rebalance` to retry",
+                            describe(&n.addr, &s)
+                        ),
+                    );
+                }
+            }
+            Err(e) => self.say(bar, format!("note: {e:#}")),
+        }
+    }
+}
+
+/// Refuses a move that would give one region a majority of a shard's voters
+/// (losing that region would then stop the shard).
+fn check_regions(view: &View, voters: &[u64], from: u64, to: u64) -> anyhow::Result<()> {
+    let mut after: Vec<u64> = voters.iter().copied().filter(|v| *v != from).collect();
+    if !after.contains(&to) {
+        after.push(to);
+    }
+    let mut per_region: BTreeMap<&str, usize> = BTreeMap::new();
+    for v in &after {
+        *per_region.entry(view.region_of(*v)).or_default() += 1;
+    }
+    if after.len() > 1 {
+        if let Some((region, n)) = per_region.iter().find(|(_, n)| **n * 2 > after.len()) {
+            bail!(
+                "the move would put {n} of {} voters in region {region}, a majority: losing \
+                 {region} would stop the shard; pick a node in another region",
+                after.len()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A status error as a sentence that names the node.
+pub fn describe(addr: &str, s: &Status) -> String {
+    match s.code() {
+        Code::Unavailable if std::error::Error::source(s).is_some() => format!(
+            "cannot reach node at {addr} ({}); is it running? check --endpoints",
+            s.message()
+        ),
+        Code::DeadlineExceeded => format!("node at {addr} did not answer in time: {}", s.message()),
+        _ => format!("node at {addr}: {}", s.message()),
+    }
+}
+
+/// A step of a plan.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Step {
+    MoveReplica {
+        shard: u64,
+        from: u64,
+        to: u64,
+        why: String,
+    },
+    TransferLeader {
+        shard: u64,
+        from: u64,
+        why: String,
+    },
+    CloseReplica {
+        shard: u64,
+        node: u64,
+        why: String,
+    },
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Step::MoveReplica {
+                shard,
+                from,
+                to,
+                why,
+            } => write!(
+                f,
+                "move shard {shard:>4} replica  node {from} -> node {to}  ({why})"
+            ),
+            Step::TransferLeader { shard, from, why } => {
+                write!(
+                    f,
+                    "move shard {shard:>4} leadership off node {from}  ({why})"
+                )
+            }
+            Step::CloseReplica { shard, node, why } => {
+                write!(f, "delete shard {shard:>4} copy on node {node}  ({why})")
+            }
+        }
+    }
+}
+
+/// The replica moves that empty `drained` (every node in it) and keep each
+/// shard spread over regions. Errors when a replica has nowhere to go.
+pub fn plan_drain(view: &View, drained: &BTreeSet<u64>) -> anyhow::Result<Vec<Step>> {
+    let mut load = view.voter_load();
+    let mut steps = Vec::new();
+    let mut stuck = Vec::new();
+    for shard in view.shard_ids() {
+        let Some(m) = view.membership(shard) else {
+            continue;
+        };
+        let mut voters = m.voters.clone();
+        for from in m.voters.iter().filter(|v| drained.contains(v)) {
+            match pick_target(view, &load, &voters, *from, drained) {
+                Some(to) => {
+                    *load.entry(to).or_default() += 1;
+                    *load.entry(*from).or_default() -= 1;
+                    voters.retain(|v| v != from);
+                    voters.push(to);
+                    steps.push(Step::MoveReplica {
+                        shard,
+                        from: *from,
+                        to,
+                        why: format!("node {from} is draining"),
+                    });
+                }
+                None => stuck.push(shard),
+            }
+        }
+    }
+    if !stuck.is_empty() {
+        bail!(
+            "no node can take the replicas of shards {stuck:?} without giving one region a \
+             majority or hosting two replicas of a shard; add a node (in the drained node's \
+             region) first"
+        );
+    }
+    Ok(steps)
+}
+
+/// The least-loaded node that can take `from`'s replica of a shard with
+/// `voters`: up, not draining, not already a voter, in `from`'s region if
+/// possible, and never giving a region a majority.
+fn pick_target(
+    view: &View,
+    load: &BTreeMap<u64, usize>,
+    voters: &[u64],
+    from: u64,
+    excluded: &BTreeSet<u64>,
+) -> Option<u64> {
+    let from_region = view.region_of(from);
+    view.nodes
+        .values()
+        .filter(|n| n.up && !n.draining && !excluded.contains(&n.id) && !voters.contains(&n.id))
+        .filter(|n| check_regions(view, voters, from, n.id).is_ok())
+        .min_by_key(|n| {
+            (
+                n.region != from_region,
+                load.get(&n.id).copied().unwrap_or(0),
+                n.id,
+            )
+        })
+        .map(|n| n.id)
+}
+
+/// Rebalancing: replicas off draining nodes, voters spread evenly over the
+/// nodes of each region, copies the memberships no longer list deleted,
+/// leaders to their shard's preferred region.
+pub fn plan_rebalance(view: &View) -> anyhow::Result<Vec<Step>> {
+    let draining: BTreeSet<u64> = view
+        .nodes
+        .values()
+        .filter(|n| n.draining)
+        .map(|n| n.id)
+        .collect();
+    let mut steps = plan_drain(view, &draining)?;
+    // Voters per shard after the drain moves.
+    let mut voters: BTreeMap<u64, Vec<u64>> = view
+        .shard_ids()
+        .into_iter()
+        .filter_map(|s| view.membership(s).map(|m| (s, m.voters.clone())))
+        .collect();
+    for step in &steps {
+        if let Step::MoveReplica {
+            shard, from, to, ..
+        } = step
+        {
+            let v = voters.get_mut(shard).expect("planned from these shards");
+            v.retain(|x| x != from);
+            v.push(*to);
+        }
+    }
+    let mut load: BTreeMap<u64, usize> = view
+        .nodes
+        .values()
+        .filter(|n| n.up && !n.draining)
+        .map(|n| (n.id, 0))
+        .collect();
+    for vs in voters.values() {
+        for v in vs {
+            if let Some(l) = load.get_mut(v) {
+                *l += 1;
+            }
+        }
+    }
+    // Even out each region: move from its most to its least loaded node
+    // while they differ by more than one. Bounded by the replica count.
+    let regions: BTreeSet<String> = view.nodes.values().map(|n| n.region.clone()).collect();
+    for region in &regions {
+        let in_region: Vec<u64> = load
+            .keys()
+            .copied()
+            .filter(|id| view.region_of(*id) == region)
+            .collect();
+        if in_region.len() < 2 {
+            continue;
+        }
+        for _ in 0..voters.len() {
+            let max = *in_region
+                .iter()
+                .max_by_key(|id| (load[id], **id))
+                .expect("two nodes");
+            let min = *in_region
+                .iter()
+                .min_by_key(|id| (load[id], **id))
+                .expect("two nodes");
+            if load[&max] <= load[&min] + 1 {
+                break;
+            }
+            let Some((&shard, _)) = voters
+                .iter()
+                .find(|(_, vs)| vs.contains(&max) && !vs.contains(&min))
+            else {
+                break;
+            };
+            let vs = voters.get_mut(&shard).expect("found above");
+            vs.retain(|x| *x != max);
+            vs.push(min);
+            *load.get_mut(&max).expect("in load") -= 1;
+            *load.get_mut(&min).expect("in load") += 1;
+            steps.push(Step::MoveReplica {
+                shard,
+                from: max,
+                to: min,
+                why: format!("evening out region {region}"),
+            });
+        }
+    }
+    // Copies of shards whose membership no longer lists the node.
+    for n in view.nodes.values().filter(|n| n.up) {
+        for shard in n.shards.keys() {
+            if let Some((_, leader)) = view.leader_status(*shard) {
+                if !leader.members.iter().any(|m| m.node_id == n.id) {
+                    steps.push(Step::CloseReplica {
+                        shard: *shard,
+                        node: n.id,
+                        why: "no longer a member".into(),
+                    });
+                }
+            }
+        }
+    }
+    // Leaders outside their preferred region, where a voter there exists
+    // (after the moves above).
+    for (shard, vs) in &voters {
+        let Some((leader, st)) = view.leader_status(*shard) else {
+            continue;
+        };
+        let moved_off = steps.iter().any(
+            |s| matches!(s, Step::MoveReplica { shard: sh, from, .. } if sh == shard && *from == leader),
+        );
+        if moved_off || st.preferred_region.is_empty() {
+            continue;
+        }
+        if view.region_of(leader) != st.preferred_region
+            && vs.iter().any(|v| view.region_of(*v) == st.preferred_region)
+        {
+            steps.push(Step::TransferLeader {
+                shard: *shard,
+                from: leader,
+                why: format!("preferred region is {}", st.preferred_region),
+            });
+        }
+    }
+    Ok(steps)
+}
+
+/// How a run of steps went.
+#[derive(Debug, Default, Serialize)]
+pub struct Outcome {
+    pub done: Vec<Step>,
+    pub failed: Vec<(Step, String)>,
+}
+
+impl Ops {
+    /// Carries out `steps` one at a time with a progress bar; a failed step
+    /// is reported and the rest still run.
+    pub async fn execute(&self, steps: &[Step], label: &str) -> Outcome {
+        let bar = progress_bar(self.quiet, steps.len() as u64, label);
+        let mut outcome = Outcome::default();
+        for step in steps {
+            let result = match step {
+                Step::MoveReplica {
+                    shard, from, to, ..
+                } => self.move_replica(*shard, *from, *to, &bar).await,
+                Step::TransferLeader { shard, from, .. } => self.transfer_off(*shard, *from).await,
+                Step::CloseReplica { shard, node, .. } => match self.gather().await {
+                    Ok(view) => {
+                        self.close_replica(&view, *shard, *node, &bar).await;
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                },
+            };
+            match result {
+                Ok(()) => {
+                    self.say(&bar, format!("done: {step}"));
+                    outcome.done.push(step.clone());
+                }
+                Err(e) => {
+                    self.say(&bar, format!("FAILED: {step}: {e:#}"));
+                    outcome.failed.push((step.clone(), format!("{e:#}")));
+                }
+            }
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        outcome
+    }
+
+    /// Moves `shard`'s leadership away from `from` (to the preferred region
+    /// if it can), unless it already moved.
+    async fn transfer_off(&self, shard: u64, from: u64) -> anyhow::Result<()> {
+        let (leader, _, _) = self.leader(shard).await?;
+        if leader != from {
+            return Ok(());
+        }
+        self.on_leader(shard, |mut c| {
+            let req = TransferLeaderRequest {
+                shard_id: shard,
+                to_node: 0,
+            };
+            async move { c.transfer_leader(req).await }
+        })
+        .await?;
+        Ok(())
+    }
+
+    pub async fn transfer_leader(&self, shard: u64, to: Option<u64>) -> anyhow::Result<u64> {
+        let st = self
+            .on_leader(shard, |mut c| {
+                let req = TransferLeaderRequest {
+                    shard_id: shard,
+                    to_node: to.unwrap_or(0),
+                };
+                async move { c.transfer_leader(req).await }
+            })
+            .await?;
+        Ok(st.leader_node)
+    }
+
+    pub async fn set_draining(&self, addr: &str, draining: bool) -> anyhow::Result<()> {
+        self.admin(addr)?
+            .set_draining(SetDrainingRequest { draining })
+            .await
+            .map_err(|s| anyhow::anyhow!(describe(addr, &s)))?;
+        Ok(())
+    }
+
+    /// Snapshots (or compacts) every replica of `shards` on every node
+    /// that is up.
+    pub async fn snapshot_all(
+        &self,
+        view: &View,
+        shards: &BTreeSet<u64>,
+        compact: bool,
+    ) -> Vec<String> {
+        let jobs: Vec<(u64, String, u64)> = view
+            .nodes
+            .values()
+            .filter(|n| n.up)
+            .flat_map(|n| {
+                n.shards
+                    .keys()
+                    .filter(|s| shards.contains(s))
+                    .map(|s| (n.id, n.addr.clone(), *s))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let what = if compact {
+            "compacting"
+        } else {
+            "snapshotting"
+        };
+        let bar = progress_bar(self.quiet, jobs.len() as u64, what);
+        let mut failed = Vec::new();
+        for (node, addr, shard) in jobs {
+            let req = ShardRequest { shard_id: shard };
+            let result = if compact {
+                match self.admin(&addr) {
+                    Ok(mut c) => c.compact(req).await.map(|_| ()),
+                    Err(e) => Err(Status::unavailable(format!("{e:#}"))),
+                }
+            } else {
+                match self.node_api(&addr) {
+                    Ok(mut c) => c.trigger_snapshot(req).await.map(|_| ()),
+                    Err(e) => Err(Status::unavailable(format!("{e:#}"))),
+                }
+            };
+            if let Err(s) = result {
+                failed.push(format!(
+                    "shard {shard} on node {node}: {}",
+                    describe(&addr, &s)
+                ));
+            }
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        failed
+    }
+}
+
+fn progress_bar(quiet: bool, len: u64, message: &str) -> indicatif::ProgressBar {
+    if quiet || !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(message.to_string());
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}

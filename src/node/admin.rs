@@ -1,0 +1,325 @@
+//! The admin API: one idempotent membership step per call. `chatctl` strings
+//! the steps into operations (move a replica, drain a node, rebalance) and
+//! re-running an operation that was cut short finishes it.
+//!
+//! Calls that change a shard's membership go to its leader; a follower
+//! answers UNAVAILABLE with a leader hint, like a write.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::async_runtime::WatchReceiver;
+use openraft::ChangeMembers;
+use tonic::{Request, Response, Status};
+
+use crate::api::pb::node::admin_server::Admin;
+use crate::api::pb::node::{
+    AddLearnerRequest, ChangeVotersRequest, CloseReplicaReply, CloseReplicaRequest, NodeStatus,
+    SetDrainingRequest, ShardRequest, ShardStatus, TransferLeaderRequest,
+};
+use crate::api::status::from_shard_error;
+use crate::node::api::{build_snapshot, hosted, node_status, shard_status};
+use crate::node::duties::TRANSFER_LAG_MAX;
+use crate::node::Registry;
+use crate::shard::types::NodeAddr;
+use crate::shard::Shard;
+use crate::types::ShardId;
+
+/// How long a leadership transfer may take before the call gives up.
+const TRANSFER_WAIT: Duration = Duration::from_secs(15);
+/// How long a membership change may take to commit.
+const CHANGE_WAIT: Duration = Duration::from_secs(30);
+
+pub struct AdminService {
+    pub registry: Registry,
+}
+
+impl AdminService {
+    fn shard(&self, id: u64) -> Result<Arc<Shard>, Status> {
+        hosted(&self.registry, id)
+    }
+
+    /// This node's replica of `id`, which must be the leader.
+    fn leader(&self, id: u64) -> Result<Arc<Shard>, Status> {
+        let shard = self.shard(id)?;
+        if !shard.is_leader() {
+            return Err(from_shard_error(crate::shard::Error::NotLeader {
+                shard: shard.id,
+                leader: shard.leader(),
+            }));
+        }
+        Ok(shard)
+    }
+
+    fn status(&self, shard: &Shard) -> Response<ShardStatus> {
+        Response::new(shard_status(shard, &self.registry))
+    }
+}
+
+fn raft_error<E: std::fmt::Display>(what: &str, e: E) -> Status {
+    Status::unavailable(format!("{what}: {e}; safe to retry"))
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn open_replica(
+        &self,
+        request: Request<ShardRequest>,
+    ) -> Result<Response<ShardStatus>, Status> {
+        let id = request.into_inner().shard_id;
+        let shard = self
+            .registry
+            .open_replica(ShardId(id))
+            .await
+            .map_err(|e| Status::failed_precondition(format!("{e:#}")))?;
+        Ok(self.status(&shard))
+    }
+
+    async fn close_replica(
+        &self,
+        request: Request<CloseReplicaRequest>,
+    ) -> Result<Response<CloseReplicaReply>, Status> {
+        let req = request.into_inner();
+        let Some(shard) = self.registry.get(ShardId(req.shard_id)) else {
+            return Ok(Response::new(CloseReplicaReply { closed: false }));
+        };
+        let me = self.registry.node_id().0;
+        let m = shard.raft.metrics().borrow_watched().clone();
+        let membership = m.membership_config.membership();
+        let member = membership.nodes().any(|(id, _)| *id == me);
+        if member && !req.force {
+            return Err(Status::failed_precondition(format!(
+                "node {me} is still a member of shard {} as far as it knows; move the replica \
+                 away first (chatctl move-replica), or pass force if the leader no longer lists it",
+                req.shard_id
+            )));
+        }
+        if m.state == openraft::ServerState::Leader {
+            return Err(Status::failed_precondition(format!(
+                "node {me} leads shard {}; transfer leadership first",
+                req.shard_id
+            )));
+        }
+        drop(shard);
+        let closed = self
+            .registry
+            .close_replica(ShardId(req.shard_id))
+            .await
+            .map_err(|e| Status::internal(format!("close replica: {e:#}")))?;
+        Ok(Response::new(CloseReplicaReply { closed }))
+    }
+
+    async fn add_learner(
+        &self,
+        request: Request<AddLearnerRequest>,
+    ) -> Result<Response<ShardStatus>, Status> {
+        let req = request.into_inner();
+        if req.node_id == 0 || req.addr.is_empty() || req.region.is_empty() {
+            return Err(Status::invalid_argument(
+                "add_learner needs a node id, its address and its region",
+            ));
+        }
+        if !self.registry.config().regions.contains(&req.region) {
+            return Err(Status::invalid_argument(format!(
+                "region {:?} is not one of the cluster's regions {:?}",
+                req.region,
+                self.registry.config().regions
+            )));
+        }
+        let shard = self.leader(req.shard_id)?;
+        let known = {
+            let m = shard.raft.metrics().borrow_watched().clone();
+            let known = m
+                .membership_config
+                .membership()
+                .nodes()
+                .any(|(id, _)| *id == req.node_id);
+            known
+        };
+        if !known {
+            let node = NodeAddr {
+                addr: req.addr,
+                region: req.region,
+            };
+            shard
+                .raft
+                .add_learner(req.node_id, node, false)
+                .await
+                .map_err(|e| raft_error("add learner", e))?;
+        }
+        Ok(self.status(&shard))
+    }
+
+    async fn change_voters(
+        &self,
+        request: Request<ChangeVotersRequest>,
+    ) -> Result<Response<ShardStatus>, Status> {
+        let req = request.into_inner();
+        let shard = self.leader(req.shard_id)?;
+        let me = self.registry.node_id().0;
+        if req.remove.contains(&me) {
+            return Err(Status::failed_precondition(format!(
+                "node {me} leads shard {} and cannot remove itself; transfer leadership first",
+                req.shard_id
+            )));
+        }
+        let m = shard.raft.metrics().borrow_watched().clone();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<u64> = membership.voter_ids().collect();
+        let members: BTreeSet<u64> = membership.nodes().map(|(id, _)| *id).collect();
+        if let Some(missing) = req.add.iter().find(|n| !members.contains(n)) {
+            return Err(Status::failed_precondition(format!(
+                "node {missing} is not a learner of shard {}; add it as a learner first",
+                req.shard_id
+            )));
+        }
+        let mut wanted = voters.clone();
+        wanted.extend(req.add.iter().copied());
+        for n in &req.remove {
+            wanted.remove(n);
+        }
+        if wanted.is_empty() {
+            return Err(Status::invalid_argument("a shard needs at least one voter"));
+        }
+        let joint = membership.get_joint_config().len() > 1;
+        // Removed voters also leave as learners; a stale learner (a node a
+        // move gave up on) goes when it is named in `remove`.
+        let stale_learners: BTreeSet<u64> = req
+            .remove
+            .iter()
+            .copied()
+            .filter(|n| members.contains(n) && !voters.contains(n))
+            .collect();
+        if wanted != voters || joint {
+            tokio::time::timeout(
+                CHANGE_WAIT,
+                shard
+                    .raft
+                    .change_membership(ChangeMembers::ReplaceAllVoters(wanted), false),
+            )
+            .await
+            .map_err(|_| Status::deadline_exceeded("membership change did not commit in time"))?
+            .map_err(|e| raft_error("change voters", e))?;
+        }
+        if !stale_learners.is_empty() {
+            tokio::time::timeout(
+                CHANGE_WAIT,
+                shard
+                    .raft
+                    .change_membership(ChangeMembers::RemoveNodes(stale_learners), false),
+            )
+            .await
+            .map_err(|_| Status::deadline_exceeded("membership change did not commit in time"))?
+            .map_err(|e| raft_error("remove learners", e))?;
+        }
+        Ok(self.status(&shard))
+    }
+
+    async fn transfer_leader(
+        &self,
+        request: Request<TransferLeaderRequest>,
+    ) -> Result<Response<ShardStatus>, Status> {
+        let req = request.into_inner();
+        let shard = self.leader(req.shard_id)?;
+        let me = self.registry.node_id().0;
+        let m = shard.raft.metrics().borrow_watched().clone();
+        let membership = m.membership_config.membership();
+        let last = m.last_log_index.unwrap_or(0);
+        let caught_up = |id: &u64| {
+            m.replication
+                .as_ref()
+                .and_then(|r| r.get(id).cloned().flatten())
+                .is_some_and(|l| l.index + TRANSFER_LAG_MAX >= last)
+        };
+        let to = if req.to_node != 0 {
+            if req.to_node == me {
+                return Ok(self.status(&shard));
+            }
+            if !membership.voter_ids().any(|v| v == req.to_node) {
+                return Err(Status::failed_precondition(format!(
+                    "node {} is not a voter of shard {}",
+                    req.to_node, req.shard_id
+                )));
+            }
+            if !caught_up(&req.to_node) {
+                return Err(Status::unavailable(format!(
+                    "node {} is behind the leader of shard {}; retry once it catches up",
+                    req.to_node, req.shard_id
+                )));
+            }
+            req.to_node
+        } else {
+            let preferred = self.registry.placement().preferred_region(shard.id);
+            let mut candidates: Vec<u64> = membership
+                .voter_ids()
+                .filter(|v| *v != me && caught_up(v))
+                .collect();
+            candidates.sort_by_key(|v| {
+                let region = membership.get_node(v).map(|n| n.region.as_str());
+                (region != Some(preferred), *v)
+            });
+            *candidates.first().ok_or_else(|| {
+                Status::unavailable(format!(
+                    "shard {} has no caught-up voter to hand leadership to",
+                    req.shard_id
+                ))
+            })?
+        };
+        shard
+            .raft
+            .trigger()
+            .transfer_leader(to)
+            .await
+            .map_err(|e| raft_error("transfer leadership", e))?;
+        shard
+            .raft
+            .wait(Some(TRANSFER_WAIT))
+            .metrics(|m| m.current_leader == Some(to), "leadership transferred")
+            .await
+            .map_err(|_| {
+                Status::deadline_exceeded(format!(
+                    "node {to} did not take over shard {} within {TRANSFER_WAIT:?}; safe to retry",
+                    req.shard_id
+                ))
+            })?;
+        Ok(self.status(&shard))
+    }
+
+    async fn compact(
+        &self,
+        request: Request<ShardRequest>,
+    ) -> Result<Response<ShardStatus>, Status> {
+        let shard = self.shard(request.into_inner().shard_id)?;
+        let upto = build_snapshot(&shard).await?;
+        shard
+            .raft
+            .trigger()
+            .purge_log(upto)
+            .await
+            .map_err(|e| raft_error("purge log", e))?;
+        // Purging waits for replication to no longer need the entries; the
+        // status shows how far it got.
+        let _ = shard
+            .raft
+            .wait(Some(Duration::from_secs(5)))
+            .metrics(
+                |m| m.purged.as_ref().map(|l| l.index).unwrap_or(0) >= upto,
+                "log purged",
+            )
+            .await;
+        Ok(self.status(&shard))
+    }
+
+    async fn set_draining(
+        &self,
+        request: Request<SetDrainingRequest>,
+    ) -> Result<Response<NodeStatus>, Status> {
+        let req = request.into_inner();
+        self.registry
+            .set_draining(req.draining)
+            .await
+            .map_err(|e| Status::internal(format!("set draining: {e:#}")))?;
+        Ok(Response::new(node_status(&self.registry)))
+    }
+}

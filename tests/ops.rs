@@ -1,0 +1,419 @@
+//! Cluster operations with `chatctl` on real multi-process clusters, under a
+//! continuous write load whose history the chaos checker checks at the end:
+//! a node joins and takes replicas and leaders through `rebalance`, a replica
+//! moves to it after its shard's log was purged (so it needs a snapshot), an
+//! original node is drained and removed; leadership moves by hand and comes
+//! back on its own after a restart; and the CLI fails clearly against nodes
+//! that are down.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chatstore::api::pb::node::StatusRequest;
+use common::chaos::{check_on, run_session, History};
+use common::procs::{router_client, start_cluster_with, ProcessCluster};
+use common::{ConfigOptions, TestDir};
+
+fn chatctl(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_chatctl"))
+        .args(args)
+        .output()
+        .expect("run chatctl");
+    let r = (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    eprintln!(
+        "$ chatctl {}\n{}{}-> exit {}",
+        args.join(" "),
+        r.1,
+        r.2,
+        r.0
+    );
+    r
+}
+
+fn addr(cluster: &ProcessCluster, id: u64) -> String {
+    cluster
+        .config
+        .node(chatstore::types::NodeId(id))
+        .expect("node in config")
+        .raft_addr
+        .clone()
+}
+
+fn endpoints(cluster: &ProcessCluster, ids: &[u64]) -> String {
+    ids.iter()
+        .map(|id| addr(cluster, *id))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Per shard on `node`: (voter, leader, snapshot index) as it reports it.
+async fn replicas_on(nodes: &common::Client, node: u64) -> BTreeMap<u64, (bool, bool, u64)> {
+    let s = nodes
+        .node(node)
+        .status(StatusRequest {})
+        .await
+        .expect("status")
+        .into_inner();
+    s.shards
+        .iter()
+        .map(|sh| {
+            (
+                sh.shard_id,
+                (sh.voters.contains(&node), sh.is_leader, sh.snapshot_index),
+            )
+        })
+        .collect()
+}
+
+/// A write load through every router: the chaos workload's sessions.
+struct Load {
+    history: Arc<History>,
+    stop: Arc<AtomicBool>,
+    tasks: tokio::task::JoinSet<()>,
+}
+
+impl Load {
+    fn start(routers: Vec<String>, sessions: usize) -> Load {
+        let history = Arc::new(History::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut tasks = tokio::task::JoinSet::new();
+        for s in 0..sessions {
+            tasks.spawn(run_session(
+                s,
+                0x0b5,
+                routers.clone(),
+                history.clone(),
+                stop.clone(),
+            ));
+        }
+        Load {
+            history,
+            stop,
+            tasks,
+        }
+    }
+
+    fn acked(&self) -> usize {
+        self.history
+            .ops
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|o| {
+                matches!(
+                    o.kind,
+                    common::chaos::OpKind::Send {
+                        outcome: common::chaos::Outcome::Ok(_),
+                        ..
+                    }
+                )
+            })
+            .count()
+    }
+
+    /// Waits until `more` sends beyond now are acknowledged: the cluster
+    /// is still serving.
+    async fn wait_progress(&self, more: usize, what: &str) {
+        let start = self.acked();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.acked() < start + more {
+            assert!(
+                Instant::now() < deadline,
+                "writes stalled {what}: {} acknowledged in 60 s",
+                self.acked() - start
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn stop(mut self) -> Arc<History> {
+        self.stop.store(true, Ordering::Relaxed);
+        let drain = async { while self.tasks.join_next().await.is_some() {} };
+        tokio::time::timeout(Duration::from_secs(60), drain)
+            .await
+            .expect("workload stops within 60 s");
+        self.history
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn node_joins_rebalances_then_an_original_node_is_drained_and_removed() {
+    let dir = TestDir::new("ops-membership");
+    let (mut cluster, nodes) = start_cluster_with(
+        &dir.path,
+        &ConfigOptions {
+            shards: 4,
+            // Logs are purged soon after snapshots, so a new replica has
+            // to be sent a snapshot.
+            snapshot_every_entries: 40,
+            logs_kept_behind_snapshot: 5,
+            extra_nodes: vec![(4, "eu")],
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut routers = Vec::new();
+    for r in ["eu", "us"] {
+        let a = cluster.start_router(r);
+        router_client(&a).await;
+        routers.push(a);
+    }
+    let load = Load::start(routers, 4);
+    load.wait_progress(20, "before any change").await;
+
+    // The new node: up, empty, checked by add-node.
+    cluster.start_node(4);
+    let eps = endpoints(&cluster, &[1, 2, 3]);
+    let a4 = addr(&cluster, 4);
+    let mut added = false;
+    for _ in 0..50 {
+        let (code, out, _) =
+            chatctl(&["--endpoints", &eps, "add-node", "--id", "4", "--addr", &a4]);
+        if code == 0 {
+            assert!(out.contains("node 4 (eu"), "{out}");
+            added = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(added, "add-node never saw node 4 up");
+    let all = endpoints(&cluster, &[1, 2, 3, 4]);
+
+    // A shard whose eu replica is node 1 moves to node 4 after its log was
+    // purged: node 4 must catch up from a snapshot.
+    let on1 = replicas_on(&nodes, 1).await;
+    let shard = *on1.keys().next().expect("node 1 hosts shards");
+    load.wait_progress(60, "before compaction").await;
+    let (code, _, err) = chatctl(&[
+        "--endpoints",
+        &all,
+        "compact",
+        "--shard",
+        &shard.to_string(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let leader = nodes.leader_of(shard).await.expect("shard has a leader");
+    let purged = nodes
+        .node(leader)
+        .status(StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .shards
+        .into_iter()
+        .find(|s| s.shard_id == shard)
+        .unwrap()
+        .purged_index;
+    assert!(
+        purged > 0,
+        "the leader's log of shard {shard} was not purged"
+    );
+    let (code, out, _) = chatctl(&[
+        "--endpoints",
+        &all,
+        "move-replica",
+        &shard.to_string(),
+        "1",
+        "4",
+        "--dry-run",
+    ]);
+    assert_eq!(code, 0);
+    assert!(out.contains("node 1 -> node 4"), "{out}");
+    assert!(
+        replicas_on(&nodes, 4).await.is_empty(),
+        "a dry run changed nothing"
+    );
+    let (code, out, err) = chatctl(&[
+        "--endpoints",
+        &all,
+        "move-replica",
+        &shard.to_string(),
+        "1",
+        "4",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let on4 = replicas_on(&nodes, 4).await;
+    let (voter, _, snapshot_index) = on4[&shard];
+    assert!(voter, "node 4 is a voter of shard {shard}");
+    assert!(
+        snapshot_index >= purged,
+        "node 4 caught up from a snapshot (snapshot index {snapshot_index}, purged {purged})"
+    );
+    assert!(
+        !replicas_on(&nodes, 1).await.contains_key(&shard),
+        "node 1's copy of shard {shard} is deleted"
+    );
+    load.wait_progress(20, "after move-replica").await;
+
+    // Rebalance evens eu out between nodes 1 and 4 and gives node 4 the
+    // leadership of the shards it holds (eu is their preferred region).
+    let (code, out, _) = chatctl(&["--endpoints", &all, "rebalance", "--dry-run"]);
+    assert_eq!(code, 0, "{out}");
+    let (code, out, err) = chatctl(&["--endpoints", &all, "rebalance"]);
+    assert_eq!(code, 0, "{out}{err}");
+    load.wait_progress(20, "after rebalance").await;
+    let on1 = replicas_on(&nodes, 1).await;
+    let on4 = replicas_on(&nodes, 4).await;
+    let eu_shards = on1.len() + on4.len();
+    assert!(
+        on1.len().abs_diff(on4.len()) <= 1,
+        "eu replicas even: node 1 has {}, node 4 has {}",
+        on1.len(),
+        on4.len()
+    );
+    assert_eq!(eu_shards, 4, "every shard keeps one eu replica");
+    let (code, out, _) = chatctl(&["--endpoints", &all, "--json", "status"]);
+    assert!(code == 0 || code == 1, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("status --json");
+    let n4 = v["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["id"] == 4)
+        .expect("status lists node 4")
+        .clone();
+    assert_eq!(n4["replicas"].as_u64(), Some(on4.len() as u64), "{n4}");
+
+    // Drain node 1: everything it holds moves to node 4, writes go on.
+    let (code, out, err) = chatctl(&["--endpoints", &all, "drain", "1"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(replicas_on(&nodes, 1).await.is_empty(), "node 1 is empty");
+    assert_eq!(replicas_on(&nodes, 4).await.len(), 4);
+    load.wait_progress(20, "after drain").await;
+    // A drained node stays out of rebalancing.
+    let (code, out, _) = chatctl(&["--endpoints", &all, "rebalance", "--dry-run"]);
+    assert_eq!(code, 0);
+    assert!(!out.contains("-> node 1"), "{out}");
+    let (code, out, err) = chatctl(&["--endpoints", &all, "remove-node", "1"]);
+    assert_eq!(code, 0, "{out}{err}");
+    cluster.kill_node(1);
+    load.wait_progress(20, "after node 1 stopped").await;
+
+    let history = load.stop().await;
+    let findings = check_on(&nodes, &[2, 3, 4], &history).await;
+    assert!(
+        findings.is_empty(),
+        "checker findings:\n{}",
+        findings.join("\n")
+    );
+    let rest = endpoints(&cluster, &[2, 3, 4]);
+    let (code, out, err) = chatctl(&["--endpoints", &rest, "verify"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = chatctl(&["--endpoints", &rest, "status"]);
+    assert_eq!(code, 0, "{out}{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leadership_moves_by_hand_and_returns_after_restart_and_the_cli_fails_clearly() {
+    let dir = TestDir::new("ops-leadership");
+    let (mut cluster, nodes) = start_cluster_with(
+        &dir.path,
+        &ConfigOptions {
+            shards: 3,
+            ..Default::default()
+        },
+    )
+    .await;
+    let router = cluster.start_router("eu");
+    router_client(&router).await;
+    let load = Load::start(vec![router], 2);
+    load.wait_progress(10, "at the start").await;
+    let all = endpoints(&cluster, &[1, 2, 3]);
+
+    // Shard 0's preferred region is eu (node 1).
+    let preferred = nodes.placement.replicas(chatstore::types::ShardId(0))[0].0;
+    let other = if preferred == 2 { 3 } else { 2 };
+    let (code, out, err) = chatctl(&[
+        "--endpoints",
+        &all,
+        "transfer-leader",
+        "0",
+        &other.to_string(),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(&format!("now node {other}")), "{out}");
+    load.wait_progress(10, "after transfer-leader").await;
+    // status names the shard led outside its preferred region.
+    let (code, out, _) = chatctl(&["--endpoints", &all, "status"]);
+    if nodes.leader_of(0).await == Some(other) {
+        assert_eq!(code, 1, "{out}");
+        assert!(out.contains("preferred"), "{out}");
+    }
+    // Leadership comes back on its own after the damping time.
+    wait_leader(&nodes, 0, preferred, Duration::from_secs(60)).await;
+
+    // A restart of the preferred node: another node leads meanwhile, and
+    // leadership returns once it is back.
+    cluster.kill_node(preferred);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match nodes.leader_of(0).await {
+            Some(l) if l != preferred => break,
+            _ => assert!(Instant::now() < deadline, "no new leader for shard 0"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    load.wait_progress(10, "with the preferred node down").await;
+
+    // The CLI against a node that is down: clear errors, non-zero exits.
+    let down = addr(&cluster, preferred);
+    let (code, _, err) = chatctl(&["--endpoints", &down, "status"]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("no node answered") && err.contains(&down),
+        "{err}"
+    );
+    let (code, _, err) = chatctl(&["--endpoints", &all, "status"]);
+    assert_eq!(code, 2);
+    assert!(err.contains(&format!("node {preferred}")), "{err}");
+    let (code, _, err) = chatctl(&["--endpoints", &all, "rebalance"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("is down"), "{err}");
+    let (code, _, err) = chatctl(&["--endpoints", &all, "move-replica", "0", "2", "9"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("node 9 is not known"), "{err}");
+    let (code, _, err) = chatctl(&[
+        "--endpoints",
+        &all,
+        "drain",
+        &other.to_string(),
+        "--dry-run",
+    ]);
+    assert_eq!(code, 2, "three nodes in three regions: nowhere to drain to");
+    assert!(err.contains("add a node"), "{err}");
+
+    cluster.start_node(preferred);
+    wait_leader(&nodes, 0, preferred, Duration::from_secs(90)).await;
+    load.wait_progress(10, "after the restart").await;
+
+    let history = load.stop().await;
+    let findings = check_on(&nodes, &[1, 2, 3], &history).await;
+    assert!(
+        findings.is_empty(),
+        "checker findings:\n{}",
+        findings.join("\n")
+    );
+}
+
+async fn wait_leader(nodes: &common::Client, shard: u64, want: u64, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        if nodes.leader_of(shard).await == Some(want) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "leadership of shard {shard} did not return to node {want} within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
