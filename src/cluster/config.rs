@@ -379,6 +379,35 @@ impl NodeConfig {
 mod tests {
     use super::*;
 
+    /// The configs shipped in `cluster-configs/` (and the one embedded in
+    /// the Kubernetes ConfigMap) parse and validate.
+    #[test]
+    fn shipped_configs_are_valid() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("cluster-configs");
+        let mut checked = 0;
+        for entry in std::fs::read_dir(&root).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let c = ClusterConfig::load(&path)
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                assert!(!c.nodes.is_empty());
+                checked += 1;
+            }
+        }
+        assert!(checked >= 2, "local and multi-host examples");
+        // The ConfigMap holds the file as an indented block after
+        // `cluster.toml: |`.
+        let yaml = std::fs::read_to_string(root.join("k8s/configmap.yaml")).unwrap();
+        let block = yaml.split("cluster.toml: |\n").nth(1).expect("configmap block");
+        let text: String = block
+            .lines()
+            .take_while(|l| l.is_empty() || l.starts_with("    "))
+            .map(|l| format!("{}\n", l.get(4..).unwrap_or("")))
+            .collect();
+        let c = ClusterConfig::from_toml(&text).expect("configmap cluster.toml");
+        assert_eq!(c.nodes.len(), 9);
+    }
+
     const CONFIG: &str = r#"
 cluster_name = "t"
 shards = 8
