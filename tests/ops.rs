@@ -1,8 +1,9 @@
 //! Cluster operations with `chatctl` on real multi-process clusters, under a
 //! continuous write load whose history the chaos checker checks at the end:
-//! a node joins and takes replicas and leaders through `rebalance`, a replica
-//! moves to it after its shard's log was purged (so it needs a snapshot), an
-//! original node is drained and removed; leadership moves by hand and comes
+//! nodes join and take replicas and leaders through `rebalance`, a replica
+//! moves to one after its shard's log was purged (so it needs a snapshot), an
+//! original node is drained and removed, a dead one is drained (its voters
+//! replaced from the live replicas); leadership moves by hand and comes
 //! back on its own after a restart; and the CLI fails clearly against nodes
 //! that are down.
 
@@ -146,7 +147,7 @@ impl Load {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn node_joins_rebalances_then_an_original_node_is_drained_and_removed() {
+async fn nodes_join_and_rebalance_then_original_nodes_are_drained_live_and_dead() {
     let dir = TestDir::new("ops-membership");
     let (mut cluster, nodes) = start_cluster_with(
         &dir.path,
@@ -156,7 +157,7 @@ async fn node_joins_rebalances_then_an_original_node_is_drained_and_removed() {
             // to be sent a snapshot.
             snapshot_every_entries: 40,
             logs_kept_behind_snapshot: 5,
-            extra_nodes: vec![(4, "eu")],
+            extra_nodes: vec![(4, "eu"), (5, "us")],
             ..Default::default()
         },
     )
@@ -170,23 +171,33 @@ async fn node_joins_rebalances_then_an_original_node_is_drained_and_removed() {
     let load = Load::start(routers, 4);
     load.wait_progress(20, "before any change").await;
 
-    // The new node: up, empty, checked by add-node.
-    cluster.start_node(4);
+    // The new nodes: up, empty, checked by add-node.
     let eps = endpoints(&cluster, &[1, 2, 3]);
-    let a4 = addr(&cluster, 4);
-    let mut added = false;
-    for _ in 0..50 {
-        let (code, out, _) =
-            chatctl(&["--endpoints", &eps, "add-node", "--id", "4", "--addr", &a4]);
-        if code == 0 {
-            assert!(out.contains("node 4 (eu"), "{out}");
-            added = true;
-            break;
+    for (id, region) in [(4u64, "eu"), (5, "us")] {
+        cluster.start_node(id);
+        let a = addr(&cluster, id);
+        let id_arg = id.to_string();
+        let mut added = false;
+        for _ in 0..50 {
+            let (code, out, _) = chatctl(&[
+                "--endpoints",
+                &eps,
+                "add-node",
+                "--id",
+                &id_arg,
+                "--addr",
+                &a,
+            ]);
+            if code == 0 {
+                assert!(out.contains(&format!("node {id} ({region}")), "{out}");
+                added = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(added, "add-node never saw node {id} up");
     }
-    assert!(added, "add-node never saw node 4 up");
-    let all = endpoints(&cluster, &[1, 2, 3, 4]);
+    let all = endpoints(&cluster, &[1, 2, 3, 4, 5]);
 
     // A shard whose eu replica is node 1 moves to node 4 after its log was
     // purged: node 4 must catch up from a snapshot.
@@ -253,6 +264,16 @@ async fn node_joins_rebalances_then_an_original_node_is_drained_and_removed() {
         "node 1's copy of shard {shard} is deleted"
     );
     load.wait_progress(20, "after move-replica").await;
+    // Running a finished move again changes nothing and succeeds.
+    let (code, out, err) = chatctl(&[
+        "--endpoints",
+        &all,
+        "move-replica",
+        &shard.to_string(),
+        "1",
+        "4",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
 
     // Rebalance evens eu out between nodes 1 and 4 and gives node 4 the
     // leadership of the shards it holds (eu is their preferred region).
@@ -271,6 +292,8 @@ async fn node_joins_rebalances_then_an_original_node_is_drained_and_removed() {
         on4.len()
     );
     assert_eq!(eu_shards, 4, "every shard keeps one eu replica");
+    let (on2, on5) = (replicas_on(&nodes, 2).await, replicas_on(&nodes, 5).await);
+    assert_eq!((on2.len(), on5.len()), (2, 2), "us replicas even");
     let (code, out, _) = chatctl(&["--endpoints", &all, "--json", "status"]);
     assert!(code == 0 || code == 1, "{out}");
     let v: serde_json::Value = serde_json::from_str(&out).expect("status --json");
@@ -298,14 +321,26 @@ async fn node_joins_rebalances_then_an_original_node_is_drained_and_removed() {
     cluster.kill_node(1);
     load.wait_progress(20, "after node 1 stopped").await;
 
+    // A node that died: drain replaces its voters from the live replicas.
+    cluster.kill_node(2);
+    load.wait_progress(10, "with node 2 dead").await;
+    let (code, out, err) = chatctl(&["--endpoints", &all, "drain", "2"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(
+        replicas_on(&nodes, 5).await.len(),
+        4,
+        "node 5 took node 2's replicas"
+    );
+    load.wait_progress(20, "after draining the dead node").await;
+
     let history = load.stop().await;
-    let findings = check_on(&nodes, &[2, 3, 4], &history).await;
+    let findings = check_on(&nodes, &[3, 4, 5], &history).await;
     assert!(
         findings.is_empty(),
         "checker findings:\n{}",
         findings.join("\n")
     );
-    let rest = endpoints(&cluster, &[2, 3, 4]);
+    let rest = endpoints(&cluster, &[3, 4, 5]);
     let (code, out, err) = chatctl(&["--endpoints", &rest, "verify"]);
     assert_eq!(code, 0, "{out}{err}");
     let (code, out, err) = chatctl(&["--endpoints", &rest, "status"]);

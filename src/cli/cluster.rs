@@ -472,7 +472,7 @@ pub async fn drain(
         }
     } else if !json {
         eprintln!(
-            "note: node {node} is down; moving its replicas away from the other replicas' copies"
+            "note: node {node} is down; its replicas are rebuilt on other nodes from the live ones"
         );
     }
     let code = run_plan(&ops, steps, &format!("draining node {node}"), false, json).await?;

@@ -744,6 +744,47 @@ pub fn plan_rebalance(view: &View) -> anyhow::Result<Vec<Step>> {
             });
         }
     }
+    // A region holding a majority of a shard's voters (left by hand-made
+    // moves): one of its replicas goes to the least loaded node of a region
+    // the shard lacks.
+    for (shard, vs) in voters.iter_mut() {
+        let mut per_region: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+        for v in vs.iter() {
+            per_region
+                .entry(view.region_of(*v).to_string())
+                .or_default()
+                .push(*v);
+        }
+        let Some((region, crowded)) = per_region
+            .iter()
+            .find(|(_, on)| vs.len() > 1 && on.len() * 2 > vs.len())
+        else {
+            continue;
+        };
+        let from = *crowded
+            .iter()
+            .max_by_key(|v| (load.get(v).copied().unwrap_or(0), **v))
+            .expect("a crowded region has voters");
+        let to = load
+            .iter()
+            .filter(|(id, _)| !per_region.contains_key(view.region_of(**id)))
+            .min_by_key(|(id, l)| (**l, **id))
+            .map(|(id, _)| *id);
+        if let Some(to) = to {
+            vs.retain(|x| *x != from);
+            vs.push(to);
+            if let Some(l) = load.get_mut(&from) {
+                *l = l.saturating_sub(1);
+            }
+            *load.entry(to).or_default() += 1;
+            steps.push(Step::MoveReplica {
+                shard: *shard,
+                from,
+                to,
+                why: format!("region {region} holds a majority"),
+            });
+        }
+    }
     // Copies of shards whose membership no longer lists the node.
     for n in view.nodes.values().filter(|n| n.up) {
         for shard in n.shards.keys() {
@@ -931,4 +972,144 @@ fn progress_bar(quiet: bool, len: u64, message: &str) -> indicatif::ProgressBar 
     bar.set_prefix(message.to_string());
     bar.enable_steady_tick(Duration::from_millis(200));
     bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::pb::node::Member;
+
+    /// A view of `nodes` (id, region, draining) and shards (voters,
+    /// leader), everyone up.
+    fn view(nodes: &[(u64, &str, bool)], shards: &[(&[u64], u64)]) -> View {
+        let region = |id: u64| nodes.iter().find(|n| n.0 == id).unwrap().1.to_string();
+        let mut v = View {
+            nodes: BTreeMap::new(),
+            unknown_down: Vec::new(),
+            shard_count: shards.len() as u64,
+            cluster_name: "t".into(),
+        };
+        for (id, r, draining) in nodes {
+            v.nodes.insert(
+                *id,
+                NodeView {
+                    id: *id,
+                    addr: format!("n{id}"),
+                    region: r.to_string(),
+                    up: true,
+                    draining: *draining,
+                    error: None,
+                    shards: BTreeMap::new(),
+                },
+            );
+        }
+        for (shard, (voters, leader)) in shards.iter().enumerate() {
+            for voter in voters.iter() {
+                let st = ShardStatus {
+                    shard_id: shard as u64,
+                    is_leader: voter == leader,
+                    leader_node: *leader,
+                    term: 1,
+                    voters: voters.to_vec(),
+                    members: voters
+                        .iter()
+                        .map(|m| Member {
+                            node_id: *m,
+                            addr: format!("n{m}"),
+                            region: region(*m),
+                        })
+                        .collect(),
+                    preferred_region: region(voters[0]),
+                    ..Default::default()
+                };
+                v.nodes
+                    .get_mut(voter)
+                    .unwrap()
+                    .shards
+                    .insert(shard as u64, st);
+            }
+        }
+        v
+    }
+
+    const NODES: [(u64, &str, bool); 4] = [
+        (1, "eu", false),
+        (2, "us", false),
+        (3, "ap", false),
+        (4, "eu", false),
+    ];
+
+    #[test]
+    fn drain_moves_within_the_region_and_refuses_when_it_cannot() {
+        let v = view(&NODES, &[(&[1, 2, 3], 1), (&[1, 2, 3], 2)]);
+        let steps = plan_drain(&v, &BTreeSet::from([1])).unwrap();
+        assert_eq!(steps.len(), 2);
+        assert!(steps
+            .iter()
+            .all(|s| matches!(s, Step::MoveReplica { from: 1, to: 4, .. })));
+        // us has one node: draining it would put two replicas in a region.
+        let err = plan_drain(&v, &BTreeSet::from([2])).unwrap_err();
+        assert!(format!("{err}").contains("add a node"), "{err}");
+    }
+
+    #[test]
+    fn rebalance_evens_regions_fixes_majorities_and_moves_leaders_home() {
+        // Four shards on node 1 and none on node 4 (both eu); shard 3 has two
+        // eu voters; shard 0 is led from us though eu is preferred.
+        let v = view(
+            &NODES,
+            &[
+                (&[1, 2, 3], 2),
+                (&[1, 2, 3], 1),
+                (&[1, 2, 3], 1),
+                (&[1, 4, 3], 1),
+            ],
+        );
+        let steps = plan_rebalance(&v).unwrap();
+        let moves: Vec<_> = steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::MoveReplica {
+                    shard, from, to, ..
+                } => Some((*shard, *from, *to)),
+                _ => None,
+            })
+            .collect();
+        // The majority in eu (shard 3) goes to us, the region it lacks.
+        assert!(moves.iter().any(|m| m.0 == 3 && m.2 == 2), "{moves:?}");
+        // eu ends even: node 1 and node 4 hold two eu voters each.
+        let mut eu = BTreeMap::from([(1u64, 0i64), (4, 0)]);
+        for (shard, voters) in [
+            (0, [1, 2, 3]),
+            (1, [1, 2, 3]),
+            (2, [1, 2, 3]),
+            (3, [1, 4, 3]),
+        ] {
+            let mut vs: Vec<u64> = voters.to_vec();
+            for (s, from, to) in &moves {
+                if *s == shard {
+                    vs.retain(|x| x != from);
+                    vs.push(*to);
+                }
+            }
+            for n in vs {
+                if let Some(c) = eu.get_mut(&n) {
+                    *c += 1;
+                }
+            }
+        }
+        assert!((eu[&1] - eu[&4]).abs() <= 1, "{eu:?} {moves:?}");
+        assert!(steps.iter().any(|s| matches!(
+            s,
+            Step::TransferLeader {
+                shard: 0,
+                from: 2,
+                ..
+            }
+        )));
+        // Running the plan's result again would plan nothing for a view
+        // that is already balanced.
+        let balanced = view(&NODES, &[(&[1, 2, 3], 1), (&[4, 2, 3], 4)]);
+        assert_eq!(plan_rebalance(&balanced).unwrap(), Vec::new());
+    }
 }

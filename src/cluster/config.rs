@@ -398,7 +398,10 @@ mod tests {
         // The ConfigMap holds the file as an indented block after
         // `cluster.toml: |`.
         let yaml = std::fs::read_to_string(root.join("k8s/configmap.yaml")).unwrap();
-        let block = yaml.split("cluster.toml: |\n").nth(1).expect("configmap block");
+        let block = yaml
+            .split("cluster.toml: |\n")
+            .nth(1)
+            .expect("configmap block");
         let text: String = block
             .lines()
             .take_while(|l| l.is_empty() || l.starts_with("    "))
