@@ -2,7 +2,7 @@
 CONFIG ?= cluster-configs/local-3region.toml
 CARGO  ?= cargo
 
-.PHONY: dev dev-geo test chaos bench bench-geo build verify fix clean nextest
+.PHONY: dev dev-geo test chaos fuzz bench bench-geo build verify fix clean nextest
 SEED ?=
 DURATION ?= 120
 
@@ -28,6 +28,12 @@ test: nextest
 ## (a random seed, printed, when SEED is empty).
 chaos: nextest
 	CHATSTORE_SEED=$(SEED) CHATSTORE_CHAOS_SECS=$(DURATION) $(CARGO) nextest run --test chaos --run-ignored only --no-capture chaos_from_env
+
+## Long property runs over every decoder and request validator (release
+## build): FUZZ_CASES per property, default 200000. `make test` runs 512.
+FUZZ_CASES ?= 200000
+fuzz:
+	PROPTEST_CASES=$(FUZZ_CASES) $(CARGO) test --release --test hostile_input
 
 ## Geo benchmark (release build): per-region write, SESSION read and
 ## GetDifference latency on a simulated 80/150/200 ms deployment, and region

@@ -4,6 +4,7 @@ pub mod cluster;
 pub mod metrics;
 pub mod node;
 pub mod router;
+pub mod security;
 pub mod shard;
 pub mod storage;
 pub mod types;

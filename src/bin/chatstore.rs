@@ -115,6 +115,7 @@ fn parse_id_addr(s: &str) -> Result<(u64, String), String> {
 
 async fn run_node(config: PathBuf, id: u64, peer_addrs: Vec<(u64, String)>) -> anyhow::Result<()> {
     let config = ClusterConfig::load(&config)?;
+    secured_or_warn(&config)?;
     if let Some(addr) = config.node(NodeId(id)).and_then(|n| n.metrics_addr.clone()) {
         chatstore::metrics::install_exporter(addr.parse().context("metrics_addr")?)?;
     }
@@ -135,6 +136,7 @@ async fn run_router(
     node_addrs: Vec<(u64, String)>,
 ) -> anyhow::Result<()> {
     let config = ClusterConfig::load(&config)?;
+    secured_or_warn(&config)?;
     if let Some(addr) = metrics {
         chatstore::metrics::install_exporter(addr.parse().context("--metrics")?)?;
     }
@@ -195,7 +197,22 @@ async fn run_dev(
         chatstore::metrics::install_exporter(addr.parse().context("metrics_addr")?)?;
         println!("metrics (all nodes and routers of this process): http://{addr}/metrics");
     }
-    eprintln!("chatstore dev: DEVELOPMENT MODE - no TLS, no authentication, read tokens signed with a well-known key");
+    if config.tls.is_none() || config.auth.is_none() {
+        eprintln!(
+            "chatstore dev: DEVELOPMENT MODE - {}{}read tokens signed with {}",
+            if config.tls.is_none() { "NO TLS, " } else { "" },
+            if config.auth.is_none() {
+                "NO AUTHENTICATION (any caller may do anything), "
+            } else {
+                ""
+            },
+            if config.read_token_secret.is_none() {
+                "a well-known key"
+            } else {
+                "the config's secret"
+            }
+        );
+    }
     let mut nodes = Vec::new();
     for n in &config.nodes {
         nodes.push(chatstore::node::Node::start(&config, NodeId(n.id)).await?);
@@ -246,6 +263,19 @@ async fn run_dev(
     }
     for n in nodes {
         n.shutdown().await;
+    }
+    Ok(())
+}
+
+/// Refuses a config without TLS and tokens unless it says `insecure =
+/// true`, and then warns on every start.
+fn secured_or_warn(config: &ClusterConfig) -> anyhow::Result<()> {
+    config.check_secured().map_err(anyhow::Error::msg)?;
+    if config.tls.is_none() {
+        tracing::warn!("INSECURE: no [tls] in the config, every listener is plaintext");
+    }
+    if config.auth.is_none() {
+        tracing::warn!("INSECURE: no [auth] in the config, every caller is trusted");
     }
     Ok(())
 }

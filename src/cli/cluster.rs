@@ -293,13 +293,9 @@ pub async fn verify(endpoints: &[String], json: bool) -> anyhow::Result<i32> {
     for shard in &shard_ids {
         let mut seen: Option<(u64, u64, Vec<_>)> = None;
         for n in view.nodes.values().filter(|n| n.shards.contains_key(shard)) {
-            let mut c = crate::api::pb::node::node_api_client::NodeApiClient::connect(format!(
-                "http://{}",
-                n.addr
-            ))
-            .await
-            .with_context(|| format!("connect to node {} at {}", n.id, n.addr))?
-            .max_decoding_message_size(64 << 20);
+            let mut c = ops
+                .node_api(&n.addr)
+                .with_context(|| format!("connect to node {} at {}", n.id, n.addr))?;
             let reply = c
                 .chat_digests(ChatDigestsRequest { shard_id: *shard })
                 .await
@@ -675,15 +671,19 @@ pub async fn snapshot(
         Some(s) => BTreeSet::from([s]),
         None => view.shard_ids(),
     };
-    let failed = ops.snapshot_all(&view, &shards, compact).await;
+    let (replicas, failed) = ops.snapshot_all(&view, &shards, compact).await;
     let what = if compact { "compacted" } else { "snapshotted" };
     if json {
         println!(
             "{}",
-            serde_json::json!({"shards": shards.len(), "failed": failed})
+            serde_json::json!({"shards": shards.len(), "replicas": replicas, "failed": failed})
         );
     } else {
-        println!("{what} {} shard(s) on every node that is up", shards.len());
+        println!(
+            "{what} {} of {replicas} replica(s) of {} shard(s) on the nodes that are up",
+            replicas - failed.len(),
+            shards.len()
+        );
         for f in &failed {
             println!("FAILED {f}");
         }

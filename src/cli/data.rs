@@ -3,21 +3,29 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
+
+use crate::security::AuthChannel;
 
 use crate::api::pb::chat_store_client::ChatStoreClient;
 use crate::api::pb::{self, ChangeKind};
 
-async fn router(addr: &str) -> anyhow::Result<ChatStoreClient<Channel>> {
-    let channel = Endpoint::from_shared(format!("http://{addr}"))
+async fn router(addr: &str) -> anyhow::Result<ChatStoreClient<AuthChannel>> {
+    let access = super::access();
+    let scheme = crate::security::scheme(access.tls.is_some());
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
         .with_context(|| format!("bad router address {addr:?}"))?
-        .connect_timeout(Duration::from_secs(3))
-        .connect()
-        .await
-        .with_context(|| {
-            format!("cannot reach the router at {addr}; is it running? (check --router)")
-        })?;
-    Ok(ChatStoreClient::new(channel))
+        .connect_timeout(Duration::from_secs(3));
+    if let Some(tls) = &access.tls {
+        endpoint = endpoint.tls_config(tls.anonymous_client(crate::security::ROUTER_NAME))?;
+    }
+    let channel = endpoint.connect().await.with_context(|| {
+        format!("cannot reach the router at {addr}; is it running? (check --router and --ca)")
+    })?;
+    Ok(ChatStoreClient::with_interceptor(
+        channel,
+        access.token.clone(),
+    ))
 }
 
 fn status_err(s: tonic::Status) -> anyhow::Error {

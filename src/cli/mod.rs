@@ -28,6 +28,19 @@ pub struct Cli {
     /// Machine-readable output.
     #[arg(long, global = true)]
     pub json: bool,
+    /// The cluster CA (PEM): connect to nodes and routers over TLS.
+    #[arg(long, env = "CHATSTORE_CA", global = true)]
+    pub ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for nodes, which require mutual TLS.
+    #[arg(long, env = "CHATSTORE_CERT", global = true)]
+    pub cert: Option<std::path::PathBuf>,
+    /// The client certificate's key (PEM).
+    #[arg(long, env = "CHATSTORE_KEY", global = true)]
+    pub key: Option<std::path::PathBuf>,
+    /// A file whose first line is the bearer token to send (an admin token
+    /// for cluster operations and moderation).
+    #[arg(long, env = "CHATSTORE_TOKEN_FILE", global = true)]
+    pub token_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     pub command: Cmd,
 }
@@ -133,6 +146,29 @@ pub enum Cmd {
     /// Run `make bench`'s fixed set of benchmarks against a running cluster
     /// and write the results as a markdown section.
     BenchSuite(bench_suite::SuiteArgs),
+    /// Certificates and tokens for a cluster.
+    #[command(subcommand)]
+    Certs(CertsCmd),
+}
+
+#[derive(Subcommand)]
+pub enum CertsCmd {
+    /// Write a CA, a certificate per node, a router and an admin
+    /// certificate, and service and admin tokens for a cluster config.
+    Init {
+        /// The cluster config (node ids and addresses go into certificates).
+        #[arg(long, env = "CHATSTORE_CONFIG")]
+        config: std::path::PathBuf,
+        /// Where to write the files.
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// Extra DNS names or IPs for the router certificate (repeatable).
+        #[arg(long = "router-name")]
+        router_names: Vec<String>,
+        /// Replace files that exist.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -163,9 +199,45 @@ pub enum ChatCmd {
     },
 }
 
+/// How chatctl reaches the cluster: TLS and a bearer token, if given.
+pub struct Access {
+    pub tls: Option<crate::security::Tls>,
+    pub token: crate::security::BearerToken,
+}
+
+static ACCESS: std::sync::OnceLock<Access> = std::sync::OnceLock::new();
+
+/// The process's access settings (none until [`run`] sets them).
+pub fn access() -> &'static Access {
+    ACCESS.get_or_init(|| Access {
+        tls: None,
+        token: crate::security::BearerToken::default(),
+    })
+}
+
 /// Runs the CLI; returns the process exit code.
 pub async fn run(cli: Cli) -> anyhow::Result<i32> {
+    let tls = match &cli.ca {
+        Some(ca) => Some(crate::security::Tls::from_files(
+            ca,
+            cli.cert.as_deref(),
+            cli.key.as_deref(),
+        )?),
+        None if cli.cert.is_some() => anyhow::bail!("--cert needs --ca (the cluster CA)"),
+        None => None,
+    };
+    let token = match &cli.token_file {
+        Some(f) => crate::security::BearerToken::from_file(f)?,
+        None => crate::security::BearerToken::default(),
+    };
+    let _ = ACCESS.set(Access { tls, token });
     match cli.command {
+        Cmd::Certs(CertsCmd::Init {
+            config,
+            out,
+            router_names,
+            force,
+        }) => certs::init(&config, &out, &router_names, force),
         Cmd::Status => cluster::status(&cli.endpoints, cli.json).await,
         Cmd::Shards => cluster::shards(&cli.endpoints, cli.json).await,
         Cmd::Verify => cluster::verify(&cli.endpoints, cli.json).await,
@@ -240,6 +312,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
 
 mod bench;
 mod bench_suite;
+mod certs;
 mod cluster;
 mod data;
 mod ops;

@@ -25,6 +25,7 @@ use crate::api::pb::node::{
     ShardRequest, ShardStatus, StatusRequest, TransferLeaderRequest,
 };
 use crate::api::status::leader_hint;
+use crate::security::AuthChannel;
 
 /// How long one move may take, catch-up by snapshot included.
 const MOVE_TIMEOUT: Duration = Duration::from_secs(600);
@@ -138,21 +139,30 @@ impl Ops {
         if let Some(c) = channels.get(addr) {
             return Ok(c.clone());
         }
-        let c = Endpoint::from_shared(format!("http://{addr}"))
+        let access = super::access();
+        let scheme = crate::security::scheme(access.tls.is_some());
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
             .with_context(|| format!("bad node address {addr:?}"))?
             .connect_timeout(Duration::from_secs(3))
-            .timeout(Duration::from_secs(60))
-            .connect_lazy();
+            .timeout(Duration::from_secs(60));
+        if let Some(tls) = &access.tls {
+            endpoint = endpoint.tls_config(tls.client(crate::security::ANY_NODE_NAME))?;
+        }
+        let c = endpoint.connect_lazy();
         channels.insert(addr.to_string(), c.clone());
         Ok(c)
     }
 
-    fn node_api(&self, addr: &str) -> anyhow::Result<NodeApiClient<Channel>> {
-        Ok(NodeApiClient::new(self.channel(addr)?).max_decoding_message_size(64 << 20))
+    pub fn node_api(&self, addr: &str) -> anyhow::Result<NodeApiClient<AuthChannel>> {
+        let token = super::access().token.clone();
+        Ok(NodeApiClient::with_interceptor(self.channel(addr)?, token)
+            .max_decoding_message_size(64 << 20))
     }
 
-    fn admin(&self, addr: &str) -> anyhow::Result<AdminClient<Channel>> {
-        Ok(AdminClient::new(self.channel(addr)?).max_decoding_message_size(64 << 20))
+    fn admin(&self, addr: &str) -> anyhow::Result<AdminClient<AuthChannel>> {
+        let token = super::access().token.clone();
+        Ok(AdminClient::with_interceptor(self.channel(addr)?, token)
+            .max_decoding_message_size(64 << 20))
     }
 
     async fn node_status(&self, addr: &str) -> Result<NodeStatus, String> {
@@ -317,7 +327,7 @@ impl Ops {
     /// and retrying what is safe to retry until [`LEADER_WAIT`].
     async fn on_leader<T, F, Fut>(&self, shard: u64, mut call: F) -> anyhow::Result<T>
     where
-        F: FnMut(AdminClient<Channel>) -> Fut,
+        F: FnMut(AdminClient<AuthChannel>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
     {
         let started = Instant::now();
@@ -913,7 +923,7 @@ impl Ops {
         view: &View,
         shards: &BTreeSet<u64>,
         compact: bool,
-    ) -> Vec<String> {
+    ) -> (usize, Vec<String>) {
         let jobs: Vec<(u64, String, u64)> = view
             .nodes
             .values()
@@ -931,7 +941,8 @@ impl Ops {
         } else {
             "snapshotting"
         };
-        let bar = progress_bar(self.quiet, jobs.len() as u64, what);
+        let total = jobs.len();
+        let bar = progress_bar(self.quiet, total as u64, what);
         let mut failed = Vec::new();
         for (node, addr, shard) in jobs {
             let req = ShardRequest { shard_id: shard };
@@ -955,7 +966,7 @@ impl Ops {
             bar.inc(1);
         }
         bar.finish_and_clear();
-        failed
+        (total, failed)
     }
 }
 

@@ -76,10 +76,59 @@ pub struct ClusterConfig {
     /// only.
     #[serde(default)]
     pub read_token_secret: Option<String>,
+    /// Run without `[tls]` and `[auth]`: every listener plaintext, every
+    /// caller trusted. Only for a trusted private network or a test; a
+    /// node or router without TLS and tokens refuses to start otherwise.
+    #[serde(default)]
+    pub insecure: bool,
     #[serde(default)]
     pub erasure: ErasureConfig,
     #[serde(default)]
     pub latency: LatencyConfig,
+    /// Certificates for TLS on every node and router listener, mutual TLS
+    /// between nodes. `chatctl certs init` writes them.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Bearer tokens for callers of the public and admin APIs.
+    #[serde(default)]
+    pub auth: Option<AuthConfig>,
+    /// The folder relative paths in `[tls]` and `[auth]` start from: the
+    /// config file's folder (the current directory for inline configs).
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+/// TLS files. Relative paths start at the config file's folder; `{id}` in
+/// the node paths is the node's id.
+///
+/// ```toml
+/// [tls]
+/// ca = "certs/ca.pem"
+/// node_cert = "certs/node-{id}.pem"
+/// node_key = "certs/node-{id}.key"
+/// router_cert = "certs/router.pem"
+/// router_key = "certs/router.key"
+/// ```
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The cluster CA: signs every node, router and admin certificate.
+    pub ca: PathBuf,
+    pub node_cert: String,
+    pub node_key: String,
+    pub router_cert: PathBuf,
+    pub router_key: PathBuf,
+}
+
+/// Token files: one token per line, `#` starts a comment.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Tokens of frontend services: the public API.
+    pub service_tokens: PathBuf,
+    /// Tokens of operators: everything, including admin calls and chat
+    /// moderation.
+    pub admin_tokens: PathBuf,
 }
 
 /// Round-trip times between regions. Documents the deployment; with
@@ -231,10 +280,12 @@ impl ClusterConfig {
             path: path.to_path_buf(),
             source,
         })?;
-        let config: ClusterConfig = toml::from_str(&text).map_err(|source| ConfigError::Parse {
-            path: path.to_path_buf(),
-            source: Box::new(source),
-        })?;
+        let mut config: ClusterConfig =
+            toml::from_str(&text).map_err(|source| ConfigError::Parse {
+                path: path.to_path_buf(),
+                source: Box::new(source),
+            })?;
+        config.base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         config.validate()?;
         Ok(config)
     }
@@ -246,6 +297,39 @@ impl ClusterConfig {
         })?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// `path` from the config: relative ones start at the config's folder.
+    pub fn resolve(&self, path: &Path) -> PathBuf {
+        if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            self.base_dir.join(path)
+        }
+    }
+
+    /// Refuses to run without TLS and tokens unless the config says
+    /// `insecure = true`.
+    pub fn check_secured(&self) -> Result<(), String> {
+        if self.insecure {
+            return Ok(());
+        }
+        let mut missing = Vec::new();
+        if self.tls.is_none() {
+            missing.push("[tls]");
+        }
+        if self.auth.is_none() {
+            missing.push("[auth]");
+        }
+        if missing.is_empty() {
+            return Ok(());
+        }
+        Err(format!(
+            "the config has no {}: refusing to run with plaintext listeners and no caller \
+             tokens. Run `chatctl certs init --config <file> --out <dir>` and add what it prints, \
+             or set `insecure = true` for a trusted private network or a test",
+            missing.join(" and ")
+        ))
     }
 
     pub fn to_toml(&self) -> String {
@@ -391,6 +475,9 @@ mod tests {
                 let c = ClusterConfig::load(&path)
                     .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
                 assert!(!c.nodes.is_empty());
+                // Local configs say insecure; real ones carry TLS and tokens.
+                c.check_secured()
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
                 checked += 1;
             }
         }
@@ -409,6 +496,7 @@ mod tests {
             .collect();
         let c = ClusterConfig::from_toml(&text).expect("configmap cluster.toml");
         assert_eq!(c.nodes.len(), 9);
+        assert!(c.tls.is_some() && c.auth.is_some() && !c.insecure);
     }
 
     const CONFIG: &str = r#"

@@ -28,7 +28,8 @@ pub const WRITE_COMMANDS_MAX: usize = 1_024;
 pub struct NodeApiService {
     pub registry: Registry,
     pub node_id: NodeId,
-    pub region: String,
+    /// Snapshots and digests are for operators: admin tokens.
+    pub tokens: crate::security::Tokens,
 }
 
 impl NodeApiService {
@@ -245,6 +246,8 @@ impl NodeApi for NodeApiService {
         &self,
         request: Request<ShardRequest>,
     ) -> Result<Response<ShardStatus>, Status> {
+        self.tokens
+            .check(request.metadata(), crate::security::Role::Admin)?;
         let shard = self.shard(request.into_inner().shard_id)?;
         build_snapshot(&shard).await?;
         Ok(Response::new(shard_status(&shard, &self.registry)))

@@ -268,7 +268,16 @@ impl Node {
         let addr = listener.local_addr()?;
 
         let placement = Placement::new(config);
-        let peers = Peers::new(id, &me.region, LinkDelays::from_config(config), peer_addrs);
+        let tls = crate::security::Tls::for_node(config, id.0)
+            .with_context(|| format!("TLS files of node {}", id.0))?;
+        let tokens = crate::security::Tokens::load(config).context("token files")?;
+        let peers = Peers::new(
+            id,
+            &me.region,
+            LinkDelays::from_config(config),
+            peer_addrs,
+            tls.clone(),
+        );
         let registry = Registry {
             shards: Arc::default(),
             storage: storage.clone(),
@@ -314,8 +323,7 @@ impl Node {
         let server = tokio::spawn(serve(
             listener,
             registry.clone(),
-            id,
-            me.region.clone(),
+            Security { tls, tokens },
             shutdown_rx.clone(),
         ));
 
@@ -410,11 +418,20 @@ fn check_identity(storage: &Storage, config: &ClusterConfig, id: NodeId) -> anyh
     }
 }
 
+/// Concurrent HTTP/2 streams (and requests) per connection to a node: its
+/// peers multiplex every shard's Raft traffic over one connection.
+const NODE_STREAMS_PER_CONNECTION_MAX: u32 = 4_096;
+
+/// A node's TLS and the tokens it accepts.
+struct Security {
+    tls: Option<crate::security::Tls>,
+    tokens: crate::security::Tokens,
+}
+
 async fn serve(
     listener: TcpListener,
     registry: Registry,
-    id: NodeId,
-    region: String,
+    security: Security,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let (health_reporter, health) = tonic_health::server::health_reporter();
@@ -428,22 +445,43 @@ async fn serve(
     let transport =
         pb::raft::raft_transport_server::RaftTransportServer::new(transport::TransportService {
             registry: registry.clone(),
+            tls: security.tls.is_some(),
         })
         .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
         .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX);
     let node_api = pb::node::node_api_server::NodeApiServer::new(api::NodeApiService {
         registry: registry.clone(),
-        node_id: id,
-        region,
+        node_id: registry.node_id(),
+        tokens: security.tokens.clone(),
     })
     .max_decoding_message_size(api::NODE_API_MESSAGE_BYTES_MAX);
-    let admin_api = pb::node::admin_server::AdminServer::new(admin::AdminService {
-        registry: registry.clone(),
-    });
+    let tokens = security.tokens.clone();
+    let admin_api = pb::node::admin_server::AdminServer::with_interceptor(
+        admin::AdminService {
+            registry: registry.clone(),
+        },
+        move |request: tonic::Request<()>| {
+            tokens.check(request.metadata(), crate::security::Role::Admin)?;
+            Ok(request)
+        },
+    );
     // The builder's tcp_nodelay only reaches listeners tonic binds itself;
     // accepted sockets get it here, or Nagle holds back small replies.
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    let result = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder()
+        // Limits per connection: concurrent streams and in-flight requests.
+        .max_concurrent_streams(Some(NODE_STREAMS_PER_CONNECTION_MAX))
+        .concurrency_limit_per_connection(NODE_STREAMS_PER_CONNECTION_MAX as usize);
+    if let Some(tls) = &security.tls {
+        builder = match builder.tls_config(tls.mutual_server()) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, "node TLS configuration");
+                return;
+            }
+        };
+    }
+    let result = builder
         .add_service(health)
         .add_service(reflection)
         .add_service(transport)

@@ -22,6 +22,9 @@ const SNAPSHOT_BYTES_MAX: u64 = 64 * 1024 * 1024 * 1024;
 
 pub struct TransportService {
     pub registry: Registry,
+    /// With TLS on, a request must carry the certificate of the node it
+    /// says it comes from, and that node must be a member of the shard.
+    pub tls: bool,
 }
 
 fn ok<T: serde::Serialize>(v: &T) -> Response<RaftReply> {
@@ -37,6 +40,37 @@ fn err(msg: String) -> Response<RaftReply> {
 }
 
 impl TransportService {
+    /// Refuses a request whose TLS identity is not node `from`, or whose
+    /// sender is not a member of `shard` (an empty replica, not yet told its
+    /// membership, accepts any node of the cluster CA).
+    fn check_sender(
+        &self,
+        certs: Option<&Vec<tonic::transport::CertificateDer<'static>>>,
+        shard: &Shard,
+        from: u64,
+    ) -> Result<(), Status> {
+        if !self.tls {
+            return Ok(());
+        }
+        let certs = certs.map(Vec::as_slice).unwrap_or_default();
+        if !crate::security::peer_is(certs, &crate::security::node_name(from)) {
+            return Err(Status::permission_denied(format!(
+                "the caller's certificate is not node {from}'s"
+            )));
+        }
+        let m = openraft::async_runtime::WatchReceiver::borrow_watched(&shard.raft.metrics())
+            .membership_config
+            .clone();
+        let members: Vec<u64> = m.membership().nodes().map(|(id, _)| *id).collect();
+        if !members.is_empty() && !members.contains(&from) {
+            return Err(Status::permission_denied(format!(
+                "node {from} is not a member of {}",
+                shard.id
+            )));
+        }
+        Ok(())
+    }
+
     fn shard(&self, req: &RaftRequest) -> Result<Arc<Shard>, Status> {
         if req.format_version != RAFT_WIRE_VERSION {
             return Err(Status::invalid_argument(format!(
@@ -52,8 +86,13 @@ impl TransportService {
 
 macro_rules! forward {
     ($self:ident, $request:ident, $method:ident, $what:literal) => {{
+        let shard = $self.shard($request.get_ref())?;
+        $self.check_sender(
+            $request.peer_certs().as_deref(),
+            &shard,
+            $request.get_ref().from_node,
+        )?;
         let req = $request.into_inner();
-        let shard = $self.shard(&req)?;
         let rpc = from_postcard(&req.payload, $what)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         match shard.raft.$method(rpc).await {
@@ -96,6 +135,7 @@ impl RaftTransport for TransportService {
         &self,
         request: Request<Streaming<SnapshotChunk>>,
     ) -> Result<Response<RaftReply>, Status> {
+        let certs = request.peer_certs();
         let mut stream = request.into_inner();
         let first = stream
             .next()
@@ -107,6 +147,7 @@ impl RaftTransport for TransportService {
         let shard = self.registry.get(ShardId(first.shard_id)).ok_or_else(|| {
             Status::not_found(format!("shard {} is not hosted here", first.shard_id))
         })?;
+        self.check_sender(certs.as_deref(), &shard, first.from_node)?;
         let (vote, meta): (Vote, SnapshotMeta) = from_postcard(&first.header, "snapshot header")
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let dir = self.registry.storage().snapshot_dir(shard.id);

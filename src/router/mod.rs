@@ -38,7 +38,9 @@ use crate::api::status::leader_hint;
 use crate::cluster::latency::{Delayed, LinkDelays};
 use crate::cluster::{ClusterConfig, Placement};
 use crate::router::token::{ShardPosition, TokenKeys};
+use crate::security::{node_name, scheme, Tls, Tokens};
 use crate::types::{ChatId, ShardId};
+use anyhow::Context;
 
 /// How long a write may keep retrying across leader changes.
 pub const WRITE_DEADLINE: Duration = Duration::from_secs(10);
@@ -65,16 +67,21 @@ struct NodeEntry {
 /// from a router in `region`.
 fn node_entry(
     delays: &LinkDelays,
+    tls: Option<&Tls>,
     region: &str,
+    node: u64,
     addr: &str,
     node_region: &str,
 ) -> anyhow::Result<NodeEntry> {
-    let channel = Endpoint::from_shared(format!("http://{addr}"))?
+    let mut endpoint = Endpoint::from_shared(format!("{}://{addr}", scheme(tls.is_some())))?
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(10))
-        .connect_lazy();
+        .keep_alive_timeout(Duration::from_secs(10));
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls.client(&node_name(node)))?;
+    }
+    let channel = endpoint.connect_lazy();
     Ok(NodeEntry {
         region: node_region.to_string(),
         client: NodeApiClient::new(Delayed::new(channel, delays.one_way(region, node_region))),
@@ -91,6 +98,9 @@ struct Inner {
     placement: Placement,
     region: String,
     keys: TokenKeys,
+    /// The router's certificate and the cluster CA, when TLS is on.
+    tls: Option<Tls>,
+    tokens: Tokens,
     delays: LinkDelays,
     nodes: RwLock<BTreeMap<u64, NodeEntry>>,
     leaders: RwLock<BTreeMap<u64, u64>>,
@@ -140,13 +150,18 @@ impl Router {
             );
         }
         let delays = LinkDelays::from_config(config);
+        let tls = Tls::for_router(config).context("router TLS files")?;
+        let tokens = Tokens::load(config).context("token files")?;
         let mut nodes = BTreeMap::new();
         for n in &config.nodes {
             let addr = node_addrs
                 .get(&n.id)
                 .map(String::as_str)
                 .unwrap_or(n.advertised());
-            nodes.insert(n.id, node_entry(&delays, region, addr, &n.region)?);
+            nodes.insert(
+                n.id,
+                node_entry(&delays, tls.as_ref(), region, n.id, addr, &n.region)?,
+            );
         }
         let placement = Placement::new(config);
         let replicas = config
@@ -163,6 +178,8 @@ impl Router {
                 placement,
                 region: region.to_string(),
                 keys: TokenKeys::new(&config.cluster_name, token_secret),
+                tls,
+                tokens,
                 delays,
                 nodes: RwLock::new(nodes),
                 leaders: RwLock::new(leaders),
@@ -174,6 +191,11 @@ impl Router {
 
     pub fn keys(&self) -> &TokenKeys {
         &self.inner.keys
+    }
+
+    /// The tokens callers of the public API must present.
+    pub fn tokens(&self) -> &Tokens {
+        &self.inner.tokens
     }
 
     pub fn region(&self) -> &str {
@@ -219,7 +241,14 @@ impl Router {
         if known_region.is_some_and(|r| !r.is_empty() || region.is_empty()) {
             return;
         }
-        match node_entry(&self.inner.delays, &self.inner.region, addr, region) {
+        match node_entry(
+            &self.inner.delays,
+            self.inner.tls.as_ref(),
+            &self.inner.region,
+            node,
+            addr,
+            region,
+        ) {
             Ok(entry) => {
                 tracing::info!(node, addr, region, "learned a new node");
                 self.inner
@@ -590,6 +619,8 @@ impl Router {
 pub const API_MESSAGE_BYTES_MAX: usize = 1024 * 1024;
 /// Concurrent requests per client connection.
 pub const REQUESTS_PER_CONNECTION_MAX: usize = 1024;
+/// Concurrent HTTP/2 streams per client connection (Watch streams included).
+pub const STREAMS_PER_CONNECTION_MAX: u32 = 2_048;
 
 /// Serves the public API, health and reflection on `listener` until
 /// `shutdown` turns true.
@@ -607,13 +638,19 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     tokio::spawn(router.clone().refresh_leaders_until(shutdown.clone()));
+    let tls = router.inner.tls.clone();
     let api = pb::chat_store_server::ChatStoreServer::new(service::ChatStoreService::new(router))
         .max_decoding_message_size(API_MESSAGE_BYTES_MAX);
     // The builder's tcp_nodelay only reaches listeners tonic binds itself;
     // accepted sockets get it here, or Nagle holds back small replies.
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    tonic::transport::Server::builder()
-        .concurrency_limit_per_connection(REQUESTS_PER_CONNECTION_MAX)
+    let mut builder = tonic::transport::Server::builder()
+        .max_concurrent_streams(Some(STREAMS_PER_CONNECTION_MAX))
+        .concurrency_limit_per_connection(REQUESTS_PER_CONNECTION_MAX);
+    if let Some(tls) = &tls {
+        builder = builder.tls_config(tls.server())?;
+    }
+    builder
         .add_service(health)
         .add_service(reflection)
         .add_service(api)

@@ -1,5 +1,7 @@
 //! The public `chatstore.v1.ChatStore` service on a router.
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -13,13 +15,36 @@ use crate::api::pb::replicated::{self as rp, command, command_result, Command};
 use crate::api::pb::{self, self_destruct_policy};
 use crate::router::token::TokenBody;
 use crate::router::{validate, watch, Router};
+use crate::security::Role;
 
 /// Most Watch streams one router serves at once.
 pub const WATCH_STREAMS_MAX: usize = 10_000;
+/// Most Watch streams on one client connection.
+pub const WATCH_STREAMS_PER_CONNECTION_MAX: usize = 1_000;
 
 pub struct ChatStoreService {
     pub router: Router,
     pub watch_slots: Arc<Semaphore>,
+    /// Open Watch streams by client connection (its remote address).
+    watches_by_connection: Arc<std::sync::Mutex<HashMap<SocketAddr, usize>>>,
+}
+
+/// One Watch stream counted against its connection until dropped.
+struct ConnectionWatch {
+    counts: Arc<std::sync::Mutex<HashMap<SocketAddr, usize>>>,
+    peer: SocketAddr,
+}
+
+impl Drop for ConnectionWatch {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().expect("watch counts");
+        if let Some(n) = counts.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.peer);
+            }
+        }
+    }
 }
 
 impl ChatStoreService {
@@ -27,7 +52,28 @@ impl ChatStoreService {
         ChatStoreService {
             router,
             watch_slots: Arc::new(Semaphore::new(WATCH_STREAMS_MAX)),
+            watches_by_connection: Arc::default(),
         }
+    }
+
+    /// Counts a new Watch against its connection, refusing one too many.
+    fn count_watch(&self, peer: Option<SocketAddr>) -> Result<Option<ConnectionWatch>, Status> {
+        let Some(peer) = peer else {
+            return Ok(None);
+        };
+        let mut counts = self.watches_by_connection.lock().expect("watch counts");
+        let n = counts.entry(peer).or_default();
+        if *n >= WATCH_STREAMS_PER_CONNECTION_MAX {
+            return Err(Status::resource_exhausted(format!(
+                "this connection has {WATCH_STREAMS_PER_CONNECTION_MAX} watches open already; \
+                 watch more chats per stream or open another connection"
+            )));
+        }
+        *n += 1;
+        Ok(Some(ConnectionWatch {
+            counts: self.watches_by_connection.clone(),
+            peer,
+        }))
     }
 
     fn token(&self, bytes: &[u8]) -> Result<TokenBody, Status> {
@@ -89,6 +135,9 @@ impl ChatStore for ChatStoreService {
         request: Request<pb::SendRequest>,
     ) -> Result<Response<pb::SendResponse>, Status> {
         record("send");
+        self.router
+            .tokens()
+            .check(request.metadata(), Role::Service)?;
         let r = request.into_inner();
         validate::send(&r)?;
         let self_destruct = r
@@ -135,6 +184,9 @@ impl ChatStore for ChatStoreService {
         request: Request<pb::EditRequest>,
     ) -> Result<Response<pb::WriteResponse>, Status> {
         record("edit");
+        self.router
+            .tokens()
+            .check(request.metadata(), Role::Service)?;
         let r = request.into_inner();
         validate::edit(&r)?;
         let token = self.token(&r.min_token)?;
@@ -157,6 +209,9 @@ impl ChatStore for ChatStoreService {
         request: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::WriteResponse>, Status> {
         record("delete");
+        self.router
+            .tokens()
+            .check(request.metadata(), Role::Service)?;
         let r = request.into_inner();
         validate::delete(&r)?;
         let token = self.token(&r.min_token)?;
@@ -177,6 +232,9 @@ impl ChatStore for ChatStoreService {
         request: Request<pb::MarkReadRequest>,
     ) -> Result<Response<pb::WriteResponse>, Status> {
         record("mark_read");
+        self.router
+            .tokens()
+            .check(request.metadata(), Role::Service)?;
         let r = request.into_inner();
         validate::mark_read(&r)?;
         let token = self.token(&r.min_token)?;
@@ -197,6 +255,9 @@ impl ChatStore for ChatStoreService {
         request: Request<pb::CloseChatRequest>,
     ) -> Result<Response<pb::WriteResponse>, Status> {
         record("close_chat");
+        self.router
+            .tokens()
+            .check(request.metadata(), Role::Admin)?;
         let r = request.into_inner();
         validate::close(&r)?;
         let token = self.token(&r.min_token)?;
@@ -216,6 +277,9 @@ impl ChatStore for ChatStoreService {
         request: Request<pb::ReopenChatRequest>,
     ) -> Result<Response<pb::WriteResponse>, Status> {
         record("reopen_chat");
+        self.router
+            .tokens()
+            .check(request.metadata(), Role::Admin)?;
         let r = request.into_inner();
         if r.chat_id == 0 {
             return Err(Status::invalid_argument("chat_id must be non-zero"));
@@ -234,6 +298,9 @@ impl ChatStore for ChatStoreService {
         request: Request<pb::GetHistoryRequest>,
     ) -> Result<Response<pb::MessagesResponse>, Status> {
         record("get_history");
+        self.router
+            .tokens()
+            .check(request.metadata(), Role::Service)?;
         let mut r = request.into_inner();
         if r.chat_id == 0 {
             return Err(Status::invalid_argument("chat_id must be non-zero"));
@@ -255,6 +322,9 @@ impl ChatStore for ChatStoreService {
         request: Request<pb::GetMessagesRequest>,
     ) -> Result<Response<pb::MessagesResponse>, Status> {
         record("get_messages");
+        self.router
+            .tokens()
+            .check(request.metadata(), Role::Service)?;
         let r = request.into_inner();
         validate::messages(&r)?;
         let (chat, consistency, token) = (r.chat_id, r.consistency, r.min_token.clone());
@@ -273,6 +343,9 @@ impl ChatStore for ChatStoreService {
         request: Request<pb::GetDifferenceRequest>,
     ) -> Result<Response<pb::GetDifferenceResponse>, Status> {
         record("get_difference");
+        self.router
+            .tokens()
+            .check(request.metadata(), Role::Service)?;
         let r = request.into_inner();
         validate::cursors(&r.cursors)?;
         let limit = validate::page_limit(if r.limit == 0 { 100 } else { r.limit })?;
@@ -311,6 +384,10 @@ impl ChatStore for ChatStoreService {
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         record("watch");
+        self.router
+            .tokens()
+            .check(request.metadata(), Role::Service)?;
+        let peer = request.remote_addr();
         let r = request.into_inner();
         validate::cursors(&r.cursors)?;
         let permit = self.watch_slots.clone().try_acquire_owned().map_err(|_| {
@@ -318,10 +395,12 @@ impl ChatStore for ChatStoreService {
                 "this router serves {WATCH_STREAMS_MAX} watches already"
             ))
         })?;
+        let counted = self.count_watch(peer)?;
         let (tx, rx) = mpsc::channel(watch::STREAM_BUFFER);
         let router = self.router.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            let _counted = counted;
             watch::run(router, r.cursors, tx).await;
         });
         Ok(Response::new(Box::pin(
@@ -334,6 +413,9 @@ impl ChatStore for ChatStoreService {
         request: Request<pb::GetChatRequest>,
     ) -> Result<Response<pb::GetChatResponse>, Status> {
         record("get_chat");
+        self.router
+            .tokens()
+            .check(request.metadata(), Role::Service)?;
         let r = request.into_inner();
         if r.chat_id == 0 {
             return Err(Status::invalid_argument("chat_id must be non-zero"));

@@ -50,6 +50,8 @@ pub struct Peers {
     /// Addresses to use instead of the membership's, by node: lets a test
     /// harness put a fault-injecting proxy on every link.
     overrides: Arc<std::collections::BTreeMap<u64, String>>,
+    /// This node's certificate and the cluster CA, when TLS is on.
+    tls: Option<crate::security::Tls>,
 }
 
 impl Peers {
@@ -60,6 +62,7 @@ impl Peers {
         region: &str,
         delays: LinkDelays,
         overrides: std::collections::BTreeMap<u64, String>,
+        tls: Option<crate::security::Tls>,
     ) -> Peers {
         Peers {
             self_id,
@@ -67,6 +70,7 @@ impl Peers {
             delays,
             channels: Arc::default(),
             overrides: Arc::new(overrides),
+            tls,
         }
     }
 
@@ -86,12 +90,19 @@ impl Peers {
         let channel = match channels.get(&(node, addr.to_string())) {
             Some(c) => c.clone(),
             None => {
-                let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+                let scheme = crate::security::scheme(self.tls.is_some());
+                let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
                     .map_err(|e| format!("bad address {addr:?} for node {node}: {e}"))?
                     .connect_timeout(CONNECT_TIMEOUT)
                     .tcp_nodelay(true)
                     .http2_keep_alive_interval(Duration::from_secs(10))
                     .keep_alive_timeout(Duration::from_secs(20));
+                if let Some(tls) = &self.tls {
+                    // The peer must prove it is the node the membership names.
+                    endpoint = endpoint
+                        .tls_config(tls.client(&crate::security::node_name(node)))
+                        .map_err(|e| format!("TLS for node {node}: {e}"))?;
+                }
                 let c = endpoint.connect_lazy();
                 channels.insert((node, addr.to_string()), c.clone());
                 c

@@ -62,7 +62,7 @@ impl Default for ConfigOptions {
 pub fn three_region_config(root: &Path, opts: &ConfigOptions) -> ClusterConfig {
     let (heartbeat, election_min, election_max) = opts.raft_timing.unwrap_or((200, 1000, 1600));
     let mut text = format!(
-        "cluster_name = \"test\"\nshards = {}\nreplication_factor = 3\nregions = [\"eu\", \"us\", \"ap\"]\ndata_root = {:?}\n\
+        "cluster_name = \"test\"\nshards = {}\nreplication_factor = 3\nregions = [\"eu\", \"us\", \"ap\"]\ndata_root = {:?}\ninsecure = true\n\
          [raft]\nheartbeat_ms = {}\nelection_timeout_ms_min = {}\nelection_timeout_ms_max = {}\n\
          snapshot_every_entries = {}\nlogs_kept_behind_snapshot = {}\n",
         opts.shards,

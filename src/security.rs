@@ -1,0 +1,337 @@
+//! Who may talk to whom: TLS identities and caller tokens.
+//!
+//! Every certificate is signed by the cluster CA and names its role in a
+//! DNS subject alternative name:
+//! - `node-<id>.chatstore` and `node.chatstore`: node `<id>`;
+//! - `router.chatstore`: a router (server for the public API, client of
+//!   nodes);
+//! - `admin.chatstore`: an operator's chatctl (client of nodes).
+//!
+//! Nodes require a client certificate from the CA on every connection (mutual
+//! TLS). The Raft transport further requires the certificate of the node the
+//! request claims to come from, and that node must be a member of the shard.
+//! Callers authenticate with bearer tokens (`authorization: Bearer <token>`):
+//! service tokens for the public API, admin tokens for admin calls and chat
+//! moderation. Tokens are compared in constant time (over their SHA-256, so
+//! not even the length leaks) and never logged.
+
+use std::path::Path;
+
+use anyhow::Context;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tonic::metadata::{Ascii, MetadataMap, MetadataValue};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use tonic::Status;
+
+use crate::cluster::ClusterConfig;
+
+/// The DNS name in node `id`'s certificate.
+pub fn node_name(id: u64) -> String {
+    format!("node-{id}.chatstore")
+}
+/// The DNS name in every node certificate, for clients that do not know
+/// which node an address belongs to (chatctl).
+pub const ANY_NODE_NAME: &str = "node.chatstore";
+pub const ROUTER_NAME: &str = "router.chatstore";
+pub const ADMIN_NAME: &str = "admin.chatstore";
+
+fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("read {}", path.display()))
+}
+
+fn node_path(config: &ClusterConfig, pattern: &str, id: u64) -> std::path::PathBuf {
+    config.resolve(Path::new(&pattern.replace("{id}", &id.to_string())))
+}
+
+/// TLS settings of one process, loaded from the config's files.
+#[derive(Clone)]
+pub struct Tls {
+    ca: Certificate,
+    identity: Identity,
+}
+
+impl Tls {
+    /// Node `id`'s TLS, if the config has `[tls]`.
+    pub fn for_node(config: &ClusterConfig, id: u64) -> anyhow::Result<Option<Tls>> {
+        let Some(t) = &config.tls else {
+            return Ok(None);
+        };
+        Ok(Some(Tls {
+            ca: Certificate::from_pem(read(&config.resolve(&t.ca))?),
+            identity: Identity::from_pem(
+                read(&node_path(config, &t.node_cert, id))?,
+                read(&node_path(config, &t.node_key, id))?,
+            ),
+        }))
+    }
+
+    /// A router's TLS, if the config has `[tls]`.
+    pub fn for_router(config: &ClusterConfig) -> anyhow::Result<Option<Tls>> {
+        let Some(t) = &config.tls else {
+            return Ok(None);
+        };
+        Ok(Some(Tls {
+            ca: Certificate::from_pem(read(&config.resolve(&t.ca))?),
+            identity: Identity::from_pem(
+                read(&config.resolve(&t.router_cert))?,
+                read(&config.resolve(&t.router_key))?,
+            ),
+        }))
+    }
+
+    /// chatctl's TLS from its own files (CA, and a client certificate for
+    /// nodes).
+    pub fn from_files(ca: &Path, cert: Option<&Path>, key: Option<&Path>) -> anyhow::Result<Tls> {
+        let identity = match (cert, key) {
+            (Some(c), Some(k)) => Identity::from_pem(read(c)?, read(k)?),
+            (None, None) => Identity::from_pem(Vec::<u8>::new(), Vec::<u8>::new()),
+            _ => anyhow::bail!("--cert and --key go together"),
+        };
+        Ok(Tls {
+            ca: Certificate::from_pem(read(ca)?),
+            identity,
+        })
+    }
+
+    /// A server that requires a client certificate from the CA (nodes).
+    pub fn mutual_server(&self) -> ServerTlsConfig {
+        ServerTlsConfig::new()
+            .identity(self.identity.clone())
+            .client_ca_root(self.ca.clone())
+    }
+
+    /// A server for callers without certificates (routers' public API).
+    pub fn server(&self) -> ServerTlsConfig {
+        ServerTlsConfig::new().identity(self.identity.clone())
+    }
+
+    /// A client that presents this process's certificate and expects the
+    /// server to be `server_name`.
+    pub fn client(&self, server_name: &str) -> ClientTlsConfig {
+        ClientTlsConfig::new()
+            .ca_certificate(self.ca.clone())
+            .identity(self.identity.clone())
+            .domain_name(server_name)
+    }
+
+    /// A client without a certificate of its own.
+    pub fn anonymous_client(&self, server_name: &str) -> ClientTlsConfig {
+        ClientTlsConfig::new()
+            .ca_certificate(self.ca.clone())
+            .domain_name(server_name)
+    }
+}
+
+/// The scheme of URLs to a listener with or without TLS.
+pub fn scheme(tls: bool) -> &'static str {
+    if tls {
+        "https"
+    } else {
+        "http"
+    }
+}
+
+/// Whether the peer's certificate chain (already verified against the CA
+/// by TLS) names `name`.
+pub fn peer_is(certs: &[tonic::transport::CertificateDer<'static>], name: &str) -> bool {
+    let Some(leaf) = certs.first() else {
+        return false;
+    };
+    let Ok(cert) = webpki::EndEntityCert::try_from(leaf) else {
+        return false;
+    };
+    let Ok(server_name) = rustls_pki_types::ServerName::try_from(name) else {
+        return false;
+    };
+    cert.verify_is_valid_for_subject_name(&server_name).is_ok()
+}
+
+/// What a call needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The public API: any service or admin token.
+    Service,
+    /// Admin calls and moderation: an admin token.
+    Admin,
+}
+
+/// The tokens a process accepts, as SHA-256 digests.
+#[derive(Clone, Default)]
+pub struct Tokens {
+    enabled: bool,
+    service: Vec<[u8; 32]>,
+    admin: Vec<[u8; 32]>,
+}
+
+/// Shortest token accepted in a token file.
+pub const TOKEN_CHARS_MIN: usize = 24;
+
+fn load_tokens(path: &Path) -> anyhow::Result<Vec<[u8; 32]>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let t = line.split('#').next().unwrap_or("").trim();
+        if t.is_empty() {
+            continue;
+        }
+        if t.len() < TOKEN_CHARS_MIN || !t.bytes().all(|b| b.is_ascii_graphic()) {
+            anyhow::bail!(
+                "{} line {}: a token is at least {TOKEN_CHARS_MIN} printable characters",
+                path.display(),
+                n + 1
+            );
+        }
+        out.push(Sha256::digest(t.as_bytes()).into());
+    }
+    if out.is_empty() {
+        anyhow::bail!("{} holds no token", path.display());
+    }
+    Ok(out)
+}
+
+impl Tokens {
+    /// The config's tokens; with no `[auth]`, every call is let through.
+    pub fn load(config: &ClusterConfig) -> anyhow::Result<Tokens> {
+        let Some(a) = &config.auth else {
+            return Ok(Tokens::default());
+        };
+        Ok(Tokens {
+            enabled: true,
+            service: load_tokens(&config.resolve(&a.service_tokens))?,
+            admin: load_tokens(&config.resolve(&a.admin_tokens))?,
+        })
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// Lets a call through if its bearer token grants `need`.
+    pub fn check(&self, metadata: &MetadataMap, need: Role) -> Result<(), Status> {
+        if !self.enabled {
+            return Ok(());
+        }
+        let Some(value) = metadata.get("authorization") else {
+            return Err(Status::unauthenticated(
+                "missing `authorization: Bearer <token>` metadata",
+            ));
+        };
+        let token = value
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| {
+                Status::unauthenticated("the authorization metadata is not `Bearer <token>`")
+            })?;
+        let digest: [u8; 32] = Sha256::digest(token.trim().as_bytes()).into();
+        // Every comparison runs, so timing says nothing about which matched.
+        let mut is_admin = subtle::Choice::from(0);
+        for t in &self.admin {
+            is_admin |= t.ct_eq(&digest);
+        }
+        let mut is_service = subtle::Choice::from(0);
+        for t in &self.service {
+            is_service |= t.ct_eq(&digest);
+        }
+        match (bool::from(is_admin), bool::from(is_service), need) {
+            (true, _, _) => Ok(()),
+            (false, true, Role::Service) => Ok(()),
+            (false, true, Role::Admin) => Err(Status::permission_denied(
+                "this call needs an admin token; the token given is a service token",
+            )),
+            (false, false, _) => Err(Status::unauthenticated("unknown token")),
+        }
+    }
+}
+
+/// Adds a bearer token to every request of a client.
+#[derive(Clone, Default)]
+pub struct BearerToken(Option<MetadataValue<Ascii>>);
+
+impl BearerToken {
+    pub fn new(token: Option<&str>) -> anyhow::Result<BearerToken> {
+        Ok(BearerToken(match token {
+            Some(t) => Some(
+                format!("Bearer {}", t.trim())
+                    .parse()
+                    .context("a token is printable ASCII")?,
+            ),
+            None => None,
+        }))
+    }
+
+    /// The first token in a token file.
+    pub fn from_file(path: &Path) -> anyhow::Result<BearerToken> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+        let token = text
+            .lines()
+            .map(|l| l.split('#').next().unwrap_or("").trim())
+            .find(|l| !l.is_empty())
+            .with_context(|| format!("{} holds no token", path.display()))?;
+        BearerToken::new(Some(token))
+    }
+}
+
+impl tonic::service::Interceptor for BearerToken {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(v) = &self.0 {
+            request.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A channel whose requests carry a bearer token.
+pub type AuthChannel =
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, BearerToken>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tokens() -> Tokens {
+        Tokens {
+            enabled: true,
+            service: vec![Sha256::digest(b"service-token-0123456789abcdef").into()],
+            admin: vec![Sha256::digest(b"admin-token-0123456789abcdef").into()],
+        }
+    }
+
+    fn with(token: Option<&str>) -> MetadataMap {
+        let mut m = MetadataMap::new();
+        if let Some(t) = token {
+            m.insert("authorization", t.parse().unwrap());
+        }
+        m
+    }
+
+    #[test]
+    fn tokens_grant_their_role_only() {
+        let t = tokens();
+        let code = |m: &MetadataMap, r| t.check(m, r).err().map(|s| s.code());
+        let service = with(Some("Bearer service-token-0123456789abcdef"));
+        let admin = with(Some("Bearer admin-token-0123456789abcdef"));
+        assert_eq!(code(&service, Role::Service), None);
+        assert_eq!(
+            code(&service, Role::Admin),
+            Some(tonic::Code::PermissionDenied)
+        );
+        assert_eq!(code(&admin, Role::Admin), None);
+        assert_eq!(code(&admin, Role::Service), None);
+        for bad in [
+            None,
+            Some("Bearer nope"),
+            Some("Basic abc"),
+            Some("Bearer "),
+        ] {
+            assert_eq!(
+                code(&with(bad), Role::Service),
+                Some(tonic::Code::Unauthenticated),
+                "{bad:?}"
+            );
+        }
+        assert!(Tokens::default().check(&with(None), Role::Admin).is_ok());
+    }
+}

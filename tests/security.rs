@@ -1,0 +1,524 @@
+//! A cluster with TLS everywhere and caller tokens, from `chatctl certs
+//! init`: callers without a token, with a wrong one, or with a service token
+//! on an admin call are refused and change nothing; a client with a
+//! certificate from another CA cannot append entries or vote, nor can one of
+//! ours that is not the node it claims to be; plaintext to a TLS listener is
+//! refused; a config without TLS and tokens does not start unless it says
+//! `insecure = true`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use chatstore::api::codec::{to_postcard, RAFT_WIRE_VERSION};
+use chatstore::api::pb;
+use chatstore::api::pb::chat_store_client::ChatStoreClient;
+use chatstore::api::pb::raft::raft_transport_client::RaftTransportClient;
+use chatstore::api::pb::raft::RaftRequest;
+use chatstore::shard::types::{TypeConfig, Vote};
+use common::procs::ProcessCluster;
+use common::{ConfigOptions, TestDir};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+
+fn run(bin: &str, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(bin).args(args).output().expect("run");
+    let r = (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    eprintln!("$ {bin} {}\n{}{}-> exit {}", args.join(" "), r.1, r.2, r.0);
+    r
+}
+
+/// chatctl as an operator: the cluster CA, the admin certificate, and the
+/// token file given.
+fn chatctl(certs: &Path, token: &str, args: &[&str]) -> (i32, String, String) {
+    let ca = certs.join("ca.pem");
+    let cert = certs.join("admin.pem");
+    let key = certs.join("admin.key");
+    let token = certs.join(token);
+    let mut all: Vec<&str> = vec![
+        "--ca",
+        ca.to_str().unwrap(),
+        "--cert",
+        cert.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+        "--token-file",
+        token.to_str().unwrap(),
+    ];
+    all.extend_from_slice(args);
+    run(env!("CARGO_BIN_EXE_chatctl"), &all)
+}
+
+fn pem(path: PathBuf) -> Vec<u8> {
+    std::fs::read(path).expect("read PEM")
+}
+
+fn first_token(path: PathBuf) -> String {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .find(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+/// Terms and leaders of every shard, from node statuses.
+fn shard_state(certs: &Path, endpoints: &str) -> Vec<(u64, u64, u64)> {
+    let (code, out, err) = chatctl(
+        certs,
+        "admin.tokens",
+        &["--endpoints", endpoints, "--json", "shards"],
+    );
+    assert!(code == 0 || code == 1, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("shards --json");
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["shard"].as_u64().unwrap(),
+                s["term"].as_u64().unwrap(),
+                s["leader"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn with_token<T>(msg: T, token: Option<&str>) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    if let Some(t) = token {
+        r.metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tls_mutual_auth_and_tokens_keep_out_whoever_does_not_belong() {
+    let dir = TestDir::new("security");
+    let mut cluster = ProcessCluster::new(
+        &dir.path,
+        &ConfigOptions {
+            shards: 3,
+            ..Default::default()
+        },
+    );
+    let config = cluster.config_path.to_str().unwrap().to_string();
+    let certs = dir.path.join("certs");
+    let (code, out, err) = run(
+        env!("CARGO_BIN_EXE_chatctl"),
+        &[
+            "certs",
+            "init",
+            "--config",
+            &config,
+            "--out",
+            certs.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("[tls]") && out.contains("[auth]"), "{out}");
+    // Running it again would replace the cluster's keys: refused.
+    let (code, _, err) = run(
+        env!("CARGO_BIN_EXE_chatctl"),
+        &[
+            "certs",
+            "init",
+            "--config",
+            &config,
+            "--out",
+            certs.to_str().unwrap(),
+        ],
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("--force"), "{err}");
+
+    // Without TLS and tokens, and without `insecure = true`, nodes refuse.
+    let text = std::fs::read_to_string(&cluster.config_path).unwrap();
+    assert!(text.contains("insecure = true"));
+    let plain = dir.path.join("plain.toml");
+    std::fs::write(&plain, text.replace("insecure = true", "insecure = false")).unwrap();
+    let (code, _, err) = run(
+        env!("CARGO_BIN_EXE_chatstore"),
+        &["node", "--config", plain.to_str().unwrap(), "--id", "1"],
+    );
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("insecure = true") && err.contains("certs init"),
+        "{err}"
+    );
+
+    // The secured config: relative paths start at the config's folder.
+    let secured = text.replace("insecure = true", "insecure = false")
+        + "\n[tls]\nca = \"certs/ca.pem\"\nnode_cert = \"certs/node-{id}.pem\"\n\
+           node_key = \"certs/node-{id}.key\"\nrouter_cert = \"certs/router.pem\"\n\
+           router_key = \"certs/router.key\"\n\
+           [auth]\nservice_tokens = \"certs/service.tokens\"\nadmin_tokens = \"certs/admin.tokens\"\n";
+    std::fs::write(&cluster.config_path, secured).unwrap();
+    cluster.start_all_nodes();
+    let router = cluster.start_router("eu");
+    let addr = |id: u64| {
+        cluster
+            .config
+            .node(chatstore::types::NodeId(id))
+            .unwrap()
+            .raft_addr
+            .clone()
+    };
+    let endpoints = format!("{},{},{}", addr(1), addr(2), addr(3));
+
+    // Every shard led, seen over mutual TLS with the admin token.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (code, _, _) = chatctl(
+            &certs,
+            "admin.tokens",
+            &["--endpoints", &endpoints, "status"],
+        );
+        if code == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the TLS cluster did not become healthy"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    // The public API over TLS.
+    let ca = Certificate::from_pem(pem(certs.join("ca.pem")));
+    let channel = Endpoint::from_shared(format!("https://{router}"))
+        .unwrap()
+        .tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(ca.clone())
+                .domain_name("router.chatstore"),
+        )
+        .unwrap()
+        .connect_timeout(Duration::from_secs(3));
+    let mut api = None;
+    for _ in 0..100 {
+        if let Ok(ch) = channel.connect().await {
+            api = Some(ChatStoreClient::new(ch));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut api = api.expect("TLS connection to the router");
+    let service = first_token(certs.join("service.tokens"));
+    let admin = first_token(certs.join("admin.tokens"));
+    let send = |n: u64| pb::SendRequest {
+        chat_id: 7,
+        sender_id: 1,
+        client_msg_id: n,
+        body: b"hello".to_vec().into(),
+        ..Default::default()
+    };
+    let e = api.send(with_token(send(1), None)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    let e = api
+        .send(with_token(
+            send(2),
+            Some("not-a-token-of-this-cluster-at-all"),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    let get_chat = |token: &str| {
+        with_token(
+            pb::GetChatRequest {
+                chat_id: 7,
+                consistency: pb::Consistency::Linearizable as i32,
+                ..Default::default()
+            },
+            Some(token),
+        )
+    };
+    let before = api.get_chat(get_chat(&service)).await.unwrap().into_inner();
+    assert_eq!(before.last_seq, 0, "refused sends stored nothing");
+    let sent = api.send(with_token(send(3), Some(&service))).await;
+    assert!(sent.is_ok(), "{sent:?}");
+    // Moderation is an admin call.
+    let close = pb::CloseChatRequest {
+        chat_id: 7,
+        reason: "test".into(),
+        ..Default::default()
+    };
+    let e = api
+        .close_chat(with_token(close.clone(), Some(&service)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    let after = api.get_chat(get_chat(&service)).await.unwrap().into_inner();
+    assert!(!after.closed, "a refused close changed nothing");
+    assert_eq!(after.last_seq, 1);
+    assert!(api
+        .close_chat(with_token(close, Some(&admin)))
+        .await
+        .is_ok());
+
+    // Admin calls with a service token: PERMISSION_DENIED, nothing moves.
+    let state = shard_state(&certs, &endpoints);
+    let (shard, _, leader) = state[0];
+    let other = if leader == 1 { 2 } else { 1 };
+    let (code, _, err) = chatctl(
+        &certs,
+        "service.tokens",
+        &[
+            "--endpoints",
+            &endpoints,
+            "transfer-leader",
+            &shard.to_string(),
+            &other.to_string(),
+        ],
+    );
+    assert_eq!(code, 2);
+    assert!(err.contains("admin token"), "{err}");
+    let (code, out, _) = chatctl(
+        &certs,
+        "service.tokens",
+        &["--endpoints", &endpoints, "compact"],
+    );
+    assert_eq!(code, 1);
+    assert!(
+        out.contains("compacted 0 of 9") && out.contains("admin token"),
+        "{out}"
+    );
+
+    // Raft from outside: a certificate of another CA (even one naming node
+    // 1), and one of ours that is not node 1 (the router's).
+    let forged = dir.path.join("forged");
+    let (code, _, err) = run(
+        env!("CARGO_BIN_EXE_chatctl"),
+        &[
+            "certs",
+            "init",
+            "--config",
+            &config,
+            "--out",
+            forged.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let vote = openraft::raft::VoteRequest::<TypeConfig>::new(Vote::new(1_000, 1), None);
+    let append = openraft::raft::AppendEntriesRequest::<TypeConfig> {
+        vote: Vote::new_committed(1_000, 1),
+        prev_log_id: None,
+        entries: Vec::new(),
+        leader_commit: None,
+    };
+    let request = |payload: Vec<u8>| RaftRequest {
+        format_version: RAFT_WIRE_VERSION,
+        shard_id: shard,
+        from_node: 1,
+        payload: payload.into(),
+    };
+    let clients = [
+        (
+            "another CA's node-1 certificate",
+            Identity::from_pem(
+                pem(forged.join("node-1.pem")),
+                pem(forged.join("node-1.key")),
+            ),
+        ),
+        (
+            "our router's certificate",
+            Identity::from_pem(pem(certs.join("router.pem")), pem(certs.join("router.key"))),
+        ),
+    ];
+    for target in [2u64, 3] {
+        for (who, identity) in &clients {
+            let tls = ClientTlsConfig::new()
+                .ca_certificate(ca.clone())
+                .identity(identity.clone())
+                .domain_name(format!("node-{target}.chatstore"));
+            let endpoint = Endpoint::from_shared(format!("https://{}", addr(target)))
+                .unwrap()
+                .tls_config(tls)
+                .unwrap()
+                .connect_timeout(Duration::from_secs(3))
+                .timeout(Duration::from_secs(5));
+            let refused = match endpoint.connect().await {
+                Err(_) => true,
+                Ok(ch) => {
+                    let mut raft = RaftTransportClient::new(ch);
+                    let v = raft.vote(request(to_postcard(&vote))).await;
+                    let a = raft.append_entries(request(to_postcard(&append))).await;
+                    eprintln!("{who} -> node {target}: vote {v:?}, append {a:?}");
+                    let denied = |r: &Result<_, tonic::Status>| match r {
+                        Err(s) if who.contains("router") => {
+                            s.code() == tonic::Code::PermissionDenied
+                        }
+                        Err(_) => true,
+                        Ok(_) => false,
+                    };
+                    denied(&v) && denied(&a)
+                }
+            };
+            assert!(refused, "{who} was let in by node {target}");
+        }
+    }
+    // Plaintext to TLS listeners.
+    for target in [router.clone(), addr(2)] {
+        let ch = Endpoint::from_shared(format!("http://{target}"))
+            .unwrap()
+            .connect_timeout(Duration::from_secs(3))
+            .timeout(Duration::from_secs(5))
+            .connect()
+            .await;
+        if let Ok(ch) = ch {
+            let mut c = ChatStoreClient::new(ch);
+            let r = c.get_chat(get_chat(&admin)).await;
+            assert!(r.is_err(), "plaintext call to {target} answered: {r:?}");
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let now = shard_state(&certs, &endpoints);
+    assert_eq!(now, state, "no term or leader changed");
+}
+
+/// Raw bytes as a gRPC message, for sending what no generated client would.
+#[derive(Clone, Default)]
+struct RawCodec;
+
+struct RawEncoder;
+struct RawDecoder;
+
+impl tonic::codec::Encoder for RawEncoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        buf: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        use bytes::BufMut;
+        buf.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawDecoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        buf: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        use bytes::Buf;
+        let out = buf.copy_to_bytes(buf.remaining()).to_vec();
+        Ok(Some(out))
+    }
+}
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawEncoder;
+    type Decoder = RawDecoder;
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+    fn decoder(&mut self) -> RawDecoder {
+        RawDecoder
+    }
+}
+
+async fn raw_call(addr: &str, path: &'static str, body: Vec<u8>) -> Result<Vec<u8>, tonic::Status> {
+    let channel = Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let mut grpc = tonic::client::Grpc::new(channel).max_encoding_message_size(usize::MAX);
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    grpc.unary(
+        tonic::Request::new(body),
+        tonic::codegen::http::uri::PathAndQuery::from_static(path),
+        RawCodec,
+    )
+    .await
+    .map(|r| r.into_inner())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn malformed_and_oversized_frames_are_refused_and_every_process_keeps_serving() {
+    let dir = TestDir::new("hostile");
+    let (mut cluster, nodes) = common::procs::start_cluster(&dir.path, 2).await;
+    let router = cluster.start_router("eu");
+    let mut api = common::procs::router_client(&router).await;
+    let node = cluster.config.nodes[0].raft_addr.clone();
+    let garbage: Vec<u8> = (0..200u32).map(|i| (i * 37 % 251) as u8).collect();
+    let mut envelope = RaftRequest {
+        format_version: RAFT_WIRE_VERSION,
+        shard_id: 0,
+        from_node: 2,
+        payload: garbage.clone().into(),
+    };
+    let cases: Vec<(&str, &'static str, Vec<u8>)> = vec![
+        ("router", "/chatstore.v1.ChatStore/Send", garbage.clone()),
+        (
+            "router",
+            "/chatstore.v1.ChatStore/GetHistory",
+            vec![0xff; 64],
+        ),
+        ("router", "/chatstore.v1.ChatStore/Send", vec![7u8; 2 << 20]),
+        (
+            "router",
+            "/chatstore.v1.ChatStore/NoSuchCall",
+            garbage.clone(),
+        ),
+        ("node", "/chatstore.v1.node.NodeApi/Write", garbage.clone()),
+        ("node", "/chatstore.v1.node.NodeApi/Read", vec![0x0a; 300]),
+        (
+            "node",
+            "/chatstore.v1.raft.RaftTransport/AppendEntries",
+            envelope.encode_to_vec(),
+        ),
+        ("node", "/chatstore.v1.raft.RaftTransport/Vote", {
+            envelope.format_version = 99;
+            envelope.encode_to_vec()
+        }),
+        (
+            "node",
+            "/chatstore.v1.node.Admin/ChangeVoters",
+            garbage.clone(),
+        ),
+    ];
+    use prost::Message as _;
+    for (who, path, body) in cases {
+        let len = body.len();
+        let target = if who == "router" { &router } else { &node };
+        let r = raw_call(target, path, body).await;
+        eprintln!("{who} {path} ({len} bytes): {r:?}");
+        let status = r.expect_err("hostile input must be refused");
+        assert!(
+            !matches!(status.code(), tonic::Code::Ok | tonic::Code::Unavailable),
+            "{path}: {status:?}"
+        );
+    }
+    // Everyone still serves.
+    let sent = api
+        .send(pb::SendRequest {
+            chat_id: 3,
+            sender_id: 1,
+            client_msg_id: 1,
+            body: b"still here".to_vec().into(),
+            ..Default::default()
+        })
+        .await;
+    assert!(sent.is_ok(), "{sent:?}");
+    nodes
+        .wait_leaders(&[1, 2, 3], Duration::from_secs(30))
+        .await
+        .expect("every node still serves");
+}
