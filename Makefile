@@ -2,7 +2,7 @@
 CONFIG ?= cluster-configs/local-3region.toml
 CARGO  ?= cargo
 
-.PHONY: dev dev-geo test chaos fuzz bench bench-geo build verify fix clean nextest
+.PHONY: dev dev-geo test chaos fuzz bench bench-geo bench-idle build verify fix clean nextest
 SEED ?=
 DURATION ?= 120
 
@@ -40,6 +40,12 @@ fuzz:
 ## failover; writes its section of BENCHMARKS.md. BENCH_SECS (default 10) per region.
 bench-geo:
 	$(CARGO) test --release --test geo -- --ignored bench_geo --nocapture
+
+## Idle-shard benchmark (release build): CPU and RSS of nodes hosting 100
+## and 1,000 shards, quiet and ticking, and the cost of waking a quiet shard;
+## writes its section of BENCHMARKS.md. BENCH_SECS (default 20) per window.
+bench-idle:
+	$(CARGO) test --release --test idle -- --ignored bench_idle --nocapture
 
 ## Release binaries.
 build:

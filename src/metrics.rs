@@ -5,6 +5,10 @@ pub const STORAGE_FSYNC_BATCH: &str = "chatstore_storage_fsync_batch_callbacks";
 pub const SHARD_APPLY_ENTRIES: &str = "chatstore_shard_apply_entries_total";
 pub const SHARD_PROPOSAL_COMMANDS: &str = "chatstore_shard_proposal_commands";
 pub const SHARD_PROPOSAL_SECONDS: &str = "chatstore_shard_proposal_seconds";
+/// Replicas on this node whose Raft timers are stopped (quiet shards).
+pub const SHARD_QUIET: &str = "chatstore_shard_quiet";
+/// Quiet replicas woken, by cause.
+pub const SHARD_WAKES: &str = "chatstore_shard_wakes_total";
 pub const DEDUP_HITS: &str = "chatstore_dedup_hits_total";
 pub const TTL_EXPIRED: &str = "chatstore_ttl_expired_total";
 pub const ERASURE_KEYS_DESTROYED: &str = "chatstore_erasure_keys_destroyed_total";

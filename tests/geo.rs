@@ -504,40 +504,5 @@ async fn bench_geo() {
         acked.len()
     );
     println!("{section}");
-    write_bench_section("bench-geo", &section);
-}
-
-/// Replaces (or appends) the section between `<!-- NAME:begin -->` and
-/// `<!-- NAME:end -->` in BENCHMARKS.md, stamped with the machine, commit and
-/// date.
-fn write_bench_section(name: &str, body: &str) {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("BENCHMARKS.md");
-    let sh = |cmd: &str| {
-        std::process::Command::new("sh")
-            .args(["-c", cmd])
-            .output()
-            .ok()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-            .unwrap_or_default()
-    };
-    let stamp = format!(
-        "Measured {} on `{}` ({} cores, {}), commit {}.",
-        sh("date -u +%Y-%m-%dT%H:%MZ"),
-        sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'"),
-        sh("nproc"),
-        sh("free -g | awk '/Mem:/ {print $2 \" GiB\"}'"),
-        sh("git rev-parse --short HEAD; git diff --quiet HEAD || echo '(with uncommitted changes)'").replace('\n', " ")
-    );
-    let begin = format!("<!-- {name}:begin -->");
-    let end = format!("<!-- {name}:end -->");
-    let block = format!("{begin}\n{stamp}\n\n{body}{end}");
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n".to_string());
-    let text = match (text.find(&begin), text.find(&end)) {
-        (Some(b), Some(e)) if b < e => format!("{}{block}{}", &text[..b], &text[e + end.len()..]),
-        _ => format!(
-            "{}\n## Geo-distribution (`make bench-geo`)\n\n{block}\n",
-            text.trim_end()
-        ),
-    };
-    std::fs::write(&path, text).expect("write BENCHMARKS.md");
+    common::write_bench_section("bench-geo", "Geo-distribution (`make bench-geo`)", &section);
 }

@@ -249,6 +249,10 @@ pub struct RaftTiming {
     /// Entries kept behind a snapshot for followers that are slightly behind.
     pub logs_kept_behind_snapshot: u64,
     pub install_snapshot_timeout_ms: u64,
+    /// A shard with no writes for this long, whose followers hold the whole
+    /// log, stops its Raft timers until the next write; node-pair pings
+    /// stand in for its heartbeats. 0 keeps every shard ticking.
+    pub quiesce_after_ms: u64,
 }
 
 impl Default for RaftTiming {
@@ -260,6 +264,7 @@ impl Default for RaftTiming {
             snapshot_every_entries: 10_000,
             logs_kept_behind_snapshot: 1_000,
             install_snapshot_timeout_ms: 5 * 60 * 1000,
+            quiesce_after_ms: 5_000,
         }
     }
 }

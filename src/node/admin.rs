@@ -40,9 +40,11 @@ impl AdminService {
         hosted(&self.registry, id)
     }
 
-    /// This node's replica of `id`, which must be the leader.
-    fn leader(&self, id: u64) -> Result<Arc<Shard>, Status> {
+    /// This node's replica of `id`, which must be the leader; woken if it
+    /// was quiet, since membership changes need its timers.
+    async fn leader(&self, id: u64) -> Result<Arc<Shard>, Status> {
         let shard = self.shard(id)?;
+        shard.wake_leader().await;
         if !shard.is_leader() {
             return Err(from_shard_error(crate::shard::Error::NotLeader {
                 shard: shard.id,
@@ -127,7 +129,7 @@ impl Admin for AdminService {
                 self.registry.config().regions
             )));
         }
-        let shard = self.leader(req.shard_id)?;
+        let shard = self.leader(req.shard_id).await?;
         let known = {
             let m = shard.raft.metrics().borrow_watched().clone();
             let known = m
@@ -156,7 +158,7 @@ impl Admin for AdminService {
         request: Request<ChangeVotersRequest>,
     ) -> Result<Response<ShardStatus>, Status> {
         let req = request.into_inner();
-        let shard = self.leader(req.shard_id)?;
+        let shard = self.leader(req.shard_id).await?;
         let me = self.registry.node_id().0;
         if req.remove.contains(&me) {
             return Err(Status::failed_precondition(format!(
@@ -221,7 +223,7 @@ impl Admin for AdminService {
         request: Request<TransferLeaderRequest>,
     ) -> Result<Response<ShardStatus>, Status> {
         let req = request.into_inner();
-        let shard = self.leader(req.shard_id)?;
+        let shard = self.leader(req.shard_id).await?;
         let me = self.registry.node_id().0;
         let m = shard.raft.metrics().borrow_watched().clone();
         let membership = m.membership_config.membership();

@@ -90,6 +90,7 @@ pub fn shard_status(shard: &Shard, registry: &Registry) -> ShardStatus {
         members,
         progress,
         preferred_region: registry.placement().preferred_region(shard.id).to_string(),
+        quiet: shard.is_quiet(),
     }
 }
 

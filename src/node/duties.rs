@@ -48,6 +48,8 @@ pub struct Context {
     /// How long a node must have led a shard before handing it back, and
     /// the least time between two hand-back attempts.
     pub return_after: Duration,
+    /// Idle time after which a led shard quiesces (zero: never).
+    pub quiesce_after: Duration,
 }
 
 pub async fn run(registry: Registry, ctx: Context, mut shutdown: watch::Receiver<bool>) {
@@ -66,7 +68,12 @@ pub async fn run(registry: Registry, ctx: Context, mut shutdown: watch::Receiver
                 continue;
             }
             let since = *leading_since.entry(shard.id).or_insert_with(Instant::now);
-            if let Err(e) = chores(&shard).await {
+            let result = if shard.is_quiet() {
+                quiet_chores(&shard).await
+            } else {
+                chores(&shard).await
+            };
+            if let Err(e) = result {
                 tracing::debug!(shard = %shard.id, error = %e, "leader chores");
             }
             let recently = last_transfer
@@ -76,12 +83,23 @@ pub async fn run(registry: Registry, ctx: Context, mut shutdown: watch::Receiver
                 if let Some(target) = preferred_target(&shard, &ctx) {
                     tracing::info!(shard = %shard.id, to = target, "returning leadership to the preferred region");
                     last_transfer.insert(shard.id, Instant::now());
+                    shard.wake_leader().await;
                     if let Err(e) = shard.raft.trigger().transfer_leader(target).await {
                         tracing::warn!(shard = %shard.id, error = %e, "transfer leadership");
                     }
                 }
             }
+            crate::node::quiesce::maybe_quiesce(&shard, registry.peers(), ctx.quiesce_after).await;
         }
+    }
+}
+
+/// A quiet leader's only chore: self-destructing messages that fall due
+/// (a write, which wakes the shard).
+async fn quiet_chores(shard: &Shard) -> Result<(), String> {
+    match shard.reader.earliest_expiry().map_err(|e| e.to_string())? {
+        Some(due) if due <= now_ms() => chores(shard).await,
+        _ => Ok(()),
     }
 }
 

@@ -19,6 +19,7 @@ pub mod admin;
 pub mod api;
 pub mod duties;
 pub mod erasure;
+pub mod quiesce;
 pub mod transport;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -114,6 +115,11 @@ impl Registry {
 
     pub fn placement(&self) -> &Placement {
         &self.host.placement
+    }
+
+    /// This node's connections to its peers.
+    pub fn peers(&self) -> &Peers {
+        &self.host.peers
     }
 
     pub fn is_draining(&self) -> bool {
@@ -237,6 +243,7 @@ pub struct Node {
     server: Option<JoinHandle<()>>,
     duties: Option<JoinHandle<()>>,
     eraser: Option<JoinHandle<()>>,
+    liveness: Option<JoinHandle<()>>,
 }
 
 impl Node {
@@ -362,7 +369,14 @@ impl Node {
                 .collect(),
             // Long enough that a restarting node is caught up and stable.
             return_after: std::time::Duration::from_millis(config.raft.election_timeout_ms_max * 5),
+            quiesce_after: std::time::Duration::from_millis(config.raft.quiesce_after_ms),
         };
+        let liveness = tokio::spawn(quiesce::run_liveness(
+            registry.clone(),
+            std::time::Duration::from_millis(config.raft.heartbeat_ms),
+            std::time::Duration::from_millis(config.raft.election_timeout_ms_max),
+            shutdown_rx.clone(),
+        ));
         let duties = tokio::spawn(duties::run(registry.clone(), ctx, shutdown_rx.clone()));
         let eraser = tokio::spawn(erasure::run(registry.clone(), shutdown_rx));
         tracing::info!(node = id.0, %addr, shards = registry.all().len(), "node started");
@@ -375,6 +389,7 @@ impl Node {
             server: Some(server),
             duties: Some(duties),
             eraser: Some(eraser),
+            liveness: Some(liveness),
         })
     }
 
@@ -389,6 +404,9 @@ impl Node {
         }
         if let Some(e) = self.eraser.take() {
             let _ = e.await;
+        }
+        if let Some(l) = self.liveness.take() {
+            let _ = l.await;
         }
         for shard in self.registry.all() {
             shard.shutdown().await;

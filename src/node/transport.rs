@@ -10,7 +10,9 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::api::codec::{from_postcard, to_postcard, RAFT_WIRE_VERSION};
 use crate::api::pb::raft::raft_reply::Result as ReplyResult;
 use crate::api::pb::raft::raft_transport_server::RaftTransport;
-use crate::api::pb::raft::{RaftReply, RaftRequest, SnapshotChunk};
+use crate::api::pb::raft::{
+    PingReply, PingRequest, QuiesceReply, QuiesceRequest, RaftReply, RaftRequest, SnapshotChunk,
+};
 use crate::node::Registry;
 use crate::shard::snapshot::SnapshotFile;
 use crate::shard::types::{Snapshot, SnapshotMeta, Vote};
@@ -85,7 +87,7 @@ impl TransportService {
 }
 
 macro_rules! forward {
-    ($self:ident, $request:ident, $method:ident, $what:literal) => {{
+    ($self:ident, $request:ident, $method:ident, $what:literal, $wake:expr) => {{
         let shard = $self.shard($request.get_ref())?;
         $self.check_sender(
             $request.peer_certs().as_deref(),
@@ -95,6 +97,10 @@ macro_rules! forward {
         let req = $request.into_inner();
         let rpc = from_postcard(&req.payload, $what)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let wake: fn(&_) -> bool = $wake;
+        if shard.is_quiet() && wake(&rpc) && shard.wake() {
+            metrics::counter!(crate::metrics::SHARD_WAKES, "cause" => $what).increment(1);
+        }
         match shard.raft.$method(rpc).await {
             Ok(resp) => Ok(ok(&resp)),
             Err(e) => Ok(err(e.to_string())),
@@ -104,19 +110,59 @@ macro_rules! forward {
 
 #[tonic::async_trait]
 impl RaftTransport for TransportService {
+    async fn quiesce(
+        &self,
+        request: Request<QuiesceRequest>,
+    ) -> Result<Response<QuiesceReply>, Status> {
+        let certs = request.peer_certs();
+        let req = request.into_inner();
+        let shard = self.registry.get(ShardId(req.shard_id)).ok_or_else(|| {
+            Status::not_found(format!("shard {} is not hosted here", req.shard_id))
+        })?;
+        self.check_sender(certs.as_deref(), &shard, req.from_node)?;
+        let quiet = shard.quiesce_follower(req.from_node, req.term, req.last_log_index);
+        Ok(Response::new(QuiesceReply { quiet }))
+    }
+
+    async fn ping(&self, request: Request<PingRequest>) -> Result<Response<PingReply>, Status> {
+        if self.tls {
+            let from = request.get_ref().from_node;
+            let certs = request.peer_certs();
+            let certs = certs.as_deref().map(Vec::as_slice).unwrap_or_default();
+            if !crate::security::peer_is(certs, &crate::security::node_name(from)) {
+                return Err(Status::permission_denied(format!(
+                    "the caller's certificate is not node {from}'s"
+                )));
+            }
+        }
+        Ok(Response::new(PingReply {
+            node_id: self.registry.node_id().0,
+        }))
+    }
+
     async fn append_entries(
         &self,
         request: Request<RaftRequest>,
     ) -> Result<Response<RaftReply>, Status> {
-        forward!(self, request, append_entries, "append-entries request")
+        // A heartbeat (no entries) leaves a quiet follower quiet: the leader
+        // may still send one or two while it quiesces. Entries wake it.
+        forward!(
+            self,
+            request,
+            append_entries,
+            "append-entries request",
+            |r: &openraft::raft::AppendEntriesRequest<crate::shard::types::TypeConfig>| {
+                !r.entries.is_empty()
+            }
+        )
     }
 
     async fn vote(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
-        forward!(self, request, vote, "vote request")
+        forward!(self, request, vote, "vote request", |_| true)
     }
 
     async fn pre_vote(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
-        forward!(self, request, pre_vote, "pre-vote request")
+        forward!(self, request, pre_vote, "pre-vote request", |_| true)
     }
 
     async fn transfer_leader(
@@ -127,7 +173,8 @@ impl RaftTransport for TransportService {
             self,
             request,
             handle_transfer_leader,
-            "transfer-leader request"
+            "transfer-leader request",
+            |_| true
         )
     }
 
@@ -148,6 +195,7 @@ impl RaftTransport for TransportService {
             Status::not_found(format!("shard {} is not hosted here", first.shard_id))
         })?;
         self.check_sender(certs.as_deref(), &shard, first.from_node)?;
+        shard.wake();
         let (vote, meta): (Vote, SnapshotMeta) = from_postcard(&first.header, "snapshot header")
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let dir = self.registry.storage().snapshot_dir(shard.id);

@@ -94,6 +94,19 @@ pub struct Shard {
     /// Where the shard's data lives, for the node's eraser.
     pub files: ShardFiles,
     proposals: mpsc::Sender<PendingWrite>,
+    quiet: Quiet,
+    /// How long a woken leader waits to renew its lease before proposing.
+    wake_wait: Duration,
+}
+
+/// Whether a replica's Raft timers are stopped (see `src/node/quiesce.rs`),
+/// and when it last saw a write.
+#[derive(Default)]
+struct Quiet {
+    /// Held across a change of state so that the flag and openraft's
+    /// ticker never disagree.
+    quiet: std::sync::Mutex<bool>,
+    last_write_ms: std::sync::atomic::AtomicU64,
 }
 
 /// A shard's sled trees and snapshot folder.
@@ -175,21 +188,113 @@ impl Shard {
             peers: peers.clone(),
             rpc_timeout_min: Duration::from_millis(config.election_timeout_min),
         };
+        let wake_wait = Duration::from_millis(config.election_timeout_max * 2);
         let raft = Raft::new(peers.self_id().0, config, network, log, sm).await?;
         let (tx, rx) = mpsc::channel(PROPOSAL_QUEUE_MAX);
         tokio::spawn(run_proposer(id, raft.clone(), rx));
+        let quiet = Quiet::default();
+        quiet
+            .last_write_ms
+            .store(now_ms(), std::sync::atomic::Ordering::Relaxed);
         Ok(Shard {
             id,
             raft,
             reader,
             files,
             proposals: tx,
+            quiet,
+            wake_wait,
         })
+    }
+
+    /// True while this replica's Raft timers are stopped.
+    pub fn is_quiet(&self) -> bool {
+        *self.quiet.quiet.lock().expect("quiet state")
+    }
+
+    /// How long since this replica last proposed or was asked to.
+    pub fn idle_for(&self) -> Duration {
+        let last = self
+            .quiet
+            .last_write_ms
+            .load(std::sync::atomic::Ordering::Relaxed);
+        Duration::from_millis(now_ms().saturating_sub(last))
+    }
+
+    fn touch(&self) {
+        self.quiet
+            .last_write_ms
+            .store(now_ms(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Stops this replica's Raft timers.
+    pub fn quiesce(&self) {
+        let mut quiet = self.quiet.quiet.lock().expect("quiet state");
+        if !*quiet {
+            *quiet = true;
+            self.raft.runtime_config().tick(false);
+            metrics::gauge!(crate::metrics::SHARD_QUIET).increment(1.0);
+        }
+    }
+
+    /// Restarts this replica's Raft timers; true if they were stopped.
+    pub fn wake(&self) -> bool {
+        let mut quiet = self.quiet.quiet.lock().expect("quiet state");
+        if *quiet {
+            *quiet = false;
+            self.raft.runtime_config().tick(true);
+            metrics::gauge!(crate::metrics::SHARD_QUIET).decrement(1.0);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Wakes a quiet leader and waits (boundedly) until a quorum has
+    /// answered a heartbeat: its lease lapsed while it was quiet, and
+    /// openraft refuses writes until the lease is renewed. This is the
+    /// round trip a write to a quiet shard pays.
+    pub async fn wake_leader(&self) {
+        if !self.wake() || !self.is_leader() {
+            return;
+        }
+        let before = self.raft.metrics().borrow_watched().last_quorum_acked;
+        if self.raft.trigger().heartbeat().await.is_err() {
+            return;
+        }
+        let _ = self
+            .raft
+            .wait(Some(self.wake_wait))
+            .metrics(
+                |m| m.state != ServerState::Leader || m.last_quorum_acked > before,
+                "lease renewed",
+            )
+            .await;
+    }
+
+    /// On a follower asked by `leader` to quiesce: agrees, and stops its
+    /// timers, only if it follows `leader` at `term` and holds exactly the
+    /// leader's log, all applied.
+    pub fn quiesce_follower(&self, leader: u64, term: u64, last_index: u64) -> bool {
+        let m = self.raft.metrics().borrow_watched().clone();
+        let agrees = m.state == ServerState::Follower
+            && m.current_leader == Some(leader)
+            && m.current_term == term
+            && m.last_log_index == Some(last_index)
+            && m.last_applied.map(|l| l.index) == Some(last_index);
+        if agrees {
+            self.quiesce();
+        }
+        agrees
     }
 
     /// Proposes `commands` as part of one log entry and waits until the entry
     /// is committed and applied.
     pub async fn propose(&self, commands: Vec<Command>) -> Result<WriteOutcome, Error> {
+        self.touch();
+        if self.is_quiet() {
+            self.wake_leader().await;
+        }
         let bytes: usize = commands.iter().map(|c| c.encoded_len()).sum();
         if bytes > BATCH_BYTES_MAX {
             return Err(Error::InvalidArgument(format!(
@@ -247,6 +352,9 @@ impl Shard {
     /// Waits until this replica may serve a LINEARIZABLE read (read-index
     /// through the leader's quorum, then applied up to it).
     pub async fn linearizable_barrier(&self) -> Result<u64, Error> {
+        if self.is_quiet() {
+            self.wake_leader().await;
+        }
         match self.raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
             Ok(read_log_id) => Ok(read_log_id.log_id().index),
             Err(e) => {

@@ -113,6 +113,9 @@ impl Chaos {
                 // A small copy of a real matrix (eu-us < us-ap < eu-ap),
                 // short so CI stays fast; applied by nodes and routers.
                 rtt_ms: Some(RTT_MS),
+                // Shards quiesce in every lull (a stalled link, a killed
+                // leader), so faults hit quiet shards and wakes too.
+                quiesce_after_ms: 400,
                 ..Default::default()
             },
         );

@@ -42,6 +42,9 @@ pub struct ConfigOptions {
     pub raft_timing: Option<(u64, u64, u64)>,
     /// Nodes listed with `bootstrap = false` (id, region): they start empty.
     pub extra_nodes: Vec<(u64, &'static str)>,
+    /// `[raft] quiesce_after_ms`: short in tests, so that every
+    /// multi-process test also runs shards going quiet and waking.
+    pub quiesce_after_ms: u64,
 }
 
 impl Default for ConfigOptions {
@@ -54,6 +57,7 @@ impl Default for ConfigOptions {
             rtt_ms: None,
             raft_timing: None,
             extra_nodes: Vec::new(),
+            quiesce_after_ms: 1_500,
         }
     }
 }
@@ -64,7 +68,7 @@ pub fn three_region_config(root: &Path, opts: &ConfigOptions) -> ClusterConfig {
     let mut text = format!(
         "cluster_name = \"test\"\nshards = {}\nreplication_factor = 3\nregions = [\"eu\", \"us\", \"ap\"]\ndata_root = {:?}\ninsecure = true\n\
          [raft]\nheartbeat_ms = {}\nelection_timeout_ms_min = {}\nelection_timeout_ms_max = {}\n\
-         snapshot_every_entries = {}\nlogs_kept_behind_snapshot = {}\n",
+         snapshot_every_entries = {}\nlogs_kept_behind_snapshot = {}\nquiesce_after_ms = {}\n",
         opts.shards,
         root.display().to_string(),
         heartbeat,
@@ -72,6 +76,7 @@ pub fn three_region_config(root: &Path, opts: &ConfigOptions) -> ClusterConfig {
         election_max,
         opts.snapshot_every_entries,
         opts.logs_kept_behind_snapshot,
+        opts.quiesce_after_ms,
     );
     if let Some((eu_us, us_ap, eu_ap)) = opts.rtt_ms {
         text.push_str(&format!(
@@ -382,4 +387,36 @@ fn rand_suffix() -> String {
             .unwrap()
             .subsec_nanos()
     )
+}
+
+/// Replaces (or appends) the section between `<!-- NAME:begin -->` and
+/// `<!-- NAME:end -->` in BENCHMARKS.md, stamped with the machine, commit and
+/// date.
+pub fn write_bench_section(name: &str, heading: &str, body: &str) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("BENCHMARKS.md");
+    let sh = |cmd: &str| {
+        std::process::Command::new("sh")
+            .args(["-c", cmd])
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default()
+    };
+    let stamp = format!(
+        "Measured {} on `{}` ({} cores, {}), commit {}.",
+        sh("date -u +%Y-%m-%dT%H:%MZ"),
+        sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'"),
+        sh("nproc"),
+        sh("free -g | awk '/Mem:/ {print $2 \" GiB\"}'"),
+        sh("git rev-parse --short HEAD; git diff --quiet HEAD || echo '(with uncommitted changes)'").replace('\n', " ")
+    );
+    let begin = format!("<!-- {name}:begin -->");
+    let end = format!("<!-- {name}:end -->");
+    let block = format!("{begin}\n{stamp}\n\n{body}{end}");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n".to_string());
+    let text = match (text.find(&begin), text.find(&end)) {
+        (Some(b), Some(e)) if b < e => format!("{}{block}{}", &text[..b], &text[e + end.len()..]),
+        _ => format!("{}\n## {heading}\n\n{block}\n", text.trim_end()),
+    };
+    std::fs::write(&path, text).expect("write BENCHMARKS.md");
 }

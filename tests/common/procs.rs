@@ -76,6 +76,11 @@ impl ProcessCluster {
         }
     }
 
+    /// The process id of node `id`, if it runs.
+    pub fn node_pid(&self, id: u64) -> Option<u32> {
+        self.nodes.get(&id).map(|c| c.id())
+    }
+
     pub fn is_running(&self, id: u64) -> bool {
         self.nodes.contains_key(&id)
     }

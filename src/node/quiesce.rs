@@ -1,0 +1,185 @@
+//! Quiet shards (DESIGN section 3a): an idle shard stops its Raft timers, and
+//! one ping per node pair stands in for the heartbeats of all of them.
+//!
+//! Every openraft group ticks on its own (heartbeats, election and lease
+//! timers); at a thousand replicas per node that alone fills the CPU. So:
+//! - **Quiesce.** A leader whose shard has had no write for
+//!   `[raft] quiesce_after_ms`, whose log is committed and applied, and whose
+//!   voters all hold its whole log (no learner, no joint membership) asks each
+//!   follower to quiesce. A follower agrees only if it follows that leader at
+//!   that term and holds exactly its log; it then stops its ticker. Once all
+//!   agreed, and nothing was written meanwhile, the leader stops its own.
+//! - **Wake.** A write or a LINEARIZABLE read on a quiet leader restarts its
+//!   ticker and renews its lease with one heartbeat round before proposing
+//!   (openraft refuses writes on a lapsed lease): the write pays one extra
+//!   round trip. A quiet follower wakes on entries from the leader, on a vote
+//!   or pre-vote request, on a snapshot and on a leadership transfer; an
+//!   empty heartbeat leaves it quiet (the leader may send one or two while it
+//!   quiesces).
+//! - **Liveness.** Each node pings every peer that its replicas' memberships
+//!   name once per heartbeat interval. When a peer has not answered for the
+//!   longest election timeout, every quiet replica here that it leads wakes,
+//!   and elects as usual. A replica that knows no leader wakes too.
+//!
+//! Safety does not depend on any of this: it only decides when timers run.
+//! A quiet leader that lost its followers to a partition still thinks it
+//! leads, but a write there cannot renew the lease and is refused; the
+//! partition's other side elects once pings fail.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use openraft::async_runtime::WatchReceiver;
+use tokio::sync::watch;
+
+use crate::api::pb::raft::{PingRequest, QuiesceRequest};
+use crate::node::Registry;
+use crate::shard::network::Peers;
+use crate::shard::types::NodeAddr;
+use crate::shard::Shard;
+
+/// How long a peer may take to answer a quiesce request or a ping.
+const CALL_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Quiesces `shard` if this node leads it, it has been idle for `after` and
+/// every voter holds the whole log. Returns true if it is now quiet.
+pub async fn maybe_quiesce(shard: &Shard, peers: &Peers, after: Duration) -> bool {
+    if after.is_zero() || shard.is_quiet() || !shard.is_leader() || shard.idle_for() < after {
+        return false;
+    }
+    let me = peers.self_id().0;
+    let m = shard.raft.metrics().borrow_watched().clone();
+    let last = m.last_log_index.unwrap_or(0);
+    let membership = m.membership_config.membership();
+    if membership.get_joint_config().len() > 1 || membership.learner_ids().next().is_some() {
+        return false;
+    }
+    if m.cluster_committed.as_ref().map(|l| l.index) != Some(last)
+        || m.last_applied.as_ref().map(|l| l.index) != Some(last)
+    {
+        return false;
+    }
+    let Some(replication) = m.replication.as_ref() else {
+        return false;
+    };
+    let followers: Vec<(u64, NodeAddr)> = membership
+        .voter_ids()
+        .filter(|id| *id != me)
+        .filter_map(|id| membership.get_node(&id).map(|n| (id, n.clone())))
+        .collect();
+    let caught_up = followers.iter().all(|(id, _)| {
+        replication
+            .get(id)
+            .cloned()
+            .flatten()
+            .is_some_and(|l| l.index == last)
+    });
+    if !caught_up {
+        return false;
+    }
+    let term = m.current_term;
+    let asks = followers.iter().map(|(id, node)| {
+        let client = peers.client(*id, &node.addr, &node.region);
+        let shard_id = shard.id.0;
+        async move {
+            let mut client = client.ok()?;
+            let mut req = tonic::Request::new(QuiesceRequest {
+                shard_id,
+                from_node: me,
+                term,
+                last_log_index: last,
+            });
+            req.set_timeout(CALL_TIMEOUT);
+            client.quiesce(req).await.ok().map(|r| r.into_inner().quiet)
+        }
+    });
+    let answers = futures::future::join_all(asks).await;
+    if !answers.iter().all(|a| *a == Some(true)) {
+        // Followers that agreed wake with the next entry.
+        return false;
+    }
+    // Nothing may have been written while the followers were asked.
+    let now = shard.raft.metrics().borrow_watched().clone();
+    if shard.idle_for() < after || !shard.is_leader() || now.last_log_index != Some(last) {
+        return false;
+    }
+    shard.quiesce();
+    tracing::debug!(shard = %shard.id, index = last, "shard quiet");
+    true
+}
+
+/// Pings every peer the hosted shards' memberships name, and wakes the quiet
+/// replicas whose leader stopped answering, until `shutdown`.
+pub async fn run_liveness(
+    registry: Registry,
+    every: Duration,
+    dead_after: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let me = registry.node_id().0;
+    let mut last_answer: HashMap<u64, Instant> = HashMap::new();
+    let mut peers: BTreeMap<u64, NodeAddr> = BTreeMap::new();
+    let mut round: u64 = 0;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        let shards = registry.all();
+        // The peer list changes only with membership: refreshed every so
+        // often, not every round.
+        if round.is_multiple_of(20) {
+            peers = known_peers(&shards, me);
+        }
+        round += 1;
+        let pings = peers.iter().map(|(id, node)| {
+            let client = registry.peers().client(*id, &node.addr, &node.region);
+            let id = *id;
+            async move {
+                let Ok(mut client) = client else {
+                    return (id, false);
+                };
+                let mut req = tonic::Request::new(PingRequest { from_node: me });
+                req.set_timeout(CALL_TIMEOUT.min(dead_after));
+                (id, client.ping(req).await.is_ok())
+            }
+        });
+        let now = Instant::now();
+        for (id, ok) in futures::future::join_all(pings).await {
+            let seen = last_answer.entry(id).or_insert(now);
+            if ok {
+                *seen = Instant::now();
+            }
+        }
+        for shard in shards.iter().filter(|s| s.is_quiet()) {
+            let leader = shard.raft.metrics().borrow_watched().current_leader;
+            let gone = match leader {
+                None => true,
+                Some(l) if l == me => false,
+                Some(l) => last_answer
+                    .get(&l)
+                    .is_none_or(|t| t.elapsed() >= dead_after),
+            };
+            if gone && shard.wake() {
+                tracing::info!(shard = %shard.id, ?leader, "waking a quiet replica: its leader is gone");
+                metrics::counter!(crate::metrics::SHARD_WAKES, "cause" => "leader gone")
+                    .increment(1);
+            }
+        }
+    }
+}
+
+/// Every other node in the memberships of `shards`.
+fn known_peers(shards: &[Arc<Shard>], me: u64) -> BTreeMap<u64, NodeAddr> {
+    let mut out = BTreeMap::new();
+    for s in shards {
+        let m = s.raft.metrics().borrow_watched().membership_config.clone();
+        for (id, node) in m.membership().nodes() {
+            if *id != me {
+                out.entry(*id).or_insert_with(|| node.clone());
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,144 @@
+//! Quiet shards on a real multi-process cluster: idle shards stop their Raft
+//! timers on every replica; a write to a quiet shard wakes it and is
+//! acknowledged; when the node leading quiet shards dies, node-pair pings
+//! wake its followers, they elect, and writes go on; nothing acknowledged is
+//! lost.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use chatstore::api::pb::node::StatusRequest;
+use common::procs::start_cluster_with;
+use common::{send_cmd, ConfigOptions, TestDir};
+
+/// Per (node, shard): quiet, leader.
+async fn quiet_map(nodes: &common::Client, ids: &[u64]) -> BTreeMap<(u64, u64), (bool, u64)> {
+    let mut out = BTreeMap::new();
+    for id in ids {
+        if let Ok(s) = nodes.node(*id).status(StatusRequest {}).await {
+            for sh in s.into_inner().shards {
+                out.insert((*id, sh.shard_id), (sh.quiet, sh.leader_node));
+            }
+        }
+    }
+    out
+}
+
+async fn wait_all_quiet(nodes: &common::Client, ids: &[u64], shards: u64, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let m = quiet_map(nodes, ids).await;
+        let quiet = m.values().filter(|(q, _)| *q).count();
+        if quiet == ids.len() * shards as usize {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {quiet} of {} replicas went quiet within {within:?}: {m:?}",
+            ids.len() * shards as usize
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idle_shards_go_quiet_wake_on_writes_and_fail_over_when_their_leader_dies() {
+    let dir = TestDir::new("quiet");
+    let shards = 4u64;
+    let (mut cluster, nodes) = start_cluster_with(
+        &dir.path,
+        &ConfigOptions {
+            shards: shards as u32,
+            quiesce_after_ms: 1_000,
+            ..Default::default()
+        },
+    )
+    .await;
+    // A write in every shard, then silence: every replica goes quiet.
+    let mut acked: Vec<(u64, u64)> = Vec::new();
+    let mut chat_of_shard: BTreeMap<u64, u64> = BTreeMap::new();
+    for chat in 1..200u64 {
+        chat_of_shard.entry(nodes.shard_of(chat).0).or_insert(chat);
+    }
+    assert_eq!(chat_of_shard.len(), shards as usize);
+    let mut n = 0;
+    for chat in chat_of_shard.values() {
+        n += 1;
+        nodes
+            .write(
+                *chat,
+                vec![send_cmd(*chat, 1, n, b"before")],
+                Duration::from_secs(20),
+            )
+            .await
+            .expect("write");
+        acked.push((*chat, n));
+    }
+    wait_all_quiet(&nodes, &[1, 2, 3], shards, Duration::from_secs(30)).await;
+
+    // A write to a quiet shard wakes it and is acknowledged.
+    let chat = chat_of_shard[&0];
+    n += 1;
+    let started = Instant::now();
+    nodes
+        .write(
+            chat,
+            vec![send_cmd(chat, 1, n, b"wakes")],
+            Duration::from_secs(20),
+        )
+        .await
+        .expect("a write to a quiet shard");
+    eprintln!(
+        "write to a quiet shard acknowledged in {:?}",
+        started.elapsed()
+    );
+    acked.push((chat, n));
+    // It goes quiet again.
+    wait_all_quiet(&nodes, &[1, 2, 3], shards, Duration::from_secs(30)).await;
+
+    // The node leading quiet shards dies: their followers wake and elect.
+    let m = quiet_map(&nodes, &[1]).await;
+    let led_by_1: Vec<u64> = m
+        .iter()
+        .filter(|((_, _), (_, leader))| *leader == 1)
+        .map(|((_, s), _)| *s)
+        .collect();
+    assert!(!led_by_1.is_empty(), "node 1 leads some shard: {m:?}");
+    cluster.kill_node(1);
+    let killed = Instant::now();
+    for shard in &led_by_1 {
+        let chat = chat_of_shard[shard];
+        n += 1;
+        nodes
+            .write(
+                chat,
+                vec![send_cmd(chat, 1, n, b"after")],
+                Duration::from_secs(30),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("shard {shard} after its quiet leader died: {e}"));
+        acked.push((chat, n));
+    }
+    eprintln!(
+        "writes to every shard node 1 led acknowledged {:?} after it died",
+        killed.elapsed()
+    );
+
+    // Back with node 1: every acknowledged write on every replica.
+    cluster.start_node(1);
+    nodes
+        .wait_converged(&[1, 2, 3], Duration::from_secs(60))
+        .await
+        .expect("replicas converge");
+    for (chat, cmid) in acked {
+        for node in 1..=3 {
+            let h = nodes.history_on(node, chat).await.expect("history");
+            assert!(
+                h.iter().any(|m| m.client_msg_id == cmid),
+                "write {chat}/{cmid} missing on node {node}"
+            );
+        }
+    }
+}
