@@ -5,6 +5,8 @@ pub const STORAGE_FSYNC_BATCH: &str = "chatstore_storage_fsync_batch_callbacks";
 pub const SHARD_APPLY_ENTRIES: &str = "chatstore_shard_apply_entries_total";
 pub const SHARD_PROPOSAL_COMMANDS: &str = "chatstore_shard_proposal_commands";
 pub const SHARD_PROPOSAL_SECONDS: &str = "chatstore_shard_proposal_seconds";
+/// Writes per router-to-node call (router write coalescing).
+pub const ROUTER_WRITE_BATCH: &str = "chatstore_router_write_batch";
 /// Replicas on this node whose Raft timers are stopped (quiet shards).
 pub const SHARD_QUIET: &str = "chatstore_shard_quiet";
 /// Quiet replicas woken, by cause.

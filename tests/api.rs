@@ -775,3 +775,79 @@ async fn watch_across_router_restart_and_leader_kill_loses_and_repeats_nothing()
         "every message seen once, in order"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn send_batch_acknowledges_each_send_on_its_own() {
+    let dir = TestDir::new("api-batch");
+    let (_cluster, mut apis, _nodes) = up(&dir, &["eu"]).await;
+    let api = &mut apis[0];
+    let one = |chat: u64, cmid: u64, body: &[u8]| pb::SendRequest {
+        chat_id: chat,
+        sender_id: 7,
+        client_msg_id: cmid,
+        body: body.to_vec().into(),
+        ..Default::default()
+    };
+    // 300 sends over 30 chats (so over every shard), with two bad ones in
+    // the middle and a repeat of an earlier one.
+    let mut sends: Vec<pb::SendRequest> = (0..300u64)
+        .map(|i| one(1 + i % 30, 1_000 + i, format!("m{i}").as_bytes()))
+        .collect();
+    sends[100] = one(0, 5, b"chat zero");
+    sends[200] = one(3, 6, &vec![b'x'; 70 * 1024]);
+    sends.push(one(1, 1_000, b"m0"));
+    let r = api
+        .send_batch(pb::SendBatchRequest {
+            sends: sends.clone(),
+        })
+        .await
+        .expect("send batch")
+        .into_inner();
+    assert_eq!(r.outcomes.len(), sends.len());
+    assert_eq!(r.outcomes[100].error_code, Code::InvalidArgument as i32);
+    assert_eq!(r.outcomes[200].error_code, Code::ResourceExhausted as i32);
+    let first = r.outcomes[0].sent.clone().expect("stored");
+    let again = r.outcomes[300].sent.clone().expect("repeat answered");
+    assert!(
+        again.duplicate && again.seq == first.seq,
+        "{again:?} {first:?}"
+    );
+    // Per chat, seqs follow request order, gapless.
+    let mut next = std::collections::BTreeMap::new();
+    for (i, o) in r.outcomes.iter().enumerate().take(300) {
+        if i == 100 || i == 200 {
+            continue;
+        }
+        let sent = o.sent.as_ref().unwrap_or_else(|| panic!("send {i}: {o:?}"));
+        let chat = sends[i].chat_id;
+        let want = next.entry(chat).or_insert(1u64);
+        assert_eq!(sent.seq, *want, "send {i} in chat {chat}");
+        *want += 1;
+    }
+    // What was acknowledged is there, with its body.
+    let h = api
+        .get_history(pb::GetHistoryRequest {
+            chat_id: 2,
+            limit: 100,
+            consistency: Consistency::Linearizable as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(h.messages.len(), 10);
+    assert_eq!(&h.messages.last().unwrap().body[..], b"m1");
+    // Limits: an empty batch and one over the maximum are refused whole.
+    let e = api
+        .send_batch(pb::SendBatchRequest { sends: vec![] })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    let e = api
+        .send_batch(pb::SendBatchRequest {
+            sends: (0..1001).map(|i| one(1, 50_000 + i, b"x")).collect(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+}

@@ -91,6 +91,9 @@ const USER_HZ: u64 = 100;
 pub enum Workload {
     /// Unary Send into a random chat, each with a unique client_msg_id.
     Send,
+    /// SendBatch of --batch sends into random chats; reported per message
+    /// (each acknowledged when its batch returns).
+    SendBatch,
     /// GetHistory limit 1, SESSION, of a random prefilled chat.
     Read,
     /// GetHistory pages of 50 messages, SESSION, of a random prefilled chat.
@@ -110,6 +113,7 @@ impl Workload {
     pub fn name(self) -> &'static str {
         match self {
             Workload::Send => "send",
+            Workload::SendBatch => "send-batch",
             Workload::Read => "read",
             Workload::History => "history",
             Workload::Difference => "difference",
@@ -124,6 +128,7 @@ impl Workload {
     fn mix(self) -> Option<Mix> {
         match self {
             Workload::Send => Some(Mix::Only(Op::Send)),
+            Workload::SendBatch => Some(Mix::Only(Op::SendBatch)),
             Workload::Read => Some(Mix::Only(Op::Read)),
             Workload::History => Some(Mix::Only(Op::History)),
             Workload::Difference => Some(Mix::Only(Op::Difference)),
@@ -147,6 +152,7 @@ impl Workload {
 enum Op {
     Check,
     Send,
+    SendBatch,
     Read,
     History,
     Difference,
@@ -157,6 +163,7 @@ impl Op {
         match self {
             Op::Check => "check",
             Op::Send => "send",
+            Op::SendBatch => "batched send",
             Op::Read => "read",
             Op::History => "history",
             Op::Difference => "difference",
@@ -203,6 +210,9 @@ pub struct BenchArgs {
     /// Chats the load is spread over: ids --first-chat, --first-chat + 1, ...
     #[arg(long, default_value_t = 1000)]
     pub chats: u64,
+    /// Sends per SendBatch call (workload send-batch).
+    #[arg(long, default_value_t = 100)]
+    pub batch: usize,
     /// The lowest chat id used (the watch workload's one chat).
     #[arg(long, default_value_t = 1)]
     pub first_chat: u64,
@@ -255,6 +265,7 @@ impl BenchArgs {
             routers,
             workload,
             chats: 1000,
+            batch: 100,
             first_chat: 1,
             in_flight,
             size: 1024,
@@ -278,6 +289,12 @@ impl BenchArgs {
         }
         if self.first_chat.checked_add(self.chats).is_none() {
             anyhow::bail!("--first-chat + --chats overflows a chat id");
+        }
+        if !(1..=crate::router::validate::SEND_BATCH_MAX).contains(&self.batch) {
+            anyhow::bail!(
+                "--batch must be 1 to {}",
+                crate::router::validate::SEND_BATCH_MAX
+            );
         }
         if !(1..=IN_FLIGHT_MAX).contains(&self.in_flight) {
             anyhow::bail!("--in-flight must be 1 to {IN_FLIGHT_MAX}");
@@ -721,6 +738,31 @@ impl Worker {
                 self.keep(r.read_token);
                 Ok(())
             }
+            Op::SendBatch => {
+                let sends = (0..self.args.batch)
+                    .map(|_| pb::SendRequest {
+                        chat_id: self.args.random_chat(),
+                        sender_id: self.sender_id,
+                        client_msg_id: client_msg_id(),
+                        body: self.body.clone(),
+                        self_destruct: None,
+                        min_token: Default::default(),
+                    })
+                    .collect();
+                let r = self
+                    .api
+                    .send_batch(with_timeout(pb::SendBatchRequest { sends }))
+                    .await?
+                    .into_inner();
+                // A batch counts as failed if any of its sends failed.
+                if let Some(bad) = r.outcomes.iter().find(|o| o.sent.is_none()) {
+                    return Err(tonic::Status::new(
+                        tonic::Code::from_i32(bad.error_code),
+                        bad.error_message.clone(),
+                    ));
+                }
+                Ok(())
+            }
             Op::Read | Op::History => {
                 let limit = if op == Op::Read { 1 } else { HISTORY_PAGE };
                 let r = self
@@ -787,8 +829,17 @@ impl Worker {
             let result = self.call(op).await.map_err(|s| s.code());
             if measured {
                 let done = Instant::now();
-                stats.op(op.name()).record(done - start, result);
-                progress.count(result);
+                // A batch is as many messages, each acknowledged when it
+                // returns.
+                let messages = if op == Op::SendBatch {
+                    self.args.batch
+                } else {
+                    1
+                };
+                for _ in 0..messages {
+                    stats.op(op.name()).record(done - start, result);
+                    progress.count(result);
+                }
                 last_done = Some(done);
             }
         }

@@ -66,6 +66,10 @@ const SUITE: &[Case] = &[
         in_flight: 256,
     },
     Case {
+        workload: Workload::SendBatch,
+        in_flight: 16,
+    },
+    Case {
         workload: Workload::Read,
         in_flight: 64,
     },

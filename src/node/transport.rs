@@ -42,15 +42,25 @@ fn err(msg: String) -> Response<RaftReply> {
 }
 
 impl TransportService {
-    /// Refuses a request whose TLS identity is not node `from`, or whose
-    /// sender is not a member of `shard` (an empty replica, not yet told its
-    /// membership, accepts any node of the cluster CA).
+    /// Refuses a request that claims to come from this node, one whose TLS
+    /// identity is not node `from`, or whose sender is not a member of
+    /// `shard` (an empty replica, not yet told its membership, accepts any
+    /// node of the cluster CA).
     fn check_sender(
         &self,
         certs: Option<&Vec<tonic::transport::CertificateDer<'static>>>,
         shard: &Shard,
         from: u64,
     ) -> Result<(), Status> {
+        if from == self.registry.node_id().0 {
+            // A peer address that leads back here (a wrong config, a port
+            // taken by something else): openraft must never see its own
+            // messages.
+            return Err(Status::failed_precondition(format!(
+                "a Raft request from node {from} reached node {from} itself; check the \
+                 addresses in the cluster config"
+            )));
+        }
         if !self.tls {
             return Ok(());
         }

@@ -16,6 +16,7 @@
 //! the config's placement and follows membership changes made by `chatctl`
 //! through node status polls and leader hints.
 
+pub mod batcher;
 pub mod service;
 pub mod token;
 pub mod validate;
@@ -29,9 +30,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 use crate::api::pb::node::node_api_client::NodeApiClient;
-use crate::api::pb::node::{
-    read_request::Query, ReadReply, ReadRequest, StatusRequest, WriteRequest,
-};
+use crate::api::pb::node::{read_request::Query, ReadReply, ReadRequest, StatusRequest};
 use crate::api::pb::replicated::{command_result, Command, CommandResult, ErrorCode};
 use crate::api::pb::Consistency;
 use crate::api::status::leader_hint;
@@ -94,8 +93,10 @@ pub struct Router {
     inner: Arc<Inner>,
 }
 
-struct Inner {
+pub(crate) struct Inner {
     placement: Placement,
+    /// Per-shard write queues (`batcher`).
+    queues: batcher::Queues,
     region: String,
     keys: TokenKeys,
     /// The router's certificate and the cluster CA, when TLS is on.
@@ -178,6 +179,7 @@ impl Router {
                 placement,
                 region: region.to_string(),
                 keys: TokenKeys::new(&config.cluster_name, token_secret),
+                queues: Default::default(),
                 tls,
                 tokens,
                 delays,
@@ -350,7 +352,7 @@ impl Router {
     /// replicas with backoff until `deadline`. A node the call cannot reach
     /// is passed over for a while, hints naming it included: after a leader
     /// dies its followers keep naming it until they elect a new one.
-    async fn on_leader<T, F, Fut>(
+    pub(crate) async fn on_leader<T, F, Fut>(
         &self,
         shard: ShardId,
         deadline: Duration,
@@ -417,38 +419,15 @@ impl Router {
     }
 
     /// Proposes one command for `chat` and waits for its applied result.
+    /// Concurrent writes to one shard share node calls and Raft entries
+    /// (`batcher`).
     pub async fn write(&self, chat: u64, command: Command) -> Result<Written, Status> {
         let shard = self.shard_of(chat);
-        let (_, reply) = self
-            .on_leader(shard, WRITE_DEADLINE, |mut c| {
-                let cmd = command.clone();
-                async move {
-                    let mut req = tonic::Request::new(WriteRequest {
-                        shard_id: shard.0,
-                        commands: vec![cmd],
-                    });
-                    req.set_timeout(NODE_CALL_TIMEOUT);
-                    c.write(req).await.map(|r| r.into_inner())
-                }
-            })
-            .await?;
-        let result = reply
-            .results
-            .into_iter()
-            .next()
-            .ok_or_else(|| Status::internal("node returned no result"))?;
+        let (result, position) = self.write_queued(shard, command).await?;
         if let Some(command_result::Outcome::Error(e)) = &result.outcome {
             return Err(command_error_status(e.code, &e.message));
         }
-        Ok(Written {
-            result,
-            position: ShardPosition {
-                shard: shard.0,
-                incarnation: reply.incarnation,
-                index: reply.log_index,
-                term: reply.log_term,
-            },
-        })
+        Ok(Written { result, position })
     }
 
     /// Reads from `shard` at `consistency`; `min` is the caller's position.

@@ -83,6 +83,48 @@ impl ChatStoreService {
             .map_err(|e| Status::invalid_argument(e.to_string()))
     }
 
+    /// Validates and stores one send (of `Send` or of a `SendBatch`).
+    async fn send_one(&self, r: pb::SendRequest) -> Result<pb::SendResponse, Status> {
+        validate::send(&r)?;
+        let self_destruct = r
+            .self_destruct
+            .and_then(|s| s.policy)
+            .map(|p| rp::SelfDestruct {
+                policy: Some(match p {
+                    self_destruct_policy::Policy::AfterSendSecs(s) => {
+                        rp::self_destruct::Policy::AfterSendSecs(s)
+                    }
+                    self_destruct_policy::Policy::AfterReadSecs(s) => {
+                        rp::self_destruct::Policy::AfterReadSecs(s)
+                    }
+                }),
+            });
+        let cmd = Command {
+            kind: Some(command::Kind::Send(rp::SendCmd {
+                chat_id: r.chat_id,
+                sender_id: r.sender_id,
+                client_msg_id: r.client_msg_id,
+                body: r.body,
+                self_destruct,
+                sealed_body: None,
+            })),
+        };
+        // Decode the token first: a malformed one must change nothing.
+        let mut token = self.token(&r.min_token)?;
+        let w = self.router.write(r.chat_id, cmd).await?;
+        let Some(command_result::Outcome::Send(s)) = w.result.outcome else {
+            return Err(Status::internal("send returned no send result"));
+        };
+        token.merge(w.position);
+        Ok(pb::SendResponse {
+            seq: s.seq,
+            pts: s.pts,
+            created_at_ms: s.created_at_ms,
+            read_token: self.router.keys().encode(&token).into(),
+            duplicate: s.duplicate,
+        })
+    }
+
     async fn write_change(
         &self,
         chat: u64,
@@ -138,45 +180,41 @@ impl ChatStore for ChatStoreService {
         self.router
             .tokens()
             .check(request.metadata(), Role::Service)?;
+        Ok(Response::new(self.send_one(request.into_inner()).await?))
+    }
+
+    async fn send_batch(
+        &self,
+        request: Request<pb::SendBatchRequest>,
+    ) -> Result<Response<pb::SendBatchResponse>, Status> {
+        record("send_batch");
+        self.router
+            .tokens()
+            .check(request.metadata(), Role::Service)?;
         let r = request.into_inner();
-        validate::send(&r)?;
-        let self_destruct = r
-            .self_destruct
-            .and_then(|s| s.policy)
-            .map(|p| rp::SelfDestruct {
-                policy: Some(match p {
-                    self_destruct_policy::Policy::AfterSendSecs(s) => {
-                        rp::self_destruct::Policy::AfterSendSecs(s)
-                    }
-                    self_destruct_policy::Policy::AfterReadSecs(s) => {
-                        rp::self_destruct::Policy::AfterReadSecs(s)
-                    }
-                }),
-            });
-        let cmd = Command {
-            kind: Some(command::Kind::Send(rp::SendCmd {
-                chat_id: r.chat_id,
-                sender_id: r.sender_id,
-                client_msg_id: r.client_msg_id,
-                body: r.body,
-                self_destruct,
-                sealed_body: None,
-            })),
-        };
-        // Decode the token first: a malformed one must change nothing.
-        let mut token = self.token(&r.min_token)?;
-        let w = self.router.write(r.chat_id, cmd).await?;
-        let Some(command_result::Outcome::Send(s)) = w.result.outcome else {
-            return Err(Status::internal("send returned no send result"));
-        };
-        token.merge(w.position);
-        Ok(Response::new(pb::SendResponse {
-            seq: s.seq,
-            pts: s.pts,
-            created_at_ms: s.created_at_ms,
-            read_token: self.router.keys().encode(&token).into(),
-            duplicate: s.duplicate,
-        }))
+        if r.sends.is_empty() || r.sends.len() > validate::SEND_BATCH_MAX {
+            return Err(Status::invalid_argument(format!(
+                "a batch carries 1 to {} sends, not {}",
+                validate::SEND_BATCH_MAX,
+                r.sends.len()
+            )));
+        }
+        let outcomes = futures::future::join_all(r.sends.into_iter().map(|s| self.send_one(s)))
+            .await
+            .into_iter()
+            .map(|o| match o {
+                Ok(sent) => pb::SendOutcome {
+                    sent: Some(sent),
+                    ..Default::default()
+                },
+                Err(s) => pb::SendOutcome {
+                    sent: None,
+                    error_code: s.code() as i32,
+                    error_message: s.message().to_string(),
+                },
+            })
+            .collect();
+        Ok(Response::new(pb::SendBatchResponse { outcomes }))
     }
 
     async fn edit(

@@ -18,6 +18,8 @@ pub const PAGE_DEFAULT: u32 = 50;
 pub const SEQS_MAX: usize = 1000;
 /// Most cursors one GetDifference or Watch may carry.
 pub const CURSORS_MAX: usize = 100;
+/// Most sends in one `SendBatch`.
+pub const SEND_BATCH_MAX: usize = 1_000;
 /// Longest close reason.
 pub const CLOSE_REASON_BYTES_MAX: usize = 1024;
 

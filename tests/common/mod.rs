@@ -22,11 +22,29 @@ use chatstore::cluster::{ClusterConfig, Placement};
 use chatstore::types::{ChatId, ShardId};
 use tonic::transport::Channel;
 
-/// A free TCP port on 127.0.0.1 (bound and released; the OS does not hand it
-/// out again soon).
+/// Ports handed out by [`free_port`] in this test process.
+static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
+/// A free TCP port on 127.0.0.1 for a process to listen on later.
+///
+/// Drawn from 20000-32767, below Linux's ephemeral range (32768-60999):
+/// a port the OS picks for another listener (a proxy binding port 0) or an
+/// outgoing connection can then never take a node's port between this call
+/// and the node's start. Never the same port twice in one test process.
 pub fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    l.local_addr().expect("local addr").port()
+    let mut handed_out = HANDED_OUT.lock().expect("port set");
+    for _ in 0..10_000 {
+        let port = rand::random_range(20_000..32_768u16);
+        if handed_out.contains(&port) {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            handed_out.insert(port);
+            return port;
+        }
+    }
+    panic!("no free port in 20000-32767");
 }
 
 pub struct ConfigOptions {
