@@ -1,5 +1,10 @@
 //! `chatctl`: the cluster CLI. Thin wrapper over `chatstore::cli`.
 
+/// glibc's allocator spent about a fifth of the write path's CPU in malloc,
+/// free and arena-lock contention between threads (BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::Parser;
 
 fn main() {

@@ -1,6 +1,11 @@
 //! `chatstore`: runs a node (`node`), the front tier (`router`), or a whole
 //! local cluster (`dev`).
 
+/// glibc's allocator spent about a fifth of the write path's CPU in malloc,
+/// free and arena-lock contention between threads (BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::PathBuf;
 
 use anyhow::Context;

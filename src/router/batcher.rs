@@ -8,7 +8,8 @@
 //! write leaves at once, alone; under heavy load calls carry many writes, so
 //! the cost per Raft entry and per RPC is shared. Every command keeps its
 //! own result; a retried call carries the same commands, so sends stay
-//! deduplicated by their client_msg_id.
+//! deduplicated by their client_msg_id. A group of commands (the sends of
+//! one `SendBatch` to one shard) stays together and in order in one call.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
@@ -32,12 +33,19 @@ const COMMANDS_PER_CALL_MAX: usize = crate::node::api::WRITE_COMMANDS_MAX;
 /// Most encoded command bytes in one node call (the node's limit).
 const BYTES_PER_CALL_MAX: usize = crate::shard::BATCH_BYTES_MAX;
 
-type Reply = oneshot::Sender<Result<(CommandResult, ShardPosition), Status>>;
+/// A group's results (one per command, in order) and the entry's position.
+pub type GroupResult = Result<(Vec<CommandResult>, ShardPosition), Status>;
 
 struct Pending {
-    command: Command,
+    commands: Vec<Command>,
     bytes: usize,
-    reply: Reply,
+    reply: oneshot::Sender<GroupResult>,
+}
+
+/// Most commands and encoded bytes one group may hold: what fits in one
+/// node call.
+pub fn group_fits(commands: usize, bytes: usize) -> bool {
+    commands <= COMMANDS_PER_CALL_MAX && bytes <= BYTES_PER_CALL_MAX
 }
 
 /// The write queues of one router, one per shard written to.
@@ -54,12 +62,29 @@ impl Router {
         shard: ShardId,
         command: Command,
     ) -> Result<(CommandResult, ShardPosition), Status> {
-        let bytes = command.encoded_len();
+        let (mut results, position) = self.write_group(shard, vec![command]).await?;
+        let result = results
+            .pop()
+            .ok_or_else(|| Status::internal("node returned no result"))?;
+        Ok((result, position))
+    }
+
+    /// Queues `commands` for `shard` as one group: they travel in one node
+    /// call, in order, so they land in one Raft entry in this order. The
+    /// group must fit one call ([`group_fits`]).
+    pub async fn write_group(&self, shard: ShardId, commands: Vec<Command>) -> GroupResult {
+        let bytes = commands.iter().map(|c| c.encoded_len()).sum();
+        if !group_fits(commands.len(), bytes) {
+            return Err(Status::invalid_argument(format!(
+                "{} commands of {bytes} bytes do not fit one call to a shard",
+                commands.len()
+            )));
+        }
         let (tx, rx) = oneshot::channel();
         let queue = self.queue(shard);
         queue
             .try_send(Pending {
-                command,
+                commands,
                 bytes,
                 reply: tx,
             })
@@ -105,15 +130,17 @@ async fn run(inner: Weak<Inner>, shard: ShardId, mut rx: mpsc::Receiver<Pending>
             return;
         };
         let mut bytes = first.bytes;
+        let mut count = first.commands.len();
         let mut batch = vec![first];
-        while batch.len() < COMMANDS_PER_CALL_MAX {
+        while count < COMMANDS_PER_CALL_MAX {
             match rx.try_recv() {
                 Ok(next) => {
-                    if bytes + next.bytes > BYTES_PER_CALL_MAX {
+                    if !group_fits(count + next.commands.len(), bytes + next.bytes) {
                         carry = Some(next);
                         break;
                     }
                     bytes += next.bytes;
+                    count += next.commands.len();
                     batch.push(next);
                 }
                 Err(_) => break,
@@ -133,8 +160,11 @@ async fn run(inner: Weak<Inner>, shard: ShardId, mut rx: mpsc::Receiver<Pending>
 /// One node call with every command of `batch`; each waiter gets its own
 /// result.
 async fn call(router: &Router, shard: ShardId, batch: Vec<Pending>) {
-    metrics::histogram!(crate::metrics::ROUTER_WRITE_BATCH).record(batch.len() as f64);
-    let commands: Vec<Command> = batch.iter().map(|p| p.command.clone()).collect();
+    let commands: Vec<Command> = batch
+        .iter()
+        .flat_map(|p| p.commands.iter().cloned())
+        .collect();
+    metrics::histogram!(crate::metrics::ROUTER_WRITE_BATCH).record(commands.len() as f64);
     let result = router
         .on_leader(shard, WRITE_DEADLINE, |mut c| {
             let commands = commands.clone();
@@ -156,19 +186,21 @@ async fn call(router: &Router, shard: ShardId, batch: Vec<Pending>) {
                 index: reply.log_index,
                 term: reply.log_term,
             };
-            if reply.results.len() != batch.len() {
+            if reply.results.len() != commands.len() {
                 let s = Status::internal(format!(
                     "node returned {} results for {} commands",
                     reply.results.len(),
-                    batch.len()
+                    commands.len()
                 ));
                 for p in batch {
                     let _ = p.reply.send(Err(s.clone()));
                 }
                 return;
             }
-            for (p, r) in batch.into_iter().zip(reply.results) {
-                let _ = p.reply.send(Ok((r, position)));
+            let mut results = reply.results.into_iter();
+            for p in batch {
+                let mine: Vec<CommandResult> = results.by_ref().take(p.commands.len()).collect();
+                let _ = p.reply.send(Ok((mine, position)));
             }
         }
         Err(s) => {

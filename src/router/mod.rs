@@ -204,6 +204,7 @@ impl Router {
         &self.inner.region
     }
 
+    /// The shard `chat` lives in.
     pub fn shard_of(&self, chat: u64) -> ShardId {
         self.inner.placement.shard_of_chat(ChatId(chat))
     }

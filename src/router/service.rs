@@ -84,7 +84,9 @@ impl ChatStoreService {
     }
 
     /// Validates and stores one send (of `Send` or of a `SendBatch`).
-    async fn send_one(&self, r: pb::SendRequest) -> Result<pb::SendResponse, Status> {
+    /// Validates a send and builds its command; decodes its token first, so
+    /// a malformed one changes nothing.
+    fn prepare_send(&self, r: pb::SendRequest) -> Result<(Command, TokenBody), Status> {
         validate::send(&r)?;
         let self_destruct = r
             .self_destruct
@@ -99,6 +101,7 @@ impl ChatStoreService {
                     }
                 }),
             });
+        let token = self.token(&r.min_token)?;
         let cmd = Command {
             kind: Some(command::Kind::Send(rp::SendCmd {
                 chat_id: r.chat_id,
@@ -109,20 +112,80 @@ impl ChatStoreService {
                 sealed_body: None,
             })),
         };
-        // Decode the token first: a malformed one must change nothing.
-        let mut token = self.token(&r.min_token)?;
-        let w = self.router.write(r.chat_id, cmd).await?;
-        let Some(command_result::Outcome::Send(s)) = w.result.outcome else {
-            return Err(Status::internal("send returned no send result"));
-        };
-        token.merge(w.position);
-        Ok(pb::SendResponse {
-            seq: s.seq,
-            pts: s.pts,
-            created_at_ms: s.created_at_ms,
-            read_token: self.router.keys().encode(&token).into(),
-            duplicate: s.duplicate,
-        })
+        Ok((cmd, token))
+    }
+
+    /// A send's response from its result and position.
+    fn sent(
+        &self,
+        result: rp::CommandResult,
+        position: crate::router::token::ShardPosition,
+        mut token: TokenBody,
+    ) -> Result<pb::SendResponse, Status> {
+        match result.outcome {
+            Some(command_result::Outcome::Send(s)) => {
+                token.merge(position);
+                Ok(pb::SendResponse {
+                    seq: s.seq,
+                    pts: s.pts,
+                    created_at_ms: s.created_at_ms,
+                    read_token: self.router.keys().encode(&token).into(),
+                    duplicate: s.duplicate,
+                })
+            }
+            Some(command_result::Outcome::Error(e)) => {
+                Err(crate::router::command_error_status(e.code, &e.message))
+            }
+            _ => Err(Status::internal("send returned no send result")),
+        }
+    }
+
+    async fn send_one(&self, r: pb::SendRequest) -> Result<pb::SendResponse, Status> {
+        let chat = r.chat_id;
+        let (cmd, token) = self.prepare_send(r)?;
+        let shard = self.router.shard_of(chat);
+        let (result, position) = self.router.write_queued(shard, cmd).await?;
+        self.sent(result, position, token)
+    }
+
+    /// The sends of a batch to one shard (indexes into the batch, in
+    /// request order): one group per node call, calls one after another, so
+    /// each chat's sends are stored in request order.
+    async fn send_to_shard(
+        &self,
+        shard: crate::types::ShardId,
+        items: Vec<(usize, Command, TokenBody)>,
+    ) -> Vec<(usize, Result<pb::SendResponse, Status>)> {
+        let mut out = Vec::with_capacity(items.len());
+        let mut items = items.into_iter().peekable();
+        while items.peek().is_some() {
+            let mut group = Vec::new();
+            let mut bytes = 0;
+            while let Some((_, cmd, _)) = items.peek() {
+                let b = prost::Message::encoded_len(cmd);
+                if !group.is_empty()
+                    && !crate::router::batcher::group_fits(group.len() + 1, bytes + b)
+                {
+                    break;
+                }
+                bytes += b;
+                group.push(items.next().expect("peeked"));
+            }
+            let commands: Vec<Command> = group.iter().map(|(_, c, _)| c.clone()).collect();
+            match self.router.write_group(shard, commands).await {
+                Ok((results, position)) => {
+                    for ((i, _, token), result) in group.into_iter().zip(results) {
+                        out.push((i, self.sent(result, position, token)));
+                    }
+                }
+                Err(s) => {
+                    for (i, _, _) in group {
+                        out.push((i, Err(s.clone())));
+                    }
+                }
+            }
+        }
+        out
     }
 
     async fn write_change(
@@ -199,20 +262,41 @@ impl ChatStore for ChatStoreService {
                 r.sends.len()
             )));
         }
-        let outcomes = futures::future::join_all(r.sends.into_iter().map(|s| self.send_one(s)))
-            .await
+        let total = r.sends.len();
+        let mut results: Vec<Option<Result<pb::SendResponse, Status>>> = vec![None; total];
+        let mut by_shard: std::collections::BTreeMap<u64, Vec<(usize, Command, TokenBody)>> =
+            Default::default();
+        for (i, send) in r.sends.into_iter().enumerate() {
+            let shard = self.router.shard_of(send.chat_id);
+            match self.prepare_send(send) {
+                Ok((cmd, token)) => by_shard.entry(shard.0).or_default().push((i, cmd, token)),
+                Err(s) => results[i] = Some(Err(s)),
+            }
+        }
+        let per_shard = futures::future::join_all(
+            by_shard
+                .into_iter()
+                .map(|(shard, items)| self.send_to_shard(crate::types::ShardId(shard), items)),
+        )
+        .await;
+        for (i, result) in per_shard.into_iter().flatten() {
+            results[i] = Some(result);
+        }
+        let outcomes = results
             .into_iter()
-            .map(|o| match o {
-                Ok(sent) => pb::SendOutcome {
-                    sent: Some(sent),
-                    ..Default::default()
+            .map(
+                |o| match o.unwrap_or_else(|| Err(Status::internal("send lost"))) {
+                    Ok(sent) => pb::SendOutcome {
+                        sent: Some(sent),
+                        ..Default::default()
+                    },
+                    Err(s) => pb::SendOutcome {
+                        sent: None,
+                        error_code: s.code() as i32,
+                        error_message: s.message().to_string(),
+                    },
                 },
-                Err(s) => pb::SendOutcome {
-                    sent: None,
-                    error_code: s.code() as i32,
-                    error_message: s.message().to_string(),
-                },
-            })
+            )
             .collect();
         Ok(Response::new(pb::SendBatchResponse { outcomes }))
     }
