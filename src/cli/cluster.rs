@@ -92,14 +92,22 @@ fn shard_health(view: &View, shard: u64) -> ShardHealth {
     h
 }
 
-pub async fn status(endpoints: &[String], json: bool) -> anyhow::Result<i32> {
+/// The cluster as `endpoints` report it, or None after printing why it
+/// could not be reached.
+async fn gathered(endpoints: &[String], json: bool) -> Option<(Ops, View)> {
     let ops = Ops::new(endpoints, json);
-    let view = match ops.gather().await {
-        Ok(v) => v,
+    match ops.gather().await {
+        Ok(view) => Some((ops, view)),
         Err(e) => {
             eprintln!("error: {e:#}");
-            return Ok(2);
+            None
         }
+    }
+}
+
+pub async fn status(endpoints: &[String], json: bool) -> anyhow::Result<i32> {
+    let Some((_, view)) = gathered(endpoints, json).await else {
+        return Ok(2);
     };
     let shards: Vec<ShardHealth> = view
         .shard_ids()
@@ -213,13 +221,8 @@ pub async fn status(endpoints: &[String], json: bool) -> anyhow::Result<i32> {
 }
 
 pub async fn shards(endpoints: &[String], json: bool) -> anyhow::Result<i32> {
-    let ops = Ops::new(endpoints, json);
-    let view = match ops.gather().await {
-        Ok(v) => v,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            return Ok(2);
-        }
+    let Some((_, view)) = gathered(endpoints, json).await else {
+        return Ok(2);
     };
     let shards: Vec<ShardHealth> = view
         .shard_ids()
@@ -259,13 +262,8 @@ pub async fn shards(endpoints: &[String], json: bool) -> anyhow::Result<i32> {
 }
 
 pub async fn verify(endpoints: &[String], json: bool) -> anyhow::Result<i32> {
-    let ops = Ops::new(endpoints, json);
-    let view = match ops.gather().await {
-        Ok(v) => v,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            return Ok(2);
-        }
+    let Some((ops, view)) = gathered(endpoints, json).await else {
+        return Ok(2);
     };
     let down: Vec<String> = view
         .nodes
@@ -446,10 +444,8 @@ pub async fn drain(
     dry_run: bool,
     json: bool,
 ) -> anyhow::Result<i32> {
-    let ops = Ops::new(endpoints, json);
-    let view = match ops.gather().await {
-        Ok(v) => v,
-        Err(e) => return fail(e),
+    let Some((ops, view)) = gathered(endpoints, json).await else {
+        return Ok(2);
     };
     let target = match view.node(node) {
         Ok(n) => n.clone(),
@@ -505,10 +501,8 @@ pub async fn remove_node(
     dry_run: bool,
     json: bool,
 ) -> anyhow::Result<i32> {
-    let ops = Ops::new(endpoints, json);
-    let view = match ops.gather().await {
-        Ok(v) => v,
-        Err(e) => return fail(e),
+    let Some((ops, view)) = gathered(endpoints, json).await else {
+        return Ok(2);
     };
     let still: Vec<u64> = view
         .shard_ids()
@@ -567,10 +561,8 @@ pub async fn move_replica(
     dry_run: bool,
     json: bool,
 ) -> anyhow::Result<i32> {
-    let ops = Ops::new(endpoints, json);
-    let view = match ops.gather().await {
-        Ok(v) => v,
-        Err(e) => return fail(e),
+    let Some((ops, view)) = gathered(endpoints, json).await else {
+        return Ok(2);
     };
     if let Err(e) = view.node(to) {
         return fail(e);
@@ -603,10 +595,8 @@ pub async fn transfer_leader(
     dry_run: bool,
     json: bool,
 ) -> anyhow::Result<i32> {
-    let ops = Ops::new(endpoints, json);
-    let view = match ops.gather().await {
-        Ok(v) => v,
-        Err(e) => return fail(e),
+    let Some((ops, view)) = gathered(endpoints, json).await else {
+        return Ok(2);
     };
     let Some((leader, _)) = view.leader_status(shard) else {
         return fail(anyhow::anyhow!("shard {shard} has no leader right now"));
@@ -636,10 +626,8 @@ pub async fn transfer_leader(
 }
 
 pub async fn rebalance(endpoints: &[String], dry_run: bool, json: bool) -> anyhow::Result<i32> {
-    let ops = Ops::new(endpoints, json);
-    let view = match ops.gather().await {
-        Ok(v) => v,
-        Err(e) => return fail(e),
+    let Some((ops, view)) = gathered(endpoints, json).await else {
+        return Ok(2);
     };
     if let Some(n) = view.nodes.values().find(|n| !n.up) {
         return fail(anyhow::anyhow!(
@@ -662,10 +650,8 @@ pub async fn snapshot(
     compact: bool,
     json: bool,
 ) -> anyhow::Result<i32> {
-    let ops = Ops::new(endpoints, json);
-    let view = match ops.gather().await {
-        Ok(v) => v,
-        Err(e) => return fail(e),
+    let Some((ops, view)) = gathered(endpoints, json).await else {
+        return Ok(2);
     };
     let shards: BTreeSet<u64> = match shard {
         Some(s) => BTreeSet::from([s]),

@@ -454,18 +454,8 @@ impl Ops {
             async move { c.change_voters(req).await }
         })
         .await?;
-        let (leader, _, _) = self.leader(shard).await?;
-        if leader == from {
-            bar.set_message(format!("shard {shard}: moving leadership off node {from}"));
-            self.on_leader(shard, |mut c| {
-                let req = TransferLeaderRequest {
-                    shard_id: shard,
-                    to_node: 0,
-                };
-                async move { c.transfer_leader(req).await }
-            })
-            .await?;
-        }
+        bar.set_message(format!("shard {shard}: moving leadership off node {from}"));
+        self.transfer_off(shard, from).await?;
         bar.set_message(format!("shard {shard}: removing node {from}"));
         self.on_leader(shard, |mut c| {
             let req = ChangeVotersRequest {
