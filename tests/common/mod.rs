@@ -426,7 +426,7 @@ pub fn write_bench_section(name: &str, heading: &str, body: &str) {
         sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'"),
         sh("nproc"),
         sh("free -g | awk '/Mem:/ {print $2 \" GiB\"}'"),
-        sh("git rev-parse --short HEAD; git diff --quiet HEAD || echo '(with uncommitted changes)'").replace('\n', " ")
+        sh("git rev-parse --short HEAD; git diff --quiet HEAD -- . ':!BENCHMARKS.md' || echo '(with uncommitted changes)'").replace('\n', " ")
     );
     let begin = format!("<!-- {name}:begin -->");
     let end = format!("<!-- {name}:end -->");
