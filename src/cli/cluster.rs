@@ -25,6 +25,8 @@ struct ShardHealth {
     applied: Vec<(u64, u64)>,
     /// How far the slowest voter's apply is behind the leader's log.
     lag: u64,
+    /// Every replica's Raft timers are stopped (an idle shard).
+    quiet: bool,
     problems: Vec<String>,
 }
 
@@ -42,6 +44,7 @@ fn shard_health(view: &View, shard: u64) -> ShardHealth {
         commit_index: leader.map(|(_, s)| s.committed_index).unwrap_or(0),
         applied: Vec::new(),
         lag: 0,
+        quiet: false,
         problems: Vec::new(),
     };
     let end = leader.map(|(_, s)| s.last_log_index).unwrap_or(0);
@@ -81,6 +84,12 @@ fn shard_health(view: &View, shard: u64) -> ShardHealth {
             }
         }
     }
+    let replicas: Vec<&crate::api::pb::node::ShardStatus> = view
+        .nodes
+        .values()
+        .filter_map(|n| n.shards.get(&shard))
+        .collect();
+    h.quiet = !replicas.is_empty() && replicas.iter().all(|s| s.quiet);
     if h.lag > LAG_MAX {
         h.problems
             .push(format!("a voter is {} entries behind", h.lag));
@@ -233,14 +242,14 @@ pub async fn shards(endpoints: &[String], json: bool) -> anyhow::Result<i32> {
         println!("{}", serde_json::to_string_pretty(&shards)?);
     } else {
         println!(
-            "{:>6} {:<6} {:>7} {:<6} {:>6} {:>9} {:>6}  VOTERS (node:applied)  LEARNERS",
-            "SHARD", "PREF", "LEADER", "REGION", "TERM", "COMMIT", "LAG"
+            "{:>6} {:<6} {:>7} {:<6} {:>6} {:>9} {:>6} {:<5}  VOTERS (node:applied)  LEARNERS",
+            "SHARD", "PREF", "LEADER", "REGION", "TERM", "COMMIT", "LAG", "QUIET"
         );
         for h in &shards {
             let voters: Vec<String> = h.applied.iter().map(|(n, a)| format!("{n}:{a}")).collect();
             let learners: Vec<String> = h.learners.iter().map(|n| n.to_string()).collect();
             println!(
-                "{:>6} {:<6} {:>7} {:<6} {:>6} {:>9} {:>6}  {:<22} {}",
+                "{:>6} {:<6} {:>7} {:<6} {:>6} {:>9} {:>6} {:<5}  {:<22} {}",
                 h.shard,
                 h.preferred_region,
                 if h.leader == 0 {
@@ -252,6 +261,7 @@ pub async fn shards(endpoints: &[String], json: bool) -> anyhow::Result<i32> {
                 h.term,
                 h.commit_index,
                 h.lag,
+                if h.quiet { "yes" } else { "" },
                 voters.join(" "),
                 learners.join(" ")
             );

@@ -49,7 +49,8 @@ pub struct Cli {
 pub enum Cmd {
     /// Nodes (up, down, draining, replicas, leaders) and shard health.
     Status,
-    /// Every shard: leader, voters, learners, commit index and lag.
+    /// Every shard: leader, voters, learners, commit index, lag, and whether
+    /// it is quiet (idle, timers stopped).
     Shards,
     /// Compare per-chat digests across every replica of every shard.
     Verify,
