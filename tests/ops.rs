@@ -228,11 +228,13 @@ async fn nodes_join_and_rebalance_then_original_nodes_are_drained_live_and_dead(
         purged > 0,
         "the leader's log of shard {shard} was not purged"
     );
+    let shard_arg = shard.to_string();
+    let move_1_to_4 = || chatctl(&["--endpoints", &all, "move-replica", &shard_arg, "1", "4"]);
     let (code, out, _) = chatctl(&[
         "--endpoints",
         &all,
         "move-replica",
-        &shard.to_string(),
+        &shard_arg,
         "1",
         "4",
         "--dry-run",
@@ -243,14 +245,7 @@ async fn nodes_join_and_rebalance_then_original_nodes_are_drained_live_and_dead(
         replicas_on(&nodes, 4).await.is_empty(),
         "a dry run changed nothing"
     );
-    let (code, out, err) = chatctl(&[
-        "--endpoints",
-        &all,
-        "move-replica",
-        &shard.to_string(),
-        "1",
-        "4",
-    ]);
+    let (code, out, err) = move_1_to_4();
     assert_eq!(code, 0, "{out}{err}");
     let on4 = replicas_on(&nodes, 4).await;
     let (voter, _, snapshot_index) = on4[&shard];
@@ -265,14 +260,7 @@ async fn nodes_join_and_rebalance_then_original_nodes_are_drained_live_and_dead(
     );
     load.wait_progress(20, "after move-replica").await;
     // Running a finished move again changes nothing and succeeds.
-    let (code, out, err) = chatctl(&[
-        "--endpoints",
-        &all,
-        "move-replica",
-        &shard.to_string(),
-        "1",
-        "4",
-    ]);
+    let (code, out, err) = move_1_to_4();
     assert_eq!(code, 0, "{out}{err}");
 
     // Rebalance evens eu out between nodes 1 and 4 and gives node 4 the

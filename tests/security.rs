@@ -110,32 +110,25 @@ async fn tls_mutual_auth_and_tokens_keep_out_whoever_does_not_belong() {
         },
     );
     let config = cluster.config_path.to_str().unwrap().to_string();
+    let certs_init = |out: &Path| {
+        run(
+            env!("CARGO_BIN_EXE_chatctl"),
+            &[
+                "certs",
+                "init",
+                "--config",
+                &config,
+                "--out",
+                out.to_str().unwrap(),
+            ],
+        )
+    };
     let certs = dir.path.join("certs");
-    let (code, out, err) = run(
-        env!("CARGO_BIN_EXE_chatctl"),
-        &[
-            "certs",
-            "init",
-            "--config",
-            &config,
-            "--out",
-            certs.to_str().unwrap(),
-        ],
-    );
+    let (code, out, err) = certs_init(&certs);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("[tls]") && out.contains("[auth]"), "{out}");
     // Running it again would replace the cluster's keys: refused.
-    let (code, _, err) = run(
-        env!("CARGO_BIN_EXE_chatctl"),
-        &[
-            "certs",
-            "init",
-            "--config",
-            &config,
-            "--out",
-            certs.to_str().unwrap(),
-        ],
-    );
+    let (code, _, err) = certs_init(&certs);
     assert_ne!(code, 0);
     assert!(err.contains("--force"), "{err}");
 
@@ -294,17 +287,7 @@ async fn tls_mutual_auth_and_tokens_keep_out_whoever_does_not_belong() {
     // Raft from outside: a certificate of another CA (even one naming node
     // 1), and one of ours that is not node 1 (the router's).
     let forged = dir.path.join("forged");
-    let (code, _, err) = run(
-        env!("CARGO_BIN_EXE_chatctl"),
-        &[
-            "certs",
-            "init",
-            "--config",
-            &config,
-            "--out",
-            forged.to_str().unwrap(),
-        ],
-    );
+    let (code, _, err) = certs_init(&forged);
     assert_eq!(code, 0, "{err}");
     let vote = openraft::raft::VoteRequest::<TypeConfig>::new(Vote::new(1_000, 1), None);
     let append = openraft::raft::AppendEntriesRequest::<TypeConfig> {

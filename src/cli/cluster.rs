@@ -126,20 +126,7 @@ pub async fn status(endpoints: &[String], json: bool) -> anyhow::Result<i32> {
     let leaders = |id: u64| shards.iter().filter(|h| h.leader == id).count();
     let replicas = |id: u64| shards.iter().filter(|h| h.voters.contains(&id)).count();
     let unhealthy: Vec<&ShardHealth> = shards.iter().filter(|h| !h.problems.is_empty()).collect();
-    let down: Vec<String> = view
-        .nodes
-        .values()
-        .filter(|n| !n.up)
-        .map(|n| {
-            format!(
-                "node {} at {}: {}",
-                n.id,
-                n.addr,
-                n.error.clone().unwrap_or_default()
-            )
-        })
-        .chain(view.unknown_down.iter().map(|(a, e)| format!("{a}: {e}")))
-        .collect();
+    let down = view.down();
     let missing = (0..view.shard_count)
         .filter(|s| !view.shard_ids().contains(s))
         .count();
@@ -275,20 +262,7 @@ pub async fn verify(endpoints: &[String], json: bool) -> anyhow::Result<i32> {
     let Some((ops, view)) = gathered(endpoints, json).await else {
         return Ok(2);
     };
-    let down: Vec<String> = view
-        .nodes
-        .values()
-        .filter(|n| !n.up)
-        .map(|n| {
-            format!(
-                "node {} at {}: {}",
-                n.id,
-                n.addr,
-                n.error.clone().unwrap_or_default()
-            )
-        })
-        .chain(view.unknown_down.iter().map(|(a, e)| format!("{a}: {e}")))
-        .collect();
+    let down = view.down();
     if !down.is_empty() {
         for d in &down {
             eprintln!("error: {d}");

@@ -50,6 +50,21 @@ pub struct NodeView {
     pub shards: BTreeMap<u64, ShardStatus>,
 }
 
+impl NodeView {
+    /// A node that did not answer.
+    fn down(id: u64, addr: String, region: String, error: String) -> NodeView {
+        NodeView {
+            id,
+            addr,
+            region,
+            up: false,
+            draining: false,
+            error: Some(error),
+            shards: BTreeMap::new(),
+        }
+    }
+}
+
 /// The cluster as the reachable nodes report it.
 pub struct View {
     pub nodes: BTreeMap<u64, NodeView>,
@@ -80,6 +95,23 @@ impl View {
             .values()
             .filter_map(|n| n.shards.get(&shard))
             .max_by_key(|s| (s.term, s.last_log_index))
+    }
+
+    /// Every node or endpoint that did not answer, as "who: why".
+    pub fn down(&self) -> Vec<String> {
+        self.nodes
+            .values()
+            .filter(|n| !n.up)
+            .map(|n| {
+                format!(
+                    "node {} at {}: {}",
+                    n.id,
+                    n.addr,
+                    n.error.clone().unwrap_or_default()
+                )
+            })
+            .chain(self.unknown_down.iter().map(|(a, e)| format!("{a}: {e}")))
+            .collect()
     }
 
     /// Shards numbered 0..shard_count that any node reported.
@@ -233,15 +265,9 @@ impl Ops {
                     }
                     Err(e) => match id {
                         Some(id) => {
-                            view.nodes.entry(id).or_insert(NodeView {
-                                id,
-                                addr,
-                                region,
-                                up: false,
-                                draining: false,
-                                error: Some(e),
-                                shards: BTreeMap::new(),
-                            });
+                            view.nodes
+                                .entry(id)
+                                .or_insert_with(|| NodeView::down(id, addr, region, e));
                         }
                         None => view.unknown_down.push((addr, e)),
                     },
@@ -275,18 +301,7 @@ impl Ops {
                 });
             match named {
                 Some((id, region)) if !view.nodes.contains_key(&id) => {
-                    view.nodes.insert(
-                        id,
-                        NodeView {
-                            id,
-                            addr,
-                            region,
-                            up: false,
-                            draining: false,
-                            error: Some(e),
-                            shards: BTreeMap::new(),
-                        },
-                    );
+                    view.nodes.insert(id, NodeView::down(id, addr, region, e));
                 }
                 Some(_) => {}
                 None => view.unknown_down.push((addr, e)),

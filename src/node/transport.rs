@@ -73,8 +73,8 @@ impl TransportService {
         let m = openraft::async_runtime::WatchReceiver::borrow_watched(&shard.raft.metrics())
             .membership_config
             .clone();
-        let members: Vec<u64> = m.membership().nodes().map(|(id, _)| *id).collect();
-        if !members.is_empty() && !members.contains(&from) {
+        let membership = m.membership();
+        if membership.nodes().next().is_some() && membership.get_node(&from).is_none() {
             return Err(Status::permission_denied(format!(
                 "node {from} is not a member of {}",
                 shard.id

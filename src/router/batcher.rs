@@ -160,10 +160,12 @@ async fn run(inner: Weak<Inner>, shard: ShardId, mut rx: mpsc::Receiver<Pending>
 /// One node call with every command of `batch`; each waiter gets its own
 /// result.
 async fn call(router: &Router, shard: ShardId, batch: Vec<Pending>) {
-    let commands: Vec<Command> = batch
-        .iter()
-        .flat_map(|p| p.commands.iter().cloned())
-        .collect();
+    let mut commands: Vec<Command> = Vec::new();
+    let mut waiters = Vec::with_capacity(batch.len());
+    for p in batch {
+        waiters.push((p.commands.len(), p.reply));
+        commands.extend(p.commands);
+    }
     metrics::histogram!(crate::metrics::ROUTER_WRITE_BATCH).record(commands.len() as f64);
     let result = router
         .on_leader(shard, WRITE_DEADLINE, |mut c| {
@@ -192,20 +194,20 @@ async fn call(router: &Router, shard: ShardId, batch: Vec<Pending>) {
                     reply.results.len(),
                     commands.len()
                 ));
-                for p in batch {
-                    let _ = p.reply.send(Err(s.clone()));
+                for (_, reply) in waiters {
+                    let _ = reply.send(Err(s.clone()));
                 }
                 return;
             }
             let mut results = reply.results.into_iter();
-            for p in batch {
-                let mine: Vec<CommandResult> = results.by_ref().take(p.commands.len()).collect();
-                let _ = p.reply.send(Ok((mine, position)));
+            for (n, reply) in waiters {
+                let mine: Vec<CommandResult> = results.by_ref().take(n).collect();
+                let _ = reply.send(Ok((mine, position)));
             }
         }
         Err(s) => {
-            for p in batch {
-                let _ = p.reply.send(Err(s.clone()));
+            for (_, reply) in waiters {
+                let _ = reply.send(Err(s.clone()));
             }
         }
     }

@@ -103,9 +103,11 @@ pub struct Shard {
 /// and when it last saw a write.
 #[derive(Default)]
 struct Quiet {
+    /// Read without a lock on every proposal and Raft message.
+    quiet: std::sync::atomic::AtomicBool,
     /// Held across a change of state so that the flag and openraft's
     /// ticker never disagree.
-    quiet: std::sync::Mutex<bool>,
+    changing: std::sync::Mutex<()>,
     last_write_ms: std::sync::atomic::AtomicU64,
 }
 
@@ -209,7 +211,7 @@ impl Shard {
 
     /// True while this replica's Raft timers are stopped.
     pub fn is_quiet(&self) -> bool {
-        *self.quiet.quiet.lock().expect("quiet state")
+        self.quiet.quiet.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// How long since this replica last proposed or was asked to.
@@ -229,19 +231,23 @@ impl Shard {
 
     /// Stops this replica's Raft timers.
     pub fn quiesce(&self) {
-        let mut quiet = self.quiet.quiet.lock().expect("quiet state");
-        if !*quiet {
-            *quiet = true;
+        let _changing = self.quiet.changing.lock().expect("quiet state");
+        if !self.is_quiet() {
             self.raft.runtime_config().tick(false);
+            self.quiet
+                .quiet
+                .store(true, std::sync::atomic::Ordering::Release);
             metrics::gauge!(crate::metrics::SHARD_QUIET).increment(1.0);
         }
     }
 
     /// Restarts this replica's Raft timers; true if they were stopped.
     pub fn wake(&self) -> bool {
-        let mut quiet = self.quiet.quiet.lock().expect("quiet state");
-        if *quiet {
-            *quiet = false;
+        let _changing = self.quiet.changing.lock().expect("quiet state");
+        if self.is_quiet() {
+            self.quiet
+                .quiet
+                .store(false, std::sync::atomic::Ordering::Release);
             self.raft.runtime_config().tick(true);
             metrics::gauge!(crate::metrics::SHARD_QUIET).decrement(1.0);
             true
