@@ -2,6 +2,9 @@
 
 pub const STORAGE_FSYNC_SECONDS: &str = "chatstore_storage_fsync_seconds";
 pub const STORAGE_FSYNC_BATCH: &str = "chatstore_storage_fsync_batch_callbacks";
+/// sled blob files fsynced by the group commit (expected to stay 0: pages are
+/// kept below sled's blob threshold, see `storage::SEGMENT_BYTES`).
+pub const STORAGE_BLOBS_SYNCED: &str = "chatstore_storage_blobs_synced_total";
 pub const SHARD_APPLY_ENTRIES: &str = "chatstore_shard_apply_entries_total";
 pub const SHARD_PROPOSAL_COMMANDS: &str = "chatstore_shard_proposal_commands";
 pub const SHARD_PROPOSAL_SECONDS: &str = "chatstore_shard_proposal_seconds";

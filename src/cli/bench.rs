@@ -633,17 +633,17 @@ pub(super) async fn connect(routers: &[String], count: usize) -> anyhow::Result<
     let mut channels = Vec::with_capacity(count);
     for i in 0..count {
         let addr = &routers[i % routers.len()];
-        let channel = Endpoint::from_shared(format!("http://{addr}"))
-            .with_context(|| format!("bad router address {addr:?}"))?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_nodelay(true)
-            .connect()
-            .await
-            .with_context(|| {
-                format!(
-                    "cannot reach the router at {addr}; is it running? (check --router/--routers)"
-                )
-            })?;
+        let channel = crate::api::http2::endpoint(
+            Endpoint::from_shared(format!("http://{addr}"))
+                .with_context(|| format!("bad router address {addr:?}"))?,
+        )
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .with_context(|| {
+            format!("cannot reach the router at {addr}; is it running? (check --router/--routers)")
+        })?;
         channels.push(channel);
     }
     Ok(channels)

@@ -486,7 +486,7 @@ async fn serve(
     // The builder's tcp_nodelay only reaches listeners tonic binds itself;
     // accepted sockets get it here, or Nagle holds back small replies.
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    let mut builder = tonic::transport::Server::builder()
+    let mut builder = crate::api::http2::server(tonic::transport::Server::builder())
         // Limits per connection: concurrent streams and in-flight requests.
         .max_concurrent_streams(Some(NODE_STREAMS_PER_CONNECTION_MAX))
         .concurrency_limit_per_connection(NODE_STREAMS_PER_CONNECTION_MAX as usize);

@@ -72,11 +72,14 @@ fn node_entry(
     addr: &str,
     node_region: &str,
 ) -> anyhow::Result<NodeEntry> {
-    let mut endpoint = Endpoint::from_shared(format!("{}://{addr}", scheme(tls.is_some())))?
-        .connect_timeout(Duration::from_secs(2))
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(10));
+    let mut endpoint = crate::api::http2::endpoint(Endpoint::from_shared(format!(
+        "{}://{addr}",
+        scheme(tls.is_some())
+    ))?)
+    .connect_timeout(Duration::from_secs(2))
+    .tcp_nodelay(true)
+    .http2_keep_alive_interval(Duration::from_secs(10))
+    .keep_alive_timeout(Duration::from_secs(10));
     if let Some(tls) = tls {
         endpoint = endpoint.tls_config(tls.client(&node_name(node)))?;
     }
@@ -624,7 +627,7 @@ pub async fn serve(
     // The builder's tcp_nodelay only reaches listeners tonic binds itself;
     // accepted sockets get it here, or Nagle holds back small replies.
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    let mut builder = tonic::transport::Server::builder()
+    let mut builder = crate::api::http2::server(tonic::transport::Server::builder())
         .max_concurrent_streams(Some(STREAMS_PER_CONNECTION_MAX))
         .concurrency_limit_per_connection(REQUESTS_PER_CONNECTION_MAX);
     if let Some(tls) = &tls {

@@ -30,7 +30,7 @@ use crate::storage::{keys, KeyRing};
 /// Settings a shard uses until its bootstrap command sets them.
 pub fn default_settings() -> ShardSettings {
     ShardSettings {
-        body_bytes_max: 64 * 1024,
+        body_bytes_max: crate::router::validate::BODY_BYTES_MAX as u32,
         dedup_window_ms: 24 * 3600 * 1000,
         change_retention_ms: 7 * 24 * 3600 * 1000,
     }

@@ -91,12 +91,14 @@ impl Peers {
             Some(c) => c.clone(),
             None => {
                 let scheme = crate::security::scheme(self.tls.is_some());
-                let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
-                    .map_err(|e| format!("bad address {addr:?} for node {node}: {e}"))?
-                    .connect_timeout(CONNECT_TIMEOUT)
-                    .tcp_nodelay(true)
-                    .http2_keep_alive_interval(Duration::from_secs(10))
-                    .keep_alive_timeout(Duration::from_secs(20));
+                let mut endpoint = crate::api::http2::endpoint(
+                    Endpoint::from_shared(format!("{scheme}://{addr}"))
+                        .map_err(|e| format!("bad address {addr:?} for node {node}: {e}"))?,
+                )
+                .connect_timeout(CONNECT_TIMEOUT)
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(10))
+                .keep_alive_timeout(Duration::from_secs(20));
                 if let Some(tls) = &self.tls {
                     // The peer must prove it is the node the membership names.
                     endpoint = endpoint

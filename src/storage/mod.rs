@@ -9,8 +9,14 @@
 //! - One flush covers every tree, so all shards' appends share it: the
 //!   group-commit thread in [`durability`] collects their callbacks, flushes
 //!   once, syncs once and completes them all.
-//! - sled stores blobs over ~128 KiB without syncing them; log entries are
-//!   capped well below that ([`ENTRY_BYTES_MAX`]).
+//! - sled writes a page (a whole tree node, up to 17 entries) larger than a
+//!   quarter of its segment size to a separate blob file that it never syncs.
+//!   With the default 512 KiB segments, a log-tree node of a few 100 KiB
+//!   entries became such a blob, and a power cut could have lost
+//!   acknowledged entries. Segments are now [`SEGMENT_BYTES`], so no node of
+//!   entries up to [`ENTRY_BYTES_MAX`] or messages up to the body limit
+//!   reaches the threshold (checked at compile time), and the group commit
+//!   fsyncs any blob file that appears anyway.
 
 pub mod durability;
 pub mod keys;
@@ -24,9 +30,25 @@ use std::time::Duration;
 pub use durability::Durability;
 pub use seal::KeyRing;
 
-/// Upper bound on one encoded Raft log entry. sled does not fsync blobs above
-/// ~128 KiB; staying well below keeps every entry covered by `fdatasync`.
+/// Upper bound on one encoded Raft log entry.
 pub const ENTRY_BYTES_MAX: usize = 100 * 1024;
+
+/// sled's segment size. sled writes a page larger than a quarter of this to
+/// an unsynced blob file instead of its log.
+pub const SEGMENT_BYTES: usize = 8 * 1024 * 1024;
+
+/// Most items in a sled leaf: sled splits a leaf once it holds more than 16.
+const LEAF_ITEMS_MAX: usize = 17;
+/// Allowance per item for its key and sled's framing.
+const ITEM_OVERHEAD_BYTES: usize = 1024;
+/// Largest stored message record: a body at the limit plus its fields.
+const MESSAGE_RECORD_BYTES_MAX: usize = crate::router::validate::BODY_BYTES_MAX + 1024;
+
+const _: () = {
+    let blob_threshold = SEGMENT_BYTES / 4;
+    assert!(LEAF_ITEMS_MAX * (ENTRY_BYTES_MAX + ITEM_OVERHEAD_BYTES) < blob_threshold);
+    assert!(LEAF_ITEMS_MAX * (MESSAGE_RECORD_BYTES_MAX + ITEM_OVERHEAD_BYTES) < blob_threshold);
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -76,6 +98,7 @@ impl Storage {
         let db = sled::Config::new()
             .path(&sled_dir)
             .cache_capacity(256 * 1024 * 1024)
+            .segment_size(SEGMENT_BYTES)
             // Measured under sends: 8-11% more throughput and about 15% fewer
             // bytes written per message than the default LowSpace mode, for
             // about the same space (BENCHMARKS.md).
@@ -84,7 +107,7 @@ impl Storage {
         // sled keeps its data in `<path>/db`; fdatasync on any fd of it
         // syncs the file.
         let data_file = std::fs::File::open(sled_dir.join("db"))?;
-        let durability = Durability::start(db.clone(), data_file);
+        let durability = Durability::start(db.clone(), data_file, sled_dir.join("blobs"));
         std::fs::create_dir_all(dir.join("snapshots"))?;
         let keys = KeyRing::open(&dir.join("keys"), seal_epoch)?;
         Ok(Storage {
