@@ -256,6 +256,42 @@ async fn tls_mutual_auth_and_tokens_keep_out_whoever_does_not_belong() {
         .await
         .is_ok());
 
+    // The load generator connects as a frontend does: TLS and a service
+    // token. Without the token every call is refused.
+    let bench = |token: &str| {
+        chatctl(
+            &certs,
+            token,
+            &[
+                "bench",
+                "--routers",
+                &router,
+                "--workload",
+                "send",
+                "--chats",
+                "5",
+                "--first-chat",
+                "100",
+                "--in-flight",
+                "4",
+                "--warmup",
+                "0",
+                "--count",
+                "40",
+                "--json",
+            ],
+        )
+    };
+    let (code, out, err) = bench("service.tokens");
+    assert_eq!(code, 0, "{err}");
+    let report: serde_json::Value = serde_json::from_str(out.trim()).expect("bench --json");
+    assert_eq!(report["ops"][0]["count"], 40, "{out}");
+    assert_eq!(report["ops"][0]["errors"], serde_json::json!({}), "{out}");
+    let no_token = certs.join("no.tokens");
+    std::fs::write(&no_token, "not-a-token-of-this-cluster-at-all\n").unwrap();
+    let (_, out, _) = bench("no.tokens");
+    assert!(out.contains("Unauthenticated"), "{out}");
+
     // Admin calls with a service token: PERMISSION_DENIED, nothing moves.
     let state = shard_state(&certs, &endpoints);
     let (shard, _, leader) = state[0];

@@ -35,7 +35,9 @@ use bytes::Bytes;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use tokio::task::JoinSet;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
+
+use crate::security::AuthChannel;
 use tonic::{Code, Status};
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
@@ -627,24 +629,31 @@ fn progress_bar(quiet: bool, len: u64, message: &str) -> indicatif::ProgressBar 
     bar
 }
 
-/// Opens `count` connections, spread over `routers` in turn. A router that
-/// does not answer is an error: a benchmark against nothing measures nothing.
-pub(super) async fn connect(routers: &[String], count: usize) -> anyhow::Result<Vec<Channel>> {
+/// Opens `count` connections, spread over `routers` in turn, with the
+/// process's TLS (`--ca`) and caller token (`--token-file`), as a frontend
+/// would connect. A router that does not answer is an error: a benchmark
+/// against nothing measures nothing.
+pub(super) async fn connect(routers: &[String], count: usize) -> anyhow::Result<Vec<AuthChannel>> {
+    let access = super::access();
+    let scheme = crate::security::scheme(access.tls.is_some());
     let mut channels = Vec::with_capacity(count);
     for i in 0..count {
         let addr = &routers[i % routers.len()];
-        let channel = crate::api::http2::endpoint(
-            Endpoint::from_shared(format!("http://{addr}"))
+        let mut endpoint = crate::api::http2::endpoint(
+            Endpoint::from_shared(format!("{scheme}://{addr}"))
                 .with_context(|| format!("bad router address {addr:?}"))?,
         )
         .connect_timeout(CONNECT_TIMEOUT)
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .with_context(|| {
-            format!("cannot reach the router at {addr}; is it running? (check --router/--routers)")
+        .tcp_nodelay(true);
+        if let Some(tls) = &access.tls {
+            endpoint = endpoint.tls_config(tls.anonymous_client(crate::security::ROUTER_NAME))?;
+        }
+        let channel = endpoint.connect().await.with_context(|| {
+            format!(
+                "cannot reach the router at {addr}; is it running? (check --router/--routers and --ca)"
+            )
         })?;
-        channels.push(channel);
+        channels.push(AuthChannel::new(channel, access.token.clone()));
     }
     Ok(channels)
 }
@@ -697,8 +706,8 @@ impl ChatPts {
 struct Worker {
     args: Arc<BenchArgs>,
     sender_id: u64,
-    api: ChatStoreClient<Channel>,
-    health: HealthClient<Channel>,
+    api: ChatStoreClient<AuthChannel>,
+    health: HealthClient<AuthChannel>,
     body: Bytes,
     /// Carried from response to request when the workload keeps a session.
     token: Bytes,
@@ -865,7 +874,7 @@ pub async fn run(args: BenchArgs, quiet: bool) -> anyhow::Result<Report> {
 async fn closed_loop(
     args: Arc<BenchArgs>,
     mix: Mix,
-    channels: Vec<Channel>,
+    channels: Vec<AuthChannel>,
     chat_pts: Arc<ChatPts>,
     quiet: bool,
 ) -> anyhow::Result<Report> {
@@ -964,7 +973,7 @@ async fn draw_progress(
 /// Records each chat's pts for the difference workload.
 async fn prefill(
     args: &Arc<BenchArgs>,
-    channels: &[Channel],
+    channels: &[AuthChannel],
     chat_pts: &Arc<ChatPts>,
     quiet: bool,
 ) -> anyhow::Result<()> {
@@ -1114,7 +1123,7 @@ impl WatchShared {
 /// Fan-out: many watchers on one chat, one sender at a fixed rate.
 async fn watch(
     args: Arc<BenchArgs>,
-    channels: Vec<Channel>,
+    channels: Vec<AuthChannel>,
     quiet: bool,
 ) -> anyhow::Result<Report> {
     let chat = args.first_chat;
@@ -1288,7 +1297,7 @@ type SendOutcome = (bool, Duration, Result<u64, Status>);
 /// measured send started (the end of the measured window).
 async fn watch_sender(
     args: &BenchArgs,
-    api: ChatStoreClient<Channel>,
+    api: ChatStoreClient<AuthChannel>,
     shared: Arc<WatchShared>,
 ) -> (SendTally, Instant) {
     let chat = args.first_chat;
