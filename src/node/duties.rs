@@ -6,8 +6,8 @@
 //!   and replicated settings);
 //! - self-destruct: when the TTL index holds due messages, propose
 //!   `Expire { up_to_ms: now, max_items }` (DESIGN section 6);
-//! - dedup records older than the replicated dedup window are dropped with
-//!   `GcDedup`;
+//! - dedup records older than the replicated dedup window are dropped by a
+//!   pass of `GcDedup` steps over all of them, once per window;
 //! - leadership returns to the shard's preferred region: a leader outside it
 //!   that has led for a while hands over to a caught-up voter there (damped:
 //!   a hold time before the first try and between tries, so it does not
@@ -32,7 +32,7 @@ use crate::types::{now_ms, ShardId};
 pub const TICK: Duration = Duration::from_millis(500);
 /// Most messages one Expire command deletes; more go in the next tick.
 pub const EXPIRE_BATCH_MAX: u32 = 1_000;
-/// Most dedup records one GcDedup command drops.
+/// Most dedup records one GcDedup step examines.
 pub const GC_BATCH_MAX: u32 = 1_000;
 
 /// A preferred voter must be this close to the leader's log to receive
@@ -130,17 +130,18 @@ async fn chores(shard: &Shard) -> Result<(), String> {
         .settings()
         .map_err(|e| e.to_string())?
         .dedup_window_ms;
-    if let Some(oldest) = shard.reader.oldest_dedup().map_err(|e| e.to_string())? {
-        let before = now.saturating_sub(window);
-        if oldest < before {
-            let cmd = Command {
-                kind: Some(command::Kind::GcDedup(GcDedupCmd {
-                    before_ms: before,
-                    max_items: GC_BATCH_MAX,
-                })),
-            };
-            shard.propose(vec![cmd]).await.map_err(|e| e.to_string())?;
-        }
+    if shard
+        .reader
+        .dedup_gc_due(window, now)
+        .map_err(|e| e.to_string())?
+    {
+        let cmd = Command {
+            kind: Some(command::Kind::GcDedup(GcDedupCmd {
+                before_ms: now.saturating_sub(window),
+                max_items: GC_BATCH_MAX,
+            })),
+        };
+        shard.propose(vec![cmd]).await.map_err(|e| e.to_string())?;
     }
     Ok(())
 }

@@ -265,7 +265,7 @@ impl Applier<'_, '_> {
             command::Kind::Expire(c) => self.expire(c, now),
             command::Kind::CloseChat(c) => self.close(c, now),
             command::Kind::ReopenChat(c) => self.reopen(c, now),
-            command::Kind::GcDedup(c) => self.gc_dedup(c),
+            command::Kind::GcDedup(c) => self.gc_dedup(c, now),
             command::Kind::Bootstrap(c) => self.bootstrap(c),
         }
     }
@@ -366,10 +366,6 @@ impl Applier<'_, '_> {
             pts,
         };
         self.kv.put(dedup_key, dedup.encode_to_vec());
-        self.kv.put(
-            keys::dedup_by_time(created, c.chat_id, c.sender_id, c.client_msg_id),
-            Vec::new(),
-        );
         self.put_chat(c.chat_id, &chat);
         Ok(CommandResult {
             outcome: Some(command_result::Outcome::Send(rp::SendResult {
@@ -671,32 +667,44 @@ impl Applier<'_, '_> {
         Ok(changed(pts))
     }
 
-    fn gc_dedup(&mut self, c: &rp::GcDedupCmd) -> io::Result<CommandResult> {
-        let max = c.max_items.min(EXPIRE_ITEMS_MAX) as usize;
-        let old = self.kv.scan(
-            &keys::dedup_by_time(0, 0, 0, 0),
-            &keys::dedup_by_time(c.before_ms, 0, 0, 0),
-            max,
-        )?;
-        let n = old.len() as u32;
-        for (key, _) in old {
-            let parts = (
-                keys::part(&key, 1),
-                keys::part(&key, 2),
-                keys::part(&key, 3),
-            );
-            let (Some(chat), Some(sender), Some(cmid)) = parts else {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "bad dedup-by-time key",
-                ));
-            };
-            self.kv.delete(keys::dedup(chat, sender, cmid));
-            self.kv.delete(key);
+    /// One step of a dedup collection pass (see `GcDedupCmd`). A pass reads
+    /// every dedup record once; passes run once per dedup window, so a record
+    /// lives between one and about two windows.
+    fn gc_dedup(&mut self, c: &rp::GcDedupCmd, now: u64) -> io::Result<CommandResult> {
+        let max = (c.max_items.min(EXPIRE_ITEMS_MAX) as usize).max(1);
+        let start = match self.kv.get(keys::SM_META_DEDUP_GC_CURSOR)? {
+            // The smallest key after the cursor.
+            Some(mut last) => {
+                last.push(0);
+                last
+            }
+            None => vec![keys::TAG_DEDUP],
+        };
+        let examined = self.kv.scan(&start, &[keys::TAG_DEDUP + 1], max)?;
+        let mut dropped = 0u32;
+        for (key, value) in &examined {
+            let rec: DedupRecord = decode(value, "dedup record")?;
+            if rec.created_at_ms < c.before_ms {
+                self.kv.delete(key.clone());
+                dropped += 1;
+            }
+        }
+        match examined.last() {
+            Some((last, _)) if examined.len() == max => {
+                self.kv
+                    .put(keys::SM_META_DEDUP_GC_CURSOR.to_vec(), last.clone());
+            }
+            _ => {
+                self.kv.delete(keys::SM_META_DEDUP_GC_CURSOR.to_vec());
+                self.kv.put(
+                    keys::SM_META_DEDUP_GC_PASS_END.to_vec(),
+                    now.to_be_bytes().to_vec(),
+                );
+            }
         }
         Ok(CommandResult {
             outcome: Some(command_result::Outcome::Expire(rp::ExpireResult {
-                expired: n,
+                expired: dropped,
             })),
         })
     }
@@ -714,5 +722,103 @@ impl Applier<'_, '_> {
             }
         }
         Ok(changed(0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Applies `commands` at `now_ms` to `tree`, as one apply call would.
+    fn apply(tree: &sled::Tree, now_ms: u64, commands: Vec<rp::Command>) -> Vec<CommandResult> {
+        let mut overlay = Overlay::new(tree);
+        let mut applier = Applier {
+            kv: &mut overlay,
+            settings: default_settings(),
+        };
+        let results = applier
+            .apply_batch(&CommandBatch {
+                format_version: 1,
+                now_ms,
+                commands,
+            })
+            .unwrap();
+        for (k, v) in overlay.into_writes().unwrap() {
+            match v {
+                Some(v) => tree.insert(k, v).map(drop),
+                None => tree.remove(k).map(drop),
+            }
+            .unwrap();
+        }
+        results
+    }
+
+    fn send(chat: u64, client_msg_id: u64) -> rp::Command {
+        rp::Command {
+            kind: Some(command::Kind::Send(rp::SendCmd {
+                chat_id: chat,
+                sender_id: 1,
+                client_msg_id,
+                body: b"hi".to_vec().into(),
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn gc(before_ms: u64, max_items: u32) -> rp::Command {
+        rp::Command {
+            kind: Some(command::Kind::GcDedup(rp::GcDedupCmd {
+                before_ms,
+                max_items,
+            })),
+        }
+    }
+
+    fn duplicate(r: &CommandResult) -> bool {
+        match &r.outcome {
+            Some(command_result::Outcome::Send(s)) => s.duplicate,
+            other => panic!("not a send result: {other:?}"),
+        }
+    }
+
+    /// A collection pass walks every dedup record in steps, drops only those
+    /// created before the cutoff, and records when it ended; a resend after
+    /// its record is dropped is a new message, one before is a duplicate.
+    #[test]
+    fn dedup_collection_pass_drops_only_old_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let tree = db.open_tree("sm").unwrap();
+        // 25 old sends in 5 chats at t = 1000, 5 new ones at t = 5000.
+        apply(
+            &tree,
+            1_000,
+            (0..25).map(|i| send(1 + i % 5, 100 + i)).collect(),
+        );
+        apply(&tree, 5_000, (0..5).map(|i| send(1 + i, 900 + i)).collect());
+        let records = || tree.scan_prefix([keys::TAG_DEDUP]).count();
+        assert_eq!(records(), 30);
+
+        // Steps of 7: the cursor advances until a step reaches the end.
+        let mut steps = 0;
+        loop {
+            steps += 1;
+            assert!(steps <= 10, "the pass does not end");
+            apply(&tree, 6_000, vec![gc(2_000, 7)]);
+            if !tree.contains_key(keys::SM_META_DEDUP_GC_CURSOR).unwrap() {
+                break;
+            }
+        }
+        assert_eq!(steps, 5, "30 records in steps of 7");
+        assert_eq!(records(), 5, "only the new records are left");
+        let end = tree.get(keys::SM_META_DEDUP_GC_PASS_END).unwrap().unwrap();
+        assert_eq!(u64::from_be_bytes(end.as_ref().try_into().unwrap()), 6_000);
+
+        let r = apply(&tree, 7_000, vec![send(1, 900), send(1, 100)]);
+        assert!(
+            duplicate(&r[0]),
+            "a record inside the window still deduplicates"
+        );
+        assert!(!duplicate(&r[1]), "a dropped record no longer does");
     }
 }

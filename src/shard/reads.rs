@@ -112,14 +112,25 @@ impl StateReader {
     }
 
     /// Creation time of the oldest dedup record, if any.
-    pub fn oldest_dedup(&self) -> io::Result<Option<u64>> {
-        match self.tree.scan_prefix([keys::TAG_DEDUP_BY_TIME]).next() {
-            Some(pair) => {
-                let (k, _) = pair.map_err(io_err)?;
-                Ok(keys::part(&k, 0))
-            }
-            None => Ok(None),
+    /// Whether the leader should propose the next dedup collection step:
+    /// a pass is under way, or there are dedup records and the last pass
+    /// ended at least `window_ms` before `now`.
+    pub fn dedup_gc_due(&self, window_ms: u64, now: u64) -> io::Result<bool> {
+        if self.has_key(keys::SM_META_DEDUP_GC_CURSOR) {
+            return Ok(true);
         }
+        if self.tree.scan_prefix([keys::TAG_DEDUP]).next().is_none() {
+            return Ok(false);
+        }
+        let last_end = match self
+            .tree
+            .get(keys::SM_META_DEDUP_GC_PASS_END)
+            .map_err(io_err)?
+        {
+            Some(v) => v.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0),
+            None => 0,
+        };
+        Ok(last_end.saturating_add(window_ms) <= now)
     }
 
     /// The shard's replicated settings.

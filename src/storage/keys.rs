@@ -6,12 +6,13 @@
 //! - `0x01 index`             one log entry
 //!
 //! State tree:
-//! - `0x00 name`              metadata: applied log id, apply in progress, membership, settings
+//! - `0x00 name`              metadata: applied log id, apply in progress, membership,
+//!   settings, dedup collection progress
 //! - `c chat`                 chat record (last seq, pts, closed)
 //! - `m chat seq`             message
 //! - `p chat pts`             change record
-//! - `d chat sender cmid`     dedup record → seq
-//! - `e created chat sender cmid`  dedup records by creation time (for GC)
+//! - `d chat sender cmid`     dedup record → seq and creation time; collected by a
+//!   periodic pass over these keys, so a send writes no time index
 //! - `r chat reader`          read cursor
 //! - `t expire_at chat seq`   TTL index
 //! - `a chat seq`             delete-after-read messages whose timer has not started
@@ -28,12 +29,15 @@ pub const SM_META_APPLYING: &[u8] = b"\x00applying";
 pub const SM_META_MEMBERSHIP: &[u8] = b"\x00membership";
 pub const SM_META_SETTINGS: &[u8] = b"\x00settings";
 pub const SM_META_INCARNATION: &[u8] = b"\x00incarnation";
+/// The last dedup key examined by a dedup collection pass in progress.
+pub const SM_META_DEDUP_GC_CURSOR: &[u8] = b"\x00dedup-gc-cursor";
+/// When the last complete dedup collection pass ended (big-endian ms).
+pub const SM_META_DEDUP_GC_PASS_END: &[u8] = b"\x00dedup-gc-pass-end";
 
 pub const TAG_CHAT: u8 = b'c';
 pub const TAG_MESSAGE: u8 = b'm';
 pub const TAG_CHANGE: u8 = b'p';
 pub const TAG_DEDUP: u8 = b'd';
-pub const TAG_DEDUP_BY_TIME: u8 = b'e';
 pub const TAG_READ_CURSOR: u8 = b'r';
 pub const TAG_TTL: u8 = b't';
 pub const TAG_AFTER_READ: u8 = b'a';
@@ -65,13 +69,6 @@ pub fn change(chat: u64, pts: u64) -> Vec<u8> {
 
 pub fn dedup(chat: u64, sender: u64, client_msg_id: u64) -> Vec<u8> {
     key(TAG_DEDUP, &[chat, sender, client_msg_id])
-}
-
-pub fn dedup_by_time(created_ms: u64, chat: u64, sender: u64, client_msg_id: u64) -> Vec<u8> {
-    key(
-        TAG_DEDUP_BY_TIME,
-        &[created_ms, chat, sender, client_msg_id],
-    )
 }
 
 pub fn read_cursor(chat: u64, reader: u64) -> Vec<u8> {
