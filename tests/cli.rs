@@ -32,13 +32,7 @@ async fn chatctl_data_moderation_status_and_errors() {
         .insert("eu".into(), vec!["--metrics".into(), metrics.clone()]);
     let router = cluster.start_router("eu");
     router_client(&router).await;
-    let endpoints: Vec<String> = cluster
-        .config
-        .nodes
-        .iter()
-        .map(|n| n.raft_addr.clone())
-        .collect();
-    let endpoints = endpoints.join(",");
+    let endpoints = cluster.endpoints();
     let r = |extra: &[&str]| {
         let mut a = vec!["--router", router.as_str()];
         a.extend_from_slice(extra);

@@ -78,14 +78,9 @@ async fn idle_shards_go_quiet_wake_on_writes_and_fail_over_when_their_leader_die
     }
     wait_all_quiet(&nodes, &[1, 2, 3], shards, Duration::from_secs(30)).await;
     // Operators see it.
-    let endpoints: Vec<String> = cluster
-        .config
-        .nodes
-        .iter()
-        .map(|n| n.raft_addr.clone())
-        .collect();
+    let endpoints = cluster.endpoints();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_chatctl"))
-        .args(["--endpoints", &endpoints.join(","), "--json", "shards"])
+        .args(["--endpoints", &endpoints, "--json", "shards"])
         .output()
         .expect("run chatctl");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("shards --json");

@@ -52,6 +52,17 @@ impl ProcessCluster {
             .expect("open log")
     }
 
+    /// Every configured node's address, comma-separated (chatctl's
+    /// `--endpoints`).
+    pub fn endpoints(&self) -> String {
+        self.config
+            .nodes
+            .iter()
+            .map(|n| n.raft_addr.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
     pub fn start_node(&mut self, id: u64) {
         let child = Command::new(env!("CARGO_BIN_EXE_chatstore"))
             .args(["node", "--config"])
