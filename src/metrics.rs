@@ -23,6 +23,8 @@ pub const ERASURE_PURGES_FORCED: &str = "chatstore_erasure_purges_forced_total";
 /// Epoch keys alive on this node; more than two means erasure is behind.
 pub const ERASURE_KEYS_ALIVE: &str = "chatstore_erasure_keys_alive";
 pub const RAFT_RPC_SECONDS: &str = "chatstore_raft_rpc_seconds";
+/// AppendEntries calls per message on a node pair's append stream.
+pub const RAFT_APPEND_BATCH: &str = "chatstore_raft_append_batch_calls";
 pub const ROUTER_REQUESTS: &str = "chatstore_router_requests_total";
 pub const NODE_API_REQUESTS: &str = "chatstore_node_api_requests_total";
 

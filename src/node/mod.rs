@@ -464,6 +464,7 @@ async fn serve(
         pb::raft::raft_transport_server::RaftTransportServer::new(transport::TransportService {
             registry: registry.clone(),
             tls: security.tls.is_some(),
+            shutdown: shutdown.clone(),
         })
         .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
         .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX);

@@ -1,7 +1,12 @@
 //! The server side of the Raft transport: routes each request to its shard's
 //! openraft instance.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tonic::transport::CertificateDer;
 
 use tokio::io::AsyncWriteExt;
 use tokio_stream::StreamExt;
@@ -11,7 +16,8 @@ use crate::api::codec::{from_postcard, to_postcard, RAFT_WIRE_VERSION};
 use crate::api::pb::raft::raft_reply::Result as ReplyResult;
 use crate::api::pb::raft::raft_transport_server::RaftTransport;
 use crate::api::pb::raft::{
-    PingReply, PingRequest, QuiesceReply, QuiesceRequest, RaftReply, RaftRequest, SnapshotChunk,
+    AppendCallBatch, AppendCallReply, AppendReplyBatch, PingReply, PingRequest, QuiesceReply,
+    QuiesceRequest, RaftReply, RaftRequest, SnapshotChunk,
 };
 use crate::node::Registry;
 use crate::shard::snapshot::SnapshotFile;
@@ -19,14 +25,24 @@ use crate::shard::types::{Snapshot, SnapshotMeta, Vote};
 use crate::shard::Shard;
 use crate::types::ShardId;
 
+/// Most replies in one message of an append stream.
+const REPLIES_PER_BATCH_MAX: usize = 1024;
+
+/// The peer certificates of a connection, when TLS is on.
+type PeerCerts = Option<Arc<Vec<CertificateDer<'static>>>>;
+
 /// Largest snapshot a node accepts.
 const SNAPSHOT_BYTES_MAX: u64 = 64 * 1024 * 1024 * 1024;
 
+#[derive(Clone)]
 pub struct TransportService {
     pub registry: Registry,
     /// With TLS on, a request must carry the certificate of the node it
     /// says it comes from, and that node must be a member of the shard.
     pub tls: bool,
+    /// Set when the node stops: append streams end then, or the server's
+    /// graceful shutdown would wait on them for ever.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 fn ok<T: serde::Serialize>(v: &T) -> Response<RaftReply> {
@@ -81,6 +97,25 @@ impl TransportService {
             )));
         }
         Ok(())
+    }
+
+    /// One AppendEntries call, unary or from an append stream. A heartbeat
+    /// (no entries) leaves a quiet follower quiet: the leader may still send
+    /// one or two while it quiesces. Entries wake it.
+    async fn append(&self, certs: PeerCerts, req: RaftRequest) -> Result<RaftReply, Status> {
+        let shard = self.shard(&req)?;
+        self.check_sender(certs.as_deref(), &shard, req.from_node)?;
+        let rpc: openraft::raft::AppendEntriesRequest<crate::shard::types::TypeConfig> =
+            from_postcard(&req.payload, "append-entries request")
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if shard.is_quiet() && !rpc.entries.is_empty() && shard.wake() {
+            metrics::counter!(crate::metrics::SHARD_WAKES, "cause" => "append-entries request")
+                .increment(1);
+        }
+        Ok(match shard.raft.append_entries(rpc).await {
+            Ok(resp) => ok(&resp).into_inner(),
+            Err(e) => err(e.to_string()).into_inner(),
+        })
     }
 
     fn shard(&self, req: &RaftRequest) -> Result<Arc<Shard>, Status> {
@@ -154,17 +189,82 @@ impl RaftTransport for TransportService {
         &self,
         request: Request<RaftRequest>,
     ) -> Result<Response<RaftReply>, Status> {
-        // A heartbeat (no entries) leaves a quiet follower quiet: the leader
-        // may still send one or two while it quiesces. Entries wake it.
-        forward!(
-            self,
-            request,
-            append_entries,
-            "append-entries request",
-            |r: &openraft::raft::AppendEntriesRequest<crate::shard::types::TypeConfig>| {
-                !r.entries.is_empty()
+        let certs = request.peer_certs();
+        self.append(certs, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    type AppendStreamStream =
+        Pin<Box<dyn tokio_stream::Stream<Item = Result<AppendReplyBatch, Status>> + Send>>;
+
+    /// Each call of each batch runs on its own task; replies leave as they
+    /// are ready, as many in one message as are waiting.
+    async fn append_stream(
+        &self,
+        request: Request<Streaming<AppendCallBatch>>,
+    ) -> Result<Response<Self::AppendStreamStream>, Status> {
+        let certs = request.peer_certs();
+        let mut calls = request.into_inner();
+        let (tx, rx) = mpsc::unbounded_channel::<AppendCallReply>();
+        let service = self.clone();
+        let mut stopping = self.shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                let batch = tokio::select! {
+                    m = calls.message() => match m {
+                        Ok(Some(batch)) => batch,
+                        _ => break,
+                    },
+                    _ = stopping.wait_for(|s| *s) => break,
+                };
+                for call in batch.calls {
+                    let (service, certs, tx) = (service.clone(), certs.clone(), tx.clone());
+                    tokio::spawn(async move {
+                        let handled = service.append(certs, call.request.unwrap_or_default());
+                        let result = if call.timeout_ms == 0 {
+                            handled.await
+                        } else {
+                            tokio::time::timeout(Duration::from_millis(call.timeout_ms), handled)
+                                .await
+                                .unwrap_or_else(|_| {
+                                    Err(Status::deadline_exceeded("append-entries call timed out"))
+                                })
+                        };
+                        let reply = match result {
+                            Ok(reply) => AppendCallReply {
+                                id: call.id,
+                                reply: Some(reply),
+                                ..Default::default()
+                            },
+                            Err(s) => AppendCallReply {
+                                id: call.id,
+                                reply: None,
+                                status_code: s.code() as i32,
+                                status_message: s.message().to_string(),
+                            },
+                        };
+                        let _ = tx.send(reply);
+                    });
+                }
             }
-        )
+        });
+        let replies = futures::stream::unfold(rx, |mut rx| async move {
+            let first = rx.recv().await?;
+            let mut replies = vec![first];
+            while replies.len() < REPLIES_PER_BATCH_MAX {
+                match rx.try_recv() {
+                    Ok(r) => replies.push(r),
+                    Err(_) => break,
+                }
+            }
+            Some((Ok(AppendReplyBatch { replies }), rx))
+        });
+        let mut stopping = self.shutdown.clone();
+        let replies = futures::StreamExt::take_until(replies, async move {
+            let _ = stopping.wait_for(|s| *s).await;
+        });
+        Ok(Response::new(Box::pin(replies)))
     }
 
     async fn vote(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {

@@ -8,6 +8,7 @@
 //!  node API ── read ──▶ barrier (read-index / applied ≥ token) ──▶ reads (sled tree)
 //! ```
 
+pub mod append_stream;
 pub mod apply;
 pub mod log_store;
 pub mod network;

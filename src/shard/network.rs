@@ -4,7 +4,9 @@
 //! Every shard of a node reaches a peer through the same tonic `Channel` (one
 //! HTTP/2 connection, multiplexed), and tags each request with its shard id.
 //! openraft's messages travel postcard-encoded inside versioned envelopes.
-//! Snapshots stream from their file in chunks.
+//! AppendEntries of all shards share one stream per peer
+//! ([`crate::shard::append_stream`]); the rarer calls are unary. Snapshots
+//! stream from their file in chunks.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -19,12 +21,14 @@ use openraft::raft::{
 };
 use tokio::io::AsyncReadExt;
 use tonic::transport::{Channel, Endpoint};
+use tonic::Status;
 
 use crate::api::codec::{from_postcard, to_postcard, RAFT_WIRE_VERSION};
 use crate::api::pb::raft::raft_reply::Result as ReplyResult;
 use crate::api::pb::raft::raft_transport_client::RaftTransportClient;
 use crate::api::pb::raft::{RaftReply, RaftRequest, SnapshotChunk};
 use crate::cluster::latency::{Delayed, LinkDelays};
+use crate::shard::append_stream::AppendMux;
 use crate::shard::snapshot::SnapshotFile;
 use crate::shard::types::{NodeAddr, Snapshot, TypeConfig, Vote};
 use crate::types::{NodeId, ShardId};
@@ -47,6 +51,8 @@ pub struct Peers {
     region: Arc<str>,
     delays: LinkDelays,
     channels: Arc<Mutex<HashMap<(u64, String), Channel>>>,
+    /// One append stream per peer, shared by every shard.
+    appends: Arc<Mutex<HashMap<(u64, String), AppendMux>>>,
     /// Addresses to use instead of the membership's, by node: lets a test
     /// harness put a fault-injecting proxy on every link.
     overrides: Arc<std::collections::BTreeMap<u64, String>>,
@@ -69,6 +75,7 @@ impl Peers {
             region: region.into(),
             delays,
             channels: Arc::default(),
+            appends: Arc::default(),
             overrides: Arc::new(overrides),
             tls,
         }
@@ -78,14 +85,34 @@ impl Peers {
         self.self_id
     }
 
+    /// The address to reach `node` at: the override, if any, else `addr`.
+    fn address<'a>(&'a self, node: u64, addr: &'a str) -> &'a str {
+        self.overrides
+            .get(&node)
+            .map(String::as_str)
+            .unwrap_or(addr)
+    }
+
+    /// The append stream to `node` at `addr` in `region`, started on first
+    /// use and shared by every shard.
+    pub fn append_mux(&self, node: u64, addr: &str, region: &str) -> Result<AppendMux, String> {
+        let key = (node, self.address(node, addr).to_string());
+        if let Some(mux) = self.appends.lock().expect("append mux lock").get(&key) {
+            return Ok(mux.clone());
+        }
+        let client = self.client(node, addr, region)?;
+        let delay = self.delays.one_way(&self.region, region);
+        let mut appends = self.appends.lock().expect("append mux lock");
+        Ok(appends
+            .entry(key)
+            .or_insert_with(|| AppendMux::start(client, node, delay))
+            .clone())
+    }
+
     /// A client for `node` at `addr` in `region`; connects lazily and reuses
     /// the connection for every shard.
     pub fn client(&self, node: u64, addr: &str, region: &str) -> Result<PeerClient, String> {
-        let addr = self
-            .overrides
-            .get(&node)
-            .map(String::as_str)
-            .unwrap_or(addr);
+        let addr = self.address(node, addr);
         let mut channels = self.channels.lock().expect("peer channel lock");
         let channel = match channels.get(&(node, addr.to_string())) {
             Some(c) => c.clone(),
@@ -136,6 +163,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             target,
             from: self.peers.self_id().0,
             client: self.peers.client(target, &node.addr, &node.region),
+            appends: self.peers.append_mux(target, &node.addr, &node.region),
             rpc_timeout_min: self.rpc_timeout_min,
         }
     }
@@ -147,6 +175,7 @@ pub struct PeerLink {
     target: u64,
     from: u64,
     client: Result<PeerClient, String>,
+    appends: Result<AppendMux, String>,
     rpc_timeout_min: Duration,
 }
 
@@ -155,6 +184,11 @@ fn unreachable<E: std::fmt::Display>(e: E) -> Unreachable<TypeConfig> {
 }
 
 impl PeerLink {
+    /// How long one call may take.
+    fn timeout(&self, option: &RPCOption) -> Duration {
+        option.soft_ttl().max(self.rpc_timeout_min)
+    }
+
     fn request(&self, payload: Vec<u8>, timeout: Duration) -> tonic::Request<RaftRequest> {
         let mut req = tonic::Request::new(RaftRequest {
             format_version: RAFT_WIRE_VERSION,
@@ -183,10 +217,7 @@ impl PeerLink {
             .client
             .clone()
             .map_err(|e| RPCError::Unreachable(unreachable(e)))?;
-        let req = self.request(
-            to_postcard(body),
-            option.soft_ttl().max(self.rpc_timeout_min),
-        );
+        let req = self.request(to_postcard(body), self.timeout(option));
         let started = Instant::now();
         let result = f(client, req).await;
         metrics::histogram!(crate::metrics::RAFT_RPC_SECONDS, "rpc" => rpc)
@@ -240,8 +271,13 @@ impl RaftNetworkV2<TypeConfig> for PeerLink {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.call("append_entries", &rpc, &option, |mut c, r| async move {
-            c.append_entries(r).await
+        let appends = self.appends.clone();
+        let timeout = self.timeout(&option);
+        self.call("append_entries", &rpc, &option, move |_, r| async move {
+            let mux = appends.map_err(Status::unavailable)?;
+            mux.call(r.into_inner(), timeout)
+                .await
+                .map(tonic::Response::new)
         })
         .await
     }
