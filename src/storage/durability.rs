@@ -13,8 +13,9 @@
 //! file that appears anyway, before the fdatasync that makes pointers to it
 //! durable.
 //!
-//! While one flush runs, new callbacks queue up and share the next one, so the
-//! fsync rate stays bounded however many shards append. A failed fsync poisons
+//! While one flush runs, new callbacks queue up and share the next one, and
+//! flushes start at least `FLUSH_INTERVAL_MIN` apart, so the fsync rate stays
+//! bounded however many shards append. A failed fsync poisons
 //! the node's durability for good: after a failed fsync the kernel may have
 //! dropped dirty pages, so nothing written since can be trusted to be on disk.
 
@@ -31,6 +32,13 @@ type Callback = Box<dyn FnOnce(io::Result<()>) + Send>;
 
 /// Most callbacks completed by one flush; more wait for the next.
 const CALLBACKS_PER_FLUSH_MAX: usize = 65_536;
+/// Shortest time from the start of one flush to the start of the next.
+/// Under load, flushes ran back to back (about 0.5 ms each here, 1,500 a
+/// second) and each covered one or two appends; pacing them lets the writes
+/// that arrive meanwhile share the next flush, for about 10% less CPU per
+/// acknowledged message. A write to an idle node waits for nothing: its
+/// flush starts at once.
+const FLUSH_INTERVAL_MIN: std::time::Duration = std::time::Duration::from_millis(1);
 
 #[derive(Clone)]
 pub struct Durability {
@@ -134,8 +142,15 @@ fn run(
     poisoned: Arc<AtomicBool>,
 ) {
     let mut batch: Vec<Callback> = Vec::new();
+    let mut last_start: Option<Instant> = None;
     while let Ok(first) = rx.recv() {
         batch.push(first);
+        // Under load, pace flushes so that more writes share each one.
+        if let Some(since) = last_start.map(|t: Instant| t.elapsed()) {
+            if since < FLUSH_INTERVAL_MIN {
+                std::thread::sleep(FLUSH_INTERVAL_MIN - since);
+            }
+        }
         while batch.len() < CALLBACKS_PER_FLUSH_MAX {
             match rx.try_recv() {
                 Ok(cb) => batch.push(cb),
@@ -143,6 +158,7 @@ fn run(
             }
         }
         let started = Instant::now();
+        last_start = Some(started);
         let result = if poisoned.load(Ordering::Acquire) {
             Err(poisoned_error().to_string())
         } else {
