@@ -52,8 +52,8 @@ pub fn key_path(file: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// Writes every pair of `tree` to `path` and fsyncs it. `transform` may
-/// replace a value on its way into the file.
+/// Writes every pair of `tree` but the apply marker to `path` and fsyncs
+/// it. `transform` may replace a value on its way into the file.
 pub fn write_tree(
     tree: &sled::Tree,
     path: &Path,
@@ -68,6 +68,10 @@ pub fn write_tree(
     let mut count = 0u64;
     for pair in tree.iter() {
         let (k, v) = pair.map_err(io::Error::other)?;
+        // The apply marker is this replica's own bookkeeping, not state.
+        if k.as_ref() == crate::storage::keys::SM_META_APPLYING {
+            continue;
+        }
         let replaced = transform(&k, &v)?;
         let v = replaced.as_deref().unwrap_or(&v);
         w.write_all(&(k.len() as u32).to_be_bytes())?;

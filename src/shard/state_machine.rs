@@ -8,11 +8,11 @@
 //! ```
 //!
 //! Crash recovery. sled recovers a prefix of its writes. One apply call
-//! writes an "applying" marker, then its effects (plain inserts and
-//! removes: sled's atomic batches switch the whole Db to a global lock that
-//! halved write throughput), then the applied log id, then removes the
-//! marker. A snapshot install writes its data and then the applied id. On
-//! open, a tree that still has the marker (an apply cut short, its effects
+//! writes an "applying" marker with the call's last log id, then its effects
+//! (plain inserts and removes: sled's atomic batches switch the whole Db to
+//! a global lock that halved write throughput), then the applied log id. A
+//! snapshot install writes its data and then the applied id. On open, a tree
+//! whose marker differs from its applied id (an apply cut short, its effects
 //! partly written) or whose applied id is behind the current snapshot (an
 //! interrupted install, or state lost because sled had not flushed it) is
 //! reloaded from the snapshot file, or cleared when there is none (then no
@@ -85,10 +85,16 @@ impl StateMachine {
             current: Arc::new(Mutex::new(current.clone())),
             keys: storage.keys().clone(),
         };
-        let interrupted = sm
+        // The marker names the last apply call begun, the applied id the
+        // last one finished: they differ only if an apply was cut short.
+        let interrupted = match sm
             .tree
-            .contains_key(keys::SM_META_APPLYING)
-            .map_err(io::Error::other)?;
+            .get(keys::SM_META_APPLYING)
+            .map_err(io::Error::other)?
+        {
+            Some(v) => from_json::<Option<LogId>>(&v, "apply marker")? != sm.read_applied()?,
+            None => false,
+        };
         match current {
             Some((meta, path)) => {
                 let applied = sm.read_applied()?;
@@ -166,7 +172,10 @@ impl StateMachine {
         let (epoch, key) = ring.current_key()?;
         self.tree.clear().map_err(io::Error::other)?;
         for (k, v) in pairs {
-            if k.as_slice() == keys::SM_META_APPLIED || k.as_slice() == keys::SM_META_MEMBERSHIP {
+            if k.as_slice() == keys::SM_META_APPLIED
+                || k.as_slice() == keys::SM_META_MEMBERSHIP
+                || k.as_slice() == keys::SM_META_APPLYING
+            {
                 continue;
             }
             let v = if k.first() == Some(&keys::TAG_MESSAGE) && sealing::sealed_epoch(&v)?.is_some()
@@ -367,9 +376,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let writes = overlay.into_writes()?;
             let tree = &self.tree;
             let put = |k: &[u8], v: Vec<u8>| tree.insert(k, v).map(drop);
-            // Marker, effects, applied id, marker removed: sled recovers a
-            // prefix of these, and open() rebuilds a tree found with the
-            // marker (see the module doc).
+            // Marker, effects, applied id: sled recovers a prefix of these,
+            // and open() rebuilds a tree whose marker is ahead of its applied
+            // id (see the module doc). The marker stays: removing it would
+            // cost one more write per apply call.
             put(keys::SM_META_APPLYING, to_json(&Some(last))).map_err(io::Error::other)?;
             for (k, v) in writes {
                 match v {
@@ -382,8 +392,6 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 put(keys::SM_META_MEMBERSHIP, to_json(&m)).map_err(io::Error::other)?;
             }
             put(keys::SM_META_APPLIED, to_json(&Some(last))).map_err(io::Error::other)?;
-            tree.remove(keys::SM_META_APPLYING)
-                .map_err(io::Error::other)?;
         }
         metrics::counter!(crate::metrics::SHARD_APPLY_ENTRIES).increment(replies.len() as u64);
         for (responder, output) in replies {
@@ -515,10 +523,17 @@ mod tests {
         assert!(sm.tree.is_empty(), "part-written state is gone");
         assert_eq!(sm.read_applied().unwrap(), None);
 
-        // A clean tree is left alone.
+        // A clean tree is left alone, also when the marker of its last
+        // (finished) apply call is still there.
         sm.tree.insert(keys::chat(6), b"whole".to_vec()).unwrap();
+        let last = to_json(&Some(crate::shard::types::log_id(1, 9)));
+        sm.tree
+            .insert(keys::SM_META_APPLYING, last.clone())
+            .unwrap();
+        sm.tree.insert(keys::SM_META_APPLIED, last).unwrap();
         drop(sm);
         let sm = StateMachine::open(&storage, shard).unwrap();
-        assert_eq!(sm.tree.len(), 1);
+        assert_eq!(sm.tree.len(), 3);
+        assert!(sm.tree.get(keys::chat(6)).unwrap().is_some());
     }
 }
