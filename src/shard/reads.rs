@@ -30,6 +30,10 @@ pub const READ_CURSORS_MAX: usize = 1000;
 pub struct StateReader {
     tree: sled::Tree,
     keys: Arc<KeyRing>,
+    /// The incarnation once known (0 before). The bootstrap command sets it
+    /// once for the whole Raft group, so it never changes after that, and
+    /// every read reports it: caching saves a sled lookup per read.
+    incarnation: Arc<std::sync::atomic::AtomicU64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -85,7 +89,11 @@ fn change_kind(k: i32) -> ChangeKind {
 
 impl StateReader {
     pub fn new(tree: sled::Tree, keys: Arc<KeyRing>) -> StateReader {
-        StateReader { tree, keys }
+        StateReader {
+            tree,
+            keys,
+            incarnation: Default::default(),
+        }
     }
 
     pub fn has_key(&self, key: &[u8]) -> bool {
@@ -94,10 +102,17 @@ impl StateReader {
 
     /// The shard's incarnation; 0 until its bootstrap command is applied.
     pub fn incarnation(&self) -> u64 {
-        match self.tree.get(keys::SM_META_INCARNATION) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let known = self.incarnation.load(Relaxed);
+        if known != 0 {
+            return known;
+        }
+        let stored = match self.tree.get(keys::SM_META_INCARNATION) {
             Ok(Some(v)) => v.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0),
             _ => 0,
-        }
+        };
+        self.incarnation.store(stored, Relaxed);
+        stored
     }
 
     /// The earliest expire_at in the TTL index, if any message has one.
@@ -111,7 +126,6 @@ impl StateReader {
         }
     }
 
-    /// Creation time of the oldest dedup record, if any.
     /// Whether the leader should propose the next dedup collection step:
     /// a pass is under way, or there are dedup records and the last pass
     /// ended at least `window_ms` before `now`.
