@@ -7,6 +7,8 @@
 
 pub mod codec;
 pub mod http2;
+pub mod mux;
+pub mod read_stream;
 pub mod status;
 
 #[allow(clippy::all)]

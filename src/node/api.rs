@@ -10,9 +10,11 @@ use tonic::{Request, Response, Status};
 use crate::api::pb::node::node_api_server::NodeApi;
 use crate::api::pb::node::{
     read_request::Query, ChatDigestsReply, ChatDigestsRequest, Member, MemberProgress, NodeStatus,
-    ReadReply, ReadRequest, ShardRequest, ShardStatus, StatusRequest, WriteReply, WriteRequest,
+    ReadCallBatch, ReadReply, ReadReplyBatch, ReadRequest, ShardRequest, ShardStatus,
+    StatusRequest, WriteReply, WriteRequest,
 };
 use crate::api::pb::Consistency;
+use crate::api::read_stream::ReadCalls;
 use crate::api::status::{from_read_error, from_shard_error};
 use crate::node::Registry;
 use crate::shard::Shard;
@@ -25,16 +27,96 @@ pub const SESSION_WAIT_MS_MAX: u32 = 5_000;
 /// Most commands in one write request.
 pub const WRITE_COMMANDS_MAX: usize = 1_024;
 
+#[derive(Clone)]
 pub struct NodeApiService {
     pub registry: Registry,
     pub node_id: NodeId,
     /// Snapshots and digests are for operators: admin tokens.
     pub tokens: crate::security::Tokens,
+    /// Set when the node stops: read streams end then, or the server's
+    /// graceful shutdown would wait on them for ever.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 impl NodeApiService {
     fn shard(&self, id: u64) -> Result<std::sync::Arc<Shard>, Status> {
         hosted(&self.registry, id)
+    }
+
+    /// One read, from Read or a read stream.
+    async fn read_one(&self, req: ReadRequest) -> Result<ReadReply, Status> {
+        let shard = self.shard(req.shard_id)?;
+        metrics::counter!(crate::metrics::NODE_API_REQUESTS, "rpc" => "read").increment(1);
+        let consistency = Consistency::try_from(req.consistency).map_err(|_| {
+            Status::invalid_argument(format!("unknown consistency {}", req.consistency))
+        })?;
+        match consistency {
+            Consistency::Linearizable => {
+                shard
+                    .linearizable_barrier()
+                    .await
+                    .map_err(from_shard_error)?;
+            }
+            Consistency::Session => {
+                if shard.is_leader() {
+                    // The leader's log holds every committed entry, so a
+                    // token beyond its log's end was not issued for a
+                    // committed write. (Its commit index can briefly lag
+                    // right after an election, so that is not the bound.)
+                    let last = shard.last_log_index();
+                    if req.min_index > last {
+                        return Err(Status::invalid_argument(format!(
+                            "read token names index {} of shard {}, beyond its log end {last}",
+                            req.min_index, req.shard_id
+                        )));
+                    }
+                }
+                let wait = Duration::from_millis(req.wait_ms.min(SESSION_WAIT_MS_MAX) as u64);
+                shard
+                    .wait_applied(req.min_index, wait)
+                    .await
+                    .map_err(from_shard_error)?;
+            }
+            Consistency::Stale => {}
+        }
+        // Only the applied log id is needed; no copy of the whole metrics.
+        let applied = shard.raft.metrics().borrow_watched().last_applied;
+        let mut reply = ReadReply {
+            applied_index: applied.map(|l| l.index).unwrap_or(0),
+            applied_term: applied.map(|l| l.leader_id.term).unwrap_or(0),
+            served_by_node: self.node_id.0,
+            incarnation: shard.reader.incarnation(),
+            ..Default::default()
+        };
+        let reader = &shard.reader;
+        match req.query {
+            Some(Query::History(q)) => {
+                reply.messages = reader
+                    .history(q.chat_id, q.before_seq, q.limit)
+                    .map_err(from_read_error)?;
+            }
+            Some(Query::Messages(q)) => {
+                reply.messages = reader
+                    .messages(q.chat_id, &q.seqs)
+                    .map_err(from_read_error)?;
+            }
+            Some(Query::Difference(q)) => {
+                reply.difference = Some(
+                    reader
+                        .difference(q.chat_id, q.pts, q.limit)
+                        .map_err(from_read_error)?,
+                );
+            }
+            Some(Query::Chat(q)) => {
+                reply.chat = Some(
+                    reader
+                        .chat(q.chat_id)
+                        .map_err(|e| Status::internal(e.to_string()))?,
+                );
+            }
+            None => return Err(Status::invalid_argument("read request without a query")),
+        }
+        Ok(reply)
     }
 }
 
@@ -145,79 +227,26 @@ impl NodeApi for NodeApiService {
     }
 
     async fn read(&self, request: Request<ReadRequest>) -> Result<Response<ReadReply>, Status> {
-        let req = request.into_inner();
-        let shard = self.shard(req.shard_id)?;
-        metrics::counter!(crate::metrics::NODE_API_REQUESTS, "rpc" => "read").increment(1);
-        let consistency = Consistency::try_from(req.consistency).map_err(|_| {
-            Status::invalid_argument(format!("unknown consistency {}", req.consistency))
-        })?;
-        match consistency {
-            Consistency::Linearizable => {
-                shard
-                    .linearizable_barrier()
-                    .await
-                    .map_err(from_shard_error)?;
-            }
-            Consistency::Session => {
-                if shard.is_leader() {
-                    // The leader's log holds every committed entry, so a
-                    // token beyond its log's end was not issued for a
-                    // committed write. (Its commit index can briefly lag
-                    // right after an election, so that is not the bound.)
-                    let last = shard.last_log_index();
-                    if req.min_index > last {
-                        return Err(Status::invalid_argument(format!(
-                            "read token names index {} of shard {}, beyond its log end {last}",
-                            req.min_index, req.shard_id
-                        )));
-                    }
-                }
-                let wait = Duration::from_millis(req.wait_ms.min(SESSION_WAIT_MS_MAX) as u64);
-                shard
-                    .wait_applied(req.min_index, wait)
-                    .await
-                    .map_err(from_shard_error)?;
-            }
-            Consistency::Stale => {}
-        }
-        // Only the applied log id is needed; no copy of the whole metrics.
-        let applied = shard.raft.metrics().borrow_watched().last_applied;
-        let mut reply = ReadReply {
-            applied_index: applied.map(|l| l.index).unwrap_or(0),
-            applied_term: applied.map(|l| l.leader_id.term).unwrap_or(0),
-            served_by_node: self.node_id.0,
-            incarnation: shard.reader.incarnation(),
-            ..Default::default()
-        };
-        let reader = &shard.reader;
-        match req.query {
-            Some(Query::History(q)) => {
-                reply.messages = reader
-                    .history(q.chat_id, q.before_seq, q.limit)
-                    .map_err(from_read_error)?;
-            }
-            Some(Query::Messages(q)) => {
-                reply.messages = reader
-                    .messages(q.chat_id, &q.seqs)
-                    .map_err(from_read_error)?;
-            }
-            Some(Query::Difference(q)) => {
-                reply.difference = Some(
-                    reader
-                        .difference(q.chat_id, q.pts, q.limit)
-                        .map_err(from_read_error)?,
-                );
-            }
-            Some(Query::Chat(q)) => {
-                reply.chat = Some(
-                    reader
-                        .chat(q.chat_id)
-                        .map_err(|e| Status::internal(e.to_string()))?,
-                );
-            }
-            None => return Err(Status::invalid_argument("read request without a query")),
-        }
-        Ok(Response::new(reply))
+        self.read_one(request.into_inner()).await.map(Response::new)
+    }
+
+    type ReadStreamStream = futures::stream::BoxStream<'static, Result<ReadReplyBatch, Status>>;
+
+    /// Each read of each batch runs on its own task; replies leave as they
+    /// are ready, as many in one message as are waiting.
+    async fn read_stream(
+        &self,
+        request: Request<tonic::Streaming<ReadCallBatch>>,
+    ) -> Result<Response<Self::ReadStreamStream>, Status> {
+        let service = self.clone();
+        Ok(Response::new(crate::api::mux::serve::<ReadCalls, _, _>(
+            request.into_inner(),
+            move |req| {
+                let service = service.clone();
+                async move { service.read_one(req).await }
+            },
+            self.shutdown.clone(),
+        )))
     }
 
     async fn status(

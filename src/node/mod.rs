@@ -472,6 +472,7 @@ async fn serve(
         registry: registry.clone(),
         node_id: registry.node_id(),
         tokens: security.tokens.clone(),
+        shutdown: shutdown.clone(),
     })
     .max_decoding_message_size(api::NODE_API_MESSAGE_BYTES_MAX);
     let tokens = security.tokens.clone();

@@ -1,11 +1,8 @@
 //! The server side of the Raft transport: routes each request to its shard's
 //! openraft instance.
 
-use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 
-use tokio::sync::mpsc;
 use tonic::transport::CertificateDer;
 
 use tokio::io::AsyncWriteExt;
@@ -16,17 +13,15 @@ use crate::api::codec::{from_postcard, to_postcard, RAFT_WIRE_VERSION};
 use crate::api::pb::raft::raft_reply::Result as ReplyResult;
 use crate::api::pb::raft::raft_transport_server::RaftTransport;
 use crate::api::pb::raft::{
-    AppendCallBatch, AppendCallReply, AppendReplyBatch, PingReply, PingRequest, QuiesceReply,
-    QuiesceRequest, RaftReply, RaftRequest, SnapshotChunk,
+    AppendCallBatch, AppendReplyBatch, PingReply, PingRequest, QuiesceReply, QuiesceRequest,
+    RaftReply, RaftRequest, SnapshotChunk,
 };
 use crate::node::Registry;
+use crate::shard::append_stream::AppendCalls;
 use crate::shard::snapshot::SnapshotFile;
 use crate::shard::types::{Snapshot, SnapshotMeta, Vote};
 use crate::shard::Shard;
 use crate::types::ShardId;
-
-/// Most replies in one message of an append stream.
-const REPLIES_PER_BATCH_MAX: usize = 1024;
 
 /// The peer certificates of a connection, when TLS is on.
 type PeerCerts = Option<Arc<Vec<CertificateDer<'static>>>>;
@@ -195,8 +190,7 @@ impl RaftTransport for TransportService {
             .map(Response::new)
     }
 
-    type AppendStreamStream =
-        Pin<Box<dyn tokio_stream::Stream<Item = Result<AppendReplyBatch, Status>> + Send>>;
+    type AppendStreamStream = futures::stream::BoxStream<'static, Result<AppendReplyBatch, Status>>;
 
     /// Each call of each batch runs on its own task; replies leave as they
     /// are ready, as many in one message as are waiting.
@@ -205,66 +199,15 @@ impl RaftTransport for TransportService {
         request: Request<Streaming<AppendCallBatch>>,
     ) -> Result<Response<Self::AppendStreamStream>, Status> {
         let certs = request.peer_certs();
-        let mut calls = request.into_inner();
-        let (tx, rx) = mpsc::unbounded_channel::<AppendCallReply>();
         let service = self.clone();
-        let mut stopping = self.shutdown.clone();
-        tokio::spawn(async move {
-            loop {
-                let batch = tokio::select! {
-                    m = calls.message() => match m {
-                        Ok(Some(batch)) => batch,
-                        _ => break,
-                    },
-                    _ = stopping.wait_for(|s| *s) => break,
-                };
-                for call in batch.calls {
-                    let (service, certs, tx) = (service.clone(), certs.clone(), tx.clone());
-                    tokio::spawn(async move {
-                        let handled = service.append(certs, call.request.unwrap_or_default());
-                        let result = if call.timeout_ms == 0 {
-                            handled.await
-                        } else {
-                            tokio::time::timeout(Duration::from_millis(call.timeout_ms), handled)
-                                .await
-                                .unwrap_or_else(|_| {
-                                    Err(Status::deadline_exceeded("append-entries call timed out"))
-                                })
-                        };
-                        let reply = match result {
-                            Ok(reply) => AppendCallReply {
-                                id: call.id,
-                                reply: Some(reply),
-                                ..Default::default()
-                            },
-                            Err(s) => AppendCallReply {
-                                id: call.id,
-                                reply: None,
-                                status_code: s.code() as i32,
-                                status_message: s.message().to_string(),
-                            },
-                        };
-                        let _ = tx.send(reply);
-                    });
-                }
-            }
-        });
-        let replies = futures::stream::unfold(rx, |mut rx| async move {
-            let first = rx.recv().await?;
-            let mut replies = vec![first];
-            while replies.len() < REPLIES_PER_BATCH_MAX {
-                match rx.try_recv() {
-                    Ok(r) => replies.push(r),
-                    Err(_) => break,
-                }
-            }
-            Some((Ok(AppendReplyBatch { replies }), rx))
-        });
-        let mut stopping = self.shutdown.clone();
-        let replies = futures::StreamExt::take_until(replies, async move {
-            let _ = stopping.wait_for(|s| *s).await;
-        });
-        Ok(Response::new(Box::pin(replies)))
+        Ok(Response::new(crate::api::mux::serve::<AppendCalls, _, _>(
+            request.into_inner(),
+            move |call| {
+                let (service, certs) = (service.clone(), certs.clone());
+                async move { service.append(certs, call).await }
+            },
+            self.shutdown.clone(),
+        )))
     }
 
     async fn vote(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {

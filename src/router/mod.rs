@@ -33,6 +33,7 @@ use crate::api::pb::node::node_api_client::NodeApiClient;
 use crate::api::pb::node::{read_request::Query, ReadReply, ReadRequest, StatusRequest};
 use crate::api::pb::replicated::{command_result, Command, CommandResult, ErrorCode};
 use crate::api::pb::Consistency;
+use crate::api::read_stream::ReadMux;
 use crate::api::status::leader_hint;
 use crate::cluster::latency::{Delayed, LinkDelays};
 use crate::cluster::{ClusterConfig, Placement};
@@ -60,6 +61,8 @@ type NodeClient = NodeApiClient<Delayed<Channel>>;
 struct NodeEntry {
     region: String,
     client: NodeClient,
+    /// SESSION and STALE reads go on one stream per node.
+    reads: ReadMux,
 }
 
 /// A lazily connected client of the node at `addr` in `node_region`, seen
@@ -84,9 +87,12 @@ fn node_entry(
         endpoint = endpoint.tls_config(tls.client(&node_name(node)))?;
     }
     let channel = endpoint.connect_lazy();
+    let one_way = delays.one_way(region, node_region);
+    let client = NodeApiClient::new(Delayed::new(channel, one_way));
     Ok(NodeEntry {
         region: node_region.to_string(),
-        client: NodeApiClient::new(Delayed::new(channel, delays.one_way(region, node_region))),
+        reads: ReadMux::new(client.clone(), node, one_way),
+        client,
     })
 }
 
@@ -510,12 +516,15 @@ impl Router {
     }
 
     async fn read_on(&self, node: u64, req: ReadRequest) -> Result<ReadReply, Status> {
-        let mut client = self
-            .client(node)
+        let reads = self
+            .inner
+            .nodes
+            .read()
+            .expect("node map")
+            .get(&node)
+            .map(|n| n.reads.clone())
             .ok_or_else(|| Status::internal(format!("unknown node {node}")))?;
-        let mut r = tonic::Request::new(req);
-        r.set_timeout(NODE_CALL_TIMEOUT);
-        client.read(r).await.map(|r| r.into_inner())
+        reads.call(req, NODE_CALL_TIMEOUT).await
     }
 
     async fn read_leader(&self, shard: ShardId, req: ReadRequest) -> Result<ReadReply, Status> {

@@ -105,7 +105,7 @@ impl Peers {
         let mut appends = self.appends.lock().expect("append mux lock");
         Ok(appends
             .entry(key)
-            .or_insert_with(|| AppendMux::start(client, node, delay))
+            .or_insert_with(|| AppendMux::new(client, node, delay))
             .clone())
     }
 

@@ -1,0 +1,115 @@
+//! Reads from a router to one node, on one gRPC stream ([`crate::api::mux`]).
+//!
+//! A router sends SESSION and STALE reads of every shard to the nearest
+//! replica; at 64 reads in flight, most of a read's cost on both sides was
+//! the HTTP/2 stream of its unary call. On the stream, the reads that queue
+//! up meanwhile leave as one message, and each answer returns as soon as it
+//! is ready.
+
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use tonic::codec::Streaming;
+use tonic::transport::Channel;
+use tonic::Status;
+
+use crate::api::mux::{reply_of, Batches, Call, Mux, Protocol};
+use crate::api::pb::node::node_api_client::NodeApiClient;
+use crate::api::pb::node::{
+    ReadCall, ReadCallBatch, ReadCallReply, ReadReply, ReadReplyBatch, ReadRequest,
+};
+use crate::cluster::latency::Delayed;
+
+/// Node API reads, as [`Protocol`] of a router's read stream to a node.
+pub struct ReadCalls;
+
+/// The read stream to one node.
+pub type ReadMux = Mux<ReadCalls>;
+
+impl Protocol for ReadCalls {
+    type Client = NodeApiClient<Delayed<Channel>>;
+    type Request = ReadRequest;
+    type Reply = ReadReply;
+    type Batch = ReadCallBatch;
+    type ReplyBatch = ReadReplyBatch;
+    const NAME: &'static str = "read stream";
+    const BATCH_METRIC: &'static str = crate::metrics::ROUTER_READ_BATCH;
+
+    fn batch(calls: Vec<Call<ReadRequest>>) -> ReadCallBatch {
+        ReadCallBatch {
+            calls: calls
+                .into_iter()
+                .map(|c| ReadCall {
+                    id: c.id,
+                    request: Some(c.request),
+                    timeout_ms: c.timeout_ms,
+                })
+                .collect(),
+        }
+    }
+
+    fn calls(batch: ReadCallBatch) -> Vec<Call<ReadRequest>> {
+        batch
+            .calls
+            .into_iter()
+            .map(|c| Call {
+                id: c.id,
+                request: c.request.unwrap_or_default(),
+                timeout_ms: c.timeout_ms,
+            })
+            .collect()
+    }
+
+    fn reply_batch(replies: Vec<(u64, Result<ReadReply, Status>)>) -> ReadReplyBatch {
+        ReadReplyBatch {
+            replies: replies
+                .into_iter()
+                .map(|(id, r)| match r {
+                    Ok(reply) => ReadCallReply {
+                        id,
+                        reply: Some(reply),
+                        ..Default::default()
+                    },
+                    Err(s) => ReadCallReply {
+                        id,
+                        reply: None,
+                        status_code: s.code() as i32,
+                        status_message: s.message().to_string(),
+                    },
+                })
+                .collect(),
+        }
+    }
+
+    fn replies(batch: ReadReplyBatch) -> Vec<(u64, Result<ReadReply, Status>)> {
+        batch
+            .replies
+            .into_iter()
+            .map(|r| (r.id, reply_of(r.reply, r.status_code, r.status_message)))
+            .collect()
+    }
+
+    fn open(
+        mut client: Self::Client,
+        batches: Batches<ReadCallBatch>,
+    ) -> BoxFuture<'static, Result<Streaming<ReadReplyBatch>, Status>> {
+        Box::pin(async move {
+            client
+                .read_stream(tonic::Request::new(batches))
+                .await
+                .map(tonic::Response::into_inner)
+        })
+    }
+
+    fn unary(
+        mut client: Self::Client,
+        request: ReadRequest,
+        timeout: Duration,
+    ) -> BoxFuture<'static, Result<ReadReply, Status>> {
+        Box::pin(async move {
+            let mut request = tonic::Request::new(request);
+            request.set_timeout(timeout);
+            client.read(request).await.map(tonic::Response::into_inner)
+        })
+    }
+}
