@@ -187,26 +187,48 @@ impl StateReader {
         before_seq: u64,
         limit: u32,
     ) -> Result<Vec<pb::Message>, ReadError> {
-        self.open_chat(chat)?;
+        let rec = self.open_chat(chat)?;
         let now = now_ms();
+        let limit = limit.min(PAGE_MAX) as usize;
+        // No message has a seq above the chat's last one.
+        let newest_end = rec.last_seq.saturating_add(1);
         let end = if before_seq == 0 {
-            u64::MAX
+            newest_end
         } else {
-            before_seq
+            before_seq.min(newest_end)
         };
-        let mut out = Vec::new();
+        // Seqs are dense but for removed (expired) messages, so the page is
+        // usually the `limit` seqs below `end`. sled reads a range forwards
+        // far more cheaply than backwards (each step back is a new lookup
+        // from the root), so that window is read forwards, and only a page
+        // it leaves short goes on backwards from the window's start.
+        let start = end.saturating_sub(limit as u64);
+        let mut out = Vec::with_capacity(limit);
         for pair in self
             .tree
-            .range(keys::message(chat, 0)..keys::message(chat, end))
-            .rev()
+            .range(keys::message(chat, start)..keys::message(chat, end))
         {
-            if out.len() >= limit.min(PAGE_MAX) as usize {
-                break;
-            }
             let (_, v) = pair.map_err(io_err)?;
             let m = sealing::open_message(&self.keys, &v, None)?;
             if visible(&m, now) {
                 out.push(to_public(m));
+            }
+        }
+        out.reverse();
+        if out.len() < limit {
+            for pair in self
+                .tree
+                .range(keys::message(chat, 0)..keys::message(chat, start))
+                .rev()
+            {
+                if out.len() >= limit {
+                    break;
+                }
+                let (_, v) = pair.map_err(io_err)?;
+                let m = sealing::open_message(&self.keys, &v, None)?;
+                if visible(&m, now) {
+                    out.push(to_public(m));
+                }
             }
         }
         Ok(out)
@@ -348,5 +370,65 @@ impl StateReader {
             });
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+
+    use super::StateReader;
+    use crate::api::pb::replicated::{ChatRecord, MessageRecord};
+    use crate::storage::{keys, Storage};
+
+    /// Pages come newest first, strictly below `before_seq`, `limit` long,
+    /// with removed messages skipped: the same as walking every message
+    /// backwards, for pages inside, across and below gaps.
+    #[test]
+    fn history_pages_match_a_walk_over_every_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path()).unwrap();
+        let tree = storage.open_tree("state/test").unwrap();
+        let chat = 7;
+        let last_seq = 30;
+        let removed = |seq: u64| (12..=20).contains(&seq) || seq == 28 || seq == 29;
+        tree.insert(
+            keys::chat(chat),
+            ChatRecord {
+                last_seq,
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        )
+        .unwrap();
+        for seq in (1..=last_seq).filter(|s| !removed(*s)) {
+            let m = MessageRecord {
+                chat_id: chat,
+                seq,
+                sender_id: 1,
+                body: format!("message {seq}").into_bytes().into(),
+                ..Default::default()
+            };
+            tree.insert(keys::message(chat, seq), m.encode_to_vec())
+                .unwrap();
+        }
+        let reader = StateReader::new(tree, storage.keys().clone());
+        for before in [0, 1, 2, 10, 12, 21, 22, 25, 29, 30, 31, 100] {
+            for limit in [0, 1, 3, 5, 9, 10, 50] {
+                let page: Vec<u64> = reader
+                    .history(chat, before, limit)
+                    .unwrap()
+                    .iter()
+                    .map(|m| m.seq)
+                    .collect();
+                let end = if before == 0 { u64::MAX } else { before };
+                let expected: Vec<u64> = (1..=last_seq)
+                    .rev()
+                    .filter(|s| !removed(*s) && *s < end)
+                    .take(limit as usize)
+                    .collect();
+                assert_eq!(page, expected, "before_seq {before}, limit {limit}");
+            }
+        }
     }
 }
