@@ -181,6 +181,74 @@ where
     }))
 }
 
+/// The four message conversions of a [`Protocol`], for wire messages laid
+/// out alike: a call (`id`, `request`, `timeout_ms`) in a batch (`calls`),
+/// a call reply (`id`, `reply`, `status_code`, `status_message`) in a reply
+/// batch (`replies`). Used inside the `impl Protocol` block.
+macro_rules! stream_messages {
+    ($request:ty, $reply:ty, $call:ident, $batch:ident, $call_reply:ident, $reply_batch:ident) => {
+        fn batch(calls: Vec<$crate::api::mux::Call<$request>>) -> $batch {
+            $batch {
+                calls: calls
+                    .into_iter()
+                    .map(|c| $call {
+                        id: c.id,
+                        request: Some(c.request),
+                        timeout_ms: c.timeout_ms,
+                    })
+                    .collect(),
+            }
+        }
+
+        fn calls(batch: $batch) -> Vec<$crate::api::mux::Call<$request>> {
+            batch
+                .calls
+                .into_iter()
+                .map(|c| $crate::api::mux::Call {
+                    id: c.id,
+                    request: c.request.unwrap_or_default(),
+                    timeout_ms: c.timeout_ms,
+                })
+                .collect()
+        }
+
+        fn reply_batch(replies: Vec<(u64, Result<$reply, tonic::Status>)>) -> $reply_batch {
+            $reply_batch {
+                replies: replies
+                    .into_iter()
+                    .map(|(id, r)| match r {
+                        Ok(reply) => $call_reply {
+                            id,
+                            reply: Some(reply),
+                            ..Default::default()
+                        },
+                        Err(s) => $call_reply {
+                            id,
+                            reply: None,
+                            status_code: s.code() as i32,
+                            status_message: s.message().to_string(),
+                        },
+                    })
+                    .collect(),
+            }
+        }
+
+        fn replies(batch: $reply_batch) -> Vec<(u64, Result<$reply, tonic::Status>)> {
+            batch
+                .replies
+                .into_iter()
+                .map(|r| {
+                    (
+                        r.id,
+                        $crate::api::mux::reply_of(r.reply, r.status_code, r.status_message),
+                    )
+                })
+                .collect()
+        }
+    };
+}
+pub(crate) use stream_messages;
+
 /// The result of a call from the peer's reply fields: a reply, or the gRPC
 /// status the unary call would have failed with.
 pub fn reply_of<T>(

@@ -13,7 +13,7 @@ use tonic::codec::Streaming;
 use tonic::transport::Channel;
 use tonic::Status;
 
-use crate::api::mux::{reply_of, Batches, Call, Mux, Protocol};
+use crate::api::mux::{stream_messages, Batches, Mux, Protocol};
 use crate::api::pb::node::node_api_client::NodeApiClient;
 use crate::api::pb::node::{
     ReadCall, ReadCallBatch, ReadCallReply, ReadReply, ReadReplyBatch, ReadRequest,
@@ -35,59 +35,14 @@ impl Protocol for ReadCalls {
     const NAME: &'static str = "read stream";
     const BATCH_METRIC: &'static str = crate::metrics::ROUTER_READ_BATCH;
 
-    fn batch(calls: Vec<Call<ReadRequest>>) -> ReadCallBatch {
-        ReadCallBatch {
-            calls: calls
-                .into_iter()
-                .map(|c| ReadCall {
-                    id: c.id,
-                    request: Some(c.request),
-                    timeout_ms: c.timeout_ms,
-                })
-                .collect(),
-        }
-    }
-
-    fn calls(batch: ReadCallBatch) -> Vec<Call<ReadRequest>> {
-        batch
-            .calls
-            .into_iter()
-            .map(|c| Call {
-                id: c.id,
-                request: c.request.unwrap_or_default(),
-                timeout_ms: c.timeout_ms,
-            })
-            .collect()
-    }
-
-    fn reply_batch(replies: Vec<(u64, Result<ReadReply, Status>)>) -> ReadReplyBatch {
-        ReadReplyBatch {
-            replies: replies
-                .into_iter()
-                .map(|(id, r)| match r {
-                    Ok(reply) => ReadCallReply {
-                        id,
-                        reply: Some(reply),
-                        ..Default::default()
-                    },
-                    Err(s) => ReadCallReply {
-                        id,
-                        reply: None,
-                        status_code: s.code() as i32,
-                        status_message: s.message().to_string(),
-                    },
-                })
-                .collect(),
-        }
-    }
-
-    fn replies(batch: ReadReplyBatch) -> Vec<(u64, Result<ReadReply, Status>)> {
-        batch
-            .replies
-            .into_iter()
-            .map(|r| (r.id, reply_of(r.reply, r.status_code, r.status_message)))
-            .collect()
-    }
+    stream_messages!(
+        ReadRequest,
+        ReadReply,
+        ReadCall,
+        ReadCallBatch,
+        ReadCallReply,
+        ReadReplyBatch
+    );
 
     fn open(
         mut client: Self::Client,

@@ -13,7 +13,7 @@ use futures::future::BoxFuture;
 use tonic::codec::Streaming;
 use tonic::Status;
 
-use crate::api::mux::{reply_of, Batches, Call, Mux, Protocol};
+use crate::api::mux::{stream_messages, Batches, Mux, Protocol};
 use crate::api::pb::raft::{
     AppendCall, AppendCallBatch, AppendCallReply, AppendReplyBatch, RaftReply, RaftRequest,
 };
@@ -34,59 +34,14 @@ impl Protocol for AppendCalls {
     const NAME: &'static str = "append stream";
     const BATCH_METRIC: &'static str = crate::metrics::RAFT_APPEND_BATCH;
 
-    fn batch(calls: Vec<Call<RaftRequest>>) -> AppendCallBatch {
-        AppendCallBatch {
-            calls: calls
-                .into_iter()
-                .map(|c| AppendCall {
-                    id: c.id,
-                    request: Some(c.request),
-                    timeout_ms: c.timeout_ms,
-                })
-                .collect(),
-        }
-    }
-
-    fn calls(batch: AppendCallBatch) -> Vec<Call<RaftRequest>> {
-        batch
-            .calls
-            .into_iter()
-            .map(|c| Call {
-                id: c.id,
-                request: c.request.unwrap_or_default(),
-                timeout_ms: c.timeout_ms,
-            })
-            .collect()
-    }
-
-    fn reply_batch(replies: Vec<(u64, Result<RaftReply, Status>)>) -> AppendReplyBatch {
-        AppendReplyBatch {
-            replies: replies
-                .into_iter()
-                .map(|(id, r)| match r {
-                    Ok(reply) => AppendCallReply {
-                        id,
-                        reply: Some(reply),
-                        ..Default::default()
-                    },
-                    Err(s) => AppendCallReply {
-                        id,
-                        reply: None,
-                        status_code: s.code() as i32,
-                        status_message: s.message().to_string(),
-                    },
-                })
-                .collect(),
-        }
-    }
-
-    fn replies(batch: AppendReplyBatch) -> Vec<(u64, Result<RaftReply, Status>)> {
-        batch
-            .replies
-            .into_iter()
-            .map(|r| (r.id, reply_of(r.reply, r.status_code, r.status_message)))
-            .collect()
-    }
+    stream_messages!(
+        RaftRequest,
+        RaftReply,
+        AppendCall,
+        AppendCallBatch,
+        AppendCallReply,
+        AppendReplyBatch
+    );
 
     fn open(
         mut client: PeerClient,
