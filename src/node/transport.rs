@@ -126,8 +126,9 @@ impl TransportService {
     }
 }
 
+/// A unary call other than AppendEntries; each one wakes a quiet replica.
 macro_rules! forward {
-    ($self:ident, $request:ident, $method:ident, $what:literal, $wake:expr) => {{
+    ($self:ident, $request:ident, $method:ident, $what:literal) => {{
         let shard = $self.shard($request.get_ref())?;
         $self.check_sender(
             $request.peer_certs().as_deref(),
@@ -137,8 +138,7 @@ macro_rules! forward {
         let req = $request.into_inner();
         let rpc = from_postcard(&req.payload, $what)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let wake: fn(&_) -> bool = $wake;
-        if shard.is_quiet() && wake(&rpc) && shard.wake() {
+        if shard.is_quiet() && shard.wake() {
             metrics::counter!(crate::metrics::SHARD_WAKES, "cause" => $what).increment(1);
         }
         match shard.raft.$method(rpc).await {
@@ -211,11 +211,11 @@ impl RaftTransport for TransportService {
     }
 
     async fn vote(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
-        forward!(self, request, vote, "vote request", |_| true)
+        forward!(self, request, vote, "vote request")
     }
 
     async fn pre_vote(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
-        forward!(self, request, pre_vote, "pre-vote request", |_| true)
+        forward!(self, request, pre_vote, "pre-vote request")
     }
 
     async fn transfer_leader(
@@ -226,8 +226,7 @@ impl RaftTransport for TransportService {
             self,
             request,
             handle_transfer_leader,
-            "transfer-leader request",
-            |_| true
+            "transfer-leader request"
         )
     }
 
