@@ -12,6 +12,9 @@ pub const SHARD_PROPOSAL_SECONDS: &str = "chatstore_shard_proposal_seconds";
 pub const ROUTER_WRITE_BATCH: &str = "chatstore_router_write_batch";
 /// Reads per message on a router's read stream to a node.
 pub const ROUTER_READ_BATCH: &str = "chatstore_router_read_batch_calls";
+/// Node calls (each a shard's batch of writes) per message on a router's
+/// write stream to a node.
+pub const ROUTER_WRITE_STREAM_BATCH: &str = "chatstore_router_write_stream_batch_calls";
 /// Replicas on this node whose Raft timers are stopped (quiet shards).
 pub const SHARD_QUIET: &str = "chatstore_shard_quiet";
 /// Quiet replicas woken, by cause.

@@ -10,6 +10,7 @@ pub mod http2;
 pub mod mux;
 pub mod read_stream;
 pub mod status;
+pub mod write_stream;
 
 #[allow(clippy::all)]
 pub mod pb {

@@ -23,7 +23,7 @@
 //! Used for AppendEntries between nodes ([`crate::shard::append_stream`]) and
 //! for reads from routers to nodes ([`crate::api::read_stream`]).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -227,6 +227,7 @@ macro_rules! stream_messages {
                             reply: None,
                             status_code: s.code() as i32,
                             status_message: s.message().to_string(),
+                            status_metadata: $crate::api::mux::ascii_metadata(&s),
                         },
                     })
                     .collect(),
@@ -240,7 +241,12 @@ macro_rules! stream_messages {
                 .map(|r| {
                     (
                         r.id,
-                        $crate::api::mux::reply_of(r.reply, r.status_code, r.status_message),
+                        $crate::api::mux::reply_of(
+                            r.reply,
+                            r.status_code,
+                            r.status_message,
+                            r.status_metadata,
+                        ),
                     )
                 })
                 .collect()
@@ -249,18 +255,56 @@ macro_rules! stream_messages {
 }
 pub(crate) use stream_messages;
 
+/// The ASCII metadata of a failed call's status (such as a leader hint), as
+/// a reply carries it.
+pub fn ascii_metadata(status: &Status) -> BTreeMap<String, String> {
+    status
+        .metadata()
+        .iter()
+        .filter_map(|entry| match entry {
+            tonic::metadata::KeyAndValueRef::Ascii(key, value) => {
+                Some((key.as_str().to_string(), value.to_str().ok()?.to_string()))
+            }
+            tonic::metadata::KeyAndValueRef::Binary(..) => None,
+        })
+        .collect()
+}
+
 /// The result of a call from the peer's reply fields: a reply, or the gRPC
-/// status the unary call would have failed with.
+/// status (with its metadata) the unary call would have failed with.
 pub fn reply_of<T>(
     reply: Option<T>,
     status_code: i32,
     status_message: String,
+    status_metadata: BTreeMap<String, String>,
 ) -> Result<T, Status> {
     match (reply, Code::from_i32(status_code)) {
         (Some(reply), Code::Ok) => Ok(reply),
         (None, Code::Ok) => Err(Status::internal("stream reply without a result")),
-        (_, code) => Err(Status::new(code, status_message)),
+        (_, code) => {
+            let mut status = Status::new(code, status_message);
+            let metadata = status.metadata_mut();
+            for (key, value) in status_metadata {
+                if let (Ok(key), Ok(value)) = (
+                    key.parse::<tonic::metadata::AsciiMetadataKey>(),
+                    value.parse::<tonic::metadata::AsciiMetadataValue>(),
+                ) {
+                    metadata.insert(key, value);
+                }
+            }
+            Err(status)
+        }
     }
+}
+
+/// A call failed on this side: the stream to the peer broke, could not be
+/// opened, or is backed up. Like the status of a unary call that could not
+/// reach its peer, it has an error source, which the peer's statuses never
+/// have, so callers can tell "not reached" from "the peer said no".
+fn not_reached(why: String) -> Status {
+    let mut status = Status::unavailable(why.clone());
+    status.set_source(Arc::new(std::io::Error::other(why)));
+    status
 }
 
 struct Queued<P: Protocol> {
@@ -482,7 +526,7 @@ async fn run<P: Protocol>(parked: Parked<P>) {
                     continue;
                 }
                 Err(s) => {
-                    let s = Status::unavailable(format!("{} to node {peer}: {s}", P::NAME));
+                    let s = not_reached(format!("{} to node {peer}: {s}", P::NAME));
                     for q in calls {
                         let _ = q.reply.send(Err(s.clone()));
                     }
@@ -514,7 +558,7 @@ async fn run<P: Protocol>(parked: Parked<P>) {
             };
             for id in ids {
                 if let Some(tx) = waiting.remove(&id) {
-                    let _ = tx.send(Err(Status::unavailable(why.clone())));
+                    let _ = tx.send(Err(not_reached(why.clone())));
                 }
             }
         }
@@ -546,7 +590,7 @@ fn deliver<P: Protocol>(batch: P::ReplyBatch, waiting: &mut Waiting<P>, delay: O
 
 fn fail_all<P: Protocol>(waiting: &mut Waiting<P>, why: String) {
     for (_, tx) in waiting.drain() {
-        let _ = tx.send(Err(Status::unavailable(why.clone())));
+        let _ = tx.send(Err(not_reached(why.clone())));
     }
 }
 

@@ -68,3 +68,34 @@ impl Protocol for ReadCalls {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+
+    use super::ReadCalls;
+    use crate::api::mux::Protocol;
+    use crate::api::pb::node::ReadReplyBatch;
+    use crate::api::status::{from_shard_error, is_behind};
+    use crate::shard;
+    use crate::types::ShardId;
+
+    /// A replica that waited for an index it has not applied says so across
+    /// the stream: a Watch's long poll then asks it again instead of moving
+    /// to another replica as if this one were down.
+    #[test]
+    fn a_behind_answer_stays_behind_across_the_stream() {
+        let behind = from_shard_error(shard::Error::Behind {
+            shard: ShardId(4),
+            applied: 10,
+            wanted: 12,
+            waited_ms: 1_000,
+        });
+        assert!(is_behind(&behind));
+        let batch = ReadCalls::reply_batch(vec![(5, Err(behind))]);
+        let wire = ReadReplyBatch::decode(batch.encode_to_vec().as_slice()).unwrap();
+        let (id, reply) = ReadCalls::replies(wire).pop().unwrap();
+        assert_eq!(id, 5);
+        assert!(is_behind(&reply.unwrap_err()));
+    }
+}

@@ -11,11 +11,12 @@ use crate::api::pb::node::node_api_server::NodeApi;
 use crate::api::pb::node::{
     read_request::Query, ChatDigestsReply, ChatDigestsRequest, Member, MemberProgress, NodeStatus,
     ReadCallBatch, ReadReply, ReadReplyBatch, ReadRequest, ShardRequest, ShardStatus,
-    StatusRequest, WriteReply, WriteRequest,
+    StatusRequest, WriteCallBatch, WriteReply, WriteReplyBatch, WriteRequest,
 };
 use crate::api::pb::Consistency;
 use crate::api::read_stream::ReadCalls;
 use crate::api::status::{from_read_error, from_shard_error};
+use crate::api::write_stream::WriteCalls;
 use crate::node::Registry;
 use crate::shard::Shard;
 use crate::types::{NodeId, ShardId};
@@ -41,6 +42,33 @@ pub struct NodeApiService {
 impl NodeApiService {
     fn shard(&self, id: u64) -> Result<std::sync::Arc<Shard>, Status> {
         hosted(&self.registry, id)
+    }
+
+    /// One write, from Write or a write stream.
+    async fn write_one(&self, req: WriteRequest) -> Result<WriteReply, Status> {
+        if req.commands.is_empty() || req.commands.len() > WRITE_COMMANDS_MAX {
+            return Err(Status::invalid_argument(format!(
+                "a write carries 1 to {WRITE_COMMANDS_MAX} commands, not {}",
+                req.commands.len()
+            )));
+        }
+        let shard = self.shard(req.shard_id)?;
+        metrics::counter!(crate::metrics::NODE_API_REQUESTS, "rpc" => "write").increment(1);
+        #[cfg(feature = "broken-early-ack")]
+        if shard.is_leader() {
+            return Ok(broken_early_ack(&shard, req.commands, self.node_id));
+        }
+        let outcome = shard
+            .propose(req.commands)
+            .await
+            .map_err(from_shard_error)?;
+        Ok(WriteReply {
+            results: outcome.results,
+            log_index: outcome.log_index,
+            log_term: outcome.log_term,
+            leader_node: self.node_id.0,
+            incarnation: shard.reader.incarnation(),
+        })
     }
 
     /// One read, from Read or a read stream.
@@ -196,34 +224,28 @@ pub fn node_status(registry: &Registry) -> NodeStatus {
 #[tonic::async_trait]
 impl NodeApi for NodeApiService {
     async fn write(&self, request: Request<WriteRequest>) -> Result<Response<WriteReply>, Status> {
-        let req = request.into_inner();
-        if req.commands.is_empty() || req.commands.len() > WRITE_COMMANDS_MAX {
-            return Err(Status::invalid_argument(format!(
-                "a write carries 1 to {WRITE_COMMANDS_MAX} commands, not {}",
-                req.commands.len()
-            )));
-        }
-        let shard = self.shard(req.shard_id)?;
-        metrics::counter!(crate::metrics::NODE_API_REQUESTS, "rpc" => "write").increment(1);
-        #[cfg(feature = "broken-early-ack")]
-        if shard.is_leader() {
-            return Ok(Response::new(broken_early_ack(
-                &shard,
-                req.commands,
-                self.node_id,
-            )));
-        }
-        let outcome = shard
-            .propose(req.commands)
+        self.write_one(request.into_inner())
             .await
-            .map_err(from_shard_error)?;
-        Ok(Response::new(WriteReply {
-            results: outcome.results,
-            log_index: outcome.log_index,
-            log_term: outcome.log_term,
-            leader_node: self.node_id.0,
-            incarnation: shard.reader.incarnation(),
-        }))
+            .map(Response::new)
+    }
+
+    type WriteStreamStream = futures::stream::BoxStream<'static, Result<WriteReplyBatch, Status>>;
+
+    /// Each write of each batch runs on its own task; replies leave as their
+    /// entries are applied, as many in one message as are waiting.
+    async fn write_stream(
+        &self,
+        request: Request<tonic::Streaming<WriteCallBatch>>,
+    ) -> Result<Response<Self::WriteStreamStream>, Status> {
+        let service = self.clone();
+        Ok(Response::new(crate::api::mux::serve::<WriteCalls, _, _>(
+            request.into_inner(),
+            move |req| {
+                let service = service.clone();
+                async move { service.write_one(req).await }
+            },
+            self.shutdown.clone(),
+        )))
     }
 
     async fn read(&self, request: Request<ReadRequest>) -> Result<Response<ReadReply>, Status> {

@@ -168,16 +168,12 @@ async fn call(router: &Router, shard: ShardId, batch: Vec<Pending>) {
     }
     metrics::histogram!(crate::metrics::ROUTER_WRITE_BATCH).record(commands.len() as f64);
     let result = router
-        .on_leader(shard, WRITE_DEADLINE, |mut c| {
-            let commands = commands.clone();
-            async move {
-                let mut req = tonic::Request::new(WriteRequest {
-                    shard_id: shard.0,
-                    commands,
-                });
-                req.set_timeout(NODE_CALL_TIMEOUT);
-                c.write(req).await.map(|r| r.into_inner())
-            }
+        .on_leader(shard, WRITE_DEADLINE, |node| {
+            let request = WriteRequest {
+                shard_id: shard.0,
+                commands: commands.clone(),
+            };
+            async move { node.writes.call(request, NODE_CALL_TIMEOUT).await }
         })
         .await;
     match result {

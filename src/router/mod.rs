@@ -35,6 +35,7 @@ use crate::api::pb::replicated::{command_result, Command, CommandResult, ErrorCo
 use crate::api::pb::Consistency;
 use crate::api::read_stream::ReadMux;
 use crate::api::status::leader_hint;
+use crate::api::write_stream::WriteMux;
 use crate::cluster::latency::{Delayed, LinkDelays};
 use crate::cluster::{ClusterConfig, Placement};
 use crate::router::token::{ShardPosition, TokenKeys};
@@ -58,11 +59,15 @@ const LEADER_REFRESH: Duration = Duration::from_secs(2);
 /// region (no delay unless latency is simulated).
 type NodeClient = NodeApiClient<Delayed<Channel>>;
 
-struct NodeEntry {
+/// How a router reaches one node. Cheap to clone.
+#[derive(Clone)]
+pub(crate) struct NodeEntry {
     region: String,
     client: NodeClient,
     /// SESSION and STALE reads go on one stream per node.
     reads: ReadMux,
+    /// Writes (each a shard's batch) go on one stream per node.
+    pub(crate) writes: WriteMux,
 }
 
 /// A lazily connected client of the node at `addr` in `node_region`, seen
@@ -92,6 +97,7 @@ fn node_entry(
     Ok(NodeEntry {
         region: node_region.to_string(),
         reads: ReadMux::new(client.clone(), node, one_way),
+        writes: WriteMux::new(client.clone(), node, one_way),
         client,
     })
 }
@@ -218,13 +224,13 @@ impl Router {
         self.inner.placement.shard_of_chat(ChatId(chat))
     }
 
-    fn client(&self, node: u64) -> Option<NodeClient> {
+    fn node(&self, node: u64) -> Option<NodeEntry> {
         self.inner
             .nodes
             .read()
             .expect("node map")
             .get(&node)
-            .map(|n| n.client.clone())
+            .cloned()
     }
 
     fn knows(&self, node: u64) -> bool {
@@ -369,7 +375,7 @@ impl Router {
         mut call: F,
     ) -> Result<(u64, T), Status>
     where
-        F: FnMut(NodeClient) -> Fut,
+        F: FnMut(NodeEntry) -> Fut,
         Fut: std::future::Future<Output = Result<T, Status>>,
     {
         let started = Instant::now();
@@ -380,10 +386,10 @@ impl Router {
         }
         let mut attempt: u32 = 0;
         loop {
-            let client = self
-                .client(target)
+            let node = self
+                .node(target)
                 .ok_or_else(|| Status::internal(format!("unknown node {target}")))?;
-            let status = match call(client).await {
+            let status = match call(node).await {
                 Ok(v) => {
                     self.set_leader(shard, target);
                     self.mark_reachable(target);
@@ -529,12 +535,12 @@ impl Router {
 
     async fn read_leader(&self, shard: ShardId, req: ReadRequest) -> Result<ReadReply, Status> {
         let (_, reply) = self
-            .on_leader(shard, WRITE_DEADLINE, |mut c| {
-                let req = req.clone();
+            .on_leader(shard, WRITE_DEADLINE, |node| {
+                let (mut client, req) = (node.client, req.clone());
                 async move {
                     let mut r = tonic::Request::new(req);
                     r.set_timeout(NODE_CALL_TIMEOUT);
-                    c.read(r).await.map(|r| r.into_inner())
+                    client.read(r).await.map(|r| r.into_inner())
                 }
             })
             .await?;

@@ -258,6 +258,8 @@ mod tests {
         );
         let broken = mux.call(request("break"), TIMEOUT).await.unwrap_err();
         assert_eq!(broken.code(), Code::Unavailable, "{broken}");
+        // Made on this side, as a unary call's connection error would be.
+        assert!(std::error::Error::source(&broken).is_some());
         assert_eq!(
             payload(mux.call(request("b"), TIMEOUT).await.unwrap()),
             b"b"

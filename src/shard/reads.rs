@@ -202,6 +202,15 @@ impl StateReader {
         // far more cheaply than backwards (each step back is a new lookup
         // from the root), so that window is read forwards, and only a page
         // it leaves short goes on backwards from the window's start.
+        // The newest message alone (a client's "last message" read): one
+        // point lookup, far cheaper in sled than setting up a range.
+        if limit == 1 && end > 1 {
+            if let Some(m) = self.message(chat, end - 1)? {
+                if visible(&m, now) {
+                    return Ok(vec![to_public(m)]);
+                }
+            }
+        }
         let start = end.saturating_sub(limit as u64);
         let mut out = Vec::with_capacity(limit);
         for pair in self
