@@ -6,6 +6,8 @@ pub const STORAGE_FSYNC_BATCH: &str = "chatstore_storage_fsync_batch_callbacks";
 /// kept below sled's blob threshold, see `storage::SEGMENT_BYTES`).
 pub const STORAGE_BLOBS_SYNCED: &str = "chatstore_storage_blobs_synced_total";
 pub const SHARD_APPLY_ENTRIES: &str = "chatstore_shard_apply_entries_total";
+/// Log entries per state-machine apply call (each call writes two markers).
+pub const SHARD_APPLY_CALL_ENTRIES: &str = "chatstore_shard_apply_call_entries";
 pub const SHARD_PROPOSAL_COMMANDS: &str = "chatstore_shard_proposal_commands";
 pub const SHARD_PROPOSAL_SECONDS: &str = "chatstore_shard_proposal_seconds";
 /// Writes per router-to-node call (router write coalescing).

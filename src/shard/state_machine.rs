@@ -394,6 +394,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             put(keys::SM_META_APPLIED, to_json(&Some(last))).map_err(io::Error::other)?;
         }
         metrics::counter!(crate::metrics::SHARD_APPLY_ENTRIES).increment(replies.len() as u64);
+        metrics::histogram!(crate::metrics::SHARD_APPLY_CALL_ENTRIES).record(replies.len() as f64);
         for (responder, output) in replies {
             if let Some(r) = responder {
                 r.send(output);
