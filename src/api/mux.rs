@@ -16,7 +16,8 @@
 //!
 //! When the stream fails, every call waiting on it fails as `Unavailable`
 //! and the next call opens a new stream. A peer that does not know the
-//! stream method (an older node) gets unary calls from then on. Under
+//! stream method (an older node) gets unary calls for a minute, then the
+//! stream is tried again. Under
 //! simulated latency each batch leaves, and each reply is delivered, one
 //! one-way delay late, as a unary call would be.
 //!
@@ -49,6 +50,9 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Calls whose callers gave up are dropped from the waiting map once it
 /// holds this many.
 const SWEEP_AT: usize = 4096;
+/// How long calls to a peer without the stream stay unary before the stream
+/// is tried again (the peer may have been upgraded meanwhile).
+const UNARY_FOR: Duration = Duration::from_secs(60);
 
 /// The batches a stream sends.
 pub type Batches<B> = tokio_stream::wrappers::ReceiverStream<B>;
@@ -451,7 +455,8 @@ async fn run<P: Protocol>(parked: Parked<P>) {
     let mut waiting: Waiting<P> = HashMap::new();
     let mut next_id: u64 = 0;
     let mut stream: Option<Open<P>> = None;
-    let mut unary = false;
+    // Since when the peer has been called unary, having no stream.
+    let mut unary_since: Option<Instant> = None;
     // A call taken from the queue that did not fit in the last batch.
     let mut held: Option<Queued<P>> = None;
     loop {
@@ -504,7 +509,10 @@ async fn run<P: Protocol>(parked: Parked<P>) {
         if calls.is_empty() {
             continue;
         }
-        if unary {
+        if unary_since.is_some_and(|since| since.elapsed() >= UNARY_FOR) {
+            unary_since = None;
+        }
+        if unary_since.is_some() {
             for q in calls {
                 spawn_unary::<P>(client.clone(), q);
             }
@@ -519,7 +527,7 @@ async fn run<P: Protocol>(parked: Parked<P>) {
                         stream = P::NAME,
                         "peer has no such stream; using unary calls"
                     );
-                    unary = true;
+                    unary_since = Some(Instant::now());
                     for q in calls {
                         spawn_unary::<P>(client.clone(), q);
                     }

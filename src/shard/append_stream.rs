@@ -73,7 +73,7 @@ impl Protocol for AppendCalls {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::sync::Arc;
     use std::time::Duration;
 
@@ -95,7 +95,7 @@ mod tests {
     /// Without `stream` it knows only unary AppendEntries.
     #[derive(Clone)]
     struct Echo {
-        stream: bool,
+        stream: Arc<AtomicBool>,
         opens: Arc<AtomicUsize>,
     }
 
@@ -124,7 +124,7 @@ mod tests {
             &self,
             request: Request<Streaming<AppendCallBatch>>,
         ) -> Result<Response<ReplyStream>, Status> {
-            if !self.stream {
+            if !self.stream.load(Ordering::SeqCst) {
                 return Err(Status::unimplemented("no append stream"));
             }
             self.opens.fetch_add(1, Ordering::SeqCst);
@@ -229,7 +229,7 @@ mod tests {
     async fn each_caller_gets_its_own_reply() {
         let opens = Arc::new(AtomicUsize::new(0));
         let mux = mux_to(Echo {
-            stream: true,
+            stream: Arc::new(AtomicBool::new(true)),
             opens: opens.clone(),
         })
         .await;
@@ -248,7 +248,7 @@ mod tests {
     async fn a_broken_stream_fails_its_calls_and_the_next_call_reopens_it() {
         let opens = Arc::new(AtomicUsize::new(0));
         let mux = mux_to(Echo {
-            stream: true,
+            stream: Arc::new(AtomicBool::new(true)),
             opens: opens.clone(),
         })
         .await;
@@ -268,10 +268,11 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_peer_without_the_stream_gets_unary_calls() {
+    async fn a_peer_without_the_stream_gets_unary_calls_then_the_stream_again() {
         let opens = Arc::new(AtomicUsize::new(0));
+        let stream = Arc::new(AtomicBool::new(false));
         let mux = mux_to(Echo {
-            stream: false,
+            stream: stream.clone(),
             opens: opens.clone(),
         })
         .await;
@@ -282,5 +283,22 @@ mod tests {
                 p.into_bytes()
             );
         }
+        assert_eq!(opens.load(Ordering::SeqCst), 0);
+        // The peer is upgraded; within a minute calls stay unary, after it
+        // the stream is tried again and taken.
+        stream.store(true, Ordering::SeqCst);
+        assert_eq!(
+            payload(mux.call(request("x"), TIMEOUT).await.unwrap()),
+            b"x"
+        );
+        assert_eq!(opens.load(Ordering::SeqCst), 0);
+        tokio::time::pause();
+        tokio::time::advance(Duration::from_secs(61)).await;
+        tokio::time::resume();
+        assert_eq!(
+            payload(mux.call(request("y"), TIMEOUT).await.unwrap()),
+            b"y"
+        );
+        assert_eq!(opens.load(Ordering::SeqCst), 1, "the stream is tried again");
     }
 }
