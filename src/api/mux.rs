@@ -304,7 +304,8 @@ pub fn reply_of<T>(
 /// A call failed on this side: the stream to the peer broke, could not be
 /// opened, or is backed up. Like the status of a unary call that could not
 /// reach its peer, it has an error source, which the peer's statuses never
-/// have, so callers can tell "not reached" from "the peer said no".
+/// have, so callers can tell "not reached" from "the peer said no" (the
+/// router passes over a node it could not reach).
 fn not_reached(why: String) -> Status {
     let mut status = Status::unavailable(why.clone());
     status.set_source(Arc::new(std::io::Error::other(why)));
@@ -383,10 +384,17 @@ impl<P: Protocol> Mux<P> {
                 "the {} dropped the call",
                 P::NAME
             ))),
-            Err(_) => Err(Status::deadline_exceeded(format!(
-                "no reply within {} ms",
-                timeout.as_millis()
-            ))),
+            // No answer from the peer: as with a unary call's timeout, the
+            // status has a source, so a router passes over a hung node.
+            Err(_) => {
+                let why = format!("no reply within {} ms", timeout.as_millis());
+                let mut status = Status::deadline_exceeded(why.clone());
+                status.set_source(Arc::new(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    why,
+                )));
+                Err(status)
+            }
         }
     }
 }

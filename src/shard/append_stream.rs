@@ -91,7 +91,8 @@ mod tests {
     use crate::cluster::latency::Delayed;
 
     /// A peer that answers each call with its own payload, a batch's replies
-    /// in reverse order; a call with payload "break" breaks the stream.
+    /// in reverse order; a call with payload "break" breaks the stream, one
+    /// with "hang" gets no answer.
     /// Without `stream` it knows only unary AppendEntries.
     #[derive(Clone)]
     struct Echo {
@@ -138,6 +139,9 @@ mod tests {
                         if req.payload.as_ref() == b"break" {
                             let _ = tx.send(Err(Status::aborted("broken on purpose"))).await;
                             return;
+                        }
+                        if req.payload.as_ref() == b"hang" {
+                            continue;
                         }
                         replies.push(AppendCallReply {
                             id: call.id,
@@ -265,6 +269,29 @@ mod tests {
             b"b"
         );
         assert_eq!(opens.load(Ordering::SeqCst), 2);
+    }
+
+    /// A call the peer never answers times out like a unary call to a hung
+    /// peer: with an error source (not reached), and the stream stays up.
+    #[tokio::test]
+    async fn an_unanswered_call_times_out_as_not_reached() {
+        let opens = Arc::new(AtomicUsize::new(0));
+        let mux = mux_to(Echo {
+            stream: Arc::new(AtomicBool::new(true)),
+            opens: opens.clone(),
+        })
+        .await;
+        let hung = mux
+            .call(request("hang"), Duration::from_millis(300))
+            .await
+            .unwrap_err();
+        assert_eq!(hung.code(), Code::DeadlineExceeded, "{hung}");
+        assert!(std::error::Error::source(&hung).is_some());
+        assert_eq!(
+            payload(mux.call(request("c"), TIMEOUT).await.unwrap()),
+            b"c"
+        );
+        assert_eq!(opens.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
