@@ -322,6 +322,17 @@ fn percent(p: Option<f64>) -> String {
     p.map_or_else(String::new, |p| format!("{p:.0}%"))
 }
 
+/// Microseconds of cluster CPU per operation, over all operations of the
+/// case (each message of a batch, each Watch delivery). It moves less from
+/// run to run than throughput on a shared machine, so commits compare by it.
+fn cpu_per_op(report: &bench::Report) -> String {
+    let ops: f64 = report.ops.iter().map(|o| o.ops_per_sec).sum();
+    match report.server_cpu_percent {
+        Some(cpu) if ops > 0.0 => format!("{:.0}", cpu / 100.0 * 1e6 / ops),
+        _ => String::new(),
+    }
+}
+
 /// The results section, markers included.
 fn markdown(args: &SuiteArgs, idle_cpu: Option<f64>, outcomes: &[Outcome]) -> String {
     let mut out = String::new();
@@ -344,15 +355,15 @@ fn markdown(args: &SuiteArgs, idle_cpu: Option<f64>, outcomes: &[Outcome]) -> St
         ));
     }
     out.push_str(
-        "\n| workload | in flight | ops/s | p50 ms | p99 ms | p999 ms | errors | cluster CPU | chatctl CPU |\n\
-         |---|---:|---:|---:|---:|---:|---|---:|---:|\n",
+        "\n| workload | in flight | ops/s | p50 ms | p99 ms | p999 ms | errors | cluster CPU | cluster CPU µs/op | chatctl CPU |\n\
+         |---|---:|---:|---:|---:|---:|---|---:|---:|---:|\n",
     );
     for o in outcomes {
         let report = match &o.result {
             Ok(r) => r,
             Err(e) => {
                 out.push_str(&format!(
-                    "| {} | | | | | | failed: {} | | |\n",
+                    "| {} | | | | | | failed: {} | | | |\n",
                     o.label,
                     format!("{e:#}").replace('|', "/")
                 ));
@@ -369,17 +380,18 @@ fn markdown(args: &SuiteArgs, idle_cpu: Option<f64>, outcomes: &[Outcome]) -> St
             } else {
                 format!("{}: {}", report.workload, op.op)
             };
-            let (server, client) = if i == 0 {
+            let (server, per_op, client) = if i == 0 {
                 (
                     percent(report.server_cpu_percent),
+                    cpu_per_op(report),
                     percent(report.client_cpu_percent),
                 )
             } else {
-                (String::new(), String::new())
+                (String::new(), String::new(), String::new())
             };
             let l = &op.latency_ms;
             out.push_str(&format!(
-                "| {name} | {in_flight} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {server} | {client} |\n",
+                "| {name} | {in_flight} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {server} | {per_op} | {client} |\n",
                 op.ops_per_sec,
                 l.p50,
                 l.p99,
@@ -444,6 +456,41 @@ mod tests {
     fn a_file_without_markers_gets_the_section_appended() {
         let new = spliced("# Benchmarks\n\nintro\n", &section("new"));
         assert_eq!(new, format!("# Benchmarks\n\nintro\n\n{}", section("new")));
+    }
+
+    #[test]
+    fn cpu_per_op_counts_every_operation_of_a_case() {
+        let op = |name: &'static str, ops_per_sec: f64| bench::OpReport {
+            op: name,
+            count: 0,
+            ops_per_sec,
+            latency_ms: bench::Percentiles {
+                p50: 0.0,
+                p90: 0.0,
+                p99: 0.0,
+                p999: 0.0,
+                max: 0.0,
+            },
+            errors: Default::default(),
+        };
+        let mut report = bench::Report {
+            workload: "mixed",
+            routers: Vec::new(),
+            in_flight: 64,
+            connections: 4,
+            chats: 1000,
+            size_bytes: 1024,
+            warmup_secs: 2.0,
+            measured_secs: 10.0,
+            watch: None,
+            client_cpu_percent: None,
+            server_cpu_percent: Some(150.0),
+            ops: vec![op("send", 1000.0), op("history", 2000.0)],
+        };
+        // 1.5 cores over 3,000 operations a second.
+        assert_eq!(cpu_per_op(&report), "500");
+        report.server_cpu_percent = None;
+        assert_eq!(cpu_per_op(&report), "");
     }
 
     #[test]
