@@ -10,6 +10,7 @@
 
 pub mod append_stream;
 pub mod apply;
+pub mod chat_cache;
 pub mod log_store;
 pub mod network;
 pub mod reads;
@@ -180,7 +181,7 @@ impl Shard {
     ) -> anyhow::Result<Shard> {
         let log = LogStore::open(storage, id)?;
         let sm = StateMachine::open(storage, id)?;
-        let reader = StateReader::new(sm.tree().clone(), storage.keys().clone());
+        let reader = StateReader::new(sm.tree().clone(), storage.keys().clone(), sm.chat_cache());
         let files = ShardFiles {
             log: log.tree().clone(),
             state: sm.tree().clone(),

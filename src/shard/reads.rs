@@ -14,6 +14,7 @@ use crate::api::codec::decode;
 use crate::api::pb::node::ChatDigest;
 use crate::api::pb::replicated::{ChangeRecord, ChatRecord, MessageRecord};
 use crate::api::pb::{self, ChangeKind};
+use crate::shard::chat_cache::ChatCache;
 use crate::shard::sealing;
 use crate::storage::{keys, KeyRing};
 use crate::types::now_ms;
@@ -34,6 +35,8 @@ pub struct StateReader {
     /// once for the whole Raft group, so it never changes after that, and
     /// every read reports it: caching saves a sled lookup per read.
     incarnation: Arc<std::sync::atomic::AtomicU64>,
+    /// Chat records, kept current by the state machine.
+    chats: Arc<ChatCache>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -88,11 +91,12 @@ fn change_kind(k: i32) -> ChangeKind {
 }
 
 impl StateReader {
-    pub fn new(tree: sled::Tree, keys: Arc<KeyRing>) -> StateReader {
+    pub fn new(tree: sled::Tree, keys: Arc<KeyRing>, chats: Arc<ChatCache>) -> StateReader {
         StateReader {
             tree,
             keys,
             incarnation: Default::default(),
+            chats,
         }
     }
 
@@ -156,10 +160,16 @@ impl StateReader {
     }
 
     pub fn chat_record(&self, chat: u64) -> io::Result<ChatRecord> {
-        match self.tree.get(keys::chat(chat)).map_err(io_err)? {
-            Some(v) => Ok(decode(&v, "chat record")?),
-            None => Ok(ChatRecord::default()),
-        }
+        let miss = match self.chats.get(chat) {
+            Ok(rec) => return Ok(rec),
+            Err(miss) => miss,
+        };
+        let rec = match self.tree.get(keys::chat(chat)).map_err(io_err)? {
+            Some(v) => decode(&v, "chat record")?,
+            None => ChatRecord::default(),
+        };
+        self.chats.fill(chat, &rec, miss);
+        Ok(rec)
     }
 
     fn open_chat(&self, chat: u64) -> Result<ChatRecord, ReadError> {
@@ -421,7 +431,7 @@ mod tests {
             tree.insert(keys::message(chat, seq), m.encode_to_vec())
                 .unwrap();
         }
-        let reader = StateReader::new(tree, storage.keys().clone());
+        let reader = StateReader::new(tree, storage.keys().clone(), Default::default());
         for before in [0, 1, 2, 10, 12, 21, 22, 25, 29, 30, 31, 100] {
             for limit in [0, 1, 3, 5, 9, 10, 50] {
                 let page: Vec<u64> = reader

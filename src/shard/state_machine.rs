@@ -21,7 +21,10 @@
 //! Readers may see an apply call's effects part-written. Effects go in key
 //! order, so within a chat the chat record comes first, then the message,
 //! then its change record; reads that need a position wait for the applied
-//! id, which comes last.
+//! id, which comes last. Readers take chat records from memory
+//! ([`crate::shard::chat_cache`]): each call puts the ones it wrote there
+//! after its writes and before it returns, so before openraft publishes the
+//! applied id; loading a snapshot empties it.
 //!
 //! Self-destructing bodies are sealed in the tree with the node's epoch keys
 //! and, in a snapshot file, with that file's own key: building a snapshot
@@ -36,9 +39,10 @@ use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
 use openraft::EntryPayload as OpenraftPayload;
 use serde::{Deserialize, Serialize};
 
-use crate::api::codec::{from_json, to_json};
+use crate::api::codec::{decode, from_json, to_json};
 use crate::api::pb::replicated::ShardSettings;
 use crate::shard::apply::{default_settings, Applier, Overlay};
+use crate::shard::chat_cache::ChatCache;
 use crate::shard::sealing;
 use crate::shard::snapshot::{self, SnapshotFile};
 use crate::shard::types::{
@@ -67,9 +71,16 @@ pub struct StateMachine {
     settings: ShardSettings,
     current: Current,
     keys: Arc<KeyRing>,
+    /// Chat records for readers, put after each apply call.
+    chats: Arc<ChatCache>,
 }
 
 impl StateMachine {
+    /// The chat records this state machine keeps current for its readers.
+    pub fn chat_cache(&self) -> Arc<ChatCache> {
+        self.chats.clone()
+    }
+
     pub fn open(storage: &Storage, shard: ShardId) -> io::Result<StateMachine> {
         let tree = storage.open_tree(&trees::state_tree(shard))?;
         let snapshot_dir = storage.snapshot_dir(shard);
@@ -84,6 +95,7 @@ impl StateMachine {
             settings: default_settings(),
             current: Arc::new(Mutex::new(current.clone())),
             keys: storage.keys().clone(),
+            chats: Default::default(),
         };
         // The marker names the last apply call begun, the applied id the
         // last one finished: they differ only if an apply was cut short.
@@ -170,6 +182,7 @@ impl StateMachine {
         let ring = self.keys.clone();
         let _sealing = ring.hold();
         let (epoch, key) = ring.current_key()?;
+        self.chats.clear();
         self.tree.clear().map_err(io::Error::other)?;
         for (k, v) in pairs {
             if k.as_slice() == keys::SM_META_APPLIED
@@ -194,6 +207,7 @@ impl StateMachine {
             .insert(keys::SM_META_APPLIED, to_json(&meta.last_log_id))
             .map_err(io::Error::other)?;
         self.settings = self.read_settings()?;
+        self.chats.clear();
         Ok(())
     }
 }
@@ -371,9 +385,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             return Ok(());
         };
         self.settings = applier.settings;
+        let mut chats = Vec::new();
         {
             let _sealing = self.keys.hold();
             let writes = overlay.into_writes()?;
+            chats.reserve(writes.len().min(64));
             let tree = &self.tree;
             let put = |k: &[u8], v: Vec<u8>| tree.insert(k, v).map(drop);
             // Marker, effects, applied id: sled recovers a prefix of these,
@@ -382,6 +398,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             // cost one more write per apply call.
             put(keys::SM_META_APPLYING, to_json(&Some(last))).map_err(io::Error::other)?;
             for (k, v) in writes {
+                if let Some(chat) = keys::chat_of_record(&k) {
+                    let rec = v.as_deref().map(|v| decode(v, "chat record")).transpose()?;
+                    chats.push((chat, rec));
+                }
                 match v {
                     Some(v) => put(&k, v),
                     None => tree.remove(k).map(drop),
@@ -393,6 +413,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
             put(keys::SM_META_APPLIED, to_json(&Some(last))).map_err(io::Error::other)?;
         }
+        // In sled now; readers may take them from memory.
+        self.chats.put(chats);
         metrics::counter!(crate::metrics::SHARD_APPLY_ENTRIES).increment(replies.len() as u64);
         metrics::histogram!(crate::metrics::SHARD_APPLY_CALL_ENTRIES).record(replies.len() as f64);
         for (responder, output) in replies {
@@ -536,5 +558,59 @@ mod tests {
         let sm = StateMachine::open(&storage, shard).unwrap();
         assert_eq!(sm.tree.len(), 3);
         assert!(sm.tree.get(keys::chat(6)).unwrap().is_some());
+    }
+
+    fn send_entry(index: u64, client_msg_id: u64) -> crate::shard::types::Entry {
+        use crate::api::pb::replicated::{command, Command, CommandBatch, SendCmd};
+        crate::shard::types::Entry {
+            log_id: crate::shard::types::log_id(1, index),
+            payload: OpenraftPayload::Normal(crate::shard::types::Proposal {
+                batch: CommandBatch {
+                    format_version: 1,
+                    now_ms: 1_000,
+                    commands: vec![Command {
+                        kind: Some(command::Kind::Send(SendCmd {
+                            chat_id: 5,
+                            sender_id: 1,
+                            client_msg_id,
+                            body: b"hello".to_vec().into(),
+                            ..Default::default()
+                        })),
+                    }],
+                },
+            }),
+        }
+    }
+
+    /// Readers take chat records from memory: each apply call's record is
+    /// there once the call returns, and a loaded snapshot replaces them.
+    #[tokio::test]
+    async fn readers_see_each_apply_call_and_then_a_loaded_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path()).unwrap();
+        let mut sm = StateMachine::open(&storage, ShardId(0)).unwrap();
+        let reader = crate::shard::reads::StateReader::new(
+            sm.tree.clone(),
+            storage.keys().clone(),
+            sm.chat_cache(),
+        );
+        let apply = |index, client_msg_id| {
+            futures::stream::iter(vec![Ok((send_entry(index, client_msg_id), None))])
+        };
+        assert_eq!(reader.chat_record(5).unwrap().last_seq, 0);
+        sm.apply(apply(1, 1)).await.unwrap();
+        assert_eq!(reader.chat_record(5).unwrap().last_seq, 1);
+        let snapshot = sm
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        sm.apply(apply(2, 2)).await.unwrap();
+        assert_eq!(reader.chat_record(5).unwrap().last_seq, 2);
+        sm.install_snapshot(&snapshot.meta, snapshot.snapshot)
+            .await
+            .unwrap();
+        assert_eq!(reader.chat_record(5).unwrap().last_seq, 1);
     }
 }
