@@ -259,6 +259,44 @@ macro_rules! stream_messages {
 }
 pub(crate) use stream_messages;
 
+/// `open` and `unary` of a [`Protocol`] whose client has the stream method
+/// `$stream` and the unary method `$unary`. Used inside the `impl Protocol`
+/// block.
+macro_rules! stream_methods {
+    ($stream:ident, $unary:ident) => {
+        fn open(
+            mut client: Self::Client,
+            batches: $crate::api::mux::Batches<Self::Batch>,
+        ) -> futures::future::BoxFuture<
+            'static,
+            Result<tonic::codec::Streaming<Self::ReplyBatch>, tonic::Status>,
+        > {
+            Box::pin(async move {
+                client
+                    .$stream(tonic::Request::new(batches))
+                    .await
+                    .map(tonic::Response::into_inner)
+            })
+        }
+
+        fn unary(
+            mut client: Self::Client,
+            request: Self::Request,
+            timeout: std::time::Duration,
+        ) -> futures::future::BoxFuture<'static, Result<Self::Reply, tonic::Status>> {
+            Box::pin(async move {
+                let mut request = tonic::Request::new(request);
+                request.set_timeout(timeout);
+                client
+                    .$unary(request)
+                    .await
+                    .map(tonic::Response::into_inner)
+            })
+        }
+    };
+}
+pub(crate) use stream_methods;
+
 /// The ASCII metadata of a failed call's status (such as a leader hint), as
 /// a reply carries it.
 pub fn ascii_metadata(status: &Status) -> BTreeMap<String, String> {

@@ -6,14 +6,9 @@
 //! up meanwhile leave as one message, and each answer returns as soon as it
 //! is ready.
 
-use std::time::Duration;
-
-use futures::future::BoxFuture;
-use tonic::codec::Streaming;
 use tonic::transport::Channel;
-use tonic::Status;
 
-use crate::api::mux::{stream_messages, Batches, Mux, Protocol};
+use crate::api::mux::{stream_messages, stream_methods, Mux, Protocol};
 use crate::api::pb::node::node_api_client::NodeApiClient;
 use crate::api::pb::node::{
     ReadCall, ReadCallBatch, ReadCallReply, ReadReply, ReadReplyBatch, ReadRequest,
@@ -44,29 +39,7 @@ impl Protocol for ReadCalls {
         ReadReplyBatch
     );
 
-    fn open(
-        mut client: Self::Client,
-        batches: Batches<ReadCallBatch>,
-    ) -> BoxFuture<'static, Result<Streaming<ReadReplyBatch>, Status>> {
-        Box::pin(async move {
-            client
-                .read_stream(tonic::Request::new(batches))
-                .await
-                .map(tonic::Response::into_inner)
-        })
-    }
-
-    fn unary(
-        mut client: Self::Client,
-        request: ReadRequest,
-        timeout: Duration,
-    ) -> BoxFuture<'static, Result<ReadReply, Status>> {
-        Box::pin(async move {
-            let mut request = tonic::Request::new(request);
-            request.set_timeout(timeout);
-            client.read(request).await.map(tonic::Response::into_inner)
-        })
-    }
+    stream_methods!(read_stream, read);
 }
 
 #[cfg(test)]

@@ -8,14 +8,9 @@
 //! carries the status metadata Write would have sent, so the router still
 //! follows leader hints.
 
-use std::time::Duration;
-
-use futures::future::BoxFuture;
-use tonic::codec::Streaming;
 use tonic::transport::Channel;
-use tonic::Status;
 
-use crate::api::mux::{stream_messages, Batches, Mux, Protocol};
+use crate::api::mux::{stream_messages, stream_methods, Mux, Protocol};
 use crate::api::pb::node::node_api_client::NodeApiClient;
 use crate::api::pb::node::{
     WriteCall, WriteCallBatch, WriteCallReply, WriteReply, WriteReplyBatch, WriteRequest,
@@ -46,29 +41,7 @@ impl Protocol for WriteCalls {
         WriteReplyBatch
     );
 
-    fn open(
-        mut client: Self::Client,
-        batches: Batches<WriteCallBatch>,
-    ) -> BoxFuture<'static, Result<Streaming<WriteReplyBatch>, Status>> {
-        Box::pin(async move {
-            client
-                .write_stream(tonic::Request::new(batches))
-                .await
-                .map(tonic::Response::into_inner)
-        })
-    }
-
-    fn unary(
-        mut client: Self::Client,
-        request: WriteRequest,
-        timeout: Duration,
-    ) -> BoxFuture<'static, Result<WriteReply, Status>> {
-        Box::pin(async move {
-            let mut request = tonic::Request::new(request);
-            request.set_timeout(timeout);
-            client.write(request).await.map(tonic::Response::into_inner)
-        })
-    }
+    stream_methods!(write_stream, write);
 }
 
 #[cfg(test)]

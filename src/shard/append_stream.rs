@@ -7,13 +7,7 @@
 //! meanwhile leave as one message, and a reply never waits for another
 //! shard's call.
 
-use std::time::Duration;
-
-use futures::future::BoxFuture;
-use tonic::codec::Streaming;
-use tonic::Status;
-
-use crate::api::mux::{stream_messages, Batches, Mux, Protocol};
+use crate::api::mux::{stream_messages, stream_methods, Mux, Protocol};
 use crate::api::pb::raft::{
     AppendCall, AppendCallBatch, AppendCallReply, AppendReplyBatch, RaftReply, RaftRequest,
 };
@@ -43,32 +37,7 @@ impl Protocol for AppendCalls {
         AppendReplyBatch
     );
 
-    fn open(
-        mut client: PeerClient,
-        batches: Batches<AppendCallBatch>,
-    ) -> BoxFuture<'static, Result<Streaming<AppendReplyBatch>, Status>> {
-        Box::pin(async move {
-            client
-                .append_stream(tonic::Request::new(batches))
-                .await
-                .map(tonic::Response::into_inner)
-        })
-    }
-
-    fn unary(
-        mut client: PeerClient,
-        request: RaftRequest,
-        timeout: Duration,
-    ) -> BoxFuture<'static, Result<RaftReply, Status>> {
-        Box::pin(async move {
-            let mut request = tonic::Request::new(request);
-            request.set_timeout(timeout);
-            client
-                .append_entries(request)
-                .await
-                .map(tonic::Response::into_inner)
-        })
-    }
+    stream_methods!(append_stream, append_entries);
 }
 
 #[cfg(test)]
