@@ -258,6 +258,11 @@ pub async fn shards(endpoints: &[String], json: bool) -> anyhow::Result<i32> {
     Ok(if unhealthy { 1 } else { 0 })
 }
 
+/// How many times `verify` asks a shard's replicas for digests before it
+/// reports them as lagging, and how long it waits between asks.
+const VERIFY_ATTEMPTS: u32 = 20;
+const VERIFY_RETRY: std::time::Duration = std::time::Duration::from_millis(250);
+
 pub async fn verify(endpoints: &[String], json: bool) -> anyhow::Result<i32> {
     let Some((ops, view)) = gathered(endpoints, json).await else {
         return Ok(2);
@@ -273,33 +278,49 @@ pub async fn verify(endpoints: &[String], json: bool) -> anyhow::Result<i32> {
     let mut checked = 0;
     let shard_ids = view.shard_ids();
     for shard in &shard_ids {
-        let mut seen: Option<(u64, u64, Vec<_>)> = None;
-        for n in view.nodes.values().filter(|n| n.shards.contains_key(shard)) {
-            let mut c = ops
-                .node_api(&n.addr)
-                .with_context(|| format!("connect to node {} at {}", n.id, n.addr))?;
-            let reply = c
-                .chat_digests(ChatDigestsRequest { shard_id: *shard })
-                .await
-                .map_err(|s| anyhow::anyhow!(ops::describe(&n.addr, &s)))?
-                .into_inner();
+        // Replicas still applying the last writes (or a leader's own
+        // entries) report different applied indexes; ask again, a bounded
+        // number of times, until they report one.
+        let mut attempt = 1;
+        let replies = loop {
+            let mut replies = Vec::new();
+            for n in view.nodes.values().filter(|n| n.shards.contains_key(shard)) {
+                let mut c = ops
+                    .node_api(&n.addr)
+                    .with_context(|| format!("connect to node {} at {}", n.id, n.addr))?;
+                let reply = c
+                    .chat_digests(ChatDigestsRequest { shard_id: *shard })
+                    .await
+                    .map_err(|s| anyhow::anyhow!(ops::describe(&n.addr, &s)))?
+                    .into_inner();
+                replies.push((n.id, reply));
+            }
+            let level = replies
+                .windows(2)
+                .all(|w| w[0].1.applied_index == w[1].1.applied_index);
+            if level || attempt >= VERIFY_ATTEMPTS {
+                break replies;
+            }
+            attempt += 1;
+            tokio::time::sleep(VERIFY_RETRY).await;
+        };
+        let Some(((first, first_reply), rest)) = replies.split_first() else {
+            continue;
+        };
+        checked += first_reply.chats.len();
+        for (node, reply) in rest {
             checked += reply.chats.len();
-            match &seen {
-                None => seen = Some((n.id, reply.applied_index, reply.chats)),
-                Some((first, applied, chats)) => {
-                    if *applied == reply.applied_index && *chats != reply.chats {
-                        problems.push(format!(
-                            "shard {shard}: nodes {} and {first} differ at applied index {applied}",
-                            n.id
-                        ));
-                    } else if *applied != reply.applied_index {
-                        problems.push(format!(
-                            "shard {shard}: node {} at applied {} and node {first} at {applied} \
-                             (lagging; run again once writes stop)",
-                            n.id, reply.applied_index
-                        ));
-                    }
-                }
+            if reply.applied_index != first_reply.applied_index {
+                problems.push(format!(
+                    "LAGGING shard {shard}: node {node} at applied {} and node {first} at {} \
+                     after {VERIFY_ATTEMPTS} tries (writes still arriving; run again once they stop)",
+                    reply.applied_index, first_reply.applied_index
+                ));
+            } else if reply.chats != first_reply.chats {
+                problems.push(format!(
+                    "DIVERGED shard {shard}: nodes {node} and {first} differ at applied index {}",
+                    reply.applied_index
+                ));
             }
         }
     }
@@ -315,7 +336,7 @@ pub async fn verify(endpoints: &[String], json: bool) -> anyhow::Result<i32> {
         );
     } else {
         for p in &problems {
-            println!("DIVERGED {p}");
+            println!("{p}");
         }
     }
     Ok(if problems.is_empty() { 0 } else { 1 })
