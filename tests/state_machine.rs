@@ -35,10 +35,7 @@ fn apply_all_with(
             Some(k) => Overlay::sealed(tree, k),
             None => Overlay::new(tree),
         };
-        let mut applier = Applier {
-            kv: &mut overlay,
-            settings: default_settings(),
-        };
+        let mut applier = Applier::new(&mut overlay, default_settings());
         for b in group {
             for r in applier.apply_batch(b).expect("apply") {
                 outcomes.push(r.outcome.expect("every command has an outcome"));

@@ -17,12 +17,14 @@
 //! When the stream fails, every call waiting on it fails as `Unavailable`
 //! and the next call opens a new stream. A peer that does not know the
 //! stream method (an older node) gets unary calls for a minute, then the
-//! stream is tried again. Under
-//! simulated latency each batch leaves, and each reply is delivered, one
-//! one-way delay late, as a unary call would be.
+//! stream is tried again. A failed call's reply carries the status code,
+//! message and ASCII metadata (a leader hint) a unary call would have
+//! failed with. Under simulated latency each batch leaves, and each reply is
+//! delivered, one one-way delay late, as a unary call would be.
 //!
-//! Used for AppendEntries between nodes ([`crate::shard::append_stream`]) and
-//! for reads from routers to nodes ([`crate::api::read_stream`]).
+//! Used for AppendEntries between nodes ([`crate::shard::append_stream`]),
+//! and for reads and writes from routers to nodes
+//! ([`crate::api::read_stream`], [`crate::api::write_stream`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -187,8 +189,9 @@ where
 
 /// The four message conversions of a [`Protocol`], for wire messages laid
 /// out alike: a call (`id`, `request`, `timeout_ms`) in a batch (`calls`),
-/// a call reply (`id`, `reply`, `status_code`, `status_message`) in a reply
-/// batch (`replies`). Used inside the `impl Protocol` block.
+/// a call reply (`id`, `reply`, `status_code`, `status_message`,
+/// `status_metadata`) in a reply batch (`replies`). Used inside the
+/// `impl Protocol` block.
 macro_rules! stream_messages {
     ($request:ty, $reply:ty, $call:ident, $batch:ident, $call_reply:ident, $reply_batch:ident) => {
         fn batch(calls: Vec<$crate::api::mux::Call<$request>>) -> $batch {
@@ -340,12 +343,13 @@ pub fn reply_of<T>(
 }
 
 /// A call failed on this side: the stream to the peer broke, could not be
-/// opened, or is backed up. Like the status of a unary call that could not
+/// opened or is backed up (`Unavailable`), or the peer did not answer in
+/// time (`DeadlineExceeded`). Like the status of a unary call that could not
 /// reach its peer, it has an error source, which the peer's statuses never
 /// have, so callers can tell "not reached" from "the peer said no" (the
 /// router passes over a node it could not reach).
-fn not_reached(why: String) -> Status {
-    let mut status = Status::unavailable(why.clone());
+fn not_reached(code: Code, why: String) -> Status {
+    let mut status = Status::new(code, why.clone());
     status.set_source(Arc::new(std::io::Error::other(why)));
     status
 }
@@ -422,17 +426,11 @@ impl<P: Protocol> Mux<P> {
                 "the {} dropped the call",
                 P::NAME
             ))),
-            // No answer from the peer: as with a unary call's timeout, the
-            // status has a source, so a router passes over a hung node.
-            Err(_) => {
-                let why = format!("no reply within {} ms", timeout.as_millis());
-                let mut status = Status::deadline_exceeded(why.clone());
-                status.set_source(Arc::new(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    why,
-                )));
-                Err(status)
-            }
+            // No answer from the peer: a router passes over a hung node.
+            Err(_) => Err(not_reached(
+                Code::DeadlineExceeded,
+                format!("no reply within {} ms", timeout.as_millis()),
+            )),
         }
     }
 }
@@ -580,7 +578,10 @@ async fn run<P: Protocol>(parked: Parked<P>) {
                     continue;
                 }
                 Err(s) => {
-                    let s = not_reached(format!("{} to node {peer}: {s}", P::NAME));
+                    let s = not_reached(
+                        Code::Unavailable,
+                        format!("{} to node {peer}: {s}", P::NAME),
+                    );
                     for q in calls {
                         let _ = q.reply.send(Err(s.clone()));
                     }
@@ -612,7 +613,7 @@ async fn run<P: Protocol>(parked: Parked<P>) {
             };
             for id in ids {
                 if let Some(tx) = waiting.remove(&id) {
-                    let _ = tx.send(Err(not_reached(why.clone())));
+                    let _ = tx.send(Err(not_reached(Code::Unavailable, why.clone())));
                 }
             }
         }
@@ -644,7 +645,7 @@ fn deliver<P: Protocol>(batch: P::ReplyBatch, waiting: &mut Waiting<P>, delay: O
 
 fn fail_all<P: Protocol>(waiting: &mut Waiting<P>, why: String) {
     for (_, tx) in waiting.drain() {
-        let _ = tx.send(Err(not_reached(why.clone())));
+        let _ = tx.send(Err(not_reached(Code::Unavailable, why.clone())));
     }
 }
 

@@ -3,10 +3,9 @@
 
 use std::sync::Arc;
 
-use tonic::transport::CertificateDer;
-
 use tokio::io::AsyncWriteExt;
 use tokio_stream::StreamExt;
+use tonic::transport::CertificateDer;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::api::codec::{from_postcard, to_postcard, RAFT_WIRE_VERSION};

@@ -197,9 +197,19 @@ fn changed(pts: u64) -> CommandResult {
 pub struct Applier<'o, 'a> {
     pub kv: &'o mut Overlay<'a>,
     pub settings: ShardSettings,
+    /// The chat records written, last value of each (for the chat cache).
+    pub chats: BTreeMap<u64, ChatRecord>,
 }
 
-impl Applier<'_, '_> {
+impl<'o, 'a> Applier<'o, 'a> {
+    pub fn new(kv: &'o mut Overlay<'a>, settings: ShardSettings) -> Applier<'o, 'a> {
+        Applier {
+            kv,
+            settings,
+            chats: BTreeMap::new(),
+        }
+    }
+
     fn get_rec<T: Message + Default>(
         &self,
         key: &[u8],
@@ -219,6 +229,7 @@ impl Applier<'_, '_> {
 
     fn put_chat(&mut self, chat: u64, rec: &ChatRecord) {
         self.kv.put(keys::chat(chat), rec.encode_to_vec());
+        self.chats.insert(chat, rec.clone());
     }
 
     /// Bumps the chat's pts and records what changed.
@@ -732,10 +743,7 @@ mod tests {
     /// Applies `commands` at `now_ms` to `tree`, as one apply call would.
     fn apply(tree: &sled::Tree, now_ms: u64, commands: Vec<rp::Command>) -> Vec<CommandResult> {
         let mut overlay = Overlay::new(tree);
-        let mut applier = Applier {
-            kv: &mut overlay,
-            settings: default_settings(),
-        };
+        let mut applier = Applier::new(&mut overlay, default_settings());
         let results = applier
             .apply_batch(&CommandBatch {
                 format_version: 1,

@@ -60,18 +60,12 @@ impl ChatCache {
         }
     }
 
-    /// The records an apply call wrote, None for one it removed (after
-    /// they are in sled).
-    pub fn put(&self, records: impl IntoIterator<Item = (u64, Option<ChatRecord>)>) {
+    /// The records an apply call wrote (after they are in sled).
+    pub fn put(&self, records: impl IntoIterator<Item = (u64, ChatRecord)>) {
         let mut inner = self.inner.lock().expect("chat cache lock");
         inner.generation += 1;
         for (chat, rec) in records {
-            match rec {
-                Some(rec) => inner.insert(chat, rec),
-                None => {
-                    inner.records.remove(&chat);
-                }
-            }
+            inner.insert(chat, rec);
         }
     }
 
@@ -109,15 +103,13 @@ mod tests {
         let miss = cache.get(1).unwrap_err();
         // The state machine writes a newer record while the reader reads the
         // older one from sled.
-        cache.put([(1, Some(rec(2)))]);
+        cache.put([(1, rec(2))]);
         cache.fill(1, &rec(1), miss);
         assert_eq!(cache.get(1).unwrap().last_seq, 2);
         let miss = cache.get(3).unwrap_err();
         cache.clear();
         cache.fill(3, &rec(1), miss);
         assert!(cache.get(3).is_err());
-        cache.put([(1, None)]);
-        assert!(cache.get(1).is_err());
         let miss = cache.get(3).unwrap_err();
         cache.fill(3, &rec(5), miss);
         assert_eq!(cache.get(3).unwrap().last_seq, 5);
@@ -126,7 +118,7 @@ mod tests {
     #[test]
     fn the_cache_stays_bounded() {
         let cache = ChatCache::default();
-        cache.put((0..(CHATS_MAX as u64 * 3)).map(|c| (c, Some(rec(c)))));
+        cache.put((0..(CHATS_MAX as u64 * 3)).map(|c| (c, rec(c))));
         let inner = cache.inner.lock().unwrap();
         assert!(inner.records.len() <= CHATS_MAX);
         assert!(inner.records.contains_key(&(CHATS_MAX as u64 * 3 - 1)));

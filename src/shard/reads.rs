@@ -207,11 +207,6 @@ impl StateReader {
         } else {
             before_seq.min(newest_end)
         };
-        // Seqs are dense but for removed (expired) messages, so the page is
-        // usually the `limit` seqs below `end`. sled reads a range forwards
-        // far more cheaply than backwards (each step back is a new lookup
-        // from the root), so that window is read forwards, and only a page
-        // it leaves short goes on backwards from the window's start.
         // The newest message alone (a client's "last message" read): one
         // point lookup, far cheaper in sled than setting up a range.
         if limit == 1 && end > 1 {
@@ -221,6 +216,11 @@ impl StateReader {
                 }
             }
         }
+        // Seqs are dense but for removed (expired) messages, so the page is
+        // usually the `limit` seqs below `end`. sled reads a range forwards
+        // far more cheaply than backwards (each step back is a new lookup
+        // from the root), so that window is read forwards, and only a page
+        // it leaves short goes on backwards from the window's start.
         let start = end.saturating_sub(limit as u64);
         let mut out = Vec::with_capacity(limit);
         for pair in self

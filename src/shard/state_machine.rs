@@ -39,7 +39,7 @@ use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
 use openraft::EntryPayload as OpenraftPayload;
 use serde::{Deserialize, Serialize};
 
-use crate::api::codec::{decode, from_json, to_json};
+use crate::api::codec::{from_json, to_json};
 use crate::api::pb::replicated::ShardSettings;
 use crate::shard::apply::{default_settings, Applier, Overlay};
 use crate::shard::chat_cache::ChatCache;
@@ -359,10 +359,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         S: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + Send,
     {
         let mut overlay = Overlay::sealed(&self.tree, &self.keys);
-        let mut applier = Applier {
-            kv: &mut overlay,
-            settings: self.settings,
-        };
+        let mut applier = Applier::new(&mut overlay, self.settings);
         let mut replies = Vec::new();
         let mut last = None;
         let mut membership = None;
@@ -385,11 +382,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             return Ok(());
         };
         self.settings = applier.settings;
-        let mut chats = Vec::new();
+        let chats = std::mem::take(&mut applier.chats);
         {
             let _sealing = self.keys.hold();
             let writes = overlay.into_writes()?;
-            chats.reserve(writes.len().min(64));
             let tree = &self.tree;
             let put = |k: &[u8], v: Vec<u8>| tree.insert(k, v).map(drop);
             // Marker, effects, applied id: sled recovers a prefix of these,
@@ -398,10 +394,6 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             // cost one more write per apply call.
             put(keys::SM_META_APPLYING, to_json(&Some(last))).map_err(io::Error::other)?;
             for (k, v) in writes {
-                if let Some(chat) = keys::chat_of_record(&k) {
-                    let rec = v.as_deref().map(|v| decode(v, "chat record")).transpose()?;
-                    chats.push((chat, rec));
-                }
                 match v {
                     Some(v) => put(&k, v),
                     None => tree.remove(k).map(drop),

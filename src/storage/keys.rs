@@ -83,14 +83,6 @@ pub fn after_read(chat: u64, seq: u64) -> Vec<u8> {
     key(TAG_AFTER_READ, &[chat, seq])
 }
 
-/// The chat of a chat record's key; None for any other key.
-pub fn chat_of_record(key: &[u8]) -> Option<u64> {
-    match key {
-        [TAG_CHAT, rest @ ..] if rest.len() == 8 => part(key, 0),
-        _ => None,
-    }
-}
-
 /// The prefix shared by all keys of `tag` for one chat.
 pub fn chat_prefix(tag: u8, chat: u64) -> Vec<u8> {
     key(tag, &[chat])
@@ -129,14 +121,6 @@ mod tests {
             prop_assert_eq!(part(&k, 1), Some(s));
             prop_assert_eq!(part(&k, 2), None);
         }
-    }
-
-    #[test]
-    fn only_chat_record_keys_name_a_chat() {
-        assert_eq!(chat_of_record(&chat(42)), Some(42));
-        assert_eq!(chat_of_record(&message(42, 1)), None);
-        assert_eq!(chat_of_record(&chat_prefix(TAG_MESSAGE, 42)), None);
-        assert_eq!(chat_of_record(SM_META_APPLIED), None);
     }
 
     #[test]
