@@ -21,6 +21,9 @@ pub const ROUTER_WRITE_STREAM_BATCH: &str = "chatstore_router_write_stream_batch
 pub const SHARD_QUIET: &str = "chatstore_shard_quiet";
 /// Quiet replicas woken, by cause.
 pub const SHARD_WAKES: &str = "chatstore_shard_wakes_total";
+/// History pages served, by where they were found: `memory` (a chat's tail
+/// in the chat cache) or `sled`.
+pub const READ_CACHE_PAGES: &str = "chatstore_read_cache_pages_total";
 pub const DEDUP_HITS: &str = "chatstore_dedup_hits_total";
 pub const TTL_EXPIRED: &str = "chatstore_ttl_expired_total";
 pub const ERASURE_KEYS_DESTROYED: &str = "chatstore_erasure_keys_destroyed_total";

@@ -42,7 +42,7 @@ fn apply_all_with(
             }
         }
         let mut batch = sled::Batch::default();
-        for (k, v) in overlay.into_writes().expect("seal") {
+        for (k, v) in overlay.into_writes().expect("seal").0 {
             match v {
                 Some(v) => batch.insert(k, v),
                 None => batch.remove(k),

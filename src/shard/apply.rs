@@ -24,6 +24,7 @@ use crate::api::pb::replicated::{
     CommandBatch, CommandError, CommandResult, DedupRecord, ErrorCode, MessageRecord,
     ShardSettings,
 };
+use crate::shard::chat_cache::MessageWrite;
 use crate::shard::sealing;
 use crate::storage::{keys, KeyRing};
 
@@ -153,28 +154,41 @@ impl<'a> Overlay<'a> {
 
     /// The buffered writes in key order (None = remove), self-destructing
     /// bodies sealed.
-    pub fn into_writes(self) -> io::Result<Writes> {
+    /// The buffered writes, message bodies sealed where they must be, and
+    /// each message record written or removed, in the clear (for the chat
+    /// cache).
+    pub fn into_writes(self) -> io::Result<(Writes, Vec<MessageWrite>)> {
         let mut out = Vec::with_capacity(self.writes.len());
+        let mut messages = Vec::new();
         let mut sealing_key = None;
         for (k, v) in self.writes {
-            let v = match (v, self.keys, k.first()) {
-                (Some(v), Some(ring), Some(&keys::TAG_MESSAGE)) => {
-                    let m: MessageRecord = decode(&v, "message")?;
-                    if sealing::needs_seal(&m) {
-                        let (epoch, key) = match sealing_key {
-                            Some(k) => k,
-                            None => *sealing_key.insert(ring.current_key()?),
-                        };
-                        Some(sealing::seal_message(m, epoch, &key))
-                    } else {
-                        Some(v)
-                    }
-                }
-                (v, _, _) => v,
+            if k.first() != Some(&keys::TAG_MESSAGE) {
+                out.push((k, v));
+                continue;
+            }
+            let (Some(chat), Some(seq)) = (keys::part(&k, 0), keys::part(&k, 1)) else {
+                return Err(io::Error::other("bad message key"));
             };
-            out.push((k, v));
+            let Some(v) = v else {
+                messages.push((chat, seq, None));
+                out.push((k, None));
+                continue;
+            };
+            let m: MessageRecord = decode(&v, "message")?;
+            let stored = match self.keys {
+                Some(ring) if sealing::needs_seal(&m) => {
+                    let (epoch, key) = match sealing_key {
+                        Some(k) => k,
+                        None => *sealing_key.insert(ring.current_key()?),
+                    };
+                    sealing::seal_message(m.clone(), epoch, &key)
+                }
+                _ => v,
+            };
+            messages.push((chat, seq, Some(m)));
+            out.push((k, Some(stored)));
         }
-        Ok(out)
+        Ok((out, messages))
     }
 }
 
@@ -751,7 +765,7 @@ mod tests {
                 commands,
             })
             .unwrap();
-        for (k, v) in overlay.into_writes().unwrap() {
+        for (k, v) in overlay.into_writes().unwrap().0 {
             match v {
                 Some(v) => tree.insert(k, v).map(drop),
                 None => tree.remove(k).map(drop),

@@ -1,36 +1,77 @@
-//! The chat records a replica wrote or read last, in memory, so that a read
-//! skips a sled lookup and a decode of the record.
+//! What a replica wrote or read last, in memory, so that a read skips sled:
+//! chat records, and the newest messages of the chats read lately.
 //!
-//! The state machine is the only writer of chat records. After each apply
-//! call has written its effects to sled (and before openraft publishes the
-//! applied index) it puts every chat record it wrote here; loading a
-//! snapshot empties the cache. A reader that misses reads sled and fills the
-//! entry only if nothing was put or emptied since it began: otherwise it may
-//! hold a value older than one the state machine has put meanwhile. So an
-//! entry is never older than what sled held when the applied index a reader
-//! waited for was published.
+//! The state machine is the only writer of chat and message records. After
+//! each apply call has written its effects to sled (and before openraft
+//! publishes the applied index) it puts every chat record and every message
+//! record it wrote or removed here; loading a snapshot empties the cache. A
+//! reader that misses reads sled and fills the entry only if nothing was put
+//! or emptied since it began: otherwise it may hold a value older than one the
+//! state machine has put meanwhile. So an entry is never older than what sled
+//! held when the applied index a reader waited for was published.
 //!
-//! At most [`CHATS_MAX`] records per replica; when full, the cache starts
-//! over empty. An idle replica's cache holds nothing until it is used.
+//! A chat's newest messages are kept as a *tail*: a range of seqs `from..to`
+//! in which every message sled holds is in memory, bodies in the clear. A
+//! read of the newest page of a chat fills it; the sends, edits and removals
+//! the state machine puts keep it current, and a send extends it. A page the
+//! tail covers is served from it; any other page reads sled.
+//!
+//! Bounds: at most [`CHATS_MAX`] chat records and [`CHATS_MAX`] tails per
+//! replica, [`TAIL_MESSAGES_MAX`] messages per tail, [`TAIL_BYTES_MAX`] of
+//! messages per replica, and the node's [`crate::storage::MESSAGE_CACHE_BYTES_MAX`] across its replicas.
+//! Past a bound the replica's records or tails start over empty. An idle
+//! replica's cache holds nothing until it is read.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 
-use crate::api::pb::replicated::ChatRecord;
+use crate::api::pb::replicated::{ChatRecord, MessageRecord};
+use crate::storage::MemoryBudget;
 
-/// Most chat records cached per replica (about 100 bytes each).
+/// Most chat records, and most tails, cached per replica.
 pub const CHATS_MAX: usize = 512;
+/// Most messages in one chat's tail: a 50-message page and the sends since.
+pub const TAIL_MESSAGES_MAX: usize = 128;
+/// Most bytes of cached messages per replica.
+pub const TAIL_BYTES_MAX: usize = 4 * 1024 * 1024;
 
-#[derive(Default)]
 pub struct ChatCache {
     inner: Mutex<Inner>,
+    budget: Arc<MemoryBudget>,
+}
+
+impl Default for ChatCache {
+    fn default() -> ChatCache {
+        ChatCache::new(Arc::new(MemoryBudget::new(
+            crate::storage::MESSAGE_CACHE_BYTES_MAX,
+        )))
+    }
+}
+
+impl Drop for ChatCache {
+    fn drop(&mut self) {
+        let bytes = self.inner.get_mut().map(|i| i.tail_bytes).unwrap_or(0);
+        self.budget.give_back(bytes);
+    }
 }
 
 #[derive(Default)]
 struct Inner {
     records: HashMap<u64, ChatRecord>,
+    tails: HashMap<u64, Tail>,
+    /// Bytes of the messages in `tails` (taken from the node's budget).
+    tail_bytes: usize,
     /// Bumped by every put and every clear.
     generation: u64,
+}
+
+/// A chat's newest messages: every message sled holds with a seq in
+/// `from..to` is in `messages`.
+#[derive(Debug)]
+struct Tail {
+    from: u64,
+    to: u64,
+    messages: BTreeMap<u64, MessageRecord>,
 }
 
 /// What a reader saw before reading sled on a miss.
@@ -39,51 +80,242 @@ pub struct Miss {
     generation: u64,
 }
 
+/// A message record written (`Some`) or removed (`None`) by an apply call.
+pub type MessageWrite = (u64, u64, Option<MessageRecord>);
+
+/// The memory one cached message is counted for.
+fn message_bytes(m: &MessageRecord) -> usize {
+    m.body.len() + 96
+}
+
 impl ChatCache {
+    pub fn new(budget: Arc<MemoryBudget>) -> ChatCache {
+        ChatCache {
+            inner: Mutex::new(Inner::default()),
+            budget,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().expect("chat cache lock")
+    }
+
     /// The cached record, or a [`Miss`] to fill once sled is read.
     pub fn get(&self, chat: u64) -> Result<ChatRecord, Miss> {
-        let inner = self.inner.lock().expect("chat cache lock");
+        let inner = self.lock();
         match inner.records.get(&chat) {
             Some(rec) => Ok(rec.clone()),
-            None => Err(Miss {
-                generation: inner.generation,
-            }),
+            None => Err(inner.miss()),
         }
     }
 
     /// Keeps `rec`, read from sled after `miss`, unless the state machine
     /// put or cleared anything since.
     pub fn fill(&self, chat: u64, rec: &ChatRecord, miss: Miss) {
-        let mut inner = self.inner.lock().expect("chat cache lock");
+        let mut inner = self.lock();
         if inner.generation == miss.generation {
-            inner.insert(chat, rec.clone());
+            inner.insert_record(chat, rec.clone());
         }
     }
 
-    /// The records an apply call wrote (after they are in sled).
-    pub fn put(&self, records: impl IntoIterator<Item = (u64, ChatRecord)>) {
-        let mut inner = self.inner.lock().expect("chat cache lock");
+    /// The newest `limit` messages below `end` that `keep` accepts, newest
+    /// first, if the chat's tail holds every one of them (or holds all down
+    /// to the chat's first message).
+    pub fn page(
+        &self,
+        chat: u64,
+        end: u64,
+        limit: usize,
+        keep: impl Fn(&MessageRecord) -> bool,
+    ) -> Result<Vec<MessageRecord>, Miss> {
+        let inner = self.lock();
+        let Some(tail) = inner.tails.get(&chat).filter(|t| end <= t.to) else {
+            return Err(inner.miss());
+        };
+        let mut out = Vec::with_capacity(limit);
+        for m in tail.messages.range(..end).rev().map(|(_, m)| m) {
+            if out.len() >= limit {
+                break;
+            }
+            if keep(m) {
+                out.push(m.clone());
+            }
+        }
+        if out.len() < limit && tail.from > 1 {
+            return Err(inner.miss());
+        }
+        Ok(out)
+    }
+
+    /// The message `seq` of `chat` if its tail covers the seq (`None`: sled
+    /// holds no such message).
+    pub fn message(&self, chat: u64, seq: u64) -> Result<Option<MessageRecord>, Miss> {
+        let inner = self.lock();
+        match inner.tails.get(&chat) {
+            Some(tail) if (tail.from..tail.to).contains(&seq) => {
+                Ok(tail.messages.get(&seq).cloned())
+            }
+            _ => Err(inner.miss()),
+        }
+    }
+
+    /// Keeps `messages`, every record sled held with a seq in `from..to`
+    /// when read after `miss`, as the chat's tail, unless the state machine
+    /// put or cleared anything since. `to` must be one past the chat's last
+    /// seq.
+    pub fn fill_tail(
+        &self,
+        chat: u64,
+        from: u64,
+        to: u64,
+        messages: impl IntoIterator<Item = MessageRecord>,
+        miss: Miss,
+    ) {
+        let mut inner = self.lock();
+        if inner.generation != miss.generation || from >= to {
+            return;
+        }
+        let messages: BTreeMap<u64, MessageRecord> = messages
+            .into_iter()
+            .filter(|m| (from..to).contains(&m.seq))
+            .map(|m| (m.seq, m))
+            .collect();
+        let mut tail = Tail { from, to, messages };
+        while tail.messages.len() > TAIL_MESSAGES_MAX {
+            let (seq, _) = tail.messages.pop_first().expect("over the limit");
+            tail.from = seq + 1;
+        }
+        inner.set_tail(chat, tail, &self.budget);
+    }
+
+    /// The chat records and the message writes of an apply call, in key
+    /// order (after they are in sled).
+    pub fn put(
+        &self,
+        records: impl IntoIterator<Item = (u64, ChatRecord)>,
+        messages: impl IntoIterator<Item = MessageWrite>,
+    ) {
+        let mut inner = self.lock();
         inner.generation += 1;
         for (chat, rec) in records {
-            inner.insert(chat, rec);
+            inner.insert_record(chat, rec);
+        }
+        for (chat, seq, m) in messages {
+            inner.write_message(chat, seq, m, &self.budget);
         }
     }
 
     /// Forgets everything (the state was replaced).
     pub fn clear(&self) {
-        let mut inner = self.inner.lock().expect("chat cache lock");
+        let mut inner = self.lock();
         inner.generation += 1;
         inner.records = HashMap::new();
+        inner.clear_tails(&self.budget);
     }
 }
 
 impl Inner {
-    fn insert(&mut self, chat: u64, rec: ChatRecord) {
+    fn miss(&self) -> Miss {
+        Miss {
+            generation: self.generation,
+        }
+    }
+
+    fn insert_record(&mut self, chat: u64, rec: ChatRecord) {
         if self.records.len() >= CHATS_MAX && !self.records.contains_key(&chat) {
             self.records = HashMap::new();
         }
         self.records.insert(chat, rec);
     }
+
+    fn give_back_bytes(&mut self, n: usize, budget: &MemoryBudget) {
+        give_back(&mut self.tail_bytes, n, budget);
+    }
+
+    fn drop_tail(&mut self, chat: u64, budget: &MemoryBudget) {
+        if let Some(tail) = self.tails.remove(&chat) {
+            let bytes = tail.messages.values().map(message_bytes).sum();
+            self.give_back_bytes(bytes, budget);
+        }
+    }
+
+    fn clear_tails(&mut self, budget: &MemoryBudget) {
+        self.tails = HashMap::new();
+        let bytes = self.tail_bytes;
+        self.give_back_bytes(bytes, budget);
+    }
+
+    fn set_tail(&mut self, chat: u64, tail: Tail, budget: &MemoryBudget) {
+        self.drop_tail(chat, budget);
+        if self.tails.len() >= CHATS_MAX {
+            self.clear_tails(budget);
+        }
+        let bytes = tail.messages.values().map(message_bytes).sum();
+        if !take(&mut self.tail_bytes, bytes, budget) {
+            self.clear_tails(budget);
+            if !take(&mut self.tail_bytes, bytes, budget) {
+                return;
+            }
+        }
+        self.tails.insert(chat, tail);
+    }
+
+    /// Brings a chat's tail up to date with one message write; a write the
+    /// tail cannot take in (a gap, no room) drops the tail.
+    fn write_message(
+        &mut self,
+        chat: u64,
+        seq: u64,
+        m: Option<MessageRecord>,
+        budget: &MemoryBudget,
+    ) {
+        let Inner {
+            tails, tail_bytes, ..
+        } = self;
+        let Some(tail) = tails.get_mut(&chat) else {
+            return;
+        };
+        if seq < tail.from {
+            return;
+        }
+        if seq > tail.to {
+            self.drop_tail(chat, budget);
+            return;
+        }
+        if seq == tail.to {
+            tail.to += 1;
+        }
+        if let Some(old) = tail.messages.remove(&seq) {
+            give_back(tail_bytes, message_bytes(&old), budget);
+        }
+        if let Some(m) = m {
+            if !take(tail_bytes, message_bytes(&m), budget) {
+                self.drop_tail(chat, budget);
+                return;
+            }
+            tail.messages.insert(seq, m);
+        }
+        while tail.messages.len() > TAIL_MESSAGES_MAX {
+            let (oldest, old) = tail.messages.pop_first().expect("over the limit");
+            give_back(tail_bytes, message_bytes(&old), budget);
+            tail.from = oldest + 1;
+        }
+    }
+}
+
+/// Counts `n` more bytes of cached messages against a replica's `used`, if
+/// its bound and the node's budget allow.
+fn take(used: &mut usize, n: usize, budget: &MemoryBudget) -> bool {
+    if *used + n > TAIL_BYTES_MAX || !budget.take(n) {
+        return false;
+    }
+    *used += n;
+    true
+}
+
+fn give_back(used: &mut usize, n: usize, budget: &MemoryBudget) {
+    *used -= n;
+    budget.give_back(n);
 }
 
 #[cfg(test)]
@@ -103,7 +335,7 @@ mod tests {
         let miss = cache.get(1).unwrap_err();
         // The state machine writes a newer record while the reader reads the
         // older one from sled.
-        cache.put([(1, rec(2))]);
+        cache.put([(1, rec(2))], []);
         cache.fill(1, &rec(1), miss);
         assert_eq!(cache.get(1).unwrap().last_seq, 2);
         let miss = cache.get(3).unwrap_err();
@@ -118,9 +350,208 @@ mod tests {
     #[test]
     fn the_cache_stays_bounded() {
         let cache = ChatCache::default();
-        cache.put((0..(CHATS_MAX as u64 * 3)).map(|c| (c, rec(c))));
+        cache.put((0..(CHATS_MAX as u64 * 3)).map(|c| (c, rec(c))), []);
         let inner = cache.inner.lock().unwrap();
         assert!(inner.records.len() <= CHATS_MAX);
         assert!(inner.records.contains_key(&(CHATS_MAX as u64 * 3 - 1)));
+    }
+    fn msg(chat: u64, seq: u64, body: &str) -> MessageRecord {
+        MessageRecord {
+            chat_id: chat,
+            seq,
+            body: body.as_bytes().to_vec().into(),
+            ..Default::default()
+        }
+    }
+
+    fn seqs(page: &[MessageRecord]) -> Vec<u64> {
+        page.iter().map(|m| m.seq).collect()
+    }
+
+    /// `from`, `to` and the records of a window read from sled.
+    type Window = (u64, u64, Vec<MessageRecord>);
+
+    /// What sled holds for one chat, and what the cache must agree with.
+    #[derive(Default)]
+    struct Model {
+        messages: BTreeMap<u64, MessageRecord>,
+        last_seq: u64,
+    }
+
+    impl Model {
+        fn page(&self, end: u64, limit: usize, keep: impl Fn(&MessageRecord) -> bool) -> Vec<u64> {
+            self.messages
+                .range(..end)
+                .rev()
+                .map(|(_, m)| m)
+                .filter(|m| keep(m))
+                .take(limit)
+                .map(|m| m.seq)
+                .collect()
+        }
+
+        /// The newest window as a reader reads it from sled on a miss:
+        /// `from`, `to` and the records.
+        fn window(&self, limit: u64) -> Window {
+            let end = self.last_seq + 1;
+            let start = end.saturating_sub(limit).max(1);
+            let records = self.messages.range(start..end).map(|(_, m)| m.clone());
+            (start, end, records.collect())
+        }
+
+        fn fill(&self, cache: &ChatCache, chat: u64, limit: u64, miss: Miss) {
+            let (from, to, records) = self.window(limit);
+            cache.fill_tail(chat, from, to, records, miss);
+        }
+    }
+
+    #[test]
+    fn a_tail_follows_sends_edits_and_removals() {
+        let cache = ChatCache::default();
+        let mut model = Model::default();
+        let chat = 9;
+        for seq in 1..=10 {
+            model.messages.insert(seq, msg(chat, seq, "a"));
+        }
+        model.last_seq = 10;
+        let miss = cache.page(chat, 11, 5, |_| true).unwrap_err();
+        model.fill(&cache, chat, 5, miss);
+        assert_eq!(
+            seqs(&cache.page(chat, 11, 5, |_| true).unwrap()),
+            vec![10, 9, 8, 7, 6]
+        );
+        // A page that needs messages older than the tail reads sled.
+        assert!(cache.page(chat, 11, 6, |_| true).is_err());
+        assert!(cache.page(chat, 6, 1, |_| true).is_err());
+        // A send extends the tail; an edit replaces; a removal is known.
+        cache.put([], [(chat, 11, Some(msg(chat, 11, "b")))]);
+        cache.put([], [(chat, 8, Some(msg(chat, 8, "edited")))]);
+        cache.put([], [(chat, 9, None)]);
+        // An edit older than the tail changes nothing in it.
+        cache.put([], [(chat, 2, Some(msg(chat, 2, "edited")))]);
+        let page = cache.page(chat, 12, 4, |_| true).unwrap();
+        assert_eq!(seqs(&page), vec![11, 10, 8, 7]);
+        assert_eq!(&page[2].body[..], b"edited");
+        assert_eq!(cache.message(chat, 9).unwrap(), None);
+        assert_eq!(
+            cache.message(chat, 11).unwrap().unwrap().body,
+            "b".as_bytes()
+        );
+        assert!(cache.message(chat, 5).is_err());
+        assert!(cache.message(chat, 12).is_err());
+        // A write past the tail's end (a gap) drops the tail.
+        cache.put([], [(chat, 13, Some(msg(chat, 13, "c")))]);
+        assert!(cache.page(chat, 12, 1, |_| true).is_err());
+        assert_eq!(cache.budget.used(), 0);
+    }
+
+    #[test]
+    fn a_tail_fill_after_a_put_or_clear_is_dropped() {
+        let cache = ChatCache::default();
+        let miss = cache.page(1, 3, 2, |_| true).unwrap_err();
+        cache.put([], [(1, 3, Some(msg(1, 3, "new")))]);
+        cache.fill_tail(1, 1, 3, [msg(1, 1, "a"), msg(1, 2, "b")], miss);
+        assert!(cache.page(1, 3, 2, |_| true).is_err());
+        let miss = cache.page(1, 4, 2, |_| true).unwrap_err();
+        cache.clear();
+        cache.fill_tail(1, 2, 4, [msg(1, 2, "b"), msg(1, 3, "new")], miss);
+        assert!(cache.page(1, 4, 2, |_| true).is_err());
+        assert_eq!(cache.budget.used(), 0);
+    }
+
+    #[test]
+    fn tails_stay_within_their_bounds() {
+        let budget = Arc::new(MemoryBudget::new(TAIL_BYTES_MAX * 2));
+        let cache = ChatCache::new(budget.clone());
+        let body = "x".repeat(1000);
+        // One tail keeps only its newest messages.
+        let miss = cache.page(1, 1, 1, |_| true).unwrap_err();
+        cache.fill_tail(1, 1, 2, [msg(1, 1, &body)], miss);
+        let sends: Vec<MessageWrite> = (2..=1000).map(|s| (1, s, Some(msg(1, s, &body)))).collect();
+        cache.put([], sends);
+        let page = cache.page(1, 1001, TAIL_MESSAGES_MAX, |_| true).unwrap();
+        assert_eq!(page.len(), TAIL_MESSAGES_MAX);
+        assert_eq!(page[0].seq, 1000);
+        assert!(cache
+            .page(1, 1001, TAIL_MESSAGES_MAX + 1, |_| true)
+            .is_err());
+        // Many chats: the replica's bytes stay under its bound.
+        for chat in 2..200 {
+            let miss = cache.page(chat, 101, 100, |_| true).unwrap_err();
+            cache.fill_tail(chat, 1, 101, (1..=100).map(|s| msg(chat, s, &body)), miss);
+            assert!(cache.lock().tail_bytes <= TAIL_BYTES_MAX);
+            assert_eq!(cache.lock().tail_bytes, budget.used());
+        }
+        // A second replica shares the node's budget, and gives it back.
+        let other = ChatCache::new(budget.clone());
+        let miss = other.page(1, 101, 100, |_| true).unwrap_err();
+        other.fill_tail(1, 1, 101, (1..=100).map(|s| msg(1, s, &body)), miss);
+        assert!(budget.used() <= TAIL_BYTES_MAX * 2);
+        drop(other);
+        cache.clear();
+        assert_eq!(budget.used(), 0);
+    }
+
+    proptest::proptest! {
+        /// Whatever the order of applies, reads and fills, every page the
+        /// cache answers is the page sled would give.
+        #[test]
+        fn pages_from_memory_match_sled(ops in proptest::collection::vec((0u8..8, 0u64..40, 1usize..12), 1..200)) {
+            let cache = ChatCache::new(Arc::new(MemoryBudget::new(64 * 1024)));
+            let chat = 3;
+            let mut model = Model::default();
+            let mut pending: Option<(Miss, Window)> = None;
+            let visible = |m: &MessageRecord| !m.body.starts_with(b"hidden");
+            for (op, n, limit) in ops {
+                match op {
+                    0 | 1 => {
+                        model.last_seq += 1;
+                        let body = if n % 5 == 0 { "hidden" } else { "m" };
+                        let m = msg(chat, model.last_seq, body);
+                        model.messages.insert(m.seq, m.clone());
+                        cache.put([], [(chat, m.seq, Some(m))]);
+                    }
+                    2 => {
+                        if let Some(m) = model.messages.values().nth(n as usize).cloned() {
+                            let edited = msg(chat, m.seq, if n % 2 == 0 { "hidden edit" } else { "edit" });
+                            model.messages.insert(m.seq, edited.clone());
+                            cache.put([], [(chat, m.seq, Some(edited))]);
+                        }
+                    }
+                    3 => {
+                        if let Some(seq) = model.messages.keys().nth(n as usize).copied() {
+                            model.messages.remove(&seq);
+                            cache.put([], [(chat, seq, None)]);
+                        }
+                    }
+                    4 => {
+                        // A reader misses now and fills later, maybe after
+                        // applies that make its view stale.
+                        if let Some((miss, (from, to, records))) = pending.take() {
+                            cache.fill_tail(chat, from, to, records, miss);
+                        } else if let Err(miss) = cache.page(chat, model.last_seq + 1, limit, visible) {
+                            pending = Some((miss, model.window(limit as u64)));
+                        }
+                    }
+                    5 => {
+                        if let Err(miss) = cache.page(chat, model.last_seq + 1, limit, visible) {
+                            model.fill(&cache, chat, limit as u64, miss);
+                        }
+                    }
+                    6 => cache.clear(),
+                    _ => {}
+                }
+                let end = (model.last_seq + 1).saturating_sub(n % 4);
+                if let Ok(page) = cache.page(chat, end, limit, visible) {
+                    proptest::prop_assert_eq!(seqs(&page), model.page(end, limit, visible));
+                }
+                for seq in [end.saturating_sub(1), end.saturating_sub(n % 7)] {
+                    if let Ok(m) = cache.message(chat, seq) {
+                        proptest::prop_assert_eq!(m, model.messages.get(&seq).cloned());
+                    }
+                }
+                proptest::prop_assert_eq!(cache.lock().tail_bytes, cache.budget.used());
+            }
+        }
     }
 }

@@ -184,6 +184,14 @@ impl StateReader {
     }
 
     fn message(&self, chat: u64, seq: u64) -> io::Result<Option<MessageRecord>> {
+        match self.chats.message(chat, seq) {
+            Ok(m) => Ok(m),
+            Err(_) => self.stored_message(chat, seq),
+        }
+    }
+
+    /// The message as sled holds it, body opened.
+    fn stored_message(&self, chat: u64, seq: u64) -> io::Result<Option<MessageRecord>> {
         match self.tree.get(keys::message(chat, seq)).map_err(io_err)? {
             Some(v) => Ok(Some(sealing::open_message(&self.keys, &v, None)?)),
             None => Ok(None),
@@ -207,11 +215,27 @@ impl StateReader {
         } else {
             before_seq.min(newest_end)
         };
+        // The chat's tail in memory answers most pages near the newest.
+        let miss = match self.chats.page(chat, end, limit, |m| visible(m, now)) {
+            Ok(page) => {
+                metrics::counter!(crate::metrics::READ_CACHE_PAGES, "found" => "memory")
+                    .increment(1);
+                return Ok(page.into_iter().map(to_public).collect());
+            }
+            Err(miss) => miss,
+        };
+        metrics::counter!(crate::metrics::READ_CACHE_PAGES, "found" => "sled").increment(1);
+        // A page from the newest fills the tail: every record sled holds
+        // in the window read, visible or not.
+        let newest = end == newest_end;
         // The newest message alone (a client's "last message" read): one
         // point lookup, far cheaper in sled than setting up a range.
         if limit == 1 && end > 1 {
-            if let Some(m) = self.message(chat, end - 1)? {
+            if let Some(m) = self.stored_message(chat, end - 1)? {
                 if visible(&m, now) {
+                    if newest {
+                        self.chats.fill_tail(chat, end - 1, end, [m.clone()], miss);
+                    }
                     return Ok(vec![to_public(m)]);
                 }
             }
@@ -222,16 +246,22 @@ impl StateReader {
         // from the root), so that window is read forwards, and only a page
         // it leaves short goes on backwards from the window's start.
         let start = end.saturating_sub(limit as u64);
-        let mut out = Vec::with_capacity(limit);
+        let mut window = Vec::with_capacity(limit);
         for pair in self
             .tree
             .range(keys::message(chat, start)..keys::message(chat, end))
         {
             let (_, v) = pair.map_err(io_err)?;
-            let m = sealing::open_message(&self.keys, &v, None)?;
-            if visible(&m, now) {
-                out.push(to_public(m));
-            }
+            window.push(sealing::open_message(&self.keys, &v, None)?);
+        }
+        let mut out: Vec<pb::Message> = window
+            .iter()
+            .filter(|m| visible(m, now))
+            .cloned()
+            .map(to_public)
+            .collect();
+        if newest {
+            self.chats.fill_tail(chat, start.max(1), end, window, miss);
         }
         out.reverse();
         if out.len() < limit {

@@ -95,7 +95,7 @@ impl StateMachine {
             settings: default_settings(),
             current: Arc::new(Mutex::new(current.clone())),
             keys: storage.keys().clone(),
-            chats: Default::default(),
+            chats: Arc::new(ChatCache::new(storage.message_cache_budget().clone())),
         };
         // The marker names the last apply call begun, the applied id the
         // last one finished: they differ only if an apply was cut short.
@@ -383,9 +383,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         };
         self.settings = applier.settings;
         let chats = std::mem::take(&mut applier.chats);
-        {
+        let messages = {
             let _sealing = self.keys.hold();
-            let writes = overlay.into_writes()?;
+            let (writes, messages) = overlay.into_writes()?;
             let tree = &self.tree;
             let put = |k: &[u8], v: Vec<u8>| tree.insert(k, v).map(drop);
             // Marker, effects, applied id: sled recovers a prefix of these,
@@ -404,9 +404,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 put(keys::SM_META_MEMBERSHIP, to_json(&m)).map_err(io::Error::other)?;
             }
             put(keys::SM_META_APPLIED, to_json(&Some(last))).map_err(io::Error::other)?;
-        }
+            messages
+        };
         // In sled now; readers may take them from memory.
-        self.chats.put(chats);
+        self.chats.put(chats, messages);
         metrics::counter!(crate::metrics::SHARD_APPLY_ENTRIES).increment(replies.len() as u64);
         metrics::histogram!(crate::metrics::SHARD_APPLY_CALL_ENTRIES).record(replies.len() as f64);
         for (responder, output) in replies {

@@ -24,6 +24,7 @@ pub mod seal;
 pub mod trees;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -69,6 +70,44 @@ impl From<Error> for std::io::Error {
     }
 }
 
+/// Most bytes of messages a node's replicas keep in memory for reads
+/// ([`crate::shard::chat_cache`]).
+pub const MESSAGE_CACHE_BYTES_MAX: usize = 256 * 1024 * 1024;
+
+/// Bytes that many owners hold together out of one bound (the message
+/// caches of a node's replicas).
+#[derive(Debug)]
+pub struct MemoryBudget {
+    used: AtomicUsize,
+    max: usize,
+}
+
+impl MemoryBudget {
+    pub fn new(max: usize) -> MemoryBudget {
+        MemoryBudget {
+            used: AtomicUsize::new(0),
+            max,
+        }
+    }
+
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// Takes `n` bytes if they fit.
+    pub fn take(&self, n: usize) -> bool {
+        self.used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                (used + n <= self.max).then_some(used + n)
+            })
+            .is_ok()
+    }
+
+    pub fn give_back(&self, n: usize) {
+        self.used.fetch_sub(n, Ordering::Relaxed);
+    }
+}
+
 /// How long an epoch key seals new bodies when the config does not say.
 pub const DEFAULT_SEAL_EPOCH: Duration = Duration::from_secs(300);
 
@@ -81,6 +120,7 @@ pub struct Storage {
     durability: Durability,
     dir: Arc<PathBuf>,
     keys: Arc<KeyRing>,
+    message_cache_budget: Arc<MemoryBudget>,
 }
 
 impl Storage {
@@ -128,7 +168,13 @@ impl Storage {
             durability,
             dir: Arc::new(dir.to_path_buf()),
             keys: Arc::new(keys),
+            message_cache_budget: Arc::new(MemoryBudget::new(MESSAGE_CACHE_BYTES_MAX)),
         })
+    }
+
+    /// The bound on the messages this node's replicas cache for reads.
+    pub fn message_cache_budget(&self) -> &Arc<MemoryBudget> {
+        &self.message_cache_budget
     }
 
     /// The key ring that seals self-destructing bodies.
