@@ -19,6 +19,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         prost::Message::encode_to_vec(&fds),
     )?;
     tonic_prost_build::configure()
+        // Reserves each message's length before encoding it (src/api/grpc_codec.rs).
+        .codec_path("crate::api::grpc_codec::SizedProstCodec")
         .btree_map(".")
         .bytes(".")
         .compile_fds(fds)?;

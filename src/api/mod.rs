@@ -6,6 +6,7 @@
 //! - `pb::node`: the node API used by routers and `chatctl`.
 
 pub mod codec;
+pub mod grpc_codec;
 pub mod http2;
 pub mod mux;
 pub mod read_stream;
