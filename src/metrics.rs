@@ -24,6 +24,8 @@ pub const SHARD_WAKES: &str = "chatstore_shard_wakes_total";
 /// History pages served, by where they were found: `memory` (a chat's tail
 /// in the chat cache) or `sled`.
 pub const READ_CACHE_PAGES: &str = "chatstore_read_cache_pages_total";
+/// Bytes of messages the replicas of the process keep in memory for reads.
+pub const MESSAGE_CACHE_BYTES: &str = "chatstore_message_cache_bytes";
 pub const DEDUP_HITS: &str = "chatstore_dedup_hits_total";
 pub const TTL_EXPIRED: &str = "chatstore_ttl_expired_total";
 pub const ERASURE_KEYS_DESTROYED: &str = "chatstore_erasure_keys_destroyed_total";

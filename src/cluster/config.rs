@@ -84,6 +84,8 @@ pub struct ClusterConfig {
     #[serde(default)]
     pub erasure: ErasureConfig,
     #[serde(default)]
+    pub cache: CacheConfig,
+    #[serde(default)]
     pub latency: LatencyConfig,
     /// Certificates for TLS on every node and router listener, mutual TLS
     /// between nodes. `chatctl certs init` writes them.
@@ -187,6 +189,27 @@ pub struct ErasureConfig {
     /// Shorter epochs erase sooner and rebuild snapshots of shards holding
     /// self-destructing messages more often.
     pub seal_epoch_secs: u64,
+}
+
+/// What a node keeps in memory for reads (node-local).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// MiB of recent messages a node keeps in memory across its replicas,
+    /// for reads of the newest pages of recently read chats; 0 turns the
+    /// message cache off. At most 4 MiB of it per replica.
+    pub message_mib: u64,
+}
+
+/// Largest message cache allowed: 1 TiB.
+pub const MESSAGE_CACHE_MIB_MAX: u64 = 1 << 20;
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            message_mib: (crate::storage::MESSAGE_CACHE_BYTES_MAX >> 20) as u64,
+        }
+    }
 }
 
 /// Longest seal epoch allowed: one day.
@@ -359,6 +382,12 @@ impl ClusterConfig {
             return bad(format!(
                 "erasure.seal_epoch_secs = {} (must be 1..={SEAL_EPOCH_SECS_MAX})",
                 self.erasure.seal_epoch_secs
+            ));
+        }
+        if self.cache.message_mib > MESSAGE_CACHE_MIB_MAX {
+            return bad(format!(
+                "cache.message_mib = {} (must be 0..={MESSAGE_CACHE_MIB_MAX})",
+                self.cache.message_mib
             ));
         }
         let regions: BTreeSet<&str> = self.regions.iter().map(String::as_str).collect();
@@ -541,5 +570,23 @@ raft_addr = "127.0.0.1:3"
         assert!(ClusterConfig::from_toml(&zero).is_err());
         let unknown = format!("{CONFIG}\nbogus = 1\n");
         assert!(ClusterConfig::from_toml(&unknown).is_err());
+        let huge_cache = format!(
+            "{CONFIG}\n[cache]\nmessage_mib = {}\n",
+            MESSAGE_CACHE_MIB_MAX + 1
+        );
+        let err = ClusterConfig::from_toml(&huge_cache).unwrap_err();
+        assert!(format!("{err:#}").contains("cache.message_mib"), "{err:#}");
+        let no_cache = format!("{CONFIG}\n[cache]\nmessage_mib = 0\n");
+        assert_eq!(
+            ClusterConfig::from_toml(&no_cache)
+                .unwrap()
+                .cache
+                .message_mib,
+            0
+        );
+        assert_eq!(
+            ClusterConfig::from_toml(CONFIG).unwrap().cache.message_mib,
+            256
+        );
     }
 }

@@ -265,7 +265,8 @@ impl Node {
             .clone();
         let dir = config.data_dir(id);
         let seal_epoch = std::time::Duration::from_secs(config.erasure.seal_epoch_secs);
-        let storage = Storage::open_with_epoch(&dir, seal_epoch)
+        let message_cache = (config.cache.message_mib as usize).saturating_mul(1 << 20);
+        let storage = Storage::open_with(&dir, seal_epoch, message_cache)
             .with_context(|| format!("open data folder {}", dir.display()))?;
         check_identity(&storage, config, id)?;
 

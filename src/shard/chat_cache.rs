@@ -18,9 +18,15 @@
 //!
 //! Bounds: at most [`CHATS_MAX`] chat records and [`CHATS_MAX`] tails per
 //! replica, [`TAIL_MESSAGES_MAX`] messages per tail, [`TAIL_BYTES_MAX`] of
-//! messages per replica, and the node's [`crate::storage::MESSAGE_CACHE_BYTES_MAX`] across its replicas.
-//! Past a bound the replica's records or tails start over empty. An idle
-//! replica's cache holds nothing until it is read.
+//! messages per replica, and the node's budget across its replicas (`[cache] message_mib`, default
+//! [`crate::storage::MESSAGE_CACHE_BYTES_MAX`]).
+//! Past a replica's bound its records or tails start over empty; past the
+//! node's, a new tail is not kept. A replica that quiesces forgets its
+//! messages, so an idle replica's cache holds no messages until it is read.
+//!
+//! Bodies of self-destructing messages are held here in the clear until they
+//! expire or are removed; the eraser's bound (`crate::node::erasure`) is about
+//! the data folder, not memory.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -42,7 +48,7 @@ pub struct ChatCache {
 
 impl Default for ChatCache {
     fn default() -> ChatCache {
-        ChatCache::new(Arc::new(MemoryBudget::new(
+        ChatCache::new(Arc::new(MemoryBudget::unreported(
             crate::storage::MESSAGE_CACHE_BYTES_MAX,
         )))
     }
@@ -50,7 +56,8 @@ impl Default for ChatCache {
 
 impl Drop for ChatCache {
     fn drop(&mut self) {
-        let bytes = self.inner.get_mut().map(|i| i.tail_bytes).unwrap_or(0);
+        let inner = self.inner.get_mut().unwrap_or_else(|e| e.into_inner());
+        let bytes = inner.tail_bytes;
         self.budget.give_back(bytes);
     }
 }
@@ -161,8 +168,10 @@ impl ChatCache {
 
     /// Keeps `messages`, every record sled held with a seq in `from..to`
     /// when read after `miss`, as the chat's tail, unless the state machine
-    /// put or cleared anything since. `to` must be one past the chat's last
-    /// seq.
+    /// put or cleared anything since. `to` is one past the chat's last seq
+    /// as the reader knew it (an older record only makes the tail end
+    /// sooner: the next send then drops it). Only the newest messages that
+    /// fit in [`TAIL_BYTES_MAX`] are kept.
     pub fn fill_tail(
         &self,
         chat: u64,
@@ -181,11 +190,13 @@ impl ChatCache {
             .map(|m| (m.seq, m))
             .collect();
         let mut tail = Tail { from, to, messages };
-        while tail.messages.len() > TAIL_MESSAGES_MAX {
-            let (seq, _) = tail.messages.pop_first().expect("over the limit");
+        let mut bytes: usize = tail.messages.values().map(message_bytes).sum();
+        while tail.messages.len() > TAIL_MESSAGES_MAX || bytes > TAIL_BYTES_MAX {
+            let (seq, m) = tail.messages.pop_first().expect("over the limit");
+            bytes -= message_bytes(&m);
             tail.from = seq + 1;
         }
-        inner.set_tail(chat, tail, &self.budget);
+        inner.set_tail(chat, tail, bytes, &self.budget);
     }
 
     /// The chat records and the message writes of an apply call, in key
@@ -203,6 +214,13 @@ impl ChatCache {
         for (chat, seq, m) in messages {
             inner.write_message(chat, seq, m, &self.budget);
         }
+    }
+
+    /// Forgets the messages, keeping the chat records.
+    pub fn forget_messages(&self) {
+        let mut inner = self.lock();
+        inner.generation += 1;
+        inner.clear_tails(&self.budget);
     }
 
     /// Forgets everything (the state was replaced).
@@ -245,19 +263,18 @@ impl Inner {
         self.give_back_bytes(bytes, budget);
     }
 
-    fn set_tail(&mut self, chat: u64, tail: Tail, budget: &MemoryBudget) {
+    /// Keeps `tail` (of `bytes`, at most [`TAIL_BYTES_MAX`]) as the chat's.
+    /// When this replica's bound is reached its tails start over; when the
+    /// node's is, the tail is not kept (the replicas holding the budget are
+    /// being read, or will give it back when they quiesce).
+    fn set_tail(&mut self, chat: u64, tail: Tail, bytes: usize, budget: &MemoryBudget) {
         self.drop_tail(chat, budget);
-        if self.tails.len() >= CHATS_MAX {
+        if self.tails.len() >= CHATS_MAX || self.tail_bytes + bytes > TAIL_BYTES_MAX {
             self.clear_tails(budget);
         }
-        let bytes = tail.messages.values().map(message_bytes).sum();
-        if !take(&mut self.tail_bytes, bytes, budget) {
-            self.clear_tails(budget);
-            if !take(&mut self.tail_bytes, bytes, budget) {
-                return;
-            }
+        if take(&mut self.tail_bytes, bytes, budget) {
+            self.tails.insert(chat, tail);
         }
-        self.tails.insert(chat, tail);
     }
 
     /// Brings a chat's tail up to date with one message write; a write the
@@ -461,7 +478,7 @@ mod tests {
 
     #[test]
     fn tails_stay_within_their_bounds() {
-        let budget = Arc::new(MemoryBudget::new(TAIL_BYTES_MAX * 2));
+        let budget = Arc::new(MemoryBudget::unreported(TAIL_BYTES_MAX * 2));
         let cache = ChatCache::new(budget.clone());
         let body = "x".repeat(1000);
         // One tail keeps only its newest messages.
@@ -492,12 +509,58 @@ mod tests {
         assert_eq!(budget.used(), 0);
     }
 
+    #[test]
+    fn a_large_page_keeps_its_newest_messages_and_spares_other_chats() {
+        let budget = Arc::new(MemoryBudget::unreported(
+            TAIL_BYTES_MAX + TAIL_BYTES_MAX / 2,
+        ));
+        let cache = ChatCache::new(budget.clone());
+        let miss = cache.page(1, 3, 2, |_| true).unwrap_err();
+        cache.fill_tail(1, 1, 3, [msg(1, 1, "a"), msg(1, 2, "b")], miss);
+        // 100 messages of 64 KiB do not fit in one replica's bound: the
+        // tail keeps the newest that do, and chat 1 keeps its tail.
+        let big = "x".repeat(64 * 1024);
+        let miss = cache.page(2, 101, 100, |_| true).unwrap_err();
+        cache.fill_tail(2, 1, 101, (1..=100).map(|s| msg(2, s, &big)), miss);
+        let kept = cache.page(2, 101, 10, |_| true).unwrap();
+        assert_eq!(kept[0].seq, 100);
+        assert!(cache.page(2, 101, 100, |_| true).is_err());
+        assert!(cache.lock().tail_bytes <= TAIL_BYTES_MAX);
+        assert_eq!(seqs(&cache.page(1, 3, 2, |_| true).unwrap()), vec![2, 1]);
+        // Another replica finds the node's budget mostly taken: its tail is
+        // not kept, and the first replica's tails stay.
+        let other = ChatCache::new(budget.clone());
+        let miss = other.page(3, 101, 100, |_| true).unwrap_err();
+        other.fill_tail(3, 1, 101, (1..=100).map(|s| msg(3, s, &big)), miss);
+        assert!(other.page(3, 101, 1, |_| true).is_err());
+        assert_eq!(seqs(&cache.page(1, 3, 2, |_| true).unwrap()), vec![2, 1]);
+        // A quiet replica gives its share back.
+        cache.forget_messages();
+        assert!(cache.page(1, 3, 2, |_| true).is_err());
+        assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
+    fn a_cache_without_budget_keeps_no_messages() {
+        let cache = ChatCache::new(Arc::new(MemoryBudget::unreported(0)));
+        let miss = cache.page(1, 3, 2, |_| true).unwrap_err();
+        cache.fill_tail(1, 1, 3, [msg(1, 1, "a"), msg(1, 2, "b")], miss);
+        assert!(cache.page(1, 3, 2, |_| true).is_err());
+        // A tail of removals only holds no bytes and still answers.
+        let miss = cache.page(2, 2, 1, |_| true).unwrap_err();
+        cache.fill_tail(2, 1, 2, [], miss);
+        assert_eq!(cache.page(2, 2, 1, |_| true).unwrap(), vec![]);
+        cache.put([], [(2, 2, Some(msg(2, 2, "new")))]);
+        assert!(cache.page(2, 3, 1, |_| true).is_err());
+        assert_eq!(cache.budget.used(), 0);
+    }
+
     proptest::proptest! {
         /// Whatever the order of applies, reads and fills, every page the
         /// cache answers is the page sled would give.
         #[test]
         fn pages_from_memory_match_sled(ops in proptest::collection::vec((0u8..8, 0u64..40, 1usize..12), 1..200)) {
-            let cache = ChatCache::new(Arc::new(MemoryBudget::new(64 * 1024)));
+            let cache = ChatCache::new(Arc::new(MemoryBudget::unreported(64 * 1024)));
             let chat = 3;
             let mut model = Model::default();
             let mut pending: Option<(Miss, Window)> = None;

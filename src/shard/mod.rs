@@ -240,6 +240,7 @@ impl Shard {
                 .quiet
                 .store(true, std::sync::atomic::Ordering::Release);
             metrics::gauge!(crate::metrics::SHARD_QUIET).increment(1.0);
+            self.reader.forget_cached_messages();
         }
     }
 

@@ -190,6 +190,23 @@ impl StateReader {
         }
     }
 
+    /// The message, at least as new as the change `pts` that names it. An
+    /// apply call writes to sled before it puts to the cache, so a change
+    /// record read from sled may be newer than the cached message; sled
+    /// writes a message before its change record, so sled has it then.
+    fn message_as_of(&self, chat: u64, seq: u64, pts: u64) -> io::Result<Option<MessageRecord>> {
+        match self.chats.message(chat, seq) {
+            Ok(Some(m)) if m.pts >= pts => Ok(Some(m)),
+            _ => self.stored_message(chat, seq),
+        }
+    }
+
+    /// Forgets the messages kept in memory (a quiet replica's tails hold
+    /// memory that busy replicas can use).
+    pub fn forget_cached_messages(&self) {
+        self.chats.forget_messages();
+    }
+
     /// The message as sled holds it, body opened.
     fn stored_message(&self, chat: u64, seq: u64) -> io::Result<Option<MessageRecord>> {
         match self.tree.get(keys::message(chat, seq)).map_err(io_err)? {
@@ -324,7 +341,7 @@ impl StateReader {
             let message = match kind {
                 // A closed chat's content stays hidden; its changes still flow.
                 ChangeKind::NewMessage | ChangeKind::EditMessage if !rec.closed => self
-                    .message(chat, c.seq)?
+                    .message_as_of(chat, c.seq, c.pts)?
                     .filter(|m| visible(m, now))
                     .map(to_public),
                 _ => None,
@@ -427,8 +444,62 @@ mod tests {
     use prost::Message;
 
     use super::StateReader;
-    use crate::api::pb::replicated::{ChatRecord, MessageRecord};
+    use crate::api::pb::replicated::{ChangeKind, ChangeRecord, ChatRecord, MessageRecord};
     use crate::storage::{keys, Storage};
+
+    /// An apply call writes to sled before it puts its records in the chat
+    /// cache: a change record read from sled in between names a message
+    /// newer than the cached one, and the difference shows the newer one.
+    #[test]
+    fn a_change_is_paired_with_its_message_while_an_apply_is_under_way() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path()).unwrap();
+        let tree = storage.open_tree("state/test").unwrap();
+        let chat = 7;
+        let put = |seq: u64, pts: u64, body: &str, kind: ChangeKind| {
+            let m = MessageRecord {
+                chat_id: chat,
+                seq,
+                sender_id: 1,
+                body: body.as_bytes().to_vec().into(),
+                pts,
+                ..Default::default()
+            };
+            tree.insert(keys::message(chat, seq), m.encode_to_vec())
+                .unwrap();
+            let c = ChangeRecord {
+                pts,
+                kind: kind as i32,
+                seq,
+                user_id: 1,
+                ..Default::default()
+            };
+            tree.insert(keys::change(chat, pts), c.encode_to_vec())
+                .unwrap();
+        };
+        put(1, 1, "first", ChangeKind::New);
+        let rec = |last_pts: u64| ChatRecord {
+            last_seq: 1,
+            last_pts,
+            ..Default::default()
+        };
+        tree.insert(keys::chat(chat), rec(1).encode_to_vec())
+            .unwrap();
+        let reader = StateReader::new(tree.clone(), storage.keys().clone(), Default::default());
+        // The history read puts message 1 (pts 1) in memory.
+        assert_eq!(&reader.history(chat, 0, 10).unwrap()[0].body[..], b"first");
+        // An edit in sled, not yet put in the cache.
+        put(1, 2, "edited", ChangeKind::Edit);
+        tree.insert(keys::chat(chat), rec(2).encode_to_vec())
+            .unwrap();
+        let diff = reader.difference(chat, 1, 10).unwrap();
+        assert_eq!(diff.changes.len(), 1);
+        let edited = diff.changes[0]
+            .message
+            .as_ref()
+            .expect("the edited message");
+        assert_eq!(&edited.body[..], b"edited");
+    }
 
     /// Pages come newest first, strictly below `before_seq`, `limit` long,
     /// with removed messages skipped: the same as walking every message

@@ -75,19 +75,25 @@ impl From<Error> for std::io::Error {
 pub const MESSAGE_CACHE_BYTES_MAX: usize = 256 * 1024 * 1024;
 
 /// Bytes that many owners hold together out of one bound (the message
-/// caches of a node's replicas).
-#[derive(Debug)]
+/// caches of a node's replicas), reported on a gauge.
 pub struct MemoryBudget {
     used: AtomicUsize,
     max: usize,
+    gauge: metrics::Gauge,
 }
 
 impl MemoryBudget {
-    pub fn new(max: usize) -> MemoryBudget {
+    pub fn new(max: usize, gauge: metrics::Gauge) -> MemoryBudget {
         MemoryBudget {
             used: AtomicUsize::new(0),
             max,
+            gauge,
         }
+    }
+
+    /// A bound reported nowhere (tests).
+    pub fn unreported(max: usize) -> MemoryBudget {
+        MemoryBudget::new(max, metrics::Gauge::noop())
     }
 
     pub fn used(&self) -> usize {
@@ -96,15 +102,21 @@ impl MemoryBudget {
 
     /// Takes `n` bytes if they fit.
     pub fn take(&self, n: usize) -> bool {
-        self.used
+        let taken = self
+            .used
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
                 (used + n <= self.max).then_some(used + n)
             })
-            .is_ok()
+            .is_ok();
+        if taken {
+            self.gauge.increment(n as f64);
+        }
+        taken
     }
 
     pub fn give_back(&self, n: usize) {
         self.used.fetch_sub(n, Ordering::Relaxed);
+        self.gauge.decrement(n as f64);
     }
 }
 
@@ -127,12 +139,17 @@ impl Storage {
     /// Opens (or creates) the node's storage under `dir`, with the default
     /// seal epoch.
     pub fn open(dir: &Path) -> Result<Storage, Error> {
-        Storage::open_with_epoch(dir, DEFAULT_SEAL_EPOCH)
+        Storage::open_with(dir, DEFAULT_SEAL_EPOCH, MESSAGE_CACHE_BYTES_MAX)
     }
 
     /// Opens (or creates) the node's storage under `dir`; epoch keys seal new
-    /// bodies for `seal_epoch` each.
-    pub fn open_with_epoch(dir: &Path, seal_epoch: Duration) -> Result<Storage, Error> {
+    /// bodies for `seal_epoch` each, and the replicas' message caches hold at
+    /// most `message_cache_bytes` together.
+    pub fn open_with(
+        dir: &Path,
+        seal_epoch: Duration,
+        message_cache_bytes: usize,
+    ) -> Result<Storage, Error> {
         std::fs::create_dir_all(dir)?;
         let sled_dir = dir.join("sled");
         let segment_bytes = match persisted_segment_bytes(&sled_dir)? {
@@ -168,7 +185,10 @@ impl Storage {
             durability,
             dir: Arc::new(dir.to_path_buf()),
             keys: Arc::new(keys),
-            message_cache_budget: Arc::new(MemoryBudget::new(MESSAGE_CACHE_BYTES_MAX)),
+            message_cache_budget: Arc::new(MemoryBudget::new(
+                message_cache_bytes,
+                metrics::gauge!(crate::metrics::MESSAGE_CACHE_BYTES),
+            )),
         })
     }
 
