@@ -196,8 +196,8 @@ pub struct ErasureConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct CacheConfig {
     /// MiB of recent messages a node keeps in memory across its replicas,
-    /// for reads of the newest pages of recently read chats; 0 turns the
-    /// message cache off. At most 4 MiB of it per replica.
+    /// for reads of the newest pages of recently read chats; 0 keeps none.
+    /// At most 4 MiB of it per replica.
     pub message_mib: u64,
 }
 

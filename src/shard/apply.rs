@@ -153,10 +153,8 @@ impl<'a> Overlay<'a> {
     }
 
     /// The buffered writes in key order (None = remove), self-destructing
-    /// bodies sealed.
-    /// The buffered writes, message bodies sealed where they must be, and
-    /// each message record written or removed, in the clear (for the chat
-    /// cache).
+    /// bodies sealed; and each message record written or removed, body in
+    /// the clear (for the chat cache).
     pub fn into_writes(self) -> io::Result<(Writes, Vec<MessageWrite>)> {
         let mut out = Vec::with_capacity(self.writes.len());
         let mut messages = Vec::new();

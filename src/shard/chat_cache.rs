@@ -18,8 +18,8 @@
 //!
 //! Bounds: at most [`CHATS_MAX`] chat records and [`CHATS_MAX`] tails per
 //! replica, [`TAIL_MESSAGES_MAX`] messages per tail, [`TAIL_BYTES_MAX`] of
-//! messages per replica, and the node's budget across its replicas (`[cache] message_mib`, default
-//! [`crate::storage::MESSAGE_CACHE_BYTES_MAX`]).
+//! messages per replica, and the node's budget across its replicas
+//! (`[cache] message_mib`, default [`crate::storage::MESSAGE_CACHE_BYTES_MAX`]).
 //! Past a replica's bound its records or tails start over empty; past the
 //! node's, a new tail is not kept. A replica that quiesces forgets its
 //! messages, so an idle replica's cache holds no messages until it is read.
@@ -246,21 +246,17 @@ impl Inner {
         self.records.insert(chat, rec);
     }
 
-    fn give_back_bytes(&mut self, n: usize, budget: &MemoryBudget) {
-        give_back(&mut self.tail_bytes, n, budget);
-    }
-
     fn drop_tail(&mut self, chat: u64, budget: &MemoryBudget) {
         if let Some(tail) = self.tails.remove(&chat) {
             let bytes = tail.messages.values().map(message_bytes).sum();
-            self.give_back_bytes(bytes, budget);
+            give_back(&mut self.tail_bytes, bytes, budget);
         }
     }
 
     fn clear_tails(&mut self, budget: &MemoryBudget) {
         self.tails = HashMap::new();
         let bytes = self.tail_bytes;
-        self.give_back_bytes(bytes, budget);
+        give_back(&mut self.tail_bytes, bytes, budget);
     }
 
     /// Keeps `tail` (of `bytes`, at most [`TAIL_BYTES_MAX`]) as the chat's.

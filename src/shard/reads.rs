@@ -35,7 +35,8 @@ pub struct StateReader {
     /// once for the whole Raft group, so it never changes after that, and
     /// every read reports it: caching saves a sled lookup per read.
     incarnation: Arc<std::sync::atomic::AtomicU64>,
-    /// Chat records, kept current by the state machine.
+    /// Chat records and the newest messages of recently read chats, kept
+    /// current by the state machine.
     chats: Arc<ChatCache>,
 }
 

@@ -21,10 +21,10 @@
 //! Readers may see an apply call's effects part-written. Effects go in key
 //! order, so within a chat the chat record comes first, then the message,
 //! then its change record; reads that need a position wait for the applied
-//! id, which comes last. Readers take chat records from memory
-//! ([`crate::shard::chat_cache`]): each call puts the ones it wrote there
-//! after its writes and before it returns, so before openraft publishes the
-//! applied id; loading a snapshot empties it.
+//! id, which comes last. Readers take chat records and recent messages from
+//! memory ([`crate::shard::chat_cache`]): each call puts the ones it wrote
+//! or removed there after its writes and before it returns, so before
+//! openraft publishes the applied id; loading a snapshot empties it.
 //!
 //! Self-destructing bodies are sealed in the tree with the node's epoch keys
 //! and, in a snapshot file, with that file's own key: building a snapshot
@@ -71,12 +71,14 @@ pub struct StateMachine {
     settings: ShardSettings,
     current: Current,
     keys: Arc<KeyRing>,
-    /// Chat records for readers, put after each apply call.
+    /// Chat records and recent messages for readers, put after each apply
+    /// call.
     chats: Arc<ChatCache>,
 }
 
 impl StateMachine {
-    /// The chat records this state machine keeps current for its readers.
+    /// The chat records and messages this state machine keeps current for
+    /// its readers.
     pub fn chat_cache(&self) -> Arc<ChatCache> {
         self.chats.clone()
     }
