@@ -160,7 +160,6 @@ proptest! {
         }
         let _ = MessageRecord::decode(bytes.as_slice());
         let _ = chatstore::shard::sealing::sealed_epoch(&bytes);
-        let _ = chatstore::shard::log_store::entry_sealed_epoch(&bytes);
     }
 }
 

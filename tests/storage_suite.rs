@@ -17,7 +17,9 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Sle
     ) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError<TypeConfig>> {
         let dir = tempfile::tempdir().expect("temp dir");
         let storage = Storage::open(dir.path()).expect("open storage");
-        let log = LogStore::open(&storage, ShardId(1)).expect("open log store");
+        let log = LogStore::open(&storage, ShardId(1))
+            .await
+            .expect("open log store");
         let sm = StateMachine::open(&storage, ShardId(1)).expect("open state machine");
         Ok((dir, log, sm))
     }

@@ -32,7 +32,6 @@ use openraft::async_runtime::WatchReceiver;
 use tokio::sync::watch;
 
 use crate::node::Registry;
-use crate::shard::log_store::entry_sealed_epoch;
 use crate::shard::state_machine::load_current;
 use crate::shard::{sealing, snapshot, Shard, ShardFiles};
 use crate::storage::keys;
@@ -124,13 +123,7 @@ fn inspect(
     let mut found = Findings::default();
     if past_keys {
         found.records_left = reseal_records(&files.state, ring, epoch)?;
-        for pair in files.log.range(keys::log_entry(0)..) {
-            let (k, v) = pair.map_err(io::Error::other)?;
-            let sealed = entry_sealed_epoch(&v)?;
-            if sealed != 0 && sealed < epoch {
-                found.log_sealed_upto = keys::part(&k, 0);
-            }
-        }
+        found.log_sealed_upto = files.log.last_sealed_before(epoch)?;
     }
     if let Some((_, file)) = load_current(&files.snapshot_dir)? {
         match seal::read_key_file(&snapshot::key_path(&file)) {

@@ -220,7 +220,9 @@ impl Registry {
 
     /// Deletes a replica's trees and snapshot files (with their keys).
     fn delete_data(&self, shard: ShardId) -> anyhow::Result<()> {
+        self.storage.raft_log().drop_shard(shard.0)?;
         let db = self.storage.db();
+        // A log tree is left only by a version that kept logs in sled.
         db.drop_tree(trees::log_tree(shard))?;
         db.drop_tree(trees::state_tree(shard))?;
         let dir = self.storage.snapshot_dir(shard);

@@ -1,17 +1,21 @@
-//! A shard's Raft log in sled: openraft's `RaftLogStorage`.
+//! A shard's Raft log: openraft's `RaftLogStorage`, over the node's
+//! [`RaftLog`] (one set of append-only files for every shard).
 //!
-//! Entries are written with plain inserts in index order; sled recovers a
-//! prefix of its writes, so a crash leaves a prefix of the appended entries.
-//! openraft is told an append is durable only from the node's group-commit
-//! thread, after a flush and an `fdatasync` that cover it. The vote is synced
-//! before `save_vote` returns. Before purging, everything the state machine
-//! wrote is synced too, so the purged entries are never needed again.
+//! openraft is told an append is durable only from the Raft log's
+//! group-commit thread, after an `fdatasync` that covers it. The vote is
+//! synced before `save_vote` returns, a truncation before `truncate_after`
+//! does. Before purging, everything the state machine wrote to sled is
+//! synced, so the purged entries are never needed again.
 //!
 //! Entries are stored as `LogEntryRecord` (prost, versioned); the membership
 //! inside a membership entry is openraft's type, as JSON. Self-destructing
 //! bodies inside entries are sealed with the node's current epoch key
-//! ([`crate::shard::sealing`]); the record says which epoch, so the eraser
-//! knows which entries keep an old key alive.
+//! ([`crate::shard::sealing`]); the log keeps each entry's epoch, so the
+//! eraser knows which entries keep an old key alive.
+//!
+//! A data folder written before the Raft log left sled holds each shard's
+//! log in a sled tree; opening the shard moves it into the Raft log (synced)
+//! and then drops the tree. A crash part-way repeats the move.
 
 use std::fmt::Debug;
 use std::io;
@@ -26,63 +30,117 @@ use crate::api::codec::{decode, from_json, to_json, REPLICATED_FORMAT_VERSION};
 use crate::api::pb::replicated::{log_entry_record, LogEntryRecord};
 use crate::shard::sealing;
 use crate::shard::types::{log_id, Entry, LogId, Proposal, TypeConfig, Vote};
-use crate::storage::{keys, trees, Durability, KeyRing, Storage, ENTRY_BYTES_MAX};
+use crate::storage::raft_log::EntryBytes;
+use crate::storage::{keys, trees, Durability, KeyRing, RaftLog, Storage, ENTRY_BYTES_MAX};
 use crate::types::ShardId;
 
 /// Shortest time between two writes of the committed pointer.
 const COMMITTED_SAVE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
+/// Entries moved from a sled log tree per append.
+const IMPORT_CHUNK_ENTRIES: usize = 256;
+
 #[derive(Clone)]
 pub struct LogStore {
     shard: ShardId,
-    tree: sled::Tree,
-    durability: Durability,
+    log: RaftLog,
+    /// sled's group commit: the state machines' writes are synced before a
+    /// purge.
+    sled_durability: Durability,
     keys: Arc<KeyRing>,
     /// When the committed pointer was last written.
     committed_saved_at: Option<std::time::Instant>,
 }
 
 impl LogStore {
-    pub fn open(storage: &Storage, shard: ShardId) -> io::Result<LogStore> {
-        Ok(LogStore {
+    pub async fn open(storage: &Storage, shard: ShardId) -> io::Result<LogStore> {
+        let store = LogStore {
             shard,
-            tree: storage.open_tree(&trees::log_tree(shard))?,
-            durability: storage.durability().clone(),
+            log: storage.raft_log().clone(),
+            sled_durability: storage.durability().clone(),
             keys: storage.keys().clone(),
             committed_saved_at: None,
-        })
+        };
+        store.import_sled_tree(storage).await?;
+        Ok(store)
     }
 
-    /// The log tree (for the eraser, which only reads it).
-    pub fn tree(&self) -> &sled::Tree {
-        &self.tree
+    /// The last entry whose bodies were sealed with an epoch key older than
+    /// `epoch` (for the eraser).
+    pub fn last_sealed_before(&self, epoch: u64) -> io::Result<Option<u64>> {
+        self.log.last_sealed_before(self.shard.0, epoch)
     }
 
-    fn meta<T: serde::de::DeserializeOwned>(
-        &self,
-        key: &[u8],
-        what: &'static str,
-    ) -> io::Result<Option<T>> {
-        match self.tree.get(key).map_err(io::Error::other)? {
-            Some(v) => Ok(Some(from_json(&v, what)?)),
-            None => Ok(None),
+    /// Moves a log kept in sled by an older version into the Raft log.
+    async fn import_sled_tree(&self, storage: &Storage) -> io::Result<()> {
+        let name = trees::log_tree(self.shard);
+        let db = storage.db();
+        let exists = db
+            .tree_names()
+            .iter()
+            .any(|n| n.as_ref() == name.as_bytes());
+        if !exists {
+            return Ok(());
         }
-    }
-
-    fn last_entry_id(&self) -> io::Result<Option<LogId>> {
-        let start = keys::log_entry(0);
-        match self.tree.range(start..).next_back() {
-            Some(pair) => {
-                let (_, v) = pair.map_err(io::Error::other)?;
-                Ok(Some(decode_entry(&self.keys, &v)?.log_id))
+        let tree = storage.open_tree(&name)?;
+        let shard = self.shard.0;
+        // Whatever an interrupted move left goes first.
+        self.log.drop_shard(shard)?;
+        if let Some(v) = tree.get(keys::LOG_META_VOTE).map_err(io::Error::other)? {
+            self.log.save_vote(shard, &v)?;
+        }
+        if let Some(v) = tree
+            .get(keys::LOG_META_COMMITTED)
+            .map_err(io::Error::other)?
+        {
+            self.log.save_committed(shard, &v)?;
+        }
+        let mut start = 0;
+        if let Some(v) = tree.get(keys::LOG_META_PURGED).map_err(io::Error::other)? {
+            let purged: LogId = from_json(&v, "purged log id")?;
+            self.log.purge(shard, purged.index, &v)?;
+            // sled's purge wrote the id before removing the entries.
+            start = purged.index + 1;
+        }
+        let mut moved = 0usize;
+        let mut chunk: Vec<(LogEntryRecord, sled::IVec)> = Vec::new();
+        let mut iter = tree.range(keys::log_entry(start)..vec![keys::LOG_ENTRY_TAG + 1]);
+        loop {
+            let next = iter.next().transpose().map_err(io::Error::other)?;
+            if let Some((_, v)) = &next {
+                chunk.push((decode(v, "log entry")?, v.clone()));
             }
-            None => Ok(None),
+            if chunk.len() == IMPORT_CHUNK_ENTRIES || next.is_none() && !chunk.is_empty() {
+                let entries: Vec<EntryBytes<'_>> = chunk
+                    .iter()
+                    .map(|(rec, bytes)| EntryBytes {
+                        index: rec.index,
+                        term: rec.term,
+                        sealed_epoch: rec.sealed_epoch,
+                        bytes,
+                    })
+                    .collect();
+                self.log.append(shard, &entries)?;
+                moved += chunk.len();
+                chunk.clear();
+            }
+            if next.is_none() {
+                break;
+            }
         }
+        self.log.sync().await?;
+        db.drop_tree(name.as_bytes()).map_err(io::Error::other)?;
+        // Else a crash could bring the tree back after this log moved on,
+        // and the move would run again over newer votes and entries.
+        storage.durability().sync().await?;
+        tracing::info!(shard = %self.shard, entries = moved, "moved the shard's Raft log out of sled");
+        Ok(())
     }
 }
 
-/// The stored form of an entry, with self-destructing bodies sealed.
-pub fn encode_entry(keys: &KeyRing, entry: &Entry) -> io::Result<Vec<u8>> {
+/// The stored form of an entry, with self-destructing bodies sealed, and the
+/// epoch that sealed them (0: none).
+pub fn encode_entry(keys: &KeyRing, entry: &Entry) -> io::Result<(Vec<u8>, u64)> {
     let mut sealed_epoch = 0;
     let payload = match &entry.payload {
         OpenraftPayload::Blank => log_entry_record::Payload::Blank(true),
@@ -119,13 +177,7 @@ pub fn encode_entry(keys: &KeyRing, entry: &Entry) -> io::Result<Vec<u8>> {
             ),
         ));
     }
-    Ok(bytes)
-}
-
-/// The stored record's epoch of sealed bodies (0 = none), without opening it.
-pub fn entry_sealed_epoch(bytes: &[u8]) -> io::Result<u64> {
-    let rec: LogEntryRecord = decode(bytes, "log entry")?;
-    Ok(rec.sealed_epoch)
+    Ok((bytes, sealed_epoch))
 }
 
 /// An entry from its stored form, with sealed bodies opened.
@@ -165,37 +217,33 @@ pub fn decode_entry(keys: &KeyRing, bytes: &[u8]) -> io::Result<Entry> {
     })
 }
 
-fn bound_key(b: Bound<&u64>) -> Bound<Vec<u8>> {
-    match b {
-        Bound::Included(i) => Bound::Included(keys::log_entry(*i)),
-        Bound::Excluded(i) => Bound::Excluded(keys::log_entry(*i)),
-        Bound::Unbounded => Bound::Unbounded,
-    }
-}
-
 impl RaftLogReader<TypeConfig> for LogStore {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry>, io::Error> {
-        let start = match range.start_bound() {
-            Bound::Unbounded => Bound::Included(keys::log_entry(0)),
-            b => bound_key(b),
+        let from = match range.start_bound() {
+            Bound::Included(i) => *i,
+            Bound::Excluded(i) => i.saturating_add(1),
+            Bound::Unbounded => 0,
         };
-        let end = match range.end_bound() {
-            Bound::Unbounded => Bound::Excluded(vec![keys::LOG_ENTRY_TAG + 1]),
-            b => bound_key(b),
+        let to = match range.end_bound() {
+            Bound::Included(i) => i.saturating_add(1),
+            Bound::Excluded(i) => *i,
+            Bound::Unbounded => u64::MAX,
         };
-        let mut out = Vec::new();
-        for pair in self.tree.range::<Vec<u8>, _>((start, end)) {
-            let (_, v) = pair.map_err(io::Error::other)?;
-            out.push(decode_entry(&self.keys, &v)?);
-        }
-        Ok(out)
+        self.log
+            .read(self.shard.0, from, to)?
+            .iter()
+            .map(|bytes| decode_entry(&self.keys, bytes))
+            .collect()
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
-        self.meta(keys::LOG_META_VOTE, "vote")
+        match self.log.vote(self.shard.0)? {
+            Some(v) => Ok(Some(from_json(&v, "vote")?)),
+            None => Ok(None),
+        }
     }
 }
 
@@ -203,8 +251,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
-        let purged: Option<LogId> = self.meta(keys::LOG_META_PURGED, "purged log id")?;
-        let last = self.last_entry_id()?.or(purged);
+        let purged: Option<LogId> = match self.log.purged(self.shard.0)? {
+            Some(v) => Some(from_json(&v, "purged log id")?),
+            None => None,
+        };
+        let last = self
+            .log
+            .last(self.shard.0)?
+            .map(|(term, index)| log_id(term, index))
+            .or(purged);
         Ok(LogState {
             last_purged_log_id: purged,
             last_log_id: last,
@@ -216,10 +271,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
-        self.tree
-            .insert(keys::LOG_META_VOTE, to_json(vote))
-            .map_err(io::Error::other)?;
-        self.durability.sync().await
+        self.log.save_vote(self.shard.0, &to_json(vote))?;
+        self.log.sync().await
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
@@ -227,9 +280,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // without waiting for a leader; an older value is as safe (it was
         // committed too) and none at all only means re-learning the commit
         // index from the leader. So it is written at most every
-        // COMMITTED_SAVE_INTERVAL, not once per commit: under load that was
-        // one sled write of about ten per entry on every replica. Made
-        // durable by the next group commit.
+        // COMMITTED_SAVE_INTERVAL, not once per commit, and made durable by
+        // the next group commit.
         let now = std::time::Instant::now();
         if self
             .committed_saved_at
@@ -238,16 +290,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             return Ok(());
         }
         self.committed_saved_at = Some(now);
-        self.tree
-            .insert(keys::LOG_META_COMMITTED, to_json(&committed))
-            .map_err(io::Error::other)?;
-        Ok(())
+        self.log.save_committed(self.shard.0, &to_json(&committed))
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
-        Ok(self
-            .meta::<Option<LogId>>(keys::LOG_META_COMMITTED, "committed log id")?
-            .flatten())
+        match self.log.committed(self.shard.0)? {
+            Some(v) => Ok(from_json::<Option<LogId>>(&v, "committed log id")?),
+            None => Ok(None),
+        }
     }
 
     async fn append<I>(
@@ -259,18 +309,27 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
     {
+        // The key that seals bodies stays alive until they are written.
         let keys = self.keys.clone();
         let _sealing = keys.hold();
+        let mut encoded = Vec::new();
         for entry in entries {
-            let bytes = encode_entry(&self.keys, &entry)?;
+            let (bytes, sealed_epoch) = encode_entry(&self.keys, &entry)?;
             // Read-back check: what we store must decode to what we were given.
             debug_assert_eq!(decode_entry(&self.keys, &bytes)?.log_id, entry.log_id);
-            self.tree
-                .insert(keys::log_entry(entry.log_id.index), bytes)
-                .map_err(io::Error::other)?;
+            encoded.push((entry.log_id, sealed_epoch, bytes));
         }
-        self.durability
-            .after_sync(move |r| callback.io_completed(r));
+        let entries: Vec<EntryBytes<'_>> = encoded
+            .iter()
+            .map(|(id, sealed_epoch, bytes)| EntryBytes {
+                index: id.index,
+                term: id.leader_id.term,
+                sealed_epoch: *sealed_epoch,
+                bytes,
+            })
+            .collect();
+        self.log.append(self.shard.0, &entries)?;
+        self.log.after_sync(move |r| callback.io_completed(r));
         Ok(())
     }
 
@@ -280,35 +339,73 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             None => 0,
         };
         tracing::debug!(shard = %self.shard, from, "truncate log");
-        let keys: Vec<_> = self
-            .tree
-            .range(keys::log_entry(from)..vec![keys::LOG_ENTRY_TAG + 1])
-            .keys()
-            .collect::<Result<_, _>>()
-            .map_err(io::Error::other)?;
-        // Remove from the end, so a crash midway leaves a prefix.
-        for k in keys.into_iter().rev() {
-            self.tree.remove(k).map_err(io::Error::other)?;
-        }
-        self.durability.sync().await
+        self.log.truncate(self.shard.0, from)?;
+        self.log.sync().await
     }
 
     async fn purge(&mut self, upto: LogId) -> Result<(), io::Error> {
         // Everything applied up to `upto` (state and snapshot) is durable
         // before the entries go.
-        self.durability.sync().await?;
-        self.tree
-            .insert(keys::LOG_META_PURGED, to_json(&upto))
-            .map_err(io::Error::other)?;
-        let keys: Vec<_> = self
-            .tree
-            .range(keys::log_entry(0)..=keys::log_entry(upto.index))
-            .keys()
-            .collect::<Result<_, _>>()
-            .map_err(io::Error::other)?;
-        for k in keys {
-            self.tree.remove(k).map_err(io::Error::other)?;
+        self.sled_durability.sync().await?;
+        self.log.purge(self.shard.0, upto.index, &to_json(&upto))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shard::types::EntryPayload;
+
+    fn blank(term: u64, index: u64) -> Entry {
+        Entry {
+            log_id: log_id(term, index),
+            payload: EntryPayload::Blank,
         }
-        Ok(())
+    }
+
+    /// A data folder from before the Raft log left sled: opening the shard
+    /// moves its log, vote, committed and purged ids, and drops the tree.
+    #[tokio::test]
+    async fn a_log_kept_in_sled_is_moved_into_the_raft_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let shard = ShardId(4);
+        let vote = Vote::new(3, 2);
+        {
+            let storage = Storage::open(dir.path()).unwrap();
+            let tree = storage.open_tree(&trees::log_tree(shard)).unwrap();
+            tree.insert(keys::LOG_META_VOTE, to_json(&vote)).unwrap();
+            tree.insert(keys::LOG_META_COMMITTED, to_json(&Some(log_id(2, 6))))
+                .unwrap();
+            tree.insert(keys::LOG_META_PURGED, to_json(&log_id(1, 4)))
+                .unwrap();
+            for index in 5..=9 {
+                let (bytes, _) = encode_entry(storage.keys(), &blank(2, index)).unwrap();
+                tree.insert(keys::log_entry(index), bytes).unwrap();
+            }
+            storage.durability().sync().await.unwrap();
+        }
+        let storage = Storage::open(dir.path()).unwrap();
+        let mut log = LogStore::open(&storage, shard).await.unwrap();
+        let state = log.get_log_state().await.unwrap();
+        assert_eq!(state.last_purged_log_id, Some(log_id(1, 4)));
+        assert_eq!(state.last_log_id, Some(log_id(2, 9)));
+        assert_eq!(log.read_vote().await.unwrap(), Some(vote));
+        assert_eq!(log.read_committed().await.unwrap(), Some(log_id(2, 6)));
+        let entries = log.try_get_log_entries(0..100).await.unwrap();
+        let ids: Vec<_> = entries.iter().map(|e| e.log_id).collect();
+        assert_eq!(ids, (5..=9).map(|i| log_id(2, i)).collect::<Vec<_>>());
+        let name = trees::log_tree(shard);
+        assert!(!storage
+            .db()
+            .tree_names()
+            .iter()
+            .any(|n| n.as_ref() == name.as_bytes()));
+        // Opening again finds nothing to move and the same log.
+        drop(log);
+        let mut log = LogStore::open(&storage, shard).await.unwrap();
+        assert_eq!(
+            log.get_log_state().await.unwrap().last_log_id,
+            Some(log_id(2, 9))
+        );
     }
 }

@@ -113,10 +113,10 @@ struct Quiet {
     last_write_ms: std::sync::atomic::AtomicU64,
 }
 
-/// A shard's sled trees and snapshot folder.
+/// A shard's Raft log, state-machine tree and snapshot folder.
 #[derive(Clone)]
 pub struct ShardFiles {
-    pub log: sled::Tree,
+    pub log: LogStore,
     pub state: sled::Tree,
     pub snapshot_dir: std::path::PathBuf,
 }
@@ -179,11 +179,11 @@ impl Shard {
         id: ShardId,
         config: Arc<Config>,
     ) -> anyhow::Result<Shard> {
-        let log = LogStore::open(storage, id)?;
+        let log = LogStore::open(storage, id).await?;
         let sm = StateMachine::open(storage, id)?;
         let reader = StateReader::new(sm.tree().clone(), storage.keys().clone(), sm.chat_cache());
         let files = ShardFiles {
-            log: log.tree().clone(),
+            log: log.clone(),
             state: sm.tree().clone(),
             snapshot_dir: storage.snapshot_dir(id),
         };

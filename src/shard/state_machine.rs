@@ -383,6 +383,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let Some(last) = last else {
             return Ok(());
         };
+        // sled may write these effects to disk at any time; the entries
+        // must be there first (see `RaftLog::wait_durable`).
+        self.storage
+            .raft_log()
+            .wait_durable(self.shard.0, last.index)
+            .await?;
         self.settings = applier.settings;
         let chats = std::mem::take(&mut applier.chats);
         let messages = {

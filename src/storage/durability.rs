@@ -42,22 +42,75 @@ const FLUSH_INTERVAL_MIN: std::time::Duration = std::time::Duration::from_millis
 
 #[derive(Clone)]
 pub struct Durability {
-    tx: mpsc::Sender<Callback>,
+    thread: Arc<Thread>,
     poisoned: Arc<AtomicBool>,
 }
+
+/// The group-commit thread. When the last handle goes, the thread finishes
+/// the waiting callbacks and is joined, so what it holds (sled's Db, with
+/// the lock on its folder) is released before the drop returns.
+struct Thread {
+    tx: Option<mpsc::Sender<Callback>>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Thread {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(handle) = self.handle.take() {
+            // A callback run by the thread itself may hold the last handle.
+            if handle.thread().id() != std::thread::current().id() {
+                let _ = handle.join();
+            }
+        }
+    }
+}
+
+/// What a group commit runs to make every write made before it durable.
+pub type SyncAction = Box<dyn FnMut() -> io::Result<()> + Send>;
 
 impl Durability {
     /// Starts the group-commit thread for `db`, whose data file is
     /// `data_file` and whose blob files go to `blobs_dir`.
     pub fn start(db: sled::Db, data_file: std::fs::File, blobs_dir: PathBuf) -> Durability {
+        let mut blobs = BlobSync::new(blobs_dir);
+        Durability::start_with(
+            "chatstore-fsync",
+            Box::new(move || {
+                db.flush().map_err(io::Error::other)?;
+                blobs.sync_new()?;
+                data_file.sync_data()
+            }),
+        )
+    }
+
+    /// Starts a group-commit thread named `name` that runs `sync` for each
+    /// group of waiting callbacks.
+    pub fn start_with(name: &str, sync: SyncAction) -> Durability {
         let (tx, rx) = mpsc::channel::<Callback>();
         let poisoned = Arc::new(AtomicBool::new(false));
         let flag = poisoned.clone();
-        std::thread::Builder::new()
-            .name("chatstore-fsync".into())
-            .spawn(move || run(db, data_file, BlobSync::new(blobs_dir), rx, flag))
+        let handle = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || run(sync, rx, flag))
             .expect("spawn the durability thread");
-        Durability { tx, poisoned }
+        Durability {
+            thread: Arc::new(Thread {
+                tx: Some(tx),
+                handle: Some(handle),
+            }),
+            poisoned,
+        }
+    }
+
+    /// Whether an earlier failure made every later write untrustworthy.
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned.load(Ordering::Acquire)
+    }
+
+    /// Marks the writes as untrustworthy for good (a write failed part-way).
+    pub fn poison(&self) {
+        self.poisoned.store(true, Ordering::Release);
     }
 
     /// Calls `done` once everything written to the Db before this call is on
@@ -67,7 +120,12 @@ impl Durability {
             done(Err(poisoned_error()));
             return;
         }
-        if let Err(mpsc::SendError(done)) = self.tx.send(Box::new(done)) {
+        let tx = self
+            .thread
+            .tx
+            .as_ref()
+            .expect("sender lives as long as the handle");
+        if let Err(mpsc::SendError(done)) = tx.send(Box::new(done)) {
             done(Err(io::Error::other("durability thread has stopped")));
         }
     }
@@ -83,7 +141,7 @@ impl Durability {
     }
 }
 
-fn poisoned_error() -> io::Error {
+pub fn poisoned_error() -> io::Error {
     io::Error::other("an earlier fsync failed; this node no longer acknowledges writes")
 }
 
@@ -134,13 +192,7 @@ impl BlobSync {
     }
 }
 
-fn run(
-    db: sled::Db,
-    data_file: std::fs::File,
-    mut blobs: BlobSync,
-    rx: mpsc::Receiver<Callback>,
-    poisoned: Arc<AtomicBool>,
-) {
+fn run(mut sync: SyncAction, rx: mpsc::Receiver<Callback>, poisoned: Arc<AtomicBool>) {
     let mut batch: Vec<Callback> = Vec::new();
     let mut last_start: Option<Instant> = None;
     while let Ok(first) = rx.recv() {
@@ -162,17 +214,12 @@ fn run(
         let result = if poisoned.load(Ordering::Acquire) {
             Err(poisoned_error().to_string())
         } else {
-            match db
-                .flush()
-                .map_err(|e| e.to_string())
-                .and_then(|_| blobs.sync_new().map_err(|e| e.to_string()))
-                .and_then(|_| data_file.sync_data().map_err(|e| e.to_string()))
-            {
+            match sync() {
                 Ok(()) => Ok(()),
                 Err(e) => {
                     tracing::error!(error = %e, "flush + fdatasync failed; refusing all further writes");
                     poisoned.store(true, Ordering::Release);
-                    Err(e)
+                    Err(e.to_string())
                 }
             }
         };

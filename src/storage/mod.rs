@@ -1,25 +1,28 @@
-//! sled, behind one module. One `Db` per node holds, per shard, a log tree and
-//! a state-machine tree (names in [`trees`], key encodings in [`keys`]).
+//! A node's storage. Every shard's Raft log is in [`raft_log`] (one set of
+//! append-only files per node, with its own group commit); one sled `Db` per
+//! node holds, per shard, a state-machine tree (names in [`trees`], key
+//! encodings in [`keys`]).
 //!
 //! What sled 0.34.7 really guarantees, and what this module does about it
 //! (DESIGN section 3):
 //! - `Db::flush` writes and `sync_file_range`s but does not fsync on Linux, so
 //!   [`Durability`] follows every flush with an `fdatasync` of the Db's data
 //!   file before anything is reported durable.
-//! - One flush covers every tree, so all shards' appends share it: the
-//!   group-commit thread in [`durability`] collects their callbacks, flushes
-//!   once, syncs once and completes them all.
+//! - Nothing waits for sled on the write path: a state machine lost with an
+//!   unflushed sled is applied again from the Raft log, whose entries are
+//!   purged only after a sled flush and fsync.
 //! - sled writes a page (a whole tree node, up to 17 entries) larger than a
 //!   quarter of its segment size to a separate blob file that it never syncs.
-//!   With the default 512 KiB segments, a log-tree node of a few 100 KiB
-//!   entries became such a blob, and a power cut could have lost
-//!   acknowledged entries. Segments are now [`SEGMENT_BYTES`], so no node of
-//!   entries up to [`ENTRY_BYTES_MAX`] or messages up to the body limit
-//!   reaches the threshold (checked at compile time), and the group commit
-//!   fsyncs any blob file that appears anyway.
+//!   With the default 512 KiB segments, a node of large values became such a
+//!   blob. Segments are now [`SEGMENT_BYTES`], so no node of entries up to
+//!   [`ENTRY_BYTES_MAX`] (a data folder from before the Raft log left sled
+//!   still holds them, until opened) or messages up to the body limit reaches
+//!   the threshold (checked at compile time), and the group commit fsyncs any
+//!   blob file that appears anyway.
 
 pub mod durability;
 pub mod keys;
+pub mod raft_log;
 pub mod seal;
 pub mod trees;
 
@@ -29,6 +32,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use durability::Durability;
+pub use raft_log::RaftLog;
 pub use seal::KeyRing;
 
 /// Upper bound on one encoded Raft log entry.
@@ -130,6 +134,7 @@ pub const DEFAULT_SEAL_EPOCH: Duration = Duration::from_secs(300);
 pub struct Storage {
     db: sled::Db,
     durability: Durability,
+    raft_log: RaftLog,
     dir: Arc<PathBuf>,
     keys: Arc<KeyRing>,
     message_cache_budget: Arc<MemoryBudget>,
@@ -179,10 +184,12 @@ impl Storage {
         let data_file = std::fs::File::open(sled_dir.join("db"))?;
         let durability = Durability::start(db.clone(), data_file, sled_dir.join("blobs"));
         std::fs::create_dir_all(dir.join("snapshots"))?;
+        let raft_log = RaftLog::open(&dir.join("raft-log"))?;
         let keys = KeyRing::open(&dir.join("keys"), seal_epoch)?;
         Ok(Storage {
             db,
             durability,
+            raft_log,
             dir: Arc::new(dir.to_path_buf()),
             keys: Arc::new(keys),
             message_cache_budget: Arc::new(MemoryBudget::new(
@@ -206,8 +213,14 @@ impl Storage {
         &self.db
     }
 
+    /// The sled Db's group commit (the Raft log has its own).
     pub fn durability(&self) -> &Durability {
         &self.durability
+    }
+
+    /// Every shard's Raft log.
+    pub fn raft_log(&self) -> &RaftLog {
+        &self.raft_log
     }
 
     pub fn dir(&self) -> &Path {
