@@ -1,7 +1,16 @@
 //! Every metric name, in one place, and the Prometheus exporter.
 
+/// Time of one group commit, labelled `store="raft_log"` (every ack waits
+/// for one) or `store="sled"` (before purges, snapshot installs, shutdown).
 pub const STORAGE_FSYNC_SECONDS: &str = "chatstore_storage_fsync_seconds";
+/// Callbacks completed by one group commit, labelled like the time.
 pub const STORAGE_FSYNC_BATCH: &str = "chatstore_storage_fsync_batch_callbacks";
+/// Segment files of the Raft logs of the process's nodes.
+pub const RAFT_LOG_SEGMENTS: &str = "chatstore_raft_log_segments";
+/// Bytes in those files.
+pub const RAFT_LOG_BYTES: &str = "chatstore_raft_log_bytes";
+/// Bytes of live entries copied out of mostly dead segments.
+pub const RAFT_LOG_COPIED_BYTES: &str = "chatstore_raft_log_copied_forward_bytes_total";
 /// sled blob files fsynced by the group commit (expected to stay 0: pages are
 /// kept below sled's blob threshold, see `storage::SEGMENT_BYTES`).
 pub const STORAGE_BLOBS_SYNCED: &str = "chatstore_storage_blobs_synced_total";

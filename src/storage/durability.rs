@@ -76,6 +76,7 @@ impl Durability {
         let mut blobs = BlobSync::new(blobs_dir);
         Durability::start_with(
             "chatstore-fsync",
+            "sled",
             Box::new(move || {
                 db.flush().map_err(io::Error::other)?;
                 blobs.sync_new()?;
@@ -85,14 +86,14 @@ impl Durability {
     }
 
     /// Starts a group-commit thread named `name` that runs `sync` for each
-    /// group of waiting callbacks.
-    pub fn start_with(name: &str, sync: SyncAction) -> Durability {
+    /// group of waiting callbacks; its metrics carry `store`.
+    pub fn start_with(name: &str, store: &'static str, sync: SyncAction) -> Durability {
         let (tx, rx) = mpsc::channel::<Callback>();
         let poisoned = Arc::new(AtomicBool::new(false));
         let flag = poisoned.clone();
         let handle = std::thread::Builder::new()
             .name(name.into())
-            .spawn(move || run(sync, rx, flag))
+            .spawn(move || run(sync, store, rx, flag))
             .expect("spawn the durability thread");
         Durability {
             thread: Arc::new(Thread {
@@ -192,7 +193,14 @@ impl BlobSync {
     }
 }
 
-fn run(mut sync: SyncAction, rx: mpsc::Receiver<Callback>, poisoned: Arc<AtomicBool>) {
+fn run(
+    mut sync: SyncAction,
+    store: &'static str,
+    rx: mpsc::Receiver<Callback>,
+    poisoned: Arc<AtomicBool>,
+) {
+    let seconds = metrics::histogram!(crate::metrics::STORAGE_FSYNC_SECONDS, "store" => store);
+    let callbacks = metrics::histogram!(crate::metrics::STORAGE_FSYNC_BATCH, "store" => store);
     let mut batch: Vec<Callback> = Vec::new();
     let mut last_start: Option<Instant> = None;
     while let Ok(first) = rx.recv() {
@@ -223,9 +231,8 @@ fn run(mut sync: SyncAction, rx: mpsc::Receiver<Callback>, poisoned: Arc<AtomicB
                 }
             }
         };
-        metrics::histogram!(crate::metrics::STORAGE_FSYNC_SECONDS)
-            .record(started.elapsed().as_secs_f64());
-        metrics::histogram!(crate::metrics::STORAGE_FSYNC_BATCH).record(batch.len() as f64);
+        seconds.record(started.elapsed().as_secs_f64());
+        callbacks.record(batch.len() as f64);
         for cb in batch.drain(..) {
             cb(result.clone().map_err(io::Error::other));
         }

@@ -263,6 +263,7 @@ impl RaftLog {
         let wake = synced.clone();
         let durability = Durability::start_with(
             "chatstore-raft-log-fsync",
+            "raft_log",
             Box::new(move || {
                 let lock = || {
                     for_sync
@@ -629,6 +630,7 @@ impl Inner {
             .expect("current segment");
         seg.file.write_all_at(&self.scratch, seg.len)?;
         seg.len += self.scratch.len() as u64;
+        metrics::gauge!(crate::metrics::RAFT_LOG_BYTES).increment(self.scratch.len() as f64);
         Ok(())
     }
 
@@ -673,6 +675,8 @@ impl Inner {
                 live_bytes: 0,
             },
         );
+        metrics::gauge!(crate::metrics::RAFT_LOG_SEGMENTS).increment(1.0);
+        metrics::gauge!(crate::metrics::RAFT_LOG_BYTES).increment(HEADER_BYTES as f64);
         self.current = id;
         let mut bodies = Vec::with_capacity(self.shards.len() + 1);
         let mut ids: Vec<u64> = self.shards.keys().copied().collect();
@@ -717,6 +721,7 @@ impl Inner {
             }
             budget -= live;
             self.copy_forward(id)?;
+            metrics::counter!(crate::metrics::RAFT_LOG_COPIED_BYTES).increment(live);
         }
         let dead: Vec<u64> = self
             .segments
@@ -731,7 +736,10 @@ impl Inner {
         // before they go.
         self.segments[&self.current].file.sync_data()?;
         for id in dead {
-            self.segments.remove(&id);
+            if let Some(seg) = self.segments.remove(&id) {
+                metrics::gauge!(crate::metrics::RAFT_LOG_SEGMENTS).decrement(1.0);
+                metrics::gauge!(crate::metrics::RAFT_LOG_BYTES).decrement(seg.len as f64);
+            }
             std::fs::remove_file(segment_path(&self.dir, id))?;
         }
         File::open(&self.dir)?.sync_all()?;
@@ -935,6 +943,8 @@ fn replay(dir: &Path) -> io::Result<Inner> {
         // What a process that crashed wrote may still be only in the page
         // cache; it was just read as the log, so make it durable.
         file.sync_all()?;
+        metrics::gauge!(crate::metrics::RAFT_LOG_SEGMENTS).increment(1.0);
+        metrics::gauge!(crate::metrics::RAFT_LOG_BYTES).increment(valid as f64);
         segments.insert(
             id,
             Segment {
