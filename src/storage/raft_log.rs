@@ -33,15 +33,8 @@
 //!   segment, and an older segment is deleted once none of its entries is
 //!   live. A mostly dead segment that a quiet shard's few entries keep alive
 //!   has those entries copied forward (`REWRITE`) and goes too.
-//! - Up to two dead segment files are kept (renamed
-//!   `*.spare`) and reused for new segments: overwriting blocks a file
-//!   already has spares the kernel a size change to journal on every
-//!   `fdatasync` (here about 84-105 µs of CPU per 1.3 KB `pwrite` +
-//!   `fdatasync` when growing a file, 58-78 µs when overwriting). Each
-//!   record's checksum covers its segment's id, so the old records of a
-//!   reused file never read as the new segment's; the new header is synced
-//!   before the file is renamed, and a closed segment is cut to what it
-//!   wrote before it is synced.
+//! - Each record's checksum covers its segment's id (format 2), so a record
+//!   does not pass in a file under another segment's name.
 //!
 //! Crash safety:
 //! - Every segment but the last was fsynced whole before the next one was
@@ -81,12 +74,10 @@ const DURABLE_RECHECK: std::time::Duration = std::time::Duration::from_millis(10
 
 const MAGIC: &[u8; 8] = b"CSRAFTLG";
 /// Version 2 seeds each record's checksum with its segment's id (version 1,
-/// written by a5292ce only, did not), so that the records a recycled file
-/// still holds from its earlier life never read as this segment's.
+/// written by a5292ce only, did not).
 const FORMAT_VERSION: u32 = 2;
 const FORMAT_VERSION_UNSEEDED: u32 = 1;
-/// Dead segment files kept for reuse as new segments.
-const SPARE_SEGMENTS_MAX: usize = 2;
+/// Dead segment files that 0c40eff kept for reuse; deleted on open.
 const SPARE_SUFFIX: &str = ".spare";
 const HEADER_BYTES: u64 = 16;
 const RECORD_HEADER_BYTES: usize = 8;
@@ -239,10 +230,6 @@ struct Inner {
     current: u64,
     segments: BTreeMap<u64, Segment>,
     shards: HashMap<u64, ShardLog>,
-    /// Dead segment files to reuse: overwriting blocks a file already has
-    /// costs the kernel less per write and per `fdatasync` than growing a
-    /// new file (no size change to journal each time).
-    spares: Vec<PathBuf>,
     /// Shards appended to since the last group commit began: the end of
     /// each one's log then, and its generation.
     unsynced: HashMap<u64, (u64, u64)>,
@@ -675,12 +662,7 @@ impl Inner {
 
     /// Closes the current segment (fsynced whole) and starts the next.
     fn rotate(&mut self) -> io::Result<()> {
-        let seg = &self.segments[&self.current];
-        // A recycled file may be longer than what this segment wrote.
-        if seg.file.metadata()?.len() != seg.len {
-            seg.file.set_len(seg.len)?;
-        }
-        seg.file.sync_data()?;
+        self.segments[&self.current].file.sync_data()?;
         self.start_segment()?;
         self.collect_garbage()
     }
@@ -693,27 +675,12 @@ impl Inner {
         header.extend_from_slice(MAGIC);
         header.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
         header.extend_from_slice(&0u32.to_le_bytes());
-        let file = match self.spares.pop() {
-            Some(spare) => {
-                // The new header is on disk before the file takes the new
-                // name: under its old header (perhaps format 1, unseeded)
-                // the old records would read as valid.
-                let file = OpenOptions::new().read(true).write(true).open(&spare)?;
-                file.write_all_at(&header, 0)?;
-                file.sync_data()?;
-                std::fs::rename(&spare, &path)?;
-                file
-            }
-            None => {
-                let file = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create_new(true)
-                    .open(&path)?;
-                file.write_all_at(&header, 0)?;
-                file
-            }
-        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        file.write_all_at(&header, 0)?;
         File::open(&self.dir)?.sync_all()?;
         self.segments.insert(
             id,
@@ -785,22 +752,11 @@ impl Inner {
         // before they go.
         self.segments[&self.current].file.sync_data()?;
         for id in dead {
-            let removed = self.segments.remove(&id).map(|seg| {
+            if let Some(seg) = self.segments.remove(&id) {
                 metrics::gauge!(crate::metrics::RAFT_LOG_SEGMENTS).decrement(1.0);
                 metrics::gauge!(crate::metrics::RAFT_LOG_BYTES).decrement(seg.len as f64);
-                seg.file
-            });
-            let path = segment_path(&self.dir, id);
-            // Reused only if no reader holds the file: one that took an
-            // entry's place before the entry died may still read it.
-            let unread = removed.is_some_and(|f| Arc::strong_count(&f) == 1);
-            if self.spares.len() < SPARE_SEGMENTS_MAX && unread {
-                let spare = spare_path(&self.dir, id);
-                std::fs::rename(&path, &spare)?;
-                self.spares.push(spare);
-            } else {
-                std::fs::remove_file(path)?;
             }
+            std::fs::remove_file(segment_path(&self.dir, id))?;
         }
         File::open(&self.dir)?.sync_all()?;
         Ok(())
@@ -891,7 +847,7 @@ fn put_optional(body: &mut Vec<u8>, value: Option<&[u8]>) {
 
 /// The checksum of a record: over its segment's id (format 2), length and
 /// body, so that zeros (a block that never reached the disk) do not read as
-/// an empty record, nor a recycled file's old records as new ones.
+/// an empty record, nor a record as one of another segment.
 fn record_checksum(segment: Option<u64>, len: u32, body: &[u8]) -> u32 {
     let mut h = crc32fast::Hasher::new();
     if let Some(id) = segment {
@@ -931,10 +887,6 @@ fn corrupt(path: &Path, offset: u64, detail: &str) -> io::Error {
 
 fn segment_path(dir: &Path, id: u64) -> PathBuf {
     dir.join(format!("{id:020}{FILE_SUFFIX}"))
-}
-
-fn spare_path(dir: &Path, id: u64) -> PathBuf {
-    dir.join(format!("{id:020}{SPARE_SUFFIX}"))
 }
 
 /// Reads a record body field by field.
@@ -983,17 +935,11 @@ struct ReplayShard {
 /// Replays every segment in `dir` into an index (no current segment yet).
 fn replay(dir: &Path) -> io::Result<Inner> {
     let mut ids = Vec::new();
-    let mut spares = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let name = entry?.file_name();
         let name = name.to_string_lossy();
         if name.ends_with(SPARE_SUFFIX) {
-            let path = dir.join(name.as_ref());
-            if spares.len() < SPARE_SEGMENTS_MAX {
-                spares.push(path);
-            } else {
-                std::fs::remove_file(path)?;
-            }
+            std::fs::remove_file(dir.join(name.as_ref()))?;
             continue;
         }
         if let Some(id) = name
@@ -1014,7 +960,7 @@ fn replay(dir: &Path) -> io::Result<Inner> {
         let file = OpenOptions::new().read(true).write(true).open(&path)?;
         let valid = replay_segment(&path, id, &bytes, last, &mut shards)?;
         if valid < bytes.len() as u64 {
-            // A torn write, or the old records of a recycled file.
+            // A torn write.
             tracing::info!(file = %path.display(), kept = valid, dropped = bytes.len() as u64 - valid,
                 "cutting the last raft log segment after its last valid record");
             file.set_len(valid)?;
@@ -1068,7 +1014,6 @@ fn replay(dir: &Path) -> io::Result<Inner> {
         current: 0,
         segments,
         shards: out,
-        spares,
         unsynced: HashMap::new(),
         scratch: Vec::new(),
     })
@@ -1450,44 +1395,6 @@ mod tests {
         assert_eq!(log.vote(7).unwrap().as_deref(), Some(&b"quiet-vote"[..]));
         assert_eq!(log.last(1).unwrap(), Some((1, 799)));
         assert_eq!(log.read(1, 0, 1000).unwrap().len(), 8); // 792..=799
-    }
-
-    /// Dead segments are kept as spare files and reused; what a reused
-    /// file held before never reads as records of its new segment.
-    #[test]
-    fn dead_segments_are_recycled() {
-        let dir = tempfile::tempdir().unwrap();
-        let spares = |dir: &Path| {
-            std::fs::read_dir(dir)
-                .unwrap()
-                .filter(|e| {
-                    e.as_ref()
-                        .unwrap()
-                        .file_name()
-                        .to_string_lossy()
-                        .ends_with(SPARE_SUFFIX)
-                })
-                .count()
-        };
-        let log = RaftLog::open_with(dir.path(), 8192).unwrap();
-        for round in 0..100u64 {
-            append(&log, 1, round * 4, round * 4 + 4, 1, 500);
-            log.purge(1, round * 4 + 1, b"p").unwrap();
-        }
-        assert!(spares(dir.path()) >= 1);
-        let files_before = std::fs::read_dir(dir.path()).unwrap().count();
-        for round in 100..200u64 {
-            append(&log, 1, round * 4, round * 4 + 4, 1, 500);
-            log.purge(1, round * 4 + 1, b"p").unwrap();
-        }
-        // Reused rather than created: the folder does not grow.
-        assert!(std::fs::read_dir(dir.path()).unwrap().count() <= files_before + 1);
-        drop(log);
-        let log = RaftLog::open_with(dir.path(), 8192).unwrap();
-        assert_eq!(
-            log.read(1, 0, u64::MAX).unwrap(),
-            vec![entry_bytes(798, 1, 500), entry_bytes(799, 1, 500)]
-        );
     }
 
     #[test]
