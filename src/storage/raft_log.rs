@@ -257,6 +257,9 @@ impl RaftLog {
     pub fn open_with(dir: &Path, segment_bytes: u64) -> io::Result<RaftLog> {
         std::fs::create_dir_all(dir)?;
         let mut inner = replay(dir)?;
+        // Counted from here on; `Inner`'s drop takes them off again.
+        metrics::gauge!(crate::metrics::RAFT_LOG_SEGMENTS).increment(inner.segments.len() as f64);
+        metrics::gauge!(crate::metrics::RAFT_LOG_BYTES).increment(inner.total_len() as f64);
         inner.segment_bytes = segment_bytes.max(HEADER_BYTES + 1);
         inner.start_segment()?;
         inner.collect_garbage()?;
@@ -533,7 +536,19 @@ impl RaftLog {
     }
 }
 
+impl Drop for Inner {
+    /// The process's gauges cover only the logs that are open.
+    fn drop(&mut self) {
+        metrics::gauge!(crate::metrics::RAFT_LOG_SEGMENTS).decrement(self.segments.len() as f64);
+        metrics::gauge!(crate::metrics::RAFT_LOG_BYTES).decrement(self.total_len() as f64);
+    }
+}
+
 impl Inner {
+    fn total_len(&self) -> u64 {
+        self.segments.values().map(|s| s.len).sum()
+    }
+
     /// Encodes and writes `entries` of `shard` as records of `kind`
     /// (`ENTRIES` or `REWRITE`), then updates the index.
     fn append(&mut self, kind: u8, shard: u64, entries: &[EntryBytes<'_>]) -> io::Result<()> {
@@ -968,8 +983,6 @@ fn replay(dir: &Path) -> io::Result<Inner> {
         // What a process that crashed wrote may still be only in the page
         // cache; it was just read as the log, so make it durable.
         file.sync_all()?;
-        metrics::gauge!(crate::metrics::RAFT_LOG_SEGMENTS).increment(1.0);
-        metrics::gauge!(crate::metrics::RAFT_LOG_BYTES).increment(valid as f64);
         segments.insert(
             id,
             Segment {
@@ -1395,6 +1408,41 @@ mod tests {
         assert_eq!(log.vote(7).unwrap().as_deref(), Some(&b"quiet-vote"[..]));
         assert_eq!(log.last(1).unwrap(), Some((1, 799)));
         assert_eq!(log.read(1, 0, 1000).unwrap().len(), 8); // 792..=799
+    }
+
+    /// A segment written by format 1 (checksums without the segment id)
+    /// still opens, and a `.spare` file another version left is deleted.
+    #[test]
+    fn a_format_1_segment_still_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = entry_bytes(0, 1, 20);
+        let mut body = record_body(ENTRIES, 3);
+        body.extend_from_slice(&1u32.to_le_bytes());
+        body.extend_from_slice(&0u64.to_le_bytes()); // index
+        body.extend_from_slice(&1u64.to_le_bytes()); // term
+        body.extend_from_slice(&0u64.to_le_bytes()); // sealing epoch
+        body.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+        body.extend_from_slice(&bytes);
+        let mut file = Vec::new();
+        file.extend_from_slice(MAGIC);
+        file.extend_from_slice(&FORMAT_VERSION_UNSEEDED.to_le_bytes());
+        file.extend_from_slice(&0u32.to_le_bytes());
+        file.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        file.extend_from_slice(&record_checksum(None, body.len() as u32, &body).to_le_bytes());
+        file.extend_from_slice(&body);
+        std::fs::write(segment_path(dir.path(), 1), &file).unwrap();
+        let spare = dir.path().join(format!("{:020}{SPARE_SUFFIX}", 9));
+        std::fs::write(&spare, b"old").unwrap();
+        let log = RaftLog::open(dir.path()).unwrap();
+        assert_eq!(log.read(3, 0, 10).unwrap(), vec![bytes]);
+        assert!(!spare.exists());
+        // The same bytes under format 2 fail their checksum: cut as torn.
+        drop(log);
+        let dir2 = tempfile::tempdir().unwrap();
+        file[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        std::fs::write(segment_path(dir2.path(), 1), &file).unwrap();
+        let log = RaftLog::open(dir2.path()).unwrap();
+        assert_eq!(log.last(3).unwrap(), None);
     }
 
     #[test]
