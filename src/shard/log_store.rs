@@ -103,30 +103,27 @@ impl LogStore {
             start = purged.index + 1;
         }
         let mut moved = 0usize;
-        let mut chunk: Vec<(LogEntryRecord, sled::IVec)> = Vec::new();
         let mut iter = tree.range(keys::log_entry(start)..vec![keys::LOG_ENTRY_TAG + 1]);
         loop {
-            let next = iter.next().transpose().map_err(io::Error::other)?;
-            if let Some((_, v)) = &next {
-                chunk.push((decode(v, "log entry")?, v.clone()));
+            let mut chunk: Vec<(LogEntryRecord, sled::IVec)> = Vec::new();
+            for pair in iter.by_ref().take(IMPORT_CHUNK_ENTRIES) {
+                let (_, v) = pair.map_err(io::Error::other)?;
+                chunk.push((decode(&v, "log entry")?, v));
             }
-            if chunk.len() == IMPORT_CHUNK_ENTRIES || next.is_none() && !chunk.is_empty() {
-                let entries: Vec<EntryBytes<'_>> = chunk
-                    .iter()
-                    .map(|(rec, bytes)| EntryBytes {
-                        index: rec.index,
-                        term: rec.term,
-                        sealed_epoch: rec.sealed_epoch,
-                        bytes,
-                    })
-                    .collect();
-                self.log.append(shard, &entries)?;
-                moved += chunk.len();
-                chunk.clear();
-            }
-            if next.is_none() {
+            if chunk.is_empty() {
                 break;
             }
+            let entries: Vec<EntryBytes<'_>> = chunk
+                .iter()
+                .map(|(rec, bytes)| EntryBytes {
+                    index: rec.index,
+                    term: rec.term,
+                    sealed_epoch: rec.sealed_epoch,
+                    bytes,
+                })
+                .collect();
+            self.log.append(shard, &entries)?;
+            moved += chunk.len();
         }
         self.log.sync().await?;
         db.drop_tree(name.as_bytes()).map_err(io::Error::other)?;
@@ -378,7 +375,9 @@ mod tests {
                 .unwrap();
             tree.insert(keys::LOG_META_PURGED, to_json(&log_id(1, 4)))
                 .unwrap();
-            for index in 5..=9 {
+            // An entry at or below the purged id (sled's purge wrote the id
+            // before removing entries), and more than one chunk of the move.
+            for index in [3].into_iter().chain(5..=600) {
                 let (bytes, _) = encode_entry(storage.keys(), &blank(2, index)).unwrap();
                 tree.insert(keys::log_entry(index), bytes).unwrap();
             }
@@ -388,12 +387,12 @@ mod tests {
         let mut log = LogStore::open(&storage, shard).await.unwrap();
         let state = log.get_log_state().await.unwrap();
         assert_eq!(state.last_purged_log_id, Some(log_id(1, 4)));
-        assert_eq!(state.last_log_id, Some(log_id(2, 9)));
+        assert_eq!(state.last_log_id, Some(log_id(2, 600)));
         assert_eq!(log.read_vote().await.unwrap(), Some(vote));
         assert_eq!(log.read_committed().await.unwrap(), Some(log_id(2, 6)));
-        let entries = log.try_get_log_entries(0..100).await.unwrap();
+        let entries = log.try_get_log_entries(0..1000).await.unwrap();
         let ids: Vec<_> = entries.iter().map(|e| e.log_id).collect();
-        assert_eq!(ids, (5..=9).map(|i| log_id(2, i)).collect::<Vec<_>>());
+        assert_eq!(ids, (5..=600).map(|i| log_id(2, i)).collect::<Vec<_>>());
         let name = trees::log_tree(shard);
         assert!(!storage
             .db()
@@ -405,7 +404,7 @@ mod tests {
         let mut log = LogStore::open(&storage, shard).await.unwrap();
         assert_eq!(
             log.get_log_state().await.unwrap().last_log_id,
-            Some(log_id(2, 9))
+            Some(log_id(2, 600))
         );
     }
 }

@@ -187,32 +187,26 @@ impl ShardLog {
         self.first = upto.saturating_add(1);
     }
 
-    /// Appends an entry at `index`, truncating there first if it is not
-    /// past the last one. A gap after existing entries is an error.
-    fn push(&mut self, index: u64, place: Place, removed: &mut Vec<Place>) -> io::Result<()> {
+    /// Whether an entry at `index` may be appended: past the purged id if
+    /// the log is empty, else within it or right after it.
+    fn accepts(&self, index: u64) -> bool {
         if self.places.is_empty() {
-            if index < self.floor() {
-                return Err(invalid(format!(
-                    "entry {index} is at or below the purged index {}",
-                    self.floor() - 1
-                )));
-            }
+            index >= self.floor()
+        } else {
+            index >= self.first && index <= self.end()
+        }
+    }
+
+    /// Appends an entry at `index` (one it [accepts](Self::accepts)),
+    /// truncating there first if it is not past the last one.
+    fn push(&mut self, index: u64, place: Place, removed: &mut Vec<Place>) {
+        debug_assert!(self.accepts(index));
+        if self.places.is_empty() {
             self.first = index;
-        } else if index < self.first {
-            return Err(invalid(format!(
-                "entry {index} is before the first entry {}",
-                self.first
-            )));
-        } else if index > self.end() {
-            return Err(invalid(format!(
-                "entry {index} leaves a gap after entry {}",
-                self.end() - 1
-            )));
         } else if index < self.end() {
             self.truncate(index, removed);
         }
         self.places.push_back(place);
-        Ok(())
     }
 }
 
@@ -464,25 +458,26 @@ impl RaftLog {
         })
     }
 
+    /// One of `shard`'s stored values, picked by `field`.
+    fn stored(
+        &self,
+        shard: u64,
+        field: impl FnOnce(&ShardLog) -> Option<&Vec<u8>>,
+    ) -> io::Result<Option<Vec<u8>>> {
+        Ok(self.lock()?.shards.get(&shard).and_then(field).cloned())
+    }
+
     pub fn vote(&self, shard: u64) -> io::Result<Option<Vec<u8>>> {
-        Ok(self.lock()?.shards.get(&shard).and_then(|l| l.vote.clone()))
+        self.stored(shard, |l| l.vote.as_ref())
     }
 
     pub fn committed(&self, shard: u64) -> io::Result<Option<Vec<u8>>> {
-        Ok(self
-            .lock()?
-            .shards
-            .get(&shard)
-            .and_then(|l| l.committed.clone()))
+        self.stored(shard, |l| l.committed.as_ref())
     }
 
     /// The caller's record of the last purged id.
     pub fn purged(&self, shard: u64) -> io::Result<Option<Vec<u8>>> {
-        Ok(self
-            .lock()?
-            .shards
-            .get(&shard)
-            .and_then(|l| l.purged.as_ref().map(|(_, r)| r.clone())))
+        self.stored(shard, |l| l.purged.as_ref().map(|(_, r)| r))
     }
 
     /// The term and index of `shard`'s last entry.
@@ -530,8 +525,9 @@ impl RaftLog {
             .collect()
     }
 
-    /// Number of segment files (tests and metrics).
-    pub fn segment_count(&self) -> usize {
+    /// Number of segment files.
+    #[cfg(test)]
+    fn segment_count(&self) -> usize {
         self.inner.lock().map(|i| i.segments.len()).unwrap_or(0)
     }
 }
@@ -566,12 +562,7 @@ impl Inner {
         if kind == ENTRIES {
             // Check before writing: a rejected append changes nothing.
             let first = entries[0].index;
-            let ok = match self.shards.get(&shard) {
-                None => true,
-                Some(log) if log.places.is_empty() => first >= log.floor(),
-                Some(log) => first >= log.first && first <= log.end(),
-            };
-            if !ok {
+            if !self.shards.get(&shard).is_none_or(|log| log.accepts(first)) {
                 let (from, end) = self
                     .shards
                     .get(&shard)
@@ -628,7 +619,7 @@ impl Inner {
                     kept.push(place);
                 }
             } else {
-                log.push(e.index, place, &mut removed)?;
+                log.push(e.index, place, &mut removed);
                 kept.push(place);
             }
         }
@@ -826,9 +817,8 @@ impl Inner {
 }
 
 impl ShardLog {
-    /// Points a live entry at a new copy of it (a `REWRITE`); on replay the
-    /// copy may also fill a place whose older record is gone.
-    /// Whether the copy was kept (it always is for a live entry).
+    /// Points a live entry at a new copy of it (a `REWRITE`), and says
+    /// whether the copy was kept (it always is for a live entry).
     fn rewrite(&mut self, index: u64, place: Place, removed: &mut Vec<Place>) -> bool {
         if let Some(i) = index
             .checked_sub(self.first)
