@@ -23,6 +23,32 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .codec_path("crate::api::grpc_codec::SizedProstCodec")
         .btree_map(".")
         .bytes(".")
+        .compile_fds(fds.clone())?;
+    // The router's side of history and message reads
+    // (`crate::api::pb::passthrough`): the NodeApi client and ChatStore
+    // server again, decoding read replies and encoding MessagesResponse with
+    // the messages left encoded. Every other type is the one generated above.
+    let passthrough = out_dir.join("passthrough");
+    std::fs::create_dir_all(&passthrough)?;
+    tonic_prost_build::configure()
+        .codec_path("crate::api::grpc_codec::SizedProstCodec")
+        .out_dir(&passthrough)
+        .extern_path(
+            ".chatstore.v1.MessagesResponse",
+            "crate::api::pb::node::EncodedMessagesResponse",
+        )
+        .extern_path(
+            ".chatstore.v1.node.ReadReply",
+            "crate::api::pb::node::EncodedReadReply",
+        )
+        .extern_path(
+            ".chatstore.v1.node.ReadReplyBatch",
+            "crate::api::pb::node::EncodedReadReplyBatch",
+        )
+        .extern_path(".chatstore.v1.node", "crate::api::pb::node")
+        .extern_path(".chatstore.v1.replicated", "crate::api::pb::replicated")
+        .extern_path(".chatstore.v1.raft", "crate::api::pb::raft")
+        .extern_path(".chatstore.v1", "crate::api::pb")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -27,6 +27,22 @@ pub mod pb {
         tonic::include_proto!("chatstore.v1.node");
     }
 
+    /// The router's NodeApi client and ChatStore server, generated again
+    /// with read replies and `MessagesResponse` mapped to the `Encoded*`
+    /// messages of `node.proto`, whose messages stay encoded (see
+    /// [`crate::api::read_stream::RouterReads`]).
+    pub mod passthrough {
+        pub mod chat {
+            include!(concat!(env!("OUT_DIR"), "/passthrough/chatstore.v1.rs"));
+        }
+        pub mod node {
+            include!(concat!(
+                env!("OUT_DIR"),
+                "/passthrough/chatstore.v1.node.rs"
+            ));
+        }
+    }
+
     /// Encoded descriptors of every service, for gRPC server reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         tonic::include_file_descriptor_set!("chatstore_descriptor");

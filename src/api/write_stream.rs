@@ -8,14 +8,10 @@
 //! carries the status metadata Write would have sent, so the router still
 //! follows leader hints.
 
-use tonic::transport::Channel;
-
 use crate::api::mux::{stream_messages, stream_methods, Mux, Protocol};
-use crate::api::pb::node::node_api_client::NodeApiClient;
 use crate::api::pb::node::{
     WriteCall, WriteCallBatch, WriteCallReply, WriteReply, WriteReplyBatch, WriteRequest,
 };
-use crate::cluster::latency::Delayed;
 
 /// Node API writes, as [`Protocol`] of a router's write stream to a node.
 pub struct WriteCalls;
@@ -24,7 +20,7 @@ pub struct WriteCalls;
 pub type WriteMux = Mux<WriteCalls>;
 
 impl Protocol for WriteCalls {
-    type Client = NodeApiClient<Delayed<Channel>>;
+    type Client = crate::api::read_stream::RouterNodeClient;
     type Request = WriteRequest;
     type Reply = WriteReply;
     type Batch = WriteCallBatch;

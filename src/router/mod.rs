@@ -26,14 +26,13 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 use tonic::{Code, Status};
 
-use crate::api::pb::node::node_api_client::NodeApiClient;
-use crate::api::pb::node::{read_request::Query, ReadReply, ReadRequest, StatusRequest};
+use crate::api::pb::node::{read_request::Query, EncodedReadReply, ReadRequest, StatusRequest};
 use crate::api::pb::replicated::{command_result, Command, CommandResult, ErrorCode};
 use crate::api::pb::Consistency;
-use crate::api::read_stream::ReadMux;
+use crate::api::read_stream::{ReadMux, RouterNodeClient};
 use crate::api::status::leader_hint;
 use crate::api::write_stream::WriteMux;
 use crate::cluster::latency::{Delayed, LinkDelays};
@@ -56,8 +55,9 @@ pub const SESSION_LEADER_WAIT_MS: u32 = 3_000;
 const LEADER_REFRESH: Duration = Duration::from_secs(2);
 
 /// A node API client, delayed by the simulated distance to the node's
-/// region (no delay unless latency is simulated).
-type NodeClient = NodeApiClient<Delayed<Channel>>;
+/// region (no delay unless latency is simulated). Read replies come with
+/// their messages encoded ([`crate::api::read_stream`]).
+type NodeClient = RouterNodeClient;
 
 /// How a router reaches one node. Cheap to clone.
 #[derive(Clone)]
@@ -93,7 +93,7 @@ fn node_entry(
     }
     let channel = endpoint.connect_lazy();
     let one_way = delays.one_way(region, node_region);
-    let client = NodeApiClient::new(Delayed::new(channel, one_way));
+    let client = NodeClient::new(Delayed::new(channel, one_way));
     Ok(NodeEntry {
         region: node_region.to_string(),
         reads: ReadMux::new(client.clone(), node, one_way),
@@ -138,7 +138,7 @@ pub struct Written {
 
 /// A read's answer and the position it reflects.
 pub struct ReadAnswer {
-    pub reply: ReadReply,
+    pub reply: EncodedReadReply,
     pub position: ShardPosition,
 }
 
@@ -521,7 +521,7 @@ impl Router {
         Ok(ReadAnswer { reply, position })
     }
 
-    async fn read_on(&self, node: u64, req: ReadRequest) -> Result<ReadReply, Status> {
+    async fn read_on(&self, node: u64, req: ReadRequest) -> Result<EncodedReadReply, Status> {
         let reads = self
             .inner
             .nodes
@@ -533,7 +533,11 @@ impl Router {
         reads.call(req, NODE_CALL_TIMEOUT).await
     }
 
-    async fn read_leader(&self, shard: ShardId, req: ReadRequest) -> Result<ReadReply, Status> {
+    async fn read_leader(
+        &self,
+        shard: ShardId,
+        req: ReadRequest,
+    ) -> Result<EncodedReadReply, Status> {
         let (_, reply) = self
             .on_leader(shard, WRITE_DEADLINE, |node| {
                 let (mut client, req) = (node.client, req.clone());
@@ -556,7 +560,7 @@ impl Router {
         after_index: u64,
         query: Query,
         start_at: usize,
-    ) -> (usize, Result<ReadReply, Status>) {
+    ) -> (usize, Result<EncodedReadReply, Status>) {
         let replicas = self.replicas_near_first(shard);
         let i = start_at % replicas.len();
         let req = ReadRequest {
@@ -630,15 +634,17 @@ pub async fn serve(
     use crate::api::pb;
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
-        .set_serving::<pb::chat_store_server::ChatStoreServer<service::ChatStoreService>>()
+        .set_serving::<pb::passthrough::chat::chat_store_server::ChatStoreServer<service::ChatStoreService>>()
         .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     tokio::spawn(router.clone().refresh_leaders_until(shutdown.clone()));
     let tls = router.inner.tls.clone();
-    let api = pb::chat_store_server::ChatStoreServer::new(service::ChatStoreService::new(router))
-        .max_decoding_message_size(API_MESSAGE_BYTES_MAX);
+    let api = pb::passthrough::chat::chat_store_server::ChatStoreServer::new(
+        service::ChatStoreService::new(router),
+    )
+    .max_decoding_message_size(API_MESSAGE_BYTES_MAX);
     // The builder's tcp_nodelay only reaches listeners tonic binds itself;
     // accepted sockets get it here, or Nagle holds back small replies.
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));

@@ -9,8 +9,9 @@ use futures::Stream;
 use tokio::sync::{mpsc, Semaphore};
 use tonic::{Request, Response, Status};
 
-use crate::api::pb::chat_store_server::ChatStore;
+use crate::api::pb::node::EncodedMessagesResponse;
 use crate::api::pb::node::{read_request::Query, DifferenceQuery};
+use crate::api::pb::passthrough::chat::chat_store_server::ChatStore;
 use crate::api::pb::replicated::{self as rp, command, command_result, Command};
 use crate::api::pb::{self, self_destruct_policy};
 use crate::router::token::TokenBody;
@@ -216,7 +217,7 @@ impl ChatStoreService {
         consistency: i32,
         token: &[u8],
         query: Query,
-    ) -> Result<(crate::api::pb::node::ReadReply, Vec<u8>), Status> {
+    ) -> Result<(crate::api::pb::node::EncodedReadReply, Vec<u8>), Status> {
         let consistency = validate::consistency(consistency)?;
         let mut token = self.token(token)?;
         let shard = self.router.shard_of(chat);
@@ -418,7 +419,7 @@ impl ChatStore for ChatStoreService {
     async fn get_history(
         &self,
         request: Request<pb::GetHistoryRequest>,
-    ) -> Result<Response<pb::MessagesResponse>, Status> {
+    ) -> Result<Response<EncodedMessagesResponse>, Status> {
         record("get_history");
         self.router
             .tokens()
@@ -432,7 +433,7 @@ impl ChatStore for ChatStoreService {
         let (reply, token) = self
             .read(chat, consistency, &token, Query::History(r))
             .await?;
-        Ok(Response::new(pb::MessagesResponse {
+        Ok(Response::new(EncodedMessagesResponse {
             messages: reply.messages,
             read_token: token.into(),
             served_by_node: reply.served_by_node,
@@ -442,7 +443,7 @@ impl ChatStore for ChatStoreService {
     async fn get_messages(
         &self,
         request: Request<pb::GetMessagesRequest>,
-    ) -> Result<Response<pb::MessagesResponse>, Status> {
+    ) -> Result<Response<EncodedMessagesResponse>, Status> {
         record("get_messages");
         self.router
             .tokens()
@@ -453,7 +454,7 @@ impl ChatStore for ChatStoreService {
         let (reply, token) = self
             .read(chat, consistency, &token, Query::Messages(r))
             .await?;
-        Ok(Response::new(pb::MessagesResponse {
+        Ok(Response::new(EncodedMessagesResponse {
             messages: reply.messages,
             read_token: token.into(),
             served_by_node: reply.served_by_node,
