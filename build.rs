@@ -27,11 +27,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // The router's side of history and message reads
     // (`crate::api::pb::passthrough`): the NodeApi client and ChatStore
     // server again, decoding read replies and encoding MessagesResponse with
-    // the messages left encoded. Every other type is the one generated above.
+    // the messages left encoded. Every type is mapped to the one generated
+    // above, so this pass writes service code only (the other services'
+    // too, unused).
     let passthrough = out_dir.join("passthrough");
     std::fs::create_dir_all(&passthrough)?;
     tonic_prost_build::configure()
         .codec_path("crate::api::grpc_codec::SizedProstCodec")
+        .btree_map(".")
+        .bytes(".")
         .out_dir(&passthrough)
         .extern_path(
             ".chatstore.v1.MessagesResponse",

@@ -11,7 +11,7 @@
 //! [`EncodedReadReply`]s ([`RouterReads`]), the same bytes with each message
 //! left encoded, and passes a page's messages on to its client as they came.
 //! A 50-message history page was decoded and encoded again in the router:
-//! about a sixth of the cluster's CPU under history reads.
+//! about a tenth of the cluster's CPU per page (BENCHMARKS.md, seventh round).
 
 use tonic::transport::Channel;
 
@@ -113,7 +113,18 @@ mod tests {
         let wire = EncodedReadReplyBatch::decode(batch.encode_to_vec().as_slice()).unwrap();
         let (id, reply) = RouterReads::replies(wire).pop().unwrap();
         assert_eq!(id, 5);
-        assert!(is_behind(&reply.unwrap_err()));
+        let status = reply.unwrap_err();
+        assert!(is_behind(&status));
+        let sent = from_shard_error(shard::Error::Behind {
+            shard: ShardId(4),
+            applied: 10,
+            wanted: 12,
+            waited_ms: 1_000,
+        });
+        assert_eq!(
+            (status.code(), status.message()),
+            (sent.code(), sent.message())
+        );
     }
 
     fn message(seq: u64) -> pb::Message {
