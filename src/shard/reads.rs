@@ -5,6 +5,7 @@
 //! clock plus [`CLOCK_OFFSET_MS_MAX`], even if the expiry command has not been
 //! applied yet.
 
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::sync::Arc;
 
@@ -14,7 +15,7 @@ use crate::api::codec::decode;
 use crate::api::pb::node::ChatDigest;
 use crate::api::pb::replicated::{ChangeRecord, ChatRecord, MessageRecord};
 use crate::api::pb::{self, ChangeKind};
-use crate::shard::chat_cache::ChatCache;
+use crate::shard::chat_cache::{ChatCache, TAIL_MESSAGES_MAX};
 use crate::shard::sealing;
 use crate::storage::{keys, KeyRing};
 use crate::types::now_ms;
@@ -191,17 +192,6 @@ impl StateReader {
         }
     }
 
-    /// The message, at least as new as the change `pts` that names it. An
-    /// apply call writes to sled before it puts to the cache, so a change
-    /// record read from sled may be newer than the cached message; sled
-    /// writes a message before its change record, so sled has it then.
-    fn message_as_of(&self, chat: u64, seq: u64, pts: u64) -> io::Result<Option<MessageRecord>> {
-        match self.chats.message(chat, seq) {
-            Ok(Some(m)) if m.pts >= pts => Ok(Some(m)),
-            _ => self.stored_message(chat, seq),
-        }
-    }
-
     /// Forgets the messages kept in memory (a quiet replica's tails hold
     /// memory that busy replicas can use).
     pub fn forget_cached_messages(&self) {
@@ -325,8 +315,7 @@ impl StateReader {
         let rec = self.chat_record(chat)?;
         let now = now_ms();
         let limit = limit.clamp(1, PAGE_MAX) as usize;
-        let mut changes = Vec::new();
-        let mut last = pts;
+        let mut records = Vec::new();
         let mut more = false;
         let start = keys::change(chat, pts.saturating_add(1));
         let mut first_seen = None;
@@ -334,24 +323,42 @@ impl StateReader {
             let (_, v) = pair.map_err(io_err)?;
             let c: ChangeRecord = decode(&v, "change record")?;
             first_seen.get_or_insert(c.pts);
-            if changes.len() >= limit {
+            if records.len() >= limit {
                 more = true;
                 break;
             }
-            let kind = change_kind(c.kind);
-            let message = match kind {
-                // A closed chat's content stays hidden; its changes still flow.
-                ChangeKind::NewMessage | ChangeKind::EditMessage if !rec.closed => self
-                    .message_as_of(chat, c.seq, c.pts)?
+            records.push(c);
+        }
+        // A closed chat's content stays hidden; its changes still flow.
+        let names_message = |c: &ChangeRecord| {
+            !rec.closed
+                && matches!(
+                    change_kind(c.kind),
+                    ChangeKind::NewMessage | ChangeKind::EditMessage
+                )
+        };
+        let named: Vec<(u64, u64)> = records
+            .iter()
+            .filter(|c| names_message(c))
+            .map(|c| (c.seq, c.pts))
+            .collect();
+        let mut messages = self.messages_as_of(chat, &rec, &named)?;
+        let mut last = pts;
+        let mut changes = Vec::with_capacity(records.len());
+        for c in records {
+            let message = if names_message(&c) {
+                messages
+                    .remove(&(c.seq, c.pts))
                     .filter(|m| visible(m, now))
-                    .map(to_public),
-                _ => None,
+                    .map(to_public)
+            } else {
+                None
             };
             last = c.pts;
             changes.push(pb::Change {
                 chat_id: chat,
                 pts: c.pts,
-                kind: kind as i32,
+                kind: change_kind(c.kind) as i32,
                 seq: c.seq,
                 message,
                 user_id: c.user_id,
@@ -370,6 +377,82 @@ impl StateReader {
             // Set by the router from the node's reply.
             served_by_node: 0,
         })
+    }
+
+    /// The messages that changes name, each at least as new as its change
+    /// (keyed by the change's (seq, pts)); a message sled no longer holds is
+    /// left out. The chat's tail in memory answers first. What it misses
+    /// among the chat's newest [`TAIL_MESSAGES_MAX`] seqs is read from sled
+    /// as one window up to the newest seq, and that window becomes the tail
+    /// (as a history page from the newest does), so a device catching up on
+    /// a busy chat costs one range read, and the next one none. Older
+    /// misses (edits of old messages, devices far behind) are read one by
+    /// one.
+    ///
+    /// An apply call writes to sled before it puts to the cache, so a change
+    /// record read from sled may be newer than the cached message; sled
+    /// writes a message before its change record (key order), so sled has it
+    /// by the time the change record is read.
+    fn messages_as_of(
+        &self,
+        chat: u64,
+        rec: &ChatRecord,
+        named: &[(u64, u64)],
+    ) -> io::Result<HashMap<(u64, u64), MessageRecord>> {
+        let mut found = HashMap::with_capacity(named.len());
+        let mut missed = Vec::new();
+        let mut first_miss = None;
+        for &(seq, pts) in named {
+            match self.chats.message(chat, seq) {
+                Ok(Some(m)) if m.pts >= pts => {
+                    found.insert((seq, pts), m);
+                }
+                Ok(_) => missed.push((seq, pts)),
+                Err(miss) => {
+                    first_miss.get_or_insert(miss);
+                    missed.push((seq, pts));
+                }
+            }
+        }
+        if missed.is_empty() {
+            return Ok(found);
+        }
+        // Every seq the window covers is read after the change records were,
+        // so each message in it is at least as new as its change.
+        let end = rec.last_seq.saturating_add(1);
+        let newest = end.saturating_sub(TAIL_MESSAGES_MAX as u64);
+        let from = missed
+            .iter()
+            .map(|&(seq, _)| seq)
+            .filter(|seq| (newest..end).contains(seq))
+            .min()
+            .unwrap_or(end);
+        let mut window = BTreeMap::new();
+        let mut window_read = false;
+        if let Some(miss) = first_miss.filter(|_| from < end) {
+            window_read = true;
+            for pair in self
+                .tree
+                .range(keys::message(chat, from)..keys::message(chat, end))
+            {
+                let (_, v) = pair.map_err(io_err)?;
+                let m = sealing::open_message(&self.keys, &v, None)?;
+                window.insert(m.seq, m);
+            }
+            self.chats
+                .fill_tail(chat, from, end, window.values().cloned(), miss);
+        }
+        for (seq, pts) in missed {
+            let m = if window_read && (from..end).contains(&seq) {
+                window.get(&seq).cloned()
+            } else {
+                self.stored_message(chat, seq)?
+            };
+            if let Some(m) = m {
+                found.insert((seq, pts), m);
+            }
+        }
+        Ok(found)
     }
 
     pub fn chat(&self, chat: u64) -> io::Result<pb::GetChatResponse> {
@@ -551,5 +634,129 @@ mod tests {
                 assert_eq!(page, expected, "before_seq {before}, limit {limit}");
             }
         }
+    }
+
+    /// A difference names each change with the message as sled holds it
+    /// now (a tombstone too), the same from a cold cache as from the tail
+    /// the first difference kept: for cursors near the newest seq (one
+    /// window read) and far behind it (one read per message), across edits,
+    /// a tombstone and a removed message.
+    #[test]
+    fn differences_match_a_walk_over_every_change_cold_and_warm() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path()).unwrap();
+        let tree = storage.open_tree("state/test").unwrap();
+        let chat = 7;
+        let last_seq = 300u64;
+        let message = |seq: u64, pts: u64, body: &str| MessageRecord {
+            chat_id: chat,
+            seq,
+            sender_id: 1,
+            body: body.as_bytes().to_vec().into(),
+            pts,
+            ..Default::default()
+        };
+        let change = |pts: u64, seq: u64, kind: ChangeKind| ChangeRecord {
+            pts,
+            kind: kind as i32,
+            seq,
+            user_id: 1,
+            ..Default::default()
+        };
+        let mut changes = Vec::new();
+        for seq in 1..=last_seq {
+            let m = message(seq, seq, &format!("message {seq}"));
+            tree.insert(keys::message(chat, seq), m.encode_to_vec())
+                .unwrap();
+            changes.push(change(seq, seq, ChangeKind::New));
+        }
+        let mut pts = last_seq;
+        for seq in [5, 250, 290] {
+            pts += 1;
+            let m = message(seq, pts, &format!("edited {seq}"));
+            tree.insert(keys::message(chat, seq), m.encode_to_vec())
+                .unwrap();
+            changes.push(change(pts, seq, ChangeKind::Edit));
+        }
+        pts += 1;
+        let tombstone = MessageRecord {
+            deleted: true,
+            ..message(260, pts, "")
+        };
+        tree.insert(keys::message(chat, 260), tombstone.encode_to_vec())
+            .unwrap();
+        changes.push(change(pts, 260, ChangeKind::Delete));
+        // Removed (as an expired message is); its New change stays.
+        tree.remove(keys::message(chat, 270)).unwrap();
+        for c in &changes {
+            tree.insert(keys::change(chat, c.pts), c.encode_to_vec())
+                .unwrap();
+        }
+        let rec = ChatRecord {
+            last_seq,
+            last_pts: pts,
+            ..Default::default()
+        };
+        tree.insert(keys::chat(chat), rec.encode_to_vec()).unwrap();
+
+        let expected = |cursor: u64, limit: usize| -> Vec<(u64, u64, Option<String>)> {
+            changes
+                .iter()
+                .filter(|c| c.pts > cursor)
+                .take(limit)
+                .map(|c| {
+                    let kind = ChangeKind::try_from(c.kind).unwrap();
+                    let body = match kind {
+                        ChangeKind::New | ChangeKind::Edit => tree
+                            .get(keys::message(chat, c.seq))
+                            .unwrap()
+                            .map(|v| MessageRecord::decode(&v[..]).unwrap())
+                            .map(|m| String::from_utf8(m.body.to_vec()).unwrap()),
+                        _ => None,
+                    };
+                    (c.pts, c.seq, body)
+                })
+                .collect()
+        };
+        let got =
+            |reader: &StateReader, cursor: u64, limit: u32| -> Vec<(u64, u64, Option<String>)> {
+                reader
+                    .difference(chat, cursor, limit)
+                    .unwrap()
+                    .changes
+                    .into_iter()
+                    .map(|c| {
+                        let body = c
+                            .message
+                            .map(|m| String::from_utf8(m.body.to_vec()).unwrap());
+                        (c.pts, c.seq, body)
+                    })
+                    .collect()
+            };
+        for cursor in [0, 100, 170, 173, 200, 249, 280, 299, 300, 303, 304] {
+            for limit in [1, 10, 50, 1000] {
+                let reader =
+                    StateReader::new(tree.clone(), storage.keys().clone(), Default::default());
+                let want = expected(cursor, limit as usize);
+                assert_eq!(
+                    got(&reader, cursor, limit),
+                    want,
+                    "cold, cursor {cursor}, limit {limit}"
+                );
+                assert_eq!(
+                    got(&reader, cursor, limit),
+                    want,
+                    "warm, cursor {cursor}, limit {limit}"
+                );
+            }
+        }
+        // A device near the newest seq leaves the newest messages in memory.
+        let reader = StateReader::new(tree.clone(), storage.keys().clone(), Default::default());
+        assert!(reader.chats.message(chat, 299).is_err());
+        got(&reader, 280, 50);
+        assert_eq!(
+            reader.chats.message(chat, 299).unwrap().map(|m| m.seq),
+            Some(299)
+        );
     }
 }
