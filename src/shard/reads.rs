@@ -337,6 +337,12 @@ impl StateReader {
                     ChangeKind::NewMessage | ChangeKind::EditMessage
                 )
         };
+        // A gap between the cursor and the oldest kept change means the
+        // retention window has passed the cursor.
+        let reset_required = matches!(first_seen, Some(first) if first > pts + 1);
+        if reset_required {
+            records.clear();
+        }
         let named: Vec<(u64, u64)> = records
             .iter()
             .filter(|c| names_message(c))
@@ -365,12 +371,9 @@ impl StateReader {
                 reason: c.reason,
             });
         }
-        // A gap between the cursor and the oldest kept change means the
-        // retention window has passed the cursor.
-        let reset_required = matches!(first_seen, Some(first) if first > pts + 1);
         Ok(pb::ChatDifference {
             chat_id: chat,
-            changes: if reset_required { Vec::new() } else { changes },
+            changes,
             pts: if reset_required { rec.last_pts } else { last },
             reset_required,
             more,
@@ -738,10 +741,52 @@ mod tests {
                 let reader =
                     StateReader::new(tree.clone(), storage.keys().clone(), Default::default());
                 let want = expected(cursor, limit as usize);
+                let newest_page = |limit: usize| -> Vec<(u64, String)> {
+                    (1..=last_seq)
+                        .rev()
+                        .filter_map(|seq| tree.get(keys::message(chat, seq)).unwrap())
+                        .map(|v| MessageRecord::decode(&v[..]).unwrap())
+                        .map(|m| (m.seq, String::from_utf8(m.body.to_vec()).unwrap()))
+                        .take(limit)
+                        .collect()
+                };
+                let history = |reader: &StateReader, limit: u32| -> Vec<(u64, String)> {
+                    reader
+                        .history(chat, 0, limit)
+                        .unwrap()
+                        .into_iter()
+                        .map(|m| (m.seq, String::from_utf8(m.body.to_vec()).unwrap()))
+                        .collect()
+                };
                 assert_eq!(
                     got(&reader, cursor, limit),
                     want,
                     "cold, cursor {cursor}, limit {limit}"
+                );
+                // The tail the cold difference kept holds every message
+                // sled holds in its range: pages from it read the same.
+                for page in [10, 50] {
+                    assert_eq!(
+                        history(&reader, page),
+                        newest_page(page as usize),
+                        "page of {page} after cursor {cursor}, limit {limit}"
+                    );
+                }
+                let seqs: Vec<u64> = (150..=last_seq).collect();
+                let by_seq: Vec<u64> = reader
+                    .messages(chat, &seqs)
+                    .unwrap()
+                    .iter()
+                    .map(|m| m.seq)
+                    .collect();
+                let stored: Vec<u64> = seqs
+                    .iter()
+                    .copied()
+                    .filter(|seq| tree.contains_key(keys::message(chat, *seq)).unwrap())
+                    .collect();
+                assert_eq!(
+                    by_seq, stored,
+                    "messages after cursor {cursor}, limit {limit}"
                 );
                 assert_eq!(
                     got(&reader, cursor, limit),
