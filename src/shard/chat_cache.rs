@@ -12,7 +12,8 @@
 //!
 //! A chat's newest messages are kept as a *tail*: a range of seqs `from..to`
 //! in which every message sled holds is in memory, bodies in the clear. A
-//! read of the newest page of a chat fills it; the sends, edits and removals
+//! read of the newest page of a chat fills it, as does a GetDifference that
+//! names messages among the chat's newest seqs; the sends, edits and removals
 //! the state machine puts keep it current, and a send extends it. A page the
 //! tail covers is served from it; any other page reads sled.
 //!
