@@ -106,8 +106,9 @@ const REPLIES_PER_BATCH_MAX: usize = 1024;
 /// still goes, alone), well below tonic's default 4 MiB message limit.
 const REPLY_BATCH_BYTES_MAX: usize = 2 * 1024 * 1024;
 
-/// The peer's side: runs `handle` on each call of each batch in a task of
-/// its own (within the call's timeout) and returns the stream of reply
+/// The peer's side: runs `handle` on each call of each batch (within the
+/// call's timeout; in a task of its own unless it is ready at once) and
+/// returns the stream of reply
 /// batches, each with the replies ready when it is sent. The stream ends
 /// when `stopping` turns true, so a server's graceful shutdown does not wait
 /// on it.
@@ -133,13 +134,13 @@ where
                 _ = reader_stopping.wait_for(|s| *s) => break,
             };
             for call in P::calls(batch) {
-                let (handle, tx) = (handle.clone(), tx.clone());
-                tokio::spawn(async move {
-                    let handled = handle(call.request);
-                    let result = if call.timeout_ms == 0 {
+                let handled = handle(call.request);
+                let timeout_ms = call.timeout_ms;
+                let mut result = Box::pin(async move {
+                    if timeout_ms == 0 {
                         handled.await
                     } else {
-                        tokio::time::timeout(Duration::from_millis(call.timeout_ms), handled)
+                        tokio::time::timeout(Duration::from_millis(timeout_ms), handled)
                             .await
                             .unwrap_or_else(|_| {
                                 Err(Status::deadline_exceeded(format!(
@@ -147,9 +148,23 @@ where
                                     P::NAME
                                 )))
                             })
-                    };
-                    let _ = tx.send((call.id, result));
+                    }
                 });
+                // Most reads are answered at once, from memory or sled: a
+                // call that is ready on its first poll is answered here, and
+                // only one that has to wait (a write, a read waiting for an
+                // index) gets a task of its own.
+                match futures::poll!(result.as_mut()) {
+                    std::task::Poll::Ready(result) => {
+                        let _ = tx.send((call.id, result));
+                    }
+                    std::task::Poll::Pending => {
+                        let tx = tx.clone();
+                        tokio::spawn(async move {
+                            let _ = tx.send((call.id, result.await));
+                        });
+                    }
+                }
             }
         }
     });
