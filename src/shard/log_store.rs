@@ -383,7 +383,7 @@ mod tests {
             }
             storage.durability().sync().await.unwrap();
         }
-        let storage = Storage::open(dir.path()).unwrap();
+        let storage = Storage::open_once_unlocked(dir.path());
         let mut log = LogStore::open(&storage, shard).await.unwrap();
         let state = log.get_log_state().await.unwrap();
         assert_eq!(state.last_purged_log_id, Some(log_id(1, 4)));

@@ -258,6 +258,29 @@ fn persisted_segment_bytes(sled_dir: &Path) -> Result<Option<usize>, Error> {
     Ok(None)
 }
 
+/// Opens `path` once the sled `Db` dropped before it lets go of the
+/// folder's lock: sled's background threads hold the lock for a moment after
+/// the last handle drops (waits at most 10 s). For tests that reopen a
+/// folder in one process.
+#[cfg(test)]
+impl Storage {
+    pub(crate) fn open_once_unlocked(path: &Path) -> Storage {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match Storage::open(path) {
+                Ok(storage) => return storage,
+                Err(e)
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => panic!("opening {}: {e}", path.display()),
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -276,7 +299,7 @@ mod tests {
             persisted_segment_bytes(&sled_dir).unwrap(),
             Some(512 * 1024)
         );
-        let storage = Storage::open(dir.path()).unwrap();
+        let storage = Storage::open_once_unlocked(dir.path());
         assert_eq!(storage.db().get(b"k").unwrap().unwrap(), &b"v"[..]);
         drop(storage);
         let fresh = tempfile::tempdir().unwrap();
