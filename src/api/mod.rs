@@ -13,6 +13,13 @@ pub mod read_stream;
 pub mod status;
 pub mod write_stream;
 
+/// A router's client of a node, for writes, reads and status alike: the
+/// NodeApi client generated with read replies as
+/// [`pb::node::EncodedReadReply`] (build.rs, [`read_stream`]).
+pub type RouterNodeClient = pb::passthrough::node::node_api_client::NodeApiClient<
+    crate::cluster::latency::Delayed<tonic::transport::Channel>,
+>;
+
 #[allow(clippy::all)]
 pub mod pb {
     tonic::include_proto!("chatstore.v1");

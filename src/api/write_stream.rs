@@ -20,7 +20,7 @@ pub struct WriteCalls;
 pub type WriteMux = Mux<WriteCalls>;
 
 impl Protocol for WriteCalls {
-    type Client = crate::api::read_stream::RouterNodeClient;
+    type Client = crate::api::RouterNodeClient;
     type Request = WriteRequest;
     type Reply = WriteReply;
     type Batch = WriteCallBatch;
