@@ -646,9 +646,7 @@ pub async fn serve(
         service::ChatStoreService::new(router),
     )
     .max_decoding_message_size(API_MESSAGE_BYTES_MAX);
-    // The builder's tcp_nodelay only reaches listeners tonic binds itself;
-    // accepted sockets get it here, or Nagle holds back small replies.
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = crate::api::http2::incoming(listener);
     let mut builder = crate::api::http2::server(tonic::transport::Server::builder())
         .max_concurrent_streams(Some(STREAMS_PER_CONNECTION_MAX))
         .concurrency_limit_per_connection(REQUESTS_PER_CONNECTION_MAX);
