@@ -57,6 +57,8 @@ const COALESCE_BYTES_MAX: usize = 256 * 1024;
 /// 1.7 with none, 0.7 with one and 0.5-0.6 with two, and two served 30%
 /// more reads/s than one; three gained nothing more (BENCHMARKS.md).
 const FLUSH_YIELDS: u32 = 2;
+/// Most buffer capacity a connection keeps once its bytes are written.
+const BUF_BYTES_KEPT: usize = 64 * 1024;
 
 /// A server-side connection whose flushes wait for [`FLUSH_YIELDS`] turns
 /// of the runtime before they reach the socket.
@@ -73,6 +75,11 @@ const FLUSH_YIELDS: u32 = 2;
 ///
 /// Only the router's public server uses it: the nodes' streams already
 /// carry many calls per message.
+///
+/// Bytes gathered but not flushed are dropped with the connection. h2 and
+/// hyper flush or shut down before they close, so this loses only what a
+/// connection torn down on an error would have sent last (a TLS alert, a
+/// GOAWAY after the peer's EOF).
 pub struct CoalescedWrites<T> {
     inner: T,
     buf: Vec<u8>,
@@ -103,8 +110,14 @@ impl<T: AsyncWrite + Unpin> CoalescedWrites<T> {
             }
             self.written += n;
         }
-        self.buf.clear();
+        if self.buf.capacity() > BUF_BYTES_KEPT {
+            // An idle connection does not keep a page-sized buffer.
+            self.buf = Vec::new();
+        } else {
+            self.buf.clear();
+        }
         self.written = 0;
+        self.yielded = 0;
         Poll::Ready(Ok(()))
     }
 
@@ -175,7 +188,6 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for CoalescedWrites<T> {
             return Poll::Pending;
         }
         ready!(this.poll_drain(cx))?;
-        this.yielded = 0;
         Pin::new(&mut this.inner).poll_flush(cx)
     }
 
@@ -205,37 +217,66 @@ mod tests {
             .collect()
     }
 
+    /// Counts the wakes a poll asks for.
+    #[derive(Default)]
+    struct Wakes(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Wakes {
+        fn wake(self: std::sync::Arc<Self>) {
+            self.wake_by_ref();
+        }
+        fn wake_by_ref(self: &std::sync::Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// Polls flushes until one is ready; returns how many were pending,
+    /// checking that each pending one asked to be polled again.
+    fn flush_until_ready<T: AsyncWrite + Unpin>(conn: &mut CoalescedWrites<T>) -> u32 {
+        let wakes = std::sync::Arc::new(Wakes::default());
+        let waker = std::task::Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        for pending in 0..=FLUSH_YIELDS {
+            match Pin::new(&mut *conn).poll_flush(&mut cx) {
+                Poll::Ready(r) => {
+                    r.unwrap();
+                    return pending;
+                }
+                Poll::Pending => assert_eq!(
+                    wakes.0.load(std::sync::atomic::Ordering::SeqCst),
+                    pending as usize + 1,
+                    "a yielding flush wakes its task"
+                ),
+            }
+        }
+        panic!("a flush with nothing in its way stayed pending");
+    }
+
     #[tokio::test]
     async fn writes_wait_for_a_flush_which_yields_first() {
         let (ours, mut peer) = tokio::io::duplex(1 << 20);
         let mut conn = CoalescedWrites::new(ours);
-        let (a, b) = (pattern(100, 1), pattern(3000, 2));
-        conn.write_all(&a).await.unwrap();
-        let (b1, b2) = b.split_at(1000);
-        let n = conn
-            .write_vectored(&[IoSlice::new(b1), IoSlice::new(b2)])
-            .await
-            .unwrap();
-        assert_eq!(n, b.len(), "a vectored write is taken whole");
-        let mut got = vec![0u8; a.len() + b.len()];
-        // Nothing reaches the peer before a flush.
-        assert!(futures::poll!(Box::pin(peer.read(&mut got))).is_pending());
-        // The first flush yields, and so do the rest of FLUSH_YIELDS.
-        assert!(futures::poll!(Box::pin(conn.flush())).is_pending());
-        for _ in 1..FLUSH_YIELDS {
-            assert!(futures::poll!(Box::pin(conn.flush())).is_pending());
+        for round in 0..2u8 {
+            let (a, b) = (pattern(100, round), pattern(3000, round + 10));
+            conn.write_all(&a).await.unwrap();
+            let (b1, b2) = b.split_at(1000);
+            let n = conn
+                .write_vectored(&[IoSlice::new(b1), IoSlice::new(b2)])
+                .await
+                .unwrap();
+            assert_eq!(n, b.len(), "a vectored write is taken whole");
+            let mut got = vec![0u8; a.len() + b.len()];
+            // Nothing reaches the peer before a flush.
+            assert!(futures::poll!(Box::pin(peer.read(&mut got))).is_pending());
+            // Every batch's flush yields FLUSH_YIELDS times (at least once).
+            let yields = flush_until_ready(&mut conn);
+            assert!(yields >= 1);
+            assert_eq!(yields, FLUSH_YIELDS);
+            peer.read_exact(&mut got).await.unwrap();
+            assert_eq!(got, [a, b].concat());
         }
-        assert!(matches!(
-            futures::poll!(Box::pin(conn.flush())),
-            Poll::Ready(Ok(()))
-        ));
-        peer.read_exact(&mut got).await.unwrap();
-        assert_eq!(got, [a, b].concat());
         // With nothing gathered, a flush does not yield.
-        assert!(matches!(
-            futures::poll!(Box::pin(conn.flush())),
-            Poll::Ready(Ok(()))
-        ));
+        assert_eq!(flush_until_ready(&mut conn), 0);
     }
 
     #[tokio::test]
@@ -249,8 +290,23 @@ mod tests {
         let expected = chunks.concat();
         let writer = tokio::spawn(async move {
             let mut conn = CoalescedWrites::new(ours);
-            for c in &chunks {
-                conn.write_all(c).await.unwrap();
+            for (i, c) in chunks.iter().enumerate() {
+                if i % 2 == 0 {
+                    conn.write_all(c).await.unwrap();
+                } else {
+                    // Vectored, as h2 writes a frame's head and payload.
+                    let (head, rest) = c.split_at(c.len() / 3);
+                    let mut parts = [IoSlice::new(head), IoSlice::new(rest)];
+                    let mut parts = &mut parts[..];
+                    while !parts.is_empty() {
+                        let n = conn.write_vectored(parts).await.unwrap();
+                        IoSlice::advance_slices(&mut parts, n);
+                    }
+                }
+                // Flushes under backpressure, as h2 flushes after each poll.
+                if i % 3 == 0 {
+                    conn.flush().await.unwrap();
+                }
             }
             conn.shutdown().await.unwrap();
         });
