@@ -534,33 +534,47 @@ mod tests {
     use crate::api::pb::replicated::{ChangeKind, ChangeRecord, ChatRecord, MessageRecord};
     use crate::storage::{keys, Storage};
 
+    /// A shard's state tree in a fresh data folder (kept while the folder is).
+    fn state_tree() -> (tempfile::TempDir, Storage, sled::Tree) {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path()).unwrap();
+        let tree = storage.open_tree("state/test").unwrap();
+        (dir, storage, tree)
+    }
+
+    fn message(chat: u64, seq: u64, pts: u64, body: &str) -> MessageRecord {
+        MessageRecord {
+            chat_id: chat,
+            seq,
+            sender_id: 1,
+            body: body.as_bytes().to_vec().into(),
+            pts,
+            ..Default::default()
+        }
+    }
+
+    fn change(pts: u64, seq: u64, kind: ChangeKind) -> ChangeRecord {
+        ChangeRecord {
+            pts,
+            kind: kind as i32,
+            seq,
+            user_id: 1,
+            ..Default::default()
+        }
+    }
+
     /// An apply call writes to sled before it puts its records in the chat
     /// cache: a change record read from sled in between names a message
     /// newer than the cached one, and the difference shows the newer one.
     #[test]
     fn a_change_is_paired_with_its_message_while_an_apply_is_under_way() {
-        let dir = tempfile::tempdir().unwrap();
-        let storage = Storage::open(dir.path()).unwrap();
-        let tree = storage.open_tree("state/test").unwrap();
+        let (_dir, storage, tree) = state_tree();
         let chat = 7;
         let put = |seq: u64, pts: u64, body: &str, kind: ChangeKind| {
-            let m = MessageRecord {
-                chat_id: chat,
-                seq,
-                sender_id: 1,
-                body: body.as_bytes().to_vec().into(),
-                pts,
-                ..Default::default()
-            };
+            let m = message(chat, seq, pts, body);
             tree.insert(keys::message(chat, seq), m.encode_to_vec())
                 .unwrap();
-            let c = ChangeRecord {
-                pts,
-                kind: kind as i32,
-                seq,
-                user_id: 1,
-                ..Default::default()
-            };
+            let c = change(pts, seq, kind);
             tree.insert(keys::change(chat, pts), c.encode_to_vec())
                 .unwrap();
         };
@@ -593,9 +607,7 @@ mod tests {
     /// backwards, for pages inside, across and below gaps.
     #[test]
     fn history_pages_match_a_walk_over_every_message() {
-        let dir = tempfile::tempdir().unwrap();
-        let storage = Storage::open(dir.path()).unwrap();
-        let tree = storage.open_tree("state/test").unwrap();
+        let (_dir, storage, tree) = state_tree();
         let chat = 7;
         let last_seq = 30;
         let removed = |seq: u64| (12..=20).contains(&seq) || seq == 28 || seq == 29;
@@ -609,13 +621,7 @@ mod tests {
         )
         .unwrap();
         for seq in (1..=last_seq).filter(|s| !removed(*s)) {
-            let m = MessageRecord {
-                chat_id: chat,
-                seq,
-                sender_id: 1,
-                body: format!("message {seq}").into_bytes().into(),
-                ..Default::default()
-            };
+            let m = message(chat, seq, 0, &format!("message {seq}"));
             tree.insert(keys::message(chat, seq), m.encode_to_vec())
                 .unwrap();
         }
@@ -646,26 +652,10 @@ mod tests {
     /// a tombstone and a removed message.
     #[test]
     fn differences_match_a_walk_over_every_change_cold_and_warm() {
-        let dir = tempfile::tempdir().unwrap();
-        let storage = Storage::open(dir.path()).unwrap();
-        let tree = storage.open_tree("state/test").unwrap();
+        let (_dir, storage, tree) = state_tree();
         let chat = 7;
         let last_seq = 300u64;
-        let message = |seq: u64, pts: u64, body: &str| MessageRecord {
-            chat_id: chat,
-            seq,
-            sender_id: 1,
-            body: body.as_bytes().to_vec().into(),
-            pts,
-            ..Default::default()
-        };
-        let change = |pts: u64, seq: u64, kind: ChangeKind| ChangeRecord {
-            pts,
-            kind: kind as i32,
-            seq,
-            user_id: 1,
-            ..Default::default()
-        };
+        let message = |seq: u64, pts: u64, body: &str| message(chat, seq, pts, body);
         let mut changes = Vec::new();
         for seq in 1..=last_seq {
             let m = message(seq, seq, &format!("message {seq}"));
