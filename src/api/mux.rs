@@ -109,9 +109,8 @@ const REPLY_BATCH_BYTES_MAX: usize = 2 * 1024 * 1024;
 /// The peer's side: runs `handle` on each call of each batch (within the
 /// call's timeout; in a task of its own unless it is ready at once) and
 /// returns the stream of reply batches, each with the replies ready when it
-/// is sent. The stream ends
-/// when `stopping` turns true, so a server's graceful shutdown does not wait
-/// on it.
+/// is sent. The stream ends when `stopping` turns true, so a server's
+/// graceful shutdown does not wait on it.
 pub fn serve<P, H, F>(
     mut calls: Streaming<P::Batch>,
     handle: H,

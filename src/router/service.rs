@@ -9,8 +9,7 @@ use futures::Stream;
 use tokio::sync::{mpsc, Semaphore};
 use tonic::{Request, Response, Status};
 
-use crate::api::pb::node::EncodedMessagesResponse;
-use crate::api::pb::node::{read_request::Query, DifferenceQuery};
+use crate::api::pb::node::{read_request::Query, DifferenceQuery, EncodedMessagesResponse};
 use crate::api::pb::passthrough::chat::chat_store_server::ChatStore;
 use crate::api::pb::replicated::{self as rp, command, command_result, Command};
 use crate::api::pb::{self, self_destruct_policy};
