@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use chatstore::api::pb::{self, chat_store_client::ChatStoreClient, Consistency};
 use chatstore::router::token::{ShardPosition, TokenKeys};
-use common::procs::{router_client, start_cluster, ProcessCluster};
+use common::procs::{router_client, start_cluster, start_cluster_with, ProcessCluster};
 use common::{Client, TestDir};
 use tonic::transport::Channel;
 use tonic::Code;
@@ -850,4 +850,135 @@ async fn send_batch_acknowledges_each_send_on_its_own() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
+}
+
+/// With a 2 s change retention: a retried edit or delete returns the first
+/// one's pts and makes no second change; old changes are collected, so a
+/// cursor from before them gets `reset_required` from GetDifference and
+/// Watch, with the chat's pts to go on from; a cursor at that pts sees
+/// the next change as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn retries_change_nothing_and_old_cursors_reset() {
+    let dir = TestDir::new("api-retention");
+    let (mut cluster, nodes) = start_cluster_with(
+        &dir.path,
+        &common::ConfigOptions {
+            shards: 2,
+            change_retention_secs: Some(2),
+            // Collection runs on leaders of shards that are not quiet.
+            quiesce_after_ms: 0,
+            ..Default::default()
+        },
+    )
+    .await;
+    // A new shard starts under the newest rules its members are known to
+    // know: at once if every node answered a ping before its bootstrap,
+    // else after a raise once they have.
+    nodes
+        .wait_apply_rules(
+            &[1, 2, 3],
+            chatstore::shard::apply::APPLY_RULES,
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    let addr = cluster.start_router("eu");
+    let mut api = router_client(&addr).await;
+    let chat = 12;
+    send(&mut api, chat, 1, 1, "one").await;
+    send(&mut api, chat, 1, 2, "two").await;
+
+    let edit = pb::EditRequest {
+        chat_id: chat,
+        seq: 1,
+        editor_id: 1,
+        body: b"one, edited"[..].into(),
+        ..Default::default()
+    };
+    let first = api.edit(edit.clone()).await.expect("edit").into_inner();
+    let again = api.edit(edit).await.expect("edit again").into_inner();
+    assert_eq!(again.pts, first.pts, "the same edit makes no second change");
+    let delete = pb::DeleteRequest {
+        chat_id: chat,
+        seq: 2,
+        requester_id: 1,
+        ..Default::default()
+    };
+    let first = api
+        .delete(delete.clone())
+        .await
+        .expect("delete")
+        .into_inner();
+    let again = api.delete(delete).await.expect("delete again").into_inner();
+    assert_eq!(
+        again.pts, first.pts,
+        "the same delete makes no second change"
+    );
+    let last = chat_pts(&mut api, chat).await;
+    assert_eq!(last, 4, "two sends, one edit, one delete");
+
+    let difference = |pts: u64| pb::GetDifferenceRequest {
+        cursors: vec![pb::Cursor { chat_id: chat, pts }],
+        ..Default::default()
+    };
+    let started = Instant::now();
+    let reset = loop {
+        let d = api
+            .get_difference(difference(0))
+            .await
+            .expect("difference")
+            .into_inner();
+        let d = d.chats.into_iter().next().expect("the chat");
+        if d.reset_required {
+            break d;
+        }
+        assert_eq!(
+            d.changes.first().map(|c| c.pts),
+            Some(1),
+            "no gap before the reset"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "changes older than 2 s are still kept after 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(reset.changes.is_empty());
+    assert_eq!(reset.pts, last);
+
+    let mut watch = api
+        .watch(pb::WatchRequest {
+            cursors: vec![pb::Cursor {
+                chat_id: chat,
+                pts: 0,
+            }],
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let event = tokio::time::timeout(Duration::from_secs(30), watch.message())
+        .await
+        .expect("a watch event in time")
+        .expect("watch")
+        .expect("an event");
+    assert!(event.reset_required);
+    assert_eq!(event.pts, last);
+
+    let s = send(&mut api, chat, 1, 3, "three").await;
+    let d = api
+        .get_difference(difference(last))
+        .await
+        .expect("difference")
+        .into_inner();
+    let d = &d.chats[0];
+    assert!(!d.reset_required);
+    assert_eq!(d.changes.len(), 1);
+    assert_eq!(d.changes[0].pts, s.pts);
+    let event = tokio::time::timeout(Duration::from_secs(30), watch.message())
+        .await
+        .expect("a watch event in time")
+        .expect("watch")
+        .expect("an event");
+    let change = event.change.expect("the new message");
+    assert_eq!((change.pts, change.seq), (s.pts, s.seq));
 }

@@ -28,6 +28,20 @@ async fn start(config: &ClusterConfig, id: u64) -> Node {
     panic!("start node {id}: {:?}", last);
 }
 
+/// Starts nodes 1 to 3 and waits until every shard has a leader.
+async fn start_three(config: &ClusterConfig) -> (BTreeMap<u64, Node>, Client) {
+    let mut nodes = BTreeMap::new();
+    for id in 1..=3 {
+        nodes.insert(id, start(config, id).await);
+    }
+    let client = Client::new(config);
+    client
+        .wait_leaders(&[1, 2, 3], Duration::from_secs(30))
+        .await
+        .unwrap();
+    (nodes, client)
+}
+
 /// Sends `count` messages spread over `chats` chats starting at `first_chat`,
 /// 16 at a time; returns (chat, client_msg_id) → seq.
 async fn send_many(
@@ -109,15 +123,7 @@ async fn writes_replicate_survive_a_stopped_node_and_catch_up() {
             ..Default::default()
         },
     );
-    let mut nodes = BTreeMap::new();
-    for id in 1..=3 {
-        nodes.insert(id, start(&config, id).await);
-    }
-    let client = Client::new(&config);
-    client
-        .wait_leaders(&[1, 2, 3], Duration::from_secs(30))
-        .await
-        .unwrap();
+    let (mut nodes, client) = start_three(&config).await;
 
     eprintln!("phase 1: 300 sends to 40 chats");
     let mut acked = send_many(&client, 1, 40, 300, 1).await;
@@ -173,15 +179,7 @@ async fn lagging_replica_catches_up_by_snapshot() {
         ..Default::default()
     };
     let config = three_region_config(&dir.path, &opts);
-    let mut nodes = BTreeMap::new();
-    for id in 1..=3 {
-        nodes.insert(id, start(&config, id).await);
-    }
-    let client = Client::new(&config);
-    client
-        .wait_leaders(&[1, 2, 3], Duration::from_secs(30))
-        .await
-        .unwrap();
+    let (mut nodes, client) = start_three(&config).await;
     let mut acked = send_many(&client, 1, 10, 20, 1).await;
     client
         .wait_converged(&[1, 2, 3], Duration::from_secs(30))
@@ -316,5 +314,76 @@ async fn lagging_replica_catches_up_by_snapshot() {
     }
     for (_, n) in nodes {
         n.shutdown().await;
+    }
+}
+
+/// The upgrade path of apply rules: a cluster whose shards are under rules
+/// 0 (as if made by a binary from before rule versions) is moved to the
+/// newest rules by its leaders once every node answers pings with them. Only
+/// a replicated raise can do it: the shards' bootstraps are long applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shards_under_old_apply_rules_move_to_the_newest_ones() {
+    use chatstore::api::pb::replicated::ShardSettings;
+    use chatstore::shard::apply::APPLY_RULES;
+    use chatstore::storage::{keys, trees, Storage};
+    use prost::Message;
+
+    let dir = TestDir::new("apply-rules");
+    let opts = ConfigOptions {
+        shards: 2,
+        ..Default::default()
+    };
+    let config = three_region_config(&dir.path, &opts);
+    let (mut nodes, client) = start_three(&config).await;
+    let acked = send_many(&client, 1, 4, 8, 1).await;
+    client
+        .wait_apply_rules(&[1, 2, 3], APPLY_RULES, Duration::from_secs(30))
+        .await
+        .unwrap();
+    for (_, node) in std::mem::take(&mut nodes) {
+        node.shutdown().await;
+    }
+
+    // Every replica's stored settings back to rules 0.
+    for id in 1..=3u64 {
+        let data = config.data_dir(NodeId(id));
+        let mut storage = None;
+        for _ in 0..50 {
+            match Storage::open(&data) {
+                Ok(s) => {
+                    storage = Some(s);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+        let storage = storage.expect("open a stopped node's data folder");
+        for shard in 0..opts.shards as u64 {
+            let tree = storage
+                .open_tree(&trees::state_tree(chatstore::types::ShardId(shard)))
+                .unwrap();
+            let stored = tree
+                .get(keys::SM_META_SETTINGS)
+                .unwrap()
+                .expect("bootstrapped");
+            let mut settings = ShardSettings::decode(stored.as_ref()).unwrap();
+            assert_eq!(settings.apply_rules, APPLY_RULES);
+            settings.apply_rules = 0;
+            tree.insert(keys::SM_META_SETTINGS, settings.encode_to_vec())
+                .unwrap();
+        }
+        storage.db().flush().unwrap();
+    }
+
+    for id in 1..=3 {
+        nodes.insert(id, start(&config, id).await);
+    }
+    client
+        .wait_apply_rules(&[1, 2, 3], APPLY_RULES, Duration::from_secs(60))
+        .await
+        .unwrap();
+    check_acked_everywhere(&client, &[1, 2, 3], &acked).await;
+    for (_, node) in nodes {
+        node.shutdown().await;
     }
 }

@@ -1,19 +1,22 @@
 //! State machine properties, on real sled trees: the same commands give
 //! byte-identical state on independent replicas whatever the apply batching
 //! and whether self-destructing bodies are sealed (compared in the clear);
-//! seqs are gapless per chat; a retried send returns the original seq.
+//! seqs are gapless per chat; a retried send returns the original seq. The
+//! commands start under apply rules 0 and may raise them at any point.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chatstore::api::pb::replicated::{
     command, command_result, self_destruct, CloseChatCmd, Command, CommandBatch, DeleteCmd,
-    EditCmd, ExpireCmd, MarkReadCmd, ReopenChatCmd, SelfDestruct, SendCmd,
+    EditCmd, ExpireCmd, GcChangesCmd, MarkReadCmd, RaiseApplyRulesCmd, ReopenChatCmd, SelfDestruct,
+    SendCmd, ShardSettings,
 };
-use chatstore::shard::apply::{default_settings, Applier, Overlay};
+use chatstore::shard::apply::{default_settings, Applier, Overlay, APPLY_RULES};
 use chatstore::shard::sealing;
-use chatstore::storage::KeyRing;
+use chatstore::storage::{keys, KeyRing};
 use proptest::prelude::*;
+use prost::Message;
 
 fn apply_all(
     tree: &sled::Tree,
@@ -35,7 +38,7 @@ fn apply_all_with(
             Some(k) => Overlay::sealed(tree, k),
             None => Overlay::new(tree),
         };
-        let mut applier = Applier::new(&mut overlay, default_settings());
+        let mut applier = Applier::new(&mut overlay, stored_settings(tree));
         for b in group {
             for r in applier.apply_batch(b).expect("apply") {
                 outcomes.push(r.outcome.expect("every command has an outcome"));
@@ -51,6 +54,16 @@ fn apply_all_with(
         tree.apply_batch(batch).expect("write batch");
     }
     outcomes
+}
+
+/// The settings a replica keeps in its tree, as the state machine reads
+/// them: a raise of the apply rules holds for later apply calls, and a tree
+/// without them (no bootstrap) is under rules 0.
+fn stored_settings(tree: &sled::Tree) -> ShardSettings {
+    match tree.get(keys::SM_META_SETTINGS).unwrap() {
+        Some(v) => ShardSettings::decode(v.as_ref()).unwrap(),
+        None => default_settings(),
+    }
 }
 
 fn dump(tree: &sled::Tree) -> Vec<(Vec<u8>, Vec<u8>)> {
@@ -115,6 +128,12 @@ fn arb_command() -> impl Strategy<Value = Command> {
         }),
         1 => chat.prop_map(|chat_id| Command {
             kind: Some(command::Kind::ReopenChat(ReopenChatCmd { chat_id })),
+        }),
+        1 => (0u64..20_000, 1u32..5).prop_map(|(before, max_items)| Command {
+            kind: Some(command::Kind::GcChanges(GcChangesCmd { before_ms: 1_000_000 + before, max_items })),
+        }),
+        1 => (0u32..=APPLY_RULES).prop_map(|apply_rules| Command {
+            kind: Some(command::Kind::RaiseApplyRules(RaiseApplyRulesCmd { apply_rules })),
         }),
     ]
 }

@@ -27,6 +27,8 @@ struct ShardHealth {
     lag: u64,
     /// Every replica's Raft timers are stopped (an idle shard).
     quiet: bool,
+    /// The apply rules the leader's replica applies under.
+    apply_rules: u32,
     problems: Vec<String>,
 }
 
@@ -45,6 +47,7 @@ fn shard_health(view: &View, shard: u64) -> ShardHealth {
         applied: Vec::new(),
         lag: 0,
         quiet: false,
+        apply_rules: leader.map(|(_, s)| s.apply_rules).unwrap_or(0),
         problems: Vec::new(),
     };
     let end = leader.map(|(_, s)| s.last_log_index).unwrap_or(0);
@@ -229,14 +232,14 @@ pub async fn shards(endpoints: &[String], json: bool) -> anyhow::Result<i32> {
         println!("{}", serde_json::to_string_pretty(&shards)?);
     } else {
         println!(
-            "{:>6} {:<6} {:>7} {:<6} {:>6} {:>9} {:>6} {:<5}  VOTERS (node:applied)  LEARNERS",
-            "SHARD", "PREF", "LEADER", "REGION", "TERM", "COMMIT", "LAG", "QUIET"
+            "{:>6} {:<6} {:>7} {:<6} {:>6} {:>9} {:>6} {:<5} {:>5}  VOTERS (node:applied)  LEARNERS",
+            "SHARD", "PREF", "LEADER", "REGION", "TERM", "COMMIT", "LAG", "QUIET", "RULES"
         );
         for h in &shards {
             let voters: Vec<String> = h.applied.iter().map(|(n, a)| format!("{n}:{a}")).collect();
             let learners: Vec<String> = h.learners.iter().map(|n| n.to_string()).collect();
             println!(
-                "{:>6} {:<6} {:>7} {:<6} {:>6} {:>9} {:>6} {:<5}  {:<22} {}",
+                "{:>6} {:<6} {:>7} {:<6} {:>6} {:>9} {:>6} {:<5} {:>5}  {:<22} {}",
                 h.shard,
                 h.preferred_region,
                 if h.leader == 0 {
@@ -249,6 +252,7 @@ pub async fn shards(endpoints: &[String], json: bool) -> anyhow::Result<i32> {
                 h.commit_index,
                 h.lag,
                 if h.quiet { "yes" } else { "" },
+                h.apply_rules,
                 voters.join(" "),
                 learners.join(" ")
             );

@@ -84,6 +84,8 @@ pub struct ClusterConfig {
     #[serde(default)]
     pub erasure: ErasureConfig,
     #[serde(default)]
+    pub retention: RetentionConfig,
+    #[serde(default)]
     pub cache: CacheConfig,
     #[serde(default)]
     pub latency: LatencyConfig,
@@ -189,6 +191,44 @@ pub struct ErasureConfig {
     /// Shorter epochs erase sooner and rebuild snapshots of shards holding
     /// self-destructing messages more often.
     pub seal_epoch_secs: u64,
+}
+
+/// How long a shard keeps dedup records and change records. These are
+/// replicated settings: a shard's first leader records them in its bootstrap
+/// command, and the shard keeps them (a later edit here applies to shards
+/// created after it).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// How long a resent `Send` is recognised by its client_msg_id.
+    pub dedup_window_secs: u64,
+    /// How long a chat's changes stay readable by `GetDifference` and
+    /// `Watch`; a device whose cursor is older is told to reset.
+    pub change_retention_secs: u64,
+}
+
+/// Longest dedup window or change retention allowed: ten years.
+pub const RETENTION_SECS_MAX: u64 = 10 * 365 * 86_400;
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        let settings = crate::shard::apply::default_settings();
+        RetentionConfig {
+            dedup_window_secs: settings.dedup_window_ms / 1000,
+            change_retention_secs: settings.change_retention_ms / 1000,
+        }
+    }
+}
+
+impl RetentionConfig {
+    /// The replicated settings a new shard starts with.
+    pub fn shard_settings(&self) -> crate::api::pb::replicated::ShardSettings {
+        crate::api::pb::replicated::ShardSettings {
+            dedup_window_ms: self.dedup_window_secs * 1000,
+            change_retention_ms: self.change_retention_secs * 1000,
+            ..crate::shard::apply::default_settings()
+        }
+    }
 }
 
 /// What a node keeps in memory for reads (node-local).
@@ -383,6 +423,19 @@ impl ClusterConfig {
                 "erasure.seal_epoch_secs = {} (must be 1..={SEAL_EPOCH_SECS_MAX})",
                 self.erasure.seal_epoch_secs
             ));
+        }
+        for (name, secs) in [
+            ("dedup_window_secs", self.retention.dedup_window_secs),
+            (
+                "change_retention_secs",
+                self.retention.change_retention_secs,
+            ),
+        ] {
+            if !(1..=RETENTION_SECS_MAX).contains(&secs) {
+                return bad(format!(
+                    "retention.{name} = {secs} (must be 1..={RETENTION_SECS_MAX})"
+                ));
+            }
         }
         if self.cache.message_mib > MESSAGE_CACHE_MIB_MAX {
             return bad(format!(
@@ -587,6 +640,22 @@ raft_addr = "127.0.0.1:3"
         assert_eq!(
             ClusterConfig::from_toml(CONFIG).unwrap().cache.message_mib,
             256
+        );
+        let no_dedup = format!("{CONFIG}\n[retention]\ndedup_window_secs = 0\n");
+        let err = ClusterConfig::from_toml(&no_dedup).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("retention.dedup_window_secs"),
+            "{err:#}"
+        );
+        let day = format!("{CONFIG}\n[retention]\nchange_retention_secs = 86400\n");
+        let settings = ClusterConfig::from_toml(&day)
+            .unwrap()
+            .retention
+            .shard_settings();
+        assert_eq!(settings.change_retention_ms, 86_400_000);
+        assert_eq!(
+            settings.dedup_window_ms,
+            crate::shard::apply::default_settings().dedup_window_ms
         );
     }
 }

@@ -201,6 +201,7 @@ pub fn shard_status(shard: &Shard, registry: &Registry) -> ShardStatus {
         progress,
         preferred_region: registry.placement().preferred_region(shard.id).to_string(),
         quiet: shard.is_quiet(),
+        apply_rules: shard.reader.apply_rules().unwrap_or_default(),
     }
 }
 

@@ -8,6 +8,11 @@
 //!   `Expire { up_to_ms: now, max_items }` (DESIGN section 6);
 //! - dedup records older than the replicated dedup window are dropped by a
 //!   pass of `GcDedup` steps over all of them, once per window;
+//! - a shard under older apply rules than every member's node knows moves
+//!   to the newest of them (`RaiseApplyRules`; see `shard::apply`);
+//! - each chat's changes older than the replicated change retention are
+//!   dropped, oldest first, by a pass of `GcChanges` steps four times per
+//!   retention window (a device whose cursor is older is told to reset);
 //! - leadership returns to the shard's preferred region: a leader outside it
 //!   that has led for a while hands over to a caught-up voter there (damped:
 //!   a hold time before the first try and between tries, so it does not
@@ -20,9 +25,11 @@ use openraft::async_runtime::WatchReceiver;
 
 use tokio::sync::watch;
 
-use crate::api::pb::replicated::{command, BootstrapCmd, Command, ExpireCmd, GcDedupCmd};
+use crate::api::pb::replicated::{
+    command, BootstrapCmd, Command, ExpireCmd, GcChangesCmd, GcDedupCmd, RaiseApplyRulesCmd,
+    ShardSettings,
+};
 use crate::node::Registry;
-use crate::shard::apply::default_settings;
 use crate::shard::Shard;
 use crate::storage::keys;
 use crate::types::{now_ms, ShardId};
@@ -32,7 +39,7 @@ use crate::types::{now_ms, ShardId};
 pub const TICK: Duration = Duration::from_millis(500);
 /// Most messages one Expire command deletes; more go in the next tick.
 pub const EXPIRE_BATCH_MAX: u32 = 1_000;
-/// Most dedup records one GcDedup step examines.
+/// Most records one GcDedup or GcChanges step examines.
 pub const GC_BATCH_MAX: u32 = 1_000;
 
 /// A preferred voter must be this close to the leader's log to receive
@@ -50,6 +57,9 @@ pub struct Context {
     pub return_after: Duration,
     /// Idle time after which a led shard quiesces (zero: never).
     pub quiesce_after: Duration,
+    /// The replicated settings a new shard's bootstrap records (with the
+    /// newest apply rules its members know).
+    pub bootstrap_settings: ShardSettings,
 }
 
 pub async fn run(registry: Registry, ctx: Context, mut shutdown: watch::Receiver<bool>) {
@@ -69,9 +79,9 @@ pub async fn run(registry: Registry, ctx: Context, mut shutdown: watch::Receiver
             }
             let since = *leading_since.entry(shard.id).or_insert_with(Instant::now);
             let result = if shard.is_quiet() {
-                quiet_chores(&shard).await
+                quiet_chores(&registry, &shard, &ctx).await
             } else {
-                chores(&shard).await
+                chores(&registry, &shard, &ctx).await
             };
             if let Err(e) = result {
                 tracing::debug!(shard = %shard.id, error = %e, "leader chores");
@@ -96,19 +106,33 @@ pub async fn run(registry: Registry, ctx: Context, mut shutdown: watch::Receiver
 
 /// A quiet leader's only chore: self-destructing messages that fall due
 /// (a write, which wakes the shard).
-async fn quiet_chores(shard: &Shard) -> Result<(), String> {
+async fn quiet_chores(registry: &Registry, shard: &Shard, ctx: &Context) -> Result<(), String> {
     match shard.reader.earliest_expiry().map_err(|e| e.to_string())? {
-        Some(due) if due <= now_ms() => chores(shard).await,
+        Some(due) if due <= now_ms() => chores(registry, shard, ctx).await,
         _ => Ok(()),
     }
 }
 
-async fn chores(shard: &Shard) -> Result<(), String> {
+async fn chores(registry: &Registry, shard: &Shard, ctx: &Context) -> Result<(), String> {
+    let members: Vec<u64> = {
+        let m = shard
+            .raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .clone();
+        m.membership().nodes().map(|(id, _)| *id).collect()
+    };
+    // The newest apply rules every member's node knows.
+    let rules = registry.rules_known_by(members);
     if !shard.reader.has_key(keys::SM_META_INCARNATION) {
         let cmd = Command {
             kind: Some(command::Kind::Bootstrap(BootstrapCmd {
                 incarnation: rand::random::<u64>() | 1,
-                settings: Some(default_settings()),
+                settings: Some(ShardSettings {
+                    apply_rules: rules,
+                    ..ctx.bootstrap_settings
+                }),
             })),
         };
         shard.propose(vec![cmd]).await.map_err(|e| e.to_string())?;
@@ -125,11 +149,8 @@ async fn chores(shard: &Shard) -> Result<(), String> {
             shard.propose(vec![cmd]).await.map_err(|e| e.to_string())?;
         }
     }
-    let window = shard
-        .reader
-        .settings()
-        .map_err(|e| e.to_string())?
-        .dedup_window_ms;
+    let settings = shard.reader.settings().map_err(|e| e.to_string())?;
+    let window = settings.dedup_window_ms;
     if shard
         .reader
         .dedup_gc_due(window, now)
@@ -138,6 +159,30 @@ async fn chores(shard: &Shard) -> Result<(), String> {
         let cmd = Command {
             kind: Some(command::Kind::GcDedup(GcDedupCmd {
                 before_ms: now.saturating_sub(window),
+                max_items: GC_BATCH_MAX,
+            })),
+        };
+        shard.propose(vec![cmd]).await.map_err(|e| e.to_string())?;
+    }
+    if settings.apply_rules < rules {
+        tracing::info!(shard = %shard.id, from = settings.apply_rules, to = rules, "every member knows newer apply rules; moving the shard to them");
+        let cmd = Command {
+            kind: Some(command::Kind::RaiseApplyRules(RaiseApplyRulesCmd {
+                apply_rules: rules,
+            })),
+        };
+        shard.propose(vec![cmd]).await.map_err(|e| e.to_string())?;
+    }
+    let retention = settings.change_retention_ms;
+    if settings.apply_rules >= 1
+        && shard
+            .reader
+            .change_gc_due(retention, now)
+            .map_err(|e| e.to_string())?
+    {
+        let cmd = Command {
+            kind: Some(command::Kind::GcChanges(GcChangesCmd {
+                before_ms: now.saturating_sub(retention),
                 max_items: GC_BATCH_MAX,
             })),
         };

@@ -61,6 +61,9 @@ struct Host {
     node_tree: sled::Tree,
     /// One replica opened or closed at a time.
     changes: tokio::sync::Mutex<()>,
+    /// The newest apply rules each peer said it knows, from its last ping
+    /// answer.
+    peer_rules: std::sync::Mutex<BTreeMap<u64, u32>>,
 }
 
 /// What a node remembers about a shard beyond the placement: a replica
@@ -77,6 +80,23 @@ fn replica_key(shard: ShardId) -> String {
 }
 
 const DRAINING_KEY: &str = "draining";
+
+/// The newest apply rules all of `nodes` know: this binary's for `me`, what
+/// each peer last said in `known`, 0 for a peer not heard from.
+fn rules_known_by(
+    me: u64,
+    known: &BTreeMap<u64, u32>,
+    nodes: impl IntoIterator<Item = u64>,
+) -> u32 {
+    nodes
+        .into_iter()
+        .map(|id| match id == me {
+            true => crate::shard::apply::APPLY_RULES,
+            false => known.get(&id).copied().unwrap_or(0),
+        })
+        .min()
+        .unwrap_or(crate::shard::apply::APPLY_RULES)
+}
 
 impl Registry {
     pub fn get(&self, id: ShardId) -> Option<Arc<Shard>> {
@@ -120,6 +140,22 @@ impl Registry {
     /// This node's connections to its peers.
     pub fn peers(&self) -> &Peers {
         &self.host.peers
+    }
+
+    /// Records the newest apply rules `peer` knows (from its ping answer).
+    pub fn note_peer_rules(&self, peer: u64, rules: u32) {
+        self.host
+            .peer_rules
+            .lock()
+            .expect("peer rules lock")
+            .insert(peer, rules);
+    }
+
+    /// The newest apply rules every node in `nodes` knows: this binary's
+    /// for this node, 0 for a peer that has not answered a ping.
+    pub fn rules_known_by(&self, nodes: impl IntoIterator<Item = u64>) -> u32 {
+        let known = self.host.peer_rules.lock().expect("peer rules lock");
+        rules_known_by(self.host.id.0, &known, nodes)
     }
 
     pub fn is_draining(&self) -> bool {
@@ -300,6 +336,7 @@ impl Node {
                 peers,
                 node_tree: storage.open_tree(trees::NODE_TREE)?,
                 changes: tokio::sync::Mutex::new(()),
+                peer_rules: Default::default(),
             }),
         };
         // The shards this node hosts: its initial replicas, plus those moved
@@ -373,6 +410,7 @@ impl Node {
             // Long enough that a restarting node is caught up and stable.
             return_after: std::time::Duration::from_millis(config.raft.election_timeout_ms_max * 5),
             quiesce_after: std::time::Duration::from_millis(config.raft.quiesce_after_ms),
+            bootstrap_settings: config.retention.shard_settings(),
         };
         let liveness = tokio::spawn(quiesce::run_liveness(
             registry.clone(),
@@ -516,5 +554,30 @@ async fn serve(
         .await;
     if let Err(e) = result {
         tracing::error!(error = %e, "node server stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::rules_known_by;
+    use crate::shard::apply::APPLY_RULES;
+
+    /// A shard's members know the newest rules only once every peer among
+    /// them has said so; a peer not heard from, or on an older binary
+    /// (which answers pings without the field), holds them back.
+    #[test]
+    fn the_rules_all_members_know_are_the_oldest_any_of_them_knows() {
+        let mut known = BTreeMap::new();
+        assert_eq!(rules_known_by(1, &known, [1]), APPLY_RULES);
+        assert_eq!(rules_known_by(1, &known, [1, 2, 3]), 0, "not heard from");
+        known.insert(2, APPLY_RULES);
+        assert_eq!(rules_known_by(1, &known, [1, 2, 3]), 0);
+        known.insert(3, 0);
+        assert_eq!(rules_known_by(1, &known, [1, 2, 3]), 0, "an older binary");
+        known.insert(3, APPLY_RULES);
+        assert_eq!(rules_known_by(1, &known, [1, 2, 3]), APPLY_RULES);
+        assert_eq!(rules_known_by(1, &known, [1, 2, 4]), 0, "a new member");
     }
 }

@@ -138,18 +138,19 @@ pub async fn run_liveness(
             let id = *id;
             async move {
                 let Ok(mut client) = client else {
-                    return (id, false);
+                    return (id, None);
                 };
                 let mut req = tonic::Request::new(PingRequest { from_node: me });
                 req.set_timeout(CALL_TIMEOUT.min(dead_after));
-                (id, client.ping(req).await.is_ok())
+                (id, client.ping(req).await.ok())
             }
         });
         let now = Instant::now();
-        for (id, ok) in futures::future::join_all(pings).await {
+        for (id, answer) in futures::future::join_all(pings).await {
             let seen = last_answer.entry(id).or_insert(now);
-            if ok {
+            if let Some(answer) = answer {
                 *seen = Instant::now();
+                registry.note_peer_rules(id, answer.get_ref().apply_rules);
             }
         }
         for shard in shards.iter().filter(|s| s.is_quiet()) {

@@ -12,6 +12,12 @@
 //! Effects of a whole `apply` call go to an [`Overlay`] and then into sled as
 //! one atomic batch together with the applied log id, so a crash leaves the
 //! tree at some applied entry, never between two effects of one entry.
+//!
+//! What apply does is versioned ([`APPLY_RULES`]): replicas of a shard must
+//! apply each entry under the same rules, and during a rolling upgrade some
+//! of them run an older binary. A shard changes rules at one log index, by a
+//! `RaiseApplyRules` command that its leader proposes once every member's
+//! node says (in its pings) that it knows the new rules.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -28,12 +34,23 @@ use crate::shard::chat_cache::MessageWrite;
 use crate::shard::sealing;
 use crate::storage::{keys, KeyRing};
 
-/// Settings a shard uses until its bootstrap command sets them.
+/// The newest apply rules this binary knows:
+/// - 0: the rules of shards created before rule versions;
+/// - 1: an edit to the body a message already has and a delete of a message
+///   its sender deleted change nothing and succeed (so a retry makes no
+///   second change), and old change records are collected (`GcChanges`).
+pub const APPLY_RULES: u32 = 1;
+
+/// Settings a shard uses until its bootstrap command sets them. Entries
+/// before the bootstrap apply under rules 0, as they did on binaries from
+/// before rule versions; the bootstrap names the rules a new shard starts
+/// with.
 pub fn default_settings() -> ShardSettings {
     ShardSettings {
         body_bytes_max: crate::router::validate::BODY_BYTES_MAX as u32,
         dedup_window_ms: 24 * 3600 * 1000,
         change_retention_ms: 7 * 24 * 3600 * 1000,
+        apply_rules: 0,
     }
 }
 
@@ -44,6 +61,9 @@ pub const SELF_DESTRUCT_SECS_MAX: u32 = 365 * 24 * 3600;
 pub const MARK_READ_TIMERS_MAX: usize = 10_000;
 /// Most items one Expire or GC command may touch.
 pub const EXPIRE_ITEMS_MAX: u32 = 10_000;
+/// Changes a collection step reads at a time: it goes on to the next chat
+/// at the first change it keeps, so reading far ahead would be wasted.
+const GC_CHANGES_CHUNK: usize = 16;
 /// Longest close reason kept.
 pub const CLOSE_REASON_BYTES_MAX: usize = 1024;
 
@@ -190,6 +210,18 @@ impl<'a> Overlay<'a> {
     }
 }
 
+/// Refuses apply rules newer than this binary's. Going on under older rules
+/// would let this replica drift from the others; stopping the apply call
+/// keeps it as it was until it is upgraded.
+fn known_rules(rules: u32) -> io::Result<()> {
+    if rules > APPLY_RULES {
+        return Err(io::Error::other(format!(
+            "the shard moved to apply rules {rules}; this binary knows up to {APPLY_RULES}"
+        )));
+    }
+    Ok(())
+}
+
 fn reject(code: ErrorCode, message: impl Into<String>) -> CommandResult {
     CommandResult {
         outcome: Some(command_result::Outcome::Error(CommandError {
@@ -289,6 +321,8 @@ impl<'o, 'a> Applier<'o, 'a> {
             command::Kind::CloseChat(c) => self.close(c, now),
             command::Kind::ReopenChat(c) => self.reopen(c, now),
             command::Kind::GcDedup(c) => self.gc_dedup(c, now),
+            command::Kind::GcChanges(c) => self.gc_changes(c, now),
+            command::Kind::RaiseApplyRules(c) => self.raise_apply_rules(c),
             command::Kind::Bootstrap(c) => self.bootstrap(c),
         }
     }
@@ -461,6 +495,13 @@ impl<'o, 'a> Applier<'o, 'a> {
                 ),
             ));
         }
+        // The body is already this one: a retried edit (its first try may
+        // have applied before its reply was lost) or an edit that changes
+        // nothing. Either way it succeeds with the current version's pts
+        // and changes nothing, so a retry never makes a second change.
+        if self.settings.apply_rules >= 1 && msg.body == c.body {
+            return Ok(changed(msg.pts));
+        }
         let at = now.max(msg.created_at_ms);
         let pts = self.record_change(
             c.chat_id,
@@ -489,7 +530,20 @@ impl<'o, 'a> Applier<'o, 'a> {
         let mut chat = self.chat(c.chat_id)?;
         let mut msg = match self.live_message(&chat, c.chat_id, c.seq, now)? {
             Ok(m) => m,
-            Err(rejection) => return Ok(rejection),
+            Err(rejection) => {
+                // Deleted already by its sender: a retried delete (its first
+                // try may have applied before its reply was lost) succeeds
+                // with the deletion's pts and changes nothing.
+                if self.settings.apply_rules >= 1 && !chat.closed {
+                    let key = keys::message(c.chat_id, c.seq);
+                    if let Some(m) = self.get_rec::<MessageRecord>(&key, "message")? {
+                        if m.deleted && m.sender_id == c.requester_id {
+                            return Ok(changed(m.pts));
+                        }
+                    }
+                }
+                return Ok(rejection);
+            }
         };
         if msg.sender_id != c.requester_id {
             return Ok(reject(
@@ -732,6 +786,94 @@ impl<'o, 'a> Applier<'o, 'a> {
         })
     }
 
+    /// One step of a change collection pass (see `GcChangesCmd`). Each chat
+    /// loses a prefix of its changes and keeps at least its newest, so a
+    /// cursor older than what a chat keeps shows as a gap at the start of
+    /// its difference (which asks the device to reset), never as a hole in
+    /// the middle. Every change read counts against the step's budget.
+    fn gc_changes(&mut self, c: &rp::GcChangesCmd, now: u64) -> io::Result<CommandResult> {
+        if self.settings.apply_rules < 1 {
+            // As a binary without the command rejects it.
+            return Ok(reject(ErrorCode::InvalidArgument, "empty command"));
+        }
+        let max = (c.max_items.min(EXPIRE_ITEMS_MAX) as usize).max(1);
+        let end = [keys::TAG_CHANGE + 1];
+        let mut start = match self.kv.get(keys::SM_META_CHANGE_GC_CURSOR)? {
+            Some(cursor) => cursor,
+            None => vec![keys::TAG_CHANGE],
+        };
+        let mut examined = 0;
+        let mut dropped = 0u32;
+        let mut finished = false;
+        // The chat being walked and its newest pts.
+        let mut newest: Option<(u64, u64)> = None;
+        'chunks: while examined < max {
+            let wanted = (max - examined).min(GC_CHANGES_CHUNK);
+            let changes = self.kv.scan(&start, &end, wanted)?;
+            examined += changes.len();
+            let reached_end = changes.len() < wanted;
+            for (key, value) in changes {
+                let (Some(chat), Some(pts)) = (keys::part(&key, 0), keys::part(&key, 1)) else {
+                    return Err(io::Error::other(format!("change key {key:?} is short")));
+                };
+                let last_pts = match newest {
+                    Some((walked, last)) if walked == chat => last,
+                    _ => {
+                        let last = self.chat(chat)?.last_pts;
+                        newest = Some((chat, last));
+                        last
+                    }
+                };
+                let rec: ChangeRecord = decode(&value, "change record")?;
+                // The chat keeps this change and every later one: it is
+                // new, or the chat's newest, which stays so that a cursor
+                // behind what was dropped finds a gap before it.
+                if rec.at_ms >= c.before_ms || pts >= last_pts {
+                    let Some(next) = chat.checked_add(1) else {
+                        finished = true;
+                        break 'chunks;
+                    };
+                    start = keys::change(next, 0);
+                    continue 'chunks;
+                }
+                self.kv.delete(key.clone());
+                dropped += 1;
+                start = key;
+                start.push(0);
+            }
+            if reached_end {
+                finished = true;
+                break;
+            }
+        }
+        if finished {
+            self.kv.delete(keys::SM_META_CHANGE_GC_CURSOR.to_vec());
+            self.kv.put(
+                keys::SM_META_CHANGE_GC_PASS_END.to_vec(),
+                now.to_be_bytes().to_vec(),
+            );
+        } else {
+            self.kv.put(keys::SM_META_CHANGE_GC_CURSOR.to_vec(), start);
+        }
+        Ok(CommandResult {
+            outcome: Some(command_result::Outcome::Expire(rp::ExpireResult {
+                expired: dropped,
+            })),
+        })
+    }
+
+    fn raise_apply_rules(&mut self, c: &rp::RaiseApplyRulesCmd) -> io::Result<CommandResult> {
+        known_rules(c.apply_rules)?;
+        if c.apply_rules > self.settings.apply_rules {
+            self.settings.apply_rules = c.apply_rules;
+            self.kv.put(
+                keys::SM_META_SETTINGS.to_vec(),
+                self.settings.encode_to_vec(),
+            );
+        }
+        Ok(changed(0))
+    }
+
     fn bootstrap(&mut self, c: &rp::BootstrapCmd) -> io::Result<CommandResult> {
         if self.kv.get(keys::SM_META_INCARNATION)?.is_none() {
             self.kv.put(
@@ -739,6 +881,7 @@ impl<'o, 'a> Applier<'o, 'a> {
                 c.incarnation.to_be_bytes().to_vec(),
             );
             if let Some(s) = &c.settings {
+                known_rules(s.apply_rules)?;
                 self.kv
                     .put(keys::SM_META_SETTINGS.to_vec(), s.encode_to_vec());
                 self.settings = *s;
@@ -749,20 +892,33 @@ impl<'o, 'a> Applier<'o, 'a> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
+    //! Commands and an apply call for tests of apply and of reads.
     use super::*;
 
-    /// Applies `commands` at `now_ms` to `tree`, as one apply call would.
-    fn apply(tree: &sled::Tree, now_ms: u64, commands: Vec<rp::Command>) -> Vec<CommandResult> {
+    /// Applies `commands` at `now_ms` to `tree`, as one apply call would,
+    /// under the settings stored in the tree (the defaults if none).
+    pub fn apply(tree: &sled::Tree, now_ms: u64, commands: Vec<rp::Command>) -> Vec<CommandResult> {
+        try_apply(tree, now_ms, commands).unwrap()
+    }
+
+    /// [`apply`], or the error that stops the apply call.
+    pub fn try_apply(
+        tree: &sled::Tree,
+        now_ms: u64,
+        commands: Vec<rp::Command>,
+    ) -> io::Result<Vec<CommandResult>> {
+        let settings = match tree.get(keys::SM_META_SETTINGS).unwrap() {
+            Some(v) => decode(&v, "shard settings").unwrap(),
+            None => default_settings(),
+        };
         let mut overlay = Overlay::new(tree);
-        let mut applier = Applier::new(&mut overlay, default_settings());
-        let results = applier
-            .apply_batch(&CommandBatch {
-                format_version: 1,
-                now_ms,
-                commands,
-            })
-            .unwrap();
+        let mut applier = Applier::new(&mut overlay, settings);
+        let results = applier.apply_batch(&CommandBatch {
+            format_version: 1,
+            now_ms,
+            commands,
+        })?;
         for (k, v) in overlay.into_writes().unwrap().0 {
             match v {
                 Some(v) => tree.insert(k, v).map(drop),
@@ -770,10 +926,36 @@ mod tests {
             }
             .unwrap();
         }
-        results
+        Ok(results)
     }
 
-    fn send(chat: u64, client_msg_id: u64) -> rp::Command {
+    /// Stores `settings` as a bootstrap would.
+    pub fn set_settings(tree: &sled::Tree, settings: ShardSettings) {
+        tree.insert(keys::SM_META_SETTINGS, settings.encode_to_vec())
+            .unwrap();
+    }
+
+    /// Stores settings with the newest apply rules, as the bootstrap of a
+    /// shard created by this binary does.
+    pub fn newest_rules(tree: &sled::Tree) {
+        set_settings(
+            tree,
+            ShardSettings {
+                apply_rules: APPLY_RULES,
+                ..default_settings()
+            },
+        );
+    }
+
+    pub fn raise_rules(apply_rules: u32) -> rp::Command {
+        rp::Command {
+            kind: Some(command::Kind::RaiseApplyRules(rp::RaiseApplyRulesCmd {
+                apply_rules,
+            })),
+        }
+    }
+
+    pub fn send(chat: u64, client_msg_id: u64) -> rp::Command {
         rp::Command {
             kind: Some(command::Kind::Send(rp::SendCmd {
                 chat_id: chat,
@@ -785,12 +967,77 @@ mod tests {
         }
     }
 
-    fn gc(before_ms: u64, max_items: u32) -> rp::Command {
+    pub fn gc(before_ms: u64, max_items: u32) -> rp::Command {
         rp::Command {
             kind: Some(command::Kind::GcDedup(rp::GcDedupCmd {
                 before_ms,
                 max_items,
             })),
+        }
+    }
+
+    pub fn edit(chat: u64, seq: u64, editor: u64, body: &[u8]) -> rp::Command {
+        rp::Command {
+            kind: Some(command::Kind::Edit(rp::EditCmd {
+                chat_id: chat,
+                seq,
+                editor_id: editor,
+                body: body.to_vec().into(),
+                ..Default::default()
+            })),
+        }
+    }
+
+    pub fn delete(chat: u64, seq: u64, requester: u64) -> rp::Command {
+        rp::Command {
+            kind: Some(command::Kind::Delete(rp::DeleteCmd {
+                chat_id: chat,
+                seq,
+                requester_id: requester,
+            })),
+        }
+    }
+
+    pub fn gc_changes(before_ms: u64, max_items: u32) -> rp::Command {
+        rp::Command {
+            kind: Some(command::Kind::GcChanges(rp::GcChangesCmd {
+                before_ms,
+                max_items,
+            })),
+        }
+    }
+
+    pub fn close(chat: u64) -> rp::Command {
+        rp::Command {
+            kind: Some(command::Kind::CloseChat(rp::CloseChatCmd {
+                chat_id: chat,
+                reason: "spam".into(),
+            })),
+        }
+    }
+
+    pub fn reopen(chat: u64) -> rp::Command {
+        rp::Command {
+            kind: Some(command::Kind::ReopenChat(rp::ReopenChatCmd {
+                chat_id: chat,
+            })),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::*;
+    use super::*;
+
+    /// The pts of a change result, or the error code of a rejection.
+    fn outcome(r: &CommandResult) -> Result<u64, ErrorCode> {
+        match &r.outcome {
+            Some(command_result::Outcome::Change(c)) => Ok(c.pts),
+            Some(command_result::Outcome::Error(e)) => {
+                Err(ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Unspecified))
+            }
+            other => panic!("not a change result: {other:?}"),
         }
     }
 
@@ -840,5 +1087,173 @@ mod tests {
             "a record inside the window still deduplicates"
         );
         assert!(!duplicate(&r[1]), "a dropped record no longer does");
+    }
+
+    /// An edit or delete applied a second time (a retry after its reply was
+    /// lost) succeeds with the pts of the first and writes nothing; another
+    /// user's delete of the deleted message, or an edit of it, still fails.
+    #[test]
+    fn retried_edits_and_deletes_change_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let tree = db.open_tree("sm").unwrap();
+        newest_rules(&tree);
+        apply(&tree, 1_000, vec![send(1, 100)]);
+        let changes = || tree.scan_prefix([keys::TAG_CHANGE]).count();
+
+        let r = apply(
+            &tree,
+            2_000,
+            vec![edit(1, 1, 1, b"v2"), edit(1, 1, 1, b"v2")],
+        );
+        assert_eq!(outcome(&r[0]), Ok(2));
+        assert_eq!(outcome(&r[1]), Ok(2), "the same edit again");
+        let r = apply(&tree, 3_000, vec![edit(1, 1, 1, b"v2")]);
+        assert_eq!(outcome(&r[0]), Ok(2), "the same edit in a later entry");
+        assert_eq!(changes(), 2);
+        let r = apply(&tree, 4_000, vec![edit(1, 1, 1, b"v3")]);
+        assert_eq!(outcome(&r[0]), Ok(3), "another body is a new change");
+
+        let r = apply(&tree, 5_000, vec![delete(1, 1, 1), delete(1, 1, 1)]);
+        assert_eq!(outcome(&r[0]), Ok(4));
+        assert_eq!(outcome(&r[1]), Ok(4), "the same delete again");
+        let r = apply(
+            &tree,
+            6_000,
+            vec![delete(1, 1, 1), delete(1, 1, 2), edit(1, 1, 1, b"v4")],
+        );
+        assert_eq!(outcome(&r[0]), Ok(4), "the same delete in a later entry");
+        assert_eq!(outcome(&r[1]), Err(ErrorCode::NotFound), "not the sender");
+        assert_eq!(
+            outcome(&r[2]),
+            Err(ErrorCode::NotFound),
+            "edit after delete"
+        );
+        assert_eq!(changes(), 4);
+        let chat: ChatRecord = decode(&tree.get(keys::chat(1)).unwrap().unwrap(), "chat").unwrap();
+        assert_eq!(chat.last_pts, 4);
+    }
+
+    /// A change collection pass walks every chat in steps and drops each
+    /// chat's changes made before the cutoff up to its first newer one or
+    /// its newest: a later change stamped earlier (the leader's clock went
+    /// back) is kept, so what a chat keeps is always its newest changes.
+    #[test]
+    fn change_collection_drops_each_chats_oldest_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let tree = db.open_tree("sm").unwrap();
+        newest_rules(&tree);
+        // Chats 1-5: five old sends each; chats 1 and 2: one new send more.
+        apply(
+            &tree,
+            1_000,
+            (0..25).map(|i| send(1 + i % 5, 100 + i)).collect(),
+        );
+        apply(&tree, 5_000, vec![send(1, 900), send(2, 901)]);
+        // Chat 6: an old send, a new close, then a reopen stamped old.
+        apply(&tree, 1_000, vec![send(6, 1)]);
+        apply(&tree, 5_000, vec![close(6)]);
+        apply(&tree, 1_500, vec![reopen(6)]);
+        let kept = |chat: u64| -> Vec<u64> {
+            tree.scan_prefix(keys::chat_prefix(keys::TAG_CHANGE, chat))
+                .map(|kv| keys::part(&kv.unwrap().0, 1).unwrap())
+                .collect()
+        };
+        assert_eq!(kept(1).len(), 6);
+
+        let mut steps = 0;
+        loop {
+            steps += 1;
+            assert!(steps <= 20, "the pass does not end");
+            apply(&tree, 6_000, vec![gc_changes(2_000, 4)]);
+            if !tree.contains_key(keys::SM_META_CHANGE_GC_CURSOR).unwrap() {
+                break;
+            }
+        }
+        assert!(steps > 1, "steps of 4 cannot cover 30 changes at once");
+        assert_eq!(kept(1), vec![6]);
+        assert_eq!(kept(2), vec![6]);
+        for chat in 3..=5 {
+            assert_eq!(kept(chat), vec![5], "chat {chat} keeps its newest change");
+        }
+        assert_eq!(kept(6), vec![2, 3], "the reopen after the kept close");
+        let end = tree.get(keys::SM_META_CHANGE_GC_PASS_END).unwrap().unwrap();
+        assert_eq!(u64::from_be_bytes(end.as_ref().try_into().unwrap()), 6_000);
+
+        // Nothing else moved: the next send continues each chat's pts.
+        let r = apply(&tree, 7_000, vec![send(3, 999)]);
+        match &r[0].outcome {
+            Some(command_result::Outcome::Send(s)) => assert_eq!((s.seq, s.pts), (6, 6)),
+            other => panic!("not a send result: {other:?}"),
+        }
+    }
+
+    /// A shard created before rule versions (rules 0) keeps the old rules
+    /// until raised: the same edit twice makes two changes, a second delete
+    /// is refused and change collection is refused as an unknown command.
+    /// From the raise on, the new rules hold; a raise past what this binary
+    /// knows stops the apply call and changes nothing.
+    #[test]
+    fn apply_rules_change_at_the_raise_and_not_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let tree = db.open_tree("sm").unwrap();
+        assert_eq!(default_settings().apply_rules, 0, "before a bootstrap");
+        apply(&tree, 1_000, vec![send(1, 100), send(1, 101)]);
+        let r = apply(
+            &tree,
+            2_000,
+            vec![
+                edit(1, 1, 1, b"v2"),
+                edit(1, 1, 1, b"v2"),
+                delete(1, 2, 1),
+                delete(1, 2, 1),
+                gc_changes(u64::MAX, 100),
+            ],
+        );
+        assert_eq!(outcome(&r[0]), Ok(3));
+        assert_eq!(
+            outcome(&r[1]),
+            Ok(4),
+            "rules 0: the same edit changes again"
+        );
+        assert_eq!(outcome(&r[2]), Ok(5));
+        assert_eq!(outcome(&r[3]), Err(ErrorCode::NotFound), "rules 0");
+        assert_eq!(outcome(&r[4]), Err(ErrorCode::InvalidArgument), "rules 0");
+        assert_eq!(tree.scan_prefix([keys::TAG_CHANGE]).count(), 5);
+
+        let r = apply(
+            &tree,
+            3_000,
+            vec![
+                raise_rules(APPLY_RULES),
+                edit(1, 1, 1, b"v2"),
+                delete(1, 2, 1),
+            ],
+        );
+        assert_eq!(outcome(&r[1]), Ok(4), "raised in the same entry");
+        assert_eq!(outcome(&r[2]), Ok(5));
+        let stored: ShardSettings = decode(
+            &tree.get(keys::SM_META_SETTINGS).unwrap().unwrap(),
+            "settings",
+        )
+        .unwrap();
+        assert_eq!(stored.apply_rules, APPLY_RULES);
+        let r = apply(&tree, 4_000, vec![raise_rules(0), gc_changes(0, 100)]);
+        assert!(
+            matches!(r[1].outcome, Some(command_result::Outcome::Expire(_))),
+            "never lowered: collection runs"
+        );
+
+        let before: Vec<_> = tree.iter().map(Result::unwrap).collect();
+        let err = try_apply(
+            &tree,
+            5_000,
+            vec![send(1, 102), raise_rules(APPLY_RULES + 1)],
+        );
+        assert!(err.is_err(), "unknown rules stop the apply call");
+        let after: Vec<_> = tree.iter().map(Result::unwrap).collect();
+        assert_eq!(before, after, "nothing of the stopped call is written");
     }
 }

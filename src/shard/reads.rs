@@ -36,6 +36,9 @@ pub struct StateReader {
     /// once for the whole Raft group, so it never changes after that, and
     /// every read reports it: caching saves a sled lookup per read.
     incarnation: Arc<std::sync::atomic::AtomicU64>,
+    /// The apply rules once they are the newest this binary knows: they
+    /// only grow, and nothing newer can come while this binary runs.
+    newest_rules: Arc<std::sync::atomic::AtomicBool>,
     /// Chat records and the newest messages of recently read chats, kept
     /// current by the state machine.
     chats: Arc<ChatCache>,
@@ -98,8 +101,24 @@ impl StateReader {
             tree,
             keys,
             incarnation: Default::default(),
+            newest_rules: Default::default(),
             chats,
         }
+    }
+
+    /// The apply rules the shard is under; read from sled only until they
+    /// are the newest this binary knows.
+    pub fn apply_rules(&self) -> io::Result<u32> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let newest = crate::shard::apply::APPLY_RULES;
+        if self.newest_rules.load(Relaxed) {
+            return Ok(newest);
+        }
+        let rules = self.settings()?.apply_rules;
+        if rules >= newest {
+            self.newest_rules.store(true, Relaxed);
+        }
+        Ok(rules)
     }
 
     pub fn has_key(&self, key: &[u8]) -> bool {
@@ -136,21 +155,50 @@ impl StateReader {
     /// a pass is under way, or there are dedup records and the last pass
     /// ended at least `window_ms` before `now`.
     pub fn dedup_gc_due(&self, window_ms: u64, now: u64) -> io::Result<bool> {
-        if self.has_key(keys::SM_META_DEDUP_GC_CURSOR) {
+        self.pass_due(
+            keys::SM_META_DEDUP_GC_CURSOR,
+            keys::SM_META_DEDUP_GC_PASS_END,
+            keys::TAG_DEDUP,
+            window_ms,
+            now,
+        )
+    }
+
+    /// Whether the leader should propose a change collection step: a pass
+    /// is in progress, or the last one ended a quarter of the retention
+    /// ago (so a change lives between one and 1.25 retention windows).
+    pub fn change_gc_due(&self, retention_ms: u64, now: u64) -> io::Result<bool> {
+        self.pass_due(
+            keys::SM_META_CHANGE_GC_CURSOR,
+            keys::SM_META_CHANGE_GC_PASS_END,
+            keys::TAG_CHANGE,
+            retention_ms / 4,
+            now,
+        )
+    }
+
+    /// A collection pass over the records under `tag` is in progress (its
+    /// cursor is set), or there are records and the last pass ended at
+    /// least `interval_ms` ago.
+    fn pass_due(
+        &self,
+        cursor: &[u8],
+        pass_end: &[u8],
+        tag: u8,
+        interval_ms: u64,
+        now: u64,
+    ) -> io::Result<bool> {
+        if self.has_key(cursor) {
             return Ok(true);
         }
-        if self.tree.scan_prefix([keys::TAG_DEDUP]).next().is_none() {
+        if self.tree.scan_prefix([tag]).next().is_none() {
             return Ok(false);
         }
-        let last_end = match self
-            .tree
-            .get(keys::SM_META_DEDUP_GC_PASS_END)
-            .map_err(io_err)?
-        {
+        let last_end = match self.tree.get(pass_end).map_err(io_err)? {
             Some(v) => v.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0),
             None => 0,
         };
-        Ok(last_end.saturating_add(window_ms) <= now)
+        Ok(last_end.saturating_add(interval_ms) <= now)
     }
 
     /// The shard's replicated settings.
@@ -338,10 +386,12 @@ impl StateReader {
                 )
         };
         // A gap between the cursor and the oldest kept change means the
-        // retention window has passed the cursor.
-        let reset_required = matches!(first_seen, Some(first) if first > pts + 1);
+        // collection of old changes has passed the cursor. Collection keeps
+        // each chat's newest change, so such a cursor always sees the gap.
+        let reset_required = matches!(first_seen, Some(first) if first > pts.saturating_add(1));
         if reset_required {
             records.clear();
+            more = false;
         }
         let named: Vec<(u64, u64)> = records
             .iter()
@@ -793,5 +843,71 @@ mod tests {
             reader.chats.message(chat, 299).unwrap().map(|m| m.seq),
             Some(299)
         );
+    }
+
+    /// A cursor older than what collection left of a chat's changes gets a
+    /// reset with the chat's pts, whether the chat kept newer changes or
+    /// only its newest; a cursor inside what is kept does not.
+    #[test]
+    fn a_cursor_behind_collected_changes_is_told_to_reset() {
+        use crate::shard::apply::testing::{apply, gc_changes, newest_rules, send};
+        let (_dir, storage, tree) = state_tree();
+        newest_rules(&tree);
+        apply(
+            &tree,
+            1_000,
+            vec![send(1, 1), send(1, 2), send(2, 3), send(2, 4)],
+        );
+        apply(&tree, 5_000, vec![send(2, 5)]);
+        apply(&tree, 6_000, vec![gc_changes(2_000, 100)]);
+        let reader = StateReader::new(tree.clone(), storage.keys().clone(), Default::default());
+
+        let only_newest = reader.difference(1, 0, 10).unwrap();
+        assert!(only_newest.reset_required);
+        assert!(only_newest.changes.is_empty());
+        assert!(!only_newest.more);
+        assert_eq!(only_newest.pts, 2);
+        let current = reader.difference(1, 2, 10).unwrap();
+        assert!(!current.reset_required, "a cursor at the chat's pts");
+        assert!(current.changes.is_empty());
+
+        let gap = reader.difference(2, 1, 10).unwrap();
+        assert!(gap.reset_required);
+        assert!(gap.changes.is_empty());
+        assert_eq!(gap.pts, 3);
+        let kept = reader.difference(2, 2, 10).unwrap();
+        assert!(!kept.reset_required, "the next change is kept");
+        assert_eq!(kept.changes.len(), 1);
+        assert_eq!(kept.changes[0].pts, 3);
+        assert_eq!(kept.changes[0].message.as_ref().unwrap().seq, 3);
+    }
+
+    /// Change collection is due with changes and no pass yet, while a pass
+    /// is under way, and again a quarter retention after one ended.
+    #[test]
+    fn change_collection_is_due_four_times_per_retention() {
+        use crate::shard::apply::testing::{apply, gc_changes, newest_rules, send};
+        let (_dir, storage, tree) = state_tree();
+        newest_rules(&tree);
+        let reader = StateReader::new(tree.clone(), storage.keys().clone(), Default::default());
+        let retention = 4_000;
+        assert!(
+            !reader.change_gc_due(retention, 1_000).unwrap(),
+            "no changes"
+        );
+        apply(&tree, 1_000, vec![send(1, 1), send(2, 2)]);
+        assert!(reader.change_gc_due(retention, 1_000).unwrap());
+        apply(&tree, 1_000, vec![gc_changes(0, 1)]);
+        assert!(reader.change_gc_due(retention, 1_000).unwrap(), "mid-pass");
+        // One change per step: a step for each chat, then one that finds
+        // the end.
+        apply(&tree, 1_000, vec![gc_changes(0, 1)]);
+        assert!(reader.change_gc_due(retention, 1_000).unwrap(), "mid-pass");
+        apply(&tree, 1_000, vec![gc_changes(0, 1)]);
+        assert!(
+            !reader.change_gc_due(retention, 1_999).unwrap(),
+            "just ended"
+        );
+        assert!(reader.change_gc_due(retention, 2_000).unwrap());
     }
 }

@@ -41,7 +41,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::codec::{from_json, to_json};
 use crate::api::pb::replicated::ShardSettings;
-use crate::shard::apply::{default_settings, Applier, Overlay};
+use crate::shard::apply::{default_settings, Applier, Overlay, APPLY_RULES};
 use crate::shard::chat_cache::ChatCache;
 use crate::shard::sealing;
 use crate::shard::snapshot::{self, SnapshotFile};
@@ -165,15 +165,24 @@ impl StateMachine {
         }
     }
 
+    /// The shard's replicated settings; refuses a state under apply rules
+    /// this binary does not know (a newer binary moved the shard to them).
     fn read_settings(&self) -> io::Result<ShardSettings> {
-        match self
+        let settings: ShardSettings = match self
             .tree
             .get(keys::SM_META_SETTINGS)
             .map_err(io::Error::other)?
         {
-            Some(v) => Ok(crate::api::codec::decode(&v, "shard settings")?),
-            None => Ok(default_settings()),
+            Some(v) => crate::api::codec::decode(&v, "shard settings")?,
+            None => default_settings(),
+        };
+        if settings.apply_rules > APPLY_RULES {
+            return Err(io::Error::other(format!(
+                "{} is under apply rules {}; this binary knows up to {APPLY_RULES}: run the newer binary",
+                self.shard, settings.apply_rules
+            )));
         }
+        Ok(settings)
     }
 
     /// Replaces the tree's content with a snapshot file's. The applied id and
@@ -561,26 +570,90 @@ mod tests {
         assert!(sm.tree.get(keys::chat(6)).unwrap().is_some());
     }
 
-    fn send_entry(index: u64, client_msg_id: u64) -> crate::shard::types::Entry {
-        use crate::api::pb::replicated::{command, Command, CommandBatch, SendCmd};
+    fn entry(
+        index: u64,
+        commands: Vec<crate::api::pb::replicated::Command>,
+    ) -> crate::shard::types::Entry {
         crate::shard::types::Entry {
             log_id: crate::shard::types::log_id(1, index),
             payload: OpenraftPayload::Normal(crate::shard::types::Proposal {
-                batch: CommandBatch {
+                batch: crate::api::pb::replicated::CommandBatch {
                     format_version: 1,
                     now_ms: 1_000,
-                    commands: vec![Command {
-                        kind: Some(command::Kind::Send(SendCmd {
-                            chat_id: 5,
-                            sender_id: 1,
-                            client_msg_id,
-                            body: b"hello".to_vec().into(),
-                            ..Default::default()
-                        })),
-                    }],
+                    commands,
                 },
             }),
         }
+    }
+
+    fn reader_of(sm: &StateMachine, storage: &Storage) -> crate::shard::reads::StateReader {
+        crate::shard::reads::StateReader::new(
+            sm.tree.clone(),
+            storage.keys().clone(),
+            sm.chat_cache(),
+        )
+    }
+
+    fn send_entry(index: u64, client_msg_id: u64) -> crate::shard::types::Entry {
+        let mut send = crate::shard::apply::testing::send(5, client_msg_id);
+        if let Some(crate::api::pb::replicated::command::Kind::Send(s)) = &mut send.kind {
+            s.body = b"hello".to_vec().into();
+        }
+        entry(index, vec![send])
+    }
+
+    /// A raise of the apply rules holds for the state machine's next apply
+    /// calls and after it reopens; a tree under rules this binary does not
+    /// know is refused on open.
+    #[tokio::test]
+    async fn apply_rules_hold_across_apply_calls_and_unknown_ones_refuse_open() {
+        use crate::shard::apply::testing::{edit, raise_rules};
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path()).unwrap();
+        let mut sm = StateMachine::open(&storage, ShardId(0)).unwrap();
+        let reader = reader_of(&sm, &storage);
+        let one = |e| futures::stream::iter(vec![Ok((e, None))]);
+        let pts = || reader.chat_record(5).unwrap().last_pts;
+        sm.apply(one(send_entry(1, 1))).await.unwrap();
+        sm.apply(one(entry(2, vec![edit(5, 1, 1, b"hello")])))
+            .await
+            .unwrap();
+        assert_eq!(pts(), 2, "rules 0: an edit to the same body is a change");
+        sm.apply(one(entry(3, vec![raise_rules(APPLY_RULES)])))
+            .await
+            .unwrap();
+        sm.apply(one(entry(4, vec![edit(5, 1, 1, b"hello")])))
+            .await
+            .unwrap();
+        assert_eq!(pts(), 2, "raised in an earlier apply call");
+        drop(sm);
+        let mut sm = StateMachine::open(&storage, ShardId(0)).unwrap();
+        assert_eq!(sm.settings().apply_rules, APPLY_RULES);
+        sm.apply(one(entry(5, vec![edit(5, 1, 1, b"hello")])))
+            .await
+            .unwrap();
+        let reader = reader_of(&sm, &storage);
+        assert_eq!(
+            reader.chat_record(5).unwrap().last_pts,
+            2,
+            "and after reopening"
+        );
+
+        let newer = ShardSettings {
+            apply_rules: APPLY_RULES + 1,
+            ..default_settings()
+        };
+        sm.tree
+            .insert(
+                keys::SM_META_SETTINGS,
+                prost::Message::encode_to_vec(&newer),
+            )
+            .unwrap();
+        drop(sm);
+        let err = StateMachine::open(&storage, ShardId(0))
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("apply rules"), "{err}");
     }
 
     /// Readers take chat records from memory: each apply call's record is
@@ -590,11 +663,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let storage = Storage::open(dir.path()).unwrap();
         let mut sm = StateMachine::open(&storage, ShardId(0)).unwrap();
-        let reader = crate::shard::reads::StateReader::new(
-            sm.tree.clone(),
-            storage.keys().clone(),
-            sm.chat_cache(),
-        );
+        let reader = reader_of(&sm, &storage);
         let apply = |index, client_msg_id| {
             futures::stream::iter(vec![Ok((send_entry(index, client_msg_id), None))])
         };

@@ -7,10 +7,11 @@
 //!
 //! State tree:
 //! - `0x00 name`              metadata: applied log id, apply in progress, membership,
-//!   settings, dedup collection progress
+//!   settings, dedup and change collection progress
 //! - `c chat`                 chat record (last seq, pts, closed)
 //! - `m chat seq`             message
-//! - `p chat pts`             change record
+//! - `p chat pts`             change record; each chat's changes older than the
+//!   replicated retention are dropped, oldest first, by a periodic pass
 //! - `d chat sender cmid`     dedup record → seq and creation time; collected by a
 //!   periodic pass over these keys, so a send writes no time index
 //! - `r chat reader`          read cursor
@@ -33,6 +34,10 @@ pub const SM_META_INCARNATION: &[u8] = b"\x00incarnation";
 pub const SM_META_DEDUP_GC_CURSOR: &[u8] = b"\x00dedup-gc-cursor";
 /// When the last complete dedup collection pass ended (big-endian ms).
 pub const SM_META_DEDUP_GC_PASS_END: &[u8] = b"\x00dedup-gc-pass-end";
+/// Where a change collection pass in progress goes on from.
+pub const SM_META_CHANGE_GC_CURSOR: &[u8] = b"\x00change-gc-cursor";
+/// When the last complete change collection pass ended (big-endian ms).
+pub const SM_META_CHANGE_GC_PASS_END: &[u8] = b"\x00change-gc-pass-end";
 
 pub const TAG_CHAT: u8 = b'c';
 pub const TAG_MESSAGE: u8 = b'm';

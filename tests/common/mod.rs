@@ -63,6 +63,8 @@ pub struct ConfigOptions {
     /// `[raft] quiesce_after_ms`: short in tests, so that every
     /// multi-process test also runs shards going quiet and waking.
     pub quiesce_after_ms: u64,
+    /// `[retention] change_retention_secs`, when not the default.
+    pub change_retention_secs: Option<u64>,
 }
 
 impl Default for ConfigOptions {
@@ -76,6 +78,7 @@ impl Default for ConfigOptions {
             raft_timing: None,
             extra_nodes: Vec::new(),
             quiesce_after_ms: 1_500,
+            change_retention_secs: None,
         }
     }
 }
@@ -100,6 +103,9 @@ pub fn three_region_config(root: &Path, opts: &ConfigOptions) -> ClusterConfig {
         text.push_str(&format!(
             "[latency]\nsimulate = true\nrtt_ms = {{ \"eu/us\" = {eu_us}, \"us/ap\" = {us_ap}, \"eu/ap\" = {eu_ap} }}\n"
         ));
+    }
+    if let Some(secs) = opts.change_retention_secs {
+        text.push_str(&format!("[retention]\nchange_retention_secs = {secs}\n"));
     }
     if let Some(secs) = opts.seal_epoch_secs {
         text.push_str(&format!("[erasure]\nseal_epoch_secs = {secs}\n"));
@@ -363,6 +369,41 @@ impl Client {
         }
         Err(format!(
             "not every shard elected a leader within {deadline:?}"
+        ))
+    }
+
+    /// Waits until every replica on `nodes` applies under `rules`.
+    pub async fn wait_apply_rules(
+        &self,
+        nodes: &[u64],
+        rules: u32,
+        deadline: Duration,
+    ) -> Result<(), String> {
+        let started = Instant::now();
+        let mut last = String::new();
+        while started.elapsed() < deadline {
+            let mut behind = Vec::new();
+            for node in nodes {
+                match self.node(*node).status(StatusRequest {}).await {
+                    Ok(s) => behind.extend(
+                        s.into_inner()
+                            .shards
+                            .iter()
+                            .filter(|sh| sh.apply_rules != rules)
+                            .map(|sh| (*node, sh.shard_id, sh.apply_rules)),
+                    ),
+                    // A node that does not answer is not there yet.
+                    Err(_) => behind.push((*node, 0, 0)),
+                }
+            }
+            if behind.is_empty() {
+                return Ok(());
+            }
+            last = format!("{behind:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Err(format!(
+            "replicas (node, shard, rules) not under apply rules {rules} after {deadline:?}: {last}"
         ))
     }
 }
