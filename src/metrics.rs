@@ -30,6 +30,10 @@ pub const ROUTER_WRITE_STREAM_BATCH: &str = "chatstore_router_write_stream_batch
 pub const SHARD_QUIET: &str = "chatstore_shard_quiet";
 /// Quiet replicas woken, by cause.
 pub const SHARD_WAKES: &str = "chatstore_shard_wakes_total";
+/// How far this node's clock is off from its peers' (ms, positive: ahead),
+/// as the liveness pings measure it; beyond `CLOCK_OFFSET_MS_MAX` the node
+/// gives up leadership.
+pub const CLOCK_OFFSET_MS: &str = "chatstore_clock_offset_ms";
 /// History pages served, by where they were found: `memory` (a chat's tail
 /// in the chat cache) or `sled`.
 pub const READ_CACHE_PAGES: &str = "chatstore_read_cache_pages_total";

@@ -440,3 +440,106 @@ async fn wait_leader(nodes: &common::Client, shard: u64, want: u64, within: Dura
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
+
+/// A node whose clock runs 5 s ahead of its peers' (fault injection): its
+/// pings show it, it hands every shard it leads to a node with a good clock
+/// and is handed none back, not even after the hold time after which
+/// leadership returns to a shard's preferred region (node 1's region is the
+/// preferred one of a third of the shards). Writes go on, and `chatctl
+/// status` names the clock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_whose_clock_is_off_gives_up_leadership_and_gets_none() {
+    let dir = TestDir::new("clock-off");
+    let opts = ConfigOptions {
+        shards: 6,
+        ..Default::default()
+    };
+    let mut procs = ProcessCluster::new(&dir.path, &opts);
+    procs
+        .node_args
+        .insert(1, vec!["--clock-skew-ms".into(), "5000".into()]);
+    procs.start_all_nodes();
+    let nodes = common::Client::new(&procs.config);
+    nodes
+        .wait_leaders(&[1, 2, 3], Duration::from_secs(60))
+        .await
+        .unwrap();
+    let status = |id: u64| {
+        let mut client = nodes.node(id);
+        async move {
+            client
+                .status(StatusRequest {})
+                .await
+                .map(|s| s.into_inner())
+                .ok()
+        }
+    };
+
+    let started = Instant::now();
+    loop {
+        let off_and_leads_nothing = status(1)
+            .await
+            .is_some_and(|s| s.clock_off && s.shards.iter().all(|sh| !sh.is_leader));
+        if off_and_leads_nothing {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "node 1 still leads shards 60 s after start"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let s1 = status(1).await.unwrap();
+    assert!(
+        (4_000..=5_500).contains(&s1.clock_offset_ms),
+        "node 1 measures itself {} ms off",
+        s1.clock_offset_ms
+    );
+    for id in [2, 3] {
+        let s = status(id).await.unwrap();
+        assert!(
+            !s.clock_off,
+            "node {id}'s clock is fine ({} ms)",
+            s.clock_offset_ms
+        );
+    }
+    nodes
+        .wait_leaders(&[2, 3], Duration::from_secs(30))
+        .await
+        .unwrap();
+
+    // Past the hold time after which leadership would return to node 1's
+    // region, node 1 still leads nothing.
+    let hold = Duration::from_millis(procs.config.raft.election_timeout_ms_max * 5);
+    let watched = Instant::now();
+    while watched.elapsed() < hold + Duration::from_secs(2) {
+        let leads = status(1)
+            .await
+            .map(|s| s.shards.iter().filter(|sh| sh.is_leader).count())
+            .unwrap_or(0);
+        assert_eq!(leads, 0, "node 1 was handed leadership back");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    let addr = procs.start_router("eu");
+    let mut api = router_client(&addr).await;
+    for chat in 1..=6u64 {
+        api.send(chatstore::api::pb::SendRequest {
+            chat_id: chat,
+            sender_id: 1,
+            client_msg_id: chat,
+            body: b"on time"[..].into(),
+            ..Default::default()
+        })
+        .await
+        .expect("send with node 1 leading nothing");
+    }
+    let endpoints = procs.endpoints();
+    let (code, out, _) = chatctl(&["--endpoints", &endpoints, "status"]);
+    assert_eq!(
+        code, 1,
+        "a node with a bad clock makes the cluster unhealthy"
+    );
+    assert!(out.contains("CLOCK OFF"), "{out}");
+    assert!(out.contains("node 1's clock is +"), "{out}");
+}

@@ -37,6 +37,10 @@ enum Command {
         /// (ID=ADDR, repeatable): for proxies in tests and odd networks.
         #[arg(long = "peer-addr", value_parser = parse_id_addr)]
         peer_addrs: Vec<(u64, String)>,
+        /// Fault injection: run this node's wall clock MS milliseconds off
+        /// (tests of the clock-offset check).
+        #[arg(long, hide = true, default_value_t = 0, allow_hyphen_values = true)]
+        clock_skew_ms: i64,
     },
     /// Run a router: the public API for one region.
     Router {
@@ -93,7 +97,17 @@ fn main() -> anyhow::Result<()> {
                 config,
                 id,
                 peer_addrs,
-            } => run_node(config, id, peer_addrs).await,
+                clock_skew_ms,
+            } => {
+                if clock_skew_ms != 0 {
+                    tracing::warn!(
+                        clock_skew_ms,
+                        "running with a skewed clock (fault injection)"
+                    );
+                    chatstore::types::set_clock_skew_ms(clock_skew_ms);
+                }
+                run_node(config, id, peer_addrs).await
+            }
             Command::Dev {
                 config,
                 geo,

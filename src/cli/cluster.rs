@@ -141,6 +141,7 @@ pub async fn status(endpoints: &[String], json: bool) -> anyhow::Result<i32> {
                 serde_json::json!({
                     "id": n.id, "addr": n.addr, "region": n.region, "up": n.up,
                     "draining": n.draining, "replicas": replicas(n.id), "leaders": leaders(n.id),
+                    "clock_offset_ms": n.clock_offset_ms, "clock_off": n.clock_off,
                     "error": n.error,
                 })
             })
@@ -162,10 +163,11 @@ pub async fn status(endpoints: &[String], json: bool) -> anyhow::Result<i32> {
             "NODE", "REGION", "ADDR", "STATE", "REPLICAS", "LEADERS"
         );
         for n in view.nodes.values() {
-            let state = match (n.up, n.draining) {
-                (false, _) => "DOWN",
-                (true, true) => "draining",
-                (true, false) => "up",
+            let state = match (n.up, n.draining, n.clock_off) {
+                (false, _, _) => "DOWN",
+                (true, _, true) => "CLOCK OFF",
+                (true, true, false) => "draining",
+                (true, false, false) => "up",
             };
             println!(
                 "{:>4}  {:<8} {:<24} {:<9} {:>8} {:>8}",
@@ -175,6 +177,15 @@ pub async fn status(endpoints: &[String], json: bool) -> anyhow::Result<i32> {
                 state,
                 replicas(n.id),
                 leaders(n.id)
+            );
+        }
+        for n in view.nodes.values().filter(|n| n.clock_off) {
+            println!(
+                "      node {}'s clock is {:+} ms off from its peers' (the bound is {} ms): it \
+                 leads nothing until the clock is fixed",
+                n.id,
+                n.clock_offset_ms,
+                crate::node::clock::CLOCK_OFFSET_MS_MAX
             );
         }
         for (addr, e) in &view.unknown_down {
@@ -210,9 +221,10 @@ pub async fn status(endpoints: &[String], json: bool) -> anyhow::Result<i32> {
     for d in &down {
         eprintln!("error: {d}");
     }
+    let clock_off = view.nodes.values().any(|n| n.clock_off);
     Ok(if !down.is_empty() {
         2
-    } else if !unhealthy.is_empty() || missing > 0 {
+    } else if !unhealthy.is_empty() || missing > 0 || clock_off {
         1
     } else {
         0

@@ -44,6 +44,10 @@ pub struct NodeView {
     pub region: String,
     pub up: bool,
     pub draining: bool,
+    /// How far the node's clock is off from its peers' (ms, positive: ahead).
+    pub clock_offset_ms: i64,
+    /// Beyond the bound: the node gives up leadership.
+    pub clock_off: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     #[serde(skip)]
@@ -59,6 +63,8 @@ impl NodeView {
             region,
             up: false,
             draining: false,
+            clock_offset_ms: 0,
+            clock_off: false,
             error: Some(error),
             shards: BTreeMap::new(),
         }
@@ -258,6 +264,8 @@ impl Ops {
                                 region: s.region.clone(),
                                 up: true,
                                 draining: s.draining,
+                                clock_offset_ms: s.clock_offset_ms,
+                                clock_off: s.clock_off,
                                 error: None,
                                 shards: s.shards.into_iter().map(|x| (x.shard_id, x)).collect(),
                             },
@@ -1014,6 +1022,8 @@ mod tests {
                     region: r.to_string(),
                     up: true,
                     draining: *draining,
+                    clock_offset_ms: 0,
+                    clock_off: false,
                     error: None,
                     shards: BTreeMap::new(),
                 },

@@ -207,6 +207,7 @@ pub fn shard_status(shard: &Shard, registry: &Registry) -> ShardStatus {
 
 /// This node's status: identity, draining flag and every replica it hosts.
 pub fn node_status(registry: &Registry) -> NodeStatus {
+    let clocks = registry.clock_report();
     NodeStatus {
         node_id: registry.node_id().0,
         region: registry.region().to_string(),
@@ -219,6 +220,8 @@ pub fn node_status(registry: &Registry) -> NodeStatus {
         draining: registry.is_draining(),
         shard_count: registry.placement().shard_count(),
         cluster_name: registry.config().cluster_name.clone(),
+        clock_offset_ms: clocks.own_offset_ms,
+        clock_off: clocks.own_is_off(),
     }
 }
 

@@ -13,6 +13,10 @@
 //! - each chat's changes older than the replicated change retention are
 //!   dropped, oldest first, by a pass of `GcChanges` steps four times per
 //!   retention window (a device whose cursor is older is told to reset);
+//! - a leader whose clock is off from its peers' by more than
+//!   `CLOCK_OFFSET_MS_MAX` hands leadership over to a caught-up voter with a
+//!   good clock (see `node::clock`), and no leadership is handed to a node
+//!   whose clock is off;
 //! - leadership returns to the shard's preferred region: a leader outside it
 //!   that has led for a while hands over to a caught-up voter there (damped:
 //!   a hold time before the first try and between tries, so it does not
@@ -29,6 +33,7 @@ use crate::api::pb::replicated::{
     command, BootstrapCmd, Command, ExpireCmd, GcChangesCmd, GcDedupCmd, RaiseApplyRulesCmd,
     ShardSettings,
 };
+use crate::node::clock::{ClockReport, CLOCK_OFFSET_MS_MAX};
 use crate::node::Registry;
 use crate::shard::Shard;
 use crate::storage::keys;
@@ -67,10 +72,24 @@ pub async fn run(registry: Registry, ctx: Context, mut shutdown: watch::Receiver
     // one back.
     let mut leading_since: BTreeMap<ShardId, Instant> = BTreeMap::new();
     let mut last_transfer: BTreeMap<ShardId, Instant> = BTreeMap::new();
+    let mut clock_was_off = false;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(TICK) => {}
             _ = shutdown.wait_for(|s| *s) => return,
+        }
+        let clocks = registry.clock_report();
+        metrics::gauge!(crate::metrics::CLOCK_OFFSET_MS).set(clocks.own_offset_ms as f64);
+        if clocks.own_is_off() != clock_was_off {
+            clock_was_off = clocks.own_is_off();
+            if clock_was_off {
+                tracing::error!(offset_ms = clocks.own_offset_ms, bound_ms = CLOCK_OFFSET_MS_MAX, "this node's clock is off from its peers' by more than the bound; it gives up leadership until the clock is fixed");
+            } else {
+                tracing::info!(
+                    offset_ms = clocks.own_offset_ms,
+                    "this node's clock is back within the bound"
+                );
+            }
         }
         for shard in registry.all() {
             if !shard.is_leader() {
@@ -89,14 +108,31 @@ pub async fn run(registry: Registry, ctx: Context, mut shutdown: watch::Receiver
             let recently = last_transfer
                 .get(&shard.id)
                 .is_some_and(|t| t.elapsed() < ctx.return_after);
-            if since.elapsed() >= ctx.return_after && !recently {
-                if let Some(target) = preferred_target(&shard, &ctx) {
-                    tracing::info!(shard = %shard.id, to = target, "returning leadership to the preferred region");
-                    last_transfer.insert(shard.id, Instant::now());
-                    shard.wake_leader().await;
-                    if let Err(e) = shard.raft.trigger().transfer_leader(target).await {
-                        tracing::warn!(shard = %shard.id, error = %e, "transfer leadership");
-                    }
+            let target = if recently {
+                None
+            } else if clocks.own_is_off() {
+                // Entries stamped by this clock would be off: hand over at
+                // once, to any caught-up voter with a good clock, the
+                // preferred region first.
+                let target = handover_target(&shard, &ctx, &clocks);
+                if let Some(to) = target {
+                    tracing::warn!(shard = %shard.id, to, offset_ms = clocks.own_offset_ms, "this node's clock is off from its peers'; handing leadership over");
+                }
+                target
+            } else if since.elapsed() >= ctx.return_after {
+                let target = preferred_target(&shard, &ctx, &clocks);
+                if let Some(to) = target {
+                    tracing::info!(shard = %shard.id, to, "returning leadership to the preferred region");
+                }
+                target
+            } else {
+                None
+            };
+            if let Some(target) = target {
+                last_transfer.insert(shard.id, Instant::now());
+                shard.wake_leader().await;
+                if let Err(e) = shard.raft.trigger().transfer_leader(target).await {
+                    tracing::warn!(shard = %shard.id, error = %e, "transfer leadership");
                 }
             }
             crate::node::quiesce::maybe_quiesce(&shard, registry.peers(), ctx.quiesce_after).await;
@@ -191,25 +227,45 @@ async fn chores(registry: &Registry, shard: &Shard, ctx: &Context) -> Result<(),
     Ok(())
 }
 
-/// A caught-up voter in the shard's preferred region, if this leader is not
-/// in it.
-fn preferred_target(shard: &Shard, ctx: &Context) -> Option<u64> {
+/// A caught-up voter in the shard's preferred region whose clock is not
+/// off, if this leader is not in that region.
+fn preferred_target(shard: &Shard, ctx: &Context, clocks: &ClockReport) -> Option<u64> {
     let preferred = ctx.preferred.get(&shard.id)?;
     if *preferred == ctx.region {
         return None;
     }
+    caught_up_voters(shard, clocks)
+        .into_iter()
+        .find(|(_, region)| region == preferred)
+        .map(|(id, _)| id)
+}
+
+/// A caught-up voter whose clock is not off, in the shard's preferred region
+/// if there is one there.
+fn handover_target(shard: &Shard, ctx: &Context, clocks: &ClockReport) -> Option<u64> {
+    let voters = caught_up_voters(shard, clocks);
+    let preferred = ctx.preferred.get(&shard.id);
+    voters
+        .iter()
+        .find(|(_, region)| Some(region) == preferred)
+        .or(voters.first())
+        .map(|(id, _)| *id)
+}
+
+/// The shard's voters other than this leader that are within
+/// [`TRANSFER_LAG_MAX`] of its log and whose clocks are not off, with their
+/// regions.
+fn caught_up_voters(shard: &Shard, clocks: &ClockReport) -> Vec<(u64, String)> {
     let m = shard.raft.metrics().borrow_watched().clone();
     let last = m.last_log_index.unwrap_or(0);
-    let matched = m.replication.as_ref()?;
+    let Some(matched) = m.replication.as_ref() else {
+        return Vec::new();
+    };
     let membership = m.membership_config.membership();
-    let target = membership
+    membership
         .voter_ids()
+        .filter(|id| *id != m.id && !clocks.off_peers.contains(id))
         .filter(|id| {
-            membership
-                .get_node(id)
-                .is_some_and(|n| n.region == *preferred)
-        })
-        .find(|id| {
             let at = matched
                 .get(id)
                 .cloned()
@@ -217,6 +273,7 @@ fn preferred_target(shard: &Shard, ctx: &Context) -> Option<u64> {
                 .map(|l| l.index)
                 .unwrap_or(0);
             at + TRANSFER_LAG_MAX >= last
-        });
-    target
+        })
+        .filter_map(|id| Some((id, membership.get_node(&id)?.region.clone())))
+        .collect()
 }

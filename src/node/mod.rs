@@ -17,6 +17,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod clock;
 pub mod duties;
 pub mod erasure;
 pub mod quiesce;
@@ -64,6 +65,8 @@ struct Host {
     /// The newest apply rules each peer said it knows, from its last ping
     /// answer.
     peer_rules: std::sync::Mutex<BTreeMap<u64, u32>>,
+    /// Each peer's clock as its last ping answer showed it.
+    peer_clocks: std::sync::Mutex<BTreeMap<u64, clock::ClockSample>>,
 }
 
 /// What a node remembers about a shard beyond the placement: a replica
@@ -149,6 +152,20 @@ impl Registry {
             .lock()
             .expect("peer rules lock")
             .insert(peer, rules);
+    }
+
+    /// Records a clock sample of `peer` (from its ping answer).
+    pub fn note_peer_clock(&self, peer: u64, sample: clock::ClockSample) {
+        self.host
+            .peer_clocks
+            .lock()
+            .expect("peer clocks lock")
+            .insert(peer, sample);
+    }
+
+    /// Whose clocks are off, this node's included, as the pings show.
+    pub fn clock_report(&self) -> clock::ClockReport {
+        clock::report(&self.host.peer_clocks.lock().expect("peer clocks lock"))
     }
 
     /// The newest apply rules every node in `nodes` knows: this binary's
@@ -337,6 +354,7 @@ impl Node {
                 node_tree: storage.open_tree(trees::NODE_TREE)?,
                 changes: tokio::sync::Mutex::new(()),
                 peer_rules: Default::default(),
+                peer_clocks: Default::default(),
             }),
         };
         // The shards this node hosts: its initial replicas, plus those moved

@@ -30,14 +30,17 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use openraft::async_runtime::WatchReceiver;
 use tokio::sync::watch;
 
 use crate::api::pb::raft::{PingRequest, QuiesceRequest};
+use crate::node::clock::ClockSample;
 use crate::node::Registry;
 use crate::shard::network::Peers;
 use crate::shard::types::NodeAddr;
 use crate::shard::Shard;
+use crate::types::now_ms;
 
 /// How long a peer may take to answer a quiesce request or a ping.
 const CALL_TIMEOUT: Duration = Duration::from_secs(1);
@@ -137,20 +140,22 @@ pub async fn run_liveness(
             let client = registry.peers().client(*id, &node.addr, &node.region);
             let id = *id;
             async move {
-                let Ok(mut client) = client else {
-                    return (id, None);
-                };
+                let mut client = client.ok()?;
                 let mut req = tonic::Request::new(PingRequest { from_node: me });
                 req.set_timeout(CALL_TIMEOUT.min(dead_after));
-                (id, client.ping(req).await.ok())
+                let sent = now_ms();
+                let answer = client.ping(req).await.ok()?.into_inner();
+                Some((answer, sent, now_ms()))
             }
+            .map(move |answer| (id, answer))
         });
         let now = Instant::now();
         for (id, answer) in futures::future::join_all(pings).await {
             let seen = last_answer.entry(id).or_insert(now);
-            if let Some(answer) = answer {
+            if let Some((answer, sent, received)) = answer {
                 *seen = Instant::now();
-                registry.note_peer_rules(id, answer.get_ref().apply_rules);
+                registry.note_peer_rules(id, answer.apply_rules);
+                registry.note_peer_clock(id, ClockSample::from_ping(sent, received, answer.now_ms));
             }
         }
         for shard in shards.iter().filter(|s| s.is_quiet()) {

@@ -177,6 +177,7 @@ impl RaftTransport for TransportService {
         Ok(Response::new(PingReply {
             node_id: self.registry.node_id().0,
             apply_rules: crate::shard::apply::APPLY_RULES,
+            now_ms: crate::types::now_ms(),
         }))
     }
 

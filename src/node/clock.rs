@@ -1,0 +1,149 @@
+//! The leader clock-offset check (DESIGN section 2): a leader stamps every
+//! entry with its wall clock, and reads hide a message from
+//! [`CLOCK_OFFSET_MS_MAX`] before it expires, so a node whose clock is
+//! further off than that from its peers' gives up leadership and is not
+//! handed any.
+//!
+//! Each liveness ping (see [`crate::node::quiesce`]) is a clock sample: the
+//! peer answers with its wall clock, and the peer's offset from ours is its
+//! answer minus the midpoint of our send and receive times, give or take
+//! half the round trip. Shrinking each offset toward zero by that error
+//! keeps only what is certain. The cluster's time is the median of our own
+//! (offset 0) and every fresh sample, so one node with a bad clock is
+//! outvoted by the others, whichever it is; with fewer than three clocks
+//! nothing is decided.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+pub use crate::shard::reads::CLOCK_OFFSET_MS_MAX;
+
+/// A sample older than this no longer counts.
+pub const SAMPLE_FRESH_FOR: Duration = Duration::from_secs(30);
+
+/// One peer's clock as one ping saw it.
+#[derive(Debug, Clone, Copy)]
+pub struct ClockSample {
+    /// The peer's clock minus ours, in ms.
+    pub offset_ms: i64,
+    /// How far off that may be: half the ping's round trip, in ms.
+    pub error_ms: i64,
+    pub taken: Instant,
+}
+
+impl ClockSample {
+    /// A sample from a ping sent at `sent_ms` and answered at `received_ms`
+    /// (our clock) with the peer's `peer_ms`.
+    pub fn from_ping(sent_ms: u64, received_ms: u64, peer_ms: u64) -> ClockSample {
+        let midpoint = sent_ms as i64 + (received_ms as i64 - sent_ms as i64) / 2;
+        ClockSample {
+            offset_ms: peer_ms as i64 - midpoint,
+            error_ms: (received_ms as i64 - sent_ms as i64) / 2 + 1,
+            taken: Instant::now(),
+        }
+    }
+
+    /// The part of the offset that is certain: shrunk toward zero by the
+    /// error.
+    fn certain_ms(&self) -> i64 {
+        self.offset_ms.signum() * (self.offset_ms.abs() - self.error_ms).max(0)
+    }
+}
+
+/// What the samples say about the clocks.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ClockReport {
+    /// How far this node's clock is off from the cluster's time, in ms
+    /// (positive: ahead).
+    pub own_offset_ms: i64,
+    /// Peers whose clocks are further off than the bound.
+    pub off_peers: BTreeSet<u64>,
+}
+
+impl ClockReport {
+    /// This node's clock is further off than the bound.
+    pub fn own_is_off(&self) -> bool {
+        self.own_offset_ms.unsigned_abs() > CLOCK_OFFSET_MS_MAX
+    }
+}
+
+/// The report from the fresh samples of `peers` (each taken with our
+/// clock, so our own offset to ourselves is 0).
+pub fn report(peers: &BTreeMap<u64, ClockSample>) -> ClockReport {
+    let fresh: Vec<(u64, i64)> = peers
+        .iter()
+        .filter(|(_, s)| s.taken.elapsed() < SAMPLE_FRESH_FOR)
+        .map(|(id, s)| (*id, s.certain_ms()))
+        .collect();
+    let mut offsets: Vec<i64> = fresh.iter().map(|(_, o)| *o).collect();
+    offsets.push(0);
+    if offsets.len() < 3 {
+        // Two clocks that disagree cannot tell which one is off.
+        return ClockReport::default();
+    }
+    offsets.sort_unstable();
+    let cluster = offsets[(offsets.len() - 1) / 2];
+    ClockReport {
+        own_offset_ms: -cluster,
+        off_peers: fresh
+            .into_iter()
+            .filter(|(_, o)| (o - cluster).unsigned_abs() > CLOCK_OFFSET_MS_MAX)
+            .map(|(id, _)| id)
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(offset_ms: i64, error_ms: i64) -> ClockSample {
+        ClockSample {
+            offset_ms,
+            error_ms,
+            taken: Instant::now(),
+        }
+    }
+
+    /// The odd clock out is the one that is off, whichever node looks; a
+    /// round trip's worth of doubt never makes a clock look off.
+    #[test]
+    fn the_majority_decides_whose_clock_is_off() {
+        // Node 1 runs 5 s ahead: it sees both peers 5 s behind.
+        let from_1 = BTreeMap::from([(2, sample(-5_000, 2)), (3, sample(-5_001, 3))]);
+        let r = report(&from_1);
+        assert!(r.own_is_off());
+        assert!((4_990..=5_001).contains(&r.own_offset_ms), "{r:?}");
+        assert!(r.off_peers.is_empty(), "{r:?}");
+
+        // Node 2 sees node 1 ahead and node 3 in step.
+        let from_2 = BTreeMap::from([(1, sample(5_000, 2)), (3, sample(-1, 2))]);
+        let r = report(&from_2);
+        assert!(!r.own_is_off(), "{r:?}");
+        assert_eq!(r.off_peers, BTreeSet::from([1]));
+
+        // A slow ping: a large offset within its error is no evidence.
+        let slow = BTreeMap::from([(2, sample(900, 800)), (3, sample(700, 600))]);
+        let r = report(&slow);
+        assert_eq!(r.own_offset_ms, -100, "only the certain 100 ms count");
+        assert!(!r.own_is_off() && r.off_peers.is_empty(), "{r:?}");
+
+        // One peer against us: no majority either way.
+        let pair = BTreeMap::from([(2, sample(-5_000, 2))]);
+        assert_eq!(report(&pair), ClockReport::default());
+
+        // No samples, or stale ones: nothing is known to be off.
+        assert_eq!(report(&BTreeMap::new()), ClockReport::default());
+        let mut stale = sample(-5_000, 1);
+        stale.taken -= SAMPLE_FRESH_FOR;
+        let old = BTreeMap::from([(2, stale), (3, stale)]);
+        assert_eq!(report(&old), ClockReport::default());
+    }
+
+    #[test]
+    fn a_ping_sample_is_the_offset_from_the_midpoint() {
+        let s = ClockSample::from_ping(1_000, 1_010, 6_005);
+        assert_eq!(s.offset_ms, 5_000);
+        assert_eq!(s.error_ms, 6);
+    }
+}
