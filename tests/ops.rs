@@ -509,7 +509,16 @@ async fn a_node_whose_clock_is_off_gives_up_leadership_and_gets_none() {
         .unwrap();
 
     // Past the hold time after which leadership would return to node 1's
-    // region, node 1 still leads nothing.
+    // region, node 1 still leads nothing, and has had nothing to hand over
+    // again (it would hand a shard back within a tick, between two polls,
+    // so its log tells).
+    let handovers = || {
+        std::fs::read_to_string(procs.log_dir.join("node1.log"))
+            .unwrap_or_default()
+            .matches("handing leadership over")
+            .count()
+    };
+    let handed_at_start = handovers();
     let hold = Duration::from_millis(procs.config.raft.election_timeout_ms_max * 5);
     let watched = Instant::now();
     while watched.elapsed() < hold + Duration::from_secs(2) {
@@ -520,6 +529,11 @@ async fn a_node_whose_clock_is_off_gives_up_leadership_and_gets_none() {
         assert_eq!(leads, 0, "node 1 was handed leadership back");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    assert_eq!(
+        handovers(),
+        handed_at_start,
+        "node 1 was handed leadership back"
+    );
 
     let addr = procs.start_router("eu");
     let mut api = router_client(&addr).await;

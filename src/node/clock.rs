@@ -19,26 +19,39 @@ use std::time::{Duration, Instant};
 pub use crate::shard::reads::CLOCK_OFFSET_MS_MAX;
 
 /// A sample older than this no longer counts.
-pub const SAMPLE_FRESH_FOR: Duration = Duration::from_secs(30);
+pub const SAMPLE_FRESH_FOR: Duration = Duration::from_secs(5);
+/// A peer whose clock is this far from the cluster's time is handed no
+/// leadership: half the bound, so a clock near the bound does not take
+/// leadership only to give it up again.
+pub const TARGET_OFFSET_MS_MAX: u64 = CLOCK_OFFSET_MS_MAX / 2;
+/// Offsets are kept within this (ms; about 146 years), so no arithmetic on
+/// them overflows, whatever a peer answers.
+const OFFSET_MS_LIMIT: i64 = 1 << 52;
 
 /// One peer's clock as one ping saw it.
 #[derive(Debug, Clone, Copy)]
 pub struct ClockSample {
     /// The peer's clock minus ours, in ms.
     pub offset_ms: i64,
-    /// How far off that may be: half the ping's round trip, in ms.
+    /// How far off that may be: half the ping's round trip, in ms (at
+    /// least 1).
     pub error_ms: i64,
+    /// When the answer came.
     pub taken: Instant,
 }
 
 impl ClockSample {
-    /// A sample from a ping sent at `sent_ms` and answered at `received_ms`
-    /// (our clock) with the peer's `peer_ms`.
-    pub fn from_ping(sent_ms: u64, received_ms: u64, peer_ms: u64) -> ClockSample {
-        let midpoint = sent_ms as i64 + (received_ms as i64 - sent_ms as i64) / 2;
+    /// A sample from a ping sent at `sent_ms` by our wall clock, answered
+    /// after `round_trip` (timed with the monotonic clock, so a step of our
+    /// wall clock meanwhile does not matter) with the peer's `peer_ms`.
+    pub fn from_ping(sent_ms: u64, round_trip: Duration, peer_ms: u64) -> ClockSample {
+        let half = (round_trip.as_millis() / 2).min(OFFSET_MS_LIMIT as u128) as i64;
+        let midpoint = i128::from(sent_ms) + i128::from(half);
+        let offset = (i128::from(peer_ms) - midpoint)
+            .clamp(-i128::from(OFFSET_MS_LIMIT), i128::from(OFFSET_MS_LIMIT));
         ClockSample {
-            offset_ms: peer_ms as i64 - midpoint,
-            error_ms: (received_ms as i64 - sent_ms as i64) / 2 + 1,
+            offset_ms: offset as i64,
+            error_ms: half + 1,
             taken: Instant::now(),
         }
     }
@@ -56,7 +69,8 @@ pub struct ClockReport {
     /// How far this node's clock is off from the cluster's time, in ms
     /// (positive: ahead).
     pub own_offset_ms: i64,
-    /// Peers whose clocks are further off than the bound.
+    /// Peers with a fresh sample whose clocks are further than
+    /// [`TARGET_OFFSET_MS_MAX`] from the cluster's time.
     pub off_peers: BTreeSet<u64>,
 }
 
@@ -67,8 +81,8 @@ impl ClockReport {
     }
 }
 
-/// The report from the fresh samples of `peers` (each taken with our
-/// clock, so our own offset to ourselves is 0).
+/// The report from the samples of `peers` (each taken with our clock, so
+/// our own offset to ourselves is 0).
 pub fn report(peers: &BTreeMap<u64, ClockSample>) -> ClockReport {
     let fresh: Vec<(u64, i64)> = peers
         .iter()
@@ -87,7 +101,7 @@ pub fn report(peers: &BTreeMap<u64, ClockSample>) -> ClockReport {
         own_offset_ms: -cluster,
         off_peers: fresh
             .into_iter()
-            .filter(|(_, o)| (o - cluster).unsigned_abs() > CLOCK_OFFSET_MS_MAX)
+            .filter(|(_, o)| (o - cluster).unsigned_abs() > TARGET_OFFSET_MS_MAX)
             .map(|(id, _)| id)
             .collect(),
     }
@@ -122,6 +136,12 @@ mod tests {
         assert!(!r.own_is_off(), "{r:?}");
         assert_eq!(r.off_peers, BTreeSet::from([1]));
 
+        // Within the bound but past half of it: not off, not a target.
+        let near = BTreeMap::from([(1, sample(400, 1)), (3, sample(0, 1))]);
+        let r = report(&near);
+        assert!(!r.own_is_off());
+        assert_eq!(r.off_peers, BTreeSet::from([1]));
+
         // A slow ping: a large offset within its error is no evidence.
         let slow = BTreeMap::from([(2, sample(900, 800)), (3, sample(700, 600))]);
         let r = report(&slow);
@@ -142,8 +162,20 @@ mod tests {
 
     #[test]
     fn a_ping_sample_is_the_offset_from_the_midpoint() {
-        let s = ClockSample::from_ping(1_000, 1_010, 6_005);
+        let s = ClockSample::from_ping(1_000, Duration::from_millis(10), 6_005);
         assert_eq!(s.offset_ms, 5_000);
         assert_eq!(s.error_ms, 6);
+        // Whatever a peer answers, the arithmetic stays in range.
+        for (sent_ms, peer_ms) in [(u64::MAX, 0), (0, u64::MAX), (u64::MAX, u64::MAX)] {
+            let s = ClockSample::from_ping(sent_ms, Duration::from_millis(10), peer_ms);
+            let r = report(&BTreeMap::from([(2, s), (3, s)]));
+            assert_eq!(r.own_is_off(), sent_ms != peer_ms, "{r:?}");
+        }
+        // An endless round trip is endless doubt.
+        let s = ClockSample::from_ping(0, Duration::MAX, u64::MAX);
+        assert_eq!(
+            report(&BTreeMap::from([(2, s), (3, s)])),
+            ClockReport::default()
+        );
     }
 }

@@ -13,10 +13,11 @@
 //! - each chat's changes older than the replicated change retention are
 //!   dropped, oldest first, by a pass of `GcChanges` steps four times per
 //!   retention window (a device whose cursor is older is told to reset);
-//! - a leader whose clock is off from its peers' by more than
-//!   `CLOCK_OFFSET_MS_MAX` hands leadership over to a caught-up voter with a
-//!   good clock (see `node::clock`), and no leadership is handed to a node
-//!   whose clock is off;
+//! - a node whose clock is off from its peers' by more than
+//!   `CLOCK_OFFSET_MS_MAX` (two ticks in a row) hands every shard it leads
+//!   to a caught-up, live voter with a good clock, runs none of the chores
+//!   that read the clock, and starts no election (see `node::clock`); no
+//!   leadership is handed to a node whose clock is off;
 //! - leadership returns to the shard's preferred region: a leader outside it
 //!   that has led for a while hands over to a caught-up voter there (damped:
 //!   a hold time before the first try and between tries, so it does not
@@ -47,6 +48,9 @@ pub const EXPIRE_BATCH_MAX: u32 = 1_000;
 /// Most records one GcDedup or GcChanges step examines.
 pub const GC_BATCH_MAX: u32 = 1_000;
 
+/// Ticks in a row that must find this node's clock off before it acts.
+const OFF_TICKS_TO_ACT: u32 = 2;
+
 /// A preferred voter must be this close to the leader's log to receive
 /// leadership.
 pub const TRANSFER_LAG_MAX: u64 = 100;
@@ -62,6 +66,10 @@ pub struct Context {
     pub return_after: Duration,
     /// Idle time after which a led shard quiesces (zero: never).
     pub quiesce_after: Duration,
+    /// The longest election timeout: a peer that has not answered a ping
+    /// for this long is handed no leadership, and a leader whose clock is
+    /// off tries to hand a shard over again this often.
+    pub election_timeout: Duration,
     /// The replicated settings a new shard's bootstrap records (with the
     /// newest apply rules its members know).
     pub bootstrap_settings: ShardSettings,
@@ -69,10 +77,12 @@ pub struct Context {
 
 pub async fn run(registry: Registry, ctx: Context, mut shutdown: watch::Receiver<bool>) {
     // Since when this node leads each shard, and when it last tried to hand
-    // one back.
+    // one over.
     let mut leading_since: BTreeMap<ShardId, Instant> = BTreeMap::new();
     let mut last_transfer: BTreeMap<ShardId, Instant> = BTreeMap::new();
-    let mut clock_was_off = false;
+    // Ticks in a row that found this node's clock off; one tick is not
+    // enough to act on.
+    let mut off_ticks: u32 = 0;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(TICK) => {}
@@ -80,47 +90,57 @@ pub async fn run(registry: Registry, ctx: Context, mut shutdown: watch::Receiver
         }
         let clocks = registry.clock_report();
         metrics::gauge!(crate::metrics::CLOCK_OFFSET_MS).set(clocks.own_offset_ms as f64);
-        if clocks.own_is_off() != clock_was_off {
-            clock_was_off = clocks.own_is_off();
-            if clock_was_off {
-                tracing::error!(offset_ms = clocks.own_offset_ms, bound_ms = CLOCK_OFFSET_MS_MAX, "this node's clock is off from its peers' by more than the bound; it gives up leadership until the clock is fixed");
-            } else {
-                tracing::info!(
-                    offset_ms = clocks.own_offset_ms,
-                    "this node's clock is back within the bound"
-                );
-            }
+        let was_off = off_ticks >= OFF_TICKS_TO_ACT;
+        off_ticks = if clocks.own_is_off() {
+            off_ticks.saturating_add(1)
+        } else {
+            0
+        };
+        let clock_off = off_ticks >= OFF_TICKS_TO_ACT;
+        if clock_off && !was_off {
+            tracing::error!(offset_ms = clocks.own_offset_ms, bound_ms = CLOCK_OFFSET_MS_MAX, "this node's clock is off from its peers' by more than the bound; it gives up leadership until the clock is fixed");
+        } else if was_off && !clock_off {
+            tracing::info!(
+                offset_ms = clocks.own_offset_ms,
+                "this node's clock is back within the bound"
+            );
         }
         for shard in registry.all() {
+            // A node whose clock is off starts no election; it still votes.
+            shard.raft.runtime_config().elect(!clock_off);
             if !shard.is_leader() {
                 leading_since.remove(&shard.id);
                 continue;
             }
             let since = *leading_since.entry(shard.id).or_insert_with(Instant::now);
             let result = if shard.is_quiet() {
-                quiet_chores(&registry, &shard, &ctx).await
+                quiet_chores(&registry, &shard, &ctx, clock_off).await
             } else {
-                chores(&registry, &shard, &ctx).await
+                chores(&registry, &shard, &ctx, clock_off).await
             };
             if let Err(e) = result {
                 tracing::debug!(shard = %shard.id, error = %e, "leader chores");
             }
-            let recently = last_transfer
-                .get(&shard.id)
-                .is_some_and(|t| t.elapsed() < ctx.return_after);
-            let target = if recently {
-                None
-            } else if clocks.own_is_off() {
+            let tried_within = |d: Duration| {
+                last_transfer
+                    .get(&shard.id)
+                    .is_some_and(|t| t.elapsed() < d)
+            };
+            let target = if clock_off {
                 // Entries stamped by this clock would be off: hand over at
-                // once, to any caught-up voter with a good clock, the
-                // preferred region first.
-                let target = handover_target(&shard, &ctx, &clocks);
-                if let Some(to) = target {
-                    tracing::warn!(shard = %shard.id, to, offset_ms = clocks.own_offset_ms, "this node's clock is off from its peers'; handing leadership over");
+                // once, and try again soon if leadership comes back.
+                match tried_within(ctx.election_timeout) {
+                    true => None,
+                    false => {
+                        let target = handover_target(&registry, &shard, &ctx, &clocks);
+                        if let Some(to) = target {
+                            tracing::warn!(shard = %shard.id, to, offset_ms = clocks.own_offset_ms, "this node's clock is off from its peers'; handing leadership over");
+                        }
+                        target
+                    }
                 }
-                target
-            } else if since.elapsed() >= ctx.return_after {
-                let target = preferred_target(&shard, &ctx, &clocks);
+            } else if since.elapsed() >= ctx.return_after && !tried_within(ctx.return_after) {
+                let target = preferred_target(&registry, &shard, &ctx, &clocks);
                 if let Some(to) = target {
                     tracing::info!(shard = %shard.id, to, "returning leadership to the preferred region");
                 }
@@ -134,6 +154,7 @@ pub async fn run(registry: Registry, ctx: Context, mut shutdown: watch::Receiver
                 if let Err(e) = shard.raft.trigger().transfer_leader(target).await {
                     tracing::warn!(shard = %shard.id, error = %e, "transfer leadership");
                 }
+                continue;
             }
             crate::node::quiesce::maybe_quiesce(&shard, registry.peers(), ctx.quiesce_after).await;
         }
@@ -142,14 +163,26 @@ pub async fn run(registry: Registry, ctx: Context, mut shutdown: watch::Receiver
 
 /// A quiet leader's only chore: self-destructing messages that fall due
 /// (a write, which wakes the shard).
-async fn quiet_chores(registry: &Registry, shard: &Shard, ctx: &Context) -> Result<(), String> {
+async fn quiet_chores(
+    registry: &Registry,
+    shard: &Shard,
+    ctx: &Context,
+    clock_off: bool,
+) -> Result<(), String> {
     match shard.reader.earliest_expiry().map_err(|e| e.to_string())? {
-        Some(due) if due <= now_ms() => chores(registry, shard, ctx).await,
+        Some(due) if due <= now_ms() && !clock_off => chores(registry, shard, ctx, clock_off).await,
         _ => Ok(()),
     }
 }
 
-async fn chores(registry: &Registry, shard: &Shard, ctx: &Context) -> Result<(), String> {
+/// The chores of a shard this node leads. With `clock_off`, none that
+/// reads the clock: expiry and collection would act on a wrong time.
+async fn chores(
+    registry: &Registry,
+    shard: &Shard,
+    ctx: &Context,
+    clock_off: bool,
+) -> Result<(), String> {
     let members: Vec<u64> = {
         let m = shard
             .raft
@@ -173,6 +206,19 @@ async fn chores(registry: &Registry, shard: &Shard, ctx: &Context) -> Result<(),
         };
         shard.propose(vec![cmd]).await.map_err(|e| e.to_string())?;
     }
+    let settings = shard.reader.settings().map_err(|e| e.to_string())?;
+    if settings.apply_rules < rules {
+        tracing::info!(shard = %shard.id, from = settings.apply_rules, to = rules, "every member knows newer apply rules; moving the shard to them");
+        let cmd = Command {
+            kind: Some(command::Kind::RaiseApplyRules(RaiseApplyRulesCmd {
+                apply_rules: rules,
+            })),
+        };
+        shard.propose(vec![cmd]).await.map_err(|e| e.to_string())?;
+    }
+    if clock_off {
+        return Ok(());
+    }
     let now = now_ms();
     if let Some(due) = shard.reader.earliest_expiry().map_err(|e| e.to_string())? {
         if due <= now {
@@ -185,7 +231,6 @@ async fn chores(registry: &Registry, shard: &Shard, ctx: &Context) -> Result<(),
             shard.propose(vec![cmd]).await.map_err(|e| e.to_string())?;
         }
     }
-    let settings = shard.reader.settings().map_err(|e| e.to_string())?;
     let window = settings.dedup_window_ms;
     if shard
         .reader
@@ -196,15 +241,6 @@ async fn chores(registry: &Registry, shard: &Shard, ctx: &Context) -> Result<(),
             kind: Some(command::Kind::GcDedup(GcDedupCmd {
                 before_ms: now.saturating_sub(window),
                 max_items: GC_BATCH_MAX,
-            })),
-        };
-        shard.propose(vec![cmd]).await.map_err(|e| e.to_string())?;
-    }
-    if settings.apply_rules < rules {
-        tracing::info!(shard = %shard.id, from = settings.apply_rules, to = rules, "every member knows newer apply rules; moving the shard to them");
-        let cmd = Command {
-            kind: Some(command::Kind::RaiseApplyRules(RaiseApplyRulesCmd {
-                apply_rules: rules,
             })),
         };
         shard.propose(vec![cmd]).await.map_err(|e| e.to_string())?;
@@ -229,12 +265,17 @@ async fn chores(registry: &Registry, shard: &Shard, ctx: &Context) -> Result<(),
 
 /// A caught-up voter in the shard's preferred region whose clock is not
 /// off, if this leader is not in that region.
-fn preferred_target(shard: &Shard, ctx: &Context, clocks: &ClockReport) -> Option<u64> {
+fn preferred_target(
+    registry: &Registry,
+    shard: &Shard,
+    ctx: &Context,
+    clocks: &ClockReport,
+) -> Option<u64> {
     let preferred = ctx.preferred.get(&shard.id)?;
     if *preferred == ctx.region {
         return None;
     }
-    caught_up_voters(shard, clocks)
+    caught_up_voters(registry, shard, ctx, clocks)
         .into_iter()
         .find(|(_, region)| region == preferred)
         .map(|(id, _)| id)
@@ -242,8 +283,13 @@ fn preferred_target(shard: &Shard, ctx: &Context, clocks: &ClockReport) -> Optio
 
 /// A caught-up voter whose clock is not off, in the shard's preferred region
 /// if there is one there.
-fn handover_target(shard: &Shard, ctx: &Context, clocks: &ClockReport) -> Option<u64> {
-    let voters = caught_up_voters(shard, clocks);
+fn handover_target(
+    registry: &Registry,
+    shard: &Shard,
+    ctx: &Context,
+    clocks: &ClockReport,
+) -> Option<u64> {
+    let voters = caught_up_voters(registry, shard, ctx, clocks);
     let preferred = ctx.preferred.get(&shard.id);
     voters
         .iter()
@@ -252,10 +298,15 @@ fn handover_target(shard: &Shard, ctx: &Context, clocks: &ClockReport) -> Option
         .map(|(id, _)| *id)
 }
 
-/// The shard's voters other than this leader that are within
-/// [`TRANSFER_LAG_MAX`] of its log and whose clocks are not off, with their
-/// regions.
-fn caught_up_voters(shard: &Shard, clocks: &ClockReport) -> Vec<(u64, String)> {
+/// The shard's voters other than this leader that answered a ping within
+/// an election timeout, are within [`TRANSFER_LAG_MAX`] of its log and
+/// whose clocks are not off, with their regions.
+fn caught_up_voters(
+    registry: &Registry,
+    shard: &Shard,
+    ctx: &Context,
+    clocks: &ClockReport,
+) -> Vec<(u64, String)> {
     let m = shard.raft.metrics().borrow_watched().clone();
     let last = m.last_log_index.unwrap_or(0);
     let Some(matched) = m.replication.as_ref() else {
@@ -265,6 +316,7 @@ fn caught_up_voters(shard: &Shard, clocks: &ClockReport) -> Vec<(u64, String)> {
     membership
         .voter_ids()
         .filter(|id| *id != m.id && !clocks.off_peers.contains(id))
+        .filter(|id| registry.answered_within(*id, ctx.election_timeout))
         .filter(|id| {
             let at = matched
                 .get(id)

@@ -62,9 +62,9 @@ struct Host {
     node_tree: sled::Tree,
     /// One replica opened or closed at a time.
     changes: tokio::sync::Mutex<()>,
-    /// The newest apply rules each peer said it knows, from its last ping
-    /// answer.
-    peer_rules: std::sync::Mutex<BTreeMap<u64, u32>>,
+    /// Each peer's last ping answer: when it came and the newest apply
+    /// rules the peer said it knows.
+    peer_answers: std::sync::Mutex<BTreeMap<u64, (std::time::Instant, u32)>>,
     /// Each peer's clock as its last ping answer showed it.
     peer_clocks: std::sync::Mutex<BTreeMap<u64, clock::ClockSample>>,
 }
@@ -145,13 +145,24 @@ impl Registry {
         &self.host.peers
     }
 
-    /// Records the newest apply rules `peer` knows (from its ping answer).
-    pub fn note_peer_rules(&self, peer: u64, rules: u32) {
+    /// Records a ping answer of `peer`, with the newest apply rules it
+    /// knows.
+    pub fn note_peer_answer(&self, peer: u64, rules: u32) {
         self.host
-            .peer_rules
+            .peer_answers
             .lock()
-            .expect("peer rules lock")
-            .insert(peer, rules);
+            .expect("peer answers lock")
+            .insert(peer, (std::time::Instant::now(), rules));
+    }
+
+    /// `peer` answered a ping within `within`.
+    pub fn answered_within(&self, peer: u64, within: std::time::Duration) -> bool {
+        self.host
+            .peer_answers
+            .lock()
+            .expect("peer answers lock")
+            .get(&peer)
+            .is_some_and(|(at, _)| at.elapsed() < within)
     }
 
     /// Records a clock sample of `peer` (from its ping answer).
@@ -171,7 +182,11 @@ impl Registry {
     /// The newest apply rules every node in `nodes` knows: this binary's
     /// for this node, 0 for a peer that has not answered a ping.
     pub fn rules_known_by(&self, nodes: impl IntoIterator<Item = u64>) -> u32 {
-        let known = self.host.peer_rules.lock().expect("peer rules lock");
+        let answers = self.host.peer_answers.lock().expect("peer answers lock");
+        let known = answers
+            .iter()
+            .map(|(id, (_, rules))| (*id, *rules))
+            .collect();
         rules_known_by(self.host.id.0, &known, nodes)
     }
 
@@ -353,7 +368,7 @@ impl Node {
                 peers,
                 node_tree: storage.open_tree(trees::NODE_TREE)?,
                 changes: tokio::sync::Mutex::new(()),
-                peer_rules: Default::default(),
+                peer_answers: Default::default(),
                 peer_clocks: Default::default(),
             }),
         };
@@ -428,6 +443,7 @@ impl Node {
             // Long enough that a restarting node is caught up and stable.
             return_after: std::time::Duration::from_millis(config.raft.election_timeout_ms_max * 5),
             quiesce_after: std::time::Duration::from_millis(config.raft.quiesce_after_ms),
+            election_timeout: std::time::Duration::from_millis(config.raft.election_timeout_ms_max),
             bootstrap_settings: config.retention.shard_settings(),
         };
         let liveness = tokio::spawn(quiesce::run_liveness(

@@ -143,19 +143,24 @@ pub async fn run_liveness(
                 let mut client = client.ok()?;
                 let mut req = tonic::Request::new(PingRequest { from_node: me });
                 req.set_timeout(CALL_TIMEOUT.min(dead_after));
-                let sent = now_ms();
+                let (sent_ms, sent) = (now_ms(), Instant::now());
                 let answer = client.ping(req).await.ok()?.into_inner();
-                Some((answer, sent, now_ms()))
+                Some((answer, sent_ms, sent.elapsed()))
             }
             .map(move |answer| (id, answer))
         });
         let now = Instant::now();
         for (id, answer) in futures::future::join_all(pings).await {
             let seen = last_answer.entry(id).or_insert(now);
-            if let Some((answer, sent, received)) = answer {
+            if let Some((answer, sent_ms, round_trip)) = answer {
                 *seen = Instant::now();
-                registry.note_peer_rules(id, answer.apply_rules);
-                registry.note_peer_clock(id, ClockSample::from_ping(sent, received, answer.now_ms));
+                registry.note_peer_answer(id, answer.apply_rules);
+                // A binary from before the clock check answers without
+                // its clock: no sample.
+                if answer.now_ms != 0 {
+                    let sample = ClockSample::from_ping(sent_ms, round_trip, answer.now_ms);
+                    registry.note_peer_clock(id, sample);
+                }
             }
         }
         for shard in shards.iter().filter(|s| s.is_quiet()) {
