@@ -15,7 +15,9 @@
 //! moderation. Tokens are compared in constant time (over their SHA-256, so
 //! not even the length leaks) and never logged.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use anyhow::Context;
 use sha2::{Digest, Sha256};
@@ -156,13 +158,24 @@ pub enum Role {
     Admin,
 }
 
-/// The tokens a process accepts, as SHA-256 digests.
+/// The tokens a process accepts, as SHA-256 digests. Clones share them;
+/// [`Tokens::watch`] re-reads the token files while the process runs.
 #[derive(Clone, Default)]
 pub struct Tokens {
+    sets: Arc<RwLock<TokenSets>>,
+    /// The service and admin token files, with `[auth]`.
+    files: Option<Arc<(PathBuf, PathBuf)>>,
+}
+
+#[derive(Default, PartialEq)]
+struct TokenSets {
     enabled: bool,
     service: Vec<[u8; 32]>,
     admin: Vec<[u8; 32]>,
 }
+
+/// How often [`Tokens::watch`] reads the token files.
+pub const TOKEN_FILES_CHECKED_EVERY: Duration = Duration::from_secs(2);
 
 /// Shortest token accepted in a token file.
 pub const TOKEN_CHARS_MIN: usize = 24;
@@ -190,26 +203,96 @@ fn load_tokens(path: &Path) -> anyhow::Result<Vec<[u8; 32]>> {
     Ok(out)
 }
 
+fn load_sets(files: &(PathBuf, PathBuf)) -> anyhow::Result<TokenSets> {
+    Ok(TokenSets {
+        enabled: true,
+        service: load_tokens(&files.0)?,
+        admin: load_tokens(&files.1)?,
+    })
+}
+
 impl Tokens {
     /// The config's tokens; with no `[auth]`, every call is let through.
     pub fn load(config: &ClusterConfig) -> anyhow::Result<Tokens> {
         let Some(a) = &config.auth else {
             return Ok(Tokens::default());
         };
+        Tokens::from_files(
+            config.resolve(&a.service_tokens),
+            config.resolve(&a.admin_tokens),
+        )
+    }
+
+    /// The tokens in a service and an admin token file.
+    pub fn from_files(service: PathBuf, admin: PathBuf) -> anyhow::Result<Tokens> {
+        let files = (service, admin);
         Ok(Tokens {
-            enabled: true,
-            service: load_tokens(&config.resolve(&a.service_tokens))?,
-            admin: load_tokens(&config.resolve(&a.admin_tokens))?,
+            sets: Arc::new(RwLock::new(load_sets(&files)?)),
+            files: Some(Arc::new(files)),
         })
     }
 
     pub fn enabled(&self) -> bool {
-        self.enabled
+        self.sets.read().expect("tokens lock").enabled
+    }
+
+    /// Reads the token files again and takes their tokens if they are valid
+    /// (true if they changed). On an error the tokens in use stay.
+    pub fn reload(&self) -> anyhow::Result<bool> {
+        let Some(files) = &self.files else {
+            return Ok(false);
+        };
+        let fresh = load_sets(files)?;
+        let mut sets = self.sets.write().expect("tokens lock");
+        if *sets == fresh {
+            return Ok(false);
+        }
+        *sets = fresh;
+        Ok(true)
+    }
+
+    /// Re-reads the token files every [`TOKEN_FILES_CHECKED_EVERY`] while
+    /// any clone of these tokens lives, so tokens are added and revoked
+    /// without a restart. A file that is unreadable or holds a bad line is
+    /// reported and changes nothing.
+    pub fn watch(&self) {
+        if self.files.is_none() {
+            return;
+        }
+        let tokens = Arc::downgrade(&self.sets);
+        let files = self.files.clone();
+        tokio::spawn(async move {
+            let mut failing = false;
+            loop {
+                tokio::time::sleep(TOKEN_FILES_CHECKED_EVERY).await;
+                let Some(sets) = tokens.upgrade() else {
+                    return;
+                };
+                let live = Tokens {
+                    sets,
+                    files: files.clone(),
+                };
+                match live.reload() {
+                    Ok(changed) => {
+                        if changed {
+                            tracing::info!("token files changed; using their tokens now");
+                        }
+                        failing = false;
+                    }
+                    Err(e) if !failing => {
+                        tracing::warn!(error = %format!("{e:#}"), "token files not reloaded; the tokens in use stay");
+                        failing = true;
+                    }
+                    Err(_) => {}
+                }
+            }
+        });
     }
 
     /// Lets a call through if its bearer token grants `need`.
     pub fn check(&self, metadata: &MetadataMap, need: Role) -> Result<(), Status> {
-        if !self.enabled {
+        let sets = self.sets.read().expect("tokens lock");
+        if !sets.enabled {
             return Ok(());
         }
         let Some(value) = metadata.get("authorization") else {
@@ -227,11 +310,11 @@ impl Tokens {
         let digest: [u8; 32] = Sha256::digest(token.trim().as_bytes()).into();
         // Every comparison runs, so timing says nothing about which matched.
         let mut is_admin = subtle::Choice::from(0);
-        for t in &self.admin {
+        for t in &sets.admin {
             is_admin |= t.ct_eq(&digest);
         }
         let mut is_service = subtle::Choice::from(0);
-        for t in &self.service {
+        for t in &sets.service {
             is_service |= t.ct_eq(&digest);
         }
         match (bool::from(is_admin), bool::from(is_service), need) {
@@ -293,9 +376,12 @@ mod tests {
 
     fn tokens() -> Tokens {
         Tokens {
-            enabled: true,
-            service: vec![Sha256::digest(b"service-token-0123456789abcdef").into()],
-            admin: vec![Sha256::digest(b"admin-token-0123456789abcdef").into()],
+            sets: Arc::new(RwLock::new(TokenSets {
+                enabled: true,
+                service: vec![Sha256::digest(b"service-token-0123456789abcdef").into()],
+                admin: vec![Sha256::digest(b"admin-token-0123456789abcdef").into()],
+            })),
+            files: None,
         }
     }
 
@@ -333,5 +419,37 @@ mod tests {
             );
         }
         assert!(Tokens::default().check(&with(None), Role::Admin).is_ok());
+    }
+
+    /// A reload takes a changed file's tokens; a file with a bad line, or
+    /// one that is gone, leaves the tokens in use as they were.
+    #[test]
+    fn reloads_take_valid_token_files_and_keep_the_tokens_otherwise() {
+        let dir = tempfile::tempdir().unwrap();
+        let (service, admin) = (dir.path().join("service"), dir.path().join("admin"));
+        let (old, new) = (
+            "old-service-token-0123456789",
+            "new-service-token-0123456789",
+        );
+        std::fs::write(&service, format!("{old}\n")).unwrap();
+        std::fs::write(&admin, "admin-token-0123456789abcdef\n").unwrap();
+        let tokens = Tokens::from_files(service.clone(), admin.clone()).unwrap();
+        let ok = |t: &str| {
+            tokens
+                .check(&with(Some(&format!("Bearer {t}"))), Role::Service)
+                .is_ok()
+        };
+        assert!(ok(old) && !ok(new));
+        assert!(!tokens.reload().unwrap(), "nothing changed");
+
+        std::fs::write(&service, format!("# rotated\n{new}\n")).unwrap();
+        assert!(tokens.reload().unwrap());
+        assert!(ok(new) && !ok(old), "the old token is revoked");
+
+        std::fs::write(&service, "short\n").unwrap();
+        assert!(tokens.reload().is_err());
+        std::fs::remove_file(&admin).unwrap();
+        assert!(tokens.reload().is_err());
+        assert!(ok(new), "a bad or missing file changes nothing");
     }
 }

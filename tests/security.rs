@@ -400,6 +400,25 @@ async fn tls_mutual_auth_and_tokens_keep_out_whoever_does_not_belong() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let now = shard_state(&certs, &endpoints);
     assert_eq!(now, state, "no term or leader changed");
+
+    // Token rotation without a restart: a new service token is taken up
+    // from the file, and the one it replaced is refused.
+    let rotated = "rotated-service-token-0123456789abcdef";
+    std::fs::write(
+        certs.join("service.tokens"),
+        format!("# rotated\n{rotated}\n"),
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    while api.get_chat(get_chat(rotated)).await.is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the router did not take the rotated token up"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let e = api.get_chat(get_chat(&service)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
 }
 
 /// Raw bytes as a gRPC message, for sending what no generated client would.

@@ -349,6 +349,7 @@ impl Node {
         let tls = crate::security::Tls::for_node(config, id.0)
             .with_context(|| format!("TLS files of node {}", id.0))?;
         let tokens = crate::security::Tokens::load(config).context("token files")?;
+        tokens.watch();
         let peers = Peers::new(
             id,
             &me.region,

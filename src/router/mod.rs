@@ -169,6 +169,7 @@ impl Router {
         let delays = LinkDelays::from_config(config);
         let tls = Tls::for_router(config).context("router TLS files")?;
         let tokens = Tokens::load(config).context("token files")?;
+        tokens.watch();
         let mut nodes = BTreeMap::new();
         for n in &config.nodes {
             let addr = node_addrs
