@@ -201,7 +201,11 @@ pub fn shard_status(shard: &Shard, registry: &Registry) -> ShardStatus {
         progress,
         preferred_region: registry.placement().preferred_region(shard.id).to_string(),
         quiet: shard.is_quiet(),
-        apply_rules: shard.reader.apply_rules().unwrap_or_default(),
+        apply_rules: shard
+            .reader
+            .settings()
+            .map(|s| s.apply_rules)
+            .unwrap_or_default(),
     }
 }
 

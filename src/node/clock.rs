@@ -13,7 +13,7 @@
 //! outvoted by the others, whichever it is; with fewer than three clocks
 //! nothing is decided.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 pub use crate::shard::reads::CLOCK_OFFSET_MS_MAX;
@@ -36,8 +36,6 @@ pub struct ClockSample {
     /// How far off that may be: half the ping's round trip, in ms (at
     /// least 1).
     pub error_ms: i64,
-    /// When the answer came.
-    pub taken: Instant,
 }
 
 impl ClockSample {
@@ -52,7 +50,6 @@ impl ClockSample {
         ClockSample {
             offset_ms: offset as i64,
             error_ms: half + 1,
-            taken: Instant::now(),
         }
     }
 
@@ -81,13 +78,13 @@ impl ClockReport {
     }
 }
 
-/// The report from the samples of `peers` (each taken with our clock, so
-/// our own offset to ourselves is 0).
-pub fn report(peers: &BTreeMap<u64, ClockSample>) -> ClockReport {
-    let fresh: Vec<(u64, i64)> = peers
-        .iter()
-        .filter(|(_, s)| s.taken.elapsed() < SAMPLE_FRESH_FOR)
-        .map(|(id, s)| (*id, s.certain_ms()))
+/// The report from the samples of peers: (peer, when it was taken, sample),
+/// each taken with our clock, so our own offset to ourselves is 0.
+pub fn report(samples: impl IntoIterator<Item = (u64, Instant, ClockSample)>) -> ClockReport {
+    let fresh: Vec<(u64, i64)> = samples
+        .into_iter()
+        .filter(|(_, taken, _)| taken.elapsed() < SAMPLE_FRESH_FOR)
+        .map(|(id, _, s)| (id, s.certain_ms()))
         .collect();
     let mut offsets: Vec<i64> = fresh.iter().map(|(_, o)| *o).collect();
     offsets.push(0);
@@ -115,8 +112,12 @@ mod tests {
         ClockSample {
             offset_ms,
             error_ms,
-            taken: Instant::now(),
         }
+    }
+
+    /// The report from samples taken just now.
+    fn fresh(samples: &[(u64, ClockSample)]) -> ClockReport {
+        report(samples.iter().map(|(id, s)| (*id, Instant::now(), *s)))
     }
 
     /// The odd clock out is the one that is off, whichever node looks; a
@@ -124,40 +125,40 @@ mod tests {
     #[test]
     fn the_majority_decides_whose_clock_is_off() {
         // Node 1 runs 5 s ahead: it sees both peers 5 s behind.
-        let from_1 = BTreeMap::from([(2, sample(-5_000, 2)), (3, sample(-5_001, 3))]);
-        let r = report(&from_1);
+        let from_1 = [(2, sample(-5_000, 2)), (3, sample(-5_001, 3))];
+        let r = fresh(&from_1);
         assert!(r.own_is_off());
         assert!((4_990..=5_001).contains(&r.own_offset_ms), "{r:?}");
         assert!(r.off_peers.is_empty(), "{r:?}");
 
         // Node 2 sees node 1 ahead and node 3 in step.
-        let from_2 = BTreeMap::from([(1, sample(5_000, 2)), (3, sample(-1, 2))]);
-        let r = report(&from_2);
+        let from_2 = [(1, sample(5_000, 2)), (3, sample(-1, 2))];
+        let r = fresh(&from_2);
         assert!(!r.own_is_off(), "{r:?}");
         assert_eq!(r.off_peers, BTreeSet::from([1]));
 
         // Within the bound but past half of it: not off, not a target.
-        let near = BTreeMap::from([(1, sample(400, 1)), (3, sample(0, 1))]);
-        let r = report(&near);
+        let near = [(1, sample(400, 1)), (3, sample(0, 1))];
+        let r = fresh(&near);
         assert!(!r.own_is_off());
         assert_eq!(r.off_peers, BTreeSet::from([1]));
 
         // A slow ping: a large offset within its error is no evidence.
-        let slow = BTreeMap::from([(2, sample(900, 800)), (3, sample(700, 600))]);
-        let r = report(&slow);
+        let slow = [(2, sample(900, 800)), (3, sample(700, 600))];
+        let r = fresh(&slow);
         assert_eq!(r.own_offset_ms, -100, "only the certain 100 ms count");
         assert!(!r.own_is_off() && r.off_peers.is_empty(), "{r:?}");
 
         // One peer against us: no majority either way.
-        let pair = BTreeMap::from([(2, sample(-5_000, 2))]);
-        assert_eq!(report(&pair), ClockReport::default());
+        let pair = [(2, sample(-5_000, 2))];
+        assert_eq!(fresh(&pair), ClockReport::default());
 
         // No samples, or stale ones: nothing is known to be off.
-        assert_eq!(report(&BTreeMap::new()), ClockReport::default());
-        let mut stale = sample(-5_000, 1);
-        stale.taken -= SAMPLE_FRESH_FOR;
-        let old = BTreeMap::from([(2, stale), (3, stale)]);
-        assert_eq!(report(&old), ClockReport::default());
+        assert_eq!(fresh(&[]), ClockReport::default());
+        let stale = sample(-5_000, 1);
+        let then = Instant::now() - SAMPLE_FRESH_FOR;
+        let old = [(2, then, stale), (3, then, stale)];
+        assert_eq!(report(old), ClockReport::default());
     }
 
     #[test]
@@ -168,14 +169,11 @@ mod tests {
         // Whatever a peer answers, the arithmetic stays in range.
         for (sent_ms, peer_ms) in [(u64::MAX, 0), (0, u64::MAX), (u64::MAX, u64::MAX)] {
             let s = ClockSample::from_ping(sent_ms, Duration::from_millis(10), peer_ms);
-            let r = report(&BTreeMap::from([(2, s), (3, s)]));
+            let r = fresh(&[(2, s), (3, s)]);
             assert_eq!(r.own_is_off(), sent_ms != peer_ms, "{r:?}");
         }
         // An endless round trip is endless doubt.
         let s = ClockSample::from_ping(0, Duration::MAX, u64::MAX);
-        assert_eq!(
-            report(&BTreeMap::from([(2, s), (3, s)])),
-            ClockReport::default()
-        );
+        assert_eq!(fresh(&[(2, s), (3, s)]), ClockReport::default());
     }
 }

@@ -195,26 +195,26 @@ async fn chores(
     // The newest apply rules every member's node knows.
     let rules = registry.rules_known_by(members);
     if !shard.reader.has_key(keys::SM_META_INCARNATION) {
-        let cmd = Command {
-            kind: Some(command::Kind::Bootstrap(BootstrapCmd {
+        propose(
+            shard,
+            command::Kind::Bootstrap(BootstrapCmd {
                 incarnation: rand::random::<u64>() | 1,
                 settings: Some(ShardSettings {
                     apply_rules: rules,
                     ..ctx.bootstrap_settings
                 }),
-            })),
-        };
-        shard.propose(vec![cmd]).await.map_err(|e| e.to_string())?;
+            }),
+        )
+        .await?;
     }
     let settings = shard.reader.settings().map_err(|e| e.to_string())?;
     if settings.apply_rules < rules {
         tracing::info!(shard = %shard.id, from = settings.apply_rules, to = rules, "every member knows newer apply rules; moving the shard to them");
-        let cmd = Command {
-            kind: Some(command::Kind::RaiseApplyRules(RaiseApplyRulesCmd {
-                apply_rules: rules,
-            })),
-        };
-        shard.propose(vec![cmd]).await.map_err(|e| e.to_string())?;
+        propose(
+            shard,
+            command::Kind::RaiseApplyRules(RaiseApplyRulesCmd { apply_rules: rules }),
+        )
+        .await?;
     }
     if clock_off {
         return Ok(());
@@ -222,13 +222,14 @@ async fn chores(
     let now = now_ms();
     if let Some(due) = shard.reader.earliest_expiry().map_err(|e| e.to_string())? {
         if due <= now {
-            let cmd = Command {
-                kind: Some(command::Kind::Expire(ExpireCmd {
+            propose(
+                shard,
+                command::Kind::Expire(ExpireCmd {
                     up_to_ms: now,
                     max_items: EXPIRE_BATCH_MAX,
-                })),
-            };
-            shard.propose(vec![cmd]).await.map_err(|e| e.to_string())?;
+                }),
+            )
+            .await?;
         }
     }
     let window = settings.dedup_window_ms;
@@ -237,13 +238,14 @@ async fn chores(
         .dedup_gc_due(window, now)
         .map_err(|e| e.to_string())?
     {
-        let cmd = Command {
-            kind: Some(command::Kind::GcDedup(GcDedupCmd {
+        propose(
+            shard,
+            command::Kind::GcDedup(GcDedupCmd {
                 before_ms: now.saturating_sub(window),
                 max_items: GC_BATCH_MAX,
-            })),
-        };
-        shard.propose(vec![cmd]).await.map_err(|e| e.to_string())?;
+            }),
+        )
+        .await?;
     }
     let retention = settings.change_retention_ms;
     if settings.apply_rules >= 1
@@ -252,15 +254,25 @@ async fn chores(
             .change_gc_due(retention, now)
             .map_err(|e| e.to_string())?
     {
-        let cmd = Command {
-            kind: Some(command::Kind::GcChanges(GcChangesCmd {
+        propose(
+            shard,
+            command::Kind::GcChanges(GcChangesCmd {
                 before_ms: now.saturating_sub(retention),
                 max_items: GC_BATCH_MAX,
-            })),
-        };
-        shard.propose(vec![cmd]).await.map_err(|e| e.to_string())?;
+            }),
+        )
+        .await?;
     }
     Ok(())
+}
+
+/// Proposes one command on the shard this node leads.
+async fn propose(shard: &Shard, kind: command::Kind) -> Result<(), String> {
+    shard
+        .propose(vec![Command { kind: Some(kind) }])
+        .await
+        .map(drop)
+        .map_err(|e| e.to_string())
 }
 
 /// A caught-up voter in the shard's preferred region whose clock is not

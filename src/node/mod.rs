@@ -62,11 +62,19 @@ struct Host {
     node_tree: sled::Tree,
     /// One replica opened or closed at a time.
     changes: tokio::sync::Mutex<()>,
-    /// Each peer's last ping answer: when it came and the newest apply
-    /// rules the peer said it knows.
-    peer_answers: std::sync::Mutex<BTreeMap<u64, (std::time::Instant, u32)>>,
-    /// Each peer's clock as its last ping answer showed it.
-    peer_clocks: std::sync::Mutex<BTreeMap<u64, clock::ClockSample>>,
+    /// Each peer's last ping answer.
+    peer_answers: std::sync::Mutex<BTreeMap<u64, PeerAnswer>>,
+}
+
+/// What a peer's last ping answer said.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAnswer {
+    /// When it came.
+    pub at: std::time::Instant,
+    /// The newest apply rules the peer knows.
+    pub rules: u32,
+    /// Its clock (none from a binary without the clock check).
+    pub clock: Option<clock::ClockSample>,
 }
 
 /// What a node remembers about a shard beyond the placement: a replica
@@ -145,14 +153,13 @@ impl Registry {
         &self.host.peers
     }
 
-    /// Records a ping answer of `peer`, with the newest apply rules it
-    /// knows.
-    pub fn note_peer_answer(&self, peer: u64, rules: u32) {
+    /// Records the last ping answer of `peer`.
+    pub fn note_peer_answer(&self, peer: u64, answer: PeerAnswer) {
         self.host
             .peer_answers
             .lock()
             .expect("peer answers lock")
-            .insert(peer, (std::time::Instant::now(), rules));
+            .insert(peer, answer);
     }
 
     /// `peer` answered a ping within `within`.
@@ -162,31 +169,24 @@ impl Registry {
             .lock()
             .expect("peer answers lock")
             .get(&peer)
-            .is_some_and(|(at, _)| at.elapsed() < within)
-    }
-
-    /// Records a clock sample of `peer` (from its ping answer).
-    pub fn note_peer_clock(&self, peer: u64, sample: clock::ClockSample) {
-        self.host
-            .peer_clocks
-            .lock()
-            .expect("peer clocks lock")
-            .insert(peer, sample);
+            .is_some_and(|a| a.at.elapsed() < within)
     }
 
     /// Whose clocks are off, this node's included, as the pings show.
     pub fn clock_report(&self) -> clock::ClockReport {
-        clock::report(&self.host.peer_clocks.lock().expect("peer clocks lock"))
+        let answers = self.host.peer_answers.lock().expect("peer answers lock");
+        clock::report(
+            answers
+                .iter()
+                .filter_map(|(id, a)| Some((*id, a.at, a.clock?))),
+        )
     }
 
     /// The newest apply rules every node in `nodes` knows: this binary's
     /// for this node, 0 for a peer that has not answered a ping.
     pub fn rules_known_by(&self, nodes: impl IntoIterator<Item = u64>) -> u32 {
         let answers = self.host.peer_answers.lock().expect("peer answers lock");
-        let known = answers
-            .iter()
-            .map(|(id, (_, rules))| (*id, *rules))
-            .collect();
+        let known = answers.iter().map(|(id, a)| (*id, a.rules)).collect();
         rules_known_by(self.host.id.0, &known, nodes)
     }
 
@@ -370,7 +370,6 @@ impl Node {
                 node_tree: storage.open_tree(trees::NODE_TREE)?,
                 changes: tokio::sync::Mutex::new(()),
                 peer_answers: Default::default(),
-                peer_clocks: Default::default(),
             }),
         };
         // The shards this node hosts: its initial replicas, plus those moved

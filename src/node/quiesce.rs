@@ -36,7 +36,7 @@ use tokio::sync::watch;
 
 use crate::api::pb::raft::{PingRequest, QuiesceRequest};
 use crate::node::clock::ClockSample;
-use crate::node::Registry;
+use crate::node::{PeerAnswer, Registry};
 use crate::shard::network::Peers;
 use crate::shard::types::NodeAddr;
 use crate::shard::Shard;
@@ -154,13 +154,17 @@ pub async fn run_liveness(
             let seen = last_answer.entry(id).or_insert(now);
             if let Some((answer, sent_ms, round_trip)) = answer {
                 *seen = Instant::now();
-                registry.note_peer_answer(id, answer.apply_rules);
-                // A binary from before the clock check answers without
-                // its clock: no sample.
-                if answer.now_ms != 0 {
-                    let sample = ClockSample::from_ping(sent_ms, round_trip, answer.now_ms);
-                    registry.note_peer_clock(id, sample);
-                }
+                registry.note_peer_answer(
+                    id,
+                    PeerAnswer {
+                        at: *seen,
+                        rules: answer.apply_rules,
+                        // A binary from before the clock check answers
+                        // without its clock: no sample.
+                        clock: (answer.now_ms != 0)
+                            .then(|| ClockSample::from_ping(sent_ms, round_trip, answer.now_ms)),
+                    },
+                );
             }
         }
         for shard in shards.iter().filter(|s| s.is_quiet()) {

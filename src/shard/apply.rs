@@ -829,11 +829,9 @@ impl<'o, 'a> Applier<'o, 'a> {
                 // new, or the chat's newest, which stays so that a cursor
                 // behind what was dropped finds a gap before it.
                 if rec.at_ms >= c.before_ms || pts >= last_pts {
-                    let Some(next) = chat.checked_add(1) else {
-                        finished = true;
-                        break 'chunks;
-                    };
-                    start = keys::change(next, 0);
+                    // Go on after the chat's last possible change key.
+                    start = keys::change(chat, u64::MAX);
+                    start.push(0);
                     continue 'chunks;
                 }
                 self.kv.delete(key.clone());

@@ -36,9 +36,6 @@ pub struct StateReader {
     /// once for the whole Raft group, so it never changes after that, and
     /// every read reports it: caching saves a sled lookup per read.
     incarnation: Arc<std::sync::atomic::AtomicU64>,
-    /// The apply rules once they are the newest this binary knows: they
-    /// only grow, and nothing newer can come while this binary runs.
-    newest_rules: Arc<std::sync::atomic::AtomicBool>,
     /// Chat records and the newest messages of recently read chats, kept
     /// current by the state machine.
     chats: Arc<ChatCache>,
@@ -101,24 +98,8 @@ impl StateReader {
             tree,
             keys,
             incarnation: Default::default(),
-            newest_rules: Default::default(),
             chats,
         }
-    }
-
-    /// The apply rules the shard is under; read from sled only until they
-    /// are the newest this binary knows.
-    pub fn apply_rules(&self) -> io::Result<u32> {
-        use std::sync::atomic::Ordering::Relaxed;
-        let newest = crate::shard::apply::APPLY_RULES;
-        if self.newest_rules.load(Relaxed) {
-            return Ok(newest);
-        }
-        let rules = self.settings()?.apply_rules;
-        if rules >= newest {
-            self.newest_rules.store(true, Relaxed);
-        }
-        Ok(rules)
     }
 
     pub fn has_key(&self, key: &[u8]) -> bool {

@@ -594,12 +594,12 @@ mod tests {
         )
     }
 
+    /// A send of body "hi" to chat 5.
     fn send_entry(index: u64, client_msg_id: u64) -> crate::shard::types::Entry {
-        let mut send = crate::shard::apply::testing::send(5, client_msg_id);
-        if let Some(crate::api::pb::replicated::command::Kind::Send(s)) = &mut send.kind {
-            s.body = b"hello".to_vec().into();
-        }
-        entry(index, vec![send])
+        entry(
+            index,
+            vec![crate::shard::apply::testing::send(5, client_msg_id)],
+        )
     }
 
     /// A raise of the apply rules holds for the state machine's next apply
@@ -615,21 +615,21 @@ mod tests {
         let one = |e| futures::stream::iter(vec![Ok((e, None))]);
         let pts = || reader.chat_record(5).unwrap().last_pts;
         sm.apply(one(send_entry(1, 1))).await.unwrap();
-        sm.apply(one(entry(2, vec![edit(5, 1, 1, b"hello")])))
+        sm.apply(one(entry(2, vec![edit(5, 1, 1, b"hi")])))
             .await
             .unwrap();
         assert_eq!(pts(), 2, "rules 0: an edit to the same body is a change");
         sm.apply(one(entry(3, vec![raise_rules(APPLY_RULES)])))
             .await
             .unwrap();
-        sm.apply(one(entry(4, vec![edit(5, 1, 1, b"hello")])))
+        sm.apply(one(entry(4, vec![edit(5, 1, 1, b"hi")])))
             .await
             .unwrap();
         assert_eq!(pts(), 2, "raised in an earlier apply call");
         drop(sm);
         let mut sm = StateMachine::open(&storage, ShardId(0)).unwrap();
         assert_eq!(sm.settings().apply_rules, APPLY_RULES);
-        sm.apply(one(entry(5, vec![edit(5, 1, 1, b"hello")])))
+        sm.apply(one(entry(5, vec![edit(5, 1, 1, b"hi")])))
             .await
             .unwrap();
         let reader = reader_of(&sm, &storage);
