@@ -419,6 +419,77 @@ async fn tls_mutual_auth_and_tokens_keep_out_whoever_does_not_belong() {
     }
     let e = api.get_chat(get_chat(&service)).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+
+    // Certificate rotation without a restart, to a new CA (the other one
+    // above). First every process trusts both CAs, then the router and the
+    // nodes take certificates of the new one.
+    let old_ca = std::fs::read_to_string(certs.join("ca.pem")).unwrap();
+    let new_ca = std::fs::read_to_string(forged.join("ca.pem")).unwrap();
+    std::fs::write(certs.join("ca.pem"), format!("{old_ca}{new_ca}")).unwrap();
+    let take_new = |name: &str| {
+        for ext in ["pem", "key"] {
+            let file = format!("{name}.{ext}");
+            std::fs::copy(forged.join(&file), certs.join(&file)).unwrap();
+        }
+    };
+    take_new("router");
+    // A client that trusts only the new CA gets through on a new connection.
+    let new_ca_only = Endpoint::from_shared(format!("https://{router}"))
+        .unwrap()
+        .tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(new_ca.as_bytes()))
+                .domain_name("router.chatstore"),
+        )
+        .unwrap()
+        .connect_timeout(Duration::from_secs(3))
+        .timeout(Duration::from_secs(10));
+    let started = std::time::Instant::now();
+    loop {
+        if let Ok(ch) = new_ca_only.connect().await {
+            let r = ChatStoreClient::new(ch).get_chat(get_chat(rotated)).await;
+            assert!(r.is_ok(), "{r:?}");
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the router did not take its new certificate up"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for id in 1..=3 {
+        take_new(&format!("node-{id}"));
+    }
+    // chatctl with only the new CA and a new admin certificate: every node
+    // presents its new certificate and takes the new CA's client ones.
+    std::fs::copy(
+        certs.join("admin.tokens"),
+        forged.join("cluster-admin.tokens"),
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    loop {
+        let (code, out, err) = chatctl(
+            &forged,
+            "cluster-admin.tokens",
+            &["--endpoints", &endpoints, "status"],
+        );
+        if code == 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the nodes did not take their new certificates up: {out}{err}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Writes still go through: the router and the nodes keep talking.
+    let open_chat = pb::SendRequest {
+        chat_id: 8,
+        ..send(4)
+    };
+    let r = api.send(with_token(open_chat, Some(rotated))).await;
+    assert!(r.is_ok(), "{r:?}");
 }
 
 /// Raw bytes as a gRPC message, for sending what no generated client would.

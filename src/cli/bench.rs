@@ -35,7 +35,6 @@ use bytes::Bytes;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use tokio::task::JoinSet;
-use tonic::transport::Endpoint;
 
 use crate::security::AuthChannel;
 use tonic::{Code, Status};
@@ -635,20 +634,17 @@ fn progress_bar(quiet: bool, len: u64, message: &str) -> indicatif::ProgressBar 
 /// against nothing measures nothing.
 pub(super) async fn connect(routers: &[String], count: usize) -> anyhow::Result<Vec<AuthChannel>> {
     let access = super::access();
-    let scheme = crate::security::scheme(access.tls.is_some());
     let mut channels = Vec::with_capacity(count);
     for i in 0..count {
         let addr = &routers[i % routers.len()];
-        let mut endpoint = crate::api::http2::endpoint(
-            Endpoint::from_shared(format!("{scheme}://{addr}"))
-                .with_context(|| format!("bad router address {addr:?}"))?,
-        )
-        .connect_timeout(CONNECT_TIMEOUT)
-        .tcp_nodelay(true);
-        if let Some(tls) = &access.tls {
-            endpoint = endpoint.tls_config(tls.anonymous_client(crate::security::ROUTER_NAME))?;
-        }
-        let channel = endpoint.connect().await.with_context(|| {
+        let endpoint =
+            crate::api::http2::endpoint(crate::security::endpoint(addr).context("router address")?)
+                .connect_timeout(CONNECT_TIMEOUT)
+                .tcp_nodelay(true);
+        let tls = access.tls.as_ref();
+        let channel = crate::security::connect(endpoint, tls, crate::security::ROUTER_NAME)
+            .await
+            .with_context(|| {
             format!(
                 "cannot reach the router at {addr}; is it running? (check --router/--routers and --ca)"
             )

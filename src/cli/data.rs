@@ -3,7 +3,6 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use tonic::transport::Endpoint;
 
 use crate::security::AuthChannel;
 
@@ -12,16 +11,17 @@ use crate::api::pb::{self, ChangeKind};
 
 async fn router(addr: &str) -> anyhow::Result<ChatStoreClient<AuthChannel>> {
     let access = super::access();
-    let scheme = crate::security::scheme(access.tls.is_some());
-    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
-        .with_context(|| format!("bad router address {addr:?}"))?
+    let endpoint = crate::security::endpoint(addr)
+        .context("router address")?
         .connect_timeout(Duration::from_secs(3));
-    if let Some(tls) = &access.tls {
-        endpoint = endpoint.tls_config(tls.anonymous_client(crate::security::ROUTER_NAME))?;
-    }
-    let channel = endpoint.connect().await.with_context(|| {
-        format!("cannot reach the router at {addr}; is it running? (check --router and --ca)")
-    })?;
+    let channel =
+        crate::security::connect(endpoint, access.tls.as_ref(), crate::security::ROUTER_NAME)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot reach the router at {addr}; is it running? (check --router and --ca)"
+                )
+            })?;
     Ok(ChatStoreClient::with_interceptor(
         channel,
         access.token.clone(),

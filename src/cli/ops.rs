@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::api::pb::node::admin_client::AdminClient;
@@ -178,15 +178,15 @@ impl Ops {
             return Ok(c.clone());
         }
         let access = super::access();
-        let scheme = crate::security::scheme(access.tls.is_some());
-        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
-            .with_context(|| format!("bad node address {addr:?}"))?
+        let endpoint = crate::security::endpoint(addr)
+            .context("node address")?
             .connect_timeout(Duration::from_secs(3))
             .timeout(Duration::from_secs(60));
-        if let Some(tls) = &access.tls {
-            endpoint = endpoint.tls_config(tls.client(crate::security::ANY_NODE_NAME))?;
-        }
-        let c = endpoint.connect_lazy();
+        let c = crate::security::channel(
+            endpoint,
+            access.tls.as_ref(),
+            crate::security::ANY_NODE_NAME,
+        )?;
         channels.insert(addr.to_string(), c.clone());
         Ok(c)
     }

@@ -348,6 +348,9 @@ impl Node {
         let placement = Placement::new(config);
         let tls = crate::security::Tls::for_node(config, id.0)
             .with_context(|| format!("TLS files of node {}", id.0))?;
+        if let Some(tls) = &tls {
+            tls.watch();
+        }
         let tokens = crate::security::Tokens::load(config).context("token files")?;
         tokens.watch();
         let peers = Peers::new(
@@ -563,29 +566,28 @@ async fn serve(
     // The builder's tcp_nodelay only reaches listeners tonic binds itself;
     // accepted sockets get it here, or Nagle holds back small replies.
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    let mut builder = crate::api::http2::server(tonic::transport::Server::builder())
+    let routes = crate::api::http2::server(tonic::transport::Server::builder())
         // Limits per connection: concurrent streams and in-flight requests.
         .max_concurrent_streams(Some(NODE_STREAMS_PER_CONNECTION_MAX))
-        .concurrency_limit_per_connection(NODE_STREAMS_PER_CONNECTION_MAX as usize);
-    if let Some(tls) = &security.tls {
-        builder = match builder.tls_config(tls.mutual_server()) {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::error!(error = %e, "node TLS configuration");
-                return;
-            }
-        };
-    }
-    let result = builder
+        .concurrency_limit_per_connection(NODE_STREAMS_PER_CONNECTION_MAX as usize)
         .add_service(health)
         .add_service(reflection)
         .add_service(transport)
         .add_service(node_api)
-        .add_service(admin_api)
-        .serve_with_incoming_shutdown(incoming, async move {
-            let _ = shutdown.wait_for(|s| *s).await;
-        })
-        .await;
+        .add_service(admin_api);
+    let stopped = async move {
+        let _ = shutdown.wait_for(|s| *s).await;
+    };
+    let result = match &security.tls {
+        Some(tls) => match tls.incoming(crate::security::ClientAuth::Required, incoming) {
+            Ok(incoming) => routes.serve_with_incoming_shutdown(incoming, stopped).await,
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "node TLS configuration");
+                return;
+            }
+        },
+        None => routes.serve_with_incoming_shutdown(incoming, stopped).await,
+    };
     if let Err(e) = result {
         tracing::error!(error = %e, "node server stopped");
     }

@@ -26,7 +26,6 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use tonic::transport::Endpoint;
 use tonic::{Code, Status};
 
 use crate::api::pb::node::{read_request::Query, EncodedReadReply, ReadRequest, StatusRequest};
@@ -39,7 +38,7 @@ use crate::api::RouterNodeClient;
 use crate::cluster::latency::{Delayed, LinkDelays};
 use crate::cluster::{ClusterConfig, Placement};
 use crate::router::token::{ShardPosition, TokenKeys};
-use crate::security::{node_name, scheme, Tls, Tokens};
+use crate::security::{node_name, Tls, Tokens};
 use crate::types::{ChatId, ShardId};
 use anyhow::Context;
 
@@ -81,18 +80,12 @@ fn node_entry(
     addr: &str,
     node_region: &str,
 ) -> anyhow::Result<NodeEntry> {
-    let mut endpoint = crate::api::http2::endpoint(Endpoint::from_shared(format!(
-        "{}://{addr}",
-        scheme(tls.is_some())
-    ))?)
-    .connect_timeout(Duration::from_secs(2))
-    .tcp_nodelay(true)
-    .http2_keep_alive_interval(Duration::from_secs(10))
-    .keep_alive_timeout(Duration::from_secs(10));
-    if let Some(tls) = tls {
-        endpoint = endpoint.tls_config(tls.client(&node_name(node)))?;
-    }
-    let channel = endpoint.connect_lazy();
+    let endpoint = crate::api::http2::endpoint(crate::security::endpoint(addr)?)
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(10));
+    let channel = crate::security::channel(endpoint, tls, &node_name(node))?;
     let one_way = delays.one_way(region, node_region);
     let client = NodeClient::new(Delayed::new(channel, one_way));
     Ok(NodeEntry {
@@ -168,6 +161,9 @@ impl Router {
         }
         let delays = LinkDelays::from_config(config);
         let tls = Tls::for_router(config).context("router TLS files")?;
+        if let Some(tls) = &tls {
+            tls.watch();
+        }
         let tokens = Tokens::load(config).context("token files")?;
         tokens.watch();
         let mut nodes = BTreeMap::new();
@@ -648,20 +644,28 @@ pub async fn serve(
     )
     .max_decoding_message_size(API_MESSAGE_BYTES_MAX);
     let incoming = crate::api::http2::incoming(listener);
-    let mut builder = crate::api::http2::server(tonic::transport::Server::builder())
+    let routes = crate::api::http2::server(tonic::transport::Server::builder())
         .max_concurrent_streams(Some(STREAMS_PER_CONNECTION_MAX))
-        .concurrency_limit_per_connection(REQUESTS_PER_CONNECTION_MAX);
-    if let Some(tls) = &tls {
-        builder = builder.tls_config(tls.server())?;
-    }
-    builder
+        .concurrency_limit_per_connection(REQUESTS_PER_CONNECTION_MAX)
         .add_service(health)
         .add_service(reflection)
-        .add_service(api)
-        .serve_with_incoming_shutdown(incoming, async move {
-            let _ = shutdown.wait_for(|s| *s).await;
-        })
-        .await?;
+        .add_service(api);
+    let stopped = async move {
+        let _ = shutdown.wait_for(|s| *s).await;
+    };
+    match &tls {
+        Some(tls) => {
+            let incoming = tls.incoming(crate::security::ClientAuth::None, incoming)?;
+            routes
+                .serve_with_incoming_shutdown(incoming, stopped)
+                .await?
+        }
+        None => {
+            routes
+                .serve_with_incoming_shutdown(incoming, stopped)
+                .await?
+        }
+    }
     Ok(())
 }
 

@@ -20,7 +20,7 @@ use openraft::raft::{
     TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use tokio::io::AsyncReadExt;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::Status;
 
 use crate::api::codec::{from_postcard, to_postcard, RAFT_WIRE_VERSION};
@@ -117,22 +117,21 @@ impl Peers {
         let channel = match channels.get(&(node, addr.to_string())) {
             Some(c) => c.clone(),
             None => {
-                let scheme = crate::security::scheme(self.tls.is_some());
-                let mut endpoint = crate::api::http2::endpoint(
-                    Endpoint::from_shared(format!("{scheme}://{addr}"))
-                        .map_err(|e| format!("bad address {addr:?} for node {node}: {e}"))?,
+                let endpoint = crate::api::http2::endpoint(
+                    crate::security::endpoint(addr).map_err(|e| format!("node {node}: {e:#}"))?,
                 )
                 .connect_timeout(CONNECT_TIMEOUT)
                 .tcp_nodelay(true)
                 .http2_keep_alive_interval(Duration::from_secs(10))
                 .keep_alive_timeout(Duration::from_secs(20));
-                if let Some(tls) = &self.tls {
-                    // The peer must prove it is the node the membership names.
-                    endpoint = endpoint
-                        .tls_config(tls.client(&crate::security::node_name(node)))
-                        .map_err(|e| format!("TLS for node {node}: {e}"))?;
-                }
-                let c = endpoint.connect_lazy();
+                // With TLS, the peer must prove it is the node the membership
+                // names.
+                let c = crate::security::channel(
+                    endpoint,
+                    self.tls.as_ref(),
+                    &crate::security::node_name(node),
+                )
+                .map_err(|e| format!("TLS for node {node}: {e:#}"))?;
                 channels.insert((node, addr.to_string()), c.clone());
                 c
             }

@@ -23,10 +23,14 @@ use anyhow::Context;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tonic::metadata::{Ascii, MetadataMap, MetadataValue};
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use tonic::transport::{Channel, Endpoint};
 use tonic::Status;
 
 use crate::cluster::ClusterConfig;
+
+pub mod tls;
+
+pub use tls::{ClientAuth, Tls};
 
 /// The DNS name in node `id`'s certificate.
 pub fn node_name(id: u64) -> String {
@@ -38,19 +42,8 @@ pub const ANY_NODE_NAME: &str = "node.chatstore";
 pub const ROUTER_NAME: &str = "router.chatstore";
 pub const ADMIN_NAME: &str = "admin.chatstore";
 
-fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
-    std::fs::read(path).with_context(|| format!("read {}", path.display()))
-}
-
 fn node_path(config: &ClusterConfig, pattern: &str, id: u64) -> std::path::PathBuf {
     config.resolve(Path::new(&pattern.replace("{id}", &id.to_string())))
-}
-
-/// TLS settings of one process, loaded from the config's files.
-#[derive(Clone)]
-pub struct Tls {
-    ca: Certificate,
-    identity: Identity,
 }
 
 impl Tls {
@@ -59,13 +52,14 @@ impl Tls {
         let Some(t) = &config.tls else {
             return Ok(None);
         };
-        Ok(Some(Tls {
-            ca: Certificate::from_pem(read(&config.resolve(&t.ca))?),
-            identity: Identity::from_pem(
-                read(&node_path(config, &t.node_cert, id))?,
-                read(&node_path(config, &t.node_key, id))?,
-            ),
-        }))
+        Tls::load(
+            config.resolve(&t.ca),
+            Some((
+                node_path(config, &t.node_cert, id),
+                node_path(config, &t.node_key, id),
+            )),
+        )
+        .map(Some)
     }
 
     /// A router's TLS, if the config has `[tls]`.
@@ -73,65 +67,61 @@ impl Tls {
         let Some(t) = &config.tls else {
             return Ok(None);
         };
-        Ok(Some(Tls {
-            ca: Certificate::from_pem(read(&config.resolve(&t.ca))?),
-            identity: Identity::from_pem(
-                read(&config.resolve(&t.router_cert))?,
-                read(&config.resolve(&t.router_key))?,
-            ),
-        }))
+        Tls::load(
+            config.resolve(&t.ca),
+            Some((
+                config.resolve(&t.router_cert),
+                config.resolve(&t.router_key),
+            )),
+        )
+        .map(Some)
     }
 
     /// chatctl's TLS from its own files (CA, and a client certificate for
     /// nodes).
     pub fn from_files(ca: &Path, cert: Option<&Path>, key: Option<&Path>) -> anyhow::Result<Tls> {
         let identity = match (cert, key) {
-            (Some(c), Some(k)) => Identity::from_pem(read(c)?, read(k)?),
-            (None, None) => Identity::from_pem(Vec::<u8>::new(), Vec::<u8>::new()),
+            (Some(c), Some(k)) => Some((c.to_path_buf(), k.to_path_buf())),
+            (None, None) => None,
             _ => anyhow::bail!("--cert and --key go together"),
         };
-        Ok(Tls {
-            ca: Certificate::from_pem(read(ca)?),
-            identity,
-        })
-    }
-
-    /// A server that requires a client certificate from the CA (nodes).
-    pub fn mutual_server(&self) -> ServerTlsConfig {
-        ServerTlsConfig::new()
-            .identity(self.identity.clone())
-            .client_ca_root(self.ca.clone())
-    }
-
-    /// A server for callers without certificates (routers' public API).
-    pub fn server(&self) -> ServerTlsConfig {
-        ServerTlsConfig::new().identity(self.identity.clone())
-    }
-
-    /// A client that presents this process's certificate and expects the
-    /// server to be `server_name`.
-    pub fn client(&self, server_name: &str) -> ClientTlsConfig {
-        ClientTlsConfig::new()
-            .ca_certificate(self.ca.clone())
-            .identity(self.identity.clone())
-            .domain_name(server_name)
-    }
-
-    /// A client without a certificate of its own.
-    pub fn anonymous_client(&self, server_name: &str) -> ClientTlsConfig {
-        ClientTlsConfig::new()
-            .ca_certificate(self.ca.clone())
-            .domain_name(server_name)
+        Tls::load(ca.to_path_buf(), identity)
     }
 }
 
-/// The scheme of URLs to a listener with or without TLS.
-pub fn scheme(tls: bool) -> &'static str {
-    if tls {
-        "https"
-    } else {
-        "http"
-    }
+/// A client endpoint for `addr`. Its scheme is `http` with or without TLS:
+/// [`channel`] and [`connect`] add the TLS.
+pub fn endpoint(addr: &str) -> anyhow::Result<Endpoint> {
+    Endpoint::from_shared(format!("http://{addr}")).with_context(|| format!("bad address {addr:?}"))
+}
+
+/// A channel through `endpoint` that connects when first used, over TLS to
+/// a server whose certificate names `server_name` if `tls` is given.
+pub fn channel(
+    endpoint: Endpoint,
+    tls: Option<&Tls>,
+    server_name: &str,
+) -> anyhow::Result<Channel> {
+    Ok(match tls {
+        Some(tls) => endpoint.connect_with_connector_lazy(tls.connector(server_name)?),
+        None => endpoint.connect_lazy(),
+    })
+}
+
+/// Like [`channel`], but connects now.
+pub async fn connect(
+    endpoint: Endpoint,
+    tls: Option<&Tls>,
+    server_name: &str,
+) -> anyhow::Result<Channel> {
+    Ok(match tls {
+        Some(tls) => {
+            endpoint
+                .connect_with_connector(tls.connector(server_name)?)
+                .await?
+        }
+        None => endpoint.connect().await?,
+    })
 }
 
 /// Whether the peer's certificate chain (already verified against the CA
@@ -147,6 +137,37 @@ pub fn peer_is(certs: &[tonic::transport::CertificateDer<'static>], name: &str) 
         return false;
     };
     cert.verify_is_valid_for_subject_name(&server_name).is_ok()
+}
+
+/// Calls `reload` every [`FILES_CHECKED_EVERY`] until it returns `None`
+/// (what it reloads is gone). Logs each change, and the first failure of
+/// a run of them: `what` and then `changed` or `kept`.
+pub(crate) fn watch_files(
+    what: &'static str,
+    changed: &'static str,
+    kept: &'static str,
+    mut reload: impl FnMut() -> Option<anyhow::Result<bool>> + Send + 'static,
+) {
+    tokio::spawn(async move {
+        let mut failing = false;
+        loop {
+            tokio::time::sleep(FILES_CHECKED_EVERY).await;
+            match reload() {
+                None => return,
+                Some(Ok(change)) => {
+                    if change {
+                        tracing::info!("{what} changed; {changed}");
+                    }
+                    failing = false;
+                }
+                Some(Err(e)) if !failing => {
+                    tracing::warn!(error = %format!("{e:#}"), "{what} not reloaded; {kept}");
+                    failing = true;
+                }
+                Some(Err(_)) => {}
+            }
+        }
+    });
 }
 
 /// What a call needs.
@@ -174,8 +195,8 @@ struct TokenSets {
     admin: Vec<[u8; 32]>,
 }
 
-/// How often [`Tokens::watch`] reads the token files.
-pub const TOKEN_FILES_CHECKED_EVERY: Duration = Duration::from_secs(2);
+/// How often [`Tokens::watch`] and [`Tls::watch`] read their files.
+pub const FILES_CHECKED_EVERY: Duration = Duration::from_secs(2);
 
 /// Shortest token accepted in a token file.
 pub const TOKEN_CHARS_MIN: usize = 24;
@@ -251,7 +272,7 @@ impl Tokens {
         Ok(true)
     }
 
-    /// Re-reads the token files every [`TOKEN_FILES_CHECKED_EVERY`] while
+    /// Re-reads the token files every [`FILES_CHECKED_EVERY`] while
     /// any clone of these tokens lives, so tokens are added and revoked
     /// without a restart. A file that is unreadable or holds a bad line is
     /// reported and changes nothing.
@@ -261,32 +282,19 @@ impl Tokens {
         }
         let tokens = Arc::downgrade(&self.sets);
         let files = self.files.clone();
-        tokio::spawn(async move {
-            let mut failing = false;
-            loop {
-                tokio::time::sleep(TOKEN_FILES_CHECKED_EVERY).await;
-                let Some(sets) = tokens.upgrade() else {
-                    return;
-                };
+        watch_files(
+            "token files",
+            "using their tokens now",
+            "the tokens in use stay",
+            move || {
+                let sets = tokens.upgrade()?;
                 let live = Tokens {
                     sets,
                     files: files.clone(),
                 };
-                match live.reload() {
-                    Ok(changed) => {
-                        if changed {
-                            tracing::info!("token files changed; using their tokens now");
-                        }
-                        failing = false;
-                    }
-                    Err(e) if !failing => {
-                        tracing::warn!(error = %format!("{e:#}"), "token files not reloaded; the tokens in use stay");
-                        failing = true;
-                    }
-                    Err(_) => {}
-                }
-            }
-        });
+                Some(live.reload())
+            },
+        );
     }
 
     /// Lets a call through if its bearer token grants `need`.

@@ -1,0 +1,402 @@
+//! TLS with certificate files that are read again while the process runs.
+//!
+//! [`Tls`] holds the rustls configurations built from a CA bundle and,
+//! for nodes, routers and an admin's chatctl, a certificate and its key.
+//! [`Tls::watch`] reads the files again every [`super::FILES_CHECKED_EVERY`];
+//! every connection accepted ([`Tls::incoming`]) or made ([`Tls::connector`])
+//! after that uses what it read, so certificates and CAs rotate without a
+//! restart. Connections already open keep the certificates they were made
+//! with. Files that do not parse, or a key that does not belong to its
+//! certificate, are reported and change nothing.
+//!
+//! Servers and clients do TLS here rather than through tonic's
+//! `tls_config`, which builds its rustls configuration once.
+
+use std::future::Future;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context as _};
+use futures::{Stream, StreamExt as _};
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tonic::codegen::http::Uri;
+
+/// Longest a server waits for a client to finish its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshaken connections waiting for the server to take them.
+const ACCEPTED_QUEUE: usize = 64;
+
+/// Where one process's TLS comes from.
+#[derive(Debug)]
+struct Files {
+    /// The CA bundle: every certificate in it is trusted (several during a
+    /// CA rotation).
+    ca: PathBuf,
+    /// This process's certificate chain and key, if it has one.
+    identity: Option<(PathBuf, PathBuf)>,
+}
+
+/// What the files held when last read, and the configurations built from
+/// them.
+struct Loaded {
+    bytes: Vec<Vec<u8>>,
+    client: Arc<ClientConfig>,
+    /// Requires a client certificate from the CA (nodes).
+    mutual_server: Option<Arc<ServerConfig>>,
+    /// Takes callers without certificates (routers' public API).
+    server: Option<Arc<ServerConfig>>,
+}
+
+/// One process's TLS. Clones share it.
+#[derive(Clone)]
+pub struct Tls {
+    files: Arc<Files>,
+    current: Arc<RwLock<Arc<Loaded>>>,
+}
+
+/// Which server configuration [`Tls::incoming`] accepts with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// Every client must present a certificate from the CA.
+    Required,
+    /// Clients need no certificate.
+    None,
+}
+
+fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("read {}", path.display()))
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn certificates(pem: &[u8], path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    if certs.is_empty() {
+        bail!("{} holds no PEM certificate", path.display());
+    }
+    Ok(certs)
+}
+
+/// The configurations of `bytes` (the CA bundle, then the certificate and
+/// key if any).
+fn build(files: &Files, bytes: Vec<Vec<u8>>) -> anyhow::Result<Loaded> {
+    let mut roots = RootCertStore::empty();
+    for cert in certificates(&bytes[0], &files.ca)? {
+        roots
+            .add(cert)
+            .with_context(|| format!("a CA certificate in {}", files.ca.display()))?;
+    }
+    let roots = Arc::new(roots);
+    let identity = match &files.identity {
+        Some((cert, key)) => {
+            let chain = certificates(&bytes[1], cert)?;
+            let key_der = PrivateKeyDer::from_pem_slice(&bytes[2])
+                .map_err(|e| anyhow!("{}: {e}", key.display()))?;
+            Some((chain, key_der, cert, key))
+        }
+        None => None,
+    };
+    let h2 = || vec![b"h2".to_vec()];
+    let client = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots.clone());
+    let mut client = match &identity {
+        Some((chain, key_der, cert, key)) => client
+            .with_client_auth_cert(chain.clone(), key_der.clone_key())
+            .with_context(|| format!("{} with {}", cert.display(), key.display()))?,
+        None => client.with_no_client_auth(),
+    };
+    client.alpn_protocols = h2();
+    let (mutual_server, server) = match identity {
+        Some((chain, key_der, cert, key)) => {
+            let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider())
+                .build()
+                .context("client certificate verifier")?;
+            let what = || format!("{} with {}", cert.display(), key.display());
+            let mut mutual = ServerConfig::builder_with_provider(provider())
+                .with_safe_default_protocol_versions()?
+                .with_client_cert_verifier(verifier)
+                .with_single_cert(chain.clone(), key_der.clone_key())
+                .with_context(what)?;
+            mutual.alpn_protocols = h2();
+            let mut open = ServerConfig::builder_with_provider(provider())
+                .with_safe_default_protocol_versions()?
+                .with_no_client_auth()
+                .with_single_cert(chain, key_der)
+                .with_context(what)?;
+            open.alpn_protocols = h2();
+            (Some(Arc::new(mutual)), Some(Arc::new(open)))
+        }
+        None => (None, None),
+    };
+    Ok(Loaded {
+        bytes,
+        client: Arc::new(client),
+        mutual_server,
+        server,
+    })
+}
+
+impl Files {
+    fn read_all(&self) -> anyhow::Result<Vec<Vec<u8>>> {
+        let mut bytes = vec![read(&self.ca)?];
+        if let Some((cert, key)) = &self.identity {
+            bytes.push(read(cert)?);
+            bytes.push(read(key)?);
+        }
+        Ok(bytes)
+    }
+}
+
+impl Tls {
+    /// Reads the CA bundle at `ca` and, if given, the certificate chain at
+    /// `cert` with its key at `key`.
+    pub fn load(ca: PathBuf, identity: Option<(PathBuf, PathBuf)>) -> anyhow::Result<Tls> {
+        let files = Files { ca, identity };
+        let loaded = build(&files, files.read_all()?)?;
+        Ok(Tls {
+            files: Arc::new(files),
+            current: Arc::new(RwLock::new(Arc::new(loaded))),
+        })
+    }
+
+    fn current(&self) -> Arc<Loaded> {
+        self.current.read().expect("TLS lock").clone()
+    }
+
+    /// Reads the files again and uses them from now on if they changed and
+    /// are valid (true if they changed). On an error what is in use stays.
+    pub fn reload(&self) -> anyhow::Result<bool> {
+        let bytes = self.files.read_all()?;
+        if self.current().bytes == bytes {
+            return Ok(false);
+        }
+        let loaded = build(&self.files, bytes)?;
+        *self.current.write().expect("TLS lock") = Arc::new(loaded);
+        Ok(true)
+    }
+
+    /// Reads the files again every [`super::FILES_CHECKED_EVERY`] while any
+    /// clone of this lives.
+    pub fn watch(&self) {
+        let current = Arc::downgrade(&self.current);
+        let files = self.files.clone();
+        super::watch_files(
+            "TLS files",
+            "new connections use them",
+            "the certificates in use stay",
+            move || {
+                let current = current.upgrade()?;
+                let live = Tls {
+                    files: files.clone(),
+                    current,
+                };
+                Some(live.reload())
+            },
+        );
+    }
+
+    /// `conns` after a TLS handshake each, with the server configuration
+    /// current when each connection arrived. Handshakes run side by side, so
+    /// a slow client holds up no one else; one that fails or takes longer
+    /// than [`HANDSHAKE_TIMEOUT`] is dropped. Errors of `conns` pass
+    /// through. Needs a certificate.
+    pub fn incoming<IO, S>(
+        &self,
+        auth: ClientAuth,
+        conns: S,
+    ) -> anyhow::Result<
+        impl Stream<Item = io::Result<tokio_rustls::server::TlsStream<IO>>> + Send + 'static,
+    >
+    where
+        S: Stream<Item = io::Result<IO>> + Send + 'static,
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        if self.files.identity.is_none() {
+            bail!("a TLS server needs a certificate and key");
+        }
+        let tls = self.clone();
+        let (tx, rx) = mpsc::channel(ACCEPTED_QUEUE);
+        tokio::spawn(async move {
+            let mut conns = std::pin::pin!(conns);
+            loop {
+                let conn = tokio::select! {
+                    c = conns.next() => c,
+                    _ = tx.closed() => return,
+                };
+                let io = match conn {
+                    None => return,
+                    Some(Err(e)) => {
+                        if tx.send(Err(e)).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    Some(Ok(io)) => io,
+                };
+                let loaded = tls.current();
+                let config = match auth {
+                    ClientAuth::Required => loaded.mutual_server.clone(),
+                    ClientAuth::None => loaded.server.clone(),
+                }
+                .expect("a TLS server has a certificate");
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
+                        Ok(Ok(stream)) => {
+                            let _ = tx.send(Ok(stream)).await;
+                        }
+                        Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!("TLS handshake timed out"),
+                    }
+                });
+            }
+        });
+        Ok(tokio_stream::wrappers::ReceiverStream::new(rx))
+    }
+
+    /// Connects channels over TLS to a server whose certificate names
+    /// `server_name`, with the client configuration current at each
+    /// connection. The channel's URI takes the scheme `http`: the TLS is
+    /// this connector's.
+    pub fn connector(&self, server_name: &str) -> anyhow::Result<Connector> {
+        let server_name = ServerName::try_from(server_name.to_string())
+            .map_err(|e| anyhow!("{server_name:?} is not a TLS server name: {e}"))?;
+        Ok(Connector {
+            tls: self.clone(),
+            server_name,
+        })
+    }
+}
+
+/// Makes the TCP connections of a tonic channel and does TLS on them
+/// ([`Tls::connector`]).
+#[derive(Clone)]
+pub struct Connector {
+    tls: Tls,
+    server_name: ServerName<'static>,
+}
+
+impl tonic::codegen::Service<Uri> for Connector {
+    type Response = TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let config = self.tls.current().client.clone();
+        let server_name = self.server_name.clone();
+        Box::pin(async move {
+            let host = uri
+                .host()
+                .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_string())
+                .ok_or_else(|| io::Error::other(format!("no host in {uri}")))?;
+            let port = uri
+                .port_u16()
+                .ok_or_else(|| io::Error::other(format!("no port in {uri}")))?;
+            let tcp = TcpStream::connect((host.as_str(), port)).await?;
+            tcp.set_nodelay(true)?;
+            let stream = tokio_rustls::TlsConnector::from(config)
+                .connect(server_name, tcp)
+                .await?;
+            Ok(TokioIo::new(stream))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A CA and a certificate for `name` signed by it, as PEM.
+    fn issue(name: &str) -> (String, String, String) {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let leaf = rcgen::CertificateParams::new(vec![name.to_string()])
+            .unwrap()
+            .signed_by(&key, &ca_cert, &ca_key)
+            .unwrap();
+        (ca_cert.pem(), leaf.pem(), key.serialize_pem())
+    }
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// A server and a client over loopback: whether a handshake from a
+    /// client trusting `client_ca` succeeds.
+    async fn handshake(server: &Tls, client_ca: &Path, name: &str) -> bool {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let conns = tonic::transport::server::TcpIncoming::from(listener);
+        // Handshakes run in tasks of their own; the stream only hands
+        // over the finished ones.
+        let accepted = server.incoming(ClientAuth::None, conns).unwrap();
+        let client = Tls::load(client_ca.to_path_buf(), None).unwrap();
+        let mut connector = client.connector(name).unwrap();
+        let uri: Uri = format!("http://{addr}").parse().unwrap();
+        let made = tonic::codegen::Service::call(&mut connector, uri).await;
+        drop(accepted);
+        made.is_ok()
+    }
+
+    #[tokio::test]
+    async fn new_files_take_effect_and_bad_ones_change_nothing() {
+        let dir = std::env::temp_dir().join(format!("chatstore-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (ca1, cert1, key1) = issue("router.chatstore");
+        let (ca2, cert2, key2) = issue("router.chatstore");
+        let ca = write(&dir, "ca.pem", &ca1);
+        let cert = write(&dir, "router.pem", &cert1);
+        let key = write(&dir, "router.key", &key1);
+        let only1 = write(&dir, "only1.pem", &ca1);
+        let only2 = write(&dir, "only2.pem", &ca2);
+        let server = Tls::load(ca.clone(), Some((cert.clone(), key.clone()))).unwrap();
+        assert!(handshake(&server, &only1, "router.chatstore").await);
+        assert!(!handshake(&server, &only2, "router.chatstore").await);
+        assert!(!handshake(&server, &only1, "node-1.chatstore").await);
+        assert!(!server.reload().unwrap(), "nothing changed");
+
+        // A key that is not the certificate's: refused, the old pair stays.
+        write(&dir, "router.pem", &cert2);
+        assert!(server.reload().is_err());
+        assert!(handshake(&server, &only1, "router.chatstore").await);
+        // Not PEM at all: refused too.
+        write(&dir, "ca.pem", "not a certificate");
+        assert!(server.reload().is_err());
+        assert!(handshake(&server, &only1, "router.chatstore").await);
+
+        // The new pair and a bundle of both CAs: new connections get the
+        // new certificate.
+        write(&dir, "ca.pem", &format!("{ca1}{ca2}"));
+        write(&dir, "router.key", &key2);
+        assert!(server.reload().unwrap());
+        assert!(handshake(&server, &only2, "router.chatstore").await);
+        assert!(!handshake(&server, &only1, "router.chatstore").await);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
