@@ -153,3 +153,71 @@ async fn idle_shards_go_quiet_wake_on_writes_and_fail_over_when_their_leader_die
         }
     }
 }
+
+/// Per shard: the last log index on its leader.
+async fn leader_log_index(nodes: &common::Client, ids: &[u64]) -> BTreeMap<u64, u64> {
+    let mut out = BTreeMap::new();
+    for id in ids {
+        if let Ok(s) = nodes.node(*id).status(StatusRequest {}).await {
+            for sh in s.into_inner().shards.into_iter().filter(|s| s.is_leader) {
+                out.insert(sh.shard_id, sh.last_log_index);
+            }
+        }
+    }
+    out
+}
+
+/// Collection does not wait for traffic: when a pass falls due on a quiet
+/// shard, its leader wakes it, runs the pass (a log entry that no client
+/// wrote), and the shard goes quiet again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn quiet_shards_wake_for_collection_and_go_quiet_again() {
+    let dir = TestDir::new("quiet-collection");
+    let shards = 2u64;
+    // Change collection passes every retention / 4 = 10 s.
+    let (_cluster, nodes) = start_cluster_with(
+        &dir.path,
+        &ConfigOptions {
+            shards: shards as u32,
+            quiesce_after_ms: 1_000,
+            change_retention_secs: Some(40),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut chat_of_shard: BTreeMap<u64, u64> = BTreeMap::new();
+    for chat in 1..200u64 {
+        chat_of_shard.entry(nodes.shard_of(chat).0).or_insert(chat);
+    }
+    for (n, chat) in chat_of_shard.values().enumerate() {
+        nodes
+            .write(
+                *chat,
+                vec![send_cmd(*chat, 1, n as u64 + 1, b"once")],
+                Duration::from_secs(20),
+            )
+            .await
+            .expect("write");
+    }
+    wait_all_quiet(&nodes, &[1, 2, 3], shards, Duration::from_secs(30)).await;
+    let quiet_at = leader_log_index(&nodes, &[1, 2, 3]).await;
+    assert_eq!(quiet_at.len(), shards as usize, "{quiet_at:?}");
+    // No client writes from here on; every shard's log still grows.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let now = leader_log_index(&nodes, &[1, 2, 3]).await;
+        let grown = quiet_at
+            .iter()
+            .filter(|(shard, index)| now.get(shard).is_some_and(|i| i > index))
+            .count();
+        if grown == quiet_at.len() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "quiet shards ran no collection pass: {quiet_at:?} then {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    wait_all_quiet(&nodes, &[1, 2, 3], shards, Duration::from_secs(30)).await;
+}

@@ -13,6 +13,8 @@
 //! - each chat's changes older than the replicated change retention are
 //!   dropped, oldest first, by a pass of `GcChanges` steps four times per
 //!   retention window (a device whose cursor is older is told to reset);
+//! - a quiet shard (see `node::quiesce`) is woken only for the chores that
+//!   fall due without writes: expiry and collection passes;
 //! - a node whose clock is off from its peers' by more than
 //!   `CLOCK_OFFSET_MS_MAX` (two ticks in a row) hands every shard it leads
 //!   to a caught-up, live voter with a good clock, runs none of the chores
@@ -161,17 +163,34 @@ pub async fn run(registry: Registry, ctx: Context, mut shutdown: watch::Receiver
     }
 }
 
-/// A quiet leader's only chore: self-destructing messages that fall due
-/// (a write, which wakes the shard).
+/// A quiet leader's chores: only the ones that fall due while nothing is
+/// written, self-destructing messages and collection passes (writes, which
+/// wake the shard; it goes quiet again after them). Without them a quiet
+/// shard would keep what its retention settings promise to drop.
 async fn quiet_chores(
     registry: &Registry,
     shard: &Shard,
     ctx: &Context,
     clock_off: bool,
 ) -> Result<(), String> {
-    match shard.reader.earliest_expiry().map_err(|e| e.to_string())? {
-        Some(due) if due <= now_ms() && !clock_off => chores(registry, shard, ctx, clock_off).await,
-        _ => Ok(()),
+    if clock_off {
+        return Ok(());
+    }
+    let now = now_ms();
+    let reader = &shard.reader;
+    let settings = reader.settings().map_err(|e| e.to_string())?;
+    let expiry = reader.earliest_expiry().map_err(|e| e.to_string())?;
+    let collection = reader
+        .dedup_gc_due(settings.dedup_window_ms, now)
+        .map_err(|e| e.to_string())?
+        || (settings.apply_rules >= 1
+            && reader
+                .change_gc_due(settings.change_retention_ms, now)
+                .map_err(|e| e.to_string())?);
+    if expiry.is_some_and(|due| due <= now) || collection {
+        chores(registry, shard, ctx, clock_off).await
+    } else {
+        Ok(())
     }
 }
 
