@@ -90,6 +90,30 @@ fn shard_state(certs: &Path, endpoints: &str) -> Vec<(u64, u64, u64)> {
         .collect()
 }
 
+/// Runs `chatctl status` with the files in `certs` until it exits with
+/// `code`, for at most `within`.
+async fn wait_status(
+    certs: &Path,
+    token: &str,
+    endpoints: &str,
+    code: i32,
+    within: Duration,
+    what: &str,
+) {
+    let started = Instant::now();
+    loop {
+        let (got, out, err) = chatctl(certs, token, &["--endpoints", endpoints, "status"]);
+        if got == code {
+            return;
+        }
+        assert!(
+            started.elapsed() < within,
+            "{what}: chatctl status exited {got}: {out}{err}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 fn with_token<T>(msg: T, token: Option<&str>) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
     if let Some(t) = token {
@@ -167,22 +191,15 @@ async fn tls_mutual_auth_and_tokens_keep_out_whoever_does_not_belong() {
     let endpoints = format!("{},{},{}", addr(1), addr(2), addr(3));
 
     // Every shard led, seen over mutual TLS with the admin token.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (code, _, _) = chatctl(
-            &certs,
-            "admin.tokens",
-            &["--endpoints", &endpoints, "status"],
-        );
-        if code == 0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the TLS cluster did not become healthy"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    wait_status(
+        &certs,
+        "admin.tokens",
+        &endpoints,
+        0,
+        Duration::from_secs(60),
+        "the TLS cluster did not become healthy",
+    )
+    .await;
 
     // The public API over TLS.
     let ca = Certificate::from_pem(pem(certs.join("ca.pem")));
@@ -434,16 +451,19 @@ async fn tls_mutual_auth_and_tokens_keep_out_whoever_does_not_belong() {
     };
     take_new("router");
     // A client that trusts only the new CA gets through on a new connection.
-    let new_ca_only = Endpoint::from_shared(format!("https://{router}"))
-        .unwrap()
-        .tls_config(
-            ClientTlsConfig::new()
-                .ca_certificate(Certificate::from_pem(new_ca.as_bytes()))
-                .domain_name("router.chatstore"),
-        )
-        .unwrap()
-        .connect_timeout(Duration::from_secs(3))
-        .timeout(Duration::from_secs(10));
+    let trusting_new_ca = |addr: &str| {
+        Endpoint::from_shared(format!("https://{addr}"))
+            .unwrap()
+            .tls_config(
+                ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(new_ca.as_bytes()))
+                    .domain_name("router.chatstore"),
+            )
+            .unwrap()
+            .connect_timeout(Duration::from_secs(3))
+            .timeout(Duration::from_secs(10))
+    };
+    let new_ca_only = trusting_new_ca(&router);
     let started = std::time::Instant::now();
     loop {
         if let Ok(ch) = new_ca_only.connect().await {
@@ -467,29 +487,70 @@ async fn tls_mutual_auth_and_tokens_keep_out_whoever_does_not_belong() {
         forged.join("cluster-admin.tokens"),
     )
     .unwrap();
+    wait_status(
+        &forged,
+        "cluster-admin.tokens",
+        &endpoints,
+        0,
+        Duration::from_secs(30),
+        "the nodes did not take their new certificates up",
+    )
+    .await;
+    // Writes still go through on the connections made before.
+    let open_chat = |n: u64| pb::SendRequest {
+        chat_id: 8,
+        ..send(n)
+    };
+    let r = api.send(with_token(open_chat(4), Some(rotated))).await;
+    assert!(r.is_ok(), "{r:?}");
+
+    // Only the new CA from here on. A new router makes new connections to
+    // the nodes, and writes go through it.
+    std::fs::write(certs.join("ca.pem"), &new_ca).unwrap();
+    let second = cluster.start_router("us");
+    let second_api = trusting_new_ca(&second);
     let started = std::time::Instant::now();
+    let mut n = 5;
     loop {
-        let (code, out, err) = chatctl(
-            &forged,
-            "cluster-admin.tokens",
-            &["--endpoints", &endpoints, "status"],
-        );
-        if code == 0 {
-            break;
+        if let Ok(ch) = second_api.connect().await {
+            let r = ChatStoreClient::new(ch)
+                .send(with_token(open_chat(n), Some(rotated)))
+                .await;
+            if r.is_ok() {
+                break;
+            }
+            n += 1;
         }
         assert!(
             started.elapsed() < Duration::from_secs(30),
-            "the nodes did not take their new certificates up: {out}{err}"
+            "no write through a router started after the rotation"
         );
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    // Writes still go through: the router and the nodes keep talking.
-    let open_chat = pb::SendRequest {
-        chat_id: 8,
-        ..send(4)
-    };
-    let r = api.send(with_token(open_chat, Some(rotated))).await;
-    assert!(r.is_ok(), "{r:?}");
+    // The old CA's admin certificate is refused once the nodes read the
+    // new CA file.
+    wait_status(
+        &certs,
+        "admin.tokens",
+        &endpoints,
+        2,
+        Duration::from_secs(30),
+        "the nodes still take the old CA's admin certificate",
+    )
+    .await;
+    // A restarted node makes new connections to its peers with its new
+    // certificate, and catches up.
+    cluster.kill_node(1);
+    cluster.start_node(1);
+    wait_status(
+        &forged,
+        "cluster-admin.tokens",
+        &endpoints,
+        0,
+        Duration::from_secs(60),
+        "node 1 did not rejoin with its new certificate",
+    )
+    .await;
 }
 
 /// Raw bytes as a gRPC message, for sending what no generated client would.

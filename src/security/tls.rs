@@ -36,6 +36,9 @@ use tonic::codegen::http::Uri;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Handshaken connections waiting for the server to take them.
 const ACCEPTED_QUEUE: usize = 64;
+/// Most TLS handshakes under way at once; more connections wait to be
+/// accepted.
+const HANDSHAKES_MAX: usize = 1024;
 
 /// Where one process's TLS comes from.
 #[derive(Debug)]
@@ -212,10 +215,10 @@ impl Tls {
     }
 
     /// `conns` after a TLS handshake each, with the server configuration
-    /// current when each connection arrived. Handshakes run side by side, so
-    /// a slow client holds up no one else; one that fails or takes longer
-    /// than [`HANDSHAKE_TIMEOUT`] is dropped. Errors of `conns` pass
-    /// through. Needs a certificate.
+    /// current when each connection arrived. Handshakes run side by side (at
+    /// most [`HANDSHAKES_MAX`]), so a slow client holds up no one else; one
+    /// that fails or takes longer than [`HANDSHAKE_TIMEOUT`] is dropped.
+    /// Errors of `conns` pass through. Needs a certificate.
     pub fn incoming<IO, S>(
         &self,
         auth: ClientAuth,
@@ -232,9 +235,14 @@ impl Tls {
         }
         let tls = self.clone();
         let (tx, rx) = mpsc::channel(ACCEPTED_QUEUE);
+        let handshakes = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_MAX));
         tokio::spawn(async move {
             let mut conns = std::pin::pin!(conns);
             loop {
+                let slot = tokio::select! {
+                    s = handshakes.clone().acquire_owned() => s.expect("never closed"),
+                    _ = tx.closed() => return,
+                };
                 let conn = tokio::select! {
                     c = conns.next() => c,
                     _ = tx.closed() => return,
@@ -257,6 +265,7 @@ impl Tls {
                 .expect("a TLS server has a certificate");
                 let tx = tx.clone();
                 tokio::spawn(async move {
+                    let _slot = slot;
                     let acceptor = tokio_rustls::TlsAcceptor::from(config);
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
                         Ok(Ok(stream)) => {
@@ -318,6 +327,11 @@ impl tonic::codegen::Service<Uri> for Connector {
             let stream = tokio_rustls::TlsConnector::from(config)
                 .connect(server_name, tcp)
                 .await?;
+            if stream.get_ref().1.alpn_protocol() != Some(b"h2") {
+                return Err(io::Error::other(format!(
+                    "{uri}: the server did not agree on HTTP/2 (ALPN h2)"
+                )));
+            }
             Ok(TokioIo::new(stream))
         })
     }
@@ -366,15 +380,15 @@ mod tests {
 
     #[tokio::test]
     async fn new_files_take_effect_and_bad_ones_change_nothing() {
-        let dir = std::env::temp_dir().join(format!("chatstore-tls-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let (ca1, cert1, key1) = issue("router.chatstore");
         let (ca2, cert2, key2) = issue("router.chatstore");
-        let ca = write(&dir, "ca.pem", &ca1);
-        let cert = write(&dir, "router.pem", &cert1);
-        let key = write(&dir, "router.key", &key1);
-        let only1 = write(&dir, "only1.pem", &ca1);
-        let only2 = write(&dir, "only2.pem", &ca2);
+        let ca = write(dir, "ca.pem", &ca1);
+        let cert = write(dir, "router.pem", &cert1);
+        let key = write(dir, "router.key", &key1);
+        let only1 = write(dir, "only1.pem", &ca1);
+        let only2 = write(dir, "only2.pem", &ca2);
         let server = Tls::load(ca.clone(), Some((cert.clone(), key.clone()))).unwrap();
         assert!(handshake(&server, &only1, "router.chatstore").await);
         assert!(!handshake(&server, &only2, "router.chatstore").await);
@@ -382,21 +396,23 @@ mod tests {
         assert!(!server.reload().unwrap(), "nothing changed");
 
         // A key that is not the certificate's: refused, the old pair stays.
-        write(&dir, "router.pem", &cert2);
+        write(dir, "router.pem", &cert2);
         assert!(server.reload().is_err());
         assert!(handshake(&server, &only1, "router.chatstore").await);
-        // Not PEM at all: refused too.
-        write(&dir, "ca.pem", "not a certificate");
-        assert!(server.reload().is_err());
+        write(dir, "router.pem", &cert1);
+        // A CA file that is not PEM: refused too.
+        write(dir, "ca.pem", "not a certificate");
+        let e = server.reload().unwrap_err();
+        assert!(format!("{e:#}").contains("no PEM certificate"), "{e:#}");
         assert!(handshake(&server, &only1, "router.chatstore").await);
 
         // The new pair and a bundle of both CAs: new connections get the
         // new certificate.
-        write(&dir, "ca.pem", &format!("{ca1}{ca2}"));
-        write(&dir, "router.key", &key2);
+        write(dir, "ca.pem", &format!("{ca1}{ca2}"));
+        write(dir, "router.pem", &cert2);
+        write(dir, "router.key", &key2);
         assert!(server.reload().unwrap());
         assert!(handshake(&server, &only2, "router.chatstore").await);
         assert!(!handshake(&server, &only1, "router.chatstore").await);
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
