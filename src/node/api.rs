@@ -18,6 +18,7 @@ use crate::api::read_stream::ReadCalls;
 use crate::api::status::{from_read_error, from_shard_error};
 use crate::api::write_stream::WriteCalls;
 use crate::node::Registry;
+use crate::shard::reads::SnapshotLoads;
 use crate::shard::Shard;
 use crate::types::{NodeId, ShardId};
 
@@ -107,6 +108,12 @@ impl NodeApiService {
             }
             Consistency::Stale => {}
         }
+        // A snapshot load empties the tree and fills it again; a read that
+        // overlaps one is refused, and the router asks another replica.
+        let loads = shard.reader.loads().count();
+        if SnapshotLoads::under_way(loads) {
+            return Err(loading_snapshot(req.shard_id));
+        }
         // Only the applied log id is needed; no copy of the whole metrics.
         let applied = shard.raft.metrics().borrow_watched().last_applied;
         let mut reply = ReadReply {
@@ -144,8 +151,17 @@ impl NodeApiService {
             }
             None => return Err(Status::invalid_argument("read request without a query")),
         }
+        if !shard.reader.loads().unchanged(loads) {
+            return Err(loading_snapshot(req.shard_id));
+        }
         Ok(reply)
     }
+}
+
+fn loading_snapshot(shard: u64) -> Status {
+    Status::unavailable(format!(
+        "shard {shard}: this replica is loading a snapshot; read from another"
+    ))
 }
 
 /// This node's replica of shard `id`. A replica that is not here (moved away,
@@ -290,12 +306,17 @@ impl NodeApi for NodeApiService {
         &self,
         request: Request<ChatDigestsRequest>,
     ) -> Result<Response<ChatDigestsReply>, Status> {
-        let shard = self.shard(request.into_inner().shard_id)?;
+        let id = request.into_inner().shard_id;
+        let shard = self.shard(id)?;
+        let loads = shard.reader.loads().count();
         let applied = shard.applied_index();
         let chats = shard
             .reader
             .digests()
             .map_err(|e| Status::internal(e.to_string()))?;
+        if !shard.reader.loads().unchanged(loads) {
+            return Err(loading_snapshot(id));
+        }
         Ok(Response::new(ChatDigestsReply {
             applied_index: applied,
             chats,

@@ -181,7 +181,8 @@ impl Shard {
     ) -> anyhow::Result<Shard> {
         let log = LogStore::open(storage, id).await?;
         let sm = StateMachine::open(storage, id)?;
-        let reader = StateReader::new(sm.tree().clone(), storage.keys().clone(), sm.chat_cache());
+        let reader = StateReader::new(sm.tree().clone(), storage.keys().clone(), sm.chat_cache())
+            .watching(sm.loads());
         let files = ShardFiles {
             log: log.clone(),
             state: sm.tree().clone(),

@@ -39,6 +39,39 @@ pub struct StateReader {
     /// Chat records and the newest messages of recently read chats, kept
     /// current by the state machine.
     chats: Arc<ChatCache>,
+    /// The state machine's snapshot loads into `tree`.
+    loads: Arc<SnapshotLoads>,
+}
+
+/// Counts the snapshot loads into a state tree, begun and finished: odd
+/// while one is under way. A load empties the tree and fills it key by key
+/// while readers may read it, so a read that overlaps one can see a mix of
+/// the old state, the new one and neither (a chat without its record, a
+/// change without its message). A reader takes [`SnapshotLoads::count`]
+/// before reading and throws the result away unless
+/// [`SnapshotLoads::unchanged`] says no load began meanwhile.
+#[derive(Debug, Default)]
+pub struct SnapshotLoads(std::sync::atomic::AtomicU64);
+
+impl SnapshotLoads {
+    pub fn count(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Whether a load is under way at `count`.
+    pub fn under_way(count: u64) -> bool {
+        count % 2 == 1
+    }
+
+    /// Whether a read that started at `count` overlapped no load.
+    pub fn unchanged(&self, count: u64) -> bool {
+        !SnapshotLoads::under_way(count) && self.count() == count
+    }
+
+    /// Marks a load begun (the count goes odd) or finished (even again).
+    pub fn step(&self) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -99,7 +132,20 @@ impl StateReader {
             keys,
             incarnation: Default::default(),
             chats,
+            loads: Default::default(),
         }
+    }
+
+    /// This reader with the snapshot loads of the state machine that
+    /// writes its tree.
+    pub fn watching(mut self, loads: Arc<SnapshotLoads>) -> StateReader {
+        self.loads = loads;
+        self
+    }
+
+    /// The snapshot loads into this reader's tree.
+    pub fn loads(&self) -> &SnapshotLoads {
+        &self.loads
     }
 
     pub fn has_key(&self, key: &[u8]) -> bool {

@@ -43,6 +43,7 @@ use crate::api::codec::{from_json, to_json};
 use crate::api::pb::replicated::ShardSettings;
 use crate::shard::apply::{default_settings, Applier, Overlay, APPLY_RULES};
 use crate::shard::chat_cache::ChatCache;
+use crate::shard::reads::SnapshotLoads;
 use crate::shard::sealing;
 use crate::shard::snapshot::{self, SnapshotFile};
 use crate::shard::types::{
@@ -74,6 +75,8 @@ pub struct StateMachine {
     /// Chat records and recent messages for readers, put after each apply
     /// call.
     chats: Arc<ChatCache>,
+    /// Snapshot loads into `tree`, for readers to see that one overlapped.
+    loads: Arc<SnapshotLoads>,
 }
 
 impl StateMachine {
@@ -81,6 +84,11 @@ impl StateMachine {
     /// its readers.
     pub fn chat_cache(&self) -> Arc<ChatCache> {
         self.chats.clone()
+    }
+
+    /// The count of snapshot loads into the tree, for its readers.
+    pub fn loads(&self) -> Arc<SnapshotLoads> {
+        self.loads.clone()
     }
 
     pub fn open(storage: &Storage, shard: ShardId) -> io::Result<StateMachine> {
@@ -98,6 +106,7 @@ impl StateMachine {
             current: Arc::new(Mutex::new(current.clone())),
             keys: storage.keys().clone(),
             chats: Arc::new(ChatCache::new(storage.message_cache_budget().clone())),
+            loads: Default::default(),
         };
         // The marker names the last apply call begun, the applied id the
         // last one finished: they differ only if an apply was cut short.
@@ -193,6 +202,9 @@ impl StateMachine {
         let ring = self.keys.clone();
         let _sealing = ring.hold();
         let (epoch, key) = ring.current_key()?;
+        // Readers refuse what they read from here to the end. On an error
+        // the count stays odd: the tree is half loaded, and the shard stops.
+        self.loads.step();
         self.chats.clear();
         self.tree.clear().map_err(io::Error::other)?;
         for (k, v) in pairs {
@@ -219,6 +231,7 @@ impl StateMachine {
             .map_err(io::Error::other)?;
         self.settings = self.read_settings()?;
         self.chats.clear();
+        self.loads.step();
         Ok(())
     }
 }
@@ -267,6 +280,30 @@ pub fn load_current(dir: &std::path::Path) -> io::Result<Option<(SnapshotMeta, P
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e),
     }
+}
+
+/// Makes `file` (already inside `dir`) the current snapshot unless the
+/// current one is newer (true if it did). openraft builds snapshots in a
+/// task of their own, so a build can finish while a snapshot from the
+/// leader is installed: the pointer's lock is held throughout, so the two
+/// cannot leave the pointer on the older one or on a file the other
+/// removed.
+fn publish(
+    dir: &std::path::Path,
+    current: &Current,
+    meta: &SnapshotMeta,
+    file: &std::path::Path,
+) -> io::Result<bool> {
+    let mut cur = current.lock().expect("snapshot pointer lock");
+    if cur
+        .as_ref()
+        .is_some_and(|(m, _)| m.last_log_id > meta.last_log_id)
+    {
+        return Ok(false);
+    }
+    set_current(dir, meta, file)?;
+    *cur = Some((meta.clone(), file.to_path_buf()));
+    Ok(true)
 }
 
 /// Makes `file` (already inside `dir`) the current snapshot, durably, and
@@ -345,8 +382,10 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                 std::fs::rename(&tmp_key, snapshot::key_path(&file))?;
             }
             std::fs::rename(&tmp, &file)?;
-            set_current(&dir, &meta, &file)?;
-            *current.lock().expect("snapshot pointer lock") = Some((meta.clone(), file.clone()));
+            // Not published if a newer snapshot was installed meanwhile:
+            // openraft ignores this one then, and the next snapshot made
+            // current removes its file.
+            publish(&dir, &current, &meta, &file)?;
             Ok(Snapshot {
                 meta,
                 snapshot: SnapshotFile { path: file },
@@ -471,8 +510,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             std::fs::copy(&snapshot.path, &file)?;
         }
         std::fs::File::open(&file)?.sync_all()?;
-        set_current(&self.snapshot_dir, meta, &file)?;
-        *self.current.lock().expect("snapshot pointer lock") = Some((meta.clone(), file.clone()));
+        if !publish(&self.snapshot_dir, &self.current, meta, &file)? {
+            return Err(io::Error::other(format!(
+                "snapshot {:?} to install is older than this replica's current one",
+                meta.last_log_id
+            )));
+        }
         self.load_tree_from(meta, &file)?;
         self.storage.durability().sync().await?;
         tracing::info!(shard = %self.shard, last = ?meta.last_log_id, "installed snapshot");
@@ -592,6 +635,7 @@ mod tests {
             storage.keys().clone(),
             sm.chat_cache(),
         )
+        .watching(sm.loads())
     }
 
     /// A send of body "hi" to chat 5.
@@ -659,6 +703,34 @@ mod tests {
     /// Readers take chat records from memory: each apply call's record is
     /// there once the call returns, and a loaded snapshot replaces them.
     #[tokio::test]
+    async fn a_snapshot_built_late_does_not_replace_a_newer_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path()).unwrap();
+        let mut sm = StateMachine::open(&storage, ShardId(0)).unwrap();
+        let apply = |index, client_msg_id| {
+            futures::stream::iter(vec![Ok((send_entry(index, client_msg_id), None))])
+        };
+        sm.apply(apply(1, 1)).await.unwrap();
+        // Copied at index 1, finished only after a snapshot at index 2.
+        let mut late = sm.get_snapshot_builder().await;
+        sm.apply(apply(2, 2)).await.unwrap();
+        let newer = sm
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        let older = late.build_snapshot().await.unwrap();
+        assert_eq!(older.meta.last_log_id.unwrap().index, 1);
+        let snapshots = storage.snapshot_dir(ShardId(0));
+        let (meta, path) = load_current(&snapshots).unwrap().unwrap();
+        assert_eq!(meta.last_log_id, newer.meta.last_log_id);
+        assert!(path.exists());
+        let current = sm.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(current.meta.last_log_id, newer.meta.last_log_id);
+    }
+
+    #[tokio::test]
     async fn readers_see_each_apply_call_and_then_a_loaded_snapshot() {
         let dir = tempfile::tempdir().unwrap();
         let storage = Storage::open(dir.path()).unwrap();
@@ -678,9 +750,17 @@ mod tests {
             .unwrap();
         sm.apply(apply(2, 2)).await.unwrap();
         assert_eq!(reader.chat_record(5).unwrap().last_seq, 2);
+        // A read that started before the load overlapped it; one after
+        // did not.
+        let before = reader.loads().count();
+        assert!(reader.loads().unchanged(before), "no load yet");
         sm.install_snapshot(&snapshot.meta, snapshot.snapshot)
             .await
             .unwrap();
+        assert!(!reader.loads().unchanged(before));
+        let after = reader.loads().count();
+        assert_eq!(after, before + 2, "one load, begun and finished");
+        assert!(reader.loads().unchanged(after));
         assert_eq!(reader.chat_record(5).unwrap().last_seq, 1);
     }
 }
