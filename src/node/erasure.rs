@@ -87,6 +87,10 @@ async fn round(registry: &Registry, ring: &Arc<KeyRing>) -> io::Result<usize> {
     if !clean || !past_keys {
         return Ok(0);
     }
+    // The purges that dropped log entries sealed with the old keys must be
+    // on disk first: a log that came back with them after a crash could
+    // not decode them, and the node would not start.
+    registry.storage().raft_log().sync().await?;
     registry.storage().durability().sync().await?;
     let r = ring.clone();
     let destroyed = tokio::task::spawn_blocking(move || r.destroy_before(epoch))

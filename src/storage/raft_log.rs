@@ -229,6 +229,38 @@ struct Inner {
     unsynced: HashMap<u64, (u64, u64)>,
     /// Reused buffer for encoding records.
     scratch: Vec<u8>,
+    /// Every fsync of a segment goes through it.
+    fsyncs: Arc<SegmentSyncs>,
+}
+
+/// The fsyncs of the log's segments, one at a time. Linux reports a failed
+/// writeback once per open file, to whichever fsync comes next, and may
+/// drop the pages that failed: after that, an fsync of the same file
+/// succeeds without those bytes on disk. Segments are fsynced by the group
+/// commit and by rotation, collection and dropped shards; so that a failure
+/// one of them takes cannot pass as success for the other, they run in
+/// turn, and the first failure fails every fsync after it.
+#[derive(Default)]
+struct SegmentSyncs {
+    turn: Mutex<()>,
+    failed: std::sync::atomic::AtomicBool,
+}
+
+impl SegmentSyncs {
+    fn sync(&self, file: &File) -> io::Result<()> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let _turn = self
+            .turn
+            .lock()
+            .map_err(|_| io::Error::other("segment fsync lock poisoned"))?;
+        if self.failed.load(SeqCst) {
+            return Err(io::Error::other(
+                "an earlier fsync of the raft log failed; nothing since is known to be on disk",
+            ));
+        }
+        file.sync_data()
+            .inspect_err(|_| self.failed.store(true, SeqCst))
+    }
 }
 
 /// The node's Raft log for all its shards. Cheap to clone.
@@ -265,6 +297,7 @@ impl RaftLog {
         let synced = Arc::new(tokio::sync::Notify::new());
         let for_sync = inner.clone();
         let wake = synced.clone();
+        let fsyncs = inner.lock().expect("fresh lock").fsyncs.clone();
         let durability = Durability::start_with(
             "chatstore-raft-log-fsync",
             "raft_log",
@@ -282,7 +315,7 @@ impl RaftLog {
                     let appended = std::mem::take(&mut inner.unsynced);
                     (inner.segments[&inner.current].file.clone(), appended)
                 };
-                file.sync_data()?;
+                fsyncs.sync(&file)?;
                 if !appended.is_empty() {
                     let mut inner = lock()?;
                     for (shard, (end, generation)) in appended {
@@ -448,7 +481,7 @@ impl RaftLog {
                 return Ok(());
             }
             inner.write_records(&[record_body(DROP, shard)])?;
-            inner.segments[&inner.current].file.sync_data()?;
+            inner.sync_current()?;
             inner.unsynced.remove(&shard);
             if let Some(log) = inner.shards.remove(&shard) {
                 let removed: Vec<Place> = log.places.into_iter().collect();
@@ -666,9 +699,14 @@ impl Inner {
         }
     }
 
+    /// Fsyncs the current segment's data ([`SegmentSyncs`]).
+    fn sync_current(&self) -> io::Result<()> {
+        self.fsyncs.sync(&self.segments[&self.current].file)
+    }
+
     /// Closes the current segment (fsynced whole) and starts the next.
     fn rotate(&mut self) -> io::Result<()> {
-        self.segments[&self.current].file.sync_data()?;
+        self.sync_current()?;
         self.start_segment()?;
         self.collect_garbage()
     }
@@ -756,7 +794,7 @@ impl Inner {
         }
         // The checkpoint (and the copies) that replace them are on disk
         // before they go.
-        self.segments[&self.current].file.sync_data()?;
+        self.sync_current()?;
         for id in dead {
             if let Some(seg) = self.segments.remove(&id) {
                 metrics::gauge!(crate::metrics::RAFT_LOG_SEGMENTS).decrement(1.0);
@@ -1019,6 +1057,7 @@ fn replay(dir: &Path) -> io::Result<Inner> {
         shards: out,
         unsynced: HashMap::new(),
         scratch: Vec::new(),
+        fsyncs: Default::default(),
     })
 }
 
@@ -1177,6 +1216,20 @@ fn apply_record(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Linux reports a failed writeback to one fsync of the file only, so
+    /// after one fails, no later fsync of the log may pass as success
+    /// (fsync of /dev/null fails with EINVAL, standing in for EIO).
+    #[test]
+    fn after_a_failed_fsync_every_fsync_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let segment = File::create(dir.path().join("segment")).unwrap();
+        let syncs = SegmentSyncs::default();
+        syncs.sync(&segment).unwrap();
+        let failing = OpenOptions::new().write(true).open("/dev/null").unwrap();
+        assert!(syncs.sync(&failing).is_err());
+        assert!(syncs.sync(&segment).is_err());
+    }
     use proptest::prelude::*;
 
     fn entry_bytes(index: u64, term: u64, len: usize) -> Vec<u8> {
