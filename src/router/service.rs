@@ -13,7 +13,7 @@ use crate::api::pb::node::{read_request::Query, DifferenceQuery, EncodedMessages
 use crate::api::pb::passthrough::chat::chat_store_server::ChatStore;
 use crate::api::pb::replicated::{self as rp, command, command_result, Command};
 use crate::api::pb::{self, self_destruct_policy};
-use crate::router::token::TokenBody;
+use crate::router::token::{ShardPosition, TokenBody};
 use crate::router::{validate, watch, Router};
 use crate::security::Role;
 
@@ -149,43 +149,23 @@ impl ChatStoreService {
     }
 
     /// The sends of a batch to one shard (indexes into the batch, in
-    /// request order): one group per node call, calls one after another, so
-    /// each chat's sends are stored in request order.
+    /// request order), through [`write_in_groups`].
     async fn send_to_shard(
         &self,
         shard: crate::types::ShardId,
         items: Vec<(usize, Command, TokenBody)>,
     ) -> Vec<(usize, Result<pb::SendResponse, Status>)> {
-        let mut out = Vec::with_capacity(items.len());
-        let mut items = items.into_iter().peekable();
-        while items.peek().is_some() {
-            let mut group = Vec::new();
-            let mut bytes = 0;
-            while let Some((_, cmd, _)) = items.peek() {
-                let b = prost::Message::encoded_len(cmd);
-                if !group.is_empty()
-                    && !crate::router::batcher::group_fits(group.len() + 1, bytes + b)
-                {
-                    break;
-                }
-                bytes += b;
-                group.push(items.next().expect("peeked"));
-            }
-            let commands: Vec<Command> = group.iter().map(|(_, c, _)| c.clone()).collect();
-            match self.router.write_group(shard, commands).await {
-                Ok((results, position)) => {
-                    for ((i, _, token), result) in group.into_iter().zip(results) {
-                        out.push((i, self.sent(result, position, token)));
-                    }
-                }
-                Err(s) => {
-                    for (i, _, _) in group {
-                        out.push((i, Err(s.clone())));
-                    }
-                }
-            }
-        }
-        out
+        write_in_groups(shard, items, |commands| {
+            self.router.write_group(shard, commands)
+        })
+        .await
+        .into_iter()
+        .map(|(i, written)| {
+            let sent =
+                written.and_then(|(result, position, token)| self.sent(result, position, token));
+            (i, sent)
+        })
+        .collect()
     }
 
     async fn write_change(
@@ -231,6 +211,66 @@ impl ChatStoreService {
 
 fn record(metric_rpc: &'static str) {
     metrics::counter!(crate::metrics::ROUTER_REQUESTS, "rpc" => metric_rpc).increment(1);
+}
+
+/// One send of a batch as [`write_in_groups`] returns it: its command's
+/// result, the position of the entry that carried it, and its token.
+type Written = Result<(rp::CommandResult, ShardPosition, TokenBody), Status>;
+
+/// Writes the sends of a batch to one shard (indexes into the batch, in
+/// request order) with `write`: one group per node call, as many as fit,
+/// calls one after another, so each chat's sends are stored in request
+/// order. Once a group fails, the later ones are not written: they may be
+/// to the same chats, and stored now they would come before the failed
+/// sends once the client retries those.
+async fn write_in_groups<W, F>(
+    shard: crate::types::ShardId,
+    items: Vec<(usize, Command, TokenBody)>,
+    mut write: W,
+) -> Vec<(usize, Written)>
+where
+    W: FnMut(Vec<Command>) -> F,
+    F: std::future::Future<Output = crate::router::batcher::GroupResult>,
+{
+    let mut out = Vec::with_capacity(items.len());
+    let mut items = items.into_iter().peekable();
+    while items.peek().is_some() {
+        let mut group = Vec::new();
+        let mut bytes = 0;
+        while let Some((_, cmd, _)) = items.peek() {
+            let b = prost::Message::encoded_len(cmd);
+            if !group.is_empty() && !crate::router::batcher::group_fits(group.len() + 1, bytes + b)
+            {
+                break;
+            }
+            bytes += b;
+            group.push(items.next().expect("peeked"));
+        }
+        let commands: Vec<Command> = group.iter().map(|(_, c, _)| c.clone()).collect();
+        match write(commands).await {
+            Ok((results, position)) => {
+                for ((i, _, token), result) in group.into_iter().zip(results) {
+                    out.push((i, Ok((result, position, token))));
+                }
+            }
+            Err(s) => {
+                for (i, _, _) in group {
+                    out.push((i, Err(s.clone())));
+                }
+                let not_sent = Status::new(
+                    s.code(),
+                    format!(
+                        "not sent, after an earlier part of this batch to {shard} failed: {}",
+                        s.message()
+                    ),
+                );
+                for (i, _, _) in items.by_ref() {
+                    out.push((i, Err(not_sent.clone())));
+                }
+            }
+        }
+    }
+    out
 }
 
 #[tonic::async_trait]
@@ -549,5 +589,72 @@ impl ChatStore for ChatStoreService {
             .ok_or_else(|| Status::internal("node returned no chat"))?;
         out.read_token = token.into();
         Ok(Response::new(out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+
+    use super::*;
+
+    /// `n` sends of `bytes` each into chat 1, as a batch carries them.
+    fn sends(n: usize, bytes: usize) -> Vec<(usize, Command, TokenBody)> {
+        (0..n)
+            .map(|i| {
+                let send = rp::SendCmd {
+                    chat_id: 1,
+                    sender_id: 1,
+                    client_msg_id: i as u64 + 1,
+                    body: vec![0; bytes].into(),
+                    ..Default::default()
+                };
+                let command = Command {
+                    kind: Some(command::Kind::Send(send)),
+                };
+                (i, command, TokenBody::default())
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn after_a_failed_group_the_shards_later_sends_are_not_written() {
+        // Two sends fit one call, so six make three groups.
+        let items = sends(6, crate::shard::BATCH_BYTES_MAX * 2 / 5);
+        let calls = Cell::new(0);
+        let out = write_in_groups(crate::types::ShardId(3), items, |commands| {
+            calls.set(calls.get() + 1);
+            let call = calls.get();
+            async move {
+                match call {
+                    1 => Ok((
+                        vec![rp::CommandResult::default(); commands.len()],
+                        ShardPosition::default(),
+                    )),
+                    _ => Err(Status::unavailable("the leader went away")),
+                }
+            }
+        })
+        .await;
+        assert_eq!(calls.get(), 2, "the third group is not written");
+        let outcome: Vec<(usize, Option<(tonic::Code, bool)>)> = out
+            .iter()
+            .map(|(i, w)| {
+                let e = w.as_ref().err();
+                (*i, e.map(|s| (s.code(), s.message().contains("not sent"))))
+            })
+            .collect();
+        use tonic::Code::Unavailable;
+        assert_eq!(
+            outcome,
+            vec![
+                (0, None),
+                (1, None),
+                (2, Some((Unavailable, false))),
+                (3, Some((Unavailable, false))),
+                (4, Some((Unavailable, true))),
+                (5, Some((Unavailable, true))),
+            ]
+        );
     }
 }

@@ -17,7 +17,8 @@ use sha2::Sha256;
 
 /// Token format version.
 pub const TOKEN_VERSION: u8 = 1;
-/// Most shards one token remembers; the lowest positions are dropped first.
+/// Most shards one token remembers; the position merged longest ago is
+/// dropped first.
 pub const TOKEN_SHARDS_MAX: usize = 64;
 /// Largest token accepted.
 pub const TOKEN_BYTES_MAX: usize = 4096;
@@ -124,29 +125,35 @@ impl TokenBody {
     }
 
     /// Merges a position in: per shard, the later (index) wins; a new
-    /// incarnation replaces the old one.
+    /// incarnation replaces the old one. Positions are kept in the order
+    /// they were last merged, and a token past [`TOKEN_SHARDS_MAX`] drops
+    /// the one merged longest ago, never the one just merged (usually the
+    /// caller's own write; indexes of different shards say nothing about
+    /// which matters more). Incarnation 0 is a shard whose first leader has
+    /// not yet applied its bootstrap entry (writes may come before it): such
+    /// a position never replaces one with an incarnation, so that a replica
+    /// that knows less (a new voter, say) cannot wipe what the token holds.
     pub fn merge(&mut self, pos: ShardPosition) {
-        match self.shards.iter_mut().find(|p| p.shard == pos.shard) {
-            Some(p) => {
-                if p.incarnation != pos.incarnation || pos.index > p.index {
-                    *p = pos;
+        let merged = match self.shards.iter().position(|p| p.shard == pos.shard) {
+            Some(i) => {
+                let held = self.shards.remove(i);
+                let newer = if pos.incarnation == held.incarnation {
+                    pos.index > held.index
+                } else {
+                    pos.incarnation != 0
+                };
+                if newer {
+                    pos
+                } else {
+                    held
                 }
             }
-            None => {
-                self.shards.push(pos);
-                if self.shards.len() > TOKEN_SHARDS_MAX {
-                    let lowest = self
-                        .shards
-                        .iter()
-                        .enumerate()
-                        .min_by_key(|(_, p)| p.index)
-                        .map(|(i, _)| i)
-                        .expect("non-empty");
-                    self.shards.swap_remove(lowest);
-                }
-            }
+            None => pos,
+        };
+        self.shards.push(merged);
+        if self.shards.len() > TOKEN_SHARDS_MAX {
+            self.shards.remove(0);
         }
-        self.shards.sort_by_key(|p| p.shard);
     }
 }
 
@@ -190,6 +197,44 @@ mod tests {
             body.merge(pos(s, s + 1));
         }
         assert_eq!(body.shards.len(), TOKEN_SHARDS_MAX);
-        assert!(body.position(0).is_none(), "lowest positions dropped first");
+        assert!(
+            body.position(0).is_none(),
+            "the oldest merged dropped first"
+        );
+        // A full token of busy shards keeps a low position just merged (a
+        // write to a quiet shard), and drops the one merged longest ago.
+        let quiet = 1_000;
+        body.merge(pos(quiet, 3));
+        assert_eq!(body.position(quiet).unwrap().index, 3);
+        assert_eq!(body.shards.len(), TOKEN_SHARDS_MAX);
+        assert!(body.position(10).is_none());
+        // Merging an older position of a held shard keeps the newer one and
+        // counts as recent.
+        body.merge(pos(11, 1));
+        assert_eq!(body.position(11).unwrap().index, 12);
+        body.merge(pos(2_000, 1));
+        assert!(body.position(11).is_some() && body.position(12).is_none());
+    }
+
+    #[test]
+    fn a_position_of_incarnation_zero_never_replaces_one_with_an_incarnation() {
+        let keys = TokenKeys::new("c", b"s");
+        let mut body = keys.decode(&[]).unwrap();
+        let unbootstrapped = |shard, index| ShardPosition {
+            shard,
+            incarnation: 0,
+            index,
+            term: 1,
+        };
+        body.merge(pos(3, 1_000));
+        body.merge(unbootstrapped(3, 1));
+        assert_eq!(body.position(3), Some(pos(3, 1_000)));
+        // Writes before the bootstrap entry are remembered, by index, until
+        // the shard's incarnation is known.
+        body.merge(unbootstrapped(4, 2));
+        body.merge(unbootstrapped(4, 1));
+        assert_eq!(body.position(4), Some(unbootstrapped(4, 2)));
+        body.merge(pos(4, 1));
+        assert_eq!(body.position(4), Some(pos(4, 1)));
     }
 }
