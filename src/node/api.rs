@@ -124,37 +124,31 @@ impl NodeApiService {
             ..Default::default()
         };
         let reader = &shard.reader;
-        match req.query {
-            Some(Query::History(q)) => {
-                reply.messages = reader
-                    .history(q.chat_id, q.before_seq, q.limit)
-                    .map_err(from_read_error)?;
-            }
-            Some(Query::Messages(q)) => {
-                reply.messages = reader
-                    .messages(q.chat_id, &q.seqs)
-                    .map_err(from_read_error)?;
-            }
-            Some(Query::Difference(q)) => {
-                reply.difference = Some(
-                    reader
-                        .difference(q.chat_id, q.pts, q.limit)
-                        .map_err(from_read_error)?,
-                );
-            }
-            Some(Query::Chat(q)) => {
-                reply.chat = Some(
-                    reader
-                        .chat(q.chat_id)
-                        .map_err(|e| Status::internal(e.to_string()))?,
-                );
-            }
-            None => return Err(Status::invalid_argument("read request without a query")),
-        }
+        let answered = match req.query {
+            Some(Query::History(q)) => reader
+                .history(q.chat_id, q.before_seq, q.limit)
+                .map(|m| reply.messages = m)
+                .map_err(from_read_error),
+            Some(Query::Messages(q)) => reader
+                .messages(q.chat_id, &q.seqs)
+                .map(|m| reply.messages = m)
+                .map_err(from_read_error),
+            Some(Query::Difference(q)) => reader
+                .difference(q.chat_id, q.pts, q.limit)
+                .map(|d| reply.difference = Some(d))
+                .map_err(from_read_error),
+            Some(Query::Chat(q)) => reader
+                .chat(q.chat_id)
+                .map(|c| reply.chat = Some(c))
+                .map_err(|e| Status::internal(e.to_string())),
+            None => Err(Status::invalid_argument("read request without a query")),
+        };
+        // An error read from a half-loaded tree (a chat closed in the
+        // snapshot, a record not there yet) is refused like an answer.
         if !shard.reader.loads().unchanged(loads) {
             return Err(loading_snapshot(req.shard_id));
         }
-        Ok(reply)
+        answered.map(|()| reply)
     }
 }
 
@@ -310,13 +304,11 @@ impl NodeApi for NodeApiService {
         let shard = self.shard(id)?;
         let loads = shard.reader.loads().count();
         let applied = shard.applied_index();
-        let chats = shard
-            .reader
-            .digests()
-            .map_err(|e| Status::internal(e.to_string()))?;
+        let chats = shard.reader.digests();
         if !shard.reader.loads().unchanged(loads) {
             return Err(loading_snapshot(id));
         }
+        let chats = chats.map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(ChatDigestsReply {
             applied_index: applied,
             chats,

@@ -257,13 +257,12 @@ where
                 for (i, _, _) in group {
                     out.push((i, Err(s.clone())));
                 }
-                let not_sent = Status::new(
-                    s.code(),
-                    format!(
-                        "not sent, after an earlier part of this batch to {shard} failed: {}",
-                        s.message()
-                    ),
-                );
+                // Never tried, so always worth retrying, whatever the
+                // failed group's error was.
+                let not_sent = Status::unavailable(format!(
+                    "not sent, after an earlier part of this batch to {shard} failed: {}",
+                    s.message()
+                ));
                 for (i, _, _) in items.by_ref() {
                     out.push((i, Err(not_sent.clone())));
                 }
@@ -631,7 +630,7 @@ mod tests {
                         vec![rp::CommandResult::default(); commands.len()],
                         ShardPosition::default(),
                     )),
-                    _ => Err(Status::unavailable("the leader went away")),
+                    _ => Err(Status::deadline_exceeded("the leader went away")),
                 }
             }
         })
@@ -644,14 +643,14 @@ mod tests {
                 (*i, e.map(|s| (s.code(), s.message().contains("not sent"))))
             })
             .collect();
-        use tonic::Code::Unavailable;
+        use tonic::Code::{DeadlineExceeded, Unavailable};
         assert_eq!(
             outcome,
             vec![
                 (0, None),
                 (1, None),
-                (2, Some((Unavailable, false))),
-                (3, Some((Unavailable, false))),
+                (2, Some((DeadlineExceeded, false))),
+                (3, Some((DeadlineExceeded, false))),
                 (4, Some((Unavailable, true))),
                 (5, Some((Unavailable, true))),
             ]

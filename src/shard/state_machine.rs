@@ -283,11 +283,12 @@ pub fn load_current(dir: &std::path::Path) -> io::Result<Option<(SnapshotMeta, P
 }
 
 /// Makes `file` (already inside `dir`) the current snapshot unless the
-/// current one is newer (true if it did). openraft builds snapshots in a
-/// task of their own, so a build can finish while a snapshot from the
-/// leader is installed: the pointer's lock is held throughout, so the two
-/// cannot leave the pointer on the older one or on a file the other
-/// removed.
+/// current one is newer (true if it did); a file not made current is
+/// removed, and its key destroyed (the eraser counts on no other snapshot
+/// file outliving a past key). openraft builds snapshots in a task of their
+/// own, so a build can finish while a snapshot from the leader is
+/// installed: the pointer's lock is held throughout, so the two cannot
+/// leave the pointer on the older one or on a file the other removed.
 fn publish(
     dir: &std::path::Path,
     current: &Current,
@@ -299,6 +300,11 @@ fn publish(
         .as_ref()
         .is_some_and(|(m, _)| m.last_log_id > meta.last_log_id)
     {
+        let key = snapshot::key_path(file);
+        if key.exists() {
+            seal::destroy_key_file(&key)?;
+        }
+        std::fs::remove_file(file)?;
         return Ok(false);
     }
     set_current(dir, meta, file)?;
@@ -700,8 +706,8 @@ mod tests {
         assert!(err.to_string().contains("apply rules"), "{err}");
     }
 
-    /// Readers take chat records from memory: each apply call's record is
-    /// there once the call returns, and a loaded snapshot replaces them.
+    /// A build copied before a newer snapshot was made current finishes
+    /// without replacing it, and leaves neither its file nor its key.
     #[tokio::test]
     async fn a_snapshot_built_late_does_not_replace_a_newer_one() {
         let dir = tempfile::tempdir().unwrap();
@@ -728,8 +734,12 @@ mod tests {
         assert!(path.exists());
         let current = sm.get_current_snapshot().await.unwrap().unwrap();
         assert_eq!(current.meta.last_log_id, newer.meta.last_log_id);
+        assert!(!older.snapshot.path.exists(), "the late file is removed");
+        assert!(!snapshot::key_path(&older.snapshot.path).exists());
     }
 
+    /// Readers take chat records from memory: each apply call's record is
+    /// there once the call returns, and a loaded snapshot replaces them.
     #[tokio::test]
     async fn readers_see_each_apply_call_and_then_a_loaded_snapshot() {
         let dir = tempfile::tempdir().unwrap();
