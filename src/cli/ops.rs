@@ -517,6 +517,31 @@ impl Ops {
             );
             return;
         }
+        // `force` closes a copy its node still thinks is a member, so ask
+        // the leader now: a plan made earlier may have moved a replica back
+        // onto this node since, and closing a voter's copy would leave the
+        // shard a replica short (and an empty voter if it were reopened).
+        match self.leader(shard).await {
+            Ok((_, _, st)) if st.members.iter().any(|m| m.node_id == node) => {
+                self.say(
+                    bar,
+                    format!(
+                        "note: node {node} is a member of shard {shard} as its leader sees it;                          its copy stays"
+                    ),
+                );
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                self.say(
+                    bar,
+                    format!(
+                        "note: node {node}'s old copy of shard {shard} stays for now: {e:#};                          `chatctl rebalance` deletes it later"
+                    ),
+                );
+                return;
+            }
+        }
         let req = CloseReplicaRequest {
             shard_id: shard,
             force: true,

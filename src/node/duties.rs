@@ -285,13 +285,22 @@ async fn chores(
     Ok(())
 }
 
+/// Longest a chore waits for its proposal. A leader cut off from its
+/// followers commits nothing until it hears of a newer term, and the chores
+/// of every other shard (and the clock and leadership checks) wait behind
+/// this one. A chore given up on may still commit later; every chore is
+/// safe to propose again.
+const CHORE_PROPOSAL_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Proposes one command on the shard this node leads.
 async fn propose(shard: &Shard, kind: command::Kind) -> Result<(), String> {
-    shard
-        .propose(vec![Command { kind: Some(kind) }])
-        .await
-        .map(drop)
-        .map_err(|e| e.to_string())
+    let proposal = shard.propose(vec![Command { kind: Some(kind) }]);
+    match tokio::time::timeout(CHORE_PROPOSAL_TIMEOUT, proposal).await {
+        Ok(result) => result.map(drop).map_err(|e| e.to_string()),
+        Err(_) => Err(format!(
+            "not committed within {CHORE_PROPOSAL_TIMEOUT:?}; tried again next tick"
+        )),
+    }
 }
 
 /// A caught-up voter in the shard's preferred region whose clock is not
