@@ -75,6 +75,15 @@ fn chat_homed_away_from(placement: &Placement, region: &str) -> u64 {
         .expect("some chat is homed elsewhere")
 }
 
+fn chat_homed_in(placement: &Placement, region: &str) -> u64 {
+    (1..10_000u64)
+        .find(|c| {
+            placement.preferred_region(placement.shard_of_chat(chatstore::types::ChatId(*c)))
+                == region
+        })
+        .expect("some chat is homed here")
+}
+
 async fn send(api: &mut ChatStoreClient<Channel>, chat: u64, cmid: u64) -> pb::SendResponse {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -170,6 +179,41 @@ async fn leaders_and_reads_stay_in_their_regions_and_a_region_fails_over_and_ret
             .expect("Watch stream")
             .expect("an event");
         assert_eq!(event.served_by_node, node, "Watch served in {region}");
+
+        // A chat homed here: its leader is the local node, and a Watch
+        // long-polls it too once the chat is idle (it used to refuse the
+        // poll for the entry after its log's end, which sent the Watch to
+        // a replica in another region).
+        let home = chat_homed_in(&placement, region);
+        send(&mut api, home, 1).await;
+        let mut stream = api
+            .watch(pb::WatchRequest {
+                cursors: vec![pb::Cursor {
+                    chat_id: home,
+                    pts: 0,
+                }],
+            })
+            .await
+            .expect("Watch")
+            .into_inner();
+        tokio::time::timeout(Duration::from_secs(20), stream.message())
+            .await
+            .expect("a Watch event within 20 s")
+            .expect("Watch stream")
+            .expect("an event");
+        // Long enough for the Watch to be polling for news, not the time
+        // the test needs.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        send(&mut api, home, 2).await;
+        let event = tokio::time::timeout(Duration::from_secs(20), stream.message())
+            .await
+            .expect("a Watch event within 20 s")
+            .expect("Watch stream")
+            .expect("an event");
+        assert_eq!(
+            event.served_by_node, node,
+            "Watch of a chat homed in {region} served by its leader"
+        );
     }
 
     eprintln!("killing the eu region (node 1)");

@@ -92,8 +92,11 @@ impl NodeApiService {
                     // token beyond its log's end was not issued for a
                     // committed write. (Its commit index can briefly lag
                     // right after an election, so that is not the bound.)
+                    // A long poll (a Watch) may wait for the entry after
+                    // the end.
                     let last = shard.last_log_index();
-                    if req.min_index > last {
+                    let polls_next = u64::from(req.wait_ms > 0);
+                    if req.min_index > last + polls_next {
                         return Err(Status::invalid_argument(format!(
                             "read token names index {} of shard {}, beyond its log end {last}",
                             req.min_index, req.shard_id
