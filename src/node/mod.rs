@@ -294,6 +294,17 @@ impl Registry {
         db.drop_tree(trees::log_tree(shard))?;
         db.drop_tree(trees::state_tree(shard))?;
         let dir = self.storage.snapshot_dir(shard);
+        // Snapshot keys are destroyed (overwritten, then removed), not only
+        // unlinked: unlinked bytes stay readable on the disk.
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for entry in entries {
+                let path = entry?.path();
+                if path.extension().is_some_and(|e| e == "key") {
+                    crate::storage::seal::destroy_key_file(&path)
+                        .with_context(|| format!("destroy {}", path.display()))?;
+                }
+            }
+        }
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

@@ -334,19 +334,25 @@ fn set_current(
     std::fs::File::open(&tmp)?.sync_all()?;
     std::fs::rename(&tmp, dir.join("current.json"))?;
     snapshot::sync_dir(dir)?;
+    // Files first, then keys: a snapshot being sent to a follower reads its
+    // key and then opens its file, so it either gets an intact key and its
+    // file or fails to open the file; never the file with a key half
+    // destroyed (zeroed) or gone.
+    let old = |n: &str| n.starts_with("snap-") && n != name;
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
         let n = entry.file_name();
         let n = n.to_string_lossy();
-        if !n.starts_with("snap-") || *n == name {
-            continue;
-        }
-        if n.ends_with(".key") {
-            if n.strip_suffix(".key") != Some(name.as_str()) {
-                seal::destroy_key_file(&entry.path())?;
-            }
-        } else {
+        if old(&n) && !n.ends_with(".key") {
             let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let n = entry.file_name();
+        let n = n.to_string_lossy();
+        if old(&n) && n.ends_with(".key") && n.strip_suffix(".key") != Some(name.as_str()) {
+            seal::destroy_key_file(&entry.path())?;
         }
     }
     Ok(())

@@ -246,6 +246,13 @@ pub fn read_key_file(path: &Path) -> io::Result<(u64, Key)> {
             format!("key file {} has {} bytes", path.display(), bytes.len()),
         ));
     }
+    if bytes.iter().all(|b| *b == 0) {
+        // Caught between the overwrite and the removal of destroy_key_file.
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("key file {} is being destroyed", path.display()),
+        ));
+    }
     let epoch = u64::from_be_bytes(bytes[..8].try_into().expect("8 bytes"));
     let key: Key = bytes[8..].try_into().expect("32 bytes");
     Ok((epoch, key))
@@ -293,6 +300,21 @@ mod tests {
         let err = ring.unseal(&sealed, None).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::NotFound);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    /// A key file caught between the overwrite and the removal of
+    /// `destroy_key_file` reads as an error, not as a key of zeros.
+    #[test]
+    fn a_key_file_being_destroyed_is_not_a_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("snap.key");
+        write_key_file(&path, 3, &new_key()).unwrap();
+        assert_eq!(read_key_file(&path).unwrap().0, 3);
+        std::fs::write(&path, [0u8; KEY_FILE_BYTES]).unwrap();
+        let e = read_key_file(&path).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        destroy_key_file(&path).unwrap();
+        assert!(!path.exists());
     }
 
     #[test]
