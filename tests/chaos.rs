@@ -51,3 +51,76 @@ async fn chaos_from_env() {
         .unwrap_or(120);
     run_seed(seed, secs).await;
 }
+
+/// A Watch served by a replica that is up but cut off from its leader
+/// (so it applies nothing and answers every long poll with no news) moves
+/// to another replica once the leader is known to be ahead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_watch_leaves_a_replica_that_applies_nothing() {
+    use chatstore::api::pb;
+    use std::time::{Duration, Instant};
+
+    let chaos = chaos::Chaos::start(0, "watch-stuck").await;
+    // Node 2 is the us region's node: the us router's nearest replica. A
+    // chat whose shard node 2 does not lead.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let chat = loop {
+        let mut found = None;
+        for chat in 1..200u64 {
+            let shard = chaos.nodes.shard_of(chat).0;
+            if matches!(chaos.nodes.leader_of(shard).await, Some(l) if l != 2) {
+                found = Some(chat);
+                break;
+            }
+        }
+        if let Some(chat) = found {
+            break chat;
+        }
+        assert!(Instant::now() < deadline, "no shard led by another node");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let mut api = common::procs::router_client(&chaos.routers["us"]).await;
+    let send = |n: u64| pb::SendRequest {
+        chat_id: chat,
+        sender_id: 1,
+        client_msg_id: n,
+        body: format!("m{n}").into_bytes().into(),
+        ..Default::default()
+    };
+    api.send(send(1)).await.expect("send");
+    let mut stream = api
+        .watch(pb::WatchRequest {
+            cursors: vec![pb::Cursor {
+                chat_id: chat,
+                pts: 0,
+            }],
+        })
+        .await
+        .expect("Watch")
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(20), stream.message())
+        .await
+        .expect("the first event within 20 s")
+        .expect("Watch stream")
+        .expect("an event");
+    eprintln!("first event served by node {}", first.served_by_node);
+
+    // Node 2 loses its links to the other nodes; the router still reaches
+    // it, and it still answers polls, with no news.
+    chaos.partition(2, true);
+    let cut = Instant::now();
+    api.send(send(2)).await.expect("send through the leader");
+    let event = tokio::time::timeout(Duration::from_secs(40), stream.message())
+        .await
+        .expect("the next event within 40 s of node 2 being cut off")
+        .expect("Watch stream")
+        .expect("an event");
+    eprintln!(
+        "event served by node {} {:?} after the cut",
+        event.served_by_node,
+        cut.elapsed()
+    );
+    assert_ne!(event.served_by_node, 2);
+    assert!(event.pts > first.pts);
+    chaos.heal_network();
+}

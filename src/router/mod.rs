@@ -116,6 +116,9 @@ pub(crate) struct Inner {
     leaders: RwLock<BTreeMap<u64, u64>>,
     /// Each shard's voters, as the last status poll of its leader said.
     replicas: RwLock<BTreeMap<u64, Vec<u64>>>,
+    /// Each shard's applied index on its leader, as the last status poll
+    /// of the leader said.
+    leader_applied: RwLock<BTreeMap<u64, u64>>,
     /// Nodes a call could not reach, until when they are passed over.
     unreachable_until: std::sync::Mutex<BTreeMap<u64, Instant>>,
 }
@@ -199,6 +202,7 @@ impl Router {
                 nodes: RwLock::new(nodes),
                 leaders: RwLock::new(leaders),
                 replicas: RwLock::new(replicas),
+                leader_applied: Default::default(),
                 unreachable_until: Default::default(),
             }),
         })
@@ -275,6 +279,18 @@ impl Router {
             }
             Err(e) => tracing::warn!(node, addr, error = %e, "bad node address"),
         }
+    }
+
+    /// The applied index of `shard`'s leader at the last status poll (0
+    /// before one).
+    pub fn leader_applied(&self, shard: ShardId) -> u64 {
+        self.inner
+            .leader_applied
+            .read()
+            .expect("leader applied map")
+            .get(&shard.0)
+            .copied()
+            .unwrap_or(0)
     }
 
     fn leader_guess(&self, shard: ShardId) -> u64 {
@@ -597,6 +613,11 @@ impl Router {
                             self.learn_node(m.node_id, &m.addr, &m.region);
                         }
                         self.set_leader(ShardId(sh.shard_id), id);
+                        self.inner
+                            .leader_applied
+                            .write()
+                            .expect("leader applied map")
+                            .insert(sh.shard_id, sh.applied_index);
                         if !sh.voters.is_empty() {
                             self.inner
                                 .replicas

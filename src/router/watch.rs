@@ -23,6 +23,10 @@ pub const LONG_POLL_MS: u32 = 3_000;
 const POLL_CHANGES_MAX: u32 = 500;
 /// Events buffered per stream before the stream applies backpressure.
 pub const STREAM_BUFFER: usize = 1024;
+/// Long polls in a row that a replica answers with no news while the
+/// shard's leader had applied past what the Watch waits for, before the
+/// Watch moves to the next replica.
+const STUCK_POLLS: u32 = 2;
 
 /// Streams the changes of `cursors` into `tx` until the receiver goes away.
 pub async fn run(
@@ -48,6 +52,7 @@ async fn watch_chat(
     let mut after_index = 0u64;
     let mut replica = 0usize;
     let mut failures = 0u32;
+    let mut stuck = 0u32;
     loop {
         if tx.is_closed() {
             return;
@@ -71,12 +76,27 @@ async fn watch_chat(
                     failures += 1;
                     let backoff = Duration::from_millis((50u64 << failures.min(4)).min(1000));
                     tokio::time::sleep(backoff).await;
+                    continue;
                 }
-                // Otherwise the replica waited with no news: poll it again.
+                // The replica waited with no news. Usually the chat is
+                // idle; but a replica that is up yet applies nothing (cut
+                // off from its leader, or its disk failed) answers the same
+                // way forever. If the leader had applied past what we wait
+                // for, more than once, try the next replica.
+                stuck = if router.leader_applied(shard) > after_index {
+                    stuck + 1
+                } else {
+                    0
+                };
+                if stuck >= STUCK_POLLS {
+                    replica = used + 1;
+                    stuck = 0;
+                }
                 continue;
             }
         };
         failures = 0;
+        stuck = 0;
         replica = used;
         let Some(diff) = reply.difference else {
             continue;

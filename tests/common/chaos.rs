@@ -168,8 +168,8 @@ impl Chaos {
         }
     }
 
-    /// Cuts (both ways) every link of `node`.
-    fn partition(&self, node: u64, cut: bool) {
+    /// Cuts (both ways) every link of `node` to the other nodes.
+    pub fn partition(&self, node: u64, cut: bool) {
         for ((a, b), p) in &self.proxies {
             if *a == node || *b == node {
                 p.ctl.set_cut(cut);
