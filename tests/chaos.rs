@@ -88,21 +88,8 @@ async fn a_watch_leaves_a_replica_that_applies_nothing() {
         ..Default::default()
     };
     api.send(send(1)).await.expect("send");
-    let mut stream = api
-        .watch(pb::WatchRequest {
-            cursors: vec![pb::Cursor {
-                chat_id: chat,
-                pts: 0,
-            }],
-        })
-        .await
-        .expect("Watch")
-        .into_inner();
-    let first = tokio::time::timeout(Duration::from_secs(20), stream.message())
-        .await
-        .expect("the first event within 20 s")
-        .expect("Watch stream")
-        .expect("an event");
+    let mut stream = common::watch_chat(&mut api, chat, 0).await;
+    let first = common::next_event(&mut stream, Duration::from_secs(20)).await;
     eprintln!("first event served by node {}", first.served_by_node);
 
     // Node 2 loses its links to the other nodes; the router still reaches
@@ -110,11 +97,8 @@ async fn a_watch_leaves_a_replica_that_applies_nothing() {
     chaos.partition(2, true);
     let cut = Instant::now();
     api.send(send(2)).await.expect("send through the leader");
-    let event = tokio::time::timeout(Duration::from_secs(40), stream.message())
-        .await
-        .expect("the next event within 40 s of node 2 being cut off")
-        .expect("Watch stream")
-        .expect("an event");
+    // Within 40 s of node 2 being cut off.
+    let event = common::next_event(&mut stream, Duration::from_secs(40)).await;
     eprintln!(
         "event served by node {} {:?} after the cut",
         event.served_by_node,

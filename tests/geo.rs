@@ -163,21 +163,8 @@ async fn leaders_and_reads_stay_in_their_regions_and_a_region_fails_over_and_ret
             d.chats[0].served_by_node, node,
             "GetDifference served in {region}"
         );
-        let mut stream = api
-            .watch(pb::WatchRequest {
-                cursors: vec![pb::Cursor {
-                    chat_id: chat,
-                    pts: 0,
-                }],
-            })
-            .await
-            .expect("Watch")
-            .into_inner();
-        let event = tokio::time::timeout(Duration::from_secs(20), stream.message())
-            .await
-            .expect("a Watch event within 20 s")
-            .expect("Watch stream")
-            .expect("an event");
+        let mut stream = common::watch_chat(&mut api, chat, 0).await;
+        let event = common::next_event(&mut stream, Duration::from_secs(20)).await;
         assert_eq!(event.served_by_node, node, "Watch served in {region}");
 
         // A chat homed here: its leader is the local node, and a Watch
@@ -186,30 +173,13 @@ async fn leaders_and_reads_stay_in_their_regions_and_a_region_fails_over_and_ret
         // a replica in another region).
         let home = chat_homed_in(&placement, region);
         send(&mut api, home, 1).await;
-        let mut stream = api
-            .watch(pb::WatchRequest {
-                cursors: vec![pb::Cursor {
-                    chat_id: home,
-                    pts: 0,
-                }],
-            })
-            .await
-            .expect("Watch")
-            .into_inner();
-        tokio::time::timeout(Duration::from_secs(20), stream.message())
-            .await
-            .expect("a Watch event within 20 s")
-            .expect("Watch stream")
-            .expect("an event");
+        let mut stream = common::watch_chat(&mut api, home, 0).await;
+        common::next_event(&mut stream, Duration::from_secs(20)).await;
         // Long enough for the Watch to be polling for news, not the time
         // the test needs.
         tokio::time::sleep(Duration::from_millis(500)).await;
         send(&mut api, home, 2).await;
-        let event = tokio::time::timeout(Duration::from_secs(20), stream.message())
-            .await
-            .expect("a Watch event within 20 s")
-            .expect("Watch stream")
-            .expect("an event");
+        let event = common::next_event(&mut stream, Duration::from_secs(20)).await;
         assert_eq!(
             event.served_by_node, node,
             "Watch of a chat homed in {region} served by its leader"

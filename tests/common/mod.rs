@@ -479,3 +479,29 @@ pub fn write_bench_section(name: &str, heading: &str, body: &str) {
     };
     std::fs::write(&path, text).expect("write BENCHMARKS.md");
 }
+
+/// Opens a Watch of one chat from `pts` through a router.
+pub async fn watch_chat(
+    api: &mut pb::chat_store_client::ChatStoreClient<Channel>,
+    chat: u64,
+    pts: u64,
+) -> tonic::Streaming<pb::WatchEvent> {
+    api.watch(pb::WatchRequest {
+        cursors: vec![pb::Cursor { chat_id: chat, pts }],
+    })
+    .await
+    .expect("Watch")
+    .into_inner()
+}
+
+/// The next event of a Watch, within `within`.
+pub async fn next_event(
+    stream: &mut tonic::Streaming<pb::WatchEvent>,
+    within: Duration,
+) -> pb::WatchEvent {
+    tokio::time::timeout(within, stream.message())
+        .await
+        .unwrap_or_else(|_| panic!("no Watch event within {within:?}"))
+        .expect("Watch stream")
+        .expect("an event")
+}
