@@ -15,7 +15,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chatstore::api::pb::node::StatusRequest;
+use chatstore::api::pb::node::admin_client::AdminClient;
+use chatstore::api::pb::node::{AddLearnerRequest, ShardRequest, StatusRequest};
 use common::chaos::{check_on, run_session, History};
 use common::procs::{router_client, start_cluster_with, ProcessCluster};
 use common::{ConfigOptions, TestDir};
@@ -293,6 +294,33 @@ async fn nodes_join_and_rebalance_then_original_nodes_are_drained_live_and_dead(
         .expect("status lists node 4")
         .clone();
     assert_eq!(n4["replicas"].as_u64(), Some(on4.len() as u64), "{n4}");
+
+    // A move onto node 1 cut short after it joined as a learner: drain takes
+    // the learner out too, or remove-node would refuse node 1.
+    let on1 = replicas_on(&nodes, 1).await;
+    if let Some(shard) = (0..4u64).find(|s| !on1.contains_key(s)) {
+        let admin = |node: u64| {
+            let url = format!("http://{}", addr(&cluster, node));
+            async move { AdminClient::connect(url).await.expect("admin client") }
+        };
+        admin(1)
+            .await
+            .open_replica(ShardRequest { shard_id: shard })
+            .await
+            .expect("open a replica on node 1");
+        let leader = nodes.leader_of(shard).await.expect("a leader");
+        admin(leader)
+            .await
+            .add_learner(AddLearnerRequest {
+                shard_id: shard,
+                node_id: 1,
+                addr: addr(&cluster, 1),
+                region: "eu".into(),
+            })
+            .await
+            .expect("node 1 joins as a learner");
+        eprintln!("node 1 is a learner of shard {shard}");
+    }
 
     // Drain node 1: everything it holds moves to node 4, writes go on.
     let (code, out, err) = chatctl(&["--endpoints", &all, "drain", "1"]);

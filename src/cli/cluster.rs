@@ -492,6 +492,15 @@ pub async fn drain(
     if code != 0 {
         return Ok(code);
     }
+    // Learners a cut-short move left there leave their shards, or
+    // remove-node would refuse the node.
+    match ops.drop_learner(node).await {
+        Ok(left) if !left.is_empty() && !json => {
+            println!("node {node} is no longer a learner of shard(s) {left:?}")
+        }
+        Ok(_) => {}
+        Err(e) => return fail(e),
+    }
     // Anything left there (copies it still holds) goes now.
     let view = ops.gather().await?;
     let left: Vec<u64> = view

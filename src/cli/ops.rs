@@ -348,6 +348,32 @@ impl Ops {
 
     /// Runs an admin call on the leader of `shard`, following leader hints
     /// and retrying what is safe to retry until [`LEADER_WAIT`].
+    /// Takes `node` out of every shard whose membership lists it only as a
+    /// learner (a move onto it that was cut short), through each shard's
+    /// leader; the shards it left.
+    pub async fn drop_learner(&self, node: u64) -> anyhow::Result<Vec<u64>> {
+        let view = self.gather().await?;
+        let shards: BTreeSet<u64> = view
+            .nodes
+            .values()
+            .flat_map(|n| n.shards.values())
+            .filter(|s| s.is_leader && s.learners.contains(&node))
+            .map(|s| s.shard_id)
+            .collect();
+        for shard in &shards {
+            self.on_leader(*shard, |mut c| {
+                let req = ChangeVotersRequest {
+                    shard_id: *shard,
+                    add: vec![],
+                    remove: vec![node],
+                };
+                async move { c.change_voters(req).await }
+            })
+            .await?;
+        }
+        Ok(shards.into_iter().collect())
+    }
+
     async fn on_leader<T, F, Fut>(&self, shard: u64, mut call: F) -> anyhow::Result<T>
     where
         F: FnMut(AdminClient<AuthChannel>) -> Fut,
