@@ -180,14 +180,8 @@ async fn quiet_chores(
     let reader = &shard.reader;
     let settings = reader.settings().map_err(|e| e.to_string())?;
     let expiry = reader.earliest_expiry().map_err(|e| e.to_string())?;
-    let collection = reader
-        .dedup_gc_due(settings.dedup_window_ms, now)
-        .map_err(|e| e.to_string())?
-        || (settings.apply_rules >= 1
-            && reader
-                .change_gc_due(settings.change_retention_ms, now)
-                .map_err(|e| e.to_string())?);
-    if expiry.is_some_and(|due| due <= now) || collection {
+    let (dedup, changes) = collection_due(shard, &settings, now)?;
+    if expiry.is_some_and(|due| due <= now) || dedup || changes {
         chores(registry, shard, ctx, clock_off).await
     } else {
         Ok(())
@@ -251,38 +245,46 @@ async fn chores(
             .await?;
         }
     }
-    let window = settings.dedup_window_ms;
-    if shard
-        .reader
-        .dedup_gc_due(window, now)
-        .map_err(|e| e.to_string())?
-    {
+    let (dedup, changes) = collection_due(shard, &settings, now)?;
+    if dedup {
         propose(
             shard,
             command::Kind::GcDedup(GcDedupCmd {
-                before_ms: now.saturating_sub(window),
+                before_ms: now.saturating_sub(settings.dedup_window_ms),
                 max_items: GC_BATCH_MAX,
             }),
         )
         .await?;
     }
-    let retention = settings.change_retention_ms;
-    if settings.apply_rules >= 1
-        && shard
-            .reader
-            .change_gc_due(retention, now)
-            .map_err(|e| e.to_string())?
-    {
+    if changes {
         propose(
             shard,
             command::Kind::GcChanges(GcChangesCmd {
-                before_ms: now.saturating_sub(retention),
+                before_ms: now.saturating_sub(settings.change_retention_ms),
                 max_items: GC_BATCH_MAX,
             }),
         )
         .await?;
     }
     Ok(())
+}
+
+/// Whether a step of the dedup and of the change collection pass is due
+/// (change collection exists from apply rules 1).
+fn collection_due(
+    shard: &Shard,
+    settings: &ShardSettings,
+    now: u64,
+) -> Result<(bool, bool), String> {
+    let reader = &shard.reader;
+    let dedup = reader
+        .dedup_gc_due(settings.dedup_window_ms, now)
+        .map_err(|e| e.to_string())?;
+    let changes = settings.apply_rules >= 1
+        && reader
+            .change_gc_due(settings.change_retention_ms, now)
+            .map_err(|e| e.to_string())?;
+    Ok((dedup, changes))
 }
 
 /// Longest a chore waits for its proposal. A leader cut off from its
