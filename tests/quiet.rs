@@ -9,7 +9,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use chatstore::api::pb::node::StatusRequest;
+use chatstore::api::pb::node::{StatusRequest, WriteRequest};
 use common::procs::start_cluster_with;
 use common::{send_cmd, ConfigOptions, TestDir};
 
@@ -89,23 +89,38 @@ async fn idle_shards_go_quiet_wake_on_writes_and_fail_over_when_their_leader_die
         "chatctl shards: {v}"
     );
 
-    // A write to a quiet shard wakes it and is acknowledged.
+    // Writes to a quiet shard wake it and are acknowledged: ten at once,
+    // each sent once to the leader, all wait for the one lease renewal
+    // (none is refused for the lapsed lease of a leader that was quiet).
     let chat = chat_of_shard[&0];
-    n += 1;
+    // Long enough quiet for the leader's lease (its election timeout, under
+    // 2 s with these timings) to lapse: the wait is the point, not a race.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let leader = quiet_map(&nodes, &[1, 2, 3]).await[&(1, 0)].1;
+    assert_ne!(leader, 0, "shard 0 has a leader");
     let started = Instant::now();
-    nodes
-        .write(
-            chat,
-            vec![send_cmd(chat, 1, n, b"wakes")],
-            Duration::from_secs(20),
-        )
-        .await
-        .expect("a write to a quiet shard");
+    let writes = (0..10).map(|i| {
+        let cmid = n + 1 + i;
+        let mut client = nodes.node(leader);
+        async move {
+            let reply = client
+                .write(WriteRequest {
+                    shard_id: 0,
+                    commands: vec![send_cmd(chat, 1, cmid, b"wakes")],
+                })
+                .await;
+            (cmid, reply)
+        }
+    });
+    for (cmid, reply) in futures::future::join_all(writes).await {
+        reply.unwrap_or_else(|e| panic!("write {cmid} to the quiet leader: {e}"));
+        acked.push((chat, cmid));
+    }
+    n += 10;
     eprintln!(
-        "write to a quiet shard acknowledged in {:?}",
+        "ten writes to a quiet shard acknowledged in {:?}",
         started.elapsed()
     );
-    acked.push((chat, n));
     // It goes quiet again.
     wait_all_quiet(&nodes, &[1, 2, 3], shards, Duration::from_secs(30)).await;
 

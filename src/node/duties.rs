@@ -25,9 +25,10 @@
 //!   a hold time before the first try and between tries, so it does not
 //!   flap while a node restarts).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use openraft::async_runtime::WatchReceiver;
 
 use tokio::sync::watch;
@@ -49,6 +50,9 @@ pub const TICK: Duration = Duration::from_millis(500);
 pub const EXPIRE_BATCH_MAX: u32 = 1_000;
 /// Most records one GcDedup or GcChanges step examines.
 pub const GC_BATCH_MAX: u32 = 1_000;
+
+/// Led shards whose tick may wait on peers at the same time.
+const CHORES_AT_ONCE: usize = 16;
 
 /// Ticks in a row that must find this node's clock off before it acts.
 const OFF_TICKS_TO_ACT: u32 = 2;
@@ -107,60 +111,99 @@ pub async fn run(registry: Registry, ctx: Context, mut shutdown: watch::Receiver
                 "this node's clock is back within the bound"
             );
         }
-        for shard in registry.all() {
+        let shards = registry.all();
+        let mut led = Vec::new();
+        for shard in shards {
             // A node whose clock is off starts no election; it still votes.
             shard.raft.runtime_config().elect(!clock_off);
-            if !shard.is_leader() {
-                leading_since.remove(&shard.id);
-                continue;
+            if shard.is_leader() {
+                led.push(shard);
             }
-            let since = *leading_since.entry(shard.id).or_insert_with(Instant::now);
-            let result = if shard.is_quiet() {
-                quiet_chores(&registry, &shard, &ctx, clock_off).await
-            } else {
-                chores(&registry, &shard, &ctx, clock_off).await
-            };
-            if let Err(e) = result {
-                tracing::debug!(shard = %shard.id, error = %e, "leader chores");
+        }
+        let led_ids: BTreeSet<ShardId> = led.iter().map(|s| s.id).collect();
+        leading_since.retain(|id, _| led_ids.contains(id));
+        // Shards are independent: one whose chores wait on a slow peer does
+        // not hold up the others' (up to CHORES_AT_ONCE wait at a time).
+        let jobs: Vec<_> = led
+            .into_iter()
+            .map(|shard| {
+                let since = *leading_since.entry(shard.id).or_insert_with(Instant::now);
+                let last_try = last_transfer.get(&shard.id).copied();
+                let (registry, ctx, clocks) = (&registry, &ctx, &clocks);
+                async move {
+                    let tried =
+                        lead(registry, &shard, ctx, clocks, clock_off, since, last_try).await;
+                    (shard.id, tried)
+                }
+            })
+            .collect();
+        let tried: Vec<(ShardId, Option<Instant>)> = futures::stream::iter(jobs)
+            .buffer_unordered(CHORES_AT_ONCE)
+            .collect()
+            .await;
+        for (id, at) in tried {
+            if let Some(at) = at {
+                last_transfer.insert(id, at);
             }
-            let tried_within = |d: Duration| {
-                last_transfer
-                    .get(&shard.id)
-                    .is_some_and(|t| t.elapsed() < d)
-            };
-            let target = if clock_off {
-                // Entries stamped by this clock would be off: hand over at
-                // once, and try again soon if leadership comes back.
-                match tried_within(ctx.election_timeout) {
-                    true => None,
-                    false => {
-                        let target = handover_target(&registry, &shard, &ctx, &clocks);
-                        if let Some(to) = target {
-                            tracing::warn!(shard = %shard.id, to, offset_ms = clocks.own_offset_ms, "this node's clock is off from its peers'; handing leadership over");
-                        }
-                        target
-                    }
-                }
-            } else if since.elapsed() >= ctx.return_after && !tried_within(ctx.return_after) {
-                let target = preferred_target(&registry, &shard, &ctx, &clocks);
-                if let Some(to) = target {
-                    tracing::info!(shard = %shard.id, to, "returning leadership to the preferred region");
-                }
-                target
-            } else {
-                None
-            };
-            if let Some(target) = target {
-                last_transfer.insert(shard.id, Instant::now());
-                shard.wake_leader().await;
-                if let Err(e) = shard.raft.trigger().transfer_leader(target).await {
-                    tracing::warn!(shard = %shard.id, error = %e, "transfer leadership");
-                }
-                continue;
-            }
-            crate::node::quiesce::maybe_quiesce(&shard, registry.peers(), ctx.quiesce_after).await;
         }
     }
+}
+
+/// One led shard's tick: its chores, then a leadership hand-over if one is
+/// due, else a try at going quiet. Returns when it tried a hand-over.
+async fn lead(
+    registry: &Registry,
+    shard: &Shard,
+    ctx: &Context,
+    clocks: &ClockReport,
+    clock_off: bool,
+    since: Instant,
+    last_try: Option<Instant>,
+) -> Option<Instant> {
+    let result = if shard.is_quiet() {
+        quiet_chores(registry, shard, ctx, clock_off).await
+    } else {
+        chores(registry, shard, ctx, clock_off).await
+    };
+    if let Err(e) = result {
+        tracing::debug!(shard = %shard.id, error = %e, "leader chores");
+    }
+    let tried_within = |d: Duration| last_try.is_some_and(|t| t.elapsed() < d);
+    let target = if clock_off {
+        // Entries stamped by this clock would be off: hand over at once,
+        // and try again soon if leadership comes back.
+        match tried_within(ctx.election_timeout) {
+            true => None,
+            false => {
+                let target = handover_target(registry, shard, ctx, clocks);
+                if let Some(to) = target {
+                    tracing::warn!(shard = %shard.id, to, offset_ms = clocks.own_offset_ms, "this node's clock is off from its peers'; handing leadership over");
+                }
+                target
+            }
+        }
+    } else if since.elapsed() >= ctx.return_after && !tried_within(ctx.return_after) {
+        let target = preferred_target(registry, shard, ctx, clocks);
+        if let Some(to) = target {
+            tracing::info!(shard = %shard.id, to, "returning leadership to the preferred region");
+        }
+        target
+    } else {
+        None
+    };
+    if let Some(target) = target {
+        let at = Instant::now();
+        shard.wake_leader().await;
+        if let Err(e) = shard.raft.trigger().transfer_leader(target).await {
+            tracing::warn!(shard = %shard.id, error = %e, "transfer leadership");
+        }
+        return Some(at);
+    }
+    crate::node::quiesce::maybe_quiesce(shard, registry.peers(), ctx.quiesce_after, |peer| {
+        registry.answered_within(peer, ctx.election_timeout)
+    })
+    .await;
+    None
 }
 
 /// A quiet leader's chores: only the ones that fall due while nothing is

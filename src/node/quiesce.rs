@@ -47,7 +47,16 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Quiesces `shard` if this node leads it, it has been idle for `after` and
 /// every voter holds the whole log. Returns true if it is now quiet.
-pub async fn maybe_quiesce(shard: &Shard, peers: &Peers, after: Duration) -> bool {
+///
+/// A follower that `answers` says has not answered pings lately is not
+/// asked: the shard stays awake without waiting out a call to it, which
+/// the node's chores would otherwise pay for every idle shard it leads.
+pub async fn maybe_quiesce(
+    shard: &Shard,
+    peers: &Peers,
+    after: Duration,
+    answers: impl Fn(u64) -> bool,
+) -> bool {
     if after.is_zero() || shard.is_quiet() || !shard.is_leader() || shard.idle_for() < after {
         return false;
     }
@@ -78,7 +87,7 @@ pub async fn maybe_quiesce(shard: &Shard, peers: &Peers, after: Duration) -> boo
             .flatten()
             .is_some_and(|l| l.index == last)
     });
-    if !caught_up {
+    if !caught_up || !followers.iter().all(|(id, _)| answers(*id)) {
         return false;
     }
     let term = m.current_term;
@@ -104,10 +113,9 @@ pub async fn maybe_quiesce(shard: &Shard, peers: &Peers, after: Duration) -> boo
     }
     // Nothing may have been written while the followers were asked.
     let now = shard.raft.metrics().borrow_watched().clone();
-    if shard.idle_for() < after || !shard.is_leader() || now.last_log_index != Some(last) {
+    if !shard.is_leader() || now.last_log_index != Some(last) || !shard.quiesce_if_idle(after) {
         return false;
     }
-    shard.quiesce();
     tracing::debug!(shard = %shard.id, index = last, "shard quiet");
     true
 }
@@ -167,20 +175,34 @@ pub async fn run_liveness(
                 );
             }
         }
+        let mut unknown_leader = false;
         for shard in shards.iter().filter(|s| s.is_quiet()) {
             let leader = shard.raft.metrics().borrow_watched().current_leader;
             let gone = match leader {
                 None => true,
                 Some(l) if l == me => false,
-                Some(l) => last_answer
-                    .get(&l)
-                    .is_none_or(|t| t.elapsed() >= dead_after),
+                // A leader this node has not pinged yet (it joined since the
+                // peer list was made) gets the same time to answer as any
+                // peer, from now: it is pinged from the next round on.
+                Some(l) => {
+                    last_answer
+                        .entry(l)
+                        .or_insert_with(|| {
+                            unknown_leader = true;
+                            Instant::now()
+                        })
+                        .elapsed()
+                        >= dead_after
+                }
             };
             if gone && shard.wake() {
                 tracing::info!(shard = %shard.id, ?leader, "waking a quiet replica: its leader is gone");
                 metrics::counter!(crate::metrics::SHARD_WAKES, "cause" => "leader gone")
                     .increment(1);
             }
+        }
+        if unknown_leader {
+            peers = known_peers(&shards, me);
         }
     }
 }

@@ -19,10 +19,12 @@ pub mod snapshot;
 pub mod state_machine;
 pub mod types;
 
+use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use openraft::async_runtime::WatchReceiver;
+use openraft::Instant as _;
 use openraft::{Config, ReadPolicy, ServerState, SnapshotPolicy};
 use prost::Message;
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -47,6 +49,9 @@ const BATCH_COMMANDS_MAX: usize = 2_048;
 /// Most encoded command bytes in one log entry; below
 /// [`crate::storage::ENTRY_BYTES_MAX`] with room for the envelope.
 pub const BATCH_BYTES_MAX: usize = 96 * 1024;
+/// How close to its end a leader lease counts as lapsed: a write then
+/// waits for a renewal rather than racing openraft's own check.
+const LEASE_MARGIN: Duration = Duration::from_millis(50);
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
@@ -99,10 +104,18 @@ pub struct Shard {
     quiet: Quiet,
     /// How long a woken leader waits to renew its lease before proposing.
     wake_wait: Duration,
+    /// openraft's leader lease: its `election_timeout_max`.
+    lease: Duration,
 }
 
 /// Whether a replica's Raft timers are stopped (see `src/node/quiesce.rs`),
 /// and when it last saw a write.
+///
+/// A proposal stores `last_write_ms` and then loads `quiet`; a leader going
+/// quiet stores `quiet` and then loads `last_write_ms`; all four SeqCst. So
+/// either the proposal sees the shard quiet and wakes it, or the leader
+/// sees the write and stays awake: a write never lands on a leader whose
+/// ticker stops under it.
 #[derive(Default)]
 struct Quiet {
     /// Read without a lock on every proposal and Raft message.
@@ -111,6 +124,12 @@ struct Quiet {
     /// ticker never disagree.
     changing: std::sync::Mutex<()>,
     last_write_ms: std::sync::atomic::AtomicU64,
+    /// When the timers last restarted: proposals soon after that check
+    /// the lease, which a quiet leader lets lapse.
+    woke_ms: std::sync::atomic::AtomicU64,
+    /// Held by the one caller renewing a woken leader's lease; the others
+    /// wait for that renewal instead of proposing on a lapsed lease.
+    renewing: tokio::sync::Mutex<()>,
 }
 
 /// A shard's Raft log, state-machine tree and snapshot folder.
@@ -194,6 +213,7 @@ impl Shard {
             rpc_timeout_min: Duration::from_millis(config.election_timeout_min),
         };
         let wake_wait = Duration::from_millis(config.election_timeout_max * 2);
+        let lease = Duration::from_millis(config.election_timeout_max);
         let raft = Raft::new(peers.self_id().0, config, network, log, sm).await?;
         let (tx, rx) = mpsc::channel(PROPOSAL_QUEUE_MAX);
         tokio::spawn(run_proposer(id, raft.clone(), rx));
@@ -209,49 +229,64 @@ impl Shard {
             proposals: tx,
             quiet,
             wake_wait,
+            lease,
         })
     }
 
     /// True while this replica's Raft timers are stopped.
     pub fn is_quiet(&self) -> bool {
-        self.quiet.quiet.load(std::sync::atomic::Ordering::Acquire)
+        self.quiet.quiet.load(SeqCst)
     }
 
     /// How long since this replica last proposed or was asked to.
     pub fn idle_for(&self) -> Duration {
-        let last = self
-            .quiet
-            .last_write_ms
-            .load(std::sync::atomic::Ordering::Relaxed);
+        let last = self.quiet.last_write_ms.load(SeqCst);
         Duration::from_millis(now_ms().saturating_sub(last))
     }
 
     fn touch(&self) {
-        self.quiet
-            .last_write_ms
-            .store(now_ms(), std::sync::atomic::Ordering::Relaxed);
+        self.quiet.last_write_ms.store(now_ms(), SeqCst);
     }
 
     /// Stops this replica's Raft timers.
     pub fn quiesce(&self) {
         let _changing = self.quiet.changing.lock().expect("quiet state");
         if !self.is_quiet() {
-            self.raft.runtime_config().tick(false);
-            self.quiet
-                .quiet
-                .store(true, std::sync::atomic::Ordering::Release);
-            metrics::gauge!(crate::metrics::SHARD_QUIET).increment(1.0);
-            self.reader.forget_cached_messages();
+            self.quiet.quiet.store(true, SeqCst);
+            self.stop_ticking();
         }
+    }
+
+    /// On a leader: stops its Raft timers unless it saw a write within
+    /// `after`, checked after the quiet flag is set (see [`Quiet`]); true if
+    /// it is quiet now.
+    pub fn quiesce_if_idle(&self, after: Duration) -> bool {
+        let _changing = self.quiet.changing.lock().expect("quiet state");
+        if self.is_quiet() {
+            return true;
+        }
+        self.quiet.quiet.store(true, SeqCst);
+        if self.idle_for() < after {
+            self.quiet.quiet.store(false, SeqCst);
+            return false;
+        }
+        self.stop_ticking();
+        true
+    }
+
+    /// The rest of going quiet, once the flag is set, under `changing`.
+    fn stop_ticking(&self) {
+        self.raft.runtime_config().tick(false);
+        metrics::gauge!(crate::metrics::SHARD_QUIET).increment(1.0);
+        self.reader.forget_cached_messages();
     }
 
     /// Restarts this replica's Raft timers; true if they were stopped.
     pub fn wake(&self) -> bool {
         let _changing = self.quiet.changing.lock().expect("quiet state");
         if self.is_quiet() {
-            self.quiet
-                .quiet
-                .store(false, std::sync::atomic::Ordering::Release);
+            self.quiet.woke_ms.store(now_ms(), SeqCst);
+            self.quiet.quiet.store(false, SeqCst);
             self.raft.runtime_config().tick(true);
             metrics::gauge!(crate::metrics::SHARD_QUIET).decrement(1.0);
             true
@@ -260,12 +295,37 @@ impl Shard {
         }
     }
 
-    /// Wakes a quiet leader and waits (boundedly) until a quorum has
-    /// answered a heartbeat: its lease lapsed while it was quiet, and
-    /// openraft refuses writes until the lease is renewed. This is the
-    /// round trip a write to a quiet shard pays.
+    /// True if this replica's timers restarted within the longest a lease
+    /// renewal may take.
+    fn recently_woken(&self) -> bool {
+        let woke = self.quiet.woke_ms.load(SeqCst);
+        now_ms().saturating_sub(woke) < self.wake_wait.as_millis() as u64
+    }
+
+    /// True if this replica leads and openraft would refuse a write for a
+    /// lapsed lease, or soon would (within [`LEASE_MARGIN`]).
+    fn lease_lapsed(&self) -> bool {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow_watched();
+        m.state == ServerState::Leader
+            && m.last_quorum_acked
+                .as_ref()
+                .is_none_or(|acked| acked.elapsed() + LEASE_MARGIN >= self.lease)
+    }
+
+    /// Wakes a quiet leader, counts as activity, and waits (boundedly) until
+    /// a quorum has answered a heartbeat if the lease lapsed while it was
+    /// quiet: openraft refuses writes until the lease is renewed. This is
+    /// the round trip a write to a quiet shard pays. Concurrent callers
+    /// share one renewal.
     pub async fn wake_leader(&self) {
-        if !self.wake() || !self.is_leader() {
+        self.touch();
+        self.wake();
+        if !self.lease_lapsed() {
+            return;
+        }
+        let _renewing = self.quiet.renewing.lock().await;
+        if !self.lease_lapsed() {
             return;
         }
         let before = self.raft.metrics().borrow_watched().last_quorum_acked;
@@ -302,7 +362,7 @@ impl Shard {
     /// is committed and applied.
     pub async fn propose(&self, commands: Vec<Command>) -> Result<WriteOutcome, Error> {
         self.touch();
-        if self.is_quiet() {
+        if self.is_quiet() || self.recently_woken() {
             self.wake_leader().await;
         }
         let bytes: usize = commands.iter().map(|c| c.encoded_len()).sum();
@@ -362,7 +422,7 @@ impl Shard {
     /// Waits until this replica may serve a LINEARIZABLE read (read-index
     /// through the leader's quorum, then applied up to it).
     pub async fn linearizable_barrier(&self) -> Result<u64, Error> {
-        if self.is_quiet() {
+        if self.is_quiet() || self.recently_woken() {
             self.wake_leader().await;
         }
         match self.raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
@@ -421,6 +481,9 @@ impl Shard {
     }
 
     pub async fn shutdown(&self) {
+        if self.is_quiet() {
+            metrics::gauge!(crate::metrics::SHARD_QUIET).decrement(1.0);
+        }
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(shard = %self.id, error = %e, "raft shutdown");
         }
