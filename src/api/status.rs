@@ -58,6 +58,9 @@ pub fn from_read_error(e: shard::reads::ReadError) -> Status {
             Code::FailedPrecondition,
             format!("chat {chat} is closed: {reason}"),
         ),
+        e @ shard::reads::ReadError::TooLarge { .. } => {
+            Status::new(Code::OutOfRange, e.to_string())
+        }
         shard::reads::ReadError::Io(e) => Status::new(Code::Internal, format!("read failed: {e}")),
     }
 }

@@ -137,7 +137,7 @@ impl NodeApiService {
                 .map(|m| reply.messages = m)
                 .map_err(from_read_error),
             Some(Query::Difference(q)) => reader
-                .difference(q.chat_id, q.pts, q.limit)
+                .difference(q.chat_id, q.pts, q.limit, q.bytes_max)
                 .map(|d| reply.difference = Some(d))
                 .map_err(from_read_error),
             Some(Query::Chat(q)) => reader

@@ -87,7 +87,10 @@ fn node_entry(
         .keep_alive_timeout(Duration::from_secs(10));
     let channel = crate::security::channel(endpoint, tls, &node_name(node))?;
     let one_way = delays.one_way(region, node_region);
-    let client = NodeClient::new(Delayed::new(channel, one_way));
+    // A node's reply batch is bounded in bytes (pages by the node's page
+    // limit, batches by the mux), not by tonic's 4 MiB default.
+    let client = NodeClient::new(Delayed::new(channel, one_way))
+        .max_decoding_message_size(crate::node::api::NODE_API_MESSAGE_BYTES_MAX);
     Ok(NodeEntry {
         region: node_region.to_string(),
         reads: ReadMux::new(client.clone(), node, one_way),

@@ -6,6 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::Stream;
+use prost::Message as _;
 use tokio::sync::{mpsc, Semaphore};
 use tonic::{Request, Response, Status};
 
@@ -16,6 +17,7 @@ use crate::api::pb::{self, self_destruct_policy};
 use crate::router::token::{ShardPosition, TokenBody};
 use crate::router::{validate, watch, Router};
 use crate::security::Role;
+use crate::shard::reads::PAGE_BYTES_MAX;
 
 /// Most Watch streams one router serves at once.
 pub const WATCH_STREAMS_MAX: usize = 10_000;
@@ -512,6 +514,9 @@ impl ChatStore for ChatStoreService {
         let limit = validate::page_limit(if r.limit == 0 { 100 } else { r.limit })?;
         let consistency = validate::consistency(r.consistency)?;
         let mut token = self.token(&r.min_token)?;
+        // The chats share one page's bytes. Each still gets its first
+        // change, so a call makes progress in every chat.
+        let bytes_max = (PAGE_BYTES_MAX / r.cursors.len()) as u32;
         let reads = r.cursors.iter().map(|c| {
             let shard = self.router.shard_of(c.chat_id);
             let min = token.position(shard.0);
@@ -519,6 +524,7 @@ impl ChatStore for ChatStoreService {
                 chat_id: c.chat_id,
                 pts: c.pts,
                 limit,
+                bytes_max,
             });
             self.router.read(shard, consistency, min, query)
         });
@@ -532,6 +538,7 @@ impl ChatStore for ChatStoreService {
                 chats.push(d);
             }
         }
+        cap_difference_bytes(&mut chats, &r.cursors);
         Ok(Response::new(pb::GetDifferenceResponse {
             chats,
             read_token: self.router.keys().encode(&token).into(),
@@ -588,6 +595,23 @@ impl ChatStore for ChatStoreService {
             .ok_or_else(|| Status::internal("node returned no chat"))?;
         out.read_token = token.into();
         Ok(Response::new(out))
+    }
+}
+
+/// Keeps a GetDifference answer within [`PAGE_BYTES_MAX`] past its first
+/// chat's changes (a 4 MiB gRPC client takes it): the chats past that are
+/// answered with no changes, their cursor as it was, and `more`, so the
+/// next call picks them up.
+fn cap_difference_bytes(chats: &mut [pb::ChatDifference], cursors: &[pb::Cursor]) {
+    let mut bytes = 0;
+    for (i, d) in chats.iter_mut().enumerate() {
+        if i > 0 && bytes + d.encoded_len() > PAGE_BYTES_MAX && !d.changes.is_empty() {
+            let asked = cursors.iter().find(|c| c.chat_id == d.chat_id);
+            d.pts = asked.map_or(d.pts, |c| c.pts);
+            d.changes.clear();
+            d.more = true;
+        }
+        bytes += d.encoded_len();
     }
 }
 

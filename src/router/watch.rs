@@ -61,6 +61,7 @@ async fn watch_chat(
             chat_id: cursor.chat_id,
             pts,
             limit: POLL_CHANGES_MAX,
+            bytes_max: 0,
         });
         // First poll: answer now (min index 0); later: wait for news.
         let (used, result) = router

@@ -9,6 +9,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::sync::Arc;
 
+use prost::Message as _;
+
 use xxhash_rust::xxh3::Xxh3;
 
 use crate::api::codec::decode;
@@ -25,6 +27,11 @@ use crate::types::now_ms;
 pub const CLOCK_OFFSET_MS_MAX: u64 = 500;
 /// Largest page of messages or changes one read returns.
 pub const PAGE_MAX: u32 = 1000;
+/// Most bytes of messages one history page or one chat's difference holds
+/// past its first message, and one GetMessages answer at all: with one more
+/// 64 KiB body over it, a reply stays under the 4 MiB a gRPC client takes
+/// by default. A page cut short by bytes goes on from its oldest message.
+pub const PAGE_BYTES_MAX: usize = 3 * 1024 * 1024;
 /// Most read cursors `chat` returns.
 pub const READ_CURSORS_MAX: usize = 1000;
 
@@ -78,6 +85,8 @@ impl SnapshotLoads {
 pub enum ReadError {
     #[error("chat {chat} is closed: {reason}")]
     ChatClosed { chat: u64, reason: String },
+    #[error("the {count} messages asked for come to more than {PAGE_BYTES_MAX} bytes; ask for fewer at a time")]
+    TooLarge { count: usize },
     #[error(transparent)]
     Io(#[from] io::Error),
 }
@@ -90,6 +99,19 @@ impl From<crate::api::codec::DecodeError> for ReadError {
 
 fn io_err(e: sled::Error) -> io::Error {
     io::Error::other(e)
+}
+
+/// The first messages of `page` up to [`PAGE_BYTES_MAX`] bytes, and
+/// always the first.
+fn cap_bytes(mut page: Vec<pb::Message>) -> Vec<pb::Message> {
+    let mut bytes = 0;
+    if let Some(over) = page.iter().position(|m| {
+        bytes += m.encoded_len();
+        bytes > PAGE_BYTES_MAX
+    }) {
+        page.truncate(over.max(1));
+    }
+    page
 }
 
 pub fn visible(m: &MessageRecord, now: u64) -> bool {
@@ -303,7 +325,7 @@ impl StateReader {
             Ok(page) => {
                 metrics::counter!(crate::metrics::READ_CACHE_PAGES, "found" => "memory")
                     .increment(1);
-                return Ok(page.into_iter().map(to_public).collect());
+                return Ok(cap_bytes(page.into_iter().map(to_public).collect()));
             }
             Err(miss) => miss,
         };
@@ -363,17 +385,25 @@ impl StateReader {
                 }
             }
         }
-        Ok(out)
+        Ok(cap_bytes(out))
     }
 
+    /// The messages at `seqs` that are there; an error if they come to
+    /// more than [`PAGE_BYTES_MAX`].
     pub fn messages(&self, chat: u64, seqs: &[u64]) -> Result<Vec<pb::Message>, ReadError> {
         self.open_chat(chat)?;
         let now = now_ms();
         let mut out = Vec::new();
+        let mut bytes = 0;
         for seq in seqs {
             if let Some(m) = self.message(chat, *seq)? {
                 if visible(&m, now) {
-                    out.push(to_public(m));
+                    let m = to_public(m);
+                    bytes += m.encoded_len();
+                    if bytes > PAGE_BYTES_MAX {
+                        return Err(ReadError::TooLarge { count: seqs.len() });
+                    }
+                    out.push(m);
                 }
             }
         }
@@ -381,12 +411,19 @@ impl StateReader {
     }
 
     /// Changes after `pts`, oldest first.
+    /// Changes after `pts`, oldest first: at most `limit`, and no more than
+    /// `bytes_max` bytes of messages (0: [`PAGE_BYTES_MAX`]) past the first.
     pub fn difference(
         &self,
         chat: u64,
         pts: u64,
         limit: u32,
+        bytes_max: u32,
     ) -> Result<pb::ChatDifference, ReadError> {
+        let bytes_max = match bytes_max as usize {
+            0 => PAGE_BYTES_MAX,
+            b => b.min(PAGE_BYTES_MAX),
+        };
         let rec = self.chat_record(chat)?;
         let now = now_ms();
         let limit = limit.clamp(1, PAGE_MAX) as usize;
@@ -428,6 +465,7 @@ impl StateReader {
         let mut messages = self.messages_as_of(chat, &rec, &named)?;
         let mut last = pts;
         let mut changes = Vec::with_capacity(records.len());
+        let mut bytes = 0;
         for c in records {
             let message = if names_message(&c) {
                 messages
@@ -437,6 +475,11 @@ impl StateReader {
             } else {
                 None
             };
+            bytes += message.as_ref().map_or(0, |m| m.encoded_len());
+            if bytes > bytes_max && !changes.is_empty() {
+                more = true;
+                break;
+            }
             last = c.pts;
             changes.push(pb::Change {
                 chat_id: chat,
@@ -670,13 +713,48 @@ mod tests {
         put(1, 2, "edited", ChangeKind::Edit);
         tree.insert(keys::chat(chat), rec(2).encode_to_vec())
             .unwrap();
-        let diff = reader.difference(chat, 1, 10).unwrap();
+        let diff = reader.difference(chat, 1, 10, 0).unwrap();
         assert_eq!(diff.changes.len(), 1);
         let edited = diff.changes[0]
             .message
             .as_ref()
             .expect("the edited message");
         assert_eq!(&edited.body[..], b"edited");
+    }
+
+    /// A difference stops before the change whose message would pass its
+    /// byte budget (the first change always comes) and says there is more.
+    #[test]
+    fn a_difference_stops_at_its_byte_budget() {
+        let (_dir, storage, tree) = state_tree();
+        let chat = 9;
+        let body = "b".repeat(1000);
+        for seq in 1..=5u64 {
+            let m = message(chat, seq, seq, &body);
+            tree.insert(keys::message(chat, seq), m.encode_to_vec())
+                .unwrap();
+            tree.insert(
+                keys::change(chat, seq),
+                change(seq, seq, ChangeKind::New).encode_to_vec(),
+            )
+            .unwrap();
+        }
+        let rec = ChatRecord {
+            last_seq: 5,
+            last_pts: 5,
+            ..Default::default()
+        };
+        tree.insert(keys::chat(chat), rec.encode_to_vec()).unwrap();
+        let reader = StateReader::new(tree.clone(), storage.keys().clone(), Default::default());
+        let seqs = |d: &crate::api::pb::ChatDifference| {
+            d.changes.iter().map(|c| c.seq).collect::<Vec<_>>()
+        };
+        let two = reader.difference(chat, 0, 10, 2500).unwrap();
+        assert_eq!((seqs(&two), two.pts, two.more), (vec![1, 2], 2, true));
+        let one = reader.difference(chat, 2, 10, 1).unwrap();
+        assert_eq!((seqs(&one), one.pts, one.more), (vec![3], 3, true));
+        let rest = reader.difference(chat, 3, 10, 0).unwrap();
+        assert_eq!((seqs(&rest), rest.pts, rest.more), (vec![4, 5], 5, false));
     }
 
     /// Pages come newest first, strictly below `before_seq`, `limit` long,
@@ -791,7 +869,7 @@ mod tests {
         let got =
             |reader: &StateReader, cursor: u64, limit: u32| -> Vec<(u64, u64, Option<String>)> {
                 reader
-                    .difference(chat, cursor, limit)
+                    .difference(chat, cursor, limit, 0)
                     .unwrap()
                     .changes
                     .into_iter()
@@ -889,20 +967,20 @@ mod tests {
         apply(&tree, 6_000, vec![gc_changes(2_000, 100)]);
         let reader = StateReader::new(tree.clone(), storage.keys().clone(), Default::default());
 
-        let only_newest = reader.difference(1, 0, 10).unwrap();
+        let only_newest = reader.difference(1, 0, 10, 0).unwrap();
         assert!(only_newest.reset_required);
         assert!(only_newest.changes.is_empty());
         assert!(!only_newest.more);
         assert_eq!(only_newest.pts, 2);
-        let current = reader.difference(1, 2, 10).unwrap();
+        let current = reader.difference(1, 2, 10, 0).unwrap();
         assert!(!current.reset_required, "a cursor at the chat's pts");
         assert!(current.changes.is_empty());
 
-        let gap = reader.difference(2, 1, 10).unwrap();
+        let gap = reader.difference(2, 1, 10, 0).unwrap();
         assert!(gap.reset_required);
         assert!(gap.changes.is_empty());
         assert_eq!(gap.pts, 3);
-        let kept = reader.difference(2, 2, 10).unwrap();
+        let kept = reader.difference(2, 2, 10, 0).unwrap();
         assert!(!kept.reset_required, "the next change is kept");
         assert_eq!(kept.changes.len(), 1);
         assert_eq!(kept.changes[0].pts, 3);
