@@ -18,8 +18,12 @@ use sha2::Sha256;
 /// Token format version.
 pub const TOKEN_VERSION: u8 = 1;
 /// Most shards one token remembers; the position merged longest ago is
-/// dropped first.
-pub const TOKEN_SHARDS_MAX: usize = 64;
+/// dropped first. More than one GetDifference names, so that one call never
+/// pushes out a position the token held before it (a client's own write)
+/// unless the token already held many; a full token of the largest
+/// positions still fits [`TOKEN_BYTES_MAX`] (a test checks).
+pub const TOKEN_SHARDS_MAX: usize = 140;
+const _: () = assert!(TOKEN_SHARDS_MAX > crate::router::validate::CURSORS_MAX + 32);
 /// Largest token accepted.
 pub const TOKEN_BYTES_MAX: usize = 4096;
 const MAC_BYTES: usize = 16;
@@ -214,6 +218,31 @@ mod tests {
         assert_eq!(body.position(11).unwrap().index, 12);
         body.merge(pos(2_000, 1));
         assert!(body.position(11).is_some() && body.position(12).is_none());
+    }
+
+    /// A write's position outlives a GetDifference over the most cursors,
+    /// and a full token of the largest positions fits the size limit.
+    #[test]
+    fn one_difference_keeps_the_write_before_it_and_a_full_token_fits() {
+        let keys = TokenKeys::new("c", b"s");
+        let mut body = keys.decode(&[]).unwrap();
+        body.merge(pos(7, 100));
+        for s in 0..crate::router::validate::CURSORS_MAX as u64 {
+            body.merge(pos(1_000 + s, 5));
+        }
+        assert_eq!(body.position(7).unwrap().index, 100);
+        let mut full = keys.decode(&[]).unwrap();
+        for s in 0..TOKEN_SHARDS_MAX as u64 {
+            full.merge(ShardPosition {
+                shard: (1 << 20) + s,
+                incarnation: u64::MAX,
+                index: 1 << 40,
+                term: 1 << 20,
+            });
+        }
+        let bytes = keys.encode(&full);
+        assert!(bytes.len() <= TOKEN_BYTES_MAX, "{} bytes", bytes.len());
+        assert_eq!(keys.decode(&bytes).unwrap(), full);
     }
 
     #[test]
