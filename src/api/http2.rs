@@ -30,11 +30,20 @@ pub fn endpoint(e: Endpoint) -> Endpoint {
         .max_frame_size(FRAME_BYTES_MAX)
 }
 
+/// How often a server pings a connection's peer.
+const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a ping may go unanswered before the connection is closed, and
+/// with it every stream on it (a Watch from a client host that died without
+/// closing its socket would otherwise poll for it forever).
+const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// A server builder with the shared settings.
 pub fn server<L>(s: Server<L>) -> Server<L> {
     s.initial_stream_window_size(STREAM_WINDOW_BYTES)
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
         .max_frame_size(FRAME_BYTES_MAX)
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
 }
 
 /// A server's accepted connections: `TCP_NODELAY` set, writes coalesced
@@ -47,6 +56,7 @@ pub fn incoming(
     // accepted sockets get it here, or Nagle holds back small replies.
     tonic::transport::server::TcpIncoming::from(listener)
         .with_nodelay(Some(true))
+        .with_keepalive(Some(KEEPALIVE_INTERVAL))
         .map(|conn| conn.map(CoalescedWrites::new))
 }
 
