@@ -10,9 +10,15 @@
 //! own result; a retried call carries the same commands, so sends stay
 //! deduplicated by their client_msg_id. A group of commands (the sends of
 //! one `SendBatch` to one shard) stays together and in order in one call.
+//!
+//! A write whose caller has gone (it timed out or hung up) is not sent, and
+//! one that waited in the queue for [`WRITE_DEADLINE`] is answered
+//! UNAVAILABLE, not sent: while a shard cannot commit, its queue does not
+//! fill with writes that nobody waits for.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use prost::Message;
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -40,6 +46,22 @@ struct Pending {
     commands: Vec<Command>,
     bytes: usize,
     reply: oneshot::Sender<GroupResult>,
+    queued_at: Instant,
+}
+
+/// `p` if it is still to be sent: None if its caller has gone, or if it
+/// waited longer than `wait_max` (answered here: not sent, safe to retry).
+fn still_wanted(p: Pending, wait_max: Duration) -> Option<Pending> {
+    if p.reply.is_closed() {
+        return None;
+    }
+    if p.queued_at.elapsed() >= wait_max {
+        let _ = p.reply.send(Err(Status::unavailable(format!(
+            "waited {wait_max:?} at this router behind earlier writes to the shard; not sent, safe to retry"
+        ))));
+        return None;
+    }
+    Some(p)
 }
 
 /// Most commands and encoded bytes one group may hold: what fits in one
@@ -87,6 +109,7 @@ impl Router {
                 commands,
                 bytes,
                 reply: tx,
+                queued_at: Instant::now(),
             })
             .map_err(|e| match e {
                 mpsc::error::TrySendError::Full(_) => Status::resource_exhausted(format!(
@@ -129,12 +152,18 @@ async fn run(inner: Weak<Inner>, shard: ShardId, mut rx: mpsc::Receiver<Pending>
         let Ok(permit) = slots.clone().acquire_owned().await else {
             return;
         };
+        let Some(first) = still_wanted(first, WRITE_DEADLINE) else {
+            continue;
+        };
         let mut bytes = first.bytes;
         let mut count = first.commands.len();
         let mut batch = vec![first];
         while count < COMMANDS_PER_CALL_MAX {
             match rx.try_recv() {
                 Ok(next) => {
+                    let Some(next) = still_wanted(next, WRITE_DEADLINE) else {
+                        continue;
+                    };
                     if !group_fits(count + next.commands.len(), bytes + next.bytes) {
                         carry = Some(next);
                         break;
@@ -206,5 +235,37 @@ async fn call(router: &Router, shard: ShardId, batch: Vec<Pending>) {
                 let _ = reply.send(Err(s.clone()));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pending(queued_at: Instant) -> (Pending, oneshot::Receiver<GroupResult>) {
+        let (reply, rx) = oneshot::channel();
+        let p = Pending {
+            commands: Vec::new(),
+            bytes: 0,
+            reply,
+            queued_at,
+        };
+        (p, rx)
+    }
+
+    #[test]
+    fn writes_nobody_waits_for_are_not_sent() {
+        let wait_max = Duration::from_secs(10);
+        let (fresh, _rx) = pending(Instant::now());
+        assert!(still_wanted(fresh, wait_max).is_some());
+        let (gone, rx) = pending(Instant::now());
+        drop(rx);
+        assert!(still_wanted(gone, wait_max).is_none());
+        let (stale, mut rx) = pending(Instant::now() - wait_max);
+        assert!(still_wanted(stale, wait_max).is_none());
+        let answer = rx.try_recv().expect("a stale write is answered");
+        let status = answer.expect_err("as an error");
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert!(status.message().contains("not sent"), "{status}");
     }
 }
