@@ -282,6 +282,13 @@ impl RaftTransport for TransportService {
                 file.write_all(&chunk.data).await?;
             }
             file.sync_all().await?;
+            // A stream that ended early (the sender failed to read its
+            // file, say) must not reach openraft, which would make it the
+            // current snapshot before loading it.
+            let whole = path.clone();
+            tokio::task::spawn_blocking(move || crate::shard::snapshot::verify(&whole))
+                .await
+                .map_err(std::io::Error::other)??;
             Ok::<(), std::io::Error>(())
         }
         .await;

@@ -390,11 +390,33 @@ impl RaftNetworkV2<TypeConfig> for PeerLink {
         req.set_timeout(option.hard_ttl());
         let target = self.target;
         let send = async move { client.install_snapshot(req).await };
-        let result = tokio::select! {
-            r = send => r,
-            closed = cancel => {
-                reader.abort();
-                return Err(StreamingError::Closed(closed));
+        tokio::pin!(send, cancel);
+        let mut reader = reader;
+        let mut read_all = false;
+        // A failed read of the file cancels the call (dropping it resets the
+        // stream) rather than ending the stream as if the file were whole.
+        let result = loop {
+            tokio::select! {
+                r = &mut send => break r,
+                read = &mut reader, if !read_all => {
+                    match read {
+                        Ok(Ok(())) => read_all = true,
+                        Ok(Err(e)) => {
+                            return Err(StreamingError::Network(NetworkError::from_string(
+                                format!("read snapshot file: {e}"),
+                            )))
+                        }
+                        Err(e) => {
+                            return Err(StreamingError::Network(NetworkError::from_string(
+                                format!("snapshot reader: {e}"),
+                            )))
+                        }
+                    }
+                }
+                closed = &mut cancel => {
+                    reader.abort();
+                    return Err(StreamingError::Closed(closed));
+                }
             }
         };
         reader.abort();

@@ -91,6 +91,20 @@ pub fn write_tree(
 
 /// Reads a snapshot file, verifying its checksum before handing out any pair.
 pub fn read_pairs(path: &Path) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    let mut pairs = Vec::new();
+    walk(path, |k, v| pairs.push((k, v)))?;
+    Ok(pairs)
+}
+
+/// Checks that a snapshot file is whole: its magic, every record, its end
+/// marker and its checksum. Keeps nothing in memory.
+pub fn verify(path: &Path) -> io::Result<()> {
+    walk(path, |_, _| {})
+}
+
+/// Reads a snapshot file's pairs into `each`, then checks its checksum: a
+/// caller keeps nothing it was given unless this returns Ok.
+fn walk(path: &Path, mut each: impl FnMut(Vec<u8>, Vec<u8>)) -> io::Result<()> {
     let mut r = BufReader::with_capacity(1 << 20, File::open(path)?);
     let mut hash = Xxh3::new();
     let mut magic = [0u8; 8];
@@ -99,7 +113,6 @@ pub fn read_pairs(path: &Path) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
         return Err(corrupt(path, "bad magic"));
     }
     hash.update(&magic);
-    let mut pairs = Vec::new();
     loop {
         let klen = read_u32(&mut r, &mut hash)?;
         if klen == END {
@@ -108,14 +121,17 @@ pub fn read_pairs(path: &Path) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
         let key = read_exact_vec(&mut r, &mut hash, klen, path)?;
         let vlen = read_u32(&mut r, &mut hash)?;
         let value = read_exact_vec(&mut r, &mut hash, vlen, path)?;
-        pairs.push((key, value));
+        each(key, value);
     }
     let mut digest = [0u8; 8];
     r.read_exact(&mut digest)?;
     if u64::from_be_bytes(digest) != hash.digest() {
         return Err(corrupt(path, "checksum mismatch"));
     }
-    Ok(pairs)
+    if r.read(&mut [0u8; 1])? != 0 {
+        return Err(corrupt(path, "bytes after the checksum"));
+    }
+    Ok(())
 }
 
 fn read_u32(r: &mut impl Read, hash: &mut Xxh3) -> io::Result<u32> {

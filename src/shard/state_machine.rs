@@ -506,7 +506,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot: SnapshotFile,
     ) -> Result<(), io::Error> {
         // Make the received file the current snapshot first: if we crash while
-        // loading it, open() finds the tree behind it and loads it again.
+        // loading it, open() finds the tree behind it and loads it again. So
+        // it must be whole before it is published.
+        snapshot::verify(&snapshot.path)?;
         let file = self.snapshot_dir.join(snapshot_file_name(meta));
         let received_key = snapshot::key_path(&snapshot.path);
         if snapshot.path.parent() == Some(self.snapshot_dir.as_path()) {
@@ -778,5 +780,50 @@ mod tests {
         assert_eq!(after, before + 2, "one load, begun and finished");
         assert!(reader.loads().unchanged(after));
         assert_eq!(reader.chat_record(5).unwrap().last_seq, 1);
+    }
+
+    /// A snapshot file cut short (a sender that failed mid-file) is refused
+    /// before it becomes the current snapshot: the replica keeps its state
+    /// and its snapshot, and opens again afterwards.
+    #[tokio::test]
+    async fn a_cut_short_snapshot_is_refused_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path()).unwrap();
+        let mut sm = StateMachine::open(&storage, ShardId(0)).unwrap();
+        let apply = |index, client_msg_id| {
+            futures::stream::iter(vec![Ok((send_entry(index, client_msg_id), None))])
+        };
+        sm.apply(apply(1, 1)).await.unwrap();
+        let kept = sm
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        sm.apply(apply(2, 2)).await.unwrap();
+        let sent = sm
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        // What a receiver holds when the stream ended early.
+        let whole = std::fs::read(&sent.snapshot.path).unwrap();
+        let received = dir.path().join("received.tmp");
+        std::fs::write(&received, &whole[..whole.len() / 2]).unwrap();
+        assert!(snapshot::verify(&received).is_err());
+        let mut meta = sent.meta.clone();
+        meta.last_log_id = Some(crate::shard::types::log_id(1, 3));
+        let refused = sm
+            .install_snapshot(&meta, SnapshotFile { path: received })
+            .await;
+        assert!(refused.is_err(), "a cut-short snapshot is refused");
+        let current = sm.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(current.meta.last_log_id, sent.meta.last_log_id);
+        assert_ne!(current.meta.last_log_id, kept.meta.last_log_id);
+        assert_eq!(sm.read_applied().unwrap().unwrap().index, 2);
+        drop(sm);
+        let sm = StateMachine::open(&storage, ShardId(0)).unwrap();
+        assert_eq!(sm.read_applied().unwrap().unwrap().index, 2);
     }
 }
