@@ -511,3 +511,80 @@ async fn self_destructed_bodies_are_erased_from_disk() {
         assert_eq!(h.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![1]);
     }
 }
+
+/// One MarkRead over more delete-after-read messages than one step of the
+/// shard takes: the router repeats it until the cursor reaches `up_to_seq`,
+/// and every message others sent gets its timer, the reader's own none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_mark_read_over_many_messages_starts_every_timer() {
+    let dir = TestDir::new("sd-many");
+    let (_cluster, mut api, _nodes) = up(&dir).await;
+    let chat = 77;
+    let count = chatstore::shard::apply::MARK_READ_SCAN_MAX as u64 + 100;
+    let mut cmid = 0;
+    while cmid < count {
+        let sends: Vec<pb::SendRequest> = (cmid + 1..=(cmid + 100).min(count))
+            .map(|id| pb::SendRequest {
+                chat_id: chat,
+                // Every tenth message is the reader's own.
+                sender_id: if id % 10 == 0 { 2 } else { 1 },
+                client_msg_id: id,
+                body: b"read me once".to_vec().into(),
+                self_destruct: Some(pb::SelfDestructPolicy {
+                    policy: Some(Policy::AfterReadSecs(3_600)),
+                }),
+                ..Default::default()
+            })
+            .collect();
+        let n = sends.len() as u64;
+        let r = api
+            .send_batch(pb::SendBatchRequest { sends })
+            .await
+            .expect("send batch")
+            .into_inner();
+        assert!(r.outcomes.iter().all(|o| o.sent.is_some()), "{r:?}");
+        cmid += n;
+    }
+    let read = api
+        .mark_read(pb::MarkReadRequest {
+            chat_id: chat,
+            reader_id: 2,
+            up_to_seq: count,
+            ..Default::default()
+        })
+        .await
+        .expect("mark read")
+        .into_inner();
+    let mut before = 0;
+    let mut seen = 0;
+    for _ in 0..10 {
+        let page = api
+            .get_history(pb::GetHistoryRequest {
+                chat_id: chat,
+                before_seq: before,
+                limit: 1000,
+                min_token: read.read_token.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("history")
+            .into_inner();
+        let Some(last) = page.messages.last() else {
+            break;
+        };
+        before = last.seq;
+        for m in &page.messages {
+            seen += 1;
+            let own = m.sender_id == 2;
+            assert_eq!(
+                m.expire_at_ms == 0,
+                own,
+                "message {} from {}: expire_at {}",
+                m.seq,
+                m.sender_id,
+                m.expire_at_ms
+            );
+        }
+    }
+    assert_eq!(seen, count);
+}

@@ -373,7 +373,10 @@ fn broken_early_ack(
                     created_at_ms: crate::types::now_ms(),
                     duplicate: false,
                 }),
-                _ => command_result::Outcome::Change(ChangeResult { pts: 0 }),
+                _ => command_result::Outcome::Change(ChangeResult {
+                    pts: 0,
+                    more: false,
+                }),
             }),
         })
         .collect();

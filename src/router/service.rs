@@ -19,6 +19,10 @@ use crate::router::{validate, watch, Router};
 use crate::security::Role;
 use crate::shard::reads::PAGE_BYTES_MAX;
 
+/// Most writes one MarkRead makes: each starts up to a thousand
+/// delete-after-read timers (at least one).
+const MARK_READ_STEPS_MAX: usize = 10_000;
+
 /// Most Watch streams one router serves at once.
 pub const WATCH_STREAMS_MAX: usize = 10_000;
 /// Most Watch streams on one client connection.
@@ -400,17 +404,34 @@ impl ChatStore for ChatStoreService {
             .check(request.metadata(), Role::Service)?;
         let r = request.into_inner();
         validate::mark_read(&r)?;
-        let token = self.token(&r.min_token)?;
-        self.write_change(
-            r.chat_id,
-            token,
-            command::Kind::MarkRead(rp::MarkReadCmd {
+        let mut token = self.token(&r.min_token)?;
+        let command = Command {
+            kind: Some(command::Kind::MarkRead(rp::MarkReadCmd {
                 chat_id: r.chat_id,
                 reader_id: r.reader_id,
                 up_to_seq: r.up_to_seq,
-            }),
-        )
-        .await
+            })),
+        };
+        // A MarkRead over many delete-after-read messages starts their
+        // timers a bounded number at a time: the same command again goes on
+        // from where the last one stopped.
+        for _ in 0..MARK_READ_STEPS_MAX {
+            let w = self.router.write(r.chat_id, command.clone()).await?;
+            token.merge(w.position);
+            let (pts, more) = match w.result.outcome {
+                Some(command_result::Outcome::Change(c)) => (c.pts, c.more),
+                _ => (0, false),
+            };
+            if !more {
+                return Ok(Response::new(pb::WriteResponse {
+                    pts,
+                    read_token: self.router.keys().encode(&token).into(),
+                }));
+            }
+        }
+        Err(Status::unavailable(format!(
+            "the read cursor moved part of the way in {MARK_READ_STEPS_MAX} steps; send the same MarkRead again to go on"
+        )))
     }
 
     async fn close_chat(

@@ -39,7 +39,12 @@ use crate::storage::{keys, KeyRing};
 /// - 1: an edit to the body a message already has and a delete of a message
 ///   its sender deleted change nothing and succeed (so a retry makes no
 ///   second change), and old change records are collected (`GcChanges`).
-pub const APPLY_RULES: u32 = 1;
+/// - 2: a MarkRead starts at most [`MARK_READ_SCAN_MAX`] pending
+///   delete-after-read timers, within the entry's
+///   [`MARK_READ_ENTRY_BYTES_MAX`], and moves the reader's cursor only as far
+///   as it got, saying `more` (under rules 0 and 1 the cursor moved to
+///   `up_to_seq` and the timers past the cap never started).
+pub const APPLY_RULES: u32 = 2;
 
 /// Settings a shard uses until its bootstrap command sets them. Entries
 /// before the bootstrap apply under rules 0, as they did on binaries from
@@ -56,9 +61,15 @@ pub fn default_settings() -> ShardSettings {
 
 /// Limit on self-destruct timers: 1 s to 365 days.
 pub const SELF_DESTRUCT_SECS_MAX: u32 = 365 * 24 * 3600;
-/// Most messages one MarkRead starts delete-after-read timers for; the rest
-/// start with the next MarkRead or stay pending.
+/// Under rules 0 and 1: most messages one MarkRead starts delete-after-read
+/// timers for (the cursor moved past the rest).
 pub const MARK_READ_TIMERS_MAX: usize = 10_000;
+/// Under rules 2: most pending delete-after-read keys one MarkRead looks at.
+pub const MARK_READ_SCAN_MAX: usize = 1_000;
+/// Under rules 2: most bytes of messages the MarkReads of one log entry
+/// rewrite to start their timers (at least one message each entry), so
+/// that an apply call holds a bounded amount of them.
+pub const MARK_READ_ENTRY_BYTES_MAX: usize = 256 * 1024;
 /// Most items one Expire or GC command may touch.
 pub const EXPIRE_ITEMS_MAX: u32 = 10_000;
 /// Changes a collection step reads at a time: it goes on to the next chat
@@ -233,7 +244,10 @@ fn reject(code: ErrorCode, message: impl Into<String>) -> CommandResult {
 
 fn changed(pts: u64) -> CommandResult {
     CommandResult {
-        outcome: Some(command_result::Outcome::Change(rp::ChangeResult { pts })),
+        outcome: Some(command_result::Outcome::Change(rp::ChangeResult {
+            pts,
+            more: false,
+        })),
     }
 }
 
@@ -243,6 +257,8 @@ pub struct Applier<'o, 'a> {
     pub settings: ShardSettings,
     /// The chat records written, last value of each (for the chat cache).
     pub chats: BTreeMap<u64, ChatRecord>,
+    /// Bytes of messages the current entry's MarkReads may still rewrite.
+    mark_read_bytes_left: usize,
 }
 
 impl<'o, 'a> Applier<'o, 'a> {
@@ -251,6 +267,7 @@ impl<'o, 'a> Applier<'o, 'a> {
             kv,
             settings,
             chats: BTreeMap::new(),
+            mark_read_bytes_left: MARK_READ_ENTRY_BYTES_MAX,
         }
     }
 
@@ -302,6 +319,7 @@ impl<'o, 'a> Applier<'o, 'a> {
 
     pub fn apply_batch(&mut self, batch: &CommandBatch) -> io::Result<Vec<CommandResult>> {
         let mut results = Vec::with_capacity(batch.commands.len());
+        self.mark_read_bytes_left = MARK_READ_ENTRY_BYTES_MAX;
         for cmd in &batch.commands {
             results.push(self.apply_one(cmd, batch.now_ms)?);
         }
@@ -611,15 +629,33 @@ impl<'o, 'a> Applier<'o, 'a> {
         if c.up_to_seq <= old {
             return Ok(changed(chat.last_pts));
         }
+        let bounded = self.settings.apply_rules >= 2;
         // Start delete-after-read timers of messages others sent.
         let pending = self.kv.scan(
             &keys::after_read(c.chat_id, old + 1),
             &keys::after_read(c.chat_id, c.up_to_seq + 1),
-            MARK_READ_TIMERS_MAX,
+            match bounded {
+                true => MARK_READ_SCAN_MAX,
+                false => MARK_READ_TIMERS_MAX,
+            },
         )?;
+        // How far the cursor may move: past every key looked at, and under
+        // rules 2 no further (more may wait beyond the last one).
+        let mut through = c.up_to_seq;
+        if bounded && pending.len() == MARK_READ_SCAN_MAX {
+            if let Some(seq) = pending.last().and_then(|(k, _)| keys::part(k, 1)) {
+                through = seq;
+            }
+        }
         for (key, _) in pending {
             let seq = keys::part(&key, 1)
                 .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "bad after-read key"))?;
+            if bounded && self.mark_read_bytes_left == 0 {
+                // The entry's budget is spent: this message and the rest
+                // wait for the next MarkRead.
+                through = seq - 1;
+                break;
+            }
             let Some(mut msg) =
                 self.get_rec::<MessageRecord>(&keys::message(c.chat_id, seq), "message")?
             else {
@@ -639,21 +675,37 @@ impl<'o, 'a> Applier<'o, 'a> {
             msg.expire_at_ms = now + secs * 1000;
             self.kv
                 .put(keys::ttl(msg.expire_at_ms, c.chat_id, seq), Vec::new());
-            self.kv
-                .put(keys::message(c.chat_id, seq), msg.encode_to_vec());
+            let record = msg.encode_to_vec();
+            self.mark_read_bytes_left = self.mark_read_bytes_left.saturating_sub(record.len());
+            self.kv.put(keys::message(c.chat_id, seq), record);
             self.kv.delete(key);
         }
-        self.kv.put(cursor_key, c.up_to_seq.to_be_bytes().to_vec());
+        let more = through < c.up_to_seq;
+        if through <= old {
+            // Nothing read yet: the cursor stays, and so does the chat.
+            return Ok(CommandResult {
+                outcome: Some(command_result::Outcome::Change(rp::ChangeResult {
+                    pts: chat.last_pts,
+                    more,
+                })),
+            });
+        }
+        self.kv.put(cursor_key, through.to_be_bytes().to_vec());
         let pts = self.record_change(
             c.chat_id,
             &mut chat,
             ChangeKind::Read,
-            c.up_to_seq,
+            through,
             c.reader_id,
             now,
         );
         self.put_chat(c.chat_id, &chat);
-        Ok(changed(pts))
+        Ok(CommandResult {
+            outcome: Some(command_result::Outcome::Change(rp::ChangeResult {
+                pts,
+                more,
+            })),
+        })
     }
 
     fn expire(&mut self, c: &rp::ExpireCmd, now: u64) -> io::Result<CommandResult> {
@@ -1044,6 +1096,107 @@ mod tests {
             Some(command_result::Outcome::Send(s)) => s.duplicate,
             other => panic!("not a send result: {other:?}"),
         }
+    }
+
+    /// Under rules 2 a MarkRead over more pending delete-after-read
+    /// messages than one step takes moves the cursor only as far as it got
+    /// and says `more`; repeating it starts every timer, the reader's own
+    /// messages included in the walk but never started. Under rules 1 the
+    /// cursor jumped and the messages past the cap kept no timer.
+    #[test]
+    fn mark_read_over_many_after_read_messages_starts_every_timer() {
+        let after_read = |chat: u64, sender: u64, cmid: u64, body: usize| rp::Command {
+            kind: Some(command::Kind::Send(rp::SendCmd {
+                chat_id: chat,
+                sender_id: sender,
+                client_msg_id: cmid,
+                body: vec![b'x'; body].into(),
+                self_destruct: Some(rp::SelfDestruct {
+                    policy: Some(self_destruct::Policy::AfterReadSecs(60)),
+                }),
+                ..Default::default()
+            })),
+        };
+        let mark_read = |chat: u64, reader: u64, up_to_seq: u64| rp::Command {
+            kind: Some(command::Kind::MarkRead(rp::MarkReadCmd {
+                chat_id: chat,
+                reader_id: reader,
+                up_to_seq,
+            })),
+        };
+        let more = |r: &CommandResult| match &r.outcome {
+            Some(command_result::Outcome::Change(c)) => c.more,
+            other => panic!("not a change result: {other:?}"),
+        };
+        let pending = |tree: &sled::Tree, chat: u64| {
+            tree.scan_prefix(&keys::after_read(chat, 0)[..9]).count()
+        };
+        let cursor = |tree: &sled::Tree, chat: u64, reader: u64| {
+            let v = tree.get(keys::read_cursor(chat, reader)).unwrap().unwrap();
+            u64::from_be_bytes(v.as_ref().try_into().unwrap())
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+
+        // Rules 2: 1,200 small messages, every third one the reader's own.
+        let tree = db.open_tree("rules-2").unwrap();
+        newest_rules(&tree);
+        let n = MARK_READ_SCAN_MAX as u64 + 200;
+        let sends = (1..=n).map(|seq| after_read(5, if seq % 3 == 0 { 2 } else { 1 }, seq, 10));
+        apply(&tree, 1_000, sends.collect());
+        let first = apply(&tree, 2_000, vec![mark_read(5, 2, n)]);
+        assert!(more(&first[0]));
+        assert_eq!(cursor(&tree, 5, 2), MARK_READ_SCAN_MAX as u64);
+        let second = apply(&tree, 2_000, vec![mark_read(5, 2, n)]);
+        assert!(!more(&second[0]));
+        assert_eq!(cursor(&tree, 5, 2), n);
+        assert_eq!(
+            pending(&tree, 5),
+            (n / 3) as usize,
+            "only the reader's own are left"
+        );
+
+        // Large messages: the entry's byte budget stops the walk, and a
+        // second MarkRead in the same entry, with no budget left, moves only
+        // past the timers already started and is told there is more.
+        let big = 60 * 1024;
+        apply(
+            &tree,
+            1_000,
+            (1..=8).map(|seq| after_read(6, 1, seq, big)).collect(),
+        );
+        let r = apply(&tree, 2_000, vec![mark_read(6, 2, 8), mark_read(6, 3, 8)]);
+        assert!(more(&r[0]) && more(&r[1]));
+        assert_eq!(cursor(&tree, 6, 2), 5, "five records pass 256 KiB");
+        assert_eq!(
+            cursor(&tree, 6, 3),
+            5,
+            "past the timers already started, no further"
+        );
+        let r = apply(&tree, 2_000, vec![mark_read(6, 3, 8)]);
+        assert!(!more(&r[0]));
+        assert_eq!(pending(&tree, 6), 0);
+        assert_eq!(cursor(&tree, 6, 3), 8);
+
+        // Rules 1: the cursor jumps to up_to_seq and the rest never start.
+        let old = db.open_tree("rules-1").unwrap();
+        set_settings(
+            &old,
+            ShardSettings {
+                apply_rules: 1,
+                ..default_settings()
+            },
+        );
+        let n = MARK_READ_TIMERS_MAX as u64 + 1;
+        apply(
+            &old,
+            1_000,
+            (1..=n).map(|seq| after_read(5, 1, seq, 1)).collect(),
+        );
+        let r = apply(&old, 2_000, vec![mark_read(5, 2, n)]);
+        assert!(!more(&r[0]));
+        assert_eq!(cursor(&old, 5, 2), n);
+        assert_eq!(pending(&old, 5), 1);
     }
 
     /// A collection pass walks every dedup record in steps, drops only those
