@@ -39,6 +39,10 @@ const COMMANDS_PER_CALL_MAX: usize = crate::node::api::WRITE_COMMANDS_MAX;
 /// Most encoded command bytes in one node call (the node's limit).
 const BYTES_PER_CALL_MAX: usize = crate::shard::BATCH_BYTES_MAX;
 
+/// What a write that no leader answered in time may have done: a call may
+/// have reached a leader that committed it before the answer was lost.
+const WRITE_OUTCOME_UNKNOWN: &str = "the write may or may not have been applied: send it again unchanged (a repeated send, edit, delete or MarkRead changes nothing more)";
+
 /// A group's results (one per command, in order) and the entry's position.
 pub type GroupResult = Result<(Vec<CommandResult>, ShardPosition), Status>;
 
@@ -197,7 +201,7 @@ async fn call(router: &Router, shard: ShardId, batch: Vec<Pending>) {
     }
     metrics::histogram!(crate::metrics::ROUTER_WRITE_BATCH).record(commands.len() as f64);
     let result = router
-        .on_leader(shard, WRITE_DEADLINE, |node| {
+        .on_leader(shard, WRITE_DEADLINE, WRITE_OUTCOME_UNKNOWN, |node| {
             let request = WriteRequest {
                 shard_id: shard.0,
                 commands: commands.clone(),

@@ -384,11 +384,13 @@ impl Router {
     /// Calls the shard's leader, following NotLeader hints and rotating over
     /// replicas with backoff until `deadline`. A node the call cannot reach
     /// is passed over for a while, hints naming it included: after a leader
-    /// dies its followers keep naming it until they elect a new one.
+    /// dies its followers keep naming it until they elect a new one. The
+    /// error at the deadline ends with `retry`, what the caller may do.
     pub(crate) async fn on_leader<T, F, Fut>(
         &self,
         shard: ShardId,
         deadline: Duration,
+        retry: &str,
         mut call: F,
     ) -> Result<(u64, T), Status>
     where
@@ -423,7 +425,7 @@ impl Router {
             if !retryable || started.elapsed() >= deadline {
                 return Err(if retryable {
                     Status::unavailable(format!(
-                        "{shard}: no leader answered within {deadline:?} (last: {}); safe to retry",
+                        "{shard}: no leader answered within {deadline:?} (last: {}); {retry}",
                         status.message()
                     ))
                 } else {
@@ -556,7 +558,7 @@ impl Router {
         req: ReadRequest,
     ) -> Result<EncodedReadReply, Status> {
         let (_, reply) = self
-            .on_leader(shard, WRITE_DEADLINE, |node| {
+            .on_leader(shard, WRITE_DEADLINE, "safe to retry", |node| {
                 let (mut client, req) = (node.client, req.clone());
                 async move {
                     let mut r = tonic::Request::new(req);
