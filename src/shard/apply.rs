@@ -9,9 +9,11 @@
 //!   dedup hit;
 //! - iterates only ordered maps.
 //!
-//! Effects of a whole `apply` call go to an [`Overlay`] and then into sled as
-//! one atomic batch together with the applied log id, so a crash leaves the
-//! tree at some applied entry, never between two effects of one entry.
+//! Effects of a whole `apply` call go to an [`Overlay`] and then into sled
+//! between an "applying" marker and the applied log id (see
+//! `shard::state_machine`): a crash part-way leaves the marker ahead of the
+//! applied id, and the next open rebuilds the tree, so it is never left
+//! between two effects of one entry.
 //!
 //! What apply does is versioned ([`APPLY_RULES`]): replicas of a shard must
 //! apply each entry under the same rules, and during a rolling upgrade some
