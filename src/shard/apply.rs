@@ -45,7 +45,9 @@ use crate::storage::{keys, KeyRing};
 ///   delete-after-read timers, within the entry's
 ///   [`MARK_READ_ENTRY_BYTES_MAX`], and moves the reader's cursor only as far
 ///   as it got, saying `more` (under rules 0 and 1 the cursor moved to
-///   `up_to_seq` and the timers past the cap never started).
+///   `up_to_seq` and the timers past the cap never started); a
+///   delete-after-send timer runs from the entry's time, not from the
+///   chat's creation time, which a leader whose clock ran ahead left ahead.
 pub const APPLY_RULES: u32 = 2;
 
 /// Settings a shard uses until its bootstrap command sets them. Entries
@@ -410,9 +412,16 @@ impl<'o, 'a> Applier<'o, 'a> {
             created,
         );
         let mut expire_at = 0;
+        // A chat's creation times never go back, so after a leader whose
+        // clock ran ahead they stay ahead until real time catches up; under
+        // rules 2 a timer runs from the entry's own time instead.
+        let timer_start = match self.settings.apply_rules >= 2 {
+            true => now,
+            false => created,
+        };
         match c.self_destruct.as_ref().and_then(|s| s.policy) {
             Some(self_destruct::Policy::AfterSendSecs(s)) => {
-                expire_at = created + s as u64 * 1000;
+                expire_at = timer_start + s as u64 * 1000;
                 self.kv
                     .put(keys::ttl(expire_at, c.chat_id, seq), Vec::new());
             }
@@ -1097,6 +1106,46 @@ mod tests {
         match &r.outcome {
             Some(command_result::Outcome::Send(s)) => s.duplicate,
             other => panic!("not a send result: {other:?}"),
+        }
+    }
+
+    /// After a leader whose clock ran ahead, a chat's creation times stay
+    /// ahead (they never go back); under rules 2 a delete-after-send timer
+    /// runs from the entry's own time, under rules 1 from the creation time.
+    #[test]
+    fn after_send_timers_run_from_the_entry_time_under_rules_2() {
+        let send_for = |chat: u64, cmid: u64| rp::Command {
+            kind: Some(command::Kind::Send(rp::SendCmd {
+                chat_id: chat,
+                sender_id: 1,
+                client_msg_id: cmid,
+                body: b"soon gone".to_vec().into(),
+                self_destruct: Some(rp::SelfDestruct {
+                    policy: Some(self_destruct::Policy::AfterSendSecs(5)),
+                }),
+                ..Default::default()
+            })),
+        };
+        let expire_at = |tree: &sled::Tree, chat: u64, seq: u64| {
+            let v = tree.get(keys::message(chat, seq)).unwrap().unwrap();
+            let m: MessageRecord = decode(&v, "message").unwrap();
+            (m.created_at_ms, m.expire_at_ms)
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        for (rules, want) in [(2, 6_000), (1, 15_000)] {
+            let tree = db.open_tree(format!("rules-{rules}")).unwrap();
+            set_settings(
+                &tree,
+                ShardSettings {
+                    apply_rules: rules,
+                    ..default_settings()
+                },
+            );
+            // A leader 9 s ahead, then one with the right time.
+            apply(&tree, 10_000, vec![send(3, 1)]);
+            apply(&tree, 1_000, vec![send_for(3, 2)]);
+            assert_eq!(expire_at(&tree, 3, 2), (10_000, want), "rules {rules}");
         }
     }
 
