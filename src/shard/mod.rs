@@ -130,6 +130,9 @@ struct Quiet {
     /// Held by the one caller renewing a woken leader's lease; the others
     /// wait for that renewal instead of proposing on a lapsed lease.
     renewing: tokio::sync::Mutex<()>,
+    /// Renewals finished so far: a caller that waited out someone else's
+    /// renewal goes on with its result rather than trying its own.
+    renewals: std::sync::atomic::AtomicU64,
 }
 
 /// A shard's Raft log, state-machine tree and snapshot folder.
@@ -303,11 +306,14 @@ impl Shard {
     }
 
     /// True if this replica leads and openraft would refuse a write for a
-    /// lapsed lease, or soon would (within [`LEASE_MARGIN`]).
+    /// lapsed lease, or soon would (within [`LEASE_MARGIN`]). A sole voter's
+    /// lease never lapses (no follower ever acknowledges it).
     fn lease_lapsed(&self) -> bool {
         let metrics = self.raft.metrics();
         let m = metrics.borrow_watched();
+        let sole_voter = m.membership_config.membership().voter_ids().count() == 1;
         m.state == ServerState::Leader
+            && !sole_voter
             && m.last_quorum_acked
                 .as_ref()
                 .is_none_or(|acked| acked.elapsed() + LEASE_MARGIN >= self.lease)
@@ -324,22 +330,24 @@ impl Shard {
         if !self.lease_lapsed() {
             return;
         }
+        let tried = self.quiet.renewals.load(SeqCst);
         let _renewing = self.quiet.renewing.lock().await;
-        if !self.lease_lapsed() {
+        if self.quiet.renewals.load(SeqCst) != tried || !self.lease_lapsed() {
             return;
         }
         let before = self.raft.metrics().borrow_watched().last_quorum_acked;
-        if self.raft.trigger().heartbeat().await.is_err() {
-            return;
+        if self.raft.trigger().heartbeat().await.is_ok() {
+            let _ = self
+                .raft
+                .wait(Some(self.wake_wait))
+                .metrics(
+                    |m| m.state != ServerState::Leader || m.last_quorum_acked > before,
+                    "lease renewed",
+                )
+                .await;
         }
-        let _ = self
-            .raft
-            .wait(Some(self.wake_wait))
-            .metrics(
-                |m| m.state != ServerState::Leader || m.last_quorum_acked > before,
-                "lease renewed",
-            )
-            .await;
+        // Whoever waited meanwhile goes on with this renewal's result.
+        self.quiet.renewals.fetch_add(1, SeqCst);
     }
 
     /// On a follower asked by `leader` to quiesce: agrees, and stops its

@@ -349,6 +349,10 @@ impl RaftNetworkV2<TypeConfig> for PeerLink {
             })?;
         let (shard, from) = (self.shard.0, self.from);
         let (tx, rx) = tokio::sync::mpsc::channel::<SnapshotChunk>(4);
+        // Keeps the request stream open until the whole file is read: a
+        // reader that fails drops its sender, and the stream must not end
+        // cleanly then (the call is dropped first, which resets it).
+        let mut stream_open = Some(tx.clone());
         let reader = tokio::spawn(async move {
             let mut seal_key = seal_key;
             let mut first = true;
@@ -400,7 +404,10 @@ impl RaftNetworkV2<TypeConfig> for PeerLink {
                 r = &mut send => break r,
                 read = &mut reader, if !read_all => {
                     match read {
-                        Ok(Ok(())) => read_all = true,
+                        Ok(Ok(())) => {
+                            read_all = true;
+                            drop(stream_open.take());
+                        }
                         Ok(Err(e)) => {
                             return Err(StreamingError::Network(NetworkError::from_string(
                                 format!("read snapshot file: {e}"),

@@ -249,14 +249,11 @@ impl Client {
                 })),
                 ..Default::default()
             };
+            // A page cut short by bytes is not the start: only an empty one.
             let page = self.node(node).read(req).await?.into_inner().messages;
             let Some(last) = page.last() else { break };
             before = last.seq;
-            let done = page.len() < 1000;
             out.extend(page);
-            if done {
-                break;
-            }
         }
         out.reverse();
         Ok(out)
