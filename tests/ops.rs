@@ -446,6 +446,21 @@ async fn leadership_moves_by_hand_and_returns_after_restart_and_the_cli_fails_cl
     wait_leader(&nodes, 0, preferred, Duration::from_secs(90)).await;
     load.wait_progress(10, "after the restart").await;
 
+    // Moves that would leave a copy fewer are refused and change nothing.
+    let (code, _, err) = chatctl(&["--endpoints", &all, "move-replica", "0", "1", "1"]);
+    assert_ne!(code, 0, "{err}");
+    assert!(err.contains("same node"), "{err}");
+    let (code, _, err) = chatctl(&["--endpoints", &all, "move-replica", "0", "1", "2"]);
+    assert_ne!(code, 0, "{err}");
+    assert!(err.contains("already a voter"), "{err}");
+    for node in 1..=3 {
+        let replicas = replicas_on(&nodes, node).await;
+        assert!(
+            replicas.get(&0).is_some_and(|r| r.0),
+            "node {node} is still a voter of shard 0: {replicas:?}"
+        );
+    }
+
     let history = load.stop().await;
     let findings = check_on(&nodes, &[1, 2, 3], &history).await;
     assert!(

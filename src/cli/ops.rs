@@ -78,6 +78,8 @@ pub struct View {
     pub unknown_down: Vec<(String, String)>,
     pub shard_count: u64,
     pub cluster_name: String,
+    /// Voters per shard in the cluster's config (0 if no node said).
+    pub replication_factor: u32,
 }
 
 impl View {
@@ -221,6 +223,7 @@ impl Ops {
             unknown_down: Vec::new(),
             shard_count: 0,
             cluster_name: String::new(),
+            replication_factor: 0,
         };
         let mut asked: BTreeSet<String> = BTreeSet::new();
         let mut to_ask: Vec<(Option<u64>, String, String)> = self
@@ -252,6 +255,7 @@ impl Ops {
                         }
                         view.cluster_name = s.cluster_name.clone();
                         view.shard_count = view.shard_count.max(s.shard_count);
+                        view.replication_factor = view.replication_factor.max(s.replication_factor);
                         view.nodes.insert(
                             s.node_id,
                             NodeView {
@@ -426,6 +430,9 @@ impl Ops {
         bar: &indicatif::ProgressBar,
     ) -> anyhow::Result<()> {
         let started = Instant::now();
+        if from == to {
+            bail!("a replica moves from one node to another; {from} and {to} are the same node");
+        }
         let view = self.gather().await?;
         let target = view.node(to)?.clone();
         if !target.up {
@@ -451,6 +458,19 @@ impl Ops {
                 st.voters
             );
         }
+        // Both voters: only a move cut short after the promotion, which left
+        // the shard a voter more than it should have.
+        if st.voters.contains(&from)
+            && st.voters.contains(&to)
+            && st.voters.len() <= view.replication_factor as usize
+        {
+            bail!(
+                "node {to} is already a voter of shard {shard} (voters {:?}); moving node {from}'s \
+                 replica there would leave {} copies",
+                st.voters,
+                st.voters.len() - 1
+            );
+        }
         bar.set_message(format!("shard {shard}: opening a replica on node {to}"));
         self.admin(&target.addr)?
             .open_replica(ShardRequest { shard_id: shard })
@@ -474,14 +494,19 @@ impl Ops {
         let (_, _, st) = self.leader(shard).await?;
         let goal = st.last_log_index;
         loop {
-            let (_, _, st) = self.leader(shard).await?;
-            let at = st
-                .progress
-                .iter()
-                .find(|p| p.node_id == to)
-                .map(|p| p.matched_index)
-                .unwrap_or(0);
-            if at >= goal || st.voters.contains(&to) {
+            let (leader, _, st) = self.leader(shard).await?;
+            let at = match leader == to {
+                true => st.last_log_index,
+                false => st
+                    .progress
+                    .iter()
+                    .find(|p| p.node_id == to)
+                    .map(|p| p.matched_index)
+                    .unwrap_or(0),
+            };
+            // A voter too (a move run again after its promotion): the old
+            // replica goes only once the new one holds the log.
+            if at >= goal {
                 break;
             }
             if started.elapsed() > MOVE_TIMEOUT {
@@ -1063,6 +1088,7 @@ mod tests {
             unknown_down: Vec::new(),
             shard_count: shards.len() as u64,
             cluster_name: "t".into(),
+            replication_factor: 3,
         };
         for (id, r, draining) in nodes {
             v.nodes.insert(

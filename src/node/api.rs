@@ -239,6 +239,7 @@ pub fn node_status(registry: &Registry) -> NodeStatus {
         cluster_name: registry.config().cluster_name.clone(),
         clock_offset_ms: clocks.own_offset_ms,
         clock_off: clocks.own_is_off(),
+        replication_factor: registry.config().replication_factor,
     }
 }
 
