@@ -576,8 +576,10 @@ pub async fn remove_node(
         println!("{}", serde_json::json!({"removed": node}));
     } else {
         println!(
-            "node {node} holds no replica and is marked draining; stop its process, delete its \
-             data folder, and drop it from --endpoints and the config"
+            "node {node} holds no replica and is marked draining; stop its process and drop it \
+             from --endpoints. Keep its [[nodes]] entry in the config (the bootstrap nodes of a \
+             running cluster never change) and never reuse its id; delete its data folder once \
+             `chatctl verify` is clean"
         );
     }
     Ok(0)

@@ -393,6 +393,7 @@ impl Node {
         } else {
             Vec::new()
         };
+        check_initial_shards(&storage, &initial)?;
         let mut to_bootstrap = Vec::new();
         for shard_id in config.shard_ids() {
             let record = registry.record(shard_id)?;
@@ -525,6 +526,33 @@ fn check_identity(storage: &Storage, config: &ClusterConfig, id: NodeId) -> anyh
     }
 }
 
+/// Refuses to start if this node's initial replicas, as the config places
+/// them, differ from those it started with. They are worked out from the
+/// config's bootstrap nodes, regions, shard count and replication factor on
+/// every start, and replicas without a record are opened only if they are
+/// among them: with another list the node would leave replicas it holds
+/// closed and open empty ones it does not.
+fn check_initial_shards(storage: &Storage, initial: &[ShardId]) -> anyhow::Result<()> {
+    let tree = storage.open_tree(trees::NODE_TREE)?;
+    let list: Vec<String> = initial.iter().map(|s| s.0.to_string()).collect();
+    let want = list.join(",");
+    match tree.get("initial-shards")? {
+        Some(v) if v.as_ref() == want.as_bytes() => Ok(()),
+        Some(v) => anyhow::bail!(
+            "the config places this node's initial replicas on shards [{want}], but its data \
+             folder {} started with [{}]: the bootstrap nodes, regions, shard count or \
+             replication factor changed. They must stay as the cluster was created (a removed \
+             node keeps its [[nodes]] entry); restore them and start again",
+            storage.dir().display(),
+            String::from_utf8_lossy(&v)
+        ),
+        None => {
+            tree.insert("initial-shards", want.as_bytes())?;
+            Ok(())
+        }
+    }
+}
+
 /// Concurrent HTTP/2 streams (and requests) per connection to a node: its
 /// peers multiplex every shard's Raft traffic over one connection.
 const NODE_STREAMS_PER_CONNECTION_MAX: u32 = 4_096;
@@ -626,5 +654,19 @@ mod tests {
         known.insert(3, APPLY_RULES);
         assert_eq!(rules_known_by(1, &known, [1, 2, 3]), APPLY_RULES);
         assert_eq!(rules_known_by(1, &known, [1, 2, 4]), 0, "a new member");
+    }
+
+    /// A data folder remembers the initial replicas it started with; a
+    /// config that places others is refused, the same one accepted.
+    #[test]
+    fn a_changed_initial_placement_is_refused() {
+        use crate::types::ShardId;
+        let dir = tempfile::tempdir().unwrap();
+        let storage = crate::storage::Storage::open(dir.path()).unwrap();
+        let first = [ShardId(0), ShardId(3)];
+        super::check_initial_shards(&storage, &first).unwrap();
+        super::check_initial_shards(&storage, &first).unwrap();
+        let err = super::check_initial_shards(&storage, &[ShardId(0), ShardId(2)]).unwrap_err();
+        assert!(err.to_string().contains("started with [0,3]"), "{err}");
     }
 }
