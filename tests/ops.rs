@@ -453,6 +453,9 @@ async fn leadership_moves_by_hand_and_returns_after_restart_and_the_cli_fails_cl
     let (code, _, err) = chatctl(&["--endpoints", &all, "move-replica", "0", "1", "2"]);
     assert_ne!(code, 0, "{err}");
     assert!(err.contains("already a voter"), "{err}");
+    let (code, _, err) = chatctl(&["--endpoints", &all, "remove-node", "9"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("node 9 is unknown"), "{err}");
     for node in 1..=3 {
         let replicas = replicas_on(&nodes, node).await;
         assert!(

@@ -465,9 +465,16 @@ pub async fn drain(
     dry_run: bool,
     json: bool,
 ) -> anyhow::Result<i32> {
-    let Some((ops, view)) = gathered(endpoints, json).await else {
+    let Some((ops, mut view)) = gathered(endpoints, json).await else {
         return Ok(2);
     };
+    if !dry_run {
+        match finished_joint_changes(&ops, &view, json).await {
+            Ok(Some(v)) => view = v,
+            Ok(None) => {}
+            Err(e) => return fail(e),
+        }
+    }
     let target = match view.node(node) {
         Ok(n) => n.clone(),
         Err(e) => return fail(e),
@@ -552,6 +559,13 @@ pub async fn remove_node(
         return Ok(1);
     }
     let n = view.nodes.get(&node).cloned();
+    if n.is_none() {
+        eprintln!(
+            "error: node {node} is unknown: no node at --endpoints or in a shard's membership \
+             is {node} (a wrong id, or one taken out already)"
+        );
+        return Ok(1);
+    }
     if dry_run {
         println!("would take node {node} out: it is in no shard's membership");
         return Ok(0);
@@ -657,10 +671,34 @@ pub async fn transfer_leader(
     }
 }
 
+/// Finishes membership changes cut short between their two steps; the
+/// view after them, if there were any.
+async fn finished_joint_changes(
+    ops: &ops::Ops,
+    view: &ops::View,
+    json: bool,
+) -> anyhow::Result<Option<ops::View>> {
+    let finished = ops.finish_joint_changes(view).await?;
+    if finished.is_empty() {
+        return Ok(None);
+    }
+    if !json {
+        println!("finished the membership change cut short in shard(s) {finished:?}");
+    }
+    Ok(Some(ops.gather().await?))
+}
+
 pub async fn rebalance(endpoints: &[String], dry_run: bool, json: bool) -> anyhow::Result<i32> {
-    let Some((ops, view)) = gathered(endpoints, json).await else {
+    let Some((ops, mut view)) = gathered(endpoints, json).await else {
         return Ok(2);
     };
+    if !dry_run {
+        match finished_joint_changes(&ops, &view, json).await {
+            Ok(Some(v)) => view = v,
+            Ok(None) => {}
+            Err(e) => return fail(e),
+        }
+    }
     if let Some(n) = view.nodes.values().find(|n| !n.up) {
         return fail(anyhow::anyhow!(
             "node {} at {} is down; rebalancing needs every node up (drain it if it is gone \

@@ -352,6 +352,31 @@ impl Ops {
 
     /// Runs an admin call on the leader of `shard`, following leader hints
     /// and retrying what is safe to retry until [`LEADER_WAIT`].
+    /// Finishes every membership change that was cut short between its two
+    /// steps (a joint config), through each shard's leader, so that plans
+    /// start from the configs those changes were moving to; the shards.
+    pub async fn finish_joint_changes(&self, view: &View) -> anyhow::Result<Vec<u64>> {
+        let shards: BTreeSet<u64> = view
+            .nodes
+            .values()
+            .flat_map(|n| n.shards.values())
+            .filter(|s| s.is_leader && s.joint)
+            .map(|s| s.shard_id)
+            .collect();
+        for shard in &shards {
+            self.on_leader(*shard, |mut c| {
+                let req = ChangeVotersRequest {
+                    shard_id: *shard,
+                    add: vec![],
+                    remove: vec![],
+                };
+                async move { c.change_voters(req).await }
+            })
+            .await?;
+        }
+        Ok(shards.into_iter().collect())
+    }
+
     /// Takes `node` out of every shard whose membership lists it only as a
     /// learner (a move onto it that was cut short), through each shard's
     /// leader; the shards it left.
@@ -577,7 +602,8 @@ impl Ops {
                 self.say(
                     bar,
                     format!(
-                        "note: node {node} is a member of shard {shard} as its leader sees it;                          its copy stays"
+                        "note: node {node} is a member of shard {shard} as its leader sees it; \
+                         its copy stays"
                     ),
                 );
                 return;
@@ -587,7 +613,8 @@ impl Ops {
                 self.say(
                     bar,
                     format!(
-                        "note: node {node}'s old copy of shard {shard} stays for now: {e:#};                          `chatctl rebalance` deletes it later"
+                        "note: node {node}'s old copy of shard {shard} stays for now: {e:#}; \
+                         `chatctl rebalance` deletes it later"
                     ),
                 );
                 return;

@@ -175,6 +175,27 @@ impl Placement {
         self.node_region.get(&node).map(String::as_str)
     }
 
+    /// Shards whose initial replicas put more than half in one region (so
+    /// losing that region stops them), with that region and its count.
+    pub fn regional_majorities(&self) -> Vec<(ShardId, String, usize)> {
+        let mut out = Vec::new();
+        for s in (0..self.shards).map(ShardId) {
+            let replicas = self.replicas(s);
+            let mut per_region: BTreeMap<&str, usize> = BTreeMap::new();
+            for n in replicas {
+                *per_region
+                    .entry(self.region_of(*n).unwrap_or(""))
+                    .or_default() += 1;
+            }
+            if let Some((region, count)) = per_region.into_iter().max_by_key(|(_, c)| *c) {
+                if replicas.len() > 1 && count * 2 > replicas.len() {
+                    out.push((s, region.to_string(), count));
+                }
+            }
+        }
+        out
+    }
+
     /// Shards that have an initial replica on `node`.
     pub fn shards_on(&self, node: NodeId) -> Vec<ShardId> {
         (0..self.shards)
@@ -220,6 +241,20 @@ mod tests {
             ));
         }
         ClusterConfig::from_toml(&text).unwrap()
+    }
+
+    /// Nodes in every region spread each shard; two nodes in one region and
+    /// none in a third give that region a majority, which is reported.
+    #[test]
+    fn regional_majorities_are_reported() {
+        let even = Placement::new(&config(&[(1, "eu"), (2, "us"), (3, "ap")], 8));
+        assert!(even.regional_majorities().is_empty());
+        let lopsided = Placement::new(&config(&[(1, "eu"), (2, "us"), (4, "eu")], 8));
+        let found = lopsided.regional_majorities();
+        assert_eq!(found.len(), 8, "{found:?}");
+        assert!(found
+            .iter()
+            .all(|(_, region, count)| region == "eu" && *count == 2));
     }
 
     #[test]

@@ -168,7 +168,14 @@ impl Admin for AdminService {
         }
         let m = shard.raft.metrics().borrow_watched().clone();
         let membership = m.membership_config.membership();
-        let voters: BTreeSet<u64> = membership.voter_ids().collect();
+        // In a joint config (a change cut short between its two steps) the
+        // base is the config it was moving to: `voter_ids` is the union of
+        // both, and would bring back the voters being removed.
+        let voters: BTreeSet<u64> = membership
+            .get_joint_config()
+            .last()
+            .cloned()
+            .unwrap_or_default();
         let members: BTreeSet<u64> = membership.nodes().map(|(id, _)| *id).collect();
         if let Some(missing) = req.add.iter().find(|n| !members.contains(n)) {
             return Err(Status::failed_precondition(format!(
@@ -185,8 +192,8 @@ impl Admin for AdminService {
             return Err(Status::invalid_argument("a shard needs at least one voter"));
         }
         let joint = membership.get_joint_config().len() > 1;
-        // Removed voters also leave as learners; a stale learner (a node a
-        // move gave up on) goes when it is named in `remove`.
+        // Removed voters leave the membership altogether; a stale learner (a
+        // node a move gave up on) goes when it is named in `remove`.
         let stale_learners: BTreeSet<u64> = req
             .remove
             .iter()

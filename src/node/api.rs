@@ -219,6 +219,7 @@ pub fn shard_status(shard: &Shard, registry: &Registry) -> ShardStatus {
             .settings()
             .map(|s| s.apply_rules)
             .unwrap_or_default(),
+        joint: membership.get_joint_config().len() > 1,
     }
 }
 

@@ -357,6 +357,16 @@ impl Node {
         let addr = listener.local_addr()?;
 
         let placement = Placement::new(config);
+        let majorities = placement.regional_majorities();
+        if let Some((shard, region, count)) = majorities.first() {
+            tracing::warn!(
+                shards = majorities.len(),
+                "{} shard(s) place most of their replicas in one region (shard {shard}: {count} \
+                 in {region}); losing that region stops them. Add bootstrap nodes in other \
+                 regions",
+                majorities.len()
+            );
+        }
         let tls = crate::security::Tls::for_node(config, id.0)
             .with_context(|| format!("TLS files of node {}", id.0))?;
         if let Some(tls) = &tls {
