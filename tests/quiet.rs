@@ -98,6 +98,21 @@ async fn idle_shards_go_quiet_wake_on_writes_and_fail_over_when_their_leader_die
     tokio::time::sleep(Duration::from_millis(2_500)).await;
     let leader = quiet_map(&nodes, &[1, 2, 3]).await[&(1, 0)].1;
     assert_ne!(leader, 0, "shard 0 has a leader");
+    // A write sent to a quiet follower is refused and leaves it quiet:
+    // awake under a quiet leader, it would time out and start an election.
+    let other_chat = chat_of_shard[&1];
+    let leader_1 = quiet_map(&nodes, &[1, 2, 3]).await[&(1, 1)].1;
+    let follower = (1..=3).find(|n| *n != leader_1).unwrap();
+    let refused = nodes
+        .node(follower)
+        .write(WriteRequest {
+            shard_id: 1,
+            commands: vec![send_cmd(other_chat, 1, 1_000, b"to a follower")],
+        })
+        .await;
+    assert!(refused.is_err(), "a follower takes no write: {refused:?}");
+    let m = quiet_map(&nodes, &[follower]).await;
+    assert!(m[&(follower, 1)].0, "the follower stays quiet: {m:?}");
     let started = Instant::now();
     let writes = (0..10).map(|i| {
         let cmid = n + 1 + i;

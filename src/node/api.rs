@@ -19,8 +19,12 @@ use crate::api::status::{from_read_error, from_shard_error};
 use crate::api::write_stream::WriteCalls;
 use crate::node::Registry;
 use crate::shard::reads::SnapshotLoads;
-use crate::shard::Shard;
+use crate::shard::{Error as ShardError, Shard};
 use crate::types::{NodeId, ShardId};
+
+/// How long a leader that a read token is ahead of may take to have a
+/// quorum confirm that it still leads.
+const DEPOSED_CHECK_WAIT: Duration = Duration::from_secs(2);
 
 /// Largest node API request.
 pub const NODE_API_MESSAGE_BYTES_MAX: usize = 8 * 1024 * 1024;
@@ -94,13 +98,33 @@ impl NodeApiService {
                     // right after an election, so that is not the bound.)
                     // A long poll (a Watch) may wait for the entry after
                     // the end.
-                    let last = shard.last_log_index();
                     let polls_next = u64::from(req.wait_ms > 0);
-                    if req.min_index > last + polls_next {
-                        return Err(Status::invalid_argument(format!(
-                            "read token names index {} of shard {}, beyond its log end {last}",
-                            req.min_index, req.shard_id
-                        )));
+                    if req.min_index > shard.last_log_index() + polls_next {
+                        // Unless this node was deposed without knowing it
+                        // (cut off from the others, which elected and
+                        // committed more). A quorum that confirms it as
+                        // leader after the request came proves the token
+                        // names no committed entry; without that the
+                        // client is sent elsewhere, not told its token is
+                        // bad.
+                        let confirmed =
+                            tokio::time::timeout(DEPOSED_CHECK_WAIT, shard.linearizable_barrier())
+                                .await;
+                        let last = shard.last_log_index();
+                        if req.min_index > last + polls_next {
+                            return Err(match confirmed {
+                                Ok(Ok(_)) => Status::invalid_argument(format!(
+                                    "read token names index {} of shard {}, beyond its log end {last}",
+                                    req.min_index, req.shard_id
+                                )),
+                                _ => from_shard_error(ShardError::Behind {
+                                    shard: shard.id,
+                                    applied: shard.applied_index(),
+                                    wanted: req.min_index,
+                                    waited_ms: 0,
+                                }),
+                            });
+                        }
                     }
                 }
                 let wait = Duration::from_millis(req.wait_ms.min(SESSION_WAIT_MS_MAX) as u64);
@@ -118,6 +142,7 @@ impl NodeApiService {
             return Err(loading_snapshot(req.shard_id));
         }
         // Only the applied log id is needed; no copy of the whole metrics.
+        // The position is completed after the query (see below).
         let applied = shard.raft.metrics().borrow_watched().last_applied;
         let mut reply = ReadReply {
             applied_index: applied.map(|l| l.index).unwrap_or(0),
@@ -151,6 +176,11 @@ impl NodeApiService {
         if !shard.reader.loads().unchanged(loads) {
             return Err(loading_snapshot(req.shard_id));
         }
+        // An apply call's effects are in the tree before openraft's applied
+        // index moves: the position covers every entry the answer may show.
+        reply.applied_index = reply
+            .applied_index
+            .max(shard.reader.loads().written_through());
         answered.map(|()| reply)
     }
 }

@@ -201,13 +201,18 @@ async fn call(router: &Router, shard: ShardId, batch: Vec<Pending>) {
     }
     metrics::histogram!(crate::metrics::ROUTER_WRITE_BATCH).record(commands.len() as f64);
     let result = router
-        .on_leader(shard, WRITE_DEADLINE, WRITE_OUTCOME_UNKNOWN, |node| {
-            let request = WriteRequest {
-                shard_id: shard.0,
-                commands: commands.clone(),
-            };
-            async move { node.writes.call(request, NODE_CALL_TIMEOUT).await }
-        })
+        .on_leader(
+            shard,
+            WRITE_DEADLINE,
+            (WRITE_OUTCOME_UNKNOWN, true),
+            |node| {
+                let request = WriteRequest {
+                    shard_id: shard.0,
+                    commands: commands.clone(),
+                };
+                async move { node.writes.call(request, NODE_CALL_TIMEOUT).await }
+            },
+        )
         .await;
     match result {
         Ok((_, reply)) => {

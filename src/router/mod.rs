@@ -385,12 +385,14 @@ impl Router {
     /// replicas with backoff until `deadline`. A node the call cannot reach
     /// is passed over for a while, hints naming it included: after a leader
     /// dies its followers keep naming it until they elect a new one. The
-    /// error at the deadline ends with `retry`, what the caller may do.
+    /// error at the deadline ends with `retry`, what the caller may do. A
+    /// node that answers is remembered as the leader only if `leader_only`
+    /// (any replica answers a SESSION read).
     pub(crate) async fn on_leader<T, F, Fut>(
         &self,
         shard: ShardId,
         deadline: Duration,
-        retry: &str,
+        (retry, leader_only): (&str, bool),
         mut call: F,
     ) -> Result<(u64, T), Status>
     where
@@ -410,7 +412,9 @@ impl Router {
                 .ok_or_else(|| Status::internal(format!("unknown node {target}")))?;
             let status = match call(node).await {
                 Ok(v) => {
-                    self.set_leader(shard, target);
+                    if leader_only {
+                        self.set_leader(shard, target);
+                    }
                     self.mark_reachable(target);
                     return Ok((target, v));
                 }
@@ -557,15 +561,21 @@ impl Router {
         shard: ShardId,
         req: ReadRequest,
     ) -> Result<EncodedReadReply, Status> {
+        let leader_only = req.consistency == Consistency::Linearizable as i32;
         let (_, reply) = self
-            .on_leader(shard, WRITE_DEADLINE, "safe to retry", |node| {
-                let (mut client, req) = (node.client, req.clone());
-                async move {
-                    let mut r = tonic::Request::new(req);
-                    r.set_timeout(NODE_CALL_TIMEOUT);
-                    client.read(r).await.map(|r| r.into_inner())
-                }
-            })
+            .on_leader(
+                shard,
+                WRITE_DEADLINE,
+                ("safe to retry", leader_only),
+                |node| {
+                    let (mut client, req) = (node.client, req.clone());
+                    async move {
+                        let mut r = tonic::Request::new(req);
+                        r.set_timeout(NODE_CALL_TIMEOUT);
+                        client.read(r).await.map(|r| r.into_inner())
+                    }
+                },
+            )
             .await?;
         Ok(reply)
     }

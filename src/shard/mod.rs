@@ -319,12 +319,18 @@ impl Shard {
                 .is_none_or(|acked| acked.elapsed() + LEASE_MARGIN >= self.lease)
     }
 
-    /// Wakes a quiet leader, counts as activity, and waits (boundedly) until
+    /// On a leader: wakes it if quiet, counts as activity, and waits (boundedly) until
     /// a quorum has answered a heartbeat if the lease lapsed while it was
     /// quiet: openraft refuses writes until the lease is renewed. This is
     /// the round trip a write to a quiet shard pays. Concurrent callers
     /// share one renewal.
     pub async fn wake_leader(&self) {
+        // A quiet follower stays quiet: with its timers running and its
+        // leader quiet it would time out and start an election. The caller
+        // is then told where the leader is.
+        if !self.is_leader() {
+            return;
+        }
         self.touch();
         self.wake();
         if !self.lease_lapsed() {
@@ -461,7 +467,13 @@ impl Shard {
             .await
         {
             Ok(m) => Ok(m.last_applied.map(|l| l.index).unwrap_or(0)),
-            Err(_) => Err(Error::Behind {
+            // Not behind: stopped. Said at once, so it must not read as
+            // "behind after waiting" (a Watch would poll it in a tight loop).
+            Err(openraft::metrics::WaitError::ShuttingDown) => Err(Error::Unavailable {
+                shard: self.id,
+                reason: "this replica's Raft has stopped".into(),
+            }),
+            Err(openraft::metrics::WaitError::Timeout(..)) => Err(Error::Behind {
                 shard: self.id,
                 applied: self.applied_index(),
                 wanted: index,

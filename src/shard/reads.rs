@@ -57,12 +57,29 @@ pub struct StateReader {
 /// change without its message). A reader takes [`SnapshotLoads::count`]
 /// before reading and throws the result away unless
 /// [`SnapshotLoads::unchanged`] says no load began meanwhile.
+///
+/// It also keeps the newest log index whose effects may be in the tree
+/// ([`SnapshotLoads::written_through`]), set before an apply call writes
+/// them and before a snapshot loads: openraft's applied index moves only
+/// after, so a read's position, which must cover what it returned, takes
+/// this too.
 #[derive(Debug, Default)]
-pub struct SnapshotLoads(std::sync::atomic::AtomicU64);
+pub struct SnapshotLoads(std::sync::atomic::AtomicU64, std::sync::atomic::AtomicU64);
 
 impl SnapshotLoads {
     pub fn count(&self) -> u64 {
         self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The newest log index whose effects may be in the tree (0: none noted
+    /// since the shard opened).
+    pub fn written_through(&self) -> u64 {
+        self.1.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Notes that effects up to `index` (committed) are about to be written.
+    pub fn note_writing(&self, index: u64) {
+        self.1.fetch_max(index, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Whether a load is under way at `count`.

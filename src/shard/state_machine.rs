@@ -95,8 +95,11 @@ impl StateMachine {
         let tree = storage.open_tree(&trees::state_tree(shard))?;
         let snapshot_dir = storage.snapshot_dir(shard);
         std::fs::create_dir_all(&snapshot_dir)?;
-        remove_unfinished(&snapshot_dir)?;
         let current = load_current(&snapshot_dir)?;
+        remove_unfinished(
+            &snapshot_dir,
+            current.as_ref().map(|(_, path)| path.as_path()),
+        )?;
         let mut sm = StateMachine {
             shard,
             tree,
@@ -205,6 +208,9 @@ impl StateMachine {
         // Readers refuse what they read from here to the end. On an error
         // the count stays odd: the tree is half loaded, and the shard stops.
         self.loads.step();
+        if let Some(last) = meta.last_log_id {
+            self.loads.note_writing(last.index);
+        }
         self.chats.clear();
         self.tree.clear().map_err(io::Error::other)?;
         for (k, v) in pairs {
@@ -236,14 +242,22 @@ impl StateMachine {
     }
 }
 
-/// Removes snapshot files a crash left half-built or half-received, and
-/// destroys their keys.
-fn remove_unfinished(dir: &std::path::Path) -> io::Result<()> {
+/// Removes snapshot files a crash left half-built, half-received or not yet
+/// made current, and destroys their keys: every one but `current`'s.
+fn remove_unfinished(dir: &std::path::Path, current: Option<&std::path::Path>) -> io::Result<()> {
+    let current_name = current
+        .and_then(|p| p.file_name())
+        .map(|n| n.to_string_lossy().into_owned());
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
         let n = entry.file_name();
         let n = n.to_string_lossy();
-        if n.starts_with("build-") || n.starts_with("recv-") {
+        let is_current = current_name
+            .as_deref()
+            .is_some_and(|c| n == c || n.strip_suffix(".key") == Some(c));
+        if (n.starts_with("build-") || n.starts_with("recv-") || n.starts_with("snap-"))
+            && !is_current
+        {
             if n.ends_with(".key") {
                 seal::destroy_key_file(&entry.path())?;
             } else {
@@ -282,42 +296,51 @@ pub fn load_current(dir: &std::path::Path) -> io::Result<Option<(SnapshotMeta, P
     }
 }
 
-/// Makes `file` (already inside `dir`) the current snapshot unless the
-/// current one is newer (true if it did); a file not made current is
-/// removed, and its key destroyed (the eraser counts on no other snapshot
-/// file outliving a past key). openraft builds snapshots in a task of their
-/// own, so a build can finish while a snapshot from the leader is
-/// installed: the pointer's lock is held throughout, so the two cannot
-/// leave the pointer on the older one or on a file the other removed.
+/// Makes the whole, synced file `staged` (a `build-` or `recv-` file inside
+/// `dir`, with its key beside it if it has one) the current snapshot under a
+/// `snap-` name, unless the current one is newer; the file's path if it
+/// did. A file not made current is removed, and its key destroyed (the
+/// eraser counts on no other snapshot file outliving a past key). openraft
+/// builds snapshots in a task of their own, so a build can finish while a
+/// snapshot from the leader is installed: each file takes its final name
+/// and replaces the current one under the pointer's lock, and only the file
+/// it replaced is removed, so neither can leave the pointer on the older
+/// one or on a file the other removed.
 fn publish(
     dir: &std::path::Path,
     current: &Current,
     meta: &SnapshotMeta,
-    file: &std::path::Path,
-) -> io::Result<bool> {
+    staged: &std::path::Path,
+) -> io::Result<Option<PathBuf>> {
     let mut cur = current.lock().expect("snapshot pointer lock");
+    let staged_key = snapshot::key_path(staged);
     if cur
         .as_ref()
         .is_some_and(|(m, _)| m.last_log_id > meta.last_log_id)
     {
-        let key = snapshot::key_path(file);
-        if key.exists() {
-            seal::destroy_key_file(&key)?;
+        if staged_key.exists() {
+            seal::destroy_key_file(&staged_key)?;
         }
-        std::fs::remove_file(file)?;
-        return Ok(false);
+        std::fs::remove_file(staged)?;
+        return Ok(None);
     }
-    set_current(dir, meta, file)?;
-    *cur = Some((meta.clone(), file.to_path_buf()));
-    Ok(true)
+    let file = dir.join(snapshot_file_name(meta));
+    if staged_key.exists() {
+        std::fs::rename(&staged_key, snapshot::key_path(&file))?;
+    }
+    std::fs::rename(staged, &file)?;
+    set_current(dir, meta, &file, cur.as_ref().map(|(_, p)| p.as_path()))?;
+    *cur = Some((meta.clone(), file.clone()));
+    Ok(Some(file))
 }
 
 /// Makes `file` (already inside `dir`) the current snapshot, durably, and
-/// removes older snapshot files, destroying their keys.
+/// removes `replaced` (the one current before), destroying its key.
 fn set_current(
     dir: &std::path::Path,
     meta: &SnapshotMeta,
     file: &std::path::Path,
+    replaced: Option<&std::path::Path>,
 ) -> io::Result<()> {
     let name = file
         .file_name()
@@ -334,25 +357,15 @@ fn set_current(
     std::fs::File::open(&tmp)?.sync_all()?;
     std::fs::rename(&tmp, dir.join("current.json"))?;
     snapshot::sync_dir(dir)?;
-    // Files first, then keys: a snapshot being sent to a follower reads its
-    // key and then opens its file, so it either gets an intact key and its
-    // file or fails to open the file; never the file with a key half
+    // The file first, then its key: a snapshot being sent to a follower
+    // reads its key and then opens its file, so it either gets an intact key
+    // and its file or fails to open the file; never the file with a key half
     // destroyed (zeroed) or gone.
-    let old = |n: &str| n.starts_with("snap-") && n != name;
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let n = entry.file_name();
-        let n = n.to_string_lossy();
-        if old(&n) && !n.ends_with(".key") {
-            let _ = std::fs::remove_file(entry.path());
-        }
-    }
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let n = entry.file_name();
-        let n = n.to_string_lossy();
-        if old(&n) && n.ends_with(".key") && n.strip_suffix(".key") != Some(name.as_str()) {
-            seal::destroy_key_file(&entry.path())?;
+    if let Some(old) = replaced.filter(|old| *old != file) {
+        let _ = std::fs::remove_file(old);
+        let key = snapshot::key_path(old);
+        if key.exists() {
+            seal::destroy_key_file(&key)?;
         }
     }
     Ok(())
@@ -388,19 +401,12 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         let meta = self.meta.clone();
         let current = self.current.clone();
         tokio::task::spawn_blocking(move || {
-            let file = dir.join(snapshot_file_name(&meta));
-            let tmp_key = snapshot::key_path(&tmp);
-            if tmp_key.exists() {
-                std::fs::rename(&tmp_key, snapshot::key_path(&file))?;
-            }
-            std::fs::rename(&tmp, &file)?;
             // Not published if a newer snapshot was installed meanwhile:
-            // openraft ignores this one then, and the next snapshot made
-            // current removes its file.
-            publish(&dir, &current, &meta, &file)?;
+            // openraft ignores this one then (its file is gone).
+            let path = publish(&dir, &current, &meta, &tmp)?.unwrap_or(tmp);
             Ok(Snapshot {
                 meta,
-                snapshot: SnapshotFile { path: file },
+                snapshot: SnapshotFile { path },
             })
         })
         .await
@@ -461,6 +467,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             // id (see the module doc). The marker stays: removing it would
             // cost one more write per apply call.
             put(keys::SM_META_APPLYING, to_json(&Some(last))).map_err(io::Error::other)?;
+            self.loads.note_writing(last.index);
             for (k, v) in writes {
                 match v {
                     Some(v) => put(&k, v),
@@ -509,27 +516,26 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // loading it, open() finds the tree behind it and loads it again. So
         // it must be whole before it is published.
         snapshot::verify(&snapshot.path)?;
-        let file = self.snapshot_dir.join(snapshot_file_name(meta));
-        let received_key = snapshot::key_path(&snapshot.path);
-        if snapshot.path.parent() == Some(self.snapshot_dir.as_path()) {
-            if received_key.exists() {
-                std::fs::rename(&received_key, snapshot::key_path(&file))?;
-            }
-            std::fs::rename(&snapshot.path, &file)?;
+        let staged = if snapshot.path.parent() == Some(self.snapshot_dir.as_path()) {
+            snapshot.path.clone()
         } else {
+            let staged = self
+                .snapshot_dir
+                .join(format!("recv-{:016x}.tmp", rand::random::<u64>()));
             if let Some(key) = read_snapshot_key(&snapshot.path)? {
                 let epoch = self.keys.current_epoch();
-                seal::write_key_file(&snapshot::key_path(&file), epoch, &key)?;
+                seal::write_key_file(&snapshot::key_path(&staged), epoch, &key)?;
             }
-            std::fs::copy(&snapshot.path, &file)?;
-        }
-        std::fs::File::open(&file)?.sync_all()?;
-        if !publish(&self.snapshot_dir, &self.current, meta, &file)? {
+            std::fs::copy(&snapshot.path, &staged)?;
+            staged
+        };
+        std::fs::File::open(&staged)?.sync_all()?;
+        let Some(file) = publish(&self.snapshot_dir, &self.current, meta, &staged)? else {
             return Err(io::Error::other(format!(
                 "snapshot {:?} to install is older than this replica's current one",
                 meta.last_log_id
             )));
-        }
+        };
         self.load_tree_from(meta, &file)?;
         self.storage.durability().sync().await?;
         tracing::info!(shard = %self.shard, last = ?meta.last_log_id, "installed snapshot");
@@ -825,5 +831,47 @@ mod tests {
         drop(sm);
         let sm = StateMachine::open(&storage, ShardId(0)).unwrap();
         assert_eq!(sm.read_applied().unwrap().unwrap().index, 2);
+    }
+
+    /// A build and an install that overlap each publish their own file
+    /// under the pointer's lock: the newest is current and on disk with its
+    /// key, an older one is refused and removed, and only the file a publish
+    /// replaced goes. A `snap-` file a crash left behind goes at open.
+    #[test]
+    fn publishing_keeps_the_current_file_and_removes_only_what_it_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let dir = dir.path();
+        let current: Current = Default::default();
+        let meta = |index| SnapshotMeta {
+            last_log_id: Some(crate::shard::types::log_id(1, index)),
+            ..Default::default()
+        };
+        let staged = |name: &str, key: bool| {
+            let path = dir.join(name);
+            std::fs::write(&path, name).unwrap();
+            if key {
+                seal::write_key_file(&snapshot::key_path(&path), 1, &[7u8; 32]).unwrap();
+            }
+            path
+        };
+        let first = publish(dir, &current, &meta(5), &staged("build-1.tmp", true))
+            .unwrap()
+            .expect("the first is current");
+        let newer = publish(dir, &current, &meta(9), &staged("recv-2.tmp", true))
+            .unwrap()
+            .expect("a newer one replaces it");
+        assert!(!first.exists() && !snapshot::key_path(&first).exists());
+        let late = staged("build-3.tmp", true);
+        assert!(publish(dir, &current, &meta(7), &late).unwrap().is_none());
+        assert!(!late.exists() && !snapshot::key_path(&late).exists());
+        let (m, path) = load_current(dir).unwrap().unwrap();
+        assert_eq!((m.last_log_id, &path), (meta(9).last_log_id, &newer));
+        assert!(path.exists());
+        assert!(read_snapshot_key(&path).unwrap().is_some());
+        // A crash after a file took its name but before it was made current.
+        let orphan = staged("snap-1-8-00.bin", true);
+        remove_unfinished(dir, Some(&path)).unwrap();
+        assert!(!orphan.exists() && !snapshot::key_path(&orphan).exists());
+        assert!(path.exists() && snapshot::key_path(&path).exists());
     }
 }
