@@ -94,7 +94,7 @@ impl StateMachine {
     pub fn open(storage: &Storage, shard: ShardId) -> io::Result<StateMachine> {
         let tree = storage.open_tree(&trees::state_tree(shard))?;
         let snapshot_dir = storage.snapshot_dir(shard);
-        std::fs::create_dir_all(&snapshot_dir)?;
+        snapshot::create_dir_synced(&snapshot_dir)?;
         let current = load_current(&snapshot_dir)?;
         remove_unfinished(
             &snapshot_dir,

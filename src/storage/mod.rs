@@ -155,7 +155,7 @@ impl Storage {
         seal_epoch: Duration,
         message_cache_bytes: usize,
     ) -> Result<Storage, Error> {
-        std::fs::create_dir_all(dir)?;
+        crate::shard::snapshot::create_dir_synced(dir)?;
         let sled_dir = dir.join("sled");
         let segment_bytes = match persisted_segment_bytes(&sled_dir)? {
             Some(n) if n != SEGMENT_BYTES => {
@@ -183,7 +183,7 @@ impl Storage {
         // syncs the file.
         let data_file = std::fs::File::open(sled_dir.join("db"))?;
         let durability = Durability::start(db.clone(), data_file, sled_dir.join("blobs"));
-        std::fs::create_dir_all(dir.join("snapshots"))?;
+        crate::shard::snapshot::create_dir_synced(&dir.join("snapshots"))?;
         let raft_log = RaftLog::open(&dir.join("raft-log"))?;
         let keys = KeyRing::open(&dir.join("keys"), seal_epoch)?;
         Ok(Storage {

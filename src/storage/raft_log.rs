@@ -281,7 +281,7 @@ impl RaftLog {
 
     /// As [`RaftLog::open`], with segments closed at `segment_bytes`.
     pub fn open_with(dir: &Path, segment_bytes: u64) -> io::Result<RaftLog> {
-        std::fs::create_dir_all(dir)?;
+        crate::shard::snapshot::create_dir_synced(dir)?;
         let mut inner = replay(dir)?;
         // Counted from here on; `Inner`'s drop takes them off again.
         metrics::gauge!(crate::metrics::RAFT_LOG_SEGMENTS).increment(inner.segments.len() as f64);
