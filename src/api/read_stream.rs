@@ -151,6 +151,7 @@ mod tests {
             applied_term: 2,
             served_by_node: 4,
             incarnation: 99,
+            complete_through: 10,
         };
         let batch = ReadCalls::reply_batch(vec![(8, Ok(reply.clone()))]);
         let wire = EncodedReadReplyBatch::decode(batch.encode_to_vec().as_slice()).unwrap();
@@ -168,6 +169,7 @@ mod tests {
             (encoded.served_by_node, encoded.incarnation),
             (reply.served_by_node, reply.incarnation)
         );
+        assert_eq!(encoded.complete_through, reply.complete_through);
         // Encoded back, the same bytes as the node's reply.
         assert_eq!(encoded.encode_to_vec(), reply.encode_to_vec());
 

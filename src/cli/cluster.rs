@@ -560,11 +560,20 @@ pub async fn remove_node(
     }
     let n = view.nodes.get(&node).cloned();
     if n.is_none() {
-        eprintln!(
-            "error: node {node} is unknown: no node at --endpoints or in a shard's membership \
-             is {node} (a wrong id, or one taken out already)"
+        // A drained node that is down answers nothing and no membership
+        // names it: it may be among the endpoints that did not answer.
+        if view.unknown_down.is_empty() {
+            eprintln!(
+                "error: node {node} is unknown: no node at --endpoints or in a shard's \
+                 membership is {node} (a wrong id, or one taken out already)"
+            );
+            return Ok(1);
+        }
+        println!(
+            "node {node} did not answer and no shard's membership names it: nothing is left to \
+             take out (if it is one of the endpoints that did not answer)"
         );
-        return Ok(1);
+        return Ok(0);
     }
     if dry_run {
         println!("would take node {node} out: it is in no shard's membership");

@@ -350,8 +350,6 @@ impl Ops {
         bail!("{last} after {LEADER_WAIT:?}; check `chatctl status`")
     }
 
-    /// Runs an admin call on the leader of `shard`, following leader hints
-    /// and retrying what is safe to retry until [`LEADER_WAIT`].
     /// Finishes every membership change that was cut short between its two
     /// steps (a joint config), through each shard's leader, so that plans
     /// start from the configs those changes were moving to; the shards.
@@ -403,6 +401,8 @@ impl Ops {
         Ok(shards.into_iter().collect())
     }
 
+    /// Runs an admin call on the leader of `shard`, following leader hints
+    /// and retrying what is safe to retry until [`LEADER_WAIT`].
     async fn on_leader<T, F, Fut>(&self, shard: u64, mut call: F) -> anyhow::Result<T>
     where
         F: FnMut(AdminClient<AuthChannel>) -> Fut,

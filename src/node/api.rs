@@ -146,6 +146,7 @@ impl NodeApiService {
         let applied = shard.raft.metrics().borrow_watched().last_applied;
         let mut reply = ReadReply {
             applied_index: applied.map(|l| l.index).unwrap_or(0),
+            complete_through: applied.map(|l| l.index).unwrap_or(0),
             applied_term: applied.map(|l| l.leader_id.term).unwrap_or(0),
             served_by_node: self.node_id.0,
             incarnation: shard.reader.incarnation(),

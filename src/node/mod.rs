@@ -538,10 +538,10 @@ fn check_identity(storage: &Storage, config: &ClusterConfig, id: NodeId) -> anyh
 
 /// Refuses to start if this node's initial replicas, as the config places
 /// them, differ from those it started with. They are worked out from the
-/// config's bootstrap nodes, regions, shard count and replication factor on
-/// every start, and replicas without a record are opened only if they are
-/// among them: with another list the node would leave replicas it holds
-/// closed and open empty ones it does not.
+/// config's bootstrap nodes, regions, preferred regions, shard count and
+/// replication factor on every start, and replicas without a record are
+/// opened only if they are among them: with another list the node would
+/// leave replicas it holds closed and open empty ones it does not.
 fn check_initial_shards(storage: &Storage, initial: &[ShardId]) -> anyhow::Result<()> {
     let tree = storage.open_tree(trees::NODE_TREE)?;
     let list: Vec<String> = initial.iter().map(|s| s.0.to_string()).collect();
@@ -550,9 +550,9 @@ fn check_initial_shards(storage: &Storage, initial: &[ShardId]) -> anyhow::Resul
         Some(v) if v.as_ref() == want.as_bytes() => Ok(()),
         Some(v) => anyhow::bail!(
             "the config places this node's initial replicas on shards [{want}], but its data \
-             folder {} started with [{}]: the bootstrap nodes, regions, shard count or \
-             replication factor changed. They must stay as the cluster was created (a removed \
-             node keeps its [[nodes]] entry); restore them and start again",
+             folder {} started with [{}]: the bootstrap nodes, regions, preferred regions, \
+             shard count or replication factor changed. They must stay as the cluster was \
+             created (a removed node keeps its [[nodes]] entry); restore them and start again",
             storage.dir().display(),
             String::from_utf8_lossy(&v)
         ),

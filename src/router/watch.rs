@@ -132,8 +132,13 @@ async fn watch_chat(
             }
         }
         // With more changes pending, poll again at once from the same index.
+        // Not `applied_index`: that may name an apply call still writing,
+        // whose change this answer may lack.
         if !diff.more {
-            after_index = reply.applied_index;
+            after_index = match reply.complete_through {
+                0 => reply.applied_index,
+                complete => complete,
+            };
         }
     }
 }
