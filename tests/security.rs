@@ -419,13 +419,36 @@ async fn tls_mutual_auth_and_tokens_keep_out_whoever_does_not_belong() {
     assert_eq!(now, state, "no term or leader changed");
 
     // Token rotation without a restart: a new service token is taken up
-    // from the file, and the one it replaced is refused.
+    // from the file, and the one it replaced is refused, also by a Watch
+    // opened with it, which ends.
+    let mut watch = api
+        .watch(with_token(
+            pb::WatchRequest {
+                cursors: vec![pb::Cursor { chat_id: 7, pts: 0 }],
+            },
+            Some(&service),
+        ))
+        .await
+        .expect("a watch with the service token")
+        .into_inner();
     let rotated = "rotated-service-token-0123456789abcdef";
     std::fs::write(
         certs.join("service.tokens"),
         format!("# rotated\n{rotated}\n"),
     )
     .unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match watch.message().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the watch of a revoked token ends");
+    let e = ended.expect_err("with an error");
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
     let started = std::time::Instant::now();
     while api.get_chat(get_chat(rotated)).await.is_err() {
         assert!(

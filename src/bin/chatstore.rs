@@ -177,9 +177,17 @@ async fn run_router(
     let server = tokio::spawn(chatstore::router::serve(router, listener, stop_rx));
     wait_for_signal().await;
     let _ = stop.send(true);
-    server.await??;
+    match tokio::time::timeout(ROUTER_STOP_WAIT, server).await {
+        Ok(done) => done??,
+        Err(_) => {
+            tracing::warn!("connections still open after {ROUTER_STOP_WAIT:?}; stopping anyway")
+        }
+    }
     Ok(())
 }
+
+/// How long a stopping router waits for its clients' calls to finish.
+const ROUTER_STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 async fn run_dev(
     config_path: PathBuf,
@@ -278,7 +286,11 @@ async fn run_dev(
     wait_for_signal().await;
     let _ = stop.send(true);
     for r in routers {
-        let _ = r.await;
+        if tokio::time::timeout(ROUTER_STOP_WAIT, r).await.is_err() {
+            tracing::warn!(
+                "a router's connections still open after {ROUTER_STOP_WAIT:?}; stopping anyway"
+            );
+        }
     }
     for n in nodes {
         n.shutdown().await;

@@ -676,7 +676,7 @@ pub async fn serve(
     tokio::spawn(router.clone().refresh_leaders_until(shutdown.clone()));
     let tls = router.inner.tls.clone();
     let api = pb::passthrough::chat::chat_store_server::ChatStoreServer::new(
-        service::ChatStoreService::new(router),
+        service::ChatStoreService::new(router, shutdown.clone()),
     )
     .max_decoding_message_size(API_MESSAGE_BYTES_MAX);
     let incoming = crate::api::http2::incoming(listener);

@@ -31,6 +31,9 @@ pub const WATCH_STREAMS_PER_CONNECTION_MAX: usize = 1_000;
 pub struct ChatStoreService {
     pub router: Router,
     pub watch_slots: Arc<Semaphore>,
+    /// Turns true when the router stops: Watch streams end then, so that
+    /// the server's graceful shutdown is not held up by them.
+    stopping: tokio::sync::watch::Receiver<bool>,
     /// Open Watch streams by client connection (its remote address).
     watches_by_connection: Arc<std::sync::Mutex<HashMap<SocketAddr, usize>>>,
 }
@@ -54,9 +57,10 @@ impl Drop for ConnectionWatch {
 }
 
 impl ChatStoreService {
-    pub fn new(router: Router) -> ChatStoreService {
+    pub fn new(router: Router, stopping: tokio::sync::watch::Receiver<bool>) -> ChatStoreService {
         ChatStoreService {
             router,
+            stopping,
             watch_slots: Arc::new(Semaphore::new(WATCH_STREAMS_MAX)),
             watches_by_connection: Arc::default(),
         }
@@ -577,6 +581,8 @@ impl ChatStore for ChatStoreService {
             .tokens()
             .check(request.metadata(), Role::Service)?;
         let peer = request.remote_addr();
+        // Checked again while the stream lasts: a revoked token ends it.
+        let auth = request.metadata().clone();
         let r = request.into_inner();
         validate::cursors(&r.cursors)?;
         let permit = self.watch_slots.clone().try_acquire_owned().map_err(|_| {
@@ -586,11 +592,11 @@ impl ChatStore for ChatStoreService {
         })?;
         let counted = self.count_watch(peer)?;
         let (tx, rx) = mpsc::channel(watch::STREAM_BUFFER);
-        let router = self.router.clone();
+        let (router, stopping) = (self.router.clone(), self.stopping.clone());
         tokio::spawn(async move {
             let _permit = permit;
             let _counted = counted;
-            watch::run(router, r.cursors, tx).await;
+            watch::run(router, r.cursors, tx, auth, stopping).await;
         });
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),

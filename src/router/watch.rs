@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 use crate::api::pb::node::{read_request::Query, DifferenceQuery};
 use crate::api::pb::{Cursor, WatchEvent};
 use crate::router::Router;
+use crate::security::Role;
 
 /// How long a replica holds a watch poll open waiting for a new entry.
 pub const LONG_POLL_MS: u32 = 3_000;
@@ -28,18 +29,49 @@ pub const STREAM_BUFFER: usize = 1024;
 /// Watch moves to the next replica.
 const STUCK_POLLS: u32 = 2;
 
-/// Streams the changes of `cursors` into `tx` until the receiver goes away.
+/// Streams the changes of `cursors` into `tx` until the receiver goes away,
+/// the token in `auth` no longer lets its holder watch (the stream ends
+/// with that error), or `stopping` turns true (the router stops).
 pub async fn run(
     router: Router,
     cursors: Vec<Cursor>,
     tx: mpsc::Sender<Result<WatchEvent, tonic::Status>>,
+    auth: tonic::metadata::MetadataMap,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut tasks = tokio::task::JoinSet::new();
     for c in cursors {
         tasks.spawn(watch_chat(router.clone(), c, tx.clone()));
     }
-    drop(tx);
-    while tasks.join_next().await.is_some() {}
+    let mut recheck = tokio::time::interval(crate::security::FILES_CHECKED_EVERY);
+    // A dropped sender means no stop will come.
+    let stop = async move {
+        if stopping.wait_for(|s| *s).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            joined = tasks.join_next() => {
+                if joined.is_none() {
+                    return;
+                }
+            }
+            _ = recheck.tick() => {
+                if let Err(status) = router.tokens().check(&auth, Role::Service) {
+                    tasks.abort_all();
+                    let _ = tx.send(Err(status)).await;
+                    return;
+                }
+            }
+            _ = &mut stop => {
+                tasks.abort_all();
+                let _ = tx.send(Err(tonic::Status::unavailable("the router is stopping; watch again from the last pts"))).await;
+                return;
+            }
+        }
+    }
 }
 
 async fn watch_chat(

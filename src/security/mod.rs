@@ -201,6 +201,9 @@ pub const FILES_CHECKED_EVERY: Duration = Duration::from_secs(2);
 /// Shortest token accepted in a token file.
 pub const TOKEN_CHARS_MIN: usize = 24;
 
+/// A token file's tokens. A file with none (every line blank or a comment)
+/// is an empty set: nobody holds that role, which is how the last token of
+/// a role is revoked.
 fn load_tokens(path: &Path) -> anyhow::Result<Vec<[u8; 32]>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
     let mut out = Vec::new();
@@ -218,10 +221,14 @@ fn load_tokens(path: &Path) -> anyhow::Result<Vec<[u8; 32]>> {
         }
         out.push(Sha256::digest(t.as_bytes()).into());
     }
-    if out.is_empty() {
-        anyhow::bail!("{} holds no token", path.display());
-    }
     Ok(out)
+}
+
+/// Says so in the log when a token file holds no token.
+fn warn_if_empty(tokens: &[[u8; 32]], path: &Path) {
+    if tokens.is_empty() {
+        tracing::warn!(file = %path.display(), "token file holds no token: every call that needs its role is refused");
+    }
 }
 
 fn load_sets(files: &(PathBuf, PathBuf)) -> anyhow::Result<TokenSets> {
@@ -247,8 +254,11 @@ impl Tokens {
     /// The tokens in a service and an admin token file.
     pub fn from_files(service: PathBuf, admin: PathBuf) -> anyhow::Result<Tokens> {
         let files = (service, admin);
+        let sets = load_sets(&files)?;
+        warn_if_empty(&sets.service, &files.0);
+        warn_if_empty(&sets.admin, &files.1);
         Ok(Tokens {
-            sets: Arc::new(RwLock::new(load_sets(&files)?)),
+            sets: Arc::new(RwLock::new(sets)),
             files: Some(Arc::new(files)),
         })
     }
@@ -257,19 +267,35 @@ impl Tokens {
         self.sets.read().expect("tokens lock").enabled
     }
 
-    /// Reads the token files again and takes their tokens if they are valid
-    /// (true if they changed). On an error the tokens in use stay.
+    /// Reads the token files again and takes the tokens of each file that
+    /// is valid (true if they changed): a mistake in one file does not hold
+    /// up a revocation in the other. A file in error keeps its tokens in
+    /// use, and the error is returned.
     pub fn reload(&self) -> anyhow::Result<bool> {
         let Some(files) = &self.files else {
             return Ok(false);
         };
-        let fresh = load_sets(files)?;
+        let (service, admin) = (load_tokens(&files.0), load_tokens(&files.1));
         let mut sets = self.sets.write().expect("tokens lock");
-        if *sets == fresh {
-            return Ok(false);
+        let mut changed = false;
+        if let Ok(service) = &service {
+            if sets.service != *service {
+                warn_if_empty(service, &files.0);
+                sets.service = service.clone();
+                changed = true;
+            }
         }
-        *sets = fresh;
-        Ok(true)
+        if let Ok(admin) = &admin {
+            if sets.admin != *admin {
+                warn_if_empty(admin, &files.1);
+                sets.admin = admin.clone();
+                changed = true;
+            }
+        }
+        drop(sets);
+        service?;
+        admin?;
+        Ok(changed)
     }
 
     /// Re-reads the token files every [`FILES_CHECKED_EVERY`] while
@@ -459,5 +485,13 @@ mod tests {
         std::fs::remove_file(&admin).unwrap();
         assert!(tokens.reload().is_err());
         assert!(ok(new), "a bad or missing file changes nothing");
+
+        // The last token of a role revoked, while the other file is broken:
+        // the revocation still takes, and a restart still starts.
+        std::fs::write(&service, "# revoked\n").unwrap();
+        assert!(tokens.reload().is_err(), "the admin file is still missing");
+        assert!(!ok(new), "the revoked token is refused");
+        std::fs::write(&admin, "admin-token-0123456789abcdef\n").unwrap();
+        assert!(Tokens::from_files(service.clone(), admin.clone()).is_ok());
     }
 }
