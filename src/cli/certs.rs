@@ -70,7 +70,12 @@ fn write(path: &Path, text: &str, secret: bool, force: bool) -> anyhow::Result<(
         );
     }
     let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
+    // A new file only, unless forced (no race with a file made meanwhile).
+    options.write(true).truncate(true);
+    match force {
+        true => options.create(true),
+        false => options.create_new(true),
+    };
     if secret {
         use std::os::unix::fs::OpenOptionsExt;
         options.mode(0o600);
@@ -78,6 +83,11 @@ fn write(path: &Path, text: &str, secret: bool, force: bool) -> anyhow::Result<(
     let mut f = options
         .open(path)
         .with_context(|| format!("write {}", path.display()))?;
+    if secret {
+        // A file replaced with --force keeps its old mode otherwise.
+        use std::os::unix::fs::PermissionsExt;
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    }
     f.write_all(text.as_bytes())?;
     f.sync_all()?;
     Ok(())

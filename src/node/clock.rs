@@ -93,7 +93,16 @@ pub fn report(samples: impl IntoIterator<Item = (u64, Instant, ClockSample)>) ->
         return ClockReport::default();
     }
     offsets.sort_unstable();
-    let cluster = offsets[(offsets.len() - 1) / 2];
+    let mid = (offsets.len() - 1) / 2;
+    // With an even count and the two middle clocks apart, no majority
+    // agrees on the time: taking either middle would side with one half
+    // (good clocks would hand their shards to bad ones). Decide nothing.
+    if offsets.len().is_multiple_of(2)
+        && (offsets[mid + 1] - offsets[mid]).unsigned_abs() > TARGET_OFFSET_MS_MAX
+    {
+        return ClockReport::default();
+    }
+    let cluster = offsets[mid];
     ClockReport {
         own_offset_ms: -cluster,
         off_peers: fresh
@@ -175,5 +184,34 @@ mod tests {
         // An endless round trip is endless doubt.
         let s = ClockSample::from_ping(0, Duration::MAX, u64::MAX);
         assert_eq!(fresh(&[(2, s), (3, s)]), ClockReport::default());
+    }
+
+    /// Two clocks against two: no majority, so no clock is called off (the
+    /// lower middle would make the good half hand over to the bad).
+    #[test]
+    fn an_even_split_decides_nothing() {
+        // A good node sees one good peer and two peers 5 s behind.
+        let r = fresh(&[
+            (2, sample(0, 1)),
+            (3, sample(-5_000, 1)),
+            (4, sample(-5_000, 1)),
+        ]);
+        assert!(!r.own_is_off(), "{r:?}");
+        assert!(r.off_peers.is_empty(), "{r:?}");
+        // One of the slow ones sees the same split from its side.
+        let r = fresh(&[
+            (1, sample(5_000, 1)),
+            (2, sample(5_000, 1)),
+            (4, sample(0, 1)),
+        ]);
+        assert!(!r.own_is_off() && r.off_peers.is_empty(), "{r:?}");
+        // Four clocks whose middle two agree still decide.
+        let r = fresh(&[
+            (2, sample(0, 1)),
+            (3, sample(10, 1)),
+            (4, sample(-5_000, 1)),
+        ]);
+        assert!(!r.own_is_off());
+        assert_eq!(r.off_peers, BTreeSet::from([4]));
     }
 }

@@ -103,6 +103,7 @@ pub async fn run(registry: Registry, ctx: Context, mut shutdown: watch::Receiver
             0
         };
         let clock_off = off_ticks >= OFF_TICKS_TO_ACT;
+        registry.set_clock_off(clock_off);
         if clock_off && !was_off {
             tracing::error!(offset_ms = clocks.own_offset_ms, bound_ms = CLOCK_OFFSET_MS_MAX, "this node's clock is off from its peers' by more than the bound; it gives up leadership until the clock is fixed");
         } else if was_off && !clock_off {
