@@ -718,13 +718,17 @@ impl Worker {
         }
     }
 
-    async fn call(&mut self, op: Op) -> Result<(), Status> {
+    /// One call; for a batch, the codes of the sends in it that failed.
+    async fn call(&mut self, op: Op) -> Result<Vec<Code>, Status> {
         match op {
             Op::Check => {
                 let req = HealthCheckRequest {
                     service: String::new(),
                 };
-                self.health.check(with_timeout(req)).await.map(drop)
+                self.health
+                    .check(with_timeout(req))
+                    .await
+                    .map(|_| Vec::new())
             }
             Op::Send => {
                 let chat = self.args.random_chat();
@@ -741,7 +745,7 @@ impl Worker {
                     .await?
                     .into_inner();
                 self.keep(r.read_token);
-                Ok(())
+                Ok(Vec::new())
             }
             Op::SendBatch => {
                 let sends = (0..self.args.batch)
@@ -759,14 +763,12 @@ impl Worker {
                     .send_batch(with_timeout(pb::SendBatchRequest { sends }))
                     .await?
                     .into_inner();
-                // A batch counts as failed if any of its sends failed.
-                if let Some(bad) = r.outcomes.iter().find(|o| o.sent.is_none()) {
-                    return Err(tonic::Status::new(
-                        tonic::Code::from_i32(bad.error_code),
-                        bad.error_message.clone(),
-                    ));
-                }
-                Ok(())
+                // Each send counts on its own: stored, or failed with its code.
+                Ok(r.outcomes
+                    .iter()
+                    .filter(|o| o.sent.is_none())
+                    .map(|o| Code::from_i32(o.error_code))
+                    .collect())
             }
             Op::Read | Op::History => {
                 let limit = if op == Op::Read { 1 } else { HISTORY_PAGE };
@@ -782,7 +784,7 @@ impl Worker {
                     .await?
                     .into_inner();
                 self.keep(r.read_token);
-                Ok(())
+                Ok(Vec::new())
             }
             Op::Difference => {
                 let cursors_count = DIFFERENCE_CURSORS.min(self.args.chats);
@@ -810,7 +812,7 @@ impl Worker {
                     .await?
                     .into_inner();
                 self.keep(r.read_token);
-                Ok(())
+                Ok(Vec::new())
             }
         }
     }
@@ -835,15 +837,21 @@ impl Worker {
             if measured {
                 let done = Instant::now();
                 // A batch is as many messages, each acknowledged when it
-                // returns.
+                // returns (or failed on its own, or with the whole call).
                 let messages = if op == Op::SendBatch {
                     self.args.batch
                 } else {
                     1
                 };
-                for _ in 0..messages {
-                    stats.op(op.name()).record(done - start, result);
-                    progress.count(result);
+                let failed = result.as_ref().map_or(Vec::new(), |f| f.clone());
+                for i in 0..messages {
+                    let one = match (&result, failed.get(i)) {
+                        (Err(code), _) => Err(*code),
+                        (Ok(_), Some(code)) => Err(*code),
+                        (Ok(_), None) => Ok(()),
+                    };
+                    stats.op(op.name()).record(done - start, one);
+                    progress.count(one);
                 }
                 last_done = Some(done);
             }
@@ -1104,6 +1112,9 @@ struct WatchShared {
     sends: Progress,
     /// Measured events received by all watchers, for the progress line.
     delivered: AtomicU64,
+    /// Turns true when the grace for late events is over: every watcher
+    /// returns what it measured.
+    give_up: tokio::sync::watch::Sender<bool>,
 }
 
 impl WatchShared {
@@ -1178,6 +1189,7 @@ async fn watch(
         last_seq: tokio::sync::watch::channel(None).0,
         sends: Progress::default(),
         delivered: AtomicU64::new(0),
+        give_up: tokio::sync::watch::channel(false).0,
     });
     let watching = streams.len() as u64;
     let mut watchers = JoinSet::new();
@@ -1201,6 +1213,8 @@ async fn watch(
         }
     });
     let (sent, send_window_end) = watch_sender(&args, api, shared.clone()).await;
+    // The CPU over the window the rates are per second of.
+    let cpu_end = CpuSample::take(args.server_pid);
     let _ = shared.last_seq.send(Some(sent.last_seq));
     let deadline = tokio::time::Instant::now() + DELIVERY_GRACE;
     let mut deliver = Stats::default();
@@ -1209,19 +1223,17 @@ async fn watch(
         match tokio::time::timeout_at(deadline, watchers.join_next()).await {
             Ok(Some(joined)) => deliver.merge(joined.context("a watcher panicked")?),
             Ok(None) => break,
-            // Watchers still missing events after the grace period: stop them.
+            // Watchers still missing events after the grace period: they
+            // stop, and what they measured counts (the rest is undelivered).
             Err(_) => {
-                watchers.abort_all();
+                let _ = shared.give_up.send(true);
                 while let Some(joined) = watchers.join_next().await {
-                    if let Ok(s) = joined {
-                        deliver.merge(s);
-                    }
+                    deliver.merge(joined.context("a watcher panicked")?);
                 }
                 break;
             }
         }
     }
-    let cpu_end = CpuSample::take(args.server_pid);
     drawing.store(false, Ordering::Relaxed);
     let _ = drawer.await;
     line.finish_and_clear();
@@ -1355,6 +1367,7 @@ async fn watch_sender(
 async fn watcher(mut stream: tonic::Streaming<pb::WatchEvent>, shared: Arc<WatchShared>) -> Stats {
     let mut stats = Stats::default();
     let mut last_seq = shared.last_seq.subscribe();
+    let mut give_up = shared.give_up.subscribe();
     let mut seen_seq = 0u64;
     loop {
         if let Some(last) = *last_seq.borrow_and_update() {
@@ -1366,6 +1379,7 @@ async fn watcher(mut stream: tonic::Streaming<pb::WatchEvent>, shared: Arc<Watch
             e = stream.message() => e,
             // The sender stopped: look again whether we are done.
             _ = last_seq.changed() => continue,
+            _ = give_up.wait_for(|g| *g) => return stats,
         };
         let event = match event {
             Ok(Some(e)) => e,
