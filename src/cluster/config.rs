@@ -298,6 +298,11 @@ fn default_true() -> bool {
     true
 }
 
+/// Longest Raft timeout a config may set (1 hour).
+pub const RAFT_TIMEOUT_MS_MAX: u64 = 3_600_000;
+/// Most entries a config may let pass between snapshots.
+pub const SNAPSHOT_EVERY_MAX: u64 = 100_000_000;
+
 /// Raft timing. The defaults are sized for WAN links of up to ~200 ms round
 /// trip (DESIGN section 3a): openraft's own defaults lose leader leases across
 /// an 80 ms link.
@@ -505,12 +510,43 @@ impl ClusterConfig {
                 ));
             }
         }
+        // Two nodes reached at one address would be one node counted twice:
+        // its acknowledgements and votes would make false majorities.
+        let mut addrs = BTreeSet::new();
+        for n in &self.nodes {
+            if !addrs.insert(n.advertised()) {
+                return bad(format!(
+                    "node {} is reached at {}, as another node is",
+                    n.id,
+                    n.advertised()
+                ));
+            }
+        }
         let t = &self.raft;
-        if t.heartbeat_ms == 0 || t.election_timeout_ms_min <= t.heartbeat_ms * 2 {
-            return bad("raft.election_timeout_ms_min must exceed 2 x heartbeat_ms".into());
+        if t.heartbeat_ms == 0
+            || t.election_timeout_ms_max > RAFT_TIMEOUT_MS_MAX
+            || t.election_timeout_ms_min <= t.heartbeat_ms.saturating_mul(2)
+        {
+            return bad(format!(
+                "raft.election_timeout_ms_min must exceed 2 x heartbeat_ms, and the election \
+                 timeouts stay under {RAFT_TIMEOUT_MS_MAX} ms"
+            ));
         }
         if t.election_timeout_ms_max <= t.election_timeout_ms_min {
             return bad("raft.election_timeout_ms_max must exceed election_timeout_ms_min".into());
+        }
+        if t.snapshot_every_entries == 0 || t.snapshot_every_entries > SNAPSHOT_EVERY_MAX {
+            return bad(format!(
+                "raft.snapshot_every_entries must be 1 to {SNAPSHOT_EVERY_MAX}"
+            ));
+        }
+        if t.install_snapshot_timeout_ms < t.election_timeout_ms_max
+            || t.install_snapshot_timeout_ms > RAFT_TIMEOUT_MS_MAX
+        {
+            return bad(format!(
+                "raft.install_snapshot_timeout_ms must be at least election_timeout_ms_max and \
+                 under {RAFT_TIMEOUT_MS_MAX} ms"
+            ));
         }
         Ok(())
     }
@@ -617,6 +653,17 @@ raft_addr = "127.0.0.1:3"
     fn rejects_bad_configs() {
         let dup = CONFIG.replace("id = 2", "id = 1");
         assert!(ClusterConfig::from_toml(&dup).is_err());
+        let same_addr = CONFIG.replace("127.0.0.1:2", "127.0.0.1:1");
+        let err = ClusterConfig::from_toml(&same_addr).unwrap_err();
+        assert!(format!("{err:#}").contains("as another node is"), "{err:#}");
+        for raft in [
+            "snapshot_every_entries = 0",
+            "install_snapshot_timeout_ms = 0",
+            "heartbeat_ms = 18446744073709551615",
+        ] {
+            let text = format!("{CONFIG}\n[raft]\n{raft}\n");
+            assert!(ClusterConfig::from_toml(&text).is_err(), "{raft}");
+        }
         let bad_region = CONFIG.replace("region = \"ap\"", "region = \"mars\"");
         assert!(ClusterConfig::from_toml(&bad_region).is_err());
         let zero = CONFIG.replace("shards = 8", "shards = 0");
