@@ -59,10 +59,9 @@ impl NodeApiService {
         }
         let shard = self.shard(req.shard_id)?;
         metrics::counter!(crate::metrics::NODE_API_REQUESTS, "rpc" => "write").increment(1);
-        // It would stamp the writes with its clock. Its shards are handed
-        // over meanwhile; without writes a lagging voter catches up to take
-        // one.
-        if self.registry.clock_off() && shard.is_leader() {
+        // A leader whose clock is off would stamp the writes with it (see
+        // `node::duties`).
+        if shard.refuses_writes() && shard.is_leader() {
             return Err(from_shard_error(ShardError::Unavailable {
                 shard: shard.id,
                 reason: "this node's clock is off from its peers'; it takes no writes until \

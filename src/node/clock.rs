@@ -93,21 +93,21 @@ pub fn report(samples: impl IntoIterator<Item = (u64, Instant, ClockSample)>) ->
         return ClockReport::default();
     }
     offsets.sort_unstable();
+    // The cluster's time: the median, or with an even count anywhere
+    // between the two middle clocks. Taking either middle would side with
+    // one half of an even split (good clocks would hand their shards to bad
+    // ones); a clock is off only as far as it is from that whole range.
     let mid = (offsets.len() - 1) / 2;
-    // With an even count and the two middle clocks apart, no majority
-    // agrees on the time: taking either middle would side with one half
-    // (good clocks would hand their shards to bad ones). Decide nothing.
-    if offsets.len().is_multiple_of(2)
-        && (offsets[mid + 1] - offsets[mid]).unsigned_abs() > TARGET_OFFSET_MS_MAX
-    {
-        return ClockReport::default();
-    }
-    let cluster = offsets[mid];
+    let (lo, hi) = match offsets.len().is_multiple_of(2) {
+        true => (offsets[mid], offsets[mid + 1]),
+        false => (offsets[mid], offsets[mid]),
+    };
+    let from_range = |o: i64| (o - o.clamp(lo, hi)).unsigned_abs();
     ClockReport {
-        own_offset_ms: -cluster,
+        own_offset_ms: -0i64.clamp(lo, hi),
         off_peers: fresh
             .into_iter()
-            .filter(|(_, o)| (o - cluster).unsigned_abs() > TARGET_OFFSET_MS_MAX)
+            .filter(|(_, o)| from_range(*o) > TARGET_OFFSET_MS_MAX)
             .map(|(id, _)| id)
             .collect(),
     }
@@ -213,5 +213,20 @@ mod tests {
         ]);
         assert!(!r.own_is_off());
         assert_eq!(r.off_peers, BTreeSet::from([4]));
+        // Middles a little apart still find a clock far from both, from
+        // either side.
+        let r = fresh(&[
+            (2, sample(0, 1)),
+            (3, sample(300, 1)),
+            (4, sample(20_000, 1)),
+        ]);
+        assert!(!r.own_is_off());
+        assert_eq!(r.off_peers, BTreeSet::from([4]));
+        let r = fresh(&[
+            (1, sample(-20_000, 1)),
+            (2, sample(-20_000, 1)),
+            (3, sample(-19_700, 1)),
+        ]);
+        assert!(r.own_is_off(), "{r:?}");
     }
 }

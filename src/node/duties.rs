@@ -103,7 +103,6 @@ pub async fn run(registry: Registry, ctx: Context, mut shutdown: watch::Receiver
             0
         };
         let clock_off = off_ticks >= OFF_TICKS_TO_ACT;
-        registry.set_clock_off(clock_off);
         if clock_off && !was_off {
             tracing::error!(offset_ms = clocks.own_offset_ms, bound_ms = CLOCK_OFFSET_MS_MAX, "this node's clock is off from its peers' by more than the bound; it gives up leadership until the clock is fixed");
         } else if was_off && !clock_off {
@@ -119,6 +118,8 @@ pub async fn run(registry: Registry, ctx: Context, mut shutdown: watch::Receiver
             shard.raft.runtime_config().elect(!clock_off);
             if shard.is_leader() {
                 led.push(shard);
+            } else {
+                shard.refuse_writes(false);
             }
         }
         let led_ids: BTreeSet<ShardId> = led.iter().map(|s| s.id).collect();
@@ -169,6 +170,10 @@ async fn lead(
     if let Err(e) = result {
         tracing::debug!(shard = %shard.id, error = %e, "leader chores");
     }
+    // A leader whose clock is off takes no client writes while a live voter
+    // with a good clock could take over: without writes one that lags
+    // catches up. With none, the shard keeps taking writes.
+    shard.refuse_writes(clock_off && !good_live_voters(registry, shard, ctx, clocks).is_empty());
     let tried_within = |d: Duration| last_try.is_some_and(|t| t.elapsed() < d);
     let target = if clock_off {
         // Entries stamped by this clock would be off: hand over at once,
@@ -385,24 +390,39 @@ fn handover_target(
 }
 
 /// The shard's voters other than this leader that answered a ping within
-/// an election timeout, are within [`TRANSFER_LAG_MAX`] of its log and
-/// whose clocks are not off, with their regions.
+/// an election timeout and whose clocks are not off.
+fn good_live_voters(
+    registry: &Registry,
+    shard: &Shard,
+    ctx: &Context,
+    clocks: &ClockReport,
+) -> Vec<u64> {
+    let metrics = shard.raft.metrics();
+    let m = metrics.borrow_watched();
+    m.membership_config
+        .membership()
+        .voter_ids()
+        .filter(|id| *id != m.id && !clocks.off_peers.contains(id))
+        .filter(|id| registry.answered_within(*id, ctx.election_timeout))
+        .collect()
+}
+
+/// The shard's [`good_live_voters`] within [`TRANSFER_LAG_MAX`] of its log,
+/// with their regions.
 fn caught_up_voters(
     registry: &Registry,
     shard: &Shard,
     ctx: &Context,
     clocks: &ClockReport,
 ) -> Vec<(u64, String)> {
+    let good = good_live_voters(registry, shard, ctx, clocks);
     let m = shard.raft.metrics().borrow_watched().clone();
     let last = m.last_log_index.unwrap_or(0);
     let Some(matched) = m.replication.as_ref() else {
         return Vec::new();
     };
     let membership = m.membership_config.membership();
-    membership
-        .voter_ids()
-        .filter(|id| *id != m.id && !clocks.off_peers.contains(id))
-        .filter(|id| registry.answered_within(*id, ctx.election_timeout))
+    good.into_iter()
         .filter(|id| {
             let at = matched
                 .get(id)

@@ -64,9 +64,6 @@ struct Host {
     changes: tokio::sync::Mutex<()>,
     /// Each peer's last ping answer.
     peer_answers: std::sync::Mutex<BTreeMap<u64, PeerAnswer>>,
-    /// Set by the chores while this node's clock is off: it takes no client
-    /// writes, which it would stamp with that clock.
-    clock_off: std::sync::atomic::AtomicBool,
 }
 
 /// What a peer's last ping answer said.
@@ -173,19 +170,6 @@ impl Registry {
             .expect("peer answers lock")
             .get(&peer)
             .is_some_and(|a| a.at.elapsed() < within)
-    }
-
-    /// Whether the chores found this node's clock off (two ticks in a row).
-    pub fn clock_off(&self) -> bool {
-        self.host
-            .clock_off
-            .load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    pub fn set_clock_off(&self, off: bool) {
-        self.host
-            .clock_off
-            .store(off, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Whose clocks are off, this node's included, as the pings show.
@@ -410,7 +394,6 @@ impl Node {
                 node_tree: storage.open_tree(trees::NODE_TREE)?,
                 changes: tokio::sync::Mutex::new(()),
                 peer_answers: Default::default(),
-                clock_off: Default::default(),
             }),
         };
         // The shards this node hosts: its initial replicas, plus those moved

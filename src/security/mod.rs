@@ -201,11 +201,18 @@ pub const FILES_CHECKED_EVERY: Duration = Duration::from_secs(2);
 /// Shortest token accepted in a token file.
 pub const TOKEN_CHARS_MIN: usize = 24;
 
-/// A token file's tokens. A file with none (every line blank or a comment)
-/// is an empty set: nobody holds that role, which is how the last token of
-/// a role is revoked.
+/// A token file's tokens. A file with comments and no token is an empty
+/// set: nobody holds that role, which is how the last token of a role is
+/// revoked. A file with nothing in it at all is refused, as one caught
+/// while it is rewritten in place would be.
 fn load_tokens(path: &Path) -> anyhow::Result<Vec<[u8; 32]>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+    if text.trim().is_empty() {
+        anyhow::bail!(
+            "{} is empty; to revoke every token, leave a comment line (`# revoked`)",
+            path.display()
+        );
+    }
     let mut out = Vec::new();
     for (n, line) in text.lines().enumerate() {
         let t = line.split('#').next().unwrap_or("").trim();
@@ -488,6 +495,12 @@ mod tests {
 
         // The last token of a role revoked, while the other file is broken:
         // the revocation still takes, and a restart still starts.
+        std::fs::write(&service, "").unwrap();
+        assert!(
+            tokens.reload().is_err(),
+            "an empty file is one being written"
+        );
+        assert!(ok(new));
         std::fs::write(&service, "# revoked\n").unwrap();
         assert!(tokens.reload().is_err(), "the admin file is still missing");
         assert!(!ok(new), "the revoked token is refused");

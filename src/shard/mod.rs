@@ -106,6 +106,9 @@ pub struct Shard {
     wake_wait: Duration,
     /// openraft's leader lease: its `election_timeout_max`.
     lease: Duration,
+    /// Set by the chores while this node's clock is off and another voter
+    /// could lead: client writes are refused.
+    writes_refused: std::sync::atomic::AtomicBool,
 }
 
 /// Whether a replica's Raft timers are stopped (see `src/node/quiesce.rs`),
@@ -233,7 +236,18 @@ impl Shard {
             quiet,
             wake_wait,
             lease,
+            writes_refused: Default::default(),
         })
+    }
+
+    /// Refuses client writes (true) or takes them again.
+    pub fn refuse_writes(&self, refuse: bool) {
+        self.writes_refused.store(refuse, SeqCst);
+    }
+
+    pub fn refuses_writes(&self) -> bool {
+        self.writes_refused
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// True while this replica's Raft timers are stopped.
