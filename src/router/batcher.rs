@@ -20,7 +20,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use prost::Message;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tonic::Status;
 
@@ -99,7 +98,7 @@ impl Router {
     /// call, in order, so they land in one Raft entry in this order. The
     /// group must fit one call ([`group_fits`]).
     pub async fn write_group(&self, shard: ShardId, commands: Vec<Command>) -> GroupResult {
-        let bytes = commands.iter().map(|c| c.encoded_len()).sum();
+        let bytes = commands.iter().map(crate::shard::sealing::stored_len).sum();
         if !group_fits(commands.len(), bytes) {
             return Err(Status::invalid_argument(format!(
                 "{} commands of {bytes} bytes do not fit one call to a shard",

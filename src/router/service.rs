@@ -248,7 +248,7 @@ where
         let mut group = Vec::new();
         let mut bytes = 0;
         while let Some((_, cmd, _)) = items.peek() {
-            let b = prost::Message::encoded_len(cmd);
+            let b = crate::shard::sealing::stored_len(cmd);
             if !group.is_empty() && !crate::router::batcher::group_fits(group.len() + 1, bytes + b)
             {
                 break;

@@ -26,7 +26,6 @@ use std::time::{Duration, Instant};
 use openraft::async_runtime::WatchReceiver;
 use openraft::Instant as _;
 use openraft::{Config, ReadPolicy, ServerState, SnapshotPolicy};
-use prost::Message;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::api::pb::replicated::{Command, CommandResult};
@@ -45,7 +44,7 @@ const PROPOSAL_QUEUE_MAX: usize = 16_384;
 /// batched into the next entry.
 const PROPOSALS_IN_FLIGHT_MAX: usize = 4;
 /// Most commands in one log entry.
-const BATCH_COMMANDS_MAX: usize = 2_048;
+pub const BATCH_COMMANDS_MAX: usize = 2_048;
 /// Most encoded command bytes in one log entry; below
 /// [`crate::storage::ENTRY_BYTES_MAX`] with room for the envelope.
 pub const BATCH_BYTES_MAX: usize = 96 * 1024;
@@ -393,7 +392,7 @@ impl Shard {
         if self.is_quiet() || self.recently_woken() {
             self.wake_leader().await;
         }
-        let bytes: usize = commands.iter().map(|c| c.encoded_len()).sum();
+        let bytes: usize = commands.iter().map(sealing::stored_len).sum();
         if bytes > BATCH_BYTES_MAX {
             return Err(Error::InvalidArgument(format!(
                 "one write is {bytes} bytes of commands; the limit is {BATCH_BYTES_MAX}"

@@ -10,7 +10,7 @@ use std::io;
 use prost::Message;
 
 use crate::api::codec::decode;
-use crate::api::pb::replicated::{command, CommandBatch, MessageRecord};
+use crate::api::pb::replicated::{command, Command, CommandBatch, MessageRecord};
 use crate::storage::seal::{seal_with, Key, KeyRing};
 
 /// Whether a message record's body must be sealed at rest.
@@ -60,6 +60,31 @@ pub fn plain_message_bytes(
 pub fn sealed_epoch(raw: &[u8]) -> io::Result<Option<u64>> {
     let m: MessageRecord = decode(raw, "message")?;
     Ok(m.sealed_body.map(|s| s.epoch))
+}
+
+/// Bytes one command's place in a batch takes beyond the command: its field
+/// tag and length.
+const COMMAND_FRAMING_MAX: usize = 4;
+/// Most bytes sealing adds to a command: the sealed body's epoch, nonce,
+/// tag and framing, less the plain body's framing.
+const SEAL_GROWTH_MAX: usize = 64;
+
+/// Whether a log entry stores `c`'s body sealed (see [`seal_batch`]).
+fn will_seal(c: &command::Kind) -> bool {
+    match c {
+        command::Kind::Send(s) => s.self_destruct.is_some() && !s.body.is_empty(),
+        command::Kind::Edit(e) => !e.body.is_empty(),
+        _ => false,
+    }
+}
+
+/// The most bytes `cmd` takes in a stored log entry: encoded, framed in its
+/// batch, and with its body sealed if it will be. Write budgets count this,
+/// so that a full batch still fits [`crate::storage::ENTRY_BYTES_MAX`] once
+/// stored.
+pub fn stored_len(cmd: &Command) -> usize {
+    let sealed = cmd.kind.as_ref().is_some_and(will_seal);
+    cmd.encoded_len() + COMMAND_FRAMING_MAX + if sealed { SEAL_GROWTH_MAX } else { 0 }
 }
 
 /// Seals the bodies a log entry must not hold in the clear: self-destructing
@@ -123,4 +148,63 @@ pub fn open_batch(ring: &KeyRing, batch: &mut CommandBatch) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::pb::replicated::{self_destruct, EditCmd, SelfDestruct, SendCmd};
+    use crate::shard::{BATCH_BYTES_MAX, BATCH_COMMANDS_MAX};
+
+    /// As many commands as a write budget lets into one batch, of the kinds
+    /// sealing grows most (tiny self-destructing sends and edits): sealed,
+    /// the batch still fits the budget, and so a stored entry.
+    #[test]
+    fn a_full_batch_still_fits_once_sealed() {
+        let send = |i: u64, body: usize| Command {
+            kind: Some(command::Kind::Send(SendCmd {
+                chat_id: u64::MAX - i,
+                sender_id: u64::MAX,
+                client_msg_id: u64::MAX - i,
+                body: vec![b'x'; body].into(),
+                self_destruct: Some(SelfDestruct {
+                    policy: Some(self_destruct::Policy::AfterSendSecs(31_536_000)),
+                }),
+                ..Default::default()
+            })),
+        };
+        let edit = |i: u64| Command {
+            kind: Some(command::Kind::Edit(EditCmd {
+                chat_id: u64::MAX - i,
+                seq: u64::MAX,
+                editor_id: u64::MAX,
+                body: b"e"[..].into(),
+                sealed_body: None,
+            })),
+        };
+        for body in [1, 100, 1_000, 60_000] {
+            let mut commands = Vec::new();
+            let mut bytes = 0;
+            for i in 0..BATCH_COMMANDS_MAX as u64 {
+                let c = if i % 2 == 0 { send(i, body) } else { edit(i) };
+                if bytes + stored_len(&c) > BATCH_BYTES_MAX {
+                    break;
+                }
+                bytes += stored_len(&c);
+                commands.push(c);
+            }
+            let batch = CommandBatch {
+                format_version: u32::MAX,
+                now_ms: u64::MAX,
+                commands,
+            };
+            let sealed = seal_batch(&batch, u64::MAX, &[9u8; 32]).expect("bodies to seal");
+            let len = sealed.encoded_len();
+            assert!(
+                len <= BATCH_BYTES_MAX + 64,
+                "{} commands with {body}-byte bodies: {len} bytes sealed",
+                batch.commands.len()
+            );
+        }
+    }
 }
