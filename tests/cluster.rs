@@ -83,6 +83,27 @@ async fn send_many(
 }
 
 async fn check_acked_everywhere(client: &Client, nodes: &[u64], acked: &BTreeMap<(u64, u64), u64>) {
+    // A follower applies an entry a round after the leader acknowledged it:
+    // what is missing may still come, for a while; gaps and duplicates
+    // never may.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match acked_everywhere(client, nodes, acked).await {
+            Ok(()) => return,
+            Err(e) if std::time::Instant::now() < deadline => {
+                eprintln!("not yet: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+async fn acked_everywhere(
+    client: &Client,
+    nodes: &[u64],
+    acked: &BTreeMap<(u64, u64), u64>,
+) -> Result<(), String> {
     let chats: std::collections::BTreeSet<u64> = acked.keys().map(|(c, _)| *c).collect();
     for node in nodes {
         for chat in &chats {
@@ -101,14 +122,21 @@ async fn check_acked_everywhere(client: &Client, nodes: &[u64], acked: &BTreeMap
                 "node {node} chat {chat}: no duplicate client_msg_id"
             );
             for ((c, cmid), seq) in acked.iter().filter(|((c, _), _)| c == chat) {
-                assert_eq!(
-                    by_cmid.get(cmid),
-                    Some(seq),
-                    "node {node}: acknowledged message {c}/{cmid} at seq {seq}"
-                );
+                match by_cmid.get(cmid) {
+                    Some(at) if at == seq => {}
+                    None => {
+                        return Err(format!(
+                            "node {node}: acknowledged message {c}/{cmid} (seq {seq}) missing"
+                        ))
+                    }
+                    Some(at) => panic!(
+                        "node {node}: acknowledged message {c}/{cmid} at seq {at}, not {seq}"
+                    ),
+                }
             }
         }
     }
+    Ok(())
 }
 
 /// Writes to many chats land on every replica; with one node stopped writes

@@ -150,6 +150,14 @@ pub struct Client {
 /// How long one node API call may take before the client gives up on it.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A request that gives up after [`CALL_TIMEOUT`]: a node that hangs fails
+/// the check instead of holding the test until nextest kills it.
+fn timed<T>(msg: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.set_timeout(CALL_TIMEOUT);
+    req
+}
+
 impl Client {
     pub fn new(config: &ClusterConfig) -> Client {
         let clients = config
@@ -237,7 +245,8 @@ impl Client {
     ) -> Result<Vec<pb::Message>, tonic::Status> {
         let mut out = Vec::new();
         let mut before = 0;
-        loop {
+        // Pages of up to 1,000 go back from the newest message: bounded.
+        for _ in 0..10_000 {
             let req = ReadRequest {
                 shard_id: self.shard_of(chat).0,
                 consistency: Consistency::Stale as i32,
@@ -250,13 +259,23 @@ impl Client {
                 ..Default::default()
             };
             // A page cut short by bytes is not the start: only an empty one.
+            let mut req = tonic::Request::new(req);
+            req.set_timeout(CALL_TIMEOUT);
             let page = self.node(node).read(req).await?.into_inner().messages;
-            let Some(last) = page.last() else { break };
+            let Some(last) = page.last() else {
+                out.reverse();
+                return Ok(out);
+            };
+            if before != 0 && last.seq >= before {
+                return Err(tonic::Status::internal(format!(
+                    "a history page below seq {before} ended at seq {}",
+                    last.seq
+                )));
+            }
             before = last.seq;
             out.extend(page);
         }
-        out.reverse();
-        Ok(out)
+        Err(tonic::Status::internal("history of more than 10,000 pages"))
     }
 
     /// Per-shard digests on every node, once every replica of every shard
@@ -309,7 +328,7 @@ impl Client {
             for node in &on {
                 let reply = self
                     .node(*node)
-                    .chat_digests(ChatDigestsRequest { shard_id: shard })
+                    .chat_digests(timed(ChatDigestsRequest { shard_id: shard }))
                     .await
                     .map_err(|e| format!("node {node}: {e}"))?
                     .into_inner();
@@ -332,7 +351,7 @@ impl Client {
     /// The node that leads `shard`, as the live nodes report it.
     pub async fn leader_of(&self, shard: u64) -> Option<u64> {
         for (id, client) in &self.clients {
-            if let Ok(s) = client.clone().status(StatusRequest {}).await {
+            if let Ok(s) = client.clone().status(timed(StatusRequest {})).await {
                 if s.into_inner()
                     .shards
                     .iter()
@@ -351,7 +370,7 @@ impl Client {
         while started.elapsed() < deadline {
             let mut led = std::collections::BTreeSet::new();
             for node in nodes {
-                if let Ok(s) = self.node(*node).status(StatusRequest {}).await {
+                if let Ok(s) = self.node(*node).status(timed(StatusRequest {})).await {
                     for sh in s.into_inner().shards {
                         if sh.is_leader {
                             led.insert(sh.shard_id);
@@ -381,7 +400,7 @@ impl Client {
         while started.elapsed() < deadline {
             let mut behind = Vec::new();
             for node in nodes {
-                match self.node(*node).status(StatusRequest {}).await {
+                match self.node(*node).status(timed(StatusRequest {})).await {
                     Ok(s) => behind.extend(
                         s.into_inner()
                             .shards

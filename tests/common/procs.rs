@@ -100,9 +100,11 @@ impl ProcessCluster {
     pub fn pause_node(&self, id: u64, stop: bool) {
         if let Some(c) = self.nodes.get(&id) {
             let sig = if stop { "-STOP" } else { "-CONT" };
-            let _ = Command::new("kill")
+            let status = Command::new("kill")
                 .args([sig, &c.id().to_string()])
-                .status();
+                .status()
+                .expect("run kill to pause or resume a node");
+            assert!(status.success(), "kill {sig} node {id}: {status}");
         }
     }
 
