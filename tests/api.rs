@@ -893,11 +893,40 @@ async fn retries_change_nothing_and_old_cursors_reset() {
         seq: 1,
         editor_id: 1,
         body: b"one, edited"[..].into(),
+        client_edit_id: 5,
         ..Default::default()
     };
     let first = api.edit(edit.clone()).await.expect("edit").into_inner();
-    let again = api.edit(edit).await.expect("edit again").into_inner();
+    let again = api
+        .edit(edit.clone())
+        .await
+        .expect("edit again")
+        .into_inner();
     assert_eq!(again.pts, first.pts, "the same edit makes no second change");
+    // Sent again after a later edit, with its id, it still changes nothing.
+    let later = pb::EditRequest {
+        body: b"one, edited later"[..].into(),
+        client_edit_id: 6,
+        ..edit.clone()
+    };
+    api.edit(later).await.expect("a later edit");
+    let late_again = api
+        .edit(edit)
+        .await
+        .expect("the first edit again")
+        .into_inner();
+    assert_eq!(late_again.pts, first.pts);
+    let shown = api
+        .get_messages(pb::GetMessagesRequest {
+            chat_id: chat,
+            seqs: vec![1],
+            min_token: late_again.read_token,
+            ..Default::default()
+        })
+        .await
+        .expect("message 1")
+        .into_inner();
+    assert_eq!(&shown.messages[0].body[..], b"one, edited later");
     let delete = pb::DeleteRequest {
         chat_id: chat,
         seq: 2,
@@ -915,7 +944,7 @@ async fn retries_change_nothing_and_old_cursors_reset() {
         "the same delete makes no second change"
     );
     let last = chat_pts(&mut api, chat).await;
-    assert_eq!(last, 4, "two sends, one edit, one delete");
+    assert_eq!(last, 5, "two sends, two edits, one delete");
 
     let difference = |pts: u64| pb::GetDifferenceRequest {
         cursors: vec![pb::Cursor { chat_id: chat, pts }],

@@ -111,8 +111,8 @@ fn arb_command() -> impl Strategy<Value = Command> {
                 })),
             }
         ),
-        1 => (chat.clone(), seq.clone(), user.clone()).prop_map(|(chat_id, seq, editor_id)| Command {
-            kind: Some(command::Kind::Edit(EditCmd { chat_id, seq, editor_id, body: b"edited"[..].into(), sealed_body: None })),
+        1 => (chat.clone(), seq.clone(), user.clone(), 0u64..4, 0u8..3).prop_map(|(chat_id, seq, editor_id, edit_id, body)| Command {
+            kind: Some(command::Kind::Edit(EditCmd { chat_id, seq, editor_id, body: vec![b'e', body].into(), sealed_body: None, edit_id })),
         }),
         1 => (chat.clone(), seq.clone(), user.clone()).prop_map(|(chat_id, seq, requester_id)| Command {
             kind: Some(command::Kind::Delete(DeleteCmd { chat_id, seq, requester_id })),

@@ -370,6 +370,12 @@ impl ChatStore for ChatStoreService {
                 editor_id: r.editor_id,
                 body: r.body,
                 sealed_body: None,
+                // With an id of its own, the router's retries of this call
+                // change nothing twice.
+                edit_id: match r.client_edit_id {
+                    0 => rand::random::<u64>().max(1),
+                    id => id,
+                },
             }),
         )
         .await

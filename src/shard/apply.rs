@@ -47,7 +47,8 @@ use crate::storage::{keys, KeyRing};
 ///   as it got, saying `more` (under rules 0 and 1 the cursor moved to
 ///   `up_to_seq` and the timers past the cap never started); a
 ///   delete-after-send timer runs from the entry's time, not from the
-///   chat's creation time, which a leader whose clock ran ahead left ahead.
+///   chat's creation time, which a leader whose clock ran ahead left ahead;
+///   an edit with an id is applied once (see `EditCmd.edit_id`).
 pub const APPLY_RULES: u32 = 2;
 
 /// Settings a shard uses until its bootstrap command sets them. Entries
@@ -510,6 +511,17 @@ impl<'o, 'a> Applier<'o, 'a> {
                 ),
             ));
         }
+        // Under rules 2 an edit with an id is applied once: sent again
+        // after its answer was lost, it succeeds with the pts it made, also
+        // after later edits (whose bodies it would otherwise undo).
+        let edit_key = (self.settings.apply_rules >= 2 && c.edit_id != 0)
+            .then(|| keys::edit_dedup(c.chat_id, c.editor_id, c.edit_id));
+        if let Some(key) = &edit_key {
+            if let Some(d) = self.get_rec::<DedupRecord>(key, "edit dedup record")? {
+                metrics::counter!(crate::metrics::DEDUP_HITS).increment(1);
+                return Ok(changed(d.pts));
+            }
+        }
         let mut chat = self.chat(c.chat_id)?;
         let mut msg = match self.live_message(&chat, c.chat_id, c.seq, now)? {
             Ok(m) => m,
@@ -546,6 +558,14 @@ impl<'o, 'a> Applier<'o, 'a> {
         self.kv
             .put(keys::message(c.chat_id, c.seq), msg.encode_to_vec());
         self.put_chat(c.chat_id, &chat);
+        if let Some(key) = edit_key {
+            let record = DedupRecord {
+                seq: c.seq,
+                created_at_ms: now,
+                pts,
+            };
+            self.kv.put(key, record.encode_to_vec());
+        }
         Ok(changed(pts))
     }
 
@@ -1108,6 +1128,48 @@ mod tests {
         match &r.outcome {
             Some(command_result::Outcome::Send(s)) => s.duplicate,
             other => panic!("not a send result: {other:?}"),
+        }
+    }
+
+    /// Under rules 2 an edit with an id is applied once: sent again after a
+    /// later edit, it changes nothing and answers with its first pts. Under
+    /// rules 1 the repeat put the older body back as a new change.
+    #[test]
+    fn an_edit_sent_again_after_a_later_one_changes_nothing() {
+        let edit_with = |body: &[u8], edit_id: u64| rp::Command {
+            kind: Some(command::Kind::Edit(rp::EditCmd {
+                chat_id: 4,
+                seq: 1,
+                editor_id: 1,
+                body: body.to_vec().into(),
+                sealed_body: None,
+                edit_id,
+            })),
+        };
+        let body = |tree: &sled::Tree| {
+            let v = tree.get(keys::message(4, 1)).unwrap().unwrap();
+            let m: MessageRecord = decode(&v, "message").unwrap();
+            m.body.to_vec()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        for (rules, last) in [(2, &b"second"[..]), (1, &b"first"[..])] {
+            let tree = db.open_tree(format!("rules-{rules}")).unwrap();
+            set_settings(
+                &tree,
+                ShardSettings {
+                    apply_rules: rules,
+                    ..default_settings()
+                },
+            );
+            apply(&tree, 1_000, vec![send(4, 1)]);
+            let first = outcome(&apply(&tree, 2_000, vec![edit_with(b"first", 7)])[0]);
+            apply(&tree, 3_000, vec![edit_with(b"second", 8)]);
+            let again = outcome(&apply(&tree, 4_000, vec![edit_with(b"first", 7)])[0]);
+            assert_eq!(body(&tree), last, "rules {rules}");
+            if rules >= 2 {
+                assert_eq!(again, first, "the repeat answers with the first pts");
+            }
         }
     }
 

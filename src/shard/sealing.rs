@@ -180,6 +180,7 @@ mod tests {
                 editor_id: u64::MAX,
                 body: b"e"[..].into(),
                 sealed_body: None,
+                edit_id: u64::MAX,
             })),
         };
         for body in [1, 100, 1_000, 60_000] {

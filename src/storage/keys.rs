@@ -14,6 +14,7 @@
 //!   replicated retention are dropped, oldest first, by a periodic pass
 //! - `d chat sender cmid`     dedup record → seq and creation time; collected by a
 //!   periodic pass over these keys, so a send writes no time index
+//! - `d chat editor id e`     an edit's dedup record (apply rules 2), the same
 //! - `r chat reader`          read cursor
 //! - `t expire_at chat seq`   TTL index
 //! - `a chat seq`             delete-after-read messages whose timer has not started
@@ -74,6 +75,14 @@ pub fn change(chat: u64, pts: u64) -> Vec<u8> {
 
 pub fn dedup(chat: u64, sender: u64, client_msg_id: u64) -> Vec<u8> {
     key(TAG_DEDUP, &[chat, sender, client_msg_id])
+}
+
+/// An edit's dedup record: among the sends' (collected by the same pass),
+/// one byte longer so that the two never meet.
+pub fn edit_dedup(chat: u64, editor: u64, edit_id: u64) -> Vec<u8> {
+    let mut k = key(TAG_DEDUP, &[chat, editor, edit_id]);
+    k.push(b'e');
+    k
 }
 
 pub fn read_cursor(chat: u64, reader: u64) -> Vec<u8> {

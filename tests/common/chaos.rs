@@ -351,6 +351,8 @@ pub async fn run_session(
                     editor_id: sender,
                     body: body.clone().into_bytes().into(),
                     min_token: token.clone(),
+                    // The router picks one, which covers its own retries.
+                    client_edit_id: 0,
                 }),
             )
             .await;
