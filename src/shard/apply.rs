@@ -518,6 +518,15 @@ impl<'o, 'a> Applier<'o, 'a> {
             .then(|| keys::edit_dedup(c.chat_id, c.editor_id, c.edit_id));
         if let Some(key) = &edit_key {
             if let Some(d) = self.get_rec::<DedupRecord>(key, "edit dedup record")? {
+                if d.seq != c.seq {
+                    return Ok(reject(
+                        ErrorCode::FailedPrecondition,
+                        format!(
+                            "edit id {} of user {} was used for message {}; an edit id names one edit",
+                            c.edit_id, c.editor_id, d.seq
+                        ),
+                    ));
+                }
                 metrics::counter!(crate::metrics::DEDUP_HITS).increment(1);
                 return Ok(changed(d.pts));
             }
@@ -541,6 +550,11 @@ impl<'o, 'a> Applier<'o, 'a> {
         // nothing. Either way it succeeds with the current version's pts
         // and changes nothing, so a retry never makes a second change.
         if self.settings.apply_rules >= 1 && msg.body == c.body {
+            // Its id is remembered all the same: sent again after a later
+            // edit, it must not undo that one.
+            if let Some(key) = edit_key {
+                self.put_edit_record(key, c.seq, msg.pts, now);
+            }
             return Ok(changed(msg.pts));
         }
         let at = now.max(msg.created_at_ms);
@@ -559,14 +573,20 @@ impl<'o, 'a> Applier<'o, 'a> {
             .put(keys::message(c.chat_id, c.seq), msg.encode_to_vec());
         self.put_chat(c.chat_id, &chat);
         if let Some(key) = edit_key {
-            let record = DedupRecord {
-                seq: c.seq,
-                created_at_ms: now,
-                pts,
-            };
-            self.kv.put(key, record.encode_to_vec());
+            self.put_edit_record(key, c.seq, pts, now);
         }
         Ok(changed(pts))
+    }
+
+    /// Remembers that the edit with dedup key `key` was applied to message
+    /// `seq` at `pts` (see `EditCmd.edit_id`).
+    fn put_edit_record(&mut self, key: Vec<u8>, seq: u64, pts: u64, now: u64) {
+        let record = DedupRecord {
+            seq,
+            created_at_ms: now,
+            pts,
+        };
+        self.kv.put(key, record.encode_to_vec());
     }
 
     fn delete(&mut self, c: &rp::DeleteCmd, now: u64) -> io::Result<CommandResult> {
@@ -1163,12 +1183,30 @@ mod tests {
                 },
             );
             apply(&tree, 1_000, vec![send(4, 1)]);
+            // An edit to the body the message has is remembered too.
+            apply(&tree, 1_500, vec![edit_with(b"hi", 5)]);
             let first = outcome(&apply(&tree, 2_000, vec![edit_with(b"first", 7)])[0]);
             apply(&tree, 3_000, vec![edit_with(b"second", 8)]);
             let again = outcome(&apply(&tree, 4_000, vec![edit_with(b"first", 7)])[0]);
             assert_eq!(body(&tree), last, "rules {rules}");
+            apply(&tree, 4_500, vec![edit_with(b"hi", 5)]);
             if rules >= 2 {
                 assert_eq!(again, first, "the repeat answers with the first pts");
+                assert_eq!(body(&tree), last, "a repeated no-op edit changes nothing");
+                // An id names one edit: used for another message, refused.
+                apply(&tree, 5_000, vec![send(4, 2)]);
+                let other = rp::Command {
+                    kind: Some(command::Kind::Edit(rp::EditCmd {
+                        chat_id: 4,
+                        seq: 2,
+                        editor_id: 1,
+                        body: b"other"[..].into(),
+                        sealed_body: None,
+                        edit_id: 7,
+                    })),
+                };
+                let r = apply(&tree, 6_000, vec![other]);
+                assert_eq!(outcome(&r[0]), Err(ErrorCode::FailedPrecondition));
             }
         }
     }
