@@ -616,6 +616,10 @@ impl Router {
                 .iter()
                 .map(|(id, e)| (*id, e.client.clone()))
                 .collect();
+            // Per shard, the replica that says it leads at the highest term:
+            // one cut off from the others may still say so at an old term.
+            let mut leaders: BTreeMap<u64, (u64, u64, crate::api::pb::node::ShardStatus)> =
+                BTreeMap::new();
             for (id, mut c) in nodes {
                 let mut req = tonic::Request::new(StatusRequest {});
                 req.set_timeout(Duration::from_secs(2));
@@ -627,20 +631,28 @@ impl Router {
                         for m in &sh.members {
                             self.learn_node(m.node_id, &m.addr, &m.region);
                         }
-                        self.set_leader(ShardId(sh.shard_id), id);
-                        self.inner
-                            .leader_applied
-                            .write()
-                            .expect("leader applied map")
-                            .insert(sh.shard_id, sh.applied_index);
-                        if !sh.voters.is_empty() {
-                            self.inner
-                                .replicas
-                                .write()
-                                .expect("replica map")
-                                .insert(sh.shard_id, sh.voters);
+                        match leaders.get(&sh.shard_id) {
+                            Some((term, _, _)) if *term >= sh.term => {}
+                            _ => {
+                                leaders.insert(sh.shard_id, (sh.term, id, sh));
+                            }
                         }
                     }
+                }
+            }
+            for (shard, (_, id, sh)) in leaders {
+                self.set_leader(ShardId(shard), id);
+                self.inner
+                    .leader_applied
+                    .write()
+                    .expect("leader applied map")
+                    .insert(shard, sh.applied_index);
+                if !sh.voters.is_empty() {
+                    self.inner
+                        .replicas
+                        .write()
+                        .expect("replica map")
+                        .insert(shard, sh.voters);
                 }
             }
             tokio::select! {

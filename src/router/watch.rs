@@ -22,6 +22,9 @@ use crate::security::Role;
 pub const LONG_POLL_MS: u32 = 3_000;
 /// Changes fetched per poll.
 const POLL_CHANGES_MAX: u32 = 500;
+/// Most bytes of messages one poll fetches (more come with the next poll,
+/// at once): a stream whose client reads slowly holds little.
+const POLL_BYTES_MAX: u32 = 256 * 1024;
 /// Events buffered per stream before the stream applies backpressure.
 pub const STREAM_BUFFER: usize = 1024;
 /// Long polls in a row that a replica answers with no news while the
@@ -61,13 +64,15 @@ pub async fn run(
             _ = recheck.tick() => {
                 if let Err(status) = router.tokens().check(&auth, Role::Service) {
                     tasks.abort_all();
-                    let _ = tx.send(Err(status)).await;
+                    // Not waited for: a client that reads nothing must not
+                    // keep the stream (the stream ends either way).
+                    let _ = tx.try_send(Err(status));
                     return;
                 }
             }
             _ = &mut stop => {
                 tasks.abort_all();
-                let _ = tx.send(Err(tonic::Status::unavailable("the router is stopping; watch again from the last pts"))).await;
+                let _ = tx.try_send(Err(tonic::Status::unavailable("the router is stopping; watch again from the last pts")));
                 return;
             }
         }
@@ -93,7 +98,7 @@ async fn watch_chat(
             chat_id: cursor.chat_id,
             pts,
             limit: POLL_CHANGES_MAX,
-            bytes_max: 0,
+            bytes_max: POLL_BYTES_MAX,
         });
         // First poll: answer now (min index 0); later: wait for news.
         let (used, result) = router
