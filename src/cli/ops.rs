@@ -354,25 +354,7 @@ impl Ops {
     /// steps (a joint config), through each shard's leader, so that plans
     /// start from the configs those changes were moving to; the shards.
     pub async fn finish_joint_changes(&self, view: &View) -> anyhow::Result<Vec<u64>> {
-        let shards: BTreeSet<u64> = view
-            .nodes
-            .values()
-            .flat_map(|n| n.shards.values())
-            .filter(|s| s.is_leader && s.joint)
-            .map(|s| s.shard_id)
-            .collect();
-        for shard in &shards {
-            self.on_leader(*shard, |mut c| {
-                let req = ChangeVotersRequest {
-                    shard_id: *shard,
-                    add: vec![],
-                    remove: vec![],
-                };
-                async move { c.change_voters(req).await }
-            })
-            .await?;
-        }
-        Ok(shards.into_iter().collect())
+        self.change_voters_where(view, |s| s.joint, vec![]).await
     }
 
     /// Takes `node` out of every shard whose membership lists it only as a
@@ -380,11 +362,24 @@ impl Ops {
     /// leader; the shards it left.
     pub async fn drop_learner(&self, node: u64) -> anyhow::Result<Vec<u64>> {
         let view = self.gather().await?;
+        self.change_voters_where(&view, |s| s.learners.contains(&node), vec![node])
+            .await
+    }
+
+    /// Sends every shard whose leader's status passes `pick` a voter change
+    /// that removes `remove` (none: it only finishes a change under way);
+    /// the shards.
+    async fn change_voters_where(
+        &self,
+        view: &View,
+        pick: impl Fn(&ShardStatus) -> bool,
+        remove: Vec<u64>,
+    ) -> anyhow::Result<Vec<u64>> {
         let shards: BTreeSet<u64> = view
             .nodes
             .values()
             .flat_map(|n| n.shards.values())
-            .filter(|s| s.is_leader && s.learners.contains(&node))
+            .filter(|s| s.is_leader && pick(s))
             .map(|s| s.shard_id)
             .collect();
         for shard in &shards {
@@ -392,7 +387,7 @@ impl Ops {
                 let req = ChangeVotersRequest {
                     shard_id: *shard,
                     add: vec![],
-                    remove: vec![node],
+                    remove: remove.clone(),
                 };
                 async move { c.change_voters(req).await }
             })

@@ -1041,10 +1041,15 @@ pub(crate) mod testing {
     /// Stores settings with the newest apply rules, as the bootstrap of a
     /// shard created by this binary does.
     pub fn newest_rules(tree: &sled::Tree) {
+        under_rules(tree, APPLY_RULES);
+    }
+
+    /// Stores the default settings under `apply_rules`.
+    pub fn under_rules(tree: &sled::Tree, apply_rules: u32) {
         set_settings(
             tree,
             ShardSettings {
-                apply_rules: APPLY_RULES,
+                apply_rules,
                 ..default_settings()
             },
         );
@@ -1175,13 +1180,7 @@ mod tests {
         let db = sled::Config::new().path(dir.path()).open().unwrap();
         for (rules, last) in [(2, &b"second"[..]), (1, &b"first"[..])] {
             let tree = db.open_tree(format!("rules-{rules}")).unwrap();
-            set_settings(
-                &tree,
-                ShardSettings {
-                    apply_rules: rules,
-                    ..default_settings()
-                },
-            );
+            under_rules(&tree, rules);
             apply(&tree, 1_000, vec![send(4, 1)]);
             // An edit to the body the message has is remembered too.
             apply(&tree, 1_500, vec![edit_with(b"hi", 5)]);
@@ -1237,13 +1236,7 @@ mod tests {
         let db = sled::Config::new().path(dir.path()).open().unwrap();
         for (rules, want) in [(2, 6_000), (1, 15_000)] {
             let tree = db.open_tree(format!("rules-{rules}")).unwrap();
-            set_settings(
-                &tree,
-                ShardSettings {
-                    apply_rules: rules,
-                    ..default_settings()
-                },
-            );
+            under_rules(&tree, rules);
             // A leader 9 s ahead, then one with the right time.
             apply(&tree, 10_000, vec![send(3, 1)]);
             apply(&tree, 1_000, vec![send_for(3, 2)]);
@@ -1333,13 +1326,7 @@ mod tests {
 
         // Rules 1: the cursor jumps to up_to_seq and the rest never start.
         let old = db.open_tree("rules-1").unwrap();
-        set_settings(
-            &old,
-            ShardSettings {
-                apply_rules: 1,
-                ..default_settings()
-            },
-        );
+        under_rules(&old, 1);
         let n = MARK_READ_TIMERS_MAX as u64 + 1;
         apply(
             &old,

@@ -260,8 +260,11 @@ impl Shard {
         Duration::from_millis(now_ms().saturating_sub(last))
     }
 
-    fn touch(&self) {
-        self.quiet.last_write_ms.store(now_ms(), SeqCst);
+    /// Notes a write now; returns the time it noted.
+    fn touch(&self) -> u64 {
+        let now = now_ms();
+        self.quiet.last_write_ms.store(now, SeqCst);
+        now
     }
 
     /// Stops this replica's Raft timers.
@@ -313,9 +316,9 @@ impl Shard {
 
     /// True if this replica's timers restarted within the longest a lease
     /// renewal may take.
-    fn recently_woken(&self) -> bool {
+    fn recently_woken(&self, now: u64) -> bool {
         let woke = self.quiet.woke_ms.load(SeqCst);
-        now_ms().saturating_sub(woke) < self.wake_wait.as_millis() as u64
+        now.saturating_sub(woke) < self.wake_wait.as_millis() as u64
     }
 
     /// True if this replica leads and openraft would refuse a write for a
@@ -388,8 +391,8 @@ impl Shard {
     /// Proposes `commands` as part of one log entry and waits until the entry
     /// is committed and applied.
     pub async fn propose(&self, commands: Vec<Command>) -> Result<WriteOutcome, Error> {
-        self.touch();
-        if self.is_quiet() || self.recently_woken() {
+        let now = self.touch();
+        if self.is_quiet() || self.recently_woken(now) {
             self.wake_leader().await;
         }
         let bytes: usize = commands.iter().map(sealing::stored_len).sum();
@@ -449,7 +452,7 @@ impl Shard {
     /// Waits until this replica may serve a LINEARIZABLE read (read-index
     /// through the leader's quorum, then applied up to it).
     pub async fn linearizable_barrier(&self) -> Result<u64, Error> {
-        if self.is_quiet() || self.recently_woken() {
+        if self.is_quiet() || self.recently_woken(now_ms()) {
             self.wake_leader().await;
         }
         match self.raft.ensure_linearizable(ReadPolicy::ReadIndex).await {

@@ -666,6 +666,12 @@ mod tests {
         )
     }
 
+    /// Applies one entry at `index` with one send into chat 5.
+    async fn apply_send(sm: &mut StateMachine, index: u64, client_msg_id: u64) {
+        let entries = vec![Ok((send_entry(index, client_msg_id), None))];
+        sm.apply(futures::stream::iter(entries)).await.unwrap();
+    }
+
     /// A raise of the apply rules holds for the state machine's next apply
     /// calls and after it reopens; a tree under rules this binary does not
     /// know is refused on open.
@@ -727,13 +733,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let storage = Storage::open(dir.path()).unwrap();
         let mut sm = StateMachine::open(&storage, ShardId(0)).unwrap();
-        let apply = |index, client_msg_id| {
-            futures::stream::iter(vec![Ok((send_entry(index, client_msg_id), None))])
-        };
-        sm.apply(apply(1, 1)).await.unwrap();
+        apply_send(&mut sm, 1, 1).await;
         // Copied at index 1, finished only after a snapshot at index 2.
         let mut late = sm.get_snapshot_builder().await;
-        sm.apply(apply(2, 2)).await.unwrap();
+        apply_send(&mut sm, 2, 2).await;
         let newer = sm
             .get_snapshot_builder()
             .await
@@ -760,11 +763,8 @@ mod tests {
         let storage = Storage::open(dir.path()).unwrap();
         let mut sm = StateMachine::open(&storage, ShardId(0)).unwrap();
         let reader = reader_of(&sm, &storage);
-        let apply = |index, client_msg_id| {
-            futures::stream::iter(vec![Ok((send_entry(index, client_msg_id), None))])
-        };
         assert_eq!(reader.chat_record(5).unwrap().last_seq, 0);
-        sm.apply(apply(1, 1)).await.unwrap();
+        apply_send(&mut sm, 1, 1).await;
         assert_eq!(reader.chat_record(5).unwrap().last_seq, 1);
         let snapshot = sm
             .get_snapshot_builder()
@@ -772,7 +772,7 @@ mod tests {
             .build_snapshot()
             .await
             .unwrap();
-        sm.apply(apply(2, 2)).await.unwrap();
+        apply_send(&mut sm, 2, 2).await;
         assert_eq!(reader.chat_record(5).unwrap().last_seq, 2);
         // A read that started before the load overlapped it; one after
         // did not.
@@ -796,17 +796,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let storage = Storage::open(dir.path()).unwrap();
         let mut sm = StateMachine::open(&storage, ShardId(0)).unwrap();
-        let apply = |index, client_msg_id| {
-            futures::stream::iter(vec![Ok((send_entry(index, client_msg_id), None))])
-        };
-        sm.apply(apply(1, 1)).await.unwrap();
+        apply_send(&mut sm, 1, 1).await;
         let kept = sm
             .get_snapshot_builder()
             .await
             .build_snapshot()
             .await
             .unwrap();
-        sm.apply(apply(2, 2)).await.unwrap();
+        apply_send(&mut sm, 2, 2).await;
         let sent = sm
             .get_snapshot_builder()
             .await
