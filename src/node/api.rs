@@ -13,14 +13,16 @@ use crate::api::pb::node::{
     ReadCallBatch, ReadReply, ReadReplyBatch, ReadRequest, ShardRequest, ShardStatus,
     StatusRequest, WriteCallBatch, WriteReply, WriteReplyBatch, WriteRequest,
 };
+use crate::api::pb::replicated::{command, Command};
 use crate::api::pb::Consistency;
 use crate::api::read_stream::ReadCalls;
 use crate::api::status::{from_read_error, from_shard_error};
 use crate::api::write_stream::WriteCalls;
+use crate::cluster::Placement;
 use crate::node::Registry;
 use crate::shard::reads::SnapshotLoads;
 use crate::shard::{Error as ShardError, Shard};
-use crate::types::{NodeId, ShardId};
+use crate::types::{ChatId, NodeId, ShardId};
 
 /// How long a leader that a read token is ahead of may take to have a
 /// quorum confirm that it still leads.
@@ -57,6 +59,14 @@ impl NodeApiService {
                 req.commands.len()
             )));
         }
+        for command in &req.commands {
+            let chat = client_command_chat(command).ok_or_else(|| {
+                Status::invalid_argument(
+                    "only a node proposes bootstrap, expiry, collection and apply-rules commands",
+                )
+            })?;
+            chat_in_shard(self.registry.placement(), chat, req.shard_id)?;
+        }
         let shard = self.shard(req.shard_id)?;
         metrics::counter!(crate::metrics::NODE_API_REQUESTS, "rpc" => "write").increment(1);
         // A leader whose clock is off would stamp the writes with it (see
@@ -88,6 +98,14 @@ impl NodeApiService {
 
     /// One read, from Read or a read stream.
     async fn read_one(&self, req: ReadRequest) -> Result<ReadReply, Status> {
+        let chat = match &req.query {
+            Some(Query::History(q)) => q.chat_id,
+            Some(Query::Messages(q)) => q.chat_id,
+            Some(Query::Difference(q)) => q.chat_id,
+            Some(Query::Chat(q)) => q.chat_id,
+            None => return Err(Status::invalid_argument("read request without a query")),
+        };
+        chat_in_shard(self.registry.placement(), chat, req.shard_id)?;
         let shard = self.shard(req.shard_id)?;
         metrics::counter!(crate::metrics::NODE_API_REQUESTS, "rpc" => "read").increment(1);
         let consistency = Consistency::try_from(req.consistency).map_err(|_| {
@@ -194,6 +212,42 @@ impl NodeApiService {
             .max(shard.reader.loads().written_through());
         answered.map(|()| reply)
     }
+}
+
+/// The chat a client command writes to; None for the commands only a node
+/// proposes to its own shards (`node::duties`): through this API one would
+/// let a caller expire messages early, drop dedup records, or raise the apply
+/// rules past what any binary knows and stop the shard.
+fn client_command_chat(command: &Command) -> Option<u64> {
+    match command.kind.as_ref()? {
+        command::Kind::Send(c) => Some(c.chat_id),
+        command::Kind::Edit(c) => Some(c.chat_id),
+        command::Kind::Delete(c) => Some(c.chat_id),
+        command::Kind::MarkRead(c) => Some(c.chat_id),
+        command::Kind::CloseChat(c) => Some(c.chat_id),
+        command::Kind::ReopenChat(c) => Some(c.chat_id),
+        command::Kind::Expire(_)
+        | command::Kind::GcDedup(_)
+        | command::Kind::Bootstrap(_)
+        | command::Kind::GcChanges(_)
+        | command::Kind::RaiseApplyRules(_) => None,
+    }
+}
+
+/// Refuses a request for `chat` sent to a shard that does not hold it under
+/// this node's placement: a router whose config names another shard count
+/// would otherwise split the chat's history over two shards.
+fn chat_in_shard(placement: &Placement, chat: u64, shard: u64) -> Result<(), Status> {
+    let owner = placement.shard_of_chat(ChatId(chat));
+    if owner.0 == shard {
+        return Ok(());
+    }
+    Err(Status::failed_precondition(format!(
+        "chat {chat} is in shard {} of {} here, not shard {shard}: the caller's cluster config \
+         does not match this node's",
+        owner.0,
+        placement.shard_count()
+    )))
 }
 
 fn loading_snapshot(shard: u64) -> Status {
@@ -433,5 +487,83 @@ fn broken_early_ack(
         log_term: 0,
         leader_node: node.0,
         incarnation: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::pb::replicated::{
+        BootstrapCmd, CloseChatCmd, DeleteCmd, EditCmd, ExpireCmd, GcChangesCmd, GcDedupCmd,
+        MarkReadCmd, RaiseApplyRulesCmd, ReopenChatCmd, SendCmd,
+    };
+    use crate::cluster::ClusterConfig;
+
+    fn cmd(kind: command::Kind) -> Command {
+        Command { kind: Some(kind) }
+    }
+
+    /// Client commands name their chat; the ones only a node proposes to
+    /// itself are refused through the API.
+    #[test]
+    fn only_client_commands_come_through_the_api() {
+        use command::Kind as K;
+        let client = [
+            K::Send(SendCmd {
+                chat_id: 7,
+                ..Default::default()
+            }),
+            K::Edit(EditCmd {
+                chat_id: 7,
+                ..Default::default()
+            }),
+            K::Delete(DeleteCmd {
+                chat_id: 7,
+                ..Default::default()
+            }),
+            K::MarkRead(MarkReadCmd {
+                chat_id: 7,
+                ..Default::default()
+            }),
+            K::CloseChat(CloseChatCmd {
+                chat_id: 7,
+                ..Default::default()
+            }),
+            K::ReopenChat(ReopenChatCmd { chat_id: 7 }),
+        ];
+        for k in client {
+            assert_eq!(client_command_chat(&cmd(k.clone())), Some(7), "{k:?}");
+        }
+        let internal = [
+            K::Expire(ExpireCmd::default()),
+            K::GcDedup(GcDedupCmd::default()),
+            K::Bootstrap(BootstrapCmd::default()),
+            K::GcChanges(GcChangesCmd::default()),
+            K::RaiseApplyRules(RaiseApplyRulesCmd {
+                apply_rules: u32::MAX,
+            }),
+        ];
+        for k in internal {
+            assert_eq!(client_command_chat(&cmd(k.clone())), None, "{k:?}");
+        }
+        assert_eq!(client_command_chat(&Command { kind: None }), None);
+    }
+
+    /// A chat is served only by the shard the node's placement gives it.
+    #[test]
+    fn a_chat_sent_to_another_shard_is_refused() {
+        let config = ClusterConfig::from_toml(
+            "cluster_name = \"t\"\nshards = 8\nreplication_factor = 1\nregions = [\"eu\"]\n\
+             [[nodes]]\nid = 1\nregion = \"eu\"\nraft_addr = \"127.0.0.1:1\"\n",
+        )
+        .unwrap();
+        let placement = Placement::new(&config);
+        let chat = 42;
+        let owner = placement.shard_of_chat(ChatId(chat)).0;
+        assert!(chat_in_shard(&placement, chat, owner).is_ok());
+        let other = (owner + 1) % 8;
+        let refused = chat_in_shard(&placement, chat, other).unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+        assert!(refused.message().contains("does not match"), "{refused}");
     }
 }
