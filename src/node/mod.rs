@@ -200,8 +200,7 @@ impl Registry {
         } else {
             self.host.node_tree.remove(DRAINING_KEY)?;
         }
-        self.host.node_tree.flush_async().await?;
-        Ok(())
+        self.sync_node_tree().await
     }
 
     fn record(&self, shard: ShardId) -> anyhow::Result<Option<ReplicaRecord>> {
@@ -224,7 +223,15 @@ impl Registry {
             ReplicaRecord::Removed => b"removed",
         };
         self.host.node_tree.insert(replica_key(shard), value)?;
+        self.sync_node_tree().await
+    }
+
+    /// Puts the node tree on disk. sled's own flush only writes (no fsync on
+    /// Linux), and a replica record must outlive a power cut: a "removed"
+    /// lost after the replica's log was dropped would reopen it empty.
+    async fn sync_node_tree(&self) -> anyhow::Result<()> {
         self.host.node_tree.flush_async().await?;
+        self.storage.durability().sync().await?;
         Ok(())
     }
 
@@ -262,7 +269,7 @@ impl Registry {
             return Ok(existing);
         }
         // Leftovers of an earlier replica that was removed.
-        self.delete_data(shard)?;
+        crate::storage::blocking(|| self.delete_data(shard))?;
         self.set_record(shard, ReplicaRecord::Joined).await?;
         tracing::info!(shard = %shard, "opening a new replica");
         self.open_shard(shard).await
@@ -281,7 +288,7 @@ impl Registry {
         self.shards.write().expect("registry lock").remove(&shard);
         replica.shutdown().await;
         drop(replica);
-        self.delete_data(shard)?;
+        crate::storage::blocking(|| self.delete_data(shard))?;
         tracing::info!(shard = %shard, "replica closed and its data deleted");
         Ok(true)
     }

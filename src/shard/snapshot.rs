@@ -89,22 +89,24 @@ pub fn write_tree(
     Ok(count)
 }
 
-/// Reads a snapshot file, verifying its checksum before handing out any pair.
-pub fn read_pairs(path: &Path) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
-    let mut pairs = Vec::new();
-    walk(path, |k, v| pairs.push((k, v)))?;
-    Ok(pairs)
+/// Hands every pair of a snapshot file to `each`, one at a time, then checks
+/// the file's checksum. Memory stays at one record whatever the file's size;
+/// a caller that must not act on a damaged file runs [`verify`] first.
+pub fn for_each_pair(
+    path: &Path,
+    each: impl FnMut(Vec<u8>, Vec<u8>) -> io::Result<()>,
+) -> io::Result<()> {
+    walk(path, each)
 }
 
 /// Checks that a snapshot file is whole: its magic, every record, its end
 /// marker and its checksum. Keeps nothing in memory.
 pub fn verify(path: &Path) -> io::Result<()> {
-    walk(path, |_, _| {})
+    walk(path, |_, _| Ok(()))
 }
 
-/// Reads a snapshot file's pairs into `each`, then checks its checksum: a
-/// caller keeps nothing it was given unless this returns Ok.
-fn walk(path: &Path, mut each: impl FnMut(Vec<u8>, Vec<u8>)) -> io::Result<()> {
+/// Reads a snapshot file's pairs into `each`, then checks its checksum.
+fn walk(path: &Path, mut each: impl FnMut(Vec<u8>, Vec<u8>) -> io::Result<()>) -> io::Result<()> {
     let mut r = BufReader::with_capacity(1 << 20, File::open(path)?);
     let mut hash = Xxh3::new();
     let mut magic = [0u8; 8];
@@ -121,7 +123,7 @@ fn walk(path: &Path, mut each: impl FnMut(Vec<u8>, Vec<u8>)) -> io::Result<()> {
         let key = read_exact_vec(&mut r, &mut hash, klen, path)?;
         let vlen = read_u32(&mut r, &mut hash)?;
         let value = read_exact_vec(&mut r, &mut hash, vlen, path)?;
-        each(key, value);
+        each(key, value)?;
     }
     let mut digest = [0u8; 8];
     r.read_exact(&mut digest)?;
@@ -220,12 +222,27 @@ mod tests {
         }
         let path = dir.path().join("s");
         assert_eq!(write_tree(&tree, &path, |_, _| Ok(None)).unwrap(), 1000);
-        let pairs = read_pairs(&path).unwrap();
+        let mut pairs = Vec::new();
+        for_each_pair(&path, |k, v| {
+            pairs.push((k, v));
+            Ok(())
+        })
+        .unwrap();
         assert_eq!(pairs.len(), 1000);
         assert_eq!(pairs[5].0, 5u32.to_be_bytes());
+        verify(&path).unwrap();
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[100] ^= 1;
         std::fs::write(&path, bytes).unwrap();
-        assert!(read_pairs(&path).is_err());
+        assert!(verify(&path).is_err());
+        assert!(for_each_pair(&path, |_, _| Ok(())).is_err());
+        // An error of the caller's stops the walk.
+        let mut seen = 0;
+        let stopped = for_each_pair(&path, |_, _| {
+            seen += 1;
+            Err(io::Error::other("stop"))
+        });
+        assert!(stopped.is_err());
+        assert_eq!(seen, 1);
     }
 }

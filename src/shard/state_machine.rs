@@ -199,8 +199,10 @@ impl StateMachine {
 
     /// Replaces the tree's content with a snapshot file's. The applied id and
     /// membership are written last, so an interrupted load is detected on open.
+    /// The file is checked whole first, then read a second time straight into
+    /// the tree, so a shard of any size loads in the memory of one record.
     fn load_tree_from(&mut self, meta: &SnapshotMeta, path: &std::path::Path) -> io::Result<()> {
-        let pairs = snapshot::read_pairs(path)?;
+        snapshot::verify(path)?;
         let snapshot_key = read_snapshot_key(path)?;
         let ring = self.keys.clone();
         let _sealing = ring.hold();
@@ -213,12 +215,12 @@ impl StateMachine {
         }
         self.chats.clear();
         self.tree.clear().map_err(io::Error::other)?;
-        for (k, v) in pairs {
+        snapshot::for_each_pair(path, |k, v| {
             if k.as_slice() == keys::SM_META_APPLIED
                 || k.as_slice() == keys::SM_META_MEMBERSHIP
                 || k.as_slice() == keys::SM_META_APPLYING
             {
-                continue;
+                return Ok(());
             }
             let v = if k.first() == Some(&keys::TAG_MESSAGE) && sealing::sealed_epoch(&v)?.is_some()
             {
@@ -228,7 +230,8 @@ impl StateMachine {
                 v
             };
             self.tree.insert(k, v).map_err(io::Error::other)?;
-        }
+            Ok(())
+        })?;
         self.tree
             .insert(keys::SM_META_MEMBERSHIP, to_json(&meta.last_membership))
             .map_err(io::Error::other)?;
@@ -494,7 +497,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn try_create_snapshot_builder(&mut self, _force: bool) -> Option<SnapshotBuilder> {
-        match self.copy_for_snapshot() {
+        match crate::storage::blocking(|| self.copy_for_snapshot()) {
             Ok(b) => Some(b),
             Err(e) => {
                 tracing::error!(shard = %self.shard, error = %e, "copy state for snapshot");
@@ -504,7 +507,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {
-        self.copy_for_snapshot().expect("copy state for snapshot")
+        crate::storage::blocking(|| self.copy_for_snapshot()).expect("copy state for snapshot")
     }
 
     async fn install_snapshot(
@@ -512,31 +515,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         meta: &SnapshotMeta,
         snapshot: SnapshotFile,
     ) -> Result<(), io::Error> {
-        // Make the received file the current snapshot first: if we crash while
-        // loading it, open() finds the tree behind it and loads it again. So
-        // it must be whole before it is published.
-        snapshot::verify(&snapshot.path)?;
-        let staged = if snapshot.path.parent() == Some(self.snapshot_dir.as_path()) {
-            snapshot.path.clone()
-        } else {
-            let staged = self
-                .snapshot_dir
-                .join(format!("recv-{:016x}.tmp", rand::random::<u64>()));
-            if let Some(key) = read_snapshot_key(&snapshot.path)? {
-                let epoch = self.keys.current_epoch();
-                seal::write_key_file(&snapshot::key_path(&staged), epoch, &key)?;
-            }
-            std::fs::copy(&snapshot.path, &staged)?;
-            staged
-        };
-        std::fs::File::open(&staged)?.sync_all()?;
-        let Some(file) = publish(&self.snapshot_dir, &self.current, meta, &staged)? else {
-            return Err(io::Error::other(format!(
-                "snapshot {:?} to install is older than this replica's current one",
-                meta.last_log_id
-            )));
-        };
-        self.load_tree_from(meta, &file)?;
+        crate::storage::blocking(|| self.install_file(meta, &snapshot.path))?;
         self.storage.durability().sync().await?;
         tracing::info!(shard = %self.shard, last = ?meta.last_log_id, "installed snapshot");
         Ok(())
@@ -552,6 +531,36 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 }
 
 impl StateMachine {
+    /// Checks a received snapshot file, makes it the current snapshot and
+    /// loads the tree from it.
+    fn install_file(&mut self, meta: &SnapshotMeta, received: &std::path::Path) -> io::Result<()> {
+        // Make the received file the current snapshot first: if we crash while
+        // loading it, open() finds the tree behind it and loads it again. So
+        // it must be whole before it is published.
+        snapshot::verify(received)?;
+        let staged = if received.parent() == Some(self.snapshot_dir.as_path()) {
+            received.to_path_buf()
+        } else {
+            let staged = self
+                .snapshot_dir
+                .join(format!("recv-{:016x}.tmp", rand::random::<u64>()));
+            if let Some(key) = read_snapshot_key(received)? {
+                let epoch = self.keys.current_epoch();
+                seal::write_key_file(&snapshot::key_path(&staged), epoch, &key)?;
+            }
+            std::fs::copy(received, &staged)?;
+            staged
+        };
+        std::fs::File::open(&staged)?.sync_all()?;
+        let Some(file) = publish(&self.snapshot_dir, &self.current, meta, &staged)? else {
+            return Err(io::Error::other(format!(
+                "snapshot {:?} to install is older than this replica's current one",
+                meta.last_log_id
+            )));
+        };
+        self.load_tree_from(meta, &file)
+    }
+
     /// Copies the tree to a temporary snapshot file. Runs on the state
     /// machine task, so no apply runs meanwhile: the copy is consistent.
     fn copy_for_snapshot(&mut self) -> io::Result<SnapshotBuilder> {
@@ -563,17 +572,27 @@ impl StateMachine {
         // Sealed bodies go into the file sealed with a key of its own.
         let mut file_key: Option<Key> = None;
         let ring = self.keys.clone();
-        snapshot::write_tree(&self.tree, &tmp, |k, v| {
+        let written = snapshot::write_tree(&self.tree, &tmp, |k, v| {
             if k.first() != Some(&keys::TAG_MESSAGE) || sealing::sealed_epoch(v)?.is_none() {
                 return Ok(None);
             }
             let m = sealing::open_message(&ring, v, None)?;
             let key = file_key.get_or_insert_with(seal::new_key);
             Ok(Some(sealing::seal_message(m, seal::SNAPSHOT_EPOCH, key)))
-        })?;
-        if let Some(key) = file_key {
-            let epoch = self.keys.current_epoch();
-            seal::write_key_file(&snapshot::key_path(&tmp), epoch, &key)?;
+        })
+        .and_then(|_| match file_key {
+            Some(key) => {
+                let epoch = self.keys.current_epoch();
+                seal::write_key_file(&snapshot::key_path(&tmp), epoch, &key)
+            }
+            None => Ok(()),
+        });
+        if let Err(e) = written {
+            // A build that failed (a full disk) leaves nothing behind: the
+            // next attempt would otherwise add another partial copy.
+            let _ = std::fs::remove_file(&tmp);
+            let _ = seal::destroy_key_file(&snapshot::key_path(&tmp));
+            return Err(e);
         }
         Ok(SnapshotBuilder {
             dir: self.snapshot_dir.clone(),

@@ -55,6 +55,18 @@ const _: () = {
     assert!(LEAF_ITEMS_MAX * (MESSAGE_RECORD_BYTES_MAX + ITEM_OVERHEAD_BYTES) < blob_threshold);
 };
 
+/// Runs work that blocks for as long as a whole tree takes (a snapshot's copy
+/// or load, a replica's deletion, a digest of every chat) without stalling
+/// the tasks queued behind it: on a multi-thread runtime the worker first
+/// hands its queue to another thread. Elsewhere (single-thread tests) it
+/// just runs.
+pub fn blocking<T>(work: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(work),
+        _ => work(),
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("sled: {0}")]
