@@ -62,6 +62,51 @@ impl TransportService {
         shard: &Shard,
         from: u64,
     ) -> Result<(), Status> {
+        self.check_node(certs, from)?;
+        if !self.tls {
+            return Ok(());
+        }
+        let m = openraft::async_runtime::WatchReceiver::borrow_watched(&shard.raft.metrics())
+            .membership_config
+            .clone();
+        let membership = m.membership();
+        if membership.nodes().next().is_some() && membership.get_node(&from).is_none() {
+            return Err(Status::permission_denied(format!(
+                "node {from} is not a member of {}",
+                shard.id
+            )));
+        }
+        Ok(())
+    }
+
+    /// Refuses entries or a snapshot from node `from` unless they come in
+    /// its own name as leader (`vote`). Membership is not asked: a replica
+    /// that missed the entry adding a new leader learns it only from that
+    /// leader, and refusing it would keep the replica behind for good.
+    /// openraft's own vote checks refuse a stale leader.
+    fn check_leader(
+        &self,
+        certs: Option<&Vec<tonic::transport::CertificateDer<'static>>>,
+        from: u64,
+        vote: &Vote,
+    ) -> Result<(), Status> {
+        self.check_node(certs, from)?;
+        let leader = *openraft::vote::RaftLeaderId::node_id(vote.leader_id());
+        if leader != from {
+            return Err(Status::permission_denied(format!(
+                "node {from} sent entries in the name of leader {leader}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Refuses a request that claims to come from this node, or (with TLS)
+    /// one whose certificate is not node `from`'s.
+    fn check_node(
+        &self,
+        certs: Option<&Vec<tonic::transport::CertificateDer<'static>>>,
+        from: u64,
+    ) -> Result<(), Status> {
         if from == self.registry.node_id().0 {
             // A peer address that leads back here (a wrong config, a port
             // taken by something else): openraft must never see its own
@@ -80,16 +125,6 @@ impl TransportService {
                 "the caller's certificate is not node {from}'s"
             )));
         }
-        let m = openraft::async_runtime::WatchReceiver::borrow_watched(&shard.raft.metrics())
-            .membership_config
-            .clone();
-        let membership = m.membership();
-        if membership.nodes().next().is_some() && membership.get_node(&from).is_none() {
-            return Err(Status::permission_denied(format!(
-                "node {from} is not a member of {}",
-                shard.id
-            )));
-        }
         Ok(())
     }
 
@@ -98,10 +133,10 @@ impl TransportService {
     /// one or two while it quiesces. Entries wake it.
     async fn append(&self, certs: PeerCerts, req: RaftRequest) -> Result<RaftReply, Status> {
         let shard = self.shard(&req)?;
-        self.check_sender(certs.as_deref(), &shard, req.from_node)?;
         let rpc: openraft::raft::AppendEntriesRequest<crate::shard::types::TypeConfig> =
             from_postcard(&req.payload, "append-entries request")
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        self.check_leader(certs.as_deref(), req.from_node, &rpc.vote)?;
         if shard.is_quiet() && !rpc.entries.is_empty() && shard.wake() {
             metrics::counter!(crate::metrics::SHARD_WAKES, "cause" => "append-entries request")
                 .increment(1);
@@ -247,14 +282,19 @@ impl RaftTransport for TransportService {
         let shard = self.registry.get(ShardId(first.shard_id)).ok_or_else(|| {
             Status::not_found(format!("shard {} is not hosted here", first.shard_id))
         })?;
-        self.check_sender(certs.as_deref(), &shard, first.from_node)?;
-        shard.wake();
         let (vote, meta): (Vote, SnapshotMeta) = from_postcard(&first.header, "snapshot header")
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        self.check_leader(certs.as_deref(), first.from_node, &vote)?;
+        shard.wake();
         let dir = self.registry.storage().snapshot_dir(shard.id);
         tokio::fs::create_dir_all(&dir).await?;
         let path = dir.join(format!("recv-{}.tmp", rand::random::<u64>()));
         let key_path = crate::shard::snapshot::key_path(&path);
+        // A sender that resets the stream, or a deadline that runs out,
+        // drops this call mid-receive: the partial file and its key go too.
+        let mut partial = PartialSnapshot {
+            path: Some(path.clone()),
+        };
         let keys = self.registry.storage().keys().clone();
         let result = async {
             if !first.seal_key.is_empty() {
@@ -294,8 +334,12 @@ impl RaftTransport for TransportService {
         .await;
         if let Err(e) = result {
             discard_received(&path, &key_path).await;
+            partial.path = None;
             return Ok(err(format!("receive snapshot: {e}")));
         }
+        // From here openraft owns the file: its state machine task may be
+        // installing it even if this call is dropped.
+        partial.path = None;
         let snapshot = Snapshot {
             meta,
             snapshot: SnapshotFile { path: path.clone() },
@@ -307,6 +351,22 @@ impl RaftTransport for TransportService {
         // Installed snapshots are renamed away; anything left is unused.
         discard_received(&path, &key_path).await;
         Ok(reply)
+    }
+}
+
+/// A snapshot file still being received: removed, with its key destroyed,
+/// if the receiving call is dropped before it ends.
+struct PartialSnapshot {
+    path: Option<std::path::PathBuf>,
+}
+
+impl Drop for PartialSnapshot {
+    fn drop(&mut self) {
+        if let Some(path) = self.path.take() {
+            let _ = std::fs::remove_file(&path);
+            let _ =
+                crate::storage::seal::destroy_key_file(&crate::shard::snapshot::key_path(&path));
+        }
     }
 }
 
