@@ -101,6 +101,13 @@ fn shard_health(view: &View, shard: u64) -> ShardHealth {
         h.problems
             .push(format!("learners {:?} (a move in progress?)", h.learners));
     }
+    let rf = view.replication_factor as usize;
+    if rf > 0 && m.is_some() && h.voters.len() != rf {
+        h.problems.push(format!(
+            "{} voters, not {rf} (a move cut short? `chatctl rebalance` finishes it)",
+            h.voters.len()
+        ));
+    }
     h
 }
 
@@ -293,28 +300,55 @@ pub async fn verify(endpoints: &[String], json: bool) -> anyhow::Result<i32> {
     let mut problems = Vec::new();
     let mut checked = 0;
     let shard_ids = view.shard_ids();
+    // Every shard of the cluster, and a copy on each of its voters: a copy
+    // that is not there is not compared, so it is a problem of its own.
+    for shard in 0..view.shard_count {
+        let Some(status) = view.membership(shard) else {
+            problems.push(format!("MISSING shard {shard}: no node reports a replica"));
+            continue;
+        };
+        for voter in &status.voters {
+            if !view
+                .nodes
+                .get(voter)
+                .is_some_and(|n| n.shards.contains_key(&shard))
+            {
+                problems.push(format!(
+                    "MISSING shard {shard}: voter node {voter} reports no replica"
+                ));
+            }
+        }
+    }
     for shard in &shard_ids {
         // Replicas still applying the last writes (or a leader's own
-        // entries) report different applied indexes; ask again, a bounded
-        // number of times, until they report one.
+        // entries) report different applied indexes, or none while an
+        // apply overlaps their scan; ask again, a bounded number of times,
+        // until they report one.
         let mut attempt = 1;
         let replies = loop {
             let mut replies = Vec::new();
+            let mut settled = true;
             for n in view.nodes.values().filter(|n| n.shards.contains_key(shard)) {
                 let mut c = ops
                     .node_api(&n.addr)
                     .with_context(|| format!("connect to node {} at {}", n.id, n.addr))?;
-                let reply = c
+                match c
                     .chat_digests(ChatDigestsRequest { shard_id: *shard })
                     .await
-                    .map_err(|s| anyhow::anyhow!(ops::describe(&n.addr, &s)))?
-                    .into_inner();
-                replies.push((n.id, reply));
+                {
+                    Ok(reply) => replies.push((n.id, reply.into_inner())),
+                    Err(s) if s.code() == tonic::Code::Unavailable && attempt < VERIFY_ATTEMPTS => {
+                        settled = false;
+                        break;
+                    }
+                    Err(s) => anyhow::bail!(ops::describe(&n.addr, &s)),
+                }
             }
-            let level = replies
-                .windows(2)
-                .all(|w| w[0].1.applied_index == w[1].1.applied_index);
-            if level || attempt >= VERIFY_ATTEMPTS {
+            let level = settled
+                && replies
+                    .windows(2)
+                    .all(|w| w[0].1.applied_index == w[1].1.applied_index);
+            if level || (settled && attempt >= VERIFY_ATTEMPTS) {
                 break replies;
             }
             attempt += 1;

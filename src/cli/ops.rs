@@ -730,12 +730,31 @@ pub fn plan_drain(view: &View, drained: &BTreeSet<u64>) -> anyhow::Result<Vec<St
         };
         let mut voters = m.voters.clone();
         for from in m.voters.iter().filter(|v| drained.contains(v)) {
-            match pick_target(view, &load, &voters, *from, drained) {
+            // A move cut short after its promotion left a voter to spare:
+            // `from` only goes (a move "to" a voter there already).
+            let from_region = view.region_of(*from);
+            let spare = surplus(view, &voters).then(|| {
+                voters
+                    .iter()
+                    .copied()
+                    .filter(|v| {
+                        v != from
+                            && !drained.contains(v)
+                            && check_regions(view, &voters, *from, *v).is_ok()
+                    })
+                    .min_by_key(|v| (view.region_of(*v) != from_region, *v))
+            });
+            match spare
+                .flatten()
+                .or_else(|| pick_target(view, &load, &voters, *from, drained))
+            {
                 Some(to) => {
-                    *load.entry(to).or_default() += 1;
+                    if !voters.contains(&to) {
+                        *load.entry(to).or_default() += 1;
+                        voters.push(to);
+                    }
                     *load.entry(*from).or_default() -= 1;
                     voters.retain(|v| v != from);
-                    voters.push(to);
                     steps.push(Step::MoveReplica {
                         shard,
                         from: *from,
@@ -755,6 +774,12 @@ pub fn plan_drain(view: &View, drained: &BTreeSet<u64>) -> anyhow::Result<Vec<St
         );
     }
     Ok(steps)
+}
+
+/// Whether a shard with `voters` has more than the cluster's replication
+/// factor (unknown, 0, from older nodes: never).
+fn surplus(view: &View, voters: &[u64]) -> bool {
+    view.replication_factor > 0 && voters.len() > view.replication_factor as usize
 }
 
 /// The least-loaded node that can take `from`'s replica of a shard with
@@ -807,6 +832,44 @@ pub fn plan_rebalance(view: &View) -> anyhow::Result<Vec<Step>> {
             let v = voters.get_mut(shard).expect("planned from these shards");
             v.retain(|x| x != from);
             v.push(*to);
+        }
+    }
+    // Voters beyond the replication factor (a move cut short after its
+    // promotion): each goes, from the region with most voters, as a move
+    // "to" a voter that stays, which only removes it.
+    for (shard, vs) in voters.iter_mut() {
+        while surplus(view, vs) {
+            let count_in = |v: &u64| {
+                vs.iter()
+                    .filter(|x| view.region_of(**x) == view.region_of(*v))
+                    .count()
+            };
+            let Some(from) = vs
+                .iter()
+                .copied()
+                .filter(|v| {
+                    vs.iter()
+                        .any(|to| to != v && check_regions(view, vs, *v, *to).is_ok())
+                })
+                .max_by_key(|v| (count_in(v), *v))
+            else {
+                break;
+            };
+            let to = *vs
+                .iter()
+                .find(|to| **to != from)
+                .expect("more voters than one");
+            steps.push(Step::MoveReplica {
+                shard: *shard,
+                from,
+                to,
+                why: format!(
+                    "shard {shard} has {} voters; the cluster keeps {}",
+                    vs.len(),
+                    view.replication_factor
+                ),
+            });
+            vs.retain(|x| *x != from);
         }
     }
     let mut load: BTreeMap<u64, usize> = view
@@ -1175,6 +1238,40 @@ mod tests {
         // us has one node: draining it would put two replicas in a region.
         let err = plan_drain(&v, &BTreeSet::from([2])).unwrap_err();
         assert!(format!("{err}").contains("add a node"), "{err}");
+    }
+
+    /// A move cut short after its promotion left shard 0 with four voters,
+    /// two in eu. Draining node 1 only removes it (the replica on node 4 is
+    /// there already); a rebalance removes one of the two eu voters.
+    #[test]
+    fn a_voter_to_spare_is_removed_not_replaced() {
+        let v = view(&NODES, &[(&[1, 2, 3, 4], 2)]);
+        let steps = plan_drain(&v, &BTreeSet::from([1])).unwrap();
+        assert!(
+            matches!(
+                steps[..],
+                [Step::MoveReplica {
+                    shard: 0,
+                    from: 1,
+                    to: 4,
+                    ..
+                }]
+            ),
+            "{steps:?}"
+        );
+        let steps = plan_rebalance(&v).unwrap();
+        let removed: Vec<u64> = steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::MoveReplica { from, to, .. } => {
+                    assert!([1, 2, 3, 4].contains(to), "{steps:?}");
+                    Some(*from)
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(removed.len(), 1, "{steps:?}");
+        assert!([1, 4].contains(&removed[0]), "an eu voter goes: {steps:?}");
     }
 
     #[test]

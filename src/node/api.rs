@@ -403,10 +403,24 @@ impl NodeApi for NodeApiService {
         let id = request.into_inner().shard_id;
         let shard = self.shard(id)?;
         let loads = shard.reader.loads().count();
-        let applied = shard.applied_index();
-        let chats = shard.reader.digests();
+        // Settled: no apply call was writing when the scan began or ended,
+        // and none ran in between, so the digests are of exactly `applied`.
+        let position = || {
+            (
+                shard.applied_index(),
+                shard.reader.loads().written_through(),
+            )
+        };
+        let before = position();
+        let chats = crate::storage::blocking(|| shard.reader.digests());
         if !shard.reader.loads().unchanged(loads) {
             return Err(loading_snapshot(id));
+        }
+        let (applied, written) = position();
+        if (applied, written) != before || written > applied {
+            return Err(Status::unavailable(format!(
+                "shard {id} applied entries while its chats were read; ask again"
+            )));
         }
         let chats = chats.map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(ChatDigestsReply {
