@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use futures::Stream;
 use prost::Message as _;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
 
 use crate::api::pb::node::{read_request::Query, DifferenceQuery, EncodedMessagesResponse};
@@ -597,16 +597,14 @@ impl ChatStore for ChatStoreService {
             ))
         })?;
         let counted = self.count_watch(peer)?;
-        let (tx, rx) = mpsc::channel(watch::STREAM_BUFFER);
+        let (tx, events) = watch::event_stream();
         let (router, stopping) = (self.router.clone(), self.stopping.clone());
         tokio::spawn(async move {
             let _permit = permit;
             let _counted = counted;
             watch::run(router, r.cursors, tx, auth, stopping).await;
         });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+        Ok(Response::new(Box::pin(events)))
     }
 
     async fn get_chat(

@@ -9,9 +9,12 @@
 //! after a router restart) passes the last pts it received and resumes
 //! exactly there.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use futures::StreamExt;
+use prost::Message;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use crate::api::pb::node::{read_request::Query, DifferenceQuery};
 use crate::api::pb::{Cursor, WatchEvent};
@@ -26,7 +29,59 @@ const POLL_CHANGES_MAX: u32 = 500;
 /// at once): a stream whose client reads slowly holds little.
 const POLL_BYTES_MAX: u32 = 256 * 1024;
 /// Events buffered per stream before the stream applies backpressure.
-pub const STREAM_BUFFER: usize = 1024;
+const STREAM_BUFFER: usize = 1024;
+/// Most bytes of events one stream holds for its client (an event larger
+/// than this still goes, alone): a client that reads slowly, or not at all,
+/// costs the router this much, not a buffer of full messages.
+const STREAM_BYTES_MAX: usize = 1024 * 1024;
+
+type Event = Result<WatchEvent, tonic::Status>;
+
+/// The sending side of one Watch stream, bounded in events and in bytes.
+#[derive(Clone)]
+pub struct EventSender {
+    tx: mpsc::Sender<(Event, Option<OwnedSemaphorePermit>)>,
+    bytes: Arc<Semaphore>,
+}
+
+/// A new Watch stream: its sender, and the stream of events its client
+/// reads. An event's bytes are freed once the stream hands it on.
+pub fn event_stream() -> (
+    EventSender,
+    impl futures::Stream<Item = Event> + Send + 'static,
+) {
+    let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+    let bytes = Arc::new(Semaphore::new(STREAM_BYTES_MAX));
+    let events = tokio_stream::wrappers::ReceiverStream::new(rx).map(|(event, _bytes)| event);
+    (EventSender { tx, bytes }, events)
+}
+
+impl EventSender {
+    /// Waits for room, then queues `event`; Err if the client has gone.
+    async fn send(&self, event: WatchEvent) -> Result<(), ()> {
+        let n = event.encoded_len().clamp(1, STREAM_BYTES_MAX) as u32;
+        let permit = self
+            .bytes
+            .clone()
+            .acquire_many_owned(n)
+            .await
+            .map_err(|_| ())?;
+        self.tx
+            .send((Ok(event), Some(permit)))
+            .await
+            .map_err(|_| ())
+    }
+
+    /// Queues the error that ends the stream if there is room; a client
+    /// that reads nothing must not hold the stream open.
+    fn end_with(&self, status: tonic::Status) {
+        let _ = self.tx.try_send((Err(status), None));
+    }
+
+    fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+}
 /// Long polls in a row that a replica answers with no news while the
 /// shard's leader had applied past what the Watch waits for, before the
 /// Watch moves to the next replica.
@@ -38,7 +93,7 @@ const STUCK_POLLS: u32 = 2;
 pub async fn run(
     router: Router,
     cursors: Vec<Cursor>,
-    tx: mpsc::Sender<Result<WatchEvent, tonic::Status>>,
+    tx: EventSender,
     auth: tonic::metadata::MetadataMap,
     mut stopping: tokio::sync::watch::Receiver<bool>,
 ) {
@@ -64,26 +119,22 @@ pub async fn run(
             _ = recheck.tick() => {
                 if let Err(status) = router.tokens().check(&auth, Role::Service) {
                     tasks.abort_all();
-                    // Not waited for: a client that reads nothing must not
-                    // keep the stream (the stream ends either way).
-                    let _ = tx.try_send(Err(status));
+                    tx.end_with(status);
                     return;
                 }
             }
             _ = &mut stop => {
                 tasks.abort_all();
-                let _ = tx.try_send(Err(tonic::Status::unavailable("the router is stopping; watch again from the last pts")));
+                tx.end_with(tonic::Status::unavailable(
+                    "the router is stopping; watch again from the last pts",
+                ));
                 return;
             }
         }
     }
 }
 
-async fn watch_chat(
-    router: Router,
-    cursor: Cursor,
-    tx: mpsc::Sender<Result<WatchEvent, tonic::Status>>,
-) {
+async fn watch_chat(router: Router, cursor: Cursor, tx: EventSender) {
     let shard = router.shard_of(cursor.chat_id);
     let mut pts = cursor.pts;
     let mut after_index = 0u64;
@@ -147,7 +198,7 @@ async fn watch_chat(
                 pts: diff.pts,
                 served_by_node: reply.served_by_node,
             };
-            if tx.send(Ok(event)).await.is_err() {
+            if tx.send(event).await.is_err() {
                 return;
             }
             pts = diff.pts;
@@ -164,7 +215,7 @@ async fn watch_chat(
                 reset_required: false,
                 served_by_node: reply.served_by_node,
             };
-            if tx.send(Ok(event)).await.is_err() {
+            if tx.send(event).await.is_err() {
                 return;
             }
         }
@@ -177,5 +228,60 @@ async fn watch_chat(
                 complete => complete,
             };
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::pb::{Change, Message as ChatMessage};
+
+    fn event(pts: u64, body_bytes: usize) -> WatchEvent {
+        WatchEvent {
+            chat_id: 1,
+            pts,
+            change: Some(Change {
+                chat_id: 1,
+                pts,
+                message: Some(ChatMessage {
+                    body: vec![b'x'; body_bytes].into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// A stream holds at most its byte bound of events its client has not
+    /// read: the next send waits until the client reads one.
+    #[tokio::test]
+    async fn a_stream_its_client_does_not_read_holds_a_bounded_number_of_bytes() {
+        let (tx, events) = event_stream();
+        let mut events = Box::pin(events);
+        let big = STREAM_BYTES_MAX / 2 - 1024;
+        tx.send(event(1, big)).await.unwrap();
+        tx.send(event(2, big)).await.unwrap();
+        let third = tokio::time::timeout(Duration::from_millis(200), tx.send(event(3, big))).await;
+        assert!(third.is_err(), "a third half-bound event waits for room");
+        let first = events.next().await.unwrap().unwrap();
+        assert_eq!(first.pts, 1);
+        tokio::time::timeout(Duration::from_secs(5), tx.send(event(3, big)))
+            .await
+            .expect("room once the client read one")
+            .unwrap();
+        // An event over the whole bound still goes, alone.
+        assert_eq!(events.next().await.unwrap().unwrap().pts, 2);
+        assert_eq!(events.next().await.unwrap().unwrap().pts, 3);
+        tx.send(event(4, STREAM_BYTES_MAX * 2)).await.unwrap();
+        assert_eq!(events.next().await.unwrap().unwrap().pts, 4);
+        // The error that ends a stream needs no room.
+        tx.send(event(5, big)).await.unwrap();
+        tx.send(event(6, big)).await.unwrap();
+        tx.end_with(tonic::Status::unavailable("stopping"));
+        drop(tx);
+        let rest: Vec<Event> = events.collect().await;
+        assert_eq!(rest.len(), 3);
+        assert!(rest[2].is_err());
     }
 }

@@ -131,6 +131,9 @@ fn cap_bytes(mut page: Vec<pb::Message>) -> Vec<pb::Message> {
     page
 }
 
+/// Messages keyed by the (seq, pts) of the change that names them.
+type MessagesByChange = HashMap<(u64, u64), MessageRecord>;
+
 pub fn visible(m: &MessageRecord, now: u64) -> bool {
     m.expire_at_ms == 0 || m.expire_at_ms > now + CLOCK_OFFSET_MS_MAX
 }
@@ -367,15 +370,27 @@ impl StateReader {
         // far more cheaply than backwards (each step back is a new lookup
         // from the root), so that window is read forwards, and only a page
         // it leaves short goes on backwards from the window's start.
+        // The window holds at most a page's bytes: its oldest records go
+        // as newer ones come past that, and the page then ends there.
         let start = end.saturating_sub(limit as u64);
-        let mut window = Vec::with_capacity(limit);
+        let mut from = start.max(1);
+        let mut window = std::collections::VecDeque::with_capacity(limit);
+        let mut window_bytes = 0;
         for pair in self
             .tree
             .range(keys::message(chat, start)..keys::message(chat, end))
         {
             let (_, v) = pair.map_err(io_err)?;
-            window.push(sealing::open_message(&self.keys, &v, None)?);
+            let m = sealing::open_message(&self.keys, &v, None)?;
+            window_bytes += m.encoded_len();
+            window.push_back(m);
+            while window_bytes > PAGE_BYTES_MAX && window.len() > 1 {
+                let oldest = window.pop_front().expect("more than one");
+                window_bytes -= oldest.encoded_len();
+                from = oldest.seq + 1;
+            }
         }
+        let cut_short = from > start.max(1);
         let mut out: Vec<pb::Message> = window
             .iter()
             .filter(|m| visible(m, now))
@@ -383,22 +398,25 @@ impl StateReader {
             .map(to_public)
             .collect();
         if newest {
-            self.chats.fill_tail(chat, start.max(1), end, window, miss);
+            self.chats.fill_tail(chat, from, end, window, miss);
         }
         out.reverse();
-        if out.len() < limit {
+        let mut bytes: usize = out.iter().map(|m| m.encoded_len()).sum();
+        if out.len() < limit && !cut_short {
             for pair in self
                 .tree
                 .range(keys::message(chat, 0)..keys::message(chat, start))
                 .rev()
             {
-                if out.len() >= limit {
+                if out.len() >= limit || bytes > PAGE_BYTES_MAX {
                     break;
                 }
                 let (_, v) = pair.map_err(io_err)?;
                 let m = sealing::open_message(&self.keys, &v, None)?;
                 if visible(&m, now) {
-                    out.push(to_public(m));
+                    let m = to_public(m);
+                    bytes += m.encoded_len();
+                    out.push(m);
                 }
             }
         }
@@ -479,11 +497,15 @@ impl StateReader {
             .filter(|c| names_message(c))
             .map(|c| (c.seq, c.pts))
             .collect();
-        let mut messages = self.messages_as_of(chat, &rec, &named)?;
+        let (mut messages, unread) = self.messages_as_of(chat, &rec, &named, bytes_max)?;
         let mut last = pts;
         let mut changes = Vec::with_capacity(records.len());
         let mut bytes = 0;
         for c in records {
+            if unread.is_some_and(|unread| c.pts >= unread) {
+                more = true;
+                break;
+            }
             let message = if names_message(&c) {
                 messages
                     .remove(&(c.seq, c.pts))
@@ -533,12 +555,17 @@ impl StateReader {
     /// record read from sled may be newer than the cached message; sled
     /// writes a message before its change record (key order), so sled has it
     /// by the time the change record is read.
+    ///
+    /// Older misses stop once the messages found for earlier changes come to
+    /// more than `bytes_max`: the pts of the first change left unread is
+    /// returned, and the answer ends before it.
     fn messages_as_of(
         &self,
         chat: u64,
         rec: &ChatRecord,
         named: &[(u64, u64)],
-    ) -> io::Result<HashMap<(u64, u64), MessageRecord>> {
+        bytes_max: usize,
+    ) -> io::Result<(MessagesByChange, Option<u64>)> {
         let mut found = HashMap::with_capacity(named.len());
         let mut missed = Vec::new();
         let mut first_miss = None;
@@ -555,7 +582,7 @@ impl StateReader {
             }
         }
         if missed.is_empty() {
-            return Ok(found);
+            return Ok((found, None));
         }
         // Every seq the window covers is read after the change records were,
         // so each message in it is at least as new as its change.
@@ -582,17 +609,27 @@ impl StateReader {
             self.chats
                 .fill_tail(chat, from, end, window.values().cloned(), miss);
         }
-        for (seq, pts) in missed {
+        // In the changes' order, counting what earlier changes carry.
+        let mut bytes = 0;
+        for &(seq, pts) in named {
+            if let Some(m) = found.get(&(seq, pts)) {
+                bytes += m.encoded_len();
+                continue;
+            }
             let m = if window_read && (from..end).contains(&seq) {
                 window.get(&seq).cloned()
             } else {
+                if bytes > bytes_max {
+                    return Ok((found, Some(pts)));
+                }
                 self.stored_message(chat, seq)?
             };
             if let Some(m) = m {
+                bytes += m.encoded_len();
                 found.insert((seq, pts), m);
             }
         }
-        Ok(found)
+        Ok((found, None))
     }
 
     pub fn chat(&self, chat: u64) -> io::Result<pb::GetChatResponse> {
@@ -772,6 +809,63 @@ mod tests {
         assert_eq!((seqs(&one), one.pts, one.more), (vec![3], 3, true));
         let rest = reader.difference(chat, 3, 10, 0).unwrap();
         assert_eq!((seqs(&rest), rest.pts, rest.more), (vec![4, 5], 5, false));
+    }
+
+    /// A page of large messages read from sled stops at the byte bound with
+    /// the newest, in order, and the next page goes on below it; so does a
+    /// difference far behind (messages read one by one), which ends before
+    /// the change whose message it did not read.
+    #[test]
+    fn pages_of_large_messages_stop_at_the_byte_bound() {
+        let (_dir, storage, tree) = state_tree();
+        let chat = 3;
+        let last_seq = 400u64;
+        let body = "x".repeat(60 * 1024);
+        for seq in 1..=last_seq {
+            let m = message(chat, seq, seq, &body);
+            tree.insert(keys::message(chat, seq), m.encode_to_vec())
+                .unwrap();
+            tree.insert(
+                keys::change(chat, seq),
+                change(seq, seq, ChangeKind::New).encode_to_vec(),
+            )
+            .unwrap();
+        }
+        let rec = ChatRecord {
+            last_seq,
+            last_pts: last_seq,
+            ..Default::default()
+        };
+        tree.insert(keys::chat(chat), rec.encode_to_vec()).unwrap();
+        let reader = StateReader::new(tree, storage.keys().clone(), Default::default());
+        let fits = super::PAGE_BYTES_MAX / (60 * 1024);
+        let mut before = 0;
+        let mut seen = Vec::new();
+        for _ in 0..20 {
+            let page: Vec<u64> = reader
+                .history(chat, before, 1000)
+                .unwrap()
+                .iter()
+                .map(|m| m.seq)
+                .collect();
+            let Some(&oldest) = page.last() else { break };
+            // Full pages but the oldest.
+            assert!(page.len() <= fits, "{}", page.len());
+            assert!(oldest == 1 || page.len() + 2 >= fits, "{}", page.len());
+            seen.extend(page);
+            before = oldest;
+        }
+        let all: Vec<u64> = (1..=last_seq).rev().collect();
+        assert_eq!(seen, all, "pages cover every message once, newest first");
+
+        let seqs = |d: &crate::api::pb::ChatDifference| {
+            d.changes.iter().map(|c| c.seq).collect::<Vec<_>>()
+        };
+        let first = reader.difference(chat, 0, 1000, 0).unwrap();
+        assert!(first.more);
+        assert!(first.changes.len() <= fits + 1, "{}", first.changes.len());
+        assert!(first.changes.iter().all(|c| c.message.is_some()));
+        assert_eq!(seqs(&first), (1..=first.pts).collect::<Vec<_>>());
     }
 
     /// Pages come newest first, strictly below `before_seq`, `limit` long,
