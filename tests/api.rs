@@ -641,20 +641,31 @@ async fn read_your_writes_across_routers_and_a_leader_kill() {
         let sent = match sent {
             Ok(s) => s.into_inner(),
             Err(s) if s.code() == Code::Unavailable => {
-                // No leader yet: the write is safe to retry with the same id.
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                writer
-                    .send(pb::SendRequest {
-                        chat_id: chat,
-                        sender_id: 1,
-                        client_msg_id: i,
-                        body: format!("m{i}").into_bytes().into(),
-                        min_token: token.clone(),
-                        ..Default::default()
-                    })
-                    .await
-                    .expect("send after retry")
-                    .into_inner()
+                // No leader yet: the write is safe to retry with the same
+                // id, for a while on a loaded machine.
+                let mut retried = None;
+                for _ in 0..60 {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    match writer
+                        .send(pb::SendRequest {
+                            chat_id: chat,
+                            sender_id: 1,
+                            client_msg_id: i,
+                            body: format!("m{i}").into_bytes().into(),
+                            min_token: token.clone(),
+                            ..Default::default()
+                        })
+                        .await
+                    {
+                        Ok(s) => {
+                            retried = Some(s.into_inner());
+                            break;
+                        }
+                        Err(s) if s.code() == Code::Unavailable => {}
+                        Err(s) => panic!("send {i} again: {s}"),
+                    }
+                }
+                retried.expect("send after retries")
             }
             Err(s) => panic!("send {i}: {s}"),
         };
@@ -734,7 +745,10 @@ async fn watch_across_router_restart_and_leader_kill_loses_and_repeats_nothing()
             .await
         {
             Ok(s) => s.into_inner(),
-            Err(_) => continue,
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
         };
         loop {
             if received.len() as u64 >= total {
@@ -742,11 +756,13 @@ async fn watch_across_router_restart_and_leader_kill_loses_and_repeats_nothing()
             }
             if !leader_killed && received.len() >= 15 {
                 leader_killed = true;
-                if let Some(leader) = nodes.leader_of(shard).await {
-                    eprintln!("killing node {leader}, leader of shard {shard}");
-                    cluster.kill_node(leader);
-                    cluster.start_node(leader);
-                }
+                let leader = nodes
+                    .wait_leader_of(shard, Duration::from_secs(20))
+                    .await
+                    .expect("the watched chat's shard has a leader to kill");
+                eprintln!("killing node {leader}, leader of shard {shard}");
+                cluster.kill_node(leader);
+                cluster.start_node(leader);
             }
             if !router_restarted && received.len() >= 35 {
                 router_restarted = true;
@@ -763,7 +779,10 @@ async fn watch_across_router_restart_and_leader_kill_loses_and_repeats_nothing()
                         received.push(ch.seq);
                     }
                 }
-                _ => continue 'outer,
+                _ => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue 'outer;
+                }
             }
         }
     }

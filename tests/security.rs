@@ -415,8 +415,13 @@ async fn tls_mutual_auth_and_tokens_keep_out_whoever_does_not_belong() {
         }
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
+    // An election of its own (a starved node on a loaded machine) may move
+    // a term on; the forged term 1,000 must not have taken anywhere.
     let now = shard_state(&certs, &endpoints);
-    assert_eq!(now, state, "no term or leader changed");
+    assert_eq!(now.len(), state.len(), "{now:?}");
+    for (shard, term, _) in &now {
+        assert!(*term < 1_000, "shard {shard} took the forged term: {now:?}");
+    }
 
     // Token rotation without a restart: a new service token is taken up
     // from the file, and the one it replaced is refused, also by a Watch

@@ -59,6 +59,9 @@ async fn wait_gone(nodes: &Client, live: &[u64], chat: u64, seq: u64, within: Du
     loop {
         let mut present = false;
         for node in live {
+            // Taken before asking: a reply that was slow to arrive still
+            // showed the message only if the node read it early enough.
+            let asked = now_ms();
             let Ok(h) = nodes.history_on(*node, chat).await else {
                 present = true;
                 continue;
@@ -66,7 +69,7 @@ async fn wait_gone(nodes: &Client, live: &[u64], chat: u64, seq: u64, within: Du
             if let Some(m) = h.iter().find(|m| m.seq == seq) {
                 present = true;
                 assert!(
-                    m.expire_at_ms == 0 || now_ms() < m.expire_at_ms,
+                    m.expire_at_ms == 0 || asked < m.expire_at_ms,
                     "node {node} returned message {chat}/{seq} after its expire_at {}",
                     m.expire_at_ms
                 );
@@ -89,9 +92,12 @@ async fn delete_after_send_and_after_read() {
     let (_cluster, mut api, nodes) = up(&dir).await;
     let chat = 5;
 
-    eprintln!("delete 2 s after sending");
+    // Reads hide a message from 500 ms before its expiry: a TTL of a few
+    // seconds leaves a loaded machine time to send and then read it.
+    const TTL_SECS: u32 = 5;
+    eprintln!("delete {TTL_SECS} s after sending");
     let keep = send(&mut api, chat, 1, 1, None).await;
-    let s = send(&mut api, chat, 1, 2, Some(Policy::AfterSendSecs(2))).await;
+    let s = send(&mut api, chat, 1, 2, Some(Policy::AfterSendSecs(TTL_SECS))).await;
     let m = api
         .get_messages(pb::GetMessagesRequest {
             chat_id: chat,
@@ -102,8 +108,11 @@ async fn delete_after_send_and_after_read() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(m.messages[0].expire_at_ms, s.created_at_ms + 2000);
-    wait_gone(&nodes, &[1, 2, 3], chat, s.seq, Duration::from_secs(10)).await;
+    assert_eq!(
+        m.messages[0].expire_at_ms,
+        s.created_at_ms + u64::from(TTL_SECS) * 1000
+    );
+    wait_gone(&nodes, &[1, 2, 3], chat, s.seq, Duration::from_secs(15)).await;
     // Reads hide it from 500 ms before expiry; the replicated Expire
     // follows within a chore tick and reaches devices as a change.
     let started = Instant::now();
@@ -154,8 +163,8 @@ async fn delete_after_send_and_after_read() {
         "the normal message stays"
     );
 
-    eprintln!("delete 2 s after being read by someone else");
-    let r = send(&mut api, chat, 1, 3, Some(Policy::AfterReadSecs(2))).await;
+    eprintln!("delete {TTL_SECS} s after being read by someone else");
+    let r = send(&mut api, chat, 1, 3, Some(Policy::AfterReadSecs(TTL_SECS))).await;
     api.mark_read(pb::MarkReadRequest {
         chat_id: chat,
         reader_id: 1,
@@ -200,12 +209,17 @@ async fn delete_after_send_and_after_read() {
         .await
         .unwrap()
         .into_inner();
-    let at = m.messages[0].expire_at_ms;
+    let ttl_ms = u64::from(TTL_SECS) * 1000;
+    let at = m
+        .messages
+        .first()
+        .expect("the message is there until its timer runs out")
+        .expire_at_ms;
     assert!(
-        at >= before + 2000 && at <= now_ms() + 2000,
+        at >= before + ttl_ms && at <= now_ms() + ttl_ms,
         "timer starts at the other reader's read"
     );
-    wait_gone(&nodes, &[1, 2, 3], chat, r.seq, Duration::from_secs(10)).await;
+    wait_gone(&nodes, &[1, 2, 3], chat, r.seq, Duration::from_secs(15)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

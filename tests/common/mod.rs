@@ -364,6 +364,21 @@ impl Client {
         None
     }
 
+    /// The leader of `shard`, once the live nodes report one (polled for at
+    /// most `within`).
+    pub async fn wait_leader_of(&self, shard: u64, within: Duration) -> Option<u64> {
+        let started = Instant::now();
+        loop {
+            if let Some(leader) = self.leader_of(shard).await {
+                return Some(leader);
+            }
+            if started.elapsed() >= within {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// Waits until every shard has a leader known to `nodes`.
     pub async fn wait_leaders(&self, nodes: &[u64], deadline: Duration) -> Result<(), String> {
         let started = Instant::now();
