@@ -37,6 +37,11 @@ use crate::types::ShardId;
 /// Shortest time between two writes of the committed pointer.
 const COMMITTED_SAVE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
+/// Most bytes of entries in one AppendEntries (one entry if it is larger):
+/// within the HTTP/2 stream window, so a call to a distant follower is not
+/// held up by flow control past its timeout and repeated for ever.
+const APPEND_BYTES_MAX: usize = 1024 * 1024;
+
 /// Entries moved from a sled log tree per append.
 const IMPORT_CHUNK_ENTRIES: usize = 256;
 
@@ -231,6 +236,21 @@ impl RaftLogReader<TypeConfig> for LogStore {
         };
         self.log
             .read(self.shard.0, from, to)?
+            .iter()
+            .map(|bytes| decode_entry(&self.keys, bytes))
+            .collect()
+    }
+
+    /// What replication sends in one AppendEntries: entries up to
+    /// [`APPEND_BYTES_MAX`], so that a follower far behind gets calls that
+    /// fit its stream's window and the call timeout, not 512 full entries.
+    async fn limited_get_log_entries(
+        &mut self,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<Entry>, io::Error> {
+        self.log
+            .read_up_to(self.shard.0, start, end, APPEND_BYTES_MAX)?
             .iter()
             .map(|bytes| decode_entry(&self.keys, bytes))
             .collect()

@@ -536,6 +536,18 @@ impl RaftLog {
     /// The encoded entries of `shard` with indexes in `from..to` that the
     /// log holds, in order.
     pub fn read(&self, shard: u64, from: u64, to: u64) -> io::Result<Vec<Vec<u8>>> {
+        self.read_up_to(shard, from, to, usize::MAX)
+    }
+
+    /// The first of `shard`'s entries in `from..to` that come to at most
+    /// `bytes_max` bytes, and at least one if there is one.
+    pub fn read_up_to(
+        &self,
+        shard: u64,
+        from: u64,
+        to: u64,
+        bytes_max: usize,
+    ) -> io::Result<Vec<Vec<u8>>> {
         let wanted: Vec<(Arc<File>, Place)> = {
             let inner = self.lock()?;
             let Some(log) = inner.shards.get(&shard) else {
@@ -543,8 +555,14 @@ impl RaftLog {
             };
             let from = from.max(log.first);
             let to = to.min(log.end());
+            let mut bytes = 0usize;
             (from..to)
                 .filter_map(|i| log.place(i))
+                .take_while(|p| {
+                    let first = bytes == 0;
+                    bytes = bytes.saturating_add(p.len as usize);
+                    first || bytes <= bytes_max
+                })
                 .map(|p| (inner.segments[&p.segment].file.clone(), *p))
                 .collect()
         };
@@ -1259,6 +1277,35 @@ mod tests {
             .collect();
         files.sort();
         files.pop().unwrap()
+    }
+
+    /// A read bounded by bytes returns the first entries that fit, and
+    /// always the first one, however large.
+    #[test]
+    fn reads_stop_at_their_byte_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = RaftLog::open(dir.path()).unwrap();
+        append(&log, 1, 0, 10, 1, 1000);
+        let len = entry_bytes(0, 1, 1000).len();
+        let indexes = |got: Vec<Vec<u8>>| -> Vec<u64> {
+            got.iter()
+                .map(|b| {
+                    let text = String::from_utf8_lossy(&b[..4]).into_owned();
+                    text.split('/').next().unwrap().parse().unwrap()
+                })
+                .collect()
+        };
+        assert_eq!(
+            indexes(log.read_up_to(1, 2, 10, 3 * len).unwrap()),
+            vec![2, 3, 4]
+        );
+        assert_eq!(
+            indexes(log.read_up_to(1, 2, 10, 3 * len - 1).unwrap()),
+            vec![2, 3]
+        );
+        assert_eq!(indexes(log.read_up_to(1, 2, 10, 1).unwrap()), vec![2]);
+        assert_eq!(log.read_up_to(1, 2, 10, usize::MAX).unwrap().len(), 8);
+        assert!(log.read_up_to(1, 10, 20, 1).unwrap().is_empty());
     }
 
     #[test]
