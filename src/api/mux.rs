@@ -620,14 +620,24 @@ async fn run<P: Protocol>(parked: Parked<P>) {
         }
         metrics::histogram!(P::BATCH_METRIC).record(ids.len() as f64);
         if let Err(full) = open.out.try_send(P::batch(batch)) {
+            // Backed up is this side's queue, not the peer: the node is
+            // reachable and a caller should not pass it over (a status with
+            // no source), only try again. Neither was sent.
+            let status = |why: &str| {
+                if full {
+                    Status::unavailable(why)
+                } else {
+                    not_reached(Code::Unavailable, why.to_string())
+                }
+            };
             let why = if full {
-                format!("{} to node {peer} is backed up", P::NAME)
+                format!("{} to node {peer} is backed up; not sent", P::NAME)
             } else {
                 format!("{} to node {peer} has closed", P::NAME)
             };
             for id in ids {
                 if let Some(tx) = waiting.remove(&id) {
-                    let _ = tx.send(Err(not_reached(Code::Unavailable, why.clone())));
+                    let _ = tx.send(Err(status(&why)));
                 }
             }
         }

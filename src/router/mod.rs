@@ -496,6 +496,9 @@ impl Router {
                     if !self.is_local(node) {
                         break;
                     }
+                    if self.is_unreachable(node) {
+                        continue;
+                    }
                     if let Ok(r) = self
                         .read_on(node, make(Consistency::Session, SESSION_LOCAL_WAIT_MS))
                         .await
@@ -515,7 +518,10 @@ impl Router {
             Consistency::Stale => {
                 let mut last = Status::unavailable(format!("{shard}: no replica answered"));
                 let mut answer = None;
-                for node in self.replicas_near_first(shard) {
+                // Nearest first, those recently unreachable last.
+                let mut replicas = self.replicas_near_first(shard);
+                replicas.sort_by_key(|n| self.is_unreachable(*n));
+                for node in replicas {
                     match self.read_on(node, make(Consistency::Stale, 0)).await {
                         Ok(r) => {
                             answer = Some(r);
@@ -553,7 +559,16 @@ impl Router {
             .get(&node)
             .map(|n| n.reads.clone())
             .ok_or_else(|| Status::internal(format!("unknown node {node}")))?;
-        reads.call(req, NODE_CALL_TIMEOUT).await
+        let answer = reads.call(req, NODE_CALL_TIMEOUT).await;
+        // Not reached, or no answer in time (a status made on this side):
+        // reads pass the node over for a while, as writes do, rather than
+        // each waiting out the timeout on a hung node.
+        if let Err(s) = &answer {
+            if std::error::Error::source(s).is_some() {
+                self.mark_unreachable(node);
+            }
+        }
+        answer
     }
 
     async fn read_leader(
