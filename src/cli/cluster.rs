@@ -526,7 +526,10 @@ pub async fn drain(
         }
     } else if !json {
         eprintln!(
-            "note: node {node} is down; its replicas are rebuilt on other nodes from the live ones"
+            "note: node {node} is down; its replicas are rebuilt on other nodes from the live ones. \
+             It is not marked draining (only a running node can be): take it out with \
+             `chatctl remove-node {node}` before it runs again, or `chatctl rebalance` would give \
+             it replicas back"
         );
     }
     let code = run_plan(&ops, steps, &format!("draining node {node}"), false, json).await?;
@@ -653,7 +656,7 @@ pub async fn move_replica(
     let Some((ops, view)) = gathered(endpoints, json).await else {
         return Ok(2);
     };
-    if let Err(e) = view.node(to) {
+    if let Err(e) = view.node(to).and_then(|_| view.node(from)) {
         return fail(e);
     }
     let Some(m) = view.membership(shard) else {
@@ -684,6 +687,11 @@ pub async fn transfer_leader(
     dry_run: bool,
     json: bool,
 ) -> anyhow::Result<i32> {
+    if to == Some(0) {
+        return fail(anyhow::anyhow!(
+            "node ids start at 1; leave the node out to let the leader pick one"
+        ));
+    }
     let Some((ops, view)) = gathered(endpoints, json).await else {
         return Ok(2);
     };
@@ -767,10 +775,21 @@ pub async fn snapshot(
         return Ok(2);
     };
     let shards: BTreeSet<u64> = match shard {
+        Some(s) if s >= view.shard_count => {
+            return fail(anyhow::anyhow!(
+                "the cluster has shards 0 to {}; there is no shard {s}",
+                view.shard_count.saturating_sub(1)
+            ))
+        }
         Some(s) => BTreeSet::from([s]),
         None => view.shard_ids(),
     };
     let (replicas, failed) = ops.snapshot_all(&view, &shards, compact).await;
+    if replicas == 0 {
+        return fail(anyhow::anyhow!(
+            "no node that is up holds a replica of shard(s) {shards:?}"
+        ));
+    }
     let what = if compact { "compacted" } else { "snapshotted" };
     if json {
         println!(

@@ -13,7 +13,10 @@ async fn router(addr: &str) -> anyhow::Result<ChatStoreClient<AuthChannel>> {
     let access = super::access();
     let endpoint = crate::security::endpoint(addr)
         .context("router address")?
-        .connect_timeout(Duration::from_secs(3));
+        .connect_timeout(Duration::from_secs(3))
+        // Each call's answer (a Watch: its start), so a router that hangs
+        // does not hang the command.
+        .timeout(Duration::from_secs(30));
     let channel =
         crate::security::connect(endpoint, access.tls.as_ref(), crate::security::ROUTER_NAME)
             .await

@@ -482,7 +482,7 @@ impl Ops {
         // the shard a voter more than it should have.
         if st.voters.contains(&from)
             && st.voters.contains(&to)
-            && st.voters.len() <= view.replication_factor as usize
+            && (view.replication_factor == 0 || st.voters.len() <= view.replication_factor as usize)
         {
             bail!(
                 "node {to} is already a voter of shard {shard} (voters {:?}); moving node {from}'s \
@@ -603,7 +603,29 @@ impl Ops {
                 );
                 return;
             }
-            Ok(_) => {}
+            Ok((_, _, st)) => {
+                // A leader cut off from the others may not know a newer
+                // membership that lists this node again: some replica at a
+                // newer term, and the copy stays.
+                let newer = match self.gather().await {
+                    Ok(fresh) => fresh
+                        .nodes
+                        .values()
+                        .filter_map(|n| n.shards.get(&shard))
+                        .any(|s| s.term > st.term),
+                    Err(_) => true,
+                };
+                if newer {
+                    self.say(
+                        bar,
+                        format!(
+                            "note: a replica of shard {shard} is at a newer term than the leader \
+                             that answered; node {node}'s copy stays"
+                        ),
+                    );
+                    return;
+                }
+            }
             Err(e) => {
                 self.say(
                     bar,
@@ -1053,20 +1075,33 @@ impl Ops {
 
     /// Moves `shard`'s leadership away from `from` (to the preferred region
     /// if it can), unless it already moved.
+    /// Moves leadership of `shard` off node `from`, asking only `from`: a
+    /// retry sent to whichever node leads by then could hand leadership
+    /// straight back to it.
     async fn transfer_off(&self, shard: u64, from: u64) -> anyhow::Result<()> {
-        let (leader, _, _) = self.leader(shard).await?;
-        if leader != from {
-            return Ok(());
-        }
-        self.on_leader(shard, |mut c| {
+        let started = Instant::now();
+        loop {
+            let (leader, addr, _) = self.leader(shard).await?;
+            if leader != from {
+                return Ok(());
+            }
             let req = TransferLeaderRequest {
                 shard_id: shard,
                 to_node: 0,
             };
-            async move { c.transfer_leader(req).await }
-        })
-        .await?;
-        Ok(())
+            let status = match self.admin(&addr)?.transfer_leader(req).await {
+                Ok(_) => return Ok(()),
+                Err(s) => s,
+            };
+            let retryable = matches!(
+                status.code(),
+                Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled
+            );
+            if !retryable || started.elapsed() > LEADER_WAIT {
+                bail!("{}", describe(&addr, &status));
+            }
+            tokio::time::sleep(POLL * 2).await;
+        }
     }
 
     pub async fn transfer_leader(&self, shard: u64, to: Option<u64>) -> anyhow::Result<u64> {
