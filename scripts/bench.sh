@@ -35,9 +35,16 @@ date="$(date -u '+%Y-%m-%d %H:%M UTC')"
 data="$(mktemp -d "${TMPDIR:-/tmp}/chatstore-bench.XXXXXX")"
 log="$data/cluster.log"
 cluster=""
+suite=""
 
 stop_cluster() {
     local status=$?
+    # A second Ctrl-C must not leave the cluster or its data behind.
+    trap '' INT TERM
+    if [ -n "$suite" ] && kill -0 "$suite" 2>/dev/null; then
+        kill -TERM "$suite" 2>/dev/null || true
+        wait "$suite" 2>/dev/null || true
+    fi
     if [ -n "$cluster" ] && kill -0 "$cluster" 2>/dev/null; then
         kill -TERM "$cluster" 2>/dev/null || true
         for _ in $(seq 1 "$STOP_TIMEOUT_SECS"); do
@@ -79,12 +86,22 @@ for attempt in $(seq 1 "$START_TIMEOUT_SECS"); do
     sleep 1
 done
 
-# bench-suite waits for the routers and every shard's leader itself.
+command="BENCH_SECS=$BENCH_SECS make bench"
+if [ "$CONFIG" != "cluster-configs/local-3region.toml" ]; then
+    command="CONFIG=$CONFIG $command"
+fi
+
+# bench-suite waits for the routers and every shard's leader itself, and
+# refuses to run if the cluster started above is no longer running (another
+# cluster on the same ports would answer in its place). It runs in the
+# background so that a TERM or Ctrl-C reaches the trap at once.
 "$BIN/chatctl" --endpoints "$ENDPOINTS" bench-suite \
     --routers "$ROUTERS" \
     --secs "$BENCH_SECS" \
     --server-pid "$cluster" \
     --write BENCHMARKS.md \
-    --command "BENCH_SECS=$BENCH_SECS make bench" \
+    --command "$command" \
     --commit "$commit" \
-    --date "$date"
+    --date "$date" &
+suite=$!
+wait "$suite"

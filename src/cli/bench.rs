@@ -569,6 +569,16 @@ fn cpu_time(pid: &str) -> Option<Duration> {
     Some(Duration::from_millis(ticks * 1000 / USER_HZ))
 }
 
+/// Whether process `pid` runs (exists and has not exited: a zombie has).
+pub fn is_running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        // The state follows the command name, which ends at the last ')'.
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X")
+    })
+}
+
 /// Samples the CPU time of this process and of an optional server process.
 #[derive(Clone, Copy)]
 pub struct CpuSample {
@@ -924,6 +934,12 @@ async fn closed_loop(
         if let Some(t) = last_done {
             window_end = window_end.max(t);
         }
+    }
+    // A timed run counts the requests that started in its window, over the
+    // window: one slow last request does not stretch it (nor halve the
+    // rates). A counted run ends when its last request does.
+    if let End::At(end) = window.end {
+        window_end = end;
     }
     let cpu_end = CpuSample::take(args.server_pid);
     drawing.store(false, Ordering::Relaxed);
@@ -1301,8 +1317,8 @@ impl SendTally {
 type SendOutcome = (bool, Duration, Result<u64, Status>);
 
 /// Sends into the watched chat at `--rate` until the window closes, with at
-/// most `--in-flight` sends outstanding. Returns the tally and when the last
-/// measured send started (the end of the measured window).
+/// most `--in-flight` sends outstanding. Returns the tally and the end of the
+/// measured window (one period after the last measured send was due).
 async fn watch_sender(
     args: &BenchArgs,
     api: ChatStoreClient<AuthChannel>,
@@ -1311,8 +1327,11 @@ async fn watch_sender(
     let chat = args.first_chat;
     let size = args.size.max(8);
     let slots = Arc::new(tokio::sync::Semaphore::new(args.in_flight));
-    let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / args.rate));
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let period = Duration::from_secs_f64(1.0 / args.rate);
+    let mut ticks = tokio::time::interval(period);
+    // A send that could not go on time (every slot busy) goes late, and its
+    // latencies count from when it was due: none is skipped or flattered.
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut sends: JoinSet<SendOutcome> = JoinSet::new();
     let mut tally = SendTally {
         stats: Stats::default(),
@@ -1321,18 +1340,18 @@ async fn watch_sender(
     };
     let mut window_end = shared.window.measure_from;
     loop {
-        ticks.tick().await;
+        let start = ticks.tick().await.into_std();
         let permit = slots
             .clone()
             .acquire_owned()
             .await
             .expect("the send semaphore is never closed");
-        let start = Instant::now();
         let Some(measured) = shared.window.admit(start) else {
             break;
         };
         if measured {
-            window_end = start;
+            // Each send stands for one period: n sends, n periods.
+            window_end = start + period;
         }
         let mut api = api.clone();
         let body = body(size, Some(shared.stamp(start)));
@@ -1521,6 +1540,22 @@ fn text(r: &Report) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A running process is running; one that exited (a zombie until its
+    /// parent waits) or never was is not.
+    #[test]
+    fn running_processes_are_told_from_exited_ones() {
+        assert!(is_running(std::process::id()));
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        let started = Instant::now();
+        while is_running(pid) && started.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(!is_running(pid), "an exited child is not running");
+        child.wait().unwrap();
+        assert!(!is_running(pid));
+    }
 
     #[test]
     fn cpu_time_reads_this_process() {

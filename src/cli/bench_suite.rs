@@ -163,6 +163,15 @@ pub async fn command(
         Duration::from_secs(args.ready_timeout_secs),
     )
     .await?;
+    // The cluster this suite was started with must be the one answering:
+    // another on the same ports (a `make dev` still running) would be
+    // measured in its place.
+    if let Some(pid) = args.server_pid {
+        anyhow::ensure!(
+            bench::is_running(pid),
+            "the cluster process {pid} is not running; is another cluster using its ports?"
+        );
+    }
     let idle_cpu = match args.server_pid {
         Some(pid) if args.idle_secs > 0 => {
             eprintln!(
@@ -390,12 +399,22 @@ fn markdown(args: &SuiteArgs, idle_cpu: Option<f64>, outcomes: &[Outcome]) -> St
                 (String::new(), String::new(), String::new())
             };
             let l = &op.latency_ms;
+            // A percentile needs samples past it: fewer than 100 give no
+            // p99 and fewer than 1,000 no p999 (it would only be the max);
+            // no samples, no latency at all.
+            let at = |value: f64, samples: u64| {
+                if op.count >= samples {
+                    format!("{value:.2}")
+                } else {
+                    "-".to_string()
+                }
+            };
             out.push_str(&format!(
-                "| {name} | {in_flight} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {server} | {per_op} | {client} |\n",
+                "| {name} | {in_flight} | {:.0} | {} | {} | {} | {} | {server} | {per_op} | {client} |\n",
                 op.ops_per_sec,
-                l.p50,
-                l.p99,
-                l.p999,
+                at(l.p50, 1),
+                at(l.p99, 100),
+                at(l.p999, 1000),
                 bench::errors_text(&op.errors)
             ));
         }
