@@ -54,6 +54,13 @@ pub struct ClusterConfig {
     /// Replicas per shard; one per region when it equals the region count.
     #[serde(default = "default_replication_factor")]
     pub replication_factor: u32,
+    /// How initial replicas are chosen inside a region, fixed when the
+    /// cluster is created (see `cluster::placement`): 2 spreads leaders and
+    /// replica sets over a region's nodes; 1, the first scheme, put every
+    /// shard preferring a region on the same node of it when regions hold
+    /// as many nodes as there are regions.
+    #[serde(default = "default_placement_version")]
+    pub placement_version: u32,
     /// Regions in the order used to assign preferred leader regions.
     pub regions: Vec<String>,
     pub nodes: Vec<NodeConfig>,
@@ -343,6 +350,9 @@ fn default_shards() -> u32 {
 fn default_replication_factor() -> u32 {
     3
 }
+fn default_placement_version() -> u32 {
+    crate::cluster::placement::PLACEMENT_VERSION
+}
 fn default_data_root() -> PathBuf {
     PathBuf::from("data")
 }
@@ -405,6 +415,25 @@ impl ClusterConfig {
         ))
     }
 
+    /// Refuses a value left as the example configs' placeholder: a read
+    /// token secret anyone can read in this repository signs tokens anyone
+    /// could forge.
+    pub fn check_placeholders(&self) -> Result<(), String> {
+        if self
+            .read_token_secret
+            .as_deref()
+            .is_some_and(|s| s.starts_with("REPLACE-ME"))
+        {
+            return Err(
+                "read_token_secret is still the example's placeholder: set a secret of \
+                        your own (for example `openssl rand -hex 32`), the same on every node \
+                        and router"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
     pub fn to_toml(&self) -> String {
         toml::to_string(self).expect("a cluster config always serializes")
     }
@@ -422,6 +451,13 @@ impl ClusterConfig {
         }
         if self.regions.is_empty() {
             return bad("no regions".into());
+        }
+        if !(1..=crate::cluster::placement::PLACEMENT_VERSION).contains(&self.placement_version) {
+            return bad(format!(
+                "placement_version = {} (must be 1..={})",
+                self.placement_version,
+                crate::cluster::placement::PLACEMENT_VERSION
+            ));
         }
         if !(1..=SEAL_EPOCH_SECS_MAX).contains(&self.erasure.seal_epoch_secs) {
             return bad(format!(
@@ -601,6 +637,16 @@ mod tests {
                 // Local configs say insecure; real ones carry TLS and tokens.
                 c.check_secured()
                     .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                // A secret to replace is refused until it is replaced.
+                let placeholder = std::fs::read_to_string(&path)
+                    .unwrap()
+                    .contains("REPLACE-ME");
+                assert_eq!(
+                    c.check_placeholders().is_err(),
+                    placeholder,
+                    "{}",
+                    path.display()
+                );
                 checked += 1;
             }
         }

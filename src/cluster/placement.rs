@@ -8,13 +8,23 @@
 //! `DefaultHasher`, whose output may change between Rust releases.
 //!
 //! Initial replicas: a shard's preferred region comes first, then the other
-//! regions in config order, one replica per region while regions last; within
-//! a region the node is chosen by shard id, so load spreads evenly.
+//! regions in config order, one replica per region while regions last.
+//! Within a region (placement version 2) the k-th shard to prefer a region
+//! takes node `k` of it (round robin), so leaders spread over every node of
+//! the region; the region at place `j` of the shard's order takes node
+//! `k + j * (k / nodes)`, which turns the others by one more for each round
+//! of the preferred region's nodes, so replica sets mix instead of forming
+//! fixed groups. Version 1 chose node `shard id` in every region: with as
+//! many nodes per region as regions, every shard led from a region was led
+//! by the same node of it.
 
 use std::collections::BTreeMap;
 
 use crate::cluster::ClusterConfig;
 use crate::types::{ChatId, NodeId, ShardId};
+
+/// The placement scheme a new cluster gets (`placement_version`).
+pub const PLACEMENT_VERSION: u32 = 2;
 
 /// Number of slots. Fixed forever: changing it moves every chat.
 pub const SLOT_COUNT: u64 = 4096;
@@ -52,6 +62,8 @@ impl Placement {
         let rf = config.replication_factor as usize;
         let mut replicas = Vec::with_capacity(shards as usize);
         let mut preferred_region = Vec::with_capacity(shards as usize);
+        // Per region, how many shards so far prefer it.
+        let mut preferring: BTreeMap<String, usize> = BTreeMap::new();
         for s in 0..shards {
             let preferred = config
                 .preferred_regions
@@ -67,11 +79,21 @@ impl Placement {
             let order: Vec<&str> = (0..config.regions.len())
                 .map(|i| config.regions[(start + i) % config.regions.len()].as_str())
                 .collect();
+            let k = {
+                let count = preferring.entry(preferred.clone()).or_default();
+                *count += 1;
+                *count - 1
+            };
+            // The node of a region at place `j` of the order, before rounds.
+            let base = |j: usize, nodes: usize| match config.placement_version {
+                1 => s as usize,
+                _ => k + j * (k / nodes),
+            };
             let mut chosen: Vec<NodeId> = Vec::with_capacity(rf);
             let mut round = 0usize;
             while chosen.len() < rf {
                 let mut progressed = false;
-                for region in &order {
+                for (j, region) in order.iter().enumerate() {
                     if chosen.len() == rf {
                         break;
                     }
@@ -79,7 +101,7 @@ impl Placement {
                         continue;
                     };
                     if round < nodes.len() {
-                        let pick = nodes[(s as usize + round) % nodes.len()];
+                        let pick = nodes[(base(j, nodes.len()) + round) % nodes.len()];
                         if !chosen.contains(&pick) {
                             chosen.push(pick);
                             progressed = true;
@@ -297,6 +319,28 @@ mod tests {
         for n in 1..=9 {
             assert_eq!(p.shards_on(NodeId(n)).len(), 30, "node {n}");
         }
+        // Leaders (preferred replicas) spread over all nine nodes, and the
+        // replica sets are not three fixed groups of nodes.
+        let mut leaders = BTreeMap::new();
+        let mut sets = std::collections::BTreeSet::new();
+        for s in 0..90 {
+            let r = p.replicas(ShardId(s));
+            *leaders.entry(r[0]).or_insert(0) += 1;
+            let mut set = r.to_vec();
+            set.sort();
+            sets.insert(set);
+        }
+        assert_eq!(leaders.len(), 9, "{leaders:?}");
+        assert!(leaders.values().all(|n| *n == 10), "{leaders:?}");
+        assert!(sets.len() >= 9, "{} replica sets", sets.len());
+        // The first scheme led every shard from nodes 1, 5 and 9; it stays
+        // for clusters created with it.
+        let mut c = config(&nodes, 90);
+        c.placement_version = 1;
+        let v1 = Placement::new(&c);
+        let v1_leaders: std::collections::BTreeSet<NodeId> =
+            (0..90).map(|s| v1.replicas(ShardId(s))[0]).collect();
+        assert_eq!(v1_leaders.len(), 3, "{v1_leaders:?}");
     }
 
     /// After the preferred replica, the nearest region takes over first.
