@@ -302,6 +302,7 @@ async fn run_dev(
 /// true`, and then warns on every start.
 fn secured_or_warn(config: &ClusterConfig) -> anyhow::Result<()> {
     config.check_secured().map_err(anyhow::Error::msg)?;
+    config.check_placeholders().map_err(anyhow::Error::msg)?;
     if config.tls.is_none() {
         tracing::warn!("INSECURE: no [tls] in the config, every listener is plaintext");
     }
@@ -311,11 +312,22 @@ fn secured_or_warn(config: &ClusterConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Waits for SIGTERM or SIGINT, then arms a second one to end the process
+/// at once (a stop that hangs can still be cut short).
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
+        _ = int.recv() => {}
         _ = term.recv() => {}
     }
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        eprintln!("a second stop signal: exiting without finishing the stop");
+        std::process::exit(130);
+    });
 }

@@ -410,7 +410,20 @@ impl Node {
         } else {
             Vec::new()
         };
-        check_initial_shards(&storage, &initial)?;
+        // What the first placement scheme gave this node, for a cluster
+        // created before the current one.
+        let first_scheme: Vec<ShardId> = if me.bootstrap && config.placement_version != 1 {
+            let mut earlier = config.clone();
+            earlier.placement_version = 1;
+            Placement::new(&earlier).shards_on(id)
+        } else {
+            initial.clone()
+        };
+        check_initial_shards(&storage, &initial, &first_scheme)?;
+        // The stamps on disk before any vote or entry is: a folder with
+        // votes but no identity would take any id next time.
+        storage.open_tree(trees::NODE_TREE)?.flush_async().await?;
+        storage.durability().sync().await?;
         let mut to_bootstrap = Vec::new();
         for shard_id in config.shard_ids() {
             let record = registry.record(shard_id)?;
@@ -503,8 +516,19 @@ impl Node {
     /// Stops serving, shuts every shard down and syncs the Db.
     pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(true);
-        if let Some(s) = self.server.take() {
-            let _ = s.await;
+        if let Some(mut s) = self.server.take() {
+            // Streams end on the flag; a call that does not (a snapshot
+            // still arriving) must not keep the shards this node leads
+            // unreachable while it lasts.
+            if tokio::time::timeout(SERVER_STOP_WAIT, &mut s)
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    "calls still open {SERVER_STOP_WAIT:?} after the stop began; closing them"
+                );
+                s.abort();
+            }
         }
         if let Some(d) = self.duties.take() {
             let _ = d.await;
@@ -515,15 +539,17 @@ impl Node {
         if let Some(l) = self.liveness.take() {
             let _ = l.await;
         }
-        for shard in self.registry.all() {
-            shard.shutdown().await;
-        }
+        let shards = self.registry.all();
+        futures::future::join_all(shards.iter().map(|shard| shard.shutdown())).await;
         if let Err(e) = self.registry.storage().durability().sync().await {
             tracing::error!(error = %e, "final sync");
         }
         tracing::info!(node = self.id.0, "node stopped");
     }
 }
+
+/// Longest a stopping node waits for the calls it is serving to end.
+const SERVER_STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Refuses to open a data folder that belongs to another node or cluster.
 fn check_identity(storage: &Storage, config: &ClusterConfig, id: NodeId) -> anyhow::Result<()> {
@@ -549,12 +575,28 @@ fn check_identity(storage: &Storage, config: &ClusterConfig, id: NodeId) -> anyh
 /// replication factor on every start, and replicas without a record are
 /// opened only if they are among them: with another list the node would
 /// leave replicas it holds closed and open empty ones it does not.
-fn check_initial_shards(storage: &Storage, initial: &[ShardId]) -> anyhow::Result<()> {
+fn check_initial_shards(
+    storage: &Storage,
+    initial: &[ShardId],
+    first_scheme: &[ShardId],
+) -> anyhow::Result<()> {
     let tree = storage.open_tree(trees::NODE_TREE)?;
-    let list: Vec<String> = initial.iter().map(|s| s.0.to_string()).collect();
-    let want = list.join(",");
+    let joined = |shards: &[ShardId]| {
+        shards
+            .iter()
+            .map(|s| s.0.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let want = joined(initial);
     match tree.get("initial-shards")? {
         Some(v) if v.as_ref() == want.as_bytes() => Ok(()),
+        Some(v) if v.as_ref() == joined(first_scheme).as_bytes() => anyhow::bail!(
+            "this node's data folder {} was created with the first placement scheme: add \
+             `placement_version = 1` to the cluster config (on every node and router) and start \
+             again",
+            storage.dir().display()
+        ),
         Some(v) => anyhow::bail!(
             "the config places this node's initial replicas on shards [{want}], but its data \
              folder {} started with [{}]: the bootstrap nodes, regions, preferred regions, \
@@ -681,9 +723,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let storage = crate::storage::Storage::open(dir.path()).unwrap();
         let first = [ShardId(0), ShardId(3)];
-        super::check_initial_shards(&storage, &first).unwrap();
-        super::check_initial_shards(&storage, &first).unwrap();
-        let err = super::check_initial_shards(&storage, &[ShardId(0), ShardId(2)]).unwrap_err();
+        super::check_initial_shards(&storage, &first, &first).unwrap();
+        super::check_initial_shards(&storage, &first, &first).unwrap();
+        let err = super::check_initial_shards(&storage, &[ShardId(0), ShardId(2)], &[ShardId(0)])
+            .unwrap_err();
         assert!(err.to_string().contains("started with [0,3]"), "{err}");
+        // A folder from the first placement scheme is told how to start.
+        let err = super::check_initial_shards(&storage, &[ShardId(1)], &first).unwrap_err();
+        assert!(err.to_string().contains("placement_version = 1"), "{err}");
     }
 }

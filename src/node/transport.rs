@@ -313,7 +313,18 @@ impl RaftTransport for TransportService {
             let mut file = tokio::fs::File::create(&path).await?;
             let mut total = first.data.len() as u64;
             file.write_all(&first.data).await?;
-            while let Some(chunk) = stream.next().await {
+            let mut stopping = self.shutdown.clone();
+            loop {
+                let stall = crate::shard::network::SNAPSHOT_STALL_MAX;
+                let chunk = tokio::select! {
+                    chunk = tokio::time::timeout(stall, stream.next()) => chunk.map_err(|_| {
+                        std::io::Error::other(format!("no snapshot data for {stall:?}"))
+                    })?,
+                    _ = stopping.wait_for(|s| *s) => {
+                        return Err(std::io::Error::other("this node is stopping"));
+                    }
+                };
+                let Some(chunk) = chunk else { break };
                 let chunk = chunk.map_err(std::io::Error::other)?;
                 total += chunk.data.len() as u64;
                 if total > SNAPSHOT_BYTES_MAX {

@@ -37,6 +37,8 @@ use crate::types::{NodeId, ShardId};
 pub const RAFT_MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// Snapshot chunk size on the wire.
 pub const SNAPSHOT_CHUNK_BYTES: usize = 1024 * 1024;
+/// Longest a snapshot transfer may go without moving data, on either side.
+pub const SNAPSHOT_STALL_MAX: Duration = Duration::from_secs(60);
 /// How long to wait for a TCP connection to a peer.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -385,18 +387,32 @@ impl RaftNetworkV2<TypeConfig> for PeerLink {
                     },
                 };
                 first = false;
-                if tx.send(chunk).await.is_err() || done {
-                    return Ok::<(), std::io::Error>(());
+                match tokio::time::timeout(SNAPSHOT_STALL_MAX, tx.send(chunk)).await {
+                    Ok(Ok(())) if !done => {}
+                    // Sent the last chunk, or the call ended.
+                    Ok(_) => return Ok::<(), std::io::Error>(()),
+                    Err(_) => {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("the receiver took no data for {SNAPSHOT_STALL_MAX:?}"),
+                        ))
+                    }
                 }
             }
         });
-        let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-        req.set_timeout(option.hard_ttl());
+        // No deadline for the whole transfer, which takes as long as the
+        // file and the link make it (a large shard to a distant region takes
+        // longer than any fixed one): it fails when no data moves for
+        // SNAPSHOT_STALL_MAX, and the receiver's check and install that
+        // follow get `install_snapshot_timeout_ms`.
+        let req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
         let target = self.target;
         let send = async move { client.install_snapshot(req).await };
         tokio::pin!(send, cancel);
         let mut reader = reader;
         let mut read_all = false;
+        let installing = tokio::time::sleep(Duration::MAX);
+        tokio::pin!(installing);
         // A failed read of the file cancels the call (dropping it resets the
         // stream) rather than ending the stream as if the file were whole.
         let result = loop {
@@ -407,6 +423,9 @@ impl RaftNetworkV2<TypeConfig> for PeerLink {
                         Ok(Ok(())) => {
                             read_all = true;
                             drop(stream_open.take());
+                            installing
+                                .as_mut()
+                                .reset(tokio::time::Instant::now() + option.hard_ttl());
                         }
                         Ok(Err(e)) => {
                             return Err(StreamingError::Network(NetworkError::from_string(
@@ -423,6 +442,13 @@ impl RaftNetworkV2<TypeConfig> for PeerLink {
                 closed = &mut cancel => {
                     reader.abort();
                     return Err(StreamingError::Closed(closed));
+                }
+                _ = &mut installing, if read_all => {
+                    return Err(StreamingError::Network(NetworkError::from_string(format!(
+                        "install_snapshot to node {target}: no answer within {:?} of the whole \
+                         file arriving",
+                        option.hard_ttl()
+                    ))));
                 }
             }
         };
