@@ -89,11 +89,29 @@ pub async fn run(registry: Registry, ctx: Context, mut shutdown: watch::Receiver
     // Ticks in a row that found this node's clock off; one tick is not
     // enough to act on.
     let mut off_ticks: u32 = 0;
+    // This node's clocks at the last tick, and until when a step of the
+    // wall clock keeps the chores that read it paused.
+    let mut last_tick: Option<(Instant, u64)> = None;
+    let mut stepped_until: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(TICK) => {}
             _ = shutdown.wait_for(|s| *s) => return,
         }
+        let (tick, wall) = (Instant::now(), now_ms());
+        if let Some((last, last_wall)) = last_tick {
+            let wall_moved = wall as i64 - last_wall as i64;
+            let time_passed = tick.duration_since(last).as_millis() as i64;
+            if wall_moved.abs_diff(time_passed) > CLOCK_OFFSET_MS_MAX {
+                tracing::warn!(
+                    moved_ms = wall_moved,
+                    elapsed_ms = time_passed,
+                    "this node's wall clock stepped; chores that read it wait for the peers to check it"
+                );
+                stepped_until = Some(tick + CLOCK_STEP_SETTLE);
+            }
+        }
+        last_tick = Some((tick, wall));
         let clocks = registry.clock_report();
         metrics::gauge!(crate::metrics::CLOCK_OFFSET_MS).set(clocks.own_offset_ms as f64);
         let was_off = off_ticks >= OFF_TICKS_TO_ACT;
@@ -103,6 +121,11 @@ pub async fn run(registry: Registry, ctx: Context, mut shutdown: watch::Receiver
             0
         };
         let clock_off = off_ticks >= OFF_TICKS_TO_ACT;
+        // Handing leadership over waits for two ticks of evidence; expiring
+        // messages and collecting dedup records by a clock that may be wrong
+        // cannot be undone, so they stop at the first sign.
+        let chores_paused =
+            clock_off || clocks.own_is_off() || stepped_until.is_some_and(|until| tick < until);
         if clock_off && !was_off {
             tracing::error!(offset_ms = clocks.own_offset_ms, bound_ms = CLOCK_OFFSET_MS_MAX, "this node's clock is off from its peers' by more than the bound; it gives up leadership until the clock is fixed");
         } else if was_off && !clock_off {
@@ -133,8 +156,11 @@ pub async fn run(registry: Registry, ctx: Context, mut shutdown: watch::Receiver
                 let last_try = last_transfer.get(&shard.id).copied();
                 let (registry, ctx, clocks) = (&registry, &ctx, &clocks);
                 async move {
-                    let tried =
-                        lead(registry, &shard, ctx, clocks, clock_off, since, last_try).await;
+                    let clock = ClockState {
+                        off: clock_off,
+                        chores_paused,
+                    };
+                    let tried = lead(registry, &shard, ctx, clocks, clock, since, last_try).await;
                     (shard.id, tried)
                 }
             })
@@ -151,6 +177,20 @@ pub async fn run(registry: Registry, ctx: Context, mut shutdown: watch::Receiver
     }
 }
 
+/// What a tick knows of this node's clock.
+#[derive(Clone, Copy)]
+struct ClockState {
+    /// Off from the peers' for two ticks in a row: leadership goes.
+    off: bool,
+    /// Off, or maybe off (one tick, or a step of the wall clock not yet
+    /// checked by the peers): no chore that reads the clock runs.
+    chores_paused: bool,
+}
+
+/// How long after a step of this node's wall clock the chores that read it
+/// wait: long enough for a round of pings to measure it against the peers'.
+const CLOCK_STEP_SETTLE: Duration = Duration::from_secs(5);
+
 /// One led shard's tick: its chores, then a leadership hand-over if one is
 /// due, else a try at going quiet. Returns when it tried a hand-over.
 async fn lead(
@@ -158,14 +198,15 @@ async fn lead(
     shard: &Shard,
     ctx: &Context,
     clocks: &ClockReport,
-    clock_off: bool,
+    clock: ClockState,
     since: Instant,
     last_try: Option<Instant>,
 ) -> Option<Instant> {
+    let clock_off = clock.off;
     let result = if shard.is_quiet() {
-        quiet_chores(registry, shard, ctx, clock_off).await
+        quiet_chores(registry, shard, ctx, clock.chores_paused).await
     } else {
-        chores(registry, shard, ctx, clock_off).await
+        chores(registry, shard, ctx, clock.chores_paused).await
     };
     if let Err(e) = result {
         tracing::debug!(shard = %shard.id, error = %e, "leader chores");

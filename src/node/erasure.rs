@@ -187,15 +187,20 @@ fn reseal_records(state: &sled::Tree, ring: &KeyRing, epoch: u64) -> io::Result<
 
 /// Asks openraft for the snapshot or purge that clears a shard's past epochs.
 async fn act(shard: &Shard, found: &Findings) {
-    let snapshot_upto = shard
-        .raft
-        .metrics()
-        .borrow_watched()
-        .snapshot
-        .as_ref()
-        .map(|id| id.index);
+    let (snapshot_upto, applied) = {
+        let m = shard.raft.metrics();
+        let m = m.borrow_watched();
+        (
+            m.snapshot.as_ref().map(|id| id.index),
+            m.last_applied.as_ref().map(|id| id.index),
+        )
+    };
     let purge = match found.log_sealed_upto {
         Some(upto) if snapshot_upto >= Some(upto) => Some(upto),
+        // Entries sealed with a past key are not applied yet (a replica cut
+        // off from its leader): a snapshot now would cover nothing new, and
+        // one every round would copy the whole tree for nothing.
+        Some(_) if applied <= snapshot_upto => return,
         Some(_) => None,
         None if found.old_snapshot_key => None,
         None => return,

@@ -205,8 +205,8 @@ impl StateMachine {
         snapshot::verify(path)?;
         let snapshot_key = read_snapshot_key(path)?;
         let ring = self.keys.clone();
-        let _sealing = ring.hold();
-        let (epoch, key) = ring.current_key()?;
+        // The key new seals use, looked up again when the epoch moves on.
+        let mut sealing_with: Option<(u64, Key)> = None;
         // Readers refuse what they read from here to the end. On an error
         // the count stays odd: the tree is half loaded, and the shard stops.
         self.loads.step();
@@ -222,13 +222,22 @@ impl StateMachine {
             {
                 return Ok(());
             }
-            let v = if k.first() == Some(&keys::TAG_MESSAGE) && sealing::sealed_epoch(&v)?.is_some()
-            {
-                let m = sealing::open_message(&self.keys, &v, snapshot_key.as_ref())?;
-                sealing::seal_message(m, epoch, &key)
-            } else {
-                v
-            };
+            if k.first() != Some(&keys::TAG_MESSAGE) || sealing::sealed_epoch(&v)?.is_none() {
+                self.tree.insert(k, v).map_err(io::Error::other)?;
+                return Ok(());
+            }
+            // Held from choosing the key to the record being in the tree,
+            // so the eraser cannot destroy the key under it; and only that
+            // long: the eraser waits for every holder, and every write of
+            // every shard on this node waits behind the eraser.
+            let _sealing = ring.hold();
+            let epoch = ring.current_epoch();
+            if sealing_with.as_ref().is_none_or(|(e, _)| *e != epoch) {
+                sealing_with = Some(ring.current_key()?);
+            }
+            let (epoch, key) = sealing_with.as_ref().expect("set above");
+            let m = sealing::open_message(&self.keys, &v, snapshot_key.as_ref())?;
+            let v = sealing::seal_message(m, *epoch, key);
             self.tree.insert(k, v).map_err(io::Error::other)?;
             Ok(())
         })?;

@@ -74,6 +74,13 @@ impl KeyRing {
                 continue;
             }
             if name.starts_with("epoch-") && name.ends_with(".key") {
+                let bytes = std::fs::read(entry.path())?;
+                if bytes.len() == KEY_FILE_BYTES && bytes.iter().all(|b| *b == 0) {
+                    // A destroy cut short between its overwrite and its
+                    // removal: the key is gone already; finish it.
+                    destroy_key_file(&entry.path())?;
+                    continue;
+                }
                 let (epoch, key) = read_key_file(&entry.path())?;
                 keys.insert(epoch, key);
             }
@@ -283,6 +290,21 @@ fn sync_parent(path: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A key file a crash left overwritten but not removed does not stop
+    /// the ring from opening: its destruction is finished.
+    #[test]
+    fn a_destroy_cut_short_is_finished_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let kept = dir.path().join("epoch-7.key");
+        write_key_file(&kept, 7, &new_key()).unwrap();
+        let zeroed = dir.path().join("epoch-3.key");
+        std::fs::write(&zeroed, [0u8; KEY_FILE_BYTES]).unwrap();
+        let ring = KeyRing::open(dir.path(), Duration::from_secs(300)).unwrap();
+        assert!(!zeroed.exists());
+        assert!(kept.exists());
+        assert!(ring.current_epoch() >= 7);
+    }
 
     #[test]
     fn seal_open_and_destroy() {
