@@ -702,7 +702,7 @@ pub async fn transfer_leader(
         println!(
             "would move shard {shard}'s leadership from node {leader} to {}",
             to.map(|t| format!("node {t}"))
-                .unwrap_or_else(|| "a caught-up voter in its preferred region".into())
+                .unwrap_or_else(|| "a caught-up voter the leader picks".into())
         );
         return Ok(0);
     }

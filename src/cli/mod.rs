@@ -54,7 +54,8 @@ pub enum Cmd {
     Shards,
     /// Compare per-chat digests across every replica of every shard.
     Verify,
-    /// Check that a newly started node is up and empty, ready for rebalance.
+    /// Check that a newly started node is up and in this cluster, and clear
+    /// its draining mark if it has one, ready for rebalance.
     AddNode {
         /// The new node's id.
         #[arg(long)]
@@ -85,8 +86,9 @@ pub enum Cmd {
         #[arg(long)]
         dry_run: bool,
     },
-    /// Hand a shard's leadership to a voter (default: a caught-up one in the
-    /// shard's preferred region).
+    /// Hand a shard's leadership to a voter (default: the leader picks a
+    /// caught-up voter other than itself, one in the shard's preferred region
+    /// first, else the lowest id).
     TransferLeader {
         shard: u64,
         to: Option<u64>,
