@@ -628,16 +628,15 @@ async fn read_your_writes_across_routers_and_a_leader_kill() {
         if i == 30 {
             cluster.start_node(killed.unwrap());
         }
-        let sent = writer
-            .send(pb::SendRequest {
-                chat_id: chat,
-                sender_id: 1,
-                client_msg_id: i,
-                body: format!("m{i}").into_bytes().into(),
-                min_token: token.clone(),
-                ..Default::default()
-            })
-            .await;
+        let request = || pb::SendRequest {
+            chat_id: chat,
+            sender_id: 1,
+            client_msg_id: i,
+            body: format!("m{i}").into_bytes().into(),
+            min_token: token.clone(),
+            ..Default::default()
+        };
+        let sent = writer.send(request()).await;
         let sent = match sent {
             Ok(s) => s.into_inner(),
             Err(s) if s.code() == Code::Unavailable => {
@@ -646,17 +645,7 @@ async fn read_your_writes_across_routers_and_a_leader_kill() {
                 let mut retried = None;
                 for _ in 0..60 {
                     tokio::time::sleep(Duration::from_millis(500)).await;
-                    match writer
-                        .send(pb::SendRequest {
-                            chat_id: chat,
-                            sender_id: 1,
-                            client_msg_id: i,
-                            body: format!("m{i}").into_bytes().into(),
-                            min_token: token.clone(),
-                            ..Default::default()
-                        })
-                        .await
-                    {
+                    match writer.send(request()).await {
                         Ok(s) => {
                             retried = Some(s.into_inner());
                             break;

@@ -410,11 +410,7 @@ impl Ops {
                 Ok(r) => return Ok(r.into_inner()),
                 Err(s) => s,
             };
-            let retryable = matches!(
-                status.code(),
-                Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled
-            );
-            if !retryable || started.elapsed() > LEADER_WAIT {
+            if !may_retry(&status) || started.elapsed() > LEADER_WAIT {
                 bail!("{}", describe(&addr, &status));
             }
             match leader_hint(&status) {
@@ -679,6 +675,16 @@ fn check_regions(view: &View, voters: &[u64], from: u64, to: u64) -> anyhow::Res
         }
     }
     Ok(())
+}
+
+/// Whether an admin call that failed with `status` may be sent again: it
+/// did not reach the node, or its outcome is unknown (every admin call is
+/// safe to repeat).
+fn may_retry(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled
+    )
 }
 
 /// A status error as a sentence that names the node.
@@ -1093,11 +1099,7 @@ impl Ops {
                 Ok(_) => return Ok(()),
                 Err(s) => s,
             };
-            let retryable = matches!(
-                status.code(),
-                Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled
-            );
-            if !retryable || started.elapsed() > LEADER_WAIT {
+            if !may_retry(&status) || started.elapsed() > LEADER_WAIT {
                 bail!("{}", describe(&addr, &status));
             }
             tokio::time::sleep(POLL * 2).await;

@@ -782,23 +782,7 @@ mod tests {
     fn a_difference_stops_at_its_byte_budget() {
         let (_dir, storage, tree) = state_tree();
         let chat = 9;
-        let body = "b".repeat(1000);
-        for seq in 1..=5u64 {
-            let m = message(chat, seq, seq, &body);
-            tree.insert(keys::message(chat, seq), m.encode_to_vec())
-                .unwrap();
-            tree.insert(
-                keys::change(chat, seq),
-                change(seq, seq, ChangeKind::New).encode_to_vec(),
-            )
-            .unwrap();
-        }
-        let rec = ChatRecord {
-            last_seq: 5,
-            last_pts: 5,
-            ..Default::default()
-        };
-        tree.insert(keys::chat(chat), rec.encode_to_vec()).unwrap();
+        sends_only(&tree, chat, 5, &"b".repeat(1000));
         let reader = StateReader::new(tree.clone(), storage.keys().clone(), Default::default());
         let seqs = |d: &crate::api::pb::ChatDifference| {
             d.changes.iter().map(|c| c.seq).collect::<Vec<_>>()
@@ -811,18 +795,11 @@ mod tests {
         assert_eq!((seqs(&rest), rest.pts, rest.more), (vec![4, 5], 5, false));
     }
 
-    /// A page of large messages read from sled stops at the byte bound with
-    /// the newest, in order, and the next page goes on below it; so does a
-    /// difference far behind (messages read one by one), which ends before
-    /// the change whose message it did not read.
-    #[test]
-    fn pages_of_large_messages_stop_at_the_byte_bound() {
-        let (_dir, storage, tree) = state_tree();
-        let chat = 3;
-        let last_seq = 400u64;
-        let body = "x".repeat(60 * 1024);
+    /// Writes a chat of `last_seq` messages of `body`, each sent (seq and pts
+    /// alike) and nothing else.
+    fn sends_only(tree: &sled::Tree, chat: u64, last_seq: u64, body: &str) {
         for seq in 1..=last_seq {
-            let m = message(chat, seq, seq, &body);
+            let m = message(chat, seq, seq, body);
             tree.insert(keys::message(chat, seq), m.encode_to_vec())
                 .unwrap();
             tree.insert(
@@ -837,6 +814,18 @@ mod tests {
             ..Default::default()
         };
         tree.insert(keys::chat(chat), rec.encode_to_vec()).unwrap();
+    }
+
+    /// A page of large messages read from sled stops at the byte bound with
+    /// the newest, in order, and the next page goes on below it; so does a
+    /// difference far behind (messages read one by one), which ends before
+    /// the change whose message it did not read.
+    #[test]
+    fn pages_of_large_messages_stop_at_the_byte_bound() {
+        let (_dir, storage, tree) = state_tree();
+        let chat = 3;
+        let last_seq = 400u64;
+        sends_only(&tree, chat, last_seq, &"x".repeat(60 * 1024));
         let reader = StateReader::new(tree, storage.keys().clone(), Default::default());
         let fits = super::PAGE_BYTES_MAX / (60 * 1024);
         let mut before = 0;
