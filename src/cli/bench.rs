@@ -922,6 +922,18 @@ async fn closed_loop(
     ));
     tokio::time::sleep_until(window.measure_from.into()).await;
     let cpu_start = CpuSample::take(args.server_pid);
+    // A timed run's CPU is sampled when its window ends, the same span its
+    // rates are per second of, not after the last answer came in.
+    let cpu_at_end = match window.end {
+        End::At(end) => {
+            let pid = args.server_pid;
+            Some(tokio::spawn(async move {
+                tokio::time::sleep_until(end.into()).await;
+                CpuSample::take(pid)
+            }))
+        }
+        End::After { .. } => None,
+    };
     let mut stats = Stats::default();
     // Rows in a fixed order, and a row even for an operation that never ran.
     for op in mix.ops() {
@@ -941,7 +953,10 @@ async fn closed_loop(
     if let End::At(end) = window.end {
         window_end = end;
     }
-    let cpu_end = CpuSample::take(args.server_pid);
+    let cpu_end = match cpu_at_end {
+        Some(sampled) => sampled.await.context("the CPU sampler panicked")?,
+        None => CpuSample::take(args.server_pid),
+    };
     drawing.store(false, Ordering::Relaxed);
     let _ = drawer.await;
     line.finish_and_clear();

@@ -58,7 +58,10 @@ pub struct ClusterConfig {
     /// cluster is created (see `cluster::placement`): 2 spreads leaders and
     /// replica sets over a region's nodes; 1, the first scheme, put every
     /// shard preferring a region on the same node of it when regions hold
-    /// as many nodes as there are regions.
+    /// as many nodes as there are regions. Absent means 1, what every
+    /// cluster created before the field was built with (and what a binary
+    /// that does not know the field reads a config without it as); new
+    /// configs say 2.
     #[serde(default = "default_placement_version")]
     pub placement_version: u32,
     /// Regions in the order used to assign preferred leader regions.
@@ -351,7 +354,7 @@ fn default_replication_factor() -> u32 {
     3
 }
 fn default_placement_version() -> u32 {
-    crate::cluster::placement::PLACEMENT_VERSION
+    1
 }
 fn default_data_root() -> PathBuf {
     PathBuf::from("data")

@@ -23,7 +23,8 @@ use std::collections::BTreeMap;
 use crate::cluster::ClusterConfig;
 use crate::types::{ChatId, NodeId, ShardId};
 
-/// The placement scheme a new cluster gets (`placement_version`).
+/// The newest placement scheme (`placement_version`; the shipped configs
+/// name it).
 pub const PLACEMENT_VERSION: u32 = 2;
 
 /// Number of slots. Fixed forever: changing it moves every chat.
@@ -315,7 +316,9 @@ mod tests {
         let nodes: Vec<(u64, &str)> = (1..=9)
             .map(|i| (i, ["eu", "us", "ap"][((i - 1) / 3) as usize]))
             .collect();
-        let p = Placement::new(&config(&nodes, 90));
+        let mut spread = config(&nodes, 90);
+        spread.placement_version = 2;
+        let p = Placement::new(&spread);
         for n in 1..=9 {
             assert_eq!(p.shards_on(NodeId(n)).len(), 30, "node {n}");
         }
@@ -335,9 +338,8 @@ mod tests {
         assert!(sets.len() >= 9, "{} replica sets", sets.len());
         // The first scheme led every shard from nodes 1, 5 and 9; it stays
         // for clusters created with it.
-        let mut c = config(&nodes, 90);
-        c.placement_version = 1;
-        let v1 = Placement::new(&c);
+        let v1 = Placement::new(&config(&nodes, 90));
+        assert_eq!(config(&nodes, 90).placement_version, 1, "absent means 1");
         let v1_leaders: std::collections::BTreeSet<NodeId> =
             (0..90).map(|s| v1.replicas(ShardId(s))[0]).collect();
         assert_eq!(v1_leaders.len(), 3, "{v1_leaders:?}");

@@ -410,16 +410,17 @@ impl Node {
         } else {
             Vec::new()
         };
-        // What the first placement scheme gave this node, for a cluster
-        // created before the current one.
-        let first_scheme: Vec<ShardId> = if me.bootstrap && config.placement_version != 1 {
-            let mut earlier = config.clone();
-            earlier.placement_version = 1;
-            Placement::new(&earlier).shards_on(id)
+        // What the other placement scheme gives this node, to say so when
+        // the config names the wrong one for its data folder.
+        let other_version = if config.placement_version == 1 { 2 } else { 1 };
+        let other_scheme: Vec<ShardId> = if me.bootstrap {
+            let mut other = config.clone();
+            other.placement_version = other_version;
+            Placement::new(&other).shards_on(id)
         } else {
             initial.clone()
         };
-        check_initial_shards(&storage, &initial, &first_scheme)?;
+        check_initial_shards(&storage, &initial, (other_version, &other_scheme))?;
         // The stamps on disk before any vote or entry is: a folder with
         // votes but no identity would take any id next time.
         storage.open_tree(trees::NODE_TREE)?.flush_async().await?;
@@ -525,7 +526,8 @@ impl Node {
                 .is_err()
             {
                 tracing::warn!(
-                    "calls still open {SERVER_STOP_WAIT:?} after the stop began; closing them"
+                    "calls still open {SERVER_STOP_WAIT:?} after the stop began; stopping the \
+                     shards under them (the process exits after)"
                 );
                 s.abort();
             }
@@ -578,7 +580,7 @@ fn check_identity(storage: &Storage, config: &ClusterConfig, id: NodeId) -> anyh
 fn check_initial_shards(
     storage: &Storage,
     initial: &[ShardId],
-    first_scheme: &[ShardId],
+    (other_version, other_scheme): (u32, &[ShardId]),
 ) -> anyhow::Result<()> {
     let tree = storage.open_tree(trees::NODE_TREE)?;
     let joined = |shards: &[ShardId]| {
@@ -591,10 +593,9 @@ fn check_initial_shards(
     let want = joined(initial);
     match tree.get("initial-shards")? {
         Some(v) if v.as_ref() == want.as_bytes() => Ok(()),
-        Some(v) if v.as_ref() == joined(first_scheme).as_bytes() => anyhow::bail!(
-            "this node's data folder {} was created with the first placement scheme: add \
-             `placement_version = 1` to the cluster config (on every node and router) and start \
-             again",
+        Some(v) if v.as_ref() == joined(other_scheme).as_bytes() => anyhow::bail!(
+            "this node's data folder {} was created with placement_version = {other_version}: \
+             set that in the cluster config (on every node and router) and start again",
             storage.dir().display()
         ),
         Some(v) => anyhow::bail!(
@@ -723,13 +724,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let storage = crate::storage::Storage::open(dir.path()).unwrap();
         let first = [ShardId(0), ShardId(3)];
-        super::check_initial_shards(&storage, &first, &first).unwrap();
-        super::check_initial_shards(&storage, &first, &first).unwrap();
-        let err = super::check_initial_shards(&storage, &[ShardId(0), ShardId(2)], &[ShardId(0)])
-            .unwrap_err();
+        super::check_initial_shards(&storage, &first, (2, &first)).unwrap();
+        super::check_initial_shards(&storage, &first, (2, &first)).unwrap();
+        let err =
+            super::check_initial_shards(&storage, &[ShardId(0), ShardId(2)], (2, &[])).unwrap_err();
         assert!(err.to_string().contains("started with [0,3]"), "{err}");
-        // A folder from the first placement scheme is told how to start.
-        let err = super::check_initial_shards(&storage, &[ShardId(1)], &first).unwrap_err();
+        // A folder from the other placement scheme is told how to start.
+        let err = super::check_initial_shards(&storage, &[ShardId(1)], (1, &first)).unwrap_err();
         assert!(err.to_string().contains("placement_version = 1"), "{err}");
     }
 }

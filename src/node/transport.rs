@@ -272,9 +272,10 @@ impl RaftTransport for TransportService {
     ) -> Result<Response<RaftReply>, Status> {
         let certs = request.peer_certs();
         let mut stream = request.into_inner();
-        let first = stream
-            .next()
+        let stall = crate::shard::network::SNAPSHOT_STALL_MAX;
+        let first = tokio::time::timeout(stall, stream.next())
             .await
+            .map_err(|_| Status::deadline_exceeded(format!("no snapshot data for {stall:?}")))?
             .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))??;
         if first.format_version != RAFT_WIRE_VERSION {
             return Err(Status::invalid_argument("unsupported raft wire version"));

@@ -371,7 +371,7 @@ impl StateReader {
         // from the root), so that window is read forwards, and only a page
         // it leaves short goes on backwards from the window's start.
         // The window holds at most a page's bytes: its oldest records go
-        // as newer ones come past that, and the page then ends there.
+        // as newer ones come past that.
         let start = end.saturating_sub(limit as u64);
         let mut from = start.max(1);
         let mut window = std::collections::VecDeque::with_capacity(limit);
@@ -390,7 +390,6 @@ impl StateReader {
                 from = oldest.seq + 1;
             }
         }
-        let cut_short = from > start.max(1);
         let mut out: Vec<pb::Message> = window
             .iter()
             .filter(|m| visible(m, now))
@@ -401,11 +400,14 @@ impl StateReader {
             self.chats.fill_tail(chat, from, end, window, miss);
         }
         out.reverse();
+        // Short of `limit` (removed or hidden messages), the page goes on
+        // backwards from the oldest record the window kept; a window cut
+        // short by bytes may have kept only hidden ones.
         let mut bytes: usize = out.iter().map(|m| m.encoded_len()).sum();
-        if out.len() < limit && !cut_short {
+        if out.len() < limit {
             for pair in self
                 .tree
-                .range(keys::message(chat, 0)..keys::message(chat, start))
+                .range(keys::message(chat, 0)..keys::message(chat, from))
                 .rev()
             {
                 if out.len() >= limit || bytes > PAGE_BYTES_MAX {
@@ -846,6 +848,28 @@ mod tests {
         }
         let all: Vec<u64> = (1..=last_seq).rev().collect();
         assert_eq!(seen, all, "pages cover every message once, newest first");
+        // The newest 60 hidden (their timers ran out, not yet removed): the
+        // window of the newest 50 holds only hidden ones, and the page goes
+        // on below them.
+        let (_dir2, storage2, tree2) = state_tree();
+        sends_only(&tree2, chat, last_seq, &"x".repeat(60 * 1024));
+        for seq in last_seq - 59..=last_seq {
+            let mut m = message(chat, seq, seq, &"x".repeat(60 * 1024));
+            m.expire_at_ms = 1;
+            tree2
+                .insert(keys::message(chat, seq), m.encode_to_vec())
+                .unwrap();
+        }
+        let reader2 = StateReader::new(tree2, storage2.keys().clone(), Default::default());
+        let page: Vec<u64> = reader2
+            .history(chat, 0, 50)
+            .unwrap()
+            .iter()
+            .map(|m| m.seq)
+            .collect();
+        let below: Vec<u64> = (1..=last_seq - 60).rev().take(page.len()).collect();
+        assert!(!page.is_empty() && page.len() <= fits, "{}", page.len());
+        assert_eq!(page, below, "the newest visible messages, newest first");
 
         let seqs = |d: &crate::api::pb::ChatDifference| {
             d.changes.iter().map(|c| c.seq).collect::<Vec<_>>()
