@@ -36,9 +36,14 @@ fn run(bin: &str, args: &[&str]) -> (i32, String, String) {
 /// chatctl as an operator: the cluster CA, the admin certificate, and the
 /// token file given.
 fn chatctl(certs: &Path, token: &str, args: &[&str]) -> (i32, String, String) {
+    chatctl_as(certs, "admin", token, args)
+}
+
+/// chatctl with the certificate `<who>.pem` and the token file given.
+fn chatctl_as(certs: &Path, who: &str, token: &str, args: &[&str]) -> (i32, String, String) {
     let ca = certs.join("ca.pem");
-    let cert = certs.join("admin.pem");
-    let key = certs.join("admin.key");
+    let cert = certs.join(format!("{who}.pem"));
+    let key = certs.join(format!("{who}.key"));
     let token = certs.join(token);
     let mut all: Vec<&str> = vec![
         "--ca",
@@ -326,6 +331,22 @@ async fn tls_mutual_auth_and_tokens_keep_out_whoever_does_not_belong() {
     );
     assert_eq!(code, 2);
     assert!(err.contains("admin token"), "{err}");
+    // An admin token from a router's host (routers hold the file) with the
+    // router's certificate: refused too, an operator needs both.
+    let (code, _, err) = chatctl_as(
+        &certs,
+        "router",
+        "admin.tokens",
+        &[
+            "--endpoints",
+            &endpoints,
+            "transfer-leader",
+            &shard.to_string(),
+            &other.to_string(),
+        ],
+    );
+    assert_eq!(code, 2);
+    assert!(err.contains("operator's certificate"), "{err}");
     let (code, out, _) = chatctl(
         &certs,
         "service.tokens",

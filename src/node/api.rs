@@ -39,8 +39,9 @@ pub const WRITE_COMMANDS_MAX: usize = 1_024;
 pub struct NodeApiService {
     pub registry: Registry,
     pub node_id: NodeId,
-    /// Snapshots and digests are for operators: admin tokens.
-    pub tokens: crate::security::Tokens,
+    /// Snapshots and digests are for operators: an admin token, and with
+    /// TLS the operator's certificate.
+    pub operator: crate::security::Operator,
     /// Set when the node stops: read streams end then, or the server's
     /// graceful shutdown would wait on them for ever.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
@@ -400,6 +401,7 @@ impl NodeApi for NodeApiService {
         &self,
         request: Request<ChatDigestsRequest>,
     ) -> Result<Response<ChatDigestsReply>, Status> {
+        self.operator.check(&request)?;
         let id = request.into_inner().shard_id;
         let shard = self.shard(id)?;
         let loads = shard.reader.loads().count();
@@ -433,8 +435,7 @@ impl NodeApi for NodeApiService {
         &self,
         request: Request<ShardRequest>,
     ) -> Result<Response<ShardStatus>, Status> {
-        self.tokens
-            .check(request.metadata(), crate::security::Role::Admin)?;
+        self.operator.check(&request)?;
         let shard = self.shard(request.into_inner().shard_id)?;
         build_snapshot(&shard).await?;
         Ok(Response::new(shard_status(&shard, &self.registry)))

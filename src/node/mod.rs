@@ -648,17 +648,23 @@ async fn serve(
     let node_api = pb::node::node_api_server::NodeApiServer::new(api::NodeApiService {
         registry: registry.clone(),
         node_id: registry.node_id(),
-        tokens: security.tokens.clone(),
+        operator: crate::security::Operator {
+            tokens: security.tokens.clone(),
+            tls: security.tls.is_some(),
+        },
         shutdown: shutdown.clone(),
     })
     .max_decoding_message_size(api::NODE_API_MESSAGE_BYTES_MAX);
-    let tokens = security.tokens.clone();
+    let operator = crate::security::Operator {
+        tokens: security.tokens.clone(),
+        tls: security.tls.is_some(),
+    };
     let admin_api = pb::node::admin_server::AdminServer::with_interceptor(
         admin::AdminService {
             registry: registry.clone(),
         },
         move |request: tonic::Request<()>| {
-            tokens.check(request.metadata(), crate::security::Role::Admin)?;
+            operator.check(&request)?;
             Ok(request)
         },
     );

@@ -79,8 +79,9 @@ impl TransportService {
         Ok(())
     }
 
-    /// Refuses entries or a snapshot from node `from` unless they come in
-    /// its own name as leader (`vote`). Membership is not asked: a replica
+    /// Refuses entries, a snapshot or a vote request from node `from`
+    /// unless they come in its own name (`vote`: as leader, or as the
+    /// candidate). Membership is not asked: a replica
     /// that missed the entry adding a new leader learns it only from that
     /// leader, and refusing it would keep the replica behind for good.
     /// openraft's own vote checks refuse a stale leader.
@@ -94,7 +95,7 @@ impl TransportService {
         let leader = *openraft::vote::RaftLeaderId::node_id(vote.leader_id());
         if leader != from {
             return Err(Status::permission_denied(format!(
-                "node {from} sent entries in the name of leader {leader}"
+                "node {from} sent a request in the name of node {leader}"
             )));
         }
         Ok(())
@@ -145,6 +146,45 @@ impl TransportService {
             Ok(resp) => ok(&resp).into_inner(),
             Err(e) => err(e.to_string()).into_inner(),
         })
+    }
+
+    /// A vote or pre-vote request, checked like other calls but for one
+    /// case: a candidate this replica does not know as a member whose log
+    /// reaches further than its own. A replica that missed a membership
+    /// change learns of new members only from their entries, and a leader
+    /// elected without its vote is one it must then follow; refused, a
+    /// shard whose other voters are that candidate and this replica could
+    /// elect no one. openraft still grants a vote only to an up-to-date log.
+    fn candidate(
+        &self,
+        request: Request<RaftRequest>,
+        what: &'static str,
+    ) -> Result<
+        (
+            Arc<Shard>,
+            openraft::raft::VoteRequest<crate::shard::types::TypeConfig>,
+        ),
+        Status,
+    > {
+        let shard = self.shard(request.get_ref())?;
+        let certs = request.peer_certs();
+        let req = request.into_inner();
+        let rpc: openraft::raft::VoteRequest<crate::shard::types::TypeConfig> =
+            from_postcard(&req.payload, what)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let ahead = rpc
+            .last_log_id
+            .as_ref()
+            .is_some_and(|id| id.index > shard.last_log_index());
+        if ahead {
+            self.check_leader(certs.as_deref(), req.from_node, &rpc.vote)?;
+        } else {
+            self.check_sender(certs.as_deref(), &shard, req.from_node)?;
+        }
+        if shard.is_quiet() && shard.wake() {
+            metrics::counter!(crate::metrics::SHARD_WAKES, "cause" => what).increment(1);
+        }
+        Ok((shard, rpc))
     }
 
     fn shard(&self, req: &RaftRequest) -> Result<Arc<Shard>, Status> {
@@ -247,11 +287,19 @@ impl RaftTransport for TransportService {
     }
 
     async fn vote(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
-        forward!(self, request, vote, "vote request")
+        let (shard, rpc) = self.candidate(request, "vote request")?;
+        match shard.raft.vote(rpc).await {
+            Ok(resp) => Ok(ok(&resp)),
+            Err(e) => Ok(err(e.to_string())),
+        }
     }
 
     async fn pre_vote(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
-        forward!(self, request, pre_vote, "pre-vote request")
+        let (shard, rpc) = self.candidate(request, "pre-vote request")?;
+        match shard.raft.pre_vote(rpc).await {
+            Ok(resp) => Ok(ok(&resp)),
+            Err(e) => Ok(err(e.to_string())),
+        }
     }
 
     async fn transfer_leader(

@@ -215,7 +215,7 @@ fn load_tokens(path: &Path) -> anyhow::Result<Vec<[u8; 32]>> {
     }
     let mut out = Vec::new();
     for (n, line) in text.lines().enumerate() {
-        let t = line.split('#').next().unwrap_or("").trim();
+        let t = token_part(line);
         if t.is_empty() {
             continue;
         }
@@ -231,6 +231,21 @@ fn load_tokens(path: &Path) -> anyhow::Result<Vec<[u8; 32]>> {
     Ok(out)
 }
 
+/// The token on a line of a token file: a `#` starts a comment at the start
+/// of the line or after a space or tab, never inside a token (cut there, a
+/// token would be refused to whoever holds it and given to whoever knows
+/// only its start).
+fn token_part(line: &str) -> &str {
+    let line = line.trim();
+    if line.starts_with('#') {
+        return "";
+    }
+    match line.find([' ', '\t']) {
+        Some(end) if line[end..].trim_start().starts_with('#') => &line[..end],
+        _ => line,
+    }
+}
+
 /// Says so in the log when a token file holds no token.
 fn warn_if_empty(tokens: &[[u8; 32]], path: &Path) {
     if tokens.is_empty() {
@@ -244,6 +259,32 @@ fn load_sets(files: &(PathBuf, PathBuf)) -> anyhow::Result<TokenSets> {
         service: load_tokens(&files.0)?,
         admin: load_tokens(&files.1)?,
     })
+}
+
+/// What an operator's call to a node carries: an admin token and, with TLS,
+/// the operator's certificate (`admin.chatstore`). The token alone is not
+/// enough: routers hold the admin token file (moderation through them needs
+/// it), and a router's host must not become a cluster operator.
+#[derive(Clone)]
+pub struct Operator {
+    pub tokens: Tokens,
+    pub tls: bool,
+}
+
+impl Operator {
+    pub fn check<T>(&self, request: &tonic::Request<T>) -> Result<(), tonic::Status> {
+        if self.tls {
+            let certs = request.peer_certs();
+            let certs = certs.as_deref().map(Vec::as_slice).unwrap_or_default();
+            if !peer_is(certs, ADMIN_NAME) {
+                return Err(tonic::Status::permission_denied(format!(
+                    "operator calls need the operator's certificate ({ADMIN_NAME}) as well as \
+                     an admin token"
+                )));
+            }
+        }
+        self.tokens.check(request.metadata(), Role::Admin)
+    }
 }
 
 impl Tokens {
@@ -391,7 +432,7 @@ impl BearerToken {
             std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
         let token = text
             .lines()
-            .map(|l| l.split('#').next().unwrap_or("").trim())
+            .map(token_part)
             .find(|l| !l.is_empty())
             .with_context(|| format!("{} holds no token", path.display()))?;
         BearerToken::new(Some(token))
@@ -414,6 +455,26 @@ pub type AuthChannel =
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A `#` starts a comment only at the start of a line or after a space.
+    #[test]
+    fn comments_never_cut_a_token() {
+        assert_eq!(token_part("  # a comment"), "");
+        assert_eq!(
+            token_part("abcdefghijklmnopqrstuvwxyz # frontend"),
+            "abcdefghijklmnopqrstuvwxyz"
+        );
+        assert_eq!(token_part("abc#def\tghi"), "abc#def\tghi");
+        assert_eq!(
+            token_part("abcdefghijkl#mnopqrstuvwxyz"),
+            "abcdefghijkl#mnopqrstuvwxyz"
+        );
+        assert_eq!(
+            token_part("abcdefghijklmnopqrstuvwxyz\t# x"),
+            "abcdefghijklmnopqrstuvwxyz"
+        );
+        assert_eq!(token_part(""), "");
+    }
 
     fn tokens() -> Tokens {
         Tokens {
