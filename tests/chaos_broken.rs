@@ -37,7 +37,9 @@ async fn checker_reports_writes_lost_by_an_early_acking_leader() {
     c.inject(
         Fault::PartitionRegion,
         &mut rng,
-        Duration::from_secs(3),
+        // Past a new leader's election (about 2.5-3 s with the test
+        // timings), so the broken leader's early acks are lost for sure.
+        Duration::from_secs(5),
         &mut log,
     )
     .await;
@@ -51,7 +53,9 @@ async fn checker_reports_writes_lost_by_an_early_acking_leader() {
     c.inject(
         Fault::PartitionRegion,
         &mut rng,
-        Duration::from_secs(3),
+        // Past a new leader's election (about 2.5-3 s with the test
+        // timings), so the broken leader's early acks are lost for sure.
+        Duration::from_secs(5),
         &mut log,
     )
     .await;

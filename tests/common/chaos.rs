@@ -53,6 +53,8 @@ pub enum OpKind {
     Send {
         chat: u64,
         cmid: u64,
+        sender: u64,
+        body: String,
         outcome: Outcome<u64>,
     },
     Edit {
@@ -303,11 +305,12 @@ pub async fn run_session(
         let kind = if roll < 60 {
             n += 1;
             let cmid = (session as u64 + 1) * 1_000_000 + n;
+            let body = format!("s{session}-{n}");
             let req = pb::SendRequest {
                 chat_id: chat,
                 sender_id: sender,
                 client_msg_id: cmid,
-                body: format!("s{session}-{n}").into_bytes().into(),
+                body: body.clone().into_bytes().into(),
                 min_token: token.clone(),
                 ..Default::default()
             };
@@ -338,6 +341,8 @@ pub async fn run_session(
             OpKind::Send {
                 chat,
                 cmid,
+                sender,
+                body,
                 outcome,
             }
         } else if roll < 68 && !my_msgs.is_empty() {
@@ -549,7 +554,10 @@ pub async fn run(seed: u64, secs: u64, name: &str) -> (Vec<String>, Chaos) {
         tokio::time::sleep(Duration::from_millis(rng.random_range(500..1500))).await;
         let fault = faults[k % faults.len()];
         k += 1;
-        let hold = Duration::from_millis(rng.random_range(1500..3500));
+        // Long enough for the next replica in line to campaign and win
+        // (its lease, then its election timeout, then a vote: about 2.5-3 s
+        // with the test timings): a shorter fault is only a stall.
+        let hold = Duration::from_millis(rng.random_range(3000..5000));
         let t = started.elapsed();
         chaos.inject(fault, &mut rng, hold, &mut log).await;
         eprintln!("t={t:.1?}: {}", log.last().unwrap());
@@ -684,18 +692,46 @@ pub async fn check_on(nodes: &Client, node_ids: &[u64], history: &History) -> Ve
             .map(|r| r[0].iter().map(|m| (m.client_msg_id, m.clone())).collect())
             .unwrap_or_default()
     };
-    // Sends: every acknowledged one is there at its seq.
-    let mut send_seq: BTreeMap<(u64, u64), u64> = BTreeMap::new();
+    // Messages some edit or delete was sent for, whatever its outcome.
+    let changed: BTreeSet<(u64, u64)> = ops
+        .iter()
+        .filter_map(|op| match &op.kind {
+            OpKind::Edit { chat, seq, .. } | OpKind::Delete { chat, seq, .. } => {
+                Some((*chat, *seq))
+            }
+            _ => None,
+        })
+        .collect();
+    // Sends: every acknowledged one is there at its seq, from its sender,
+    // and (if nothing was sent to change it) with the body it was sent with.
     for op in &ops {
         if let OpKind::Send {
             chat,
             cmid,
+            sender,
+            body,
             outcome: Outcome::Ok(seq),
         } = &op.kind
         {
-            send_seq.insert((*chat, *seq), *cmid);
             match by_id(*chat).get(cmid) {
-                Some(m) if m.seq == *seq => {}
+                Some(m) if m.seq == *seq => {
+                    if m.sender_id != *sender {
+                        bad.push(format!(
+                            "send {chat}/{cmid} (seq {seq}) is stored from sender {} not {sender}",
+                            m.sender_id
+                        ));
+                    }
+                    if !changed.contains(&(*chat, *seq))
+                        && (m.deleted || m.body[..] != *body.as_bytes())
+                    {
+                        bad.push(format!(
+                            "send {chat}/{cmid} (seq {seq}) was never edited but reads {:?} \
+                             (deleted: {}), not {body:?}",
+                            String::from_utf8_lossy(&m.body),
+                            m.deleted
+                        ));
+                    }
+                }
                 Some(m) => bad.push(format!(
                     "acknowledged send {chat}/{cmid} was seq {seq} but is stored at {}",
                     m.seq

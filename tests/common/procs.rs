@@ -97,7 +97,8 @@ impl ProcessCluster {
     }
 
     /// SIGSTOP (`stop = true`) or SIGCONT a node process.
-    pub fn pause_node(&self, id: u64, stop: bool) {
+    pub fn pause_node(&mut self, id: u64, stop: bool) {
+        self.assert_still_running(id);
         if let Some(c) = self.nodes.get(&id) {
             let sig = if stop { "-STOP" } else { "-CONT" };
             let status = Command::new("kill")
@@ -108,8 +109,20 @@ impl ProcessCluster {
         }
     }
 
+    /// Fails the test if node `id`, started by this cluster, has exited on
+    /// its own (a panic, or a data folder it could not open after a kill):
+    /// a fault aimed at it would hide that.
+    pub fn assert_still_running(&mut self, id: u64) {
+        if let Some(c) = self.nodes.get_mut(&id) {
+            if let Ok(Some(status)) = c.try_wait() {
+                panic!("node {id} exited on its own: {status}");
+            }
+        }
+    }
+
     /// SIGKILL.
     pub fn kill_node(&mut self, id: u64) {
+        self.assert_still_running(id);
         if let Some(mut c) = self.nodes.remove(&id) {
             let _ = c.kill();
             let _ = c.wait();
