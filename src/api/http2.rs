@@ -60,6 +60,12 @@ pub fn incoming(
         .map(|conn| conn.map(CoalescedWrites::new))
 }
 
+impl<T: crate::security::tls::RemoteIp> crate::security::tls::RemoteIp for CoalescedWrites<T> {
+    fn remote_ip(&self) -> Option<std::net::IpAddr> {
+        self.inner.remote_ip()
+    }
+}
+
 /// Largest run of bytes [`CoalescedWrites`] gathers before it writes.
 const COALESCE_BYTES_MAX: usize = 256 * 1024;
 /// Turns of the runtime a flush waits out before it writes. Measured under

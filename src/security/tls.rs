@@ -33,12 +33,65 @@ use tokio::sync::mpsc;
 use tonic::codegen::http::Uri;
 
 /// Longest a server waits for a client to finish its TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Handshaken connections waiting for the server to take them.
 const ACCEPTED_QUEUE: usize = 64;
 /// Most TLS handshakes under way at once; more connections wait to be
 /// accepted.
 const HANDSHAKES_MAX: usize = 1024;
+/// Most TLS handshakes under way at once from one address; a connection
+/// past it is closed at once. Without it, connections that never finish a
+/// handshake, from one host, could hold every slot above and keep peers,
+/// routers and operators from connecting.
+const HANDSHAKES_PER_SOURCE_MAX: usize = 64;
+
+/// A connection that can tell where it comes from.
+pub trait RemoteIp {
+    fn remote_ip(&self) -> Option<std::net::IpAddr>;
+}
+
+impl RemoteIp for TcpStream {
+    fn remote_ip(&self) -> Option<std::net::IpAddr> {
+        self.peer_addr().ok().map(|a| a.ip())
+    }
+}
+
+/// Handshakes under way per source address.
+#[derive(Default)]
+struct Sources(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+impl Sources {
+    /// Counts one more handshake from `ip`, if it is under the bound.
+    fn take(self: &Arc<Self>, ip: Option<std::net::IpAddr>) -> Option<SourceSlot> {
+        let Some(ip) = ip else {
+            return Some(SourceSlot(None));
+        };
+        let mut counts = self.0.lock().expect("handshake sources");
+        let n = counts.entry(ip).or_default();
+        if *n >= HANDSHAKES_PER_SOURCE_MAX {
+            return None;
+        }
+        *n += 1;
+        Some(SourceSlot(Some((self.clone(), ip))))
+    }
+}
+
+/// One handshake counted against its source until dropped.
+struct SourceSlot(Option<(Arc<Sources>, std::net::IpAddr)>);
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        if let Some((sources, ip)) = self.0.take() {
+            let mut counts = sources.0.lock().expect("handshake sources");
+            if let Some(n) = counts.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    counts.remove(&ip);
+                }
+            }
+        }
+    }
+}
 
 /// Where one process's TLS comes from.
 #[derive(Debug)]
@@ -216,8 +269,9 @@ impl Tls {
 
     /// `conns` after a TLS handshake each, with the server configuration
     /// current when each connection arrived. Handshakes run side by side (at
-    /// most [`HANDSHAKES_MAX`]), so a slow client holds up no one else; one
-    /// that fails or takes longer than [`HANDSHAKE_TIMEOUT`] is dropped.
+    /// most [`HANDSHAKES_MAX`], and [`HANDSHAKES_PER_SOURCE_MAX`] from one
+    /// address), so a slow client holds up no one else; one that fails or
+    /// takes longer than [`HANDSHAKE_TIMEOUT`] is dropped.
     /// Errors of `conns` pass through. Needs a certificate.
     pub fn incoming<IO, S>(
         &self,
@@ -228,7 +282,7 @@ impl Tls {
     >
     where
         S: Stream<Item = io::Result<IO>> + Send + 'static,
-        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        IO: AsyncRead + AsyncWrite + RemoteIp + Unpin + Send + 'static,
     {
         if self.files.identity.is_none() {
             bail!("a TLS server needs a certificate and key");
@@ -236,6 +290,7 @@ impl Tls {
         let tls = self.clone();
         let (tx, rx) = mpsc::channel(ACCEPTED_QUEUE);
         let handshakes = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_MAX));
+        let sources = Arc::new(Sources::default());
         tokio::spawn(async move {
             let mut conns = std::pin::pin!(conns);
             loop {
@@ -257,6 +312,13 @@ impl Tls {
                     }
                     Some(Ok(io)) => io,
                 };
+                let Some(source) = sources.take(io.remote_ip()) else {
+                    tracing::debug!(
+                        source = ?io.remote_ip(),
+                        "too many TLS handshakes from one address; connection closed"
+                    );
+                    continue;
+                };
                 let loaded = tls.current();
                 let config = match auth {
                     ClientAuth::Required => loaded.mutual_server.clone(),
@@ -265,7 +327,7 @@ impl Tls {
                 .expect("a TLS server has a certificate");
                 let tx = tx.clone();
                 tokio::spawn(async move {
-                    let _slot = slot;
+                    let _slot = (slot, source);
                     let acceptor = tokio_rustls::TlsAcceptor::from(config);
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
                         Ok(Ok(stream)) => {
@@ -376,6 +438,56 @@ mod tests {
         let made = tonic::codegen::Service::call(&mut connector, uri).await;
         drop(accepted);
         made.is_ok()
+    }
+
+    /// Connections from one address that never finish their handshake hold
+    /// at most their share of the slots: past it the next is closed at once,
+    /// and a client from another address still gets through.
+    #[tokio::test]
+    async fn stalled_handshakes_from_one_address_lock_no_one_else_out() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (ca_pem, cert_pem, key_pem) = issue("router.chatstore");
+        let ca = write(tmp.path(), "ca.pem", &ca_pem);
+        let cert = write(tmp.path(), "router.pem", &cert_pem);
+        let key = write(tmp.path(), "router.key", &key_pem);
+        let server = Tls::load(ca.clone(), Some((cert, key))).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let conns = tonic::transport::server::TcpIncoming::from(listener);
+        let accepted = server.incoming(ClientAuth::None, conns).unwrap();
+        let from_other = |n: usize| async move {
+            let mut stalled = Vec::new();
+            for _ in 0..n {
+                let socket = tokio::net::TcpSocket::new_v4().unwrap();
+                socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+                stalled.push(socket.connect(addr).await.unwrap());
+            }
+            stalled
+        };
+        let mut stalled = from_other(HANDSHAKES_PER_SOURCE_MAX).await;
+        let mut one_more = from_other(1).await.pop().unwrap();
+        // The one past the bound is closed without a handshake.
+        let mut byte = [0u8; 1];
+        let closed = tokio::time::timeout(
+            Duration::from_secs(3),
+            tokio::io::AsyncReadExt::read(&mut one_more, &mut byte),
+        )
+        .await
+        .expect("closed at once, not left to the handshake timeout");
+        assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+        // Another address still completes its handshake.
+        let client = Tls::load(ca, None).unwrap();
+        let mut connector = client.connector("router.chatstore").unwrap();
+        let uri: Uri = format!("http://{addr}").parse().unwrap();
+        let made = tokio::time::timeout(
+            Duration::from_secs(3),
+            tonic::codegen::Service::call(&mut connector, uri),
+        )
+        .await
+        .expect("a handshake from another address does not wait");
+        assert!(made.is_ok());
+        stalled.clear();
+        drop(accepted);
     }
 
     #[tokio::test]
