@@ -89,6 +89,20 @@ pub struct History {
     /// Violations seen while running (session monotonicity, Watch gaps).
     pub online_violations: Mutex<Vec<String>>,
     pub watch_events: Mutex<u64>,
+    /// Every change a watcher was sent.
+    pub watched: Mutex<Vec<Watched>>,
+}
+
+/// One change as a watcher got it.
+#[derive(Debug, Clone)]
+pub struct Watched {
+    pub watcher: usize,
+    pub chat: u64,
+    pub pts: u64,
+    pub kind: i32,
+    pub seq: u64,
+    /// The message's (sender, client_msg_id), if the change carried it.
+    pub message: Option<(u64, u64)>,
 }
 
 pub struct Chaos {
@@ -511,6 +525,16 @@ pub async fn run_watcher(
             }
             last.insert(ev.chat_id, ev.pts);
             *history.watch_events.lock().unwrap() += 1;
+            if let Some(change) = ev.change {
+                history.watched.lock().unwrap().push(Watched {
+                    watcher: id,
+                    chat: ev.chat_id,
+                    pts: ev.pts,
+                    kind: change.kind,
+                    seq: change.seq,
+                    message: change.message.map(|m| (m.sender_id, m.client_msg_id)),
+                });
+            }
         }
     }
 }
@@ -683,6 +707,34 @@ pub async fn check_on(nodes: &Client, node_ids: &[u64], history: &History) -> Ve
                 bad.push(format!(
                     "chat {chat}: node {node} differs from the first replica"
                 ));
+            }
+        }
+    }
+    // Watch: every watcher was told the same change at a chat's pts (its
+    // body may differ, read before or after a later edit), and a new
+    // message it was told of is the message that holds that seq in the end.
+    let watched = history.watched.lock().unwrap().clone();
+    let mut told: BTreeMap<(u64, u64), &Watched> = BTreeMap::new();
+    for w in &watched {
+        let first = *told.entry((w.chat, w.pts)).or_insert(w);
+        if (first.kind, first.seq, first.message) != (w.kind, w.seq, w.message) {
+            bad.push(format!(
+                "chat {} pts {}: watcher {} was told {:?}, watcher {} {:?}",
+                w.chat, w.pts, first.watcher, first, w.watcher, w
+            ));
+        }
+        if w.kind == pb::ChangeKind::NewMessage as i32 {
+            let stored = finals
+                .get(&w.chat)
+                .and_then(|r| r[0].get((w.seq as usize).wrapping_sub(1)))
+                .map(|m| (m.sender_id, m.client_msg_id));
+            match (w.message, stored) {
+                (Some(told), Some(stored)) if told == stored => {}
+                (None, Some(_)) => {}
+                (told, stored) => bad.push(format!(
+                    "watcher {} was told of new message {}/{} from {told:?}, but it holds {stored:?}",
+                    w.watcher, w.chat, w.seq
+                )),
             }
         }
     }
