@@ -148,13 +148,13 @@ impl TransportService {
         })
     }
 
-    /// A vote or pre-vote request, checked like other calls but for one
-    /// case: a candidate this replica does not know as a member whose log
-    /// reaches further than its own. A replica that missed a membership
-    /// change learns of new members only from their entries, and a leader
-    /// elected without its vote is one it must then follow; refused, a
-    /// shard whose other voters are that candidate and this replica could
-    /// elect no one. openraft still grants a vote only to an up-to-date log.
+    /// A vote or pre-vote request: taken from any cluster node asking in its
+    /// own name, member or not, as entries are. A replica that missed a
+    /// membership change learns of new members only from them; refusing
+    /// one, a shard whose other voters are that candidate and this replica
+    /// could elect no one. openraft grants a vote only to a log at least as
+    /// up to date (by term, then index) and not while a leader's lease
+    /// holds, so a removed node's requests change nothing.
     fn candidate(
         &self,
         request: Request<RaftRequest>,
@@ -172,15 +172,7 @@ impl TransportService {
         let rpc: openraft::raft::VoteRequest<crate::shard::types::TypeConfig> =
             from_postcard(&req.payload, what)
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let ahead = rpc
-            .last_log_id
-            .as_ref()
-            .is_some_and(|id| id.index > shard.last_log_index());
-        if ahead {
-            self.check_leader(certs.as_deref(), req.from_node, &rpc.vote)?;
-        } else {
-            self.check_sender(certs.as_deref(), &shard, req.from_node)?;
-        }
+        self.check_leader(certs.as_deref(), req.from_node, &rpc.vote)?;
         if shard.is_quiet() && shard.wake() {
             metrics::counter!(crate::metrics::SHARD_WAKES, "cause" => what).increment(1);
         }

@@ -219,6 +219,13 @@ fn load_tokens(path: &Path) -> anyhow::Result<Vec<[u8; 32]>> {
         if t.is_empty() {
             continue;
         }
+        if t.contains('#') {
+            anyhow::bail!(
+                "{} line {}: a '#' inside a token (a comment starts a line, or follows a space)",
+                path.display(),
+                n + 1
+            );
+        }
         if t.len() < TOKEN_CHARS_MIN || !t.bytes().all(|b| b.is_ascii_graphic()) {
             anyhow::bail!(
                 "{} line {}: a token is at least {TOKEN_CHARS_MIN} printable characters",
@@ -232,9 +239,9 @@ fn load_tokens(path: &Path) -> anyhow::Result<Vec<[u8; 32]>> {
 }
 
 /// The token on a line of a token file: a `#` starts a comment at the start
-/// of the line or after a space or tab, never inside a token (cut there, a
-/// token would be refused to whoever holds it and given to whoever knows
-/// only its start).
+/// of the line or after a space or tab. One inside a token is refused when
+/// the file is read (cut there, a token would be refused to whoever holds it
+/// and given to whoever knows only its start).
 fn token_part(line: &str) -> &str {
     let line = line.trim();
     if line.starts_with('#') {
@@ -474,6 +481,14 @@ mod tests {
             "abcdefghijklmnopqrstuvwxyz"
         );
         assert_eq!(token_part(""), "");
+        // A file with one is refused whole, not read with the token cut.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("t");
+        std::fs::write(&file, "# header\nabcdefghijklmnopqrstuvwxyz#frontend\n").unwrap();
+        let e = load_tokens(&file).unwrap_err();
+        assert!(format!("{e:#}").contains("inside a token"), "{e:#}");
+        std::fs::write(&file, "# header\nabcdefghijklmnopqrstuvwxyz # frontend\n").unwrap();
+        assert_eq!(load_tokens(&file).unwrap().len(), 1);
     }
 
     fn tokens() -> Tokens {

@@ -39,11 +39,27 @@ const ACCEPTED_QUEUE: usize = 64;
 /// Most TLS handshakes under way at once; more connections wait to be
 /// accepted.
 const HANDSHAKES_MAX: usize = 1024;
-/// Most TLS handshakes under way at once from one address; a connection
-/// past it is closed at once. Without it, connections that never finish a
-/// handshake, from one host, could hold every slot above and keep peers,
-/// routers and operators from connecting.
+/// Most TLS handshakes under way at once from one address while half the
+/// slots above are taken; a connection past it is closed at once. Without
+/// it, connections that never finish a handshake, from one host, could hold
+/// every slot and keep peers, routers and operators from connecting. Below
+/// that pressure any number may come from one address (clients behind one
+/// proxy or NAT reconnecting together).
 const HANDSHAKES_PER_SOURCE_MAX: usize = 64;
+
+/// The bounds on TLS handshakes a server runs.
+#[derive(Clone, Copy)]
+struct HandshakeLimits {
+    total: usize,
+    per_source: usize,
+    timeout: Duration,
+}
+
+const HANDSHAKE_LIMITS: HandshakeLimits = HandshakeLimits {
+    total: HANDSHAKES_MAX,
+    per_source: HANDSHAKES_PER_SOURCE_MAX,
+    timeout: HANDSHAKE_TIMEOUT,
+};
 
 /// A connection that can tell where it comes from.
 pub trait RemoteIp {
@@ -61,14 +77,19 @@ impl RemoteIp for TcpStream {
 struct Sources(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
 
 impl Sources {
-    /// Counts one more handshake from `ip`, if it is under the bound.
-    fn take(self: &Arc<Self>, ip: Option<std::net::IpAddr>) -> Option<SourceSlot> {
+    /// Counts one more handshake from `ip`, unless `bound` is given and
+    /// `ip` has that many under way.
+    fn take(
+        self: &Arc<Self>,
+        ip: Option<std::net::IpAddr>,
+        bound: Option<usize>,
+    ) -> Option<SourceSlot> {
         let Some(ip) = ip else {
             return Some(SourceSlot(None));
         };
         let mut counts = self.0.lock().expect("handshake sources");
         let n = counts.entry(ip).or_default();
-        if *n >= HANDSHAKES_PER_SOURCE_MAX {
+        if bound.is_some_and(|bound| *n >= bound) {
             return None;
         }
         *n += 1;
@@ -284,12 +305,27 @@ impl Tls {
         S: Stream<Item = io::Result<IO>> + Send + 'static,
         IO: AsyncRead + AsyncWrite + RemoteIp + Unpin + Send + 'static,
     {
+        self.incoming_with(auth, conns, HANDSHAKE_LIMITS)
+    }
+
+    fn incoming_with<IO, S>(
+        &self,
+        auth: ClientAuth,
+        conns: S,
+        limits: HandshakeLimits,
+    ) -> anyhow::Result<
+        impl Stream<Item = io::Result<tokio_rustls::server::TlsStream<IO>>> + Send + 'static,
+    >
+    where
+        S: Stream<Item = io::Result<IO>> + Send + 'static,
+        IO: AsyncRead + AsyncWrite + RemoteIp + Unpin + Send + 'static,
+    {
         if self.files.identity.is_none() {
             bail!("a TLS server needs a certificate and key");
         }
         let tls = self.clone();
         let (tx, rx) = mpsc::channel(ACCEPTED_QUEUE);
-        let handshakes = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_MAX));
+        let handshakes = Arc::new(tokio::sync::Semaphore::new(limits.total));
         let sources = Arc::new(Sources::default());
         tokio::spawn(async move {
             let mut conns = std::pin::pin!(conns);
@@ -312,7 +348,9 @@ impl Tls {
                     }
                     Some(Ok(io)) => io,
                 };
-                let Some(source) = sources.take(io.remote_ip()) else {
+                let pressed = handshakes.available_permits() < limits.total / 2;
+                let bound = pressed.then_some(limits.per_source);
+                let Some(source) = sources.take(io.remote_ip(), bound) else {
                     tracing::debug!(
                         source = ?io.remote_ip(),
                         "too many TLS handshakes from one address; connection closed"
@@ -329,7 +367,7 @@ impl Tls {
                 tokio::spawn(async move {
                     let _slot = (slot, source);
                     let acceptor = tokio_rustls::TlsAcceptor::from(config);
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
+                    match tokio::time::timeout(limits.timeout, acceptor.accept(io)).await {
                         Ok(Ok(stream)) => {
                             let _ = tx.send(Ok(stream)).await;
                         }
@@ -441,8 +479,9 @@ mod tests {
     }
 
     /// Connections from one address that never finish their handshake hold
-    /// at most their share of the slots: past it the next is closed at once,
-    /// and a client from another address still gets through.
+    /// at most their share of the slots once half are taken: past it the
+    /// next is closed at once, and a client from another address still gets
+    /// through.
     #[tokio::test]
     async fn stalled_handshakes_from_one_address_lock_no_one_else_out() {
         let tmp = tempfile::tempdir().unwrap();
@@ -454,7 +493,14 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let conns = tonic::transport::server::TcpIncoming::from(listener);
-        let accepted = server.incoming(ClientAuth::None, conns).unwrap();
+        let limits = HandshakeLimits {
+            total: 16,
+            per_source: 4,
+            timeout: Duration::from_secs(30),
+        };
+        let accepted = server
+            .incoming_with(ClientAuth::None, conns, limits)
+            .unwrap();
         let from_other = |n: usize| async move {
             let mut stalled = Vec::new();
             for _ in 0..n {
@@ -464,7 +510,8 @@ mod tests {
             }
             stalled
         };
-        let mut stalled = from_other(HANDSHAKES_PER_SOURCE_MAX).await;
+        // Below the pressure mark one address may hold more than its share.
+        let mut stalled = from_other(limits.total / 2).await;
         let mut one_more = from_other(1).await.pop().unwrap();
         // The one past the bound is closed without a handshake.
         let mut byte = [0u8; 1];

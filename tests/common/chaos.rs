@@ -754,6 +754,24 @@ pub async fn check_on(nodes: &Client, node_ids: &[u64], history: &History) -> Ve
             _ => None,
         })
         .collect();
+    // Sends refused with an error a client does not retry changed nothing.
+    for op in &ops {
+        if let OpKind::Send {
+            chat,
+            cmid,
+            outcome: Outcome::Failed,
+            ..
+        } = &op.kind
+        {
+            if let Some(m) = by_id(*chat).get(cmid) {
+                bad.push(format!(
+                    "send {chat}/{cmid} was refused with an error not to retry, but is stored at \
+                     seq {}",
+                    m.seq
+                ));
+            }
+        }
+    }
     // Sends: every acknowledged one is there at its seq, from its sender,
     // and (if nothing was sent to change it) with the body it was sent with.
     for op in &ops {
