@@ -26,12 +26,12 @@
 //!   flap while a node restarts).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use openraft::async_runtime::WatchReceiver;
 
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 
 use crate::api::pb::replicated::{
     command, BootstrapCmd, Command, ExpireCmd, GcChangesCmd, GcDedupCmd, RaiseApplyRulesCmd,
@@ -82,6 +82,10 @@ pub struct Context {
 }
 
 pub async fn run(registry: Registry, ctx: Context, mut shutdown: watch::Receiver<bool>) {
+    let ctx = Arc::new(ctx);
+    let chore_slots = Arc::new(Semaphore::new(CHORES_AT_ONCE));
+    // The tick of each led shard still running, aborted when the node stops.
+    let mut running: BTreeMap<ShardId, tokio::task::JoinHandle<Option<Instant>>> = BTreeMap::new();
     // Since when this node leads each shard, and when it last tried to hand
     // one over.
     let mut leading_since: BTreeMap<ShardId, Instant> = BTreeMap::new();
@@ -96,7 +100,12 @@ pub async fn run(registry: Registry, ctx: Context, mut shutdown: watch::Receiver
     loop {
         tokio::select! {
             _ = tokio::time::sleep(TICK) => {}
-            _ = shutdown.wait_for(|s| *s) => return,
+            _ = shutdown.wait_for(|s| *s) => {
+                for job in running.values() {
+                    job.abort();
+                }
+                return;
+            }
         }
         let (tick, wall) = (Instant::now(), now_ms());
         if let Some((last, last_wall)) = last_tick {
@@ -147,32 +156,45 @@ pub async fn run(registry: Registry, ctx: Context, mut shutdown: watch::Receiver
         }
         let led_ids: BTreeSet<ShardId> = led.iter().map(|s| s.id).collect();
         leading_since.retain(|id, _| led_ids.contains(id));
-        // Shards are independent: one whose chores wait on a slow peer does
-        // not hold up the others' (up to CHORES_AT_ONCE wait at a time).
-        let jobs: Vec<_> = led
-            .into_iter()
-            .map(|shard| {
-                let since = *leading_since.entry(shard.id).or_insert_with(Instant::now);
-                let last_try = last_transfer.get(&shard.id).copied();
-                let (registry, ctx, clocks) = (&registry, &ctx, &clocks);
-                async move {
-                    let clock = ClockState {
-                        off: clock_off,
-                        chores_paused,
-                    };
-                    let tried = lead(registry, &shard, ctx, clocks, clock, since, last_try).await;
-                    (shard.id, tried)
-                }
-            })
+        // Each led shard's tick runs as a task of its own (up to
+        // CHORES_AT_ONCE at a time): one whose chores wait on a slow peer, or
+        // on an apply held up by a snapshot copy, skips its own next ticks
+        // until it is done, and holds up no other shard's.
+        let done: Vec<ShardId> = running
+            .iter()
+            .filter(|(_, job)| job.is_finished())
+            .map(|(id, _)| *id)
             .collect();
-        let tried: Vec<(ShardId, Option<Instant>)> = futures::stream::iter(jobs)
-            .buffer_unordered(CHORES_AT_ONCE)
-            .collect()
-            .await;
-        for (id, at) in tried {
-            if let Some(at) = at {
+        for id in done {
+            let job = running.remove(&id).expect("listed above");
+            if let Ok(Some(at)) = job.await {
                 last_transfer.insert(id, at);
             }
+        }
+        for shard in led {
+            if running.contains_key(&shard.id) {
+                continue;
+            }
+            let since = *leading_since.entry(shard.id).or_insert_with(Instant::now);
+            let last_try = last_transfer.get(&shard.id).copied();
+            let (registry, ctx, clocks, slots) = (
+                registry.clone(),
+                ctx.clone(),
+                clocks.clone(),
+                chore_slots.clone(),
+            );
+            let clock = ClockState {
+                off: clock_off,
+                chores_paused,
+            };
+            let id = shard.id;
+            running.insert(
+                id,
+                tokio::spawn(async move {
+                    let _slot = slots.acquire_owned().await.ok()?;
+                    lead(&registry, &shard, &ctx, &clocks, clock, since, last_try).await
+                }),
+            );
         }
     }
 }
