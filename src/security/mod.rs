@@ -186,7 +186,15 @@ pub struct Tokens {
     sets: Arc<RwLock<TokenSets>>,
     /// The service and admin token files, with `[auth]`.
     files: Option<Arc<(PathBuf, PathBuf)>>,
+    /// What each file held at the last reload when that differed from the
+    /// tokens in use: a change is taken once two reloads in a row read it,
+    /// so a file caught half rewritten (a header without its tokens) does
+    /// not revoke anyone.
+    seen: Arc<std::sync::Mutex<[Option<TokenDigests>; 2]>>,
 }
+
+/// The SHA-256 digests of the tokens of one file.
+type TokenDigests = Vec<[u8; 32]>;
 
 #[derive(Default, PartialEq)]
 struct TokenSets {
@@ -315,6 +323,7 @@ impl Tokens {
         Ok(Tokens {
             sets: Arc::new(RwLock::new(sets)),
             files: Some(Arc::new(files)),
+            seen: Default::default(),
         })
     }
 
@@ -323,30 +332,36 @@ impl Tokens {
     }
 
     /// Reads the token files again and takes the tokens of each file that
-    /// is valid (true if they changed): a mistake in one file does not hold
-    /// up a revocation in the other. A file in error keeps its tokens in
-    /// use, and the error is returned.
+    /// is valid and read the same as at the previous reload (true if they
+    /// changed): a mistake in one file does not hold up a revocation in the
+    /// other. A file in error keeps its tokens in use, and the error is
+    /// returned.
     pub fn reload(&self) -> anyhow::Result<bool> {
         let Some(files) = &self.files else {
             return Ok(false);
         };
         let (service, admin) = (load_tokens(&files.0), load_tokens(&files.1));
         let mut sets = self.sets.write().expect("tokens lock");
+        let mut seen = self.seen.lock().expect("token files seen");
         let mut changed = false;
-        if let Ok(service) = &service {
-            if sets.service != *service {
-                warn_if_empty(service, &files.0);
-                sets.service = service.clone();
+        for (i, read) in [&service, &admin].into_iter().enumerate() {
+            let Ok(read) = read else { continue };
+            let (in_use, path) = match i {
+                0 => (&mut sets.service, &files.0),
+                _ => (&mut sets.admin, &files.1),
+            };
+            if *in_use == *read {
+                seen[i] = None;
+            } else if seen[i].as_ref() == Some(read) {
+                warn_if_empty(read, path);
+                *in_use = read.clone();
+                seen[i] = None;
                 changed = true;
+            } else {
+                seen[i] = Some(read.clone());
             }
         }
-        if let Ok(admin) = &admin {
-            if sets.admin != *admin {
-                warn_if_empty(admin, &files.1);
-                sets.admin = admin.clone();
-                changed = true;
-            }
-        }
+        drop(seen);
         drop(sets);
         service?;
         admin?;
@@ -363,6 +378,7 @@ impl Tokens {
         }
         let tokens = Arc::downgrade(&self.sets);
         let files = self.files.clone();
+        let seen = self.seen.clone();
         watch_files(
             "token files",
             "using their tokens now",
@@ -372,6 +388,7 @@ impl Tokens {
                 let live = Tokens {
                     sets,
                     files: files.clone(),
+                    seen: seen.clone(),
                 };
                 Some(live.reload())
             },
@@ -499,6 +516,7 @@ mod tests {
                 admin: vec![Sha256::digest(b"admin-token-0123456789abcdef").into()],
             })),
             files: None,
+            seen: Default::default(),
         }
     }
 
@@ -538,8 +556,9 @@ mod tests {
         assert!(Tokens::default().check(&with(None), Role::Admin).is_ok());
     }
 
-    /// A reload takes a changed file's tokens; a file with a bad line, or
-    /// one that is gone, leaves the tokens in use as they were.
+    /// A reload takes a changed file's tokens once two reloads in a row read
+    /// them; a file with a bad line, or one that is gone, leaves the tokens
+    /// in use as they were.
     #[test]
     fn reloads_take_valid_token_files_and_keep_the_tokens_otherwise() {
         let dir = tempfile::tempdir().unwrap();
@@ -559,8 +578,13 @@ mod tests {
         assert!(ok(old) && !ok(new));
         assert!(!tokens.reload().unwrap(), "nothing changed");
 
+        // Caught half written (the header only): read once, not taken.
+        std::fs::write(&service, "# rotated\n").unwrap();
+        assert!(!tokens.reload().unwrap());
+        assert!(ok(old), "a file read once changes nothing");
         std::fs::write(&service, format!("# rotated\n{new}\n")).unwrap();
-        assert!(tokens.reload().unwrap());
+        assert!(!tokens.reload().unwrap());
+        assert!(tokens.reload().unwrap(), "read the same twice: taken");
         assert!(ok(new) && !ok(old), "the old token is revoked");
 
         std::fs::write(&service, "short\n").unwrap();
@@ -579,6 +603,7 @@ mod tests {
         assert!(ok(new));
         std::fs::write(&service, "# revoked\n").unwrap();
         assert!(tokens.reload().is_err(), "the admin file is still missing");
+        assert!(tokens.reload().is_err());
         assert!(!ok(new), "the revoked token is refused");
         std::fs::write(&admin, "admin-token-0123456789abcdef\n").unwrap();
         assert!(Tokens::from_files(service.clone(), admin.clone()).is_ok());
