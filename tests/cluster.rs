@@ -253,9 +253,10 @@ async fn lagging_replica_catches_up_by_snapshot() {
             )
             .await
             .unwrap();
-        if let Some(Outcome::Send(s)) = &r.results[0].outcome {
-            acked.insert((chat, 500_000 + i), s.seq);
-        }
+        let Some(Outcome::Send(s)) = &r.results[0].outcome else {
+            panic!("send {i} refused: {:?}", r.results[0]);
+        };
+        acked.insert((chat, 500_000 + i), s.seq);
     }
     // Self-destructing messages (no one reads them) are sealed at rest; the
     // snapshot carries them sealed with its own key, which travels with it.

@@ -52,6 +52,39 @@ async fn send(
     }
 }
 
+/// The EXPIRE changes of `chat` after `pts`, once there is one (polled for
+/// at most `within`). Reads hide an expired message by the clock alone, so
+/// only this change shows that a leader proposed the expiry (and that the
+/// record is gone from disk, not only from reads).
+async fn wait_expired(api: &mut Api, chat: u64, pts: u64, within: Duration) -> Vec<pb::Change> {
+    let started = Instant::now();
+    loop {
+        // A read that fails (a leader just killed) is asked again.
+        if let Ok(diff) = api
+            .get_difference(pb::GetDifferenceRequest {
+                cursors: vec![pb::Cursor { chat_id: chat, pts }],
+                ..Default::default()
+            })
+            .await
+        {
+            let found: Vec<pb::Change> = diff.into_inner().chats[0]
+                .changes
+                .iter()
+                .filter(|c| c.kind == pb::ChangeKind::ExpireMessage as i32)
+                .cloned()
+                .collect();
+            if !found.is_empty() {
+                return found;
+            }
+        }
+        assert!(
+            started.elapsed() < within,
+            "no EXPIRE change in chat {chat} after pts {pts} within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Waits until `seq` of `chat` is gone from every listed replica, checking
 /// on the way that no replica shows it at or past its expire_at.
 async fn wait_gone(nodes: &Client, live: &[u64], chat: u64, seq: u64, within: Duration) {
@@ -115,34 +148,7 @@ async fn delete_after_send_and_after_read() {
     wait_gone(&nodes, &[1, 2, 3], chat, s.seq, Duration::from_secs(15)).await;
     // Reads hide it from 500 ms before expiry; the replicated Expire
     // follows within a chore tick and reaches devices as a change.
-    let started = Instant::now();
-    let expired = loop {
-        let diff = api
-            .get_difference(pb::GetDifferenceRequest {
-                cursors: vec![pb::Cursor {
-                    chat_id: chat,
-                    pts: s.pts,
-                }],
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let found: Vec<pb::Change> = diff.chats[0]
-            .changes
-            .iter()
-            .filter(|c| c.kind == pb::ChangeKind::ExpireMessage as i32)
-            .cloned()
-            .collect();
-        if !found.is_empty() {
-            break found;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "no EXPIRE change within 10 s"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let expired = wait_expired(&mut api, chat, s.pts, Duration::from_secs(10)).await;
     assert_eq!(
         expired.len(),
         1,
@@ -220,6 +226,8 @@ async fn delete_after_send_and_after_read() {
         "timer starts at the other reader's read"
     );
     wait_gone(&nodes, &[1, 2, 3], chat, r.seq, Duration::from_secs(15)).await;
+    let expired = wait_expired(&mut api, chat, r.pts, Duration::from_secs(15)).await;
+    assert!(expired.iter().any(|c| c.seq == r.seq), "{expired:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -241,6 +249,9 @@ async fn expiry_survives_a_leader_kill_and_a_full_restart() {
         .await
         .unwrap();
     wait_gone(&nodes, &[1, 2, 3], chat, s.seq, Duration::from_secs(5)).await;
+    // Expired by a leader, not only hidden by the clock.
+    let expired = wait_expired(&mut api, chat, s.pts, Duration::from_secs(30)).await;
+    assert!(expired.iter().any(|c| c.seq == s.seq), "{expired:?}");
 
     eprintln!("expiry across a full cluster restart (SIGKILL of every node)");
     let s = send(&mut api, chat, 1, 2, Some(Policy::AfterSendSecs(3))).await;
@@ -254,6 +265,12 @@ async fn expiry_survives_a_leader_kill_and_a_full_restart() {
         .await
         .unwrap();
     wait_gone(&nodes, &[1, 2, 3], chat, s.seq, Duration::from_secs(20)).await;
+    let expired = wait_expired(&mut api, chat, s.pts, Duration::from_secs(30)).await;
+    assert!(expired.iter().any(|c| c.seq == s.seq), "{expired:?}");
+    nodes
+        .wait_converged(&[1, 2, 3], Duration::from_secs(60))
+        .await
+        .unwrap();
 }
 
 /// Every file under every node's data folder.
@@ -532,7 +549,16 @@ async fn self_destructed_bodies_are_erased_from_disk() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_mark_read_over_many_messages_starts_every_timer() {
     let dir = TestDir::new("sd-many");
-    let (_cluster, mut api, _nodes) = up(&dir).await;
+    let (_cluster, mut api, nodes) = up(&dir).await;
+    // Only apply rules 2 start the timers in bounded steps.
+    nodes
+        .wait_apply_rules(
+            &[1, 2, 3],
+            chatstore::shard::apply::APPLY_RULES,
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
     let chat = 77;
     let count = chatstore::shard::apply::MARK_READ_SCAN_MAX as u64 + 100;
     let mut cmid = 0;
@@ -569,6 +595,13 @@ async fn a_mark_read_over_many_messages_starts_every_timer() {
         .await
         .expect("mark read")
         .into_inner();
+    // The sends made pts 1..=count; each step of the MarkRead adds one READ
+    // change, and more than the scan bound of pending messages takes two.
+    assert!(
+        read.pts >= count + 2,
+        "the router repeated the MarkRead: pts {} after {count} sends",
+        read.pts
+    );
     let mut before = 0;
     let mut seen = 0;
     for _ in 0..10 {
