@@ -387,6 +387,150 @@ async fn every_rpc_and_its_error_codes() {
         Code::InvalidArgument,
         "mark read beyond the last message"
     );
+    assert_eq!(
+        code(
+            api.delete(pb::DeleteRequest {
+                chat_id: chat,
+                seq: 77,
+                requester_id: 1,
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::NotFound,
+        "delete of a message that never was"
+    );
+    assert_eq!(
+        code(
+            api.edit(pb::EditRequest {
+                chat_id: chat,
+                seq: 2,
+                editor_id: 2,
+                body: b"back from the dead"[..].into(),
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::NotFound,
+        "edit of a deleted message"
+    );
+    assert_eq!(
+        code(
+            api.get_history(pb::GetHistoryRequest {
+                chat_id: 0,
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            api.get_chat(pb::GetChatRequest {
+                chat_id: 0,
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            api.get_history(pb::GetHistoryRequest {
+                chat_id: chat,
+                consistency: 3,
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::InvalidArgument,
+        "an unknown consistency"
+    );
+    assert_eq!(
+        code(
+            api.get_difference(pb::GetDifferenceRequest {
+                cursors: vec![],
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::InvalidArgument,
+        "no cursors"
+    );
+    assert_eq!(
+        code(
+            api.get_difference(pb::GetDifferenceRequest {
+                cursors: vec![
+                    pb::Cursor {
+                        chat_id: chat,
+                        pts: 0
+                    },
+                    pb::Cursor {
+                        chat_id: chat,
+                        pts: 1
+                    },
+                ],
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::InvalidArgument,
+        "a chat in two cursors"
+    );
+    assert_eq!(
+        code(
+            api.get_messages(pb::GetMessagesRequest {
+                chat_id: chat,
+                seqs: vec![0],
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::InvalidArgument,
+        "seq 0"
+    );
+    assert_eq!(
+        code(
+            api.close_chat(pb::CloseChatRequest {
+                chat_id: chat,
+                reason: "   ".into(),
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::InvalidArgument,
+        "a blank reason"
+    );
+    // A send with a malformed token is refused before it is written: the
+    // same id sent again with no token is a new message, not a duplicate.
+    assert_eq!(
+        code(
+            api.send(pb::SendRequest {
+                chat_id: 12,
+                sender_id: 1,
+                client_msg_id: 500,
+                body: b"x"[..].into(),
+                min_token: b"garbage"[..].into(),
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::InvalidArgument
+    );
+    assert!(!send(api, 12, 1, 500, "x").await.duplicate);
+    assert_eq!(
+        code(
+            api.mark_read(pb::MarkReadRequest {
+                chat_id: chat,
+                reader_id: 2,
+                up_to_seq: 0,
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::InvalidArgument,
+        "mark read up to seq 0"
+    );
     assert_eq!(chat_pts(api, chat).await, 5, "bad input changed nothing");
 
     // Moderation.

@@ -21,6 +21,7 @@ use crate::api::write_stream::WriteCalls;
 use crate::cluster::Placement;
 use crate::node::Registry;
 use crate::shard::reads::SnapshotLoads;
+use crate::shard::sealing;
 use crate::shard::{Error as ShardError, Shard};
 use crate::types::{ChatId, NodeId, ShardId};
 
@@ -67,6 +68,13 @@ impl NodeApiService {
                 )
             })?;
             chat_in_shard(self.registry.placement(), chat, req.shard_id)?;
+            if let Some(command::Kind::Send(send)) = &command.kind {
+                if send.self_destruct.is_some() && !sealing::self_destructs(&send.self_destruct) {
+                    return Err(Status::invalid_argument(
+                        "self_destruct is set but names no policy this node knows",
+                    ));
+                }
+            }
         }
         let shard = self.shard(req.shard_id)?;
         metrics::counter!(crate::metrics::NODE_API_REQUESTS, "rpc" => "write").increment(1);

@@ -602,8 +602,9 @@ impl<'o, 'a> Applier<'o, 'a> {
             Err(rejection) => {
                 // Deleted already by its sender: a retried delete (its first
                 // try may have applied before its reply was lost) succeeds
-                // with the deletion's pts and changes nothing.
-                if self.settings.apply_rules >= 1 && !chat.closed {
+                // with the deletion's pts and changes nothing, also once the
+                // chat is closed (only the answer differs from a refusal).
+                if self.settings.apply_rules >= 1 {
                     let key = keys::message(c.chat_id, c.seq);
                     if let Some(m) = self.get_rec::<MessageRecord>(&key, "message")? {
                         if m.deleted && m.sender_id == c.requester_id {
@@ -655,6 +656,18 @@ impl<'o, 'a> Applier<'o, 'a> {
             ));
         }
         let mut chat = self.chat(c.chat_id)?;
+        let cursor_key = keys::read_cursor(c.chat_id, c.reader_id);
+        let old = match self.kv.get(&cursor_key)? {
+            Some(v) => u64::from_be_bytes(v.as_slice().try_into().map_err(|_| {
+                io::Error::new(io::ErrorKind::InvalidData, "read cursor is not 8 bytes")
+            })?),
+            None => 0,
+        };
+        // Read that far already (a retry whose first try applied): nothing
+        // to do, also once the chat is closed; it changes nothing either way.
+        if c.up_to_seq <= old {
+            return Ok(changed(chat.last_pts));
+        }
         if chat.closed {
             return Ok(reject(
                 ErrorCode::FailedPrecondition,
@@ -669,16 +682,6 @@ impl<'o, 'a> Applier<'o, 'a> {
                     c.up_to_seq, chat.last_seq
                 ),
             ));
-        }
-        let cursor_key = keys::read_cursor(c.chat_id, c.reader_id);
-        let old = match self.kv.get(&cursor_key)? {
-            Some(v) => u64::from_be_bytes(v.as_slice().try_into().map_err(|_| {
-                io::Error::new(io::ErrorKind::InvalidData, "read cursor is not 8 bytes")
-            })?),
-            None => 0,
-        };
-        if c.up_to_seq <= old {
-            return Ok(changed(chat.last_pts));
         }
         let bounded = self.settings.apply_rules >= 2;
         // Start delete-after-read timers of messages others sent.
@@ -1115,6 +1118,16 @@ pub(crate) mod testing {
         }
     }
 
+    pub fn mark_read(chat: u64, reader: u64, up_to_seq: u64) -> rp::Command {
+        rp::Command {
+            kind: Some(command::Kind::MarkRead(rp::MarkReadCmd {
+                chat_id: chat,
+                reader_id: reader,
+                up_to_seq,
+            })),
+        }
+    }
+
     pub fn close(chat: u64) -> rp::Command {
         rp::Command {
             kind: Some(command::Kind::CloseChat(rp::CloseChatCmd {
@@ -1423,6 +1436,32 @@ mod tests {
         assert_eq!(changes(), 4);
         let chat: ChatRecord = decode(&tree.get(keys::chat(1)).unwrap().unwrap(), "chat").unwrap();
         assert_eq!(chat.last_pts, 4);
+
+        // Once the chat is closed, the same retries still succeed and
+        // change nothing; new ones are refused.
+        apply(&tree, 7_000, vec![send(1, 101), mark_read(1, 2, 2)]);
+        apply(&tree, 7_500, vec![close(1)]);
+        let pts = || {
+            decode::<ChatRecord>(&tree.get(keys::chat(1)).unwrap().unwrap(), "chat")
+                .unwrap()
+                .last_pts
+        };
+        let closed_at = pts();
+        let r = apply(
+            &tree,
+            8_000,
+            vec![
+                delete(1, 1, 1),
+                mark_read(1, 2, 2),
+                delete(1, 2, 1),
+                mark_read(1, 3, 2),
+            ],
+        );
+        assert_eq!(outcome(&r[0]), Ok(4), "a retried delete, chat closed");
+        assert!(outcome(&r[1]).is_ok(), "a retried mark read, chat closed");
+        assert_eq!(outcome(&r[2]), Err(ErrorCode::FailedPrecondition));
+        assert_eq!(outcome(&r[3]), Err(ErrorCode::FailedPrecondition));
+        assert_eq!(pts(), closed_at, "nothing changed");
     }
 
     /// A change collection pass walks every chat in steps and drops each

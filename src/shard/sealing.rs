@@ -10,12 +10,21 @@ use std::io;
 use prost::Message;
 
 use crate::api::codec::decode;
-use crate::api::pb::replicated::{command, Command, CommandBatch, MessageRecord};
+use crate::api::pb::replicated::{command, Command, CommandBatch, MessageRecord, SelfDestruct};
 use crate::storage::seal::{seal_with, Key, KeyRing};
 
 /// Whether a message record's body must be sealed at rest.
 pub fn needs_seal(m: &MessageRecord) -> bool {
-    m.self_destruct.is_some() && !m.body.is_empty()
+    self_destructs(&m.self_destruct) && !m.body.is_empty()
+}
+
+/// Whether a message self-destructs: it names a policy. One set with none
+/// (from a caller that is not this version's router, or a policy this binary
+/// does not know) gets no timer and no index, so it is not sealed either:
+/// the eraser finds sealed bodies through those indexes, and would destroy
+/// the key of one it cannot find.
+pub fn self_destructs(sd: &Option<SelfDestruct>) -> bool {
+    sd.as_ref().is_some_and(|s| s.policy.is_some())
 }
 
 /// Decodes a stored message record and opens its body.
@@ -72,7 +81,7 @@ const SEAL_GROWTH_MAX: usize = 64;
 /// Whether a log entry stores `c`'s body sealed (see [`seal_batch`]).
 fn will_seal(c: &command::Kind) -> bool {
     match c {
-        command::Kind::Send(s) => s.self_destruct.is_some() && !s.body.is_empty(),
+        command::Kind::Send(s) => self_destructs(&s.self_destruct) && !s.body.is_empty(),
         command::Kind::Edit(e) => !e.body.is_empty(),
         _ => false,
     }
@@ -95,7 +104,7 @@ pub fn stored_len(cmd: &Command) -> usize {
 pub fn seal_batch(batch: &CommandBatch, epoch: u64, key: &Key) -> Option<CommandBatch> {
     let needs_work = |c: &command::Kind| match c {
         command::Kind::Send(s) => {
-            s.sealed_body.is_some() || (s.self_destruct.is_some() && !s.body.is_empty())
+            s.sealed_body.is_some() || (self_destructs(&s.self_destruct) && !s.body.is_empty())
         }
         command::Kind::Edit(e) => e.sealed_body.is_some() || !e.body.is_empty(),
         _ => false,
@@ -112,7 +121,7 @@ pub fn seal_batch(batch: &CommandBatch, epoch: u64, key: &Key) -> Option<Command
         match &mut c.kind {
             Some(command::Kind::Send(s)) => {
                 s.sealed_body = None;
-                if s.self_destruct.is_some() && !s.body.is_empty() {
+                if self_destructs(&s.self_destruct) && !s.body.is_empty() {
                     s.sealed_body = Some(seal_with(key, epoch, &s.body));
                     s.body = Default::default();
                 }
@@ -155,6 +164,48 @@ mod tests {
     use super::*;
     use crate::api::pb::replicated::{self_destruct, EditCmd, SelfDestruct, SendCmd};
     use crate::shard::{BATCH_BYTES_MAX, BATCH_COMMANDS_MAX};
+
+    /// A send whose self_destruct names no policy gets no timer, so its
+    /// body is not sealed: nothing would find it to seal it again before
+    /// its key is destroyed.
+    #[test]
+    fn only_a_named_policy_seals_a_body() {
+        let send = |policy: Option<self_destruct::Policy>| Command {
+            kind: Some(command::Kind::Send(SendCmd {
+                chat_id: 1,
+                sender_id: 1,
+                client_msg_id: 1,
+                body: b"body"[..].into(),
+                self_destruct: Some(SelfDestruct { policy }),
+                ..Default::default()
+            })),
+        };
+        let key = crate::storage::seal::new_key();
+        let batch = |c: Command| CommandBatch {
+            commands: vec![c],
+            ..Default::default()
+        };
+        assert!(seal_batch(&batch(send(None)), 1, &key).is_none());
+        let sealed = seal_batch(
+            &batch(send(Some(self_destruct::Policy::AfterSendSecs(5)))),
+            1,
+            &key,
+        )
+        .expect("a self-destructing body is sealed");
+        let Some(command::Kind::Send(s)) = &sealed.commands[0].kind else {
+            unreachable!()
+        };
+        assert!(s.sealed_body.is_some() && s.body.is_empty());
+        let record = |policy| MessageRecord {
+            body: b"body"[..].into(),
+            self_destruct: Some(SelfDestruct { policy }),
+            ..Default::default()
+        };
+        assert!(!needs_seal(&record(None)));
+        assert!(needs_seal(&record(Some(
+            self_destruct::Policy::AfterReadSecs(5)
+        ))));
+    }
 
     /// As many commands as a write budget lets into one batch, of the kinds
     /// sealing grows most (tiny self-destructing sends and edits): sealed,
