@@ -91,10 +91,21 @@ async fn sigkill_during_writes_loses_nothing_acknowledged() {
     let mut kills = 0;
     while started.elapsed() < Duration::from_secs(run_secs) {
         tokio::time::sleep(Duration::from_millis(rng.random_range(1000..3000))).await;
+        kills += 1;
+        // Every fourth kill takes the whole cluster down at once: what was
+        // acknowledged must then come back from each node's own disk.
+        if kills % 4 == 0 {
+            eprintln!("t={:?}: SIGKILL every node", started.elapsed());
+            for id in 1..=3u64 {
+                procs.kill_node(id);
+            }
+            tokio::time::sleep(Duration::from_millis(rng.random_range(200..1000))).await;
+            procs.start_all_nodes();
+            continue;
+        }
         let victim = rng.random_range(1..=3u64);
         eprintln!("t={:?}: SIGKILL node {victim}", started.elapsed());
         procs.kill_node(victim);
-        kills += 1;
         tokio::time::sleep(Duration::from_millis(rng.random_range(200..2000))).await;
         procs.start_node(victim);
     }
@@ -132,16 +143,26 @@ async fn sigkill_during_writes_loses_nothing_acknowledged() {
             let mut by_cmid = BTreeMap::new();
             for m in &history {
                 assert!(
-                    by_cmid.insert(m.client_msg_id, m.seq).is_none(),
+                    by_cmid.insert(m.client_msg_id, m).is_none(),
                     "seed {seed}: node {node} chat {chat}: client_msg_id {} stored twice",
                     m.client_msg_id
                 );
             }
             for ((c, cmid), seq) in acked.iter().filter(|((c, _), _)| c == chat) {
+                let m = by_cmid.get(cmid).unwrap_or_else(|| {
+                    panic!("seed {seed}: node {node}: acknowledged {c}/{cmid} is lost")
+                });
                 assert_eq!(
-                    by_cmid.get(cmid),
-                    Some(seq),
+                    m.seq, *seq,
                     "seed {seed}: node {node}: acknowledged {c}/{cmid} must be at seq {seq}"
+                );
+                // Writer w sent its i-th message (cmid (w + 1) * 10^7 + i)
+                // as sender 100 + w with body "w{w}-{i + 1}".
+                let (w, i) = (cmid / 10_000_000 - 1, cmid % 10_000_000);
+                assert_eq!(
+                    (m.sender_id, &m.body[..]),
+                    (100 + w, format!("w{w}-{}", i + 1).as_bytes()),
+                    "seed {seed}: node {node}: {c}/{cmid} is stored as it was sent"
                 );
             }
         }
