@@ -98,14 +98,17 @@ pub async fn run(registry: Registry, ctx: Context, mut shutdown: watch::Receiver
     let mut last_tick: Option<(Instant, u64)> = None;
     let mut stepped_until: Option<Instant> = None;
     loop {
-        tokio::select! {
-            _ = tokio::time::sleep(TICK) => {}
-            _ = shutdown.wait_for(|s| *s) => {
-                for job in running.values() {
-                    job.abort();
-                }
-                return;
+        let stopping = tokio::select! {
+            _ = tokio::time::sleep(TICK) => false,
+            _ = shutdown.wait_for(|s| *s) => true,
+        };
+        if stopping {
+            // Gone before the node shuts its shards down.
+            for (_, job) in std::mem::take(&mut running) {
+                job.abort();
+                let _ = job.await;
             }
+            return;
         }
         let (tick, wall) = (Instant::now(), now_ms());
         if let Some((last, last_wall)) = last_tick {
@@ -400,10 +403,9 @@ fn collection_due(
 }
 
 /// Longest a chore waits for its proposal. A leader cut off from its
-/// followers commits nothing until it hears of a newer term, and the chores
-/// of every other shard (and the clock and leadership checks) wait behind
-/// this one. A chore given up on may still commit later; every chore is
-/// safe to propose again.
+/// followers commits nothing until it hears of a newer term; meanwhile that
+/// shard's later ticks are skipped (other shards' run on). A chore given up
+/// on may still commit later; every chore is safe to propose again.
 const CHORE_PROPOSAL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Proposes one command on the shard this node leads.

@@ -345,7 +345,11 @@ impl Tokens {
         let mut seen = self.seen.lock().expect("token files seen");
         let mut changed = false;
         for (i, read) in [&service, &admin].into_iter().enumerate() {
-            let Ok(read) = read else { continue };
+            let Ok(read) = read else {
+                // Two reads in a row means with no failed one between.
+                seen[i] = None;
+                continue;
+            };
             let (in_use, path) = match i {
                 0 => (&mut sets.service, &files.0),
                 _ => (&mut sets.admin, &files.1),
