@@ -177,7 +177,10 @@ async fn tls_mutual_auth_and_tokens_keep_out_whoever_does_not_belong() {
     );
 
     // The secured config: relative paths start at the config's folder.
-    let secured = text.replace("insecure = true", "insecure = false")
+    let secured = text.replace(
+        "insecure = true",
+        "insecure = false\nread_token_secret = \"a-test-secret-0123456789abcdef\"",
+    )
         + "\n[tls]\nca = \"certs/ca.pem\"\nnode_cert = \"certs/node-{id}.pem\"\n\
            node_key = \"certs/node-{id}.key\"\nrouter_cert = \"certs/router.pem\"\n\
            router_key = \"certs/router.key\"\n\

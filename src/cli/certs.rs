@@ -210,6 +210,12 @@ pub fn init(
         config.display()
     );
     println!();
+    if cluster.read_token_secret.is_none() {
+        println!("# at the top, before any [table]: the key read tokens are signed with,");
+        println!("# the same on every node and router");
+        println!("read_token_secret = \"{}\"", token());
+        println!();
+    }
     println!("[tls]");
     println!("ca = \"{dir}/ca.pem\"");
     println!("node_cert = \"{dir}/node-{{id}}.pem\"");

@@ -418,10 +418,20 @@ impl ClusterConfig {
         ))
     }
 
-    /// Refuses a value left as the example configs' placeholder: a read
-    /// token secret anyone can read in this repository signs tokens anyone
-    /// could forge.
+    /// Refuses a read token secret left as the example configs' placeholder
+    /// (anyone can read it in this repository), and a secured config with
+    /// none (tokens would be signed with the cluster name, which every
+    /// client sees): either signs tokens anyone could forge.
     pub fn check_placeholders(&self) -> Result<(), String> {
+        if !self.insecure && self.read_token_secret.is_none() {
+            return Err(
+                "the config has no read_token_secret: read tokens would be signed with \
+                        the cluster name. Set one (`chatctl certs init` prints one, or \
+                        `openssl rand -hex 32`), the same on every node and router, or set \
+                        `insecure = true`"
+                    .into(),
+            );
+        }
         if self
             .read_token_secret
             .as_deref()
