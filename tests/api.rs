@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use chatstore::api::pb::{self, chat_store_client::ChatStoreClient, Consistency};
@@ -1251,6 +1252,53 @@ async fn large_messages_page_by_bytes() {
         .into_inner();
     assert!(both.chats[0].more && !both.chats[0].changes.is_empty());
     assert_eq!(both.chats[1].changes.len(), 1, "the small chat's news");
+
+    // A device behind on 100 chats, each with one large message: every
+    // reply fits a client's default 4 MiB (the router leaves out whole
+    // chats past its byte bound, their cursors as asked), and paging on
+    // sees each chat's message once.
+    let chats: Vec<u64> = (1_000..1_100).collect();
+    for chat in &chats {
+        send(api, *chat, 7, 1, &body).await;
+    }
+    let mut cursors: BTreeMap<u64, u64> = chats.iter().map(|c| (*c, 0)).collect();
+    let mut got: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+    let mut rounds = 0;
+    loop {
+        rounds += 1;
+        assert!(rounds <= 10, "paging over 100 chats ends");
+        let d = api
+            .get_difference(pb::GetDifferenceRequest {
+                cursors: cursors
+                    .iter()
+                    .map(|(c, p)| pb::Cursor {
+                        chat_id: *c,
+                        pts: *p,
+                    })
+                    .collect(),
+                ..Default::default()
+            })
+            .await
+            .expect("a difference over 100 chats fits the client's limit")
+            .into_inner();
+        for chat in &d.chats {
+            got.entry(chat.chat_id)
+                .or_default()
+                .extend(chat.changes.iter().map(|c| c.seq));
+            cursors.insert(chat.chat_id, chat.pts);
+        }
+        if !d.chats.iter().any(|c| c.more) {
+            break;
+        }
+    }
+    assert!(rounds > 1, "100 × 60 KiB does not fit one reply");
+    for chat in &chats {
+        assert_eq!(
+            got.get(chat),
+            Some(&vec![1]),
+            "chat {chat}: its message once"
+        );
+    }
 
     // By seq: too many bytes at once is refused, fewer are served.
     let r = api

@@ -652,6 +652,50 @@ mod tests {
 
     use super::*;
 
+    /// A reply's chats past the page bound are left out whole, with their
+    /// cursors as asked and `more` set; the first always stays, and a chat
+    /// with no changes costs nothing to keep.
+    #[test]
+    fn differences_past_the_page_bound_are_left_out_whole() {
+        let chat = |id: u64, body_bytes: usize| pb::ChatDifference {
+            chat_id: id,
+            pts: 9,
+            changes: vec![pb::Change {
+                chat_id: id,
+                pts: 9,
+                message: Some(pb::Message {
+                    body: vec![b'x'; body_bytes].into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let big = PAGE_BYTES_MAX / 2;
+        let mut chats = vec![
+            chat(1, big + 1024),
+            chat(2, big / 2),
+            chat(3, big),
+            pb::ChatDifference {
+                chat_id: 4,
+                pts: 5,
+                ..Default::default()
+            },
+        ];
+        let cursors: Vec<pb::Cursor> = (1..=4).map(|c| pb::Cursor { chat_id: c, pts: c }).collect();
+        cap_difference_bytes(&mut chats, &cursors);
+        assert_eq!(chats[0].changes.len(), 1, "the first always stays");
+        assert_eq!(chats[1].changes.len(), 1, "within the bound");
+        assert!(chats[2].changes.is_empty() && chats[2].more && chats[2].pts == 3);
+        assert_eq!(
+            (chats[3].pts, chats[3].more),
+            (5, false),
+            "no changes: as it was"
+        );
+        let total: usize = chats.iter().map(|c| c.encoded_len()).sum();
+        assert!(total <= PAGE_BYTES_MAX + 1024, "{total}");
+    }
+
     /// `n` sends of `bytes` each into chat 1, as a batch carries them.
     fn sends(n: usize, bytes: usize) -> Vec<(usize, Command, TokenBody)> {
         (0..n)
