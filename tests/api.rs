@@ -606,13 +606,81 @@ async fn every_rpc_and_its_error_codes() {
         (change.kind, change.reason.as_str()),
         (pb::ChangeKind::Close as i32, "spam")
     );
-    api.reopen_chat(pb::ReopenChatRequest {
-        chat_id: chat,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    // A closed chat's changes still flow, without their content.
+    let all = api
+        .get_difference(pb::GetDifferenceRequest {
+            cursors: vec![pb::Cursor {
+                chat_id: chat,
+                pts: 0,
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(all.chats[0].changes.len(), 6);
+    assert!(
+        all.chats[0].changes.iter().all(|c| c.message.is_none()),
+        "{:?}",
+        all.chats[0].changes
+    );
+    let reopened = api
+        .reopen_chat(pb::ReopenChatRequest {
+            chat_id: chat,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reopened.pts, 7);
+    let diff = api
+        .get_difference(pb::GetDifferenceRequest {
+            cursors: vec![pb::Cursor {
+                chat_id: chat,
+                pts: 6,
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        diff.chats[0]
+            .changes
+            .iter()
+            .map(|c| c.kind)
+            .collect::<Vec<_>>(),
+        [pb::ChangeKind::Reopen as i32]
+    );
     assert_eq!(send(api, chat, 1, 301, "back").await.seq, 3);
+    // A read token carries every shard its holder wrote to: a send with
+    // another shard's token returns both positions.
+    let placement = chatstore::cluster::Placement::new(&_cluster.config);
+    let shard_of = |c: u64| placement.shard_of_chat(chatstore::types::ChatId(c)).0;
+    let other = (20..100u64)
+        .find(|c| shard_of(*c) != shard_of(chat))
+        .expect("a chat on another shard");
+    let first = send(api, chat, 1, 302, "one").await;
+    let second = api
+        .send(pb::SendRequest {
+            chat_id: other,
+            sender_id: 1,
+            client_msg_id: 1,
+            body: b"two"[..].into(),
+            min_token: first.read_token.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let merged = keys.decode(&second.read_token).unwrap();
+    let kept = keys.decode(&first.read_token).unwrap();
+    assert_eq!(
+        merged.position(shard_of(chat)),
+        kept.position(shard_of(chat)),
+        "the first shard's position is kept"
+    );
+    assert!(merged.position(shard_of(other)).is_some());
 
     // Health.
     let channel = tonic::transport::Endpoint::from_shared(format!(
