@@ -91,6 +91,8 @@ pub struct History {
     pub watch_events: Mutex<u64>,
     /// Every change a watcher was sent.
     pub watched: Mutex<Vec<Watched>>,
+    /// The last pts each watcher got, per (watcher, chat).
+    pub watcher_pts: Mutex<BTreeMap<(usize, u64), u64>>,
 }
 
 /// One change as a watcher got it.
@@ -481,6 +483,67 @@ fn record(history: &History, session: usize, invoke: Instant, kind: OpKind) {
     });
 }
 
+/// Watchers a chaos run keeps, each on chats 1-3.
+const WATCHERS: usize = 2;
+
+/// Waits until every watcher has each watched chat's pts as a LINEARIZABLE
+/// read gives it now; the chats some watcher is still behind on after
+/// `within`, as findings.
+async fn watchers_catch_up(routers: &[String], history: &History, within: Duration) -> Vec<String> {
+    let started = Instant::now();
+    let mut want: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut attempt = 0;
+    while want.len() < 3 && started.elapsed() < within {
+        attempt += 1;
+        let Some(mut api) = connect(routers, attempt).await else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        for chat in 1..=3u64 {
+            if want.contains_key(&chat) {
+                continue;
+            }
+            let r = api
+                .get_chat(pb::GetChatRequest {
+                    chat_id: chat,
+                    consistency: Consistency::Linearizable as i32,
+                    min_token: Default::default(),
+                })
+                .await;
+            if let Ok(r) = r {
+                want.insert(chat, r.into_inner().pts);
+            }
+        }
+    }
+    loop {
+        let behind: Vec<String> = {
+            let got = history.watcher_pts.lock().unwrap();
+            (0..WATCHERS)
+                .flat_map(|w| want.iter().map(move |(c, p)| (w, *c, *p)))
+                .filter(|(w, c, p)| got.get(&(*w, *c)).copied().unwrap_or(0) < *p)
+                .map(|(w, c, p)| {
+                    format!(
+                        "watcher {w} is behind on chat {c}: pts {} of {p} after {within:?}",
+                        got.get(&(w, c)).copied().unwrap_or(0)
+                    )
+                })
+                .collect()
+        };
+        if behind.is_empty() {
+            if want.len() < 3 {
+                return vec![format!(
+                    "no LINEARIZABLE read of chats 1-3 within {within:?}"
+                )];
+            }
+            return behind;
+        }
+        if started.elapsed() >= within {
+            return behind;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Watches a few chats, reconnecting from the last pts it got; checks that
 /// pts arrive in order with no gap and no repeat.
 pub async fn run_watcher(
@@ -524,6 +587,11 @@ pub async fn run_watcher(
                 ));
             }
             last.insert(ev.chat_id, ev.pts);
+            history
+                .watcher_pts
+                .lock()
+                .unwrap()
+                .insert((id, ev.chat_id), ev.pts);
             *history.watch_events.lock().unwrap() += 1;
             if let Some(change) = ev.change {
                 history.watched.lock().unwrap().push(Watched {
@@ -557,12 +625,15 @@ pub async fn run(seed: u64, secs: u64, name: &str) -> (Vec<String>, Chaos) {
             stop.clone(),
         ));
     }
-    for w in 0..2 {
-        tasks.spawn(run_watcher(
+    // Watchers stop after the sessions, once they caught up (below).
+    let watchers_stop = Arc::new(AtomicBool::new(false));
+    let mut watchers = tokio::task::JoinSet::new();
+    for w in 0..WATCHERS {
+        watchers.spawn(run_watcher(
             w,
             routers.clone(),
             history.clone(),
-            stop.clone(),
+            watchers_stop.clone(),
         ));
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -597,7 +668,14 @@ pub async fn run(seed: u64, secs: u64, name: &str) -> (Vec<String>, Chaos) {
     {
         panic!("workload did not stop within 60 s");
     }
-    let findings = check(&chaos, &history).await;
+    // Every watcher reaches each watched chat's final pts: one starved on
+    // a replica that applies nothing, or dropped by a fault for good,
+    // would otherwise go unnoticed.
+    let behind = watchers_catch_up(&routers, &history, Duration::from_secs(30)).await;
+    watchers_stop.store(true, Ordering::Relaxed);
+    while watchers.join_next().await.is_some() {}
+    let mut findings = check(&chaos, &history).await;
+    findings.extend(behind);
     // Keep the history next to the data folders.
     if let Ok(mut f) = std::fs::File::create(chaos.dir.path.join("history.txt")) {
         let _ = writeln!(f, "seed {seed}\nfaults:\n{}", log.join("\n"));
