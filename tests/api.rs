@@ -50,6 +50,17 @@ fn code<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Status>) -> Cod
     }
 }
 
+/// The changes of `chat` after `pts` (SESSION, no token).
+async fn difference(api: &mut Api, chat: u64, pts: u64) -> pb::GetDifferenceResponse {
+    api.get_difference(pb::GetDifferenceRequest {
+        cursors: vec![pb::Cursor { chat_id: chat, pts }],
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
 async fn chat_pts(api: &mut Api, chat: u64) -> u64 {
     api.get_chat(pb::GetChatRequest {
         chat_id: chat,
@@ -147,17 +158,7 @@ async fn every_rpc_and_its_error_codes() {
         .into_inner();
     assert_eq!(m.messages.len(), 1);
 
-    let diff = api
-        .get_difference(pb::GetDifferenceRequest {
-            cursors: vec![pb::Cursor {
-                chat_id: chat,
-                pts: 0,
-            }],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let diff = difference(api, chat, 0).await;
     let kinds: Vec<i32> = diff.chats[0].changes.iter().map(|c| c.kind).collect();
     use pb::ChangeKind::*;
     assert_eq!(
@@ -590,34 +591,14 @@ async fn every_rpc_and_its_error_codes() {
     assert!(c.closed);
     assert_eq!(c.close_reason, "spam");
     // The reason is in the chat's change log, for every device.
-    let diff = api
-        .get_difference(pb::GetDifferenceRequest {
-            cursors: vec![pb::Cursor {
-                chat_id: chat,
-                pts: 5,
-            }],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let diff = difference(api, chat, 5).await;
     let change = &diff.chats[0].changes[0];
     assert_eq!(
         (change.kind, change.reason.as_str()),
         (pb::ChangeKind::Close as i32, "spam")
     );
     // A closed chat's changes still flow, without their content.
-    let all = api
-        .get_difference(pb::GetDifferenceRequest {
-            cursors: vec![pb::Cursor {
-                chat_id: chat,
-                pts: 0,
-            }],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let all = difference(api, chat, 0).await;
     assert_eq!(all.chats[0].changes.len(), 6);
     assert!(
         all.chats[0].changes.iter().all(|c| c.message.is_none()),
@@ -633,17 +614,7 @@ async fn every_rpc_and_its_error_codes() {
         .unwrap()
         .into_inner();
     assert_eq!(reopened.pts, 7);
-    let diff = api
-        .get_difference(pb::GetDifferenceRequest {
-            cursors: vec![pb::Cursor {
-                chat_id: chat,
-                pts: 6,
-            }],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let diff = difference(api, chat, 6).await;
     assert_eq!(
         diff.chats[0]
             .changes
@@ -783,17 +754,7 @@ async fn two_devices_in_two_regions_see_every_change() {
         dpts, pts,
         "GetDifference gives the same changes in the same order"
     );
-    let partial = laptop
-        .get_difference(pb::GetDifferenceRequest {
-            cursors: vec![pb::Cursor {
-                chat_id: chat,
-                pts: 2,
-            }],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let partial = difference(&mut laptop, chat, 2).await;
     assert_eq!(
         partial.chats[0]
             .changes

@@ -321,33 +321,20 @@ async fn tls_mutual_auth_and_tokens_keep_out_whoever_does_not_belong() {
     let state = shard_state(&certs, &endpoints);
     let (shard, _, leader) = state[0];
     let other = if leader == 1 { 2 } else { 1 };
-    let (code, _, err) = chatctl(
-        &certs,
-        "service.tokens",
-        &[
-            "--endpoints",
-            &endpoints,
-            "transfer-leader",
-            &shard.to_string(),
-            &other.to_string(),
-        ],
-    );
+    let (shard_arg, other_arg) = (shard.to_string(), other.to_string());
+    let transfer = [
+        "--endpoints",
+        &endpoints,
+        "transfer-leader",
+        &shard_arg,
+        &other_arg,
+    ];
+    let (code, _, err) = chatctl(&certs, "service.tokens", &transfer);
     assert_eq!(code, 2);
     assert!(err.contains("admin token"), "{err}");
     // An admin token from a router's host (routers hold the file) with the
     // router's certificate: refused too, an operator needs both.
-    let (code, _, err) = chatctl_as(
-        &certs,
-        "router",
-        "admin.tokens",
-        &[
-            "--endpoints",
-            &endpoints,
-            "transfer-leader",
-            &shard.to_string(),
-            &other.to_string(),
-        ],
-    );
+    let (code, _, err) = chatctl_as(&certs, "router", "admin.tokens", &transfer);
     assert_eq!(code, 2);
     assert!(err.contains("operator's certificate"), "{err}");
     let (code, out, _) = chatctl(
