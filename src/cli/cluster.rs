@@ -285,6 +285,8 @@ pub async fn shards(endpoints: &[String], json: bool) -> anyhow::Result<i32> {
 /// reports them as lagging, and how long it waits between asks.
 const VERIFY_ATTEMPTS: u32 = 20;
 const VERIFY_RETRY: std::time::Duration = std::time::Duration::from_millis(250);
+/// Most pages of digests `verify` reads of one shard (50,000 chats each).
+const VERIFY_PAGES_MAX: usize = 100_000;
 
 pub async fn verify(endpoints: &[String], json: bool) -> anyhow::Result<i32> {
     let Some((ops, view)) = gathered(endpoints, json).await else {
@@ -320,57 +322,76 @@ pub async fn verify(endpoints: &[String], json: bool) -> anyhow::Result<i32> {
         }
     }
     for shard in &shard_ids {
-        // Replicas still applying the last writes (or a leader's own
-        // entries) report different applied indexes, or none while an
-        // apply overlaps their scan; ask again, a bounded number of times,
-        // until they report one.
-        let mut attempt = 1;
-        let replies = loop {
-            let mut replies = Vec::new();
-            let mut settled = true;
-            for n in view.nodes.values().filter(|n| n.shards.contains_key(shard)) {
-                let mut c = ops
-                    .node_api(&n.addr)
-                    .with_context(|| format!("connect to node {} at {}", n.id, n.addr))?;
-                match c
-                    .chat_digests(ChatDigestsRequest { shard_id: *shard })
-                    .await
-                {
-                    Ok(reply) => replies.push((n.id, reply.into_inner())),
-                    Err(s) if s.code() == tonic::Code::Unavailable && attempt < VERIFY_ATTEMPTS => {
-                        settled = false;
-                        break;
+        // Page by page of chats, each compared at one applied index.
+        let mut after_chat = 0;
+        for _ in 0..VERIFY_PAGES_MAX {
+            // Replicas still applying the last writes (or a leader's own
+            // entries) report different applied indexes, or none while an
+            // apply overlaps their scan; ask again, a bounded number of times,
+            // until they report one.
+            let mut attempt = 1;
+            let replies = loop {
+                let mut replies = Vec::new();
+                let mut settled = true;
+                for n in view.nodes.values().filter(|n| n.shards.contains_key(shard)) {
+                    let mut c = ops
+                        .node_api(&n.addr)
+                        .with_context(|| format!("connect to node {} at {}", n.id, n.addr))?;
+                    let request = ChatDigestsRequest {
+                        shard_id: *shard,
+                        after_chat,
+                        limit: crate::node::api::DIGESTS_PAGE_MAX,
+                    };
+                    match c.chat_digests(request).await {
+                        Ok(reply) => replies.push((n.id, reply.into_inner())),
+                        Err(s)
+                            if s.code() == tonic::Code::Unavailable
+                                && attempt < VERIFY_ATTEMPTS =>
+                        {
+                            settled = false;
+                            break;
+                        }
+                        Err(s) => anyhow::bail!(ops::describe(&n.addr, &s)),
                     }
-                    Err(s) => anyhow::bail!(ops::describe(&n.addr, &s)),
                 }
-            }
-            let level = settled
-                && replies
-                    .windows(2)
-                    .all(|w| w[0].1.applied_index == w[1].1.applied_index);
-            if level || (settled && attempt >= VERIFY_ATTEMPTS) {
-                break replies;
-            }
-            attempt += 1;
-            tokio::time::sleep(VERIFY_RETRY).await;
-        };
-        let Some(((first, first_reply), rest)) = replies.split_first() else {
-            continue;
-        };
-        checked += first_reply.chats.len();
-        for (node, reply) in rest {
-            checked += reply.chats.len();
-            if reply.applied_index != first_reply.applied_index {
-                problems.push(format!(
+                let level = settled
+                    && replies
+                        .windows(2)
+                        .all(|w| w[0].1.applied_index == w[1].1.applied_index);
+                if level || (settled && attempt >= VERIFY_ATTEMPTS) {
+                    break replies;
+                }
+                attempt += 1;
+                tokio::time::sleep(VERIFY_RETRY).await;
+            };
+            let Some(((first, first_reply), rest)) = replies.split_first() else {
+                break;
+            };
+            checked += first_reply.chats.len();
+            let mut page_ok = true;
+            for (node, reply) in rest {
+                checked += reply.chats.len();
+                if reply.applied_index != first_reply.applied_index {
+                    problems.push(format!(
                     "LAGGING shard {shard}: node {node} at applied {} and node {first} at {} \
                      after {VERIFY_ATTEMPTS} tries (writes still arriving; run again once they stop)",
                     reply.applied_index, first_reply.applied_index
                 ));
-            } else if reply.chats != first_reply.chats {
-                problems.push(format!(
-                    "DIVERGED shard {shard}: nodes {node} and {first} differ at applied index {}",
+                    page_ok = false;
+                } else if reply.chats != first_reply.chats || reply.more != first_reply.more {
+                    problems.push(format!(
+                    "DIVERGED shard {shard}: nodes {node} and {first} differ at applied index {} \
+                     (chats after {after_chat})",
                     reply.applied_index
                 ));
+                    page_ok = false;
+                }
+            }
+            // The next page starts after this one's last chat; a shard found
+            // lagging or diverged is reported once.
+            match first_reply.chats.last() {
+                Some(last) if page_ok && first_reply.more => after_chat = last.chat_id,
+                _ => break,
             }
         }
     }

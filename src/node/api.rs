@@ -29,6 +29,18 @@ use crate::types::{ChatId, NodeId, ShardId};
 /// quorum confirm that it still leads.
 const DEPOSED_CHECK_WAIT: Duration = Duration::from_secs(2);
 
+/// Most chats in one page of digests (`chatctl verify` pages by it).
+pub const DIGESTS_PAGE_MAX: u32 = 50_000;
+
+/// The chats a page of digests holds: as asked, at most
+/// [`DIGESTS_PAGE_MAX`] (0, from a caller that does not page, too).
+fn page_limit(asked: u32) -> u32 {
+    match asked {
+        0 => DIGESTS_PAGE_MAX,
+        n => n.min(DIGESTS_PAGE_MAX),
+    }
+}
+
 /// Largest node API request.
 pub const NODE_API_MESSAGE_BYTES_MAX: usize = 8 * 1024 * 1024;
 /// Longest a SESSION read may wait for the replica to catch up.
@@ -410,7 +422,8 @@ impl NodeApi for NodeApiService {
         request: Request<ChatDigestsRequest>,
     ) -> Result<Response<ChatDigestsReply>, Status> {
         self.operator.check(&request)?;
-        let id = request.into_inner().shard_id;
+        let req = request.into_inner();
+        let id = req.shard_id;
         let shard = self.shard(id)?;
         let loads = shard.reader.loads().count();
         // Settled: no apply call was writing when the scan began or ended,
@@ -422,7 +435,11 @@ impl NodeApi for NodeApiService {
             )
         };
         let before = position();
-        let chats = crate::storage::blocking(|| shard.reader.digests());
+        let chats = crate::storage::blocking(|| {
+            shard
+                .reader
+                .digests(req.after_chat, page_limit(req.limit) as usize)
+        });
         if !shard.reader.loads().unchanged(loads) {
             return Err(loading_snapshot(id));
         }
@@ -432,10 +449,11 @@ impl NodeApi for NodeApiService {
                 "shard {id} applied entries while its chats were read; ask again"
             )));
         }
-        let chats = chats.map_err(|e| Status::internal(e.to_string()))?;
+        let (chats, more) = chats.map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(ChatDigestsReply {
             applied_index: applied,
             chats,
+            more,
         }))
     }
 

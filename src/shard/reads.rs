@@ -669,9 +669,18 @@ impl StateReader {
     /// Per-chat digests over the message records in seq order, with bodies
     /// in the clear: equal digests mean identical chat logs (ciphertexts of
     /// self-destructing bodies differ between nodes by design).
-    pub fn digests(&self) -> io::Result<Vec<ChatDigest>> {
+    /// Digests of the chats after `after_chat`, at most `limit` of them (0:
+    /// all), and whether more follow.
+    pub fn digests(&self, after_chat: u64, limit: usize) -> io::Result<(Vec<ChatDigest>, bool)> {
         let mut out = Vec::new();
-        for pair in self.tree.scan_prefix([keys::TAG_CHAT]) {
+        let start = match after_chat.checked_add(1) {
+            Some(next) => keys::chat(next),
+            None => return Ok((out, false)),
+        };
+        for pair in self.tree.range(start..vec![keys::TAG_CHAT + 1]) {
+            if limit != 0 && out.len() >= limit {
+                return Ok((out, true));
+            }
             let (k, v) = pair.map_err(io_err)?;
             let chat = keys::part(&k, 0).ok_or_else(|| io::Error::other("bad chat key"))?;
             let rec: ChatRecord = decode(&v, "chat record")?;
@@ -698,7 +707,7 @@ impl StateReader {
                 message_count: count,
             });
         }
-        Ok(out)
+        Ok((out, false))
     }
 }
 
@@ -816,6 +825,34 @@ mod tests {
             ..Default::default()
         };
         tree.insert(keys::chat(chat), rec.encode_to_vec()).unwrap();
+    }
+
+    /// Digests page by chat: each page starts after the last one's last
+    /// chat, says whether more follow, and together they are all of them.
+    #[test]
+    fn digests_page_through_every_chat_once() {
+        let (_dir, storage, tree) = state_tree();
+        for chat in [3u64, 5, 8, 13, 21] {
+            sends_only(&tree, chat, 2, "x");
+        }
+        let reader = StateReader::new(tree, storage.keys().clone(), Default::default());
+        let (all, more) = reader.digests(0, 0).unwrap();
+        assert!(!more);
+        assert_eq!(all.len(), 5);
+        let mut paged = Vec::new();
+        let mut after = 0;
+        for _ in 0..10 {
+            let (page, more) = reader.digests(after, 2).unwrap();
+            assert!(page.len() <= 2);
+            paged.extend(page.iter().cloned());
+            match page.last() {
+                Some(last) if more => after = last.chat_id,
+                _ => break,
+            }
+        }
+        assert_eq!(paged, all);
+        assert_eq!(reader.digests(21, 2).unwrap(), (Vec::new(), false));
+        assert_eq!(reader.digests(u64::MAX, 2).unwrap(), (Vec::new(), false));
     }
 
     /// A page of large messages read from sled stops at the byte bound with

@@ -328,7 +328,10 @@ impl Client {
             for node in &on {
                 let reply = self
                     .node(*node)
-                    .chat_digests(timed(ChatDigestsRequest { shard_id: shard }))
+                    .chat_digests(timed(ChatDigestsRequest {
+                        shard_id: shard,
+                        ..Default::default()
+                    }))
                     .await
                     .map_err(|e| format!("node {node}: {e}"))?
                     .into_inner();
