@@ -305,6 +305,9 @@ fn secured_or_warn(config: &ClusterConfig) -> anyhow::Result<()> {
     config.check_placeholders().map_err(anyhow::Error::msg)?;
     if config.tls.is_none() {
         tracing::warn!("INSECURE: no [tls] in the config, every listener is plaintext");
+        if config.auth.is_some() {
+            tracing::warn!("INSECURE: [auth] without [tls]: routers check tokens, but a node's own port takes reads and writes from anyone who can reach it (mutual TLS is what keeps it to routers and peers)");
+        }
     }
     if config.auth.is_none() {
         tracing::warn!("INSECURE: no [auth] in the config, every caller is trusted");

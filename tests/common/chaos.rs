@@ -890,48 +890,85 @@ pub async fn check_on(nodes: &Client, node_ids: &[u64], history: &History) -> Ve
             }
         }
     }
-    // Edits and deletes: the last acknowledged change of each message shows.
-    let mut last_change: BTreeMap<(u64, u64), &OpKind> = BTreeMap::new();
+    // Edits and deletes: each message ends as its last acknowledged change
+    // left it (as sent, if none was), or as a change whose outcome is
+    // unknown left it (one may commit after later ones were answered).
+    // `None` is deleted, `Some(body)` shown with that body.
+    let sent_body: BTreeMap<(u64, u64), &str> = ops
+        .iter()
+        .filter_map(|op| match &op.kind {
+            OpKind::Send {
+                chat,
+                body,
+                outcome: Outcome::Ok(seq),
+                ..
+            } => Some(((*chat, *seq), body.as_str())),
+            _ => None,
+        })
+        .collect();
+    let mut changes_of: BTreeMap<(u64, u64), Vec<&OpKind>> = BTreeMap::new();
     for op in &ops {
         match &op.kind {
             OpKind::Edit { chat, seq, .. } | OpKind::Delete { chat, seq, .. } => {
-                last_change.insert((*chat, *seq), &op.kind);
+                changes_of.entry((*chat, *seq)).or_default().push(&op.kind);
             }
             _ => {}
         }
     }
-    for ((chat, seq), kind) in last_change {
+    let left_as = |kind: &OpKind| -> Option<Option<String>> {
+        match kind {
+            OpKind::Edit { body, .. } => Some(Some(body.clone())),
+            OpKind::Delete { .. } => Some(None),
+            _ => None,
+        }
+    };
+    for ((chat, seq), kinds) in changes_of {
+        let acked = |k: &&OpKind| {
+            matches!(
+                k,
+                OpKind::Edit {
+                    outcome: Outcome::Ok(()),
+                    ..
+                } | OpKind::Delete {
+                    outcome: Outcome::Ok(()),
+                    ..
+                }
+            )
+        };
+        let unknown = |k: &&OpKind| {
+            matches!(
+                k,
+                OpKind::Edit {
+                    outcome: Outcome::Unknown,
+                    ..
+                } | OpKind::Delete {
+                    outcome: Outcome::Unknown,
+                    ..
+                }
+            )
+        };
+        let mut allowed: Vec<Option<String>> = Vec::new();
+        match kinds.iter().copied().rev().find(acked) {
+            Some(k) => allowed.extend(left_as(k)),
+            None => match sent_body.get(&(chat, seq)) {
+                Some(body) => allowed.push(Some(body.to_string())),
+                None => continue,
+            },
+        }
+        allowed.extend(kinds.iter().copied().filter(unknown).filter_map(left_as));
         let msg = finals
             .get(&chat)
             .and_then(|r| r[0].iter().find(|m| m.seq == seq).cloned());
-        match kind {
-            OpKind::Edit {
-                body,
-                outcome: Outcome::Ok(()),
-                ..
-            } => match msg {
-                // No edit follows a delete in this workload: an edited
-                // message shown deleted was deleted by mistake.
-                Some(m) if !m.deleted && m.body[..] == *body.as_bytes() => {}
-                Some(m) => bad.push(format!(
-                    "acknowledged edit of {chat}/{seq} to {body:?} is not visible (body {:?})",
-                    String::from_utf8_lossy(&m.body)
-                )),
-                None => bad.push(format!("edited message {chat}/{seq} is missing")),
-            },
-            OpKind::Delete {
-                outcome: Outcome::Ok(()),
-                ..
-            } => {
-                if let Some(m) = msg {
-                    if !m.deleted {
-                        bad.push(format!(
-                            "acknowledged delete of {chat}/{seq} is not visible"
-                        ));
-                    }
-                }
-            }
-            _ => {}
+        let Some(m) = msg else {
+            bad.push(format!("changed message {chat}/{seq} is missing"));
+            continue;
+        };
+        let state = (!m.deleted).then(|| String::from_utf8_lossy(&m.body).into_owned());
+        if !allowed.contains(&state) {
+            bad.push(format!(
+                "message {chat}/{seq} ends as {state:?}, which no acknowledged or unknown \
+                 change left it as ({allowed:?})"
+            ));
         }
     }
     // LINEARIZABLE reads: each sees every send acknowledged before it began,
