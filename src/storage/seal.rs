@@ -35,7 +35,6 @@ use chacha20poly1305::aead::{Aead, KeyInit};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 
 use crate::api::pb::replicated::SealedBody;
-use crate::types::now_ms;
 
 pub type Key = [u8; 32];
 
@@ -51,9 +50,15 @@ pub struct KeyRing {
     dir: PathBuf,
     epoch_ms: u64,
     keys: RwLock<BTreeMap<u64, Key>>,
-    /// Highest epoch sealed with, so a clock step back never reuses an epoch
-    /// whose key may already be destroyed.
+    /// Highest epoch sealed with, so no epoch whose key may already be
+    /// destroyed is used again.
     floor: AtomicU64,
+    /// When the ring opened, by the monotonic clock, and the epoch it opened
+    /// at (the one after its newest key). Epochs move on from there every
+    /// `epoch_ms` of elapsed time: a step of the wall clock moves them
+    /// neither ahead (which would keep every key alive until real time
+    /// caught up) nor back.
+    opened: (std::time::Instant, u64),
     /// Held (shared) by writers from taking a key until their sealed bytes
     /// are in sled; see [`KeyRing::hold`].
     sealers: RwLock<()>,
@@ -91,6 +96,7 @@ impl KeyRing {
             epoch_ms: (epoch.as_millis() as u64).max(1),
             keys: RwLock::new(keys),
             floor: AtomicU64::new(floor),
+            opened: (std::time::Instant::now(), floor + 1),
             sealers: RwLock::new(()),
         })
     }
@@ -115,10 +121,9 @@ impl KeyRing {
 
     /// The epoch that sealing uses now (never below one already used).
     pub fn current_epoch(&self) -> u64 {
-        let by_clock = now_ms() / self.epoch_ms + 1;
-        self.floor
-            .fetch_max(by_clock, Ordering::SeqCst)
-            .max(by_clock)
+        let (at, first) = self.opened;
+        let by_time = first + at.elapsed().as_millis() as u64 / self.epoch_ms;
+        self.floor.fetch_max(by_time, Ordering::SeqCst).max(by_time)
     }
 
     /// Seals `plaintext` with the current epoch's key, creating it (durably)
@@ -303,7 +308,32 @@ mod tests {
         let ring = KeyRing::open(dir.path(), Duration::from_secs(300)).unwrap();
         assert!(!zeroed.exists());
         assert!(kept.exists());
-        assert!(ring.current_epoch() >= 7);
+        assert_eq!(ring.current_epoch(), 8, "the epoch after the newest key");
+    }
+
+    /// Epochs move on with elapsed time, from the one after the newest key:
+    /// what the wall clock says plays no part.
+    #[test]
+    fn epochs_follow_elapsed_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let ring = KeyRing::open(dir.path(), Duration::from_millis(50)).unwrap();
+        let first = ring.current_epoch();
+        assert_eq!(first, 1);
+        let started = std::time::Instant::now();
+        while ring.current_epoch() == first {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "the epoch moves on"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let (epoch, _) = ring.current_key().unwrap();
+        drop(ring);
+        let reopened = KeyRing::open(dir.path(), Duration::from_millis(50)).unwrap();
+        assert!(
+            reopened.current_epoch() > epoch,
+            "never an epoch already used"
+        );
     }
 
     #[test]
