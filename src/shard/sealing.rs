@@ -10,7 +10,9 @@ use std::io;
 use prost::Message;
 
 use crate::api::codec::decode;
-use crate::api::pb::replicated::{command, Command, CommandBatch, MessageRecord, SelfDestruct};
+use crate::api::pb::replicated::{
+    command, Command, CommandBatch, MessageRecord, SealedBody, SelfDestruct,
+};
 use crate::storage::seal::{seal_with, Key, KeyRing};
 
 /// Whether a message record's body must be sealed at rest.
@@ -102,38 +104,28 @@ pub fn stored_len(cmd: &Command) -> usize {
 /// travels) is dropped: only this node's keys open what it stores. Returns
 /// None when the batch needs no change.
 pub fn seal_batch(batch: &CommandBatch, epoch: u64, key: &Key) -> Option<CommandBatch> {
-    let needs_work = |c: &command::Kind| match c {
-        command::Kind::Send(s) => {
-            s.sealed_body.is_some() || (self_destructs(&s.self_destruct) && !s.body.is_empty())
-        }
-        command::Kind::Edit(e) => e.sealed_body.is_some() || !e.body.is_empty(),
+    let arrived_sealed = |c: &command::Kind| match c {
+        command::Kind::Send(s) => s.sealed_body.is_some(),
+        command::Kind::Edit(e) => e.sealed_body.is_some(),
         _ => false,
     };
-    if !batch
-        .commands
-        .iter()
-        .any(|c| c.kind.as_ref().is_some_and(needs_work))
-    {
+    if !batch.commands.iter().any(|c| {
+        c.kind
+            .as_ref()
+            .is_some_and(|k| will_seal(k) || arrived_sealed(k))
+    }) {
         return None;
     }
     let mut sealed = batch.clone();
     for c in &mut sealed.commands {
-        match &mut c.kind {
-            Some(command::Kind::Send(s)) => {
-                s.sealed_body = None;
-                if self_destructs(&s.self_destruct) && !s.body.is_empty() {
-                    s.sealed_body = Some(seal_with(key, epoch, &s.body));
-                    s.body = Default::default();
-                }
-            }
-            Some(command::Kind::Edit(e)) => {
-                e.sealed_body = None;
-                if !e.body.is_empty() {
-                    e.sealed_body = Some(seal_with(key, epoch, &e.body));
-                    e.body = Default::default();
-                }
-            }
-            _ => {}
+        let seal = c.kind.as_ref().is_some_and(will_seal);
+        let Some((body, sealed_body)) = body_of(c) else {
+            continue;
+        };
+        *sealed_body = None;
+        if seal {
+            *sealed_body = Some(seal_with(key, epoch, body));
+            *body = Default::default();
         }
     }
     Some(sealed)
@@ -142,21 +134,23 @@ pub fn seal_batch(batch: &CommandBatch, epoch: u64, key: &Key) -> Option<Command
 /// Opens the sealed bodies of a stored batch in place.
 pub fn open_batch(ring: &KeyRing, batch: &mut CommandBatch) -> io::Result<()> {
     for c in &mut batch.commands {
-        match &mut c.kind {
-            Some(command::Kind::Send(s)) => {
-                if let Some(sealed) = s.sealed_body.take() {
-                    s.body = ring.unseal(&sealed, None)?.into();
-                }
+        if let Some((body, sealed_body)) = body_of(c) {
+            if let Some(sealed) = sealed_body.take() {
+                *body = ring.unseal(&sealed, None)?.into();
             }
-            Some(command::Kind::Edit(e)) => {
-                if let Some(sealed) = e.sealed_body.take() {
-                    e.body = ring.unseal(&sealed, None)?.into();
-                }
-            }
-            _ => {}
         }
     }
     Ok(())
+}
+
+/// The body of a command that carries one (a send or an edit), plain and
+/// sealed.
+fn body_of(c: &mut Command) -> Option<(&mut bytes::Bytes, &mut Option<SealedBody>)> {
+    match &mut c.kind {
+        Some(command::Kind::Send(s)) => Some((&mut s.body, &mut s.sealed_body)),
+        Some(command::Kind::Edit(e)) => Some((&mut e.body, &mut e.sealed_body)),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
