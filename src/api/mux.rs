@@ -12,7 +12,9 @@
 //! is written leave together as one message on a stream that stays open; the
 //! peer handles each call on its own and sends the replies that are ready as
 //! one message. A reply never waits for another call's, so a slow call holds
-//! back no one else.
+//! back no one else. What the peer holds per stream is bounded: it reads no
+//! more calls while replies not yet taken pass [`REPLY_BYTES_QUEUED_MAX`], and
+//! refuses calls while [`CALLS_WAITING_MAX`] wait in tasks.
 //!
 //! When the stream fails, every call waiting on it fails as `Unavailable`
 //! and the next call opens a new stream. A peer that does not know the
@@ -27,7 +29,7 @@
 //! ([`crate::api::read_stream`], [`crate::api::write_stream`]).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -105,34 +107,141 @@ const REPLIES_PER_BATCH_MAX: usize = 1024;
 /// A reply batch stops growing past this many bytes (a larger single reply
 /// still goes, alone), well below tonic's default 4 MiB message limit.
 const REPLY_BATCH_BYTES_MAX: usize = 2 * 1024 * 1024;
+/// Bytes of replies ready but not yet taken by the reply stream. Past this
+/// the peer's side reads no more calls until they drain: a caller that sends
+/// calls faster than it reads their replies is slowed by HTTP/2 flow
+/// control instead of growing this process's memory.
+const REPLY_BYTES_QUEUED_MAX: usize = 32 * 1024 * 1024;
+/// Calls of one stream waiting in tasks of their own (writes, reads waiting
+/// for an index, Watch long polls). While this many wait, every new call is
+/// refused unhandled as `Unavailable` (a caller tries another replica or
+/// again later), so a flood of calls costs a bounded number of tasks; a
+/// refusal holds back no other call.
+const CALLS_WAITING_MAX: usize = 65_536;
+
+/// What the peer's side of one stream may hold.
+#[derive(Clone, Copy)]
+struct Bounds {
+    reply_bytes: usize,
+    waiting: usize,
+}
+
+const BOUNDS: Bounds = Bounds {
+    reply_bytes: REPLY_BYTES_QUEUED_MAX,
+    waiting: CALLS_WAITING_MAX,
+};
+
+/// What the peer's side of one stream holds: reply bytes queued for the
+/// reply stream, and calls waiting in tasks.
+struct Held {
+    bounds: Bounds,
+    reply_bytes: AtomicUsize,
+    waiting: AtomicUsize,
+    drained: tokio::sync::Notify,
+}
+
+impl Held {
+    fn new(bounds: Bounds) -> Held {
+        Held {
+            bounds,
+            reply_bytes: AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
+            drained: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn queued(&self, bytes: usize) {
+        self.reply_bytes.fetch_add(bytes, Ordering::AcqRel);
+    }
+
+    fn taken(&self, bytes: usize) {
+        let max = self.bounds.reply_bytes;
+        let before = self.reply_bytes.fetch_sub(bytes, Ordering::AcqRel);
+        if before > max && before - bytes <= max {
+            self.drained.notify_one();
+        }
+    }
+
+    /// Returns once the queued reply bytes are within their bound.
+    async fn room(&self) {
+        while self.reply_bytes.load(Ordering::Acquire) > self.bounds.reply_bytes {
+            // notify_one keeps a wake-up given before this wait starts.
+            self.drained.notified().await;
+        }
+    }
+}
 
 /// The peer's side: runs `handle` on each call of each batch (within the
 /// call's timeout; in a task of its own unless it is ready at once) and
 /// returns the stream of reply batches, each with the replies ready when it
 /// is sent. The stream ends when `stopping` turns true, so a server's
-/// graceful shutdown does not wait on it.
+/// graceful shutdown does not wait on it. Calls are read only while the
+/// replies not yet taken stay within [`REPLY_BYTES_QUEUED_MAX`], and at most
+/// [`CALLS_WAITING_MAX`] wait at a time.
 pub fn serve<P, H, F>(
-    mut calls: Streaming<P::Batch>,
+    calls: impl futures::Stream<Item = Result<P::Batch, Status>> + Send + Unpin + 'static,
     handle: H,
-    mut stopping: tokio::sync::watch::Receiver<bool>,
+    stopping: tokio::sync::watch::Receiver<bool>,
 ) -> BoxStream<'static, Result<P::ReplyBatch, Status>>
 where
     P: Protocol,
     H: Fn(P::Request) -> F + Clone + Send + 'static,
     F: std::future::Future<Output = Result<P::Reply, Status>> + Send + 'static,
 {
-    let (tx, rx) = mpsc::unbounded_channel::<(u64, Result<P::Reply, Status>)>();
+    serve_within::<P, H, F>(calls, handle, stopping, BOUNDS)
+}
+
+fn serve_within<P, H, F>(
+    mut calls: impl futures::Stream<Item = Result<P::Batch, Status>> + Send + Unpin + 'static,
+    handle: H,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
+    bounds: Bounds,
+) -> BoxStream<'static, Result<P::ReplyBatch, Status>>
+where
+    P: Protocol,
+    H: Fn(P::Request) -> F + Clone + Send + 'static,
+    F: std::future::Future<Output = Result<P::Reply, Status>> + Send + 'static,
+{
+    type Ready<R> = (u64, Result<R, Status>, usize);
+    let (tx, rx) = mpsc::unbounded_channel::<Ready<P::Reply>>();
+    let held = Arc::new(Held::new(bounds));
+    let send = {
+        let held = held.clone();
+        move |tx: &mpsc::UnboundedSender<Ready<P::Reply>>, id, result: Result<P::Reply, Status>| {
+            let bytes = match &result {
+                Ok(reply) => reply.encoded_len(),
+                Err(s) => s.message().len(),
+            };
+            held.queued(bytes);
+            if tx.send((id, result, bytes)).is_err() {
+                held.taken(bytes);
+            }
+        }
+    };
     let mut reader_stopping = stopping.clone();
+    let reader_held = held.clone();
     tokio::spawn(async move {
         loop {
             let batch = tokio::select! {
-                m = calls.message() => match m {
-                    Ok(Some(batch)) => batch,
+                m = async {
+                    reader_held.room().await;
+                    futures::StreamExt::next(&mut calls).await
+                } => match m {
+                    Some(Ok(batch)) => batch,
                     _ => break,
                 },
                 _ = reader_stopping.wait_for(|s| *s) => break,
             };
             for call in P::calls(batch) {
+                if reader_held.waiting.load(Ordering::Acquire) >= bounds.waiting {
+                    let refused = Status::unavailable(format!(
+                        "{} has {} calls waiting; try again",
+                        P::NAME,
+                        bounds.waiting
+                    ));
+                    send(&tx, call.id, Err(refused));
+                    continue;
+                }
                 let handled = handle(call.request);
                 let timeout_ms = call.timeout_ms;
                 let mut result = Box::pin(async move {
@@ -154,47 +263,48 @@ where
                 // only one that has to wait (a write, a read waiting for an
                 // index) gets a task of its own.
                 match futures::poll!(result.as_mut()) {
-                    std::task::Poll::Ready(result) => {
-                        let _ = tx.send((call.id, result));
-                    }
+                    std::task::Poll::Ready(result) => send(&tx, call.id, result),
                     std::task::Poll::Pending => {
-                        let tx = tx.clone();
+                        let (tx, send, held) = (tx.clone(), send.clone(), reader_held.clone());
+                        held.waiting.fetch_add(1, Ordering::AcqRel);
                         tokio::spawn(async move {
-                            let _ = tx.send((call.id, result.await));
+                            let result = result.await;
+                            held.waiting.fetch_sub(1, Ordering::AcqRel);
+                            send(&tx, call.id, result);
                         });
                     }
                 }
             }
         }
     });
-    let size = |r: &(u64, Result<P::Reply, Status>)| match &r.1 {
-        Ok(reply) => reply.encoded_len(),
-        Err(s) => s.message().len(),
-    };
     // The state: the receiver, and a reply that did not fit the last batch.
-    let replies = futures::stream::unfold((rx, None), move |(mut rx, held)| async move {
-        let first = match held {
-            Some(r) => r,
-            None => rx.recv().await?,
-        };
-        let mut bytes = size(&first);
-        let mut replies = vec![first];
-        let mut held = None;
-        while replies.len() < REPLIES_PER_BATCH_MAX {
-            match rx.try_recv() {
-                Ok(r) => {
-                    let len = size(&r);
-                    if bytes + len > REPLY_BATCH_BYTES_MAX {
-                        held = Some(r);
-                        break;
+    let replies = futures::stream::unfold((rx, None), move |(mut rx, over)| {
+        let held = held.clone();
+        async move {
+            let first = match over {
+                Some(r) => r,
+                None => rx.recv().await?,
+            };
+            let mut bytes = first.2;
+            let mut replies = vec![first];
+            let mut over = None;
+            while replies.len() < REPLIES_PER_BATCH_MAX {
+                match rx.try_recv() {
+                    Ok(r) => {
+                        if bytes + r.2 > REPLY_BATCH_BYTES_MAX {
+                            over = Some(r);
+                            break;
+                        }
+                        bytes += r.2;
+                        replies.push(r);
                     }
-                    bytes += len;
-                    replies.push(r);
+                    Err(_) => break,
                 }
-                Err(_) => break,
             }
+            held.taken(bytes);
+            let replies = replies.into_iter().map(|(id, r, _)| (id, r)).collect();
+            Some((Ok(P::reply_batch(replies)), (rx, over)))
         }
-        Some((Ok(P::reply_batch(replies)), (rx, held)))
     });
     Box::pin(futures::StreamExt::take_until(replies, async move {
         let _ = stopping.wait_for(|s| *s).await;
@@ -678,4 +788,160 @@ fn spawn_unary<P: Protocol>(client: P::Client, q: Queued<P>) {
         let reply = P::unary(client, q.request, q.timeout).await;
         let _ = q.reply.send(reply);
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use futures::StreamExt;
+    use tonic::{Code, Status};
+
+    use super::{serve_within, Bounds};
+    use crate::api::pb::node::{ReadCall, ReadCallBatch, ReadReply, ReadRequest};
+    use crate::api::pb::Message as ChatMessage;
+    use crate::api::read_stream::ReadCalls;
+
+    fn batch(first_id: u64, calls: u64) -> Result<ReadCallBatch, Status> {
+        Ok(ReadCallBatch {
+            calls: (first_id..first_id + calls)
+                .map(|id| ReadCall {
+                    id,
+                    request: Some(ReadRequest::default()),
+                    timeout_ms: 0,
+                })
+                .collect(),
+        })
+    }
+
+    /// Waits (at most 10 s) until `f` holds.
+    async fn until(what: &str, f: impl Fn() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn calls_are_not_read_while_their_replies_are_not_taken() {
+        const BODY: usize = 64 * 1024;
+        let body = bytes::Bytes::from(vec![7u8; BODY]);
+        let handled = Arc::new(AtomicUsize::new(0));
+        let handle = {
+            let (body, handled) = (body.clone(), handled.clone());
+            move |_req: ReadRequest| {
+                handled.fetch_add(1, Ordering::SeqCst);
+                let message = ChatMessage {
+                    body: body.clone(),
+                    ..Default::default()
+                };
+                futures::future::ready(Ok(ReadReply {
+                    messages: vec![message],
+                    ..Default::default()
+                }))
+            }
+        };
+        // 100 batches of 4 calls, every reply 64 KiB; the bound is 1 MiB,
+        // so about 4 batches go before the reader stops.
+        let calls = futures::stream::iter((0..100).map(|b| batch(b * 4, 4)));
+        let (_stop, stopping) = tokio::sync::watch::channel(false);
+        let bounds = Bounds {
+            reply_bytes: 1024 * 1024,
+            waiting: 1000,
+        };
+        let mut replies = serve_within::<ReadCalls, _, _>(calls, handle, stopping, bounds);
+        until("the first calls are handled", || {
+            handled.load(Ordering::SeqCst) >= 16
+        })
+        .await;
+        // The reader has stopped; give it time to show it would not.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let stopped_at = handled.load(Ordering::SeqCst);
+        assert!(
+            stopped_at <= 20,
+            "{stopped_at} calls read with nobody taking their replies"
+        );
+        // Taking the replies lets the reader go on, to the end.
+        let mut ids = Vec::new();
+        while ids.len() < 400 {
+            let batch = tokio::time::timeout(Duration::from_secs(10), replies.next())
+                .await
+                .expect("a reply batch in time")
+                .expect("the stream goes on")
+                .expect("a batch");
+            ids.extend(batch.replies.iter().map(|r| r.id));
+        }
+        ids.sort_unstable();
+        assert_eq!(ids, (0..400).collect::<Vec<u64>>());
+        assert_eq!(handled.load(Ordering::SeqCst), 400);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn calls_past_the_waiting_bound_are_refused_at_once() {
+        let (release, released) = tokio::sync::watch::channel(false);
+        let handle = move |req: ReadRequest| {
+            let mut released = released.clone();
+            async move {
+                // A call with wait_ms waits for the release; others answer at once.
+                if req.wait_ms > 0 {
+                    let _ = released.wait_for(|r| *r).await;
+                }
+                Ok(ReadReply::default())
+            }
+        };
+        let waiting_call = |id| ReadCall {
+            id,
+            request: Some(ReadRequest {
+                wait_ms: 1,
+                ..Default::default()
+            }),
+            timeout_ms: 0,
+        };
+        let batches = vec![
+            Ok(ReadCallBatch {
+                calls: (0..5).map(waiting_call).collect(),
+            }),
+            // Past the bound of 3 waiting, every call is refused unread
+            // (a write is not proposed).
+            batch(5, 1),
+        ];
+        let (_stop, stopping) = tokio::sync::watch::channel(false);
+        let bounds = Bounds {
+            reply_bytes: 1024 * 1024,
+            waiting: 3,
+        };
+        let calls = futures::stream::iter(batches).chain(futures::stream::pending());
+        let mut replies = serve_within::<ReadCalls, _, _>(calls, handle, stopping, bounds);
+        let mut got = std::collections::BTreeMap::new();
+        while got.len() < 3 {
+            let batch = tokio::time::timeout(Duration::from_secs(10), replies.next())
+                .await
+                .expect("replies in time")
+                .expect("the stream goes on")
+                .expect("a batch");
+            for r in batch.replies {
+                got.insert(r.id, r.status_code);
+            }
+        }
+        let unavailable = Code::Unavailable as i32;
+        assert_eq!(got.get(&3), Some(&unavailable));
+        assert_eq!(got.get(&4), Some(&unavailable));
+        assert_eq!(got.get(&5), Some(&unavailable));
+        // The waiting calls are answered once released.
+        release.send(true).unwrap();
+        while got.len() < 6 {
+            let batch = tokio::time::timeout(Duration::from_secs(10), replies.next())
+                .await
+                .expect("replies in time")
+                .expect("the stream goes on")
+                .expect("a batch");
+            for r in batch.replies {
+                got.insert(r.id, r.status_code);
+            }
+        }
+        assert!((0..3).all(|id| got.get(&id) == Some(&0)), "{got:?}");
+    }
 }
