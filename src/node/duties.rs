@@ -50,6 +50,24 @@ pub const TICK: Duration = Duration::from_millis(500);
 pub const EXPIRE_BATCH_MAX: u32 = 1_000;
 /// Most records one GcDedup or GcChanges step examines.
 pub const GC_BATCH_MAX: u32 = 1_000;
+/// Expiry running this late adds one [`EXPIRE_BATCH_MAX`] to each step.
+const EXPIRE_LATE_UNIT_MS: u64 = 1_000;
+/// A collection pass running for this share of its interval adds one
+/// [`GC_BATCH_MAX`] to each step.
+const PASS_LATE_UNITS: u64 = 16;
+
+/// How many items a step of work that runs `late_ms` late takes: one
+/// `batch` more for each `unit_ms` of lateness, up to what apply takes in one
+/// command ([`crate::shard::apply::EXPIRE_ITEMS_MAX`]). A shard whose
+/// writes outpace steps of one batch per tick (about 2,000 records a
+/// second) gets steps up to ten times larger rather than falling further
+/// behind for ever; one that keeps up pays small steps.
+fn step_items(batch: u32, late_ms: u64, unit_ms: u64) -> u32 {
+    let batches = 1 + late_ms / unit_ms.max(1);
+    (batch as u64)
+        .saturating_mul(batches)
+        .min(crate::shard::apply::EXPIRE_ITEMS_MAX as u64) as u32
+}
 
 /// Led shards whose tick may wait on peers at the same time.
 const CHORES_AT_ONCE: usize = 16;
@@ -296,7 +314,7 @@ async fn quiet_chores(
     let settings = reader.settings().map_err(|e| e.to_string())?;
     let expiry = reader.earliest_expiry().map_err(|e| e.to_string())?;
     let (dedup, changes) = collection_due(shard, &settings, now)?;
-    if expiry.is_some_and(|due| due <= now) || dedup || changes {
+    if expiry.is_some_and(|due| due <= now) || dedup.is_some() || changes.is_some() {
         chores(registry, shard, ctx, clock_off).await
     } else {
         Ok(())
@@ -354,29 +372,29 @@ async fn chores(
                 shard,
                 command::Kind::Expire(ExpireCmd {
                     up_to_ms: now,
-                    max_items: EXPIRE_BATCH_MAX,
+                    max_items: step_items(EXPIRE_BATCH_MAX, now - due, EXPIRE_LATE_UNIT_MS),
                 }),
             )
             .await?;
         }
     }
     let (dedup, changes) = collection_due(shard, &settings, now)?;
-    if dedup {
+    if let Some(max_items) = dedup {
         propose(
             shard,
             command::Kind::GcDedup(GcDedupCmd {
                 before_ms: now.saturating_sub(settings.dedup_window_ms),
-                max_items: GC_BATCH_MAX,
+                max_items,
             }),
         )
         .await?;
     }
-    if changes {
+    if let Some(max_items) = changes {
         propose(
             shard,
             command::Kind::GcChanges(GcChangesCmd {
                 before_ms: now.saturating_sub(settings.change_retention_ms),
-                max_items: GC_BATCH_MAX,
+                max_items,
             }),
         )
         .await?;
@@ -385,21 +403,32 @@ async fn chores(
 }
 
 /// Whether a step of the dedup and of the change collection pass is due
-/// (change collection exists from apply rules 1).
+/// (change collection exists from apply rules 1), and if so how many
+/// records it examines.
 fn collection_due(
     shard: &Shard,
     settings: &ShardSettings,
     now: u64,
-) -> Result<(bool, bool), String> {
+) -> Result<(Option<u32>, Option<u32>), String> {
     let reader = &shard.reader;
+    let step = |due_for: Option<u64>, interval_ms: u64| {
+        due_for.map(|late| step_items(GC_BATCH_MAX, late, interval_ms / PASS_LATE_UNITS))
+    };
+    let window = settings.dedup_window_ms;
     let dedup = reader
-        .dedup_gc_due(settings.dedup_window_ms, now)
+        .dedup_gc_due(window, now)
         .map_err(|e| e.to_string())?;
-    let changes = settings.apply_rules >= 1
-        && reader
-            .change_gc_due(settings.change_retention_ms, now)
-            .map_err(|e| e.to_string())?;
-    Ok((dedup, changes))
+    let changes = match settings.apply_rules >= 1 {
+        true => {
+            let retention = settings.change_retention_ms;
+            let due = reader
+                .change_gc_due(retention, now)
+                .map_err(|e| e.to_string())?;
+            step(due, retention / 4)
+        }
+        false => None,
+    };
+    Ok((step(dedup, window), changes))
 }
 
 /// Longest a chore waits for its proposal. A leader cut off from its
@@ -499,4 +528,20 @@ fn caught_up_voters(
         })
         .filter_map(|id| Some((id, membership.get_node(&id)?.region.clone())))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::step_items;
+
+    #[test]
+    fn steps_grow_with_lateness_up_to_what_apply_takes() {
+        assert_eq!(step_items(1_000, 0, 1_000), 1_000);
+        assert_eq!(step_items(1_000, 999, 1_000), 1_000);
+        assert_eq!(step_items(1_000, 1_000, 1_000), 2_000);
+        assert_eq!(step_items(1_000, 4_500, 1_000), 5_000);
+        assert_eq!(step_items(1_000, u64::MAX, 1_000), 10_000);
+        // A zero unit (a zero retention setting) counts milliseconds.
+        assert_eq!(step_items(1_000, 5, 0), 6_000);
+    }
 }

@@ -222,8 +222,9 @@ impl StateReader {
 
     /// Whether the leader should propose the next dedup collection step:
     /// a pass is under way, or there are dedup records and the last pass
-    /// ended at least `window_ms` before `now`.
-    pub fn dedup_gc_due(&self, window_ms: u64, now: u64) -> io::Result<bool> {
+    /// ended at least `window_ms` before `now`. When due, for how long (see
+    /// [`StateReader::pass_due`]).
+    pub fn dedup_gc_due(&self, window_ms: u64, now: u64) -> io::Result<Option<u64>> {
         self.pass_due(
             keys::SM_META_DEDUP_GC_CURSOR,
             keys::SM_META_DEDUP_GC_PASS_END,
@@ -236,7 +237,7 @@ impl StateReader {
     /// Whether the leader should propose a change collection step: a pass
     /// is in progress, or the last one ended a quarter of the retention
     /// ago (so a change lives between one and 1.25 retention windows).
-    pub fn change_gc_due(&self, retention_ms: u64, now: u64) -> io::Result<bool> {
+    pub fn change_gc_due(&self, retention_ms: u64, now: u64) -> io::Result<Option<u64>> {
         self.pass_due(
             keys::SM_META_CHANGE_GC_CURSOR,
             keys::SM_META_CHANGE_GC_PASS_END,
@@ -248,7 +249,9 @@ impl StateReader {
 
     /// A collection pass over the records under `tag` is in progress (its
     /// cursor is set), or there are records and the last pass ended at
-    /// least `interval_ms` ago.
+    /// least `interval_ms` ago. When due, for how long: since the last pass
+    /// ended `interval_ms` ago, so a pass in progress tells how long it has
+    /// run (0 until a first pass has ended).
     fn pass_due(
         &self,
         cursor: &[u8],
@@ -256,18 +259,22 @@ impl StateReader {
         tag: u8,
         interval_ms: u64,
         now: u64,
-    ) -> io::Result<bool> {
-        if self.has_key(cursor) {
-            return Ok(true);
-        }
-        if self.tree.scan_prefix([tag]).next().is_none() {
-            return Ok(false);
-        }
+    ) -> io::Result<Option<u64>> {
         let last_end = match self.tree.get(pass_end).map_err(io_err)? {
             Some(v) => v.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0),
             None => 0,
         };
-        Ok(last_end.saturating_add(interval_ms) <= now)
+        let due_for = match last_end {
+            0 => 0,
+            end => now.saturating_sub(end.saturating_add(interval_ms)),
+        };
+        if self.has_key(cursor) {
+            return Ok(Some(due_for));
+        }
+        if self.tree.scan_prefix([tag]).next().is_none() {
+            return Ok(None);
+        }
+        Ok((last_end.saturating_add(interval_ms) <= now).then_some(due_for))
     }
 
     /// The shard's replicated settings.
@@ -1157,23 +1164,37 @@ mod tests {
         newest_rules(&tree);
         let reader = StateReader::new(tree.clone(), storage.keys().clone(), Default::default());
         let retention = 4_000;
-        assert!(
-            !reader.change_gc_due(retention, 1_000).unwrap(),
+        assert_eq!(
+            reader.change_gc_due(retention, 1_000).unwrap(),
+            None,
             "no changes"
         );
         apply(&tree, 1_000, vec![send(1, 1), send(2, 2)]);
-        assert!(reader.change_gc_due(retention, 1_000).unwrap());
+        // No pass has ended yet: due, and not counted as late.
+        assert_eq!(reader.change_gc_due(retention, 1_000).unwrap(), Some(0));
         apply(&tree, 1_000, vec![gc_changes(0, 1)]);
-        assert!(reader.change_gc_due(retention, 1_000).unwrap(), "mid-pass");
+        assert_eq!(
+            reader.change_gc_due(retention, 1_000).unwrap(),
+            Some(0),
+            "mid-pass"
+        );
         // One change per step: a step for each chat, then one that finds
         // the end.
         apply(&tree, 1_000, vec![gc_changes(0, 1)]);
-        assert!(reader.change_gc_due(retention, 1_000).unwrap(), "mid-pass");
-        apply(&tree, 1_000, vec![gc_changes(0, 1)]);
         assert!(
-            !reader.change_gc_due(retention, 1_999).unwrap(),
+            reader.change_gc_due(retention, 1_000).unwrap().is_some(),
+            "mid-pass"
+        );
+        apply(&tree, 1_000, vec![gc_changes(0, 1)]);
+        assert_eq!(
+            reader.change_gc_due(retention, 1_999).unwrap(),
+            None,
             "just ended"
         );
-        assert!(reader.change_gc_due(retention, 2_000).unwrap());
+        assert_eq!(reader.change_gc_due(retention, 2_000).unwrap(), Some(0));
+        // The next pass, under way: due since a quarter retention after
+        // the last one ended (at 1,000).
+        apply(&tree, 2_500, vec![gc_changes(0, 1)]);
+        assert_eq!(reader.change_gc_due(retention, 2_700).unwrap(), Some(700));
     }
 }
