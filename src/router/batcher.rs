@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tonic::Status;
 
 use crate::api::pb::node::WriteRequest;
@@ -33,6 +33,10 @@ use crate::types::ShardId;
 pub const IN_FLIGHT_PER_SHARD: usize = 2;
 /// Writes waiting in one shard's queue before new ones are refused.
 const QUEUE_MAX: usize = 16_384;
+/// Encoded command bytes of the writes one router holds (queued or in a
+/// node call) before new ones are refused: while shards cannot commit,
+/// their queues hold at most this much, whatever the bodies' sizes.
+const QUEUED_BYTES_MAX: usize = 256 * 1024 * 1024;
 /// Most commands in one node call (the node's limit).
 const COMMANDS_PER_CALL_MAX: usize = crate::node::api::WRITE_COMMANDS_MAX;
 /// Most encoded command bytes in one node call (the node's limit).
@@ -50,6 +54,8 @@ struct Pending {
     bytes: usize,
     reply: oneshot::Sender<GroupResult>,
     queued_at: Instant,
+    /// Its share of [`QUEUED_BYTES_MAX`], given back when it is answered.
+    held: OwnedSemaphorePermit,
 }
 
 /// `p` if it is still to be sent: None if its caller has gone, or if it
@@ -73,10 +79,31 @@ pub fn group_fits(commands: usize, bytes: usize) -> bool {
     commands <= COMMANDS_PER_CALL_MAX && bytes <= BYTES_PER_CALL_MAX
 }
 
-/// The write queues of one router, one per shard written to.
-#[derive(Default)]
+/// The write queues of one router, one per shard written to, and the bytes
+/// they may hold.
 pub struct Queues {
     by_shard: Mutex<HashMap<u64, mpsc::Sender<Pending>>>,
+    bytes: Arc<Semaphore>,
+}
+
+impl Default for Queues {
+    fn default() -> Queues {
+        Queues {
+            by_shard: Default::default(),
+            bytes: Arc::new(Semaphore::new(QUEUED_BYTES_MAX)),
+        }
+    }
+}
+
+/// Takes `bytes` of `budget` for a write, or refuses it (not sent).
+fn reserve(budget: &Arc<Semaphore>, bytes: usize) -> Result<OwnedSemaphorePermit, Status> {
+    let n = u32::try_from(bytes.max(1)).unwrap_or(u32::MAX);
+    budget.clone().try_acquire_many_owned(n).map_err(|_| {
+        Status::resource_exhausted(format!(
+            "{} MiB of writes are waiting at this router; not sent, retry later",
+            QUEUED_BYTES_MAX >> 20
+        ))
+    })
 }
 
 impl Router {
@@ -105,6 +132,7 @@ impl Router {
                 commands.len()
             )));
         }
+        let held = reserve(&self.inner.queues.bytes, bytes)?;
         let (tx, rx) = oneshot::channel();
         let queue = self.queue(shard);
         queue
@@ -113,6 +141,7 @@ impl Router {
                 bytes,
                 reply: tx,
                 queued_at: Instant::now(),
+                held,
             })
             .map_err(|e| match e {
                 mpsc::error::TrySendError::Full(_) => Status::resource_exhausted(format!(
@@ -194,9 +223,12 @@ async fn run(inner: Weak<Inner>, shard: ShardId, mut rx: mpsc::Receiver<Pending>
 async fn call(router: &Router, shard: ShardId, batch: Vec<Pending>) {
     let mut commands: Vec<Command> = Vec::new();
     let mut waiters = Vec::with_capacity(batch.len());
+    // Held until the call ends, when each waiter is answered.
+    let mut _held = Vec::with_capacity(batch.len());
     for p in batch {
         waiters.push((p.commands.len(), p.reply));
         commands.extend(p.commands);
+        _held.push(p.held);
     }
     metrics::histogram!(crate::metrics::ROUTER_WRITE_BATCH).record(commands.len() as f64);
     let result = router
@@ -257,6 +289,7 @@ mod tests {
             bytes: 0,
             reply,
             queued_at,
+            held: Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap(),
         };
         (p, rx)
     }
@@ -275,5 +308,22 @@ mod tests {
         let status = answer.expect_err("as an error");
         assert_eq!(status.code(), tonic::Code::Unavailable);
         assert!(status.message().contains("not sent"), "{status}");
+    }
+
+    #[test]
+    fn writes_past_the_byte_budget_are_refused_until_others_are_answered() {
+        let budget = Arc::new(Semaphore::new(100));
+        let first = reserve(&budget, 60).expect("fits");
+        let refused = reserve(&budget, 60).expect_err("over the budget");
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        assert!(refused.message().contains("not sent"), "{refused}");
+        let small = reserve(&budget, 40).expect("what is left fits");
+        drop(first);
+        assert!(reserve(&budget, 60).is_ok(), "freed when answered");
+        // A write counts at least one byte, and one larger than the budget
+        // is refused rather than waited for.
+        drop(small);
+        assert!(reserve(&budget, 0).is_ok());
+        assert!(reserve(&budget, 101).is_err());
     }
 }

@@ -407,10 +407,11 @@ impl Router {
         }
         let mut attempt: u32 = 0;
         loop {
-            let node = self
-                .node(target)
-                .ok_or_else(|| Status::internal(format!("unknown node {target}")))?;
-            let status = match call(node).await {
+            let status = match self.node(target) {
+                Some(node) => call(node).await,
+                None => Err(Status::internal(format!("unknown node {target}"))),
+            };
+            let status = match status {
                 Ok(v) => {
                     if leader_only {
                         self.set_leader(shard, target);
@@ -427,14 +428,12 @@ impl Router {
             }
             let retryable = is_retryable(&status);
             if !retryable || started.elapsed() >= deadline {
-                return Err(if retryable {
-                    Status::unavailable(format!(
-                        "{shard}: no leader answered within {deadline:?} (last: {}); {retry}",
-                        status.message()
-                    ))
-                } else {
-                    status
-                });
+                return Err(final_status(
+                    status,
+                    attempt > 0,
+                    (shard, started.elapsed()),
+                    retry,
+                ));
             }
             attempt += 1;
             let hint = leader_hint(&status);
@@ -732,6 +731,30 @@ pub async fn serve(
     Ok(())
 }
 
+/// What a call that ends on `status` answers. After earlier attempts ended
+/// with retryable failures (one may have reached a leader that went on),
+/// a refusal that says nothing of them (an overloaded node, a node this
+/// router does not know) is reported as the retryable failure it follows,
+/// with `retry`: a write must not look refused when an earlier try of it may
+/// yet commit. A call's own answer (a non-retryable status the node gave for
+/// this call, such as a bad argument) is passed on as it is.
+fn final_status(
+    status: Status,
+    retried: bool,
+    (shard, elapsed): (ShardId, Duration),
+    retry: &str,
+) -> Status {
+    let says_nothing_of_earlier = matches!(status.code(), Code::ResourceExhausted | Code::Internal);
+    if is_retryable(&status) || (retried && says_nothing_of_earlier) {
+        Status::unavailable(format!(
+            "{shard}: no leader answered within {elapsed:?} (last: {}); {retry}",
+            status.message()
+        ))
+    } else {
+        status
+    }
+}
+
 fn is_retryable(s: &Status) -> bool {
     matches!(
         s.code(),
@@ -750,4 +773,42 @@ pub fn command_error_status(code: i32, message: &str) -> Status {
         ErrorCode::Unspecified => Code::Internal,
     };
     Status::new(code, message.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tonic::{Code, Status};
+
+    use super::final_status;
+    use crate::types::ShardId;
+
+    const RETRY: &str = "send it again unchanged";
+
+    fn ended(status: Status, retried: bool) -> Status {
+        final_status(status, retried, (ShardId(3), Duration::from_secs(2)), RETRY)
+    }
+
+    #[test]
+    fn a_refusal_after_failed_tries_is_reported_as_their_outcome() {
+        // First try: an overloaded node refused the write; nothing was sent.
+        let first = ended(Status::resource_exhausted("shard-3 is overloaded"), false);
+        assert_eq!(first.code(), Code::ResourceExhausted);
+        // After a try that timed out (it may commit yet), the same refusal
+        // must not look like "not stored".
+        let later = ended(Status::resource_exhausted("shard-3 is overloaded"), true);
+        assert_eq!(later.code(), Code::Unavailable);
+        assert!(later.message().contains(RETRY), "{later}");
+        assert!(later.message().contains("overloaded"), "{later}");
+        let unknown_node = ended(Status::internal("unknown node 9"), true);
+        assert_eq!(unknown_node.code(), Code::Unavailable);
+        // The node's own answer to this call is passed on.
+        let bad = ended(Status::invalid_argument("too big"), true);
+        assert_eq!(bad.code(), Code::InvalidArgument);
+        // Retryable failures at the deadline say what to do.
+        let timed_out = ended(Status::deadline_exceeded("no reply"), false);
+        assert_eq!(timed_out.code(), Code::Unavailable);
+        assert!(timed_out.message().contains(RETRY), "{timed_out}");
+    }
 }

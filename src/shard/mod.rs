@@ -528,6 +528,9 @@ impl Shard {
 
 /// Batches queued writes into log entries: waits for a free in-flight slot,
 /// then takes everything queued (up to the entry limits) as one proposal.
+/// A write whose caller has gone (its call timed out: the caller reported
+/// the outcome as unknown and may have sent it again) is not proposed, so
+/// an overloaded leader does not spend its log on writes nobody waits for.
 async fn run_proposer(shard: ShardId, raft: Raft, mut rx: mpsc::Receiver<PendingWrite>) {
     let slots = Arc::new(Semaphore::new(PROPOSALS_IN_FLIGHT_MAX));
     let mut carry: Option<PendingWrite> = None;
@@ -542,11 +545,15 @@ async fn run_proposer(shard: ShardId, raft: Raft, mut rx: mpsc::Receiver<Pending
         let Ok(permit) = slots.clone().acquire_owned().await else {
             return;
         };
+        if first.reply.is_closed() {
+            continue;
+        }
         let mut bytes = first.bytes;
         let mut count = first.commands.len();
         let mut waiters = vec![first];
         while count < BATCH_COMMANDS_MAX {
             match rx.try_recv() {
+                Ok(next) if next.reply.is_closed() => continue,
                 Ok(next) => {
                     if bytes + next.bytes > BATCH_BYTES_MAX
                         || count + next.commands.len() > BATCH_COMMANDS_MAX
