@@ -593,6 +593,24 @@ async fn a_node_whose_clock_is_off_gives_up_leadership_and_gets_none() {
         .await
         .expect("send with node 1 leading nothing");
     }
+    // Its replicas would judge what has expired by its clock: node 1 sends
+    // readers elsewhere, and the router reads from a replica that answers.
+    let refused = nodes
+        .history_on(1, 1)
+        .await
+        .expect_err("node 1 serves no reads while its clock is off");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused}");
+    assert!(refused.message().contains("clock"), "{refused}");
+    let page = api
+        .get_history(chatstore::api::pb::GetHistoryRequest {
+            chat_id: 1,
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .expect("a SESSION read through the router")
+        .into_inner();
+    assert_eq!(page.messages.len(), 1);
     let endpoints = procs.endpoints();
     let (code, out, _) = chatctl(&["--endpoints", &endpoints, "status"]);
     assert_eq!(

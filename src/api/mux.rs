@@ -117,7 +117,7 @@ const REPLY_BYTES_QUEUED_MAX: usize = 32 * 1024 * 1024;
 /// refused unhandled as `Unavailable` (a caller tries another replica or
 /// again later), so a flood of calls costs a bounded number of tasks; a
 /// refusal holds back no other call.
-const CALLS_WAITING_MAX: usize = 65_536;
+pub const CALLS_WAITING_MAX: usize = 65_536;
 
 /// What the peer's side of one stream may hold.
 #[derive(Clone, Copy)]

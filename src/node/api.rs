@@ -132,6 +132,18 @@ impl NodeApiService {
         let consistency = Consistency::try_from(req.consistency).map_err(|_| {
             Status::invalid_argument(format!("unknown consistency {}", req.consistency))
         })?;
+        // Reads hide self-destructed messages by this node's clock. A
+        // follower whose clock is off (or may be) sends the reader to
+        // another replica; a leader hands its shards over within two ticks.
+        if consistency != Consistency::Linearizable
+            && self.registry.clock_suspect()
+            && !shard.is_leader()
+        {
+            return Err(Status::unavailable(format!(
+                "node {}'s clock is off from its peers'; read shard {} from another replica",
+                self.node_id.0, req.shard_id
+            )));
+        }
         match consistency {
             Consistency::Linearizable => {
                 shard

@@ -156,6 +156,7 @@ pub async fn run(registry: Registry, ctx: Context, mut shutdown: watch::Receiver
         // cannot be undone, so they stop at the first sign.
         let chores_paused =
             clock_off || clocks.own_is_off() || stepped_until.is_some_and(|until| tick < until);
+        registry.set_clock_suspect(chores_paused);
         if clock_off && !was_off {
             tracing::error!(offset_ms = clocks.own_offset_ms, bound_ms = CLOCK_OFFSET_MS_MAX, "this node's clock is off from its peers' by more than the bound; it gives up leadership until the clock is fixed");
         } else if was_off && !clock_off {

@@ -64,6 +64,9 @@ struct Host {
     changes: tokio::sync::Mutex<()>,
     /// Each peer's last ping answer.
     peer_answers: std::sync::Mutex<BTreeMap<u64, PeerAnswer>>,
+    /// This node's clock is off from its peers' or may be (set each chore
+    /// tick): its replicas would judge what has expired by a wrong time.
+    clock_suspect: std::sync::atomic::AtomicBool,
 }
 
 /// What a peer's last ping answer said.
@@ -170,6 +173,20 @@ impl Registry {
             .expect("peer answers lock")
             .get(&peer)
             .is_some_and(|a| a.at.elapsed() < within)
+    }
+
+    /// Whether this node's clock is off from its peers' or may be (as the
+    /// last chore tick saw it).
+    pub fn clock_suspect(&self) -> bool {
+        self.host
+            .clock_suspect
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn set_clock_suspect(&self, suspect: bool) {
+        self.host
+            .clock_suspect
+            .store(suspect, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Whose clocks are off, this node's included, as the pings show.
@@ -401,6 +418,7 @@ impl Node {
                 node_tree: storage.open_tree(trees::NODE_TREE)?,
                 changes: tokio::sync::Mutex::new(()),
                 peer_answers: Default::default(),
+                clock_suspect: Default::default(),
             }),
         };
         // The shards this node hosts: its initial replicas, plus those moved

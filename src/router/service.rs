@@ -27,10 +27,18 @@ const MARK_READ_STEPS_MAX: usize = 10_000;
 pub const WATCH_STREAMS_MAX: usize = 10_000;
 /// Most Watch streams on one client connection.
 pub const WATCH_STREAMS_PER_CONNECTION_MAX: usize = 1_000;
+/// Most chats one router watches at once, over all its streams. Each
+/// watched chat keeps a long poll waiting on a replica, most of them on the
+/// router's own region's node, whose stream from this router takes
+/// [`crate::api::mux::CALLS_WAITING_MAX`] waiting calls: this leaves room there for
+/// writes and other reads.
+pub const WATCHED_CHATS_MAX: usize = 50_000;
 
 pub struct ChatStoreService {
     pub router: Router,
     pub watch_slots: Arc<Semaphore>,
+    /// One permit per chat watched (all streams).
+    watched_chats: Arc<Semaphore>,
     /// Turns true when the router stops: Watch streams end then, so that
     /// the server's graceful shutdown is not held up by them.
     stopping: tokio::sync::watch::Receiver<bool>,
@@ -62,6 +70,7 @@ impl ChatStoreService {
             router,
             stopping,
             watch_slots: Arc::new(Semaphore::new(WATCH_STREAMS_MAX)),
+            watched_chats: Arc::new(Semaphore::new(WATCHED_CHATS_MAX)),
             watches_by_connection: Arc::default(),
         }
     }
@@ -596,11 +605,22 @@ impl ChatStore for ChatStoreService {
                 "this router serves {WATCH_STREAMS_MAX} watches already"
             ))
         })?;
+        let chats = u32::try_from(r.cursors.len()).unwrap_or(u32::MAX);
+        let chats = self
+            .watched_chats
+            .clone()
+            .try_acquire_many_owned(chats)
+            .map_err(|_| {
+                Status::resource_exhausted(format!(
+                    "this router watches {WATCHED_CHATS_MAX} chats already"
+                ))
+            })?;
         let counted = self.count_watch(peer)?;
         let (tx, events) = watch::event_stream();
         let (router, stopping) = (self.router.clone(), self.stopping.clone());
         tokio::spawn(async move {
             let _permit = permit;
+            let _chats = chats;
             let _counted = counted;
             watch::run(router, r.cursors, tx, auth, stopping).await;
         });

@@ -20,14 +20,18 @@ use crate::api::pb::node::{read_request::Query, DifferenceQuery};
 use crate::api::pb::{Cursor, WatchEvent};
 use crate::router::Router;
 use crate::security::Role;
+use crate::types::now_ms;
 
 /// How long a replica holds a watch poll open waiting for a new entry.
 pub const LONG_POLL_MS: u32 = 3_000;
 /// Changes fetched per poll.
 const POLL_CHANGES_MAX: u32 = 500;
 /// Most bytes of messages one poll fetches (more come with the next poll,
-/// at once): a stream whose client reads slowly holds little.
+/// at once): a stream whose client reads slowly holds little. A stream's
+/// chats share [`STREAM_BYTES_MAX`] between their polls, each at least
+/// [`POLL_BYTES_MIN`] (and a poll's first message may pass its bound).
 const POLL_BYTES_MAX: u32 = 256 * 1024;
+const POLL_BYTES_MIN: u32 = 16 * 1024;
 /// Events buffered per stream before the stream applies backpressure.
 const STREAM_BUFFER: usize = 1024;
 /// Most bytes of events one stream holds for its client (an event larger
@@ -52,8 +56,28 @@ pub fn event_stream() -> (
 ) {
     let (tx, rx) = mpsc::channel(STREAM_BUFFER);
     let bytes = Arc::new(Semaphore::new(STREAM_BYTES_MAX));
-    let events = tokio_stream::wrappers::ReceiverStream::new(rx).map(|(event, _bytes)| event);
+    let events = tokio_stream::wrappers::ReceiverStream::new(rx).map(
+        |(event, _bytes): (Event, Option<OwnedSemaphorePermit>)| {
+            event.map(|e| hide_expired(e, now_ms()))
+        },
+    );
     (EventSender { tx, bytes }, events)
+}
+
+/// `event` as its client may see it at `now`: a self-destructing body whose
+/// time came while the event waited for the client is left out, as a read
+/// at `now` would leave it out (the change itself still goes).
+fn hide_expired(mut event: WatchEvent, now: u64) -> WatchEvent {
+    if let Some(change) = event.change.as_mut() {
+        let expired = change.message.as_ref().is_some_and(|m| {
+            m.expire_at_ms != 0
+                && m.expire_at_ms <= now.saturating_add(crate::node::clock::CLOCK_OFFSET_MS_MAX)
+        });
+        if expired {
+            change.message = None;
+        }
+    }
+    event
 }
 
 impl EventSender {
@@ -98,8 +122,9 @@ pub async fn run(
     mut stopping: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut tasks = tokio::task::JoinSet::new();
+    let poll_bytes = poll_bytes(cursors.len());
     for c in cursors {
-        tasks.spawn(watch_chat(router.clone(), c, tx.clone()));
+        tasks.spawn(watch_chat(router.clone(), c, tx.clone(), poll_bytes));
     }
     let mut recheck = tokio::time::interval(crate::security::FILES_CHECKED_EVERY);
     // A dropped sender means no stop will come.
@@ -134,7 +159,14 @@ pub async fn run(
     }
 }
 
-async fn watch_chat(router: Router, cursor: Cursor, tx: EventSender) {
+/// Each chat's poll bound in a stream of `chats`: their share of the
+/// stream's bytes, within [`POLL_BYTES_MIN`] and [`POLL_BYTES_MAX`].
+fn poll_bytes(chats: usize) -> u32 {
+    let share = STREAM_BYTES_MAX / chats.max(1);
+    (share.min(u32::MAX as usize) as u32).clamp(POLL_BYTES_MIN, POLL_BYTES_MAX)
+}
+
+async fn watch_chat(router: Router, cursor: Cursor, tx: EventSender, poll_bytes: u32) {
     let shard = router.shard_of(cursor.chat_id);
     let mut pts = cursor.pts;
     let mut after_index = 0u64;
@@ -149,7 +181,7 @@ async fn watch_chat(router: Router, cursor: Cursor, tx: EventSender) {
             chat_id: cursor.chat_id,
             pts,
             limit: POLL_CHANGES_MAX,
-            bytes_max: POLL_BYTES_MAX,
+            bytes_max: poll_bytes,
         });
         // First poll: answer now (min index 0); later: wait for news.
         let (used, result) = router
@@ -251,6 +283,43 @@ mod tests {
             }),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_streams_chats_share_its_bytes_between_their_polls() {
+        assert_eq!(poll_bytes(1), POLL_BYTES_MAX);
+        assert_eq!(poll_bytes(4), POLL_BYTES_MAX);
+        assert_eq!(poll_bytes(16), 64 * 1024);
+        assert_eq!(poll_bytes(100), POLL_BYTES_MIN);
+        assert_eq!(poll_bytes(0), POLL_BYTES_MAX);
+    }
+
+    /// A body whose time came while its event waited for the client is left
+    /// out when the client takes the event.
+    #[test]
+    fn an_event_taken_after_its_message_expired_has_no_body() {
+        let mut e = event(1, 10);
+        let expire_at = 100_000;
+        e.change
+            .as_mut()
+            .unwrap()
+            .message
+            .as_mut()
+            .unwrap()
+            .expire_at_ms = expire_at;
+        let margin = crate::node::clock::CLOCK_OFFSET_MS_MAX;
+        let early = hide_expired(e.clone(), expire_at - margin - 1);
+        assert!(early.change.unwrap().message.is_some());
+        let late = hide_expired(e.clone(), expire_at - margin);
+        let change = late.change.unwrap();
+        assert!(change.message.is_none(), "the body is left out");
+        assert_eq!(change.pts, 1, "the change still goes");
+        // Messages without a timer are left as they are.
+        assert!(hide_expired(event(2, 10), u64::MAX)
+            .change
+            .unwrap()
+            .message
+            .is_some());
     }
 
     /// A stream holds at most its byte bound of events its client has not

@@ -483,6 +483,17 @@ impl StateReader {
                 more = true;
                 break;
             }
+            // Every pts has a change and collection drops only a prefix, so
+            // a gap after the first means collection ran under this scan
+            // (sled reads a range a leaf at a time): stop before it, and the
+            // next call finds the gap at its start and is told to reset.
+            if records
+                .last()
+                .is_some_and(|l: &ChangeRecord| c.pts != l.pts + 1)
+            {
+                more = true;
+                break;
+            }
             records.push(c);
         }
         // A closed chat's content stays hidden; its changes still flow.
@@ -1116,6 +1127,27 @@ mod tests {
             reader.chats.message(chat, 299).unwrap().map(|m| m.seq),
             Some(299)
         );
+    }
+
+    /// A scan that meets a gap after its first change (collection ran under
+    /// it) stops before the gap, so the next call is told to reset rather
+    /// than skip what lay in the gap.
+    #[test]
+    fn a_gap_inside_a_difference_ends_it_and_the_next_call_resets() {
+        use crate::shard::apply::testing::{apply, newest_rules, send};
+        let (_dir, storage, tree) = state_tree();
+        newest_rules(&tree);
+        apply(&tree, 1_000, (1..=5).map(|id| send(1, id)).collect());
+        tree.remove(keys::change(1, 3)).unwrap();
+        let reader = StateReader::new(tree.clone(), storage.keys().clone(), Default::default());
+        let first = reader.difference(1, 0, 10, 0).unwrap();
+        let pts: Vec<u64> = first.changes.iter().map(|c| c.pts).collect();
+        assert_eq!(pts, vec![1, 2]);
+        assert!(first.more && !first.reset_required);
+        assert_eq!(first.pts, 2);
+        let next = reader.difference(1, 2, 10, 0).unwrap();
+        assert!(next.reset_required);
+        assert_eq!(next.pts, 5);
     }
 
     /// A cursor older than what collection left of a chat's changes gets a
