@@ -231,6 +231,9 @@ where
                     _ => break,
                 },
                 _ = reader_stopping.wait_for(|s| *s) => break,
+                // The reply stream is gone (the caller hung up): nothing
+                // queued will be taken.
+                _ = tx.closed() => break,
             };
             for call in P::calls(batch) {
                 if reader_held.waiting.load(Ordering::Acquire) >= bounds.waiting {
