@@ -16,7 +16,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chatstore::api::pb::node::admin_client::AdminClient;
-use chatstore::api::pb::node::{AddLearnerRequest, ShardRequest, StatusRequest};
+use chatstore::api::pb::node::{
+    AddLearnerRequest, ChangeVotersRequest, ShardRequest, StatusRequest,
+};
 use common::chaos::{check_on, run_session, History};
 use common::procs::{router_client, start_cluster_with, ProcessCluster};
 use common::{ConfigOptions, TestDir};
@@ -455,6 +457,38 @@ async fn leadership_moves_by_hand_and_returns_after_restart_and_the_cli_fails_cl
     let (code, _, err) = chatctl(&["--endpoints", &all, "remove-node", "9"]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("node 9 is unknown"), "{err}");
+    // A node takes no shard below its replication factor (two moves of one
+    // shard at once would each remove a voter).
+    let mut refused = None;
+    for _ in 0..50 {
+        let leader = nodes.leader_of(0).await.expect("a leader of shard 0");
+        let follower = (1..=3).find(|n| *n != leader).unwrap();
+        let url = format!("http://{}", addr(&cluster, leader));
+        let answer = AdminClient::connect(url)
+            .await
+            .expect("admin client")
+            .change_voters(ChangeVotersRequest {
+                shard_id: 0,
+                add: vec![],
+                remove: vec![follower],
+            })
+            .await;
+        match answer {
+            Err(s) if s.code() == tonic::Code::Unavailable => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            other => {
+                refused = Some(other.expect_err("a voter of three removed"));
+                break;
+            }
+        }
+    }
+    let refused = refused.expect("shard 0's leader answered");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused}");
+    assert!(
+        refused.message().contains("replication factor"),
+        "{refused}"
+    );
     for node in 1..=3 {
         let replicas = replicas_on(&nodes, node).await;
         assert!(

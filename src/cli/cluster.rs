@@ -322,6 +322,21 @@ pub async fn verify(endpoints: &[String], json: bool) -> anyhow::Result<i32> {
         }
     }
     for shard in &shard_ids {
+        // The voters' copies are compared. A copy no membership lists (left
+        // on a node that was down during a move; `rebalance` deletes it) or
+        // a learner still catching up never settles with them.
+        let voters: BTreeSet<u64> = view
+            .membership(*shard)
+            .map(|s| s.voters.iter().copied().collect())
+            .unwrap_or_default();
+        for n in view.nodes.values() {
+            if n.shards.contains_key(shard) && !voters.contains(&n.id) {
+                eprintln!(
+                    "note: node {}'s copy of shard {shard} is not a voter's; not compared",
+                    n.id
+                );
+            }
+        }
         // Page by page of chats, each compared at one applied index.
         let mut after_chat = 0;
         for _ in 0..VERIFY_PAGES_MAX {
@@ -333,7 +348,11 @@ pub async fn verify(endpoints: &[String], json: bool) -> anyhow::Result<i32> {
             let replies = loop {
                 let mut replies = Vec::new();
                 let mut settled = true;
-                for n in view.nodes.values().filter(|n| n.shards.contains_key(shard)) {
+                for n in view
+                    .nodes
+                    .values()
+                    .filter(|n| n.shards.contains_key(shard) && voters.contains(&n.id))
+                {
                     let mut c = ops
                         .node_api(&n.addr)
                         .with_context(|| format!("connect to node {} at {}", n.id, n.addr))?;
@@ -449,7 +468,10 @@ async fn run_plan(
             println!("FAILED {s}: {e}");
         }
         if !outcome.failed.is_empty() {
-            println!("run the same command again to finish; every step is safe to repeat");
+            println!(
+                "every step is safe to repeat: run the same command again (once what a refusal \
+                 above names is fixed) to finish"
+            );
         }
     }
     Ok(if outcome.failed.is_empty() { 0 } else { 1 })
@@ -583,6 +605,24 @@ pub async fn drain(
             })
             .collect();
         ops.execute(&steps, "cleaning up").await;
+    }
+    // Another operation may have placed a replica there meanwhile.
+    let view = ops.gather().await?;
+    let member_of: Vec<u64> = view
+        .nodes
+        .values()
+        .flat_map(|n| n.shards.iter())
+        .filter(|(_, s)| s.is_leader && s.members.iter().any(|m| m.node_id == node))
+        .map(|(shard, _)| *shard)
+        .collect::<BTreeSet<u64>>()
+        .into_iter()
+        .collect();
+    if !member_of.is_empty() {
+        eprintln!(
+            "node {node} is still a member of shard(s) {member_of:?} (another operation placed \
+             replicas there?); run `chatctl drain {node}` again"
+        );
+        return Ok(1);
     }
     if !json {
         println!("node {node} is drained; `chatctl remove-node {node}` takes it out");

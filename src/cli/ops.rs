@@ -436,8 +436,9 @@ impl Ops {
 
     /// Moves `shard`'s replica from node `from` to node `to`: opens a
     /// replica on `to`, adds it as a learner, waits for it to catch up (by
-    /// snapshot if the log was purged), promotes it, moves leadership off
-    /// `from` if needed, removes `from` and deletes its data.
+    /// snapshot if the log was purged), moves leadership off `from` if
+    /// needed, swaps `from`'s vote to it in one change and deletes `from`'s
+    /// data.
     pub async fn move_replica(
         &self,
         shard: u64,
@@ -465,7 +466,7 @@ impl Ops {
         }
         if !members.contains(&from) && st.voters.contains(&to) {
             // Done before; make sure the old replica's data is gone.
-            self.close_replica(&view, shard, from, bar).await;
+            self.close_old_copy(&view, shard, from, bar).await;
             return Ok(());
         }
         if !members.contains(&from) {
@@ -534,55 +535,51 @@ impl Ops {
             bar.set_message(format!("shard {shard}: node {to} catching up, {at}/{goal}"));
             tokio::time::sleep(POLL).await;
         }
-        bar.set_message(format!("shard {shard}: promoting node {to} to voter"));
+        // One change swaps the two (through a joint config), so the shard
+        // never has more voters in `from`'s region than before, nor fewer
+        // voters than before, even when another move of it runs at once.
+        bar.set_message(format!("shard {shard}: moving leadership off node {from}"));
+        let from_led = self.leader(shard).await?.0 == from;
+        self.transfer_off(shard, from).await?;
+        bar.set_message(format!("shard {shard}: node {to} takes node {from}'s vote"));
         self.on_leader(shard, |mut c| {
             let req = ChangeVotersRequest {
                 shard_id: shard,
                 add: vec![to],
-                remove: vec![],
-            };
-            async move { c.change_voters(req).await }
-        })
-        .await?;
-        bar.set_message(format!("shard {shard}: moving leadership off node {from}"));
-        self.transfer_off(shard, from).await?;
-        bar.set_message(format!("shard {shard}: removing node {from}"));
-        self.on_leader(shard, |mut c| {
-            let req = ChangeVotersRequest {
-                shard_id: shard,
-                add: vec![],
                 remove: vec![from],
             };
             async move { c.change_voters(req).await }
         })
         .await?;
+        // Leadership left `from` for a voter elsewhere; its replacement in
+        // the same region takes it back.
+        let same_region = view.node(from).is_ok_and(|n| n.region == target.region);
+        if from_led && same_region {
+            bar.set_message(format!("shard {shard}: handing leadership to node {to}"));
+            if let Err(e) = self.transfer_leader(shard, Some(to)).await {
+                self.say(
+                    bar,
+                    format!("note: leadership of shard {shard} did not move to node {to}: {e}"),
+                );
+            }
+        }
         let view = self.gather().await?;
-        self.close_replica(&view, shard, from, bar).await;
+        self.close_old_copy(&view, shard, from, bar).await;
         Ok(())
     }
 
     /// Deletes node `node`'s replica of `shard` once the leader no longer
     /// lists it; a node that is down keeps its copy until `rebalance` runs
     /// again with it up.
-    async fn close_replica(
-        &self,
-        view: &View,
-        shard: u64,
-        node: u64,
-        bar: &indicatif::ProgressBar,
-    ) {
+    async fn close_replica(&self, view: &View, shard: u64, node: u64) -> anyhow::Result<()> {
         let Some(n) = view.nodes.get(&node) else {
-            return;
+            return Ok(());
         };
         if !n.up {
-            self.say(
-                bar,
-                format!(
-                    "note: node {node} is down; its old copy of shard {shard} is deleted when \
-                     `chatctl rebalance` runs with it up"
-                ),
+            bail!(
+                "node {node} is down; its old copy of shard {shard} is deleted when \
+                 `chatctl rebalance` runs with it up"
             );
-            return;
         }
         // `force` closes a copy its node still thinks is a member, so ask
         // the leader now: a plan made earlier may have moved a replica back
@@ -590,14 +587,7 @@ impl Ops {
         // shard a replica short (and an empty voter if it were reopened).
         match self.leader(shard).await {
             Ok((_, _, st)) if st.members.iter().any(|m| m.node_id == node) => {
-                self.say(
-                    bar,
-                    format!(
-                        "note: node {node} is a member of shard {shard} as its leader sees it; \
-                         its copy stays"
-                    ),
-                );
-                return;
+                bail!("node {node} is a member of shard {shard} as its leader sees it; its copy stays");
             }
             Ok((_, _, st)) => {
                 // A leader cut off from the others may not know a newer
@@ -612,44 +602,43 @@ impl Ops {
                     Err(_) => true,
                 };
                 if newer {
-                    self.say(
-                        bar,
-                        format!(
-                            "note: a replica of shard {shard} is at a newer term than the leader \
-                             that answered; node {node}'s copy stays"
-                        ),
+                    bail!(
+                        "a replica of shard {shard} is at a newer term than the leader that \
+                         answered; node {node}'s copy stays"
                     );
-                    return;
                 }
             }
             Err(e) => {
-                self.say(
-                    bar,
-                    format!(
-                        "note: node {node}'s old copy of shard {shard} stays for now: {e:#}; \
-                         `chatctl rebalance` deletes it later"
-                    ),
+                bail!(
+                    "node {node}'s old copy of shard {shard} stays for now: {e:#}; \
+                     `chatctl rebalance` deletes it later"
                 );
-                return;
             }
         }
         let req = CloseReplicaRequest {
             shard_id: shard,
             force: true,
         };
-        match self.admin(&n.addr) {
-            Ok(mut c) => {
-                if let Err(s) = c.close_replica(req).await {
-                    self.say(
-                        bar,
-                        format!(
-                            "note: {}; run `chatctl rebalance` to retry",
-                            describe(&n.addr, &s)
-                        ),
-                    );
-                }
-            }
-            Err(e) => self.say(bar, format!("note: {e:#}")),
+        self.admin(&n.addr)?.close_replica(req).await.map_err(|s| {
+            anyhow::anyhow!(
+                "{}; run `chatctl rebalance` to retry",
+                describe(&n.addr, &s)
+            )
+        })?;
+        Ok(())
+    }
+
+    /// [`Ops::close_replica`] after a move, which stands whatever became of
+    /// the old copy: what kept it is said as a note.
+    async fn close_old_copy(
+        &self,
+        view: &View,
+        shard: u64,
+        node: u64,
+        bar: &indicatif::ProgressBar,
+    ) {
+        if let Err(e) = self.close_replica(view, shard, node).await {
+            self.say(bar, format!("note: {e:#}"));
         }
     }
 }
@@ -1056,10 +1045,7 @@ impl Ops {
                 } => self.move_replica(*shard, *from, *to, &bar).await,
                 Step::TransferLeader { shard, from, .. } => self.transfer_off(*shard, *from).await,
                 Step::CloseReplica { shard, node, .. } => match self.gather().await {
-                    Ok(view) => {
-                        self.close_replica(&view, *shard, *node, &bar).await;
-                        Ok(())
-                    }
+                    Ok(view) => self.close_replica(&view, *shard, *node).await,
                     Err(e) => Err(e),
                 },
             };

@@ -191,6 +191,18 @@ impl Admin for AdminService {
         if wanted.is_empty() {
             return Err(Status::invalid_argument("a shard needs at least one voter"));
         }
+        // Two operations that each remove a voter (two moves of one shard
+        // at once) would together leave it short; a shard already short
+        // may still gain voters.
+        let factor = self.registry.config().replication_factor as usize;
+        if wanted.len() < voters.len() && wanted.len() < factor {
+            return Err(Status::failed_precondition(format!(
+                "shard {} would have {} voters, fewer than the replication factor {factor}; \
+                 add a voter in the same change",
+                req.shard_id,
+                wanted.len()
+            )));
+        }
         let joint = membership.get_joint_config().len() > 1;
         // Removed voters leave the membership altogether; a stale learner (a
         // node a move gave up on) goes when it is named in `remove`.
@@ -241,6 +253,12 @@ impl Admin for AdminService {
                 .and_then(|r| r.get(id).cloned().flatten())
                 .is_some_and(|l| l.index + TRANSFER_LAG_MAX >= last)
         };
+        // A voter that stopped answering pings may still look caught up on a
+        // quiet shard; one whose clock is off is handed no leadership.
+        let alive =
+            std::time::Duration::from_millis(self.registry.config().raft.election_timeout_ms_max);
+        let off = self.registry.clock_report().off_peers;
+        let fit = |id: &u64| self.registry.answered_within(*id, alive) && !off.contains(id);
         let to = if req.to_node != 0 {
             if req.to_node == me {
                 return Ok(self.status(&shard));
@@ -257,12 +275,19 @@ impl Admin for AdminService {
                     req.to_node, req.shard_id
                 )));
             }
+            if !fit(&req.to_node) {
+                return Err(Status::unavailable(format!(
+                    "node {} does not answer this node's pings, or its clock is off; \
+                     leadership of shard {} stays",
+                    req.to_node, req.shard_id
+                )));
+            }
             req.to_node
         } else {
             let preferred = self.registry.placement().preferred_region(shard.id);
             let mut candidates: Vec<u64> = membership
                 .voter_ids()
-                .filter(|v| *v != me && caught_up(v))
+                .filter(|v| *v != me && caught_up(v) && fit(v))
                 .collect();
             candidates.sort_by_key(|v| {
                 let region = membership.get_node(v).map(|n| n.region.as_str());

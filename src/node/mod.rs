@@ -23,6 +23,7 @@ pub mod erasure;
 pub mod quiesce;
 pub mod transport;
 
+use openraft::async_runtime::WatchReceiver;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
@@ -173,6 +174,22 @@ impl Registry {
             .expect("peer answers lock")
             .get(&peer)
             .is_some_and(|a| a.at.elapsed() < within)
+    }
+
+    /// Why this node cannot lead, if it cannot: its storage refuses writes
+    /// (a write or fsync failed), or a replica's Raft stopped on an error.
+    /// Peers then treat it as down (its pings fail), so the quiet shards it
+    /// leads wake and elect another leader, and none is handed to it.
+    pub fn unfit_to_lead(&self) -> Option<String> {
+        if let Some(why) = storage_unfit(&self.storage) {
+            return Some(why);
+        }
+        self.all().iter().find_map(|shard| {
+            match &shard.raft.metrics().borrow_watched().running_state {
+                Err(openraft::error::Fatal::Stopped) | Ok(()) => None,
+                Err(e) => Some(format!("shard {}'s Raft stopped: {e}", shard.id)),
+            }
+        })
     }
 
     /// Whether this node's clock is off from its peers' or may be (as the
@@ -716,6 +733,14 @@ async fn serve(
     }
 }
 
+/// Why `storage` takes no more writes, if it does not.
+fn storage_unfit(storage: &Storage) -> Option<String> {
+    if storage.raft_log().is_poisoned() || storage.durability().is_poisoned() {
+        return Some("its storage refuses writes after a failed write or fsync".into());
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -738,6 +763,17 @@ mod tests {
         known.insert(3, APPLY_RULES);
         assert_eq!(rules_known_by(1, &known, [1, 2, 3]), APPLY_RULES);
         assert_eq!(rules_known_by(1, &known, [1, 2, 4]), 0, "a new member");
+    }
+
+    /// A node whose Raft log refuses writes says it cannot lead.
+    #[test]
+    fn storage_that_refuses_writes_is_unfit_to_lead() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = crate::storage::Storage::open(dir.path()).unwrap();
+        assert_eq!(super::storage_unfit(&storage), None);
+        storage.raft_log().poison();
+        let why = super::storage_unfit(&storage).expect("unfit");
+        assert!(why.contains("refuses writes"), "{why}");
     }
 
     /// A data folder remembers the initial replicas it started with; a

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use openraft::async_runtime::WatchReceiver;
 use tokio::io::AsyncWriteExt;
 use tokio_stream::StreamExt;
 use tonic::transport::CertificateDer;
@@ -241,6 +242,12 @@ impl RaftTransport for TransportService {
                 )));
             }
         }
+        if let Some(why) = self.registry.unfit_to_lead() {
+            return Err(Status::unavailable(format!(
+                "node {} cannot lead: {why}",
+                self.registry.node_id().0
+            )));
+        }
         Ok(Response::new(PingReply {
             node_id: self.registry.node_id().0,
             apply_rules: crate::shard::apply::APPLY_RULES,
@@ -286,8 +293,33 @@ impl RaftTransport for TransportService {
         }
     }
 
+    /// A pre-vote wakes a quiet replica but is not granted while the
+    /// shard's leader is alive (this node, or one that answered its pings
+    /// within an election timeout): a quiet shard has no lease to refuse it
+    /// with, and a follower that restarted would win every quiet shard it
+    /// follows. The woken leader's heartbeats bring the candidate back.
     async fn pre_vote(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+        let candidate = request.get_ref().from_node;
+        let was_quiet = self
+            .registry
+            .get(ShardId(request.get_ref().shard_id))
+            .is_some_and(|s| s.is_quiet());
         let (shard, rpc) = self.candidate(request, "pre-vote request")?;
+        if was_quiet {
+            let me = self.registry.node_id().0;
+            let alive = std::time::Duration::from_millis(
+                self.registry.config().raft.election_timeout_ms_max,
+            );
+            let leader = shard.raft.metrics().borrow_watched().current_leader;
+            if let Some(leader) = leader.filter(|l| *l != candidate) {
+                if leader == me || self.registry.answered_within(leader, alive) {
+                    return Ok(err(format!(
+                        "shard {} was quiet under live leader {leader}; pre-vote not granted",
+                        shard.id
+                    )));
+                }
+            }
+        }
         match shard.raft.pre_vote(rpc).await {
             Ok(resp) => Ok(ok(&resp)),
             Err(e) => Ok(err(e.to_string())),

@@ -338,6 +338,16 @@ impl RaftLog {
         })
     }
 
+    /// Whether a failed write or fsync made the log refuse every later write.
+    pub fn is_poisoned(&self) -> bool {
+        self.durability.is_poisoned()
+    }
+
+    #[cfg(test)]
+    pub(crate) fn poison(&self) {
+        self.durability.poison();
+    }
+
     fn lock(&self) -> io::Result<MutexGuard<'_, Inner>> {
         if self.durability.is_poisoned() {
             return Err(poisoned_error());
