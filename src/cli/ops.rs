@@ -986,6 +986,54 @@ pub fn plan_rebalance(view: &View) -> anyhow::Result<Vec<Step>> {
             });
         }
     }
+    // A shard with no voter in its preferred region (a drain or a move by
+    // hand took it elsewhere): one comes back from the region with most of
+    // its voters to the least loaded node there, so leadership can follow.
+    for (shard, vs) in voters.iter_mut() {
+        let Some(preferred) = view
+            .membership(*shard)
+            .map(|s| s.preferred_region.clone())
+            .filter(|r| !r.is_empty())
+        else {
+            continue;
+        };
+        if vs.iter().any(|v| view.region_of(*v) == preferred) {
+            continue;
+        }
+        let Some(to) = load
+            .iter()
+            .filter(|(id, _)| view.region_of(**id) == preferred)
+            .min_by_key(|(id, l)| (**l, **id))
+            .map(|(id, _)| *id)
+        else {
+            continue;
+        };
+        let count_in = |v: &u64| {
+            vs.iter()
+                .filter(|x| view.region_of(**x) == view.region_of(*v))
+                .count()
+        };
+        let Some(from) = vs
+            .iter()
+            .copied()
+            .filter(|v| check_regions(view, vs, *v, to).is_ok())
+            .max_by_key(|v| (count_in(v), load.get(v).copied().unwrap_or(0), *v))
+        else {
+            continue;
+        };
+        vs.retain(|x| *x != from);
+        vs.push(to);
+        if let Some(l) = load.get_mut(&from) {
+            *l = l.saturating_sub(1);
+        }
+        *load.entry(to).or_default() += 1;
+        steps.push(Step::MoveReplica {
+            shard: *shard,
+            from,
+            to,
+            why: format!("no voter in its preferred region {preferred}"),
+        });
+    }
     // Copies of shards whose membership no longer lists the node.
     for n in view.nodes.values().filter(|n| n.up) {
         for shard in n.shards.keys() {
@@ -1295,6 +1343,44 @@ mod tests {
             .collect();
         assert_eq!(removed.len(), 1, "{steps:?}");
         assert!([1, 4].contains(&removed[0]), "an eu voter goes: {steps:?}");
+    }
+
+    /// A shard left with no voter in its preferred region gets one back.
+    #[test]
+    fn a_shard_without_a_voter_at_home_gets_one_back() {
+        let nodes = [
+            (1, "eu", false),
+            (2, "us", false),
+            (3, "ap", false),
+            (4, "eu", false),
+            (5, "sa", false),
+        ];
+        let mut v = view(&nodes, &[(&[1, 2, 3], 1), (&[2, 3, 5], 2)]);
+        for n in v.nodes.values_mut() {
+            if let Some(st) = n.shards.get_mut(&1) {
+                st.preferred_region = "eu".into();
+            }
+        }
+        let steps = plan_rebalance(&v).unwrap();
+        let moves: Vec<_> = steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::MoveReplica {
+                    shard, from, to, ..
+                } => Some((*shard, *from, *to)),
+                _ => None,
+            })
+            .collect();
+        // Node 4 holds nothing; eu gets shard 1 back there, from the most
+        // loaded of its voters (node 3, which also holds shard 0).
+        assert_eq!(moves, vec![(1, 3, 4)], "{steps:?}");
+        // Then its leadership goes home.
+        assert!(
+            steps
+                .iter()
+                .any(|s| matches!(s, Step::TransferLeader { shard: 1, .. })),
+            "{steps:?}"
+        );
     }
 
     #[test]
