@@ -251,3 +251,88 @@ async fn quiet_shards_wake_for_collection_and_go_quiet_again() {
     }
     wait_all_quiet(&nodes, &[1, 2, 3], shards, Duration::from_secs(30)).await;
 }
+
+/// A follower that restarts under quiet shards does not take them over:
+/// the quiet replicas it asks for pre-votes know their leader is alive (it
+/// answers their pings) and grant none, and the leader, woken by the same
+/// requests, brings it back as a follower. Without that, every quiet shard
+/// it follows would elect it, as a quiet replica holds no lease to refuse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restarted_follower_does_not_take_over_quiet_shards() {
+    let dir = TestDir::new("quiet-restart");
+    let shards = 4u64;
+    let (mut cluster, nodes) = start_cluster_with(
+        &dir.path,
+        &ConfigOptions {
+            shards: shards as u32,
+            quiesce_after_ms: 1_000,
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut chat_of_shard: BTreeMap<u64, u64> = BTreeMap::new();
+    for chat in 1..200u64 {
+        chat_of_shard.entry(nodes.shard_of(chat).0).or_insert(chat);
+    }
+    for (n, chat) in chat_of_shard.values().enumerate() {
+        nodes
+            .write(
+                *chat,
+                vec![send_cmd(*chat, 1, n as u64 + 1, b"once")],
+                Duration::from_secs(20),
+            )
+            .await
+            .expect("write");
+    }
+    wait_all_quiet(&nodes, &[1, 2, 3], shards, Duration::from_secs(30)).await;
+    // The node that leads the fewest shards restarts.
+    let m = quiet_map(&nodes, &[1, 2, 3]).await;
+    let leader_of = |shard: u64| m[&(1, shard)].1;
+    let restarted = (1..=3u64)
+        .min_by_key(|n| (0..shards).filter(|s| leader_of(*s) == *n).count())
+        .unwrap();
+    let followed: Vec<(u64, u64)> = (0..shards)
+        .map(|s| (s, leader_of(s)))
+        .filter(|(_, l)| *l != restarted)
+        .collect();
+    assert!(
+        !followed.is_empty(),
+        "node {restarted} follows some shard: {m:?}"
+    );
+    cluster.kill_node(restarted);
+    cluster.start_node(restarted);
+    let others: Vec<u64> = (1..=3).filter(|n| *n != restarted).collect();
+    // Up again, with each followed shard's leader known to it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let m = quiet_map(&nodes, &[restarted]).await;
+        if followed
+            .iter()
+            .all(|(s, l)| m.get(&(restarted, *s)).is_some_and(|(_, seen)| seen == l))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {restarted} did not rejoin its shards' leaders: {m:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Several election timeouts later the leaders are the same.
+    let watch = Duration::from_millis(cluster.config.raft.election_timeout_ms_max * 4);
+    let started = Instant::now();
+    while started.elapsed() < watch {
+        let m = quiet_map(&nodes, &others).await;
+        for (shard, leader) in &followed {
+            for node in &others {
+                if let Some((_, seen)) = m.get(&(*node, *shard)) {
+                    assert_eq!(
+                        seen, leader,
+                        "shard {shard} changed leader after node {restarted} restarted: {m:?}"
+                    );
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
