@@ -1,6 +1,8 @@
 //! `chatctl certs init`: a CA, node, router and admin certificates, and
 //! caller tokens for one cluster config (see `src/security.rs` for the
-//! names certificates carry and what each one may do).
+//! names certificates carry and what each one may do). `chatctl certs node`:
+//! a certificate for a node added to the config later, signed with the
+//! same CA.
 
 use std::io::Write;
 use std::path::Path;
@@ -11,7 +13,7 @@ use rcgen::{
     KeyUsagePurpose,
 };
 
-use crate::cluster::ClusterConfig;
+use crate::cluster::{ClusterConfig, NodeConfig};
 use crate::security::{node_name, ADMIN_NAME, ANY_NODE_NAME, ROUTER_NAME};
 
 /// How long the certificates are valid, in years.
@@ -93,6 +95,77 @@ fn write(path: &Path, text: &str, secret: bool, force: bool) -> anyhow::Result<(
     Ok(())
 }
 
+/// Writes `node-<id>.pem` and `.key` for node `n` into `out`, signed by
+/// `ca`: its node name, the name every node carries, and the hosts of its
+/// addresses.
+fn node_certificate(
+    n: &NodeConfig,
+    (ca, ca_key): (&rcgen::Certificate, &KeyPair),
+    out: &Path,
+    force: bool,
+) -> anyhow::Result<()> {
+    let mut names = vec![node_name(n.id), ANY_NODE_NAME.to_string()];
+    for addr in [Some(n.raft_addr.as_str()), n.advertise_addr.as_deref()]
+        .into_iter()
+        .flatten()
+    {
+        if let Some(h) = host_of(addr) {
+            if !names.contains(&h) {
+                names.push(h);
+            }
+        }
+    }
+    let usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let key = KeyPair::generate()?;
+    let cert = leaf(names, &node_name(n.id), usages)?.signed_by(&key, ca, ca_key)?;
+    write(
+        &out.join(format!("node-{}.pem", n.id)),
+        &cert.pem(),
+        false,
+        force,
+    )?;
+    write(
+        &out.join(format!("node-{}.key", n.id)),
+        &key.serialize_pem(),
+        true,
+        force,
+    )
+}
+
+/// `chatctl certs node`: a certificate for node `id` of `config` (one added
+/// after `certs init`), signed with the CA in `ca_dir` (its `ca.pem` and
+/// `ca.key`), written into `out`.
+pub fn node(config: &Path, ca_dir: &Path, id: u64, out: &Path, force: bool) -> anyhow::Result<i32> {
+    let cluster = ClusterConfig::load(config)?;
+    let Some(n) = cluster.nodes.iter().find(|n| n.id == id) else {
+        anyhow::bail!(
+            "node {id} is not in {}; add its [[nodes]] entry first",
+            config.display()
+        );
+    };
+    let read = |name: &str| {
+        let path = ca_dir.join(name);
+        std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))
+    };
+    let ca_key = KeyPair::from_pem(&read("ca.key")?).context("ca.key")?;
+    let ca_params = CertificateParams::from_ca_cert_pem(&read("ca.pem")?).context("ca.pem")?;
+    // The same subject and key as the CA: what a certificate it signs names
+    // as its issuer and is checked against.
+    let ca = ca_params.self_signed(&ca_key)?;
+    std::fs::create_dir_all(out).with_context(|| format!("create {}", out.display()))?;
+    node_certificate(n, (&ca, &ca_key), out, force)?;
+    println!(
+        "wrote node-{id}.pem and node-{id}.key to {}, signed by {}; copy them to node {id}'s \
+         host with ca.pem and the token files",
+        out.display(),
+        ca_dir.join("ca.pem").display()
+    );
+    Ok(0)
+}
+
 fn token() -> String {
     let bytes: [u8; 32] = rand::random();
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -129,31 +202,7 @@ pub fn init(
         ExtendedKeyUsagePurpose::ClientAuth,
     ];
     for n in &cluster.nodes {
-        let mut names = vec![node_name(n.id), ANY_NODE_NAME.to_string()];
-        for addr in [Some(n.raft_addr.as_str()), n.advertise_addr.as_deref()]
-            .into_iter()
-            .flatten()
-        {
-            if let Some(h) = host_of(addr) {
-                if !names.contains(&h) {
-                    names.push(h);
-                }
-            }
-        }
-        let key = KeyPair::generate()?;
-        let cert = leaf(names, &node_name(n.id), both.clone())?.signed_by(&key, &ca, &ca_key)?;
-        write(
-            &out.join(format!("node-{}.pem", n.id)),
-            &cert.pem(),
-            false,
-            force,
-        )?;
-        write(
-            &out.join(format!("node-{}.key", n.id)),
-            &key.serialize_pem(),
-            true,
-            force,
-        )?;
+        node_certificate(n, (&ca, &ca_key), out, force)?;
     }
 
     let mut names = vec![ROUTER_NAME.to_string(), "localhost".to_string()];
@@ -238,6 +287,55 @@ pub fn init(
 #[cfg(test)]
 mod tests {
     use super::host_of;
+
+    /// A node certificate made later with `certs node` chains to the CA
+    /// `certs init` made, under the node's name.
+    #[test]
+    fn a_node_added_later_gets_a_certificate_from_the_same_ca() {
+        use rustls::client::danger::ServerCertVerifier;
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+        let dir = tempfile::tempdir().unwrap();
+        let config = |nodes: u64| {
+            let mut text = String::from(
+                "cluster_name = \"t\"\nshards = 4\nreplication_factor = 1\nregions = [\"eu\"]\n\
+                 read_token_secret = \"0123456789abcdef0123456789abcdef\"\n",
+            );
+            for id in 1..=nodes {
+                text.push_str(&format!(
+                    "[[nodes]]\nid = {id}\nregion = \"eu\"\nraft_addr = \"127.0.0.1:{}\"\n\
+                     data_dir = \"d{id}\"\nbootstrap = true\n",
+                    7100 + id
+                ));
+            }
+            let path = dir.path().join(format!("c{nodes}.toml"));
+            std::fs::write(&path, text).unwrap();
+            path
+        };
+        let (first, certs, later) = (config(1), dir.path().join("certs"), dir.path().join("n2"));
+        super::init(&first, &certs, &[], false).unwrap();
+        let err = super::node(&first, &certs, 2, &later, false).unwrap_err();
+        assert!(err.to_string().contains("not in"), "{err}");
+        super::node(&config(2), &certs, 2, &later, false).unwrap();
+
+        let ca = CertificateDer::from_pem_file(certs.join("ca.pem")).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca).unwrap();
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            std::sync::Arc::new(roots),
+            std::sync::Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .build()
+        .unwrap();
+        let leaf = CertificateDer::from_pem_file(later.join("node-2.pem")).unwrap();
+        let name = ServerName::try_from(crate::security::node_name(2)).unwrap();
+        verifier
+            .verify_server_cert(&leaf, &[], &name, &[], UnixTime::now())
+            .expect("node 2's certificate chains to the cluster CA");
+        // A second run does not replace the files unless forced.
+        assert!(super::node(&config(2), &certs, 2, &later, false).is_err());
+        super::node(&config(2), &certs, 2, &later, true).unwrap();
+    }
 
     #[test]
     fn hosts_of_addresses() {

@@ -172,6 +172,25 @@ pub enum CertsCmd {
         #[arg(long)]
         force: bool,
     },
+    /// Write a certificate for one node added to the config after `init`,
+    /// signed with the cluster's CA (its ca.pem and ca.key).
+    Node {
+        /// The cluster config, with the node's [[nodes]] entry.
+        #[arg(long, env = "CHATSTORE_CONFIG")]
+        config: std::path::PathBuf,
+        /// The folder holding ca.pem and ca.key from `certs init`.
+        #[arg(long)]
+        ca_dir: std::path::PathBuf,
+        /// The node's id.
+        #[arg(long)]
+        id: u64,
+        /// Where to write node-<id>.pem and node-<id>.key.
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// Replace files that exist.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -241,6 +260,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             router_names,
             force,
         }) => certs::init(&config, &out, &router_names, force),
+        Cmd::Certs(CertsCmd::Node {
+            config,
+            ca_dir,
+            id,
+            out,
+            force,
+        }) => certs::node(&config, &ca_dir, id, &out, force),
         Cmd::Status => cluster::status(&cli.endpoints, cli.json).await,
         Cmd::Shards => cluster::shards(&cli.endpoints, cli.json).await,
         Cmd::Verify => cluster::verify(&cli.endpoints, cli.json).await,
