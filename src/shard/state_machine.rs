@@ -270,7 +270,8 @@ fn remove_unfinished(dir: &std::path::Path, current: Option<&std::path::Path>) -
         if (n.starts_with("build-") || n.starts_with("recv-") || n.starts_with("snap-"))
             && !is_current
         {
-            if n.ends_with(".key") {
+            // A key a crash left under its temporary name is a key too.
+            if n.ends_with(".key") || n.ends_with(".key.tmp") {
                 seal::destroy_key_file(&entry.path())?;
             } else {
                 std::fs::remove_file(entry.path())?;
@@ -895,8 +896,17 @@ mod tests {
         assert!(read_snapshot_key(&path).unwrap().is_some());
         // A crash after a file took its name but before it was made current.
         let orphan = staged("snap-1-8-00.bin", true);
+        // A crash while a key file was written, before its rename.
+        let half_keyed = staged("build-4.tmp", false);
+        let tmp_key = dir.join("build-4.tmp.key.tmp");
+        std::fs::write(&tmp_key, [7u8; 40]).unwrap();
+        let hard_link = dir.join("kept-link");
+        std::fs::hard_link(&tmp_key, &hard_link).unwrap();
         remove_unfinished(dir, Some(&path)).unwrap();
         assert!(!orphan.exists() && !snapshot::key_path(&orphan).exists());
+        assert!(!half_keyed.exists() && !tmp_key.exists());
+        // Its bytes were overwritten, not only unlinked.
+        assert!(std::fs::read(&hard_link).unwrap().iter().all(|b| *b == 0));
         assert!(path.exists() && snapshot::key_path(&path).exists());
     }
 }

@@ -242,11 +242,19 @@ pub fn open_with(key: &Key, sealed: &SealedBody) -> io::Result<Vec<u8>> {
 /// Writes a key file durably: temporary file, fsync, rename, fsync folder.
 pub fn write_key_file(path: &Path, epoch: u64, key: &Key) -> io::Result<()> {
     let tmp = path.with_extension("key.tmp");
-    let mut f = File::create(&tmp)?;
-    f.write_all(&epoch.to_be_bytes())?;
-    f.write_all(key)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
+    let written = (|| {
+        let mut f = File::create(&tmp)?;
+        f.write_all(&epoch.to_be_bytes())?;
+        f.write_all(key)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = written {
+        // The key may be on disk under the temporary name: destroyed, not
+        // just unlinked.
+        let _ = destroy_key_file(&tmp);
+        return Err(e);
+    }
     sync_parent(path)
 }
 
