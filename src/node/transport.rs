@@ -326,10 +326,23 @@ impl RaftTransport for TransportService {
         }
     }
 
+    /// Taken only from the leader it names: it resets every receiver's
+    /// leader lease, so a member sending it in the leader's name could
+    /// take leadership from a live leader.
     async fn transfer_leader(
         &self,
         request: Request<RaftRequest>,
     ) -> Result<Response<RaftReply>, Status> {
+        let rpc: openraft::raft::TransferLeaderRequest<crate::shard::types::TypeConfig> =
+            from_postcard(&request.get_ref().payload, "transfer-leader request")
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let leader = *openraft::vote::RaftLeaderId::node_id(rpc.from_leader().leader_id());
+        let from = request.get_ref().from_node;
+        if leader != from {
+            return Err(Status::permission_denied(format!(
+                "node {from} sent a leadership transfer in the name of node {leader}"
+            )));
+        }
         forward!(
             self,
             request,

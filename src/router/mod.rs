@@ -683,6 +683,10 @@ pub const API_MESSAGE_BYTES_MAX: usize = 1024 * 1024;
 pub const REQUESTS_PER_CONNECTION_MAX: usize = 1024;
 /// Concurrent HTTP/2 streams per client connection (Watch streams included).
 pub const STREAMS_PER_CONNECTION_MAX: u32 = 2_048;
+/// Longest a public call may take to be answered (a Watch, to start its
+/// stream), its request included: a client that sends part of a request and
+/// stalls holds its buffer this long at most.
+pub const API_CALL_TIME_MAX: Duration = Duration::from_secs(120);
 
 /// Serves the public API, health and reflection on `listener` until
 /// `shutdown` turns true.
@@ -701,12 +705,22 @@ pub async fn serve(
         .build_v1()?;
     tokio::spawn(router.clone().refresh_leaders_until(shutdown.clone()));
     let tls = router.inner.tls.clone();
-    let api = pb::passthrough::chat::chat_store_server::ChatStoreServer::new(
-        service::ChatStoreService::new(router, shutdown.clone()),
-    )
-    .max_decoding_message_size(API_MESSAGE_BYTES_MAX);
+    // Every call needs a service (or admin) token, checked from its headers
+    // before its body is read; handlers check again where they need more.
+    let tokens = router.inner.tokens.clone();
+    let api = tonic::service::interceptor::InterceptedService::new(
+        pb::passthrough::chat::chat_store_server::ChatStoreServer::new(
+            service::ChatStoreService::new(router, shutdown.clone()),
+        )
+        .max_decoding_message_size(API_MESSAGE_BYTES_MAX),
+        move |request: tonic::Request<()>| {
+            tokens.check(request.metadata(), crate::security::Role::Service)?;
+            Ok(request)
+        },
+    );
     let incoming = crate::api::http2::incoming(listener);
     let routes = crate::api::http2::server(tonic::transport::Server::builder())
+        .timeout(API_CALL_TIME_MAX)
         .max_concurrent_streams(Some(STREAMS_PER_CONNECTION_MAX))
         .concurrency_limit_per_connection(REQUESTS_PER_CONNECTION_MAX)
         .add_service(health)

@@ -46,6 +46,9 @@ type Event = Result<WatchEvent, tonic::Status>;
 pub struct EventSender {
     tx: mpsc::Sender<(Event, Option<OwnedSemaphorePermit>)>,
     bytes: Arc<Semaphore>,
+    /// The error that ends the stream, delivered after every queued event
+    /// however full the queue is.
+    end: Arc<std::sync::Mutex<Option<tokio::sync::oneshot::Sender<tonic::Status>>>>,
 }
 
 /// A new Watch stream: its sender, and the stream of events its client
@@ -56,12 +59,15 @@ pub fn event_stream() -> (
 ) {
     let (tx, rx) = mpsc::channel(STREAM_BUFFER);
     let bytes = Arc::new(Semaphore::new(STREAM_BYTES_MAX));
-    let events = tokio_stream::wrappers::ReceiverStream::new(rx).map(
-        |(event, _bytes): (Event, Option<OwnedSemaphorePermit>)| {
+    let (end, ended) = tokio::sync::oneshot::channel::<tonic::Status>();
+    let events = tokio_stream::wrappers::ReceiverStream::new(rx)
+        .map(|(event, _bytes): (Event, Option<OwnedSemaphorePermit>)| {
             event.map(|e| hide_expired(e, now_ms()))
-        },
-    );
-    (EventSender { tx, bytes }, events)
+        })
+        // Once every sender is gone: the error the stream ended with, if any.
+        .chain(futures::stream::once(ended).filter_map(|end| async move { end.ok().map(Err) }));
+    let end = Arc::new(std::sync::Mutex::new(Some(end)));
+    (EventSender { tx, bytes, end }, events)
 }
 
 /// `event` as its client may see it at `now`: a self-destructing body whose
@@ -96,10 +102,12 @@ impl EventSender {
             .map_err(|_| ())
     }
 
-    /// Queues the error that ends the stream if there is room; a client
-    /// that reads nothing must not hold the stream open.
+    /// Sets the error that ends the stream, after the events queued; it
+    /// needs no room, and the stream ends once every sender is dropped.
     fn end_with(&self, status: tonic::Status) {
-        let _ = self.tx.try_send((Err(status), None));
+        if let Some(end) = self.end.lock().expect("watch end").take() {
+            let _ = end.send(status);
+        }
     }
 
     fn is_closed(&self) -> bool {
@@ -283,6 +291,23 @@ mod tests {
             }),
             ..Default::default()
         }
+    }
+
+    /// The error that ends a stream reaches a client whose queue is full,
+    /// after every queued event.
+    #[tokio::test]
+    async fn the_ending_error_comes_after_a_full_queue() {
+        let (tx, events) = event_stream();
+        for pts in 1..=STREAM_BUFFER as u64 {
+            tx.send(event(pts, 10)).await.unwrap();
+        }
+        tx.end_with(tonic::Status::unauthenticated("token revoked"));
+        drop(tx);
+        let all: Vec<Event> = events.collect().await;
+        assert_eq!(all.len(), STREAM_BUFFER + 1);
+        assert!(all[..STREAM_BUFFER].iter().all(|e| e.is_ok()));
+        let last = all.last().unwrap().as_ref().unwrap_err();
+        assert_eq!(last.code(), tonic::Code::Unauthenticated);
     }
 
     #[test]

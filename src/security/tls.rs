@@ -84,7 +84,7 @@ impl Sources {
         ip: Option<std::net::IpAddr>,
         bound: Option<usize>,
     ) -> Option<SourceSlot> {
-        let Some(ip) = ip else {
+        let Some(ip) = ip.map(source_of) else {
             return Some(SourceSlot(None));
         };
         let mut counts = self.0.lock().expect("handshake sources");
@@ -94,6 +94,21 @@ impl Sources {
         }
         *n += 1;
         Some(SourceSlot(Some((self.clone(), ip))))
+    }
+}
+
+/// The source a connection from `ip` counts against: an IPv6 address by its
+/// /64 (one host may hold a whole /64), an IPv4 address as it is.
+fn source_of(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => std::net::IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                std::net::IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+        v4 => v4,
     }
 }
 
@@ -440,6 +455,21 @@ impl tonic::codegen::Service<Uri> for Connector {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Handshakes count against an IPv6 source by its /64, and an IPv4
+    /// address written as IPv6 as the IPv4 address.
+    #[test]
+    fn sources_are_ipv4_addresses_and_ipv6_slash_64s() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        assert_eq!(source_of(ip("10.1.2.3")), ip("10.1.2.3"));
+        assert_eq!(source_of(ip("::ffff:10.1.2.3")), ip("10.1.2.3"));
+        assert_eq!(source_of(ip("2001:db8:1:2:aaaa::1")), ip("2001:db8:1:2::"));
+        assert_eq!(
+            source_of(ip("2001:db8:1:2:bbbb::9")),
+            source_of(ip("2001:db8:1:2::77"))
+        );
+        assert_ne!(source_of(ip("2001:db8:1:3::1")), ip("2001:db8:1:2::"));
+    }
 
     /// A CA and a certificate for `name` signed by it, as PEM.
     fn issue(name: &str) -> (String, String, String) {

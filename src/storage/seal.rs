@@ -67,7 +67,8 @@ pub struct KeyRing {
 impl KeyRing {
     /// Opens (or creates) the key folder and loads its epoch keys.
     pub fn open(dir: &Path, epoch: Duration) -> io::Result<KeyRing> {
-        std::fs::create_dir_all(dir)?;
+        // Made and synced into its parent: the keys must outlive a power cut.
+        crate::shard::snapshot::create_dir_synced(dir)?;
         let mut keys = BTreeMap::new();
         for entry in std::fs::read_dir(dir)? {
             let entry = entry?;
