@@ -8,8 +8,11 @@
 //! The router's public server also gathers the responses that become ready
 //! together into one socket write ([`CoalescedWrites`]).
 
+use std::collections::HashMap;
 use std::io::{self, IoSlice};
+use std::net::IpAddr;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -46,18 +49,109 @@ pub fn server<L>(s: Server<L>) -> Server<L> {
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
 }
 
+/// Connections a public listener holds open at once.
+const CONNECTIONS_MAX: usize = 16_384;
+/// Connections it holds from one source (an IPv4 address or IPv6 /64).
+const CONNECTIONS_PER_SOURCE_MAX: usize = 1_024;
+/// How long a listener waits after a failed accept (out of file
+/// descriptors: trying again at once would spin).
+const ACCEPT_ERROR_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// The open connections of one listener, per source.
+#[derive(Default)]
+struct Connections {
+    /// All open connections, and those of each source.
+    counts: Mutex<(usize, HashMap<Option<IpAddr>, usize>)>,
+}
+
+impl Connections {
+    /// Counts one more connection from `source`, unless the listener holds
+    /// `total_max` or the source `per_source_max` already.
+    fn take(
+        self: &Arc<Self>,
+        source: Option<IpAddr>,
+        (total_max, per_source_max): (usize, usize),
+    ) -> Option<ConnectionSlot> {
+        let mut counts = self.counts.lock().expect("connection counts");
+        let (total, by_source) = &mut *counts;
+        let from_source = by_source.get(&source).copied().unwrap_or(0);
+        if *total >= total_max || from_source >= per_source_max {
+            return None;
+        }
+        *total += 1;
+        *by_source.entry(source).or_default() += 1;
+        Some(ConnectionSlot {
+            connections: self.clone(),
+            source,
+        })
+    }
+}
+
+/// One open connection, counted until dropped.
+pub struct ConnectionSlot {
+    connections: Arc<Connections>,
+    source: Option<IpAddr>,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut counts = self.connections.counts.lock().expect("connection counts");
+        let (total, by_source) = &mut *counts;
+        if let Some(n) = by_source.get_mut(&self.source) {
+            *total -= 1;
+            *n -= 1;
+            if *n == 0 {
+                by_source.remove(&self.source);
+            }
+        }
+    }
+}
+
 /// A server's accepted connections: `TCP_NODELAY` set, writes coalesced
-/// by [`CoalescedWrites`].
+/// by [`CoalescedWrites`], at most [`CONNECTIONS_MAX`] open at once and
+/// [`CONNECTIONS_PER_SOURCE_MAX`] from one source (one more is closed at
+/// once).
 pub fn incoming(
     listener: tokio::net::TcpListener,
-) -> impl futures::Stream<Item = io::Result<CoalescedWrites<tokio::net::TcpStream>>> {
+) -> impl futures::Stream<Item = io::Result<CoalescedWrites<tokio::net::TcpStream>>> + Unpin {
+    incoming_within(listener, (CONNECTIONS_MAX, CONNECTIONS_PER_SOURCE_MAX))
+}
+
+fn incoming_within(
+    listener: tokio::net::TcpListener,
+    limits: (usize, usize),
+) -> impl futures::Stream<Item = io::Result<CoalescedWrites<tokio::net::TcpStream>>> + Unpin {
     use futures::StreamExt as _;
+    let connections = Arc::new(Connections::default());
     // The builder's tcp_nodelay only reaches listeners tonic binds itself;
     // accepted sockets get it here, or Nagle holds back small replies.
-    tonic::transport::server::TcpIncoming::from(listener)
+    let accepted = tonic::transport::server::TcpIncoming::from(listener)
         .with_nodelay(Some(true))
-        .with_keepalive(Some(KEEPALIVE_INTERVAL))
-        .map(|conn| conn.map(CoalescedWrites::new))
+        .with_keepalive(Some(KEEPALIVE_INTERVAL));
+    Box::pin(accepted.filter_map(move |conn| {
+        let connections = connections.clone();
+        async move {
+            let stream = match conn {
+                Ok(stream) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                    return Some(Err(e));
+                }
+            };
+            let source = stream
+                .peer_addr()
+                .ok()
+                .map(|a| crate::security::tls::source_of(a.ip()));
+            match connections.take(source, limits) {
+                Some(slot) => Some(Ok(CoalescedWrites::new(stream).with_slot(slot))),
+                None => {
+                    tracing::debug!(?source, "too many connections; one more closed");
+                    None
+                }
+            }
+        }
+    }))
 }
 
 impl<T: crate::security::tls::RemoteIp> crate::security::tls::RemoteIp for CoalescedWrites<T> {
@@ -103,6 +197,8 @@ pub struct CoalescedWrites<T> {
     written: usize,
     /// Times a flush has yielded for what `buf` holds.
     yielded: u32,
+    /// The connection's place among its listener's open connections.
+    _slot: Option<ConnectionSlot>,
 }
 
 impl<T> CoalescedWrites<T> {
@@ -112,7 +208,13 @@ impl<T> CoalescedWrites<T> {
             buf: Vec::new(),
             written: 0,
             yielded: 0,
+            _slot: None,
         }
+    }
+
+    fn with_slot(mut self, slot: ConnectionSlot) -> CoalescedWrites<T> {
+        self._slot = Some(slot);
+        self
     }
 }
 
@@ -226,6 +328,53 @@ mod tests {
     use super::*;
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A listener holds at most its total and per-source counts of
+    /// connections; a closed one makes room.
+    #[test]
+    fn connections_are_bounded_in_total_and_per_source() {
+        let c = Arc::new(Connections::default());
+        let a = Some("10.0.0.1".parse().unwrap());
+        let b = Some("10.0.0.2".parse().unwrap());
+        let limits = (3, 2);
+        let a1 = c.take(a, limits).unwrap();
+        let _a2 = c.take(a, limits).unwrap();
+        assert!(c.take(a, limits).is_none(), "two from a source");
+        let _b1 = c.take(b, limits).unwrap();
+        assert!(c.take(b, limits).is_none(), "three in all");
+        drop(a1);
+        assert!(c.take(b, limits).is_some(), "a closed one makes room");
+    }
+
+    /// A real listener closes the connection past the bound at once and
+    /// takes one again when another closes.
+    #[tokio::test]
+    async fn a_listener_closes_connections_past_its_bound() {
+        use futures::StreamExt as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut incoming = incoming_within(listener, (10, 3));
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+            held.push((_client, incoming.next().await.unwrap().unwrap()));
+        }
+        let mut refused = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let next = tokio::time::timeout(Duration::from_millis(300), incoming.next()).await;
+        assert!(next.is_err(), "no connection past the bound is handed on");
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(10), refused.read(&mut byte))
+            .await
+            .expect("the refused connection is closed");
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+        held.pop();
+        let _again = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), incoming.next())
+            .await
+            .expect("room again once one closed")
+            .unwrap()
+            .unwrap();
+    }
 
     fn pattern(len: usize, seed: u8) -> Vec<u8> {
         (0..len)

@@ -99,7 +99,7 @@ impl Sources {
 
 /// The source a connection from `ip` counts against: an IPv6 address by its
 /// /64 (one host may hold a whole /64), an IPv4 address as it is.
-fn source_of(ip: std::net::IpAddr) -> std::net::IpAddr {
+pub(crate) fn source_of(ip: std::net::IpAddr) -> std::net::IpAddr {
     match ip {
         std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
             Some(v4) => std::net::IpAddr::V4(v4),
