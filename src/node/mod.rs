@@ -68,6 +68,10 @@ struct Host {
     /// This node's clock is off from its peers' or may be (set each chore
     /// tick): its replicas would judge what has expired by a wrong time.
     clock_suspect: std::sync::atomic::AtomicBool,
+    /// When the replicas were last checked for a Raft stopped on an error,
+    /// and what was found (every peer's ping asks; a node may host
+    /// thousands of replicas).
+    stopped_replica: std::sync::Mutex<Option<(std::time::Instant, Option<String>)>>,
 }
 
 /// What a peer's last ping answer said.
@@ -184,12 +188,20 @@ impl Registry {
         if let Some(why) = storage_unfit(&self.storage) {
             return Some(why);
         }
-        self.all().iter().find_map(|shard| {
+        let mut checked = self.host.stopped_replica.lock().expect("stopped replica");
+        if let Some((at, found)) = checked.as_ref() {
+            if at.elapsed() < STOPPED_REPLICA_CHECK_EVERY {
+                return found.clone();
+            }
+        }
+        let found = self.all().iter().find_map(|shard| {
             match &shard.raft.metrics().borrow_watched().running_state {
                 Err(openraft::error::Fatal::Stopped) | Ok(()) => None,
                 Err(e) => Some(format!("shard {}'s Raft stopped: {e}", shard.id)),
             }
-        })
+        });
+        *checked = Some((std::time::Instant::now(), found.clone()));
+        found
     }
 
     /// Whether this node's clock is off from its peers' or may be (as the
@@ -436,6 +448,7 @@ impl Node {
                 changes: tokio::sync::Mutex::new(()),
                 peer_answers: Default::default(),
                 clock_suspect: Default::default(),
+                stopped_replica: Default::default(),
             }),
         };
         // The shards this node hosts: its initial replicas, plus those moved
@@ -732,6 +745,9 @@ async fn serve(
         tracing::error!(error = %e, "node server stopped");
     }
 }
+
+/// How often [`Registry::unfit_to_lead`] looks over the replicas again.
+const STOPPED_REPLICA_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Why `storage` takes no more writes, if it does not.
 fn storage_unfit(storage: &Storage) -> Option<String> {
