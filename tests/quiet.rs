@@ -47,21 +47,10 @@ async fn wait_all_quiet(nodes: &common::Client, ids: &[u64], shards: u64, within
 async fn idle_shards_go_quiet_wake_on_writes_and_fail_over_when_their_leader_dies() {
     let dir = TestDir::new("quiet");
     let shards = 4u64;
-    let (mut cluster, nodes) = start_cluster_with(
-        &dir.path,
-        &ConfigOptions {
-            shards: shards as u32,
-            quiesce_after_ms: 1_000,
-            ..Default::default()
-        },
-    )
-    .await;
+    let (mut cluster, nodes) = quiet_cluster(&dir, shards).await;
     // A write in every shard, then silence: every replica goes quiet.
     let mut acked: Vec<(u64, u64)> = Vec::new();
-    let mut chat_of_shard: BTreeMap<u64, u64> = BTreeMap::new();
-    for chat in 1..200u64 {
-        chat_of_shard.entry(nodes.shard_of(chat).0).or_insert(chat);
-    }
+    let chat_of_shard = chat_of_each_shard(&nodes);
     assert_eq!(chat_of_shard.len(), shards as usize);
     let mut n = 0;
     for chat in chat_of_shard.values() {
@@ -184,6 +173,45 @@ async fn idle_shards_go_quiet_wake_on_writes_and_fail_over_when_their_leader_die
     }
 }
 
+/// Three nodes with `shards` shards that go quiet after 1 s without writes.
+async fn quiet_cluster(
+    dir: &TestDir,
+    shards: u64,
+) -> (common::procs::ProcessCluster, common::Client) {
+    start_cluster_with(
+        &dir.path,
+        &ConfigOptions {
+            shards: shards as u32,
+            quiesce_after_ms: 1_000,
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+/// A chat of each shard (the first of chats 1 to 199 that it holds).
+fn chat_of_each_shard(nodes: &common::Client) -> BTreeMap<u64, u64> {
+    let mut chat_of_shard = BTreeMap::new();
+    for chat in 1..200u64 {
+        chat_of_shard.entry(nodes.shard_of(chat).0).or_insert(chat);
+    }
+    chat_of_shard
+}
+
+/// One acknowledged write into a chat of each shard.
+async fn write_once_to_each_shard(nodes: &common::Client) {
+    for (n, chat) in chat_of_each_shard(nodes).values().enumerate() {
+        nodes
+            .write(
+                *chat,
+                vec![send_cmd(*chat, 1, n as u64 + 1, b"once")],
+                Duration::from_secs(20),
+            )
+            .await
+            .expect("write");
+    }
+}
+
 /// Per shard: the last log index on its leader.
 async fn leader_log_index(nodes: &common::Client, ids: &[u64]) -> BTreeMap<u64, u64> {
     let mut out = BTreeMap::new();
@@ -215,20 +243,7 @@ async fn quiet_shards_wake_for_collection_and_go_quiet_again() {
         },
     )
     .await;
-    let mut chat_of_shard: BTreeMap<u64, u64> = BTreeMap::new();
-    for chat in 1..200u64 {
-        chat_of_shard.entry(nodes.shard_of(chat).0).or_insert(chat);
-    }
-    for (n, chat) in chat_of_shard.values().enumerate() {
-        nodes
-            .write(
-                *chat,
-                vec![send_cmd(*chat, 1, n as u64 + 1, b"once")],
-                Duration::from_secs(20),
-            )
-            .await
-            .expect("write");
-    }
+    write_once_to_each_shard(&nodes).await;
     wait_all_quiet(&nodes, &[1, 2, 3], shards, Duration::from_secs(30)).await;
     let quiet_at = leader_log_index(&nodes, &[1, 2, 3]).await;
     assert_eq!(quiet_at.len(), shards as usize, "{quiet_at:?}");
@@ -261,29 +276,8 @@ async fn quiet_shards_wake_for_collection_and_go_quiet_again() {
 async fn a_restarted_follower_does_not_take_over_quiet_shards() {
     let dir = TestDir::new("quiet-restart");
     let shards = 4u64;
-    let (mut cluster, nodes) = start_cluster_with(
-        &dir.path,
-        &ConfigOptions {
-            shards: shards as u32,
-            quiesce_after_ms: 1_000,
-            ..Default::default()
-        },
-    )
-    .await;
-    let mut chat_of_shard: BTreeMap<u64, u64> = BTreeMap::new();
-    for chat in 1..200u64 {
-        chat_of_shard.entry(nodes.shard_of(chat).0).or_insert(chat);
-    }
-    for (n, chat) in chat_of_shard.values().enumerate() {
-        nodes
-            .write(
-                *chat,
-                vec![send_cmd(*chat, 1, n as u64 + 1, b"once")],
-                Duration::from_secs(20),
-            )
-            .await
-            .expect("write");
-    }
+    let (mut cluster, nodes) = quiet_cluster(&dir, shards).await;
+    write_once_to_each_shard(&nodes).await;
     wait_all_quiet(&nodes, &[1, 2, 3], shards, Duration::from_secs(30)).await;
     // The node that leads the fewest shards restarts.
     let m = quiet_map(&nodes, &[1, 2, 3]).await;

@@ -803,7 +803,7 @@ mod tests {
     use tonic::{Code, Status};
 
     use super::{serve_within, Bounds};
-    use crate::api::pb::node::{ReadCall, ReadCallBatch, ReadReply, ReadRequest};
+    use crate::api::pb::node::{ReadCall, ReadCallBatch, ReadReply, ReadReplyBatch, ReadRequest};
     use crate::api::pb::Message as ChatMessage;
     use crate::api::read_stream::ReadCalls;
 
@@ -882,6 +882,24 @@ mod tests {
         assert_eq!(handled.load(Ordering::SeqCst), 400);
     }
 
+    /// Takes reply batches until `got` holds `n` calls' status codes.
+    async fn take_replies(
+        replies: &mut futures::stream::BoxStream<'static, Result<ReadReplyBatch, Status>>,
+        got: &mut std::collections::BTreeMap<u64, i32>,
+        n: usize,
+    ) {
+        while got.len() < n {
+            let batch = tokio::time::timeout(Duration::from_secs(10), replies.next())
+                .await
+                .expect("replies in time")
+                .expect("the stream goes on")
+                .expect("a batch");
+            for r in batch.replies {
+                got.insert(r.id, r.status_code);
+            }
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn calls_past_the_waiting_bound_are_refused_at_once() {
         let (release, released) = tokio::sync::watch::channel(false);
@@ -919,32 +937,14 @@ mod tests {
         let calls = futures::stream::iter(batches).chain(futures::stream::pending());
         let mut replies = serve_within::<ReadCalls, _, _>(calls, handle, stopping, bounds);
         let mut got = std::collections::BTreeMap::new();
-        while got.len() < 3 {
-            let batch = tokio::time::timeout(Duration::from_secs(10), replies.next())
-                .await
-                .expect("replies in time")
-                .expect("the stream goes on")
-                .expect("a batch");
-            for r in batch.replies {
-                got.insert(r.id, r.status_code);
-            }
-        }
+        take_replies(&mut replies, &mut got, 3).await;
         let unavailable = Code::Unavailable as i32;
         assert_eq!(got.get(&3), Some(&unavailable));
         assert_eq!(got.get(&4), Some(&unavailable));
         assert_eq!(got.get(&5), Some(&unavailable));
         // The waiting calls are answered once released.
         release.send(true).unwrap();
-        while got.len() < 6 {
-            let batch = tokio::time::timeout(Duration::from_secs(10), replies.next())
-                .await
-                .expect("replies in time")
-                .expect("the stream goes on")
-                .expect("a batch");
-            for r in batch.replies {
-                got.insert(r.id, r.status_code);
-            }
-        }
+        take_replies(&mut replies, &mut got, 6).await;
         assert!((0..3).all(|id| got.get(&id) == Some(&0)), "{got:?}");
     }
 }

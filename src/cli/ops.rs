@@ -856,11 +856,7 @@ pub fn plan_rebalance(view: &View) -> anyhow::Result<Vec<Step>> {
     // "to" a voter that stays, which only removes it.
     for (shard, vs) in voters.iter_mut() {
         while surplus(view, vs) {
-            let count_in = |v: &u64| {
-                vs.iter()
-                    .filter(|x| view.region_of(**x) == view.region_of(*v))
-                    .count()
-            };
+            let count_in = |v: &u64| voters_in_region_of(view, vs, *v);
             let Some(from) = vs
                 .iter()
                 .copied()
@@ -972,18 +968,8 @@ pub fn plan_rebalance(view: &View) -> anyhow::Result<Vec<Step>> {
             .min_by_key(|(id, l)| (**l, **id))
             .map(|(id, _)| *id);
         if let Some(to) = to {
-            vs.retain(|x| *x != from);
-            vs.push(to);
-            if let Some(l) = load.get_mut(&from) {
-                *l = l.saturating_sub(1);
-            }
-            *load.entry(to).or_default() += 1;
-            steps.push(Step::MoveReplica {
-                shard: *shard,
-                from,
-                to,
-                why: format!("region {region} holds a majority"),
-            });
+            let why = format!("region {region} holds a majority");
+            steps.push(planned_move(*shard, (vs, &mut load), from, to, why));
         }
     }
     // A shard with no voter in its preferred region (a drain or a move by
@@ -1008,11 +994,7 @@ pub fn plan_rebalance(view: &View) -> anyhow::Result<Vec<Step>> {
         else {
             continue;
         };
-        let count_in = |v: &u64| {
-            vs.iter()
-                .filter(|x| view.region_of(**x) == view.region_of(*v))
-                .count()
-        };
+        let count_in = |v: &u64| voters_in_region_of(view, vs, *v);
         let Some(from) = vs
             .iter()
             .copied()
@@ -1021,18 +1003,8 @@ pub fn plan_rebalance(view: &View) -> anyhow::Result<Vec<Step>> {
         else {
             continue;
         };
-        vs.retain(|x| *x != from);
-        vs.push(to);
-        if let Some(l) = load.get_mut(&from) {
-            *l = l.saturating_sub(1);
-        }
-        *load.entry(to).or_default() += 1;
-        steps.push(Step::MoveReplica {
-            shard: *shard,
-            from,
-            to,
-            why: format!("no voter in its preferred region {preferred}"),
-        });
+        let why = format!("no voter in its preferred region {preferred}");
+        steps.push(planned_move(*shard, (vs, &mut load), from, to, why));
     }
     // Copies of shards whose membership no longer lists the node.
     for n in view.nodes.values().filter(|n| n.up) {
@@ -1071,6 +1043,37 @@ pub fn plan_rebalance(view: &View) -> anyhow::Result<Vec<Step>> {
         }
     }
     Ok(steps)
+}
+
+/// How many of `voters` are in `voter`'s region.
+fn voters_in_region_of(view: &View, voters: &[u64], voter: u64) -> usize {
+    voters
+        .iter()
+        .filter(|x| view.region_of(**x) == view.region_of(voter))
+        .count()
+}
+
+/// A move of `shard`'s voter from `from` to `to`, counted in the plan's
+/// voters `vs` and per-node `load`.
+fn planned_move(
+    shard: u64,
+    (vs, load): (&mut Vec<u64>, &mut BTreeMap<u64, usize>),
+    from: u64,
+    to: u64,
+    why: String,
+) -> Step {
+    vs.retain(|x| *x != from);
+    vs.push(to);
+    if let Some(l) = load.get_mut(&from) {
+        *l = l.saturating_sub(1);
+    }
+    *load.entry(to).or_default() += 1;
+    Step::MoveReplica {
+        shard,
+        from,
+        to,
+        why,
+    }
 }
 
 /// How a run of steps went.
@@ -1291,6 +1294,19 @@ mod tests {
         v
     }
 
+    /// The (shard, from, to) of each move in `steps`.
+    fn moves_of(steps: &[Step]) -> Vec<(u64, u64, u64)> {
+        steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::MoveReplica {
+                    shard, from, to, ..
+                } => Some((*shard, *from, *to)),
+                _ => None,
+            })
+            .collect()
+    }
+
     const NODES: [(u64, &str, bool); 4] = [
         (1, "eu", false),
         (2, "us", false),
@@ -1362,15 +1378,7 @@ mod tests {
             }
         }
         let steps = plan_rebalance(&v).unwrap();
-        let moves: Vec<_> = steps
-            .iter()
-            .filter_map(|s| match s {
-                Step::MoveReplica {
-                    shard, from, to, ..
-                } => Some((*shard, *from, *to)),
-                _ => None,
-            })
-            .collect();
+        let moves = moves_of(&steps);
         // Node 4 holds nothing; eu gets shard 1 back there, from the most
         // loaded of its voters (node 3, which also holds shard 0).
         assert_eq!(moves, vec![(1, 3, 4)], "{steps:?}");
@@ -1397,15 +1405,7 @@ mod tests {
             ],
         );
         let steps = plan_rebalance(&v).unwrap();
-        let moves: Vec<_> = steps
-            .iter()
-            .filter_map(|s| match s {
-                Step::MoveReplica {
-                    shard, from, to, ..
-                } => Some((*shard, *from, *to)),
-                _ => None,
-            })
-            .collect();
+        let moves = moves_of(&steps);
         // The majority in eu (shard 3) goes to us, the region it lacks.
         assert!(moves.iter().any(|m| m.0 == 3 && m.2 == 2), "{moves:?}");
         // eu ends even: node 1 and node 4 hold two eu voters each.
