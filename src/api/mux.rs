@@ -162,6 +162,10 @@ impl Held {
         }
     }
 
+    fn has_room(&self) -> bool {
+        self.reply_bytes.load(Ordering::Acquire) <= self.bounds.reply_bytes
+    }
+
     /// Returns once the queued reply bytes are within their bound.
     async fn room(&self) {
         while self.reply_bytes.load(Ordering::Acquire) > self.bounds.reply_bytes {
@@ -221,7 +225,7 @@ where
     let mut reader_stopping = stopping.clone();
     let reader_held = held.clone();
     tokio::spawn(async move {
-        loop {
+        'batches: loop {
             let batch = tokio::select! {
                 m = async {
                     reader_held.room().await;
@@ -236,6 +240,16 @@ where
                 _ = tx.closed() => break,
             };
             for call in P::calls(batch) {
+                // Each call of a batch waits for room too: one batch of
+                // a thousand reads of 3 MiB pages would pass the bound a
+                // hundred times over.
+                if !reader_held.has_room() {
+                    tokio::select! {
+                        _ = reader_held.room() => {}
+                        _ = reader_stopping.wait_for(|s| *s) => break 'batches,
+                        _ = tx.closed() => break 'batches,
+                    }
+                }
                 if reader_held.waiting.load(Ordering::Acquire) >= bounds.waiting {
                     let refused = Status::unavailable(format!(
                         "{} has {} calls waiting; try again",
@@ -847,9 +861,9 @@ mod tests {
                 }))
             }
         };
-        // 100 batches of 4 calls, every reply 64 KiB; the bound is 1 MiB,
-        // so about 4 batches go before the reader stops.
-        let calls = futures::stream::iter((0..100).map(|b| batch(b * 4, 4)));
+        // 4 batches of 100 calls, every reply 64 KiB; the bound is 1 MiB,
+        // so the reader stops 17 calls into the first batch.
+        let calls = futures::stream::iter((0..4).map(|b| batch(b * 100, 100)));
         let (_stop, stopping) = tokio::sync::watch::channel(false);
         let bounds = Bounds {
             reply_bytes: 1024 * 1024,

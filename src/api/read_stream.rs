@@ -152,6 +152,7 @@ mod tests {
             served_by_node: 4,
             incarnation: 99,
             complete_through: 10,
+            now_ms: 1_700_000_000_000,
         };
         let batch = ReadCalls::reply_batch(vec![(8, Ok(reply.clone()))]);
         let wire = EncodedReadReplyBatch::decode(batch.encode_to_vec().as_slice()).unwrap();
@@ -170,6 +171,7 @@ mod tests {
             (reply.served_by_node, reply.incarnation)
         );
         assert_eq!(encoded.complete_through, reply.complete_through);
+        assert_eq!(encoded.now_ms, reply.now_ms);
         // Encoded back, the same bytes as the node's reply.
         assert_eq!(encoded.encode_to_vec(), reply.encode_to_vec());
 

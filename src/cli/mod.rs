@@ -78,7 +78,7 @@ pub enum Cmd {
         dry_run: bool,
     },
     /// Move one replica of a shard from one node to another (learner,
-    /// catch-up, then one change that swaps the old one's vote to it).
+    /// catch-up, then the old one's vote moves to it).
     MoveReplica {
         shard: u64,
         from: u64,

@@ -436,9 +436,9 @@ impl Ops {
 
     /// Moves `shard`'s replica from node `from` to node `to`: opens a
     /// replica on `to`, adds it as a learner, waits for it to catch up (by
-    /// snapshot if the log was purged), moves leadership off `from` if
-    /// needed, swaps `from`'s vote to it in one change and deletes `from`'s
-    /// data.
+    /// snapshot if the log was purged), swaps `from`'s vote to it in one
+    /// change (when `from` leads: promotes it, moves leadership off `from`,
+    /// then removes `from`) and deletes `from`'s data.
     pub async fn move_replica(
         &self,
         shard: u64,
@@ -535,22 +535,36 @@ impl Ops {
             bar.set_message(format!("shard {shard}: node {to} catching up, {at}/{goal}"));
             tokio::time::sleep(POLL).await;
         }
-        // One change swaps the two (through a joint config), so the shard
-        // never has more voters in `from`'s region than before, nor fewer
-        // voters than before, even when another move of it runs at once.
-        bar.set_message(format!("shard {shard}: moving leadership off node {from}"));
+        let change = |add: Vec<u64>, remove: Vec<u64>| {
+            self.on_leader(shard, move |mut c| {
+                let req = ChangeVotersRequest {
+                    shard_id: shard,
+                    add: add.clone(),
+                    remove: remove.clone(),
+                };
+                async move { c.change_voters(req).await }
+            })
+        };
         let from_led = self.leader(shard).await?.0 == from;
-        self.transfer_off(shard, from).await?;
-        bar.set_message(format!("shard {shard}: node {to} takes node {from}'s vote"));
-        self.on_leader(shard, |mut c| {
-            let req = ChangeVotersRequest {
-                shard_id: shard,
-                add: vec![to],
-                remove: vec![from],
-            };
-            async move { c.change_voters(req).await }
-        })
-        .await?;
+        if from_led {
+            // A leader cannot vote itself out, and with one replica there
+            // is no other voter to hand leadership to: `to` becomes a voter
+            // first, leadership moves (to it, in the same region, when it
+            // can), then `from` goes. (Nodes refuse a change that would
+            // leave the shard short, so another move at once cannot.)
+            bar.set_message(format!("shard {shard}: promoting node {to} to voter"));
+            change(vec![to], vec![]).await?;
+            bar.set_message(format!("shard {shard}: moving leadership off node {from}"));
+            self.transfer_off(shard, from).await?;
+            bar.set_message(format!("shard {shard}: removing node {from}"));
+            change(vec![], vec![from]).await?;
+        } else {
+            // One change swaps the two (through a joint config): the shard
+            // never has more voters in `from`'s region than before, nor
+            // fewer than before.
+            bar.set_message(format!("shard {shard}: node {to} takes node {from}'s vote"));
+            change(vec![to], vec![from]).await?;
+        }
         // Leadership left `from` for a voter elsewhere; its replacement in
         // the same region takes it back.
         let same_region = view.node(from).is_ok_and(|n| n.region == target.region);

@@ -211,6 +211,7 @@ impl NodeApiService {
             applied_term: applied.map(|l| l.leader_id.term).unwrap_or(0),
             served_by_node: self.node_id.0,
             incarnation: shard.reader.incarnation(),
+            now_ms: crate::types::now_ms(),
             ..Default::default()
         };
         let reader = &shard.reader;

@@ -10,7 +10,7 @@
 //! exactly there.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use prost::Message;
@@ -44,7 +44,7 @@ type Event = Result<WatchEvent, tonic::Status>;
 /// The sending side of one Watch stream, bounded in events and in bytes.
 #[derive(Clone)]
 pub struct EventSender {
-    tx: mpsc::Sender<(Event, Option<OwnedSemaphorePermit>)>,
+    tx: mpsc::Sender<Queued>,
     bytes: Arc<Semaphore>,
     /// The error that ends the stream, delivered after every queued event
     /// however full the queue is.
@@ -61,8 +61,8 @@ pub fn event_stream() -> (
     let bytes = Arc::new(Semaphore::new(STREAM_BYTES_MAX));
     let (end, ended) = tokio::sync::oneshot::channel::<tonic::Status>();
     let events = tokio_stream::wrappers::ReceiverStream::new(rx)
-        .map(|(event, _bytes): (Event, Option<OwnedSemaphorePermit>)| {
-            event.map(|e| hide_expired(e, now_ms()))
+        .map(|(event, _bytes, hide_at): Queued| {
+            event.map(|e| as_handed_on(e, hide_at, Instant::now()))
         })
         // Once every sender is gone: the error the stream ended with, if any.
         .chain(futures::stream::once(ended).filter_map(|end| async move { end.ok().map(Err) }));
@@ -70,16 +70,31 @@ pub fn event_stream() -> (
     (EventSender { tx, bytes, end }, events)
 }
 
+/// An event as queued for its client: its bytes' permit, and when its body
+/// must be left out.
+type Queued = (Event, Option<OwnedSemaphorePermit>, Option<Instant>);
+
+/// When the self-destructing body `event` carries must no longer be handed
+/// on: when a read on the replica that sent it would hide it, by that
+/// replica's clock (`node_now` when it answered, at `received` here) and the
+/// time passed since, not by this router's clock, which nothing checks.
+fn hide_at(event: &WatchEvent, received: Instant, node_now: u64) -> Option<Instant> {
+    let message = event.change.as_ref()?.message.as_ref()?;
+    if message.expire_at_ms == 0 {
+        return None;
+    }
+    let hidden_from = message
+        .expire_at_ms
+        .saturating_sub(crate::node::clock::CLOCK_OFFSET_MS_MAX);
+    Some(received + Duration::from_millis(hidden_from.saturating_sub(node_now)))
+}
+
 /// `event` as its client may see it at `now`: a self-destructing body whose
 /// time came while the event waited for the client is left out, as a read
-/// at `now` would leave it out (the change itself still goes).
-fn hide_expired(mut event: WatchEvent, now: u64) -> WatchEvent {
-    if let Some(change) = event.change.as_mut() {
-        let expired = change.message.as_ref().is_some_and(|m| {
-            m.expire_at_ms != 0
-                && m.expire_at_ms <= now.saturating_add(crate::node::clock::CLOCK_OFFSET_MS_MAX)
-        });
-        if expired {
+/// would leave it out (the change itself still goes).
+fn as_handed_on(mut event: WatchEvent, hide_at: Option<Instant>, now: Instant) -> WatchEvent {
+    if hide_at.is_some_and(|at| now >= at) {
+        if let Some(change) = event.change.as_mut() {
             change.message = None;
         }
     }
@@ -87,8 +102,9 @@ fn hide_expired(mut event: WatchEvent, now: u64) -> WatchEvent {
 }
 
 impl EventSender {
-    /// Waits for room, then queues `event`; Err if the client has gone.
-    async fn send(&self, event: WatchEvent) -> Result<(), ()> {
+    /// Waits for room, then queues `event` (its body to be left out from
+    /// `hide_at`); Err if the client has gone.
+    async fn send(&self, event: WatchEvent, hide_at: Option<Instant>) -> Result<(), ()> {
         let n = event.encoded_len().clamp(1, STREAM_BYTES_MAX) as u32;
         let permit = self
             .bytes
@@ -97,7 +113,7 @@ impl EventSender {
             .await
             .map_err(|_| ())?;
         self.tx
-            .send((Ok(event), Some(permit)))
+            .send((Ok(event), Some(permit), hide_at))
             .await
             .map_err(|_| ())
     }
@@ -227,6 +243,11 @@ async fn watch_chat(router: Router, cursor: Cursor, tx: EventSender, poll_bytes:
         failures = 0;
         stuck = 0;
         replica = used;
+        let received = Instant::now();
+        let node_now = match reply.now_ms {
+            0 => now_ms(),
+            at => at,
+        };
         let Some(diff) = reply.difference else {
             continue;
         };
@@ -238,7 +259,7 @@ async fn watch_chat(router: Router, cursor: Cursor, tx: EventSender, poll_bytes:
                 pts: diff.pts,
                 served_by_node: reply.served_by_node,
             };
-            if tx.send(event).await.is_err() {
+            if tx.send(event, None).await.is_err() {
                 return;
             }
             pts = diff.pts;
@@ -255,7 +276,8 @@ async fn watch_chat(router: Router, cursor: Cursor, tx: EventSender, poll_bytes:
                 reset_required: false,
                 served_by_node: reply.served_by_node,
             };
-            if tx.send(event).await.is_err() {
+            let hide_at = hide_at(&event, received, node_now);
+            if tx.send(event, hide_at).await.is_err() {
                 return;
             }
         }
@@ -299,7 +321,7 @@ mod tests {
     async fn the_ending_error_comes_after_a_full_queue() {
         let (tx, events) = event_stream();
         for pts in 1..=STREAM_BUFFER as u64 {
-            tx.send(event(pts, 10)).await.unwrap();
+            tx.send(event(pts, 10), None).await.unwrap();
         }
         tx.end_with(tonic::Status::unauthenticated("token revoked"));
         drop(tx);
@@ -333,18 +355,19 @@ mod tests {
             .unwrap()
             .expire_at_ms = expire_at;
         let margin = crate::node::clock::CLOCK_OFFSET_MS_MAX;
-        let early = hide_expired(e.clone(), expire_at - margin - 1);
+        // The replica answered 1 s before the body's hiding time, by its
+        // clock; this router's clock plays no part.
+        let received = Instant::now();
+        let at = hide_at(&e, received, expire_at - margin - 1_000).expect("a timer");
+        assert_eq!(at, received + Duration::from_secs(1));
+        let early = as_handed_on(e.clone(), Some(at), at - Duration::from_millis(1));
         assert!(early.change.unwrap().message.is_some());
-        let late = hide_expired(e.clone(), expire_at - margin);
+        let late = as_handed_on(e.clone(), Some(at), at);
         let change = late.change.unwrap();
         assert!(change.message.is_none(), "the body is left out");
         assert_eq!(change.pts, 1, "the change still goes");
         // Messages without a timer are left as they are.
-        assert!(hide_expired(event(2, 10), u64::MAX)
-            .change
-            .unwrap()
-            .message
-            .is_some());
+        assert_eq!(hide_at(&event(2, 10), received, u64::MAX), None);
     }
 
     /// A stream holds at most its byte bound of events its client has not
@@ -354,24 +377,25 @@ mod tests {
         let (tx, events) = event_stream();
         let mut events = Box::pin(events);
         let big = STREAM_BYTES_MAX / 2 - 1024;
-        tx.send(event(1, big)).await.unwrap();
-        tx.send(event(2, big)).await.unwrap();
-        let third = tokio::time::timeout(Duration::from_millis(200), tx.send(event(3, big))).await;
+        tx.send(event(1, big), None).await.unwrap();
+        tx.send(event(2, big), None).await.unwrap();
+        let third =
+            tokio::time::timeout(Duration::from_millis(200), tx.send(event(3, big), None)).await;
         assert!(third.is_err(), "a third half-bound event waits for room");
         let first = events.next().await.unwrap().unwrap();
         assert_eq!(first.pts, 1);
-        tokio::time::timeout(Duration::from_secs(5), tx.send(event(3, big)))
+        tokio::time::timeout(Duration::from_secs(5), tx.send(event(3, big), None))
             .await
             .expect("room once the client read one")
             .unwrap();
         // An event over the whole bound still goes, alone.
         assert_eq!(events.next().await.unwrap().unwrap().pts, 2);
         assert_eq!(events.next().await.unwrap().unwrap().pts, 3);
-        tx.send(event(4, STREAM_BYTES_MAX * 2)).await.unwrap();
+        tx.send(event(4, STREAM_BYTES_MAX * 2), None).await.unwrap();
         assert_eq!(events.next().await.unwrap().unwrap().pts, 4);
         // The error that ends a stream needs no room.
-        tx.send(event(5, big)).await.unwrap();
-        tx.send(event(6, big)).await.unwrap();
+        tx.send(event(5, big), None).await.unwrap();
+        tx.send(event(6, big), None).await.unwrap();
         tx.end_with(tonic::Status::unavailable("stopping"));
         drop(tx);
         let rest: Vec<Event> = events.collect().await;
