@@ -654,3 +654,69 @@ async fn a_node_whose_clock_is_off_gives_up_leadership_and_gets_none() {
     assert!(out.contains("CLOCK OFF"), "{out}");
     assert!(out.contains("node 1's clock is +"), "{out}");
 }
+
+/// With one replica, a shard's only voter leads: a move makes the target a
+/// voter first, hands it leadership, then removes the source (a swap in one
+/// change could never run there). The message written before is on the
+/// new node, and the old node holds the shard no more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_single_replica_shard_moves_to_another_node() {
+    let dir = TestDir::new("ops-single");
+    let (mut cluster, nodes) = start_cluster_with(
+        &dir.path,
+        &ConfigOptions {
+            shards: 3,
+            replication_factor: 1,
+            extra_nodes: vec![(4, "eu")],
+            ..Default::default()
+        },
+    )
+    .await;
+    let on1 = replicas_on(&nodes, 1).await;
+    let shard = *on1.keys().next().expect("node 1 holds a shard");
+    let chat = (1..1_000u64)
+        .find(|c| nodes.shard_of(*c).0 == shard)
+        .expect("a chat of the shard");
+    nodes
+        .write(
+            chat,
+            vec![common::send_cmd(chat, 1, 1, b"before the move")],
+            Duration::from_secs(20),
+        )
+        .await
+        .expect("write");
+    cluster.start_node(4);
+    let all = endpoints(&cluster, &[1, 2, 3, 4]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (code, _, _) = chatctl(&["--endpoints", &all, "add-node", "--id", "4"]);
+        if code == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node 4 did not come up");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (code, out, err) = chatctl(&[
+        "--endpoints",
+        &all,
+        "move-replica",
+        &shard.to_string(),
+        "1",
+        "4",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let on4 = replicas_on(&nodes, 4).await;
+    assert!(
+        on4.get(&shard).is_some_and(|r| r.0),
+        "node 4 is the voter of shard {shard}: {on4:?}"
+    );
+    assert!(
+        !replicas_on(&nodes, 1).await.contains_key(&shard),
+        "node 1's copy is gone"
+    );
+    let history = nodes.history_on(4, chat).await.expect("history on node 4");
+    assert!(
+        history.iter().any(|m| m.client_msg_id == 1),
+        "the message moved with the shard: {history:?}"
+    );
+}

@@ -65,6 +65,8 @@ pub struct ConfigOptions {
     pub quiesce_after_ms: u64,
     /// `[retention] change_retention_secs`, when not the default.
     pub change_retention_secs: Option<u64>,
+    /// Replicas per shard (3: one per region).
+    pub replication_factor: u32,
 }
 
 impl Default for ConfigOptions {
@@ -78,6 +80,7 @@ impl Default for ConfigOptions {
             raft_timing: None,
             extra_nodes: Vec::new(),
             quiesce_after_ms: 1_500,
+            replication_factor: 3,
             change_retention_secs: None,
         }
     }
@@ -87,10 +90,11 @@ impl Default for ConfigOptions {
 pub fn three_region_config(root: &Path, opts: &ConfigOptions) -> ClusterConfig {
     let (heartbeat, election_min, election_max) = opts.raft_timing.unwrap_or((200, 1000, 1600));
     let mut text = format!(
-        "cluster_name = \"test\"\nshards = {}\nreplication_factor = 3\nregions = [\"eu\", \"us\", \"ap\"]\ndata_root = {:?}\ninsecure = true\n\
+        "cluster_name = \"test\"\nshards = {}\nreplication_factor = {}\nregions = [\"eu\", \"us\", \"ap\"]\ndata_root = {:?}\ninsecure = true\n\
          [raft]\nheartbeat_ms = {}\nelection_timeout_ms_min = {}\nelection_timeout_ms_max = {}\n\
          snapshot_every_entries = {}\nlogs_kept_behind_snapshot = {}\nquiesce_after_ms = {}\n",
         opts.shards,
+        opts.replication_factor,
         root.display().to_string(),
         heartbeat,
         election_min,
