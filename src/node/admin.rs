@@ -20,7 +20,7 @@ use crate::api::pb::node::{
 };
 use crate::api::status::from_shard_error;
 use crate::node::api::{build_snapshot, hosted, node_status, shard_status};
-use crate::node::duties::TRANSFER_LAG_MAX;
+use crate::node::duties;
 use crate::node::Registry;
 use crate::shard::types::NodeAddr;
 use crate::shard::Shard;
@@ -244,61 +244,49 @@ impl Admin for AdminService {
         let req = request.into_inner();
         let shard = self.leader(req.shard_id).await?;
         let me = self.registry.node_id().0;
-        let m = shard.raft.metrics().borrow_watched().clone();
-        let membership = m.membership_config.membership();
-        let last = m.last_log_index.unwrap_or(0);
-        let caught_up = |id: &u64| {
-            m.replication
-                .as_ref()
-                .and_then(|r| r.get(id).cloned().flatten())
-                .is_some_and(|l| l.index + TRANSFER_LAG_MAX >= last)
-        };
-        // A voter that stopped answering pings may still look caught up on a
-        // quiet shard; one whose clock is off is handed no leadership.
-        let alive =
-            std::time::Duration::from_millis(self.registry.config().raft.election_timeout_ms_max);
-        let off = self.registry.clock_report().off_peers;
-        let fit = |id: &u64| self.registry.answered_within(*id, alive) && !off.contains(id);
+        let is_voter = shard
+            .raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|v| v == req.to_node);
+        // Caught up, answering pings (a voter that stopped may still look
+        // caught up on a quiet shard) and with a good clock, as the node's
+        // own hand-overs pick them.
+        let candidates =
+            duties::caught_up_voters(&self.registry, &shard, &self.registry.clock_report());
         let to = if req.to_node != 0 {
             if req.to_node == me {
                 return Ok(self.status(&shard));
             }
-            if !membership.voter_ids().any(|v| v == req.to_node) {
+            if !is_voter {
                 return Err(Status::failed_precondition(format!(
                     "node {} is not a voter of shard {}",
                     req.to_node, req.shard_id
                 )));
             }
-            if !caught_up(&req.to_node) {
+            if !candidates.iter().any(|(id, _)| *id == req.to_node) {
                 return Err(Status::unavailable(format!(
-                    "node {} is behind the leader of shard {}; retry once it catches up",
-                    req.to_node, req.shard_id
-                )));
-            }
-            if !fit(&req.to_node) {
-                return Err(Status::unavailable(format!(
-                    "node {} does not answer this node's pings, or its clock is off; \
-                     leadership of shard {} stays",
+                    "node {} is behind the leader of shard {}, does not answer this node's \
+                     pings, or its clock is off; retry once it catches up",
                     req.to_node, req.shard_id
                 )));
             }
             req.to_node
         } else {
             let preferred = self.registry.placement().preferred_region(shard.id);
-            let mut candidates: Vec<u64> = membership
-                .voter_ids()
-                .filter(|v| *v != me && caught_up(v) && fit(v))
-                .collect();
-            candidates.sort_by_key(|v| {
-                let region = membership.get_node(v).map(|n| n.region.as_str());
-                (region != Some(preferred), *v)
-            });
-            *candidates.first().ok_or_else(|| {
-                Status::unavailable(format!(
-                    "shard {} has no caught-up voter to hand leadership to",
-                    req.shard_id
-                ))
-            })?
+            candidates
+                .iter()
+                .min_by_key(|(id, region)| (region != preferred, *id))
+                .map(|(id, _)| *id)
+                .ok_or_else(|| {
+                    Status::unavailable(format!(
+                        "shard {} has no caught-up voter to hand leadership to",
+                        req.shard_id
+                    ))
+                })?
         };
         shard
             .raft

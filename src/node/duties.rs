@@ -258,7 +258,7 @@ async fn lead(
     // A leader whose clock is off takes no client writes while a live voter
     // with a good clock could take over: without writes one that lags
     // catches up. With none, the shard keeps taking writes.
-    shard.refuse_writes(clock_off && !good_live_voters(registry, shard, ctx, clocks).is_empty());
+    shard.refuse_writes(clock_off && !good_live_voters(registry, shard, clocks).is_empty());
     let tried_within = |d: Duration| last_try.is_some_and(|t| t.elapsed() < d);
     let target = if clock_off {
         // Entries stamped by this clock would be off: hand over at once,
@@ -291,7 +291,7 @@ async fn lead(
         return Some(at);
     }
     crate::node::quiesce::maybe_quiesce(shard, registry.peers(), ctx.quiesce_after, |peer| {
-        registry.answered_within(peer, ctx.election_timeout)
+        registry.answered_lately(peer)
     })
     .await;
     None
@@ -461,7 +461,7 @@ fn preferred_target(
     if *preferred == ctx.region {
         return None;
     }
-    caught_up_voters(registry, shard, ctx, clocks)
+    caught_up_voters(registry, shard, clocks)
         .into_iter()
         .find(|(_, region)| region == preferred)
         .map(|(id, _)| id)
@@ -475,7 +475,7 @@ fn handover_target(
     ctx: &Context,
     clocks: &ClockReport,
 ) -> Option<u64> {
-    let voters = caught_up_voters(registry, shard, ctx, clocks);
+    let voters = caught_up_voters(registry, shard, clocks);
     let preferred = ctx.preferred.get(&shard.id);
     voters
         .iter()
@@ -486,31 +486,25 @@ fn handover_target(
 
 /// The shard's voters other than this leader that answered a ping within
 /// an election timeout and whose clocks are not off.
-fn good_live_voters(
-    registry: &Registry,
-    shard: &Shard,
-    ctx: &Context,
-    clocks: &ClockReport,
-) -> Vec<u64> {
+fn good_live_voters(registry: &Registry, shard: &Shard, clocks: &ClockReport) -> Vec<u64> {
     let metrics = shard.raft.metrics();
     let m = metrics.borrow_watched();
     m.membership_config
         .membership()
         .voter_ids()
         .filter(|id| *id != m.id && !clocks.off_peers.contains(id))
-        .filter(|id| registry.answered_within(*id, ctx.election_timeout))
+        .filter(|id| registry.answered_lately(*id))
         .collect()
 }
 
 /// The shard's [`good_live_voters`] within [`TRANSFER_LAG_MAX`] of its log,
-/// with their regions.
-fn caught_up_voters(
+/// with their regions: those leadership may be handed to.
+pub(crate) fn caught_up_voters(
     registry: &Registry,
     shard: &Shard,
-    ctx: &Context,
     clocks: &ClockReport,
 ) -> Vec<(u64, String)> {
-    let good = good_live_voters(registry, shard, ctx, clocks);
+    let good = good_live_voters(registry, shard, clocks);
     let m = shard.raft.metrics().borrow_watched().clone();
     let last = m.last_log_index.unwrap_or(0);
     let Some(matched) = m.replication.as_ref() else {

@@ -170,8 +170,11 @@ impl Registry {
             .insert(peer, answer);
     }
 
-    /// `peer` answered a ping within `within`.
-    pub fn answered_within(&self, peer: u64, within: std::time::Duration) -> bool {
+    /// `peer` answered a ping within an election timeout (the longest):
+    /// alive, as far as this node can tell.
+    pub fn answered_lately(&self, peer: u64) -> bool {
+        let within =
+            std::time::Duration::from_millis(self.host.config.raft.election_timeout_ms_max);
         self.host
             .peer_answers
             .lock()

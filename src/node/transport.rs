@@ -307,12 +307,9 @@ impl RaftTransport for TransportService {
         let (shard, rpc) = self.candidate(request, "pre-vote request")?;
         if was_quiet {
             let me = self.registry.node_id().0;
-            let alive = std::time::Duration::from_millis(
-                self.registry.config().raft.election_timeout_ms_max,
-            );
             let leader = shard.raft.metrics().borrow_watched().current_leader;
             if let Some(leader) = leader.filter(|l| *l != candidate) {
-                if leader == me || self.registry.answered_within(leader, alive) {
+                if leader == me || self.registry.answered_lately(leader) {
                     return Ok(err(format!(
                         "shard {} was quiet under live leader {leader}; pre-vote not granted",
                         shard.id
@@ -336,13 +333,12 @@ impl RaftTransport for TransportService {
         let rpc: openraft::raft::TransferLeaderRequest<crate::shard::types::TypeConfig> =
             from_postcard(&request.get_ref().payload, "transfer-leader request")
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let leader = *openraft::vote::RaftLeaderId::node_id(rpc.from_leader().leader_id());
-        let from = request.get_ref().from_node;
-        if leader != from {
-            return Err(Status::permission_denied(format!(
-                "node {from} sent a leadership transfer in the name of node {leader}"
-            )));
-        }
+        let certs = request.peer_certs();
+        self.check_leader(
+            certs.as_deref(),
+            request.get_ref().from_node,
+            rpc.from_leader(),
+        )?;
         forward!(
             self,
             request,
