@@ -330,3 +330,129 @@ async fn a_restarted_follower_does_not_take_over_quiet_shards() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// A leadership hand-over on a quiet shard that no voter hears (the
+/// leader's links to them are cut just then) does not strand the shard.
+/// openraft's leader sends no heartbeat while it hands over and the quiet
+/// followers run no timers, so nobody would elect; the leader asks again
+/// after an election timeout, the voters that hear it wake, one takes over,
+/// and writes go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lost_hand_over_on_a_quiet_shard_is_asked_again() {
+    use chatstore::api::pb::node::admin_client::AdminClient;
+    use chatstore::api::pb::node::TransferLeaderRequest;
+    use common::proxy::Proxy;
+
+    let dir = TestDir::new("quiet-hand-over");
+    let shards = 2u64;
+    let mut cluster = common::procs::ProcessCluster::new(
+        &dir.path,
+        &ConfigOptions {
+            shards: shards as u32,
+            quiesce_after_ms: 1_000,
+            ..Default::default()
+        },
+    );
+    // Every node reaches each other node through a proxy: (from, to).
+    let mut links = BTreeMap::new();
+    for a in 1..=3u64 {
+        let mut args = Vec::new();
+        for b in (1..=3u64).filter(|b| *b != a) {
+            let target = cluster.config.node(chatstore::types::NodeId(b)).unwrap();
+            let proxy = Proxy::start(target.raft_addr.clone()).await;
+            args.push("--peer-addr".to_string());
+            args.push(format!("{b}={}", proxy.addr));
+            links.insert((a, b), proxy);
+        }
+        cluster.node_args.insert(a, args);
+    }
+    cluster.start_all_nodes();
+    let nodes = common::Client::new(&cluster.config);
+    nodes
+        .wait_leaders(&[1, 2, 3], Duration::from_secs(60))
+        .await
+        .expect("every shard elects a leader");
+    write_once_to_each_shard(&nodes).await;
+    let (shard, chat) = chat_of_each_shard(&nodes).into_iter().next().unwrap();
+    let election_max = Duration::from_millis(cluster.config.raft.election_timeout_ms_max);
+
+    // The leader asks another voter to take over just as its links to both
+    // followers are cut (it still counts them live: they answered its
+    // pings a moment ago). Tried again if the check saw them gone already.
+    let mut handed = None;
+    for _ in 0..5 {
+        wait_all_quiet(&nodes, &[1, 2, 3], shards, Duration::from_secs(30)).await;
+        let leader = nodes.leader_of(shard).await.expect("a leader");
+        let to = (1..=3u64).find(|n| *n != leader).unwrap();
+        let cut = |on: bool| {
+            for ((from, _), link) in &links {
+                if *from == leader {
+                    link.ctl.set_cut(on);
+                }
+            }
+        };
+        cut(true);
+        let url = format!(
+            "http://{}",
+            cluster
+                .config
+                .node(chatstore::types::NodeId(leader))
+                .unwrap()
+                .raft_addr
+        );
+        let call = tokio::spawn(async move {
+            AdminClient::connect(url)
+                .await
+                .expect("admin client")
+                .transfer_leader(TransferLeaderRequest {
+                    shard_id: shard,
+                    to_node: to,
+                })
+                .await
+        });
+        // A refusal comes at once; an accepted hand-over waits for the
+        // new leader.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if call.is_finished() {
+            let refused = call
+                .await
+                .unwrap()
+                .expect_err("no hand-over over cut links");
+            assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused}");
+            cut(false);
+            continue;
+        }
+        // Every request of the hand-over, and of any retry, is lost.
+        tokio::time::sleep(election_max * 2).await;
+        cut(false);
+        handed = Some((leader, call));
+        break;
+    }
+    let (leader, call) = handed.expect("a hand-over started within five tries");
+
+    // Another voter takes over and takes writes.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let now_leads = nodes.leader_of(shard).await;
+        if now_leads.is_some_and(|l| l != leader) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "shard {shard} is still led by node {leader}, which asked another voter to take over 30 s ago"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    nodes
+        .write(
+            chat,
+            vec![send_cmd(chat, 1, 1_000, b"after the hand-over")],
+            Duration::from_secs(20),
+        )
+        .await
+        .expect("a write after the hand-over");
+    let _ = call.await;
+    cluster.assert_still_running(1);
+    cluster.assert_still_running(2);
+    cluster.assert_still_running(3);
+}

@@ -289,8 +289,6 @@ impl Admin for AdminService {
                 })?
         };
         shard
-            .raft
-            .trigger()
             .transfer_leader(to)
             .await
             .map_err(|e| raft_error("transfer leadership", e))?;

@@ -259,6 +259,20 @@ async fn lead(
     // with a good clock could take over: without writes one that lags
     // catches up. With none, the shard keeps taking writes.
     shard.refuse_writes(clock_off && !good_live_voters(registry, shard, clocks).is_empty());
+    // A hand-over that has not happened within an election timeout was
+    // missed by every voter (the leader stops its heartbeats, and the
+    // followers of a quiet shard have no timers to elect with): ask again,
+    // which wakes whichever voters hear it. Never go quiet meanwhile.
+    if let Some(pending) = shard.transfer_pending() {
+        if pending.at.elapsed() < ctx.election_timeout {
+            return None;
+        }
+        tracing::warn!(shard = %shard.id, to = pending.to, "leadership hand-over did not happen; asking again");
+        if let Err(e) = shard.transfer_leader(pending.to).await {
+            tracing::warn!(shard = %shard.id, error = %e, "transfer leadership");
+        }
+        return Some(Instant::now());
+    }
     let tried_within = |d: Duration| last_try.is_some_and(|t| t.elapsed() < d);
     let target = if clock_off {
         // Entries stamped by this clock would be off: hand over at once,
@@ -285,7 +299,7 @@ async fn lead(
     if let Some(target) = target {
         let at = Instant::now();
         shard.wake_leader().await;
-        if let Err(e) = shard.raft.trigger().transfer_leader(target).await {
+        if let Err(e) = shard.transfer_leader(target).await {
             tracing::warn!(shard = %shard.id, error = %e, "transfer leadership");
         }
         return Some(at);

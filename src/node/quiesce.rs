@@ -15,7 +15,9 @@
 //!   round trip. A quiet follower wakes on entries from the leader, on a vote
 //!   or pre-vote request, on a snapshot and on a leadership transfer; an
 //!   empty heartbeat leaves it quiet (the leader may send one or two while it
-//!   quiesces).
+//!   quiesces). A leader whose leadership transfer no voter heard (it sends
+//!   no heartbeats while it hands over) asks again after an election timeout
+//!   and does not go quiet meanwhile (`duties::lead`).
 //! - **Liveness.** Each node pings every peer that its replicas' memberships
 //!   name once per heartbeat interval. When a peer has not answered for the
 //!   longest election timeout, every quiet replica here that it leads wakes,

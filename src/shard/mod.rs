@@ -34,7 +34,7 @@ use crate::shard::log_store::LogStore;
 use crate::shard::network::{NetworkFactory, Peers};
 use crate::shard::reads::StateReader;
 use crate::shard::state_machine::StateMachine;
-use crate::shard::types::{NodeAddr, Proposal, Raft};
+use crate::shard::types::{NodeAddr, Proposal, Raft, TypeConfig};
 use crate::storage::Storage;
 use crate::types::{now_ms, NodeId, ShardId};
 
@@ -108,6 +108,17 @@ pub struct Shard {
     /// Set by the chores while this node's clock is off and another voter
     /// could lead: client writes are refused.
     writes_refused: std::sync::atomic::AtomicBool,
+    /// The last leadership hand-over this replica started as leader.
+    transfer: std::sync::Mutex<Option<Transfer>>,
+}
+
+/// A leadership hand-over started by a leader: its term, the voter asked to
+/// take over, and when.
+#[derive(Clone, Copy, Debug)]
+pub struct Transfer {
+    pub term: u64,
+    pub to: u64,
+    pub at: Instant,
 }
 
 /// Whether a replica's Raft timers are stopped (see `src/node/quiesce.rs`),
@@ -236,6 +247,7 @@ impl Shard {
             wake_wait,
             lease,
             writes_refused: Default::default(),
+            transfer: Default::default(),
         })
     }
 
@@ -440,6 +452,32 @@ impl Shard {
 
     pub fn is_leader(&self) -> bool {
         self.raft.metrics().borrow_watched().state == ServerState::Leader
+    }
+
+    /// Asks `to` to take over as leader (openraft tells every voter, and
+    /// takes no writes meanwhile), and notes the hand-over.
+    pub async fn transfer_leader(&self, to: u64) -> Result<(), openraft::error::Fatal<TypeConfig>> {
+        let term = self.raft.metrics().borrow_watched().current_term;
+        *self.transfer.lock().expect("transfer note") = Some(Transfer {
+            term,
+            to,
+            at: Instant::now(),
+        });
+        self.raft.trigger().transfer_leader(to).await
+    }
+
+    /// A hand-over this replica started that has not happened: it still
+    /// leads in the term it asked in. openraft's leader sends no heartbeat
+    /// while it hands over, and followers of a quiet shard run no timers,
+    /// so if every voter missed the request nobody would ever elect.
+    pub fn transfer_pending(&self) -> Option<Transfer> {
+        let (state, term) = {
+            let m = self.raft.metrics();
+            let m = m.borrow_watched();
+            (m.state, m.current_term)
+        };
+        let noted = *self.transfer.lock().expect("transfer note");
+        noted.filter(|t| state == ServerState::Leader && t.term == term)
     }
 
     fn not_leader(&self) -> Error {
