@@ -684,9 +684,12 @@ impl StateReader {
         })
     }
 
-    /// Per-chat digests over the message records in seq order, with bodies
-    /// in the clear: equal digests mean identical chat logs (ciphertexts of
-    /// self-destructing bodies differ between nodes by design).
+    /// Per-chat digests over the chat record, the message records in seq
+    /// order (bodies in the clear: ciphertexts of self-destructing bodies
+    /// differ between nodes by design), and the chat's change log, dedup
+    /// records, read cursors and delete-after-read marks: equal digests mean
+    /// identical chats, down to what GetDifference serves and what a retried
+    /// send or edit is matched against.
     /// Digests of the chats after `after_chat`, at most `limit` of them (0:
     /// all), and whether more follow.
     pub fn digests(&self, after_chat: u64, limit: usize) -> io::Result<(Vec<ChatDigest>, bool)> {
@@ -716,6 +719,18 @@ impl StateReader {
                     None => hash.update(&mv),
                 }
                 count += 1;
+            }
+            for tag in [
+                keys::TAG_CHANGE,
+                keys::TAG_DEDUP,
+                keys::TAG_READ_CURSOR,
+                keys::TAG_AFTER_READ,
+            ] {
+                for pair in self.tree.scan_prefix(keys::chat_prefix(tag, chat)) {
+                    let (k, v) = pair.map_err(io_err)?;
+                    hash.update(&k);
+                    hash.update(&v);
+                }
             }
             out.push(ChatDigest {
                 chat_id: chat,
@@ -843,6 +858,38 @@ mod tests {
             ..Default::default()
         };
         tree.insert(keys::chat(chat), rec.encode_to_vec()).unwrap();
+    }
+
+    /// Replicas whose messages agree but whose change logs, dedup records
+    /// or read cursors differ have different digests.
+    #[test]
+    fn digests_cover_changes_dedup_records_and_cursors() {
+        let digest = |extra: &dyn Fn(&sled::Tree)| {
+            let (_dir, storage, tree) = state_tree();
+            sends_only(&tree, 7, 3, "x");
+            extra(&tree);
+            let reader = StateReader::new(tree, storage.keys().clone(), Default::default());
+            reader.digests(0, 0).unwrap().0[0].digest
+        };
+        let base = digest(&|_| {});
+        assert_eq!(base, digest(&|_| {}), "the same state, the same digest");
+        let changed = digest(&|t| {
+            t.insert(
+                keys::change(7, 2),
+                change(2, 2, ChangeKind::Edit).encode_to_vec(),
+            )
+            .unwrap();
+        });
+        let deduped = digest(&|t| {
+            t.insert(keys::dedup(7, 1, 99), b"seq 3".to_vec()).unwrap();
+        });
+        let cursor = digest(&|t| {
+            t.insert(keys::read_cursor(7, 1), b"up to 2".to_vec())
+                .unwrap();
+        });
+        for (what, d) in [("change", changed), ("dedup", deduped), ("cursor", cursor)] {
+            assert_ne!(base, d, "a different {what} record changes the digest");
+        }
     }
 
     /// Digests page by chat: each page starts after the last one's last
