@@ -88,9 +88,20 @@ async fn a_watch_leaves_a_replica_that_applies_nothing() {
         ..Default::default()
     };
     api.send(send(1)).await.expect("send");
-    let mut stream = common::watch_chat(&mut api, chat, 0).await;
-    let first = common::next_event(&mut stream, Duration::from_secs(20)).await;
-    eprintln!("first event served by node {}", first.served_by_node);
+    // A Watch served by node 2 (the router's nearest replica serves it
+    // once it has applied the send): otherwise the test shows nothing.
+    let mut opened = None;
+    for _ in 0..20 {
+        let mut stream = common::watch_chat(&mut api, chat, 0).await;
+        let first = common::next_event(&mut stream, Duration::from_secs(20)).await;
+        if first.served_by_node == 2 {
+            opened = Some((stream, first));
+            break;
+        }
+        eprintln!("first event served by node {}; again", first.served_by_node);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let (mut stream, first) = opened.expect("the us router serves a Watch from node 2");
 
     // Node 2 loses its links to the other nodes; the router still reaches
     // it, and it still answers polls, with no news.

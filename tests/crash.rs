@@ -167,4 +167,6 @@ async fn sigkill_during_writes_loses_nothing_acknowledged() {
             }
         }
     }
+    let panics = common::chaos::panics_logged(&procs.log_dir);
+    assert!(panics.is_empty(), "seed {seed}: panics: {panics:#?}");
 }

@@ -668,6 +668,10 @@ pub async fn run(seed: u64, secs: u64, name: &str) -> (Vec<String>, Chaos) {
     {
         panic!("workload did not stop within 60 s");
     }
+    // Every chat takes a write again once the network is whole: a shard
+    // left without a writable leader agrees with itself on every replica,
+    // so the final comparison would not see it.
+    let stuck = writes_resume(&routers, &history, Duration::from_secs(30)).await;
     // Every watcher reaches each watched chat's final pts: one starved on
     // a replica that applies nothing, or dropped by a fault for good,
     // would otherwise go unnoticed.
@@ -675,7 +679,9 @@ pub async fn run(seed: u64, secs: u64, name: &str) -> (Vec<String>, Chaos) {
     watchers_stop.store(true, Ordering::Relaxed);
     while watchers.join_next().await.is_some() {}
     let mut findings = check(&chaos, &history).await;
+    findings.extend(stuck);
     findings.extend(behind);
+    findings.extend(panics_logged(&chaos.procs.log_dir));
     // Keep the history next to the data folders.
     if let Ok(mut f) = std::fs::File::create(chaos.dir.path.join("history.txt")) {
         let _ = writeln!(f, "seed {seed}\nfaults:\n{}", log.join("\n"));
@@ -691,6 +697,86 @@ pub async fn run(seed: u64, secs: u64, name: &str) -> (Vec<String>, Chaos) {
         }
     }
     (findings, chaos)
+}
+
+/// One acknowledged send into each chat through the routers, each within
+/// `within` (retrying refusals that say to retry); the chats that took none.
+/// The sends join the history, for the checker.
+async fn writes_resume(routers: &[String], history: &History, within: Duration) -> Vec<String> {
+    const SENDER: u64 = 999;
+    let mut stuck = Vec::new();
+    for chat in 1..=CHATS {
+        let cmid = 900_000_000 + chat;
+        let body = format!("after-heal-{chat}");
+        let req = pb::SendRequest {
+            chat_id: chat,
+            sender_id: SENDER,
+            client_msg_id: cmid,
+            body: body.clone().into_bytes().into(),
+            ..Default::default()
+        };
+        let invoke = Instant::now();
+        let mut outcome = Outcome::Unknown;
+        let mut last = String::new();
+        for attempt in 0..1_000usize {
+            if invoke.elapsed() >= within {
+                break;
+            }
+            let Some(mut api) = connect(routers, attempt).await else {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            };
+            match tokio::time::timeout(Duration::from_secs(10), api.send(req.clone())).await {
+                Ok(Ok(r)) => {
+                    outcome = Outcome::Ok(r.into_inner().seq);
+                    break;
+                }
+                Ok(Err(s)) if !transient(s.code()) => {
+                    last = s.to_string();
+                    outcome = Outcome::Failed;
+                    break;
+                }
+                Ok(Err(s)) => last = s.to_string(),
+                Err(_) => last = "no answer in 10 s".to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        if !matches!(outcome, Outcome::Ok(_)) {
+            stuck.push(format!(
+                "chat {chat} took no write within {within:?} after the network healed: {last}"
+            ));
+        }
+        history.ops.lock().unwrap().push(Op {
+            session: usize::MAX,
+            invoke,
+            complete: Instant::now(),
+            kind: OpKind::Send {
+                chat,
+                cmid,
+                sender: SENDER,
+                body,
+                outcome,
+            },
+        });
+    }
+    stuck
+}
+
+/// Every panic a process wrote to its log under `dir`: a panic in a task
+/// (a chore, a handler) does not stop the process, and its callers see only
+/// failed calls.
+pub fn panics_logged(dir: &std::path::Path) -> Vec<String> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return vec![format!("no process logs under {}", dir.display())];
+    };
+    for entry in entries.flatten() {
+        let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        for line in text.lines().filter(|l| l.contains("panicked at")) {
+            found.push(format!("{}: {line}", entry.file_name().to_string_lossy()));
+        }
+    }
+    found
 }
 
 /// The checker: history plus a final full read of every replica.
