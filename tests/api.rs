@@ -1006,6 +1006,36 @@ async fn send_batch_acknowledges_each_send_on_its_own() {
         assert_eq!(sent.seq, *want, "send {i} in chat {chat}");
         *want += 1;
     }
+    // Sends that came with one token (here none) get back one token,
+    // covering every one of them: a client keeps only its newest.
+    let tokens: std::collections::BTreeSet<_> = r
+        .outcomes
+        .iter()
+        .filter_map(|o| o.sent.as_ref().map(|s| s.read_token.clone()))
+        .collect();
+    assert_eq!(tokens.len(), 1, "one token for the whole batch");
+    let token = tokens.into_iter().next().unwrap();
+    for chat in [5u64, 29] {
+        let last = r
+            .outcomes
+            .iter()
+            .zip(&sends)
+            .filter(|(_, s)| s.chat_id == chat)
+            .filter_map(|(o, _)| o.sent.as_ref())
+            .map(|s| s.pts)
+            .max()
+            .unwrap();
+        let seen = api
+            .get_chat(pb::GetChatRequest {
+                chat_id: chat,
+                consistency: Consistency::Session as i32,
+                min_token: token.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(seen.pts >= last, "chat {chat}: {} < {last}", seen.pts);
+    }
     // What was acknowledged is there, with its body.
     let h = api
         .get_history(pb::GetHistoryRequest {

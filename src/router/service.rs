@@ -173,15 +173,16 @@ impl ChatStoreService {
         &self,
         shard: crate::types::ShardId,
         items: Vec<(usize, Command, TokenBody)>,
-    ) -> Vec<(usize, Result<pb::SendResponse, Status>)> {
+    ) -> Vec<(usize, Result<(pb::SendResponse, ShardPosition), Status>)> {
         write_in_groups(shard, items, |commands| {
             self.router.write_group(shard, commands)
         })
         .await
         .into_iter()
         .map(|(i, written)| {
-            let sent =
-                written.and_then(|(result, position, token)| self.sent(result, position, token));
+            let sent = written.and_then(|(result, position, token)| {
+                Ok((self.sent(result, position, token)?, position))
+            });
             (i, sent)
         })
         .collect()
@@ -324,6 +325,7 @@ impl ChatStore for ChatStoreService {
         let mut results: Vec<Option<Result<pb::SendResponse, Status>>> = vec![None; total];
         let mut by_shard: std::collections::BTreeMap<u64, Vec<(usize, Command, TokenBody)>> =
             Default::default();
+        let min_tokens: Vec<bytes::Bytes> = r.sends.iter().map(|s| s.min_token.clone()).collect();
         for (i, send) in r.sends.into_iter().enumerate() {
             let shard = self.router.shard_of(send.chat_id);
             match self.prepare_send(send) {
@@ -337,8 +339,33 @@ impl ChatStore for ChatStoreService {
                 .map(|(shard, items)| self.send_to_shard(crate::types::ShardId(shard), items)),
         )
         .await;
+        // Sends that came with the same token get back one token that covers
+        // all of them: a client keeps only its newest token, and each send's
+        // own would cover only that send's write.
+        let mut covering: std::collections::HashMap<&bytes::Bytes, TokenBody> = Default::default();
+        for (i, result) in per_shard.iter().flatten() {
+            if let Ok((_, position)) = result {
+                let token = match covering.entry(&min_tokens[*i]) {
+                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        let decoded = self.token(e.key())?;
+                        e.insert(decoded)
+                    }
+                };
+                token.merge(*position);
+            }
+        }
+        let encoded: std::collections::HashMap<&bytes::Bytes, bytes::Bytes> = covering
+            .into_iter()
+            .map(|(k, t)| (k, self.router.keys().encode(&t).into()))
+            .collect();
         for (i, result) in per_shard.into_iter().flatten() {
-            results[i] = Some(result);
+            results[i] = Some(result.map(|(mut sent, _)| {
+                if let Some(token) = encoded.get(&min_tokens[i]) {
+                    sent.read_token = token.clone();
+                }
+                sent
+            }));
         }
         let outcomes = results
             .into_iter()
