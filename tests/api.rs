@@ -1379,3 +1379,44 @@ async fn large_messages_page_by_bytes() {
         .into_inner();
     assert_eq!(some.messages.len(), 10);
 }
+
+/// A Watch whose polls every replica refuses, the same way each time (here:
+/// a router whose config names another shard count than the nodes', so
+/// each node says the chat is not in the shard asked for), ends with that
+/// refusal instead of staying open with no events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_watch_every_replica_refuses_ends_with_the_refusal() {
+    let dir = TestDir::new("api-watch-refused");
+    let (mut cluster, _nodes) = start_cluster(&dir.path, 8).await;
+    // A router configured for 4 shards, against nodes of 8.
+    let mut other = cluster.config.clone();
+    other.shards = 4;
+    let other_path = dir.path.join("other-shards.toml");
+    std::fs::write(&other_path, other.to_toml()).expect("write config");
+    let ours = std::mem::replace(&mut cluster.config_path, other_path);
+    let addr = cluster.start_router("eu");
+    cluster.config_path = ours;
+    let mut api = router_client(&addr).await;
+    // A chat the two shard counts place in different shards.
+    let placed = |shards: u32| {
+        let mut c = cluster.config.clone();
+        c.shards = shards;
+        move |chat: u64| {
+            chatstore::cluster::Placement::new(&c).shard_of_chat(chatstore::types::ChatId(chat))
+        }
+    };
+    let (eight, four) = (placed(8), placed(4));
+    let chat = (1..1000u64)
+        .find(|c| eight(*c) != four(*c))
+        .expect("a chat placed differently");
+    let mut stream = common::watch_chat(&mut api, chat, 0).await;
+    let ended = tokio::time::timeout(Duration::from_secs(60), stream.message())
+        .await
+        .expect("the Watch ends within 60 s");
+    let status = ended.expect_err("an error, not an event");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status}");
+    assert!(
+        status.message().contains(&format!("chat {chat}")),
+        "{status}"
+    );
+}

@@ -135,6 +135,21 @@ impl EventSender {
 /// Watch moves to the next replica.
 const STUCK_POLLS: u32 = 2;
 
+/// Polls in a row refused in a way that trying again does not change (a
+/// record that does not decode, a cluster this router does not match),
+/// after which the Watch ends with that refusal: every replica has had
+/// two tries, and a Watch polling on in silence would look idle.
+const REFUSALS_TO_END: u32 = 6;
+
+/// True for a failed poll that may succeed if tried again or elsewhere.
+fn worth_retrying(code: tonic::Code) -> bool {
+    use tonic::Code::*;
+    matches!(
+        code,
+        Unavailable | DeadlineExceeded | Aborted | ResourceExhausted | Cancelled | Unknown
+    )
+}
+
 /// Streams the changes of `cursors` into `tx` until the receiver goes away,
 /// the token in `auth` no longer lets its holder watch (the stream ends
 /// with that error), or `stopping` turns true (the router stops).
@@ -161,8 +176,14 @@ pub async fn run(
     loop {
         tokio::select! {
             joined = tasks.join_next() => {
-                if joined.is_none() {
-                    return;
+                match joined {
+                    None => return,
+                    Some(Ok(Some(refused))) => {
+                        tasks.abort_all();
+                        tx.end_with(refused);
+                        return;
+                    }
+                    Some(_) => {}
                 }
             }
             _ = recheck.tick() => {
@@ -190,16 +211,24 @@ fn poll_bytes(chats: usize) -> u32 {
     (share.min(u32::MAX as usize) as u32).clamp(POLL_BYTES_MIN, POLL_BYTES_MAX)
 }
 
-async fn watch_chat(router: Router, cursor: Cursor, tx: EventSender, poll_bytes: u32) {
+/// Polls one chat's changes into `tx` until the client goes; returns the
+/// refusal the Watch must end with if polls keep being refused.
+async fn watch_chat(
+    router: Router,
+    cursor: Cursor,
+    tx: EventSender,
+    poll_bytes: u32,
+) -> Option<tonic::Status> {
     let shard = router.shard_of(cursor.chat_id);
     let mut pts = cursor.pts;
     let mut after_index = 0u64;
     let mut replica = 0usize;
     let mut failures = 0u32;
+    let mut refusals = 0u32;
     let mut stuck = 0u32;
     loop {
         if tx.is_closed() {
-            return;
+            return None;
         }
         let query = Query::Difference(DifferenceQuery {
             chat_id: cursor.chat_id,
@@ -217,6 +246,16 @@ async fn watch_chat(router: Router, cursor: Cursor, tx: EventSender, poll_bytes:
                 // A replica that timed out waiting is fine; one that is down
                 // or failing makes us move to the next.
                 if !crate::api::status::is_behind(&status) {
+                    refusals = match worth_retrying(status.code()) {
+                        true => 0,
+                        false => refusals + 1,
+                    };
+                    if refusals >= REFUSALS_TO_END {
+                        return Some(tonic::Status::new(
+                            status.code(),
+                            format!("watching chat {}: {}", cursor.chat_id, status.message()),
+                        ));
+                    }
                     replica = used + 1;
                     failures += 1;
                     let backoff = Duration::from_millis((50u64 << failures.min(4)).min(1000));
@@ -241,6 +280,7 @@ async fn watch_chat(router: Router, cursor: Cursor, tx: EventSender, poll_bytes:
             }
         };
         failures = 0;
+        refusals = 0;
         stuck = 0;
         replica = used;
         let received = Instant::now();
@@ -260,7 +300,7 @@ async fn watch_chat(router: Router, cursor: Cursor, tx: EventSender, poll_bytes:
                 served_by_node: reply.served_by_node,
             };
             if tx.send(event, None).await.is_err() {
-                return;
+                return None;
             }
             pts = diff.pts;
         }
@@ -278,7 +318,7 @@ async fn watch_chat(router: Router, cursor: Cursor, tx: EventSender, poll_bytes:
             };
             let hide_at = hide_at(&event, received, node_now);
             if tx.send(event, hide_at).await.is_err() {
-                return;
+                return None;
             }
         }
         // With more changes pending, poll again at once from the same index.
