@@ -93,6 +93,19 @@ pub struct History {
     pub watched: Mutex<Vec<Watched>>,
     /// The last pts each watcher got, per (watcher, chat).
     pub watcher_pts: Mutex<BTreeMap<(usize, u64), u64>>,
+    /// Requests refused in a way retrying would not change. Every request
+    /// of the workload is valid, so each one is a finding.
+    pub refusals: Mutex<Vec<String>>,
+}
+
+impl History {
+    fn refused(&self, session: usize, what: &str, status: &tonic::Status) {
+        self.refusals.lock().unwrap().push(format!(
+            "session {session}: {what} refused: {:?}: {}",
+            status.code(),
+            status.message()
+        ));
+    }
 }
 
 /// One change as a watcher got it.
@@ -345,6 +358,7 @@ pub async fn run_session(
                         break;
                     }
                     Ok(Err(s)) if !transient(s.code()) => {
+                        history.refused(session, &format!("send {chat}/{cmid}"), &s);
                         outcome = Outcome::Failed;
                         break;
                     }
@@ -377,7 +391,8 @@ pub async fn run_session(
                 }),
             )
             .await;
-            let outcome = write_outcome(r, &mut token, &mut api);
+            let what = format!("edit {chat}/{seq}");
+            let outcome = write_outcome(r, &mut token, &mut api, (&history, session, &what));
             OpKind::Edit {
                 chat,
                 seq,
@@ -396,7 +411,8 @@ pub async fn run_session(
                 }),
             )
             .await;
-            let outcome = write_outcome(r, &mut token, &mut api);
+            let what = format!("delete {chat}/{seq}");
+            let outcome = write_outcome(r, &mut token, &mut api, (&history, session, &what));
             OpKind::Delete { chat, seq, outcome }
         } else if roll < 88 {
             // SESSION read: sees this session's writes, never goes back.
@@ -423,7 +439,7 @@ pub async fn run_session(
                     token = r.read_token;
                 }
                 Ok(Err(s)) if transient(s.code()) => api = None,
-                Ok(Err(_)) => {}
+                Ok(Err(s)) => history.refused(session, &format!("SESSION read of {chat}"), &s),
                 Err(_) => api = None,
             }
             continue;
@@ -443,7 +459,11 @@ pub async fn run_session(
                     api = None;
                     None
                 }
-                _ => None,
+                Ok(Err(s)) => {
+                    history.refused(session, &format!("LINEARIZABLE read of {chat}"), &s);
+                    None
+                }
+                Err(_) => None,
             };
             OpKind::LinRead { chat, last_seq }
         };
@@ -460,13 +480,17 @@ fn write_outcome(
     >,
     token: &mut bytes::Bytes,
     api: &mut Option<ChatStoreClient<Channel>>,
+    (history, session, what): (&History, usize, &str),
 ) -> Outcome<()> {
     match r {
         Ok(Ok(r)) => {
             *token = r.into_inner().read_token;
             Outcome::Ok(())
         }
-        Ok(Err(s)) if !transient(s.code()) => Outcome::Failed,
+        Ok(Err(s)) if !transient(s.code()) => {
+            history.refused(session, what, &s);
+            Outcome::Failed
+        }
         _ => {
             *api = None;
             Outcome::Unknown
@@ -788,6 +812,7 @@ pub async fn check(chaos: &Chaos, history: &History) -> Vec<String> {
 /// the nodes that host each shard now).
 pub async fn check_on(nodes: &Client, node_ids: &[u64], history: &History) -> Vec<String> {
     let mut bad: Vec<String> = history.online_violations.lock().unwrap().clone();
+    bad.extend(history.refusals.lock().unwrap().iter().cloned());
     let ops = history.ops.lock().unwrap().clone();
     let acked_sends = ops
         .iter()
