@@ -1420,3 +1420,64 @@ async fn a_watch_every_replica_refuses_ends_with_the_refusal() {
         "{status}"
     );
 }
+
+/// A send whose caller gave up while its shard had no leader is not sent
+/// again by the router once a new leader is elected: the client was told
+/// its outcome is unknown and may have moved on, and the message stored
+/// seconds later would land after what the client wrote since.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_whose_caller_gave_up_is_not_sent_again() {
+    let dir = TestDir::new("api-abandoned");
+    let (mut cluster, nodes) = start_cluster(&dir.path, 2).await;
+    let addr = cluster.start_router("eu");
+    let mut api = router_client(&addr).await;
+    let chat = 1u64;
+    send(&mut api, chat, 1, 1, "before").await;
+    let shard = nodes.shard_of(chat).0;
+    let leader = nodes.leader_of(shard).await.expect("a leader");
+    cluster.kill_node(leader);
+    // Well inside the election that follows (at least an election timeout,
+    // 1 s here), the caller gives up.
+    let mut request = tonic::Request::new(pb::SendRequest {
+        chat_id: chat,
+        sender_id: 1,
+        client_msg_id: 2,
+        body: b"abandoned".to_vec().into(),
+        ..Default::default()
+    });
+    request.set_timeout(Duration::from_millis(300));
+    let gave_up = api
+        .send(request)
+        .await
+        .expect_err("no leader within 300 ms");
+    assert!(
+        matches!(gave_up.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{gave_up}"
+    );
+    // A new leader takes writes; the router's retries of the abandoned call
+    // would have reached it within its 10 s write deadline.
+    let others: Vec<u64> = (1..=3).filter(|n| *n != leader).collect();
+    nodes
+        .wait_leaders(&others, Duration::from_secs(60))
+        .await
+        .expect("a new leader");
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    send(&mut api, chat, 1, 3, "after").await;
+    let h = api
+        .get_history(pb::GetHistoryRequest {
+            chat_id: chat,
+            limit: 10,
+            consistency: Consistency::Linearizable as i32,
+            ..Default::default()
+        })
+        .await
+        .expect("history")
+        .into_inner();
+    let bodies: Vec<String> = h
+        .messages
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.body).into_owned())
+        .collect();
+    // Newest first.
+    assert_eq!(bodies, ["after", "before"]);
+}

@@ -11,8 +11,8 @@
 //! deduplicated by their client_msg_id. A group of commands (the sends of
 //! one `SendBatch` to one shard) stays together and in order in one call.
 //!
-//! A write whose caller has gone (it timed out or hung up) is not sent, and
-//! one that waited in the queue for [`WRITE_DEADLINE`] is answered
+//! A write whose caller has gone (it timed out or hung up) is not sent, nor
+//! sent again once every caller of its node call has gone, and one that waited in the queue for [`WRITE_DEADLINE`] is answered
 //! UNAVAILABLE, not sent: while a shard cannot commit, its queue does not
 //! fill with writes that nobody waits for.
 
@@ -237,11 +237,21 @@ async fn call(router: &Router, shard: ShardId, batch: Vec<Pending>) {
             WRITE_DEADLINE,
             (WRITE_OUTCOME_UNKNOWN, true),
             |node| {
+                // Not sent again once every caller has gone (timed out or
+                // hung up): each was told its outcome is unknown, and a send
+                // stored seconds later would land after writes its client
+                // made since.
+                let gone = waiters.iter().all(|(_, reply)| reply.is_closed());
                 let request = WriteRequest {
                     shard_id: shard.0,
                     commands: commands.clone(),
                 };
-                async move { node.writes.call(request, NODE_CALL_TIMEOUT).await }
+                async move {
+                    if gone {
+                        return Err(Status::aborted("every caller of this write has gone"));
+                    }
+                    node.writes.call(request, NODE_CALL_TIMEOUT).await
+                }
             },
         )
         .await;
