@@ -23,6 +23,12 @@ use crate::shard::reads::PAGE_BYTES_MAX;
 /// delete-after-read timers (at least one).
 const MARK_READ_STEPS_MAX: usize = 10_000;
 
+/// Longest a MarkRead or a SendBatch goes on starting writes; then it
+/// answers with what is done and says to send the rest again. Well inside
+/// the server's [`crate::router::API_CALL_TIME_MAX`], whose expiry ends a
+/// call as CANCELLED, which clients do not retry, with part of it written.
+const WRITES_TIME_MAX: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Most Watch streams one router serves at once.
 pub const WATCH_STREAMS_MAX: usize = 10_000;
 /// Most Watch streams on one client connection.
@@ -242,7 +248,8 @@ type Written = Result<(rp::CommandResult, ShardPosition, TokenBody), Status>;
 /// calls one after another, so each chat's sends are stored in request
 /// order. Once a group fails, the later ones are not written: they may be
 /// to the same chats, and stored now they would come before the failed
-/// sends once the client retries those.
+/// sends once the client retries those. Past [`WRITES_TIME_MAX`] the
+/// groups not yet started are not written either.
 async fn write_in_groups<W, F>(
     shard: crate::types::ShardId,
     items: Vec<(usize, Command, TokenBody)>,
@@ -254,7 +261,18 @@ where
 {
     let mut out = Vec::with_capacity(items.len());
     let mut items = items.into_iter().peekable();
+    let started = tokio::time::Instant::now();
     while items.peek().is_some() {
+        if started.elapsed() >= WRITES_TIME_MAX {
+            let not_sent = Status::unavailable(format!(
+                "not sent: this batch's writes to {shard} took {:?}; send the rest again",
+                started.elapsed()
+            ));
+            for (i, _, _) in items.by_ref() {
+                out.push((i, Err(not_sent.clone())));
+            }
+            break;
+        }
         let mut group = Vec::new();
         let mut bytes = 0;
         while let Some((_, cmd, _)) = items.peek() {
@@ -461,7 +479,11 @@ impl ChatStore for ChatStoreService {
         // A MarkRead over many delete-after-read messages starts their
         // timers a bounded number at a time: the same command again goes on
         // from where the last one stopped.
+        let started = tokio::time::Instant::now();
         for _ in 0..MARK_READ_STEPS_MAX {
+            if started.elapsed() >= WRITES_TIME_MAX {
+                break;
+            }
             let w = self.router.write(r.chat_id, command.clone()).await?;
             token.merge(w.position);
             let (pts, more) = match w.result.outcome {
@@ -476,7 +498,9 @@ impl ChatStore for ChatStoreService {
             }
         }
         Err(Status::unavailable(format!(
-            "the read cursor moved part of the way in {MARK_READ_STEPS_MAX} steps; send the same MarkRead again to go on"
+            "the read cursor moved part of the way in {:?} (at most {MARK_READ_STEPS_MAX} steps, \
+             {WRITES_TIME_MAX:?}); send the same MarkRead again to go on",
+            started.elapsed()
         )))
     }
 
@@ -760,6 +784,38 @@ mod tests {
                 (i, command, TokenBody::default())
             })
             .collect()
+    }
+
+    /// Groups that would start after the batch has run for
+    /// [`WRITES_TIME_MAX`] are not written, and say to send them again.
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_starts_no_group_past_its_time() {
+        // Two sends fit one call, so six make three groups; each takes 40 s.
+        let items = sends(6, crate::shard::BATCH_BYTES_MAX * 2 / 5);
+        let calls = Cell::new(0);
+        let out = write_in_groups(crate::types::ShardId(3), items, |commands| {
+            calls.set(calls.get() + 1);
+            async move {
+                tokio::time::sleep(std::time::Duration::from_secs(40)).await;
+                Ok((
+                    vec![rp::CommandResult::default(); commands.len()],
+                    ShardPosition::default(),
+                ))
+            }
+        })
+        .await;
+        assert_eq!(calls.get(), 2, "the third group would start at 80 s");
+        let not_sent: Vec<usize> = out
+            .iter()
+            .filter(|(_, w)| {
+                w.as_ref().is_err_and(|s| {
+                    s.code() == tonic::Code::Unavailable
+                        && s.message().contains("send the rest again")
+                })
+            })
+            .map(|(i, _)| *i)
+            .collect();
+        assert_eq!(not_sent, vec![4, 5]);
     }
 
     #[tokio::test]
