@@ -416,3 +416,112 @@ async fn shards_under_old_apply_rules_move_to_the_newest_ones() {
         node.shutdown().await;
     }
 }
+
+/// A Watch's long poll (`wait_for_change`) waits through entries of other
+/// chats of its shard and answers when its own chat changes, or at the end
+/// of its wait with no changes; a plain SESSION read with a wait answers as
+/// soon as its index is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_long_poll_waits_for_its_own_chat() {
+    use chatstore::api::pb::node::read_request::Query;
+    use chatstore::api::pb::node::{DifferenceQuery, ReadRequest};
+    use chatstore::api::pb::Consistency;
+    use std::time::Instant;
+
+    let dir = TestDir::new("long-poll");
+    let config = three_region_config(
+        &dir.path,
+        &ConfigOptions {
+            shards: 1,
+            ..Default::default()
+        },
+    );
+    let (_nodes, client) = start_three(&config).await;
+    let (watched, busy) = (1u64, 2u64);
+    let w = |chat: u64, cmid: u64| send_cmd(chat, 1, cmid, b"x");
+    let deadline = Duration::from_secs(20);
+    let first = client
+        .write(watched, vec![w(watched, 1)], deadline)
+        .await
+        .unwrap();
+    let leader = client.leader_of(0).await.expect("a leader");
+    let poll = |wait_for_change: bool, min_index: u64| {
+        let mut node = client.node(leader);
+        async move {
+            let started = Instant::now();
+            let reply = node
+                .read(ReadRequest {
+                    shard_id: 0,
+                    consistency: Consistency::Session as i32,
+                    min_index,
+                    wait_ms: 3_000,
+                    query: Some(Query::Difference(DifferenceQuery {
+                        chat_id: watched,
+                        pts: 1,
+                        limit: 10,
+                        bytes_max: 0,
+                        wait_for_change,
+                    })),
+                })
+                .await
+                .expect("read")
+                .into_inner();
+            (
+                started.elapsed(),
+                reply.difference.expect("a difference").changes.len(),
+            )
+        }
+    };
+    // Writes to another chat of the shard while each poll waits.
+    let writes = |from: u64| {
+        let client = &client;
+        async move {
+            for i in 0..5 {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                client
+                    .write(busy, vec![w(busy, from + i)], deadline)
+                    .await
+                    .unwrap();
+            }
+        }
+    };
+    let next = first.log_index + 1;
+    let ((plain, plain_changes), ()) = tokio::join!(poll(false, next), writes(100));
+    assert!(
+        plain < Duration::from_millis(1_500),
+        "answered after the next entry: {plain:?}"
+    );
+    assert_eq!(plain_changes, 0);
+    let next = client
+        .write(busy, vec![w(busy, 200)], deadline)
+        .await
+        .unwrap()
+        .log_index
+        + 1;
+    let ((waited, changes), ()) = tokio::join!(poll(true, next), writes(300));
+    assert!(
+        waited >= Duration::from_millis(2_500),
+        "waited out other chats' entries: {waited:?}"
+    );
+    assert_eq!(changes, 0);
+    // A change to the watched chat ends the wait with it.
+    let next = client
+        .write(busy, vec![w(busy, 400)], deadline)
+        .await
+        .unwrap()
+        .log_index
+        + 1;
+    let send = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        client
+            .write(watched, vec![w(watched, 2)], deadline)
+            .await
+            .unwrap();
+    };
+    let ((answered, changes), ()) = tokio::join!(poll(true, next), send);
+    assert!(
+        answered < Duration::from_millis(2_500),
+        "answered with the change: {answered:?}"
+    );
+    assert_eq!(changes, 1);
+}

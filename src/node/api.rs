@@ -189,10 +189,16 @@ impl NodeApiService {
                     }
                 }
                 let wait = Duration::from_millis(req.wait_ms.min(SESSION_WAIT_MS_MAX) as u64);
+                let until = tokio::time::Instant::now() + wait;
                 shard
                     .wait_applied(req.min_index, wait)
                     .await
                     .map_err(from_shard_error)?;
+                if let Some(Query::Difference(q)) = &req.query {
+                    if q.wait_for_change && req.wait_ms > 0 {
+                        wait_for_change(&shard, q.chat_id, q.pts, until).await?;
+                    }
+                }
             }
             Consistency::Stale => {}
         }
@@ -245,6 +251,32 @@ impl NodeApiService {
             .applied_index
             .max(shard.reader.loads().written_through());
         answered.map(|()| reply)
+    }
+}
+
+/// Waits until `chat` has a change after `pts` or `until` passes, looking
+/// again after each entry the replica applies (its chat record is in
+/// memory); the caller answers either way.
+async fn wait_for_change(
+    shard: &Shard,
+    chat: u64,
+    pts: u64,
+    until: tokio::time::Instant,
+) -> Result<(), Status> {
+    // Bounded by `until`: each round waits for one more applied entry.
+    loop {
+        let rec = shard
+            .reader
+            .chat_record(chat)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let left = until.saturating_duration_since(tokio::time::Instant::now());
+        if rec.last_pts > pts || left.is_zero() {
+            return Ok(());
+        }
+        let next = shard.applied_index() + 1;
+        if shard.wait_applied(next, left).await.is_err() {
+            return Ok(());
+        }
     }
 }
 

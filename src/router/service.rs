@@ -616,6 +616,7 @@ impl ChatStore for ChatStoreService {
                 pts: c.pts,
                 limit,
                 bytes_max,
+                wait_for_change: false,
             });
             self.router.read(shard, consistency, min, query)
         });

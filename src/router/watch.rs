@@ -235,6 +235,7 @@ async fn watch_chat(
             pts,
             limit: POLL_CHANGES_MAX,
             bytes_max: poll_bytes,
+            wait_for_change: true,
         });
         // First poll: answer now (min index 0); later: wait for news.
         let (used, result) = router
