@@ -340,7 +340,9 @@ async fn a_restarted_follower_does_not_take_over_quiet_shards() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_lost_hand_over_on_a_quiet_shard_is_asked_again() {
     use chatstore::api::pb::node::admin_client::AdminClient;
-    use chatstore::api::pb::node::TransferLeaderRequest;
+    use chatstore::api::pb::node::read_request::Query;
+    use chatstore::api::pb::node::{ReadRequest, TransferLeaderRequest};
+    use chatstore::api::pb::{Consistency, GetChatRequest};
     use common::proxy::Proxy;
 
     let dir = TestDir::new("quiet-hand-over");
@@ -391,6 +393,22 @@ async fn a_lost_hand_over_on_a_quiet_shard_is_asked_again() {
                 }
             }
         };
+        // A LINEARIZABLE read wakes the leader and renews its lease (its
+        // followers stay quiet): a leader whose lease lapsed while quiet
+        // would first wait out a renewal over the cut links.
+        nodes
+            .node(leader)
+            .read(ReadRequest {
+                shard_id: shard,
+                consistency: Consistency::Linearizable as i32,
+                query: Some(Query::Chat(GetChatRequest {
+                    chat_id: chat,
+                    ..Default::default()
+                })),
+                ..Default::default()
+            })
+            .await
+            .expect("a LINEARIZABLE read on the leader");
         cut(true);
         let url = format!(
             "http://{}",
@@ -410,20 +428,18 @@ async fn a_lost_hand_over_on_a_quiet_shard_is_asked_again() {
                 })
                 .await
         });
-        // A refusal comes at once; an accepted hand-over waits for the
-        // new leader.
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        if call.is_finished() {
-            let refused = call
-                .await
-                .unwrap()
-                .expect_err("no hand-over over cut links");
+        // A refusal comes within a lease renewal's wait; an accepted
+        // hand-over waits (15 s) for the new leader.
+        let mut call = call;
+        let refusal_wait = election_max * 2 + Duration::from_secs(1);
+        if let Ok(answer) = tokio::time::timeout(refusal_wait, &mut call).await {
+            let refused = answer.unwrap().expect_err("no hand-over over cut links");
             assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused}");
             cut(false);
             continue;
         }
-        // Every request of the hand-over, and of any retry, is lost.
-        tokio::time::sleep(election_max * 2).await;
+        // Every request of the hand-over, and of any retry within the
+        // refusal wait (over two election timeouts), was lost.
         cut(false);
         handed = Some((leader, call));
         break;

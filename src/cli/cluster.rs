@@ -397,6 +397,14 @@ pub async fn verify(endpoints: &[String], json: bool) -> anyhow::Result<i32> {
                     reply.applied_index, first_reply.applied_index
                 ));
                     page_ok = false;
+                } else if reply.format != first_reply.format {
+                    problems.push(format!(
+                        "SKIPPED shard {shard}: nodes {node} and {first} compute digests of \
+                         different formats ({} and {}: two versions during an upgrade); run \
+                         again once every node runs the same version",
+                        reply.format, first_reply.format
+                    ));
+                    page_ok = false;
                 } else if reply.chats != first_reply.chats || reply.more != first_reply.more {
                     problems.push(format!(
                     "DIVERGED shard {shard}: nodes {node} and {first} differ at applied index {} \

@@ -265,6 +265,9 @@ async fn wait_for_change(
 ) -> Result<(), Status> {
     // Bounded by `until`: each round waits for one more applied entry.
     loop {
+        // The applied index first: an entry applied after it is waited for
+        // below, even if the record read next already shows it.
+        let next = shard.applied_index() + 1;
         let rec = shard
             .reader
             .chat_record(chat)
@@ -273,7 +276,6 @@ async fn wait_for_change(
         if rec.last_pts > pts || left.is_zero() {
             return Ok(());
         }
-        let next = shard.applied_index() + 1;
         if shard.wait_applied(next, left).await.is_err() {
             return Ok(());
         }
@@ -496,6 +498,7 @@ impl NodeApi for NodeApiService {
         }
         let (chats, more) = chats.map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(ChatDigestsReply {
+            format: crate::shard::reads::DIGEST_FORMAT,
             applied_index: applied,
             chats,
             more,

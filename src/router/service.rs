@@ -373,8 +373,12 @@ impl ChatStore for ChatStoreService {
                 token.merge(*position);
             }
         }
+        // A token holds at most TOKEN_SHARDS_MAX positions and drops the
+        // oldest past that: a shared token that reached the bound may have
+        // dropped some send's own write, and those sends keep their own.
         let encoded: std::collections::HashMap<&bytes::Bytes, bytes::Bytes> = covering
             .into_iter()
+            .filter(|(_, t)| t.shards.len() < crate::router::token::TOKEN_SHARDS_MAX)
             .map(|(k, t)| (k, self.router.keys().encode(&t).into()))
             .collect();
         for (i, result) in per_shard.into_iter().flatten() {

@@ -252,10 +252,15 @@ async fn watch_chat(
                         false => refusals + 1,
                     };
                     if refusals >= REFUSALS_TO_END {
-                        return Some(tonic::Status::new(
+                        // INTERNAL: the cluster's fault, not the caller's
+                        // (a node's own code, such as FAILED_PRECONDITION,
+                        // means something else on this API).
+                        return Some(tonic::Status::internal(format!(
+                            "watching chat {}: every replica refused it {REFUSALS_TO_END} times in a row: {:?}: {}",
+                            cursor.chat_id,
                             status.code(),
-                            format!("watching chat {}: {}", cursor.chat_id, status.message()),
-                        ));
+                            status.message()
+                        )));
                     }
                     replica = used + 1;
                     failures += 1;

@@ -32,6 +32,11 @@ pub const PAGE_MAX: u32 = 1000;
 /// 64 KiB body over it, a reply stays under the 4 MiB a gRPC client takes
 /// by default. A page cut short by bytes goes on from its oldest message.
 pub const PAGE_BYTES_MAX: usize = 3 * 1024 * 1024;
+
+/// What [`StateReader::digests`] covers: 1 = the chat record, its messages,
+/// and its change, dedup, read-cursor and delete-after-read records (0, of
+/// older nodes: the chat record and its messages).
+pub const DIGEST_FORMAT: u32 = 1;
 /// Most read cursors `chat` returns.
 pub const READ_CURSORS_MAX: usize = 1000;
 
@@ -684,7 +689,7 @@ impl StateReader {
         })
     }
 
-    /// Per-chat digests over the chat record, the message records in seq
+    /// Per-chat digests ([`DIGEST_FORMAT`]) over the chat record, the message records in seq
     /// order (bodies in the clear: ciphertexts of self-destructing bodies
     /// differ between nodes by design), and the chat's change log, dedup
     /// records, read cursors and delete-after-read marks: equal digests mean
