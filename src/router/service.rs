@@ -357,37 +357,30 @@ impl ChatStore for ChatStoreService {
                 .map(|(shard, items)| self.send_to_shard(crate::types::ShardId(shard), items)),
         )
         .await;
-        // Sends that came with the same token get back one token that covers
-        // all of them: a client keeps only its newest token, and each send's
-        // own would cover only that send's write.
-        let mut covering: std::collections::HashMap<&bytes::Bytes, TokenBody> = Default::default();
-        for (i, result) in per_shard.iter().flatten() {
-            if let Ok((_, position)) = result {
-                let token = match covering.entry(&min_tokens[*i]) {
-                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                    std::collections::hash_map::Entry::Vacant(e) => {
-                        let decoded = self.token(e.key())?;
-                        e.insert(decoded)
-                    }
-                };
-                token.merge(*position);
+        // When every stored send came with one token (one user's sends), the
+        // batch also returns one token covering all of them: a client keeps
+        // only its newest token, and each send's own covers only its write.
+        // None if the bound on a token's positions dropped any of them.
+        let mut stored = per_shard.iter().flatten().filter_map(|(i, r)| {
+            r.as_ref()
+                .ok()
+                .map(|(_, position)| (&min_tokens[*i], *position))
+        });
+        let mut batch_token = Vec::new();
+        if let Some((first, position)) = stored.next() {
+            let mut covering = self.token(first)?;
+            covering.merge(position);
+            let mut one_token = true;
+            for (min_token, position) in stored {
+                one_token &= min_token == first;
+                covering.merge(position);
+            }
+            if one_token && covering.shards.len() < crate::router::token::TOKEN_SHARDS_MAX {
+                batch_token = self.router.keys().encode(&covering);
             }
         }
-        // A token holds at most TOKEN_SHARDS_MAX positions and drops the
-        // oldest past that: a shared token that reached the bound may have
-        // dropped some send's own write, and those sends keep their own.
-        let encoded: std::collections::HashMap<&bytes::Bytes, bytes::Bytes> = covering
-            .into_iter()
-            .filter(|(_, t)| t.shards.len() < crate::router::token::TOKEN_SHARDS_MAX)
-            .map(|(k, t)| (k, self.router.keys().encode(&t).into()))
-            .collect();
         for (i, result) in per_shard.into_iter().flatten() {
-            results[i] = Some(result.map(|(mut sent, _)| {
-                if let Some(token) = encoded.get(&min_tokens[i]) {
-                    sent.read_token = token.clone();
-                }
-                sent
-            }));
+            results[i] = Some(result.map(|(sent, _)| sent));
         }
         let outcomes = results
             .into_iter()
@@ -405,7 +398,10 @@ impl ChatStore for ChatStoreService {
                 },
             )
             .collect();
-        Ok(Response::new(pb::SendBatchResponse { outcomes }))
+        Ok(Response::new(pb::SendBatchResponse {
+            outcomes,
+            read_token: batch_token.into(),
+        }))
     }
 
     async fn edit(
