@@ -11,8 +11,9 @@
 //! deduplicated by their client_msg_id. A group of commands (the sends of
 //! one `SendBatch` to one shard) stays together and in order in one call.
 //!
-//! A write whose caller has gone (it timed out or hung up) is not sent, nor
-//! sent again once every caller of its node call has gone, and one that waited in the queue for [`WRITE_DEADLINE`] is answered
+//! A write whose caller has gone (it timed out or hung up) is not sent, a
+//! node call is not sent again once every caller in it has gone, and a
+//! write that waited in the queue for [`WRITE_DEADLINE`] is answered
 //! UNAVAILABLE, not sent: while a shard cannot commit, its queue does not
 //! fill with writes that nobody waits for.
 

@@ -141,13 +141,10 @@ const STUCK_POLLS: u32 = 2;
 /// two tries, and a Watch polling on in silence would look idle.
 const REFUSALS_TO_END: u32 = 6;
 
-/// True for a failed poll that may succeed if tried again or elsewhere.
-fn worth_retrying(code: tonic::Code) -> bool {
-    use tonic::Code::*;
-    matches!(
-        code,
-        Unavailable | DeadlineExceeded | Aborted | ResourceExhausted | Cancelled | Unknown
-    )
+/// True for a failed poll that may succeed if tried again or elsewhere:
+/// what the router retries, and an overloaded replica.
+fn worth_retrying(status: &tonic::Status) -> bool {
+    super::is_retryable(status) || status.code() == tonic::Code::ResourceExhausted
 }
 
 /// Streams the changes of `cursors` into `tx` until the receiver goes away,
@@ -247,7 +244,7 @@ async fn watch_chat(
                 // A replica that timed out waiting is fine; one that is down
                 // or failing makes us move to the next.
                 if !crate::api::status::is_behind(&status) {
-                    refusals = match worth_retrying(status.code()) {
+                    refusals = match worth_retrying(&status) {
                         true => 0,
                         false => refusals + 1,
                     };
