@@ -72,6 +72,12 @@ pub enum OpKind {
         chat: u64,
         last_seq: Option<u64>,
     },
+    MarkRead {
+        chat: u64,
+        reader: u64,
+        up_to: u64,
+        outcome: Outcome<()>,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -303,8 +309,8 @@ async fn connect(routers: &[String], i: usize) -> Option<ChatStoreClient<Channel
     ep.connect().await.ok().map(ChatStoreClient::new)
 }
 
-/// One client session: sends (retrying with the same client_msg_id), edits
-/// and deletes its own messages, SESSION reads with its token (checked for
+/// One client session: sends, alone and in batches (retrying with the same
+/// client_msg_id), edits and deletes its own messages, marks chats read, SESSION reads with its token (checked for
 /// read-your-writes and monotonicity as it goes), LINEARIZABLE reads.
 pub async fn run_session(
     session: usize,
@@ -317,6 +323,8 @@ pub async fn run_session(
     let sender = 1000 + session as u64;
     let mut token = bytes::Bytes::new();
     let mut my_msgs: Vec<(u64, u64)> = Vec::new();
+    // How far this session has marked each chat read, acknowledged.
+    let mut marked: BTreeMap<u64, u64> = BTreeMap::new();
     let mut seen_pts: BTreeMap<u64, u64> = BTreeMap::new();
     let mut n = 0u64;
     let mut api = None;
@@ -331,6 +339,46 @@ pub async fn run_session(
         let chat = rng.random_range(1..=CHATS);
         let roll = rng.random_range(0..100);
         let invoke = Instant::now();
+        if (50..60).contains(&roll) {
+            let Some(c) = api.as_mut() else { continue };
+            let first = n + 1;
+            n += rng.random_range(2..=4);
+            let sends: Vec<(u64, u64, String)> = (first..=n)
+                .map(|i| {
+                    let chat = rng.random_range(1..=CHATS);
+                    (
+                        chat,
+                        (session as u64 + 1) * 1_000_000 + i,
+                        format!("s{session}-{i}"),
+                    )
+                })
+                .collect();
+            let outcomes = send_batch(
+                c,
+                sender,
+                &sends,
+                (&mut token, &mut seen_pts),
+                (&history, session),
+            )
+            .await;
+            if outcomes.iter().any(|o| matches!(o, Outcome::Unknown)) {
+                api = None;
+            }
+            for ((chat, cmid, body), outcome) in sends.into_iter().zip(outcomes) {
+                if let Outcome::Ok(seq) = outcome {
+                    my_msgs.push((chat, seq));
+                }
+                let kind = OpKind::Send {
+                    chat,
+                    cmid,
+                    sender,
+                    body,
+                    outcome,
+                };
+                record(&history, session, invoke, kind);
+            }
+            continue;
+        }
         let kind = if roll < 60 {
             n += 1;
             let cmid = (session as u64 + 1) * 1_000_000 + n;
@@ -414,6 +462,31 @@ pub async fn run_session(
             let what = format!("delete {chat}/{seq}");
             let outcome = write_outcome(r, &mut token, &mut api, (&history, session, &what));
             OpKind::Delete { chat, seq, outcome }
+        } else if roll < 76 && !my_msgs.is_empty() {
+            // Up to one of its own messages: a seq the chat has.
+            let (chat, up_to) = my_msgs[rng.random_range(0..my_msgs.len())];
+            let r = tokio::time::timeout(
+                Duration::from_secs(15),
+                api.as_mut().unwrap().mark_read(pb::MarkReadRequest {
+                    chat_id: chat,
+                    reader_id: sender,
+                    up_to_seq: up_to,
+                    min_token: token.clone(),
+                }),
+            )
+            .await;
+            let what = format!("mark read {chat} up to {up_to}");
+            let outcome = write_outcome(r, &mut token, &mut api, (&history, session, &what));
+            if let Outcome::Ok(()) = outcome {
+                let e = marked.entry(chat).or_default();
+                *e = (*e).max(up_to);
+            }
+            OpKind::MarkRead {
+                chat,
+                reader: sender,
+                up_to,
+                outcome,
+            }
         } else if roll < 88 {
             // SESSION read: sees this session's writes, never goes back.
             let r = tokio::time::timeout(
@@ -436,6 +509,18 @@ pub async fn run_session(
                         ));
                     }
                     seen_pts.insert(chat, prev.max(r.pts));
+                    let mine = marked.get(&chat).copied().unwrap_or(0);
+                    let cursor = r
+                        .read_cursors
+                        .iter()
+                        .find(|c| c.reader_id == sender)
+                        .map_or(0, |c| c.seq);
+                    if cursor < mine {
+                        history.online_violations.lock().unwrap().push(format!(
+                            "session {session}: SESSION read of chat {chat} shows it read up to \
+                             {cursor} after it marked it read up to {mine}"
+                        ));
+                    }
                     token = r.read_token;
                 }
                 Ok(Err(s)) if transient(s.code()) => api = None,
@@ -469,6 +554,90 @@ pub async fn run_session(
         };
         record(&history, session, invoke, kind);
     }
+}
+
+/// Sends `sends` (chat, client_msg_id, body) in one `SendBatch`, and once
+/// more (the same ids) those whose outcome the first call left unknown, as a
+/// frontend does. The outcome of each send, in order. The session's token
+/// and the pts it must see move on when a response carries the batch's
+/// token.
+async fn send_batch(
+    api: &mut ChatStoreClient<Channel>,
+    sender: u64,
+    sends: &[(u64, u64, String)],
+    (token, seen_pts): (&mut bytes::Bytes, &mut BTreeMap<u64, u64>),
+    (history, session): (&History, usize),
+) -> Vec<Outcome<u64>> {
+    let mut outcomes = vec![Outcome::Unknown; sends.len()];
+    for _ in 0..2 {
+        let pending: Vec<usize> = (0..sends.len())
+            .filter(|i| matches!(outcomes[*i], Outcome::Unknown))
+            .collect();
+        if pending.is_empty() {
+            break;
+        }
+        let req = pb::SendBatchRequest {
+            sends: pending
+                .iter()
+                .map(|&i| pb::SendRequest {
+                    chat_id: sends[i].0,
+                    sender_id: sender,
+                    client_msg_id: sends[i].1,
+                    body: sends[i].2.clone().into_bytes().into(),
+                    min_token: token.clone(),
+                    ..Default::default()
+                })
+                .collect(),
+        };
+        let r = match tokio::time::timeout(Duration::from_secs(15), api.send_batch(req)).await {
+            Ok(Ok(r)) => r.into_inner(),
+            Ok(Err(s)) if !transient(s.code()) => {
+                history.refused(session, "send batch", &s);
+                for &i in &pending {
+                    outcomes[i] = Outcome::Failed;
+                }
+                break;
+            }
+            _ => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        if r.outcomes.len() != pending.len() {
+            history.online_violations.lock().unwrap().push(format!(
+                "session {session}: a batch of {} sends got {} outcomes",
+                pending.len(),
+                r.outcomes.len()
+            ));
+            break;
+        }
+        let covered = !r.read_token.is_empty();
+        if covered {
+            *token = r.read_token;
+        }
+        for (&i, o) in pending.iter().zip(r.outcomes) {
+            let (chat, cmid, _) = &sends[i];
+            match (o.sent, Code::from_i32(o.error_code)) {
+                (Some(sent), _) => {
+                    if covered {
+                        let e = seen_pts.entry(*chat).or_default();
+                        *e = (*e).max(sent.pts);
+                    }
+                    outcomes[i] = Outcome::Ok(sent.seq);
+                }
+                (None, code) if transient(code) => {}
+                (None, code) => {
+                    history.refused(
+                        session,
+                        &format!("batched send {chat}/{cmid}"),
+                        &tonic::Status::new(code, o.error_message),
+                    );
+                    outcomes[i] = Outcome::Failed;
+                }
+            }
+        }
+    }
+    outcomes
 }
 
 /// The outcome of an edit or delete: a transient failure is unknown (it
@@ -803,6 +972,79 @@ pub fn panics_logged(dir: &std::path::Path) -> Vec<String> {
     found
 }
 
+/// Read cursors: every replica of a chat has the same ones, and each
+/// reader's is the furthest `MarkRead` that took effect: at least its
+/// furthest acknowledged one, and one it sent (acknowledged or unknown).
+/// (A `MarkRead` over delete-after-read messages may stop part-way; the
+/// workload sends none.)
+async fn check_read_cursors(
+    nodes: &Client,
+    hosts: &BTreeMap<u64, Vec<u64>>,
+    ops: &[Op],
+) -> Vec<String> {
+    let mut bad = Vec::new();
+    let mut sent: BTreeMap<(u64, u64), (u64, BTreeSet<u64>)> = BTreeMap::new();
+    for op in ops {
+        if let OpKind::MarkRead {
+            chat,
+            reader,
+            up_to,
+            outcome,
+        } = &op.kind
+        {
+            let (acked, possible) = sent.entry((*chat, *reader)).or_default();
+            match outcome {
+                Outcome::Ok(()) => {
+                    *acked = (*acked).max(*up_to);
+                    possible.insert(*up_to);
+                }
+                Outcome::Unknown => {
+                    possible.insert(*up_to);
+                }
+                Outcome::Failed => {}
+            }
+        }
+    }
+    let mut marks = 0;
+    for chat in 1..=CHATS {
+        let shard = nodes.shard_of(chat).0;
+        let mut first: Option<(u64, BTreeMap<u64, u64>)> = None;
+        for &node in hosts.get(&shard).map(Vec::as_slice).unwrap_or_default() {
+            let cursors: BTreeMap<u64, u64> = match nodes.chat_on(node, chat).await {
+                Ok(c) => c
+                    .read_cursors
+                    .iter()
+                    .map(|c| (c.reader_id, c.seq))
+                    .collect(),
+                Err(e) => {
+                    bad.push(format!("read chat {chat}'s record on node {node}: {e}"));
+                    continue;
+                }
+            };
+            match &first {
+                Some((n, c)) if *c != cursors => bad.push(format!(
+                    "chat {chat}: read cursors on node {node} {cursors:?}, on node {n} {c:?}"
+                )),
+                Some(_) => {}
+                None => first = Some((node, cursors)),
+            }
+        }
+        let cursors = first.map(|(_, c)| c).unwrap_or_default();
+        for ((c, reader), (acked, possible)) in sent.range((chat, 0)..=(chat, u64::MAX)) {
+            let at = cursors.get(reader).copied().unwrap_or(0);
+            marks += 1;
+            if at < *acked || (at > 0 && !possible.contains(&at)) {
+                bad.push(format!(
+                    "chat {c}: reader {reader} read up to {at}; acknowledged up to {acked}, \
+                     sent {possible:?}"
+                ));
+            }
+        }
+    }
+    eprintln!("read cursors: {marks} (chat, reader) pairs checked");
+    bad
+}
+
 /// The checker: history plus a final full read of every replica.
 pub async fn check(chaos: &Chaos, history: &History) -> Vec<String> {
     check_on(&chaos.nodes, &[1, 2, 3], history).await
@@ -899,6 +1141,7 @@ pub async fn check_on(nodes: &Client, node_ids: &[u64], history: &History) -> Ve
             }
         }
     }
+    bad.extend(check_read_cursors(nodes, &hosts, &ops).await);
     // Watch: every watcher was told the same change at a chat's pts (its
     // body may differ, read before or after a later edit), and a new
     // message it was told of is the message that holds that seq in the end.

@@ -282,6 +282,28 @@ impl Client {
         Err(tonic::Status::internal("history of more than 10,000 pages"))
     }
 
+    /// `chat`'s record as the replica on `node` has it (STALE).
+    pub async fn chat_on(
+        &self,
+        node: u64,
+        chat: u64,
+    ) -> Result<pb::GetChatResponse, tonic::Status> {
+        let mut req = tonic::Request::new(ReadRequest {
+            shard_id: self.shard_of(chat).0,
+            consistency: Consistency::Stale as i32,
+            query: Some(read_request::Query::Chat(pb::GetChatRequest {
+                chat_id: chat,
+                ..Default::default()
+            })),
+            ..Default::default()
+        });
+        req.set_timeout(CALL_TIMEOUT);
+        let reply = self.node(node).read(req).await?.into_inner();
+        reply
+            .chat
+            .ok_or_else(|| tonic::Status::internal("a chat read answered no chat"))
+    }
+
     /// Per-shard digests on every node, once every replica of every shard
     /// has the same applied index and digests; fails after `deadline`.
     pub async fn wait_converged(&self, nodes: &[u64], deadline: Duration) -> Result<(), String> {
