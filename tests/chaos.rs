@@ -105,7 +105,7 @@ async fn a_watch_leaves_a_replica_that_applies_nothing() {
 
     // Node 2 loses its links to the other nodes; the router still reaches
     // it, and it still answers polls, with no news.
-    chaos.partition(2, true);
+    chaos.cut_node_links(2, true);
     let cut = Instant::now();
     api.send(send(2)).await.expect("send through the leader");
     // Within 40 s of node 2 being cut off.

@@ -1,5 +1,6 @@
 //! The chaos harness: a real three-region cluster of `chatstore` processes
-//! with a fault-injecting proxy on every node-to-node link, a recorded
+//! with a fault-injecting proxy on every link between regions (node to node,
+//! router to node), a recorded
 //! workload, a seeded fault schedule, and a checker over the history and a
 //! final read of every replica.
 
@@ -132,7 +133,10 @@ pub struct Chaos {
     pub procs: ProcessCluster,
     pub dir: TestDir,
     pub nodes: Client,
+    /// The link from node `a` to node `b`, per `(a, b)`.
     pub proxies: BTreeMap<(u64, u64), Proxy>,
+    /// The link from the router in node `a`'s region to node `b`.
+    pub router_proxies: BTreeMap<(u64, u64), Proxy>,
     pub routers: BTreeMap<String, String>,
 }
 
@@ -177,6 +181,25 @@ impl Chaos {
             }
             procs.node_args.insert(a, args);
         }
+        // A router reaches the other regions' nodes through proxies too, so
+        // a region cut off is cut off with its router.
+        let mut router_proxies = BTreeMap::new();
+        for (a, region) in (1..=3u64).zip(REGIONS) {
+            let mut args = Vec::new();
+            for b in (1..=3u64).filter(|b| *b != a) {
+                let target = procs
+                    .config
+                    .node(chatstore::types::NodeId(b))
+                    .unwrap()
+                    .raft_addr
+                    .clone();
+                let p = Proxy::start(target).await;
+                args.push("--node-addr".to_string());
+                args.push(format!("{b}={}", p.addr));
+                router_proxies.insert((a, b), p);
+            }
+            procs.router_args.insert(region.to_string(), args);
+        }
         procs.start_all_nodes();
         let nodes = Client::new(&procs.config);
         nodes
@@ -196,18 +219,35 @@ impl Chaos {
             procs,
             nodes,
             proxies,
+            router_proxies,
             routers,
         }
     }
 
+    /// Every link between regions, `(a, b)`: from node `a` or the router in
+    /// its region, to node `b`.
+    fn links(&self) -> impl Iterator<Item = (&(u64, u64), &Proxy)> {
+        self.proxies.iter().chain(&self.router_proxies)
+    }
+
     pub fn heal_network(&self) {
-        for p in self.proxies.values() {
+        for (_, p) in self.links() {
             p.ctl.heal();
         }
     }
 
-    /// Cuts (both ways) every link of `node` to the other nodes.
+    /// Cuts (both ways) every link between `node`'s region and the others.
     pub fn partition(&self, node: u64, cut: bool) {
+        for ((a, b), p) in self.links() {
+            if *a == node || *b == node {
+                p.ctl.set_cut(cut);
+            }
+        }
+    }
+
+    /// Cuts (both ways) `node`'s links to the other nodes only: routers in
+    /// other regions still reach it, and its region's router the others.
+    pub fn cut_node_links(&self, node: u64, cut: bool) {
         for ((a, b), p) in &self.proxies {
             if *a == node || *b == node {
                 p.ctl.set_cut(cut);
@@ -215,9 +255,9 @@ impl Chaos {
         }
     }
 
-    /// `node` can no longer reach the others; they still reach it.
+    /// `node`'s region can no longer reach the others; they still reach it.
     fn one_way(&self, node: u64, on: bool) {
-        for ((a, b), p) in &self.proxies {
+        for ((a, b), p) in self.links() {
             if *a == node {
                 p.ctl.stall_up.store(on, Ordering::SeqCst);
             }
