@@ -1366,7 +1366,8 @@ pub async fn check_on(nodes: &Client, node_ids: &[u64], history: &History) -> Ve
         }
     }
     // LINEARIZABLE reads: each sees every send acknowledged before it began,
-    // and never less than a read that finished before it began.
+    // nothing sent after it returned, and never less than a read that
+    // finished before it began.
     let mut lin: Vec<&Op> = ops
         .iter()
         .filter(|o| {
@@ -1403,6 +1404,22 @@ pub async fn check_on(nodes: &Client, node_ids: &[u64], history: &History) -> Ve
             .unwrap_or(0);
         if got < must {
             bad.push(format!("LINEARIZABLE read of chat {chat} saw last seq {got}, but seq {must} was acknowledged before it began"));
+        }
+        // Seqs are 1..n, so no read sees more messages than sends (not
+        // refused) had started into the chat by the time it returned.
+        let started = ops
+            .iter()
+            .filter(|o| o.invoke < r.complete)
+            .filter(|o| {
+                matches!(o.kind, OpKind::Send { chat: c, ref outcome, .. }
+                    if c == chat && !matches!(outcome, Outcome::Failed))
+            })
+            .count() as u64;
+        if got > started {
+            bad.push(format!(
+                "LINEARIZABLE read of chat {chat} saw last seq {got}, but only {started} sends \
+                 into it had started when it returned"
+            ));
         }
         for earlier in &lin {
             if let OpKind::LinRead {
