@@ -79,6 +79,14 @@ pub enum OpKind {
         up_to: u64,
         outcome: Outcome<()>,
     },
+    Close {
+        chat: u64,
+        outcome: Outcome<()>,
+    },
+    Reopen {
+        chat: u64,
+        outcome: Outcome<()>,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -107,6 +115,11 @@ pub struct History {
 
 impl History {
     fn refused(&self, session: usize, what: &str, status: &tonic::Status) {
+        // A write into a closed chat: the op is recorded as failed, and the
+        // checker holds it to the closes and reopens in the history.
+        if status.code() == Code::FailedPrecondition && status.message().contains("is closed") {
+            return;
+        }
         self.refusals.lock().unwrap().push(format!(
             "session {session}: {what} refused: {:?}: {}",
             status.code(),
@@ -350,7 +363,8 @@ async fn connect(routers: &[String], i: usize) -> Option<ChatStoreClient<Channel
 }
 
 /// One client session: sends, alone and in batches (retrying with the same
-/// client_msg_id), edits and deletes its own messages, marks chats read, SESSION reads with its token (checked for
+/// client_msg_id), edits and deletes its own messages, marks chats read,
+/// closes a chat for a moment, SESSION reads with its token (checked for
 /// read-your-writes and monotonicity as it goes), LINEARIZABLE reads.
 pub async fn run_session(
     session: usize,
@@ -379,6 +393,17 @@ pub async fn run_session(
         let chat = rng.random_range(1..=CHATS);
         let roll = rng.random_range(0..100);
         let invoke = Instant::now();
+        if roll == 88 {
+            close_for_a_moment(
+                chat,
+                &mut api,
+                (&routers, &mut rng),
+                &mut token,
+                (&history, session),
+            )
+            .await;
+            continue;
+        }
         if (50..60).contains(&roll) {
             let Some(c) = api.as_mut() else { continue };
             let first = n + 1;
@@ -678,6 +703,59 @@ async fn send_batch(
         }
     }
     outcomes
+}
+
+/// Closes `chat`, and after a moment reopens it (trying until a reopen is
+/// acknowledged, within bounds, so the chat takes writes again). The
+/// session's other writes into it meanwhile are refused.
+async fn close_for_a_moment(
+    chat: u64,
+    api: &mut Option<ChatStoreClient<Channel>>,
+    (routers, rng): (&[String], &mut rand::rngs::StdRng),
+    token: &mut bytes::Bytes,
+    (history, session): (&History, usize),
+) {
+    let Some(c) = api.as_mut() else { return };
+    let invoke = Instant::now();
+    let r = tokio::time::timeout(
+        Duration::from_secs(15),
+        c.close_chat(pb::CloseChatRequest {
+            chat_id: chat,
+            reason: "chaos".into(),
+            min_token: token.clone(),
+        }),
+    )
+    .await;
+    let what = format!("close {chat}");
+    let outcome = write_outcome(r, token, api, (history, session, &what));
+    record(history, session, invoke, OpKind::Close { chat, outcome });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for _ in 0..20 {
+        if api.is_none() {
+            *api = connect(routers, rng.random_range(0..routers.len())).await;
+        }
+        let Some(c) = api.as_mut() else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let invoke = Instant::now();
+        let r = tokio::time::timeout(
+            Duration::from_secs(15),
+            c.reopen_chat(pb::ReopenChatRequest {
+                chat_id: chat,
+                min_token: token.clone(),
+            }),
+        )
+        .await;
+        let what = format!("reopen {chat}");
+        let outcome = write_outcome(r, token, api, (history, session, &what));
+        let done = !matches!(outcome, Outcome::Unknown);
+        record(history, session, invoke, OpKind::Reopen { chat, outcome });
+        if done {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// The outcome of an edit or delete: a transient failure is unknown (it
@@ -1012,12 +1090,17 @@ pub fn panics_logged(dir: &std::path::Path) -> Vec<String> {
     found
 }
 
-/// Read cursors: every replica of a chat has the same ones, and each
-/// reader's is the furthest `MarkRead` that took effect: at least its
-/// furthest acknowledged one, and one it sent (acknowledged or unknown).
-/// (A `MarkRead` over delete-after-read messages may stop part-way; the
-/// workload sends none.)
-async fn check_read_cursors(
+/// Whether a chat is closed, and its readers' cursors.
+type ChatState = (bool, BTreeMap<u64, u64>);
+
+/// Chat records: every replica of a chat has the same read cursors and is
+/// open or closed alike. Each reader's cursor is the furthest `MarkRead`
+/// that took effect: at least its furthest acknowledged one, and one it
+/// sent (acknowledged or unknown). (A `MarkRead` over delete-after-read
+/// messages may stop part-way; the workload sends none.) A chat whose last
+/// close or reopen is an acknowledged reopen, begun after every close had
+/// returned, is open.
+async fn check_chat_records(
     nodes: &Client,
     hosts: &BTreeMap<u64, Vec<u64>>,
     ops: &[Op],
@@ -1048,28 +1131,57 @@ async fn check_read_cursors(
     let mut marks = 0;
     for chat in 1..=CHATS {
         let shard = nodes.shard_of(chat).0;
-        let mut first: Option<(u64, BTreeMap<u64, u64>)> = None;
+        // The first replica read: (node, (closed, reader -> cursor)).
+        let mut first: Option<(u64, ChatState)> = None;
         for &node in hosts.get(&shard).map(Vec::as_slice).unwrap_or_default() {
-            let cursors: BTreeMap<u64, u64> = match nodes.chat_on(node, chat).await {
-                Ok(c) => c
-                    .read_cursors
-                    .iter()
-                    .map(|c| (c.reader_id, c.seq))
-                    .collect(),
+            let record = match nodes.chat_on(node, chat).await {
+                Ok(c) => (
+                    c.closed,
+                    c.read_cursors
+                        .iter()
+                        .map(|c| (c.reader_id, c.seq))
+                        .collect(),
+                ),
                 Err(e) => {
                     bad.push(format!("read chat {chat}'s record on node {node}: {e}"));
                     continue;
                 }
             };
             match &first {
-                Some((n, c)) if *c != cursors => bad.push(format!(
-                    "chat {chat}: read cursors on node {node} {cursors:?}, on node {n} {c:?}"
+                Some((n, r)) if *r != record => bad.push(format!(
+                    "chat {chat}: node {node} has (closed, read cursors) {record:?}, node {n} {r:?}"
                 )),
                 Some(_) => {}
-                None => first = Some((node, cursors)),
+                None => first = Some((node, record)),
             }
         }
-        let cursors = first.map(|(_, c)| c).unwrap_or_default();
+        let (closed, cursors) = first.map(|(_, r)| r).unwrap_or_default();
+        let last_close = ops
+            .iter()
+            .filter(|o| matches!(o.kind, OpKind::Close { chat: c, .. } if c == chat))
+            .map(|o| o.complete)
+            .max();
+        let last = ops
+            .iter()
+            .filter(|o| {
+                matches!(o.kind, OpKind::Close { chat: c, .. } | OpKind::Reopen { chat: c, .. }
+                    if c == chat)
+            })
+            .max_by_key(|o| o.invoke);
+        if let Some(op) = last {
+            let reopened = matches!(
+                op.kind,
+                OpKind::Reopen {
+                    outcome: Outcome::Ok(()),
+                    ..
+                }
+            ) && last_close.is_none_or(|t| t < op.invoke);
+            if reopened && closed {
+                bad.push(format!(
+                    "chat {chat} is closed, but its last reopen was acknowledged after every close"
+                ));
+            }
+        }
         for ((c, reader), (acked, possible)) in sent.range((chat, 0)..=(chat, u64::MAX)) {
             let at = cursors.get(reader).copied().unwrap_or(0);
             marks += 1;
@@ -1082,6 +1194,97 @@ async fn check_read_cursors(
         }
     }
     eprintln!("read cursors: {marks} (chat, reader) pairs checked");
+    bad
+}
+
+/// Closes: a write refused because its chat was closed came while some
+/// close may have been in force (one begun before the refusal returned, and
+/// no acknowledged reopen sure to be after that close and before the write
+/// began); an acknowledged send did not begin while a close was surely in
+/// force (acknowledged before it began, with no reopen that may come
+/// between). Any other refusal is already a finding.
+fn check_closes(ops: &[Op]) -> Vec<String> {
+    let mut bad = Vec::new();
+    let of = |chat: u64, close: bool| -> Vec<&Op> {
+        ops.iter()
+            .filter(|o| match o.kind {
+                OpKind::Close { chat: c, .. } => close && c == chat,
+                OpKind::Reopen { chat: c, .. } => !close && c == chat,
+                _ => false,
+            })
+            .collect()
+    };
+    let acked = |o: &Op| {
+        matches!(
+            o.kind,
+            OpKind::Close {
+                outcome: Outcome::Ok(()),
+                ..
+            } | OpKind::Reopen {
+                outcome: Outcome::Ok(()),
+                ..
+            }
+        )
+    };
+    let failed = |o: &Op| {
+        matches!(
+            o.kind,
+            OpKind::Close {
+                outcome: Outcome::Failed,
+                ..
+            } | OpKind::Reopen {
+                outcome: Outcome::Failed,
+                ..
+            }
+        )
+    };
+    for op in ops {
+        let (chat, refused, sent) = match &op.kind {
+            OpKind::Send { chat, outcome, .. } => (
+                *chat,
+                matches!(outcome, Outcome::Failed),
+                matches!(outcome, Outcome::Ok(_)),
+            ),
+            OpKind::Edit { chat, outcome, .. }
+            | OpKind::Delete { chat, outcome, .. }
+            | OpKind::MarkRead { chat, outcome, .. } => {
+                (*chat, matches!(outcome, Outcome::Failed), false)
+            }
+            _ => continue,
+        };
+        let (closes, reopens) = (of(chat, true), of(chat, false));
+        if refused {
+            let may_be_closed = closes.iter().any(|c| {
+                !failed(c)
+                    && c.invoke < op.complete
+                    && !reopens
+                        .iter()
+                        .any(|r| acked(r) && r.invoke > c.complete && r.complete < op.invoke)
+            });
+            if !may_be_closed {
+                bad.push(format!(
+                    "a write into chat {chat} was refused, with no close of the chat that could \
+                     be in force: {:?}",
+                    op.kind
+                ));
+            }
+        }
+        if sent {
+            let surely_closed = closes.iter().any(|c| {
+                acked(c)
+                    && c.complete < op.invoke
+                    && !reopens
+                        .iter()
+                        .any(|r| !failed(r) && r.complete > c.invoke && r.invoke < op.complete)
+            });
+            if surely_closed {
+                bad.push(format!(
+                    "a send into chat {chat} was acknowledged while a close was in force: {:?}",
+                    op.kind
+                ));
+            }
+        }
+    }
     bad
 }
 
@@ -1181,15 +1384,22 @@ pub async fn check_on(nodes: &Client, node_ids: &[u64], history: &History) -> Ve
             }
         }
     }
-    bad.extend(check_read_cursors(nodes, &hosts, &ops).await);
+    bad.extend(check_chat_records(nodes, &hosts, &ops).await);
+    bad.extend(check_closes(&ops));
     // Watch: every watcher was told the same change at a chat's pts (its
-    // body may differ, read before or after a later edit), and a new
-    // message it was told of is the message that holds that seq in the end.
+    // body may differ, read before or after a later edit, and a change read
+    // while the chat was closed or after the message went carries none),
+    // and a new message it was told of is the message that holds that seq
+    // in the end.
     let watched = history.watched.lock().unwrap().clone();
     let mut told: BTreeMap<(u64, u64), &Watched> = BTreeMap::new();
     for w in &watched {
         let first = *told.entry((w.chat, w.pts)).or_insert(w);
-        if (first.kind, first.seq, first.message) != (w.kind, w.seq, w.message) {
+        let same_message = match (first.message, w.message) {
+            (Some(a), Some(b)) => a == b,
+            _ => true,
+        };
+        if (first.kind, first.seq) != (w.kind, w.seq) || !same_message {
             bad.push(format!(
                 "chat {} pts {}: watcher {} was told {:?}, watcher {} {:?}",
                 w.chat, w.pts, first.watcher, first, w.watcher, w
