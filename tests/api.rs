@@ -1477,3 +1477,91 @@ async fn a_write_whose_caller_gave_up_is_not_sent_again() {
     // Newest first.
     assert_eq!(bodies, ["after", "before"]);
 }
+
+/// A send whose caller gave up while the router kept retrying the node
+/// call that carries it, together with another caller's send, is left out
+/// of the retries: only the send still waited for is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_retried_call_leaves_out_the_sends_whose_callers_gave_up() {
+    let dir = TestDir::new("api-abandoned-shared");
+    let (mut cluster, nodes) = start_cluster(&dir.path, 2).await;
+    // The router reaches every node through a proxy, to cut one link.
+    let mut proxies = BTreeMap::new();
+    let mut args = Vec::new();
+    for node in &cluster.config.nodes {
+        let proxy = common::proxy::Proxy::start(node.raft_addr.clone()).await;
+        args.push("--node-addr".to_string());
+        args.push(format!("{}={}", node.id, proxy.addr));
+        proxies.insert(node.id, proxy);
+    }
+    cluster.router_args.insert("eu".into(), args);
+    let addr = cluster.start_router("eu");
+    let api = router_client(&addr).await;
+    let chat = 1u64;
+    send(&mut api.clone(), chat, 1, 1, "before").await;
+    let leader = nodes
+        .leader_of(nodes.shard_of(chat).0)
+        .await
+        .expect("a leader");
+    // The router can no longer reach the leader; the leader stays leader.
+    proxies[&leader].ctl.set_cut(true);
+    let send_with = |cmid: u64, body: &'static str, timeout: Duration| {
+        let mut api = api.clone();
+        tokio::spawn(async move {
+            let mut request = tonic::Request::new(pb::SendRequest {
+                chat_id: chat,
+                sender_id: 1,
+                client_msg_id: cmid,
+                body: body.as_bytes().to_vec().into(),
+                ..Default::default()
+            });
+            request.set_timeout(timeout);
+            api.send(request).await
+        })
+    };
+    // Two calls, one send each, take the shard's two call slots; their
+    // callers give up after 1 s, and the calls end at their next retry.
+    let blockers = [send_with(2, "blocker", Duration::from_secs(1)), {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        send_with(3, "blocker", Duration::from_secs(1))
+    }];
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Both wait in the queue, then leave in one call once a slot frees.
+    let abandoned = send_with(4, "abandoned", Duration::from_secs(3));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let kept = send_with(5, "kept", Duration::from_secs(30));
+    let gave_up = abandoned
+        .await
+        .unwrap()
+        .expect_err("no leader reachable in 3 s");
+    assert!(
+        matches!(gave_up.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{gave_up}"
+    );
+    // The router's next try of the shared call reaches the leader.
+    proxies[&leader].ctl.heal();
+    kept.await
+        .unwrap()
+        .expect("the send still waited for is stored");
+    for b in blockers {
+        let _ = b.await.unwrap();
+    }
+    let h = api
+        .clone()
+        .get_history(pb::GetHistoryRequest {
+            chat_id: chat,
+            limit: 10,
+            consistency: Consistency::Linearizable as i32,
+            ..Default::default()
+        })
+        .await
+        .expect("history")
+        .into_inner();
+    let bodies: Vec<String> = h
+        .messages
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.body).into_owned())
+        .collect();
+    // Newest first; the blockers gave up too.
+    assert_eq!(bodies, ["kept", "before"]);
+}

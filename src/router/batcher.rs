@@ -7,15 +7,16 @@
 //! the node's limits on commands and bytes per call). Under light load a
 //! write leaves at once, alone; under heavy load calls carry many writes, so
 //! the cost per Raft entry and per RPC is shared. Every command keeps its
-//! own result; a retried call carries the same commands, so sends stay
-//! deduplicated by their client_msg_id. A group of commands (the sends of
-//! one `SendBatch` to one shard) stays together and in order in one call.
+//! own result; a retried call carries the same commands (less those of
+//! callers that have gone), so sends stay deduplicated by their
+//! client_msg_id. A group of commands (the sends of one `SendBatch` to one
+//! shard) stays together and in order in one call.
 //!
-//! A write whose caller has gone (it timed out or hung up) is not sent, a
-//! node call is not sent again once every caller in it has gone, and a
-//! write that waited in the queue for [`WRITE_DEADLINE`] is answered
-//! UNAVAILABLE, not sent: while a shard cannot commit, its queue does not
-//! fill with writes that nobody waits for.
+//! A write whose caller has gone (it timed out or hung up) is not sent, nor
+//! sent again when the node call that carries it is retried, and a write
+//! that waited in the queue for [`WRITE_DEADLINE`] is answered UNAVAILABLE,
+//! not sent: while a shard cannot commit, its queue does not fill with
+//! writes that nobody waits for.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
@@ -220,73 +221,91 @@ async fn run(inner: Weak<Inner>, shard: ShardId, mut rx: mpsc::Receiver<Pending>
 }
 
 /// One node call with every command of `batch`; each waiter gets its own
-/// result.
+/// result. A retry carries only the groups whose callers still wait: a
+/// write its caller gave up on (told its outcome is unknown) is not stored
+/// seconds later, after writes the client made since.
 async fn call(router: &Router, shard: ShardId, batch: Vec<Pending>) {
-    let mut commands: Vec<Command> = Vec::new();
+    let mut groups = Vec::with_capacity(batch.len());
     let mut waiters = Vec::with_capacity(batch.len());
     // Held until the call ends, when each waiter is answered.
     let mut _held = Vec::with_capacity(batch.len());
     for p in batch {
-        waiters.push((p.commands.len(), p.reply));
-        commands.extend(p.commands);
+        groups.push(p.commands);
+        waiters.push(p.reply);
         _held.push(p.held);
     }
-    metrics::histogram!(crate::metrics::ROUTER_WRITE_BATCH).record(commands.len() as f64);
+    metrics::histogram!(crate::metrics::ROUTER_WRITE_BATCH)
+        .record(groups.iter().map(Vec::len).sum::<usize>() as f64);
     let result = router
         .on_leader(
             shard,
             WRITE_DEADLINE,
             (WRITE_OUTCOME_UNKNOWN, true),
             |node| {
-                // Not sent again once every caller has gone (timed out or
-                // hung up): each was told its outcome is unknown, and a send
-                // stored seconds later would land after writes its client
-                // made since.
-                let gone = waiters.iter().all(|(_, reply)| reply.is_closed());
+                let live: Vec<bool> = waiters.iter().map(|w| !w.is_closed()).collect();
                 let request = WriteRequest {
                     shard_id: shard.0,
-                    commands: commands.clone(),
+                    commands: carried(&groups, &live),
                 };
                 async move {
-                    if gone {
+                    if request.commands.is_empty() {
                         return Err(Status::aborted("every caller of this write has gone"));
                     }
-                    node.writes.call(request, NODE_CALL_TIMEOUT).await
+                    let reply = node.writes.call(request, NODE_CALL_TIMEOUT).await?;
+                    Ok((reply, live))
                 }
             },
         )
         .await;
-    match result {
-        Ok((_, reply)) => {
-            let position = ShardPosition {
-                shard: shard.0,
-                incarnation: reply.incarnation,
-                index: reply.log_index,
-                term: reply.log_term,
-            };
-            if reply.results.len() != commands.len() {
-                let s = Status::internal(format!(
-                    "node returned {} results for {} commands",
-                    reply.results.len(),
-                    commands.len()
-                ));
-                for (_, reply) in waiters {
-                    let _ = reply.send(Err(s.clone()));
-                }
-                return;
-            }
-            let mut results = reply.results.into_iter();
-            for (n, reply) in waiters {
-                let mine: Vec<CommandResult> = results.by_ref().take(n).collect();
-                let _ = reply.send(Ok((mine, position)));
-            }
-        }
+    let (reply, live) = match result {
+        Ok((_, answer)) => answer,
         Err(s) => {
-            for (_, reply) in waiters {
+            for reply in waiters {
                 let _ = reply.send(Err(s.clone()));
             }
+            return;
+        }
+    };
+    let position = ShardPosition {
+        shard: shard.0,
+        incarnation: reply.incarnation,
+        index: reply.log_index,
+        term: reply.log_term,
+    };
+    let sent: usize = groups
+        .iter()
+        .zip(&live)
+        .filter(|(_, live)| **live)
+        .map(|(g, _)| g.len())
+        .sum();
+    if reply.results.len() != sent {
+        let s = Status::internal(format!(
+            "node returned {} results for {sent} commands",
+            reply.results.len()
+        ));
+        for reply in waiters {
+            let _ = reply.send(Err(s.clone()));
+        }
+        return;
+    }
+    let mut results = reply.results.into_iter();
+    for ((group, reply), live) in groups.iter().zip(waiters).zip(live) {
+        // A caller left out of the call that succeeded had gone.
+        if live {
+            let mine: Vec<CommandResult> = results.by_ref().take(group.len()).collect();
+            let _ = reply.send(Ok((mine, position)));
         }
     }
+}
+
+/// The commands of the groups whose callers still wait, in order.
+fn carried(groups: &[Vec<Command>], live: &[bool]) -> Vec<Command> {
+    groups
+        .iter()
+        .zip(live)
+        .filter(|(_, live)| **live)
+        .flat_map(|(g, _)| g.iter().cloned())
+        .collect()
 }
 
 #[cfg(test)]
