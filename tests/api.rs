@@ -1031,6 +1031,39 @@ async fn send_batch_acknowledges_each_send_on_its_own() {
             .into_inner();
         assert!(seen.pts >= last, "chat {chat}: {} < {last}", seen.pts);
     }
+    // A token already full of positions from reads still gets one back,
+    // holding the batch's writes.
+    let keys = TokenKeys::new("test", b"test");
+    let mut full = keys.decode(&[]).unwrap();
+    for s in 0..chatstore::router::token::TOKEN_SHARDS_MAX as u64 {
+        full.merge(ShardPosition {
+            shard: 1_000 + s,
+            incarnation: 0,
+            index: 1,
+            term: 1,
+        });
+    }
+    let full = bytes::Bytes::from(keys.encode(&full));
+    let r = api
+        .send_batch(pb::SendBatchRequest {
+            sends: [(5u64, 60_001u64), (29, 60_002)]
+                .iter()
+                .map(|&(chat, cmid)| pb::SendRequest {
+                    min_token: full.clone(),
+                    ..one(chat, cmid, b"after reads")
+                })
+                .collect(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let token = keys.decode(&r.read_token).expect("one token for the batch");
+    let placement = chatstore::cluster::Placement::new(&_cluster.config);
+    for chat in [5u64, 29] {
+        let shard = placement.shard_of_chat(chatstore::types::ChatId(chat)).0;
+        assert!(token.position(shard).is_some(), "chat {chat}'s shard");
+        assert!(token.written.contains(&shard), "chat {chat}'s shard");
+    }
     // What was acknowledged is there, with its body.
     let h = api
         .get_history(pb::GetHistoryRequest {

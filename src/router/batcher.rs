@@ -46,7 +46,7 @@ const BYTES_PER_CALL_MAX: usize = crate::shard::BATCH_BYTES_MAX;
 
 /// What a write that no leader answered in time may have done: a call may
 /// have reached a leader that committed it before the answer was lost.
-const WRITE_OUTCOME_UNKNOWN: &str = "the write may or may not have been applied: send it again unchanged (a repeated send, edit, delete or MarkRead changes nothing more)";
+const WRITE_OUTCOME_UNKNOWN: &str = "the write may or may not have been applied: send it again unchanged (a repeated send, delete or MarkRead changes nothing more, and so does an edit with the same client_edit_id)";
 
 /// A group's results (one per command, in order) and the entry's position.
 pub type GroupResult = Result<(Vec<CommandResult>, ShardPosition), Status>;

@@ -149,7 +149,7 @@ impl ChatStoreService {
     ) -> Result<pb::SendResponse, Status> {
         match result.outcome {
             Some(command_result::Outcome::Send(s)) => {
-                token.merge(position);
+                token.merge_write(position);
                 Ok(pb::SendResponse {
                     seq: s.seq,
                     pts: s.pts,
@@ -205,7 +205,7 @@ impl ChatStoreService {
             .router
             .write(chat, Command { kind: Some(kind) })
             .await?;
-        token.merge(w.position);
+        token.merge_write(w.position);
         let pts = match w.result.outcome {
             Some(command_result::Outcome::Change(c)) => c.pts,
             _ => 0,
@@ -361,21 +361,27 @@ impl ChatStore for ChatStoreService {
         // batch also returns one token covering all of them: a client keeps
         // only its newest token, and each send's own covers only its write.
         // None if the bound on a token's positions dropped any of them.
-        let mut stored = per_shard.iter().flatten().filter_map(|(i, r)| {
-            r.as_ref()
-                .ok()
-                .map(|(_, position)| (&min_tokens[*i], *position))
-        });
+        let stored: Vec<_> = per_shard
+            .iter()
+            .flatten()
+            .filter_map(|(i, r)| {
+                r.as_ref()
+                    .ok()
+                    .map(|(_, position)| (&min_tokens[*i], *position))
+            })
+            .collect();
         let mut batch_token = Vec::new();
-        if let Some((first, position)) = stored.next() {
+        if let Some((first, _)) = stored.first() {
             let mut covering = self.token(first)?;
-            covering.merge(position);
-            let mut one_token = true;
-            for (min_token, position) in stored {
-                one_token &= min_token == first;
-                covering.merge(position);
+            for (_, position) in &stored {
+                covering.merge_write(*position);
             }
-            if one_token && covering.shards.len() < crate::router::token::TOKEN_SHARDS_MAX {
+            let one_token = stored.iter().all(|(t, _)| t == first);
+            // Merging keeps the later position of each shard it holds.
+            let covers_all = stored
+                .iter()
+                .all(|(_, p)| covering.position(p.shard).is_some());
+            if one_token && covers_all {
                 batch_token = self.router.keys().encode(&covering);
             }
         }
@@ -480,12 +486,25 @@ impl ChatStore for ChatStoreService {
         // timers a bounded number at a time: the same command again goes on
         // from where the last one stopped.
         let started = tokio::time::Instant::now();
-        for _ in 0..MARK_READ_STEPS_MAX {
+        for step in 0..MARK_READ_STEPS_MAX {
             if started.elapsed() >= WRITES_TIME_MAX {
                 break;
             }
-            let w = self.router.write(r.chat_id, command.clone()).await?;
-            token.merge(w.position);
+            let w = match self.router.write(r.chat_id, command.clone()).await {
+                Ok(w) => w,
+                // Earlier steps took effect: whatever stopped this one, the
+                // caller must not read it as "nothing was done". The same
+                // MarkRead again goes on, or is refused with nothing done.
+                Err(s) if step > 0 => {
+                    return Err(Status::unavailable(format!(
+                        "the read cursor moved part of the way, then: {}; send the same \
+                         MarkRead again to go on",
+                        s.message()
+                    )))
+                }
+                Err(s) => return Err(s),
+            };
+            token.merge_write(w.position);
             let (pts, more) = match w.result.outcome {
                 Some(command_result::Outcome::Change(c)) => (c.pts, c.more),
                 _ => (0, false),

@@ -17,15 +17,15 @@ use sha2::Sha256;
 
 /// Token format version.
 pub const TOKEN_VERSION: u8 = 1;
-/// Most shards one token remembers; the position merged longest ago is
-/// dropped first. More than one GetDifference names, so that one call never
-/// pushes out a position the token held before it (a client's own write)
-/// unless the token already held many; a full token of the largest
-/// positions still fits [`TOKEN_BYTES_MAX`] (a test checks).
+/// Most shards one token remembers. Past it, the position merged longest
+/// ago among those that came from reads is dropped first, so reads never
+/// push out the client's own writes; only a token full of writes drops one.
+/// More than one GetDifference names; a full token of the largest positions,
+/// every one a write, still fits [`TOKEN_BYTES_MAX`] (a test checks).
 pub const TOKEN_SHARDS_MAX: usize = 140;
 const _: () = assert!(TOKEN_SHARDS_MAX > crate::router::validate::CURSORS_MAX + 32);
 /// Largest token accepted.
-pub const TOKEN_BYTES_MAX: usize = 4096;
+pub const TOKEN_BYTES_MAX: usize = 8192;
 const MAC_BYTES: usize = 16;
 
 #[derive(Clone, PartialEq, Message)]
@@ -34,6 +34,11 @@ pub struct TokenBody {
     pub cluster: u64,
     #[prost(message, repeated, tag = "2")]
     pub shards: Vec<ShardPosition>,
+    /// The shards whose position covers a write this token's client made
+    /// (tokens from before this field have none: their positions count as
+    /// reads).
+    #[prost(uint64, repeated, tag = "3")]
+    pub written: Vec<u64>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Message)]
@@ -88,6 +93,7 @@ impl TokenKeys {
             return Ok(TokenBody {
                 cluster: self.cluster,
                 shards: Vec::new(),
+                written: Vec::new(),
             });
         }
         if bytes.len() > TOKEN_BYTES_MAX {
@@ -128,16 +134,27 @@ impl TokenBody {
         self.shards.iter().find(|p| p.shard == shard).copied()
     }
 
-    /// Merges a position in: per shard, the later (index) wins; a new
-    /// incarnation replaces the old one. Positions are kept in the order
-    /// they were last merged, and a token past [`TOKEN_SHARDS_MAX`] drops
-    /// the one merged longest ago, never the one just merged (usually the
-    /// caller's own write; indexes of different shards say nothing about
+    /// Merges in the position a read reflects: per shard, the later (index)
+    /// wins; a new incarnation replaces the old one. Positions are kept in
+    /// the order they were last merged, and a token past
+    /// [`TOKEN_SHARDS_MAX`] drops the one merged longest ago among those
+    /// that are not writes (or, with only writes, the oldest write), never
+    /// the one just merged (indexes of different shards say nothing about
     /// which matters more). Incarnation 0 is a shard whose first leader has
     /// not yet applied its bootstrap entry (writes may come before it): such
     /// a position never replaces one with an incarnation, so that a replica
     /// that knows less (a new voter, say) cannot wipe what the token holds.
     pub fn merge(&mut self, pos: ShardPosition) {
+        self.merge_as(pos, false);
+    }
+
+    /// Merges in the position of a write the client made, as
+    /// [`TokenBody::merge`]; reads never push it out.
+    pub fn merge_write(&mut self, pos: ShardPosition) {
+        self.merge_as(pos, true);
+    }
+
+    fn merge_as(&mut self, pos: ShardPosition, write: bool) {
         let merged = match self.shards.iter().position(|p| p.shard == pos.shard) {
             Some(i) => {
                 let held = self.shards.remove(i);
@@ -147,6 +164,10 @@ impl TokenBody {
                     pos.incarnation != 0
                 };
                 if newer {
+                    if pos.incarnation != held.incarnation {
+                        // A write to an earlier incarnation says nothing now.
+                        self.written.retain(|s| *s != pos.shard);
+                    }
                     pos
                 } else {
                     held
@@ -155,8 +176,17 @@ impl TokenBody {
             None => pos,
         };
         self.shards.push(merged);
+        if write && !self.written.contains(&pos.shard) {
+            self.written.push(pos.shard);
+        }
         if self.shards.len() > TOKEN_SHARDS_MAX {
-            self.shards.remove(0);
+            let last = self.shards.len() - 1;
+            let drop = self.shards[..last]
+                .iter()
+                .position(|p| !self.written.contains(&p.shard))
+                .unwrap_or(0);
+            let gone = self.shards.remove(drop).shard;
+            self.written.retain(|s| *s != gone);
         }
     }
 }
@@ -233,7 +263,7 @@ mod tests {
         assert_eq!(body.position(7).unwrap().index, 100);
         let mut full = keys.decode(&[]).unwrap();
         for s in 0..TOKEN_SHARDS_MAX as u64 {
-            full.merge(ShardPosition {
+            full.merge_write(ShardPosition {
                 shard: (1 << 20) + s,
                 incarnation: u64::MAX,
                 index: 1 << 40,
@@ -243,6 +273,39 @@ mod tests {
         let bytes = keys.encode(&full);
         assert!(bytes.len() <= TOKEN_BYTES_MAX, "{} bytes", bytes.len());
         assert_eq!(keys.decode(&bytes).unwrap(), full);
+    }
+
+    /// However many shards a client reads from after writing, its writes
+    /// stay in its token; with only writes held, the oldest write goes.
+    #[test]
+    fn reads_never_push_out_the_clients_writes() {
+        let keys = TokenKeys::new("c", b"s");
+        let mut body = keys.decode(&[]).unwrap();
+        body.merge_write(pos(7, 100));
+        body.merge(pos(8, 50));
+        body.merge_write(pos(9, 10));
+        // A read of a written shard keeps it a write.
+        body.merge(pos(9, 20));
+        for s in 0..3 * TOKEN_SHARDS_MAX as u64 {
+            body.merge(pos(1_000 + s, 5));
+        }
+        assert_eq!(body.shards.len(), TOKEN_SHARDS_MAX);
+        assert_eq!(body.position(7).unwrap().index, 100);
+        assert_eq!(body.position(9).unwrap().index, 20);
+        assert!(body.position(8).is_none(), "a read goes first");
+        let bytes = keys.encode(&body);
+        assert_eq!(keys.decode(&bytes).unwrap(), body);
+        for s in 0..TOKEN_SHARDS_MAX as u64 {
+            body.merge_write(pos(5_000 + s, 1));
+        }
+        assert!(body.position(7).is_none() && body.position(9).is_none());
+        assert_eq!(body.written.len(), TOKEN_SHARDS_MAX);
+        // A new incarnation of a written shard is no longer a write.
+        body.merge(ShardPosition {
+            incarnation: 8,
+            ..pos(5_000, 1)
+        });
+        assert!(!body.written.contains(&5_000));
     }
 
     #[test]
