@@ -363,8 +363,14 @@ impl Registry {
         }
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(e).with_context(|| format!("remove {}", dir.display())),
+        }
+        // Made durable before the replica's record moves on: after a power
+        // cut, an old snapshot (its key destroyed) must not come back.
+        if let Some(parent) = dir.parent() {
+            crate::shard::snapshot::sync_dir(parent)
+                .with_context(|| format!("sync {}", parent.display()))?;
         }
         Ok(())
     }

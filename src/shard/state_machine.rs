@@ -342,6 +342,10 @@ fn publish(
         std::fs::rename(&staged_key, snapshot::key_path(&file))?;
     }
     std::fs::rename(staged, &file)?;
+    // The new names are durable before the pointer names them: otherwise a
+    // power cut could keep the pointer and lose the renames, and opening
+    // removes the staged file as unfinished.
+    snapshot::sync_dir(dir)?;
     set_current(dir, meta, &file, cur.as_ref().map(|(_, p)| p.as_path()))?;
     *cur = Some((meta.clone(), file.clone()));
     Ok(Some(file))

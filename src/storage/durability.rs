@@ -11,7 +11,9 @@
 //! sled writes pages too large for its log to blob files and never syncs
 //! them; storage keeps pages below that size, and the thread fsyncs any blob
 //! file that appears anyway, before the fdatasync that makes pointers to it
-//! durable.
+//! durable. sled syncs no folder either: the thread fsyncs sled's folder
+//! (and each file in it once) whenever a name in it is new, such as its
+//! page-table snapshots, renamed into place.
 //!
 //! While one flush runs, new callbacks queue up and share the next one, and
 //! flushes start at least `FLUSH_INTERVAL_MIN` apart, so the fsync rate stays
@@ -22,7 +24,7 @@
 use std::collections::HashSet;
 use std::ffi::OsString;
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -70,16 +72,21 @@ impl Drop for Thread {
 pub type SyncAction = Box<dyn FnMut() -> io::Result<()> + Send>;
 
 impl Durability {
-    /// Starts the group-commit thread for `db`, whose data file is
-    /// `data_file` and whose blob files go to `blobs_dir`.
-    pub fn start(db: sled::Db, data_file: std::fs::File, blobs_dir: PathBuf) -> Durability {
-        let mut blobs = BlobSync::new(blobs_dir);
+    /// Starts the group-commit thread for `db`, whose folder is `sled_dir`
+    /// and whose data file (in it) is `data_file`.
+    pub fn start(db: sled::Db, data_file: std::fs::File, sled_dir: &Path) -> Durability {
+        let mut blobs = NewFiles::new(sled_dir.join("blobs"));
+        let mut folder = NewFiles::new(sled_dir.to_path_buf());
         Durability::start_with(
             "chatstore-fsync",
             "sled",
             Box::new(move || {
                 db.flush().map_err(io::Error::other)?;
-                blobs.sync_new()?;
+                let fresh = blobs.sync_new()?;
+                if fresh > 0 {
+                    metrics::counter!(crate::metrics::STORAGE_BLOBS_SYNCED).increment(fresh);
+                }
+                folder.sync_new()?;
                 data_file.sync_data()
             }),
         )
@@ -147,25 +154,26 @@ pub fn poisoned_error() -> io::Error {
 }
 
 /// The blob files of a sled Db already fsynced.
-struct BlobSync {
+/// The files of one folder that have been fsynced, by name.
+struct NewFiles {
     dir: PathBuf,
     synced: HashSet<OsString>,
 }
 
-impl BlobSync {
-    fn new(dir: PathBuf) -> BlobSync {
-        BlobSync {
+impl NewFiles {
+    fn new(dir: PathBuf) -> NewFiles {
+        NewFiles {
             dir,
             synced: HashSet::new(),
         }
     }
 
-    /// fsyncs every blob file not synced yet, then the folder. One readdir
-    /// when there is none.
-    fn sync_new(&mut self) -> io::Result<()> {
+    /// fsyncs every file not synced yet, then the folder if there was one;
+    /// how many there were. One readdir when there is none.
+    fn sync_new(&mut self) -> io::Result<u64> {
         let entries = match std::fs::read_dir(&self.dir) {
             Ok(e) => e,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
             Err(e) => return Err(e),
         };
         let mut present = HashSet::new();
@@ -186,10 +194,9 @@ impl BlobSync {
         }
         if fresh > 0 {
             std::fs::File::open(&self.dir)?.sync_all()?;
-            metrics::counter!(crate::metrics::STORAGE_BLOBS_SYNCED).increment(fresh);
         }
         self.synced = present;
-        Ok(())
+        Ok(fresh)
     }
 }
 
@@ -277,15 +284,17 @@ mod tests {
         }
     }
 
-    /// A blob file that appears (whatever made it) is synced, not an error.
+    /// A file that appears (a blob, a page-table snapshot) is synced once,
+    /// not an error.
     #[test]
-    fn blob_sync_takes_new_files_once() {
+    fn new_files_are_synced_once() {
         let dir = tempfile::tempdir().unwrap();
-        let mut sync = super::BlobSync::new(dir.path().join("blobs"));
-        sync.sync_new().unwrap(); // no folder yet
+        let mut sync = super::NewFiles::new(dir.path().join("blobs"));
+        assert_eq!(sync.sync_new().unwrap(), 0); // no folder yet
         std::fs::create_dir(dir.path().join("blobs")).unwrap();
         std::fs::write(dir.path().join("blobs").join("1"), b"page").unwrap();
-        sync.sync_new().unwrap();
+        assert_eq!(sync.sync_new().unwrap(), 1);
+        assert_eq!(sync.sync_new().unwrap(), 0);
         assert_eq!(sync.synced.len(), 1);
         std::fs::remove_file(dir.path().join("blobs").join("1")).unwrap();
         sync.sync_new().unwrap();

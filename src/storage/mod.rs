@@ -169,6 +169,7 @@ impl Storage {
     ) -> Result<Storage, Error> {
         crate::shard::snapshot::create_dir_synced(dir)?;
         let sled_dir = dir.join("sled");
+        crate::shard::snapshot::create_dir_synced(&sled_dir)?;
         let segment_bytes = match persisted_segment_bytes(&sled_dir)? {
             Some(n) if n != SEGMENT_BYTES => {
                 // sled refuses to open a Db with another segment size. Such a
@@ -194,7 +195,10 @@ impl Storage {
         // sled keeps its data in `<path>/db`; fdatasync on any fd of it
         // syncs the file.
         let data_file = std::fs::File::open(sled_dir.join("db"))?;
-        let durability = Durability::start(db.clone(), data_file, sled_dir.join("blobs"));
+        // sled syncs no folder: the names of its files (`conf`, `db`, the
+        // page-table snapshots it renames into place) are made durable by
+        // the group commit, which fsyncs the folder whenever a name is new.
+        let durability = Durability::start(db.clone(), data_file, &sled_dir);
         crate::shard::snapshot::create_dir_synced(&dir.join("snapshots"))?;
         let raft_log = RaftLog::open(&dir.join("raft-log"))?;
         let keys = KeyRing::open(&dir.join("keys"), seal_epoch)?;

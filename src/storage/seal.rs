@@ -91,7 +91,12 @@ impl KeyRing {
                 keys.insert(epoch, key);
             }
         }
-        let floor = keys.keys().next_back().copied().unwrap_or(0);
+        let floor = keys
+            .keys()
+            .next_back()
+            .copied()
+            .unwrap_or(0)
+            .max(read_floor(dir)?);
         Ok(KeyRing {
             dir: dir.to_path_buf(),
             epoch_ms: (epoch.as_millis() as u64).max(1),
@@ -193,6 +198,12 @@ impl KeyRing {
             let keys = self.keys.read().expect("key ring lock");
             keys.range(..epoch).map(|(e, _)| *e).collect()
         };
+        if let Some(newest) = doomed.last() {
+            // Epochs never start over, even once every key is gone: a
+            // snapshot key stamped with an epoch must stay older than the
+            // epochs that come after it.
+            write_floor(&self.dir, self.floor.load(Ordering::SeqCst).max(*newest))?;
+        }
         for e in &doomed {
             destroy_key_file(&self.dir.join(format!("epoch-{e}.key")))?;
             self.keys.write().expect("key ring lock").remove(e);
@@ -241,6 +252,37 @@ pub fn open_with(key: &Key, sealed: &SealedBody) -> io::Result<Vec<u8>> {
 }
 
 /// Writes a key file durably: temporary file, fsync, rename, fsync folder.
+/// The file that keeps the newest epoch used, once keys are destroyed.
+const FLOOR_FILE: &str = "epoch-floor";
+
+/// The epoch floor recorded in `dir` (0 if none).
+fn read_floor(dir: &Path) -> io::Result<u64> {
+    match std::fs::read(dir.join(FLOOR_FILE)) {
+        Ok(bytes) => {
+            let bytes: [u8; 8] = bytes.as_slice().try_into().map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "epoch floor file is not 8 bytes",
+                )
+            })?;
+            Ok(u64::from_be_bytes(bytes))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(e),
+    }
+}
+
+/// Records `floor` in `dir`, durably (through a synced temporary file).
+fn write_floor(dir: &Path, floor: u64) -> io::Result<()> {
+    let path = dir.join(FLOOR_FILE);
+    let tmp = dir.join(format!("{FLOOR_FILE}.tmp"));
+    let mut f = File::create(&tmp)?;
+    f.write_all(&floor.to_be_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &path)?;
+    sync_parent(&path)
+}
+
 pub fn write_key_file(path: &Path, epoch: u64, key: &Key) -> io::Result<()> {
     let tmp = path.with_extension("key.tmp");
     let written = (|| {
@@ -360,7 +402,15 @@ mod tests {
         assert_eq!(ring.destroy_before(sealed.epoch + 1).unwrap(), 1);
         let err = ring.unseal(&sealed, None).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::NotFound);
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        let files: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(files, [FLOOR_FILE], "no key left");
+        // With every key gone, epochs still go on from the newest used.
+        drop(ring);
+        let ring = KeyRing::open(dir.path(), Duration::from_secs(60)).unwrap();
+        assert!(ring.current_epoch() > sealed.epoch);
     }
 
     /// A key file caught between the overwrite and the removal of
