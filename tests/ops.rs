@@ -454,6 +454,31 @@ async fn leadership_moves_by_hand_and_returns_after_restart_and_the_cli_fails_cl
     let (code, _, err) = chatctl(&["--endpoints", &all, "move-replica", "0", "1", "2"]);
     assert_ne!(code, 0, "{err}");
     assert!(err.contains("already a voter"), "{err}");
+    // A dry run refuses what the real run would.
+    let (code, _, err) = chatctl(&[
+        "--endpoints",
+        &all,
+        "move-replica",
+        "0",
+        "1",
+        "2",
+        "--dry-run",
+    ]);
+    assert_ne!(code, 0, "{err}");
+    assert!(err.contains("already a voter"), "{err}");
+    let (code, _, err) = chatctl(&[
+        "--endpoints",
+        &all,
+        "transfer-leader",
+        "0",
+        "9",
+        "--dry-run",
+    ]);
+    assert_ne!(code, 0, "{err}");
+    assert!(err.contains("not a voter of shard 0"), "{err}");
+    let (code, _, err) = chatctl(&["--endpoints", &all, "transfer-leader", "999", "--dry-run"]);
+    assert_ne!(code, 0, "{err}");
+    assert!(err.contains("no shard 999"), "{err}");
     let (code, _, err) = chatctl(&["--endpoints", &all, "remove-node", "9"]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("node 9 is unknown"), "{err}");

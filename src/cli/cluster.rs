@@ -612,7 +612,10 @@ pub async fn drain(
                 why: "node drained".into(),
             })
             .collect();
-        ops.execute(&steps, "cleaning up").await;
+        let outcome = ops.execute(&steps, "cleaning up").await;
+        if !outcome.failed.is_empty() {
+            return copies_left(node, &outcome.failed, "drain");
+        }
     }
     // Another operation may have placed a replica there meanwhile.
     let view = ops.gather().await?;
@@ -699,7 +702,10 @@ pub async fn remove_node(
                 why: "node removed".into(),
             })
             .collect();
-        ops.execute(&steps, "deleting leftover copies").await;
+        let outcome = ops.execute(&steps, "deleting leftover copies").await;
+        if !outcome.failed.is_empty() {
+            return copies_left(node, &outcome.failed, "remove-node");
+        }
     }
     if json {
         println!("{}", serde_json::json!({"removed": node}));
@@ -712,6 +718,20 @@ pub async fn remove_node(
         );
     }
     Ok(0)
+}
+
+/// Reports the copies on `node` that could not be deleted: the command
+/// (`again`) did not finish.
+fn copies_left(node: u64, failed: &[(Step, String)], again: &str) -> anyhow::Result<i32> {
+    for (step, why) in failed {
+        eprintln!("error: {step}: {why}");
+    }
+    eprintln!(
+        "node {node} still holds {} cop(ies) it no longer serves; run `chatctl {again} {node}` \
+         again",
+        failed.len()
+    );
+    Ok(1)
 }
 
 pub async fn move_replica(
@@ -740,6 +760,16 @@ pub async fn move_replica(
             m.voters
         ));
     }
+    // What the move itself checks first, so that a dry run says the same.
+    if let Err(e) = ops::check_move(&view, m, shard, from, to) {
+        return fail(e);
+    }
+    if !m.members.iter().any(|x| x.node_id == from) && !json {
+        eprintln!(
+            "note: node {from} is not a member of shard {shard} and node {to} is a voter (moved \
+             already, or a wrong FROM?): only a copy left on node {from} is deleted"
+        );
+    }
     let steps = vec![Step::MoveReplica {
         shard,
         from,
@@ -764,9 +794,21 @@ pub async fn transfer_leader(
     let Some((ops, view)) = gathered(endpoints, json).await else {
         return Ok(2);
     };
-    let Some((leader, _)) = view.leader_status(shard) else {
+    if view.shard_count > 0 && shard >= view.shard_count {
+        return fail(anyhow::anyhow!(
+            "no shard {shard}: the cluster has shards 0 to {}",
+            view.shard_count.saturating_sub(1)
+        ));
+    }
+    let Some((leader, st)) = view.leader_status(shard) else {
         return fail(anyhow::anyhow!("shard {shard} has no leader right now"));
     };
+    if let Some(to) = to.filter(|to| !st.voters.contains(to)) {
+        return fail(anyhow::anyhow!(
+            "node {to} is not a voter of shard {shard} (voters {:?}); only a voter can lead",
+            st.voters
+        ));
+    }
     if dry_run {
         println!(
             "would move shard {shard}'s leadership from node {leader} to {}",

@@ -447,23 +447,11 @@ impl Ops {
         bar: &indicatif::ProgressBar,
     ) -> anyhow::Result<()> {
         let started = Instant::now();
-        if from == to {
-            bail!("a replica moves from one node to another; {from} and {to} are the same node");
-        }
         let view = self.gather().await?;
         let target = view.node(to)?.clone();
-        if !target.up {
-            bail!(
-                "node {to} at {} is down ({}); start it first",
-                target.addr,
-                target.error.clone().unwrap_or_default()
-            );
-        }
         let (_, _, st) = self.leader(shard).await?;
+        check_move(&view, &st, shard, from, to)?;
         let members: BTreeSet<u64> = st.members.iter().map(|m| m.node_id).collect();
-        if !st.voters.contains(&to) || members.contains(&from) {
-            check_regions(&view, &st.voters, from, to)?;
-        }
         if !members.contains(&from) && st.voters.contains(&to) {
             // Done before; make sure the old replica's data is gone.
             self.close_old_copy(&view, shard, from, bar).await;
@@ -473,19 +461,6 @@ impl Ops {
             bail!(
                 "node {from} holds no replica of shard {shard} (voters {:?})",
                 st.voters
-            );
-        }
-        // Both voters: only a move cut short after the promotion, which left
-        // the shard a voter more than it should have.
-        if st.voters.contains(&from)
-            && st.voters.contains(&to)
-            && (view.replication_factor == 0 || st.voters.len() <= view.replication_factor as usize)
-        {
-            bail!(
-                "node {to} is already a voter of shard {shard} (voters {:?}); moving node {from}'s \
-                 replica there would leave {} copies",
-                st.voters,
-                st.voters.len() - 1
             );
         }
         bar.set_message(format!("shard {shard}: opening a replica on node {to}"));
@@ -659,6 +634,48 @@ impl Ops {
 
 /// Refuses a move that would give one region a majority of a shard's voters
 /// (losing that region would then stop the shard).
+/// Whether moving `shard`'s replica from `from` to `to` may start, given
+/// the shard's membership `st`: two different nodes, the target up, and
+/// afterwards a majority of voters in no one region and no voter too many.
+/// A move already done (or done up to the removal of `from`) passes.
+pub fn check_move(
+    view: &View,
+    st: &ShardStatus,
+    shard: u64,
+    from: u64,
+    to: u64,
+) -> anyhow::Result<()> {
+    if from == to {
+        bail!("a replica moves from one node to another; {from} and {to} are the same node");
+    }
+    let target = view.node(to)?;
+    if !target.up {
+        bail!(
+            "node {to} at {} is down ({}); start it first",
+            target.addr,
+            target.error.clone().unwrap_or_default()
+        );
+    }
+    let members: BTreeSet<u64> = st.members.iter().map(|m| m.node_id).collect();
+    if !st.voters.contains(&to) || members.contains(&from) {
+        check_regions(view, &st.voters, from, to)?;
+    }
+    // Both voters: only a move cut short after the promotion, which left
+    // the shard a voter more than it should have.
+    if st.voters.contains(&from)
+        && st.voters.contains(&to)
+        && (view.replication_factor == 0 || st.voters.len() <= view.replication_factor as usize)
+    {
+        bail!(
+            "node {to} is already a voter of shard {shard} (voters {:?}); moving node {from}'s \
+             replica there would leave {} copies",
+            st.voters,
+            st.voters.len() - 1
+        );
+    }
+    Ok(())
+}
+
 fn check_regions(view: &View, voters: &[u64], from: u64, to: u64) -> anyhow::Result<()> {
     let mut after: Vec<u64> = voters.iter().copied().filter(|v| *v != from).collect();
     if !after.contains(&to) {
@@ -1108,7 +1125,9 @@ impl Ops {
                 Step::MoveReplica {
                     shard, from, to, ..
                 } => self.move_replica(*shard, *from, *to, &bar).await,
-                Step::TransferLeader { shard, from, .. } => self.transfer_off(*shard, *from).await,
+                Step::TransferLeader { shard, from, .. } => {
+                    self.transfer_off(*shard, *from).await.map(|_| ())
+                }
                 Step::CloseReplica { shard, node, .. } => match self.gather().await {
                     Ok(view) => self.close_replica(&view, *shard, *node).await,
                     Err(e) => Err(e),
@@ -1130,24 +1149,23 @@ impl Ops {
         outcome
     }
 
-    /// Moves `shard`'s leadership away from `from` (to the preferred region
-    /// if it can), unless it already moved.
-    /// Moves leadership of `shard` off node `from`, asking only `from`: a
-    /// retry sent to whichever node leads by then could hand leadership
-    /// straight back to it.
-    async fn transfer_off(&self, shard: u64, from: u64) -> anyhow::Result<()> {
+    /// Moves leadership of `shard` off node `from` (to the preferred region
+    /// if it can), unless it already moved, asking only `from`: a retry sent
+    /// to whichever node leads by then could hand leadership straight back
+    /// to it, or on again. The leader after it.
+    async fn transfer_off(&self, shard: u64, from: u64) -> anyhow::Result<u64> {
         let started = Instant::now();
         loop {
             let (leader, addr, _) = self.leader(shard).await?;
             if leader != from {
-                return Ok(());
+                return Ok(leader);
             }
             let req = TransferLeaderRequest {
                 shard_id: shard,
                 to_node: 0,
             };
             let status = match self.admin(&addr)?.transfer_leader(req).await {
-                Ok(_) => return Ok(()),
+                Ok(st) => return Ok(st.into_inner().leader_node),
                 Err(s) => s,
             };
             if !may_retry(&status) || started.elapsed() > LEADER_WAIT {
@@ -1157,7 +1175,13 @@ impl Ops {
         }
     }
 
+    /// Moves `shard`'s leadership to `to`, or (None) off its leader now to
+    /// one the leader picks; the leader after it.
     pub async fn transfer_leader(&self, shard: u64, to: Option<u64>) -> anyhow::Result<u64> {
+        if to.is_none() {
+            let (leader, _, _) = self.leader(shard).await?;
+            return self.transfer_off(shard, leader).await;
+        }
         let st = self
             .on_leader(shard, |mut c| {
                 let req = TransferLeaderRequest {
