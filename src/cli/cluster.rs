@@ -578,9 +578,9 @@ pub async fn drain(
     } else if !json {
         eprintln!(
             "note: node {node} is down; its replicas are rebuilt on other nodes from the live ones. \
-             It is not marked draining (only a running node can be): take it out with \
-             `chatctl remove-node {node}` before it runs again, or `chatctl rebalance` would give \
-             it replicas back"
+             It is not marked draining (only a running node can be): do not start it again; if it \
+             does start, run `chatctl remove-node {node}` at once, before any `chatctl rebalance` \
+             gives it replicas back"
         );
     }
     let code = run_plan(&ops, steps, &format!("draining node {node}"), false, json).await?;
@@ -680,7 +680,9 @@ pub async fn remove_node(
         }
         println!(
             "node {node} did not answer and no shard's membership names it: nothing is left to \
-             take out (if it is one of the endpoints that did not answer)"
+             take out (if it is one of the endpoints that did not answer). It could not be marked \
+             draining: do not start it again; if it does start, run `chatctl remove-node {node}` \
+             at once, before any `chatctl rebalance`"
         );
         return Ok(0);
     }
@@ -688,6 +690,7 @@ pub async fn remove_node(
         println!("would take node {node} out: it is in no shard's membership");
         return Ok(0);
     }
+    let up = n.as_ref().is_some_and(|n| n.up);
     if let Some(n) = n.filter(|n| n.up) {
         // Keep it out of rebalancing for as long as it runs.
         if let Err(e) = ops.set_draining(&n.addr, true).await {
@@ -708,7 +711,17 @@ pub async fn remove_node(
         }
     }
     if json {
-        println!("{}", serde_json::json!({"removed": node}));
+        println!(
+            "{}",
+            serde_json::json!({"removed": node, "marked_draining": up})
+        );
+    } else if !up {
+        println!(
+            "node {node} is down and in no shard's membership. It could not be marked draining: \
+             do not start it again; if it does start, run `chatctl remove-node {node}` at once, \
+             before any `chatctl rebalance`. Drop it from --endpoints; keep its [[nodes]] entry \
+             in the config and never reuse its id"
+        );
     } else {
         println!(
             "node {node} holds no replica and is marked draining; stop its process and drop it \
