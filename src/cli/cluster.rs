@@ -98,8 +98,11 @@ fn shard_health(view: &View, shard: u64) -> ShardHealth {
             .push(format!("a voter is {} entries behind", h.lag));
     }
     if !h.learners.is_empty() {
-        h.problems
-            .push(format!("learners {:?} (a move in progress?)", h.learners));
+        h.problems.push(format!(
+            "learners {:?} (a move in progress? `chatctl rebalance` drops those of a move \
+                 cut short)",
+            h.learners
+        ));
     }
     let rf = view.replication_factor as usize;
     if rf > 0 && m.is_some() && h.voters.len() != rf {

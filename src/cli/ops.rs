@@ -739,6 +739,13 @@ pub enum Step {
         node: u64,
         why: String,
     },
+    /// Takes `node` out of `shard`'s membership if it is still a learner
+    /// there (never a voter).
+    DropLearner {
+        shard: u64,
+        node: u64,
+        why: String,
+    },
 }
 
 impl std::fmt::Display for Step {
@@ -761,6 +768,9 @@ impl std::fmt::Display for Step {
             }
             Step::CloseReplica { shard, node, why } => {
                 write!(f, "delete shard {shard:>4} copy on node {node}  ({why})")
+            }
+            Step::DropLearner { shard, node, why } => {
+                write!(f, "drop   shard {shard:>4} learner node {node}  ({why})")
             }
         }
     }
@@ -866,6 +876,22 @@ pub fn plan_rebalance(view: &View) -> anyhow::Result<Vec<Step>> {
         .map(|n| n.id)
         .collect();
     let mut steps = plan_drain(view, &draining)?;
+    // Learners a move cut short left behind (rebalance runs no move of its
+    // own meanwhile): they leave, and their copies go.
+    for shard in view.shard_ids() {
+        let Some((_, st)) = view.leader_status(shard) else {
+            continue;
+        };
+        for &node in &st.learners {
+            let why = "learner of a move cut short".to_string();
+            steps.push(Step::DropLearner {
+                shard,
+                node,
+                why: why.clone(),
+            });
+            steps.push(Step::CloseReplica { shard, node, why });
+        }
+    }
     // Voters per shard after the drain moves.
     let mut voters: BTreeMap<u64, Vec<u64>> = view
         .shard_ids()
@@ -1130,6 +1156,17 @@ impl Ops {
                 }
                 Step::CloseReplica { shard, node, .. } => match self.gather().await {
                     Ok(view) => self.close_replica(&view, *shard, *node).await,
+                    Err(e) => Err(e),
+                },
+                Step::DropLearner { shard, node, .. } => match self.gather().await {
+                    Ok(view) => self
+                        .change_voters_where(
+                            &view,
+                            |s| s.shard_id == *shard && s.learners.contains(node),
+                            vec![*node],
+                        )
+                        .await
+                        .map(|_| ()),
                     Err(e) => Err(e),
                 },
             };
@@ -1397,6 +1434,37 @@ mod tests {
             .collect();
         assert_eq!(removed.len(), 1, "{steps:?}");
         assert!([1, 4].contains(&removed[0]), "an eu voter goes: {steps:?}");
+    }
+
+    /// A learner a move cut short left behind leaves its shard, and its
+    /// copy goes; a balanced shard with no learner plans nothing.
+    #[test]
+    fn rebalance_drops_a_learner_left_by_a_move_cut_short() {
+        let mut v = view(&NODES, &[(&[1, 2, 3], 1), (&[4, 2, 3], 4)]);
+        for n in v.nodes.values_mut() {
+            if let Some(st) = n.shards.get_mut(&0) {
+                st.learners = vec![4];
+            }
+        }
+        let steps = plan_rebalance(&v).unwrap();
+        assert!(
+            matches!(
+                steps[..],
+                [
+                    Step::DropLearner {
+                        shard: 0,
+                        node: 4,
+                        ..
+                    },
+                    Step::CloseReplica {
+                        shard: 0,
+                        node: 4,
+                        ..
+                    }
+                ]
+            ),
+            "{steps:?}"
+        );
     }
 
     /// A shard left with no voter in its preferred region gets one back.
