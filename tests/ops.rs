@@ -336,6 +336,10 @@ async fn nodes_join_and_rebalance_then_original_nodes_are_drained_live_and_dead(
     assert!(!out.contains("-> node 1"), "{out}");
     let (code, out, err) = chatctl(&["--endpoints", &all, "remove-node", "1"]);
     assert_eq!(code, 0, "{out}{err}");
+    // Brought back only on purpose.
+    let (code, _, err) = chatctl(&["--endpoints", &all, "add-node", "--id", "1"]);
+    assert_ne!(code, 0, "{err}");
+    assert!(err.contains("--undrain"), "{err}");
     cluster.kill_node(1);
     load.wait_progress(20, "after node 1 stopped").await;
 

@@ -497,6 +497,7 @@ pub async fn add_node(
     endpoints: &[String],
     id: u64,
     addr: Option<String>,
+    undrain: bool,
     json: bool,
 ) -> anyhow::Result<i32> {
     let mut all = endpoints.to_vec();
@@ -522,8 +523,19 @@ pub async fn add_node(
         ));
     }
     if node.draining {
+        // A drained or removed node coming back by a mistyped id would take
+        // replicas at the next rebalance, on a machine thought retired.
+        if !undrain {
+            return fail(anyhow::anyhow!(
+                "node {id} is marked draining (drained, or taken out with remove-node); pass \
+                 --undrain to let rebalancing place replicas on it again"
+            ));
+        }
         if let Err(e) = ops.set_draining(&node.addr, false).await {
             return fail(e);
+        }
+        if !json {
+            println!("node {id} is no longer marked draining");
         }
     }
     if json {

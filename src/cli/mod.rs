@@ -63,6 +63,10 @@ pub enum Cmd {
         /// Its address, if it is not among --endpoints.
         #[arg(long)]
         addr: Option<String>,
+        /// Bring back a node marked draining (drained, or taken out with
+        /// remove-node): rebalancing may place replicas there again.
+        #[arg(long)]
+        undrain: bool,
     },
     /// Move every replica off a node (leaderships too) and wait until it is
     /// empty. The node stays out of rebalancing.
@@ -270,7 +274,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Status => cluster::status(&cli.endpoints, cli.json).await,
         Cmd::Shards => cluster::shards(&cli.endpoints, cli.json).await,
         Cmd::Verify => cluster::verify(&cli.endpoints, cli.json).await,
-        Cmd::AddNode { id, addr } => cluster::add_node(&cli.endpoints, id, addr, cli.json).await,
+        Cmd::AddNode { id, addr, undrain } => {
+            cluster::add_node(&cli.endpoints, id, addr, undrain, cli.json).await
+        }
         Cmd::Drain { node, dry_run } => {
             cluster::drain(&cli.endpoints, node, dry_run, cli.json).await
         }
