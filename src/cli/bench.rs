@@ -22,7 +22,17 @@
 //! A run: connect (a router that does not answer is an error), prefill the
 //! chats (read workloads only), warm up (requests sent, not measured), then
 //! the measured window (`--duration` or `--count`), then the summary. Failed
-//! requests are counted by gRPC code and never stop the run.
+//! requests are counted by gRPC code (a read that answers with less than the
+//! prefilled chat holds as `ShortAnswer`) and never stop the run. Workers
+//! carry their read token from response to request, as a client does (not
+//! for `noop`, nor for `send-batch`: a frontend batching many users' sends
+//! has a token per user).
+//!
+//! The loop is closed: each worker sends its next request when the last one
+//! returns, so latencies are what requests took at the rate the cluster
+//! kept up; when it stalls, the requests an open stream of arrivals would
+//! have queued meanwhile are never sent, and their waiting is in no
+//! percentile.
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -67,6 +77,9 @@ const DIFFERENCE_CURSORS: u64 = 10;
 const DIFFERENCE_BEHIND_PTS: u64 = 10;
 /// Changes one GetDifference may return per chat.
 const DIFFERENCE_LIMIT: u32 = 100;
+/// The error a read counts when it answered with less than the prefilled
+/// chat holds.
+pub const SHORT_ANSWER: &str = "ShortAnswer";
 /// Watch streams per HTTP/2 connection: many clients each hold a few.
 const WATCHERS_PER_CONNECTION: usize = 100;
 /// Fastest send rate of the watch workload, messages per second.
@@ -232,8 +245,9 @@ pub struct BenchArgs {
     /// Seconds of load before measuring starts.
     #[arg(long, default_value_t = 2.0)]
     pub warmup: f64,
-    /// HTTP/2 connections, spread over the routers; one connection carries
-    /// all its requests over one TCP stream, so use several.
+    /// HTTP/2 connections, spread over the routers (rounded up to as many
+    /// per router); one connection carries all its requests over one TCP
+    /// stream, so use several.
     #[arg(long, default_value_t = 4)]
     pub connections: usize,
     /// Messages each chat holds before a read workload starts (topped up;
@@ -376,8 +390,12 @@ pub struct OpReport {
     /// Latency of the successful operations.
     pub latency_ms: Percentiles,
     /// Failed operations by gRPC code (or `Undelivered` for watch events
-    /// that never arrived).
+    /// that never arrived, [`SHORT_ANSWER`] for reads that came back with
+    /// less than the chat holds).
     pub errors: BTreeMap<String, u64>,
+    /// Operations timed by one request (a batch's messages share its
+    /// latency): percentiles rest on `count` / this many samples.
+    pub per_request: u64,
 }
 
 #[derive(Serialize, Debug, Clone, Copy)]
@@ -413,6 +431,11 @@ impl OpStats {
         }
     }
 
+    /// A read that answered with less than it had to: a failure.
+    fn record_short(&mut self) {
+        *self.errors.entry(SHORT_ANSWER.to_string()).or_default() += 1;
+    }
+
     fn merge(&mut self, other: OpStats) {
         self.latency_us
             .add(other.latency_us)
@@ -442,6 +465,7 @@ impl OpStats {
                 max: ms(h.max()),
             },
             errors: self.errors.clone(),
+            per_request: 1,
         }
     }
 }
@@ -719,6 +743,9 @@ struct Worker {
     token: Bytes,
     keep_token: bool,
     chat_pts: Arc<ChatPts>,
+    /// Set by a read that answered with less than the prefilled chat holds
+    /// (a failure, not a fast success).
+    short_answer: bool,
 }
 
 impl Worker {
@@ -793,22 +820,27 @@ impl Worker {
                     }))
                     .await?
                     .into_inner();
+                let expected = u64::from(limit).min(self.args.prefill);
+                self.short_answer = (r.messages.len() as u64) < expected;
                 self.keep(r.read_token);
                 Ok(Vec::new())
             }
             Op::Difference => {
                 let cursors_count = DIFFERENCE_CURSORS.min(self.args.chats);
                 let start = rand::random_range(0..self.args.chats);
-                let cursors = (0..cursors_count)
+                // (chat, how many changes its cursor is behind).
+                let asked: Vec<(u64, u64)> = (0..cursors_count)
                     .map(|i| {
                         let chat = self.args.first_chat + (start + i) % self.args.chats;
-                        pb::Cursor {
-                            chat_id: chat,
-                            pts: self
-                                .chat_pts
-                                .get(chat)
-                                .saturating_sub(DIFFERENCE_BEHIND_PTS),
-                        }
+                        let pts = self.chat_pts.get(chat);
+                        (chat, pts.min(DIFFERENCE_BEHIND_PTS))
+                    })
+                    .collect();
+                let cursors = asked
+                    .iter()
+                    .map(|(chat, behind)| pb::Cursor {
+                        chat_id: *chat,
+                        pts: self.chat_pts.get(*chat) - behind,
                     })
                     .collect();
                 let r = self
@@ -821,6 +853,15 @@ impl Worker {
                     }))
                     .await?
                     .into_inner();
+                // Each chat's cursor was behind by up to DIFFERENCE_BEHIND_PTS
+                // (fewer for a chat with fewer changes), and nothing writes
+                // meanwhile: every change between must come back.
+                self.short_answer = r.chats.len() != asked.len()
+                    || r.chats.iter().zip(&asked).any(|(d, (chat, behind))| {
+                        d.chat_id != *chat
+                            || d.reset_required
+                            || (d.changes.len() as u64) < (*behind).min(u64::from(DIFFERENCE_LIMIT))
+                    });
                 self.keep(r.read_token);
                 Ok(Vec::new())
             }
@@ -843,7 +884,14 @@ impl Worker {
                 break;
             };
             let op = mix.next();
+            self.short_answer = false;
             let result = self.call(op).await.map_err(|s| s.code());
+            if measured && self.short_answer {
+                stats.op(op.name()).record_short();
+                progress.failed.fetch_add(1, Ordering::Relaxed);
+                last_done = Some(Instant::now());
+                continue;
+            }
             if measured {
                 let done = Instant::now();
                 // A batch is as many messages, each acknowledged when it
@@ -874,7 +922,9 @@ impl Worker {
 pub async fn run(args: BenchArgs, quiet: bool) -> anyhow::Result<Report> {
     args.check()?;
     let args = Arc::new(args);
-    let channels = connect(&args.routers, args.connections.max(args.routers.len())).await?;
+    // As many connections to each router.
+    let per_router = args.connections.div_ceil(args.routers.len()).max(1);
+    let channels = connect(&args.routers, per_router * args.routers.len()).await?;
     let chat_pts = Arc::new(ChatPts::new(args.first_chat, args.chats));
     if args.workload.reads_messages() && args.prefill > 0 {
         prefill(&args, &channels, &chat_pts, quiet).await?;
@@ -905,8 +955,11 @@ async fn closed_loop(
             health: HealthClient::new(channel),
             body: body.clone(),
             token: Bytes::new(),
-            keep_token: matches!(mix, Mix::SendOrHistory),
+            // A client passes back the newest token it got (a batching
+            // frontend sends for many users, each with their own).
+            keep_token: !matches!(mix, Mix::Only(Op::Check) | Mix::Only(Op::SendBatch)),
             chat_pts: chat_pts.clone(),
+            short_answer: false,
         };
         workers.spawn(worker.run(mix, window.clone(), progress.clone()));
     }
@@ -974,7 +1027,16 @@ async fn closed_loop(
         watch: None,
         client_cpu_percent: client_cpu,
         server_cpu_percent: server_cpu,
-        ops: stats.reports(measured),
+        ops: stats
+            .reports(measured)
+            .into_iter()
+            .map(|mut r| {
+                if r.op == Op::SendBatch.name() {
+                    r.per_request = args.batch as u64;
+                }
+                r
+            })
+            .collect(),
     })
 }
 
@@ -1123,8 +1185,9 @@ async fn prefill(
     bar.finish_and_clear();
     let failed = failed.load(Ordering::Relaxed);
     if failed > 0 {
-        eprintln!(
-            "prefill: {failed} of {} sends failed after {PREFILL_SEND_ATTEMPTS} attempts; some chats hold fewer messages",
+        anyhow::bail!(
+            "prefill: {failed} of {} sends failed after {PREFILL_SEND_ATTEMPTS} attempts; some \
+             chats would hold fewer messages than the reads expect",
             sends.len()
         );
     }

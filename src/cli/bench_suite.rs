@@ -390,20 +390,30 @@ fn markdown(args: &SuiteArgs, idle_cpu: Option<f64>, outcomes: &[Outcome]) -> St
                 format!("{}: {}", report.workload, op.op)
             };
             let (server, per_op, client) = if i == 0 {
+                let mut per_op = cpu_per_op(report);
+                if report.ops.len() > 1 && !per_op.is_empty() {
+                    // Over the operations of every row of the case.
+                    per_op.push_str(" (all rows)");
+                }
                 (
                     percent(report.server_cpu_percent),
-                    cpu_per_op(report),
+                    per_op,
                     percent(report.client_cpu_percent),
                 )
             } else {
                 (String::new(), String::new(), String::new())
             };
             let l = &op.latency_ms;
-            // A percentile needs samples past it: fewer than 100 give no
-            // p99 and fewer than 1,000 no p999 (it would only be the max);
-            // no samples, no latency at all.
-            let at = |value: f64, samples: u64| {
-                if op.count >= samples {
+            // A percentile needs samples past it: fewer than 100 timed
+            // requests give no p99 and fewer than 1,000 no p999 (it would
+            // only be the max); no samples, no latency at all. A request
+            // that failed has no latency, so past 0.1% of them failed the
+            // percentiles would flatter: none is given.
+            let samples = op.count / op.per_request.max(1);
+            let failed: u64 = op.errors.values().sum();
+            let too_many_failed = failed * 1000 > op.count + failed;
+            let at = |value: f64, needed: u64| {
+                if samples >= needed && !too_many_failed {
                     format!("{value:.2}")
                 } else {
                     "-".to_string()
@@ -491,6 +501,7 @@ mod tests {
                 max: 0.0,
             },
             errors: Default::default(),
+            per_request: 1,
         };
         let mut report = bench::Report {
             workload: "mixed",
