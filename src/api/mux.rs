@@ -52,14 +52,38 @@ const BATCHES_QUEUED_MAX: usize = 64;
 /// How long opening a stream may take before its calls fail.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Calls whose callers gave up are dropped from the waiting map once it
-/// holds this many.
+/// holds this many, and again each time it has doubled since.
 const SWEEP_AT: usize = 4096;
 /// How long calls to a peer without the stream stay unary before the stream
 /// is tried again (the peer may have been upgraded meanwhile).
 const UNARY_FOR: Duration = Duration::from_secs(60);
 
-/// The batches a stream sends.
-pub type Batches<B> = tokio_stream::wrappers::ReceiverStream<B>;
+/// The batches a stream sends, each passed through `keep` as HTTP/2 takes
+/// it (see [`fresh`]).
+pub struct Batches<B> {
+    rx: mpsc::Receiver<B>,
+    keep: Box<dyn FnMut(B) -> Option<B> + Send + Sync>,
+}
+
+impl<B> futures::Stream for Batches<B> {
+    type Item = B;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<B>> {
+        loop {
+            match std::task::ready!(self.rx.poll_recv(cx)) {
+                None => return std::task::Poll::Ready(None),
+                Some(batch) => {
+                    if let Some(batch) = (self.keep)(batch) {
+                        return std::task::Poll::Ready(Some(batch));
+                    }
+                }
+            }
+        }
+    }
+}
 
 /// One call as it goes into a batch.
 pub struct Call<R> {
@@ -261,7 +285,7 @@ where
                 }
                 let handled = handle(call.request);
                 let timeout_ms = call.timeout_ms;
-                let mut result = Box::pin(async move {
+                let timed = async move {
                     if timeout_ms == 0 {
                         handled.await
                     } else {
@@ -274,6 +298,18 @@ where
                                 )))
                             })
                     }
+                };
+                // A handler that panics fails its call, as a unary call's
+                // task would, and gives back its place among the waiting.
+                let mut result = Box::pin(async move {
+                    futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(timed))
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(Status::internal(format!(
+                                "{} call failed (a panic)",
+                                P::NAME
+                            )))
+                        })
                 });
                 // Most reads are answered at once, from memory or sled: a
                 // call that is ready on its first poll is answered here, and
@@ -498,6 +534,8 @@ fn not_reached(code: Code, why: String) -> Status {
 struct Queued<P: Protocol> {
     request: P::Request,
     timeout: Duration,
+    /// When its caller gives up.
+    deadline: Instant,
     reply: oneshot::Sender<Result<P::Reply, Status>>,
 }
 
@@ -558,6 +596,7 @@ impl<P: Protocol> Mux<P> {
             .send(Queued {
                 request,
                 timeout,
+                deadline: Instant::now() + timeout,
                 reply: tx,
             })
             .map_err(|_| Status::unavailable(format!("the {} has stopped", P::NAME)))?;
@@ -603,7 +642,11 @@ struct Open<P: Protocol> {
     replies: Streaming<P::ReplyBatch>,
 }
 
-async fn open<P: Protocol>(client: P::Client, delay: Option<Duration>) -> Result<Open<P>, Status> {
+async fn open<P: Protocol>(
+    client: P::Client,
+    delay: Option<Duration>,
+    waiting: &Waiting<P>,
+) -> Result<Open<P>, Status> {
     let (tx, rx) = mpsc::channel::<P::Batch>(BATCHES_QUEUED_MAX);
     let out = match delay {
         None => Outbound::Direct(tx),
@@ -620,14 +663,81 @@ async fn open<P: Protocol>(client: P::Client, delay: Option<Duration>) -> Result
             Outbound::Delayed(delayed, d)
         }
     };
-    let batches = tokio_stream::wrappers::ReceiverStream::new(rx);
+    let batches = fresh::<P>(rx, waiting.clone());
     let replies = tokio::time::timeout(OPEN_TIMEOUT, P::open(client, batches))
         .await
         .map_err(|_| Status::unavailable(format!("opening the {} timed out", P::NAME)))??;
     Ok(Open { out, replies })
 }
 
-type Waiting<P> = HashMap<u64, oneshot::Sender<Result<<P as Protocol>::Reply, Status>>>;
+/// A call sent, until its reply comes.
+struct Waiter<R> {
+    reply: oneshot::Sender<Result<R, Status>>,
+    deadline: Instant,
+}
+
+/// The calls sent on a stream and not yet answered, by id. Shared by the
+/// mux task and the stream's batches (see [`fresh`]).
+type Waiting<P> = Arc<Mutex<HashMap<u64, Waiter<<P as Protocol>::Reply>>>>;
+
+fn lock<P: Protocol>(
+    waiting: &Waiting<P>,
+) -> std::sync::MutexGuard<'_, HashMap<u64, Waiter<P::Reply>>> {
+    waiting.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The batches as HTTP/2 takes them: a batch may wait behind flow control
+/// or a simulated delay, so each call is looked at again as it leaves. One
+/// whose caller has gone is not sent (a write given up on must not land
+/// after writes its client made since), one with no time left is answered
+/// `DeadlineExceeded`, not sent, and the rest tell the peer the time their
+/// callers have left, not the whole timeout again.
+fn fresh<P: Protocol>(rx: mpsc::Receiver<P::Batch>, waiting: Waiting<P>) -> Batches<P::Batch> {
+    Batches {
+        rx,
+        keep: Box::new(move |batch| still_wanted::<P>(batch, &waiting, Instant::now())),
+    }
+}
+
+/// The calls of `batch` still waited for at `now`, with the time left (see
+/// [`fresh`]); None if none is.
+fn still_wanted<P: Protocol>(
+    batch: P::Batch,
+    waiting: &Waiting<P>,
+    now: Instant,
+) -> Option<P::Batch> {
+    let mut waiting = lock::<P>(waiting);
+    let calls: Vec<Call<P::Request>> = P::calls(batch)
+        .into_iter()
+        .filter_map(|mut call| {
+            let left = match waiting.get(&call.id) {
+                // Answered already (the stream failed meanwhile).
+                None => return None,
+                Some(w) if w.reply.is_closed() => None,
+                Some(w) => w
+                    .deadline
+                    .checked_duration_since(now)
+                    .filter(|left| left.as_millis() >= 1),
+            };
+            match left {
+                Some(left) => {
+                    call.timeout_ms = left.as_millis() as u64;
+                    Some(call)
+                }
+                None => {
+                    if let Some(w) = waiting.remove(&call.id) {
+                        let _ = w.reply.send(Err(Status::deadline_exceeded(format!(
+                            "{} call waited out its time on this side; not sent",
+                            P::NAME
+                        ))));
+                    }
+                    None
+                }
+            }
+        })
+        .collect();
+    (!calls.is_empty()).then(|| P::batch(calls))
+}
 
 async fn run<P: Protocol>(parked: Parked<P>) {
     let Parked {
@@ -637,7 +747,8 @@ async fn run<P: Protocol>(parked: Parked<P>) {
         mut queue,
     } = parked;
     let delay = (!one_way.is_zero()).then_some(one_way);
-    let mut waiting: Waiting<P> = HashMap::new();
+    let waiting: Waiting<P> = Arc::default();
+    let mut sweep_at = SWEEP_AT;
     let mut next_id: u64 = 0;
     let mut stream: Option<Open<P>> = None;
     // Since when the peer has been called unary, having no stream.
@@ -658,13 +769,13 @@ async fn run<P: Protocol>(parked: Parked<P>) {
                 },
                 r = open.replies.message() => {
                     match r {
-                        Ok(Some(batch)) => deliver::<P>(batch, &mut waiting, delay),
+                        Ok(Some(batch)) => deliver::<P>(batch, &waiting, delay),
                         Ok(None) => {
-                            fail_all::<P>(&mut waiting, format!("node {peer} closed the {}", P::NAME));
+                            fail_all::<P>(&waiting, format!("node {peer} closed the {}", P::NAME));
                             stream = None;
                         }
                         Err(s) => {
-                            fail_all::<P>(&mut waiting, format!("{} to node {peer}: {s}", P::NAME));
+                            fail_all::<P>(&waiting, format!("{} to node {peer}: {s}", P::NAME));
                             stream = None;
                         }
                     }
@@ -704,7 +815,7 @@ async fn run<P: Protocol>(parked: Parked<P>) {
             continue;
         }
         if stream.is_none() {
-            match open::<P>(client.clone(), delay).await {
+            match open::<P>(client.clone(), delay, &waiting).await {
                 Ok(o) => stream = Some(o),
                 Err(s) if s.code() == Code::Unimplemented => {
                     tracing::info!(
@@ -735,15 +846,25 @@ async fn run<P: Protocol>(parked: Parked<P>) {
         };
         let mut batch = Vec::with_capacity(calls.len());
         let mut ids = Vec::with_capacity(calls.len());
-        for q in calls {
-            next_id += 1;
-            ids.push(next_id);
-            batch.push(Call {
-                id: next_id,
-                request: q.request,
-                timeout_ms: q.timeout.as_millis() as u64,
-            });
-            waiting.insert(next_id, q.reply);
+        {
+            let mut waiting = lock::<P>(&waiting);
+            for q in calls {
+                next_id += 1;
+                ids.push(next_id);
+                batch.push(Call {
+                    id: next_id,
+                    request: q.request,
+                    // Set to the time left as the batch leaves.
+                    timeout_ms: q.timeout.as_millis() as u64,
+                });
+                waiting.insert(
+                    next_id,
+                    Waiter {
+                        reply: q.reply,
+                        deadline: q.deadline,
+                    },
+                );
+            }
         }
         metrics::histogram!(P::BATCH_METRIC).record(ids.len() as f64);
         if let Err(full) = open.out.try_send(P::batch(batch)) {
@@ -762,22 +883,29 @@ async fn run<P: Protocol>(parked: Parked<P>) {
             } else {
                 format!("{} to node {peer} has closed", P::NAME)
             };
+            let mut waiting = lock::<P>(&waiting);
             for id in ids {
-                if let Some(tx) = waiting.remove(&id) {
-                    let _ = tx.send(Err(status(&why)));
+                if let Some(w) = waiting.remove(&id) {
+                    let _ = w.reply.send(Err(status(&why)));
                 }
             }
         }
-        if waiting.len() >= SWEEP_AT {
-            waiting.retain(|_, tx| !tx.is_closed());
+        let mut waiting = lock::<P>(&waiting);
+        if waiting.len() >= sweep_at {
+            waiting.retain(|_, w| !w.reply.is_closed());
+            // Long polls wait for seconds: under many of them a sweep per
+            // batch would scan them all each time.
+            sweep_at = SWEEP_AT.max(2 * waiting.len());
         }
     }
 }
 
 /// Hands each reply to its caller (after the simulated delay, if any).
-fn deliver<P: Protocol>(batch: P::ReplyBatch, waiting: &mut Waiting<P>, delay: Option<Duration>) {
-    for (id, reply) in P::replies(batch) {
-        let Some(tx) = waiting.remove(&id) else {
+fn deliver<P: Protocol>(batch: P::ReplyBatch, waiting: &Waiting<P>, delay: Option<Duration>) {
+    let replies = P::replies(batch);
+    let mut waiting = lock::<P>(waiting);
+    for (id, reply) in replies {
+        let Some(Waiter { reply: tx, .. }) = waiting.remove(&id) else {
             continue;
         };
         match delay {
@@ -794,15 +922,19 @@ fn deliver<P: Protocol>(batch: P::ReplyBatch, waiting: &mut Waiting<P>, delay: O
     }
 }
 
-fn fail_all<P: Protocol>(waiting: &mut Waiting<P>, why: String) {
-    for (_, tx) in waiting.drain() {
-        let _ = tx.send(Err(not_reached(Code::Unavailable, why.clone())));
+fn fail_all<P: Protocol>(waiting: &Waiting<P>, why: String) {
+    for (_, w) in lock::<P>(waiting).drain() {
+        let _ = w
+            .reply
+            .send(Err(not_reached(Code::Unavailable, why.clone())));
     }
 }
 
 fn spawn_unary<P: Protocol>(client: P::Client, q: Queued<P>) {
     tokio::spawn(async move {
-        let reply = P::unary(client, q.request, q.timeout).await;
+        // The time its caller has left.
+        let left = q.deadline.saturating_duration_since(Instant::now());
+        let reply = P::unary(client, q.request, left.max(Duration::from_millis(1))).await;
         let _ = q.reply.send(reply);
     });
 }
@@ -820,6 +952,57 @@ mod tests {
     use crate::api::pb::node::{ReadCall, ReadCallBatch, ReadReply, ReadReplyBatch, ReadRequest};
     use crate::api::pb::Message as ChatMessage;
     use crate::api::read_stream::ReadCalls;
+
+    /// As a batch leaves, a call whose caller has gone is dropped, one with
+    /// no time left is answered DeadlineExceeded unsent, and the rest carry
+    /// the time their callers have left.
+    #[tokio::test]
+    async fn a_batch_leaves_with_only_the_calls_still_waited_for() {
+        use super::{still_wanted, Call, Protocol, Waiter, Waiting};
+        use tokio::time::Instant;
+        let now = Instant::now();
+        let waiting: Waiting<ReadCalls> = Default::default();
+        let mut replies = Vec::new();
+        for (id, left_ms) in [(1u64, 5_000u64), (2, 5_000), (3, 0)] {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            waiting.lock().unwrap().insert(
+                id,
+                Waiter {
+                    reply: tx,
+                    deadline: now + Duration::from_millis(left_ms),
+                },
+            );
+            replies.push(rx);
+        }
+        // Call 2's caller gave up; call 4 was answered already.
+        drop(replies.remove(1));
+        let calls = (1..=4)
+            .map(|id| Call {
+                id,
+                request: ReadRequest::default(),
+                timeout_ms: 10_000,
+            })
+            .collect();
+        let later = now + Duration::from_millis(1_000);
+        let batch = still_wanted::<ReadCalls>(ReadCalls::batch(calls), &waiting, later)
+            .expect("call 1 still goes");
+        let left: Vec<(u64, u64)> = ReadCalls::calls(batch)
+            .iter()
+            .map(|c| (c.id, c.timeout_ms))
+            .collect();
+        assert_eq!(left, [(1, 4_000)]);
+        let expired = replies.pop().unwrap().await.unwrap().unwrap_err();
+        assert_eq!(expired.code(), Code::DeadlineExceeded);
+        assert!(expired.message().contains("not sent"), "{expired}");
+        assert_eq!(waiting.lock().unwrap().len(), 1, "only call 1 waits");
+        // A batch of nothing still waited for does not leave.
+        let gone = vec![Call {
+            id: 2,
+            request: ReadRequest::default(),
+            timeout_ms: 10_000,
+        }];
+        assert!(still_wanted::<ReadCalls>(ReadCalls::batch(gone), &waiting, later).is_none());
+    }
 
     fn batch(first_id: u64, calls: u64) -> Result<ReadCallBatch, Status> {
         Ok(ReadCallBatch {
@@ -960,5 +1143,56 @@ mod tests {
         release.send(true).unwrap();
         take_replies(&mut replies, &mut got, 6).await;
         assert!((0..3).all(|id| got.get(&id) == Some(&0)), "{got:?}");
+    }
+
+    /// A handler that panics (at once or after waiting) fails its call as
+    /// INTERNAL and gives back its place among the waiting calls.
+    #[tokio::test]
+    async fn a_panicking_call_is_answered_and_frees_its_place() {
+        let handle = |req: ReadRequest| async move {
+            if req.wait_ms > 0 {
+                tokio::task::yield_now().await;
+            }
+            if req.shard_id == 7 {
+                panic!("a handler bug");
+            }
+            Ok(ReadReply::default())
+        };
+        let call = |id, wait_ms, shard_id| ReadCall {
+            id,
+            request: Some(ReadRequest {
+                wait_ms,
+                shard_id,
+                ..Default::default()
+            }),
+            timeout_ms: 0,
+        };
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let (_stop, stopping) = tokio::sync::watch::channel(false);
+        let bounds = Bounds {
+            reply_bytes: 1024 * 1024,
+            waiting: 1,
+        };
+        let calls = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
+        let mut replies = serve_within::<ReadCalls, _, _>(calls, handle, stopping, bounds);
+        let mut got = std::collections::BTreeMap::new();
+        let internal = Code::Internal as i32;
+        // One that panics after waiting, then one that panics at once.
+        for (n, (wait_ms, id)) in [(1, 0), (0, 1)].into_iter().enumerate() {
+            tx.send(Ok(ReadCallBatch {
+                calls: vec![call(id, wait_ms, 7)],
+            }))
+            .unwrap();
+            take_replies(&mut replies, &mut got, n + 1).await;
+            assert_eq!(got.get(&id), Some(&internal), "{got:?}");
+        }
+        // With one place to wait in, this one waits (and is answered) only
+        // if the panic gave its place back.
+        tx.send(Ok(ReadCallBatch {
+            calls: vec![call(2, 1, 0)],
+        }))
+        .unwrap();
+        take_replies(&mut replies, &mut got, 3).await;
+        assert_eq!(got.get(&2), Some(&0), "{got:?}");
     }
 }

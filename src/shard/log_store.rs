@@ -38,8 +38,9 @@ use crate::types::ShardId;
 const COMMITTED_SAVE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Most bytes of entries in one AppendEntries (one entry if it is larger):
-/// within the HTTP/2 stream window, so a call to a distant follower is not
-/// held up by flow control past its timeout and repeated for ever.
+/// well within the HTTP/2 stream window (which every shard's appends to one
+/// peer share, `api::http2`), so a call to a distant follower is not held
+/// up by flow control past its timeout and repeated for ever.
 const APPEND_BYTES_MAX: usize = 1024 * 1024;
 
 /// Entries moved from a sled log tree per append.
