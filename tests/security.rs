@@ -179,12 +179,28 @@ async fn tls_mutual_auth_and_tokens_keep_out_whoever_does_not_belong() {
     // The secured config: relative paths start at the config's folder.
     let secured = text.replace(
         "insecure = true",
-        "insecure = false\nread_token_secret = \"a-test-secret-0123456789abcdef\"",
+        "insecure = false\nread_token_secret = \"a-test-secret-0123456789abcdef-0123456789\"",
     )
         + "\n[tls]\nca = \"certs/ca.pem\"\nnode_cert = \"certs/node-{id}.pem\"\n\
            node_key = \"certs/node-{id}.key\"\nrouter_cert = \"certs/router.pem\"\n\
            router_key = \"certs/router.key\"\n\
            [auth]\nservice_tokens = \"certs/service.tokens\"\nadmin_tokens = \"certs/admin.tokens\"\n";
+    // A node whose key file is missing fails before it makes or stamps its
+    // data folder.
+    let broken = dir.path.join("broken-tls.toml");
+    std::fs::write(
+        &broken,
+        secured.replace("certs/node-{id}.key", "certs/missing-{id}.key"),
+    )
+    .unwrap();
+    let (code, _, err) = run(
+        env!("CARGO_BIN_EXE_chatstore"),
+        &["node", "--config", broken.to_str().unwrap(), "--id", "1"],
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("TLS files of node 1"), "{err}");
+    let data = cluster.config.data_dir(chatstore::types::NodeId(1));
+    assert!(!data.exists(), "{} was made", data.display());
     std::fs::write(&cluster.config_path, secured).unwrap();
     cluster.start_all_nodes();
     let router = cluster.start_router("eu");

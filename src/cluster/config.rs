@@ -25,6 +25,8 @@ use serde::{Deserialize, Serialize};
 use crate::types::{NodeId, ShardId};
 
 /// The largest shard count a cluster may be bootstrapped with.
+/// Fewest characters of a secured cluster's read token secret.
+pub const READ_TOKEN_SECRET_MIN: usize = 32;
 pub const SHARDS_MAX: u32 = 4096;
 
 #[derive(Debug, thiserror::Error)]
@@ -373,6 +375,9 @@ impl ClusterConfig {
             })?;
         config.base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         config.validate()?;
+        if config.read_token_secret.is_some() && !config.insecure {
+            crate::security::warn_if_exposed(path, "the config, which holds read_token_secret,");
+        }
         Ok(config)
     }
 
@@ -419,9 +424,10 @@ impl ClusterConfig {
     }
 
     /// Refuses a read token secret left as the example configs' placeholder
-    /// (anyone can read it in this repository), and a secured config with
-    /// none (tokens would be signed with the cluster name, which every
-    /// client sees): either signs tokens anyone could forge.
+    /// (anyone can read it in this repository), a secured config with none
+    /// (tokens would be signed with the cluster name, which every client
+    /// sees), and a secured config's secret shorter than
+    /// [`READ_TOKEN_SECRET_MIN`]: each signs tokens anyone could forge.
     pub fn check_placeholders(&self) -> Result<(), String> {
         if !self.insecure && self.read_token_secret.is_none() {
             return Err(
@@ -443,6 +449,16 @@ impl ClusterConfig {
                         and router"
                     .into(),
             );
+        }
+        if let Some(secret) = self.read_token_secret.as_deref().filter(|_| !self.insecure) {
+            if secret.trim().len() < READ_TOKEN_SECRET_MIN {
+                return Err(format!(
+                    "read_token_secret has {} characters; a secured cluster needs at least \
+                     {READ_TOKEN_SECRET_MIN} (for example `openssl rand -hex 32`), or read tokens \
+                     could be forged",
+                    secret.trim().len()
+                ));
+            }
         }
         Ok(())
     }
@@ -533,6 +549,17 @@ impl ClusterConfig {
             if !regions.contains(n.region.as_str()) {
                 return bad(format!("node {} is in unknown region {:?}", n.id, n.region));
             }
+        }
+        // Placement gives every region shards to lead: one without a
+        // bootstrap node would leave them led elsewhere for good.
+        if let Some(r) = self
+            .regions
+            .iter()
+            .find(|r| !self.nodes.iter().any(|n| n.bootstrap && n.region == **r))
+        {
+            return bad(format!(
+                "region {r:?} has no bootstrap node; every region in `regions` needs one"
+            ));
         }
         let rf = self.replication_factor as usize;
         let bootstrap_nodes = self.nodes.iter().filter(|n| n.bootstrap).count();
@@ -706,6 +733,28 @@ raft_addr = "127.0.0.1:3"
         assert_eq!(c.raft, RaftTiming::default());
         let again = ClusterConfig::from_toml(&c.to_toml()).unwrap();
         assert_eq!(c, again);
+    }
+
+    /// A region no bootstrap node is in, and (secured) a token secret
+    /// shorter than 32 characters, are refused.
+    #[test]
+    fn rejects_a_region_without_a_bootstrap_node_and_a_short_secret() {
+        let no_ap = CONFIG.replace("region = \"ap\"", "region = \"us\"");
+        let err = ClusterConfig::from_toml(&no_ap).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("\"ap\" has no bootstrap node"),
+            "{err:#}"
+        );
+        let with_secret = |secret: &str, insecure: bool| {
+            let text = format!("read_token_secret = {secret:?}\ninsecure = {insecure}\n{CONFIG}");
+            ClusterConfig::from_toml(&text)
+                .unwrap()
+                .check_placeholders()
+        };
+        let err = with_secret("short-secret", false).unwrap_err();
+        assert!(err.contains("at least 32"), "{err}");
+        assert!(with_secret(&"ab".repeat(32), false).is_ok());
+        assert!(with_secret("short-secret", true).is_ok(), "a test cluster");
     }
 
     #[test]

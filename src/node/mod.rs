@@ -409,14 +409,18 @@ impl Node {
         let dir = config.data_dir(id);
         let seal_epoch = std::time::Duration::from_secs(config.erasure.seal_epoch_secs);
         let message_cache = (config.cache.message_mib as usize).saturating_mul(1 << 20);
-        let storage = Storage::open_with(&dir, seal_epoch, message_cache)
-            .with_context(|| format!("open data folder {}", dir.display()))?;
-        check_identity(&storage, config, id)?;
-
+        // What can fail on its own is checked before the data folder is
+        // made or stamped: a start that fails changes nothing on disk.
+        let tls = crate::security::Tls::for_node(config, id.0)
+            .with_context(|| format!("TLS files of node {}", id.0))?;
+        let tokens = crate::security::Tokens::load(config).context("token files")?;
         let listener = TcpListener::bind(&me.raft_addr)
             .await
             .with_context(|| format!("listen on {}", me.raft_addr))?;
         let addr = listener.local_addr()?;
+        let storage = Storage::open_with(&dir, seal_epoch, message_cache)
+            .with_context(|| format!("open data folder {}", dir.display()))?;
+        check_identity(&storage, config, id)?;
 
         let placement = Placement::new(config);
         let majorities = placement.regional_majorities();
@@ -429,12 +433,9 @@ impl Node {
                 majorities.len()
             );
         }
-        let tls = crate::security::Tls::for_node(config, id.0)
-            .with_context(|| format!("TLS files of node {}", id.0))?;
         if let Some(tls) = &tls {
             tls.watch();
         }
-        let tokens = crate::security::Tokens::load(config).context("token files")?;
         tokens.watch();
         let peers = Peers::new(
             id,

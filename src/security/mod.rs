@@ -206,6 +206,24 @@ struct TokenSets {
 /// How often [`Tokens::watch`] and [`Tls::watch`] read their files.
 pub const FILES_CHECKED_EVERY: Duration = Duration::from_secs(2);
 
+/// Warns (once, at start) when `path`, which holds `what` (a private key,
+/// tokens, a secret), can be read by any user or written by its group: the
+/// guides install such files 0600 or 0640.
+pub fn warn_if_exposed(path: &Path, what: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        return;
+    };
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o027 != 0 {
+        tracing::warn!(
+            path = %path.display(),
+            mode = format!("{mode:o}"),
+            "{what} is readable by every user or writable by its group; make it 0600 or 0640"
+        );
+    }
+}
+
 /// Shortest token accepted in a token file.
 pub const TOKEN_CHARS_MIN: usize = 24;
 
@@ -316,6 +334,8 @@ impl Tokens {
 
     /// The tokens in a service and an admin token file.
     pub fn from_files(service: PathBuf, admin: PathBuf) -> anyhow::Result<Tokens> {
+        warn_if_exposed(&service, "a token file");
+        warn_if_exposed(&admin, "a token file");
         let files = (service, admin);
         let sets = load_sets(&files)?;
         warn_if_empty(&sets.service, &files.0);

@@ -259,6 +259,9 @@ impl Tls {
     /// Reads the CA bundle at `ca` and, if given, the certificate chain at
     /// `cert` with its key at `key`.
     pub fn load(ca: PathBuf, identity: Option<(PathBuf, PathBuf)>) -> anyhow::Result<Tls> {
+        if let Some((_, key)) = &identity {
+            super::warn_if_exposed(key, "a private key");
+        }
         let files = Files { ca, identity };
         let loaded = build(&files, files.read_all()?)?;
         Ok(Tls {
