@@ -170,3 +170,51 @@ async fn sigkill_during_writes_loses_nothing_acknowledged() {
     let panics = common::chaos::panics_logged(&procs.log_dir);
     assert!(panics.is_empty(), "seed {seed}: panics: {panics:#?}");
 }
+
+/// A node whose data folder is gone (a wiped disk, a volume made anew) does
+/// not rejoin under its old id while a leader counts it as holding part of a
+/// shard's log: it would have forgotten what it acknowledged. It starts
+/// nothing and says why; its data folder is not made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_that_lost_its_data_does_not_rejoin_under_its_old_id() {
+    let dir = TestDir::new("crash-forgotten");
+    let mut procs = ProcessCluster::new(
+        &dir.path,
+        &ConfigOptions {
+            shards: 6,
+            ..Default::default()
+        },
+    );
+    procs.start_all_nodes();
+    let client = Client::new(&procs.config);
+    client
+        .wait_leaders(&[1, 2, 3], Duration::from_secs(60))
+        .await
+        .expect("leaders elected");
+    for chat in 1..=12u64 {
+        client
+            .write(
+                chat,
+                vec![send_cmd(chat, 1, chat, b"acknowledged")],
+                Duration::from_secs(10),
+            )
+            .await
+            .expect("write");
+    }
+    // Every replica of node 3 caught up, so each leader counts it.
+    client
+        .wait_converged(&[1, 2, 3], Duration::from_secs(60))
+        .await
+        .expect("converged");
+    procs.kill_node(3);
+    let data = procs.config.data_dir(chatstore::types::NodeId(3));
+    std::fs::remove_dir_all(&data).expect("wipe node 3's data");
+    procs.start_node(3);
+    let status = procs
+        .wait_exit(3, Duration::from_secs(60))
+        .expect("node 3 refuses to start");
+    assert!(!status.success());
+    let log = std::fs::read_to_string(procs.log_dir.join("node3.log")).unwrap();
+    assert!(log.contains("lost what it acknowledged"), "{log}");
+    assert!(!data.exists(), "{} was made", data.display());
+}

@@ -418,6 +418,9 @@ impl Node {
             .await
             .with_context(|| format!("listen on {}", me.raft_addr))?;
         let addr = listener.local_addr()?;
+        if !dir.exists() {
+            check_not_forgotten(config, id, &peer_addrs, tls.as_ref()).await?;
+        }
         let storage = Storage::open_with(&dir, seal_epoch, message_cache)
             .with_context(|| format!("open data folder {}", dir.display()))?;
         check_identity(&storage, config, id)?;
@@ -612,6 +615,68 @@ impl Node {
 const SERVER_STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Refuses to open a data folder that belongs to another node or cluster.
+/// How long a node starting on a new data folder waits for each peer's
+/// status (peers that do not answer are passed over).
+const FRESH_START_ASK: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Refuses to start node `id` on a new data folder when a running peer
+/// leads a shard and counts this node as holding part of its log: the node
+/// lost what it acknowledged (a wiped disk, a volume made anew), and rejoining
+/// under its old id could lose acknowledged writes or let it vote twice in
+/// a term. Peers that do not answer, and leaders that have not heard from
+/// this node since they were elected, cannot tell, so this catches the
+/// common case, not every one.
+async fn check_not_forgotten(
+    config: &ClusterConfig,
+    id: NodeId,
+    peer_addrs: &BTreeMap<u64, String>,
+    tls: Option<&crate::security::Tls>,
+) -> anyhow::Result<()> {
+    use crate::api::pb::node::node_api_client::NodeApiClient;
+    let asks = config.nodes.iter().filter(|n| n.id != id.0).map(|n| {
+        let addr = peer_addrs.get(&n.id).unwrap_or(&n.raft_addr).clone();
+        async move {
+            let endpoint = crate::security::endpoint(&addr)
+                .ok()?
+                .connect_timeout(FRESH_START_ASK)
+                .timeout(FRESH_START_ASK);
+            let channel = crate::security::connect(endpoint, tls, crate::security::ANY_NODE_NAME)
+                .await
+                .ok()?;
+            let status = tokio::time::timeout(
+                FRESH_START_ASK,
+                NodeApiClient::new(channel).status(pb::node::StatusRequest {}),
+            )
+            .await
+            .ok()?
+            .ok()?;
+            Some(status.into_inner())
+        }
+    });
+    for peer in futures::future::join_all(asks).await.into_iter().flatten() {
+        for shard in peer.shards.iter().filter(|s| s.is_leader) {
+            if let Some(p) = shard
+                .progress
+                .iter()
+                .find(|p| p.node_id == id.0 && p.matched_index > 0)
+            {
+                anyhow::bail!(
+                    "this node's data folder {} is new, but node {} (leader of shard {}) counts \
+                     node {} as holding that shard's log up to index {}: the node lost what it \
+                     acknowledged, and rejoining under its old id could lose acknowledged writes. \
+                     Start it under a new id instead (docs/deploy.md, \"Replacing a dead node\")",
+                    config.data_dir(id).display(),
+                    peer.node_id,
+                    shard.shard_id,
+                    id.0,
+                    p.matched_index
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 fn check_identity(storage: &Storage, config: &ClusterConfig, id: NodeId) -> anyhow::Result<()> {
     let tree = storage.open_tree(trees::NODE_TREE)?;
     let want = format!("{}/{}", config.cluster_name, id.0);

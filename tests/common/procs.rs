@@ -120,6 +120,21 @@ impl ProcessCluster {
         }
     }
 
+    /// Waits up to `within` for node `id`, started by this cluster, to exit
+    /// on its own; its exit status, or None if it still runs.
+    pub fn wait_exit(&mut self, id: u64, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + within;
+        while std::time::Instant::now() < deadline {
+            let child = self.nodes.get_mut(&id)?;
+            if let Ok(Some(status)) = child.try_wait() {
+                self.nodes.remove(&id);
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
     /// SIGKILL.
     pub fn kill_node(&mut self, id: u64) {
         self.assert_still_running(id);
