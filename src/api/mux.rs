@@ -726,10 +726,15 @@ fn still_wanted<P: Protocol>(
                 }
                 None => {
                     if let Some(w) = waiting.remove(&call.id) {
-                        let _ = w.reply.send(Err(Status::deadline_exceeded(format!(
-                            "{} call waited out its time on this side; not sent",
-                            P::NAME
-                        ))));
+                        // As a call the peer never answered: the caller passes
+                        // over a peer that does not take what is sent to it.
+                        let _ = w.reply.send(Err(not_reached(
+                            Code::DeadlineExceeded,
+                            format!(
+                                "{} call waited out its time on this side; not sent",
+                                P::NAME
+                            ),
+                        )));
                     }
                     None
                 }

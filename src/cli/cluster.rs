@@ -604,7 +604,7 @@ pub async fn drain(
     }
     // Learners a cut-short move left there leave their shards, or
     // remove-node would refuse the node.
-    match ops.drop_learner(node).await {
+    match ops.drop_learner(node, None).await {
         Ok(left) if !left.is_empty() && !json => {
             println!("node {node} is no longer a learner of shard(s) {left:?}")
         }

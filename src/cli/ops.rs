@@ -357,13 +357,18 @@ impl Ops {
         self.change_voters_where(view, |s| s.joint, vec![]).await
     }
 
-    /// Takes `node` out of every shard whose membership lists it only as a
-    /// learner (a move onto it that was cut short), through each shard's
-    /// leader; the shards it left.
-    pub async fn drop_learner(&self, node: u64) -> anyhow::Result<Vec<u64>> {
+    /// Takes `node` out of every shard (or only `shard`) whose membership
+    /// lists it as a learner (a move onto it that was cut short), through
+    /// each shard's leader; the shards it left. The membership is read just
+    /// before: a move that promotes the node in between loses its voter.
+    pub async fn drop_learner(&self, node: u64, shard: Option<u64>) -> anyhow::Result<Vec<u64>> {
         let view = self.gather().await?;
-        self.change_voters_where(&view, |s| s.learners.contains(&node), vec![node])
-            .await
+        self.change_voters_where(
+            &view,
+            |s| s.learners.contains(&node) && shard.is_none_or(|shard| s.shard_id == shard),
+            vec![node],
+        )
+        .await
     }
 
     /// Sends every shard whose leader's status passes `pick` a voter change
@@ -632,8 +637,6 @@ impl Ops {
     }
 }
 
-/// Refuses a move that would give one region a majority of a shard's voters
-/// (losing that region would then stop the shard).
 /// Whether moving `shard`'s replica from `from` to `to` may start, given
 /// the shard's membership `st`: two different nodes, the target up, and
 /// afterwards a majority of voters in no one region and no voter too many.
@@ -676,6 +679,8 @@ pub fn check_move(
     Ok(())
 }
 
+/// Refuses a move that would give one region a majority of a shard's voters
+/// (losing that region would then stop the shard).
 fn check_regions(view: &View, voters: &[u64], from: u64, to: u64) -> anyhow::Result<()> {
     let mut after: Vec<u64> = voters.iter().copied().filter(|v| *v != from).collect();
     if !after.contains(&to) {
@@ -1158,17 +1163,9 @@ impl Ops {
                     Ok(view) => self.close_replica(&view, *shard, *node).await,
                     Err(e) => Err(e),
                 },
-                Step::DropLearner { shard, node, .. } => match self.gather().await {
-                    Ok(view) => self
-                        .change_voters_where(
-                            &view,
-                            |s| s.shard_id == *shard && s.learners.contains(node),
-                            vec![*node],
-                        )
-                        .await
-                        .map(|_| ()),
-                    Err(e) => Err(e),
-                },
+                Step::DropLearner { shard, node, .. } => {
+                    self.drop_learner(*node, Some(*shard)).await.map(|_| ())
+                }
             };
             match result {
                 Ok(()) => {

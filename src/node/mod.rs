@@ -363,7 +363,8 @@ impl Registry {
         }
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            // Removed by an earlier try, whose sync below may not have run.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e).with_context(|| format!("remove {}", dir.display())),
         }
         // Made durable before the replica's record moves on: after a power
@@ -418,7 +419,9 @@ impl Node {
             .await
             .with_context(|| format!("listen on {}", me.raft_addr))?;
         let addr = listener.local_addr()?;
-        if !dir.exists() {
+        // A folder that is missing, or empty (a volume mounted anew), is new.
+        let new = std::fs::read_dir(&dir).map_or(true, |mut d| d.next().is_none());
+        if new {
             check_not_forgotten(config, id, &peer_addrs, tls.as_ref()).await?;
         }
         let storage = Storage::open_with(&dir, seal_epoch, message_cache)
@@ -614,7 +617,6 @@ impl Node {
 /// Longest a stopping node waits for the calls it is serving to end.
 const SERVER_STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Refuses to open a data folder that belongs to another node or cluster.
 /// How long a node starting on a new data folder waits for each peer's
 /// status (peers that do not answer are passed over).
 const FRESH_START_ASK: std::time::Duration = std::time::Duration::from_secs(2);
@@ -677,6 +679,7 @@ async fn check_not_forgotten(
     Ok(())
 }
 
+/// Refuses to open a data folder that belongs to another node or cluster.
 fn check_identity(storage: &Storage, config: &ClusterConfig, id: NodeId) -> anyhow::Result<()> {
     let tree = storage.open_tree(trees::NODE_TREE)?;
     let want = format!("{}/{}", config.cluster_name, id.0);

@@ -153,7 +153,6 @@ pub fn poisoned_error() -> io::Error {
     io::Error::other("an earlier fsync failed; this node no longer acknowledges writes")
 }
 
-/// The blob files of a sled Db already fsynced.
 /// The files of one folder that have been fsynced, by name.
 struct NewFiles {
     dir: PathBuf,

@@ -251,7 +251,6 @@ pub fn open_with(key: &Key, sealed: &SealedBody) -> io::Result<Vec<u8>> {
         })
 }
 
-/// Writes a key file durably: temporary file, fsync, rename, fsync folder.
 /// The file that keeps the newest epoch used, once keys are destroyed.
 const FLOOR_FILE: &str = "epoch-floor";
 
@@ -283,6 +282,7 @@ fn write_floor(dir: &Path, floor: u64) -> io::Result<()> {
     sync_parent(&path)
 }
 
+/// Writes a key file durably: temporary file, fsync, rename, fsync folder.
 pub fn write_key_file(path: &Path, epoch: u64, key: &Key) -> io::Result<()> {
     let tmp = path.with_extension("key.tmp");
     let written = (|| {

@@ -1156,11 +1156,25 @@ async fn check_chat_records(
             }
         }
         let (closed, cursors) = first.map(|(_, r)| r).unwrap_or_default();
-        let last_close = ops
+        // A close whose outcome is unknown may take effect at any time
+        // after it began (held in a stalled link, say): it bounds nothing.
+        let closes: Vec<&Op> = ops
             .iter()
-            .filter(|o| matches!(o.kind, OpKind::Close { chat: c, .. } if c == chat))
-            .map(|o| o.complete)
-            .max();
+            .filter(|o| {
+                matches!(o.kind, OpKind::Close { chat: c, ref outcome }
+                    if c == chat && !matches!(outcome, Outcome::Failed))
+            })
+            .collect();
+        let unknown_close = closes.iter().any(|o| {
+            matches!(
+                o.kind,
+                OpKind::Close {
+                    outcome: Outcome::Unknown,
+                    ..
+                }
+            )
+        });
+        let last_close = closes.iter().map(|o| o.complete).max();
         let last = ops
             .iter()
             .filter(|o| {
@@ -1175,7 +1189,8 @@ async fn check_chat_records(
                     outcome: Outcome::Ok(()),
                     ..
                 }
-            ) && last_close.is_none_or(|t| t < op.invoke);
+            ) && !unknown_close
+                && last_close.is_none_or(|t| t < op.invoke);
             if reopened && closed {
                 bad.push(format!(
                     "chat {chat} is closed, but its last reopen was acknowledged after every close"
@@ -1202,7 +1217,9 @@ async fn check_chat_records(
 /// no acknowledged reopen sure to be after that close and before the write
 /// began); an acknowledged send did not begin while a close was surely in
 /// force (acknowledged before it began, with no reopen that may come
-/// between). Any other refusal is already a finding.
+/// between). A close or reopen whose outcome is unknown may take effect any
+/// time after it began (a stalled link delivers it late). Any other
+/// refusal is already a finding.
 fn check_closes(ops: &[Op]) -> Vec<String> {
     let mut bad = Vec::new();
     let of = |chat: u64, close: bool| -> Vec<&Op> {
@@ -1257,9 +1274,12 @@ fn check_closes(ops: &[Op]) -> Vec<String> {
             let may_be_closed = closes.iter().any(|c| {
                 !failed(c)
                     && c.invoke < op.complete
-                    && !reopens
-                        .iter()
-                        .any(|r| acked(r) && r.invoke > c.complete && r.complete < op.invoke)
+                    // A close of unknown outcome may take effect any time
+                    // after it began: no reopen is sure to come after it.
+                    && !(acked(c)
+                        && reopens
+                            .iter()
+                            .any(|r| acked(r) && r.invoke > c.complete && r.complete < op.invoke))
             });
             if !may_be_closed {
                 bad.push(format!(
@@ -1273,9 +1293,13 @@ fn check_closes(ops: &[Op]) -> Vec<String> {
             let surely_closed = closes.iter().any(|c| {
                 acked(c)
                     && c.complete < op.invoke
-                    && !reopens
-                        .iter()
-                        .any(|r| !failed(r) && r.complete > c.invoke && r.invoke < op.complete)
+                    // A reopen of unknown outcome may take effect any time
+                    // after it began.
+                    && !reopens.iter().any(|r| {
+                        !failed(r)
+                            && (!acked(r) || r.complete > c.invoke)
+                            && r.invoke < op.complete
+                    })
             });
             if surely_closed {
                 bad.push(format!(
