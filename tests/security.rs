@@ -299,34 +299,33 @@ async fn tls_mutual_auth_and_tokens_keep_out_whoever_does_not_belong() {
 
     // The load generator connects as a frontend does: TLS and a service
     // token. Without the token every call is refused.
-    let bench = |token: &str, workload: &str| {
-        chatctl(
-            &certs,
-            token,
-            &[
-                "bench",
-                "--routers",
-                &router,
-                "--workload",
-                workload,
-                "--chats",
-                "5",
-                "--first-chat",
-                "100",
-                "--in-flight",
-                "4",
-                "--warmup",
-                "0",
-                "--count",
-                "40",
-                "--json",
-            ],
-        )
+    let bench = |token: &str, workload: &str, extra: &[&str]| {
+        let mut args = vec![
+            "bench",
+            "--routers",
+            &router,
+            "--workload",
+            workload,
+            "--chats",
+            "5",
+            "--first-chat",
+            "100",
+            "--in-flight",
+            "4",
+            "--warmup",
+            "0",
+            "--count",
+            "40",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        chatctl(&certs, token, &args)
     };
-    for workload in ["send", "history"] {
-        // History pages come back whole (a short one counts as an error),
-        // from chats the prefill tops up.
-        let (code, out, err) = bench("service.tokens", workload);
+    // History pages come back whole (a short one counts as an error), from
+    // chats the prefill tops up; an open loop starts 200 requests a second.
+    let open_loop: &[&str] = &["--open-rate", "200"];
+    for (workload, extra) in [("send", &[][..]), ("history", &[]), ("send", open_loop)] {
+        let (code, out, err) = bench("service.tokens", workload, extra);
         assert_eq!(code, 0, "{err}");
         let report: serde_json::Value = serde_json::from_str(out.trim()).expect("bench --json");
         assert_eq!(report["ops"][0]["count"], 40, "{out}");
@@ -334,7 +333,7 @@ async fn tls_mutual_auth_and_tokens_keep_out_whoever_does_not_belong() {
     }
     let no_token = certs.join("no.tokens");
     std::fs::write(&no_token, "not-a-token-of-this-cluster-at-all\n").unwrap();
-    let (_, out, _) = bench("no.tokens", "send");
+    let (_, out, _) = bench("no.tokens", "send", &[]);
     assert!(out.contains("Unauthenticated"), "{out}");
 
     // Admin calls with a service token: PERMISSION_DENIED, nothing moves.

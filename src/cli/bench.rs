@@ -82,6 +82,8 @@ const DIFFERENCE_LIMIT: u32 = 100;
 pub const SHORT_ANSWER: &str = "ShortAnswer";
 /// Watch streams per HTTP/2 connection: many clients each hold a few.
 const WATCHERS_PER_CONNECTION: usize = 100;
+/// Fastest schedule of an open loop, requests per second.
+const OPEN_RATE_MAX: f64 = 1_000_000.0;
 /// Fastest send rate of the watch workload, messages per second.
 const WATCH_RATE_MAX: f64 = 10_000.0;
 /// How long watchers may take, after the last send, to receive every event.
@@ -264,6 +266,12 @@ pub struct BenchArgs {
     /// on this machine) over the measured window.
     #[arg(long)]
     pub server_pid: Option<u32>,
+    /// An open loop: start this many requests a second on a fixed schedule,
+    /// whatever the answers, with at most --in-flight outstanding (one that
+    /// finds none free goes late); latencies count from when each request
+    /// was due, so a stall shows in them. Not for watch.
+    #[arg(long)]
+    pub open_rate: Option<f64>,
 }
 
 impl BenchArgs {
@@ -292,6 +300,7 @@ impl BenchArgs {
             watchers: 1000,
             rate: 10.0,
             server_pid,
+            open_rate: None,
         }
     }
 
@@ -341,8 +350,16 @@ impl BenchArgs {
             if !(1..=WATCH_STREAMS_MAX).contains(&self.watchers) {
                 anyhow::bail!("--watchers must be 1 to {WATCH_STREAMS_MAX}");
             }
+            if self.open_rate.is_some() {
+                anyhow::bail!("--open-rate is for the request workloads; watch sends at --rate");
+            }
             if !(self.rate > 0.0 && self.rate <= WATCH_RATE_MAX) {
                 anyhow::bail!("--rate must be above 0 and at most {WATCH_RATE_MAX}");
+            }
+        }
+        if let Some(rate) = self.open_rate {
+            if !(rate > 0.0 && rate <= OPEN_RATE_MAX) {
+                anyhow::bail!("--open-rate must be above 0 and at most {OPEN_RATE_MAX}");
             }
         }
         Ok(())
@@ -370,6 +387,10 @@ pub struct Report {
     pub client_cpu_percent: Option<f64>,
     /// CPU time of --server-pid over the measured window, percent of one core.
     pub server_cpu_percent: Option<f64>,
+    /// Requests started a second on a fixed schedule (`--open-rate`); none
+    /// for a closed loop.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub open_rate: Option<f64>,
     pub ops: Vec<OpReport>,
 }
 
@@ -870,6 +891,49 @@ impl Worker {
 
     /// Sends requests until the window closes; returns what it measured and
     /// when its last measured request finished.
+    /// One request of `op`, timed from `due` (when it was due to start)
+    /// and recorded in `stats` if `measured`; when it finished.
+    async fn one(
+        &mut self,
+        op: Op,
+        (due, measured): (Instant, bool),
+        stats: &mut Stats,
+        progress: &Progress,
+    ) -> Instant {
+        self.short_answer = false;
+        let result = self.call(op).await.map_err(|s| s.code());
+        let done = Instant::now();
+        if !measured {
+            return done;
+        }
+        if self.short_answer {
+            stats.op(op.name()).record_short();
+            progress.failed.fetch_add(1, Ordering::Relaxed);
+            return done;
+        }
+        // A batch is as many messages, each acknowledged when it returns (or
+        // failed on its own, or with the whole call).
+        let messages = if op == Op::SendBatch {
+            self.args.batch
+        } else {
+            1
+        };
+        let failed = result.as_ref().map_or(Vec::new(), |f| f.clone());
+        for i in 0..messages {
+            let one = match (&result, failed.get(i)) {
+                (Err(code), _) => Err(*code),
+                (Ok(_), Some(code)) => Err(*code),
+                (Ok(_), None) => Ok(()),
+            };
+            stats.op(op.name()).record(done - due, one);
+            progress.count(one);
+        }
+        done
+    }
+
+    /// Sends requests, each when the last one returned, until the window
+    /// closes; returns what it measured and when its last measured request
+    /// finished.
     async fn run(
         mut self,
         mix: Mix,
@@ -883,39 +947,63 @@ impl Worker {
             let Some(measured) = window.admit(start) else {
                 break;
             };
-            let op = mix.next();
-            self.short_answer = false;
-            let result = self.call(op).await.map_err(|s| s.code());
-            if measured && self.short_answer {
-                stats.op(op.name()).record_short();
-                progress.failed.fetch_add(1, Ordering::Relaxed);
-                last_done = Some(Instant::now());
-                continue;
-            }
+            let done = self
+                .one(mix.next(), (start, measured), &mut stats, &progress)
+                .await;
             if measured {
-                let done = Instant::now();
-                // A batch is as many messages, each acknowledged when it
-                // returns (or failed on its own, or with the whole call).
-                let messages = if op == Op::SendBatch {
-                    self.args.batch
-                } else {
-                    1
-                };
-                let failed = result.as_ref().map_or(Vec::new(), |f| f.clone());
-                for i in 0..messages {
-                    let one = match (&result, failed.get(i)) {
-                        (Err(code), _) => Err(*code),
-                        (Ok(_), Some(code)) => Err(*code),
-                        (Ok(_), None) => Ok(()),
-                    };
-                    stats.op(op.name()).record(done - start, one);
-                    progress.count(one);
-                }
                 last_done = Some(done);
             }
         }
         (stats, last_done)
     }
+}
+
+/// An open loop: requests start every 1 / `rate` s whatever the answers, on
+/// the first of `workers` free; one that finds none free waits for one, and
+/// its latency counts from when it was due. What was measured, merged, and
+/// when the last measured request finished.
+async fn open_loop(
+    workers: Vec<Worker>,
+    rate: f64,
+    mix: Mix,
+    window: Arc<Window>,
+    progress: Arc<Progress>,
+) -> (Stats, Option<Instant>) {
+    let count = workers.len();
+    let (idle_tx, mut idle) = tokio::sync::mpsc::unbounded_channel();
+    for w in workers {
+        let _ = idle_tx.send((w, Stats::default(), None::<Instant>));
+    }
+    let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    loop {
+        let due = ticks.tick().await.into_std();
+        let Some(measured) = window.admit(due) else {
+            break;
+        };
+        let Some((mut worker, mut stats, mut last)) = idle.recv().await else {
+            break;
+        };
+        let (idle_tx, progress) = (idle_tx.clone(), progress.clone());
+        let op = mix.next();
+        tokio::spawn(async move {
+            let done = worker.one(op, (due, measured), &mut stats, &progress).await;
+            if measured {
+                last = Some(done);
+            }
+            let _ = idle_tx.send((worker, stats, last));
+        });
+    }
+    let mut stats = Stats::default();
+    let mut last_done = None;
+    for _ in 0..count {
+        let Some((_, s, last)) = idle.recv().await else {
+            break;
+        };
+        stats.merge(s);
+        last_done = last_done.max(last);
+    }
+    (stats, last_done)
 }
 
 /// Runs one benchmark and returns its report. `quiet` hides progress.
@@ -945,10 +1033,10 @@ async fn closed_loop(
     let window = Arc::new(Window::new(&args));
     let progress = Arc::new(Progress::default());
     let body = body(args.size, None);
-    let mut workers = JoinSet::new();
+    let mut pool = Vec::with_capacity(args.in_flight);
     for i in 0..args.in_flight {
         let channel = channels[i % channels.len()].clone();
-        let worker = Worker {
+        pool.push(Worker {
             args: args.clone(),
             sender_id: i as u64 + 1,
             api: ChatStoreClient::new(channel.clone()),
@@ -960,8 +1048,18 @@ async fn closed_loop(
             keep_token: !matches!(mix, Mix::Only(Op::Check) | Mix::Only(Op::SendBatch)),
             chat_pts: chat_pts.clone(),
             short_answer: false,
-        };
-        workers.spawn(worker.run(mix, window.clone(), progress.clone()));
+        });
+    }
+    let mut workers = JoinSet::new();
+    match args.open_rate {
+        Some(rate) => {
+            workers.spawn(open_loop(pool, rate, mix, window.clone(), progress.clone()));
+        }
+        None => {
+            for worker in pool {
+                workers.spawn(worker.run(mix, window.clone(), progress.clone()));
+            }
+        }
     }
     let line = progress_line(quiet);
     let name = args.workload.name();
@@ -1025,6 +1123,7 @@ async fn closed_loop(
         warmup_secs: args.warmup,
         measured_secs: measured.as_secs_f64(),
         watch: None,
+        open_rate: args.open_rate,
         client_cpu_percent: client_cpu,
         server_cpu_percent: server_cpu,
         ops: stats
@@ -1358,6 +1457,7 @@ async fn watch(
             rate_per_sec: args.rate,
             chat,
         }),
+        open_rate: None,
         client_cpu_percent: client_cpu,
         server_cpu_percent: server_cpu,
         ops: stats.reports(measured),
@@ -1576,8 +1676,13 @@ fn text(r: &Report) -> String {
             w.watchers, w.chat, w.rate_per_sec, r.in_flight
         ),
         None => format!(
-            "{} in flight, {} chats, {}-byte bodies",
-            r.in_flight, r.chats, r.size_bytes
+            "{}{} in flight, {} chats, {}-byte bodies",
+            r.open_rate.map_or_else(String::new, |rate| format!(
+                "open loop at {rate}/s, at most "
+            )),
+            r.in_flight,
+            r.chats,
+            r.size_bytes
         ),
     };
     out.push_str(&format!(

@@ -36,6 +36,9 @@ const READY_CALL_TIMEOUT: Duration = Duration::from_secs(3);
 struct Case {
     workload: Workload,
     in_flight: usize,
+    /// An open loop at this many requests a second (at most `in_flight`
+    /// outstanding), or a closed loop.
+    open_rate: Option<f64>,
 }
 
 /// What `make bench` measures, in this order. Read workloads run after the
@@ -44,51 +47,75 @@ const SUITE: &[Case] = &[
     Case {
         workload: Workload::Noop,
         in_flight: 64,
+        open_rate: None,
     },
     Case {
         workload: Workload::Noop,
         in_flight: 256,
+        open_rate: None,
     },
     Case {
         workload: Workload::Send,
         in_flight: 1,
+        open_rate: None,
     },
     Case {
         workload: Workload::Send,
         in_flight: 16,
+        open_rate: None,
     },
     Case {
         workload: Workload::Send,
         in_flight: 64,
+        open_rate: None,
     },
     Case {
         workload: Workload::Send,
         in_flight: 256,
+        open_rate: None,
+    },
+    // Latency without coordinated omission: a fixed schedule below the
+    // closed loop's rate, timed from when each request was due.
+    Case {
+        workload: Workload::Send,
+        in_flight: 1024,
+        open_rate: Some(4_000.0),
     },
     Case {
         workload: Workload::SendBatch,
         in_flight: 16,
+        open_rate: None,
     },
     Case {
         workload: Workload::Read,
         in_flight: 64,
+        open_rate: None,
     },
     Case {
         workload: Workload::History,
         in_flight: 64,
+        open_rate: None,
+    },
+    Case {
+        workload: Workload::History,
+        in_flight: 256,
+        open_rate: Some(12_000.0),
     },
     Case {
         workload: Workload::Difference,
         in_flight: 64,
+        open_rate: None,
     },
     Case {
         workload: Workload::Mixed,
         in_flight: 64,
+        open_rate: None,
     },
     // For watch, in flight bounds the sender's outstanding sends.
     Case {
         workload: Workload::Watch,
         in_flight: 16,
+        open_rate: None,
     },
 ];
 
@@ -196,7 +223,15 @@ pub async fn command(
         );
         bench_args.watchers = args.watchers;
         bench_args.rate = args.watch_rate;
-        let label = format!("{} at {} in flight", case.workload.name(), case.in_flight);
+        bench_args.open_rate = case.open_rate;
+        let label = match case.open_rate {
+            Some(rate) => format!(
+                "{} open loop at {rate}/s, at most {} in flight",
+                case.workload.name(),
+                case.in_flight
+            ),
+            None => format!("{} at {} in flight", case.workload.name(), case.in_flight),
+        };
         eprintln!("bench-suite: {label}");
         let result = bench::run(bench_args, false).await;
         match &result {
@@ -379,9 +414,10 @@ fn markdown(args: &SuiteArgs, idle_cpu: Option<f64>, outcomes: &[Outcome]) -> St
                 continue;
             }
         };
-        let in_flight = match &report.watch {
-            Some(w) => format!("{} watchers, {} msg/s", w.watchers, w.rate_per_sec),
-            None => report.in_flight.to_string(),
+        let in_flight = match (&report.watch, report.open_rate) {
+            (Some(w), _) => format!("{} watchers, {} msg/s", w.watchers, w.rate_per_sec),
+            (None, Some(rate)) => format!("open loop {rate:.0}/s, ≤ {}", report.in_flight),
+            (None, None) => report.in_flight.to_string(),
         };
         for (i, op) in report.ops.iter().enumerate() {
             let name = if op.op == report.workload {
@@ -515,6 +551,7 @@ mod tests {
             watch: None,
             client_cpu_percent: None,
             server_cpu_percent: Some(150.0),
+            open_rate: None,
             ops: vec![op("send", 1000.0), op("history", 2000.0)],
         };
         // 1.5 cores over 3,000 operations a second.
