@@ -50,6 +50,24 @@ fn code<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Status>) -> Cod
     }
 }
 
+/// The bodies of `chat`'s newest 10 messages, newest first (LINEARIZABLE).
+async fn newest_bodies(api: &mut Api, chat: u64) -> Vec<String> {
+    let h = api
+        .get_history(pb::GetHistoryRequest {
+            chat_id: chat,
+            limit: 10,
+            consistency: Consistency::Linearizable as i32,
+            ..Default::default()
+        })
+        .await
+        .expect("history")
+        .into_inner();
+    h.messages
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.body).into_owned())
+        .collect()
+}
+
 /// The changes of `chat` after `pts` (SESSION, no token).
 async fn difference(api: &mut Api, chat: u64, pts: u64) -> pb::GetDifferenceResponse {
     api.get_difference(pb::GetDifferenceRequest {
@@ -1492,23 +1510,7 @@ async fn a_write_whose_caller_gave_up_is_not_sent_again() {
         .expect("a new leader");
     tokio::time::sleep(Duration::from_secs(12)).await;
     send(&mut api, chat, 1, 3, "after").await;
-    let h = api
-        .get_history(pb::GetHistoryRequest {
-            chat_id: chat,
-            limit: 10,
-            consistency: Consistency::Linearizable as i32,
-            ..Default::default()
-        })
-        .await
-        .expect("history")
-        .into_inner();
-    let bodies: Vec<String> = h
-        .messages
-        .iter()
-        .map(|m| String::from_utf8_lossy(&m.body).into_owned())
-        .collect();
-    // Newest first.
-    assert_eq!(bodies, ["after", "before"]);
+    assert_eq!(newest_bodies(&mut api, chat).await, ["after", "before"]);
 }
 
 /// A send whose caller gave up while the router kept retrying the node
@@ -1579,22 +1581,9 @@ async fn a_retried_call_leaves_out_the_sends_whose_callers_gave_up() {
     for b in blockers {
         let _ = b.await.unwrap();
     }
-    let h = api
-        .clone()
-        .get_history(pb::GetHistoryRequest {
-            chat_id: chat,
-            limit: 10,
-            consistency: Consistency::Linearizable as i32,
-            ..Default::default()
-        })
-        .await
-        .expect("history")
-        .into_inner();
-    let bodies: Vec<String> = h
-        .messages
-        .iter()
-        .map(|m| String::from_utf8_lossy(&m.body).into_owned())
-        .collect();
-    // Newest first; the blockers gave up too.
-    assert_eq!(bodies, ["kept", "before"]);
+    // The blockers gave up too.
+    assert_eq!(
+        newest_bodies(&mut api.clone(), chat).await,
+        ["kept", "before"]
+    );
 }

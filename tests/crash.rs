@@ -178,19 +178,7 @@ async fn sigkill_during_writes_loses_nothing_acknowledged() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_node_that_lost_its_data_does_not_rejoin_under_its_old_id() {
     let dir = TestDir::new("crash-forgotten");
-    let mut procs = ProcessCluster::new(
-        &dir.path,
-        &ConfigOptions {
-            shards: 6,
-            ..Default::default()
-        },
-    );
-    procs.start_all_nodes();
-    let client = Client::new(&procs.config);
-    client
-        .wait_leaders(&[1, 2, 3], Duration::from_secs(60))
-        .await
-        .expect("leaders elected");
+    let (mut procs, client) = common::procs::start_cluster(&dir.path, 6).await;
     for chat in 1..=12u64 {
         client
             .write(

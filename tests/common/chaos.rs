@@ -175,42 +175,13 @@ impl Chaos {
             },
         );
         let mut proxies = BTreeMap::new();
-        for a in 1..=3u64 {
-            let mut args = Vec::new();
-            for b in 1..=3u64 {
-                if a == b {
-                    continue;
-                }
-                let target = procs
-                    .config
-                    .node(chatstore::types::NodeId(b))
-                    .unwrap()
-                    .raft_addr
-                    .clone();
-                let p = Proxy::start(target).await;
-                args.push("--peer-addr".to_string());
-                args.push(format!("{b}={}", p.addr));
-                proxies.insert((a, b), p);
-            }
-            procs.node_args.insert(a, args);
-        }
-        // A router reaches the other regions' nodes through proxies too, so
-        // a region cut off is cut off with its router.
         let mut router_proxies = BTreeMap::new();
         for (a, region) in (1..=3u64).zip(REGIONS) {
-            let mut args = Vec::new();
-            for b in (1..=3u64).filter(|b| *b != a) {
-                let target = procs
-                    .config
-                    .node(chatstore::types::NodeId(b))
-                    .unwrap()
-                    .raft_addr
-                    .clone();
-                let p = Proxy::start(target).await;
-                args.push("--node-addr".to_string());
-                args.push(format!("{b}={}", p.addr));
-                router_proxies.insert((a, b), p);
-            }
+            let args = links_from(&procs.config, a, "--peer-addr", &mut proxies).await;
+            procs.node_args.insert(a, args);
+            // A router reaches the other regions' nodes through proxies
+            // too, so a region cut off is cut off with its router.
+            let args = links_from(&procs.config, a, "--node-addr", &mut router_proxies).await;
             procs.router_args.insert(region.to_string(), args);
         }
         procs.start_all_nodes();
@@ -342,6 +313,29 @@ impl Chaos {
             }
         }
     }
+}
+
+/// A proxy from node `a`'s region to each other node, into `proxies` by
+/// `(a, b)`; the arguments (`flag ID=ADDR`) that send a process through them.
+async fn links_from(
+    config: &chatstore::cluster::ClusterConfig,
+    a: u64,
+    flag: &str,
+    proxies: &mut BTreeMap<(u64, u64), Proxy>,
+) -> Vec<String> {
+    let mut args = Vec::new();
+    for b in (1..=3u64).filter(|b| *b != a) {
+        let target = config
+            .node(chatstore::types::NodeId(b))
+            .unwrap()
+            .raft_addr
+            .clone();
+        let p = Proxy::start(target).await;
+        args.push(flag.to_string());
+        args.push(format!("{b}={}", p.addr));
+        proxies.insert((a, b), p);
+    }
+    args
 }
 
 /// Simulated round trips of the chaos cluster: eu/us, us/ap, eu/ap.
