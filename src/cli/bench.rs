@@ -1222,7 +1222,7 @@ async fn prefill(
         })
         .collect();
     if sends.is_empty() {
-        return Ok(());
+        return settle(args, channels, chat_pts).await;
     }
     if quiet || !std::io::stderr().is_terminal() {
         eprintln!(
@@ -1289,6 +1289,68 @@ async fn prefill(
              chats would hold fewer messages than the reads expect",
             sends.len()
         );
+    }
+    settle(args, channels, chat_pts).await
+}
+
+/// Longest wait for the replicas that serve reads to apply the prefill.
+const SETTLE_WAIT: Duration = Duration::from_secs(30);
+
+/// Waits until each router's nearest replicas have applied the prefill: a
+/// worker's first read carries no token and goes there, so a replica still
+/// applying the last sends would answer short, and a short answer counts as
+/// an error.
+async fn settle(
+    args: &Arc<BenchArgs>,
+    channels: &[AuthChannel],
+    chat_pts: &Arc<ChatPts>,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + SETTLE_WAIT;
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = JoinSet::new();
+    // Channel i goes to router i % routers: the first of each router's.
+    let per_router = &channels[..args.routers.len().min(channels.len())];
+    let asks = per_router.len() as u64 * args.chats;
+    for _ in 0..PREFILL_IN_FLIGHT {
+        let (args, next, chat_pts) = (args.clone(), next.clone(), chat_pts.clone());
+        let channels: Vec<AuthChannel> = per_router.to_vec();
+        tasks.spawn(async move {
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= asks {
+                    return Ok::<_, anyhow::Error>(());
+                }
+                let router = (n / args.chats) as usize;
+                let chat = args.first_chat + n % args.chats;
+                let mut api = ChatStoreClient::new(channels[router].clone());
+                loop {
+                    let info = api
+                        .get_chat(with_timeout(pb::GetChatRequest {
+                            chat_id: chat,
+                            consistency: Consistency::Session as i32,
+                            min_token: Bytes::new(),
+                        }))
+                        .await
+                        .map(|r| r.into_inner());
+                    if let Ok(info) = &info {
+                        if info.last_seq >= args.prefill && info.pts >= chat_pts.get(chat) {
+                            break;
+                        }
+                    }
+                    if Instant::now() >= deadline {
+                        anyhow::bail!(
+                            "prefill: chat {chat} did not read whole through router {} within \
+                             {SETTLE_WAIT:?} ({info:?})",
+                            args.routers[router % args.routers.len()]
+                        );
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        });
+    }
+    while let Some(joined) = tasks.join_next().await {
+        joined.context("a prefill task panicked")??;
     }
     Ok(())
 }
