@@ -764,9 +764,24 @@ struct Worker {
     token: Bytes,
     keep_token: bool,
     chat_pts: Arc<ChatPts>,
-    /// Set by a read that answered with less than the prefilled chat holds
-    /// (a failure, not a fast success).
-    short_answer: bool,
+}
+
+/// What a call that got an answer got.
+enum Answer {
+    /// For a batch, the codes of the sends in it that failed.
+    Whole(Vec<Code>),
+    /// A read that came back with less than the prefilled chat holds (a
+    /// failure, not a fast success).
+    Short,
+}
+
+impl Answer {
+    fn whole_if(whole: bool) -> Answer {
+        match whole {
+            true => Answer::Whole(Vec::new()),
+            false => Answer::Short,
+        }
+    }
 }
 
 impl Worker {
@@ -776,8 +791,8 @@ impl Worker {
         }
     }
 
-    /// One call; for a batch, the codes of the sends in it that failed.
-    async fn call(&mut self, op: Op) -> Result<Vec<Code>, Status> {
+    /// One call and what it got.
+    async fn call(&mut self, op: Op) -> Result<Answer, Status> {
         match op {
             Op::Check => {
                 let req = HealthCheckRequest {
@@ -786,7 +801,7 @@ impl Worker {
                 self.health
                     .check(with_timeout(req))
                     .await
-                    .map(|_| Vec::new())
+                    .map(|_| Answer::Whole(Vec::new()))
             }
             Op::Send => {
                 let chat = self.args.random_chat();
@@ -803,7 +818,7 @@ impl Worker {
                     .await?
                     .into_inner();
                 self.keep(r.read_token);
-                Ok(Vec::new())
+                Ok(Answer::Whole(Vec::new()))
             }
             Op::SendBatch => {
                 let sends = (0..self.args.batch)
@@ -822,11 +837,13 @@ impl Worker {
                     .await?
                     .into_inner();
                 // Each send counts on its own: stored, or failed with its code.
-                Ok(r.outcomes
-                    .iter()
-                    .filter(|o| o.sent.is_none())
-                    .map(|o| Code::from_i32(o.error_code))
-                    .collect())
+                Ok(Answer::Whole(
+                    r.outcomes
+                        .iter()
+                        .filter(|o| o.sent.is_none())
+                        .map(|o| Code::from_i32(o.error_code))
+                        .collect(),
+                ))
             }
             Op::Read | Op::History => {
                 let limit = if op == Op::Read { 1 } else { HISTORY_PAGE };
@@ -842,9 +859,8 @@ impl Worker {
                     .await?
                     .into_inner();
                 let expected = u64::from(limit).min(self.args.prefill);
-                self.short_answer = (r.messages.len() as u64) < expected;
                 self.keep(r.read_token);
-                Ok(Vec::new())
+                Ok(Answer::whole_if(r.messages.len() as u64 >= expected))
             }
             Op::Difference => {
                 let cursors_count = DIFFERENCE_CURSORS.min(self.args.chats);
@@ -877,20 +893,18 @@ impl Worker {
                 // Each chat's cursor was behind by up to DIFFERENCE_BEHIND_PTS
                 // (fewer for a chat with fewer changes), and nothing writes
                 // meanwhile: every change between must come back.
-                self.short_answer = r.chats.len() != asked.len()
+                let short = r.chats.len() != asked.len()
                     || r.chats.iter().zip(&asked).any(|(d, (chat, behind))| {
                         d.chat_id != *chat
                             || d.reset_required
                             || (d.changes.len() as u64) < (*behind).min(u64::from(DIFFERENCE_LIMIT))
                     });
                 self.keep(r.read_token);
-                Ok(Vec::new())
+                Ok(Answer::whole_if(!short))
             }
         }
     }
 
-    /// Sends requests until the window closes; returns what it measured and
-    /// when its last measured request finished.
     /// One request of `op`, timed from `due` (when it was due to start)
     /// and recorded in `stats` if `measured`; when it finished.
     async fn one(
@@ -900,17 +914,20 @@ impl Worker {
         stats: &mut Stats,
         progress: &Progress,
     ) -> Instant {
-        self.short_answer = false;
         let result = self.call(op).await.map_err(|s| s.code());
         let done = Instant::now();
         if !measured {
             return done;
         }
-        if self.short_answer {
-            stats.op(op.name()).record_short();
-            progress.failed.fetch_add(1, Ordering::Relaxed);
-            return done;
-        }
+        let result = match result {
+            Ok(Answer::Short) => {
+                stats.op(op.name()).record_short();
+                progress.failed.fetch_add(1, Ordering::Relaxed);
+                return done;
+            }
+            Ok(Answer::Whole(failed)) => Ok(failed),
+            Err(code) => Err(code),
+        };
         // A batch is as many messages, each acknowledged when it returns (or
         // failed on its own, or with the whole call).
         let messages = if op == Op::SendBatch {
@@ -1047,7 +1064,6 @@ async fn closed_loop(
             // frontend sends for many users, each with their own).
             keep_token: !matches!(mix, Mix::Only(Op::Check) | Mix::Only(Op::SendBatch)),
             chat_pts: chat_pts.clone(),
-            short_answer: false,
         });
     }
     let mut workers = JoinSet::new();
