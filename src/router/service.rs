@@ -14,7 +14,7 @@ use crate::api::pb::node::{read_request::Query, DifferenceQuery, EncodedMessages
 use crate::api::pb::passthrough::chat::chat_store_server::ChatStore;
 use crate::api::pb::replicated::{self as rp, command, command_result, Command};
 use crate::api::pb::{self, self_destruct_policy};
-use crate::router::token::{ShardPosition, TokenBody};
+use crate::router::token::{ShardPosition, Token};
 use crate::router::{validate, watch, Router};
 use crate::security::Role;
 use crate::shard::reads::PAGE_BYTES_MAX;
@@ -101,17 +101,17 @@ impl ChatStoreService {
         }))
     }
 
-    fn token(&self, bytes: &[u8]) -> Result<TokenBody, Status> {
+    fn token(&self, bytes: &bytes::Bytes) -> Result<Token, Status> {
         self.router
             .keys()
-            .decode(bytes)
+            .token(bytes)
             .map_err(|e| Status::invalid_argument(e.to_string()))
     }
 
     /// Validates and stores one send (of `Send` or of a `SendBatch`).
     /// Validates a send and builds its command; decodes its token first, so
     /// a malformed one changes nothing.
-    fn prepare_send(&self, r: pb::SendRequest) -> Result<(Command, TokenBody), Status> {
+    fn prepare_send(&self, r: pb::SendRequest) -> Result<(Command, Token), Status> {
         validate::send(&r)?;
         let self_destruct = r
             .self_destruct
@@ -145,7 +145,7 @@ impl ChatStoreService {
         &self,
         result: rp::CommandResult,
         position: crate::router::token::ShardPosition,
-        mut token: TokenBody,
+        mut token: Token,
     ) -> Result<pb::SendResponse, Status> {
         match result.outcome {
             Some(command_result::Outcome::Send(s)) => {
@@ -154,7 +154,7 @@ impl ChatStoreService {
                     seq: s.seq,
                     pts: s.pts,
                     created_at_ms: s.created_at_ms,
-                    read_token: self.router.keys().encode(&token).into(),
+                    read_token: self.router.keys().issue(&token),
                     duplicate: s.duplicate,
                 })
             }
@@ -178,7 +178,7 @@ impl ChatStoreService {
     async fn send_to_shard(
         &self,
         shard: crate::types::ShardId,
-        items: Vec<(usize, Command, TokenBody)>,
+        items: Vec<(usize, Command, Token)>,
     ) -> Vec<(usize, Result<(pb::SendResponse, ShardPosition), Status>)> {
         write_in_groups(shard, items, |commands| {
             self.router.write_group(shard, commands)
@@ -197,7 +197,7 @@ impl ChatStoreService {
     async fn write_change(
         &self,
         chat: u64,
-        token: TokenBody,
+        token: Token,
         kind: command::Kind,
     ) -> Result<Response<pb::WriteResponse>, Status> {
         let mut token = token;
@@ -212,7 +212,7 @@ impl ChatStoreService {
         };
         Ok(Response::new(pb::WriteResponse {
             pts,
-            read_token: self.router.keys().encode(&token).into(),
+            read_token: self.router.keys().issue(&token),
         }))
     }
 
@@ -220,9 +220,9 @@ impl ChatStoreService {
         &self,
         chat: u64,
         consistency: i32,
-        token: &[u8],
+        token: &bytes::Bytes,
         query: Query,
-    ) -> Result<(crate::api::pb::node::EncodedReadReply, Vec<u8>), Status> {
+    ) -> Result<(crate::api::pb::node::EncodedReadReply, bytes::Bytes), Status> {
         let consistency = validate::consistency(consistency)?;
         let mut token = self.token(token)?;
         let shard = self.router.shard_of(chat);
@@ -231,7 +231,7 @@ impl ChatStoreService {
             .read(shard, consistency, token.position(shard.0), query)
             .await?;
         token.merge(answer.position);
-        Ok((answer.reply, self.router.keys().encode(&token)))
+        Ok((answer.reply, self.router.keys().issue(&token)))
     }
 }
 
@@ -241,7 +241,7 @@ fn record(metric_rpc: &'static str) {
 
 /// One send of a batch as [`write_in_groups`] returns it: its command's
 /// result, the position of the entry that carried it, and its token.
-type Written = Result<(rp::CommandResult, ShardPosition, TokenBody), Status>;
+type Written = Result<(rp::CommandResult, ShardPosition, Token), Status>;
 
 /// Writes the sends of a batch to one shard (indexes into the batch, in
 /// request order) with `write`: one group per node call, as many as fit,
@@ -252,7 +252,7 @@ type Written = Result<(rp::CommandResult, ShardPosition, TokenBody), Status>;
 /// groups not yet started are not written either.
 async fn write_in_groups<W, F>(
     shard: crate::types::ShardId,
-    items: Vec<(usize, Command, TokenBody)>,
+    items: Vec<(usize, Command, Token)>,
     mut write: W,
 ) -> Vec<(usize, Written)>
 where
@@ -341,7 +341,7 @@ impl ChatStore for ChatStoreService {
         }
         let total = r.sends.len();
         let mut results: Vec<Option<Result<pb::SendResponse, Status>>> = vec![None; total];
-        let mut by_shard: std::collections::BTreeMap<u64, Vec<(usize, Command, TokenBody)>> =
+        let mut by_shard: std::collections::BTreeMap<u64, Vec<(usize, Command, Token)>> =
             Default::default();
         let min_tokens: Vec<bytes::Bytes> = r.sends.iter().map(|s| s.min_token.clone()).collect();
         for (i, send) in r.sends.into_iter().enumerate() {
@@ -370,7 +370,7 @@ impl ChatStore for ChatStoreService {
                     .map(|(_, position)| (&min_tokens[*i], *position))
             })
             .collect();
-        let mut batch_token = Vec::new();
+        let mut batch_token = bytes::Bytes::new();
         if let Some((first, _)) = stored.first() {
             let mut covering = self.token(first)?;
             for (_, position) in &stored {
@@ -382,7 +382,7 @@ impl ChatStore for ChatStoreService {
                 .iter()
                 .all(|(_, p)| covering.position(p.shard).is_some());
             if one_token && covers_all {
-                batch_token = self.router.keys().encode(&covering);
+                batch_token = self.router.keys().issue(&covering);
             }
         }
         for (i, result) in per_shard.into_iter().flatten() {
@@ -406,7 +406,7 @@ impl ChatStore for ChatStoreService {
             .collect();
         Ok(Response::new(pb::SendBatchResponse {
             outcomes,
-            read_token: batch_token.into(),
+            read_token: batch_token,
         }))
     }
 
@@ -512,7 +512,7 @@ impl ChatStore for ChatStoreService {
             if !more {
                 return Ok(Response::new(pb::WriteResponse {
                     pts,
-                    read_token: self.router.keys().encode(&token).into(),
+                    read_token: self.router.keys().issue(&token),
                 }));
             }
         }
@@ -585,7 +585,7 @@ impl ChatStore for ChatStoreService {
             .await?;
         Ok(Response::new(EncodedMessagesResponse {
             messages: reply.messages,
-            read_token: token.into(),
+            read_token: token,
             served_by_node: reply.served_by_node,
         }))
     }
@@ -606,7 +606,7 @@ impl ChatStore for ChatStoreService {
             .await?;
         Ok(Response::new(EncodedMessagesResponse {
             messages: reply.messages,
-            read_token: token.into(),
+            read_token: token,
             served_by_node: reply.served_by_node,
         }))
     }
@@ -652,7 +652,7 @@ impl ChatStore for ChatStoreService {
         cap_difference_bytes(&mut chats, &r.cursors);
         Ok(Response::new(pb::GetDifferenceResponse {
             chats,
-            read_token: self.router.keys().encode(&token).into(),
+            read_token: self.router.keys().issue(&token),
         }))
     }
 
@@ -715,7 +715,7 @@ impl ChatStore for ChatStoreService {
         let mut out = reply
             .chat
             .ok_or_else(|| Status::internal("node returned no chat"))?;
-        out.read_token = token.into();
+        out.read_token = token;
         Ok(Response::new(out))
     }
 }
@@ -788,7 +788,8 @@ mod tests {
     }
 
     /// `n` sends of `bytes` each into chat 1, as a batch carries them.
-    fn sends(n: usize, bytes: usize) -> Vec<(usize, Command, TokenBody)> {
+    fn sends(n: usize, bytes: usize) -> Vec<(usize, Command, Token)> {
+        let keys = crate::router::token::TokenKeys::new("c", b"s");
         (0..n)
             .map(|i| {
                 let send = rp::SendCmd {
@@ -801,7 +802,7 @@ mod tests {
                 let command = Command {
                     kind: Some(command::Kind::Send(send)),
                 };
-                (i, command, TokenBody::default())
+                (i, command, keys.token(&bytes::Bytes::new()).unwrap())
             })
             .collect()
     }

@@ -10,7 +10,16 @@
 //! Wire form (opaque to clients): `version(1) | body | mac(16)`, where body is
 //! a prost `TokenBody` and mac is the first 16 bytes of HMAC-SHA256 over
 //! version and body, keyed by the cluster's token secret.
+//!
+//! Most reads move nothing in their token (the client already holds the
+//! position the reply reflects), so a router remembers the tokens it checked
+//! or signed lately, by their exact bytes, and answers a read that changed
+//! nothing with the bytes it was sent: such a read neither checks a MAC nor
+//! signs one.
 
+use std::sync::Arc;
+
+use bytes::Bytes;
 use hmac::{Hmac, Mac};
 use prost::Message;
 use sha2::Sha256;
@@ -27,6 +36,10 @@ const _: () = assert!(TOKEN_SHARDS_MAX > crate::router::validate::CURSORS_MAX + 
 /// Largest token accepted.
 pub const TOKEN_BYTES_MAX: usize = 8192;
 const MAC_BYTES: usize = 16;
+/// Bytes of tokens (and their decoded positions) a router remembers as
+/// checked. A token of 64 positions is about 1.3 KB, so this holds the
+/// tokens of about 6,000 recent clients; one not held is checked again.
+const VERIFIED_BYTES_MAX: u64 = 16 << 20;
 
 #[derive(Clone, PartialEq, Message)]
 pub struct TokenBody {
@@ -61,24 +74,78 @@ pub enum TokenError {
     BadMac,
 }
 
+/// A client's token as a router works on it: its positions and, while a
+/// merge has changed none of them, the bytes the client sent.
+#[derive(Clone, Debug)]
+pub struct Token {
+    body: Arc<TokenBody>,
+    sent: Option<Bytes>,
+}
+
+impl Token {
+    pub fn body(&self) -> &TokenBody {
+        &self.body
+    }
+
+    pub fn position(&self, shard: u64) -> Option<ShardPosition> {
+        self.body.position(shard)
+    }
+
+    /// [`TokenBody::merge`].
+    pub fn merge(&mut self, pos: ShardPosition) {
+        self.merge_as(pos, false);
+    }
+
+    /// [`TokenBody::merge_write`].
+    pub fn merge_write(&mut self, pos: ShardPosition) {
+        self.merge_as(pos, true);
+    }
+
+    fn merge_as(&mut self, pos: ShardPosition, write: bool) {
+        if self.body.changed_by(pos, write) {
+            Arc::make_mut(&mut self.body).merge_as(pos, write);
+            self.sent = None;
+        }
+    }
+}
+
+/// What a remembered token costs: its bytes and its decoded positions.
+#[derive(Clone)]
+struct TokenWeight;
+
+impl quick_cache::Weighter<Bytes, Arc<TokenBody>> for TokenWeight {
+    fn weight(&self, key: &Bytes, body: &Arc<TokenBody>) -> u64 {
+        let positions = body.shards.len() * std::mem::size_of::<ShardPosition>();
+        (key.len() + positions + body.written.len() * 8 + 64) as u64
+    }
+}
+
 /// Issues and checks tokens for one cluster.
 #[derive(Clone)]
 pub struct TokenKeys {
-    secret: Vec<u8>,
+    /// HMAC-SHA256 keyed with the secret, cloned for each MAC.
+    keyed: Hmac<Sha256>,
     cluster: u64,
+    /// Tokens whose MAC this router checked or made, by their bytes.
+    verified: Arc<quick_cache::sync::Cache<Bytes, Arc<TokenBody>, TokenWeight>>,
 }
 
 impl TokenKeys {
     pub fn new(cluster_name: &str, secret: &[u8]) -> TokenKeys {
         TokenKeys {
-            secret: secret.to_vec(),
+            keyed: <Hmac<Sha256> as Mac>::new_from_slice(secret)
+                .expect("HMAC takes any key length"),
             cluster: xxhash_rust::xxh3::xxh3_64(cluster_name.as_bytes()),
+            verified: Arc::new(quick_cache::sync::Cache::with_weighter(
+                (VERIFIED_BYTES_MAX / 1024) as usize,
+                VERIFIED_BYTES_MAX,
+                TokenWeight,
+            )),
         }
     }
 
     fn mac(&self, body: &[u8]) -> [u8; MAC_BYTES] {
-        let mut m =
-            <Hmac<Sha256> as Mac>::new_from_slice(&self.secret).expect("HMAC takes any key length");
+        let mut m = self.keyed.clone();
         m.update(&[TOKEN_VERSION]);
         m.update(body);
         let full = m.finalize().into_bytes();
@@ -127,6 +194,39 @@ impl TokenKeys {
         out.extend_from_slice(&self.mac(&b));
         out
     }
+
+    /// [`TokenKeys::decode`], taking a token checked lately from memory.
+    pub fn token(&self, bytes: &Bytes) -> Result<Token, TokenError> {
+        if bytes.is_empty() {
+            return Ok(Token {
+                body: Arc::new(self.decode(bytes)?),
+                sent: Some(Bytes::new()),
+            });
+        }
+        let body = match self.verified.get(bytes) {
+            Some(body) => body,
+            None => {
+                let body = Arc::new(self.decode(bytes)?);
+                self.verified.insert(bytes.clone(), body.clone());
+                body
+            }
+        };
+        Ok(Token {
+            body,
+            sent: Some(bytes.clone()),
+        })
+    }
+
+    /// The bytes of `token`: those the client sent if nothing changed,
+    /// else newly signed ones, remembered as checked.
+    pub fn issue(&self, token: &Token) -> Bytes {
+        if let Some(sent) = &token.sent {
+            return sent.clone();
+        }
+        let bytes = Bytes::from(self.encode(&token.body));
+        self.verified.insert(bytes.clone(), token.body.clone());
+        bytes
+    }
 }
 
 impl TokenBody {
@@ -136,11 +236,12 @@ impl TokenBody {
 
     /// Merges in the position a read reflects: per shard, the later (index)
     /// wins; a new incarnation replaces the old one. Positions are kept in
-    /// the order they were last merged, and a token past
-    /// [`TOKEN_SHARDS_MAX`] drops the one merged longest ago among those
-    /// that are not writes (or, with only writes, the oldest write), never
-    /// the one just merged (indexes of different shards say nothing about
-    /// which matters more). Incarnation 0 is a shard whose first leader has
+    /// the order they last changed, and a token past [`TOKEN_SHARDS_MAX`]
+    /// drops the one that changed longest ago among those that are not
+    /// writes (or, with only writes, the oldest write), never the one just
+    /// merged (indexes of different shards say nothing about which matters
+    /// more). A merge that changes no position leaves the order too, so
+    /// that the token's bytes stay the same. Incarnation 0 is a shard whose first leader has
     /// not yet applied its bootstrap entry (writes may come before it): such
     /// a position never replaces one with an incarnation, so that a replica
     /// that knows less (a new voter, say) cannot wipe what the token holds.
@@ -154,16 +255,22 @@ impl TokenBody {
         self.merge_as(pos, true);
     }
 
+    /// Whether merging `pos` changes anything.
+    fn changed_by(&self, pos: ShardPosition, write: bool) -> bool {
+        match self.position(pos.shard) {
+            None => true,
+            Some(held) => newer(pos, held) || (write && !self.written.contains(&pos.shard)),
+        }
+    }
+
     fn merge_as(&mut self, pos: ShardPosition, write: bool) {
+        if !self.changed_by(pos, write) {
+            return;
+        }
         let merged = match self.shards.iter().position(|p| p.shard == pos.shard) {
             Some(i) => {
                 let held = self.shards.remove(i);
-                let newer = if pos.incarnation == held.incarnation {
-                    pos.index > held.index
-                } else {
-                    pos.incarnation != 0
-                };
-                if newer {
+                if newer(pos, held) {
                     if pos.incarnation != held.incarnation {
                         // A write to an earlier incarnation says nothing now.
                         self.written.retain(|s| *s != pos.shard);
@@ -188,6 +295,15 @@ impl TokenBody {
             let gone = self.shards.remove(drop).shard;
             self.written.retain(|s| *s != gone);
         }
+    }
+}
+
+/// Whether `pos` replaces `held`, a position of the same shard.
+fn newer(pos: ShardPosition, held: ShardPosition) -> bool {
+    if pos.incarnation == held.incarnation {
+        pos.index > held.index
+    } else {
+        pos.incarnation != 0
     }
 }
 
@@ -223,6 +339,50 @@ mod tests {
         assert!(keys.decode(b"garbage").is_err());
     }
 
+    /// A read that moves no position answers with the bytes it was sent;
+    /// one that does gets new bytes, checked like any other; a tampered
+    /// copy of a remembered token is refused.
+    #[test]
+    fn a_token_that_nothing_changed_keeps_its_bytes() {
+        let keys = TokenKeys::new("c", b"secret");
+        let mut token = keys.token(&Bytes::new()).unwrap();
+        assert_eq!(keys.issue(&token), Bytes::new());
+        token.merge_write(pos(3, 10));
+        token.merge(pos(1, 2));
+        let first = keys.issue(&token);
+        assert_eq!(keys.decode(&first).unwrap(), *token.body());
+
+        let mut again = keys.token(&first).unwrap();
+        again.merge(pos(3, 9));
+        again.merge(pos(1, 2));
+        again.merge(pos(3, 10));
+        assert_eq!(keys.issue(&again), first, "nothing moved");
+        // A write over a held read position is a change.
+        let mut written = keys.token(&first).unwrap();
+        written.merge_write(pos(1, 2));
+        let bytes = keys.issue(&written);
+        assert_ne!(bytes, first);
+        assert_eq!(keys.decode(&bytes).unwrap().written, vec![3, 1]);
+
+        again.merge(pos(1, 3));
+        let moved = keys.issue(&again);
+        assert_ne!(moved, first);
+        let body = keys.token(&moved).unwrap().body().clone();
+        assert_eq!(body.position(1).unwrap().index, 3);
+        assert_eq!(body.position(3).unwrap().index, 10);
+        assert_eq!(keys.decode(&moved).unwrap(), body);
+
+        let mut bad = moved.to_vec();
+        let n = bad.len();
+        bad[n - 1] ^= 1;
+        assert_eq!(
+            keys.token(&Bytes::from(bad)).unwrap_err(),
+            TokenError::BadMac
+        );
+        let other = TokenKeys::new("c", b"other secret");
+        assert_eq!(other.token(&moved).unwrap_err(), TokenError::BadMac);
+    }
+
     #[test]
     fn keeps_at_most_the_limit() {
         let keys = TokenKeys::new("c", b"s");
@@ -243,11 +403,12 @@ mod tests {
         assert_eq!(body.shards.len(), TOKEN_SHARDS_MAX);
         assert!(body.position(10).is_none());
         // Merging an older position of a held shard keeps the newer one and
-        // counts as recent.
+        // changes nothing, not even the order; a newer one counts as recent.
         body.merge(pos(11, 1));
         assert_eq!(body.position(11).unwrap().index, 12);
+        body.merge(pos(12, 100));
         body.merge(pos(2_000, 1));
-        assert!(body.position(11).is_some() && body.position(12).is_none());
+        assert!(body.position(11).is_none() && body.position(12).is_some());
     }
 
     /// A write's position outlives a GetDifference over the most cursors,
