@@ -111,6 +111,17 @@ pub struct History {
     /// Requests refused in a way retrying would not change. Every request
     /// of the workload is valid, so each one is a finding.
     pub refusals: Mutex<Vec<String>>,
+    pub self_destructing: Mutex<SelfDestructing>,
+}
+
+/// The sends that asked to self-destruct.
+#[derive(Default, Clone)]
+pub struct SelfDestructing {
+    /// By (chat, client_msg_id).
+    pub asked: BTreeSet<(u64, u64)>,
+    /// When the last of their timers runs out at the latest (from the end
+    /// of its call).
+    pub due: Option<Instant>,
 }
 
 impl History {
@@ -442,13 +453,31 @@ pub async fn run_session(
             n += 1;
             let cmid = (session as u64 + 1) * 1_000_000 + n;
             let body = format!("s{session}-{n}");
+            // Some messages self-destruct a second or two after they are
+            // sent: every replica must remove them, and no other.
+            let destruct_secs = match roll < 6 {
+                true => rng.random_range(1..=2),
+                false => 0,
+            };
+            if destruct_secs > 0 {
+                history
+                    .self_destructing
+                    .lock()
+                    .unwrap()
+                    .asked
+                    .insert((chat, cmid));
+            }
             let req = pb::SendRequest {
                 chat_id: chat,
                 sender_id: sender,
                 client_msg_id: cmid,
                 body: body.clone().into_bytes().into(),
                 min_token: token.clone(),
-                ..Default::default()
+                self_destruct: (destruct_secs > 0).then_some(pb::SelfDestructPolicy {
+                    policy: Some(pb::self_destruct_policy::Policy::AfterSendSecs(
+                        destruct_secs,
+                    )),
+                }),
             };
             // A frontend retries an ambiguous failure once, with the same id.
             let mut outcome = Outcome::Unknown;
@@ -458,7 +487,11 @@ pub async fn run_session(
                     Ok(Ok(r)) => {
                         let r = r.into_inner();
                         token = r.read_token.clone();
-                        my_msgs.push((chat, r.seq));
+                        // Edits, deletes and read marks go to messages
+                        // that stay.
+                        if destruct_secs == 0 {
+                            my_msgs.push((chat, r.seq));
+                        }
                         let e = seen_pts.entry(chat).or_default();
                         *e = (*e).max(r.pts);
                         outcome = Outcome::Ok(r.seq);
@@ -474,6 +507,11 @@ pub async fn run_session(
                         api = connect(&routers, rng.random_range(0..routers.len())).await;
                     }
                 }
+            }
+            if destruct_secs > 0 {
+                let due = Instant::now() + Duration::from_secs(destruct_secs.into());
+                let mut sd = history.self_destructing.lock().unwrap();
+                sd.due = sd.due.max(Some(due));
             }
             OpKind::Send {
                 chat,
@@ -1004,6 +1042,71 @@ pub async fn run(seed: u64, secs: u64, name: &str) -> (Vec<String>, Chaos) {
     (findings, chaos)
 }
 
+/// Waits until every self-destructing message whose send was acknowledged
+/// is gone from every replica, for at most `within` after the last timer
+/// ran out; a finding for each one still there then. The leaders' chores
+/// remove them (every 500 ms), so the check after this sees each chat's
+/// final state.
+async fn self_destructed(
+    nodes: &Client,
+    node_ids: &[u64],
+    history: &History,
+    within: Duration,
+) -> Vec<String> {
+    let SelfDestructing { asked, due } = history.self_destructing.lock().unwrap().clone();
+    let Some(due) = due else {
+        return Vec::new();
+    };
+    let acked: Vec<(u64, u64, u64)> = history
+        .ops
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|op| match op.kind {
+            OpKind::Send {
+                chat,
+                cmid,
+                outcome: Outcome::Ok(seq),
+                ..
+            } if asked.contains(&(chat, cmid)) => Some((chat, cmid, seq)),
+            _ => None,
+        })
+        .collect();
+    eprintln!(
+        "self-destructing sends: {} asked, {} acknowledged",
+        asked.len(),
+        acked.len()
+    );
+    tokio::time::sleep_until(due.into()).await;
+    let deadline = Instant::now() + within;
+    loop {
+        let mut left = Vec::new();
+        let hosts = nodes.hosts(node_ids).await.unwrap_or_default();
+        let chats: BTreeSet<u64> = acked.iter().map(|(chat, _, _)| *chat).collect();
+        for chat in chats {
+            let shard = nodes.shard_of(chat).0;
+            for &node in hosts.get(&shard).map(Vec::as_slice).unwrap_or_default() {
+                let Ok(h) = nodes.history_on(node, chat).await else {
+                    left.push(format!("chat {chat} could not be read on node {node}"));
+                    continue;
+                };
+                for (c, cmid, seq) in acked.iter().filter(|(c, _, _)| *c == chat) {
+                    if h.iter().any(|m| m.seq == *seq) {
+                        left.push(format!(
+                            "self-destructing message {c}/{cmid} (seq {seq}) is still on node \
+                             {node} {within:?} after its timer ran out"
+                        ));
+                    }
+                }
+            }
+        }
+        if left.is_empty() || Instant::now() >= deadline {
+            return left;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 /// One acknowledged send into each chat through the routers, each within
 /// `within` (retrying refusals that say to retry); the chats that took none.
 /// The sends join the history, for the checker.
@@ -1316,6 +1419,8 @@ pub async fn check(chaos: &Chaos, history: &History) -> Vec<String> {
 pub async fn check_on(nodes: &Client, node_ids: &[u64], history: &History) -> Vec<String> {
     let mut bad: Vec<String> = history.online_violations.lock().unwrap().clone();
     bad.extend(history.refusals.lock().unwrap().iter().cloned());
+    // First, so that no message expires while the replicas are compared.
+    bad.extend(self_destructed(nodes, node_ids, history, Duration::from_secs(60)).await);
     let ops = history.ops.lock().unwrap().clone();
     let acked_sends = ops
         .iter()
@@ -1376,14 +1481,45 @@ pub async fn check_on(nodes: &Client, node_ids: &[u64], history: &History) -> Ve
             }
         }
     }
+    let self_destructing = history.self_destructing.lock().unwrap().asked.clone();
+    // Per chat: the seqs of acknowledged self-destructing sends, and how
+    // many such sends have no known seq (their outcome unknown).
+    let mut destructed: BTreeMap<u64, (BTreeSet<u64>, usize)> = BTreeMap::new();
+    for op in &ops {
+        if let OpKind::Send {
+            chat,
+            cmid,
+            ref outcome,
+            ..
+        } = op.kind
+        {
+            if self_destructing.contains(&(chat, cmid)) {
+                let (seqs, unknown) = destructed.entry(chat).or_default();
+                match outcome {
+                    Outcome::Ok(seq) => drop(seqs.insert(*seq)),
+                    Outcome::Unknown => *unknown += 1,
+                    Outcome::Failed => {}
+                }
+            }
+        }
+    }
     for (chat, replicas) in &finals {
         let shard = nodes.shard_of(*chat).0;
         let on = hosts.get(&shard).cloned().unwrap_or_default();
+        let (gone, unknown) = destructed.get(chat).cloned().unwrap_or_default();
         for (h, node) in replicas.iter().zip(on) {
+            // Seqs go up from 1; a seq is missing only where a message
+            // self-destructed.
             let seqs: Vec<u64> = h.iter().map(|m| m.seq).collect();
-            if seqs != (1..=h.len() as u64).collect::<Vec<_>>() {
+            let held: BTreeSet<u64> = seqs.iter().copied().collect();
+            let newest = seqs.last().copied().unwrap_or(0);
+            let missing: Vec<u64> = (1..=newest)
+                .filter(|s| !held.contains(s) && !gone.contains(s))
+                .collect();
+            if !seqs.windows(2).all(|w| w[0] < w[1]) || missing.len() > unknown {
                 bad.push(format!(
-                    "node {node} chat {chat}: seqs are not 1..n: {seqs:?}"
+                    "node {node} chat {chat}: seqs {seqs:?} miss {missing:?}, but only {unknown} \
+                     self-destructing sends of unknown outcome could have left a gap"
                 ));
             }
             let mut ids = BTreeSet::new();
@@ -1426,11 +1562,18 @@ pub async fn check_on(nodes: &Client, node_ids: &[u64], history: &History) -> Ve
         if w.kind == pb::ChangeKind::NewMessage as i32 {
             let stored = finals
                 .get(&w.chat)
-                .and_then(|r| r[0].get((w.seq as usize).wrapping_sub(1)))
+                .and_then(|r| r[0].iter().find(|m| m.seq == w.seq))
                 .map(|m| (m.sender_id, m.client_msg_id));
             match (w.message, stored) {
                 (Some(told), Some(stored)) if told == stored => {}
                 (None, Some(_)) => {}
+                // Self-destructed since (a change read after the message
+                // went carries none).
+                (Some((_, cmid)), None) if self_destructing.contains(&(w.chat, cmid)) => {}
+                (None, None)
+                    if destructed
+                        .get(&w.chat)
+                        .is_some_and(|(gone, unknown)| gone.contains(&w.seq) || *unknown > 0) => {}
                 (told, stored) => bad.push(format!(
                     "watcher {} was told of new message {}/{} from {told:?}, but it holds {stored:?}",
                     w.watcher, w.chat, w.seq
@@ -1483,6 +1626,10 @@ pub async fn check_on(nodes: &Client, node_ids: &[u64], history: &History) -> Ve
             outcome: Outcome::Ok(seq),
         } = &op.kind
         {
+            if self_destructing.contains(&(*chat, *cmid)) {
+                // Gone by now (checked before the final reads).
+                continue;
+            }
             match by_id(*chat).get(cmid) {
                 Some(m) if m.seq == *seq => {
                     if m.sender_id != *sender {
