@@ -641,14 +641,16 @@ impl ChatStore for ChatStoreService {
         });
         let answers = futures::future::join_all(reads).await;
         let mut chats = Vec::with_capacity(answers.len());
+        let mut positions = Vec::with_capacity(answers.len());
         for a in answers {
             let a = a?;
-            token.merge(a.position);
+            positions.push(a.position);
             if let Some(mut d) = a.reply.difference {
                 d.served_by_node = a.reply.served_by_node;
                 chats.push(d);
             }
         }
+        token.merge_all(&positions);
         cap_difference_bytes(&mut chats, &r.cursors);
         Ok(Response::new(pb::GetDifferenceResponse {
             chats,

@@ -107,6 +107,21 @@ impl Token {
             self.sent = None;
         }
     }
+
+    /// Merges the positions one response reflects (a GetDifference's, one
+    /// per chat). If any changes the token, every one of them counts as
+    /// merged just now, unchanged ones included, so none of them is pushed
+    /// out by the others: a token holds more positions than one response
+    /// names.
+    pub fn merge_all(&mut self, positions: &[ShardPosition]) {
+        if positions.iter().any(|p| self.body.changed_by(*p, false)) {
+            let body = Arc::make_mut(&mut self.body);
+            for p in positions {
+                body.touch(*p);
+            }
+            self.sent = None;
+        }
+    }
 }
 
 /// What a remembered token costs: its bytes and its decoded positions.
@@ -207,7 +222,10 @@ impl TokenKeys {
             Some(body) => body,
             None => {
                 let body = Arc::new(self.decode(bytes)?);
-                self.verified.insert(bytes.clone(), body.clone());
+                // A copy: `bytes` may be a slice of the whole request's
+                // buffer, which the cache would otherwise keep alive.
+                self.verified
+                    .insert(Bytes::copy_from_slice(bytes), body.clone());
                 body
             }
         };
@@ -264,9 +282,18 @@ impl TokenBody {
     }
 
     fn merge_as(&mut self, pos: ShardPosition, write: bool) {
-        if !self.changed_by(pos, write) {
-            return;
+        if self.changed_by(pos, write) {
+            self.touch_as(pos, write);
         }
+    }
+
+    /// Merges `pos` as a read, and counts it as merged just now even if
+    /// nothing about it changed.
+    fn touch(&mut self, pos: ShardPosition) {
+        self.touch_as(pos, false);
+    }
+
+    fn touch_as(&mut self, pos: ShardPosition, write: bool) {
         let merged = match self.shards.iter().position(|p| p.shard == pos.shard) {
             Some(i) => {
                 let held = self.shards.remove(i);
@@ -381,6 +408,34 @@ mod tests {
         );
         let other = TokenKeys::new("c", b"other secret");
         assert_eq!(other.token(&moved).unwrap_err(), TokenError::BadMac);
+    }
+
+    /// A GetDifference that changes its token keeps every position it
+    /// reflects, also those it did not move, however full the token was.
+    #[test]
+    fn one_response_never_pushes_out_its_own_positions() {
+        let keys = TokenKeys::new("c", b"s");
+        let mut token = keys.token(&Bytes::new()).unwrap();
+        for s in 0..TOKEN_SHARDS_MAX as u64 {
+            token.merge(pos(s, 5));
+        }
+        let cursors = crate::router::validate::CURSORS_MAX as u64;
+        // The oldest held shards, unchanged, and new ones.
+        let held = cursors * 3 / 5;
+        let positions: Vec<ShardPosition> = (0..held)
+            .map(|s| pos(s, 5))
+            .chain((0..cursors - held).map(|s| pos(10_000 + s, 1)))
+            .collect();
+        token.merge_all(&positions);
+        assert_eq!(token.body().shards.len(), TOKEN_SHARDS_MAX);
+        for p in &positions {
+            assert_eq!(token.position(p.shard), Some(*p), "shard {}", p.shard);
+        }
+        // Nothing moved: the same bytes.
+        let bytes = keys.issue(&token);
+        let mut again = keys.token(&bytes).unwrap();
+        again.merge_all(&positions);
+        assert_eq!(keys.issue(&again), bytes);
     }
 
     #[test]

@@ -1043,13 +1043,13 @@ pub async fn run(seed: u64, secs: u64, name: &str) -> (Vec<String>, Chaos) {
 }
 
 /// Waits until every self-destructing message whose send was acknowledged
-/// is gone from every replica, for at most `within` after the last timer
-/// ran out; a finding for each one still there then. The leaders' chores
-/// remove them (every 500 ms), so the check after this sees each chat's
-/// final state.
+/// has an EXPIRE change in the change log of every replica in `hosts`, for
+/// at most `within` after the last timer ran out; a finding for each one
+/// still not removed then. (Reads hide such a message once its time comes;
+/// the leaders' chores remove it, every 500 ms, by a Raft command.)
 async fn self_destructed(
     nodes: &Client,
-    node_ids: &[u64],
+    hosts: &BTreeMap<u64, Vec<u64>>,
     history: &History,
     within: Duration,
 ) -> Vec<String> {
@@ -1080,28 +1080,57 @@ async fn self_destructed(
     tokio::time::sleep_until(due.into()).await;
     let deadline = Instant::now() + within;
     loop {
-        let mut left = Vec::new();
-        let hosts = nodes.hosts(node_ids).await.unwrap_or_default();
+        // Findings that waiting cannot change, and those it may.
+        let (mut lost, mut left) = (Vec::new(), Vec::new());
         let chats: BTreeSet<u64> = acked.iter().map(|(chat, _, _)| *chat).collect();
         for chat in chats {
             let shard = nodes.shard_of(chat).0;
-            for &node in hosts.get(&shard).map(Vec::as_slice).unwrap_or_default() {
-                let Ok(h) = nodes.history_on(node, chat).await else {
-                    left.push(format!("chat {chat} could not be read on node {node}"));
-                    continue;
+            let on = hosts.get(&shard).map(Vec::as_slice).unwrap_or_default();
+            if on.is_empty() {
+                left.push(format!("no node hosts chat {chat}"));
+            }
+            for &node in on {
+                let read = async {
+                    let last_seq = nodes.chat_on(node, chat).await?.last_seq;
+                    let expired = nodes.expired_on(node, chat).await?;
+                    let held: BTreeMap<u64, u64> = nodes
+                        .history_on(node, chat)
+                        .await?
+                        .iter()
+                        .map(|m| (m.seq, m.client_msg_id))
+                        .collect();
+                    Ok::<_, tonic::Status>((last_seq, expired, held))
+                };
+                let (last_seq, expired, held) = match read.await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        left.push(format!("chat {chat} on node {node}: {e}"));
+                        continue;
+                    }
                 };
                 for (c, cmid, seq) in acked.iter().filter(|(c, _, _)| *c == chat) {
-                    if h.iter().any(|m| m.seq == *seq) {
+                    if *seq == 0 || *seq > last_seq {
+                        lost.push(format!(
+                            "LOST: acknowledged self-destructing send {c}/{cmid} (seq {seq}) \
+                             was never stored on node {node} (its last seq is {last_seq})"
+                        ));
+                    } else if let Some(other) = held.get(seq).filter(|other| *other != cmid) {
+                        lost.push(format!(
+                            "LOST: acknowledged self-destructing send {c}/{cmid} (seq {seq}): \
+                             node {node} holds {other} at that seq"
+                        ));
+                    } else if !expired.contains(seq) {
                         left.push(format!(
-                            "self-destructing message {c}/{cmid} (seq {seq}) is still on node \
-                             {node} {within:?} after its timer ran out"
+                            "self-destructing message {c}/{cmid} (seq {seq}) was not removed \
+                             from node {node} within {within:?} after its timer ran out"
                         ));
                     }
                 }
             }
         }
         if left.is_empty() || Instant::now() >= deadline {
-            return left;
+            lost.extend(left);
+            return lost;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -1419,8 +1448,6 @@ pub async fn check(chaos: &Chaos, history: &History) -> Vec<String> {
 pub async fn check_on(nodes: &Client, node_ids: &[u64], history: &History) -> Vec<String> {
     let mut bad: Vec<String> = history.online_violations.lock().unwrap().clone();
     bad.extend(history.refusals.lock().unwrap().iter().cloned());
-    // First, so that no message expires while the replicas are compared.
-    bad.extend(self_destructed(nodes, node_ids, history, Duration::from_secs(60)).await);
     let ops = history.ops.lock().unwrap().clone();
     let acked_sends = ops
         .iter()
@@ -1470,21 +1497,46 @@ pub async fn check_on(nodes: &Client, node_ids: &[u64], history: &History) -> Ve
             return bad;
         }
     };
-    // Final state of every chat on every replica.
+    bad.extend(self_destructed(nodes, &hosts, history, Duration::from_secs(30)).await);
+    // The removals are Raft entries of their own.
+    if let Err(e) = nodes
+        .wait_converged(node_ids, Duration::from_secs(120))
+        .await
+    {
+        bad.push(e);
+        return bad;
+    }
+    let self_destructing = history.self_destructing.lock().unwrap().asked.clone();
+    // Final state of every chat on every replica. Self-destructing messages
+    // are left out: a read hides one by the replica's clock once its time
+    // comes, so two reads a moment apart may differ (their removal is
+    // checked above, and the replicas' digests cover it).
     let mut finals: BTreeMap<u64, Vec<Vec<pb::Message>>> = BTreeMap::new();
+    // Each chat's last seq, as its first replica's record has it.
+    let mut last_seqs: BTreeMap<u64, u64> = BTreeMap::new();
     for chat in 1..=CHATS {
         let shard = nodes.shard_of(chat).0;
+        if let Some(&node) = hosts.get(&shard).and_then(|on| on.first()) {
+            match nodes.chat_on(node, chat).await {
+                Ok(c) => drop(last_seqs.insert(chat, c.last_seq)),
+                Err(e) => bad.push(format!("read chat {chat}'s record on node {node}: {e}")),
+            }
+        }
         for &node in hosts.get(&shard).map(Vec::as_slice).unwrap_or_default() {
             match nodes.history_on(node, chat).await {
-                Ok(h) => finals.entry(chat).or_default().push(h),
+                Ok(mut h) => {
+                    h.retain(|m| !self_destructing.contains(&(chat, m.client_msg_id)));
+                    finals.entry(chat).or_default().push(h);
+                }
                 Err(e) => bad.push(format!("read chat {chat} on node {node}: {e}")),
             }
         }
     }
-    let self_destructing = history.self_destructing.lock().unwrap().asked.clone();
     // Per chat: the seqs of acknowledged self-destructing sends, and how
     // many such sends have no known seq (their outcome unknown).
     let mut destructed: BTreeMap<u64, (BTreeSet<u64>, usize)> = BTreeMap::new();
+    // The seq each acknowledged self-destructing send was given.
+    let mut destructed_seq: BTreeMap<(u64, u64), u64> = BTreeMap::new();
     for op in &ops {
         if let OpKind::Send {
             chat,
@@ -1496,7 +1548,10 @@ pub async fn check_on(nodes: &Client, node_ids: &[u64], history: &History) -> Ve
             if self_destructing.contains(&(chat, cmid)) {
                 let (seqs, unknown) = destructed.entry(chat).or_default();
                 match outcome {
-                    Outcome::Ok(seq) => drop(seqs.insert(*seq)),
+                    Outcome::Ok(seq) => {
+                        seqs.insert(*seq);
+                        destructed_seq.insert((chat, cmid), *seq);
+                    }
                     Outcome::Unknown => *unknown += 1,
                     Outcome::Failed => {}
                 }
@@ -1567,13 +1622,21 @@ pub async fn check_on(nodes: &Client, node_ids: &[u64], history: &History) -> Ve
             match (w.message, stored) {
                 (Some(told), Some(stored)) if told == stored => {}
                 (None, Some(_)) => {}
-                // Self-destructed since (a change read after the message
-                // went carries none).
-                (Some((_, cmid)), None) if self_destructing.contains(&(w.chat, cmid)) => {}
+                // A self-destructing message (left out of the final
+                // reads), at the seq its send was given if that is known.
+                (Some((_, cmid)), None)
+                    if self_destructing.contains(&(w.chat, cmid))
+                        && destructed_seq
+                            .get(&(w.chat, cmid))
+                            .is_none_or(|seq| *seq == w.seq) => {}
+                // Gone before the watcher read the change: one of those
+                // messages, or a send of unknown outcome within the chat.
                 (None, None)
-                    if destructed
-                        .get(&w.chat)
-                        .is_some_and(|(gone, unknown)| gone.contains(&w.seq) || *unknown > 0) => {}
+                    if destructed.get(&w.chat).is_some_and(|(gone, unknown)| {
+                        gone.contains(&w.seq)
+                            || (*unknown > 0
+                                && w.seq <= last_seqs.get(&w.chat).copied().unwrap_or(0))
+                    }) => {}
                 (told, stored) => bad.push(format!(
                     "watcher {} was told of new message {}/{} from {told:?}, but it holds {stored:?}",
                     w.watcher, w.chat, w.seq

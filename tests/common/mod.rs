@@ -282,6 +282,57 @@ impl Client {
         Err(tonic::Status::internal("history of more than 10,000 pages"))
     }
 
+    /// The seqs of `chat` whose messages expired (self-destructed) on
+    /// `node`'s replica: the EXPIRE changes in its change log (STALE).
+    /// Reads hide a message once its time comes; this is what removed it.
+    pub async fn expired_on(
+        &self,
+        node: u64,
+        chat: u64,
+    ) -> Result<std::collections::BTreeSet<u64>, tonic::Status> {
+        let mut out = std::collections::BTreeSet::new();
+        let mut pts = 0;
+        // Pages of up to 1,000 changes: bounded.
+        for _ in 0..10_000 {
+            let mut req = tonic::Request::new(ReadRequest {
+                shard_id: self.shard_of(chat).0,
+                consistency: Consistency::Stale as i32,
+                query: Some(read_request::Query::Difference(
+                    chatstore::api::pb::node::DifferenceQuery {
+                        chat_id: chat,
+                        pts,
+                        limit: 1000,
+                        ..Default::default()
+                    },
+                )),
+                ..Default::default()
+            });
+            req.set_timeout(CALL_TIMEOUT);
+            let reply = self.node(node).read(req).await?.into_inner();
+            let d = reply
+                .difference
+                .ok_or_else(|| tonic::Status::internal("a difference read answered none"))?;
+            if d.reset_required {
+                return Err(tonic::Status::internal(format!(
+                    "chat {chat}'s changes from pts {pts} are collected"
+                )));
+            }
+            out.extend(
+                d.changes
+                    .iter()
+                    .filter(|c| c.kind == pb::ChangeKind::ExpireMessage as i32)
+                    .map(|c| c.seq),
+            );
+            if !d.more || d.pts <= pts {
+                return Ok(out);
+            }
+            pts = d.pts;
+        }
+        Err(tonic::Status::internal(
+            "a change log of more than 10,000 pages",
+        ))
+    }
+
     /// `chat`'s record as the replica on `node` has it (STALE).
     pub async fn chat_on(
         &self,
