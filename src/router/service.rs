@@ -651,7 +651,11 @@ impl ChatStore for ChatStoreService {
             }
         }
         token.merge_all(&positions);
-        cap_difference_bytes(&mut chats, &r.cursors);
+        // From a chat picked at random: a client that asks again for the
+        // same chats, whose first ones keep filling the page, still gets
+        // every chat's changes in turn.
+        let first = rand::random_range(0..chats.len().max(1));
+        cap_difference_bytes(&mut chats, &r.cursors, first);
         Ok(Response::new(pb::GetDifferenceResponse {
             chats,
             read_token: self.router.keys().issue(&token),
@@ -722,13 +726,16 @@ impl ChatStore for ChatStoreService {
     }
 }
 
-/// Keeps a GetDifference answer within [`PAGE_BYTES_MAX`] past its first
-/// chat's changes (a 4 MiB gRPC client takes it): the chats past that are
-/// answered with no changes, their cursor as it was, and `more`, so the
-/// next call picks them up.
-fn cap_difference_bytes(chats: &mut [pb::ChatDifference], cursors: &[pb::Cursor]) {
+/// Keeps a GetDifference answer within [`PAGE_BYTES_MAX`] past the changes
+/// of chat `first` (a 4 MiB gRPC client takes it): taking the chats from
+/// `first` on and around, those that do not fit are answered with no
+/// changes, their cursor as it was, and `more`, so a later call picks them
+/// up.
+fn cap_difference_bytes(chats: &mut [pb::ChatDifference], cursors: &[pb::Cursor], first: usize) {
     let mut bytes = 0;
-    for (i, d) in chats.iter_mut().enumerate() {
+    let n = chats.len();
+    for i in 0..n {
+        let d = &mut chats[(first + i) % n];
         if i > 0 && bytes + d.encoded_len() > PAGE_BYTES_MAX && !d.changes.is_empty() {
             let asked = cursors.iter().find(|c| c.chat_id == d.chat_id);
             d.pts = asked.map_or(d.pts, |c| c.pts);
@@ -776,7 +783,8 @@ mod tests {
             },
         ];
         let cursors: Vec<pb::Cursor> = (1..=4).map(|c| pb::Cursor { chat_id: c, pts: c }).collect();
-        cap_difference_bytes(&mut chats, &cursors);
+        let all = chats.clone();
+        cap_difference_bytes(&mut chats, &cursors, 0);
         assert_eq!(chats[0].changes.len(), 1, "the first always stays");
         assert_eq!(chats[1].changes.len(), 1, "within the bound");
         assert!(chats[2].changes.is_empty() && chats[2].more && chats[2].pts == 3);
@@ -785,6 +793,15 @@ mod tests {
             (5, false),
             "no changes: as it was"
         );
+        let total: usize = chats.iter().map(|c| c.encoded_len()).sum();
+        assert!(total <= PAGE_BYTES_MAX + 1024, "{total}");
+        // Taken from chat 3 on: 3 stays, 4 costs nothing, 1 does not fit
+        // after 3, and 2 does.
+        let mut chats = all;
+        cap_difference_bytes(&mut chats, &cursors, 2);
+        assert_eq!(chats[2].changes.len(), 1, "the first taken always stays");
+        assert!(chats[0].changes.is_empty() && chats[0].more && chats[0].pts == 1);
+        assert_eq!(chats[1].changes.len(), 1);
         let total: usize = chats.iter().map(|c| c.encoded_len()).sum();
         assert!(total <= PAGE_BYTES_MAX + 1024, "{total}");
     }
