@@ -411,7 +411,8 @@ mod tests {
     }
 
     /// A GetDifference that changes its token keeps every position it
-    /// reflects, also those it did not move, however full the token was.
+    /// reflects, also those it did not move, however full of reads the
+    /// token was.
     #[test]
     fn one_response_never_pushes_out_its_own_positions() {
         let keys = TokenKeys::new("c", b"s");

@@ -1057,7 +1057,8 @@ async fn self_destructed(
     let Some(due) = due else {
         return Vec::new();
     };
-    let acked: Vec<(u64, u64, u64)> = history
+    // (chat, client_msg_id, seq, sender) of each acknowledged one.
+    let acked: Vec<(u64, u64, u64, u64)> = history
         .ops
         .lock()
         .unwrap()
@@ -1066,9 +1067,10 @@ async fn self_destructed(
             OpKind::Send {
                 chat,
                 cmid,
+                sender,
                 outcome: Outcome::Ok(seq),
                 ..
-            } if asked.contains(&(chat, cmid)) => Some((chat, cmid, seq)),
+            } if asked.contains(&(chat, cmid)) => Some((chat, cmid, seq, sender)),
             _ => None,
         })
         .collect();
@@ -1082,7 +1084,7 @@ async fn self_destructed(
     loop {
         // Findings that waiting cannot change, and those it may.
         let (mut lost, mut left) = (Vec::new(), Vec::new());
-        let chats: BTreeSet<u64> = acked.iter().map(|(chat, _, _)| *chat).collect();
+        let chats: BTreeSet<u64> = acked.iter().map(|(chat, ..)| *chat).collect();
         for chat in chats {
             let shard = nodes.shard_of(chat).0;
             let on = hosts.get(&shard).map(Vec::as_slice).unwrap_or_default();
@@ -1092,23 +1094,27 @@ async fn self_destructed(
             for &node in on {
                 let read = async {
                     let last_seq = nodes.chat_on(node, chat).await?.last_seq;
-                    let expired = nodes.expired_on(node, chat).await?;
+                    let log = nodes.changes_on(node, chat).await?;
                     let held: BTreeMap<u64, u64> = nodes
                         .history_on(node, chat)
                         .await?
                         .iter()
                         .map(|m| (m.seq, m.client_msg_id))
                         .collect();
-                    Ok::<_, tonic::Status>((last_seq, expired, held))
+                    Ok::<_, tonic::Status>((last_seq, log, held))
                 };
-                let (last_seq, expired, held) = match read.await {
+                let (last_seq, log, held) = match read.await {
                     Ok(r) => r,
                     Err(e) => {
                         left.push(format!("chat {chat} on node {node}: {e}"));
                         continue;
                     }
                 };
-                for (c, cmid, seq) in acked.iter().filter(|(c, _, _)| *c == chat) {
+                for (c, cmid, seq, sender) in acked.iter().filter(|(c, ..)| *c == chat) {
+                    // Expiry does not say which message it removed: the
+                    // seq's sender tells most others apart (each session
+                    // sends as its own user), the history's seqs the rest.
+                    let sent_by = log.sent_by.get(seq);
                     if *seq == 0 || *seq > last_seq {
                         lost.push(format!(
                             "LOST: acknowledged self-destructing send {c}/{cmid} (seq {seq}) \
@@ -1119,7 +1125,12 @@ async fn self_destructed(
                             "LOST: acknowledged self-destructing send {c}/{cmid} (seq {seq}): \
                              node {node} holds {other} at that seq"
                         ));
-                    } else if !expired.contains(seq) {
+                    } else if sent_by != Some(sender) {
+                        lost.push(format!(
+                            "LOST: acknowledged self-destructing send {c}/{cmid} (seq {seq}) from \
+                             {sender}: node {node}'s change log has that seq sent by {sent_by:?}"
+                        ));
+                    } else if !log.expired.contains(seq) {
                         left.push(format!(
                             "self-destructing message {c}/{cmid} (seq {seq}) was not removed \
                              from node {node} within {within:?} after its timer ran out"
@@ -1675,6 +1686,26 @@ pub async fn check_on(nodes: &Client, node_ids: &[u64], history: &History) -> Ve
                      seq {}",
                     m.seq
                 ));
+            }
+        }
+    }
+    // No two acknowledged sends were given one seq (a send resent with its
+    // id gets its first seq back).
+    let mut given: BTreeMap<(u64, u64), u64> = BTreeMap::new();
+    for op in &ops {
+        if let OpKind::Send {
+            chat,
+            cmid,
+            outcome: Outcome::Ok(seq),
+            ..
+        } = op.kind
+        {
+            match given.insert((chat, seq), cmid) {
+                Some(other) if other != cmid => bad.push(format!(
+                    "LOST: acknowledged sends {chat}/{other} and {chat}/{cmid} were both given \
+                     seq {seq}"
+                )),
+                _ => {}
             }
         }
     }

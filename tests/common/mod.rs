@@ -32,6 +32,15 @@ static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
 /// a port the OS picks for another listener (a proxy binding port 0) or an
 /// outgoing connection can then never take a node's port between this call
 /// and the node's start. Never the same port twice in one test process.
+/// What a chat's change log says of its messages: [`Client::changes_on`].
+#[derive(Default)]
+pub struct ChangeLog {
+    /// The seqs whose message expired.
+    pub expired: std::collections::BTreeSet<u64>,
+    /// The sender of the message sent at each seq.
+    pub sent_by: BTreeMap<u64, u64>,
+}
+
 pub fn free_port() -> u16 {
     let mut handed_out = HANDED_OUT.lock().expect("port set");
     for _ in 0..10_000 {
@@ -282,15 +291,11 @@ impl Client {
         Err(tonic::Status::internal("history of more than 10,000 pages"))
     }
 
-    /// The seqs of `chat` whose messages expired (self-destructed) on
-    /// `node`'s replica: the EXPIRE changes in its change log (STALE).
-    /// Reads hide a message once its time comes; this is what removed it.
-    pub async fn expired_on(
-        &self,
-        node: u64,
-        chat: u64,
-    ) -> Result<std::collections::BTreeSet<u64>, tonic::Status> {
-        let mut out = std::collections::BTreeSet::new();
+    /// What `chat`'s change log on `node`'s replica says of its messages
+    /// (STALE): which seqs expired (self-destructed; reads hide a message
+    /// once its time comes, and this is what removed it) and who sent each.
+    pub async fn changes_on(&self, node: u64, chat: u64) -> Result<ChangeLog, tonic::Status> {
+        let mut out = ChangeLog::default();
         let mut pts = 0;
         // Pages of up to 1,000 changes: bounded.
         for _ in 0..10_000 {
@@ -317,12 +322,13 @@ impl Client {
                     "chat {chat}'s changes from pts {pts} are collected"
                 )));
             }
-            out.extend(
-                d.changes
-                    .iter()
-                    .filter(|c| c.kind == pb::ChangeKind::ExpireMessage as i32)
-                    .map(|c| c.seq),
-            );
+            for c in &d.changes {
+                if c.kind == pb::ChangeKind::ExpireMessage as i32 {
+                    out.expired.insert(c.seq);
+                } else if c.kind == pb::ChangeKind::NewMessage as i32 {
+                    out.sent_by.insert(c.seq, c.user_id);
+                }
+            }
             if !d.more || d.pts <= pts {
                 return Ok(out);
             }
