@@ -39,6 +39,11 @@ pub const CLOCK_OFFSET_MS: &str = "chatstore_clock_offset_ms";
 pub const READ_CACHE_PAGES: &str = "chatstore_read_cache_pages_total";
 /// Bytes of messages the replicas of the process keep in memory for reads.
 pub const MESSAGE_CACHE_BYTES: &str = "chatstore_message_cache_bytes";
+/// Bytes of applied writes the replicas of the process hold for sled
+/// (`shard::memtable`).
+pub const MEMTABLE_BYTES: &str = "chatstore_memtable_bytes";
+/// Memtable flushes into sled.
+pub const MEMTABLE_FLUSHES: &str = "chatstore_memtable_flushes_total";
 pub const DEDUP_HITS: &str = "chatstore_dedup_hits_total";
 pub const TTL_EXPIRED: &str = "chatstore_ttl_expired_total";
 pub const ERASURE_KEYS_DESTROYED: &str = "chatstore_erasure_keys_destroyed_total";

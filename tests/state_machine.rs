@@ -5,6 +5,7 @@
 //! commands start under apply rules 0 and may raise them at any point.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chatstore::api::pb::replicated::{
@@ -13,7 +14,9 @@ use chatstore::api::pb::replicated::{
     SendCmd, ShardSettings,
 };
 use chatstore::shard::apply::{default_settings, Applier, Overlay, APPLY_RULES};
+use chatstore::shard::memtable::{Memtable, View};
 use chatstore::shard::sealing;
+use chatstore::shard::types::log_id;
 use chatstore::storage::{keys, KeyRing};
 use proptest::prelude::*;
 use prost::Message;
@@ -33,33 +36,34 @@ fn apply_all_with(
     keys: Option<&KeyRing>,
 ) -> Vec<command_result::Outcome> {
     let mut outcomes = Vec::new();
-    for group in batches.chunks(split.max(1)) {
+    // Effects wait in a memtable as on a replica, flushed every other call.
+    let mem = Arc::new(Memtable::unshared());
+    let view = View::new(tree.clone(), mem.clone());
+    for (n, group) in batches.chunks(split.max(1)).enumerate() {
         let mut overlay = match keys {
-            Some(k) => Overlay::sealed(tree, k),
-            None => Overlay::new(tree),
+            Some(k) => Overlay::sealed(&view, k),
+            None => Overlay::new(&view),
         };
-        let mut applier = Applier::new(&mut overlay, stored_settings(tree));
+        let mut applier = Applier::new(&mut overlay, stored_settings(&view));
         for b in group {
             for r in applier.apply_batch(b).expect("apply") {
                 outcomes.push(r.outcome.expect("every command has an outcome"));
             }
         }
-        let mut batch = sled::Batch::default();
-        for (k, v) in overlay.into_writes().expect("seal").0 {
-            match v {
-                Some(v) => batch.insert(k, v),
-                None => batch.remove(k),
-            }
+        let (writes, _) = overlay.into_writes().expect("writes");
+        mem.extend(writes, log_id(1, 1));
+        if n % 2 == 1 {
+            mem.flush_into(tree, keys).expect("flush");
         }
-        tree.apply_batch(batch).expect("write batch");
     }
+    mem.flush_into(tree, keys).expect("flush");
     outcomes
 }
 
 /// The settings a replica keeps in its tree, as the state machine reads
 /// them: a raise of the apply rules holds for later apply calls, and a tree
 /// without them (no bootstrap) is under rules 0.
-fn stored_settings(tree: &sled::Tree) -> ShardSettings {
+fn stored_settings(tree: &View) -> ShardSettings {
     match tree.get(keys::SM_META_SETTINGS).unwrap() {
         Some(v) => ShardSettings::decode(v.as_ref()).unwrap(),
         None => default_settings(),

@@ -168,6 +168,11 @@ pub async fn run(registry: Registry, ctx: Context, mut shutdown: watch::Receiver
         let shards = registry.all();
         let mut led = Vec::new();
         for shard in shards {
+            // A replica that stopped applying still holds its last writes.
+            if shard.state_flush_due() {
+                let shard = shard.clone();
+                tokio::spawn(async move { shard.flush_state(false).await });
+            }
             // A node whose clock is off starts no election; it still votes.
             shard.raft.runtime_config().elect(!clock_off);
             if shard.is_leader() {

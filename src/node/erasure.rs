@@ -32,6 +32,7 @@ use openraft::async_runtime::WatchReceiver;
 use tokio::sync::watch;
 
 use crate::node::Registry;
+use crate::shard::memtable::Memtable;
 use crate::shard::state_machine::load_current;
 use crate::shard::{sealing, snapshot, Shard, ShardFiles};
 use crate::storage::keys;
@@ -126,7 +127,7 @@ fn inspect(
 ) -> io::Result<Findings> {
     let mut found = Findings::default();
     if past_keys {
-        found.records_left = reseal_records(&files.state, ring, epoch)?;
+        found.records_left = reseal_records(&files.state, &files.pending, ring, epoch)?;
         found.log_sealed_upto = files.log.last_sealed_before(epoch)?;
     }
     if let Some((_, file)) = load_current(&files.snapshot_dir)? {
@@ -140,9 +141,15 @@ fn inspect(
 }
 
 /// Re-seals live self-destructing records sealed before `epoch`; returns how
-/// many were left because they changed meanwhile (apply re-seals those
-/// itself, with the current key, so the next round finds them done).
-fn reseal_records(state: &sled::Tree, ring: &KeyRing, epoch: u64) -> io::Result<usize> {
+/// many were left because they changed meanwhile or have a write waiting in
+/// the memtable (its flush seals with the current key, so the next round
+/// finds them done).
+fn reseal_records(
+    state: &sled::Tree,
+    pending: &Memtable,
+    ring: &KeyRing,
+    epoch: u64,
+) -> io::Result<usize> {
     let (current, key) = ring.current_key()?;
     let mut left = 0;
     let mut count = 0u64;
@@ -165,6 +172,14 @@ fn reseal_records(state: &sled::Tree, ring: &KeyRing, epoch: u64) -> io::Result<
         let Some(raw) = state.get(&mkey).map_err(io::Error::other)? else {
             continue;
         };
+        // A newer value or a removal waits in the memtable: its flush seals
+        // with the current key or removes the record. Until then the record
+        // is left, so the old key lives: after a crash the log applies that
+        // write again, and it reads the record first.
+        if pending.get(&mkey).is_some() {
+            left += 1;
+            continue;
+        }
         match sealing::sealed_epoch(&raw)? {
             Some(e) if e < epoch => {}
             _ => continue,

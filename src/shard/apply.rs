@@ -9,11 +9,12 @@
 //!   dedup hit;
 //! - iterates only ordered maps.
 //!
-//! Effects of a whole `apply` call go to an [`Overlay`] and then into sled
-//! between an "applying" marker and the applied log id (see
-//! `shard::state_machine`): a crash part-way leaves the marker ahead of the
-//! applied id, and the next open rebuilds the tree, so it is never left
-//! between two effects of one entry.
+//! Effects of a whole `apply` call go to an [`Overlay`], then to the
+//! replica's memtable, and from there into sled between an "applying" marker
+//! and the applied log id (see `shard::memtable` and `shard::state_machine`):
+//! a crash part-way leaves the marker ahead of the applied id, and the next
+//! open rebuilds the tree, so it is never left between two effects of one
+//! entry.
 //!
 //! What apply does is versioned ([`APPLY_RULES`]): replicas of a shard must
 //! apply each entry under the same rules, and during a rolling upgrade some
@@ -33,6 +34,7 @@ use crate::api::pb::replicated::{
     ShardSettings,
 };
 use crate::shard::chat_cache::MessageWrite;
+use crate::shard::memtable::{Pending, PendingWrite, View};
 use crate::shard::sealing;
 use crate::storage::{keys, KeyRing};
 
@@ -83,25 +85,22 @@ const GC_CHANGES_CHUNK: usize = 16;
 /// Longest close reason kept.
 pub const CLOSE_REASON_BYTES_MAX: usize = 1024;
 
-/// Key-ordered writes of one apply call: a value, or None to remove.
-pub type Writes = Vec<(Vec<u8>, Option<Vec<u8>>)>;
-
-/// Writes buffered over sled reads, so commands see the effects of earlier
-/// commands in the same apply call.
+/// Writes buffered over the replica's state (its memtable and sled), so
+/// commands see the effects of earlier commands in the same apply call.
 ///
 /// With a key ring, message records are opened when read from sled and
-/// self-destructing bodies sealed when the writes become a batch, so apply
-/// only ever sees bodies in the clear. [`Overlay::scan`] is used on index
-/// keys only and returns stored bytes as they are.
+/// self-destructing bodies marked to be sealed when flushed, so apply only
+/// ever sees bodies in the clear. [`Overlay::scan`] is used on index keys
+/// only and returns stored bytes as they are.
 pub struct Overlay<'a> {
-    base: &'a sled::Tree,
+    base: &'a View,
     writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     keys: Option<&'a KeyRing>,
 }
 
 impl<'a> Overlay<'a> {
     /// An overlay that stores bodies as they are (tests of apply logic).
-    pub fn new(base: &'a sled::Tree) -> Overlay<'a> {
+    pub fn new(base: &'a View) -> Overlay<'a> {
         Overlay {
             base,
             writes: BTreeMap::new(),
@@ -109,8 +108,9 @@ impl<'a> Overlay<'a> {
         }
     }
 
-    /// An overlay that seals self-destructing bodies with `keys`.
-    pub fn sealed(base: &'a sled::Tree, keys: &'a KeyRing) -> Overlay<'a> {
+    /// An overlay that opens sealed bodies with `keys` and has
+    /// self-destructing bodies sealed when they are flushed.
+    pub fn sealed(base: &'a View, keys: &'a KeyRing) -> Overlay<'a> {
         Overlay {
             base,
             writes: BTreeMap::new(),
@@ -189,15 +189,18 @@ impl<'a> Overlay<'a> {
     }
 
     /// The buffered writes in key order (None = remove), self-destructing
-    /// bodies sealed; and each message record written or removed, body in
-    /// the clear (for the chat cache).
-    pub fn into_writes(self) -> io::Result<(Writes, Vec<MessageWrite>)> {
+    /// bodies marked to be sealed; and each message record written or
+    /// removed, body in the clear (for the chat cache).
+    pub fn into_writes(self) -> io::Result<(Vec<PendingWrite>, Vec<MessageWrite>)> {
         let mut out = Vec::with_capacity(self.writes.len());
         let mut messages = Vec::new();
-        let mut sealing_key = None;
+        let plain = |v: Vec<u8>| Pending {
+            value: v.into(),
+            seal: false,
+        };
         for (k, v) in self.writes {
             if k.first() != Some(&keys::TAG_MESSAGE) {
-                out.push((k, v));
+                out.push((k, v.map(plain)));
                 continue;
             }
             let (Some(chat), Some(seq)) = (keys::part(&k, 0), keys::part(&k, 1)) else {
@@ -209,18 +212,15 @@ impl<'a> Overlay<'a> {
                 continue;
             };
             let m: MessageRecord = decode(&v, "message")?;
-            let stored = match self.keys {
-                Some(ring) if sealing::needs_seal(&m) => {
-                    let (epoch, key) = match sealing_key {
-                        Some(k) => k,
-                        None => *sealing_key.insert(ring.current_key()?),
-                    };
-                    sealing::seal_message(m.clone(), epoch, &key)
-                }
-                _ => v,
-            };
+            let seal = self.keys.is_some() && sealing::needs_seal(&m);
             messages.push((chat, seq, Some(m)));
-            out.push((k, Some(stored)));
+            out.push((
+                k,
+                Some(Pending {
+                    value: v.into(),
+                    seal,
+                }),
+            ));
         }
         Ok((out, messages))
     }
@@ -1018,7 +1018,8 @@ pub(crate) mod testing {
             Some(v) => decode(&v, "shard settings").unwrap(),
             None => default_settings(),
         };
-        let mut overlay = Overlay::new(tree);
+        let view = View::from(tree.clone());
+        let mut overlay = Overlay::new(&view);
         let mut applier = Applier::new(&mut overlay, settings);
         let results = applier.apply_batch(&CommandBatch {
             format_version: 1,
@@ -1027,7 +1028,7 @@ pub(crate) mod testing {
         })?;
         for (k, v) in overlay.into_writes().unwrap().0 {
             match v {
-                Some(v) => tree.insert(k, v).map(drop),
+                Some(p) => tree.insert(k, p.value).map(drop),
                 None => tree.remove(k).map(drop),
             }
             .unwrap();

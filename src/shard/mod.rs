@@ -12,6 +12,7 @@ pub mod append_stream;
 pub mod apply;
 pub mod chat_cache;
 pub mod log_store;
+pub mod memtable;
 pub mod network;
 pub mod reads;
 pub mod sealing;
@@ -31,6 +32,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use crate::api::pb::replicated::{Command, CommandResult};
 use crate::cluster::RaftTiming;
 use crate::shard::log_store::LogStore;
+use crate::shard::memtable::Memtable;
 use crate::shard::network::{NetworkFactory, Peers};
 use crate::shard::reads::StateReader;
 use crate::shard::state_machine::StateMachine;
@@ -148,11 +150,13 @@ struct Quiet {
     renewals: std::sync::atomic::AtomicU64,
 }
 
-/// A shard's Raft log, state-machine tree and snapshot folder.
+/// A shard's Raft log, state-machine tree (and the writes its memtable
+/// holds for it) and snapshot folder.
 #[derive(Clone)]
 pub struct ShardFiles {
     pub log: LogStore,
     pub state: sled::Tree,
+    pub pending: Arc<Memtable>,
     pub snapshot_dir: std::path::PathBuf,
 }
 
@@ -216,11 +220,12 @@ impl Shard {
     ) -> anyhow::Result<Shard> {
         let log = LogStore::open(storage, id).await?;
         let sm = StateMachine::open(storage, id)?;
-        let reader = StateReader::new(sm.tree().clone(), storage.keys().clone(), sm.chat_cache())
+        let reader = StateReader::new(sm.view(), storage.keys().clone(), sm.chat_cache())
             .watching(sm.loads());
         let files = ShardFiles {
             log: log.clone(),
             state: sm.tree().clone(),
+            pending: sm.memtable(),
             snapshot_dir: storage.snapshot_dir(id),
         };
         let network = NetworkFactory {
@@ -554,10 +559,42 @@ impl Shard {
             .unwrap_or(0)
     }
 
+    /// Whether the replica's memtable is due to be flushed: a cheap check
+    /// for the node's chores, which flush it through the state machine's
+    /// task ([`Shard::flush_state`]) when a replica that took writes stops
+    /// applying (only an apply call checks it otherwise).
+    pub fn state_flush_due(&self) -> bool {
+        self.files.pending.flush_due()
+    }
+
+    /// Flushes the replica's memtable to sled, on the state machine's task
+    /// (the memtable's only writer), if it is due or `always`.
+    pub async fn flush_state(&self, always: bool) {
+        let flushed = self
+            .raft
+            .with_state_machine(move |sm: &mut StateMachine| {
+                Box::pin(async move {
+                    match always || sm.memtable().flush_due() {
+                        true => crate::storage::blocking(|| sm.flush()),
+                        false => Ok(()),
+                    }
+                })
+            })
+            .await;
+        match flushed {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(shard = %self.id, error = %e, "flush the memtable"),
+            Err(e) => tracing::debug!(shard = %self.id, error = %e, "flush the memtable: stopped"),
+        }
+    }
+
     pub async fn shutdown(&self) {
         if self.is_quiet() {
             metrics::gauge!(crate::metrics::SHARD_QUIET).decrement(1.0);
         }
+        // Not needed for safety (the log applies it again), but a restart
+        // then replays nothing, and a stopped node's tree is whole.
+        self.flush_state(true).await;
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(shard = %self.id, error = %e, "raft shutdown");
         }

@@ -18,6 +18,7 @@ use crate::api::pb::node::ChatDigest;
 use crate::api::pb::replicated::{ChangeRecord, ChatRecord, MessageRecord};
 use crate::api::pb::{self, ChangeKind};
 use crate::shard::chat_cache::{ChatCache, TAIL_MESSAGES_MAX};
+use crate::shard::memtable::View;
 use crate::shard::sealing;
 use crate::storage::{keys, KeyRing};
 use crate::types::now_ms;
@@ -42,7 +43,8 @@ pub const READ_CURSORS_MAX: usize = 1000;
 
 #[derive(Clone)]
 pub struct StateReader {
-    tree: sled::Tree,
+    /// The replica's memtable over its sled tree.
+    tree: View,
     keys: Arc<KeyRing>,
     /// The incarnation once known (0 before). The bootstrap command sets it
     /// once for the whole Raft group, so it never changes after that, and
@@ -173,9 +175,9 @@ fn change_kind(k: i32) -> ChangeKind {
 }
 
 impl StateReader {
-    pub fn new(tree: sled::Tree, keys: Arc<KeyRing>, chats: Arc<ChatCache>) -> StateReader {
+    pub fn new(tree: impl Into<View>, keys: Arc<KeyRing>, chats: Arc<ChatCache>) -> StateReader {
         StateReader {
-            tree,
+            tree: tree.into(),
             keys,
             incarnation: Default::default(),
             chats,
@@ -419,8 +421,7 @@ impl StateReader {
         if out.len() < limit {
             for pair in self
                 .tree
-                .range(keys::message(chat, 0)..keys::message(chat, from))
-                .rev()
+                .range_rev(keys::message(chat, 0)..keys::message(chat, from))
             {
                 if out.len() >= limit || bytes > PAGE_BYTES_MAX {
                     break;

@@ -1,14 +1,17 @@
 //! A shard's state machine in sled: openraft's `RaftStateMachine`.
 //!
 //! ```text
-//!  openraft SM task ── apply(entries) ──▶ Applier over Overlay ──▶ one sled batch
-//!                                                                 (effects + applied id)
-//!                   ── try_create_snapshot_builder ──▶ copy tree to a file (blocks apply)
-//!                   ── install_snapshot ──▶ clear tree, load file, applied id last
+//!  openraft SM task ── apply(entries) ──▶ Applier over Overlay ──▶ memtable
+//!                                         (when due) flush ──▶ sled: marker, effects, applied id
+//!                   ── try_create_snapshot_builder ──▶ flush, copy tree to a file (blocks apply)
+//!                   ── install_snapshot ──▶ drop memtable, clear tree, load file, applied id last
 //! ```
 //!
-//! Crash recovery. sled recovers a prefix of its writes. One apply call
-//! writes an "applying" marker with the call's last log id, then its effects
+//! Crash recovery. Applied effects wait in the replica's memtable
+//! ([`crate::shard::memtable`]) and are flushed to sled together: a crash
+//! loses the memtable, and openraft applies the log again from sled's applied
+//! id. sled recovers a prefix of its writes. A flush
+//! writes an "applying" marker with its last log id, then its effects
 //! (plain inserts and removes: sled's atomic batches switch the whole Db to
 //! a global lock that halved write throughput), then the applied log id. A
 //! snapshot install writes its data and then the applied id. On open, a tree
@@ -18,13 +21,13 @@
 //! reloaded from the snapshot file, or cleared when there is none (then no
 //! log entry was ever purged); openraft then re-applies the log after it.
 //!
-//! Readers may see an apply call's effects part-written. Effects go in key
-//! order, so within a chat the chat record comes first, then the message,
-//! then its change record; reads that need a position wait for the applied
-//! id, which comes last. Readers take chat records and recent messages from
-//! memory ([`crate::shard::chat_cache`]): each call puts the ones it wrote
-//! or removed there after its writes and before it returns, so before
-//! openraft publishes the applied id; loading a snapshot empties it.
+//! Readers see an apply call's effects whole: they enter the memtable under
+//! its lock, and readers read through it ([`View`]); reads that need a
+//! position wait for the applied id, which openraft publishes after the call
+//! returns. Readers take chat records and recent messages from memory
+//! ([`crate::shard::chat_cache`]): each call puts the ones it wrote or
+//! removed there after its writes and before it returns; loading a snapshot
+//! empties it.
 //!
 //! Self-destructing bodies are sealed in the tree with the node's epoch keys
 //! and, in a snapshot file, with that file's own key: building a snapshot
@@ -43,6 +46,7 @@ use crate::api::codec::{from_json, to_json};
 use crate::api::pb::replicated::ShardSettings;
 use crate::shard::apply::{default_settings, Applier, Overlay, APPLY_RULES};
 use crate::shard::chat_cache::ChatCache;
+use crate::shard::memtable::{Memtable, Pending, View};
 use crate::shard::reads::SnapshotLoads;
 use crate::shard::sealing;
 use crate::shard::snapshot::{self, SnapshotFile};
@@ -67,6 +71,10 @@ struct CurrentSnapshotFile {
 pub struct StateMachine {
     shard: ShardId,
     tree: sled::Tree,
+    /// Applied effects sled does not hold yet.
+    mem: Arc<Memtable>,
+    /// The memtable over the tree, as readers see the state.
+    view: View,
     storage: Storage,
     snapshot_dir: PathBuf,
     settings: ShardSettings,
@@ -100,9 +108,13 @@ impl StateMachine {
             &snapshot_dir,
             current.as_ref().map(|(_, path)| path.as_path()),
         )?;
+        let mem = Arc::new(Memtable::new(storage.memtable_budget().clone()));
+        let view = View::new(tree.clone(), mem.clone());
         let mut sm = StateMachine {
             shard,
             tree,
+            mem,
+            view,
             storage: storage.clone(),
             snapshot_dir,
             settings: default_settings(),
@@ -155,7 +167,21 @@ impl StateMachine {
         &self.tree
     }
 
+    /// The applied writes that sled does not hold yet.
+    pub fn memtable(&self) -> Arc<Memtable> {
+        self.mem.clone()
+    }
+
+    /// The state as readers see it: the memtable over the tree.
+    pub fn view(&self) -> View {
+        self.view.clone()
+    }
+
+    /// The last log id applied: the memtable's, or sled's when it is empty.
     fn read_applied(&self) -> io::Result<Option<LogId>> {
+        if let Some(last) = self.mem.last() {
+            return Ok(Some(last));
+        }
         match self
             .tree
             .get(keys::SM_META_APPLIED)
@@ -168,7 +194,7 @@ impl StateMachine {
 
     fn read_membership(&self) -> io::Result<StoredMembership> {
         match self
-            .tree
+            .view
             .get(keys::SM_META_MEMBERSHIP)
             .map_err(io::Error::other)?
         {
@@ -181,7 +207,7 @@ impl StateMachine {
     /// this binary does not know (a newer binary moved the shard to them).
     fn read_settings(&self) -> io::Result<ShardSettings> {
         let settings: ShardSettings = match self
-            .tree
+            .view
             .get(keys::SM_META_SETTINGS)
             .map_err(io::Error::other)?
         {
@@ -213,6 +239,7 @@ impl StateMachine {
         if let Some(last) = meta.last_log_id {
             self.loads.note_writing(last.index);
         }
+        self.mem.clear();
         self.chats.clear();
         self.tree.clear().map_err(io::Error::other)?;
         snapshot::for_each_pair(path, |k, v| {
@@ -443,7 +470,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     where
         S: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + Send,
     {
-        let mut overlay = Overlay::sealed(&self.tree, &self.keys);
+        let mut overlay = Overlay::sealed(&self.view, &self.keys);
         let mut applier = Applier::new(&mut overlay, self.settings);
         let mut replies = Vec::new();
         let mut last = None;
@@ -466,39 +493,28 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let Some(last) = last else {
             return Ok(());
         };
-        // sled may write these effects to disk at any time; the entries
-        // must be there first (see `RaftLog::wait_durable`).
+        // A flush may write these effects to sled at any time; the entries
+        // must be on disk first (see `RaftLog::wait_durable`).
         self.storage
             .raft_log()
             .wait_durable(self.shard.0, last.index)
             .await?;
         self.settings = applier.settings;
         let chats = std::mem::take(&mut applier.chats);
-        let messages = {
-            let _sealing = self.keys.hold();
-            let (writes, messages) = overlay.into_writes()?;
-            let tree = &self.tree;
-            let put = |k: &[u8], v: Vec<u8>| tree.insert(k, v).map(drop);
-            // Marker, effects, applied id: sled recovers a prefix of these,
-            // and open() rebuilds a tree whose marker is ahead of its applied
-            // id (see the module doc). The marker stays: removing it would
-            // cost one more write per apply call.
-            put(keys::SM_META_APPLYING, to_json(&Some(last))).map_err(io::Error::other)?;
-            self.loads.note_writing(last.index);
-            for (k, v) in writes {
-                match v {
-                    Some(v) => put(&k, v),
-                    None => tree.remove(k).map(drop),
-                }
-                .map_err(io::Error::other)?;
-            }
-            if let Some(m) = membership {
-                put(keys::SM_META_MEMBERSHIP, to_json(&m)).map_err(io::Error::other)?;
-            }
-            put(keys::SM_META_APPLIED, to_json(&Some(last))).map_err(io::Error::other)?;
-            messages
-        };
-        // In sled now; readers may take them from memory.
+        let (mut writes, messages) = overlay.into_writes()?;
+        if let Some(m) = membership {
+            writes.push((
+                keys::SM_META_MEMBERSHIP.to_vec(),
+                Some(Pending {
+                    value: to_json(&m).into(),
+                    seal: false,
+                }),
+            ));
+        }
+        self.loads.note_writing(last.index);
+        self.mem.extend(writes, last);
+        // Readers see them in the memtable now; they may take them from
+        // memory.
         self.chats.put(chats, messages);
         metrics::counter!(crate::metrics::SHARD_APPLY_ENTRIES).increment(replies.len() as u64);
         metrics::histogram!(crate::metrics::SHARD_APPLY_CALL_ENTRIES).record(replies.len() as f64);
@@ -506,6 +522,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             if let Some(r) = responder {
                 r.send(output);
             }
+        }
+        // After the replies: they wait for the log, not for sled. In place,
+        // like the sled writes of every apply call before the memtable: a
+        // flush takes a few ms, and handing the worker's other tasks to
+        // another thread for it (`block_in_place`) measured slower.
+        if self.mem.flush_due() {
+            self.flush()?;
         }
         Ok(())
     }
@@ -575,9 +598,15 @@ impl StateMachine {
         self.load_tree_from(meta, &file)
     }
 
+    /// Writes the memtable to sled ([`Memtable::flush_into`]).
+    pub fn flush(&mut self) -> io::Result<()> {
+        self.mem.flush_into(&self.tree, Some(&self.keys))
+    }
+
     /// Copies the tree to a temporary snapshot file. Runs on the state
     /// machine task, so no apply runs meanwhile: the copy is consistent.
     fn copy_for_snapshot(&mut self) -> io::Result<SnapshotBuilder> {
+        self.flush()?;
         let last_log_id = self.read_applied()?;
         let last_membership = self.read_membership()?;
         let tmp = self
@@ -666,6 +695,59 @@ mod tests {
         assert!(sm.tree.get(keys::chat(6)).unwrap().is_some());
     }
 
+    /// Effects that wait in the memtable are lost with the process, and
+    /// sled's applied id says where openraft applies the log again from:
+    /// applied again, the same entries give the same state.
+    #[tokio::test]
+    async fn a_crash_loses_only_the_memtable_and_the_log_applies_it_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path()).unwrap();
+        let one = |e| futures::stream::iter(vec![Ok((e, None))]);
+        let mut sm = StateMachine::open(&storage, ShardId(0)).unwrap();
+        sm.apply(one(send_entry(1, 1))).await.unwrap();
+        sm.flush().unwrap();
+        sm.apply(one(send_entry(2, 2))).await.unwrap();
+        // Without the chat cache, so the memtable answers.
+        let reader = crate::shard::reads::StateReader::new(
+            sm.view(),
+            storage.keys().clone(),
+            Default::default(),
+        );
+        assert_eq!(reader.chat_record(5).unwrap().last_seq, 2);
+        assert_eq!(
+            reader.messages(5, &[2]).unwrap().len(),
+            1,
+            "read from the memtable"
+        );
+        assert_eq!(sm.read_applied().unwrap().unwrap().index, 2);
+        assert!(
+            sm.tree.get(keys::message(5, 2)).unwrap().is_none(),
+            "not in sled yet"
+        );
+        drop((sm, reader));
+
+        let mut sm = StateMachine::open(&storage, ShardId(0)).unwrap();
+        assert_eq!(sm.read_applied().unwrap().unwrap().index, 1);
+        let reader = reader_of(&sm, &storage);
+        assert_eq!(reader.chat_record(5).unwrap().last_seq, 1);
+        sm.apply(one(send_entry(2, 2))).await.unwrap();
+        let reader = reader_of(&sm, &storage);
+        assert_eq!(reader.chat_record(5).unwrap().last_seq, 2);
+        sm.flush().unwrap();
+        let fresh = crate::shard::reads::StateReader::new(
+            sm.view(),
+            storage.keys().clone(),
+            Default::default(),
+        );
+        assert_eq!(
+            fresh.messages(5, &[2]).unwrap().len(),
+            1,
+            "applied again, then flushed"
+        );
+        assert!(sm.mem.is_empty());
+        assert_eq!(sm.read_applied().unwrap().unwrap().index, 2);
+    }
+
     fn entry(
         index: u64,
         commands: Vec<crate::api::pb::replicated::Command>,
@@ -683,12 +765,8 @@ mod tests {
     }
 
     fn reader_of(sm: &StateMachine, storage: &Storage) -> crate::shard::reads::StateReader {
-        crate::shard::reads::StateReader::new(
-            sm.tree.clone(),
-            storage.keys().clone(),
-            sm.chat_cache(),
-        )
-        .watching(sm.loads())
+        crate::shard::reads::StateReader::new(sm.view(), storage.keys().clone(), sm.chat_cache())
+            .watching(sm.loads())
     }
 
     /// A send of body "hi" to chat 5.
@@ -729,6 +807,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(pts(), 2, "raised in an earlier apply call");
+        sm.flush().unwrap();
         drop(sm);
         let mut sm = StateMachine::open(&storage, ShardId(0)).unwrap();
         assert_eq!(sm.settings().apply_rules, APPLY_RULES);

@@ -130,6 +130,13 @@ impl MemoryBudget {
         taken
     }
 
+    /// Takes `n` bytes whether or not they fit (an owner that frees them
+    /// when it sees the bound passed).
+    pub fn add(&self, n: usize) {
+        self.used.fetch_add(n, Ordering::Relaxed);
+        self.gauge.increment(n as f64);
+    }
+
     pub fn give_back(&self, n: usize) {
         self.used.fetch_sub(n, Ordering::Relaxed);
         self.gauge.decrement(n as f64);
@@ -150,6 +157,7 @@ pub struct Storage {
     dir: Arc<PathBuf>,
     keys: Arc<KeyRing>,
     message_cache_budget: Arc<MemoryBudget>,
+    memtable_budget: Arc<MemoryBudget>,
 }
 
 impl Storage {
@@ -212,12 +220,21 @@ impl Storage {
                 message_cache_bytes,
                 metrics::gauge!(crate::metrics::MESSAGE_CACHE_BYTES),
             )),
+            memtable_budget: Arc::new(MemoryBudget::new(
+                crate::shard::memtable::NODE_BYTES_MAX,
+                metrics::gauge!(crate::metrics::MEMTABLE_BYTES),
+            )),
         })
     }
 
     /// The bound on the messages this node's replicas cache for reads.
     pub fn message_cache_budget(&self) -> &Arc<MemoryBudget> {
         &self.message_cache_budget
+    }
+
+    /// The bytes the replicas' memtables hold together.
+    pub fn memtable_budget(&self) -> &Arc<MemoryBudget> {
+        &self.memtable_budget
     }
 
     /// The key ring that seals self-destructing bodies.
