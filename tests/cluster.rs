@@ -346,6 +346,60 @@ async fn lagging_replica_catches_up_by_snapshot() {
     }
 }
 
+/// Replicas write their applied effects to sled from a memtable when they
+/// apply something after about a second; one that takes writes and then
+/// none (so applies nothing more) is flushed by the node's chores: without a
+/// restart, every node's trees come to hold every acknowledged message and
+/// its memtables nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_that_stop_applying_flush_their_memtables() {
+    use chatstore::storage::keys;
+
+    let dir = TestDir::new("idle-flush");
+    let opts = ConfigOptions {
+        shards: 2,
+        ..Default::default()
+    };
+    let config = three_region_config(&dir.path, &opts);
+    let (nodes, client) = start_three(&config).await;
+    let acked = send_many(&client, 1, 4, 8, 1).await;
+    let in_trees = |node: &Node, chat: u64, seq: u64| {
+        node.registry
+            .all()
+            .iter()
+            .filter(|s| {
+                s.files
+                    .state
+                    .contains_key(keys::message(chat, seq))
+                    .unwrap()
+            })
+            .count()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let pending: usize = nodes
+            .values()
+            .map(|n| n.registry.storage().memtable_budget().used())
+            .sum();
+        let missing = nodes
+            .values()
+            .flat_map(|n| acked.iter().map(move |((chat, _), seq)| (n, *chat, *seq)))
+            .filter(|(n, chat, seq)| in_trees(n, *chat, *seq) != 1)
+            .count();
+        if pending == 0 && missing == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "after 30 s the memtables still hold {pending} bytes and {missing} acknowledged messages are not in a tree"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for (_, node) in nodes {
+        node.shutdown().await;
+    }
+}
+
 /// The upgrade path of apply rules: a cluster whose shards are under rules
 /// 0 (as if made by a binary from before rule versions) is moved to the
 /// newest rules by its leaders once every node answers pings with them. Only
