@@ -30,8 +30,9 @@
 //! key is always in one of the two with the same value; a [`View`] looks in
 //! the memtable first, and a range copies the memtable's part before it
 //! walks sled. Self-destructing bodies wait here in the clear and are sealed
-//! when flushed: the key ring's hold covers the flush, so the eraser never
-//! destroys a key that a flush is sealing with.
+//! when flushed: the key ring's hold covers each sealed record from choosing
+//! its key to its write, so the eraser never destroys a key that a flush is
+//! sealing with; the eraser leaves a record that has a write waiting here.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -44,6 +45,7 @@ use sled::IVec;
 use crate::api::codec::{decode, to_json};
 use crate::shard::sealing;
 use crate::shard::types::LogId;
+use crate::storage::seal::Key;
 use crate::storage::{keys, KeyRing, MemoryBudget};
 
 /// A replica flushes once its memtable holds this many bytes.
@@ -232,20 +234,25 @@ impl Memtable {
                 (true, Some(ring)) => Some(ring),
                 (false, _) => None,
             };
-            // Held from choosing the key to the last sealed record being in
-            // the tree, so the eraser cannot destroy the key under it.
-            let _hold = ring.map(|r| r.hold());
-            let mut sealing_key = None;
+            // The key new seals use, looked up again when the epoch moves on.
+            let mut sealing_with: Option<(u64, Key)> = None;
             put(keys::SM_META_APPLYING, to_json(&Some(last)).into())?;
             for (k, w) in writes {
                 match (w, ring) {
                     (Some(p), Some(ring)) if p.seal => {
-                        let (epoch, key) = match sealing_key {
-                            Some(k) => k,
-                            None => *sealing_key.insert(ring.current_key()?),
-                        };
+                        // Held from choosing the key to the record being in
+                        // the tree, so the eraser cannot destroy the key
+                        // under it; and only that long: the eraser waits for
+                        // every holder, and every flush of every replica on
+                        // this node waits behind the eraser.
+                        let _hold = ring.hold();
+                        let epoch = ring.current_epoch();
+                        if sealing_with.as_ref().is_none_or(|(e, _)| *e != epoch) {
+                            sealing_with = Some(ring.current_key()?);
+                        }
+                        let (epoch, key) = sealing_with.as_ref().expect("set above");
                         let m = decode(&p.value, "message")?;
-                        put(k, sealing::seal_message(m, epoch, &key).into())?;
+                        put(k, sealing::seal_message(m, *epoch, key).into())?;
                     }
                     (Some(p), _) => put(k, p.value.clone())?,
                     (None, _) => tree.remove(k).map(drop).map_err(io::Error::other)?,
