@@ -169,10 +169,7 @@ pub async fn run(registry: Registry, ctx: Context, mut shutdown: watch::Receiver
         let mut led = Vec::new();
         for shard in shards {
             // A replica that stopped applying still holds its last writes.
-            if shard.state_flush_due() {
-                let shard = shard.clone();
-                tokio::spawn(async move { shard.flush_state(false).await });
-            }
+            shard.flush_state_if_due();
             // A node whose clock is off starts no election; it still votes.
             shard.raft.runtime_config().elect(!clock_off);
             if shard.is_leader() {

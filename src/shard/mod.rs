@@ -112,7 +112,12 @@ pub struct Shard {
     writes_refused: std::sync::atomic::AtomicBool,
     /// The last leadership hand-over this replica started as leader.
     transfer: std::sync::Mutex<Option<Transfer>>,
+    /// A flush started by the chores is on its way.
+    flush_queued: std::sync::atomic::AtomicBool,
 }
+
+/// Longest a replica's shutdown waits for its memtable's flush.
+const SHUTDOWN_FLUSH_WAIT: Duration = Duration::from_secs(5);
 
 /// A leadership hand-over started by a leader: its term, the voter asked to
 /// take over, and when.
@@ -253,6 +258,7 @@ impl Shard {
             lease,
             writes_refused: Default::default(),
             transfer: Default::default(),
+            flush_queued: Default::default(),
         })
     }
 
@@ -559,12 +565,24 @@ impl Shard {
             .unwrap_or(0)
     }
 
-    /// Whether the replica's memtable is due to be flushed: a cheap check
-    /// for the node's chores, which flush it through the state machine's
-    /// task ([`Shard::flush_state`]) when a replica that took writes stops
-    /// applying (only an apply call checks it otherwise).
-    pub fn state_flush_due(&self) -> bool {
-        self.files.pending.flush_due()
+    /// From the node's chores: flushes the replica's memtable if it is due
+    /// (only an apply call checks otherwise, so a replica that took writes
+    /// and then stopped applying would keep them), on the state machine's
+    /// task, in a task of its own. Not while one started here is still on
+    /// its way (a state machine busy with a snapshot would gather a request
+    /// per tick), nor once the replica's Raft has stopped.
+    pub fn flush_state_if_due(self: &Arc<Shard>) {
+        if !self.files.pending.flush_due()
+            || self.raft.metrics().borrow_watched().running_state.is_err()
+            || self.flush_queued.swap(true, SeqCst)
+        {
+            return;
+        }
+        let shard = self.clone();
+        tokio::spawn(async move {
+            shard.flush_state(false).await;
+            shard.flush_queued.store(false, SeqCst);
+        });
     }
 
     /// Flushes the replica's memtable to sled, on the state machine's task
@@ -592,9 +610,16 @@ impl Shard {
         if self.is_quiet() {
             metrics::gauge!(crate::metrics::SHARD_QUIET).decrement(1.0);
         }
-        // Not needed for safety (the log applies it again), but a restart
-        // then replays nothing, and a stopped node's tree is whole.
-        self.flush_state(true).await;
+        // Best effort, not needed for safety (the log applies it again): a
+        // restart then replays less. Bounded, since it waits behind whatever
+        // the state machine is doing (a snapshot install), and entries
+        // queued behind it may still be applied after it.
+        if tokio::time::timeout(SHUTDOWN_FLUSH_WAIT, self.flush_state(true))
+            .await
+            .is_err()
+        {
+            tracing::warn!(shard = %self.id, "memtable flush at shutdown: gave up waiting");
+        }
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(shard = %self.id, error = %e, "raft shutdown");
         }
