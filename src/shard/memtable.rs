@@ -13,10 +13,10 @@
 //! Gathering a shard's writes for about [`FLUSH_AGE_MAX`] and writing them in
 //! key order, once per key, took batched sends up 14-18% and unary sends at
 //! 256 in flight up 8-12% in A/B runs (`BENCHMARKS.md`, seventeenth round).
-//! It is also the step that lets a chat's messages be written as blocks:
-//! runs that left message records out of the flush (not kept, readers need
-//! them) went 40% faster again, and without dedup and change records too,
-//! 2.5 times.
+//! The records a flush writes are still most of a send's cost: throwaway
+//! runs that left the message records out went 40% faster again, and
+//! without the dedup and change records too, 2.5 times; messages written as
+//! blocks rewritten at each flush were no faster (same round).
 //!
 //! Crash. Every applied entry is in the Raft log, durable before its effects
 //! enter the memtable. sled's applied id names the last entry of the last

@@ -21,9 +21,10 @@
 //! reloaded from the snapshot file, or cleared when there is none (then no
 //! log entry was ever purged); openraft then re-applies the log after it.
 //!
-//! Readers see an apply call's effects whole: they enter the memtable under
-//! its lock, and readers read through it ([`View`]); reads that need a
-//! position wait for the applied id, which openraft publishes after the call
+//! An apply call's effects enter the memtable together, under its lock, and
+//! readers read through it ([`View`]); a read of several keys can still see
+//! a later call's effects on its later lookups. Reads that need a position
+//! wait for the applied id, which openraft publishes after the call
 //! returns. Readers take chat records and recent messages from memory
 //! ([`crate::shard::chat_cache`]): each call puts the ones it wrote or
 //! removed there after its writes and before it returns; loading a snapshot
