@@ -3,6 +3,8 @@
 //! and whether self-destructing bodies are sealed (compared in the clear);
 //! seqs are gapless per chat; a retried send returns the original seq. The
 //! commands start under apply rules 0 and may raise them at any point.
+//! Differences read the same whether new messages have change records
+//! (rules 2) or not (rules 3), whatever collection has dropped.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -15,6 +17,7 @@ use chatstore::api::pb::replicated::{
 };
 use chatstore::shard::apply::{default_settings, Applier, Overlay, APPLY_RULES};
 use chatstore::shard::memtable::{Memtable, View};
+use chatstore::shard::reads::StateReader;
 use chatstore::shard::sealing;
 use chatstore::shard::types::log_id;
 use chatstore::storage::{keys, KeyRing};
@@ -209,6 +212,85 @@ proptest! {
                     (Some(command::Kind::CloseChat(c)), _) => { closed.insert(c.chat_id, true); }
                     (Some(command::Kind::ReopenChat(c)), _) => { closed.insert(c.chat_id, false); }
                     _ => {}
+                }
+            }
+        }
+    }
+}
+
+/// Stores `settings` under `apply_rules`, as a bootstrap would.
+fn start_under_rules(tree: &sled::Tree, apply_rules: u32) {
+    let settings = ShardSettings {
+        apply_rules,
+        ..default_settings()
+    };
+    tree.insert(keys::SM_META_SETTINGS, settings.encode_to_vec())
+        .unwrap();
+}
+
+/// `batches` without the commands `drop` names.
+fn without(batches: &[CommandBatch], drop: impl Fn(&command::Kind) -> bool) -> Vec<CommandBatch> {
+    batches
+        .iter()
+        .map(|b| CommandBatch {
+            commands: b
+                .commands
+                .iter()
+                .filter(|c| !c.kind.as_ref().is_some_and(&drop))
+                .cloned()
+                .collect(),
+            ..b.clone()
+        })
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    /// A shard moved from rules 2 to rules 3 at any batch, with change
+    /// collection running, answers every difference (every chat, cursor and
+    /// page size) as a shard under rules 2 that never collected does, or
+    /// tells the device to reset; and only collection makes it reset.
+    #[test]
+    fn differences_read_the_same_whether_new_messages_have_change_records(
+        batches in arb_batches(),
+        raise_at in 0usize..30,
+    ) {
+        let is_raise = |k: &command::Kind| matches!(k, command::Kind::RaiseApplyRules(_));
+        let is_gc = |k: &command::Kind| matches!(k, command::Kind::GcChanges(_));
+        let mut moved = without(&batches, is_raise);
+        if raise_at < moved.len() {
+            moved[raise_at].commands.insert(0, Command {
+                kind: Some(command::Kind::RaiseApplyRules(RaiseApplyRulesCmd { apply_rules: 3 })),
+            });
+        }
+        let truth = without(&batches, |k| is_raise(k) || is_gc(k));
+        let collected = moved.iter().flat_map(|b| &b.commands).any(|c| c.kind.as_ref().is_some_and(is_gc));
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let key_dir = tempfile::tempdir().unwrap();
+        let ring = Arc::new(KeyRing::open(key_dir.path(), Duration::from_secs(60)).unwrap());
+        let (a, b) = (db.open_tree("a").unwrap(), db.open_tree("b").unwrap());
+        start_under_rules(&a, 2);
+        start_under_rules(&b, 2);
+        apply_all(&a, &truth, 2);
+        apply_all(&b, &moved, 3);
+        let expected = StateReader::new(a, ring.clone(), Default::default());
+        let read = StateReader::new(b, ring, Default::default());
+        for chat in 1..4 {
+            let last_pts = expected.chat_record(chat).unwrap().last_pts;
+            prop_assert_eq!(read.chat_record(chat).unwrap().last_pts, last_pts);
+            for pts in 0..=last_pts + 1 {
+                for limit in [1, 2, 5, 1000] {
+                    let want = expected.difference(chat, pts, limit, 0).unwrap();
+                    let got = read.difference(chat, pts, limit, 0).unwrap();
+                    prop_assert!(!want.reset_required);
+                    if got.reset_required {
+                        prop_assert!(collected, "reset without collection: chat {} pts {}", chat, pts);
+                        prop_assert!(got.changes.is_empty());
+                        prop_assert_eq!(got.pts, last_pts);
+                    } else {
+                        prop_assert_eq!(&got, &want, "chat {} pts {} limit {}", chat, pts, limit);
+                    }
                 }
             }
         }

@@ -51,7 +51,12 @@ use crate::storage::{keys, KeyRing};
 ///   delete-after-send timer runs from the entry's time, not from the
 ///   chat's creation time, which a leader whose clock ran ahead left ahead;
 ///   an edit with an id is applied once (see `EditCmd.edit_id`).
-pub const APPLY_RULES: u32 = 2;
+/// - 3: a new message that will not self-destruct writes no change record
+///   (its pts is implied: see `ChangeRecord.last_seq`, which every change
+///   record then carries), and
+///   change collection moves the chat's `changes_from_pts` past what it
+///   drops. A send then writes one sled key fewer.
+pub const APPLY_RULES: u32 = 3;
 
 /// Settings a shard uses until its bootstrap command sets them. Entries
 /// before the bootstrap apply under rules 0, as they did on binaries from
@@ -308,15 +313,38 @@ impl<'o, 'a> Applier<'o, 'a> {
         user: u64,
         now: u64,
     ) -> u64 {
-        chat.last_pts += 1;
         let rec = ChangeRecord {
-            pts: chat.last_pts,
             kind: kind as i32,
             seq,
             user_id: user,
             at_ms: now,
-            reason: String::new(),
+            ..Default::default()
         };
+        self.put_change(chat_id, chat, rec, false)
+    }
+
+    /// Bumps the chat's pts and writes `rec` at it, except under rules 3
+    /// for a new message whose change readers infer (`implied`): from the
+    /// next record's `last_seq` (or the chat record), and its sender from
+    /// the message. A message that expiry will remove has its record.
+    fn put_change(
+        &mut self,
+        chat_id: u64,
+        chat: &mut ChatRecord,
+        mut rec: ChangeRecord,
+        implied: bool,
+    ) -> u64 {
+        chat.last_pts += 1;
+        rec.pts = chat.last_pts;
+        if self.settings.apply_rules >= 3 {
+            if implied {
+                return chat.last_pts;
+            }
+            // The seq of the last message sent before this change (a new
+            // message is the chat's last seq by now).
+            let new = rec.kind == ChangeKind::New as i32;
+            rec.last_seq = Some(chat.last_seq - u64::from(new));
+        }
         self.kv
             .put(keys::change(chat_id, chat.last_pts), rec.encode_to_vec());
         chat.last_pts
@@ -404,14 +432,16 @@ impl<'o, 'a> Applier<'o, 'a> {
         let created = now.max(chat.last_created_at_ms);
         chat.last_seq = seq;
         chat.last_created_at_ms = created;
-        let pts = self.record_change(
-            c.chat_id,
-            &mut chat,
-            ChangeKind::New,
+        let rec = ChangeRecord {
+            kind: ChangeKind::New as i32,
             seq,
-            c.sender_id,
-            created,
-        );
+            user_id: c.sender_id,
+            at_ms: created,
+            ..Default::default()
+        };
+        // Expiry removes a self-destructing message, and its sender with it.
+        let implied = c.self_destruct.and_then(|s| s.policy).is_none();
+        let pts = self.put_change(c.chat_id, &mut chat, rec, implied);
         let mut expire_at = 0;
         // A chat's creation times never go back, so after a leader whose
         // clock ran ahead they stay ahead until real time catches up; under
@@ -817,19 +847,15 @@ impl<'o, 'a> Applier<'o, 'a> {
         }
         chat.closed = true;
         chat.close_reason = c.reason.clone();
-        let pts = self.record_change(c.chat_id, &mut chat, ChangeKind::Close, 0, 0, now);
         // The reason goes into the chat's change log too, so every device
         // learns why.
         let rec = ChangeRecord {
-            pts,
             kind: ChangeKind::Close as i32,
-            seq: 0,
-            user_id: 0,
             at_ms: now,
             reason: c.reason.clone(),
+            ..Default::default()
         };
-        self.kv
-            .put(keys::change(c.chat_id, pts), rec.encode_to_vec());
+        let pts = self.put_change(c.chat_id, &mut chat, rec, false);
         self.put_chat(c.chat_id, &chat);
         Ok(changed(pts))
     }
@@ -898,7 +924,9 @@ impl<'o, 'a> Applier<'o, 'a> {
     /// loses a prefix of its changes and keeps at least its newest, so a
     /// cursor older than what a chat keeps shows as a gap at the start of
     /// its difference (which asks the device to reset), never as a hole in
-    /// the middle. Every change read counts against the step's budget.
+    /// the middle; under rules 3 the chat record's `changes_from_pts` says
+    /// so too (a gap alone may be new messages there). Every change read
+    /// counts against the step's budget.
     fn gc_changes(&mut self, c: &rp::GcChangesCmd, now: u64) -> io::Result<CommandResult> {
         if self.settings.apply_rules < 1 {
             // As a binary without the command rejects it.
@@ -943,6 +971,13 @@ impl<'o, 'a> Applier<'o, 'a> {
                     continue 'chunks;
                 }
                 self.kv.delete(key.clone());
+                if self.settings.apply_rules >= 3 {
+                    // Readers take a gap before a record for new messages,
+                    // so the chat says where its changes now begin.
+                    let mut chat_rec = self.chat(chat)?;
+                    chat_rec.changes_from_pts = chat_rec.changes_from_pts.max(pts + 1);
+                    self.put_chat(chat, &chat_rec);
+                }
                 dropped += 1;
                 start = key;
                 start.push(0);
@@ -1415,7 +1450,8 @@ mod tests {
         assert_eq!(outcome(&r[1]), Ok(2), "the same edit again");
         let r = apply(&tree, 3_000, vec![edit(1, 1, 1, b"v2")]);
         assert_eq!(outcome(&r[0]), Ok(2), "the same edit in a later entry");
-        assert_eq!(changes(), 2);
+        // A send has no change record of its own under rules 3.
+        assert_eq!(changes(), 1);
         let r = apply(&tree, 4_000, vec![edit(1, 1, 1, b"v3")]);
         assert_eq!(outcome(&r[0]), Ok(3), "another body is a new change");
 
@@ -1434,7 +1470,7 @@ mod tests {
             Err(ErrorCode::NotFound),
             "edit after delete"
         );
-        assert_eq!(changes(), 4);
+        assert_eq!(changes(), 3);
         let chat: ChatRecord = decode(&tree.get(keys::chat(1)).unwrap().unwrap(), "chat").unwrap();
         assert_eq!(chat.last_pts, 4);
 
@@ -1469,12 +1505,13 @@ mod tests {
     /// chat's changes made before the cutoff up to its first newer one or
     /// its newest: a later change stamped earlier (the leader's clock went
     /// back) is kept, so what a chat keeps is always its newest changes.
+    /// (Under rules 2, where every send has a change record.)
     #[test]
     fn change_collection_drops_each_chats_oldest_changes() {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::Config::new().path(dir.path()).open().unwrap();
         let tree = db.open_tree("sm").unwrap();
-        newest_rules(&tree);
+        under_rules(&tree, 2);
         // Chats 1-5: five old sends each; chats 1 and 2: one new send more.
         apply(
             &tree,
@@ -1518,6 +1555,61 @@ mod tests {
             Some(command_result::Outcome::Send(s)) => assert_eq!((s.seq, s.pts), (6, 6)),
             other => panic!("not a send result: {other:?}"),
         }
+    }
+
+    /// Under rules 3 a send writes no change record unless its message will
+    /// self-destruct, and every change record names the seq of the last
+    /// message sent before it; collection moves the chat's
+    /// `changes_from_pts` past each record it drops.
+    #[test]
+    fn under_rules_3_only_what_is_not_a_send_has_a_change_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let tree = db.open_tree("sm").unwrap();
+        newest_rules(&tree);
+        apply(&tree, 1_000, vec![send(1, 100), send(1, 101)]);
+        apply(&tree, 2_000, vec![edit(1, 1, 1, b"v2"), send(1, 102)]);
+        apply(&tree, 5_000, vec![edit(1, 2, 1, b"v2")]);
+        let self_destructing = rp::Command {
+            kind: Some(command::Kind::Send(rp::SendCmd {
+                chat_id: 1,
+                sender_id: 2,
+                client_msg_id: 103,
+                body: b"soon gone".to_vec().into(),
+                self_destruct: Some(rp::SelfDestruct {
+                    policy: Some(self_destruct::Policy::AfterReadSecs(5)),
+                }),
+                ..Default::default()
+            })),
+        };
+        apply(&tree, 5_000, vec![self_destructing, send(1, 104)]);
+        let records = || -> Vec<ChangeRecord> {
+            tree.scan_prefix(keys::chat_prefix(keys::TAG_CHANGE, 1))
+                .map(|kv| decode(&kv.unwrap().1, "change").unwrap())
+                .collect()
+        };
+        let named: Vec<_> = records()
+            .iter()
+            .map(|c| (c.pts, c.seq, c.last_seq, c.user_id))
+            .collect();
+        assert_eq!(
+            named,
+            vec![(3, 1, Some(2), 1), (5, 2, Some(3), 1), (6, 4, Some(3), 2)]
+        );
+        let chat = || -> ChatRecord {
+            decode(&tree.get(keys::chat(1)).unwrap().unwrap(), "chat").unwrap()
+        };
+        assert_eq!(
+            (chat().last_seq, chat().last_pts, chat().changes_from_pts),
+            (5, 7, 0)
+        );
+
+        apply(&tree, 6_000, vec![gc_changes(3_000, 100)]);
+        assert_eq!(
+            records().iter().map(|c| c.pts).collect::<Vec<_>>(),
+            vec![5, 6]
+        );
+        assert_eq!(chat().changes_from_pts, 4, "past the dropped edit");
     }
 
     /// A shard created before rule versions (rules 0) keeps the old rules

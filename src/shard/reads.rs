@@ -160,6 +160,9 @@ pub fn to_public(m: MessageRecord) -> pb::Message {
     }
 }
 
+/// A new message's change kind as the state tree stores it.
+const NEW: i32 = crate::api::pb::replicated::ChangeKind::New as i32;
+
 fn change_kind(k: i32) -> ChangeKind {
     use crate::api::pb::replicated::ChangeKind as R;
     match R::try_from(k).unwrap_or(R::Unspecified) {
@@ -477,43 +480,25 @@ impl StateReader {
         let rec = self.chat_record(chat)?;
         let now = now_ms();
         let limit = limit.clamp(1, PAGE_MAX) as usize;
-        let mut records = Vec::new();
-        let mut more = false;
-        let start = keys::change(chat, pts.saturating_add(1));
-        let mut first_seen = None;
-        for pair in self.tree.range(start..keys::change(chat, u64::MAX)) {
-            let (_, v) = pair.map_err(io_err)?;
-            let c: ChangeRecord = decode(&v, "change record")?;
-            first_seen.get_or_insert(c.pts);
-            if records.len() >= limit {
-                more = true;
-                break;
-            }
-            // Every pts has a change and collection drops only a prefix, so
-            // a gap after the first means collection ran under this scan
-            // (sled reads a range a leaf at a time): stop before it, and the
-            // next call finds the gap at its start and is told to reset.
-            if records
-                .last()
-                .is_some_and(|l: &ChangeRecord| c.pts != l.pts + 1)
-            {
-                more = true;
-                break;
-            }
-            records.push(c);
+        let (mut records, mut more, mut reset_required) =
+            self.changes_after(chat, &rec, pts, limit)?;
+        // Collection drops a prefix of a chat's records and, under rules 3,
+        // moves `changes_from_pts` past them in the same apply call, which
+        // reaches the memtable before any of it reaches sled. So a record
+        // this scan missed because collection ran under it shows here, read
+        // after the scan and past the chat cache.
+        if let Some(v) = self.tree.get(keys::chat(chat)).map_err(io_err)? {
+            let now_rec: ChatRecord = decode(&v, "chat record")?;
+            reset_required |= now_rec.changes_from_pts > pts.saturating_add(1);
         }
-        // A closed chat's content stays hidden; its changes still flow.
-        let names_message = |c: &ChangeRecord| {
-            !rec.closed
-                && matches!(
-                    change_kind(c.kind),
-                    ChangeKind::NewMessage | ChangeKind::EditMessage
-                )
+        // A closed chat's content stays hidden; its changes still flow, and
+        // a new message without a record of its own (rules 3) still names
+        // its sender, read from the message.
+        let names_message = |c: &ChangeRecord| match change_kind(c.kind) {
+            ChangeKind::NewMessage if c.user_id == 0 => true,
+            ChangeKind::NewMessage | ChangeKind::EditMessage => !rec.closed,
+            _ => false,
         };
-        // A gap between the cursor and the oldest kept change means the
-        // collection of old changes has passed the cursor. Collection keeps
-        // each chat's newest change, so such a cursor always sees the gap.
-        let reset_required = matches!(first_seen, Some(first) if first > pts.saturating_add(1));
         if reset_required {
             records.clear();
             more = false;
@@ -532,14 +517,19 @@ impl StateReader {
                 more = true;
                 break;
             }
-            let message = if names_message(&c) {
-                messages
-                    .remove(&(c.seq, c.pts))
-                    .filter(|m| visible(m, now))
-                    .map(to_public)
-            } else {
-                None
+            let found = match names_message(&c) {
+                true => messages.remove(&(c.seq, c.pts)),
+                false => None,
             };
+            // A new message without a record of its own (rules 3) is
+            // named by its sender through the message.
+            let user_id = match &found {
+                Some(m) if c.user_id == 0 && c.kind == NEW => m.sender_id,
+                _ => c.user_id,
+            };
+            let message = found
+                .filter(|m| !rec.closed && visible(m, now))
+                .map(to_public);
             bytes += message.as_ref().map_or(0, |m| m.encoded_len());
             if bytes > bytes_max && !changes.is_empty() {
                 more = true;
@@ -552,7 +542,7 @@ impl StateReader {
                 kind: change_kind(c.kind) as i32,
                 seq: c.seq,
                 message,
-                user_id: c.user_id,
+                user_id,
                 reason: c.reason,
             });
         }
@@ -565,6 +555,81 @@ impl StateReader {
             // Set by the router from the node's reply.
             served_by_node: 0,
         })
+    }
+
+    /// The chat's changes after `pts`, oldest first, at most `limit`, with whether more follow and whether the cursor
+    /// must reset. Under apply rules 3 a new message has no change record:
+    /// each run of pts without records ends at a record that carries the
+    /// chat's last seq when it was made (or at the chat record), so the run
+    /// is that many new messages up to that seq. A gap before a record
+    /// without `last_seq` (older rules, a record for every pts) is
+    /// collected changes: at the start the cursor must reset; later,
+    /// collection ran under this scan (sled reads a range a leaf at a time),
+    /// so the answer stops before it and the next call starts at the gap.
+    fn changes_after(
+        &self,
+        chat: u64,
+        rec: &ChatRecord,
+        pts: u64,
+        limit: usize,
+    ) -> io::Result<(Vec<ChangeRecord>, bool, bool)> {
+        let first = pts.saturating_add(1);
+        let mut out = Vec::new();
+        if first < rec.changes_from_pts {
+            return Ok((out, false, true));
+        }
+        // Past the newest pts `rec` knows come records only: the chat cache
+        // may be behind the tree, and a record names the run before it.
+        let end = rec.last_pts.saturating_add(1);
+        let mut records = self
+            .tree
+            .range(keys::change(chat, first)..keys::change(chat, u64::MAX))
+            .peekable();
+        // The next pts the answer has to account for.
+        let mut next = first;
+        loop {
+            if out.len() >= limit {
+                let more = next < end || records.peek().is_some();
+                return Ok((out, more, false));
+            }
+            let record = match records.next() {
+                Some(pair) => Some(decode::<ChangeRecord>(
+                    &pair.map_err(io_err)?.1,
+                    "change record",
+                )?),
+                None => None,
+            };
+            let (until, seq_before) = match &record {
+                Some(c) => (c.pts, c.last_seq),
+                None => (end, Some(rec.last_seq)),
+            };
+            if until > next {
+                let run = until - next;
+                let Some(seq_before) = seq_before.filter(|&s| s >= run) else {
+                    let reset = out.is_empty();
+                    return Ok((out, !reset, reset));
+                };
+                for p in next..until {
+                    if out.len() >= limit {
+                        return Ok((out, true, false));
+                    }
+                    out.push(ChangeRecord {
+                        pts: p,
+                        kind: NEW,
+                        seq: seq_before - (until - 1 - p),
+                        ..Default::default()
+                    });
+                }
+            }
+            match record {
+                Some(_) if out.len() >= limit => return Ok((out, true, false)),
+                Some(c) => {
+                    next = c.pts + 1;
+                    out.push(c);
+                }
+                None => return Ok((out, false, false)),
+            }
+        }
     }
 
     /// The messages that changes name, each at least as new as its change
@@ -1185,11 +1250,13 @@ mod tests {
     /// A scan that meets a gap after its first change (collection ran under
     /// it) stops before the gap, so the next call is told to reset rather
     /// than skip what lay in the gap.
+    /// (Under rules 2: a gap under rules 3 may be new messages, and
+    /// collection says where it dropped in the chat record.)
     #[test]
     fn a_gap_inside_a_difference_ends_it_and_the_next_call_resets() {
-        use crate::shard::apply::testing::{apply, newest_rules, send};
+        use crate::shard::apply::testing::{apply, send, under_rules};
         let (_dir, storage, tree) = state_tree();
-        newest_rules(&tree);
+        under_rules(&tree, 2);
         apply(&tree, 1_000, (1..=5).map(|id| send(1, id)).collect());
         tree.remove(keys::change(1, 3)).unwrap();
         let reader = StateReader::new(tree.clone(), storage.keys().clone(), Default::default());
@@ -1206,11 +1273,12 @@ mod tests {
     /// A cursor older than what collection left of a chat's changes gets a
     /// reset with the chat's pts, whether the chat kept newer changes or
     /// only its newest; a cursor inside what is kept does not.
+    /// (Under rules 2, where sends have change records to collect.)
     #[test]
     fn a_cursor_behind_collected_changes_is_told_to_reset() {
-        use crate::shard::apply::testing::{apply, gc_changes, newest_rules, send};
+        use crate::shard::apply::testing::{apply, gc_changes, send, under_rules};
         let (_dir, storage, tree) = state_tree();
-        newest_rules(&tree);
+        under_rules(&tree, 2);
         apply(
             &tree,
             1_000,
@@ -1242,11 +1310,12 @@ mod tests {
 
     /// Change collection is due with changes and no pass yet, while a pass
     /// is under way, and again a quarter retention after one ended.
+    /// (Under rules 2, where sends have change records.)
     #[test]
     fn change_collection_is_due_four_times_per_retention() {
-        use crate::shard::apply::testing::{apply, gc_changes, newest_rules, send};
+        use crate::shard::apply::testing::{apply, gc_changes, send, under_rules};
         let (_dir, storage, tree) = state_tree();
-        newest_rules(&tree);
+        under_rules(&tree, 2);
         let reader = StateReader::new(tree.clone(), storage.keys().clone(), Default::default());
         let retention = 4_000;
         assert_eq!(

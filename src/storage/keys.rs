@@ -10,8 +10,10 @@
 //!   settings, dedup and change collection progress
 //! - `c chat`                 chat record (last seq, pts, closed)
 //! - `m chat seq`             message
-//! - `p chat pts`             change record; each chat's changes older than the
-//!   replicated retention are dropped, oldest first, by a periodic pass
+//! - `p chat pts`             change record (under apply rules 3 for every change
+//!   but a new message, whose change readers infer); each chat's changes
+//!   older than the replicated retention are dropped, oldest first, by a
+//!   periodic pass
 //! - `d chat sender cmid`     dedup record → seq and creation time; collected by a
 //!   periodic pass over these keys, so a send writes no time index
 //! - `d chat editor id e`     an edit's dedup record (apply rules 2), the same
