@@ -254,7 +254,7 @@ proptest! {
     #[test]
     fn differences_read_the_same_whether_new_messages_have_change_records(
         batches in arb_batches(),
-        raise_at in 0usize..30,
+        raise_at in 0usize..20,
     ) {
         let is_raise = |k: &command::Kind| matches!(k, command::Kind::RaiseApplyRules(_));
         let is_gc = |k: &command::Kind| matches!(k, command::Kind::GcChanges(_));
@@ -265,31 +265,45 @@ proptest! {
             });
         }
         let truth = without(&batches, |k| is_raise(k) || is_gc(k));
-        let collected = moved.iter().flat_map(|b| &b.commands).any(|c| c.kind.as_ref().is_some_and(is_gc));
+        let uncollected = without(&moved, is_gc);
         let db = sled::Config::new().temporary(true).open().unwrap();
         let key_dir = tempfile::tempdir().unwrap();
         let ring = Arc::new(KeyRing::open(key_dir.path(), Duration::from_secs(60)).unwrap());
-        let (a, b) = (db.open_tree("a").unwrap(), db.open_tree("b").unwrap());
-        start_under_rules(&a, 2);
-        start_under_rules(&b, 2);
+        let (a, b, c) = (db.open_tree("a").unwrap(), db.open_tree("b").unwrap(), db.open_tree("c").unwrap());
+        for t in [&a, &b, &c] {
+            start_under_rules(t, 2);
+        }
         apply_all(&a, &truth, 2);
         apply_all(&b, &moved, 3);
+        apply_all(&c, &uncollected, 1);
+        // The change records collection dropped from each chat, by pts.
+        let dropped = |chat: u64| -> Vec<u64> {
+            c.scan_prefix(keys::chat_prefix(keys::TAG_CHANGE, chat))
+                .map(|kv| kv.unwrap().0)
+                .filter(|k| !b.contains_key(k).unwrap())
+                .map(|k| keys::part(&k, 1).unwrap())
+                .collect()
+        };
         let expected = StateReader::new(a, ring.clone(), Default::default());
-        let read = StateReader::new(b, ring, Default::default());
+        let read = StateReader::new(b.clone(), ring, Default::default());
         for chat in 1..4 {
             let last_pts = expected.chat_record(chat).unwrap().last_pts;
             prop_assert_eq!(read.chat_record(chat).unwrap().last_pts, last_pts);
+            let dropped = dropped(chat);
             for pts in 0..=last_pts + 1 {
-                for limit in [1, 2, 5, 1000] {
-                    let want = expected.difference(chat, pts, limit, 0).unwrap();
-                    let got = read.difference(chat, pts, limit, 0).unwrap();
+                for (limit, bytes_max) in [(1, 0), (2, 0), (5, 0), (1000, 0), (1000, 40)] {
+                    let want = expected.difference(chat, pts, limit, bytes_max).unwrap();
+                    let got = read.difference(chat, pts, limit, bytes_max).unwrap();
                     prop_assert!(!want.reset_required);
                     if got.reset_required {
-                        prop_assert!(collected, "reset without collection: chat {} pts {}", chat, pts);
+                        prop_assert!(
+                            dropped.iter().any(|&d| d > pts),
+                            "reset with nothing after pts {} of chat {} collected ({:?})", pts, chat, dropped
+                        );
                         prop_assert!(got.changes.is_empty());
                         prop_assert_eq!(got.pts, last_pts);
                     } else {
-                        prop_assert_eq!(&got, &want, "chat {} pts {} limit {}", chat, pts, limit);
+                        prop_assert_eq!(&got, &want, "chat {} pts {} limit {} bytes {}", chat, pts, limit, bytes_max);
                     }
                 }
             }

@@ -299,8 +299,14 @@ impl<'o, 'a> Applier<'o, 'a> {
     }
 
     fn put_chat(&mut self, chat: u64, rec: &ChatRecord) {
+        let mut rec = rec.clone();
+        if self.settings.apply_rules >= 3 {
+            // Says to readers that the pts after the chat's last change
+            // record may be new messages without records of their own.
+            rec.changes_from_pts = rec.changes_from_pts.max(1);
+        }
         self.kv.put(keys::chat(chat), rec.encode_to_vec());
-        self.chats.insert(chat, rec.clone());
+        self.chats.insert(chat, rec);
     }
 
     /// Bumps the chat's pts and records what changed.
@@ -921,12 +927,14 @@ impl<'o, 'a> Applier<'o, 'a> {
     }
 
     /// One step of a change collection pass (see `GcChangesCmd`). Each chat
-    /// loses a prefix of its changes and keeps at least its newest, so a
-    /// cursor older than what a chat keeps shows as a gap at the start of
-    /// its difference (which asks the device to reset), never as a hole in
-    /// the middle; under rules 3 the chat record's `changes_from_pts` says
-    /// so too (a gap alone may be new messages there). Every change read
-    /// counts against the step's budget.
+    /// loses a prefix of its change records. Under older rules it keeps at
+    /// least its newest, so a cursor older than what a chat keeps shows as a
+    /// gap at the start of its difference (which asks the device to reset),
+    /// never as a hole in the middle. Under rules 3, where a gap may be new
+    /// messages and the newest change may have no record, the chat record's
+    /// `changes_from_pts` moves past every record dropped, and readers reset
+    /// a cursor before it. Every change read counts against the step's
+    /// budget.
     fn gc_changes(&mut self, c: &rp::GcChangesCmd, now: u64) -> io::Result<CommandResult> {
         if self.settings.apply_rules < 1 {
             // As a binary without the command rejects it.
@@ -963,7 +971,9 @@ impl<'o, 'a> Applier<'o, 'a> {
                 let rec: ChangeRecord = decode(&value, "change record")?;
                 // The chat keeps this change and every later one: it is
                 // new, or the chat's newest, which stays so that a cursor
-                // behind what was dropped finds a gap before it.
+                // behind what was dropped finds a gap before it (under rules
+                // 3 the newest change may have no record, and
+                // `changes_from_pts` tells instead).
                 if rec.at_ms >= c.before_ms || pts >= last_pts {
                     // Go on after the chat's last possible change key.
                     start = keys::change(chat, u64::MAX);
@@ -1601,7 +1611,7 @@ mod tests {
         };
         assert_eq!(
             (chat().last_seq, chat().last_pts, chat().changes_from_pts),
-            (5, 7, 0)
+            (5, 7, 1)
         );
 
         apply(&tree, 6_000, vec![gc_changes(3_000, 100)]);

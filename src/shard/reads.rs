@@ -487,9 +487,12 @@ impl StateReader {
         // reaches the memtable before any of it reaches sled. So a record
         // this scan missed because collection ran under it shows here, read
         // after the scan and past the chat cache.
+        let mut last_pts = rec.last_pts;
         if let Some(v) = self.tree.get(keys::chat(chat)).map_err(io_err)? {
             let now_rec: ChatRecord = decode(&v, "chat record")?;
             reset_required |= now_rec.changes_from_pts > pts.saturating_add(1);
+            // A reset goes on from the newest pts, which the cache may lag.
+            last_pts = last_pts.max(now_rec.last_pts);
         }
         // A closed chat's content stays hidden; its changes still flow, and
         // a new message without a record of its own (rules 3) still names
@@ -549,7 +552,7 @@ impl StateReader {
         Ok(pb::ChatDifference {
             chat_id: chat,
             changes,
-            pts: if reset_required { rec.last_pts } else { last },
+            pts: if reset_required { last_pts } else { last },
             reset_required,
             more,
             // Set by the router from the node's reply.
@@ -557,15 +560,25 @@ impl StateReader {
         })
     }
 
-    /// The chat's changes after `pts`, oldest first, at most `limit`, with whether more follow and whether the cursor
-    /// must reset. Under apply rules 3 a new message has no change record:
-    /// each run of pts without records ends at a record that carries the
-    /// chat's last seq when it was made (or at the chat record), so the run
-    /// is that many new messages up to that seq. A gap before a record
-    /// without `last_seq` (older rules, a record for every pts) is
-    /// collected changes: at the start the cursor must reset; later,
-    /// collection ran under this scan (sled reads a range a leaf at a time),
-    /// so the answer stops before it and the next call starts at the gap.
+    /// The chat's changes after `pts` up to `rec.last_pts`, oldest first,
+    /// at most `limit`, with whether more follow and whether the cursor must
+    /// reset. Under apply rules 3 a new message has no change record: each
+    /// run of pts without records ends at a record that carries the seq of
+    /// the last message sent before it (or, after the last record, at the
+    /// chat record, if written under rules 3), so the run is that many new
+    /// messages up to that seq. A gap before a record without `last_seq`
+    /// (older rules, a record for every pts) is collected changes: at the
+    /// start the cursor must reset; later, collection ran under this scan
+    /// (sled reads a range a leaf at a time), so the answer stops before it
+    /// and the next call starts at the gap.
+    ///
+    /// The scan stops at `rec.last_pts`. Every record up to there was in the
+    /// memtable or in sled before the scan began (the chat cache learns of
+    /// an apply call after the memtable does), so only collection can take
+    /// one out from under it, which the caller checks for afterwards. A
+    /// newer record may be seen without an older one that a flush wrote into
+    /// a leaf the scan had already copied: the run before it would be read
+    /// as new messages.
     fn changes_after(
         &self,
         chat: u64,
@@ -578,19 +591,17 @@ impl StateReader {
         if first < rec.changes_from_pts {
             return Ok((out, false, true));
         }
-        // Past the newest pts `rec` knows come records only: the chat cache
-        // may be behind the tree, and a record names the run before it.
         let end = rec.last_pts.saturating_add(1);
         let mut records = self
             .tree
-            .range(keys::change(chat, first)..keys::change(chat, u64::MAX))
-            .peekable();
+            .range(keys::change(chat, first)..keys::change(chat, end));
+        // Under older rules every pts up to the last has a record.
+        let tail_seq = (rec.changes_from_pts >= 1).then_some(rec.last_seq);
         // The next pts the answer has to account for.
         let mut next = first;
         loop {
             if out.len() >= limit {
-                let more = next < end || records.peek().is_some();
-                return Ok((out, more, false));
+                return Ok((out, next < end, false));
             }
             let record = match records.next() {
                 Some(pair) => Some(decode::<ChangeRecord>(
@@ -601,7 +612,7 @@ impl StateReader {
             };
             let (until, seq_before) = match &record {
                 Some(c) => (c.pts, c.last_seq),
-                None => (end, Some(rec.last_seq)),
+                None => (end, tail_seq),
             };
             if until > next {
                 let run = until - next;
@@ -700,11 +711,13 @@ impl StateReader {
             self.chats
                 .fill_tail(chat, from, end, window.values().cloned(), miss);
         }
-        // In the changes' order, counting what earlier changes carry.
+        // In the changes' order, counting what earlier changes carry (none
+        // of a closed chat's messages is carried: they name senders only).
+        let weight = |m: &MessageRecord| if rec.closed { 0 } else { m.encoded_len() };
         let mut bytes = 0;
         for &(seq, pts) in named {
             if let Some(m) = found.get(&(seq, pts)) {
-                bytes += m.encoded_len();
+                bytes += weight(m);
                 continue;
             }
             let m = if window_read && (from..end).contains(&seq) {
@@ -716,7 +729,7 @@ impl StateReader {
                 self.stored_message(chat, seq)?
             };
             if let Some(m) = m {
-                bytes += m.encoded_len();
+                bytes += weight(&m);
                 found.insert((seq, pts), m);
             }
         }
@@ -852,9 +865,9 @@ mod tests {
         }
     }
 
-    /// An apply call writes to sled before it puts its records in the chat
-    /// cache: a change record read from sled in between names a message
-    /// newer than the cached one, and the difference shows the newer one.
+    /// A change can name a message newer than the one the chat cache holds
+    /// (here the cache's chat record is ahead of its messages): the
+    /// difference shows the newer message.
     #[test]
     fn a_change_is_paired_with_its_message_while_an_apply_is_under_way() {
         let (_dir, storage, tree) = state_tree();
@@ -878,10 +891,11 @@ mod tests {
         let reader = StateReader::new(tree.clone(), storage.keys().clone(), Default::default());
         // The history read puts message 1 (pts 1) in memory.
         assert_eq!(&reader.history(chat, 0, 10).unwrap()[0].body[..], b"first");
-        // An edit in sled, not yet put in the cache.
+        // An edit in sled; the cache learns of the chat record only.
         put(1, 2, "edited", ChangeKind::Edit);
         tree.insert(keys::chat(chat), rec(2).encode_to_vec())
             .unwrap();
+        reader.chats.put([(chat, rec(2))], Vec::new());
         let diff = reader.difference(chat, 1, 10, 0).unwrap();
         assert_eq!(diff.changes.len(), 1);
         let edited = diff.changes[0]
@@ -1268,6 +1282,73 @@ mod tests {
         let next = reader.difference(1, 2, 10, 0).unwrap();
         assert!(next.reset_required);
         assert_eq!(next.pts, 5);
+    }
+
+    /// A difference reads no change record past the chat record it started
+    /// from. sled reads a range a leaf at a time, so a scan can see a newer
+    /// record without an older one that a flush wrote into a leaf the scan
+    /// had already copied; under rules 3 the run before the newer record
+    /// would read as new messages. Here the tree is in that state (pts 3, an
+    /// edit, missing; pts 4 a send; pts 5 a delete) behind a cached chat
+    /// record at pts 2.
+    #[test]
+    fn a_difference_reads_no_change_record_past_its_chat_record() {
+        use crate::shard::apply::testing::{apply, delete, edit, newest_rules, send};
+        let (_dir, storage, tree) = state_tree();
+        newest_rules(&tree);
+        apply(&tree, 1_000, vec![send(1, 1), send(1, 2)]);
+        let reader = StateReader::new(tree.clone(), storage.keys().clone(), Default::default());
+        assert_eq!(reader.difference(1, 0, 10, 0).unwrap().changes.len(), 2);
+        apply(
+            &tree,
+            2_000,
+            vec![edit(1, 1, 1, b"v2"), send(1, 3), delete(1, 2, 1)],
+        );
+        tree.remove(keys::change(1, 3)).unwrap();
+        let diff = reader.difference(1, 2, 10, 0).unwrap();
+        assert!(diff.changes.is_empty(), "{:?}", diff.changes);
+        assert!(!diff.more && !diff.reset_required);
+        assert_eq!(diff.pts, 2);
+    }
+
+    /// Under rules 2 every pts up to a chat's last has a record, so a gap
+    /// after the last record a scan finds (collection ran under it, and the
+    /// chat record it started from is older than the record that
+    /// collection kept) is not read as new messages.
+    #[test]
+    fn under_rules_2_no_run_of_new_messages_is_read_after_the_last_record() {
+        use crate::shard::apply::testing::{apply, edit, send, under_rules};
+        let (_dir, storage, tree) = state_tree();
+        under_rules(&tree, 2);
+        apply(&tree, 1_000, vec![send(1, 1), edit(1, 1, 1, b"v2")]);
+        let reader = StateReader::new(tree.clone(), storage.keys().clone(), Default::default());
+        assert_eq!(reader.difference(1, 0, 10, 0).unwrap().changes.len(), 2);
+        tree.remove(keys::change(1, 2)).unwrap();
+        let diff = reader.difference(1, 1, 10, 0).unwrap();
+        assert!(diff.changes.is_empty(), "{:?}", diff.changes);
+        assert!(diff.reset_required);
+    }
+
+    /// Collection that a reader's cached chat record does not know of yet
+    /// (it ran after the record was cached, or under the scan) still resets
+    /// a cursor it passed, to the tree's newest pts: the chat record is read
+    /// again, from the tree, after the scan.
+    #[test]
+    fn collection_behind_a_cached_chat_record_resets_the_cursor() {
+        use crate::shard::apply::testing::{apply, edit, gc_changes, newest_rules, send};
+        let (_dir, storage, tree) = state_tree();
+        newest_rules(&tree);
+        apply(&tree, 1_000, vec![send(1, 1), edit(1, 1, 1, b"v2")]);
+        apply(&tree, 1_000, vec![send(1, 2)]);
+        let reader = StateReader::new(tree.clone(), storage.keys().clone(), Default::default());
+        assert_eq!(reader.difference(1, 0, 10, 0).unwrap().changes.len(), 3);
+        apply(&tree, 5_000, vec![send(1, 3), gc_changes(2_000, 100)]);
+        let diff = reader.difference(1, 1, 10, 0).unwrap();
+        assert!(diff.reset_required);
+        assert!(diff.changes.is_empty());
+        assert_eq!(diff.pts, 4, "the tree's newest pts, not the cached 3");
+        let after = reader.difference(1, 2, 10, 0).unwrap();
+        assert!(!after.reset_required, "past what collection dropped");
     }
 
     /// A cursor older than what collection left of a chat's changes gets a
