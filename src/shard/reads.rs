@@ -163,6 +163,12 @@ pub fn to_public(m: MessageRecord) -> pb::Message {
 /// A new message's change kind as the state tree stores it.
 const NEW: i32 = crate::api::pb::replicated::ChangeKind::New as i32;
 
+/// Whether `c` is a new message's change inferred by a read (rules 3), not
+/// a stored record: it names no sender.
+fn implied(c: &ChangeRecord) -> bool {
+    c.kind == NEW && c.user_id == 0
+}
+
 fn change_kind(k: i32) -> ChangeKind {
     use crate::api::pb::replicated::ChangeKind as R;
     match R::try_from(k).unwrap_or(R::Unspecified) {
@@ -485,10 +491,16 @@ impl StateReader {
         // Collection drops a prefix of a chat's records and, under rules 3,
         // moves `changes_from_pts` past them in the same apply call, which
         // reaches the memtable before any of it reaches sled. So a record
-        // this scan missed because collection ran under it shows here, read
-        // after the scan and past the chat cache.
+        // this scan missed because collection ran under it, and whose pts
+        // was then read as a new message, shows here, read after the scan
+        // and past the chat cache. An answer without inferred changes has
+        // no such pts to misread.
         let mut last_pts = rec.last_pts;
-        if let Some(v) = self.tree.get(keys::chat(chat)).map_err(io_err)? {
+        let chat_now = match records.iter().any(implied) {
+            true => self.tree.get(keys::chat(chat)).map_err(io_err)?,
+            false => None,
+        };
+        if let Some(v) = chat_now {
             let now_rec: ChatRecord = decode(&v, "chat record")?;
             reset_required |= now_rec.changes_from_pts > pts.saturating_add(1);
             // A reset goes on from the newest pts, which the cache may lag.
@@ -498,7 +510,7 @@ impl StateReader {
         // a new message without a record of its own (rules 3) still names
         // its sender, read from the message.
         let names_message = |c: &ChangeRecord| match change_kind(c.kind) {
-            ChangeKind::NewMessage if c.user_id == 0 => true,
+            ChangeKind::NewMessage if implied(c) => true,
             ChangeKind::NewMessage | ChangeKind::EditMessage => !rec.closed,
             _ => false,
         };
@@ -527,7 +539,7 @@ impl StateReader {
             // A new message without a record of its own (rules 3) is
             // named by its sender through the message.
             let user_id = match &found {
-                Some(m) if c.user_id == 0 && c.kind == NEW => m.sender_id,
+                Some(m) if implied(&c) => m.sender_id,
                 _ => c.user_id,
             };
             let message = found
