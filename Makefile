@@ -4,6 +4,7 @@ CARGO  ?= cargo
 
 .PHONY: dev dev-geo test chaos fuzz bench bench-geo bench-idle build verify fix clean nextest
 SEED ?=
+RETENTION ?=
 DURATION ?= 120
 
 ## Build (release) and run a local three-region cluster; data under ./data.
@@ -25,9 +26,10 @@ test: nextest
 	$(CARGO) nextest run --no-fail-fast --features broken-early-ack --test chaos_broken
 
 ## One chaos run: `make chaos SEED=42 DURATION=300` replays seed 42 for 300 s
-## (a random seed, printed, when SEED is empty).
+## (a random seed, printed, when SEED is empty); RETENTION=3 sets a 3 s change
+## retention, so change collection runs under the faults.
 chaos: nextest
-	CHATSTORE_SEED=$(SEED) CHATSTORE_CHAOS_SECS=$(DURATION) $(CARGO) nextest run --test chaos --run-ignored only --no-capture chaos_from_env
+	CHATSTORE_SEED=$(SEED) CHATSTORE_CHAOS_SECS=$(DURATION) CHATSTORE_CHAOS_RETENTION_SECS=$(RETENTION) $(CARGO) nextest run --test chaos --run-ignored only --no-capture chaos_from_env
 
 ## Long property runs over every decoder and request validator (release
 ## build): FUZZ_CASES per property, default 200000. `make test` runs 512.

@@ -9,7 +9,13 @@ mod common;
 use common::chaos;
 
 async fn run_seed(seed: u64, secs: u64) {
-    let (findings, chaos) = chaos::run(seed, secs, &format!("chaos-{seed}")).await;
+    run_seed_with(seed, secs, None).await
+}
+
+/// A seed with `[retention] change_retention_secs` (None: the default).
+async fn run_seed_with(seed: u64, secs: u64, change_retention_secs: Option<u64>) {
+    let name = format!("chaos-{seed}");
+    let (findings, chaos) = chaos::run_with(seed, secs, &name, change_retention_secs).await;
     if !findings.is_empty() {
         for f in &findings {
             eprintln!("VIOLATION: {f}");
@@ -37,7 +43,17 @@ async fn chaos_seed_3() {
     run_seed(3, 25).await;
 }
 
-/// `make chaos SEED=... DURATION=...`: one seed from the environment.
+/// Change collection under the faults: a 3 s change retention, so
+/// collection keeps dropping records that watchers and devices are reading
+/// (devices move their cursors back now and then), and every reader must
+/// still agree on every change it was told, or be told to reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chaos_seed_4_with_change_collection() {
+    run_seed_with(4, 25, Some(3)).await;
+}
+
+/// `make chaos SEED=... DURATION=... [RETENTION=s]`: one seed from the
+/// environment.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "run by `make chaos`"]
 async fn chaos_from_env() {
@@ -49,7 +65,10 @@ async fn chaos_from_env() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(120);
-    run_seed(seed, secs).await;
+    let retention = std::env::var("CHATSTORE_CHAOS_RETENTION_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok());
+    run_seed_with(seed, secs, retention).await;
 }
 
 /// A Watch served by a replica that is up but cut off from its leader

@@ -104,6 +104,10 @@ pub struct History {
     /// Violations seen while running (session monotonicity, Watch gaps).
     pub online_violations: Mutex<Vec<String>>,
     pub watch_events: Mutex<u64>,
+    /// Watch events and chat differences that told a reader to reset.
+    pub resets: Mutex<u64>,
+    /// GetDifference calls answered to the device readers.
+    pub differences: Mutex<u64>,
     /// Every change a watcher was sent.
     pub watched: Mutex<Vec<Watched>>,
     /// The last pts each watcher got, per (watcher, chat).
@@ -147,6 +151,8 @@ pub struct Watched {
     pub pts: u64,
     pub kind: i32,
     pub seq: u64,
+    /// The user the change names (a new message's sender).
+    pub user: u64,
     /// The message's (sender, client_msg_id), if the change carried it.
     pub message: Option<(u64, u64)>,
 }
@@ -166,6 +172,12 @@ pub struct Chaos {
 
 impl Chaos {
     pub async fn start(seed: u64, name: &str) -> Chaos {
+        Chaos::start_with(seed, name, None).await
+    }
+
+    /// [`Chaos::start`] with `[retention] change_retention_secs`: a short
+    /// one keeps change collection dropping records under the faults.
+    pub async fn start_with(seed: u64, name: &str, change_retention_secs: Option<u64>) -> Chaos {
         let dir = TestDir::new(name);
         let mut procs = ProcessCluster::new(
             &dir.path,
@@ -182,6 +194,7 @@ impl Chaos {
                 // Shards quiesce in every lull (a stalled link, a killed
                 // leader), so faults hit quiet shards and wakes too.
                 quiesce_after_ms: 400,
+                change_retention_secs,
                 ..Default::default()
             },
         );
@@ -923,6 +936,24 @@ pub async fn run_watcher(
                 _ => break,
             };
             let prev = last.get(&ev.chat_id).copied().unwrap_or(0);
+            if ev.reset_required {
+                // Collection dropped changes after this cursor: go on from
+                // the chat's pts, as a device does after re-reading history.
+                if ev.pts < prev {
+                    history.online_violations.lock().unwrap().push(format!(
+                        "watcher {id}: chat {} reset from pts {prev} back to {}",
+                        ev.chat_id, ev.pts
+                    ));
+                }
+                *history.resets.lock().unwrap() += 1;
+                last.insert(ev.chat_id, ev.pts);
+                history
+                    .watcher_pts
+                    .lock()
+                    .unwrap()
+                    .insert((id, ev.chat_id), ev.pts);
+                continue;
+            }
             if ev.pts != prev + 1 {
                 history.online_violations.lock().unwrap().push(format!(
                     "watcher {id}: chat {} went from pts {prev} to {} (gap or repeat)",
@@ -943,6 +974,7 @@ pub async fn run_watcher(
                     pts: ev.pts,
                     kind: change.kind,
                     seq: change.seq,
+                    user: change.user_id,
                     message: change.message.map(|m| (m.sender_id, m.client_msg_id)),
                 });
             }
@@ -950,11 +982,148 @@ pub async fn run_watcher(
     }
 }
 
+/// Device readers a chaos run keeps, each on chats 1-4.
+const DEVICES: usize = 2;
+
+/// A device that catches up with GetDifference, as a phone does after being
+/// offline: small pages, its read token carried from answer to request
+/// (SESSION), and now and then a cursor moved back to an older pts (a device
+/// restored from a backup), which under a short change retention lands
+/// among the changes that collection is dropping. Checks that an answer
+/// goes on from its cursor without a gap, and records every change for the
+/// checker's comparison with what the other readers were told.
+pub async fn run_device(
+    id: usize,
+    seed: u64,
+    routers: Vec<String>,
+    history: Arc<History>,
+    stop: Arc<AtomicBool>,
+) {
+    let reader = 100 + id;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ (0xde71ce + id as u64));
+    let mut cursors: BTreeMap<u64, u64> = (1..=4).map(|c| (c, 0)).collect();
+    let mut token = bytes::Bytes::new();
+    let mut api = None;
+    let mut attempt = id;
+    while !stop.load(Ordering::Relaxed) {
+        if api.is_none() {
+            attempt += 1;
+            api = connect(&routers, attempt).await;
+            if api.is_none() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        }
+        if rng.random_range(0..10) == 0 {
+            let chat = rng.random_range(1..=4);
+            let at = cursors[&chat];
+            cursors.insert(chat, rng.random_range(0..=at));
+        }
+        let request = pb::GetDifferenceRequest {
+            cursors: cursors
+                .iter()
+                .map(|(c, p)| pb::Cursor {
+                    chat_id: *c,
+                    pts: *p,
+                })
+                .collect(),
+            limit: rng.random_range(1..=30),
+            consistency: Consistency::Session as i32,
+            min_token: token.clone(),
+        };
+        let call = api.as_mut().unwrap().get_difference(request);
+        let answer = match tokio::time::timeout(Duration::from_secs(15), call).await {
+            Ok(Ok(a)) => a.into_inner(),
+            Ok(Err(s)) if transient(s.code()) => {
+                api = None;
+                continue;
+            }
+            Ok(Err(s)) => {
+                history.refusals.lock().unwrap().push(format!(
+                    "device {id}: GetDifference refused: {:?}: {}",
+                    s.code(),
+                    s.message()
+                ));
+                continue;
+            }
+            Err(_) => {
+                api = None;
+                continue;
+            }
+        };
+        *history.differences.lock().unwrap() += 1;
+        token = answer.read_token;
+        for d in answer.chats {
+            let Some(from) = cursors.get(&d.chat_id).copied() else {
+                history.online_violations.lock().unwrap().push(format!(
+                    "device {id}: GetDifference answered chat {}, which it did not ask for",
+                    d.chat_id
+                ));
+                continue;
+            };
+            if d.reset_required {
+                *history.resets.lock().unwrap() += 1;
+                if !d.changes.is_empty() || d.pts < from {
+                    history.online_violations.lock().unwrap().push(format!(
+                        "device {id}: chat {} reset from pts {from} to {} with {} changes",
+                        d.chat_id,
+                        d.pts,
+                        d.changes.len()
+                    ));
+                }
+                cursors.insert(d.chat_id, d.pts);
+                continue;
+            }
+            let mut at = from;
+            for c in &d.changes {
+                if c.pts != at + 1 || c.chat_id != d.chat_id {
+                    history.online_violations.lock().unwrap().push(format!(
+                        "device {id}: chat {} from pts {from} went from pts {at} to {} (chat {})",
+                        d.chat_id, c.pts, c.chat_id
+                    ));
+                }
+                at = c.pts;
+                history.watched.lock().unwrap().push(Watched {
+                    watcher: reader,
+                    chat: d.chat_id,
+                    pts: c.pts,
+                    kind: c.kind,
+                    seq: c.seq,
+                    user: c.user_id,
+                    message: c.message.as_ref().map(|m| (m.sender_id, m.client_msg_id)),
+                });
+            }
+            if d.pts != at {
+                history.online_violations.lock().unwrap().push(format!(
+                    "device {id}: chat {} from pts {from} answered pts {} after its last change at {at}",
+                    d.chat_id, d.pts
+                ));
+            }
+            cursors.insert(d.chat_id, d.pts);
+        }
+        tokio::time::sleep(Duration::from_millis(rng.random_range(20..80))).await;
+    }
+}
+
 /// Runs the workload under a seeded fault schedule for `secs`, heals, and
 /// returns the checker's findings (empty = all promises kept).
 pub async fn run(seed: u64, secs: u64, name: &str) -> (Vec<String>, Chaos) {
-    eprintln!("chaos seed = {seed} (replay: make chaos SEED={seed} DURATION={secs})");
-    let mut chaos = Chaos::start(seed, name).await;
+    run_with(seed, secs, name, None).await
+}
+
+/// [`run`] with a change retention (see [`Chaos::start_with`]).
+pub async fn run_with(
+    seed: u64,
+    secs: u64,
+    name: &str,
+    change_retention_secs: Option<u64>,
+) -> (Vec<String>, Chaos) {
+    eprintln!(
+        "chaos seed = {seed}, change retention {change_retention_secs:?} s (replay: make chaos \
+         SEED={seed} DURATION={secs}{})",
+        change_retention_secs.map_or(String::new(), |r| format!(" RETENTION={r}"))
+    );
+    let mut chaos = Chaos::start_with(seed, name, change_retention_secs).await;
     let history = Arc::new(History::default());
     let stop = Arc::new(AtomicBool::new(false));
     let routers: Vec<String> = chaos.routers.values().cloned().collect();
@@ -962,6 +1131,15 @@ pub async fn run(seed: u64, secs: u64, name: &str) -> (Vec<String>, Chaos) {
     for s in 0..6 {
         tasks.spawn(run_session(
             s,
+            seed,
+            routers.clone(),
+            history.clone(),
+            stop.clone(),
+        ));
+    }
+    for d in 0..DEVICES {
+        tasks.spawn(run_device(
+            d,
             seed,
             routers.clone(),
             history.clone(),
@@ -1022,6 +1200,11 @@ pub async fn run(seed: u64, secs: u64, name: &str) -> (Vec<String>, Chaos) {
     watchers_stop.store(true, Ordering::Relaxed);
     while watchers.join_next().await.is_some() {}
     let mut findings = check(&chaos, &history).await;
+    if change_retention_secs.is_some() && *history.resets.lock().unwrap() == 0 {
+        findings.push(
+            "no reader was told to reset: change collection dropped nothing it read".to_string(),
+        );
+    }
     findings.extend(stuck);
     findings.extend(behind);
     findings.extend(panics_logged(&chaos.procs.log_dir));
@@ -1125,6 +1308,10 @@ async fn self_destructed(
                             "LOST: acknowledged self-destructing send {c}/{cmid} (seq {seq}): \
                              node {node} holds {other} at that seq"
                         ));
+                    } else if sent_by.is_none() && log.read_from > 0 {
+                        // Its send's change, and so its expiry's, may be
+                        // among those collection dropped: the message no
+                        // longer shows, and no change says more.
                     } else if sent_by != Some(sender) {
                         lost.push(format!(
                             "LOST: acknowledged self-destructing send {c}/{cmid} (seq {seq}) from \
@@ -1485,9 +1672,11 @@ pub async fn check_on(nodes: &Client, node_ids: &[u64], history: &History) -> Ve
         })
         .count();
     eprintln!(
-        "history: {} ops, {acked_sends} acknowledged sends, {lin_reads} linearizable reads, {} watch events",
+        "history: {} ops, {acked_sends} acknowledged sends, {lin_reads} linearizable reads, {} watch events, {} differences, {} resets",
         ops.len(),
-        history.watch_events.lock().unwrap()
+        history.watch_events.lock().unwrap(),
+        history.differences.lock().unwrap(),
+        history.resets.lock().unwrap()
     );
     if acked_sends < 20 {
         bad.push(format!(
@@ -1606,11 +1795,11 @@ pub async fn check_on(nodes: &Client, node_ids: &[u64], history: &History) -> Ve
     }
     bad.extend(check_chat_records(nodes, &hosts, &ops).await);
     bad.extend(check_closes(&ops));
-    // Watch: every watcher was told the same change at a chat's pts (its
-    // body may differ, read before or after a later edit, and a change read
-    // while the chat was closed or after the message went carries none),
-    // and a new message it was told of is the message that holds that seq
-    // in the end.
+    // Watch and GetDifference: every reader was told the same change (and
+    // user) at a chat's pts (its body may differ, read before or after a
+    // later edit, and a change read while the chat was closed or after the
+    // message went carries none), and a new message it was told of is the
+    // message that holds that seq in the end.
     let watched = history.watched.lock().unwrap().clone();
     let mut told: BTreeMap<(u64, u64), &Watched> = BTreeMap::new();
     for w in &watched {
@@ -1619,9 +1808,9 @@ pub async fn check_on(nodes: &Client, node_ids: &[u64], history: &History) -> Ve
             (Some(a), Some(b)) => a == b,
             _ => true,
         };
-        if (first.kind, first.seq) != (w.kind, w.seq) || !same_message {
+        if (first.kind, first.seq, first.user) != (w.kind, w.seq, w.user) || !same_message {
             bad.push(format!(
-                "chat {} pts {}: watcher {} was told {:?}, watcher {} {:?}",
+                "chat {} pts {}: reader {} was told {:?}, reader {} {:?}",
                 w.chat, w.pts, first.watcher, first, w.watcher, w
             ));
         }
@@ -1630,6 +1819,14 @@ pub async fn check_on(nodes: &Client, node_ids: &[u64], history: &History) -> Ve
                 .get(&w.chat)
                 .and_then(|r| r[0].iter().find(|m| m.seq == w.seq))
                 .map(|m| (m.sender_id, m.client_msg_id));
+            // A new message names its sender, even where it carries no
+            // message (a closed chat).
+            if let Some((sender, _)) = stored.filter(|(sender, _)| *sender != w.user) {
+                bad.push(format!(
+                    "reader {} was told new message {}/{} was sent by {}, but {sender} sent it",
+                    w.watcher, w.chat, w.seq, w.user
+                ));
+            }
             match (w.message, stored) {
                 (Some(told), Some(stored)) if told == stored => {}
                 (None, Some(_)) => {}
@@ -1649,7 +1846,7 @@ pub async fn check_on(nodes: &Client, node_ids: &[u64], history: &History) -> Ve
                                 && w.seq <= last_seqs.get(&w.chat).copied().unwrap_or(0))
                     }) => {}
                 (told, stored) => bad.push(format!(
-                    "watcher {} was told of new message {}/{} from {told:?}, but it holds {stored:?}",
+                    "reader {} was told of new message {}/{} from {told:?}, but it holds {stored:?}",
                     w.watcher, w.chat, w.seq
                 )),
             }

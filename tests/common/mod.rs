@@ -26,12 +26,6 @@ use tonic::transport::Channel;
 static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
     std::sync::Mutex::new(std::collections::BTreeSet::new());
 
-/// A free TCP port on 127.0.0.1 for a process to listen on later.
-///
-/// Drawn from 20000-32767, below Linux's ephemeral range (32768-60999):
-/// a port the OS picks for another listener (a proxy binding port 0) or an
-/// outgoing connection can then never take a node's port between this call
-/// and the node's start. Never the same port twice in one test process.
 /// What a chat's change log says of its messages: [`Client::changes_on`].
 #[derive(Default)]
 pub struct ChangeLog {
@@ -39,8 +33,17 @@ pub struct ChangeLog {
     pub expired: std::collections::BTreeSet<u64>,
     /// The sender of the message sent at each seq.
     pub sent_by: BTreeMap<u64, u64>,
+    /// The pts the log was read from: 0, or past the changes that
+    /// collection dropped (those are not in the two maps above).
+    pub read_from: u64,
 }
 
+/// A free TCP port on 127.0.0.1 for a process to listen on later.
+///
+/// Drawn from 20000-32767, below Linux's ephemeral range (32768-60999):
+/// a port the OS picks for another listener (a proxy binding port 0) or an
+/// outgoing connection can then never take a node's port between this call
+/// and the node's start. Never the same port twice in one test process.
 pub fn free_port() -> u16 {
     let mut handed_out = HANDED_OUT.lock().expect("port set");
     for _ in 0..10_000 {
@@ -296,30 +299,28 @@ impl Client {
     /// once its time comes, and this is what removed it) and who sent each.
     pub async fn changes_on(&self, node: u64, chat: u64) -> Result<ChangeLog, tonic::Status> {
         let mut out = ChangeLog::default();
-        let mut pts = 0;
+        let first = self.difference_on(node, chat, 0, 1).await?;
+        if first.reset_required {
+            // Collection dropped a prefix: the lowest cursor that reads
+            // without a reset, by bisection (a cursor below `low` resets,
+            // one at `high` does not).
+            let (mut low, mut high) = (0, first.pts);
+            while low + 1 < high {
+                let mid = low + (high - low) / 2;
+                match self.difference_on(node, chat, mid, 1).await?.reset_required {
+                    true => low = mid,
+                    false => high = mid,
+                }
+            }
+            out.read_from = high;
+        }
+        let mut pts = out.read_from;
         // Pages of up to 1,000 changes: bounded.
         for _ in 0..10_000 {
-            let mut req = tonic::Request::new(ReadRequest {
-                shard_id: self.shard_of(chat).0,
-                consistency: Consistency::Stale as i32,
-                query: Some(read_request::Query::Difference(
-                    chatstore::api::pb::node::DifferenceQuery {
-                        chat_id: chat,
-                        pts,
-                        limit: 1000,
-                        ..Default::default()
-                    },
-                )),
-                ..Default::default()
-            });
-            req.set_timeout(CALL_TIMEOUT);
-            let reply = self.node(node).read(req).await?.into_inner();
-            let d = reply
-                .difference
-                .ok_or_else(|| tonic::Status::internal("a difference read answered none"))?;
+            let d = self.difference_on(node, chat, pts, 1000).await?;
             if d.reset_required {
                 return Err(tonic::Status::internal(format!(
-                    "chat {chat}'s changes from pts {pts} are collected"
+                    "chat {chat}'s changes from pts {pts} were collected while read"
                 )));
             }
             for c in &d.changes {
@@ -337,6 +338,34 @@ impl Client {
         Err(tonic::Status::internal(
             "a change log of more than 10,000 pages",
         ))
+    }
+
+    /// One page of `chat`'s changes after `pts` on `node`'s replica (STALE).
+    async fn difference_on(
+        &self,
+        node: u64,
+        chat: u64,
+        pts: u64,
+        limit: u32,
+    ) -> Result<pb::ChatDifference, tonic::Status> {
+        let mut req = tonic::Request::new(ReadRequest {
+            shard_id: self.shard_of(chat).0,
+            consistency: Consistency::Stale as i32,
+            query: Some(read_request::Query::Difference(
+                chatstore::api::pb::node::DifferenceQuery {
+                    chat_id: chat,
+                    pts,
+                    limit,
+                    ..Default::default()
+                },
+            )),
+            ..Default::default()
+        });
+        req.set_timeout(CALL_TIMEOUT);
+        let reply = self.node(node).read(req).await?.into_inner();
+        reply
+            .difference
+            .ok_or_else(|| tonic::Status::internal("a difference read answered none"))
     }
 
     /// `chat`'s record as the replica on `node` has it (STALE).
