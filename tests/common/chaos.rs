@@ -917,13 +917,7 @@ pub async fn run_watcher(
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         };
-        let cursors = last
-            .iter()
-            .map(|(c, p)| pb::Cursor {
-                chat_id: *c,
-                pts: *p,
-            })
-            .collect();
+        let cursors = cursors_at(&last);
         let Ok(stream) = api.watch(pb::WatchRequest { cursors }).await else {
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
@@ -936,27 +930,18 @@ pub async fn run_watcher(
                 _ => break,
             };
             let prev = last.get(&ev.chat_id).copied().unwrap_or(0);
-            if ev.reset_required {
-                // Collection dropped changes after this cursor: go on from
-                // the chat's pts, as a device does after re-reading history.
-                if ev.pts < prev {
-                    history.online_violations.lock().unwrap().push(format!(
-                        "watcher {id}: chat {} reset from pts {prev} back to {}",
-                        ev.chat_id, ev.pts
-                    ));
-                }
-                *history.resets.lock().unwrap() += 1;
-                last.insert(ev.chat_id, ev.pts);
-                history
-                    .watcher_pts
-                    .lock()
-                    .unwrap()
-                    .insert((id, ev.chat_id), ev.pts);
-                continue;
-            }
-            if ev.pts != prev + 1 {
+            // After a reset (collection dropped changes after this cursor),
+            // a watcher goes on from the chat's pts, as a device does after
+            // re-reading history.
+            let violation = match ev.reset_required {
+                true if ev.pts < prev => Some("reset back to"),
+                true => None,
+                false if ev.pts != prev + 1 => Some("went (gap or repeat) to"),
+                false => None,
+            };
+            if let Some(what) = violation {
                 history.online_violations.lock().unwrap().push(format!(
-                    "watcher {id}: chat {} went from pts {prev} to {} (gap or repeat)",
+                    "watcher {id}: chat {} from pts {prev} {what} pts {}",
                     ev.chat_id, ev.pts
                 ));
             }
@@ -966,6 +951,10 @@ pub async fn run_watcher(
                 .lock()
                 .unwrap()
                 .insert((id, ev.chat_id), ev.pts);
+            if ev.reset_required {
+                *history.resets.lock().unwrap() += 1;
+                continue;
+            }
             *history.watch_events.lock().unwrap() += 1;
             if let Some(change) = ev.change {
                 history.watched.lock().unwrap().push(Watched {
@@ -980,6 +969,16 @@ pub async fn run_watcher(
             }
         }
     }
+}
+
+/// A reader's cursors, from its pts per chat.
+fn cursors_at(pts: &BTreeMap<u64, u64>) -> Vec<pb::Cursor> {
+    pts.iter()
+        .map(|(chat, pts)| pb::Cursor {
+            chat_id: *chat,
+            pts: *pts,
+        })
+        .collect()
 }
 
 /// Device readers a chaos run keeps, each on chats 1-4.
@@ -1020,13 +1019,7 @@ pub async fn run_device(
             cursors.insert(chat, rng.random_range(0..=at));
         }
         let request = pb::GetDifferenceRequest {
-            cursors: cursors
-                .iter()
-                .map(|(c, p)| pb::Cursor {
-                    chat_id: *c,
-                    pts: *p,
-                })
-                .collect(),
+            cursors: cursors_at(&cursors),
             limit: rng.random_range(1..=30),
             consistency: Consistency::Session as i32,
             min_token: token.clone(),
