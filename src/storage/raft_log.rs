@@ -310,12 +310,17 @@ impl RaftLog {
                 // The file to sync is taken after the callbacks were: a
                 // write they wait for is in it, or in a segment that was
                 // fsynced when the next one started.
-                let (file, appended) = {
+                // `current` names the synced file to test builds only.
+                #[cfg_attr(not(test), allow(unused_variables))]
+                let (file, appended, current) = {
                     let mut inner = lock()?;
                     let appended = std::mem::take(&mut inner.unsynced);
-                    (inner.segments[&inner.current].file.clone(), appended)
+                    let file = inner.segments[&inner.current].file.clone();
+                    (file, appended, inner.current)
                 };
                 fsyncs.sync(&file)?;
+                #[cfg(test)]
+                power_cut::synced_file(&segment_path(&lock()?.dir, current));
                 if !appended.is_empty() {
                     let mut inner = lock()?;
                     for (shard, (end, generation)) in appended {
@@ -729,7 +734,10 @@ impl Inner {
 
     /// Fsyncs the current segment's data ([`SegmentSyncs`]).
     fn sync_current(&self) -> io::Result<()> {
-        self.fsyncs.sync(&self.segments[&self.current].file)
+        self.fsyncs.sync(&self.segments[&self.current].file)?;
+        #[cfg(test)]
+        power_cut::synced_file(&segment_path(&self.dir, self.current));
+        Ok(())
     }
 
     /// Closes the current segment (fsynced whole) and starts the next.
@@ -754,6 +762,8 @@ impl Inner {
             .open(&path)?;
         file.write_all_at(&header, 0)?;
         File::open(&self.dir)?.sync_all()?;
+        #[cfg(test)]
+        power_cut::synced_dir(&self.dir);
         self.segments.insert(
             id,
             Segment {
@@ -831,6 +841,8 @@ impl Inner {
             std::fs::remove_file(segment_path(&self.dir, id))?;
         }
         File::open(&self.dir)?.sync_all()?;
+        #[cfg(test)]
+        power_cut::synced_dir(&self.dir);
         Ok(())
     }
 
@@ -993,6 +1005,74 @@ impl<'a> Fields<'a> {
     }
 }
 
+/// A power cut, simulated in tests: what a watched folder would hold if the
+/// machine lost power now and the disk kept only what was synced (each file
+/// as of its own last `fsync`, the folder's entries as of the folder's).
+/// Test builds of the log report every sync here.
+#[cfg(test)]
+pub(crate) mod power_cut {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::ffi::OsString;
+    use std::path::{Path, PathBuf};
+    use std::sync::Mutex;
+
+    #[derive(Default)]
+    struct Durable {
+        /// Each file's bytes as of its last sync.
+        files: BTreeMap<OsString, Vec<u8>>,
+        /// The folder's entries as of its last sync.
+        names: BTreeSet<OsString>,
+    }
+
+    static WATCHED: Mutex<BTreeMap<PathBuf, Durable>> = Mutex::new(BTreeMap::new());
+
+    /// Starts recording what is durable in `dir` (empty: nothing synced).
+    pub fn watch(dir: &Path) {
+        WATCHED
+            .lock()
+            .unwrap()
+            .insert(dir.to_path_buf(), Durable::default());
+    }
+
+    pub fn forget(dir: &Path) {
+        WATCHED.lock().unwrap().remove(dir);
+    }
+
+    pub fn synced_file(path: &Path) {
+        let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+            return;
+        };
+        if let Some(durable) = WATCHED.lock().unwrap().get_mut(dir) {
+            let bytes = std::fs::read(path).expect("read a file just synced");
+            durable.files.insert(name.to_owned(), bytes);
+        }
+    }
+
+    pub fn synced_dir(dir: &Path) {
+        if let Some(durable) = WATCHED.lock().unwrap().get_mut(dir) {
+            durable.names = std::fs::read_dir(dir)
+                .expect("list a folder just synced")
+                .map(|e| e.expect("a folder entry").file_name())
+                .collect();
+        }
+    }
+
+    /// Writes into the empty folder `to` what `dir` holds after a power
+    /// cut now, and stops watching `dir`: the entries of its last sync,
+    /// each with the bytes of its own last sync (none if it had none).
+    pub fn cut(dir: &Path, to: &Path) {
+        let durable = WATCHED
+            .lock()
+            .unwrap()
+            .remove(dir)
+            .expect("a watched folder");
+        for name in &durable.names {
+            let bytes = durable.files.get(name).map_or(&[][..], Vec::as_slice);
+            std::fs::write(to.join(name), bytes).expect("write the folder after the cut");
+        }
+    }
+}
+
 /// The state a replay builds: entries may have holes until a checkpoint
 /// and the copies after it fill them.
 #[derive(Default)]
@@ -1022,6 +1102,9 @@ fn replay(dir: &Path) -> io::Result<Inner> {
         }
     }
     ids.sort_unstable();
+    // The folder was synced when each of its segments was made or deleted.
+    #[cfg(test)]
+    power_cut::synced_dir(dir);
     let mut shards: HashMap<u64, ReplayShard> = HashMap::new();
     let mut segments = BTreeMap::new();
     for (n, &id) in ids.iter().enumerate() {
@@ -1039,6 +1122,8 @@ fn replay(dir: &Path) -> io::Result<Inner> {
         // What a process that crashed wrote may still be only in the page
         // cache; it was just read as the log, so make it durable.
         file.sync_all()?;
+        #[cfg(test)]
+        power_cut::synced_file(&path);
         segments.insert(
             id,
             Segment {
@@ -1656,6 +1741,10 @@ mod tests {
             shard: u64,
         },
         Reopen,
+        /// A group commit: all written so far is durable once it returns.
+        Sync,
+        /// The machine loses power: the log opens from what was synced.
+        PowerCut,
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -1668,10 +1757,12 @@ mod tests {
             1 => shard.clone().prop_map(|shard| Op::Vote { shard }),
             1 => shard.prop_map(|shard| Op::Drop { shard }),
             1 => Just(Op::Reopen),
+            2 => Just(Op::Sync),
+            1 => Just(Op::PowerCut),
         ]
     }
 
-    #[derive(Default, Clone)]
+    #[derive(Default, Clone, PartialEq, Debug)]
     struct Model {
         entries: BTreeMap<u64, (u64, Vec<u8>)>,
         vote: Option<Vec<u8>>,
@@ -1696,19 +1787,67 @@ mod tests {
         }
     }
 
+    /// What the log holds of each shard the model tests use, in the model's
+    /// terms (a shard the log does not know reads as an empty model).
+    fn read_model(log: &RaftLog) -> BTreeMap<u64, Model> {
+        (0..3u64)
+            .map(|shard| {
+                let entries = log.read(shard, 0, u64::MAX).unwrap();
+                let last = log.last(shard).unwrap();
+                let end = last.map_or(0, |(_, index)| index + 1);
+                let first = end - entries.len() as u64;
+                let entries = (first..end)
+                    .zip(entries)
+                    .map(|(index, bytes)| {
+                        let text = String::from_utf8_lossy(&bytes).into_owned();
+                        let term = text.split('/').nth(1).unwrap().parse().unwrap();
+                        (index, (term, bytes))
+                    })
+                    .collect();
+                let purged = log
+                    .purged(shard)
+                    .unwrap()
+                    .map(|p| u64::from_le_bytes(p.try_into().unwrap()));
+                let model = Model {
+                    entries,
+                    vote: log.vote(shard).unwrap(),
+                    purged,
+                };
+                (shard, model)
+            })
+            .collect()
+    }
+
+    /// The model's shards 0-2, each as [`read_model`] gives it.
+    fn shards_of(model: &HashMap<u64, Model>) -> BTreeMap<u64, Model> {
+        (0..3u64)
+            .map(|shard| (shard, model.get(&shard).cloned().unwrap_or_default()))
+            .collect()
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
-        /// Any sequence of appends, truncations, purges, votes, drops and
-        /// reopenings, with segments small enough that they rotate, are
-        /// copied forward and deleted all the time, leaves the log equal to
-        /// a plain model of it.
+        /// Any sequence of appends, truncations, purges, votes, drops,
+        /// reopenings, group commits and power cuts, with segments small
+        /// enough that they rotate, are copied forward and deleted all the
+        /// time, leaves the log equal to a plain model of it. After a power
+        /// cut (only what was synced survives, files and folder entries
+        /// alike) the log is the model as it was at some point since the last
+        /// group commit or drop, which are durable when they return.
         #[test]
         fn the_log_matches_a_model(ops in proptest::collection::vec(op(), 1..80)) {
-            let dir = tempfile::tempdir().unwrap();
+            let mut dir = tempfile::tempdir().unwrap();
             let segment_bytes = 3000;
+            power_cut::watch(dir.path());
             let mut log = RaftLog::open_with(dir.path(), segment_bytes).unwrap();
             let mut model: HashMap<u64, Model> = HashMap::new();
+            // The model after each op since the last durable point.
+            let mut since_sync = vec![shards_of(&model)];
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
             let mut term = 0u64;
             for op in ops {
                 term += 1;
@@ -1741,6 +1880,10 @@ mod tests {
                         model.entry(shard).or_default().vote = Some(v);
                     }
                     Op::Drop { shard } => {
+                        // Durable when it returns, if the log knew the shard.
+                        if log.inner.lock().unwrap().shards.contains_key(&shard) {
+                            since_sync.clear();
+                        }
                         log.drop_shard(shard).unwrap();
                         model.remove(&shard);
                     }
@@ -1748,7 +1891,33 @@ mod tests {
                         drop(log);
                         log = RaftLog::open_with(dir.path(), segment_bytes).unwrap();
                     }
+                    Op::Sync => {
+                        runtime.block_on(log.sync()).unwrap();
+                        since_sync.clear();
+                    }
+                    Op::PowerCut => {
+                        let image = tempfile::tempdir().unwrap();
+                        power_cut::cut(dir.path(), image.path());
+                        drop(log);
+                        dir = image;
+                        power_cut::watch(dir.path());
+                        log = RaftLog::open_with(dir.path(), segment_bytes).unwrap();
+                        let recovered = read_model(&log);
+                        prop_assert!(
+                            since_sync.contains(&recovered),
+                            "after a power cut the log holds {:?}, none of the {} states since \
+                             the last group commit",
+                            recovered,
+                            since_sync.len()
+                        );
+                        model = recovered
+                            .into_iter()
+                            .filter(|(_, m)| *m != Model::default())
+                            .collect();
+                        since_sync.clear();
+                    }
                 }
+                since_sync.push(shards_of(&model));
                 for shard in 0..3u64 {
                     let m = model.get(&shard).cloned().unwrap_or_default();
                     let want: Vec<Vec<u8>> = m.entries.values().map(|(_, b)| b.clone()).collect();
@@ -1764,6 +1933,7 @@ mod tests {
             }
             // Everything rotated away is gone from disk.
             prop_assert!(log.segment_count() <= 12, "{} segments", log.segment_count());
+            power_cut::forget(dir.path());
         }
     }
 }
