@@ -32,7 +32,6 @@ use openraft::async_runtime::WatchReceiver;
 use tokio::sync::watch;
 
 use crate::node::Registry;
-use crate::shard::memtable::Memtable;
 use crate::shard::state_machine::load_current;
 use crate::shard::{sealing, snapshot, Shard, ShardFiles};
 use crate::storage::keys;
@@ -127,7 +126,7 @@ fn inspect(
 ) -> io::Result<Findings> {
     let mut found = Findings::default();
     if past_keys {
-        found.records_left = reseal_records(&files.state, &files.pending, ring, epoch)?;
+        found.records_left = reseal_records(&files.state, ring, epoch)?;
         found.log_sealed_upto = files.log.last_sealed_before(epoch)?;
     }
     if let Some((_, file)) = load_current(&files.snapshot_dir)? {
@@ -141,15 +140,17 @@ fn inspect(
 }
 
 /// Re-seals live self-destructing records sealed before `epoch`; returns how
-/// many were left because they changed meanwhile or have a write waiting in
-/// the memtable (its flush seals with the current key, so the next round
-/// finds them done).
-fn reseal_records(
-    state: &sled::Tree,
-    pending: &Memtable,
-    ring: &KeyRing,
-    epoch: u64,
-) -> io::Result<usize> {
+/// many were left because they changed meanwhile (the next round looks
+/// again).
+///
+/// A record with a newer value or a removal waiting in the memtable is
+/// re-sealed too: after a crash the log applies that write again and reads
+/// the record in sled first, so sled's copy must not need a key destroyed
+/// meanwhile. (Leaving such records for a later round left past keys alive
+/// for as long as expiries kept coming, since every round found some.) The
+/// waiting write still wins: readers see the memtable first, and its flush
+/// overwrites the copy re-sealed here.
+fn reseal_records(state: &sled::Tree, ring: &KeyRing, epoch: u64) -> io::Result<usize> {
     let (current, key) = ring.current_key()?;
     let mut left = 0;
     let mut count = 0u64;
@@ -172,14 +173,6 @@ fn reseal_records(
         let Some(raw) = state.get(&mkey).map_err(io::Error::other)? else {
             continue;
         };
-        // A newer value or a removal waits in the memtable: its flush seals
-        // with the current key or removes the record. Until then the record
-        // is left, so the old key lives: after a crash the log applies that
-        // write again, and it reads the record first.
-        if pending.get(&mkey).is_some() {
-            left += 1;
-            continue;
-        }
         match sealing::sealed_epoch(&raw)? {
             Some(e) if e < epoch => {}
             _ => continue,
@@ -232,5 +225,62 @@ async fn act(shard: &Shard, found: &Findings) {
     };
     if let Err(e) = result {
         tracing::warn!(shard = %shard.id, error = %e, "erasure: snapshot or purge");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+    use crate::api::pb::replicated::{self_destruct, MessageRecord, SelfDestruct};
+    use crate::shard::memtable::{Memtable, Pending};
+
+    /// A self-destructing record sealed in a past epoch is re-sealed with
+    /// the current key even while a write to it waits in the memtable (an
+    /// expiry about to remove it), so the round is clean and the past key
+    /// can go; the waiting write still reads first and lands over it.
+    #[test]
+    fn a_record_with_a_write_waiting_is_resealed_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let ring = KeyRing::open(&dir.path().join("keys"), Duration::from_millis(50)).unwrap();
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let tree = db.open_tree("state").unwrap();
+        let (past, key) = ring.current_key().unwrap();
+        let message = MessageRecord {
+            chat_id: 1,
+            seq: 1,
+            body: b"gone soon"[..].into(),
+            self_destruct: Some(SelfDestruct {
+                policy: Some(self_destruct::Policy::AfterSendSecs(5)),
+            }),
+            expire_at_ms: 5_000,
+            ..Default::default()
+        };
+        let mkey = keys::message(1, 1);
+        tree.insert(&mkey, sealing::seal_message(message, past, &key))
+            .unwrap();
+        tree.insert(keys::ttl(5_000, 1, 1), Vec::new()).unwrap();
+        // The expiry's removal of the record, applied but not flushed.
+        let pending = Memtable::unshared();
+        pending.extend(
+            [(mkey.clone(), None::<Pending>)],
+            crate::shard::types::log_id(1, 7),
+        );
+        let started = Instant::now();
+        while ring.current_epoch() <= past {
+            assert!(started.elapsed() < Duration::from_secs(10), "epoch moves");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let epoch = ring.current_epoch();
+        assert_eq!(reseal_records(&tree, &ring, epoch).unwrap(), 0);
+        let stored = tree.get(&mkey).unwrap().unwrap();
+        assert!(sealing::sealed_epoch(&stored).unwrap() >= Some(epoch));
+        let opened = sealing::open_message(&ring, &stored, None).unwrap();
+        assert_eq!(&opened.body[..], b"gone soon");
+        assert_eq!(pending.get(&mkey), Some(None), "the removal still waits");
+        // Nothing from a past epoch is left, so a second round does nothing.
+        assert_eq!(reseal_records(&tree, &ring, epoch).unwrap(), 0);
+        assert_eq!(tree.get(&mkey).unwrap().unwrap(), stored);
     }
 }

@@ -127,15 +127,24 @@ impl<'a> Overlay<'a> {
         if let Some(v) = self.writes.get(key) {
             return Ok(v.clone());
         }
-        let Some(v) = self.base.get(key).map_err(io::Error::other)? else {
-            return Ok(None);
-        };
-        if let (Some(ring), Some(&keys::TAG_MESSAGE)) = (self.keys, key.first()) {
-            if let Some(plain) = sealing::plain_message_bytes(ring, &v, None)? {
-                return Ok(Some(plain));
+        // The eraser re-seals a record with the current key before it
+        // destroys the key it had: a record read just before the re-seal
+        // and opened just after the destruction is read once more.
+        let mut reread = false;
+        loop {
+            let Some(v) = self.base.get(key).map_err(io::Error::other)? else {
+                return Ok(None);
+            };
+            let (Some(ring), Some(&keys::TAG_MESSAGE)) = (self.keys, key.first()) else {
+                return Ok(Some(v.to_vec()));
+            };
+            match sealing::plain_message_bytes(ring, &v, None) {
+                Ok(Some(plain)) => return Ok(Some(plain)),
+                Ok(None) => return Ok(Some(v.to_vec())),
+                Err(e) if e.kind() == io::ErrorKind::NotFound && !reread => reread = true,
+                Err(e) => return Err(e),
             }
         }
-        Ok(Some(v.to_vec()))
     }
 
     pub fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
