@@ -260,10 +260,13 @@ impl TokenBody {
     /// writes (or, with only writes, the oldest write), never the one just
     /// merged (indexes of different shards say nothing about which matters
     /// more). A merge that changes no position leaves the order too, so
-    /// that the token's bytes stay the same. Incarnation 0 is a shard whose first leader has
-    /// not yet applied its bootstrap entry (writes may come before it): such
-    /// a position never replaces one with an incarnation, so that a replica
-    /// that knows less (a new voter, say) cannot wipe what the token holds.
+    /// that the token's bytes stay the same. Incarnation 0 is a shard whose
+    /// first leader has not yet applied its bootstrap entry (writes may come
+    /// before it): the same log as the incarnation that entry gives it, so
+    /// such a position and one with an incarnation merge by index (see
+    /// [`merged`]), and neither a replica that knows less (a new voter, say)
+    /// nor a read from a replica that applied the bootstrap but not yet the
+    /// client's earlier write can take the token back.
     pub fn merge(&mut self, pos: ShardPosition) {
         self.merge_as(pos, false);
     }
@@ -278,7 +281,9 @@ impl TokenBody {
     fn changed_by(&self, pos: ShardPosition, write: bool) -> bool {
         match self.position(pos.shard) {
             None => true,
-            Some(held) => newer(pos, held) || (write && !self.written.contains(&pos.shard)),
+            Some(held) => {
+                merged(pos, held) != held || (write && !self.written.contains(&pos.shard))
+            }
         }
     }
 
@@ -298,15 +303,12 @@ impl TokenBody {
         let merged = match self.shards.iter().position(|p| p.shard == pos.shard) {
             Some(i) => {
                 let held = self.shards.remove(i);
-                if newer(pos, held) {
-                    if pos.incarnation != held.incarnation {
-                        // A write to an earlier incarnation says nothing now.
-                        self.written.retain(|s| *s != pos.shard);
-                    }
-                    pos
-                } else {
-                    held
+                let merged = merged(pos, held);
+                if held.incarnation != 0 && merged.incarnation != held.incarnation {
+                    // A write to an earlier incarnation says nothing now.
+                    self.written.retain(|s| *s != pos.shard);
                 }
+                merged
             }
             None => pos,
         };
@@ -326,12 +328,22 @@ impl TokenBody {
     }
 }
 
-/// Whether `pos` replaces `held`, a position of the same shard.
-fn newer(pos: ShardPosition, held: ShardPosition) -> bool {
-    if pos.incarnation == held.incarnation {
-        pos.index > held.index
-    } else {
-        pos.incarnation != 0
+/// What the token holds of a shard after `pos` is merged into `held`: the
+/// later index of one incarnation; for a position of incarnation 0 (before
+/// the bootstrap entry applied, in the same log) and one with an
+/// incarnation, that incarnation at the later of the two indexes; and for
+/// two different incarnations, `pos`, the newer (a shard made again starts a
+/// new log, whose indexes say nothing of the old one's).
+fn merged(pos: ShardPosition, held: ShardPosition) -> ShardPosition {
+    let later = |incarnation| ShardPosition {
+        incarnation,
+        ..if pos.index > held.index { pos } else { held }
+    };
+    match (held.incarnation, pos.incarnation) {
+        (h, p) if h == p => later(h),
+        (0, p) => later(p),
+        (h, 0) => later(h),
+        _ => pos,
     }
 }
 
@@ -526,8 +538,13 @@ mod tests {
         assert!(!body.written.contains(&5_000));
     }
 
+    /// Positions from before a shard's bootstrap entry applied (incarnation
+    /// 0) are of the same log as those after: they merge by index, so a
+    /// read from a replica that applied the bootstrap but not the client's
+    /// earlier write cannot take the token back, nor can one that knows
+    /// less take its incarnation.
     #[test]
-    fn a_position_of_incarnation_zero_never_replaces_one_with_an_incarnation() {
+    fn positions_before_and_after_a_shards_bootstrap_merge_by_index() {
         let keys = TokenKeys::new("c", b"s");
         let mut body = keys.decode(&[]).unwrap();
         let unbootstrapped = |shard, index| ShardPosition {
@@ -539,12 +556,25 @@ mod tests {
         body.merge(pos(3, 1_000));
         body.merge(unbootstrapped(3, 1));
         assert_eq!(body.position(3), Some(pos(3, 1_000)));
+        body.merge(unbootstrapped(3, 1_200));
+        assert_eq!(body.position(3), Some(pos(3, 1_200)));
         // Writes before the bootstrap entry are remembered, by index, until
-        // the shard's incarnation is known.
-        body.merge(unbootstrapped(4, 2));
+        // the shard's incarnation is known, and stay the client's writes.
+        body.merge_write(unbootstrapped(4, 40));
         body.merge(unbootstrapped(4, 1));
-        assert_eq!(body.position(4), Some(unbootstrapped(4, 2)));
-        body.merge(pos(4, 1));
-        assert_eq!(body.position(4), Some(pos(4, 1)));
+        assert_eq!(body.position(4), Some(unbootstrapped(4, 40)));
+        body.merge(pos(4, 12));
+        assert_eq!(body.position(4), Some(pos(4, 40)));
+        assert!(body.written.contains(&4));
+        body.merge(pos(4, 50));
+        assert_eq!(body.position(4), Some(pos(4, 50)));
+        // Another incarnation replaces the position whatever its index.
+        let remade = ShardPosition {
+            incarnation: 9,
+            ..pos(4, 3)
+        };
+        body.merge(remade);
+        assert_eq!(body.position(4), Some(remade));
+        assert!(!body.written.contains(&4));
     }
 }
