@@ -222,8 +222,9 @@ async fn run(inner: Weak<Inner>, shard: ShardId, mut rx: mpsc::Receiver<Pending>
 
 /// One node call with every command of `batch`; each waiter gets its own
 /// result. A retry carries only the groups whose callers still wait: a
-/// write its caller gave up on (told its outcome is unknown) is not stored
-/// seconds later, after writes the client made since.
+/// write its caller gave up on (told its outcome is unknown) is not sent
+/// again, to land after writes the client made since. (A try already at
+/// the node runs on until the node's own timeout and may still commit.)
 async fn call(router: &Router, shard: ShardId, batch: Vec<Pending>) {
     let mut groups = Vec::with_capacity(batch.len());
     let mut waiters = Vec::with_capacity(batch.len());
