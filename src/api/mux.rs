@@ -691,7 +691,7 @@ fn lock<P: Protocol>(
 /// whose caller has gone is not sent (a write given up on must not land
 /// after writes its client made since), one with no time left is answered
 /// `DeadlineExceeded`, not sent, and the rest tell the peer the time their
-/// callers have left, not the whole timeout again.
+/// callers have left (less an eighth), not the whole timeout again.
 fn fresh<P: Protocol>(rx: mpsc::Receiver<P::Batch>, waiting: Waiting<P>) -> Batches<P::Batch> {
     Batches {
         rx,
@@ -721,7 +721,11 @@ fn still_wanted<P: Protocol>(
             };
             match left {
                 Some(left) => {
-                    call.timeout_ms = left.as_millis() as u64;
+                    // An eighth less than is left here: a call that runs
+                    // out of time on the peer is answered so (a status
+                    // without a source) before this side gives up on the
+                    // peer, which a caller takes for an unreachable node.
+                    call.timeout_ms = (left - left / 8).as_millis().max(1) as u64;
                     Some(call)
                 }
                 None => {
@@ -960,7 +964,7 @@ mod tests {
 
     /// As a batch leaves, a call whose caller has gone is dropped, one with
     /// no time left is answered DeadlineExceeded unsent, and the rest carry
-    /// the time their callers have left.
+    /// the time their callers have left, less an eighth.
     #[tokio::test]
     async fn a_batch_leaves_with_only_the_calls_still_waited_for() {
         use super::{still_wanted, Call, Protocol, Waiter, Waiting};
@@ -995,7 +999,9 @@ mod tests {
             .iter()
             .map(|c| (c.id, c.timeout_ms))
             .collect();
-        assert_eq!(left, [(1, 4_000)]);
+        // 4 s left here; the peer is told 3.5 s, so that its own timeout
+        // answers before this side's.
+        assert_eq!(left, [(1, 3_500)]);
         let expired = replies.pop().unwrap().await.unwrap().unwrap_err();
         assert_eq!(expired.code(), Code::DeadlineExceeded);
         assert!(expired.message().contains("not sent"), "{expired}");
