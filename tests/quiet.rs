@@ -336,44 +336,19 @@ async fn a_restarted_follower_does_not_take_over_quiet_shards() {
 /// openraft's leader sends no heartbeat while it hands over and the quiet
 /// followers run no timers, so nobody would elect; the leader asks again
 /// after an election timeout, the voters that hear it wake, one takes over,
-/// and writes go on.
+/// and writes go on. (If the cut lasts past an election timeout the
+/// followers, no longer pinged by the leader, wake and elect one of them on
+/// their own: that is not stranded either.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_lost_hand_over_on_a_quiet_shard_is_asked_again() {
     use chatstore::api::pb::node::admin_client::AdminClient;
     use chatstore::api::pb::node::read_request::Query;
     use chatstore::api::pb::node::{ReadRequest, TransferLeaderRequest};
     use chatstore::api::pb::{Consistency, GetChatRequest};
-    use common::proxy::Proxy;
 
     let dir = TestDir::new("quiet-hand-over");
     let shards = 2u64;
-    let mut cluster = common::procs::ProcessCluster::new(
-        &dir.path,
-        &ConfigOptions {
-            shards: shards as u32,
-            quiesce_after_ms: 1_000,
-            ..Default::default()
-        },
-    );
-    // Every node reaches each other node through a proxy: (from, to).
-    let mut links = BTreeMap::new();
-    for a in 1..=3u64 {
-        let mut args = Vec::new();
-        for b in (1..=3u64).filter(|b| *b != a) {
-            let target = cluster.config.node(chatstore::types::NodeId(b)).unwrap();
-            let proxy = Proxy::start(target.raft_addr.clone()).await;
-            args.push("--peer-addr".to_string());
-            args.push(format!("{b}={}", proxy.addr));
-            links.insert((a, b), proxy);
-        }
-        cluster.node_args.insert(a, args);
-    }
-    cluster.start_all_nodes();
-    let nodes = common::Client::new(&cluster.config);
-    nodes
-        .wait_leaders(&[1, 2, 3], Duration::from_secs(60))
-        .await
-        .expect("every shard elects a leader");
+    let (mut cluster, nodes, links) = proxied_cluster(&dir, shards).await;
     write_once_to_each_shard(&nodes).await;
     let (shard, chat) = chat_of_each_shard(&nodes).into_iter().next().unwrap();
     let election_max = Duration::from_millis(cluster.config.raft.election_timeout_ms_max);
@@ -433,15 +408,23 @@ async fn a_lost_hand_over_on_a_quiet_shard_is_asked_again() {
         let mut call = call;
         let refusal_wait = election_max * 2 + Duration::from_secs(1);
         if let Ok(answer) = tokio::time::timeout(refusal_wait, &mut call).await {
-            let refused = answer.unwrap().expect_err("no hand-over over cut links");
-            assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused}");
             cut(false);
-            continue;
+            match answer.unwrap() {
+                // The followers stopped hearing the leader and elected.
+                Ok(_) => {
+                    handed = Some((leader, None));
+                    break;
+                }
+                Err(refused) => {
+                    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused}");
+                    continue;
+                }
+            }
         }
         // Every request of the hand-over, and of any retry within the
         // refusal wait (over two election timeouts), was lost.
         cut(false);
-        handed = Some((leader, call));
+        handed = Some((leader, Some(call)));
         break;
     }
     let (leader, call) = handed.expect("a hand-over started within five tries");
@@ -467,8 +450,109 @@ async fn a_lost_hand_over_on_a_quiet_shard_is_asked_again() {
         )
         .await
         .expect("a write after the hand-over");
-    let _ = call.await;
+    if let Some(call) = call {
+        let _ = call.await;
+    }
     cluster.assert_still_running(1);
     cluster.assert_still_running(2);
     cluster.assert_still_running(3);
+}
+
+/// A three-node cluster of `shards` shards, quiet after 1 s, where every
+/// node reaches each other node through a proxy, by (from, to).
+async fn proxied_cluster(
+    dir: &TestDir,
+    shards: u64,
+) -> (
+    common::procs::ProcessCluster,
+    common::Client,
+    BTreeMap<(u64, u64), common::proxy::Proxy>,
+) {
+    let mut cluster = common::procs::ProcessCluster::new(
+        &dir.path,
+        &ConfigOptions {
+            shards: shards as u32,
+            quiesce_after_ms: 1_000,
+            ..Default::default()
+        },
+    );
+    let mut links = BTreeMap::new();
+    for a in 1..=3u64 {
+        let mut args = Vec::new();
+        for b in (1..=3u64).filter(|b| *b != a) {
+            let target = cluster.config.node(chatstore::types::NodeId(b)).unwrap();
+            let proxy = common::proxy::Proxy::start(target.raft_addr.clone()).await;
+            args.push("--peer-addr".to_string());
+            args.push(format!("{b}={}", proxy.addr));
+            links.insert((a, b), proxy);
+        }
+        cluster.node_args.insert(a, args);
+    }
+    cluster.start_all_nodes();
+    let nodes = common::Client::new(&cluster.config);
+    nodes
+        .wait_leaders(&[1, 2, 3], Duration::from_secs(60))
+        .await
+        .expect("every shard elects a leader");
+    (cluster, nodes, links)
+}
+
+/// A quiet shard whose leader can no longer send to the other nodes,
+/// though they still reach it (its own connections stall; its answers on
+/// theirs still flow, so their pings to it are answered), gets another
+/// leader and takes writes while that lasts: a follower goes by the
+/// leader's pings reaching it, not by its own pings being answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_quiet_shard_whose_leader_cannot_send_elects_another() {
+    use std::sync::atomic::Ordering::SeqCst;
+
+    let dir = TestDir::new("quiet-egress");
+    let shards = 2u64;
+    let (mut cluster, nodes, links) = proxied_cluster(&dir, shards).await;
+    write_once_to_each_shard(&nodes).await;
+    let (shard, chat) = chat_of_each_shard(&nodes).into_iter().next().unwrap();
+    wait_all_quiet(&nodes, &[1, 2, 3], shards, Duration::from_secs(30)).await;
+    let leader = nodes.leader_of(shard).await.expect("a leader");
+    for ((from, _), link) in &links {
+        if *from == leader {
+            link.ctl.stall_up.store(true, SeqCst);
+        }
+    }
+    let others: Vec<u64> = (1..=3).filter(|n| *n != leader).collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = quiet_map(&nodes, &others).await;
+        let seen: Vec<u64> = others
+            .iter()
+            .filter_map(|n| m.get(&(*n, shard)))
+            .map(|(_, l)| *l)
+            .collect();
+        if seen.len() == others.len() && seen.iter().all(|l| *l != leader && *l == seen[0]) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "shard {shard}'s followers still follow node {leader}, which cannot send to them, 30 s on: {m:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    nodes
+        .write(
+            chat,
+            vec![send_cmd(
+                chat,
+                1,
+                2_000,
+                b"while the old leader cannot send",
+            )],
+            Duration::from_secs(20),
+        )
+        .await
+        .expect("a write under the new leader");
+    for link in links.values() {
+        link.ctl.heal();
+    }
+    for node in 1..=3 {
+        cluster.assert_still_running(node);
+    }
 }

@@ -24,7 +24,7 @@ pub mod quiesce;
 pub mod transport;
 
 use openraft::async_runtime::WatchReceiver;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 
@@ -65,6 +65,8 @@ struct Host {
     changes: tokio::sync::Mutex<()>,
     /// Each peer's last ping answer.
     peer_answers: std::sync::Mutex<BTreeMap<u64, PeerAnswer>>,
+    /// When each peer's last ping reached this node.
+    pinged_by: std::sync::Mutex<HashMap<u64, std::time::Instant>>,
     /// This node's clock is off from its peers' or may be (set each chore
     /// tick): its replicas would judge what has expired by a wrong time.
     clock_suspect: std::sync::atomic::AtomicBool,
@@ -170,11 +172,44 @@ impl Registry {
             .insert(peer, answer);
     }
 
+    /// Records that a ping from `peer` reached this node.
+    pub fn note_pinged_by(&self, peer: u64) {
+        self.host
+            .pinged_by
+            .lock()
+            .expect("pinged-by lock")
+            .insert(peer, std::time::Instant::now());
+    }
+
+    /// Whether `leader`, the leader of a quiet shard here, is alive: it
+    /// pinged this node within `within`, so it can still reach this node
+    /// (a node pings only while it is fit to lead). Whether this node can
+    /// reach it does not matter: a leader that cannot send to its followers
+    /// cannot lead them, one they cannot send to still can. A leader that
+    /// never pinged this node (since this node started, or since it joined)
+    /// counts as alive while it answers this node's pings (`answered`).
+    pub fn leader_alive(&self, leader: u64, within: std::time::Duration, answered: bool) -> bool {
+        match self
+            .host
+            .pinged_by
+            .lock()
+            .expect("pinged-by lock")
+            .get(&leader)
+        {
+            Some(at) => at.elapsed() < within,
+            None => answered,
+        }
+    }
+
+    /// The longest election timeout.
+    pub fn election_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.host.config.raft.election_timeout_ms_max)
+    }
+
     /// `peer` answered a ping within an election timeout (the longest):
     /// alive, as far as this node can tell.
     pub fn answered_lately(&self, peer: u64) -> bool {
-        let within =
-            std::time::Duration::from_millis(self.host.config.raft.election_timeout_ms_max);
+        let within = self.election_timeout();
         self.host
             .peer_answers
             .lock()
@@ -463,6 +498,7 @@ impl Node {
                 node_tree: storage.open_tree(trees::NODE_TREE)?,
                 changes: tokio::sync::Mutex::new(()),
                 peer_answers: Default::default(),
+                pinged_by: Default::default(),
                 clock_suspect: Default::default(),
                 stopped_replica: Default::default(),
             }),

@@ -19,24 +19,30 @@
 //!   no heartbeats while it hands over) asks again after an election timeout
 //!   and does not go quiet meanwhile (`duties::lead`).
 //! - **Liveness.** Each node pings every peer that its replicas' memberships
-//!   name once per heartbeat interval. When a peer has not answered for the
-//!   longest election timeout, every quiet replica here that it leads wakes,
-//!   and elects as usual. A replica that knows no leader wakes too.
+//!   name once per heartbeat interval (each peer on its own, so one that does
+//!   not answer holds back no other), and only while it is fit to lead. When
+//!   the leader of a quiet replica here has not pinged this node for the
+//!   longest election timeout, the replica wakes and elects as usual: a
+//!   leader that cannot send to its followers cannot lead them, even if
+//!   their pings to it are answered (then it is not gone by their pings
+//!   alone), and a follower that cannot send to its leader is still led by
+//!   it. A leader that has not pinged this node yet (since either started)
+//!   counts as gone when it has not answered this node's pings for as long.
+//!   A replica that knows no leader wakes too.
 //!
 //! Safety does not depend on any of this: it only decides when timers run.
 //! A quiet leader that lost its followers to a partition still thinks it
 //! leads, but a write there cannot renew the lease and is refused; the
 //! partition's other side elects once pings fail.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::FutureExt;
 use openraft::async_runtime::WatchReceiver;
 use tokio::sync::watch;
 
-use crate::api::pb::raft::{PingRequest, QuiesceRequest};
+use crate::api::pb::raft::{PingReply, PingRequest, QuiesceRequest};
 use crate::node::clock::ClockSample;
 use crate::node::{PeerAnswer, Registry};
 use crate::shard::network::Peers;
@@ -123,7 +129,14 @@ pub async fn maybe_quiesce(
 }
 
 /// Pings every peer the hosted shards' memberships name, and wakes the quiet
-/// replicas whose leader stopped answering, until `shutdown`.
+/// replicas whose leader stopped pinging this node, until `shutdown`.
+///
+/// Each peer's ping runs on its own, and a peer is pinged again once its
+/// last ping ended: a peer that does not answer (each ping waits up to a
+/// second) does not hold back the pings of the others, so a live leader's
+/// pings keep coming every `every` while another peer is cut off. A node
+/// that cannot lead (`Registry::unfit_to_lead`) pings no one, so the quiet
+/// shards it leads wake elsewhere.
 pub async fn run_liveness(
     registry: Registry,
     every: Duration,
@@ -133,6 +146,8 @@ pub async fn run_liveness(
     let me = registry.node_id().0;
     let mut last_answer: HashMap<u64, Instant> = HashMap::new();
     let mut peers: BTreeMap<u64, NodeAddr> = BTreeMap::new();
+    let (answers, mut answered) = tokio::sync::mpsc::unbounded_channel();
+    let mut pinging: HashSet<u64> = HashSet::new();
     let mut round: u64 = 0;
     loop {
         tokio::select! {
@@ -146,36 +161,45 @@ pub async fn run_liveness(
             peers = known_peers(&shards, me);
         }
         round += 1;
-        let pings = peers.iter().map(|(id, node)| {
-            let client = registry.peers().client(*id, &node.addr, &node.region);
-            let id = *id;
-            async move {
-                let mut client = client.ok()?;
+        while let Ok((id, answer, at)) = answered.try_recv() {
+            pinging.remove(&id);
+            let Some((answer, sent_ms, round_trip)) = answer else {
+                continue;
+            };
+            let answer: PingReply = answer;
+            last_answer.insert(id, at);
+            registry.note_peer_answer(
+                id,
+                PeerAnswer {
+                    at,
+                    rules: answer.apply_rules,
+                    // A binary from before the clock check answers without
+                    // its clock: no sample.
+                    clock: (answer.now_ms != 0)
+                        .then(|| ClockSample::from_ping(sent_ms, round_trip, answer.now_ms)),
+                },
+            );
+        }
+        let fit = registry.unfit_to_lead().is_none();
+        for (id, node) in peers.iter().filter(|_| fit) {
+            if pinging.contains(id) {
+                continue;
+            }
+            // A peer's first ping starts its time to answer.
+            last_answer.entry(*id).or_insert_with(Instant::now);
+            let Ok(mut client) = registry.peers().client(*id, &node.addr, &node.region) else {
+                continue;
+            };
+            pinging.insert(*id);
+            let (id, answers) = (*id, answers.clone());
+            tokio::spawn(async move {
                 let mut req = tonic::Request::new(PingRequest { from_node: me });
                 req.set_timeout(CALL_TIMEOUT.min(dead_after));
                 let (sent_ms, sent) = (now_ms(), Instant::now());
-                let answer = client.ping(req).await.ok()?.into_inner();
-                Some((answer, sent_ms, sent.elapsed()))
-            }
-            .map(move |answer| (id, answer))
-        });
-        let now = Instant::now();
-        for (id, answer) in futures::future::join_all(pings).await {
-            let seen = last_answer.entry(id).or_insert(now);
-            if let Some((answer, sent_ms, round_trip)) = answer {
-                *seen = Instant::now();
-                registry.note_peer_answer(
-                    id,
-                    PeerAnswer {
-                        at: *seen,
-                        rules: answer.apply_rules,
-                        // A binary from before the clock check answers
-                        // without its clock: no sample.
-                        clock: (answer.now_ms != 0)
-                            .then(|| ClockSample::from_ping(sent_ms, round_trip, answer.now_ms)),
-                    },
-                );
-            }
+                let answer = client.ping(req).await.ok().map(|a| a.into_inner());
+                let answer = answer.map(|a| (a, sent_ms, sent.elapsed()));
+                let _ = answers.send((id, answer, Instant::now()));
+            });
         }
         let mut unknown_leader = false;
         for shard in shards.iter().filter(|s| s.is_quiet()) {
@@ -187,14 +211,15 @@ pub async fn run_liveness(
                 // peer list was made) gets the same time to answer as any
                 // peer, from now: it is pinged from the next round on.
                 Some(l) => {
-                    last_answer
+                    let answered = last_answer
                         .entry(l)
                         .or_insert_with(|| {
                             unknown_leader = true;
                             Instant::now()
                         })
                         .elapsed()
-                        >= dead_after
+                        < dead_after;
+                    !registry.leader_alive(l, dead_after, answered)
                 }
             };
             if gone && shard.wake() {

@@ -242,6 +242,7 @@ impl RaftTransport for TransportService {
                 )));
             }
         }
+        self.registry.note_pinged_by(request.get_ref().from_node);
         if let Some(why) = self.registry.unfit_to_lead() {
             return Err(Status::unavailable(format!(
                 "node {} cannot lead: {why}",
@@ -294,10 +295,11 @@ impl RaftTransport for TransportService {
     }
 
     /// A pre-vote wakes a quiet replica but is not granted while the
-    /// shard's leader is alive (this node, or one that answered its pings
-    /// within an election timeout): a quiet shard has no lease to refuse it
-    /// with, and a follower that restarted would win every quiet shard it
-    /// follows. The woken leader's heartbeats bring the candidate back.
+    /// shard's leader is alive (this node, or one that pinged it within an
+    /// election timeout: see `Registry::leader_alive`): a quiet shard has no
+    /// lease to refuse it with, and a follower that restarted would win
+    /// every quiet shard it follows. The woken leader's heartbeats bring the
+    /// candidate back.
     async fn pre_vote(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
         let candidate = request.get_ref().from_node;
         let was_quiet = self
@@ -309,7 +311,9 @@ impl RaftTransport for TransportService {
             let me = self.registry.node_id().0;
             let leader = shard.raft.metrics().borrow_watched().current_leader;
             if let Some(leader) = leader.filter(|l| *l != candidate) {
-                if leader == me || self.registry.answered_lately(leader) {
+                let within = self.registry.election_timeout();
+                let answered = self.registry.answered_lately(leader);
+                if leader == me || self.registry.leader_alive(leader, within, answered) {
                     return Ok(err(format!(
                         "shard {} was quiet under live leader {leader}; pre-vote not granted",
                         shard.id
