@@ -146,7 +146,11 @@ pub async fn run_liveness(
     let me = registry.node_id().0;
     let mut last_answer: HashMap<u64, Instant> = HashMap::new();
     let mut peers: BTreeMap<u64, NodeAddr> = BTreeMap::new();
-    let (answers, mut answered) = tokio::sync::mpsc::unbounded_channel();
+    // Each ping's peer, answer (with when it was sent and its round trip)
+    // and arrival.
+    let (answers, mut answered) =
+        tokio::sync::mpsc::unbounded_channel::<(u64, Option<(PingReply, u64, Duration)>, Instant)>(
+        );
     let mut pinging: HashSet<u64> = HashSet::new();
     let mut round: u64 = 0;
     loop {
@@ -166,7 +170,6 @@ pub async fn run_liveness(
             let Some((answer, sent_ms, round_trip)) = answer else {
                 continue;
             };
-            let answer: PingReply = answer;
             last_answer.insert(id, at);
             registry.note_peer_answer(
                 id,
