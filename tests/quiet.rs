@@ -312,17 +312,24 @@ async fn a_restarted_follower_does_not_take_over_quiet_shards() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    // Several election timeouts later the leaders are the same.
+    // Several election timeouts later the leaders are the same, and the
+    // other follower of each shard is still quiet: it refused the restarted
+    // node's pre-votes without waking (woken, it would campaign at once).
     let watch = Duration::from_millis(cluster.config.raft.election_timeout_ms_max * 4);
     let started = Instant::now();
     while started.elapsed() < watch {
         let m = quiet_map(&nodes, &others).await;
         for (shard, leader) in &followed {
             for node in &others {
-                if let Some((_, seen)) = m.get(&(*node, *shard)) {
+                if let Some((quiet, seen)) = m.get(&(*node, *shard)) {
                     assert_eq!(
                         seen, leader,
                         "shard {shard} changed leader after node {restarted} restarted: {m:?}"
+                    );
+                    assert!(
+                        *quiet || node == leader,
+                        "node {node}, a follower of quiet shard {shard}, woke when node \
+                         {restarted} restarted: {m:?}"
                     );
                 }
             }

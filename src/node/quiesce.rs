@@ -13,9 +13,10 @@
 //!   ticker and renews its lease with one heartbeat round before proposing
 //!   (openraft refuses writes on a lapsed lease): the write pays one extra
 //!   round trip. A quiet follower wakes on entries from the leader, on a vote
-//!   or pre-vote request, on a snapshot and on a leadership transfer; an
-//!   empty heartbeat leaves it quiet (the leader may send one or two while it
-//!   quiesces). A leader whose leadership transfer no voter heard (it sends
+//!   request, on a pre-vote request unless it refuses it (its leader is
+//!   alive; the leader wakes on one), on a snapshot and on a leadership
+//!   transfer; an empty heartbeat leaves it quiet (the leader may send one or
+//!   two while it quiesces). A leader whose leadership transfer no voter heard (it sends
 //!   no heartbeats while it hands over) asks again after an election timeout
 //!   and does not go quiet meanwhile (`duties::lead`).
 //! - **Liveness.** Each node pings every peer that its replicas' memberships

@@ -174,10 +174,14 @@ impl TransportService {
             from_postcard(&req.payload, what)
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
         self.check_leader(certs.as_deref(), req.from_node, &rpc.vote)?;
+        Ok((shard, rpc))
+    }
+
+    /// Wakes `shard` if it is quiet, for a candidate's `what`.
+    fn wake_for(shard: &Shard, what: &'static str) {
         if shard.is_quiet() && shard.wake() {
             metrics::counter!(crate::metrics::SHARD_WAKES, "cause" => what).increment(1);
         }
-        Ok((shard, rpc))
     }
 
     fn shard(&self, req: &RaftRequest) -> Result<Arc<Shard>, Status> {
@@ -288,32 +292,35 @@ impl RaftTransport for TransportService {
 
     async fn vote(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
         let (shard, rpc) = self.candidate(request, "vote request")?;
+        Self::wake_for(&shard, "vote request");
         match shard.raft.vote(rpc).await {
             Ok(resp) => Ok(ok(&resp)),
             Err(e) => Ok(err(e.to_string())),
         }
     }
 
-    /// A pre-vote wakes a quiet replica but is not granted while the
-    /// shard's leader is alive (this node, or one that pinged it within an
-    /// election timeout: see `Registry::leader_alive`): a quiet shard has no
-    /// lease to refuse it with, and a follower that restarted would win
-    /// every quiet shard it follows. The woken leader's heartbeats bring the
-    /// candidate back.
+    /// A pre-vote on a quiet replica is not granted while the shard's
+    /// leader is alive (this node, or one that pinged it within an election
+    /// timeout: see `Registry::leader_alive`): a quiet shard has no lease to
+    /// refuse it with, and a follower that restarted would win every quiet
+    /// shard it follows. Refused so, only the leader wakes, and its
+    /// heartbeats bring the candidate back; a follower stays quiet, since a
+    /// woken follower, whose vote lease ran out long ago, would campaign at
+    /// once and could win. Otherwise the replica wakes and answers as
+    /// openraft does.
     async fn pre_vote(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
         let candidate = request.get_ref().from_node;
-        let was_quiet = self
-            .registry
-            .get(ShardId(request.get_ref().shard_id))
-            .is_some_and(|s| s.is_quiet());
         let (shard, rpc) = self.candidate(request, "pre-vote request")?;
-        if was_quiet {
+        if shard.is_quiet() {
             let me = self.registry.node_id().0;
             let leader = shard.raft.metrics().borrow_watched().current_leader;
             if let Some(leader) = leader.filter(|l| *l != candidate) {
                 let within = self.registry.election_timeout();
                 let answered = self.registry.answered_lately(leader);
                 if leader == me || self.registry.leader_alive(leader, within, answered) {
+                    if leader == me {
+                        Self::wake_for(&shard, "pre-vote request");
+                    }
                     return Ok(err(format!(
                         "shard {} was quiet under live leader {leader}; pre-vote not granted",
                         shard.id
@@ -321,6 +328,7 @@ impl RaftTransport for TransportService {
                 }
             }
         }
+        Self::wake_for(&shard, "pre-vote request");
         match shard.raft.pre_vote(rpc).await {
             Ok(resp) => Ok(ok(&resp)),
             Err(e) => Ok(err(e.to_string())),
