@@ -28,7 +28,7 @@ use tonic::Status;
 use crate::api::pb::node::WriteRequest;
 use crate::api::pb::replicated::{Command, CommandResult};
 use crate::router::token::ShardPosition;
-use crate::router::{Inner, Router, NODE_CALL_TIMEOUT, WRITE_DEADLINE};
+use crate::router::{Inner, Router, WRITE_DEADLINE};
 use crate::types::ShardId;
 
 /// Node calls one shard's queue keeps in flight.
@@ -242,7 +242,7 @@ async fn call(router: &Router, shard: ShardId, batch: Vec<Pending>) {
             shard,
             WRITE_DEADLINE,
             (WRITE_OUTCOME_UNKNOWN, true),
-            |node| {
+            |node, time| {
                 let live: Vec<bool> = waiters.iter().map(|w| !w.is_closed()).collect();
                 let request = WriteRequest {
                     shard_id: shard.0,
@@ -252,7 +252,7 @@ async fn call(router: &Router, shard: ShardId, batch: Vec<Pending>) {
                     if request.commands.is_empty() {
                         return Err(Status::aborted("every caller of this write has gone"));
                     }
-                    let reply = node.writes.call(request, NODE_CALL_TIMEOUT).await?;
+                    let reply = node.writes.call(request, time).await?;
                     Ok((reply, live))
                 }
             },

@@ -126,6 +126,10 @@ pub(crate) struct Inner {
     unreachable_until: std::sync::Mutex<BTreeMap<u64, Instant>>,
 }
 
+/// The least time a try on a node is given, however little of its call's
+/// deadline is left: a shorter one could not be answered.
+const TRY_TIME_MIN: Duration = Duration::from_millis(100);
+
 /// How long a node that could not be reached is passed over (its followers'
 /// stale leader hints included) before it is tried again.
 const UNREACHABLE_FOR: Duration = Duration::from_secs(1);
@@ -388,6 +392,10 @@ impl Router {
     /// error at the deadline ends with `retry`, what the caller may do. A
     /// node that answers is remembered as the leader only if `leader_only`
     /// (any replica answers a SESSION read).
+    ///
+    /// `call` gets the time its try may take: [`NODE_CALL_TIMEOUT`], or what
+    /// is left of `deadline` if less, so that the tries together, backoff
+    /// included, end by the deadline.
     pub(crate) async fn on_leader<T, F, Fut>(
         &self,
         shard: ShardId,
@@ -396,10 +404,10 @@ impl Router {
         mut call: F,
     ) -> Result<(u64, T), Status>
     where
-        F: FnMut(NodeEntry) -> Fut,
+        F: FnMut(NodeEntry, Duration) -> Fut,
         Fut: std::future::Future<Output = Result<T, Status>>,
     {
-        let started = Instant::now();
+        let started = tokio::time::Instant::now();
         let replicas = self.replicas_near_first(shard);
         let mut target = self.leader_guess(shard);
         if target == 0 || self.is_unreachable(target) {
@@ -407,8 +415,12 @@ impl Router {
         }
         let mut attempt: u32 = 0;
         loop {
+            let time = deadline
+                .saturating_sub(started.elapsed())
+                .min(NODE_CALL_TIMEOUT)
+                .max(TRY_TIME_MIN);
             let status = match self.node(target) {
-                Some(node) => call(node).await,
+                Some(node) => call(node, time).await,
                 None => Err(Status::internal(format!("unknown node {target}"))),
             };
             let status = match status {
@@ -449,7 +461,8 @@ impl Router {
                 }
                 _ => {
                     target = self.next_reachable(&replicas, attempt as usize);
-                    let backoff = Duration::from_millis((25u64 << attempt.min(3)).min(200));
+                    let backoff = Duration::from_millis((25u64 << attempt.min(3)).min(200))
+                        .min(deadline.saturating_sub(started.elapsed()));
                     tokio::time::sleep(backoff).await;
                 }
             }
@@ -581,11 +594,11 @@ impl Router {
                 shard,
                 WRITE_DEADLINE,
                 ("safe to retry", leader_only),
-                |node| {
+                |node, time| {
                     let (mut client, req) = (node.client, req.clone());
                     async move {
                         let mut r = tonic::Request::new(req);
-                        r.set_timeout(NODE_CALL_TIMEOUT);
+                        r.set_timeout(time);
                         client.read(r).await.map(|r| r.into_inner())
                     }
                 },
@@ -802,6 +815,45 @@ mod tests {
 
     fn ended(status: Status, retried: bool) -> Status {
         final_status(status, retried, (ShardId(3), Duration::from_secs(2)), RETRY)
+    }
+
+    /// However a node fails (here each try ends after 3 s, or sooner if its
+    /// time is up, as on a node that answers too late), the tries together
+    /// end by the call's deadline: each gets what is left of it.
+    #[tokio::test(start_paused = true)]
+    async fn tries_on_a_hung_node_end_by_the_deadline() {
+        let config = crate::cluster::config::ClusterConfig::from_toml(include_str!(
+            "../../cluster-configs/local-3region.toml"
+        ))
+        .unwrap();
+        let router = super::Router::new(&config, "eu", b"secret").unwrap();
+        let started = tokio::time::Instant::now();
+        let tries = std::cell::RefCell::new(Vec::new());
+        let out: Result<(u64, ()), Status> = router
+            .on_leader(
+                ShardId(3),
+                super::WRITE_DEADLINE,
+                (RETRY, true),
+                |_node, time| {
+                    tries.borrow_mut().push(time);
+                    async move {
+                        tokio::time::sleep(time.min(Duration::from_secs(3))).await;
+                        Err(Status::deadline_exceeded("no reply in time"))
+                    }
+                },
+            )
+            .await;
+        let status = out.unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable, "{status}");
+        let tries = tries.into_inner();
+        assert!((4..10).contains(&tries.len()), "{} tries", tries.len());
+        assert_eq!(tries[0], super::NODE_CALL_TIMEOUT);
+        assert!(tries.iter().all(|t| *t <= super::NODE_CALL_TIMEOUT));
+        let took = started.elapsed();
+        assert!(
+            took <= super::WRITE_DEADLINE + super::TRY_TIME_MIN,
+            "{took:?} for tries of {tries:?}"
+        );
     }
 
     #[test]
