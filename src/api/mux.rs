@@ -200,7 +200,8 @@ impl Held {
 }
 
 /// The peer's side: runs `handle` on each call of each batch (within the
-/// call's timeout; in a task of its own unless it is ready at once) and
+/// call's timeout, counted from when its batch arrived; in a task of its own
+/// unless it is ready at once) and
 /// returns the stream of reply batches, each with the replies ready when it
 /// is sent. The stream ends when `stopping` turns true, so a server's
 /// graceful shutdown does not wait on it. Calls are read only while the
@@ -255,7 +256,7 @@ where
                     reader_held.room().await;
                     futures::StreamExt::next(&mut calls).await
                 } => match m {
-                    Some(Ok(batch)) => batch,
+                    Some(Ok(batch)) => (batch, Instant::now()),
                     _ => break,
                 },
                 _ = reader_stopping.wait_for(|s| *s) => break,
@@ -263,6 +264,7 @@ where
                 // queued will be taken.
                 _ = tx.closed() => break,
             };
+            let (batch, arrived) = batch;
             for call in P::calls(batch) {
                 // Each call of a batch waits for room too: one batch of
                 // a thousand reads of 3 MiB pages would pass the bound a
@@ -283,13 +285,25 @@ where
                     send(&tx, call.id, Err(refused));
                     continue;
                 }
-                let handled = handle(call.request);
+                // A call's time counts from when its batch arrived: one that
+                // waited here for room until its caller gave up is not run
+                // (a write is not proposed).
                 let timeout_ms = call.timeout_ms;
+                let left = Duration::from_millis(timeout_ms).saturating_sub(arrived.elapsed());
+                if timeout_ms != 0 && left.is_zero() {
+                    let late = Status::deadline_exceeded(format!(
+                        "{} call timed out before it ran",
+                        P::NAME
+                    ));
+                    send(&tx, call.id, Err(late));
+                    continue;
+                }
+                let handled = handle(call.request);
                 let timed = async move {
                     if timeout_ms == 0 {
                         handled.await
                     } else {
-                        tokio::time::timeout(Duration::from_millis(timeout_ms), handled)
+                        tokio::time::timeout(left, handled)
                             .await
                             .unwrap_or_else(|_| {
                                 Err(Status::deadline_exceeded(format!(
@@ -1088,6 +1102,54 @@ mod tests {
         ids.sort_unstable();
         assert_eq!(ids, (0..400).collect::<Vec<u64>>());
         assert_eq!(handled.load(Ordering::SeqCst), 400);
+    }
+
+    /// A call that waited for room past its timeout is answered
+    /// DeadlineExceeded and not run.
+    #[tokio::test]
+    async fn a_call_out_of_time_before_it_runs_is_not_run() {
+        let handled = Arc::new(AtomicUsize::new(0));
+        let handle = {
+            let handled = handled.clone();
+            move |_req: ReadRequest| {
+                handled.fetch_add(1, Ordering::SeqCst);
+                let message = ChatMessage {
+                    body: vec![7u8; 4096].into(),
+                    ..Default::default()
+                };
+                futures::future::ready(Ok(ReadReply {
+                    messages: vec![message],
+                    ..Default::default()
+                }))
+            }
+        };
+        let call = |id| ReadCall {
+            id,
+            request: Some(ReadRequest::default()),
+            timeout_ms: 100,
+        };
+        // The first reply fills the room, so the second call waits for its
+        // reply to be taken.
+        let calls = futures::stream::iter(vec![Ok(ReadCallBatch {
+            calls: vec![call(0), call(1)],
+        })])
+        .chain(futures::stream::pending());
+        let (_stop, stopping) = tokio::sync::watch::channel(false);
+        let bounds = Bounds {
+            reply_bytes: 1024,
+            waiting: 10,
+        };
+        let mut replies = serve_within::<ReadCalls, _, _>(calls, handle, stopping, bounds);
+        until("the first call is handled", || {
+            handled.load(Ordering::SeqCst) == 1
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut got = std::collections::BTreeMap::new();
+        take_replies(&mut replies, &mut got, 2).await;
+        assert_eq!(got.get(&0), Some(&0), "{got:?}");
+        assert_eq!(got.get(&1), Some(&(Code::DeadlineExceeded as i32)));
+        assert_eq!(handled.load(Ordering::SeqCst), 1, "the late call ran");
     }
 
     /// Takes reply batches until `got` holds `n` calls' status codes.
