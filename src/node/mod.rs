@@ -102,6 +102,10 @@ fn replica_key(shard: ShardId) -> String {
 
 const DRAINING_KEY: &str = "draining";
 
+/// Longest removing a replica waits for its state machine's last command
+/// (a snapshot load) before it gives up deleting the data now.
+const STATE_MACHINE_STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// The newest apply rules all of `nodes` know: this binary's for `me`, what
 /// each peer last said in `known`, 0 for a peer not heard from.
 fn rules_known_by(
@@ -371,6 +375,14 @@ impl Registry {
         self.set_record(shard, ReplicaRecord::Removed).await?;
         self.shards.write().expect("registry lock").remove(&shard);
         replica.shutdown().await;
+        // The state machine's worker may still be finishing a command (a
+        // snapshot load) that writes to the tree about to be dropped.
+        if !replica.state_machine_stopped(STATE_MACHINE_STOP_WAIT).await {
+            anyhow::bail!(
+                "{shard}: its state machine is still busy {}s after the replica stopped; its data is deleted on the node's next start",
+                STATE_MACHINE_STOP_WAIT.as_secs()
+            );
+        }
         drop(replica);
         crate::storage::blocking(|| self.delete_data(shard))?;
         tracing::info!(shard = %shard, "replica closed and its data deleted");

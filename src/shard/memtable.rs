@@ -32,7 +32,9 @@
 //! walks sled. Self-destructing bodies wait here in the clear and are sealed
 //! when flushed: the key ring's hold covers each sealed record from choosing
 //! its key to its write, so the eraser never destroys a key that a flush is
-//! sealing with; the eraser leaves a record that has a write waiting here.
+//! sealing with; the eraser re-seals sled's copy of a record that has a
+//! write waiting here too (replay after a crash reads that copy), and the
+//! waiting write still lands over it.
 
 use std::collections::BTreeMap;
 use std::io;

@@ -86,6 +86,9 @@ pub struct StateMachine {
     chats: Arc<ChatCache>,
     /// Snapshot loads into `tree`, for readers to see that one overlapped.
     loads: Arc<SnapshotLoads>,
+    /// Dropped with the state machine: its receivers learn that nothing
+    /// writes to `tree` any more (see [`StateMachine::gone`]).
+    alive: tokio::sync::watch::Sender<()>,
 }
 
 impl StateMachine {
@@ -98,6 +101,14 @@ impl StateMachine {
     /// The count of snapshot loads into the tree, for its readers.
     pub fn loads(&self) -> Arc<SnapshotLoads> {
         self.loads.clone()
+    }
+
+    /// Resolves once this state machine is dropped: openraft's worker that
+    /// owns it has finished its last command (a replica's shutdown does not
+    /// wait for that), so its tree and snapshot folder may be deleted.
+    pub fn gone(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut alive = self.alive.subscribe();
+        async move { while alive.changed().await.is_ok() {} }
     }
 
     pub fn open(storage: &Storage, shard: ShardId) -> io::Result<StateMachine> {
@@ -123,6 +134,7 @@ impl StateMachine {
             keys: storage.keys().clone(),
             chats: Arc::new(ChatCache::new(storage.message_cache_budget().clone())),
             loads: Default::default(),
+            alive: tokio::sync::watch::Sender::new(()),
         };
         // The marker names the last apply call begun, the applied id the
         // last one finished: they differ only if an apply was cut short.
