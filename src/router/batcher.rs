@@ -280,8 +280,9 @@ async fn call(router: &Router, shard: ShardId, batch: Vec<Pending>) {
         .map(|(g, _)| g.len())
         .sum();
     if reply.results.len() != sent {
-        let s = Status::internal(format!(
-            "node returned {} results for {sent} commands",
+        // The entry committed, whatever its results say.
+        let s = Status::unavailable(format!(
+            "node returned {} results for {sent} commands; {WRITE_OUTCOME_UNKNOWN}",
             reply.results.len()
         ));
         for reply in waiters {

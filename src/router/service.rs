@@ -640,16 +640,7 @@ impl ChatStore for ChatStoreService {
             self.router.read(shard, consistency, min, query)
         });
         let answers = futures::future::join_all(reads).await;
-        let mut chats = Vec::with_capacity(answers.len());
-        let mut positions = Vec::with_capacity(answers.len());
-        for a in answers {
-            let a = a?;
-            positions.push(a.position);
-            if let Some(mut d) = a.reply.difference {
-                d.served_by_node = a.reply.served_by_node;
-                chats.push(d);
-            }
-        }
+        let (mut chats, positions) = gather_differences(&r.cursors, answers)?;
         token.merge_all(&positions);
         // From a chat picked at random: a client that asks again for the
         // same chats, whose first ones keep filling the page, still gets
@@ -723,6 +714,48 @@ impl ChatStore for ChatStoreService {
             .ok_or_else(|| Status::internal("node returned no chat"))?;
         out.read_token = token;
         Ok(Response::new(out))
+    }
+}
+
+/// Each chat's difference, in the order of `cursors`, and the positions
+/// they were read at. A chat whose shard could not be read in time (a
+/// failure that trying again may cure: no leader yet, an overloaded or
+/// lagging replica) is answered `unavailable`, with no changes, its cursor
+/// as asked and `more`, so that one shard's trouble does not hold back the
+/// other chats' sync. If no chat could be read, or a failure that trying
+/// again does not cure, the call fails with it.
+fn gather_differences(
+    cursors: &[pb::Cursor],
+    answers: Vec<Result<crate::router::ReadAnswer, Status>>,
+) -> Result<(Vec<pb::ChatDifference>, Vec<ShardPosition>), Status> {
+    let mut chats = Vec::with_capacity(answers.len());
+    let mut positions = Vec::with_capacity(answers.len());
+    let mut failed = None;
+    for (cursor, answer) in cursors.iter().zip(answers) {
+        match answer {
+            Ok(a) => {
+                positions.push(a.position);
+                if let Some(mut d) = a.reply.difference {
+                    d.served_by_node = a.reply.served_by_node;
+                    chats.push(d);
+                }
+            }
+            Err(s) if crate::router::may_pass(&s) => {
+                chats.push(pb::ChatDifference {
+                    chat_id: cursor.chat_id,
+                    pts: cursor.pts,
+                    more: true,
+                    unavailable: format!("{:?}: {}", s.code(), s.message()),
+                    ..Default::default()
+                });
+                failed.get_or_insert(s);
+            }
+            Err(s) => return Err(s),
+        }
+    }
+    match failed {
+        Some(s) if positions.is_empty() => Err(s),
+        _ => Ok((chats, positions)),
     }
 }
 
@@ -804,6 +837,73 @@ mod tests {
         assert_eq!(chats[1].changes.len(), 1);
         let total: usize = chats.iter().map(|c| c.encoded_len()).sum();
         assert!(total <= PAGE_BYTES_MAX + 1024, "{total}");
+    }
+
+    /// A chat whose shard could not be read is answered `unavailable`, its
+    /// cursor as asked, and the others are answered; the call fails only if
+    /// no chat could be read, or on a failure that trying again does not cure.
+    #[test]
+    fn a_difference_answers_the_chats_whose_shards_could_be_read() {
+        let cursors: Vec<pb::Cursor> = (1..=3)
+            .map(|c| pb::Cursor {
+                chat_id: c,
+                pts: 10 * c,
+            })
+            .collect();
+        let read = |chat: u64, index: u64| {
+            Ok(crate::router::ReadAnswer {
+                reply: crate::api::pb::node::EncodedReadReply {
+                    difference: Some(pb::ChatDifference {
+                        chat_id: chat,
+                        pts: 10 * chat + 1,
+                        changes: vec![pb::Change {
+                            chat_id: chat,
+                            pts: 10 * chat + 1,
+                            ..Default::default()
+                        }],
+                        ..Default::default()
+                    }),
+                    served_by_node: 2,
+                    ..Default::default()
+                },
+                position: ShardPosition {
+                    shard: chat,
+                    index,
+                    ..Default::default()
+                },
+            })
+        };
+        let no_leader = || Err(Status::unavailable("shard-2 has no leader"));
+        let (chats, positions) =
+            gather_differences(&cursors, vec![read(1, 5), no_leader(), read(3, 7)]).unwrap();
+        assert_eq!(chats.len(), 3);
+        assert_eq!((chats[0].pts, chats[0].changes.len()), (11, 1));
+        assert_eq!(chats[0].served_by_node, 2);
+        assert!(chats[0].unavailable.is_empty());
+        let skipped = &chats[1];
+        assert_eq!(
+            (skipped.chat_id, skipped.pts),
+            (2, 20),
+            "the cursor as asked"
+        );
+        assert!(skipped.changes.is_empty() && skipped.more);
+        assert!(
+            skipped.unavailable.contains("no leader"),
+            "{}",
+            skipped.unavailable
+        );
+        assert_eq!(chats[2].pts, 31);
+        let indexes: Vec<u64> = positions.iter().map(|p| p.index).collect();
+        assert_eq!(indexes, [5, 7], "no position for the chat not read");
+        // Nothing read: the call fails.
+        let none = gather_differences(&cursors, vec![no_leader(), no_leader(), no_leader()]);
+        assert_eq!(none.unwrap_err().code(), tonic::Code::Unavailable);
+        // A refusal that trying again does not change fails the call.
+        let bad = Err(Status::failed_precondition(
+            "the token is from another cluster",
+        ));
+        let refused = gather_differences(&cursors, vec![read(1, 5), bad, read(3, 7)]);
+        assert_eq!(refused.unwrap_err().code(), tonic::Code::FailedPrecondition);
     }
 
     /// `n` sends of `bytes` each into chat 1, as a batch carries them.

@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use crate::api::pb::node::{read_request::Query, DifferenceQuery};
 use crate::api::pb::{Cursor, WatchEvent};
+use crate::router::service::{WATCHED_CHATS_MAX, WATCH_STREAMS_MAX};
 use crate::router::Router;
 use crate::security::Role;
 use crate::types::now_ms;
@@ -30,14 +31,24 @@ const POLL_CHANGES_MAX: u32 = 500;
 /// at once): a stream whose client reads slowly holds little. A stream's
 /// chats share [`STREAM_BYTES_MAX`] between their polls, each at least
 /// [`POLL_BYTES_MIN`] (and a poll's first message may pass its bound).
-const POLL_BYTES_MAX: u32 = 256 * 1024;
-const POLL_BYTES_MIN: u32 = 16 * 1024;
+const POLL_BYTES_MAX: u32 = 64 * 1024;
+const POLL_BYTES_MIN: u32 = 8 * 1024;
 /// Events buffered per stream before the stream applies backpressure.
 const STREAM_BUFFER: usize = 1024;
 /// Most bytes of events one stream holds for its client (an event larger
 /// than this still goes, alone): a client that reads slowly, or not at all,
-/// costs the router this much, not a buffer of full messages.
-const STREAM_BYTES_MAX: usize = 1024 * 1024;
+/// costs the router this much, not a buffer of full messages. A client that
+/// keeps up is not slowed by it: HTTP/2's window holds what is on its way.
+const STREAM_BYTES_MAX: usize = 64 * 1024;
+
+/// About the most a router holds for Watch clients that read slowly or not
+/// at all (each stream's queue, and the poll answer each chat's task holds
+/// while it waits for room in it), past the overshoot of single messages
+/// larger than a bound: with every stream and chat slot taken, 1.6 GiB
+/// (1 MiB per stream and 256 KiB per chat before, 20 GiB in all).
+pub const HELD_BYTES_MAX: usize = WATCH_STREAMS_MAX * (STREAM_BYTES_MAX + POLL_BYTES_MAX as usize)
+    + WATCHED_CHATS_MAX * POLL_BYTES_MIN as usize;
+const _: () = assert!(HELD_BYTES_MAX <= 1700 * 1024 * 1024);
 
 type Event = Result<WatchEvent, tonic::Status>;
 
@@ -141,12 +152,6 @@ const STUCK_POLLS: u32 = 2;
 /// two tries, and a Watch polling on in silence would look idle.
 const REFUSALS_TO_END: u32 = 6;
 
-/// True for a failed poll that may succeed if tried again or elsewhere:
-/// what the router retries, and an overloaded replica.
-fn worth_retrying(status: &tonic::Status) -> bool {
-    super::is_retryable(status) || status.code() == tonic::Code::ResourceExhausted
-}
-
 /// Streams the changes of `cursors` into `tx` until the receiver goes away,
 /// the token in `auth` no longer lets its holder watch (the stream ends
 /// with that error), or `stopping` turns true (the router stops).
@@ -244,7 +249,7 @@ async fn watch_chat(
                 // A replica that timed out waiting is fine; one that is down
                 // or failing makes us move to the next.
                 if !crate::api::status::is_behind(&status) {
-                    refusals = match worth_retrying(&status) {
+                    refusals = match super::may_pass(&status) {
                         true => 0,
                         false => refusals + 1,
                     };
@@ -378,8 +383,7 @@ mod tests {
     #[test]
     fn a_streams_chats_share_its_bytes_between_their_polls() {
         assert_eq!(poll_bytes(1), POLL_BYTES_MAX);
-        assert_eq!(poll_bytes(4), POLL_BYTES_MAX);
-        assert_eq!(poll_bytes(16), 64 * 1024);
+        assert_eq!(poll_bytes(4), 16 * 1024);
         assert_eq!(poll_bytes(100), POLL_BYTES_MIN);
         assert_eq!(poll_bytes(0), POLL_BYTES_MAX);
     }

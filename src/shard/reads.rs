@@ -569,6 +569,7 @@ impl StateReader {
             more,
             // Set by the router from the node's reply.
             served_by_node: 0,
+            unavailable: String::new(),
         })
     }
 
