@@ -45,7 +45,9 @@ const STREAM_BYTES_MAX: usize = 64 * 1024;
 /// at all (each stream's queue, and the poll answer each chat's task holds
 /// while it waits for room in it), past the overshoot of single messages
 /// larger than a bound: with every stream and chat slot taken, 1.6 GiB
-/// (1 MiB per stream and 256 KiB per chat before, 20 GiB in all).
+/// (1 MiB per stream and 256 KiB per chat before, 20 GiB in all). hyper's
+/// HTTP/2 send buffer (up to 400 KiB a stream, within the windows the
+/// client grants) comes on top; tonic does not let it be set.
 pub const HELD_BYTES_MAX: usize = WATCH_STREAMS_MAX * (STREAM_BYTES_MAX + POLL_BYTES_MAX as usize)
     + WATCHED_CHATS_MAX * POLL_BYTES_MIN as usize;
 const _: () = assert!(HELD_BYTES_MAX <= 1700 * 1024 * 1024);
