@@ -743,6 +743,13 @@ async fn a_single_replica_shard_moves_to_another_node() {
         !replicas_on(&nodes, 1).await.contains_key(&shard),
         "node 1's copy is gone"
     );
+    // Its data too, once its state machine let go of it.
+    let snapshots = dir.path.join(format!("data/node1/snapshots/shard-{shard}"));
+    assert!(!snapshots.exists(), "{} is left", snapshots.display());
+    assert!(
+        snapshots.parent().is_some_and(|d| d.exists()),
+        "node 1 keeps its other shards' snapshots there"
+    );
     let history = nodes.history_on(4, chat).await.expect("history on node 4");
     assert!(
         history.iter().any(|m| m.client_msg_id == 1),
