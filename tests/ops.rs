@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use chatstore::api::pb::node::admin_client::AdminClient;
 use chatstore::api::pb::node::{
-    AddLearnerRequest, ChangeVotersRequest, ShardRequest, StatusRequest,
+    AddLearnerRequest, ChangeVotersRequest, CloseReplicaRequest, ShardRequest, StatusRequest,
 };
 use common::chaos::{check_on, run_session, History};
 use common::procs::{router_client, start_cluster_with, ProcessCluster};
@@ -749,6 +749,25 @@ async fn a_single_replica_shard_moves_to_another_node() {
     assert!(
         snapshots.parent().is_some_and(|d| d.exists()),
         "node 1 keeps its other shards' snapshots there"
+    );
+    // A forced close checked against a membership older than the one the
+    // replica knows (another move may have added it again) is refused.
+    let on4 = replicas_on(&nodes, 4).await;
+    let refused = AdminClient::connect(format!("http://{}", addr(&cluster, 4)))
+        .await
+        .expect("admin client")
+        .close_replica(CloseReplicaRequest {
+            shard_id: shard,
+            force: true,
+            membership_index: Some(1),
+        })
+        .await
+        .expect_err("a close checked against an older membership");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused}");
+    assert!(refused.message().contains("newer"), "{refused}");
+    assert_eq!(
+        replicas_on(&nodes, 4).await.keys().collect::<Vec<_>>(),
+        on4.keys().collect::<Vec<_>>()
     );
     let history = nodes.history_on(4, chat).await.expect("history on node 4");
     assert!(

@@ -525,13 +525,26 @@ impl Ops {
                 async move { c.change_voters(req).await }
             })
         };
-        let from_led = self.leader(shard).await?.0 == from;
-        if from_led {
-            // A leader cannot vote itself out, and with one replica there
-            // is no other voter to hand leadership to: `to` becomes a voter
-            // first, leadership moves (to it, in the same region, when it
-            // can), then `from` goes. (Nodes refuse a change that would
-            // leave the shard short, so another move at once cannot.)
+        let (leader, _, st) = self.leader(shard).await?;
+        let from_led = leader == from;
+        // A leader cannot vote itself out. Leadership moves off `from`
+        // first, so that one change swaps the two below: `to` added first
+        // would make four voters, two of them in one region when `to` is
+        // in `from`'s, and losing that region would stop the shard.
+        let mut swap = !from_led;
+        if from_led && st.voters.len() > 1 {
+            bar.set_message(format!("shard {shard}: moving leadership off node {from}"));
+            if self.transfer_off(shard, from).await.is_ok() {
+                swap = self.leader(shard).await?.0 != from;
+            }
+        }
+        if !swap {
+            // With one replica there is no other voter to hand leadership
+            // to (or it came back to `from`): `to` becomes a voter first,
+            // leadership moves (to it, in the same region, when it can),
+            // then `from` goes. (Nodes refuse a change that would leave the
+            // shard short, or give one region half its voters, so another
+            // move at once cannot.)
             bar.set_message(format!("shard {shard}: promoting node {to} to voter"));
             change(vec![to], vec![]).await?;
             bar.set_message(format!("shard {shard}: moving leadership off node {from}"));
@@ -579,7 +592,7 @@ impl Ops {
         // the leader now: a plan made earlier may have moved a replica back
         // onto this node since, and closing a voter's copy would leave the
         // shard a replica short (and an empty voter if it were reopened).
-        match self.leader(shard).await {
+        let checked = match self.leader(shard).await {
             Ok((_, _, st)) if st.members.iter().any(|m| m.node_id == node) => {
                 bail!("node {node} is a member of shard {shard} as its leader sees it; its copy stays");
             }
@@ -601,6 +614,7 @@ impl Ops {
                          answered; node {node}'s copy stays"
                     );
                 }
+                st.membership_index
             }
             Err(e) => {
                 bail!(
@@ -608,10 +622,13 @@ impl Ops {
                      `chatctl rebalance` deletes it later"
                 );
             }
-        }
+        };
+        // The node keeps its copy if it knows a membership newer than the
+        // one checked here: another move may have added it again since.
         let req = CloseReplicaRequest {
             shard_id: shard,
             force: true,
+            membership_index: Some(checked),
         };
         self.admin(&n.addr)?.close_replica(req).await.map_err(|s| {
             anyhow::anyhow!(

@@ -5,7 +5,7 @@
 //! Calls that change a shard's membership go to its leader; a follower
 //! answers UNAVAILABLE with a leader hint, like a write.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -59,6 +59,19 @@ impl AdminService {
     }
 }
 
+/// A region holding half of `voters` or more, and how many it holds: losing
+/// it would leave the others no majority.
+fn crowded_region<'a>(
+    voters: &BTreeSet<u64>,
+    region_of: impl Fn(u64) -> &'a str,
+) -> Option<(&'a str, usize)> {
+    let mut per_region: BTreeMap<&str, usize> = BTreeMap::new();
+    for v in voters {
+        *per_region.entry(region_of(*v)).or_default() += 1;
+    }
+    per_region.into_iter().find(|(_, n)| n * 2 >= voters.len())
+}
+
 fn raft_error<E: std::fmt::Display>(what: &str, e: E) -> Status {
     Status::unavailable(format!("{what}: {e}; safe to retry"))
 }
@@ -97,6 +110,15 @@ impl Admin for AdminService {
                 req.shard_id
             )));
         }
+        let checked = req.membership_index.filter(|_| req.force);
+        let known = m.membership_config.log_id().as_ref().map_or(0, |l| l.index);
+        if let Some(checked) = checked.filter(|c| known > *c) {
+            return Err(Status::failed_precondition(format!(
+                "node {me} knows shard {}'s membership at log index {known}, newer than the one \
+                 checked at {checked}: it may have been added again; its copy stays",
+                req.shard_id
+            )));
+        }
         if m.state == openraft::ServerState::Leader {
             return Err(Status::failed_precondition(format!(
                 "node {me} leads shard {}; transfer leadership first",
@@ -106,9 +128,12 @@ impl Admin for AdminService {
         drop(shard);
         let closed = self
             .registry
-            .close_replica(ShardId(req.shard_id))
+            .close_replica(ShardId(req.shard_id), checked)
             .await
-            .map_err(|e| Status::internal(format!("close replica: {e:#}")))?;
+            .map_err(|e| match e.downcast_ref::<crate::node::KeptCopy>() {
+                Some(kept) => Status::failed_precondition(kept.to_string()),
+                None => Status::internal(format!("close replica: {e:#}")),
+            })?;
         Ok(Response::new(CloseReplicaReply { closed }))
     }
 
@@ -202,6 +227,25 @@ impl Admin for AdminService {
                 req.shard_id,
                 wanted.len()
             )));
+        }
+        // Two moves checked on stale views (two operators at once) must not
+        // together give one region half the voters or more, where losing
+        // that region stops the shard; a shard already so may still change.
+        let region_of = |n: u64| {
+            membership
+                .nodes()
+                .find(|(id, _)| **id == n)
+                .map_or("", |(_, addr)| addr.region.as_str())
+        };
+        if let Some((region, n)) = crowded_region(&wanted, region_of) {
+            if crowded_region(&voters, region_of).is_none() {
+                return Err(Status::failed_precondition(format!(
+                    "shard {} would have {n} of its {} voters in region {region}: losing it \
+                     would stop the shard; pick a node in another region",
+                    req.shard_id,
+                    wanted.len()
+                )));
+            }
         }
         let joint = membership.get_joint_config().len() > 1;
         // Removed voters leave the membership altogether; a stale learner (a
@@ -341,5 +385,31 @@ impl Admin for AdminService {
             .await
             .map_err(|e| Status::internal(format!("set draining: {e:#}")))?;
         Ok(Response::new(node_status(&self.registry)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::crowded_region;
+
+    #[test]
+    fn a_region_with_half_the_voters_or_more_is_crowded() {
+        let region = |n: u64| match n {
+            1 | 4 => "eu",
+            2 | 5 => "us",
+            _ => "ap",
+        };
+        let set = |v: &[u64]| v.iter().copied().collect::<BTreeSet<u64>>();
+        // One voter per region: fine.
+        assert_eq!(crowded_region(&set(&[1, 2, 3]), region), None);
+        // A majority, or half of an even count: losing it stops the shard.
+        assert_eq!(crowded_region(&set(&[1, 4, 3]), region), Some(("eu", 2)));
+        assert_eq!(crowded_region(&set(&[1, 2, 3, 4]), region), Some(("eu", 2)));
+        // One voter, or two, always are: a change from such a shard is not
+        // refused for it (see `change_voters`).
+        assert_eq!(crowded_region(&set(&[1]), region), Some(("eu", 1)));
+        assert!(crowded_region(&set(&[1, 2]), region).is_some());
     }
 }

@@ -383,6 +383,7 @@ pub fn shard_status(shard: &Shard, registry: &Registry) -> ShardStatus {
             .map(|s| s.apply_rules)
             .unwrap_or_default(),
         joint: membership.get_joint_config().len() > 1,
+        membership_index: m.membership_config.log_id().as_ref().map_or(0, |l| l.index),
     }
 }
 

@@ -103,8 +103,22 @@ fn replica_key(shard: ShardId) -> String {
 const DRAINING_KEY: &str = "draining";
 
 /// Longest removing a replica waits for its state machine's last command
-/// (a snapshot load) before it gives up deleting the data now.
-const STATE_MACHINE_STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+/// (a snapshot load) before it gives up deleting the data now (within the
+/// 60 s chatctl gives an admin call).
+const STATE_MACHINE_STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A replica asked to close learned, while it stopped, a membership newer
+/// than the one its closing was checked against: it may have been added
+/// again, so its data stays and it was opened again (or is at the node's
+/// next start).
+#[derive(Debug, thiserror::Error)]
+#[error("{shard} learned its membership at log index {known} while stopping, newer than the one checked at {checked}: it may have been added again; its copy stays{}", if *reopened { " and is open again" } else { " and opens again when the node restarts" })]
+pub struct KeptCopy {
+    shard: ShardId,
+    known: u64,
+    checked: u64,
+    reopened: bool,
+}
 
 /// The newest apply rules all of `nodes` know: this binary's for `me`, what
 /// each peer last said in `known`, 0 for a peer not heard from.
@@ -364,17 +378,56 @@ impl Registry {
     }
 
     /// Stops this node's replica of `shard` and deletes its data. Returns
-    /// false if there was none.
-    pub async fn close_replica(&self, shard: ShardId) -> anyhow::Result<bool> {
+    /// false if there was none. With `checked`, the log index of a
+    /// membership (the leader's) that lists no replica here: if the replica
+    /// has learned a newer one by the time it has stopped (it was being
+    /// added again), its data stays and it is opened again (at the node's
+    /// next start if its state machine does not let go in time); the error
+    /// is a [`KeptCopy`].
+    pub async fn close_replica(
+        &self,
+        shard: ShardId,
+        checked: Option<u64>,
+    ) -> anyhow::Result<bool> {
         let _one = self.host.changes.lock().await;
         let Some(replica) = self.get(shard) else {
             return Ok(false);
         };
-        // The record first: a crash part-way leaves a replica that is never
-        // reopened and whose data is deleted on the next start.
-        self.set_record(shard, ReplicaRecord::Removed).await?;
         self.shards.write().expect("registry lock").remove(&shard);
         replica.shutdown().await;
+        // Stopped, it learns nothing more: what it knows now decides, its
+        // log included (an entry appended just before it stopped may not
+        // be in its last metrics yet).
+        let mut known = replica
+            .raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .log_id()
+            .as_ref()
+            .map_or(0, |l| l.index);
+        if let Some(checked) = checked {
+            let logged = crate::storage::blocking(|| replica.files.log.membership_after(checked))?;
+            known = known.max(logged.unwrap_or(0));
+        }
+        if let Some(checked) = checked.filter(|c| known > *c) {
+            let reopened = replica.state_machine_stopped(STATE_MACHINE_STOP_WAIT).await;
+            drop(replica);
+            if reopened {
+                self.open_shard(shard).await?;
+            }
+            return Err(KeptCopy {
+                shard,
+                known,
+                checked,
+                reopened,
+            }
+            .into());
+        }
+        // The record before any data goes: a crash part-way leaves a
+        // replica that is never reopened and whose data is deleted on the
+        // next start.
+        self.set_record(shard, ReplicaRecord::Removed).await?;
         // The state machine's worker may still be finishing a command (a
         // snapshot load) that writes to the tree about to be dropped.
         if !replica.state_machine_stopped(STATE_MACHINE_STOP_WAIT).await {

@@ -220,6 +220,41 @@ pub fn decode_entry(keys: &KeyRing, bytes: &[u8]) -> io::Result<Entry> {
     })
 }
 
+impl LogStore {
+    /// The index of the first membership entry in this log past `index`,
+    /// if any (the log of a stopped replica: read in bounded chunks).
+    pub fn membership_after(&self, index: u64) -> io::Result<Option<u64>> {
+        self.membership_after_in_chunks(index, APPEND_BYTES_MAX)
+    }
+
+    fn membership_after_in_chunks(
+        &self,
+        index: u64,
+        chunk_bytes: usize,
+    ) -> io::Result<Option<u64>> {
+        let Some((_, last)) = self.log.last(self.shard.0)? else {
+            return Ok(None);
+        };
+        let mut from = index.saturating_add(1);
+        while from <= last {
+            let chunk = self
+                .log
+                .read_up_to(self.shard.0, from, last + 1, chunk_bytes)?;
+            if chunk.is_empty() {
+                break;
+            }
+            for bytes in &chunk {
+                let entry = decode_entry(&self.keys, bytes)?;
+                if matches!(entry.payload, OpenraftPayload::Membership(_)) {
+                    return Ok(Some(entry.log_id.index));
+                }
+                from = entry.log_id.index + 1;
+            }
+        }
+        Ok(None)
+    }
+}
+
 impl RaftLogReader<TypeConfig> for LogStore {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
         &mut self,
@@ -379,6 +414,52 @@ mod tests {
             log_id: log_id(term, index),
             payload: EntryPayload::Blank,
         }
+    }
+
+    /// A stopped replica's log says whether it holds a membership past a
+    /// given index (closing a replica checks it: see `Registry::close_replica`).
+    #[tokio::test]
+    async fn finds_the_first_membership_past_an_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path()).unwrap();
+        let shard = ShardId(2);
+        let log = LogStore::open(&storage, shard).await.unwrap();
+        assert_eq!(log.membership_after(0).unwrap(), None, "an empty log");
+        let members = crate::shard::types::Membership::new_with_defaults(
+            vec![std::collections::BTreeSet::from([1, 2, 3])],
+            [],
+        );
+        let entries: Vec<Entry> = (1..=2_000)
+            .map(|index| match index {
+                7 | 1_900 => Entry {
+                    log_id: log_id(2, index),
+                    payload: EntryPayload::Membership(members.clone()),
+                },
+                _ => blank(2, index),
+            })
+            .collect();
+        let encoded: Vec<(u64, Vec<u8>)> = entries
+            .iter()
+            .map(|e| (e.log_id.index, encode_entry(storage.keys(), e).unwrap().0))
+            .collect();
+        let bytes: Vec<EntryBytes<'_>> = encoded
+            .iter()
+            .map(|(index, bytes)| EntryBytes {
+                index: *index,
+                term: 2,
+                sealed_epoch: 0,
+                bytes,
+            })
+            .collect();
+        storage.raft_log().append(shard.0, &bytes).unwrap();
+        assert_eq!(log.membership_after(0).unwrap(), Some(7));
+        assert_eq!(log.membership_after(6).unwrap(), Some(7));
+        assert_eq!(log.membership_after(7).unwrap(), Some(1_900));
+        assert_eq!(log.membership_after(1_900).unwrap(), None);
+        assert_eq!(log.membership_after(5_000).unwrap(), None);
+        // In chunks of a few entries, as a long log is read.
+        assert_eq!(log.membership_after_in_chunks(8, 100).unwrap(), Some(1_900));
+        assert_eq!(log.membership_after_in_chunks(1_900, 100).unwrap(), None);
     }
 
     /// A data folder from before the Raft log left sled: opening the shard
