@@ -434,8 +434,12 @@ impl Router {
                 Err(s) => s,
             };
             // A status made on this side (connection refused or reset) has a
-            // source; one the node sent does not.
-            if std::error::Error::source(&status).is_some() {
+            // source; one the node sent does not. A try cut short by the
+            // call's deadline that ran out of time here says nothing about
+            // the node (the round trip alone may take more than it had).
+            let cut_short = time < NODE_CALL_TIMEOUT
+                && matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled);
+            if std::error::Error::source(&status).is_some() && !cut_short {
                 self.mark_unreachable(target);
             }
             let retryable = is_retryable(&status);
@@ -782,7 +786,7 @@ fn final_status(
     }
 }
 
-fn is_retryable(s: &Status) -> bool {
+pub(crate) fn is_retryable(s: &Status) -> bool {
     matches!(
         s.code(),
         Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown
@@ -860,6 +864,48 @@ mod tests {
             took <= super::WRITE_DEADLINE + super::TRY_TIME_MIN,
             "{took:?} for tries of {tries:?}"
         );
+    }
+
+    /// A try cut short by its call's deadline that times out on this side
+    /// does not make the router pass the node over (for every shard it
+    /// leads); a full try that times out does.
+    #[tokio::test(start_paused = true)]
+    async fn only_full_tries_that_time_out_pass_a_node_over() {
+        let config = crate::cluster::config::ClusterConfig::from_toml(include_str!(
+            "../../cluster-configs/local-3region.toml"
+        ))
+        .unwrap();
+        let router = super::Router::new(&config, "eu", b"secret").unwrap();
+        let shard = ShardId(3);
+        let timed_out_here = |time: Duration| async move {
+            tokio::time::sleep(time).await;
+            let mut s = Status::deadline_exceeded("no reply in time");
+            s.set_source(std::sync::Arc::new(std::io::Error::other("timed out")));
+            Err::<(), Status>(s)
+        };
+        let passed_over = |router: &super::Router| {
+            router
+                .replicas_near_first(shard)
+                .into_iter()
+                .filter(|n| router.is_unreachable(*n))
+                .count()
+        };
+        let cut_short = Duration::from_secs(1);
+        let out = router
+            .on_leader(shard, cut_short, (RETRY, true), |_, time| {
+                timed_out_here(time)
+            })
+            .await;
+        assert!(out.is_err());
+        assert_eq!(passed_over(&router), 0);
+        let one_full_try = super::NODE_CALL_TIMEOUT + Duration::from_millis(50);
+        let out = router
+            .on_leader(shard, one_full_try, (RETRY, true), |_, time| {
+                timed_out_here(time)
+            })
+            .await;
+        assert!(out.is_err());
+        assert_eq!(passed_over(&router), 1, "the node of the full try");
     }
 
     #[test]

@@ -637,10 +637,26 @@ impl ChatStore for ChatStoreService {
                 bytes_max,
                 wait_for_change: false,
             });
-            self.router.read(shard, consistency, min, query)
+            let read = self.router.read(shard, consistency, min, query);
+            async move {
+                tokio::time::timeout(DIFFERENCE_CHAT_WAIT, read)
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(Status::unavailable(format!(
+                            "not read within {} s",
+                            DIFFERENCE_CHAT_WAIT.as_secs()
+                        )))
+                    })
+            }
         });
         let answers = futures::future::join_all(reads).await;
-        let (mut chats, positions) = gather_differences(&r.cursors, answers)?;
+        let (mut chats, mut positions) = gather_differences(&r.cursors, answers)?;
+        // The positions of chats not read stay as fresh in the token as
+        // those read: a token past its shard bound drops the stalest.
+        for d in chats.iter().filter(|d| !d.unavailable.is_empty()) {
+            let shard = self.router.shard_of(d.chat_id);
+            positions.extend(token.position(shard.0));
+        }
         token.merge_all(&positions);
         // From a chat picked at random: a client that asks again for the
         // same chats, whose first ones keep filling the page, still gets
@@ -717,10 +733,14 @@ impl ChatStore for ChatStoreService {
     }
 }
 
+/// Longest a GetDifference waits for one chat's shard; a chat not read by
+/// then is answered `unavailable` (see [`gather_differences`]).
+const DIFFERENCE_CHAT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Each chat's difference, in the order of `cursors`, and the positions
 /// they were read at. A chat whose shard could not be read in time (a
-/// failure that trying again may cure: no leader yet, an overloaded or
-/// lagging replica) is answered `unavailable`, with no changes, its cursor
+/// failure that trying again may cure: no leader yet, no replica caught up
+/// with the token) is answered `unavailable`, with no changes, its cursor
 /// as asked and `more`, so that one shard's trouble does not hold back the
 /// other chats' sync. If no chat could be read, or a failure that trying
 /// again does not cure, the call fails with it.
@@ -740,7 +760,9 @@ fn gather_differences(
                     chats.push(d);
                 }
             }
-            Err(s) if crate::router::may_pass(&s) => {
+            // Not an overloaded shard (RESOURCE_EXHAUSTED): the call fails,
+            // so that its client backs off rather than asks again at once.
+            Err(s) if crate::router::is_retryable(&s) => {
                 chats.push(pb::ChatDifference {
                     chat_id: cursor.chat_id,
                     pts: cursor.pts,
@@ -904,6 +926,10 @@ mod tests {
         ));
         let refused = gather_differences(&cursors, vec![read(1, 5), bad, read(3, 7)]);
         assert_eq!(refused.unwrap_err().code(), tonic::Code::FailedPrecondition);
+        // So does an overloaded shard: its client is to back off.
+        let busy = Err(Status::resource_exhausted("shard-2 is overloaded"));
+        let busy = gather_differences(&cursors, vec![read(1, 5), busy, read(3, 7)]);
+        assert_eq!(busy.unwrap_err().code(), tonic::Code::ResourceExhausted);
     }
 
     /// `n` sends of `bytes` each into chat 1, as a batch carries them.
