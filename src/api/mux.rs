@@ -200,8 +200,10 @@ impl Held {
 }
 
 /// The peer's side: runs `handle` on each call of each batch (within the
-/// call's timeout, counted from when its batch arrived; in a task of its own
-/// unless it is ready at once) and
+/// call's timeout, counted from when its batch was read: a batch left unread
+/// in the stream's window while replies back up is timed from then, as no
+/// clock here says when its caller sent it; in a task of its own unless it
+/// is ready at once) and
 /// returns the stream of reply batches, each with the replies ready when it
 /// is sent. The stream ends when `stopping` turns true, so a server's
 /// graceful shutdown does not wait on it. Calls are read only while the
@@ -285,7 +287,7 @@ where
                     send(&tx, call.id, Err(refused));
                     continue;
                 }
-                // A call's time counts from when its batch arrived: one that
+                // A call's time counts from when its batch was read: one that
                 // waited here for room until its caller gave up is not run
                 // (a write is not proposed).
                 let timeout_ms = call.timeout_ms;
