@@ -500,6 +500,7 @@ async fn leadership_moves_by_hand_and_returns_after_restart_and_the_cli_fails_cl
                 shard_id: 0,
                 add: vec![],
                 remove: vec![follower],
+                learners_only: false,
             })
             .await;
         match answer {
@@ -518,6 +519,35 @@ async fn leadership_moves_by_hand_and_returns_after_restart_and_the_cli_fails_cl
         refused.message().contains("replication factor"),
         "{refused}"
     );
+    // Dropping a learner never takes a voter (a move may have promoted it
+    // since the caller looked).
+    let mut kept = false;
+    for _ in 0..50 {
+        let leader = nodes.leader_of(0).await.expect("a leader of shard 0");
+        let follower = (1..=3).find(|n| *n != leader).unwrap();
+        let answer = AdminClient::connect(format!("http://{}", addr(&cluster, leader)))
+            .await
+            .expect("admin client")
+            .change_voters(ChangeVotersRequest {
+                shard_id: 0,
+                add: vec![],
+                remove: vec![follower],
+                learners_only: true,
+            })
+            .await;
+        match answer {
+            Err(s) if s.code() == tonic::Code::Unavailable => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            other => {
+                let st = other.expect("a learner-only removal of a voter changes nothing");
+                assert!(st.get_ref().voters.contains(&follower), "{st:?}");
+                kept = true;
+                break;
+            }
+        }
+    }
+    assert!(kept, "shard 0's leader answered");
     for node in 1..=3 {
         let replicas = replicas_on(&nodes, node).await;
         assert!(

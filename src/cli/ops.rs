@@ -360,7 +360,8 @@ impl Ops {
     /// Takes `node` out of every shard (or only `shard`) whose membership
     /// lists it as a learner (a move onto it that was cut short), through
     /// each shard's leader; the shards it left. The membership is read just
-    /// before: a move that promotes the node in between loses its voter.
+    /// before; a move that promotes the node in between keeps its voter
+    /// (the leader removes only learners).
     pub async fn drop_learner(&self, node: u64, shard: Option<u64>) -> anyhow::Result<Vec<u64>> {
         let view = self.gather().await?;
         self.change_voters_where(
@@ -389,10 +390,13 @@ impl Ops {
             .collect();
         for shard in &shards {
             self.on_leader(*shard, |mut c| {
+                // Only learners go: a move may have made one a voter since
+                // the view was read.
                 let req = ChangeVotersRequest {
                     shard_id: *shard,
                     add: vec![],
                     remove: remove.clone(),
+                    learners_only: true,
                 };
                 async move { c.change_voters(req).await }
             })
@@ -521,6 +525,7 @@ impl Ops {
                     shard_id: shard,
                     add: add.clone(),
                     remove: remove.clone(),
+                    learners_only: false,
                 };
                 async move { c.change_voters(req).await }
             })

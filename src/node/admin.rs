@@ -208,9 +208,18 @@ impl Admin for AdminService {
                 req.shard_id
             )));
         }
+        let remove: Vec<u64> = match req.learners_only {
+            true => req
+                .remove
+                .iter()
+                .copied()
+                .filter(|n| !voters.contains(n))
+                .collect(),
+            false => req.remove.clone(),
+        };
         let mut wanted = voters.clone();
         wanted.extend(req.add.iter().copied());
-        for n in &req.remove {
+        for n in &remove {
             wanted.remove(n);
         }
         if wanted.is_empty() {
@@ -250,8 +259,7 @@ impl Admin for AdminService {
         let joint = membership.get_joint_config().len() > 1;
         // Removed voters leave the membership altogether; a stale learner (a
         // node a move gave up on) goes when it is named in `remove`.
-        let stale_learners: BTreeSet<u64> = req
-            .remove
+        let stale_learners: BTreeSet<u64> = remove
             .iter()
             .copied()
             .filter(|n| members.contains(n) && !voters.contains(n))
