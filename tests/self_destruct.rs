@@ -196,6 +196,11 @@ async fn delete_after_send_and_after_read() {
         "the sender's own read does not start the timer"
     );
     assert_eq!(m.messages[0].expire_at_ms, 0);
+    assert_eq!(
+        m.messages[0].self_destruct.and_then(|s| s.policy),
+        Some(Policy::AfterReadSecs(TTL_SECS)),
+        "a message carries its policy before its timer runs"
+    );
     let before = now_ms();
     api.mark_read(pb::MarkReadRequest {
         chat_id: chat,

@@ -126,6 +126,9 @@ mod tests {
             expire_at_ms: 0,
             deleted: false,
             pts: seq * 2,
+            self_destruct: Some(pb::SelfDestructPolicy {
+                policy: Some(pb::self_destruct_policy::Policy::AfterReadSecs(30)),
+            }),
         }
     }
 

@@ -449,13 +449,22 @@ impl RaftTransport for TransportService {
             meta,
             snapshot: SnapshotFile { path: path.clone() },
         };
-        let reply = match shard.raft.install_full_snapshot(vote, snapshot).await {
-            Ok(resp) => ok(&resp),
-            Err(e) => err(e.to_string()),
-        };
-        // Installed snapshots are renamed away; anything left is unused.
-        discard_received(&path, &key_path).await;
-        Ok(reply)
+        // In a task of its own, so that the unused file and its key go even
+        // if this call is dropped while openraft decides (the sender gave
+        // up: a leader that stepped down, whose snapshot is then refused).
+        let raft = shard.raft.clone();
+        let installing = tokio::spawn(async move {
+            let reply = match raft.install_full_snapshot(vote, snapshot).await {
+                Ok(resp) => ok(&resp),
+                Err(e) => err(e.to_string()),
+            };
+            // Installed snapshots are renamed away; anything left is unused.
+            discard_received(&path, &key_path).await;
+            reply
+        });
+        installing
+            .await
+            .map_err(|e| Status::internal(format!("install snapshot: {e}")))
     }
 }
 

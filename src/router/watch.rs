@@ -90,15 +90,20 @@ type Queued = (Event, Option<OwnedSemaphorePermit>, Option<Instant>);
 /// When the self-destructing body `event` carries must no longer be handed
 /// on: when a read on the replica that sent it would hide it, by that
 /// replica's clock (`node_now` when it answered, at `received` here) and the
-/// time passed since, not by this router's clock, which nothing checks.
+/// time passed since, not by this router's clock, which nothing checks. A
+/// message to self-destruct after it is read, and not read when the replica
+/// answered, may be read at once: it is hidden from its timer's length on.
 fn hide_at(event: &WatchEvent, received: Instant, node_now: u64) -> Option<Instant> {
+    use crate::api::pb::self_destruct_policy::Policy;
     let message = event.change.as_ref()?.message.as_ref()?;
-    if message.expire_at_ms == 0 {
-        return None;
-    }
-    let hidden_from = message
-        .expire_at_ms
-        .saturating_sub(crate::node::clock::CLOCK_OFFSET_MS_MAX);
+    let expire_at = match message.expire_at_ms {
+        0 => match message.self_destruct.as_ref().and_then(|s| s.policy) {
+            Some(Policy::AfterReadSecs(secs)) => node_now.saturating_add(secs as u64 * 1000),
+            _ => return None,
+        },
+        at => at,
+    };
+    let hidden_from = expire_at.saturating_sub(crate::node::clock::CLOCK_OFFSET_MS_MAX);
     Some(received + Duration::from_millis(hidden_from.saturating_sub(node_now)))
 }
 
@@ -417,6 +422,48 @@ mod tests {
         assert_eq!(change.pts, 1, "the change still goes");
         // Messages without a timer are left as they are.
         assert_eq!(hide_at(&event(2, 10), received, u64::MAX), None);
+        // One to self-destruct 60 s after it is read, not read yet: it may be
+        // read the moment the replica answered, so its body goes for 60 s
+        // (less the clock margin), whenever it is read.
+        let mut unread = event(3, 10);
+        unread
+            .change
+            .as_mut()
+            .unwrap()
+            .message
+            .as_mut()
+            .unwrap()
+            .self_destruct = Some(crate::api::pb::SelfDestructPolicy {
+            policy: Some(crate::api::pb::self_destruct_policy::Policy::AfterReadSecs(
+                60,
+            )),
+        });
+        let at = hide_at(&unread, received, 1_000_000).expect("a timer");
+        assert_eq!(at, received + Duration::from_millis(60_000 - margin));
+        assert!(as_handed_on(unread.clone(), Some(at), at)
+            .change
+            .unwrap()
+            .message
+            .is_none());
+        // Sent to self-destruct after sending: its expiry is known.
+        let mut timed = unread;
+        timed
+            .change
+            .as_mut()
+            .unwrap()
+            .message
+            .as_mut()
+            .unwrap()
+            .self_destruct = Some(crate::api::pb::SelfDestructPolicy {
+            policy: Some(crate::api::pb::self_destruct_policy::Policy::AfterSendSecs(
+                60,
+            )),
+        });
+        assert_eq!(
+            hide_at(&timed, received, 1_000_000),
+            None,
+            "no expiry given: none"
+        );
     }
 
     /// A stream holds at most its byte bound of events its client has not

@@ -146,6 +146,17 @@ pub fn visible(m: &MessageRecord, now: u64) -> bool {
 }
 
 pub fn to_public(m: MessageRecord) -> pb::Message {
+    use crate::api::pb::replicated::self_destruct::Policy as Stored;
+    use pb::self_destruct_policy::Policy;
+    let self_destruct = m
+        .self_destruct
+        .and_then(|s| s.policy)
+        .map(|p| pb::SelfDestructPolicy {
+            policy: Some(match p {
+                Stored::AfterSendSecs(s) => Policy::AfterSendSecs(s),
+                Stored::AfterReadSecs(s) => Policy::AfterReadSecs(s),
+            }),
+        });
     pb::Message {
         chat_id: m.chat_id,
         seq: m.seq,
@@ -157,6 +168,7 @@ pub fn to_public(m: MessageRecord) -> pb::Message {
         expire_at_ms: m.expire_at_ms,
         deleted: m.deleted,
         pts: m.pts,
+        self_destruct,
     }
 }
 
