@@ -153,6 +153,47 @@ impl EventSender {
 /// Watch moves to the next replica.
 const STUCK_POLLS: u32 = 2;
 
+/// Answers in a row from a replica this many entries behind where its
+/// leader was at the router's last look (a follower catching up after a
+/// restart, whose events come late), before the Watch moves on; and how long
+/// a Watch moved off the nearest replica stays away before it tries it again.
+const LAG_ENTRIES_MAX: u64 = 100;
+const LAGGING_POLLS: u32 = 3;
+const AWAY_FOR: Duration = Duration::from_secs(30);
+
+/// Where a chat's Watch polls next, after an answer from replica `used`
+/// (an index into the shard's replicas, nearest first) that had applied
+/// `applied` while its leader had applied `leader_applied` at the router's
+/// last look (0: unknown): the same replica, unless it kept lagging far
+/// behind (then the next), or the Watch has been off the nearest one for
+/// [`AWAY_FOR`] (then the nearest again). `state` is the lagging answers in
+/// a row and since when the Watch is away.
+fn next_replica(
+    used: usize,
+    (applied, leader_applied): (u64, u64),
+    state: &mut (u32, Option<Instant>),
+    now: Instant,
+) -> usize {
+    let (lagging, away_since) = state;
+    *lagging = match leader_applied > applied.saturating_add(LAG_ENTRIES_MAX) {
+        true => *lagging + 1,
+        false => 0,
+    };
+    let next = if *lagging >= LAGGING_POLLS {
+        *lagging = 0;
+        used + 1
+    } else if used != 0 && away_since.is_some_and(|at| now.duration_since(at) >= AWAY_FOR) {
+        0
+    } else {
+        used
+    };
+    *away_since = match next {
+        0 => None,
+        _ => Some(away_since.unwrap_or(now)),
+    };
+    next
+}
+
 /// Polls in a row refused in a way that trying again does not change (a
 /// record that does not decode, a cluster this router does not match),
 /// after which the Watch ends with that refusal: every replica has had
@@ -235,6 +276,9 @@ async fn watch_chat(
     let mut failures = 0u32;
     let mut refusals = 0u32;
     let mut stuck = 0u32;
+    // Answers in a row from a replica far behind, and since when the
+    // Watch is off the nearest replica.
+    let mut placement = (0u32, None);
     loop {
         if tx.is_closed() {
             return None;
@@ -297,8 +341,19 @@ async fn watch_chat(
         failures = 0;
         refusals = 0;
         stuck = 0;
-        replica = used;
         let received = Instant::now();
+        // A replica that had applied only a little past the poll's wait:
+        // where it stands against its leader says whether to stay.
+        let applied = match reply.complete_through {
+            0 => reply.applied_index,
+            complete => complete,
+        };
+        replica = next_replica(
+            used,
+            (applied, router.leader_applied(shard)),
+            &mut placement,
+            received,
+        );
         let node_now = match reply.now_ms {
             0 => now_ms(),
             at => at,
@@ -368,6 +423,35 @@ mod tests {
             }),
             ..Default::default()
         }
+    }
+
+    /// A Watch stays on a replica that keeps up, moves on from one that
+    /// keeps answering far behind its leader, and tries the nearest again
+    /// once it has been away for a while.
+    #[test]
+    fn a_watch_moves_off_a_replica_far_behind_and_comes_back() {
+        let t0 = Instant::now();
+        let mut state = (0, None);
+        // Near its leader (or the leader's progress unknown): stays.
+        assert_eq!(next_replica(0, (1_000, 1_050), &mut state, t0), 0);
+        assert_eq!(next_replica(0, (1_000, 0), &mut state, t0), 0);
+        // Far behind, but not for long: stays.
+        assert_eq!(next_replica(0, (1_000, 5_000), &mut state, t0), 0);
+        assert_eq!(next_replica(0, (1_100, 5_000), &mut state, t0), 0);
+        assert_eq!(next_replica(0, (5_000, 5_000), &mut state, t0), 0);
+        // Far behind for LAGGING_POLLS answers in a row: the next one.
+        for _ in 1..LAGGING_POLLS {
+            assert_eq!(next_replica(0, (1_000, 5_000), &mut state, t0), 0);
+        }
+        assert_eq!(next_replica(0, (1_000, 5_000), &mut state, t0), 1);
+        // Away, it stays while the next one keeps up...
+        let later = t0 + AWAY_FOR / 2;
+        assert_eq!(next_replica(1, (6_000, 6_000), &mut state, later), 1);
+        // ...and tries the nearest again once it has been away long enough.
+        let much_later = t0 + AWAY_FOR;
+        assert_eq!(next_replica(1, (7_000, 7_000), &mut state, much_later), 0);
+        assert_eq!(next_replica(0, (7_000, 7_000), &mut state, much_later), 0);
+        assert_eq!(state, (0, None));
     }
 
     /// The error that ends a stream reaches a client whose queue is full,
