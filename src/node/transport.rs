@@ -397,14 +397,17 @@ impl RaftTransport for TransportService {
                     .as_ref()
                     .try_into()
                     .map_err(|_| std::io::Error::other("snapshot seal key is not 32 bytes"))?;
-                let path = key_path.clone();
-                tokio::task::spawn_blocking(move || {
-                    crate::storage::seal::write_key_file(&path, keys.current_epoch(), &key)
-                })
-                .await
-                .map_err(std::io::Error::other)??;
+                // In place, not on a blocking task: a dropped call must not
+                // leave a write landing after its guard cleaned up.
+                crate::storage::blocking(|| {
+                    crate::storage::seal::write_key_file(&key_path, keys.current_epoch(), &key)
+                })?;
             }
-            let mut file = tokio::fs::File::create(&path).await?;
+            // Created in place too; later writes go to the open file, which
+            // the guard's removal unlinks whatever is in flight.
+            let mut file = tokio::fs::File::from_std(crate::storage::blocking(|| {
+                std::fs::File::create(&path)
+            })?);
             let mut total = first.data.len() as u64;
             file.write_all(&first.data).await?;
             let mut stopping = self.shutdown.clone();
