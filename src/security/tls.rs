@@ -155,6 +155,9 @@ struct Loaded {
 pub struct Tls {
     files: Arc<Files>,
     current: Arc<RwLock<Arc<Loaded>>>,
+    /// Files read that differ from those in use, taken if the next read
+    /// finds them the same (not a rotation caught half-written).
+    seen: Arc<std::sync::Mutex<Option<Vec<Vec<u8>>>>>,
 }
 
 /// Which server configuration [`Tls::incoming`] accepts with.
@@ -267,6 +270,7 @@ impl Tls {
         Ok(Tls {
             files: Arc::new(files),
             current: Arc::new(RwLock::new(Arc::new(loaded))),
+            seen: Default::default(),
         })
     }
 
@@ -274,14 +278,33 @@ impl Tls {
         self.current.read().expect("TLS lock").clone()
     }
 
-    /// Reads the files again and uses them from now on if they changed and
-    /// are valid (true if they changed). On an error what is in use stays.
+    /// Reads the files again and uses them from now on if they changed, are
+    /// valid and read the same as at the previous reload (true if they
+    /// changed): a CA bundle or chain read while it was being rewritten may
+    /// parse yet lack a certificate. On an error what is in use stays.
     pub fn reload(&self) -> anyhow::Result<bool> {
-        let bytes = self.files.read_all()?;
-        if self.current().bytes == bytes {
-            return Ok(false);
-        }
-        let loaded = build(&self.files, bytes)?;
+        let mut seen = self.seen.lock().expect("TLS files seen");
+        let read = self.files.read_all();
+        let bytes = match read {
+            Ok(bytes) if self.current().bytes != bytes => bytes,
+            other => {
+                *seen = None;
+                return other.map(|_| false);
+            }
+        };
+        let loaded = build(&self.files, bytes.clone());
+        let loaded = match loaded {
+            Ok(loaded) if seen.as_ref() == Some(&bytes) => loaded,
+            Ok(_) => {
+                *seen = Some(bytes);
+                return Ok(false);
+            }
+            Err(e) => {
+                *seen = None;
+                return Err(e);
+            }
+        };
+        *seen = None;
         *self.current.write().expect("TLS lock") = Arc::new(loaded);
         Ok(true)
     }
@@ -290,7 +313,7 @@ impl Tls {
     /// clone of this lives.
     pub fn watch(&self) {
         let current = Arc::downgrade(&self.current);
-        let files = self.files.clone();
+        let (files, seen) = (self.files.clone(), self.seen.clone());
         super::watch_files(
             "TLS files",
             "new connections use them",
@@ -300,6 +323,7 @@ impl Tls {
                 let live = Tls {
                     files: files.clone(),
                     current,
+                    seen: seen.clone(),
                 };
                 Some(live.reload())
             },
@@ -603,7 +627,9 @@ mod tests {
         write(dir, "ca.pem", &format!("{ca1}{ca2}"));
         write(dir, "router.pem", &cert2);
         write(dir, "router.key", &key2);
-        assert!(server.reload().unwrap());
+        assert!(!server.reload().unwrap(), "read once: not yet taken");
+        assert!(handshake(&server, &only1, "router.chatstore").await);
+        assert!(server.reload().unwrap(), "read the same twice: taken");
         assert!(handshake(&server, &only2, "router.chatstore").await);
         assert!(!handshake(&server, &only1, "router.chatstore").await);
     }
