@@ -539,17 +539,30 @@ impl Ops {
         let mut swap = !from_led;
         if from_led && st.voters.len() > 1 {
             bar.set_message(format!("shard {shard}: moving leadership off node {from}"));
-            if self.transfer_off(shard, from).await.is_ok() {
-                swap = self.leader(shard).await?.0 != from;
+            let mut why = String::from("it kept coming back");
+            for _ in 0..3 {
+                match self.transfer_off(shard, from).await {
+                    Ok(_) if self.leader(shard).await?.0 != from => {
+                        swap = true;
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(e) => why = format!("{e:#}"),
+                }
+            }
+            if !swap {
+                bail!(
+                    "shard {shard}: leadership did not move off node {from} ({why}); node {to} \
+                     is a learner with the log: run the move again"
+                );
             }
         }
         if !swap {
             // With one replica there is no other voter to hand leadership
-            // to (or it came back to `from`): `to` becomes a voter first,
-            // leadership moves (to it, in the same region, when it can),
-            // then `from` goes. (Nodes refuse a change that would leave the
-            // shard short, or give one region half its voters, so another
-            // move at once cannot.)
+            // to: `to` becomes a voter first, leadership moves (to it, in the
+            // same region, when it can), then `from` goes. (Nodes refuse a
+            // change that would leave the shard short, or give one region
+            // half its voters, so another move at once cannot.)
             bar.set_message(format!("shard {shard}: promoting node {to} to voter"));
             change(vec![to], vec![]).await?;
             bar.set_message(format!("shard {shard}: moving leadership off node {from}"));
@@ -629,11 +642,12 @@ impl Ops {
             }
         };
         // The node keeps its copy if it knows a membership newer than the
-        // one checked here: another move may have added it again since.
+        // one checked here: another move may have added it again since. (A
+        // leader of a version that does not say reports 0: not checked.)
         let req = CloseReplicaRequest {
             shard_id: shard,
             force: true,
-            membership_index: Some(checked),
+            membership_index: (checked > 0).then_some(checked),
         };
         self.admin(&n.addr)?.close_replica(req).await.map_err(|s| {
             anyhow::anyhow!(

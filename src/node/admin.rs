@@ -110,8 +110,13 @@ impl Admin for AdminService {
                 req.shard_id
             )));
         }
-        let checked = req.membership_index.filter(|_| req.force);
         let known = m.membership_config.log_id().as_ref().map_or(0, |l| l.index);
+        // Without force, the membership this node knows now (which lists it
+        // not) is the one checked again once the replica has stopped.
+        let checked = match req.force {
+            true => req.membership_index,
+            false => Some(known),
+        };
         if let Some(checked) = checked.filter(|c| known > *c) {
             return Err(Status::failed_precondition(format!(
                 "node {me} knows shard {}'s membership at log index {known}, newer than the one \
@@ -185,12 +190,6 @@ impl Admin for AdminService {
         let req = request.into_inner();
         let shard = self.leader(req.shard_id).await?;
         let me = self.registry.node_id().0;
-        if req.remove.contains(&me) {
-            return Err(Status::failed_precondition(format!(
-                "node {me} leads shard {} and cannot remove itself; transfer leadership first",
-                req.shard_id
-            )));
-        }
         let m = shard.raft.metrics().borrow_watched().clone();
         let membership = m.membership_config.membership();
         // In a joint config (a change cut short between its two steps) the
@@ -217,6 +216,12 @@ impl Admin for AdminService {
                 .collect(),
             false => req.remove.clone(),
         };
+        if remove.contains(&me) {
+            return Err(Status::failed_precondition(format!(
+                "node {me} leads shard {} and cannot remove itself; transfer leadership first",
+                req.shard_id
+            )));
+        }
         let mut wanted = voters.clone();
         wanted.extend(req.add.iter().copied());
         for n in &remove {

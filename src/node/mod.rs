@@ -63,6 +63,11 @@ struct Host {
     node_tree: sled::Tree,
     /// One replica opened or closed at a time.
     changes: tokio::sync::Mutex<()>,
+    /// Replicas a close stopped but could not finish (their state machine
+    /// had not let go, or they were kept for a newer membership and could
+    /// not be opened again): neither opened nor deleted until the node
+    /// restarts, which opens or deletes them by their record.
+    stopped: std::sync::Mutex<std::collections::BTreeSet<ShardId>>,
     /// Each peer's last ping answer.
     peer_answers: std::sync::Mutex<BTreeMap<u64, PeerAnswer>>,
     /// When each peer's last ping reached this node.
@@ -370,6 +375,19 @@ impl Registry {
         if let Some(existing) = self.get(shard) {
             return Ok(existing);
         }
+        if self
+            .host
+            .stopped
+            .lock()
+            .expect("stopped replicas")
+            .contains(&shard)
+        {
+            anyhow::bail!(
+                "{shard}'s replica on this node was stopped with its data kept (its state machine \
+                 was still busy, or it had been added again); restart the node, which opens or \
+                 deletes it by its record"
+            );
+        }
         // Leftovers of an earlier replica that was removed.
         crate::storage::blocking(|| self.delete_data(shard))?;
         self.set_record(shard, ReplicaRecord::Joined).await?;
@@ -395,6 +413,13 @@ impl Registry {
         };
         self.shards.write().expect("registry lock").remove(&shard);
         replica.shutdown().await;
+        let stopped = || {
+            self.host
+                .stopped
+                .lock()
+                .expect("stopped replicas")
+                .insert(shard);
+        };
         // Stopped, it learns nothing more: what it knows now decides, its
         // log included (an entry appended just before it stopped may not
         // be in its last metrics yet).
@@ -407,14 +432,22 @@ impl Registry {
             .as_ref()
             .map_or(0, |l| l.index);
         if let Some(checked) = checked {
-            let logged = crate::storage::blocking(|| replica.files.log.membership_after(checked))?;
-            known = known.max(logged.unwrap_or(0));
+            match crate::storage::blocking(|| replica.files.log.membership_after(checked)) {
+                Ok(logged) => known = known.max(logged.unwrap_or(0)),
+                Err(e) => {
+                    stopped();
+                    return Err(e.into());
+                }
+            }
         }
         if let Some(checked) = checked.filter(|c| known > *c) {
             let reopened = replica.state_machine_stopped(STATE_MACHINE_STOP_WAIT).await;
             drop(replica);
-            if reopened {
-                self.open_shard(shard).await?;
+            if !reopened {
+                stopped();
+            } else if let Err(e) = self.open_shard(shard).await {
+                stopped();
+                return Err(e);
             }
             return Err(KeptCopy {
                 shard,
@@ -427,10 +460,14 @@ impl Registry {
         // The record before any data goes: a crash part-way leaves a
         // replica that is never reopened and whose data is deleted on the
         // next start.
-        self.set_record(shard, ReplicaRecord::Removed).await?;
+        if let Err(e) = self.set_record(shard, ReplicaRecord::Removed).await {
+            stopped();
+            return Err(e);
+        }
         // The state machine's worker may still be finishing a command (a
         // snapshot load) that writes to the tree about to be dropped.
         if !replica.state_machine_stopped(STATE_MACHINE_STOP_WAIT).await {
+            stopped();
             anyhow::bail!(
                 "{shard}: its state machine is still busy {}s after the replica stopped; its data is deleted on the node's next start",
                 STATE_MACHINE_STOP_WAIT.as_secs()
@@ -562,6 +599,7 @@ impl Node {
                 peers,
                 node_tree: storage.open_tree(trees::NODE_TREE)?,
                 changes: tokio::sync::Mutex::new(()),
+                stopped: Default::default(),
                 peer_answers: Default::default(),
                 pinged_by: Default::default(),
                 clock_suspect: Default::default(),
