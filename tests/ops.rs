@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 
 use chatstore::api::pb::node::admin_client::AdminClient;
 use chatstore::api::pb::node::{
-    AddLearnerRequest, ChangeVotersRequest, CloseReplicaRequest, ShardRequest, StatusRequest,
+    AddLearnerRequest, ChangeVotersRequest, CloseReplicaRequest, ShardRequest, ShardStatus,
+    StatusRequest,
 };
 use common::chaos::{check_on, run_session, History};
 use common::procs::{router_client, start_cluster_with, ProcessCluster};
@@ -488,32 +489,8 @@ async fn leadership_moves_by_hand_and_returns_after_restart_and_the_cli_fails_cl
     assert!(err.contains("node 9 is unknown"), "{err}");
     // A node takes no shard below its replication factor (two moves of one
     // shard at once would each remove a voter).
-    let mut refused = None;
-    for _ in 0..50 {
-        let leader = nodes.leader_of(0).await.expect("a leader of shard 0");
-        let follower = (1..=3).find(|n| *n != leader).unwrap();
-        let url = format!("http://{}", addr(&cluster, leader));
-        let answer = AdminClient::connect(url)
-            .await
-            .expect("admin client")
-            .change_voters(ChangeVotersRequest {
-                shard_id: 0,
-                add: vec![],
-                remove: vec![follower],
-                learners_only: false,
-            })
-            .await;
-        match answer {
-            Err(s) if s.code() == tonic::Code::Unavailable => {
-                tokio::time::sleep(Duration::from_millis(200)).await
-            }
-            other => {
-                refused = Some(other.expect_err("a voter of three removed"));
-                break;
-            }
-        }
-    }
-    let refused = refused.expect("shard 0's leader answered");
+    let (_, refused) = remove_a_follower_of_shard_0(&cluster, &nodes, false).await;
+    let refused = refused.expect_err("a voter of three removed");
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused}");
     assert!(
         refused.message().contains("replication factor"),
@@ -521,33 +498,9 @@ async fn leadership_moves_by_hand_and_returns_after_restart_and_the_cli_fails_cl
     );
     // Dropping a learner never takes a voter (a move may have promoted it
     // since the caller looked).
-    let mut kept = false;
-    for _ in 0..50 {
-        let leader = nodes.leader_of(0).await.expect("a leader of shard 0");
-        let follower = (1..=3).find(|n| *n != leader).unwrap();
-        let answer = AdminClient::connect(format!("http://{}", addr(&cluster, leader)))
-            .await
-            .expect("admin client")
-            .change_voters(ChangeVotersRequest {
-                shard_id: 0,
-                add: vec![],
-                remove: vec![follower],
-                learners_only: true,
-            })
-            .await;
-        match answer {
-            Err(s) if s.code() == tonic::Code::Unavailable => {
-                tokio::time::sleep(Duration::from_millis(200)).await
-            }
-            other => {
-                let st = other.expect("a learner-only removal of a voter changes nothing");
-                assert!(st.get_ref().voters.contains(&follower), "{st:?}");
-                kept = true;
-                break;
-            }
-        }
-    }
-    assert!(kept, "shard 0's leader answered");
+    let (follower, kept) = remove_a_follower_of_shard_0(&cluster, &nodes, true).await;
+    let kept = kept.expect("a learner-only removal of a voter changes nothing");
+    assert!(kept.voters.contains(&follower), "{kept:?}");
     for node in 1..=3 {
         let replicas = replicas_on(&nodes, node).await;
         assert!(
@@ -563,6 +516,37 @@ async fn leadership_moves_by_hand_and_returns_after_restart_and_the_cli_fails_cl
         "checker findings:\n{}",
         findings.join("\n")
     );
+}
+
+/// Asks shard 0's leader to remove one of its followers (as a learner
+/// only, or as a voter), retrying while no leader answers; the follower and
+/// the answer.
+async fn remove_a_follower_of_shard_0(
+    cluster: &ProcessCluster,
+    nodes: &common::Client,
+    learners_only: bool,
+) -> (u64, Result<ShardStatus, tonic::Status>) {
+    for _ in 0..50 {
+        let leader = nodes.leader_of(0).await.expect("a leader of shard 0");
+        let follower = (1..=3).find(|n| *n != leader).unwrap();
+        let answer = AdminClient::connect(format!("http://{}", addr(cluster, leader)))
+            .await
+            .expect("admin client")
+            .change_voters(ChangeVotersRequest {
+                shard_id: 0,
+                add: vec![],
+                remove: vec![follower],
+                learners_only,
+            })
+            .await;
+        match answer {
+            Err(s) if s.code() == tonic::Code::Unavailable => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            other => return (follower, other.map(|r| r.into_inner())),
+        }
+    }
+    panic!("shard 0's leader did not answer");
 }
 
 async fn wait_leader(nodes: &common::Client, shard: u64, want: u64, within: Duration) {

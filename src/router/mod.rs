@@ -827,16 +827,22 @@ mod tests {
         final_status(status, retried, (ShardId(3), Duration::from_secs(2)), RETRY)
     }
 
+    /// A router in region eu of the local three-region config, whose nodes
+    /// are never reached (the tests call `on_leader` with calls of their own).
+    fn local_router() -> super::Router {
+        let config = crate::cluster::config::ClusterConfig::from_toml(include_str!(
+            "../../cluster-configs/local-3region.toml"
+        ))
+        .unwrap();
+        super::Router::new(&config, "eu", b"secret").unwrap()
+    }
+
     /// However a node fails (here each try ends after 3 s, or sooner if its
     /// time is up, as on a node that answers too late), the tries together
     /// end by the call's deadline: each gets what is left of it.
     #[tokio::test(start_paused = true)]
     async fn tries_on_a_hung_node_end_by_the_deadline() {
-        let config = crate::cluster::config::ClusterConfig::from_toml(include_str!(
-            "../../cluster-configs/local-3region.toml"
-        ))
-        .unwrap();
-        let router = super::Router::new(&config, "eu", b"secret").unwrap();
+        let router = local_router();
         let started = tokio::time::Instant::now();
         let tries = std::cell::RefCell::new(Vec::new());
         let out: Result<(u64, ()), Status> = router
@@ -871,11 +877,7 @@ mod tests {
     /// leads); a full try that times out does.
     #[tokio::test(start_paused = true)]
     async fn only_full_tries_that_time_out_pass_a_node_over() {
-        let config = crate::cluster::config::ClusterConfig::from_toml(include_str!(
-            "../../cluster-configs/local-3region.toml"
-        ))
-        .unwrap();
-        let router = super::Router::new(&config, "eu", b"secret").unwrap();
+        let router = local_router();
         let shard = ShardId(3);
         let timed_out_here = |time: Duration| async move {
             tokio::time::sleep(time).await;

@@ -509,45 +509,23 @@ mod tests {
         // One to self-destruct 60 s after it is read, not read yet: it may be
         // read the moment the replica answered, so its body goes for 60 s
         // (less the clock margin), whenever it is read.
-        let mut unread = event(3, 10);
-        unread
-            .change
-            .as_mut()
-            .unwrap()
-            .message
-            .as_mut()
-            .unwrap()
-            .self_destruct = Some(crate::api::pb::SelfDestructPolicy {
-            policy: Some(crate::api::pb::self_destruct_policy::Policy::AfterReadSecs(
-                60,
-            )),
-        });
+        use crate::api::pb::self_destruct_policy::Policy;
+        let with_policy = |policy: Policy| {
+            let mut e = event(3, 10);
+            let message = e.change.as_mut().unwrap().message.as_mut().unwrap();
+            message.self_destruct = Some(crate::api::pb::SelfDestructPolicy {
+                policy: Some(policy),
+            });
+            e
+        };
+        let unread = with_policy(Policy::AfterReadSecs(60));
         let at = hide_at(&unread, received, 1_000_000).expect("a timer");
         assert_eq!(at, received + Duration::from_millis(60_000 - margin));
-        assert!(as_handed_on(unread.clone(), Some(at), at)
-            .change
-            .unwrap()
-            .message
-            .is_none());
-        // Sent to self-destruct after sending: its expiry is known.
-        let mut timed = unread;
-        timed
-            .change
-            .as_mut()
-            .unwrap()
-            .message
-            .as_mut()
-            .unwrap()
-            .self_destruct = Some(crate::api::pb::SelfDestructPolicy {
-            policy: Some(crate::api::pb::self_destruct_policy::Policy::AfterSendSecs(
-                60,
-            )),
-        });
-        assert_eq!(
-            hide_at(&timed, received, 1_000_000),
-            None,
-            "no expiry given: none"
-        );
+        let handed_on = as_handed_on(unread, Some(at), at);
+        assert!(handed_on.change.unwrap().message.is_none());
+        // Sent to self-destruct after sending, with no expiry given: none.
+        let timed = with_policy(Policy::AfterSendSecs(60));
+        assert_eq!(hide_at(&timed, received, 1_000_000), None);
     }
 
     /// A stream holds at most its byte bound of events its client has not
