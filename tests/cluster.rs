@@ -196,6 +196,97 @@ async fn writes_replicate_survive_a_stopped_node_and_catch_up() {
     }
 }
 
+/// A replica asked to close that knows a newer membership than the one the
+/// close was checked against (another move may have added it again) keeps
+/// its data, is opened again at once and goes on replicating.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_closed_against_an_older_membership_is_kept_and_reopened() {
+    let dir = TestDir::new("cluster-kept");
+    let config = three_region_config(
+        &dir.path,
+        &ConfigOptions {
+            shards: 2,
+            ..Default::default()
+        },
+    );
+    let (nodes, client) = start_three(&config).await;
+    let chat = 1u64;
+    let shard = client.shard_of(chat);
+    let written = Duration::from_secs(20);
+    client
+        .write(chat, vec![send_cmd(chat, 7, 1, b"before")], written)
+        .await
+        .expect("write before");
+    // A membership change: a learner that never answers, added and taken
+    // out again.
+    let leader = client.leader_of(shard.0).await.expect("a leader");
+    let raft = nodes[&leader]
+        .registry
+        .get(shard)
+        .expect("leader's replica")
+        .raft
+        .clone();
+    let nowhere = chatstore::shard::types::NodeAddr {
+        addr: "127.0.0.1:9".into(),
+        region: "eu".into(),
+    };
+    raft.add_learner(9, nowhere, false)
+        .await
+        .expect("add a learner");
+    raft.change_membership(openraft::ChangeMembers::RemoveNodes([9].into()), false)
+        .await
+        .expect("take it out");
+    let follower = (1..=3).find(|n| *n != leader).unwrap();
+    let registry = &nodes[&follower].registry;
+    use openraft::async_runtime::WatchReceiver;
+    let membership_index = || {
+        registry.get(shard).map_or(0, |r| {
+            r.raft
+                .metrics()
+                .borrow_watched()
+                .membership_config
+                .log_id()
+                .as_ref()
+                .map_or(0, |l| l.index)
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while membership_index() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the follower learned no membership"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let kept = registry
+        .close_replica(shard, Some(0))
+        .await
+        .expect_err("a close checked against an older membership");
+    assert!(
+        kept.downcast_ref::<chatstore::node::KeptCopy>().is_some(),
+        "{kept:#}"
+    );
+    assert!(format!("{kept}").contains("open again"), "{kept}");
+    assert!(registry.get(shard).is_some(), "the replica is open again");
+    // It goes on replicating, its earlier data kept.
+    client
+        .write(chat, vec![send_cmd(chat, 7, 2, b"after")], written)
+        .await
+        .expect("write after");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let history = client.history_on(follower, chat).await.unwrap_or_default();
+        if history.len() == 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the reopened replica holds {history:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// A replica that fell behind past the purged log catches up by snapshot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn lagging_replica_catches_up_by_snapshot() {
