@@ -734,8 +734,15 @@ impl ChatStore for ChatStoreService {
 }
 
 /// Longest a GetDifference waits for one chat's shard; a chat not read by
-/// then is answered `unavailable` (see [`gather_differences`]).
-const DIFFERENCE_CHAT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+/// then is answered `unavailable` (see [`gather_differences`]). Room for a
+/// SESSION read's whole way: a local replica that does not answer in its
+/// call's time, then the leader's wait for the token, then a round trip (a
+/// shorter bound would answer such a chat `unavailable` every time).
+const DIFFERENCE_CHAT_WAIT: std::time::Duration = std::time::Duration::from_millis(
+    crate::router::NODE_CALL_TIMEOUT.as_millis() as u64
+        + crate::router::SESSION_LEADER_WAIT_MS as u64
+        + 1_000,
+);
 
 /// Each chat's difference, in the order of `cursors`, and the positions
 /// they were read at. A chat whose shard could not be read in time (a
