@@ -283,4 +283,49 @@ mod tests {
         assert_eq!(reseal_records(&tree, &ring, epoch).unwrap(), 0);
         assert_eq!(tree.get(&mkey).unwrap().unwrap(), stored);
     }
+
+    /// A reader that read a record before the eraser re-sealed it, and opens
+    /// it after the record's old key was destroyed, reads it once more.
+    #[test]
+    fn a_reader_whose_key_was_destroyed_under_it_reads_the_record_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let ring = KeyRing::open(&dir.path().join("keys"), Duration::from_millis(50)).unwrap();
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let tree = db.open_tree("state").unwrap();
+        let (past, key) = ring.current_key().unwrap();
+        let message = MessageRecord {
+            chat_id: 1,
+            seq: 1,
+            body: b"read late"[..].into(),
+            self_destruct: Some(SelfDestruct {
+                policy: Some(self_destruct::Policy::AfterSendSecs(5)),
+            }),
+            expire_at_ms: 5_000,
+            ..Default::default()
+        };
+        let mkey = keys::message(1, 1);
+        tree.insert(&mkey, sealing::seal_message(message, past, &key))
+            .unwrap();
+        tree.insert(keys::ttl(5_000, 1, 1), Vec::new()).unwrap();
+        let read_before = tree.get(&mkey).unwrap().unwrap().to_vec();
+        let started = Instant::now();
+        while ring.current_epoch() <= past {
+            assert!(started.elapsed() < Duration::from_secs(10), "epoch moves");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let epoch = ring.current_epoch();
+        assert_eq!(reseal_records(&tree, &ring, epoch).unwrap(), 0);
+        ring.destroy_before(epoch).unwrap();
+        let gone = sealing::open_message(&ring, &read_before, None).unwrap_err();
+        assert_eq!(gone.kind(), std::io::ErrorKind::NotFound, "{gone}");
+        let read_again = || Ok(tree.get(&mkey).unwrap().map(|v| v.to_vec()));
+        let opened = sealing::open_read(&ring, &read_before, read_again)
+            .unwrap()
+            .expect("the record, read again");
+        assert_eq!(&opened.body[..], b"read late");
+        // A record gone since (expired and removed) is not there.
+        assert!(sealing::open_read(&ring, &read_before, || Ok(None))
+            .unwrap()
+            .is_none());
+    }
 }

@@ -352,10 +352,18 @@ impl StateReader {
 
     /// The message as sled holds it, body opened.
     fn stored_message(&self, chat: u64, seq: u64) -> io::Result<Option<MessageRecord>> {
-        match self.tree.get(keys::message(chat, seq)).map_err(io_err)? {
-            Some(v) => Ok(Some(sealing::open_message(&self.keys, &v, None)?)),
+        let key = keys::message(chat, seq);
+        match self.tree.get(&key).map_err(io_err)? {
+            Some(v) => self.open_read(&key, &v),
             None => Ok(None),
         }
+    }
+
+    /// A message record read at `key`, body opened ([`sealing::open_read`]).
+    fn open_read(&self, key: &[u8], raw: &[u8]) -> io::Result<Option<MessageRecord>> {
+        sealing::open_read(&self.keys, raw, || {
+            Ok(self.tree.get(key).map_err(io_err)?.map(|v| v.to_vec()))
+        })
     }
 
     /// Newest first, strictly below `before_seq` (0 = from the newest).
@@ -415,8 +423,10 @@ impl StateReader {
             .tree
             .range(keys::message(chat, start)..keys::message(chat, end))
         {
-            let (_, v) = pair.map_err(io_err)?;
-            let m = sealing::open_message(&self.keys, &v, None)?;
+            let (k, v) = pair.map_err(io_err)?;
+            let Some(m) = self.open_read(&k, &v)? else {
+                continue;
+            };
             window_bytes += m.encoded_len();
             window.push_back(m);
             while window_bytes > PAGE_BYTES_MAX && window.len() > 1 {
@@ -447,8 +457,10 @@ impl StateReader {
                 if out.len() >= limit || bytes > PAGE_BYTES_MAX {
                     break;
                 }
-                let (_, v) = pair.map_err(io_err)?;
-                let m = sealing::open_message(&self.keys, &v, None)?;
+                let (k, v) = pair.map_err(io_err)?;
+                let Some(m) = self.open_read(&k, &v)? else {
+                    continue;
+                };
                 if visible(&m, now) {
                     let m = to_public(m);
                     bytes += m.encoded_len();
@@ -729,9 +741,10 @@ impl StateReader {
                 .tree
                 .range(keys::message(chat, from)..keys::message(chat, end))
             {
-                let (_, v) = pair.map_err(io_err)?;
-                let m = sealing::open_message(&self.keys, &v, None)?;
-                window.insert(m.seq, m);
+                let (k, v) = pair.map_err(io_err)?;
+                if let Some(m) = self.open_read(&k, &v)? {
+                    window.insert(m.seq, m);
+                }
             }
             self.chats
                 .fill_tail(chat, from, end, window.values().cloned(), miss);

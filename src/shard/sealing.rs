@@ -42,6 +42,24 @@ pub fn open_message(
     Ok(m)
 }
 
+/// [`open_message`] for a reader: the eraser re-seals a record with the
+/// current key before it destroys the key it had, so a record read just
+/// before the re-seal and opened just after the destruction is read once
+/// more (`read_again`: the record now, None if it is gone since).
+pub fn open_read(
+    ring: &KeyRing,
+    raw: &[u8],
+    read_again: impl FnOnce() -> io::Result<Option<Vec<u8>>>,
+) -> io::Result<Option<MessageRecord>> {
+    match open_message(ring, raw, None) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => match read_again()? {
+            Some(now) => open_message(ring, &now, None).map(Some),
+            None => Ok(None),
+        },
+        opened => opened.map(Some),
+    }
+}
+
 /// The stored form of a record whose body is in the clear: sealed with
 /// `key` of `epoch` when it self-destructs.
 pub fn seal_message(mut m: MessageRecord, epoch: u64, key: &Key) -> Vec<u8> {
