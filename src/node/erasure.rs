@@ -236,12 +236,13 @@ mod tests {
     use crate::api::pb::replicated::{self_destruct, MessageRecord, SelfDestruct};
     use crate::shard::memtable::{Memtable, Pending};
 
-    /// A self-destructing record sealed in a past epoch is re-sealed with
-    /// the current key even while a write to it waits in the memtable (an
-    /// expiry about to remove it), so the round is clean and the past key
-    /// can go; the waiting write still reads first and lands over it.
-    #[test]
-    fn a_record_with_a_write_waiting_is_resealed_too() {
+    /// A key ring with short epochs and a state tree holding one
+    /// self-destructing record (chat 1, seq 1, `body`) sealed with the key
+    /// of the epoch current now: the ring's folder, the ring, the tree, the
+    /// record's key and its epoch.
+    fn one_sealed_record(
+        body: &'static [u8],
+    ) -> (tempfile::TempDir, KeyRing, sled::Tree, Vec<u8>, u64) {
         let dir = tempfile::tempdir().unwrap();
         let ring = KeyRing::open(&dir.path().join("keys"), Duration::from_millis(50)).unwrap();
         let db = sled::Config::new().temporary(true).open().unwrap();
@@ -250,7 +251,7 @@ mod tests {
         let message = MessageRecord {
             chat_id: 1,
             seq: 1,
-            body: b"gone soon"[..].into(),
+            body: body.into(),
             self_destruct: Some(SelfDestruct {
                 policy: Some(self_destruct::Policy::AfterSendSecs(5)),
             }),
@@ -261,18 +262,33 @@ mod tests {
         tree.insert(&mkey, sealing::seal_message(message, past, &key))
             .unwrap();
         tree.insert(keys::ttl(5_000, 1, 1), Vec::new()).unwrap();
+        (dir, ring, tree, mkey, past)
+    }
+
+    /// Waits (at most 10 s) until `ring`'s epoch is past `past`; the epoch.
+    fn next_epoch(ring: &KeyRing, past: u64) -> u64 {
+        let started = Instant::now();
+        while ring.current_epoch() <= past {
+            assert!(started.elapsed() < Duration::from_secs(10), "epoch moves");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        ring.current_epoch()
+    }
+
+    /// A self-destructing record sealed in a past epoch is re-sealed with
+    /// the current key even while a write to it waits in the memtable (an
+    /// expiry about to remove it), so the round is clean and the past key
+    /// can go; the waiting write still reads first and lands over it.
+    #[test]
+    fn a_record_with_a_write_waiting_is_resealed_too() {
+        let (_dir, ring, tree, mkey, past) = one_sealed_record(b"gone soon");
         // The expiry's removal of the record, applied but not flushed.
         let pending = Memtable::unshared();
         pending.extend(
             [(mkey.clone(), None::<Pending>)],
             crate::shard::types::log_id(1, 7),
         );
-        let started = Instant::now();
-        while ring.current_epoch() <= past {
-            assert!(started.elapsed() < Duration::from_secs(10), "epoch moves");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let epoch = ring.current_epoch();
+        let epoch = next_epoch(&ring, past);
         assert_eq!(reseal_records(&tree, &ring, epoch).unwrap(), 0);
         let stored = tree.get(&mkey).unwrap().unwrap();
         assert!(sealing::sealed_epoch(&stored).unwrap() >= Some(epoch));
@@ -288,32 +304,9 @@ mod tests {
     /// it after the record's old key was destroyed, reads it once more.
     #[test]
     fn a_reader_whose_key_was_destroyed_under_it_reads_the_record_again() {
-        let dir = tempfile::tempdir().unwrap();
-        let ring = KeyRing::open(&dir.path().join("keys"), Duration::from_millis(50)).unwrap();
-        let db = sled::Config::new().temporary(true).open().unwrap();
-        let tree = db.open_tree("state").unwrap();
-        let (past, key) = ring.current_key().unwrap();
-        let message = MessageRecord {
-            chat_id: 1,
-            seq: 1,
-            body: b"read late"[..].into(),
-            self_destruct: Some(SelfDestruct {
-                policy: Some(self_destruct::Policy::AfterSendSecs(5)),
-            }),
-            expire_at_ms: 5_000,
-            ..Default::default()
-        };
-        let mkey = keys::message(1, 1);
-        tree.insert(&mkey, sealing::seal_message(message, past, &key))
-            .unwrap();
-        tree.insert(keys::ttl(5_000, 1, 1), Vec::new()).unwrap();
+        let (_dir, ring, tree, mkey, past) = one_sealed_record(b"read late");
         let read_before = tree.get(&mkey).unwrap().unwrap().to_vec();
-        let started = Instant::now();
-        while ring.current_epoch() <= past {
-            assert!(started.elapsed() < Duration::from_secs(10), "epoch moves");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let epoch = ring.current_epoch();
+        let epoch = next_epoch(&ring, past);
         assert_eq!(reseal_records(&tree, &ring, epoch).unwrap(), 0);
         ring.destroy_before(epoch).unwrap();
         let gone = sealing::open_message(&ring, &read_before, None).unwrap_err();
