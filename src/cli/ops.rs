@@ -542,7 +542,7 @@ impl Ops {
             let mut why = String::from("it kept coming back");
             for _ in 0..3 {
                 match self.transfer_off(shard, from).await {
-                    Ok(_) if self.leader(shard).await?.0 != from => {
+                    Ok(leader) if leader != from => {
                         swap = true;
                         break;
                     }

@@ -67,7 +67,7 @@ struct Host {
     /// had not let go, or they were kept for a newer membership and could
     /// not be opened again): neither opened nor deleted until the node
     /// restarts, which opens or deletes them by their record.
-    stopped: std::sync::Mutex<std::collections::BTreeSet<ShardId>>,
+    closes_unfinished: std::sync::Mutex<BTreeSet<ShardId>>,
     /// Each peer's last ping answer.
     peer_answers: std::sync::Mutex<BTreeMap<u64, PeerAnswer>>,
     /// When each peer's last ping reached this node.
@@ -377,9 +377,9 @@ impl Registry {
         }
         if self
             .host
-            .stopped
+            .closes_unfinished
             .lock()
-            .expect("stopped replicas")
+            .expect("unfinished closes")
             .contains(&shard)
         {
             anyhow::bail!(
@@ -413,11 +413,11 @@ impl Registry {
         };
         self.shards.write().expect("registry lock").remove(&shard);
         replica.shutdown().await;
-        let stopped = || {
+        let unfinished = || {
             self.host
-                .stopped
+                .closes_unfinished
                 .lock()
-                .expect("stopped replicas")
+                .expect("unfinished closes")
                 .insert(shard);
         };
         // Stopped, it learns nothing more: what it knows now decides, its
@@ -435,7 +435,7 @@ impl Registry {
             match crate::storage::blocking(|| replica.files.log.membership_after(checked)) {
                 Ok(logged) => known = known.max(logged.unwrap_or(0)),
                 Err(e) => {
-                    stopped();
+                    unfinished();
                     return Err(e.into());
                 }
             }
@@ -444,9 +444,9 @@ impl Registry {
             let reopened = replica.state_machine_stopped(STATE_MACHINE_STOP_WAIT).await;
             drop(replica);
             if !reopened {
-                stopped();
+                unfinished();
             } else if let Err(e) = self.open_shard(shard).await {
-                stopped();
+                unfinished();
                 return Err(e);
             }
             return Err(KeptCopy {
@@ -461,13 +461,13 @@ impl Registry {
         // replica that is never reopened and whose data is deleted on the
         // next start.
         if let Err(e) = self.set_record(shard, ReplicaRecord::Removed).await {
-            stopped();
+            unfinished();
             return Err(e);
         }
         // The state machine's worker may still be finishing a command (a
         // snapshot load) that writes to the tree about to be dropped.
         if !replica.state_machine_stopped(STATE_MACHINE_STOP_WAIT).await {
-            stopped();
+            unfinished();
             anyhow::bail!(
                 "{shard}: its state machine is still busy {}s after the replica stopped; its data is deleted on the node's next start",
                 STATE_MACHINE_STOP_WAIT.as_secs()
@@ -599,7 +599,7 @@ impl Node {
                 peers,
                 node_tree: storage.open_tree(trees::NODE_TREE)?,
                 changes: tokio::sync::Mutex::new(()),
-                stopped: Default::default(),
+                closes_unfinished: Default::default(),
                 peer_answers: Default::default(),
                 pinged_by: Default::default(),
                 clock_suspect: Default::default(),

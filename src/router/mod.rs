@@ -793,12 +793,6 @@ pub(crate) fn is_retryable(s: &Status) -> bool {
     )
 }
 
-/// True for a failed read that may succeed later: what the router retries,
-/// and an overloaded replica.
-pub(crate) fn may_pass(s: &Status) -> bool {
-    is_retryable(s) || s.code() == Code::ResourceExhausted
-}
-
 /// A deterministic apply-time rejection as a gRPC status.
 pub fn command_error_status(code: i32, message: &str) -> Status {
     let code = match ErrorCode::try_from(code).unwrap_or(ErrorCode::Unspecified) {

@@ -194,6 +194,12 @@ fn next_replica(
     next
 }
 
+/// True for a failed poll that may succeed if tried again or elsewhere:
+/// what the router retries, and an overloaded replica.
+fn worth_retrying(status: &tonic::Status) -> bool {
+    super::is_retryable(status) || status.code() == tonic::Code::ResourceExhausted
+}
+
 /// Polls in a row refused in a way that trying again does not change (a
 /// record that does not decode, a cluster this router does not match),
 /// after which the Watch ends with that refusal: every replica has had
@@ -300,7 +306,7 @@ async fn watch_chat(
                 // A replica that timed out waiting is fine; one that is down
                 // or failing makes us move to the next.
                 if !crate::api::status::is_behind(&status) {
-                    refusals = match super::may_pass(&status) {
+                    refusals = match worth_retrying(&status) {
                         true => 0,
                         false => refusals + 1,
                     };
@@ -342,15 +348,17 @@ async fn watch_chat(
         refusals = 0;
         stuck = 0;
         let received = Instant::now();
-        // A replica that had applied only a little past the poll's wait:
-        // where it stands against its leader says whether to stay.
-        let applied = match reply.complete_through {
+        // Every entry up to here is in the answer. Not `applied_index`:
+        // that may name an apply call still writing, whose change this
+        // answer may lack.
+        let complete = match reply.complete_through {
             0 => reply.applied_index,
             complete => complete,
         };
+        // Where the replica stands against its leader says whether to stay.
         replica = next_replica(
             used,
-            (applied, router.leader_applied(shard)),
+            (complete, router.leader_applied(shard)),
             &mut placement,
             received,
         );
@@ -392,13 +400,8 @@ async fn watch_chat(
             }
         }
         // With more changes pending, poll again at once from the same index.
-        // Not `applied_index`: that may name an apply call still writing,
-        // whose change this answer may lack.
         if !diff.more {
-            after_index = match reply.complete_through {
-                0 => reply.applied_index,
-                complete => complete,
-            };
+            after_index = complete;
         }
     }
 }

@@ -114,12 +114,9 @@ pub struct Shard {
     transfer: std::sync::Mutex<Option<Transfer>>,
     /// A flush started by the chores is on its way.
     flush_queued: std::sync::atomic::AtomicBool,
-    /// Resolves once the state machine is dropped (taken by the one caller
-    /// that waits for it).
-    state_machine_gone: std::sync::Mutex<Option<GoneFuture>>,
+    /// Closed once the state machine is dropped.
+    state_machine_alive: tokio::sync::watch::Receiver<()>,
 }
-
-type GoneFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 /// Longest a replica's shutdown waits for its memtable's flush.
 const SHUTDOWN_FLUSH_WAIT: Duration = Duration::from_secs(5);
@@ -230,7 +227,7 @@ impl Shard {
     ) -> anyhow::Result<Shard> {
         let log = LogStore::open(storage, id).await?;
         let sm = StateMachine::open(storage, id)?;
-        let state_machine_gone = std::sync::Mutex::new(Some(Box::pin(sm.gone()) as _));
+        let state_machine_alive = sm.alive();
         let reader = StateReader::new(sm.view(), storage.keys().clone(), sm.chat_cache())
             .watching(sm.loads());
         let files = ShardFiles {
@@ -265,7 +262,7 @@ impl Shard {
             writes_refused: Default::default(),
             transfer: Default::default(),
             flush_queued: Default::default(),
-            state_machine_gone,
+            state_machine_alive,
         })
     }
 
@@ -274,11 +271,9 @@ impl Shard {
     /// command it had begun (a snapshot load) may still be writing to the
     /// tree. False if it still holds it.
     pub async fn state_machine_stopped(&self, wait: Duration) -> bool {
-        let gone = self.state_machine_gone.lock().expect("gone").take();
-        match gone {
-            Some(gone) => tokio::time::timeout(wait, gone).await.is_ok(),
-            None => true,
-        }
+        let mut alive = self.state_machine_alive.clone();
+        let gone = async move { while alive.changed().await.is_ok() {} };
+        tokio::time::timeout(wait, gone).await.is_ok()
     }
 
     /// Refuses client writes (true) or takes them again.

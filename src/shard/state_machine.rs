@@ -87,7 +87,7 @@ pub struct StateMachine {
     /// Snapshot loads into `tree`, for readers to see that one overlapped.
     loads: Arc<SnapshotLoads>,
     /// Dropped with the state machine: its receivers learn that nothing
-    /// writes to `tree` any more (see [`StateMachine::gone`]).
+    /// writes to `tree` any more (see [`StateMachine::alive`]).
     alive: tokio::sync::watch::Sender<()>,
 }
 
@@ -103,12 +103,12 @@ impl StateMachine {
         self.loads.clone()
     }
 
-    /// Resolves once this state machine is dropped: openraft's worker that
-    /// owns it has finished its last command (a replica's shutdown does not
-    /// wait for that), so its tree and snapshot folder may be deleted.
-    pub fn gone(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let mut alive = self.alive.subscribe();
-        async move { while alive.changed().await.is_ok() {} }
+    /// A receiver whose sender goes with this state machine: once it is
+    /// closed, openraft's worker that owned the state machine has finished
+    /// its last command (a replica's shutdown does not wait for that), so
+    /// its tree and snapshot folder may be deleted.
+    pub fn alive(&self) -> tokio::sync::watch::Receiver<()> {
+        self.alive.subscribe()
     }
 
     pub fn open(storage: &Storage, shard: ShardId) -> io::Result<StateMachine> {
