@@ -30,7 +30,7 @@ use crate::cluster::ClusterConfig;
 
 pub mod tls;
 
-pub use tls::{ClientAuth, Tls};
+pub use tls::{ClientAuth, Identity, Tls};
 
 /// The DNS name in node `id`'s certificate.
 pub fn node_name(id: u64) -> String {
@@ -54,10 +54,11 @@ impl Tls {
         };
         Tls::load(
             config.resolve(&t.ca),
-            Some((
-                node_path(config, &t.node_cert, id),
-                node_path(config, &t.node_key, id),
-            )),
+            Some(Identity {
+                cert: node_path(config, &t.node_cert, id),
+                key: node_path(config, &t.node_key, id),
+                names: vec![node_name(id), ANY_NODE_NAME.to_string()],
+            }),
         )
         .map(Some)
     }
@@ -69,10 +70,11 @@ impl Tls {
         };
         Tls::load(
             config.resolve(&t.ca),
-            Some((
-                config.resolve(&t.router_cert),
-                config.resolve(&t.router_key),
-            )),
+            Some(Identity {
+                cert: config.resolve(&t.router_cert),
+                key: config.resolve(&t.router_key),
+                names: vec![ROUTER_NAME.to_string()],
+            }),
         )
         .map(Some)
     }
@@ -81,7 +83,11 @@ impl Tls {
     /// nodes).
     pub fn from_files(ca: &Path, cert: Option<&Path>, key: Option<&Path>) -> anyhow::Result<Tls> {
         let identity = match (cert, key) {
-            (Some(c), Some(k)) => Some((c.to_path_buf(), k.to_path_buf())),
+            (Some(c), Some(k)) => Some(Identity {
+                cert: c.to_path_buf(),
+                key: k.to_path_buf(),
+                names: Vec::new(),
+            }),
             (None, None) => None,
             _ => anyhow::bail!("--cert and --key go together"),
         };

@@ -6,8 +6,10 @@
 //! every connection accepted ([`Tls::incoming`]) or made ([`Tls::connector`])
 //! after that uses what it read, so certificates and CAs rotate without a
 //! restart. Connections already open keep the certificates they were made
-//! with. Files that do not parse, or a key that does not belong to its
-//! certificate, are reported and change nothing.
+//! with. Files that do not parse, a key that does not belong to its
+//! certificate, or a certificate its peers would refuse (not from a CA of
+//! the bundle, out of its validity, or without the process's names) are
+//! reported and change nothing.
 //!
 //! Servers and clients do TLS here rather than through tonic's
 //! `tls_config`, which builds its rustls configuration once.
@@ -136,7 +138,18 @@ struct Files {
     /// CA rotation).
     ca: PathBuf,
     /// This process's certificate chain and key, if it has one.
-    identity: Option<(PathBuf, PathBuf)>,
+    identity: Option<Identity>,
+}
+
+/// A process's certificate chain and key files, and the names the
+/// certificate must carry.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// The DNS names peers check the certificate for when this process
+    /// serves; none for a client's certificate (chatctl's).
+    pub names: Vec<String>,
 }
 
 /// What the files held when last read, and the configurations built from
@@ -187,19 +200,69 @@ fn certificates(pem: &[u8], path: &Path) -> anyhow::Result<Vec<CertificateDer<'s
     Ok(certs)
 }
 
+/// Refuses a certificate chain its peers would refuse: the leaf must chain
+/// to a CA of `ca` through the rest of `chain`, be valid now, be for client
+/// use, and if `names` are given, be for server use and carry each of them.
+fn check_own(
+    chain: &[CertificateDer<'static>],
+    ca: &[CertificateDer<'static>],
+    names: &[String],
+) -> anyhow::Result<()> {
+    let leaf = webpki::EndEntityCert::try_from(&chain[0])
+        .map_err(|e| anyhow!("its first certificate does not parse: {e}"))?;
+    let anchors = ca
+        .iter()
+        .map(webpki::anchor_from_trusted_cert)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow!("a CA certificate does not parse: {e}"))?;
+    let mut usages = vec![("client", webpki::KeyUsage::client_auth())];
+    if !names.is_empty() {
+        usages.push(("server", webpki::KeyUsage::server_auth()));
+    }
+    for (what, usage) in usages {
+        leaf.verify_for_usage(
+            provider().signature_verification_algorithms.all,
+            &anchors,
+            &chain[1..],
+            rustls::pki_types::UnixTime::now(),
+            usage,
+            None,
+            None,
+        )
+        .map_err(|e| {
+            anyhow!("it does not verify against the CA bundle for {what} use ({e}); peers would refuse it")
+        })?;
+    }
+    for name in names {
+        let server_name = ServerName::try_from(name.as_str())
+            .map_err(|e| anyhow!("{name:?} is not a DNS name: {e}"))?;
+        leaf.verify_is_valid_for_subject_name(&server_name)
+            .map_err(|_| anyhow!("it does not carry the name {name}; peers would refuse it"))?;
+    }
+    Ok(())
+}
+
 /// The configurations of `bytes` (the CA bundle, then the certificate and
 /// key if any).
 fn build(files: &Files, bytes: Vec<Vec<u8>>) -> anyhow::Result<Loaded> {
+    let ca_certs = certificates(&bytes[0], &files.ca)?;
     let mut roots = RootCertStore::empty();
-    for cert in certificates(&bytes[0], &files.ca)? {
+    for cert in ca_certs.iter().cloned() {
         roots
             .add(cert)
             .with_context(|| format!("a CA certificate in {}", files.ca.display()))?;
     }
     let roots = Arc::new(roots);
     let identity = match &files.identity {
-        Some((cert, key)) => {
+        Some(Identity { cert, key, names }) => {
             let chain = certificates(&bytes[1], cert)?;
+            check_own(&chain, &ca_certs, names).with_context(|| {
+                format!(
+                    "the certificate in {} (CA bundle {})",
+                    cert.display(),
+                    files.ca.display()
+                )
+            })?;
             let key_der = PrivateKeyDer::from_pem_slice(&bytes[2])
                 .map_err(|e| anyhow!("{}: {e}", key.display()))?;
             Some((chain, key_der, cert, key))
@@ -250,7 +313,7 @@ fn build(files: &Files, bytes: Vec<Vec<u8>>) -> anyhow::Result<Loaded> {
 impl Files {
     fn read_all(&self) -> anyhow::Result<Vec<Vec<u8>>> {
         let mut bytes = vec![read(&self.ca)?];
-        if let Some((cert, key)) = &self.identity {
+        if let Some(Identity { cert, key, .. }) = &self.identity {
             bytes.push(read(cert)?);
             bytes.push(read(key)?);
         }
@@ -259,10 +322,10 @@ impl Files {
 }
 
 impl Tls {
-    /// Reads the CA bundle at `ca` and, if given, the certificate chain at
-    /// `cert` with its key at `key`.
-    pub fn load(ca: PathBuf, identity: Option<(PathBuf, PathBuf)>) -> anyhow::Result<Tls> {
-        if let Some((_, key)) = &identity {
+    /// Reads the CA bundle at `ca` and, if given, this process's
+    /// certificate chain and key.
+    pub fn load(ca: PathBuf, identity: Option<Identity>) -> anyhow::Result<Tls> {
+        if let Some(Identity { key, .. }) = &identity {
             super::warn_if_exposed(key, "a private key");
         }
         let files = Files { ca, identity };
@@ -512,6 +575,15 @@ mod tests {
         (ca_cert.pem(), leaf.pem(), key.serialize_pem())
     }
 
+    /// A router's identity from `cert` and `key`.
+    fn router(cert: PathBuf, key: PathBuf) -> Identity {
+        Identity {
+            cert,
+            key,
+            names: vec!["router.chatstore".to_string()],
+        }
+    }
+
     fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
         let path = dir.join(name);
         std::fs::write(&path, text).unwrap();
@@ -546,7 +618,7 @@ mod tests {
         let ca = write(tmp.path(), "ca.pem", &ca_pem);
         let cert = write(tmp.path(), "router.pem", &cert_pem);
         let key = write(tmp.path(), "router.key", &key_pem);
-        let server = Tls::load(ca.clone(), Some((cert, key))).unwrap();
+        let server = Tls::load(ca.clone(), Some(router(cert, key))).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let conns = tonic::transport::server::TcpIncoming::from(listener);
@@ -605,22 +677,56 @@ mod tests {
         let key = write(dir, "router.key", &key1);
         let only1 = write(dir, "only1.pem", &ca1);
         let only2 = write(dir, "only2.pem", &ca2);
-        let server = Tls::load(ca.clone(), Some((cert.clone(), key.clone()))).unwrap();
+        let server = Tls::load(ca.clone(), Some(router(cert.clone(), key.clone()))).unwrap();
         assert!(handshake(&server, &only1, "router.chatstore").await);
         assert!(!handshake(&server, &only2, "router.chatstore").await);
         assert!(!handshake(&server, &only1, "node-1.chatstore").await);
         assert!(!server.reload().unwrap(), "nothing changed");
 
         // A key that is not the certificate's: refused, the old pair stays.
-        write(dir, "router.pem", &cert2);
-        assert!(server.reload().is_err());
+        write(dir, "router.key", &key2);
+        let e = server.reload().unwrap_err();
+        assert!(format!("{e:#}").contains("router.key"), "{e:#}");
         assert!(handshake(&server, &only1, "router.chatstore").await);
-        write(dir, "router.pem", &cert1);
+        write(dir, "router.key", &key1);
         // A CA file that is not PEM: refused too.
         write(dir, "ca.pem", "not a certificate");
         let e = server.reload().unwrap_err();
         assert!(format!("{e:#}").contains("no PEM certificate"), "{e:#}");
         assert!(handshake(&server, &only1, "router.chatstore").await);
+
+        // A new pair whose CA the bundle lacks, or that lacks the
+        // router's name: refused on each read, the old pair stays.
+        let (ca3, cert3, key3) = issue("node-1.chatstore");
+        for (bundle, cert, key, why) in [
+            (
+                ca1.clone(),
+                &cert2,
+                &key2,
+                "does not verify against the CA bundle",
+            ),
+            (
+                format!("{ca1}{ca3}"),
+                &cert3,
+                &key3,
+                "does not carry the name router.chatstore",
+            ),
+        ] {
+            write(dir, "ca.pem", &bundle);
+            write(dir, "router.pem", cert);
+            write(dir, "router.key", key);
+            for _ in 0..2 {
+                let e = server.reload().unwrap_err();
+                assert!(format!("{e:#}").contains(why), "{e:#}");
+            }
+            assert!(handshake(&server, &only1, "router.chatstore").await);
+        }
+        // At start too.
+        assert!(Tls::load(ca.clone(), Some(router(cert.clone(), key.clone()))).is_err());
+        write(dir, "ca.pem", &ca1);
+        write(dir, "router.pem", &cert1);
+        write(dir, "router.key", &key1);
+        assert!(!server.reload().unwrap(), "the files in use again");
 
         // The new pair and a bundle of both CAs: new connections get the
         // new certificate.
