@@ -804,7 +804,26 @@ pub async fn move_replica(
         to,
         why: "requested".into(),
     }];
-    run_plan(&ops, steps, "moving", dry_run, json).await
+    let code = run_plan(&ops, steps, "moving", dry_run, json).await?;
+    if code != 0 || dry_run {
+        return Ok(code);
+    }
+    // The move is done; a copy left on the old node (down, or its close
+    // refused) is disk a script must hear about, as drain reports it.
+    let view = ops.gather().await?;
+    let kept = match view.nodes.get(&from) {
+        Some(n) if !n.up => Some("is down"),
+        Some(n) if n.shards.contains_key(&shard) => Some("still holds it"),
+        _ => None,
+    };
+    if let Some(why) = kept {
+        eprintln!(
+            "node {from} {why}: its old copy of shard {shard} is not deleted yet; run this \
+             command again, or `chatctl rebalance`, with node {from} up to delete it"
+        );
+        return Ok(1);
+    }
+    Ok(0)
 }
 
 pub async fn transfer_leader(

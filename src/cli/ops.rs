@@ -25,6 +25,7 @@ use crate::api::pb::node::{
     ShardRequest, ShardStatus, StatusRequest, TransferLeaderRequest,
 };
 use crate::api::status::leader_hint;
+use crate::cluster::placement;
 use crate::security::AuthChannel;
 
 /// How long one move may take, catch-up by snapshot included.
@@ -695,10 +696,6 @@ pub fn check_move(
             target.error.clone().unwrap_or_default()
         );
     }
-    let members: BTreeSet<u64> = st.members.iter().map(|m| m.node_id).collect();
-    if !st.voters.contains(&to) || members.contains(&from) {
-        check_regions(view, &st.voters, from, to)?;
-    }
     // Both voters: only a move cut short after the promotion, which left
     // the shard a voter more than it should have.
     if st.voters.contains(&from)
@@ -712,28 +709,40 @@ pub fn check_move(
             st.voters.len() - 1
         );
     }
+    let members: BTreeSet<u64> = st.members.iter().map(|m| m.node_id).collect();
+    if !st.voters.contains(&to) || members.contains(&from) {
+        check_regions(view, &st.voters, from, to)?;
+    }
     Ok(())
 }
 
 /// Refuses a move that would give one region a majority of a shard's voters
-/// (losing that region would then stop the shard).
+/// (losing that region would then stop the shard), or half of them where no
+/// region had as many before: the rule each node applies to the change
+/// (`placement::crowded_region`), checked before any step runs.
 fn check_regions(view: &View, voters: &[u64], from: u64, to: u64) -> anyhow::Result<()> {
-    let mut after: Vec<u64> = voters.iter().copied().filter(|v| *v != from).collect();
-    if !after.contains(&to) {
-        after.push(to);
+    let before: BTreeSet<u64> = voters.iter().copied().collect();
+    let mut after = before.clone();
+    after.remove(&from);
+    after.insert(to);
+    if after.len() < 2 {
+        return Ok(());
     }
-    let mut per_region: BTreeMap<&str, usize> = BTreeMap::new();
-    for v in &after {
-        *per_region.entry(view.region_of(*v)).or_default() += 1;
-    }
-    if after.len() > 1 {
-        if let Some((region, n)) = per_region.iter().find(|(_, n)| **n * 2 > after.len()) {
-            bail!(
-                "the move would put {n} of {} voters in region {region}, a majority: losing \
-                 {region} would stop the shard; pick a node in another region",
-                after.len()
-            );
-        }
+    let region_of = |v: u64| view.region_of(v);
+    let Some((region, n)) = placement::crowded_region(&after, region_of) else {
+        return Ok(());
+    };
+    let was_crowded = placement::crowded_region(&before, region_of).is_some();
+    if n * 2 > after.len() || !was_crowded {
+        let share = match n * 2 > after.len() {
+            true => "a majority",
+            false => "half",
+        };
+        bail!(
+            "the move would put {n} of {} voters in region {region}, {share}: losing \
+             {region} would stop the shard; pick a node in another region",
+            after.len()
+        );
     }
     Ok(())
 }
@@ -1421,6 +1430,51 @@ mod tests {
         (3, "ap", false),
         (4, "eu", false),
     ];
+
+    /// chatctl refuses what the nodes would refuse: a region with a
+    /// majority of the voters, or half of an even count where none had it.
+    #[test]
+    fn a_move_is_refused_as_the_nodes_refuse_it() {
+        let nodes = [
+            (1, "eu", false),
+            (2, "us", false),
+            (3, "ap", false),
+            (4, "eu", false),
+            (5, "us", false),
+            (6, "ap", false),
+        ];
+        let v = view(&nodes, &[(&[1, 2, 3], 1), (&[1, 2, 3, 5], 1)]);
+        // Three voters, one per region: within a region, fine; into one
+        // that has a voter, a majority.
+        assert!(check_regions(&v, &[1, 2, 3], 1, 4).is_ok());
+        let e = check_regions(&v, &[1, 2, 3], 3, 4).unwrap_err();
+        assert!(format!("{e}").contains("a majority"), "{e}");
+        // Four voters, two in us: moving one of them on stays as crowded.
+        assert!(check_regions(&v, &[1, 2, 3, 5], 5, 6).is_ok());
+        assert!(check_regions(&v, &[1, 2, 3, 5], 1, 4).is_ok());
+        // Four voters, two in ap: moving one to eu leaves eu with half,
+        // but ap had half already.
+        assert!(check_regions(&v, &[1, 2, 3, 6], 6, 4).is_ok());
+        // Four voters in four regions: a move giving eu half is refused
+        // (a strict majority rule would let it through).
+        let nodes = [
+            (1, "eu", false),
+            (2, "us", false),
+            (3, "ap", false),
+            (4, "sa", false),
+            (5, "eu", false),
+        ];
+        let v = view(&nodes, &[(&[1, 2, 3, 4], 1)]);
+        let e = check_regions(&v, &[1, 2, 3, 4], 4, 5).unwrap_err();
+        assert!(
+            format!("{e}").contains("2 of 4 voters in region eu, half"),
+            "{e}"
+        );
+        // One or two voters are always crowded; a move among them is not
+        // refused for it.
+        assert!(check_regions(&v, &[1, 2], 2, 3).is_ok());
+        assert!(check_regions(&v, &[1], 1, 2).is_ok());
+    }
 
     #[test]
     fn drain_moves_within_the_region_and_refuses_when_it_cannot() {

@@ -18,7 +18,7 @@
 //! many nodes per region as regions, every shard led from a region was led
 //! by the same node of it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::cluster::ClusterConfig;
 use crate::types::{ChatId, NodeId, ShardId};
@@ -228,9 +228,41 @@ impl Placement {
     }
 }
 
+/// A region holding half of `voters` or more, and how many it holds: losing
+/// it would leave the others no majority.
+pub fn crowded_region<'a>(
+    voters: &BTreeSet<u64>,
+    region_of: impl Fn(u64) -> &'a str,
+) -> Option<(&'a str, usize)> {
+    let mut per_region: BTreeMap<&str, usize> = BTreeMap::new();
+    for v in voters {
+        *per_region.entry(region_of(*v)).or_default() += 1;
+    }
+    per_region.into_iter().find(|(_, n)| n * 2 >= voters.len())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_region_with_half_the_voters_or_more_is_crowded() {
+        let region = |n: u64| match n {
+            1 | 4 => "eu",
+            2 | 5 => "us",
+            _ => "ap",
+        };
+        let set = |v: &[u64]| v.iter().copied().collect::<BTreeSet<u64>>();
+        // One voter per region: fine.
+        assert_eq!(crowded_region(&set(&[1, 2, 3]), region), None);
+        // A majority, or half of an even count: losing it stops the shard.
+        assert_eq!(crowded_region(&set(&[1, 4, 3]), region), Some(("eu", 2)));
+        assert_eq!(crowded_region(&set(&[1, 2, 3, 4]), region), Some(("eu", 2)));
+        // One voter, or two, always are: a change from such a shard is not
+        // refused for it (see the node's `change_voters`).
+        assert_eq!(crowded_region(&set(&[1]), region), Some(("eu", 1)));
+        assert!(crowded_region(&set(&[1, 2]), region).is_some());
+    }
 
     /// Pinned values: if these change, every chat in every cluster moves.
     #[test]

@@ -5,7 +5,7 @@
 //! Calls that change a shard's membership go to its leader; a follower
 //! answers UNAVAILABLE with a leader hint, like a write.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +19,7 @@ use crate::api::pb::node::{
     SetDrainingRequest, ShardRequest, ShardStatus, TransferLeaderRequest,
 };
 use crate::api::status::from_shard_error;
+use crate::cluster::placement;
 use crate::node::api::{build_snapshot, hosted, node_status, shard_status};
 use crate::node::duties;
 use crate::node::Registry;
@@ -57,19 +58,6 @@ impl AdminService {
     fn status(&self, shard: &Shard) -> Response<ShardStatus> {
         Response::new(shard_status(shard, &self.registry))
     }
-}
-
-/// A region holding half of `voters` or more, and how many it holds: losing
-/// it would leave the others no majority.
-fn crowded_region<'a>(
-    voters: &BTreeSet<u64>,
-    region_of: impl Fn(u64) -> &'a str,
-) -> Option<(&'a str, usize)> {
-    let mut per_region: BTreeMap<&str, usize> = BTreeMap::new();
-    for v in voters {
-        *per_region.entry(region_of(*v)).or_default() += 1;
-    }
-    per_region.into_iter().find(|(_, n)| n * 2 >= voters.len())
 }
 
 fn raft_error<E: std::fmt::Display>(what: &str, e: E) -> Status {
@@ -251,8 +239,8 @@ impl Admin for AdminService {
                 .find(|(id, _)| **id == n)
                 .map_or("", |(_, addr)| addr.region.as_str())
         };
-        if let Some((region, n)) = crowded_region(&wanted, region_of) {
-            if crowded_region(&voters, region_of).is_none() {
+        if let Some((region, n)) = placement::crowded_region(&wanted, region_of) {
+            if placement::crowded_region(&voters, region_of).is_none() {
                 return Err(Status::failed_precondition(format!(
                     "shard {} would have {n} of its {} voters in region {region}: losing it \
                      would stop the shard; pick a node in another region",
@@ -398,31 +386,5 @@ impl Admin for AdminService {
             .await
             .map_err(|e| Status::internal(format!("set draining: {e:#}")))?;
         Ok(Response::new(node_status(&self.registry)))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::collections::BTreeSet;
-
-    use super::crowded_region;
-
-    #[test]
-    fn a_region_with_half_the_voters_or_more_is_crowded() {
-        let region = |n: u64| match n {
-            1 | 4 => "eu",
-            2 | 5 => "us",
-            _ => "ap",
-        };
-        let set = |v: &[u64]| v.iter().copied().collect::<BTreeSet<u64>>();
-        // One voter per region: fine.
-        assert_eq!(crowded_region(&set(&[1, 2, 3]), region), None);
-        // A majority, or half of an even count: losing it stops the shard.
-        assert_eq!(crowded_region(&set(&[1, 4, 3]), region), Some(("eu", 2)));
-        assert_eq!(crowded_region(&set(&[1, 2, 3, 4]), region), Some(("eu", 2)));
-        // One voter, or two, always are: a change from such a shard is not
-        // refused for it (see `change_voters`).
-        assert_eq!(crowded_region(&set(&[1]), region), Some(("eu", 1)));
-        assert!(crowded_region(&set(&[1, 2]), region).is_some());
     }
 }
