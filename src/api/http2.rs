@@ -9,11 +9,14 @@
 //! together into one socket write ([`CoalescedWrites`]).
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::io::{self, IoSlice};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tonic::transport::server::Connected;
@@ -61,12 +64,38 @@ const CONNECTIONS_PER_SOURCE_MAX: usize = 1_024;
 /// How long a listener waits after a failed accept (out of file
 /// descriptors: trying again at once would spin).
 const ACCEPT_ERROR_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
+/// How long a public connection stays open until a call on it passes the
+/// token check ([`Trust::mark`]); then for as long as its peer keeps it.
+/// Without it, connections that send nothing (or only health checks) after
+/// their handshake would hold the bounds above for ever.
+const UNTRUSTED_TIME_MAX: Duration = Duration::from_secs(60);
 
 /// The open connections of one listener, per source.
 #[derive(Default)]
 struct Connections {
     /// All open connections, and those of each source.
     counts: Mutex<(usize, HashMap<Option<IpAddr>, usize>)>,
+    /// The trust mark of each open connection no call has marked yet, by
+    /// its peer's address.
+    untrusted: Mutex<HashMap<SocketAddr, Arc<AtomicBool>>>,
+}
+
+/// Marks a listener's connections as carrying calls with a valid token.
+#[derive(Clone)]
+pub struct Trust(Arc<Connections>);
+
+impl Trust {
+    /// The connection from `peer` has made a call that passed the token
+    /// check: it stays open past [`UNTRUSTED_TIME_MAX`].
+    pub fn mark(&self, peer: Option<SocketAddr>) {
+        let Some(peer) = peer else {
+            return;
+        };
+        let mut untrusted = self.0.untrusted.lock().expect("untrusted connections");
+        if let Some(mark) = untrusted.remove(&peer) {
+            mark.store(true, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Connections {
@@ -74,9 +103,10 @@ impl Connections {
     /// `total_max` or the source `per_source_max` already.
     fn take(
         self: &Arc<Self>,
-        source: Option<IpAddr>,
+        peer: Option<SocketAddr>,
         (total_max, per_source_max): (usize, usize),
     ) -> Option<ConnectionSlot> {
+        let source = peer.map(|a| crate::security::tls::source_of(a.ip()));
         let mut counts = self.counts.lock().expect("connection counts");
         let (total, by_source) = &mut *counts;
         let from_source = by_source.get(&source).copied().unwrap_or(0);
@@ -85,9 +115,17 @@ impl Connections {
         }
         *total += 1;
         *by_source.entry(source).or_default() += 1;
+        drop(counts);
+        let trusted = Arc::new(AtomicBool::new(false));
+        if let Some(peer) = peer {
+            let mut untrusted = self.untrusted.lock().expect("untrusted connections");
+            untrusted.insert(peer, trusted.clone());
+        }
         Some(ConnectionSlot {
             connections: self.clone(),
             source,
+            peer,
+            trusted,
         })
     }
 }
@@ -96,10 +134,27 @@ impl Connections {
 pub struct ConnectionSlot {
     connections: Arc<Connections>,
     source: Option<IpAddr>,
+    peer: Option<SocketAddr>,
+    /// Set once a call on the connection passed the token check.
+    trusted: Arc<AtomicBool>,
 }
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
+        if let Some(peer) = self.peer {
+            let mut untrusted = self
+                .connections
+                .untrusted
+                .lock()
+                .expect("untrusted connections");
+            // The peer's address may already be a newer connection's.
+            if untrusted
+                .get(&peer)
+                .is_some_and(|m| Arc::ptr_eq(m, &self.trusted))
+            {
+                untrusted.remove(&peer);
+            }
+        }
         let mut counts = self.connections.counts.lock().expect("connection counts");
         let (total, by_source) = &mut *counts;
         if let Some(n) = by_source.get_mut(&self.source) {
@@ -112,28 +167,41 @@ impl Drop for ConnectionSlot {
     }
 }
 
-/// A server's accepted connections: `TCP_NODELAY` set, writes coalesced
-/// by [`CoalescedWrites`], at most [`CONNECTIONS_MAX`] open at once and
-/// [`CONNECTIONS_PER_SOURCE_MAX`] from one source (one more is closed at
-/// once).
+/// A public server's accepted connections: `TCP_NODELAY` set, writes
+/// coalesced by [`CoalescedWrites`], at most [`CONNECTIONS_MAX`] open at
+/// once and [`CONNECTIONS_PER_SOURCE_MAX`] from one source (one more is
+/// closed at once), each closed [`UNTRUSTED_TIME_MAX`] after it opened
+/// unless a call on it was marked through the [`Trust`] returned.
 pub fn incoming(
     listener: tokio::net::TcpListener,
-) -> impl futures::Stream<Item = io::Result<CoalescedWrites<tokio::net::TcpStream>>> + Unpin {
-    incoming_within(listener, (CONNECTIONS_MAX, CONNECTIONS_PER_SOURCE_MAX))
+) -> (
+    impl futures::Stream<Item = io::Result<CoalescedWrites<tokio::net::TcpStream>>> + Unpin,
+    Trust,
+) {
+    incoming_within(
+        listener,
+        (CONNECTIONS_MAX, CONNECTIONS_PER_SOURCE_MAX),
+        UNTRUSTED_TIME_MAX,
+    )
 }
 
 fn incoming_within(
     listener: tokio::net::TcpListener,
     limits: (usize, usize),
-) -> impl futures::Stream<Item = io::Result<CoalescedWrites<tokio::net::TcpStream>>> + Unpin {
+    untrusted_time: Duration,
+) -> (
+    impl futures::Stream<Item = io::Result<CoalescedWrites<tokio::net::TcpStream>>> + Unpin,
+    Trust,
+) {
     use futures::StreamExt as _;
     let connections = Arc::new(Connections::default());
+    let trust = Trust(connections.clone());
     // The builder's tcp_nodelay only reaches listeners tonic binds itself;
     // accepted sockets get it here, or Nagle holds back small replies.
     let accepted = tonic::transport::server::TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .with_keepalive(Some(KEEPALIVE_INTERVAL));
-    Box::pin(accepted.filter_map(move |conn| {
+    let accepted = Box::pin(accepted.filter_map(move |conn| {
         let connections = connections.clone();
         async move {
             let stream = match conn {
@@ -144,19 +212,19 @@ fn incoming_within(
                     return Some(Err(e));
                 }
             };
-            let source = stream
-                .peer_addr()
-                .ok()
-                .map(|a| crate::security::tls::source_of(a.ip()));
-            match connections.take(source, limits) {
-                Some(slot) => Some(Ok(CoalescedWrites::new(stream).with_slot(slot))),
+            let peer = stream.peer_addr().ok();
+            match connections.take(peer, limits) {
+                Some(slot) => Some(Ok(
+                    CoalescedWrites::new(stream).with_slot(slot, untrusted_time)
+                )),
                 None => {
-                    tracing::debug!(?source, "too many connections; one more closed");
+                    tracing::debug!(?peer, "too many connections; one more closed");
                     None
                 }
             }
         }
-    }))
+    }));
+    (accepted, trust)
 }
 
 impl<T: crate::security::tls::RemoteIp> crate::security::tls::RemoteIp for CoalescedWrites<T> {
@@ -208,7 +276,9 @@ pub struct CoalescedWrites<T> {
     /// Times a flush has yielded for what `buf` holds.
     yielded: u32,
     /// The connection's place among its listener's open connections.
-    _slot: Option<ConnectionSlot>,
+    slot: Option<ConnectionSlot>,
+    /// When the connection closes unless its slot is marked trusted first.
+    untrusted_until: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<T> CoalescedWrites<T> {
@@ -218,13 +288,38 @@ impl<T> CoalescedWrites<T> {
             buf: Vec::new(),
             written: 0,
             yielded: 0,
-            _slot: None,
+            slot: None,
+            untrusted_until: None,
         }
     }
 
-    fn with_slot(mut self, slot: ConnectionSlot) -> CoalescedWrites<T> {
-        self._slot = Some(slot);
+    fn with_slot(mut self, slot: ConnectionSlot, untrusted_time: Duration) -> CoalescedWrites<T> {
+        self.slot = Some(slot);
+        self.untrusted_until = Some(Box::pin(tokio::time::sleep(untrusted_time)));
         self
+    }
+
+    /// An error once the connection's untrusted time is out (its reads
+    /// wait on that time too, so an idle connection is closed then).
+    fn poll_trust(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        let Some(until) = self.untrusted_until.as_mut() else {
+            return Ok(());
+        };
+        if self
+            .slot
+            .as_ref()
+            .is_some_and(|s| s.trusted.load(Ordering::Relaxed))
+        {
+            self.untrusted_until = None;
+            return Ok(());
+        }
+        match until.as_mut().poll(cx) {
+            Poll::Ready(()) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no call with a valid token since the connection opened",
+            )),
+            Poll::Pending => Ok(()),
+        }
     }
 }
 
@@ -265,6 +360,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for CoalescedWrites<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        self.poll_trust(cx)?;
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
@@ -344,16 +440,16 @@ mod tests {
     #[test]
     fn connections_are_bounded_in_total_and_per_source() {
         let c = Arc::new(Connections::default());
-        let a = Some("10.0.0.1".parse().unwrap());
-        let b = Some("10.0.0.2".parse().unwrap());
+        let a = |port: u16| Some(SocketAddr::from(([10, 0, 0, 1], port)));
+        let b = |port: u16| Some(SocketAddr::from(([10, 0, 0, 2], port)));
         let limits = (3, 2);
-        let a1 = c.take(a, limits).unwrap();
-        let _a2 = c.take(a, limits).unwrap();
-        assert!(c.take(a, limits).is_none(), "two from a source");
-        let _b1 = c.take(b, limits).unwrap();
-        assert!(c.take(b, limits).is_none(), "three in all");
+        let a1 = c.take(a(1), limits).unwrap();
+        let _a2 = c.take(a(2), limits).unwrap();
+        assert!(c.take(a(3), limits).is_none(), "two from a source");
+        let _b1 = c.take(b(1), limits).unwrap();
+        assert!(c.take(b(2), limits).is_none(), "three in all");
         drop(a1);
-        assert!(c.take(b, limits).is_some(), "a closed one makes room");
+        assert!(c.take(b(3), limits).is_some(), "a closed one makes room");
     }
 
     /// A real listener closes the connection past the bound at once and
@@ -363,7 +459,7 @@ mod tests {
         use futures::StreamExt as _;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let mut incoming = incoming_within(listener, (10, 3));
+        let (mut incoming, _) = incoming_within(listener, (10, 3), UNTRUSTED_TIME_MAX);
         let mut held = Vec::new();
         for _ in 0..3 {
             let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -384,6 +480,37 @@ mod tests {
             .expect("room again once one closed")
             .unwrap()
             .unwrap();
+    }
+
+    /// A connection on which no call was marked trusted is closed once its
+    /// untrusted time is out, even if it sends nothing; a marked one stays.
+    #[tokio::test]
+    async fn a_connection_without_a_trusted_call_is_closed_in_time() {
+        use futures::StreamExt as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let untrusted_time = Duration::from_millis(300);
+        let (mut incoming, trust) = incoming_within(listener, (10, 10), untrusted_time);
+        let _idle_client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut idle = incoming.next().await.unwrap().unwrap();
+        let trusted_client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut trusted = incoming.next().await.unwrap().unwrap();
+        trust.mark(trusted_client.local_addr().ok());
+        let mut byte = [0u8; 1];
+        let started = std::time::Instant::now();
+        let read = tokio::time::timeout(Duration::from_secs(30), idle.read(&mut byte))
+            .await
+            .expect("the untrusted connection's read ends");
+        assert_eq!(read.unwrap_err().kind(), io::ErrorKind::TimedOut);
+        assert!(started.elapsed() >= Duration::from_millis(250));
+        let read = tokio::time::timeout(untrusted_time * 3, trusted.read(&mut byte)).await;
+        assert!(
+            read.is_err(),
+            "the trusted connection still waits: {read:?}"
+        );
+        // Its slot's mark is gone from the listener's table once closed.
+        drop((idle, trusted));
+        assert!(trust.0.untrusted.lock().unwrap().is_empty());
     }
 
     fn pattern(len: usize, seed: u8) -> Vec<u8> {
