@@ -192,6 +192,21 @@ pub fn create_dir_synced(dir: &Path) -> io::Result<()> {
     }
 }
 
+/// [`create_dir_synced`] for a folder the node keeps its state in, whose
+/// parent is synced even when it exists: a process killed between making
+/// it and syncing its parent left an entry that a power cut could still
+/// lose with everything later synced inside. (Not for each shard's folders:
+/// a start would sync their parent once per shard.)
+pub fn open_dir_synced(dir: &Path) -> io::Result<()> {
+    if !dir.is_dir() {
+        return create_dir_synced(dir);
+    }
+    match dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(parent) => sync_dir(parent),
+        None => sync_dir(Path::new(".")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -175,9 +175,9 @@ impl Storage {
         seal_epoch: Duration,
         message_cache_bytes: usize,
     ) -> Result<Storage, Error> {
-        crate::shard::snapshot::create_dir_synced(dir)?;
+        crate::shard::snapshot::open_dir_synced(dir)?;
         let sled_dir = dir.join("sled");
-        crate::shard::snapshot::create_dir_synced(&sled_dir)?;
+        crate::shard::snapshot::open_dir_synced(&sled_dir)?;
         let segment_bytes = match persisted_segment_bytes(&sled_dir)? {
             Some(n) if n != SEGMENT_BYTES => {
                 // sled refuses to open a Db with another segment size. Such a
@@ -207,7 +207,7 @@ impl Storage {
         // page-table snapshots it renames into place) are made durable by
         // the group commit, which fsyncs the folder whenever a name is new.
         let durability = Durability::start(db.clone(), data_file, &sled_dir);
-        crate::shard::snapshot::create_dir_synced(&dir.join("snapshots"))?;
+        crate::shard::snapshot::open_dir_synced(&dir.join("snapshots"))?;
         let raft_log = RaftLog::open(&dir.join("raft-log"))?;
         let keys = KeyRing::open(&dir.join("keys"), seal_epoch)?;
         Ok(Storage {

@@ -281,7 +281,7 @@ impl RaftLog {
 
     /// As [`RaftLog::open`], with segments closed at `segment_bytes`.
     pub fn open_with(dir: &Path, segment_bytes: u64) -> io::Result<RaftLog> {
-        crate::shard::snapshot::create_dir_synced(dir)?;
+        crate::shard::snapshot::open_dir_synced(dir)?;
         let mut inner = replay(dir)?;
         // Counted from here on; `Inner`'s drop takes them off again.
         metrics::gauge!(crate::metrics::RAFT_LOG_SEGMENTS).increment(inner.segments.len() as f64);
@@ -1083,6 +1083,29 @@ struct ReplayShard {
     purged: Option<(u64, Vec<u8>)>,
 }
 
+/// A segment's bytes as the disk holds them. What a killed process wrote
+/// may be only in the page cache: it is synced first. Then the cached pages
+/// are dropped before the read, since after an fsync that failed (the
+/// process that saw it stopped) Linux keeps the unwritten pages in the
+/// cache as if clean; read from there, they would be taken as durable (a
+/// vote, or entries a leader is told this replica has) and a power cut
+/// later could lose them.
+fn read_from_disk(file: &File) -> io::Result<Vec<u8>> {
+    file.sync_all()?;
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a plain syscall on a descriptor `file` owns.
+        let r = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        if r != 0 {
+            return Err(io::Error::from_raw_os_error(r));
+        }
+    }
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut &*file, &mut bytes)?;
+    Ok(bytes)
+}
+
 /// Replays every segment in `dir` into an index (no current segment yet).
 fn replay(dir: &Path) -> io::Result<Inner> {
     let mut ids = Vec::new();
@@ -1110,18 +1133,16 @@ fn replay(dir: &Path) -> io::Result<Inner> {
     for (n, &id) in ids.iter().enumerate() {
         let last = n + 1 == ids.len();
         let path = segment_path(dir, id);
-        let bytes = std::fs::read(&path)?;
         let file = OpenOptions::new().read(true).write(true).open(&path)?;
+        let bytes = read_from_disk(&file)?;
         let valid = replay_segment(&path, id, &bytes, last, &mut shards)?;
         if valid < bytes.len() as u64 {
             // A torn write.
             tracing::info!(file = %path.display(), kept = valid, dropped = bytes.len() as u64 - valid,
                 "cutting the last raft log segment after its last valid record");
             file.set_len(valid)?;
+            file.sync_all()?;
         }
-        // What a process that crashed wrote may still be only in the page
-        // cache; it was just read as the log, so make it durable.
-        file.sync_all()?;
         #[cfg(test)]
         power_cut::synced_file(&path);
         segments.insert(
@@ -1232,9 +1253,11 @@ fn replay_segment(
         if len == 0 || record_checksum(seed, len as u32, body) != crc {
             return torn(offset, "record checksum does not match");
         }
+        // A record whose checksum matches was written whole: one that
+        // does not parse is not a torn write but a fault, in any segment.
         match apply_record(id, start as u64, body, shards, &mut checkpointed) {
             Some(applied) => applied.map_err(|e| corrupt(path, offset, &e.to_string()))?,
-            None => return torn(offset, "malformed record"),
+            None => return Err(corrupt(path, offset, "malformed record")),
         }
         pos = start + len;
     }
@@ -1254,29 +1277,31 @@ fn apply_record(
     let shard = f.u64()?;
     match kind {
         ENTRIES | REWRITE => {
+            // Read whole before anything changes: a record that does not
+            // parse leaves the replay state as it was.
             let n = f.u32()?;
-            let log = shards.entry(shard).or_default();
-            for i in 0..n {
+            let mut places = Vec::with_capacity((n as usize).min(f.rest.len() / 28));
+            for _ in 0..n {
                 let index = f.u64()?;
                 let term = f.u64()?;
                 let sealed_epoch = f.u64()?;
                 let len = f.u32()?;
                 let offset = body_offset + (body.len() - f.rest.len()) as u64;
                 f.take(len as usize)?;
-                if kind == ENTRIES && i == 0 {
-                    log.entries.split_off(&index);
-                }
-                log.entries.insert(
-                    index,
-                    Place {
-                        term,
-                        sealed_epoch,
-                        segment,
-                        offset,
-                        len,
-                    },
-                );
+                let place = Place {
+                    term,
+                    sealed_epoch,
+                    segment,
+                    offset,
+                    len,
+                };
+                places.push((index, place));
             }
+            let log = shards.entry(shard).or_default();
+            if let (ENTRIES, Some((first, _))) = (kind, places.first()) {
+                log.entries.split_off(first);
+            }
+            log.entries.extend(places);
         }
         VOTE => shards.entry(shard).or_default().vote = Some(f.rest.to_vec()),
         COMMITTED => shards.entry(shard).or_default().committed = Some(f.rest.to_vec()),
@@ -1561,6 +1586,49 @@ mod tests {
         let err = RaftLog::open(dir.path()).err().expect("open must fail");
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
         assert!(err.to_string().contains("checksum"), "{err}");
+    }
+
+    /// A record whose checksum matches but whose fields do not parse is a
+    /// fault, not a torn write: opening fails rather than cutting it off
+    /// with every record after it, and changes nothing on disk.
+    #[test]
+    fn a_whole_record_that_does_not_parse_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = RaftLog::open(dir.path()).unwrap();
+            append(&log, 1, 0, 3, 1, 100);
+        }
+        let path = last_segment(dir.path());
+        let id: u64 = path
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .trim_end_matches(FILE_SUFFIX)
+            .parse()
+            .unwrap();
+        // Entries of shard 1: five announced, one there.
+        let mut body = vec![ENTRIES];
+        body.extend_from_slice(&1u64.to_le_bytes());
+        body.extend_from_slice(&5u32.to_le_bytes());
+        for field in [3u64, 1, 0] {
+            body.extend_from_slice(&field.to_le_bytes());
+        }
+        body.extend_from_slice(&0u32.to_le_bytes());
+        let len = body.len() as u32;
+        let mut record = len.to_le_bytes().to_vec();
+        record.extend_from_slice(&record_checksum(Some(id), len, &body).to_le_bytes());
+        record.extend_from_slice(&body);
+        let end = std::fs::metadata(&path).unwrap().len();
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(&record, end).unwrap();
+        let err = RaftLog::open(dir.path()).err().expect("open must fail");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert!(err.to_string().contains("malformed"), "{err}");
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            end + record.len() as u64,
+            "nothing was cut"
+        );
     }
 
     /// Segments whose entries were purged are deleted; a quiet shard's few

@@ -68,7 +68,7 @@ impl KeyRing {
     /// Opens (or creates) the key folder and loads its epoch keys.
     pub fn open(dir: &Path, epoch: Duration) -> io::Result<KeyRing> {
         // Made and synced into its parent: the keys must outlive a power cut.
-        crate::shard::snapshot::create_dir_synced(dir)?;
+        crate::shard::snapshot::open_dir_synced(dir)?;
         let mut keys = BTreeMap::new();
         for entry in std::fs::read_dir(dir)? {
             let entry = entry?;
