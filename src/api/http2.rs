@@ -65,7 +65,8 @@ const CONNECTIONS_PER_SOURCE_MAX: usize = 1_024;
 /// descriptors: trying again at once would spin).
 const ACCEPT_ERROR_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
 /// How long a public connection stays open until a call on it passes the
-/// token check ([`Trust::mark`]); then for as long as its peer keeps it.
+/// token check ([`PublicConnectInfo::trust`]); then for as long as its peer
+/// keeps it.
 /// Without it, connections that send nothing (or only health checks) after
 /// their handshake would hold the bounds above for ever.
 const UNTRUSTED_TIME_MAX: Duration = Duration::from_secs(60);
@@ -75,27 +76,40 @@ const UNTRUSTED_TIME_MAX: Duration = Duration::from_secs(60);
 struct Connections {
     /// All open connections, and those of each source.
     counts: Mutex<(usize, HashMap<Option<IpAddr>, usize>)>,
-    /// The trust mark of each open connection no call has marked yet, by
-    /// its peer's address.
-    untrusted: Mutex<HashMap<SocketAddr, Arc<AtomicBool>>>,
 }
 
-/// Marks a listener's connections as carrying calls with a valid token.
-#[derive(Clone)]
-pub struct Trust(Arc<Connections>);
+/// What each call on a public connection finds in its extensions (inside
+/// `TlsConnectInfo` over TLS; see [`connection_of`]): the connection's TCP
+/// addresses, and its trust mark.
+#[derive(Clone, Debug)]
+pub struct PublicConnectInfo {
+    tcp: tonic::transport::server::TcpConnectInfo,
+    trusted: Option<Arc<AtomicBool>>,
+}
 
-impl Trust {
-    /// The connection from `peer` has made a call that passed the token
-    /// check: it stays open past [`UNTRUSTED_TIME_MAX`].
-    pub fn mark(&self, peer: Option<SocketAddr>) {
-        let Some(peer) = peer else {
-            return;
-        };
-        let mut untrusted = self.0.untrusted.lock().expect("untrusted connections");
-        if let Some(mark) = untrusted.remove(&peer) {
-            mark.store(true, Ordering::Relaxed);
+impl PublicConnectInfo {
+    /// The peer's address.
+    pub fn remote_addr(&self) -> Option<SocketAddr> {
+        self.tcp.remote_addr()
+    }
+
+    /// A call on this connection passed the token check: the connection
+    /// stays open past [`UNTRUSTED_TIME_MAX`].
+    pub fn trust(&self) {
+        if let Some(trusted) = &self.trusted {
+            trusted.store(true, Ordering::Relaxed);
         }
     }
+}
+
+/// The public connection `request` came on, with or without TLS.
+pub fn connection_of<T>(request: &tonic::Request<T>) -> Option<&PublicConnectInfo> {
+    let extensions = request.extensions();
+    extensions.get::<PublicConnectInfo>().or_else(|| {
+        extensions
+            .get::<tonic::transport::server::TlsConnectInfo<PublicConnectInfo>>()
+            .map(|tls| tls.get_ref())
+    })
 }
 
 impl Connections {
@@ -103,10 +117,9 @@ impl Connections {
     /// `total_max` or the source `per_source_max` already.
     fn take(
         self: &Arc<Self>,
-        peer: Option<SocketAddr>,
+        source: Option<IpAddr>,
         (total_max, per_source_max): (usize, usize),
     ) -> Option<ConnectionSlot> {
-        let source = peer.map(|a| crate::security::tls::source_of(a.ip()));
         let mut counts = self.counts.lock().expect("connection counts");
         let (total, by_source) = &mut *counts;
         let from_source = by_source.get(&source).copied().unwrap_or(0);
@@ -115,17 +128,10 @@ impl Connections {
         }
         *total += 1;
         *by_source.entry(source).or_default() += 1;
-        drop(counts);
-        let trusted = Arc::new(AtomicBool::new(false));
-        if let Some(peer) = peer {
-            let mut untrusted = self.untrusted.lock().expect("untrusted connections");
-            untrusted.insert(peer, trusted.clone());
-        }
         Some(ConnectionSlot {
             connections: self.clone(),
             source,
-            peer,
-            trusted,
+            trusted: Arc::default(),
         })
     }
 }
@@ -134,27 +140,12 @@ impl Connections {
 pub struct ConnectionSlot {
     connections: Arc<Connections>,
     source: Option<IpAddr>,
-    peer: Option<SocketAddr>,
     /// Set once a call on the connection passed the token check.
     trusted: Arc<AtomicBool>,
 }
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
-        if let Some(peer) = self.peer {
-            let mut untrusted = self
-                .connections
-                .untrusted
-                .lock()
-                .expect("untrusted connections");
-            // The peer's address may already be a newer connection's.
-            if untrusted
-                .get(&peer)
-                .is_some_and(|m| Arc::ptr_eq(m, &self.trusted))
-            {
-                untrusted.remove(&peer);
-            }
-        }
         let mut counts = self.connections.counts.lock().expect("connection counts");
         let (total, by_source) = &mut *counts;
         if let Some(n) = by_source.get_mut(&self.source) {
@@ -171,13 +162,10 @@ impl Drop for ConnectionSlot {
 /// coalesced by [`CoalescedWrites`], at most [`CONNECTIONS_MAX`] open at
 /// once and [`CONNECTIONS_PER_SOURCE_MAX`] from one source (one more is
 /// closed at once), each closed [`UNTRUSTED_TIME_MAX`] after it opened
-/// unless a call on it was marked through the [`Trust`] returned.
+/// unless a call on it was marked ([`PublicConnectInfo::trust`]).
 pub fn incoming(
     listener: tokio::net::TcpListener,
-) -> (
-    impl futures::Stream<Item = io::Result<CoalescedWrites<tokio::net::TcpStream>>> + Unpin,
-    Trust,
-) {
+) -> impl futures::Stream<Item = io::Result<CoalescedWrites<tokio::net::TcpStream>>> + Unpin {
     incoming_within(
         listener,
         (CONNECTIONS_MAX, CONNECTIONS_PER_SOURCE_MAX),
@@ -189,13 +177,9 @@ fn incoming_within(
     listener: tokio::net::TcpListener,
     limits: (usize, usize),
     untrusted_time: Duration,
-) -> (
-    impl futures::Stream<Item = io::Result<CoalescedWrites<tokio::net::TcpStream>>> + Unpin,
-    Trust,
-) {
+) -> impl futures::Stream<Item = io::Result<CoalescedWrites<tokio::net::TcpStream>>> + Unpin {
     use futures::StreamExt as _;
     let connections = Arc::new(Connections::default());
-    let trust = Trust(connections.clone());
     // The builder's tcp_nodelay only reaches listeners tonic binds itself;
     // accepted sockets get it here, or Nagle holds back small replies.
     let accepted = tonic::transport::server::TcpIncoming::from(listener)
@@ -212,19 +196,22 @@ fn incoming_within(
                     return Some(Err(e));
                 }
             };
-            let peer = stream.peer_addr().ok();
-            match connections.take(peer, limits) {
+            let source = stream
+                .peer_addr()
+                .ok()
+                .map(|a| crate::security::tls::source_of(a.ip()));
+            match connections.take(source, limits) {
                 Some(slot) => Some(Ok(
                     CoalescedWrites::new(stream).with_slot(slot, untrusted_time)
                 )),
                 None => {
-                    tracing::debug!(?peer, "too many connections; one more closed");
+                    tracing::debug!(?source, "too many connections; one more closed");
                     None
                 }
             }
         }
     }));
-    (accepted, trust)
+    accepted
 }
 
 impl<T: crate::security::tls::RemoteIp> crate::security::tls::RemoteIp for CoalescedWrites<T> {
@@ -421,11 +408,16 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for CoalescedWrites<T> {
     }
 }
 
-impl<T: Connected> Connected for CoalescedWrites<T> {
-    type ConnectInfo = T::ConnectInfo;
+impl<T: Connected<ConnectInfo = tonic::transport::server::TcpConnectInfo>> Connected
+    for CoalescedWrites<T>
+{
+    type ConnectInfo = PublicConnectInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.inner.connect_info()
+        PublicConnectInfo {
+            tcp: self.inner.connect_info(),
+            trusted: self.slot.as_ref().map(|s| s.trusted.clone()),
+        }
     }
 }
 
@@ -440,16 +432,16 @@ mod tests {
     #[test]
     fn connections_are_bounded_in_total_and_per_source() {
         let c = Arc::new(Connections::default());
-        let a = |port: u16| Some(SocketAddr::from(([10, 0, 0, 1], port)));
-        let b = |port: u16| Some(SocketAddr::from(([10, 0, 0, 2], port)));
+        let a = Some("10.0.0.1".parse().unwrap());
+        let b = Some("10.0.0.2".parse().unwrap());
         let limits = (3, 2);
-        let a1 = c.take(a(1), limits).unwrap();
-        let _a2 = c.take(a(2), limits).unwrap();
-        assert!(c.take(a(3), limits).is_none(), "two from a source");
-        let _b1 = c.take(b(1), limits).unwrap();
-        assert!(c.take(b(2), limits).is_none(), "three in all");
+        let a1 = c.take(a, limits).unwrap();
+        let _a2 = c.take(a, limits).unwrap();
+        assert!(c.take(a, limits).is_none(), "two from a source");
+        let _b1 = c.take(b, limits).unwrap();
+        assert!(c.take(b, limits).is_none(), "three in all");
         drop(a1);
-        assert!(c.take(b(3), limits).is_some(), "a closed one makes room");
+        assert!(c.take(b, limits).is_some(), "a closed one makes room");
     }
 
     /// A real listener closes the connection past the bound at once and
@@ -459,7 +451,7 @@ mod tests {
         use futures::StreamExt as _;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let (mut incoming, _) = incoming_within(listener, (10, 3), UNTRUSTED_TIME_MAX);
+        let mut incoming = incoming_within(listener, (10, 3), UNTRUSTED_TIME_MAX);
         let mut held = Vec::new();
         for _ in 0..3 {
             let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -490,12 +482,15 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let untrusted_time = Duration::from_millis(300);
-        let (mut incoming, trust) = incoming_within(listener, (10, 10), untrusted_time);
+        let mut incoming = incoming_within(listener, (10, 10), untrusted_time);
         let _idle_client = tokio::net::TcpStream::connect(addr).await.unwrap();
         let mut idle = incoming.next().await.unwrap().unwrap();
         let trusted_client = tokio::net::TcpStream::connect(addr).await.unwrap();
         let mut trusted = incoming.next().await.unwrap().unwrap();
-        trust.mark(trusted_client.local_addr().ok());
+        // What a call on it finds in its extensions.
+        let info = trusted.connect_info();
+        assert_eq!(info.remote_addr(), trusted_client.local_addr().ok());
+        info.trust();
         let mut byte = [0u8; 1];
         let started = std::time::Instant::now();
         let read = tokio::time::timeout(Duration::from_secs(30), idle.read(&mut byte))
@@ -508,9 +503,6 @@ mod tests {
             read.is_err(),
             "the trusted connection still waits: {read:?}"
         );
-        // Its slot's mark is gone from the listener's table once closed.
-        drop((idle, trusted));
-        assert!(trust.0.untrusted.lock().unwrap().is_empty());
     }
 
     fn pattern(len: usize, seed: u8) -> Vec<u8> {

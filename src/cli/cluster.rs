@@ -809,12 +809,15 @@ pub async fn move_replica(
         return Ok(code);
     }
     // The move is done; a copy left on the old node (down, or its close
-    // refused) is disk a script must hear about, as drain reports it.
-    let view = ops.gather().await?;
-    let kept = match view.nodes.get(&from) {
-        Some(n) if !n.up => Some("is down"),
-        Some(n) if n.shards.contains_key(&shard) => Some("still holds it"),
-        _ => None,
+    // refused) is disk a script must hear about, as drain reports it. The
+    // node is asked at its address: no membership names it any more.
+    let addr = &view.node(from)?.addr;
+    let kept = match ops.node_status(addr).await {
+        Err(e) => Some(format!("did not answer ({e})")),
+        Ok(st) if st.shards.iter().any(|s| s.shard_id == shard) => {
+            Some("still holds it".to_string())
+        }
+        Ok(_) => None,
     };
     if let Some(why) = kept {
         eprintln!(

@@ -206,7 +206,8 @@ impl Ops {
             .max_decoding_message_size(64 << 20))
     }
 
-    async fn node_status(&self, addr: &str) -> Result<NodeStatus, String> {
+    /// The status node at `addr` reports, or why it did not answer.
+    pub async fn node_status(&self, addr: &str) -> Result<NodeStatus, String> {
         let mut c = self.node_api(addr).map_err(|e| format!("{e:#}"))?;
         let mut req = tonic::Request::new(StatusRequest {});
         req.set_timeout(Duration::from_secs(5));

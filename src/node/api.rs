@@ -135,15 +135,20 @@ impl NodeApiService {
         // Reads hide self-destructed messages by this node's clock. A
         // follower whose clock is off (or may be) sends the reader to
         // another replica; a leader hands its shards over within two ticks.
-        if consistency != Consistency::Linearizable
-            && self.registry.clock_suspect()
-            && !shard.is_leader()
-        {
-            return Err(Status::unavailable(format!(
-                "node {}'s clock is off from its peers'; read shard {} from another replica",
-                self.node_id.0, req.shard_id
-            )));
-        }
+        // Checked again after the waits below, which may last seconds.
+        let clock_check = || {
+            if consistency != Consistency::Linearizable
+                && self.registry.clock_suspect()
+                && !shard.is_leader()
+            {
+                return Err(Status::unavailable(format!(
+                    "node {}'s clock is off from its peers'; read shard {} from another replica",
+                    self.node_id.0, req.shard_id
+                )));
+            }
+            Ok(())
+        };
+        clock_check()?;
         match consistency {
             Consistency::Linearizable => {
                 shard
@@ -202,6 +207,7 @@ impl NodeApiService {
             }
             Consistency::Stale => {}
         }
+        clock_check()?;
         // A snapshot load empties the tree and fills it again; a read that
         // overlaps one is refused, and the router asks another replica.
         let loads = shard.reader.loads().count();

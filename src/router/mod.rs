@@ -725,7 +725,6 @@ pub async fn serve(
     // Every call needs a service (or admin) token, checked from its headers
     // before its body is read; handlers check again where they need more.
     let tokens = router.inner.tokens.clone();
-    let (incoming, trust) = crate::api::http2::incoming(listener);
     let api = tonic::service::interceptor::InterceptedService::new(
         pb::passthrough::chat::chat_store_server::ChatStoreServer::new(
             service::ChatStoreService::new(router, shutdown.clone()),
@@ -733,10 +732,13 @@ pub async fn serve(
         .max_decoding_message_size(API_MESSAGE_BYTES_MAX),
         move |request: tonic::Request<()>| {
             tokens.check(request.metadata(), crate::security::Role::Service)?;
-            trust.mark(request.remote_addr());
+            if let Some(connection) = crate::api::http2::connection_of(&request) {
+                connection.trust();
+            }
             Ok(request)
         },
     );
+    let incoming = crate::api::http2::incoming(listener);
     let routes = crate::api::http2::server(tonic::transport::Server::builder())
         .timeout(API_CALL_TIME_MAX)
         .max_concurrent_streams(Some(STREAMS_PER_CONNECTION_MAX))

@@ -679,7 +679,7 @@ impl ChatStore for ChatStoreService {
         self.router
             .tokens()
             .check(request.metadata(), Role::Service)?;
-        let peer = request.remote_addr();
+        let peer = crate::api::http2::connection_of(&request).and_then(|c| c.remote_addr());
         // Checked again while the stream lasts: a revoked token ends it.
         let auth = request.metadata().clone();
         let r = request.into_inner();

@@ -57,7 +57,7 @@ impl Tls {
             Some(Identity {
                 cert: node_path(config, &t.node_cert, id),
                 key: node_path(config, &t.node_key, id),
-                names: vec![node_name(id), ANY_NODE_NAME.to_string()],
+                names: Some(vec![node_name(id), ANY_NODE_NAME.to_string()]),
             }),
         )
         .map(Some)
@@ -73,7 +73,7 @@ impl Tls {
             Some(Identity {
                 cert: config.resolve(&t.router_cert),
                 key: config.resolve(&t.router_key),
-                names: vec![ROUTER_NAME.to_string()],
+                names: Some(vec![ROUTER_NAME.to_string()]),
             }),
         )
         .map(Some)
@@ -86,7 +86,7 @@ impl Tls {
             (Some(c), Some(k)) => Some(Identity {
                 cert: c.to_path_buf(),
                 key: k.to_path_buf(),
-                names: Vec::new(),
+                names: None,
             }),
             (None, None) => None,
             _ => anyhow::bail!("--cert and --key go together"),

@@ -7,9 +7,10 @@
 //! after that uses what it read, so certificates and CAs rotate without a
 //! restart. Connections already open keep the certificates they were made
 //! with. Files that do not parse, a key that does not belong to its
-//! certificate, or a certificate its peers would refuse (not from a CA of
-//! the bundle, out of its validity, or without the process's names) are
-//! reported and change nothing.
+//! certificate, or a node's or router's certificate its peers would refuse
+//! (not from a CA of the bundle, out of its validity, not for client and
+//! server use, or without the process's names) are reported and change
+//! nothing.
 //!
 //! Servers and clients do TLS here rather than through tonic's
 //! `tls_config`, which builds its rustls configuration once.
@@ -148,8 +149,12 @@ pub struct Identity {
     pub cert: PathBuf,
     pub key: PathBuf,
     /// The DNS names peers check the certificate for when this process
-    /// serves; none for a client's certificate (chatctl's).
-    pub names: Vec<String>,
+    /// serves (nodes and routers: the chain is checked against the CA
+    /// bundle for client and server use, and for these names). None for
+    /// chatctl's certificate, which is not checked here: the nodes judge it
+    /// by their own bundle, and an operator must still be able to run
+    /// `chatctl certs` with an expired one.
+    pub names: Option<Vec<String>>,
 }
 
 /// What the files held when last read, and the configurations built from
@@ -202,7 +207,7 @@ fn certificates(pem: &[u8], path: &Path) -> anyhow::Result<Vec<CertificateDer<'s
 
 /// Refuses a certificate chain its peers would refuse: the leaf must chain
 /// to a CA of `ca` through the rest of `chain`, be valid now, be for client
-/// use, and if `names` are given, be for server use and carry each of them.
+/// and server use, and carry each of `names`.
 fn check_own(
     chain: &[CertificateDer<'static>],
     ca: &[CertificateDer<'static>],
@@ -215,10 +220,10 @@ fn check_own(
         .map(webpki::anchor_from_trusted_cert)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| anyhow!("a CA certificate does not parse: {e}"))?;
-    let mut usages = vec![("client", webpki::KeyUsage::client_auth())];
-    if !names.is_empty() {
-        usages.push(("server", webpki::KeyUsage::server_auth()));
-    }
+    let usages = [
+        ("client", webpki::KeyUsage::client_auth()),
+        ("server", webpki::KeyUsage::server_auth()),
+    ];
     for (what, usage) in usages {
         leaf.verify_for_usage(
             provider().signature_verification_algorithms.all,
@@ -256,13 +261,15 @@ fn build(files: &Files, bytes: Vec<Vec<u8>>) -> anyhow::Result<Loaded> {
     let identity = match &files.identity {
         Some(Identity { cert, key, names }) => {
             let chain = certificates(&bytes[1], cert)?;
-            check_own(&chain, &ca_certs, names).with_context(|| {
-                format!(
-                    "the certificate in {} (CA bundle {})",
-                    cert.display(),
-                    files.ca.display()
-                )
-            })?;
+            if let Some(names) = names {
+                check_own(&chain, &ca_certs, names).with_context(|| {
+                    format!(
+                        "the certificate in {} (CA bundle {})",
+                        cert.display(),
+                        files.ca.display()
+                    )
+                })?;
+            }
             let key_der = PrivateKeyDer::from_pem_slice(&bytes[2])
                 .map_err(|e| anyhow!("{}: {e}", key.display()))?;
             Some((chain, key_der, cert, key))
@@ -580,7 +587,7 @@ mod tests {
         Identity {
             cert,
             key,
-            names: vec!["router.chatstore".to_string()],
+            names: Some(vec!["router.chatstore".to_string()]),
         }
     }
 
@@ -605,6 +612,61 @@ mod tests {
         let made = tonic::codegen::Service::call(&mut connector, uri).await;
         drop(accepted);
         made.is_ok()
+    }
+
+    /// A call on the router's public listener finds its connection (peer
+    /// address and trust mark) in its extensions, over TLS and without.
+    #[tokio::test]
+    async fn calls_find_their_public_connection_with_and_without_tls() {
+        use tonic_health::pb::health_client::HealthClient;
+        use tonic_health::pb::HealthCheckRequest;
+        let tmp = tempfile::tempdir().unwrap();
+        let (ca_pem, cert_pem, key_pem) = issue("router.chatstore");
+        let ca = write(tmp.path(), "ca.pem", &ca_pem);
+        let cert = write(tmp.path(), "router.pem", &cert_pem);
+        let key = write(tmp.path(), "router.key", &key_pem);
+        let server_tls = Tls::load(ca.clone(), Some(router(cert, key))).unwrap();
+        for tls in [None, Some(server_tls)] {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let seen = Arc::new(std::sync::Mutex::new(None));
+            let (_reporter, health) = tonic_health::server::health_reporter();
+            let health = tonic::service::interceptor::InterceptedService::new(health, {
+                let seen = seen.clone();
+                move |request: tonic::Request<()>| {
+                    let connection = crate::api::http2::connection_of(&request);
+                    *seen.lock().unwrap() = Some(connection.and_then(|c| c.remote_addr()));
+                    Ok(request)
+                }
+            });
+            let incoming = crate::api::http2::incoming(listener);
+            let routes = tonic::transport::Server::builder().add_service(health);
+            let server = match &tls {
+                Some(tls) => {
+                    let incoming = tls.incoming(ClientAuth::None, incoming).unwrap();
+                    tokio::spawn(routes.serve_with_incoming(incoming))
+                }
+                None => tokio::spawn(routes.serve_with_incoming(incoming)),
+            };
+            let endpoint = crate::security::endpoint(&addr.to_string()).unwrap();
+            let client_tls = tls.map(|_| Tls::load(ca.clone(), None).unwrap());
+            let channel =
+                crate::security::connect(endpoint, client_tls.as_ref(), "router.chatstore")
+                    .await
+                    .unwrap();
+            let answer = HealthClient::new(channel)
+                .check(HealthCheckRequest::default())
+                .await;
+            assert!(answer.is_ok(), "{answer:?}");
+            let peer = seen.lock().unwrap().take().expect("the call was seen");
+            let tls_used = client_tls.is_some();
+            assert_eq!(
+                peer.map(|a| a.ip()),
+                Some([127, 0, 0, 1].into()),
+                "TLS {tls_used}"
+            );
+            server.abort();
+        }
     }
 
     /// Connections from one address that never finish their handshake hold

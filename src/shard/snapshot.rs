@@ -197,14 +197,21 @@ pub fn create_dir_synced(dir: &Path) -> io::Result<()> {
 /// it and syncing its parent left an entry that a power cut could still
 /// lose with everything later synced inside. (Not for each shard's folders:
 /// a start would sync their parent once per shard.)
+/// A parent this process may not read (mode 0711) is only warned about:
+/// the folder exists, and a node must still start.
 pub fn open_dir_synced(dir: &Path) -> io::Result<()> {
     if !dir.is_dir() {
         return create_dir_synced(dir);
     }
-    match dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-        Some(parent) => sync_dir(parent),
-        None => sync_dir(Path::new(".")),
+    let parent = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if let Err(e) = sync_dir(parent) {
+        tracing::warn!(folder = %parent.display(), error = %e,
+            "cannot sync the folder holding a data folder; a power cut right after its creation could lose it");
     }
+    Ok(())
 }
 
 #[cfg(test)]

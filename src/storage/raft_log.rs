@@ -43,6 +43,13 @@
 //! - The last segment's records are in write order, and nothing was
 //!   reported durable past the first record a crash tore; so cutting there
 //!   keeps everything acknowledged.
+//! - After each group commit the segment's header records how far that
+//!   fsync reached (the *durable mark*, a u32 at byte 12, written after the
+//!   fsync and durable with the next). A bad record below the mark is not a
+//!   torn write but damage to what was fsynced (a bad sector): opening
+//!   refuses, as for a closed segment, instead of cutting off acknowledged
+//!   entries and votes with it. (0: no mark yet, or a segment written
+//!   before the mark existed; older binaries ignore it.)
 //! - Segments are deleted only after the current one (its checkpoint and any
 //!   copied entries) is fsynced, and the folder is fsynced after a deletion,
 //!   so a deleted segment never comes back.
@@ -80,6 +87,8 @@ const FORMAT_VERSION_UNSEEDED: u32 = 1;
 /// Dead segment files that 0c40eff kept for reuse; deleted on open.
 const SPARE_SUFFIX: &str = ".spare";
 const HEADER_BYTES: u64 = 16;
+/// Where a segment's header keeps its durable mark (u32, little-endian).
+const DURABLE_MARK_AT: u64 = 12;
 const RECORD_HEADER_BYTES: usize = 8;
 const FILE_SUFFIX: &str = ".log";
 
@@ -298,6 +307,8 @@ impl RaftLog {
         let for_sync = inner.clone();
         let wake = synced.clone();
         let fsyncs = inner.lock().expect("fresh lock").fsyncs.clone();
+        // The segment and durable mark last written.
+        let mut marked = (0u64, 0u32);
         let durability = Durability::start_with(
             "chatstore-raft-log-fsync",
             "raft_log",
@@ -311,16 +322,25 @@ impl RaftLog {
                 // write they wait for is in it, or in a segment that was
                 // fsynced when the next one started.
                 // `current` names the synced file to test builds only.
-                #[cfg_attr(not(test), allow(unused_variables))]
-                let (file, appended, current) = {
+                let (file, appended, current, written) = {
                     let mut inner = lock()?;
                     let appended = std::mem::take(&mut inner.unsynced);
-                    let file = inner.segments[&inner.current].file.clone();
-                    (file, appended, inner.current)
+                    let segment = &inner.segments[&inner.current];
+                    let (file, written) = (segment.file.clone(), segment.len);
+                    (file, appended, inner.current, written)
                 };
                 fsyncs.sync(&file)?;
                 #[cfg(test)]
                 power_cut::synced_file(&segment_path(&lock()?.dir, current));
+                // Every write below `written` was done when the file was
+                // taken (writes happen under the lock), so this fsync made
+                // it durable.
+                if let Ok(mark) = u32::try_from(written) {
+                    if marked != (current, mark) {
+                        file.write_all_at(&mark.to_le_bytes(), DURABLE_MARK_AT)?;
+                        marked = (current, mark);
+                    }
+                }
                 if !appended.is_empty() {
                     let mut inner = lock()?;
                     for (shard, (end, generation)) in appended {
@@ -1204,9 +1224,20 @@ fn replay_segment(
     last: bool,
     shards: &mut HashMap<u64, ReplayShard>,
 ) -> io::Result<u64> {
+    // How far a completed group commit reached (see the module's notes).
+    let durable = match bytes.get(DURABLE_MARK_AT as usize..HEADER_BYTES as usize) {
+        Some(mark) => u32::from_le_bytes(mark.try_into().unwrap()) as u64,
+        None => 0,
+    };
     let torn = |offset: u64, detail: &str| -> io::Result<u64> {
-        if last {
+        if last && offset >= durable {
             Ok(offset)
+        } else if last {
+            Err(corrupt(
+                path,
+                offset,
+                &format!("{detail}, below the {durable} bytes an fsync had made durable"),
+            ))
         } else {
             Err(corrupt(path, offset, detail))
         }
@@ -1509,6 +1540,9 @@ mod tests {
         }
         let path = last_segment(dir.path());
         let len = std::fs::metadata(&path).unwrap().len();
+        // As if no group commit had covered the last append (a crash tears
+        // only what no fsync reached).
+        set_durable_mark(&path, 0);
         for cut in [1u64, 50, 100] {
             let copy = tempfile::tempdir().unwrap();
             std::fs::copy(&path, copy.path().join(path.file_name().unwrap())).unwrap();
@@ -1535,6 +1569,59 @@ mod tests {
             let log = RaftLog::open(copy.path()).unwrap();
             assert_eq!(log.last(1).unwrap(), Some((1, 5)));
         }
+    }
+
+    fn set_durable_mark(path: &Path, mark: u32) {
+        let f = OpenOptions::new().write(true).open(path).unwrap();
+        f.write_all_at(&mark.to_le_bytes(), DURABLE_MARK_AT)
+            .unwrap();
+    }
+
+    /// Each group commit marks how far it reached in the segment's header;
+    /// a bad record below that mark is damage to fsynced data, not a torn
+    /// write: opening refuses instead of cutting acknowledged entries off.
+    #[test]
+    fn damage_below_the_durable_mark_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = {
+            let log = RaftLog::open(dir.path()).unwrap();
+            append(&log, 1, 0, 5, 1, 100);
+            // `sync` returns once a group commit that covered the appends
+            // has written its mark.
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(log.sync()).unwrap();
+            append(&log, 1, 5, 6, 1, 100);
+            rt.block_on(log.sync()).unwrap();
+            last_segment(dir.path())
+        };
+        let len = std::fs::metadata(&path).unwrap().len();
+        let bytes = std::fs::read(&path).unwrap();
+        let mark = u32::from_le_bytes(bytes[12..16].try_into().unwrap()) as u64;
+        assert!(
+            mark > HEADER_BYTES && mark <= len,
+            "mark {mark}, length {len}"
+        );
+        let damaged = |mark: u32| {
+            let copy = tempfile::tempdir().unwrap();
+            let to = copy.path().join(path.file_name().unwrap());
+            std::fs::copy(&path, &to).unwrap();
+            set_durable_mark(&to, mark);
+            let f = OpenOptions::new().write(true).open(&to).unwrap();
+            f.write_all_at(&[0xFF; 4], len - 60).unwrap();
+            let opened = RaftLog::open(copy.path());
+            (copy, opened)
+        };
+        // Damage inside what an fsync covered: refused, nothing cut.
+        let (_copy, opened) = damaged(len as u32);
+        let err = opened.err().expect("open must fail");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert!(err.to_string().contains("fsync had made durable"), "{err}");
+        // The same bytes past the mark: a torn tail, cut off.
+        let (_copy, opened) = damaged((len - 200) as u32);
+        assert_eq!(opened.unwrap().last(1).unwrap(), Some((1, 4)));
     }
 
     /// A crash right after a new segment was created leaves it empty, or
