@@ -775,7 +775,6 @@ impl StateReader {
     }
 
     pub fn chat(&self, chat: u64) -> io::Result<pb::GetChatResponse> {
-        let rec = self.chat_record(chat)?;
         let mut cursors = Vec::new();
         for pair in self
             .tree
@@ -795,6 +794,13 @@ impl StateReader {
                 seq,
             });
         }
+        // The record after the cursors, and from the tree (an apply call
+        // writes there before the chat cache): at least as new as any
+        // cursor read, so no cursor is past the chat's last seq.
+        let rec = match self.tree.get(keys::chat(chat)).map_err(io_err)? {
+            Some(v) => decode(&v, "chat record")?,
+            None => ChatRecord::default(),
+        };
         Ok(pb::GetChatResponse {
             chat_id: chat,
             last_seq: rec.last_seq,
