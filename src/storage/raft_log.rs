@@ -308,7 +308,7 @@ impl RaftLog {
         let wake = synced.clone();
         let fsyncs = inner.lock().expect("fresh lock").fsyncs.clone();
         // The segment and durable mark last written.
-        let mut marked = (0u64, 0u32);
+        let mut marked = (0u64, 0u64);
         let durability = Durability::start_with(
             "chatstore-raft-log-fsync",
             "raft_log",
@@ -334,12 +334,12 @@ impl RaftLog {
                 power_cut::synced_file(&segment_path(&lock()?.dir, current));
                 // Every write below `written` was done when the file was
                 // taken (writes happen under the lock), so this fsync made
-                // it durable.
-                if let Ok(mark) = u32::try_from(written) {
-                    if marked != (current, mark) {
-                        file.write_all_at(&mark.to_le_bytes(), DURABLE_MARK_AT)?;
-                        marked = (current, mark);
-                    }
+                // it durable. (A mark written meanwhile by a sync under the
+                // lock may be higher; going back to this one only weakens
+                // the check.)
+                if marked != (current, written) {
+                    write_durable_mark(&file, written)?;
+                    marked = (current, written);
                 }
                 if !appended.is_empty() {
                     let mut inner = lock()?;
@@ -754,10 +754,12 @@ impl Inner {
 
     /// Fsyncs the current segment's data ([`SegmentSyncs`]).
     fn sync_current(&self) -> io::Result<()> {
-        self.fsyncs.sync(&self.segments[&self.current].file)?;
+        let segment = &self.segments[&self.current];
+        self.fsyncs.sync(&segment.file)?;
         #[cfg(test)]
         power_cut::synced_file(&segment_path(&self.dir, self.current));
-        Ok(())
+        // Writes happen under the lock this runs under: all of `len` is in.
+        write_durable_mark(&segment.file, segment.len)
     }
 
     /// Closes the current segment (fsynced whole) and starts the next.
@@ -1103,6 +1105,15 @@ struct ReplayShard {
     purged: Option<(u64, Vec<u8>)>,
 }
 
+/// Records in `file`'s header that an fsync made its first `len` bytes
+/// durable (past 4 GiB the mark stays where it was: a weaker check).
+fn write_durable_mark(file: &File, len: u64) -> io::Result<()> {
+    match u32::try_from(len) {
+        Ok(mark) => file.write_all_at(&mark.to_le_bytes(), DURABLE_MARK_AT),
+        Err(_) => Ok(()),
+    }
+}
+
 /// A segment's bytes as the disk holds them. What a killed process wrote
 /// may be only in the page cache: it is synced first. Then the cached pages
 /// are dropped before the read, since after an fsync that failed (the
@@ -1249,7 +1260,12 @@ fn replay_segment(
     let header_lost = bytes.len() < HEADER_BYTES as usize
         || bytes[..HEADER_BYTES as usize].iter().all(|b| *b == 0);
     if header_lost && last {
-        // Created, but its header never reached the disk.
+        // Created, but its header never reached the disk; unless a whole
+        // record follows it (the header is rewritten with each durable
+        // mark): then it was lost after, and cutting would drop the log.
+        if first_record_is_whole(id, bytes) {
+            return Err(corrupt(path, 0, "header lost, but records follow it"));
+        }
         return Ok(0);
     }
     if header_lost || &bytes[..8] != MAGIC {
@@ -1293,6 +1309,22 @@ fn replay_segment(
         pos = start + len;
     }
     Ok(pos as u64)
+}
+
+/// Whether `bytes` (a segment) holds a record right after its header whose
+/// checksum matches under the current format.
+fn first_record_is_whole(id: u64, bytes: &[u8]) -> bool {
+    let start = HEADER_BYTES as usize;
+    let Some(head) = bytes.get(start..start + RECORD_HEADER_BYTES) else {
+        return false;
+    };
+    let len = u32::from_le_bytes(head[..4].try_into().unwrap());
+    let crc = u32::from_le_bytes(head[4..].try_into().unwrap());
+    let body_start = start + RECORD_HEADER_BYTES;
+    match bytes.get(body_start..body_start.saturating_add(len as usize)) {
+        Some(body) if len > 0 => record_checksum(Some(id), len, body) == crc,
+        _ => false,
+    }
 }
 
 /// Applies one record to the replay state; `None` if it is malformed.
@@ -1614,6 +1646,22 @@ mod tests {
             let opened = RaftLog::open(copy.path());
             (copy, opened)
         };
+        // A header zeroed after its records were written (the mark
+        // rewrites it): refused, not taken for a segment never written.
+        {
+            let copy = tempfile::tempdir().unwrap();
+            let to = copy.path().join(path.file_name().unwrap());
+            std::fs::copy(&path, &to).unwrap();
+            let f = OpenOptions::new().write(true).open(&to).unwrap();
+            f.write_all_at(&[0u8; HEADER_BYTES as usize], 0).unwrap();
+            let err = RaftLog::open(copy.path()).err().expect("open must fail");
+            assert!(err.to_string().contains("header lost"), "{err}");
+            assert_eq!(
+                std::fs::metadata(&to).unwrap().len(),
+                len,
+                "nothing was cut"
+            );
+        }
         // Damage inside what an fsync covered: refused, nothing cut.
         let (_copy, opened) = damaged(len as u32);
         let err = opened.err().expect("open must fail");
