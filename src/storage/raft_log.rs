@@ -1453,6 +1453,16 @@ mod tests {
         log.append(shard, &entries).unwrap();
     }
 
+    /// The id in a segment file's name.
+    fn segment_id(path: &Path) -> u64 {
+        path.file_name()
+            .unwrap()
+            .to_string_lossy()
+            .trim_end_matches(FILE_SUFFIX)
+            .parse()
+            .unwrap()
+    }
+
     fn last_segment(dir: &Path) -> PathBuf {
         let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
             .unwrap()
@@ -1685,13 +1695,7 @@ mod tests {
         // An empty segment that is not the last (a crash after an open cut
         // it to nothing and created the next one), then a last one whose
         // header never reached the disk.
-        let last: u64 = last_segment(dir.path())
-            .file_name()
-            .unwrap()
-            .to_string_lossy()
-            .trim_end_matches(FILE_SUFFIX)
-            .parse()
-            .unwrap();
+        let last = segment_id(&last_segment(dir.path()));
         std::fs::write(segment_path(dir.path(), last + 1), b"").unwrap();
         std::fs::write(segment_path(dir.path(), last + 2), [0u8; 16]).unwrap();
         let log = RaftLog::open(dir.path()).unwrap();
@@ -1734,13 +1738,7 @@ mod tests {
             append(&log, 1, 0, 3, 1, 100);
         }
         let path = last_segment(dir.path());
-        let id: u64 = path
-            .file_name()
-            .unwrap()
-            .to_string_lossy()
-            .trim_end_matches(FILE_SUFFIX)
-            .parse()
-            .unwrap();
+        let id = segment_id(&path);
         // Entries of shard 1: five announced, one there.
         let mut body = vec![ENTRIES];
         body.extend_from_slice(&1u64.to_le_bytes());
