@@ -66,9 +66,8 @@ const CONNECTIONS_PER_SOURCE_MAX: usize = 1_024;
 const ACCEPT_ERROR_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
 /// How long a public connection stays open until a call on it passes the
 /// token check ([`PublicConnectInfo::trust`]); then for as long as its peer
-/// keeps it.
-/// Without it, connections that send nothing (or only health checks) after
-/// their handshake would hold the bounds above for ever.
+/// keeps it. Without it, connections that send nothing (or only health
+/// checks) after their handshake would hold the bounds above for ever.
 const UNTRUSTED_TIME_MAX: Duration = Duration::from_secs(60);
 
 /// The open connections of one listener, per source.
@@ -185,7 +184,7 @@ fn incoming_within(
     let accepted = tonic::transport::server::TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .with_keepalive(Some(KEEPALIVE_INTERVAL));
-    let accepted = Box::pin(accepted.filter_map(move |conn| {
+    Box::pin(accepted.filter_map(move |conn| {
         let connections = connections.clone();
         async move {
             let stream = match conn {
@@ -210,8 +209,7 @@ fn incoming_within(
                 }
             }
         }
-    }));
-    accepted
+    }))
 }
 
 impl<T: crate::security::tls::RemoteIp> crate::security::tls::RemoteIp for CoalescedWrites<T> {
