@@ -591,6 +591,17 @@ mod tests {
         }
     }
 
+    /// A router's TLS from files of a new CA written into `dir`, and the
+    /// path of the CA file.
+    fn router_tls(dir: &Path) -> (PathBuf, Tls) {
+        let (ca_pem, cert_pem, key_pem) = issue("router.chatstore");
+        let ca = write(dir, "ca.pem", &ca_pem);
+        let cert = write(dir, "router.pem", &cert_pem);
+        let key = write(dir, "router.key", &key_pem);
+        let tls = Tls::load(ca.clone(), Some(router(cert, key))).unwrap();
+        (ca, tls)
+    }
+
     fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
         let path = dir.join(name);
         std::fs::write(&path, text).unwrap();
@@ -621,11 +632,7 @@ mod tests {
         use tonic_health::pb::health_client::HealthClient;
         use tonic_health::pb::HealthCheckRequest;
         let tmp = tempfile::tempdir().unwrap();
-        let (ca_pem, cert_pem, key_pem) = issue("router.chatstore");
-        let ca = write(tmp.path(), "ca.pem", &ca_pem);
-        let cert = write(tmp.path(), "router.pem", &cert_pem);
-        let key = write(tmp.path(), "router.key", &key_pem);
-        let server_tls = Tls::load(ca.clone(), Some(router(cert, key))).unwrap();
+        let (ca, server_tls) = router_tls(tmp.path());
         for tls in [None, Some(server_tls)] {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
@@ -676,11 +683,7 @@ mod tests {
     #[tokio::test]
     async fn stalled_handshakes_from_one_address_lock_no_one_else_out() {
         let tmp = tempfile::tempdir().unwrap();
-        let (ca_pem, cert_pem, key_pem) = issue("router.chatstore");
-        let ca = write(tmp.path(), "ca.pem", &ca_pem);
-        let cert = write(tmp.path(), "router.pem", &cert_pem);
-        let key = write(tmp.path(), "router.key", &key_pem);
-        let server = Tls::load(ca.clone(), Some(router(cert, key))).unwrap();
+        let (ca, server) = router_tls(tmp.path());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let conns = tonic::transport::server::TcpIncoming::from(listener);

@@ -318,12 +318,18 @@ impl StateReader {
             Ok(rec) => return Ok(rec),
             Err(miss) => miss,
         };
-        let rec = match self.tree.get(keys::chat(chat)).map_err(io_err)? {
-            Some(v) => decode(&v, "chat record")?,
-            None => ChatRecord::default(),
-        };
+        let rec = self.chat_record_in_tree(chat)?;
         self.chats.fill(chat, &rec, miss);
         Ok(rec)
+    }
+
+    /// `chat`'s record as the tree holds it (memtable over sled), past the
+    /// chat cache.
+    fn chat_record_in_tree(&self, chat: u64) -> io::Result<ChatRecord> {
+        Ok(match self.tree.get(keys::chat(chat)).map_err(io_err)? {
+            Some(v) => decode(&v, "chat record")?,
+            None => ChatRecord::default(),
+        })
     }
 
     fn open_chat(&self, chat: u64) -> Result<ChatRecord, ReadError> {
@@ -797,10 +803,7 @@ impl StateReader {
         // The record after the cursors, and from the tree (an apply call
         // writes there before the chat cache): at least as new as any
         // cursor read, so no cursor is past the chat's last seq.
-        let rec = match self.tree.get(keys::chat(chat)).map_err(io_err)? {
-            Some(v) => decode(&v, "chat record")?,
-            None => ChatRecord::default(),
-        };
+        let rec = self.chat_record_in_tree(chat)?;
         Ok(pb::GetChatResponse {
             chat_id: chat,
             last_seq: rec.last_seq,
