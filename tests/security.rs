@@ -331,6 +331,47 @@ async fn tls_mutual_auth_and_tokens_keep_out_whoever_does_not_belong() {
         assert_eq!(report["ops"][0]["count"], 40, "{out}");
         assert_eq!(report["ops"][0]["errors"], serde_json::json!({}), "{out}");
     }
+    // --senders: every message of one chat from ids 1..=2 (from each of the
+    // four workers' own ids 1..=4 without it).
+    let one_chat = [
+        "bench",
+        "--routers",
+        &router,
+        "--first-chat",
+        "300",
+        "--chats",
+        "1",
+        "--senders",
+        "2",
+        "--in-flight",
+        "4",
+        "--warmup",
+        "0",
+        "--count",
+        "40",
+        "--json",
+    ];
+    let (code, out, err) = chatctl(&certs, "service.tokens", &one_chat);
+    assert_eq!(code, 0, "{err}");
+    let report: serde_json::Value = serde_json::from_str(out.trim()).expect("bench --json");
+    assert_eq!(report["senders"], 2, "{out}");
+    let page = api
+        .get_history(with_token(
+            pb::GetHistoryRequest {
+                chat_id: 300,
+                limit: 100,
+                consistency: pb::Consistency::Linearizable as i32,
+                ..Default::default()
+            },
+            Some(&service),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut senders: Vec<u64> = page.messages.iter().map(|m| m.sender_id).collect();
+    senders.sort_unstable();
+    senders.dedup();
+    assert_eq!(senders, [1, 2], "40 sends from senders 1 and 2 at random");
     let no_token = certs.join("no.tokens");
     std::fs::write(&no_token, "not-a-token-of-this-cluster-at-all\n").unwrap();
     let (_, out, _) = bench("no.tokens", "send", &[]);

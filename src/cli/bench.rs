@@ -78,7 +78,7 @@ const DIFFERENCE_BEHIND_PTS: u64 = 10;
 /// Changes one GetDifference may return per chat.
 const DIFFERENCE_LIMIT: u32 = 100;
 /// The error a read counts when it answered with less than the prefilled
-/// chat holds.
+/// chat holds, and a batched send the reply left out.
 pub const SHORT_ANSWER: &str = "ShortAnswer";
 /// Watch streams per HTTP/2 connection: many clients each hold a few.
 const WATCHERS_PER_CONNECTION: usize = 100;
@@ -116,8 +116,9 @@ pub enum Workload {
     History,
     /// GetDifference over 10 prefilled chats, each cursor a little behind.
     Difference,
-    /// Half Send, half SESSION history pages; each worker keeps its read
-    /// token as a client would, so its reads see its writes.
+    /// Sends and reads in the shares of --mix (default: half Send, half
+    /// SESSION history pages); each worker keeps its read token as a
+    /// client would, so its reads see its writes.
     Mixed,
     /// Fan-out: --watchers Watch streams on one chat, a sender at --rate.
     Watch,
@@ -139,16 +140,16 @@ impl Workload {
         }
     }
 
-    /// The requests of a closed-loop workload; None for watch, which has its
-    /// own driver.
-    fn mix(self) -> Option<Mix> {
+    /// The requests of a closed-loop workload, with the mixed workload's
+    /// shares; None for watch, which has its own driver.
+    fn mix(self, shares: [u32; MIXED_OPS.len()]) -> Option<Mix> {
         match self {
             Workload::Send => Some(Mix::Only(Op::Send)),
             Workload::SendBatch => Some(Mix::Only(Op::SendBatch)),
             Workload::Read => Some(Mix::Only(Op::Read)),
             Workload::History => Some(Mix::Only(Op::History)),
             Workload::Difference => Some(Mix::Only(Op::Difference)),
-            Workload::Mixed => Some(Mix::SendOrHistory),
+            Workload::Mixed => Some(Mix::Shares(shares)),
             Workload::Noop => Some(Mix::Only(Op::Check)),
             Workload::Watch => None,
         }
@@ -187,10 +188,19 @@ impl Op {
     }
 }
 
+/// What the mixed workload may send, in the order `--mix` names and the
+/// report lists them.
+const MIXED_OPS: [Op; 4] = [Op::Send, Op::Read, Op::History, Op::Difference];
+/// The mixed workload without `--mix`: half sends, half history pages.
+const MIX_DEFAULT: &str = "send=1,history=1";
+/// Largest share `--mix` takes for one operation.
+const MIX_SHARE_MAX: u32 = 1_000_000;
+
 #[derive(Clone, Copy)]
 enum Mix {
     Only(Op),
-    SendOrHistory,
+    /// Shares of the operations of [`MIXED_OPS`], in that order.
+    Shares([u32; MIXED_OPS.len()]),
 }
 
 impl Mix {
@@ -198,22 +208,68 @@ impl Mix {
     fn ops(self) -> Vec<Op> {
         match self {
             Mix::Only(op) => vec![op],
-            Mix::SendOrHistory => vec![Op::Send, Op::History],
+            Mix::Shares(shares) => MIXED_OPS
+                .into_iter()
+                .zip(shares)
+                .filter(|(_, share)| *share > 0)
+                .map(|(op, _)| op)
+                .collect(),
         }
     }
 
     fn next(self) -> Op {
         match self {
             Mix::Only(op) => op,
-            Mix::SendOrHistory => {
-                if rand::random::<bool>() {
-                    Op::Send
-                } else {
-                    Op::History
+            Mix::Shares(shares) => {
+                let total: u32 = shares.iter().sum();
+                let mut at = rand::random_range(0..total);
+                for (op, share) in MIXED_OPS.into_iter().zip(shares) {
+                    if at < share {
+                        return op;
+                    }
+                    at -= share;
                 }
+                unreachable!("a draw below the sum of the shares falls in one of them")
             }
         }
     }
+}
+
+/// `--mix`: "op=share,..." over the operations of [`MIXED_OPS`], each at
+/// most once; the shares are relative (send=3,read=1 is three sends to a
+/// read).
+fn parse_mix(text: &str) -> anyhow::Result<[u32; MIXED_OPS.len()]> {
+    let mut shares = [0u32; MIXED_OPS.len()];
+    let mut named = [false; MIXED_OPS.len()];
+    for part in text.split(',') {
+        let (name, share) = part.split_once('=').with_context(|| {
+            format!("--mix: {part:?} is not op=share (ops: send, read, history, difference)")
+        })?;
+        let i = MIXED_OPS
+            .iter()
+            .position(|op| op.name() == name.trim())
+            .with_context(|| {
+                format!("--mix: unknown operation {name:?} (ops: send, read, history, difference)")
+            })?;
+        if named[i] {
+            anyhow::bail!("--mix names {name:?} twice");
+        }
+        named[i] = true;
+        shares[i] = share
+            .trim()
+            .parse::<u32>()
+            .ok()
+            .filter(|n| *n <= MIX_SHARE_MAX)
+            .with_context(|| {
+                format!(
+                    "--mix: the share of {name} must be a whole number from 0 to {MIX_SHARE_MAX}"
+                )
+            })?;
+    }
+    if shares.iter().all(|s| *s == 0) {
+        anyhow::bail!("--mix gives every operation a share of 0");
+    }
+    Ok(shares)
 }
 
 #[derive(clap::Args, Clone, Debug)]
@@ -238,6 +294,17 @@ pub struct BenchArgs {
     /// Message body size in bytes.
     #[arg(long, default_value_t = 1024)]
     pub size: usize,
+    /// With --workload mixed: the share of each operation, as op=share
+    /// pairs over send, read, history and difference (default
+    /// send=1,history=1).
+    #[arg(long)]
+    pub mix: Option<String>,
+    /// Distinct senders: each send (each message of a batch too) comes from
+    /// one of ids 1..=N, drawn at random. 0: one sender per in-flight
+    /// request, which sends as it. For send, send-batch and mixed (watch
+    /// sends as sender 1).
+    #[arg(long, default_value_t = 0)]
+    pub senders: u64,
     /// Measured seconds (default 10 when --count is not given).
     #[arg(long, conflicts_with = "count")]
     pub duration: Option<f64>,
@@ -292,6 +359,8 @@ impl BenchArgs {
             first_chat: 1,
             in_flight,
             size: 1024,
+            senders: 0,
+            mix: None,
             duration: Some(measured_secs),
             count: None,
             warmup: warmup_secs,
@@ -346,6 +415,18 @@ impl BenchArgs {
         if !(self.warmup >= 0.0 && self.warmup.is_finite()) {
             anyhow::bail!("--warmup must be zero or more seconds");
         }
+        if self.senders > 0
+            && !matches!(
+                self.workload,
+                Workload::Send | Workload::SendBatch | Workload::Mixed
+            )
+        {
+            anyhow::bail!("--senders is for the send, send-batch and mixed workloads");
+        }
+        if self.mix.is_some() && self.workload != Workload::Mixed {
+            anyhow::bail!("--mix is for the mixed workload");
+        }
+        self.mix_shares()?;
         if self.workload == Workload::Watch {
             if !(1..=WATCH_STREAMS_MAX).contains(&self.watchers) {
                 anyhow::bail!("--watchers must be 1 to {WATCH_STREAMS_MAX}");
@@ -368,6 +449,34 @@ impl BenchArgs {
     fn random_chat(&self) -> u64 {
         self.first_chat + rand::random_range(0..self.chats)
     }
+
+    /// The mixed workload's shares (`--mix`, or half sends and half
+    /// history pages).
+    fn mix_shares(&self) -> anyhow::Result<[u32; MIXED_OPS.len()]> {
+        parse_mix(self.mix.as_deref().unwrap_or(MIX_DEFAULT))
+    }
+
+    /// Whether the measured requests send messages.
+    fn sends(&self) -> bool {
+        match self.workload {
+            Workload::Send | Workload::SendBatch | Workload::Watch => true,
+            Workload::Mixed => self.mix_shares().is_ok_and(|shares| {
+                MIXED_OPS
+                    .iter()
+                    .zip(shares)
+                    .any(|(op, share)| *op == Op::Send && share > 0)
+            }),
+            Workload::Read | Workload::History | Workload::Difference | Workload::Noop => false,
+        }
+    }
+
+    /// How many distinct senders the sends come from.
+    fn sender_count(&self) -> u64 {
+        match self.senders {
+            0 => self.in_flight as u64,
+            n => n,
+        }
+    }
 }
 
 /// The result of one run.
@@ -378,6 +487,10 @@ pub struct Report {
     pub in_flight: usize,
     pub connections: usize,
     pub chats: u64,
+    /// Distinct sender ids the sends came from; none for a workload that
+    /// sends nothing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub senders: Option<u64>,
     pub size_bytes: usize,
     pub warmup_secs: f64,
     pub measured_secs: f64,
@@ -412,7 +525,7 @@ pub struct OpReport {
     pub latency_ms: Percentiles,
     /// Failed operations by gRPC code (or `Undelivered` for watch events
     /// that never arrived, [`SHORT_ANSWER`] for reads that came back with
-    /// less than the chat holds).
+    /// less than the chat holds and batched sends a reply left out).
     pub errors: BTreeMap<String, u64>,
     /// Operations timed by one request (a batch's messages share its
     /// latency): percentiles rest on `count` / this many samples.
@@ -766,10 +879,31 @@ struct Worker {
     chat_pts: Arc<ChatPts>,
 }
 
+/// The sends of a batch of `batch` that failed, each counted on its own:
+/// with its code (one neither stored nor given a code failed all the
+/// same), or `None` for one the reply left out.
+fn batch_failures(outcomes: &[pb::SendOutcome], batch: usize) -> Vec<Option<Code>> {
+    let mut failed: Vec<Option<Code>> = outcomes
+        .iter()
+        .take(batch)
+        .filter(|o| o.sent.is_none())
+        .map(|o| match Code::from_i32(o.error_code) {
+            Code::Ok => Some(Code::Unknown),
+            code => Some(code),
+        })
+        .collect();
+    failed.extend(std::iter::repeat_n(
+        None,
+        batch.saturating_sub(outcomes.len()),
+    ));
+    failed
+}
+
 /// What a call that got an answer got.
 enum Answer {
-    /// For a batch, the codes of the sends in it that failed.
-    Whole(Vec<Code>),
+    /// For a batch, the sends in it that failed: with their code, or
+    /// `None` for one the reply left out.
+    Whole(Vec<Option<Code>>),
     /// A read that came back with less than the prefilled chat holds (a
     /// failure, not a fast success).
     Short,
@@ -791,6 +925,15 @@ impl Worker {
         }
     }
 
+    /// The sender of the next send: this worker's own, or one drawn from
+    /// `--senders`.
+    fn sender(&self) -> u64 {
+        match self.args.senders {
+            0 => self.sender_id,
+            n => 1 + rand::random_range(0..n),
+        }
+    }
+
     /// One call and what it got.
     async fn call(&mut self, op: Op) -> Result<Answer, Status> {
         match op {
@@ -809,7 +952,7 @@ impl Worker {
                     .api
                     .send(with_timeout(pb::SendRequest {
                         chat_id: chat,
-                        sender_id: self.sender_id,
+                        sender_id: self.sender(),
                         client_msg_id: client_msg_id(),
                         body: self.body.clone(),
                         self_destruct: None,
@@ -824,7 +967,7 @@ impl Worker {
                 let sends = (0..self.args.batch)
                     .map(|_| pb::SendRequest {
                         chat_id: self.args.random_chat(),
-                        sender_id: self.sender_id,
+                        sender_id: self.sender(),
                         client_msg_id: client_msg_id(),
                         body: self.body.clone(),
                         self_destruct: None,
@@ -836,14 +979,7 @@ impl Worker {
                     .send_batch(with_timeout(pb::SendBatchRequest { sends }))
                     .await?
                     .into_inner();
-                // Each send counts on its own: stored, or failed with its code.
-                Ok(Answer::Whole(
-                    r.outcomes
-                        .iter()
-                        .filter(|o| o.sent.is_none())
-                        .map(|o| Code::from_i32(o.error_code))
-                        .collect(),
-                ))
+                Ok(Answer::Whole(batch_failures(&r.outcomes, self.args.batch)))
             }
             Op::Read | Op::History => {
                 let limit = if op == Op::Read { 1 } else { HISTORY_PAGE };
@@ -939,7 +1075,12 @@ impl Worker {
         for i in 0..messages {
             let one = match (&result, failed.get(i)) {
                 (Err(code), _) => Err(*code),
-                (Ok(_), Some(code)) => Err(*code),
+                (Ok(_), Some(Some(code))) => Err(*code),
+                (Ok(_), Some(None)) => {
+                    stats.op(op.name()).record_short();
+                    progress.failed.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
                 (Ok(_), None) => Ok(()),
             };
             stats.op(op.name()).record(done - due, one);
@@ -1034,7 +1175,7 @@ pub async fn run(args: BenchArgs, quiet: bool) -> anyhow::Result<Report> {
     if args.workload.reads_messages() && args.prefill > 0 {
         prefill(&args, &channels, &chat_pts, quiet).await?;
     }
-    match args.workload.mix() {
+    match args.workload.mix(args.mix_shares()?) {
         Some(mix) => closed_loop(args, mix, channels, chat_pts, quiet).await,
         None => watch(args, channels, quiet).await,
     }
@@ -1150,6 +1291,7 @@ async fn closed_loop(
         in_flight: args.in_flight,
         connections: channels.len(),
         chats: args.chats,
+        senders: args.sends().then(|| args.sender_count()),
         size_bytes: args.size,
         warmup_secs: args.warmup,
         measured_secs: measured.as_secs_f64(),
@@ -1542,6 +1684,7 @@ async fn watch(
         in_flight: args.in_flight,
         connections: channels.len() + watch_channels.len(),
         chats: 1,
+        senders: Some(1),
         size_bytes: args.size.max(8),
         warmup_secs: args.warmup,
         measured_secs: measured.as_secs_f64(),
@@ -1769,12 +1912,14 @@ fn text(r: &Report) -> String {
             w.watchers, w.chat, w.rate_per_sec, r.in_flight
         ),
         None => format!(
-            "{}{} in flight, {} chats, {}-byte bodies",
+            "{}{} in flight, {} chats, {}{}-byte bodies",
             r.open_rate.map_or_else(String::new, |rate| format!(
                 "open loop at {rate}/s, at most "
             )),
             r.in_flight,
             r.chats,
+            r.senders
+                .map_or_else(String::new, |n| format!("{n} senders, ")),
             r.size_bytes
         ),
     };
@@ -1865,6 +2010,71 @@ mod tests {
             panic!("a duration window ends at a time")
         };
         assert_eq!(window.admit(end), None);
+    }
+
+    #[test]
+    fn a_mix_is_read_from_its_shares_and_bad_ones_are_refused() {
+        assert_eq!(parse_mix(MIX_DEFAULT).unwrap(), [1, 0, 1, 0]);
+        assert_eq!(
+            parse_mix("difference=5, read=2,send=0").unwrap(),
+            [0, 2, 0, 5]
+        );
+        for bad in [
+            "",
+            "send",
+            "send=1,send=2",
+            "write=1",
+            "send=-1",
+            "send=1.5",
+            "send=0,read=0",
+            "send=1000001",
+        ] {
+            assert!(parse_mix(bad).is_err(), "{bad:?}");
+        }
+        let mix = Mix::Shares(parse_mix("send=3,history=1").unwrap());
+        assert_eq!(mix.ops(), [Op::Send, Op::History]);
+        let draws = 40_000;
+        let sends = (0..draws).filter(|_| mix.next() == Op::Send).count();
+        // 30,000 expected; the standard deviation is about 87.
+        assert!((29_000..=31_000).contains(&sends), "{sends} of {draws}");
+        let mut args = BenchArgs::for_case(vec!["r".into()], Workload::Send, 1, 1.0, 0.0, None);
+        args.mix = Some("read=1".into());
+        assert!(args.check().is_err(), "--mix without the mixed workload");
+        args.workload = Workload::Mixed;
+        args.check().unwrap();
+        assert!(!args.sends(), "a mix of reads sends nothing");
+        args.senders = 10;
+        assert!(args.check().is_ok());
+        args.workload = Workload::Read;
+        args.mix = None;
+        assert!(
+            args.check().is_err(),
+            "--senders with a workload that sends nothing"
+        );
+    }
+
+    #[test]
+    fn a_batch_reply_fails_the_sends_it_does_not_acknowledge() {
+        let sent = pb::SendOutcome {
+            sent: Some(Default::default()),
+            ..Default::default()
+        };
+        let refused = pb::SendOutcome {
+            error_code: Code::FailedPrecondition as i32,
+            ..Default::default()
+        };
+        let empty = pb::SendOutcome::default();
+        assert!(batch_failures(&[sent.clone(), sent.clone()], 2).is_empty());
+        assert_eq!(
+            batch_failures(&[sent.clone(), refused, empty, sent.clone()], 6),
+            [
+                Some(Code::FailedPrecondition),
+                Some(Code::Unknown),
+                None,
+                None
+            ]
+        );
+        assert!(batch_failures(&[sent.clone(), sent], 1).is_empty());
     }
 
     #[test]

@@ -545,6 +545,7 @@ mod tests {
             in_flight: 64,
             connections: 4,
             chats: 1000,
+            senders: Some(64),
             size_bytes: 1024,
             warmup_secs: 2.0,
             measured_secs: 10.0,
