@@ -244,6 +244,17 @@ fn percentiles(mut samples: Vec<Duration>) -> Percentiles {
     }
 }
 
+/// Replicas on the `live` nodes whose Raft timers are stopped.
+async fn quiet_replicas(nodes: &Client, live: &[u64]) -> usize {
+    let mut quiet = 0;
+    for id in live {
+        if let Ok(s) = nodes.node(*id).status(StatusRequest {}).await {
+            quiet += s.into_inner().shards.iter().filter(|sh| sh.quiet).count();
+        }
+    }
+    quiet
+}
+
 /// Sum of every shard's term as the live nodes report it: it moves only on
 /// elections.
 async fn term_sum(nodes: &Client, live: &[u64]) -> u64 {
@@ -390,6 +401,57 @@ async fn bench_geo() {
     }
     let elections = term_sum(&nodes, &[1, 2, 3]).await - terms_before;
 
+    // Waking quiet shards: once every replica has gone quiet, through each
+    // region's router two writes in a row to a chat of each shard homed
+    // there. The first wakes the shard, the second finds it awake.
+    let quiet_by = Instant::now() + Duration::from_secs(60);
+    loop {
+        let quiet = quiet_replicas(&nodes, &[1, 2, 3]).await;
+        if quiet == 3 * shards as usize {
+            break;
+        }
+        assert!(
+            Instant::now() < quiet_by,
+            "only {quiet} of {} replicas went quiet within 60 s",
+            3 * shards
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut wake_rows = Vec::new();
+    for (region, _) in REGION_NODES {
+        let api = routers.get_mut(region).unwrap();
+        let (mut first, mut awake) = (Vec::new(), Vec::new());
+        for shard in (0..shards).filter(|s| placement.preferred_region(ShardId(*s)) == region) {
+            let chat = (1..100_000u64)
+                .find(|c| placement.shard_of_chat(chatstore::types::ChatId(*c)) == ShardId(shard))
+                .expect("a chat of every shard");
+            for times in [&mut first, &mut awake] {
+                let t = Instant::now();
+                let w = send(api, chat, cmid).await;
+                times.push(t.elapsed());
+                acked.push((chat, w.seq));
+                cmid += 1;
+            }
+        }
+        let (f, a) = (percentiles(first), percentiles(awake));
+        let trips = |ms: f64| ms / floor(region) as f64;
+        eprintln!(
+            "{region}: first write to a quiet shard p50 {:.1} max {:.1} ms, awake p50 {:.1} ms (floor {} ms)",
+            f.p50, f.max, a.p50, floor(region)
+        );
+        wake_rows.push(format!(
+            "| {region} | {} | {} | {:.1} / {:.1} | {:.2} / {:.2} | {:.1} / {:.1} |",
+            f.count,
+            floor(region),
+            f.p50,
+            f.max,
+            trips(f.p50),
+            trips(f.max),
+            a.p50,
+            a.max
+        ));
+    }
+
     // Region failure: a writer sends to eu-homed chats through the us router
     // (eu's router would die with its region in a real outage).
     let eu_chats: Vec<u64> = (1..100_000u64)
@@ -500,7 +562,14 @@ async fn bench_geo() {
          `make bench-geo` (`BENCH_SECS` sets the seconds per region).\n\n\
          | region | writes | floor (ms) | write p50 | write p99 | write max | p50 over floor | SESSION read p50 | SESSION read p99 | GetDifference p50 | GetDifference p99 | reads served outside the region |\n\
          |---|---|---|---|---|---|---|---|---|---|---|---|\n{}\n\n\
-         - Elections during the steady runs: {elections} (sum of term changes over all shards).\n\
+         - Elections during the steady runs: {elections} (sum of term changes over all shards).\n\n\
+         Waking a quiet shard: once every replica of every shard was quiet (`quiesce_after_ms` \
+         1500), two writes in a row through each region's router to a chat of each shard homed \
+         there; the first wakes the shard (its leader renews its lease with one heartbeat \
+         round before it commits), the second finds it awake. Round trips are the write's time \
+         over the floor.\n\n\
+         | region | shards woken | floor (ms) | first write p50 / max (ms) | first write in round trips p50 / max | awake write p50 / max (ms) |\n\
+         |---|---|---|---|---|---|\n{}\n\n\
          - Killing the eu region under a writer (us router, eu-homed chats): every eu shard had a \
          new leader after {:.2} s; the first acknowledged write came **{:.2} s** after the kill.\n\
          - eu restarted: every shard led from its preferred region again after {:.1} s.\n\
@@ -512,6 +581,7 @@ async fn bench_geo() {
         timing.1,
         timing.2,
         rows.join("\n"),
+        wake_rows.join("\n"),
         elected.as_secs_f64(),
         first_ack.as_secs_f64(),
         returned.as_secs_f64(),

@@ -601,6 +601,13 @@ impl<P: Protocol> Mux<P> {
 
     /// One call, answered within `timeout` or failed with `DeadlineExceeded`.
     pub async fn call(&self, request: P::Request, timeout: Duration) -> Result<P::Reply, Status> {
+        self.send(request, timeout)?.reply().await
+    }
+
+    /// Queues one call at once, behind every call queued before it: calls
+    /// leave on the stream, and reach the peer's handler, in the order they
+    /// were queued. Its reply comes within `timeout`, or `DeadlineExceeded`.
+    pub fn send(&self, request: P::Request, timeout: Duration) -> Result<SentCall<P>, Status> {
         if !self.started.load(Ordering::Acquire) {
             if let Some(p) = self.parked.lock().expect("mux start lock").take() {
                 tokio::spawn(run::<P>(p));
@@ -616,7 +623,20 @@ impl<P: Protocol> Mux<P> {
                 reply: tx,
             })
             .map_err(|_| Status::unavailable(format!("the {} has stopped", P::NAME)))?;
-        match tokio::time::timeout(timeout, rx).await {
+        Ok(SentCall { reply: rx, timeout })
+    }
+}
+
+/// A call queued on a mux, until its reply comes.
+pub struct SentCall<P: Protocol> {
+    reply: oneshot::Receiver<Result<P::Reply, Status>>,
+    timeout: Duration,
+}
+
+impl<P: Protocol> SentCall<P> {
+    /// The peer's reply, or why there is none.
+    pub async fn reply(self) -> Result<P::Reply, Status> {
+        match tokio::time::timeout(self.timeout, self.reply).await {
             Ok(Ok(reply)) => reply,
             Ok(Err(_)) => Err(Status::unavailable(format!(
                 "the {} dropped the call",
@@ -625,7 +645,7 @@ impl<P: Protocol> Mux<P> {
             // No answer from the peer: a router passes over a hung node.
             Err(_) => Err(not_reached(
                 Code::DeadlineExceeded,
-                format!("no reply within {} ms", timeout.as_millis()),
+                format!("no reply within {} ms", self.timeout.as_millis()),
             )),
         }
     }
