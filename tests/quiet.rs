@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use chatstore::api::pb::node::{StatusRequest, WriteRequest};
+use chatstore::api::pb::replicated::{command, self_destruct, SelfDestruct};
 use common::procs::start_cluster_with;
 use common::{send_cmd, ConfigOptions, TestDir};
 
@@ -200,13 +201,19 @@ fn chat_of_each_shard(nodes: &common::Client) -> BTreeMap<u64, u64> {
 
 /// One acknowledged write into a chat of each shard.
 async fn write_once_to_each_shard(nodes: &common::Client) {
+    write_each_shard(nodes, None).await
+}
+
+/// One acknowledged send into a chat of each shard, self-destructing by
+/// `policy`.
+async fn write_each_shard(nodes: &common::Client, policy: Option<self_destruct::Policy>) {
     for (n, chat) in chat_of_each_shard(nodes).values().enumerate() {
+        let mut send = send_cmd(*chat, 1, n as u64 + 1, b"once");
+        if let Some(command::Kind::Send(s)) = send.kind.as_mut() {
+            s.self_destruct = policy.map(|p| SelfDestruct { policy: Some(p) });
+        }
         nodes
-            .write(
-                *chat,
-                vec![send_cmd(*chat, 1, n as u64 + 1, b"once")],
-                Duration::from_secs(20),
-            )
+            .write(*chat, vec![send], Duration::from_secs(20))
             .await
             .expect("write");
     }
@@ -243,7 +250,11 @@ async fn quiet_shards_wake_for_collection_and_go_quiet_again() {
         },
     )
     .await;
-    write_once_to_each_shard(&nodes).await;
+    // A send that self-destructs after it is read keeps its change record
+    // under every apply rule, so collection has something to pass over
+    // (under rules 3 a plain send writes none, and a shard that reached
+    // them before its send would have nothing to collect).
+    write_each_shard(&nodes, Some(self_destruct::Policy::AfterReadSecs(86_400))).await;
     wait_all_quiet(&nodes, &[1, 2, 3], shards, Duration::from_secs(30)).await;
     let quiet_at = leader_log_index(&nodes, &[1, 2, 3]).await;
     assert_eq!(quiet_at.len(), shards as usize, "{quiet_at:?}");

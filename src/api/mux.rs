@@ -330,8 +330,13 @@ where
                 // Most reads are answered at once, from memory or sled: a
                 // call that is ready on its first poll is answered here, and
                 // only one that has to wait (a write, a read waiting for an
-                // index) gets a task of its own.
-                match futures::poll!(result.as_mut()) {
+                // index) gets a task of its own. The first poll runs outside
+                // Tokio's budget: a call that got as far as the queue of its
+                // shard's Raft then stays in arrival order even in a batch of
+                // hundreds (AppendEntries of one shard must reach openraft in
+                // the order they were sent).
+                let mut first = tokio::task::coop::unconstrained(result.as_mut());
+                match futures::poll!(&mut first) {
                     std::task::Poll::Ready(result) => send(&tx, call.id, result),
                     std::task::Poll::Pending => {
                         let (tx, send, held) = (tx.clone(), send.clone(), reader_held.clone());
@@ -562,6 +567,7 @@ struct Parked<P: Protocol> {
     peer: u64,
     one_way: Duration,
     queue: mpsc::UnboundedReceiver<Queued<P>>,
+    unary: Arc<AtomicBool>,
 }
 
 /// The sending side of one peer's stream; cheap to clone.
@@ -569,6 +575,9 @@ pub struct Mux<P: Protocol> {
     queue: mpsc::UnboundedSender<Queued<P>>,
     started: Arc<AtomicBool>,
     parked: Arc<Mutex<Option<Parked<P>>>>,
+    /// Set while the peer, having no stream, gets unary calls: each in a
+    /// task of its own, so they may reach it in any order.
+    unary: Arc<AtomicBool>,
 }
 
 impl<P: Protocol> Clone for Mux<P> {
@@ -577,6 +586,7 @@ impl<P: Protocol> Clone for Mux<P> {
             queue: self.queue.clone(),
             started: self.started.clone(),
             parked: self.parked.clone(),
+            unary: self.unary.clone(),
         }
     }
 }
@@ -587,6 +597,7 @@ impl<P: Protocol> Mux<P> {
     /// call and stops when the last clone is dropped.
     pub fn new(client: P::Client, peer: u64, one_way: Duration) -> Mux<P> {
         let (queue, rx) = mpsc::unbounded_channel();
+        let unary = Arc::new(AtomicBool::new(false));
         Mux {
             queue,
             started: Arc::new(AtomicBool::new(false)),
@@ -595,8 +606,16 @@ impl<P: Protocol> Mux<P> {
                 peer,
                 one_way,
                 queue: rx,
+                unary: unary.clone(),
             }))),
+            unary,
         }
+    }
+
+    /// False while calls go to the peer unary (it has no stream), when
+    /// calls queued one after another may reach it in another order.
+    pub fn keeps_order(&self) -> bool {
+        !self.unary.load(Ordering::Acquire)
     }
 
     /// One call, answered within `timeout` or failed with `DeadlineExceeded`.
@@ -790,6 +809,7 @@ async fn run<P: Protocol>(parked: Parked<P>) {
         peer,
         one_way,
         mut queue,
+        unary,
     } = parked;
     let delay = (!one_way.is_zero()).then_some(one_way);
     let waiting: Waiting<P> = Arc::default();
@@ -852,6 +872,7 @@ async fn run<P: Protocol>(parked: Parked<P>) {
         }
         if unary_since.is_some_and(|since| since.elapsed() >= UNARY_FOR) {
             unary_since = None;
+            unary.store(false, Ordering::Release);
         }
         if unary_since.is_some() {
             for q in calls {
@@ -869,6 +890,7 @@ async fn run<P: Protocol>(parked: Parked<P>) {
                         "peer has no such stream; using unary calls"
                     );
                     unary_since = Some(Instant::now());
+                    unary.store(true, Ordering::Release);
                     for q in calls {
                         spawn_unary::<P>(client.clone(), q);
                     }

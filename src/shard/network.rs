@@ -32,7 +32,7 @@ use crate::api::pb::raft::{RaftReply, RaftRequest, SnapshotChunk};
 use crate::cluster::latency::{Delayed, LinkDelays};
 use crate::shard::append_stream::AppendMux;
 use crate::shard::snapshot::SnapshotFile;
-use crate::shard::types::{NodeAddr, Snapshot, TypeConfig, Vote};
+use crate::shard::types::{LogId, NodeAddr, Snapshot, TypeConfig, Vote};
 use crate::types::{NodeId, ShardId};
 
 /// Largest gRPC message a node sends or accepts on the Raft transport.
@@ -232,6 +232,45 @@ impl PeerLink {
     }
 }
 
+/// The log ids a stream of AppendEntries has had acknowledged: the
+/// greatest, once there is one.
+type Acked = Option<LogId>;
+
+/// What openraft's stream of replies gets for the reply `resp` to a
+/// request over `(prev, last]`, given what the stream had acknowledged
+/// before it; and what it has acknowledged after, or None when the stream
+/// ends there (at a failure, a conflict or a partial success, as openraft's
+/// own sequential stream ends). A conflict at or below an earlier
+/// acknowledgement can only come from calls that reached the follower
+/// swapped: it ends the stream as an error, and openraft sends again from
+/// what was acknowledged (as a conflict it would move its match back).
+fn pipelined_result(
+    resp: AppendEntriesResponse<TypeConfig>,
+    (prev, last): (Option<LogId>, Option<LogId>),
+    acked: Acked,
+    target: u64,
+) -> (
+    Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>,
+    Option<Acked>,
+) {
+    if matches!(resp, AppendEntriesResponse::Conflict) && acked.is_some() && prev <= acked {
+        let stale = NetworkError::from_string(format!(
+            "append_entries to node {target}: a conflict at {prev:?}, at or below {acked:?} acknowledged before it (calls reached the follower out of order)"
+        ));
+        return (Err(RPCError::Network(stale)), None);
+    }
+    let whole = match &resp {
+        AppendEntriesResponse::PartialSuccess(upto) => *upto == last,
+        _ => true,
+    };
+    let result = resp.into_stream_result(prev, last);
+    let next = match &result {
+        Ok(upto) if whole => Some(acked.max(*upto)),
+        _ => None,
+    };
+    (Ok(result), next)
+}
+
 /// What openraft is told of a call that got no reply: a peer that may be
 /// down or slow is unreachable (openraft backs off), anything else a
 /// network error.
@@ -295,6 +334,15 @@ impl RaftNetworkV2<TypeConfig> for PeerLink {
     /// from what the follower has. Without this a write that arrives while
     /// the previous one's commit notice is in flight waits a round trip for
     /// it, which across regions doubles its latency.
+    ///
+    /// A peer called unary (an older node without the stream) gets one call
+    /// at a time, as its calls may overtake each other. Should two calls
+    /// ever reach the follower swapped anyway, the later one's conflict at
+    /// or below what this stream already had acknowledged is stale (the
+    /// follower lacked the entries the earlier one was bringing): it ends
+    /// the stream as an error, and openraft sends again from what was
+    /// acknowledged, rather than taking it as a conflict below its own
+    /// match.
     fn stream_append<'s, S>(
         &'s mut self,
         input: S,
@@ -317,6 +365,10 @@ impl RaftNetworkV2<TypeConfig> for PeerLink {
             let timeout = self.timeout(&option);
             let target = self.target;
             let link = (self.shard.0, self.from);
+            let in_flight = match mux.keeps_order() {
+                true => APPENDS_IN_FLIGHT_MAX,
+                false => 1,
+            };
             // Queued here, in the order openraft makes them; each waits
             // for its reply on its own.
             let calls = input
@@ -343,11 +395,13 @@ impl RaftNetworkV2<TypeConfig> for PeerLink {
                         (prev, last, reply)
                     }
                 })
-                .buffered(APPENDS_IN_FLIGHT_MAX);
+                .buffered(in_flight);
             // Ends after the first failure, conflict or partial success:
             // openraft starts a new stream from what the follower has.
-            let replies = futures::stream::unfold(Some(calls), move |calls| async move {
-                let mut calls = calls?;
+            // The state: the calls, and the greatest log id this stream had
+            // acknowledged.
+            let replies = futures::stream::unfold(Some((calls, None)), move |state| async move {
+                let (mut calls, acked) = state?;
                 let (prev, last, reply) = calls.next().await?;
                 let resp = reply
                     .map_err(|status| rpc_error("append_entries", target, status))
@@ -358,18 +412,11 @@ impl RaftNetworkV2<TypeConfig> for PeerLink {
                             target,
                         )
                     });
-                match resp {
-                    Ok(resp) => {
-                        let whole = match &resp {
-                            AppendEntriesResponse::PartialSuccess(upto) => *upto == last,
-                            _ => true,
-                        };
-                        let result = resp.into_stream_result(prev, last);
-                        let go_on = whole && result.is_ok();
-                        Some((Ok(result), go_on.then_some(calls)))
-                    }
-                    Err(e) => Some((Err(e), None)),
-                }
+                let (item, acked) = match resp {
+                    Ok(resp) => pipelined_result(resp, (prev, last), acked, target),
+                    Err(e) => (Err(e), None),
+                };
+                Some((item, acked.map(|acked| (calls, acked))))
             });
             Ok(Box::pin(replies) as BoxStream<'s, _>)
         })
@@ -562,4 +609,55 @@ impl RaftNetworkV2<TypeConfig> for PeerLink {
 
 fn snapshot_key_path(snapshot: &Snapshot) -> std::path::PathBuf {
     crate::shard::snapshot::key_path(&snapshot.snapshot.path)
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::error::RPCError;
+    use openraft::raft::{AppendEntriesResponse, StreamAppendError};
+
+    use super::pipelined_result;
+    use crate::shard::types::{log_id, LogId, Vote};
+
+    fn range(prev: u64, last: u64) -> (Option<LogId>, Option<LogId>) {
+        (Some(log_id(1, prev)), Some(log_id(1, last)))
+    }
+
+    #[test]
+    fn pipelined_replies_map_as_openraft_maps_them_and_a_stale_conflict_is_an_error() {
+        use AppendEntriesResponse::{Conflict, HigherVote, PartialSuccess, Success};
+        // Success acknowledges the request's last entry and goes on.
+        let (item, next) = pipelined_result(Success, range(4, 6), None, 2);
+        assert_eq!(item.unwrap(), Ok(Some(log_id(1, 6))));
+        assert_eq!(next, Some(Some(log_id(1, 6))));
+        // An entry-less request (a commit notice) acknowledges its prev; the
+        // greatest acknowledgement stays.
+        let (item, next) = pipelined_result(Success, range(5, 5), Some(log_id(1, 6)), 2);
+        assert_eq!(item.unwrap(), Ok(Some(log_id(1, 5))));
+        assert_eq!(next, Some(Some(log_id(1, 6))));
+        // A whole partial success goes on; a partial one ends the stream.
+        let (_, next) = pipelined_result(PartialSuccess(Some(log_id(1, 6))), range(4, 6), None, 2);
+        assert_eq!(next, Some(Some(log_id(1, 6))));
+        let (item, next) =
+            pipelined_result(PartialSuccess(Some(log_id(1, 5))), range(4, 6), None, 2);
+        assert_eq!(item.unwrap(), Ok(Some(log_id(1, 5))));
+        assert_eq!(next, None);
+        // A conflict above everything acknowledged is openraft's to handle.
+        let (item, next) = pipelined_result(Conflict, range(6, 8), Some(log_id(1, 5)), 2);
+        assert_eq!(
+            item.unwrap(),
+            Err(StreamAppendError::Conflict(log_id(1, 6)))
+        );
+        assert_eq!(next, None);
+        // One at or below an acknowledgement came from swapped calls.
+        for prev in [5, 6] {
+            let (item, next) = pipelined_result(Conflict, range(prev, 8), Some(log_id(1, 6)), 2);
+            assert!(matches!(item, Err(RPCError::Network(_))), "{item:?}");
+            assert_eq!(next, None);
+        }
+        let higher = Vote::new(2, 3);
+        let (item, next) = pipelined_result(HigherVote(higher), range(4, 6), None, 2);
+        assert_eq!(item.unwrap(), Err(StreamAppendError::HigherVote(higher)));
+        assert_eq!(next, None);
+    }
 }
