@@ -299,17 +299,18 @@ async fn tls_mutual_auth_and_tokens_keep_out_whoever_does_not_belong() {
 
     // The load generator connects as a frontend does: TLS and a service
     // token. Without the token every call is refused.
+    // Chats 100-104 unless `extra` names others.
     let bench = |token: &str, workload: &str, extra: &[&str]| {
+        let chats: &[&str] = match extra.contains(&"--chats") {
+            true => &[],
+            false => &["--chats", "5", "--first-chat", "100"],
+        };
         let mut args = vec![
             "bench",
             "--routers",
             &router,
             "--workload",
             workload,
-            "--chats",
-            "5",
-            "--first-chat",
-            "100",
             "--in-flight",
             "4",
             "--warmup",
@@ -318,6 +319,7 @@ async fn tls_mutual_auth_and_tokens_keep_out_whoever_does_not_belong() {
             "40",
             "--json",
         ];
+        args.extend_from_slice(chats);
         args.extend_from_slice(extra);
         chatctl(&certs, token, &args)
     };
@@ -333,25 +335,8 @@ async fn tls_mutual_auth_and_tokens_keep_out_whoever_does_not_belong() {
     }
     // --senders: every message of one chat from ids 1..=2 (from each of the
     // four workers' own ids 1..=4 without it).
-    let one_chat = [
-        "bench",
-        "--routers",
-        &router,
-        "--first-chat",
-        "300",
-        "--chats",
-        "1",
-        "--senders",
-        "2",
-        "--in-flight",
-        "4",
-        "--warmup",
-        "0",
-        "--count",
-        "40",
-        "--json",
-    ];
-    let (code, out, err) = chatctl(&certs, "service.tokens", &one_chat);
+    let one_chat = ["--first-chat", "300", "--chats", "1", "--senders", "2"];
+    let (code, out, err) = bench("service.tokens", "send", &one_chat);
     assert_eq!(code, 0, "{err}");
     let report: serde_json::Value = serde_json::from_str(out.trim()).expect("bench --json");
     assert_eq!(report["senders"], 2, "{out}");
