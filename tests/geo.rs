@@ -244,17 +244,6 @@ fn percentiles(mut samples: Vec<Duration>) -> Percentiles {
     }
 }
 
-/// Replicas on the `live` nodes whose Raft timers are stopped.
-async fn quiet_replicas(nodes: &Client, live: &[u64]) -> usize {
-    let mut quiet = 0;
-    for id in live {
-        if let Ok(s) = nodes.node(*id).status(StatusRequest {}).await {
-            quiet += s.into_inner().shards.iter().filter(|sh| sh.quiet).count();
-        }
-    }
-    quiet
-}
-
 /// Sum of every shard's term as the live nodes report it: it moves only on
 /// elections.
 async fn term_sum(nodes: &Client, live: &[u64]) -> u64 {
@@ -404,19 +393,7 @@ async fn bench_geo() {
     // Waking quiet shards: once every replica has gone quiet, through each
     // region's router two writes in a row to a chat of each shard homed
     // there. The first wakes the shard, the second finds it awake.
-    let quiet_by = Instant::now() + Duration::from_secs(60);
-    loop {
-        let quiet = quiet_replicas(&nodes, &[1, 2, 3]).await;
-        if quiet == 3 * shards as usize {
-            break;
-        }
-        assert!(
-            Instant::now() < quiet_by,
-            "only {quiet} of {} replicas went quiet within 60 s",
-            3 * shards
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    common::wait_all_quiet(&nodes, &[1, 2, 3], shards, Duration::from_secs(60)).await;
     let mut wake_rows = Vec::new();
     for (region, _) in REGION_NODES {
         let api = routers.get_mut(region).unwrap();

@@ -12,37 +12,7 @@ use std::time::{Duration, Instant};
 use chatstore::api::pb::node::{StatusRequest, WriteRequest};
 use chatstore::api::pb::replicated::{command, self_destruct, SelfDestruct};
 use common::procs::start_cluster_with;
-use common::{send_cmd, ConfigOptions, TestDir};
-
-/// Per (node, shard): quiet, leader.
-async fn quiet_map(nodes: &common::Client, ids: &[u64]) -> BTreeMap<(u64, u64), (bool, u64)> {
-    let mut out = BTreeMap::new();
-    for id in ids {
-        if let Ok(s) = nodes.node(*id).status(StatusRequest {}).await {
-            for sh in s.into_inner().shards {
-                out.insert((*id, sh.shard_id), (sh.quiet, sh.leader_node));
-            }
-        }
-    }
-    out
-}
-
-async fn wait_all_quiet(nodes: &common::Client, ids: &[u64], shards: u64, within: Duration) {
-    let deadline = Instant::now() + within;
-    loop {
-        let m = quiet_map(nodes, ids).await;
-        let quiet = m.values().filter(|(q, _)| *q).count();
-        if quiet == ids.len() * shards as usize {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "only {quiet} of {} replicas went quiet within {within:?}: {m:?}",
-            ids.len() * shards as usize
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
+use common::{quiet_map, send_cmd, wait_all_quiet, ConfigOptions, TestDir};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn idle_shards_go_quiet_wake_on_writes_and_fail_over_when_their_leader_dies() {

@@ -460,12 +460,9 @@ impl BenchArgs {
     fn sends(&self) -> bool {
         match self.workload {
             Workload::Send | Workload::SendBatch | Workload::Watch => true,
-            Workload::Mixed => self.mix_shares().is_ok_and(|shares| {
-                MIXED_OPS
-                    .iter()
-                    .zip(shares)
-                    .any(|(op, share)| *op == Op::Send && share > 0)
-            }),
+            Workload::Mixed => self
+                .mix_shares()
+                .is_ok_and(|shares| Mix::Shares(shares).ops().contains(&Op::Send)),
             Workload::Read | Workload::History | Workload::Difference | Workload::Noop => false,
         }
     }

@@ -195,12 +195,7 @@ impl PeerLink {
     }
 
     fn request(&self, payload: Vec<u8>, timeout: Duration) -> tonic::Request<RaftRequest> {
-        let mut req = tonic::Request::new(RaftRequest {
-            format_version: RAFT_WIRE_VERSION,
-            shard_id: self.shard.0,
-            from_node: self.from,
-            payload: payload.into(),
-        });
+        let mut req = tonic::Request::new(envelope((self.shard, self.from), payload));
         req.set_timeout(timeout);
         req
     }
@@ -229,6 +224,16 @@ impl PeerLink {
             .record(started.elapsed().as_secs_f64());
         let reply = result.map_err(|status| rpc_error(rpc, self.target, status))?;
         decode_reply(reply.into_inner(), rpc, self.target)
+    }
+}
+
+/// One of `from`'s Raft messages for `shard`, in its versioned envelope.
+fn envelope((shard, from): (ShardId, u64), payload: Vec<u8>) -> RaftRequest {
+    RaftRequest {
+        format_version: RAFT_WIRE_VERSION,
+        shard_id: shard.0,
+        from_node: from,
+        payload: payload.into(),
     }
 }
 
@@ -364,7 +369,7 @@ impl RaftNetworkV2<TypeConfig> for PeerLink {
                 .map_err(|e| RPCError::Unreachable(unreachable(e)))?;
             let timeout = self.timeout(&option);
             let target = self.target;
-            let link = (self.shard.0, self.from);
+            let link = (self.shard, self.from);
             let in_flight = match mux.keeps_order() {
                 true => APPENDS_IN_FLIGHT_MAX,
                 false => 1,
@@ -375,15 +380,7 @@ impl RaftNetworkV2<TypeConfig> for PeerLink {
                 .map(move |rpc| {
                     let prev = rpc.prev_log_id;
                     let last = rpc.entries.last().map(|e| e.log_id).or(prev);
-                    let sent = mux.send(
-                        RaftRequest {
-                            format_version: RAFT_WIRE_VERSION,
-                            shard_id: link.0,
-                            from_node: link.1,
-                            payload: to_postcard(&rpc).into(),
-                        },
-                        timeout,
-                    );
+                    let sent = mux.send(envelope(link, to_postcard(&rpc)), timeout);
                     let started = Instant::now();
                     async move {
                         let reply = match sent {

@@ -651,3 +651,35 @@ pub async fn next_event(
         .expect("Watch stream")
         .expect("an event")
 }
+
+/// Per (node, shard): quiet, leader.
+pub async fn quiet_map(nodes: &Client, ids: &[u64]) -> BTreeMap<(u64, u64), (bool, u64)> {
+    let mut out = BTreeMap::new();
+    for id in ids {
+        if let Ok(s) = nodes.node(*id).status(StatusRequest {}).await {
+            for sh in s.into_inner().shards {
+                out.insert((*id, sh.shard_id), (sh.quiet, sh.leader_node));
+            }
+        }
+    }
+    out
+}
+
+/// Waits until every replica on the nodes `ids` (each hosting `shards`)
+/// has stopped its Raft timers.
+pub async fn wait_all_quiet(nodes: &Client, ids: &[u64], shards: u64, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let m = quiet_map(nodes, ids).await;
+        let quiet = m.values().filter(|(q, _)| *q).count();
+        if quiet == ids.len() * shards as usize {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {quiet} of {} replicas went quiet within {within:?}: {m:?}",
+            ids.len() * shards as usize
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
