@@ -357,6 +357,23 @@ async fn tls_mutual_auth_and_tokens_keep_out_whoever_does_not_belong() {
     senders.sort_unstable();
     senders.dedup();
     assert_eq!(senders, [1, 2], "40 sends from senders 1 and 2 at random");
+    // --watchers beside a load: two streams on each of chats 100-104, and
+    // every one of the 40 sends reaches both watchers of its chat.
+    let watched = ["--mix", "send=1,history=1", "--watchers", "10"];
+    let (code, out, err) = bench("service.tokens", "mixed", &watched);
+    assert_eq!(code, 0, "{err}");
+    let report: serde_json::Value = serde_json::from_str(out.trim()).expect("bench --json");
+    assert_eq!(report["watch"]["chats"], 5, "{out}");
+    let ops = report["ops"].as_array().expect("ops");
+    let row = |name: &str| {
+        ops.iter()
+            .find(|o| o["op"] == name)
+            .unwrap_or_else(|| panic!("no {name} row: {out}"))
+    };
+    let sends = row("send")["count"].as_u64().expect("send count");
+    assert!(sends > 0, "{out}");
+    assert_eq!(row("deliver")["count"].as_u64(), Some(2 * sends), "{out}");
+    assert_eq!(row("deliver")["errors"], serde_json::json!({}), "{out}");
     let no_token = certs.join("no.tokens");
     std::fs::write(&no_token, "not-a-token-of-this-cluster-at-all\n").unwrap();
     let (_, out, _) = bench("no.tokens", "send", &[]);

@@ -42,6 +42,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use tokio::task::JoinSet;
@@ -80,6 +81,8 @@ const DIFFERENCE_LIMIT: u32 = 100;
 /// The error a read counts when it answered with less than the prefilled
 /// chat holds, and a batched send the reply left out.
 pub const SHORT_ANSWER: &str = "ShortAnswer";
+/// Watch streams of the watch workload when --watchers is not given.
+const WATCHERS_DEFAULT: usize = 1000;
 /// Watch streams per HTTP/2 connection: many clients each hold a few.
 const WATCHERS_PER_CONNECTION: usize = 100;
 /// Fastest schedule of an open loop, requests per second.
@@ -323,9 +326,12 @@ pub struct BenchArgs {
     /// 0 skips the prefill).
     #[arg(long, default_value_t = 50)]
     pub prefill: u64,
-    /// Watch streams on the watched chat (watch workload).
-    #[arg(long, default_value_t = 1000)]
-    pub watchers: usize,
+    /// Watch streams. For watch: on its one chat (default 1000). For send
+    /// and mixed: beside the load (default none), stream i on chat
+    /// --first-chat + i mod --chats, each new message timed from its send
+    /// starting to the event reaching a watcher (row `deliver`).
+    #[arg(long)]
+    pub watchers: Option<usize>,
     /// Messages per second sent into the watched chat (watch workload).
     #[arg(long, default_value_t = 10.0)]
     pub rate: f64,
@@ -366,7 +372,7 @@ impl BenchArgs {
             warmup: warmup_secs,
             connections: 4,
             prefill: 50,
-            watchers: 1000,
+            watchers: None,
             rate: 10.0,
             server_pid,
             open_rate: None,
@@ -427,10 +433,26 @@ impl BenchArgs {
             anyhow::bail!("--mix is for the mixed workload");
         }
         self.mix_shares()?;
-        if self.workload == Workload::Watch {
-            if !(1..=WATCH_STREAMS_MAX).contains(&self.watchers) {
+        if self.watchers.is_some() {
+            if !matches!(
+                self.workload,
+                Workload::Watch | Workload::Send | Workload::Mixed
+            ) {
+                anyhow::bail!("--watchers is for the watch, send and mixed workloads");
+            }
+            if !self.sends() {
+                anyhow::bail!("--watchers needs sends to watch: give send a share in --mix");
+            }
+            if self.workload != Workload::Watch && self.size < 8 {
+                anyhow::bail!(
+                    "--watchers needs --size of at least 8: a body carries its send time"
+                );
+            }
+            if !(1..=WATCH_STREAMS_MAX).contains(&self.watchers()) {
                 anyhow::bail!("--watchers must be 1 to {WATCH_STREAMS_MAX}");
             }
+        }
+        if self.workload == Workload::Watch {
             if self.open_rate.is_some() {
                 anyhow::bail!("--open-rate is for the request workloads; watch sends at --rate");
             }
@@ -444,6 +466,16 @@ impl BenchArgs {
             }
         }
         Ok(())
+    }
+
+    /// Watch streams to open: `--watchers`, or 1000 for the watch workload
+    /// and none for the others.
+    fn watchers(&self) -> usize {
+        match (self.watchers, self.workload) {
+            (Some(n), _) => n,
+            (None, Workload::Watch) => WATCHERS_DEFAULT,
+            (None, _) => 0,
+        }
     }
 
     fn random_chat(&self) -> u64 {
@@ -506,9 +538,16 @@ pub struct Report {
 
 #[derive(Serialize, Debug, Clone)]
 pub struct WatchSetup {
+    /// Watch streams asked for.
     pub watchers: usize,
-    pub rate_per_sec: f64,
-    pub chat: u64,
+    /// The fan-out's send rate; none for watchers beside a load.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_per_sec: Option<f64>,
+    /// The fan-out's one chat; none for watchers beside a load.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chat: Option<u64>,
+    /// Chats watched (from --first-chat).
+    pub chats: u64,
 }
 
 /// One operation's row of the summary.
@@ -874,6 +913,9 @@ struct Worker {
     token: Bytes,
     keep_token: bool,
     chat_pts: Arc<ChatPts>,
+    /// Watchers beside the load: each send's body carries when it was due,
+    /// and its seq is noted for them.
+    watched: Option<Arc<WatchShared>>,
 }
 
 /// The sends of a batch of `batch` that failed, each counted on its own:
@@ -932,7 +974,8 @@ impl Worker {
     }
 
     /// One call and what it got.
-    async fn call(&mut self, op: Op) -> Result<Answer, Status> {
+    /// `at` is when it was due and whether it is measured.
+    async fn call(&mut self, op: Op, (due, measured): (Instant, bool)) -> Result<Answer, Status> {
         match op {
             Op::Check => {
                 let req = HealthCheckRequest {
@@ -945,18 +988,25 @@ impl Worker {
             }
             Op::Send => {
                 let chat = self.args.random_chat();
+                let body = match &self.watched {
+                    Some(w) => body(self.args.size, Some(w.stamp(due))),
+                    None => self.body.clone(),
+                };
                 let r = self
                     .api
                     .send(with_timeout(pb::SendRequest {
                         chat_id: chat,
                         sender_id: self.sender(),
                         client_msg_id: client_msg_id(),
-                        body: self.body.clone(),
+                        body,
                         self_destruct: None,
                         min_token: self.token.clone(),
                     }))
                     .await?
                     .into_inner();
+                if let Some(w) = &self.watched {
+                    w.sent(chat, r.seq, measured);
+                }
                 self.keep(r.read_token);
                 Ok(Answer::Whole(Vec::new()))
             }
@@ -1047,7 +1097,7 @@ impl Worker {
         stats: &mut Stats,
         progress: &Progress,
     ) -> Instant {
-        let result = self.call(op).await.map_err(|s| s.code());
+        let result = self.call(op, (due, measured)).await.map_err(|s| s.code());
         let done = Instant::now();
         if !measured {
             return done;
@@ -1200,8 +1250,32 @@ async fn closed_loop(
                 .await;
         }
     }
+    // Watchers open before the load starts, so they see all of it.
+    let watching = match args.watchers() {
+        0 => None,
+        _ => {
+            let api = ChatStoreClient::new(channels[0].clone());
+            let watched = (args.first_chat, args.chats.min(args.watchers() as u64));
+            Some(open_watchers(&args, &api, watched, quiet).await?)
+        }
+    };
     let window = Arc::new(Window::new(&args));
     let progress = Arc::new(Progress::default());
+    let mut watchers = JoinSet::new();
+    let mut watch_connections = 0;
+    let mut watchers_of = Vec::new();
+    let mut watch_open_errors = Stats::default();
+    let watched = watching.map(|(streams, errors, connections)| {
+        let chats = args.chats.min(args.watchers() as u64);
+        let shared = Arc::new(WatchShared::new(window.clone(), args.first_chat, chats));
+        watchers_of = vec![0u64; chats as usize];
+        for (slot, stream) in streams {
+            watchers_of[slot] += 1;
+            watchers.spawn(watcher(stream, slot, shared.clone()));
+        }
+        (watch_connections, watch_open_errors) = (connections, errors);
+        shared
+    });
     let body = body(args.size, None);
     let mut pool = Vec::with_capacity(args.in_flight);
     for i in 0..args.in_flight {
@@ -1217,6 +1291,7 @@ async fn closed_loop(
             // frontend sends for many users, each with their own).
             keep_token: !matches!(mix, Mix::Only(Op::Check) | Mix::Only(Op::SendBatch)),
             chat_pts: chat_pts.clone(),
+            watched: watched.clone(),
         });
     }
     let mut workers = JoinSet::new();
@@ -1277,6 +1352,12 @@ async fn closed_loop(
         Some(sampled) => sampled.await.context("the CPU sampler panicked")?,
         None => CpuSample::take(args.server_pid),
     };
+    if let Some(shared) = &watched {
+        shared.sends_done();
+        let expected = shared.expected(|slot| watchers_of[slot]);
+        collect_deliveries(watchers, shared, expected, &mut stats).await?;
+        stats.merge(watch_open_errors);
+    }
     drawing.store(false, Ordering::Relaxed);
     let _ = drawer.await;
     line.finish_and_clear();
@@ -1286,13 +1367,18 @@ async fn closed_loop(
         workload: name,
         routers: args.routers.clone(),
         in_flight: args.in_flight,
-        connections: channels.len(),
+        connections: channels.len() + watch_connections,
         chats: args.chats,
         senders: args.sends().then(|| args.sender_count()),
         size_bytes: args.size,
         warmup_secs: args.warmup,
         measured_secs: measured.as_secs_f64(),
-        watch: None,
+        watch: watched.as_ref().map(|w| WatchSetup {
+            watchers: args.watchers(),
+            rate_per_sec: None,
+            chat: None,
+            chats: w.sent_ok.len() as u64,
+        }),
         open_rate: args.open_rate,
         client_cpu_percent: client_cpu,
         server_cpu_percent: server_cpu,
@@ -1525,15 +1611,22 @@ async fn settle(
     Ok(())
 }
 
-/// What the watch sender and watchers share.
+/// What the senders and the watchers share.
 struct WatchShared {
     /// The zero of every timestamp in a message body.
     epoch: Instant,
-    window: Window,
-    /// The highest seq of a measured send, once the sender has stopped: a
-    /// watcher that has seen it has seen every measured message.
-    last_seq: tokio::sync::watch::Sender<Option<u64>>,
-    /// Measured sends, for the progress line.
+    window: Arc<Window>,
+    /// The lowest chat watched: watcher slots count from it.
+    first_chat: u64,
+    /// Per watched chat (from `first_chat`), the highest seq of a measured
+    /// send, once the sends have stopped: a watcher that has seen its chat's
+    /// has seen every measured message of it.
+    last_seq: tokio::sync::watch::Sender<Option<Arc<Vec<u64>>>>,
+    /// Per watched chat, what the measured sends that succeeded have got so
+    /// far: the highest seq, and how many.
+    sent_seq: Vec<AtomicU64>,
+    sent_ok: Vec<AtomicU64>,
+    /// Measured sends, for the fan-out's progress line.
     sends: Progress,
     /// Measured events received by all watchers, for the progress line.
     delivered: AtomicU64,
@@ -1543,6 +1636,22 @@ struct WatchShared {
 }
 
 impl WatchShared {
+    /// Shared state for watchers of `chats` chats from `first_chat`, whose
+    /// sends are measured in `window`.
+    fn new(window: Arc<Window>, first_chat: u64, chats: u64) -> WatchShared {
+        WatchShared {
+            epoch: Instant::now(),
+            window,
+            first_chat,
+            last_seq: tokio::sync::watch::channel(None).0,
+            sent_seq: (0..chats).map(|_| AtomicU64::new(0)).collect(),
+            sent_ok: (0..chats).map(|_| AtomicU64::new(0)).collect(),
+            sends: Progress::default(),
+            delivered: AtomicU64::new(0),
+            give_up: tokio::sync::watch::channel(false).0,
+        }
+    }
+
     fn stamp(&self, at: Instant) -> u64 {
         (at - self.epoch).as_nanos() as u64
     }
@@ -1550,50 +1659,98 @@ impl WatchShared {
     fn measured(&self, stamp: u64) -> bool {
         stamp >= self.stamp(self.window.measure_from)
     }
+
+    /// Notes a send into `chat` that got `seq`, if the chat is watched.
+    fn sent(&self, chat: u64, seq: u64, measured: bool) {
+        let Some(i) = chat.checked_sub(self.first_chat) else {
+            return;
+        };
+        if let (Some(last), Some(ok)) =
+            (self.sent_seq.get(i as usize), self.sent_ok.get(i as usize))
+        {
+            if measured {
+                last.fetch_max(seq, Ordering::Relaxed);
+                ok.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Tells the watchers that the sends have stopped.
+    fn sends_done(&self) {
+        let last = self
+            .sent_seq
+            .iter()
+            .map(|s| s.load(Ordering::Relaxed))
+            .collect();
+        self.last_seq.send_replace(Some(Arc::new(last)));
+    }
+
+    /// Events the watchers should have received: each measured send that
+    /// succeeded, once per watcher of its chat.
+    fn expected(&self, watchers_of: impl Fn(usize) -> u64) -> u64 {
+        self.sent_ok
+            .iter()
+            .enumerate()
+            .map(|(i, ok)| ok.load(Ordering::Relaxed) * watchers_of(i))
+            .sum()
+    }
 }
 
-/// Fan-out: many watchers on one chat, one sender at a fixed rate.
-async fn watch(
-    args: Arc<BenchArgs>,
-    channels: Vec<AuthChannel>,
+/// Watch streams of `--watchers`, watcher i on chat
+/// `first_chat + i mod chats`, each from its chat's pts now, opened over
+/// connections of their own: the streams, the failures to open one, and
+/// how many connections they took.
+async fn open_watchers(
+    args: &BenchArgs,
+    api: &ChatStoreClient<AuthChannel>,
+    (first_chat, chats): (u64, u64),
     quiet: bool,
-) -> anyhow::Result<Report> {
-    let chat = args.first_chat;
-    let mut api = ChatStoreClient::new(channels[0].clone());
-    // Watch from the chat's current pts, so no watcher replays old history.
-    let info = api
-        .get_chat(with_timeout(pb::GetChatRequest {
-            chat_id: chat,
-            consistency: Consistency::Linearizable as i32,
-            min_token: Bytes::new(),
-        }))
-        .await
-        .map_err(|s| anyhow::anyhow!("read chat {chat}: {:?}: {}", s.code(), s.message()))?
-        .into_inner();
-    let watch_connections = args
+) -> anyhow::Result<(Vec<(usize, tonic::Streaming<pb::WatchEvent>)>, Stats, usize)> {
+    let watchers = args.watchers();
+    let watched = chats.min(watchers as u64);
+    // Watch from each chat's current pts, so no watcher replays old history.
+    let pts: Vec<u64> = futures::stream::iter(first_chat..first_chat + watched)
+        .map(|chat| {
+            let mut api = api.clone();
+            async move {
+                api.get_chat(with_timeout(pb::GetChatRequest {
+                    chat_id: chat,
+                    consistency: Consistency::Linearizable as i32,
+                    min_token: Bytes::new(),
+                }))
+                .await
+                .map(|r| r.into_inner().pts)
+                .map_err(|s| anyhow::anyhow!("read chat {chat}: {:?}: {}", s.code(), s.message()))
+            }
+        })
+        .buffered(PREFILL_IN_FLIGHT)
+        .try_collect()
+        .await?;
+    let connections = args
         .connections
-        .max(args.watchers.div_ceil(WATCHERS_PER_CONNECTION));
-    let watch_channels = connect(&args.routers, watch_connections).await?;
-
-    let bar = progress_bar(quiet, args.watchers as u64, "opening watch streams");
+        .max(watchers.div_ceil(WATCHERS_PER_CONNECTION));
+    let channels = connect(&args.routers, connections).await?;
+    let bar = progress_bar(quiet, watchers as u64, "opening watch streams");
     let mut opening = JoinSet::new();
-    for i in 0..args.watchers {
-        let mut client = ChatStoreClient::new(watch_channels[i % watch_channels.len()].clone());
+    for i in 0..watchers {
+        let mut client = ChatStoreClient::new(channels[i % channels.len()].clone());
         let bar = bar.clone();
+        let slot = i % watched as usize;
+        let cursor = pb::Cursor {
+            chat_id: first_chat + slot as u64,
+            pts: pts[slot],
+        };
         opening.spawn(async move {
             let r = client
                 .watch(pb::WatchRequest {
-                    cursors: vec![pb::Cursor {
-                        chat_id: chat,
-                        pts: info.pts,
-                    }],
+                    cursors: vec![cursor],
                 })
                 .await;
             bar.inc(1);
-            r.map(|r| r.into_inner())
+            r.map(|r| (slot, r.into_inner()))
         });
     }
-    let mut streams = Vec::with_capacity(args.watchers);
+    let mut streams = Vec::with_capacity(watchers);
     let mut open_errors = Stats::default();
     while let Some(joined) = opening.join_next().await {
         match joined.context("a watch task panicked")? {
@@ -1605,21 +1762,62 @@ async fn watch(
     }
     bar.finish_and_clear();
     if streams.is_empty() {
-        anyhow::bail!("no watch stream opened on chat {chat}");
+        anyhow::bail!("no watch stream opened");
     }
+    Ok((streams, open_errors, channels.len()))
+}
 
-    let shared = Arc::new(WatchShared {
-        epoch: Instant::now(),
-        window: Window::new(&args),
-        last_seq: tokio::sync::watch::channel(None).0,
-        sends: Progress::default(),
-        delivered: AtomicU64::new(0),
-        give_up: tokio::sync::watch::channel(false).0,
-    });
+/// Waits up to [`DELIVERY_GRACE`] for every watcher to see its chat's last
+/// measured message, then adds what they measured to `stats`, with the
+/// events that never came as `Undelivered`.
+async fn collect_deliveries(
+    mut watchers: JoinSet<Stats>,
+    shared: &WatchShared,
+    expected: u64,
+    stats: &mut Stats,
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + DELIVERY_GRACE;
+    let mut deliver = Stats::default();
+    deliver.op("deliver");
+    loop {
+        match tokio::time::timeout_at(deadline, watchers.join_next()).await {
+            Ok(Some(joined)) => deliver.merge(joined.context("a watcher panicked")?),
+            Ok(None) => break,
+            // Watchers still missing events after the grace period: they
+            // stop, and what they measured counts (the rest is undelivered).
+            Err(_) => {
+                let _ = shared.give_up.send(true);
+                while let Some(joined) = watchers.join_next().await {
+                    deliver.merge(joined.context("a watcher panicked")?);
+                }
+                break;
+            }
+        }
+    }
+    let delivery = deliver.op("deliver");
+    let undelivered = expected.saturating_sub(delivery.latency_us.len());
+    if undelivered > 0 {
+        *delivery.errors.entry("Undelivered".into()).or_default() += undelivered;
+    }
+    stats.merge(deliver);
+    Ok(())
+}
+
+/// Fan-out: many watchers on one chat, one sender at a fixed rate.
+async fn watch(
+    args: Arc<BenchArgs>,
+    channels: Vec<AuthChannel>,
+    quiet: bool,
+) -> anyhow::Result<Report> {
+    let chat = args.first_chat;
+    let api = ChatStoreClient::new(channels[0].clone());
+    let (streams, open_errors, watch_connections) =
+        open_watchers(&args, &api, (chat, 1), quiet).await?;
+    let shared = Arc::new(WatchShared::new(Arc::new(Window::new(&args)), chat, 1));
     let watching = streams.len() as u64;
     let mut watchers = JoinSet::new();
-    for stream in streams {
-        watchers.spawn(watcher(stream, shared.clone()));
+    for (slot, stream) in streams {
+        watchers.spawn(watcher(stream, slot, shared.clone()));
     }
 
     let line = progress_line(quiet);
@@ -1640,25 +1838,9 @@ async fn watch(
     let (sent, send_window_end) = watch_sender(&args, api, shared.clone()).await;
     // The CPU over the window the rates are per second of.
     let cpu_end = CpuSample::take(args.server_pid);
-    let _ = shared.last_seq.send(Some(sent.last_seq));
-    let deadline = tokio::time::Instant::now() + DELIVERY_GRACE;
-    let mut deliver = Stats::default();
-    deliver.op("deliver");
-    loop {
-        match tokio::time::timeout_at(deadline, watchers.join_next()).await {
-            Ok(Some(joined)) => deliver.merge(joined.context("a watcher panicked")?),
-            Ok(None) => break,
-            // Watchers still missing events after the grace period: they
-            // stop, and what they measured counts (the rest is undelivered).
-            Err(_) => {
-                let _ = shared.give_up.send(true);
-                while let Some(joined) = watchers.join_next().await {
-                    deliver.merge(joined.context("a watcher panicked")?);
-                }
-                break;
-            }
-        }
-    }
+    shared.sends_done();
+    let mut stats = sent;
+    collect_deliveries(watchers, &shared, shared.expected(|_| watching), &mut stats).await?;
     drawing.store(false, Ordering::Relaxed);
     let _ = drawer.await;
     line.finish_and_clear();
@@ -1666,29 +1848,22 @@ async fn watch(
     let (client_cpu, server_cpu) = cpu_end.percent_since(&cpu_start);
 
     let measured = send_window_end.saturating_duration_since(shared.window.measure_from);
-    let delivery = deliver.op("deliver");
-    let expected = sent.measured_ok * watching;
-    let undelivered = expected.saturating_sub(delivery.latency_us.len());
-    if undelivered > 0 {
-        *delivery.errors.entry("Undelivered".into()).or_default() += undelivered;
-    }
-    let mut stats = sent.stats;
-    stats.merge(deliver);
     stats.merge(open_errors);
     Ok(Report {
         workload: Workload::Watch.name(),
         routers: args.routers.clone(),
         in_flight: args.in_flight,
-        connections: channels.len() + watch_channels.len(),
+        connections: channels.len() + watch_connections,
         chats: 1,
         senders: Some(1),
         size_bytes: args.size.max(8),
         warmup_secs: args.warmup,
         measured_secs: measured.as_secs_f64(),
         watch: Some(WatchSetup {
-            watchers: args.watchers,
-            rate_per_sec: args.rate,
-            chat,
+            watchers: args.watchers(),
+            rate_per_sec: Some(args.rate),
+            chat: Some(chat),
+            chats: 1,
         }),
         open_rate: None,
         client_cpu_percent: client_cpu,
@@ -1697,44 +1872,39 @@ async fn watch(
     })
 }
 
-/// What the watch sender has counted so far.
-struct SendTally {
-    stats: Stats,
-    /// The highest seq of a measured send that succeeded.
-    last_seq: u64,
-    /// Measured sends that succeeded: each should reach every watcher.
-    measured_ok: u64,
-}
-
-impl SendTally {
-    fn add(&mut self, joined: Result<SendOutcome, tokio::task::JoinError>, progress: &Progress) {
-        let Ok((measured, latency, result)) = joined else {
-            return;
-        };
-        if !measured {
-            return;
-        }
-        let code = result.as_ref().map(drop).map_err(|s| s.code());
-        self.stats.op(Op::Send.name()).record(latency, code);
-        progress.count(code);
-        if let Ok(seq) = result {
-            self.last_seq = self.last_seq.max(seq);
-            self.measured_ok += 1;
-        }
-    }
-}
-
 /// (measured, latency, the seq or the error) of one watch-workload send.
 type SendOutcome = (bool, Duration, Result<u64, Status>);
 
+/// Counts a finished fan-out send.
+fn tally(
+    stats: &mut Stats,
+    joined: Result<SendOutcome, tokio::task::JoinError>,
+    shared: &WatchShared,
+    chat: u64,
+) {
+    let Ok((measured, latency, result)) = joined else {
+        return;
+    };
+    if !measured {
+        return;
+    }
+    let code = result.as_ref().map(drop).map_err(|s| s.code());
+    stats.op(Op::Send.name()).record(latency, code);
+    shared.sends.count(code);
+    if let Ok(seq) = result {
+        shared.sent(chat, seq, measured);
+    }
+}
+
 /// Sends into the watched chat at `--rate` until the window closes, with at
-/// most `--in-flight` sends outstanding. Returns the tally and the end of the
-/// measured window (one period after the last measured send was due).
+/// most `--in-flight` sends outstanding. Returns what the sends measured and
+/// the end of the measured window (one period after the last measured send
+/// was due).
 async fn watch_sender(
     args: &BenchArgs,
     api: ChatStoreClient<AuthChannel>,
     shared: Arc<WatchShared>,
-) -> (SendTally, Instant) {
+) -> (Stats, Instant) {
     let chat = args.first_chat;
     let size = args.size.max(8);
     let slots = Arc::new(tokio::sync::Semaphore::new(args.in_flight));
@@ -1744,11 +1914,7 @@ async fn watch_sender(
     // latencies count from when it was due: none is skipped or flattered.
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut sends: JoinSet<SendOutcome> = JoinSet::new();
-    let mut tally = SendTally {
-        stats: Stats::default(),
-        last_seq: 0,
-        measured_ok: 0,
-    };
+    let mut stats = Stats::default();
     let mut window_end = shared.window.measure_from;
     loop {
         let start = ticks.tick().await.into_std();
@@ -1782,28 +1948,35 @@ async fn watch_sender(
         });
         // Count finished sends as we go, so the set stays small.
         while let Some(joined) = sends.try_join_next() {
-            tally.add(joined, &shared.sends);
+            tally(&mut stats, joined, &shared, chat);
         }
     }
     while let Some(joined) = sends.join_next().await {
-        tally.add(joined, &shared.sends);
+        tally(&mut stats, joined, &shared, chat);
     }
-    (tally, window_end)
+    (stats, window_end)
 }
 
-/// One watch stream: measures, for each measured message, the time from
-/// its send starting to this event arriving. Stops once it has seen the
-/// sender's last measured seq, or when the stream ends.
-async fn watcher(mut stream: tonic::Streaming<pb::WatchEvent>, shared: Arc<WatchShared>) -> Stats {
+/// One watch stream, on the chat of watcher slot `slot`: measures, for
+/// each measured message, the time from its send starting to this event
+/// arriving. Stops once it has seen its chat's last measured seq, or when
+/// the stream ends.
+async fn watcher(
+    mut stream: tonic::Streaming<pb::WatchEvent>,
+    slot: usize,
+    shared: Arc<WatchShared>,
+) -> Stats {
     let mut stats = Stats::default();
     let mut last_seq = shared.last_seq.subscribe();
     let mut give_up = shared.give_up.subscribe();
     let mut seen_seq = 0u64;
     loop {
-        if let Some(last) = *last_seq.borrow_and_update() {
-            if seen_seq >= last {
-                return stats;
-            }
+        let done = match &*last_seq.borrow_and_update() {
+            Some(last) => seen_seq >= last.get(slot).copied().unwrap_or(0),
+            None => false,
+        };
+        if done {
+            return stats;
         }
         let event = tokio::select! {
             e = stream.message() => e,
@@ -1831,11 +2004,13 @@ async fn watcher(mut stream: tonic::Streaming<pb::WatchEvent>, shared: Arc<Watch
             continue;
         };
         let stamp = u64::from_le_bytes(stamp.try_into().expect("a slice of 8 bytes"));
-        if !shared.measured(stamp) {
+        let received = shared.stamp(Instant::now());
+        // Not sent in the measured window, or not a body this run stamped
+        // (one from later than now).
+        if !shared.measured(stamp) || stamp > received {
             continue;
         }
-        let received = shared.stamp(Instant::now());
-        let latency = Duration::from_nanos(received.saturating_sub(stamp));
+        let latency = Duration::from_nanos(received - stamp);
         stats.op("deliver").record(latency, Ok(()));
         shared.delivered.fetch_add(1, Ordering::Relaxed);
     }
@@ -1904,21 +2079,30 @@ fn cpu_text(percent: Option<f64>) -> String {
 fn text(r: &Report) -> String {
     let mut out = String::new();
     let setup = match &r.watch {
-        Some(w) => format!(
-            "{} watchers on chat {}, {} messages/s, at most {} sends in flight",
-            w.watchers, w.chat, w.rate_per_sec, r.in_flight
+        Some(WatchSetup {
+            watchers,
+            rate_per_sec: Some(rate),
+            chat: Some(chat),
+            ..
+        }) => format!(
+            "{watchers} watchers on chat {chat}, {rate} messages/s, at most {} sends in flight",
+            r.in_flight
         ),
-        None => format!(
-            "{}{} in flight, {} chats, {}{}-byte bodies",
-            r.open_rate.map_or_else(String::new, |rate| format!(
-                "open loop at {rate}/s, at most "
-            )),
-            r.in_flight,
-            r.chats,
-            r.senders
-                .map_or_else(String::new, |n| format!("{n} senders, ")),
-            r.size_bytes
-        ),
+        _ => {
+            format!(
+                "{}{} in flight, {} chats, {}{}-byte bodies",
+                r.open_rate.map_or_else(String::new, |rate| format!(
+                    "open loop at {rate}/s, at most "
+                )),
+                r.in_flight,
+                r.chats,
+                r.senders
+                    .map_or_else(String::new, |n| format!("{n} senders, ")),
+                r.size_bytes
+            ) + &r.watch.as_ref().map_or_else(String::new, |w| {
+                format!(", {} watchers on {} chats", w.watchers, w.chats)
+            })
+        }
     };
     out.push_str(&format!(
         "{}: {setup}; {} connections to {}\n",
@@ -2048,6 +2232,55 @@ mod tests {
             args.check().is_err(),
             "--senders with a workload that sends nothing"
         );
+    }
+
+    #[test]
+    fn watchers_go_beside_loads_that_send_and_nowhere_else() {
+        let case = |workload| BenchArgs::for_case(vec!["r".into()], workload, 1, 1.0, 0.0, None);
+        assert_eq!(case(Workload::Watch).watchers(), WATCHERS_DEFAULT);
+        assert_eq!(case(Workload::Mixed).watchers(), 0);
+        for workload in [Workload::Send, Workload::Mixed, Workload::Watch] {
+            let mut args = case(workload);
+            args.watchers = Some(10);
+            args.check().unwrap();
+            args.watchers = Some(0);
+            assert!(args.check().is_err(), "no watchers at all");
+            args.watchers = Some(WATCH_STREAMS_MAX + 1);
+            assert!(args.check().is_err(), "more than a router serves");
+        }
+        for workload in [Workload::SendBatch, Workload::Read, Workload::Noop] {
+            let mut args = case(workload);
+            args.watchers = Some(10);
+            assert!(args.check().is_err(), "{workload:?} with --watchers");
+        }
+        let mut args = case(Workload::Mixed);
+        args.watchers = Some(10);
+        args.mix = Some("read=1,history=1".into());
+        assert!(
+            args.check().is_err(),
+            "watchers of a load that sends nothing"
+        );
+        args.mix = None;
+        args.size = 7;
+        assert!(args.check().is_err(), "a body too small for its send time");
+    }
+
+    #[test]
+    fn watchers_expect_each_measured_send_once_per_watcher_of_its_chat() {
+        let args = BenchArgs::for_case(vec!["r".into()], Workload::Mixed, 1, 1.0, 0.0, None);
+        let shared = WatchShared::new(Arc::new(Window::new(&args)), 10, 3);
+        shared.sent(10, 4, true);
+        shared.sent(10, 7, true);
+        shared.sent(10, 9, false);
+        shared.sent(12, 2, true);
+        // Chats outside the watched ones are not counted.
+        shared.sent(9, 1, true);
+        shared.sent(13, 1, true);
+        let watchers_of = [2u64, 5, 1];
+        assert_eq!(shared.expected(|slot| watchers_of[slot]), 2 * 2 + 1);
+        shared.sends_done();
+        let last = shared.last_seq.borrow().clone().expect("published");
+        assert_eq!(*last, vec![7, 0, 2], "the last measured seq per chat");
     }
 
     #[test]

@@ -39,6 +39,8 @@ struct Case {
     /// An open loop at this many requests a second (at most `in_flight`
     /// outstanding), or a closed loop.
     open_rate: Option<f64>,
+    /// Watch streams beside the load (the watch case takes `--watchers`).
+    watchers: Option<usize>,
 }
 
 /// What `make bench` measures, in this order. Read workloads run after the
@@ -48,31 +50,37 @@ const SUITE: &[Case] = &[
         workload: Workload::Noop,
         in_flight: 64,
         open_rate: None,
+        watchers: None,
     },
     Case {
         workload: Workload::Noop,
         in_flight: 256,
         open_rate: None,
+        watchers: None,
     },
     Case {
         workload: Workload::Send,
         in_flight: 1,
         open_rate: None,
+        watchers: None,
     },
     Case {
         workload: Workload::Send,
         in_flight: 16,
         open_rate: None,
+        watchers: None,
     },
     Case {
         workload: Workload::Send,
         in_flight: 64,
         open_rate: None,
+        watchers: None,
     },
     Case {
         workload: Workload::Send,
         in_flight: 256,
         open_rate: None,
+        watchers: None,
     },
     // Latency without coordinated omission: a fixed schedule below the
     // closed loop's rate, timed from when each request was due.
@@ -80,42 +88,57 @@ const SUITE: &[Case] = &[
         workload: Workload::Send,
         in_flight: 1024,
         open_rate: Some(4_000.0),
+        watchers: None,
     },
     Case {
         workload: Workload::SendBatch,
         in_flight: 16,
         open_rate: None,
+        watchers: None,
     },
     Case {
         workload: Workload::Read,
         in_flight: 64,
         open_rate: None,
+        watchers: None,
     },
     Case {
         workload: Workload::History,
         in_flight: 64,
         open_rate: None,
+        watchers: None,
     },
     Case {
         workload: Workload::History,
         in_flight: 256,
         open_rate: Some(12_000.0),
+        watchers: None,
     },
     Case {
         workload: Workload::Difference,
         in_flight: 64,
         open_rate: None,
+        watchers: None,
     },
     Case {
         workload: Workload::Mixed,
         in_flight: 64,
         open_rate: None,
+        watchers: None,
+    },
+    // The same load while devices watch: one stream on each chat.
+    Case {
+        workload: Workload::Mixed,
+        in_flight: 64,
+        open_rate: None,
+        watchers: Some(1000),
     },
     // For watch, in flight bounds the sender's outstanding sends.
     Case {
         workload: Workload::Watch,
         in_flight: 16,
         open_rate: None,
+        watchers: None,
     },
 ];
 
@@ -221,7 +244,10 @@ pub async fn command(
             args.warmup,
             args.server_pid,
         );
-        bench_args.watchers = args.watchers;
+        bench_args.watchers = match case.workload {
+            Workload::Watch => Some(args.watchers),
+            _ => case.watchers,
+        };
         bench_args.rate = args.watch_rate;
         bench_args.open_rate = case.open_rate;
         let label = match case.open_rate {
@@ -231,7 +257,9 @@ pub async fn command(
                 case.in_flight
             ),
             None => format!("{} at {} in flight", case.workload.name(), case.in_flight),
-        };
+        } + &case
+            .watchers
+            .map_or_else(String::new, |n| format!(", {n} watchers"));
         eprintln!("bench-suite: {label}");
         let result = bench::run(bench_args, false).await;
         match &result {
@@ -415,7 +443,10 @@ fn markdown(args: &SuiteArgs, idle_cpu: Option<f64>, outcomes: &[Outcome]) -> St
             }
         };
         let in_flight = match (&report.watch, report.open_rate) {
-            (Some(w), _) => format!("{} watchers, {} msg/s", w.watchers, w.rate_per_sec),
+            (Some(w), _) => match w.rate_per_sec {
+                Some(rate) => format!("{} watchers, {rate} msg/s", w.watchers),
+                None => format!("{}, {} watchers", report.in_flight, w.watchers),
+            },
             (None, Some(rate)) => format!("open loop {rate:.0}/s, ≤ {}", report.in_flight),
             (None, None) => report.in_flight.to_string(),
         };
