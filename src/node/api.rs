@@ -260,29 +260,28 @@ impl NodeApiService {
     }
 }
 
-/// Waits until `chat` has a change after `pts` or `until` passes, looking
-/// again after each entry the replica applies (its chat record is in
-/// memory); the caller answers either way.
+/// Waits until `chat` has a change after `pts`, `until` passes or the
+/// replica stops, looking again each time the state machine puts the chat's
+/// record (it is in memory); the caller answers either way.
 async fn wait_for_change(
     shard: &Shard,
     chat: u64,
     pts: u64,
     until: tokio::time::Instant,
 ) -> Result<(), Status> {
-    // Bounded by `until`: each round waits for one more applied entry.
+    let waiter = shard.reader.chat_waiter(chat);
+    // Bounded by `until`: each round waits for one more put of the record.
     loop {
-        // The applied index first: an entry applied after it is waited for
-        // below, even if the record read next already shows it.
-        let next = shard.applied_index() + 1;
+        // Taken before the record is read: a put after the read wakes it.
+        let changed = waiter.changed();
         let rec = shard
             .reader
             .chat_record(chat)
             .map_err(|e| Status::internal(e.to_string()))?;
-        let left = until.saturating_duration_since(tokio::time::Instant::now());
-        if rec.last_pts > pts || left.is_zero() {
+        if rec.last_pts > pts || waiter.stopped() {
             return Ok(());
         }
-        if shard.wait_applied(next, left).await.is_err() {
+        if tokio::time::timeout_at(until, changed).await.is_err() {
             return Ok(());
         }
     }

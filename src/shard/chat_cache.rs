@@ -28,9 +28,19 @@
 //! Bodies of self-destructing messages are held here in the clear until they
 //! expire or are removed; the eraser's bound (`crate::node::erasure`) is about
 //! the data folder, not memory.
+//!
+//! Waiters. A Watch's long poll waits here for its chat to change
+//! ([`ChatCache::waiter`]): the state machine's put of the chat's record wakes
+//! it, and so do a clear and the replica stopping. A put of other chats'
+//! records does not, so a replica applying thousands of entries a second wakes
+//! each poll only for its own chat.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+
+use tokio::sync::futures::Notified;
+use tokio::sync::Notify;
 
 use crate::api::pb::replicated::{ChatRecord, MessageRecord};
 use crate::storage::MemoryBudget;
@@ -45,6 +55,79 @@ pub const TAIL_BYTES_MAX: usize = 4 * 1024 * 1024;
 pub struct ChatCache {
     inner: Mutex<Inner>,
     budget: Arc<MemoryBudget>,
+    waiters: Arc<Waiters>,
+}
+
+/// The chats that long polls wait on, each with its waiters' wake-up and
+/// their number.
+#[derive(Default)]
+struct Waiters {
+    /// Waiters registered over all chats: a put looks at the map only when
+    /// there are some.
+    count: AtomicUsize,
+    /// Set when the replica stops: every waiter returns.
+    stopped: AtomicBool,
+    chats: Mutex<HashMap<u64, (Arc<Notify>, usize)>>,
+}
+
+impl Waiters {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (Arc<Notify>, usize)>> {
+        self.chats.lock().expect("chat waiters lock")
+    }
+
+    /// Wakes the waiters of `chats`, or of every chat.
+    fn wake(&self, chats: Option<&[u64]>) {
+        if self.count.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        let map = self.lock();
+        match chats {
+            Some(chats) => {
+                for chat in chats {
+                    if let Some((notify, _)) = map.get(chat) {
+                        notify.notify_waiters();
+                    }
+                }
+            }
+            None => map.values().for_each(|(notify, _)| notify.notify_waiters()),
+        }
+    }
+}
+
+/// Interest in one chat's changes, from [`ChatCache::waiter`] until dropped.
+pub struct ChatWaiter {
+    waiters: Arc<Waiters>,
+    chat: u64,
+    notify: Arc<Notify>,
+}
+
+impl ChatWaiter {
+    /// Ends at the first put of the chat's record, clear of the cache, or
+    /// stop of the replica after this call, whether it is polled by then
+    /// or not. So: take it, then read the record, then await it.
+    pub fn changed(&self) -> Notified<'_> {
+        // Tokio's `Notified` counts for `notify_waiters` from its creation,
+        // not from its first poll.
+        self.notify.notified()
+    }
+
+    /// Whether the replica has stopped: no change will come.
+    pub fn stopped(&self) -> bool {
+        self.waiters.stopped.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for ChatWaiter {
+    fn drop(&mut self) {
+        let mut map = self.waiters.lock();
+        if let Some((_, n)) = map.get_mut(&self.chat) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.chat);
+            }
+        }
+        self.waiters.count.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Default for ChatCache {
@@ -60,6 +143,7 @@ impl Drop for ChatCache {
         let inner = self.inner.get_mut().unwrap_or_else(|e| e.into_inner());
         let bytes = inner.tail_bytes;
         self.budget.give_back(bytes);
+        self.stop_waiters();
     }
 }
 
@@ -101,7 +185,32 @@ impl ChatCache {
         ChatCache {
             inner: Mutex::new(Inner::default()),
             budget,
+            waiters: Arc::default(),
         }
+    }
+
+    /// Registers interest in `chat`'s changes (see [`ChatWaiter::changed`]).
+    pub fn waiter(&self, chat: u64) -> ChatWaiter {
+        let mut map = self.waiters.lock();
+        let (notify, n) = map
+            .entry(chat)
+            .or_insert_with(|| (Arc::new(Notify::new()), 0));
+        *n += 1;
+        let notify = notify.clone();
+        // Before the caller reads the record: a put that comes after the
+        // read then finds this waiter counted (see `put`).
+        self.waiters.count.fetch_add(1, Ordering::SeqCst);
+        ChatWaiter {
+            waiters: self.waiters.clone(),
+            chat,
+            notify,
+        }
+    }
+
+    /// Wakes every waiter for good: the replica stops.
+    pub fn stop_waiters(&self) {
+        self.waiters.stopped.store(true, Ordering::SeqCst);
+        self.waiters.wake(None);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -207,14 +316,21 @@ impl ChatCache {
         records: impl IntoIterator<Item = (u64, ChatRecord)>,
         messages: impl IntoIterator<Item = MessageWrite>,
     ) {
-        let mut inner = self.lock();
-        inner.generation += 1;
-        for (chat, rec) in records {
-            inner.insert_record(chat, rec);
+        let mut changed = Vec::new();
+        {
+            let mut inner = self.lock();
+            inner.generation += 1;
+            for (chat, rec) in records {
+                changed.push(chat);
+                inner.insert_record(chat, rec);
+            }
+            for (chat, seq, m) in messages {
+                inner.write_message(chat, seq, m, &self.budget);
+            }
         }
-        for (chat, seq, m) in messages {
-            inner.write_message(chat, seq, m, &self.budget);
-        }
+        // After the records are in (the waiters' count is read after them):
+        // a waiter counted later reads the new record itself.
+        self.waiters.wake(Some(&changed));
     }
 
     /// Forgets the messages, keeping the chat records.
@@ -226,10 +342,13 @@ impl ChatCache {
 
     /// Forgets everything (the state was replaced).
     pub fn clear(&self) {
-        let mut inner = self.lock();
-        inner.generation += 1;
-        inner.records = HashMap::new();
-        inner.clear_tails(&self.budget);
+        {
+            let mut inner = self.lock();
+            inner.generation += 1;
+            inner.records = HashMap::new();
+            inner.clear_tails(&self.budget);
+        }
+        self.waiters.wake(None);
     }
 }
 
@@ -335,6 +454,36 @@ fn give_back(used: &mut usize, n: usize, budget: &MemoryBudget) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures::FutureExt;
+
+    /// A long poll's waiter wakes for a put of its own chat's record (even
+    /// one between taking the wake-up and awaiting it), a clear and a stop,
+    /// and not for other chats; dropped, it leaves nothing behind.
+    #[test]
+    fn a_waiter_wakes_for_its_own_chat_only() {
+        let cache = ChatCache::default();
+        let waiter = cache.waiter(7);
+        let other = cache.waiter(7);
+        let changed = waiter.changed();
+        cache.put([(8, rec(1))], []);
+        assert!(changed.now_or_never().is_none(), "another chat's put");
+        let changed = waiter.changed();
+        cache.put([(7, rec(1))], []);
+        assert!(changed.now_or_never().is_some(), "its chat's put");
+        let (first, second) = (waiter.changed(), other.changed());
+        cache.clear();
+        assert!(first.now_or_never().is_some() && second.now_or_never().is_some());
+        drop(other);
+        assert_eq!(cache.waiters.lock().get(&7).map(|(_, n)| *n), Some(1));
+        drop(waiter);
+        assert!(cache.waiters.lock().is_empty());
+        assert_eq!(cache.waiters.count.load(Ordering::SeqCst), 0);
+        let waiter = cache.waiter(9);
+        let changed = waiter.changed();
+        assert!(!waiter.stopped());
+        cache.stop_waiters();
+        assert!(changed.now_or_never().is_some() && waiter.stopped());
+    }
 
     fn rec(last_seq: u64) -> ChatRecord {
         ChatRecord {

@@ -621,6 +621,8 @@ impl Shard {
     }
 
     pub async fn shutdown(&self) {
+        // Long polls answer now, not when their wait runs out.
+        self.reader.stop_waiters();
         if self.is_quiet() {
             metrics::gauge!(crate::metrics::SHARD_QUIET).decrement(1.0);
         }

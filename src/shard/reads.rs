@@ -313,6 +313,16 @@ impl StateReader {
         }
     }
 
+    /// Registers interest in `chat`'s changes, for a long poll.
+    pub fn chat_waiter(&self, chat: u64) -> crate::shard::chat_cache::ChatWaiter {
+        self.chats.waiter(chat)
+    }
+
+    /// Ends every long poll on this replica: it stops.
+    pub fn stop_waiters(&self) {
+        self.chats.stop_waiters();
+    }
+
     pub fn chat_record(&self, chat: u64) -> io::Result<ChatRecord> {
         let miss = match self.chats.get(chat) {
             Ok(rec) => return Ok(rec),
