@@ -358,7 +358,8 @@ async fn tls_mutual_auth_and_tokens_keep_out_whoever_does_not_belong() {
     senders.dedup();
     assert_eq!(senders, [1, 2], "40 sends from senders 1 and 2 at random");
     // --watchers beside a load: two streams on each of chats 100-104, and
-    // every one of the 40 sends reaches both watchers of its chat.
+    // every send of the run (about half its 40 requests) reaches both
+    // watchers of its chat.
     let watched = ["--mix", "send=1,history=1", "--watchers", "10"];
     let (code, out, err) = bench("service.tokens", "mixed", &watched);
     assert_eq!(code, 0, "{err}");

@@ -329,7 +329,8 @@ pub struct BenchArgs {
     /// Watch streams. For watch: on its one chat (default 1000). For send
     /// and mixed: beside the load (default none), stream i on chat
     /// --first-chat + i mod --chats, each new message timed from its send
-    /// starting to the event reaching a watcher (row `deliver`).
+    /// starting (in an open loop: from when it was due) to the event
+    /// reaching a watcher (row `deliver`).
     #[arg(long)]
     pub watchers: Option<usize>,
     /// Messages per second sent into the watched chat (watch workload).
@@ -974,7 +975,7 @@ impl Worker {
     }
 
     /// One call and what it got.
-    /// `at` is when it was due and whether it is measured.
+    /// `due` is when the request was due, `measured` whether it counts.
     async fn call(&mut self, op: Op, (due, measured): (Instant, bool)) -> Result<Answer, Status> {
         match op {
             Op::Check => {
@@ -1626,9 +1627,10 @@ struct WatchShared {
     /// far: the highest seq, and how many.
     sent_seq: Vec<AtomicU64>,
     sent_ok: Vec<AtomicU64>,
-    /// Measured sends, for the fan-out's progress line.
+    /// The fan-out's measured sends, for its progress line.
     sends: Progress,
-    /// Measured events received by all watchers, for the progress line.
+    /// Measured events received by all watchers, for the fan-out's
+    /// progress line.
     delivered: AtomicU64,
     /// Turns true when the grace for late events is over: every watcher
     /// returns what it measured.

@@ -443,9 +443,13 @@ fn markdown(args: &SuiteArgs, idle_cpu: Option<f64>, outcomes: &[Outcome]) -> St
             }
         };
         let in_flight = match (&report.watch, report.open_rate) {
-            (Some(w), _) => match w.rate_per_sec {
-                Some(rate) => format!("{} watchers, {rate} msg/s", w.watchers),
-                None => format!("{}, {} watchers", report.in_flight, w.watchers),
+            (Some(w), open_rate) => match (w.rate_per_sec, open_rate) {
+                (Some(rate), _) => format!("{} watchers, {rate} msg/s", w.watchers),
+                (None, Some(rate)) => format!(
+                    "open loop {rate:.0}/s, ≤ {}, {} watchers",
+                    report.in_flight, w.watchers
+                ),
+                (None, None) => format!("{}, {} watchers", report.in_flight, w.watchers),
             },
             (None, Some(rate)) => format!("open loop {rate:.0}/s, ≤ {}", report.in_flight),
             (None, None) => report.in_flight.to_string(),

@@ -261,8 +261,9 @@ impl NodeApiService {
 }
 
 /// Waits until `chat` has a change after `pts`, `until` passes or the
-/// replica stops, looking again each time the state machine puts the chat's
-/// record (it is in memory); the caller answers either way.
+/// replica is shut down ([`Shard::shutdown`]), looking again each time the
+/// state machine puts the chat's record (it is in memory) or loads a
+/// snapshot; the caller answers either way.
 async fn wait_for_change(
     shard: &Shard,
     chat: u64,

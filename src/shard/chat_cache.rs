@@ -31,7 +31,8 @@
 //!
 //! Waiters. A Watch's long poll waits here for its chat to change
 //! ([`ChatCache::waiter`]): the state machine's put of the chat's record wakes
-//! it, and so do a clear and the replica stopping. A put of other chats'
+//! it, and so do the end of a snapshot load ([`ChatCache::wake_all`]) and
+//! the replica stopping ([`ChatCache::stop_waiters`]). A put of other chats'
 //! records does not, so a replica applying thousands of entries a second wakes
 //! each poll only for its own chat.
 
@@ -102,8 +103,8 @@ pub struct ChatWaiter {
 }
 
 impl ChatWaiter {
-    /// Ends at the first put of the chat's record, clear of the cache, or
-    /// stop of the replica after this call, whether it is polled by then
+    /// Ends at the first put of the chat's record, end of a snapshot load,
+    /// or stop of the replica after this call, whether it is polled by then
     /// or not. So: take it, then read the record, then await it.
     pub fn changed(&self) -> Notified<'_> {
         // Tokio's `Notified` counts for `notify_waiters` from its creation,
@@ -143,7 +144,6 @@ impl Drop for ChatCache {
         let inner = self.inner.get_mut().unwrap_or_else(|e| e.into_inner());
         let bytes = inner.tail_bytes;
         self.budget.give_back(bytes);
-        self.stop_waiters();
     }
 }
 
@@ -210,6 +210,12 @@ impl ChatCache {
     /// Wakes every waiter for good: the replica stops.
     pub fn stop_waiters(&self) {
         self.waiters.stopped.store(true, Ordering::SeqCst);
+        self.waiters.wake(None);
+    }
+
+    /// Wakes every waiter: the state was replaced (a snapshot loaded), and
+    /// readers may read it.
+    pub fn wake_all(&self) {
         self.waiters.wake(None);
     }
 
@@ -310,18 +316,24 @@ impl ChatCache {
     }
 
     /// The chat records and the message writes of an apply call, in key
-    /// order (after they are in sled).
+    /// order (after they are in the memtable); wakes the waiters of those
+    /// chats.
     pub fn put(
         &self,
         records: impl IntoIterator<Item = (u64, ChatRecord)>,
         messages: impl IntoIterator<Item = MessageWrite>,
     ) {
+        // Chats are noted only while someone waits (the usual case is no
+        // one); a waiter that comes meanwhile is woken with all the others.
+        let noting = self.waiters.count.load(Ordering::SeqCst) > 0;
         let mut changed = Vec::new();
         {
             let mut inner = self.lock();
             inner.generation += 1;
             for (chat, rec) in records {
-                changed.push(chat);
+                if noting {
+                    changed.push(chat);
+                }
                 inner.insert_record(chat, rec);
             }
             for (chat, seq, m) in messages {
@@ -330,7 +342,7 @@ impl ChatCache {
         }
         // After the records are in (the waiters' count is read after them):
         // a waiter counted later reads the new record itself.
-        self.waiters.wake(Some(&changed));
+        self.waiters.wake(noting.then_some(&changed[..]));
     }
 
     /// Forgets the messages, keeping the chat records.
@@ -340,15 +352,13 @@ impl ChatCache {
         inner.clear_tails(&self.budget);
     }
 
-    /// Forgets everything (the state was replaced).
+    /// Forgets everything (the state is being replaced; waiters are woken
+    /// once it is, by [`ChatCache::wake_all`]).
     pub fn clear(&self) {
-        {
-            let mut inner = self.lock();
-            inner.generation += 1;
-            inner.records = HashMap::new();
-            inner.clear_tails(&self.budget);
-        }
-        self.waiters.wake(None);
+        let mut inner = self.lock();
+        inner.generation += 1;
+        inner.records = HashMap::new();
+        inner.clear_tails(&self.budget);
     }
 }
 
@@ -472,7 +482,16 @@ mod tests {
         assert!(changed.now_or_never().is_some(), "its chat's put");
         let (first, second) = (waiter.changed(), other.changed());
         cache.clear();
+        cache.wake_all();
         assert!(first.now_or_never().is_some() && second.now_or_never().is_some());
+        // With a waiter counted, a put notes its chats and wakes only
+        // theirs.
+        let changed = waiter.changed();
+        cache.put([(8, rec(2))], []);
+        assert!(
+            changed.now_or_never().is_none(),
+            "counted: only chat 8's waiters"
+        );
         drop(other);
         assert_eq!(cache.waiters.lock().get(&7).map(|(_, n)| *n), Some(1));
         drop(waiter);

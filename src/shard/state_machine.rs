@@ -290,6 +290,8 @@ impl StateMachine {
         self.settings = self.read_settings()?;
         self.chats.clear();
         self.loads.step();
+        // Watches' long polls look again, at the loaded state.
+        self.chats.wake_all();
         Ok(())
     }
 }
