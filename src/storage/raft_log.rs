@@ -1287,19 +1287,11 @@ fn replay_segment(
     let mut checkpointed: HashSet<u64> = HashSet::new();
     while pos < bytes.len() {
         let offset = pos as u64;
-        let Some(head) = bytes.get(pos..pos + RECORD_HEADER_BYTES) else {
-            return torn(offset, "record header cut short");
+        let body = match whole_record(bytes, pos, seed) {
+            Ok(body) => body,
+            Err(why) => return torn(offset, why),
         };
-        let len = u32::from_le_bytes(head[..4].try_into().unwrap()) as usize;
-        let crc = u32::from_le_bytes(head[4..].try_into().unwrap());
-        let start = pos + RECORD_HEADER_BYTES;
-        if len > RECORD_BODY_MAX || start + len > bytes.len() {
-            return torn(offset, "record cut short");
-        }
-        let body = &bytes[start..start + len];
-        if len == 0 || record_checksum(seed, len as u32, body) != crc {
-            return torn(offset, "record checksum does not match");
-        }
+        let (start, len) = (pos + RECORD_HEADER_BYTES, body.len());
         // A record whose checksum matches was written whole: one that
         // does not parse is not a torn write but a fault, in any segment.
         match apply_record(id, start as u64, body, shards, &mut checkpointed) {
@@ -1311,20 +1303,29 @@ fn replay_segment(
     Ok(pos as u64)
 }
 
+/// The body of the record at `pos` of a segment's `bytes`, if it is there
+/// whole and its checksum (seeded with `seed`) matches; else what is wrong.
+fn whole_record(bytes: &[u8], pos: usize, seed: Option<u64>) -> Result<&[u8], &'static str> {
+    let head = bytes
+        .get(pos..pos + RECORD_HEADER_BYTES)
+        .ok_or("record header cut short")?;
+    let len = u32::from_le_bytes(head[..4].try_into().unwrap()) as usize;
+    let crc = u32::from_le_bytes(head[4..].try_into().unwrap());
+    let start = pos + RECORD_HEADER_BYTES;
+    if len > RECORD_BODY_MAX || start + len > bytes.len() {
+        return Err("record cut short");
+    }
+    let body = &bytes[start..start + len];
+    if len == 0 || record_checksum(seed, len as u32, body) != crc {
+        return Err("record checksum does not match");
+    }
+    Ok(body)
+}
+
 /// Whether `bytes` (a segment) holds a record right after its header whose
 /// checksum matches under the current format.
 fn first_record_is_whole(id: u64, bytes: &[u8]) -> bool {
-    let start = HEADER_BYTES as usize;
-    let Some(head) = bytes.get(start..start + RECORD_HEADER_BYTES) else {
-        return false;
-    };
-    let len = u32::from_le_bytes(head[..4].try_into().unwrap());
-    let crc = u32::from_le_bytes(head[4..].try_into().unwrap());
-    let body_start = start + RECORD_HEADER_BYTES;
-    match bytes.get(body_start..body_start.saturating_add(len as usize)) {
-        Some(body) if len > 0 => record_checksum(Some(id), len, body) == crc,
-        _ => false,
-    }
+    whole_record(bytes, HEADER_BYTES as usize, Some(id)).is_ok()
 }
 
 /// Applies one record to the replay state; `None` if it is malformed.
