@@ -1378,7 +1378,7 @@ async fn closed_loop(
             watchers: args.watchers(),
             rate_per_sec: None,
             chat: None,
-            chats: w.sent_ok.len() as u64,
+            chats: w.sent_seq.len() as u64,
         }),
         open_rate: args.open_rate,
         client_cpu_percent: client_cpu,
@@ -1624,9 +1624,9 @@ struct WatchShared {
     /// has seen every measured message of it.
     last_seq: tokio::sync::watch::Sender<Option<Arc<Vec<u64>>>>,
     /// Per watched chat, what the measured sends that succeeded have got so
-    /// far: the highest seq, and how many.
+    /// far: the highest seq, and every seq.
     sent_seq: Vec<AtomicU64>,
-    sent_ok: Vec<AtomicU64>,
+    acked: Vec<std::sync::Mutex<std::collections::HashSet<u64>>>,
     /// The fan-out's measured sends, for its progress line.
     sends: Progress,
     /// Measured events received by all watchers, for the fan-out's
@@ -1647,7 +1647,7 @@ impl WatchShared {
             first_chat,
             last_seq: tokio::sync::watch::channel(None).0,
             sent_seq: (0..chats).map(|_| AtomicU64::new(0)).collect(),
-            sent_ok: (0..chats).map(|_| AtomicU64::new(0)).collect(),
+            acked: (0..chats).map(|_| Default::default()).collect(),
             sends: Progress::default(),
             delivered: AtomicU64::new(0),
             give_up: tokio::sync::watch::channel(false).0,
@@ -1667,14 +1667,22 @@ impl WatchShared {
         let Some(i) = chat.checked_sub(self.first_chat) else {
             return;
         };
-        if let (Some(last), Some(ok)) =
-            (self.sent_seq.get(i as usize), self.sent_ok.get(i as usize))
+        if let (Some(last), Some(acked)) =
+            (self.sent_seq.get(i as usize), self.acked.get(i as usize))
         {
             if measured {
                 last.fetch_max(seq, Ordering::Relaxed);
-                ok.fetch_add(1, Ordering::Relaxed);
+                acked.lock().expect("acked seqs").insert(seq);
             }
         }
+    }
+
+    /// Whether `seq` of the chat of watcher slot `slot` came from a measured
+    /// send that succeeded.
+    fn acked(&self, slot: usize, seq: u64) -> bool {
+        self.acked
+            .get(slot)
+            .is_some_and(|a| a.lock().expect("acked seqs").contains(&seq))
     }
 
     /// Tells the watchers that the sends have stopped.
@@ -1690,10 +1698,10 @@ impl WatchShared {
     /// Events the watchers should have received: each measured send that
     /// succeeded, once per watcher of its chat.
     fn expected(&self, watchers_of: impl Fn(usize) -> u64) -> u64 {
-        self.sent_ok
+        self.acked
             .iter()
             .enumerate()
-            .map(|(i, ok)| ok.load(Ordering::Relaxed) * watchers_of(i))
+            .map(|(i, a)| a.lock().expect("acked seqs").len() as u64 * watchers_of(i))
             .sum()
     }
 }
@@ -1769,36 +1777,54 @@ async fn open_watchers(
     Ok((streams, open_errors, channels.len()))
 }
 
+/// What one watcher saw: its slot, the seq and latency of each event of a
+/// measured send, and its stream's failure if it had one.
+type Seen = (usize, Vec<(u64, Duration)>, Stats);
+
 /// Waits up to [`DELIVERY_GRACE`] for every watcher to see its chat's last
-/// measured message, then adds what they measured to `stats`, with the
-/// events that never came as `Undelivered`.
+/// measured message, then adds to `stats` each event of a measured send
+/// that succeeded (once per watcher), with those that never came as
+/// `Undelivered`. Events of sends the client saw fail count as neither.
 async fn collect_deliveries(
-    mut watchers: JoinSet<Stats>,
+    mut watchers: JoinSet<Seen>,
     shared: &WatchShared,
     expected: u64,
     stats: &mut Stats,
 ) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + DELIVERY_GRACE;
-    let mut deliver = Stats::default();
-    deliver.op("deliver");
+    let mut seen = Vec::new();
     loop {
         match tokio::time::timeout_at(deadline, watchers.join_next()).await {
-            Ok(Some(joined)) => deliver.merge(joined.context("a watcher panicked")?),
+            Ok(Some(joined)) => seen.push(joined.context("a watcher panicked")?),
             Ok(None) => break,
             // Watchers still missing events after the grace period: they
             // stop, and what they measured counts (the rest is undelivered).
             Err(_) => {
                 let _ = shared.give_up.send(true);
                 while let Some(joined) = watchers.join_next().await {
-                    deliver.merge(joined.context("a watcher panicked")?);
+                    seen.push(joined.context("a watcher panicked")?);
                 }
                 break;
             }
         }
     }
-    let delivery = deliver.op("deliver");
-    let undelivered = expected.saturating_sub(delivery.latency_us.len());
+    let mut deliver = Stats::default();
+    deliver.op("deliver");
+    let mut delivered = 0u64;
+    for (slot, mut events, failed) in seen {
+        deliver.merge(failed);
+        events.sort_unstable_by_key(|(seq, _)| *seq);
+        events.dedup_by_key(|(seq, _)| *seq);
+        for (seq, latency) in events {
+            if shared.acked(slot, seq) {
+                deliver.op("deliver").record(latency, Ok(()));
+                delivered += 1;
+            }
+        }
+    }
+    let undelivered = expected.saturating_sub(delivered);
     if undelivered > 0 {
+        let delivery = deliver.op("deliver");
         *delivery.errors.entry("Undelivered".into()).or_default() += undelivered;
     }
     stats.merge(deliver);
@@ -1959,15 +1985,16 @@ async fn watch_sender(
     (stats, window_end)
 }
 
-/// One watch stream, on the chat of watcher slot `slot`: measures, for
-/// each measured message, the time from its send starting to this event
-/// arriving. Stops once it has seen its chat's last measured seq, or when
-/// the stream ends.
+/// One watch stream, on the chat of watcher slot `slot`: notes, for each
+/// message sent in the measured window, its seq and the time from its send
+/// starting to this event arriving. Stops once it has seen its chat's last
+/// measured seq, or when the stream ends.
 async fn watcher(
     mut stream: tonic::Streaming<pb::WatchEvent>,
     slot: usize,
     shared: Arc<WatchShared>,
-) -> Stats {
+) -> Seen {
+    let mut events = Vec::new();
     let mut stats = Stats::default();
     let mut last_seq = shared.last_seq.subscribe();
     let mut give_up = shared.give_up.subscribe();
@@ -1978,20 +2005,20 @@ async fn watcher(
             None => false,
         };
         if done {
-            return stats;
+            return (slot, events, stats);
         }
         let event = tokio::select! {
             e = stream.message() => e,
             // The sender stopped: look again whether we are done.
             _ = last_seq.changed() => continue,
-            _ = give_up.wait_for(|g| *g) => return stats,
+            _ = give_up.wait_for(|g| *g) => return (slot, events, stats),
         };
         let event = match event {
             Ok(Some(e)) => e,
-            Ok(None) => return stats,
+            Ok(None) => return (slot, events, stats),
             Err(s) => {
                 stats.op("deliver").record(Duration::ZERO, Err(s.code()));
-                return stats;
+                return (slot, events, stats);
             }
         };
         let Some(change) = event.change else { continue };
@@ -2012,8 +2039,7 @@ async fn watcher(
         if !shared.measured(stamp) || stamp > received {
             continue;
         }
-        let latency = Duration::from_nanos(received - stamp);
-        stats.op("deliver").record(latency, Ok(()));
+        events.push((message.seq, Duration::from_nanos(received - stamp)));
         shared.delivered.fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -2280,9 +2306,42 @@ mod tests {
         shared.sent(13, 1, true);
         let watchers_of = [2u64, 5, 1];
         assert_eq!(shared.expected(|slot| watchers_of[slot]), 2 * 2 + 1);
+        // Only acknowledged measured sends count as deliveries.
+        assert!(shared.acked(0, 4) && shared.acked(0, 7) && shared.acked(2, 2));
+        assert!(!shared.acked(0, 9) && !shared.acked(0, 5) && !shared.acked(1, 4));
         shared.sends_done();
         let last = shared.last_seq.borrow().clone().expect("published");
         assert_eq!(*last, vec![7, 0, 2], "the last measured seq per chat");
+    }
+
+    /// Each watcher's event of an acknowledged measured send counts once;
+    /// an event of a send the client saw fail counts as neither delivered
+    /// nor missing; what no watcher got is `Undelivered`.
+    #[tokio::test]
+    async fn deliveries_are_matched_to_the_sends_that_were_acknowledged() {
+        let args = BenchArgs::for_case(vec!["r".into()], Workload::Mixed, 1, 1.0, 0.0, None);
+        let shared = WatchShared::new(Arc::new(Window::new(&args)), 1, 2);
+        for seq in [1, 2, 3] {
+            shared.sent(1, seq, true);
+        }
+        shared.sent(2, 1, true);
+        let ms = Duration::from_millis;
+        let mut watchers = JoinSet::new();
+        // Chat 1: seq 2 twice, and seq 4, whose send failed for the client.
+        let first = vec![(1, ms(5)), (2, ms(6)), (2, ms(7)), (3, ms(8)), (4, ms(9))];
+        watchers.spawn(async move { (0, first, Stats::default()) });
+        // Chat 1's other watcher missed seq 3; chat 2's got its one message.
+        watchers.spawn(async move { (0, vec![(1, ms(5)), (2, ms(6))], Stats::default()) });
+        watchers.spawn(async move { (1, vec![(1, ms(5))], Stats::default()) });
+        let expected = shared.expected(|slot| [2, 1][slot]);
+        assert_eq!(expected, 7);
+        let mut stats = Stats::default();
+        collect_deliveries(watchers, &shared, expected, &mut stats)
+            .await
+            .unwrap();
+        let deliver = stats.op("deliver");
+        assert_eq!(deliver.latency_us.len(), 6);
+        assert_eq!(deliver.errors.get("Undelivered"), Some(&1));
     }
 
     #[test]
