@@ -1813,7 +1813,8 @@ async fn collect_deliveries(
     let mut delivered = 0u64;
     for (slot, mut events, failed) in seen {
         deliver.merge(failed);
-        events.sort_unstable_by_key(|(seq, _)| *seq);
+        // Stable: of an event received twice, the first arrival counts.
+        events.sort_by_key(|(seq, _)| *seq);
         events.dedup_by_key(|(seq, _)| *seq);
         for (seq, latency) in events {
             if shared.acked(slot, seq) {
