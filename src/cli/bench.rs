@@ -1252,30 +1252,23 @@ async fn closed_loop(
         }
     }
     // Watchers open before the load starts, so they see all of it.
-    let watching = match args.watchers() {
+    let watched_chats = (args.first_chat, args.chats.min(args.watchers() as u64));
+    let opened = match args.watchers() {
         0 => None,
         _ => {
             let api = ChatStoreClient::new(channels[0].clone());
-            let watched = (args.first_chat, args.chats.min(args.watchers() as u64));
-            Some(open_watchers(&args, &api, watched, quiet).await?)
+            Some(open_watchers(&args, &api, watched_chats, quiet).await?)
         }
     };
     let window = Arc::new(Window::new(&args));
     let progress = Arc::new(Progress::default());
-    let mut watchers = JoinSet::new();
-    let mut watch_connections = 0;
-    let mut watchers_of = Vec::new();
-    let mut watch_open_errors = Stats::default();
-    let watched = watching.map(|(streams, errors, connections)| {
-        let chats = args.chats.min(args.watchers() as u64);
-        let shared = Arc::new(WatchShared::new(window.clone(), args.first_chat, chats));
-        watchers_of = vec![0u64; chats as usize];
-        for (slot, stream) in streams {
-            watchers_of[slot] += 1;
-            watchers.spawn(watcher(stream, slot, shared.clone()));
-        }
-        (watch_connections, watch_open_errors) = (connections, errors);
-        shared
+    let watching = opened.map(|o| Watching::start(o, window.clone(), watched_chats));
+    let watch_connections = watching.as_ref().map_or(0, |w| w.connections);
+    let watch = watching.as_ref().map(|_| WatchSetup {
+        watchers: args.watchers(),
+        rate_per_sec: None,
+        chat: None,
+        chats: watched_chats.1,
     });
     let body = body(args.size, None);
     let mut pool = Vec::with_capacity(args.in_flight);
@@ -1292,7 +1285,7 @@ async fn closed_loop(
             // frontend sends for many users, each with their own).
             keep_token: !matches!(mix, Mix::Only(Op::Check) | Mix::Only(Op::SendBatch)),
             chat_pts: chat_pts.clone(),
-            watched: watched.clone(),
+            watched: watching.as_ref().map(|w| w.shared.clone()),
         });
     }
     let mut workers = JoinSet::new();
@@ -1353,11 +1346,8 @@ async fn closed_loop(
         Some(sampled) => sampled.await.context("the CPU sampler panicked")?,
         None => CpuSample::take(args.server_pid),
     };
-    if let Some(shared) = &watched {
-        shared.sends_done();
-        let expected = shared.expected(|slot| watchers_of[slot]);
-        collect_deliveries(watchers, shared, expected, &mut stats).await?;
-        stats.merge(watch_open_errors);
+    if let Some(watching) = watching {
+        watching.finish(&mut stats).await?;
     }
     drawing.store(false, Ordering::Relaxed);
     let _ = drawer.await;
@@ -1374,12 +1364,7 @@ async fn closed_loop(
         size_bytes: args.size,
         warmup_secs: args.warmup,
         measured_secs: measured.as_secs_f64(),
-        watch: watched.as_ref().map(|w| WatchSetup {
-            watchers: args.watchers(),
-            rate_per_sec: None,
-            chat: None,
-            chats: w.sent_seq.len() as u64,
-        }),
+        watch,
         open_rate: args.open_rate,
         client_cpu_percent: client_cpu,
         server_cpu_percent: server_cpu,
@@ -1623,9 +1608,7 @@ struct WatchShared {
     /// send, once the sends have stopped: a watcher that has seen its chat's
     /// has seen every measured message of it.
     last_seq: tokio::sync::watch::Sender<Option<Arc<Vec<u64>>>>,
-    /// Per watched chat, what the measured sends that succeeded have got so
-    /// far: the highest seq, and every seq.
-    sent_seq: Vec<AtomicU64>,
+    /// Per watched chat, the seqs the measured sends that succeeded got.
     acked: Vec<std::sync::Mutex<std::collections::HashSet<u64>>>,
     /// The fan-out's measured sends, for its progress line.
     sends: Progress,
@@ -1646,7 +1629,6 @@ impl WatchShared {
             window,
             first_chat,
             last_seq: tokio::sync::watch::channel(None).0,
-            sent_seq: (0..chats).map(|_| AtomicU64::new(0)).collect(),
             acked: (0..chats).map(|_| Default::default()).collect(),
             sends: Progress::default(),
             delivered: AtomicU64::new(0),
@@ -1667,13 +1649,8 @@ impl WatchShared {
         let Some(i) = chat.checked_sub(self.first_chat) else {
             return;
         };
-        if let (Some(last), Some(acked)) =
-            (self.sent_seq.get(i as usize), self.acked.get(i as usize))
-        {
-            if measured {
-                last.fetch_max(seq, Ordering::Relaxed);
-                acked.lock().expect("acked seqs").insert(seq);
-            }
+        if let (Some(acked), true) = (self.acked.get(i as usize), measured) {
+            acked.lock().expect("acked seqs").insert(seq);
         }
     }
 
@@ -1688,9 +1665,16 @@ impl WatchShared {
     /// Tells the watchers that the sends have stopped.
     fn sends_done(&self) {
         let last = self
-            .sent_seq
+            .acked
             .iter()
-            .map(|s| s.load(Ordering::Relaxed))
+            .map(|a| {
+                a.lock()
+                    .expect("acked seqs")
+                    .iter()
+                    .max()
+                    .copied()
+                    .unwrap_or(0)
+            })
             .collect();
         self.last_seq.send_replace(Some(Arc::new(last)));
     }
@@ -1715,11 +1699,10 @@ async fn open_watchers(
     api: &ChatStoreClient<AuthChannel>,
     (first_chat, chats): (u64, u64),
     quiet: bool,
-) -> anyhow::Result<(Vec<(usize, tonic::Streaming<pb::WatchEvent>)>, Stats, usize)> {
+) -> anyhow::Result<Opened> {
     let watchers = args.watchers();
-    let watched = chats.min(watchers as u64);
     // Watch from each chat's current pts, so no watcher replays old history.
-    let pts: Vec<u64> = futures::stream::iter(first_chat..first_chat + watched)
+    let pts: Vec<u64> = futures::stream::iter(first_chat..first_chat + chats)
         .map(|chat| {
             let mut api = api.clone();
             async move {
@@ -1745,7 +1728,7 @@ async fn open_watchers(
     for i in 0..watchers {
         let mut client = ChatStoreClient::new(channels[i % channels.len()].clone());
         let bar = bar.clone();
-        let slot = i % watched as usize;
+        let slot = i % chats as usize;
         let cursor = pb::Cursor {
             chat_id: first_chat + slot as u64,
             pts: pts[slot],
@@ -1780,6 +1763,53 @@ async fn open_watchers(
 /// What one watcher saw: its slot, the seq and latency of each event of a
 /// measured send, and its stream's failure if it had one.
 type Seen = (usize, Vec<(u64, Duration)>, Stats);
+
+/// Watch streams from [`open_watchers`]: the streams with their watcher
+/// slots, the failures to open one, and the connections they took.
+type Opened = (Vec<(usize, tonic::Streaming<pb::WatchEvent>)>, Stats, usize);
+
+/// Watch streams being read while sends go: what the senders note their
+/// sends in, and what the watchers will have seen.
+struct Watching {
+    shared: Arc<WatchShared>,
+    watchers: JoinSet<Seen>,
+    /// Streams open on each watched chat.
+    watchers_of: Vec<u64>,
+    open_errors: Stats,
+    connections: usize,
+}
+
+impl Watching {
+    /// Reads the streams `opened` on `chats` chats from `first_chat`, for
+    /// sends measured in `window`.
+    fn start(opened: Opened, window: Arc<Window>, (first_chat, chats): (u64, u64)) -> Watching {
+        let (streams, open_errors, connections) = opened;
+        let shared = Arc::new(WatchShared::new(window, first_chat, chats));
+        let mut watchers_of = vec![0u64; chats as usize];
+        let mut watchers = JoinSet::new();
+        for (slot, stream) in streams {
+            watchers_of[slot] += 1;
+            watchers.spawn(watcher(stream, slot, shared.clone()));
+        }
+        Watching {
+            shared,
+            watchers,
+            watchers_of,
+            open_errors,
+            connections,
+        }
+    }
+
+    /// Once the sends have stopped: adds the `deliver` row (see
+    /// [`collect_deliveries`]) and the streams that did not open to `stats`.
+    async fn finish(self, stats: &mut Stats) -> anyhow::Result<()> {
+        self.shared.sends_done();
+        let expected = self.shared.expected(|slot| self.watchers_of[slot]);
+        collect_deliveries(self.watchers, &self.shared, expected, stats).await?;
+        stats.merge(self.open_errors);
+        Ok(())
+    }
+}
 
 /// Waits up to [`DELIVERY_GRACE`] for every watcher to see its chat's last
 /// measured message, then adds to `stats` each event of a measured send
@@ -1840,14 +1870,9 @@ async fn watch(
 ) -> anyhow::Result<Report> {
     let chat = args.first_chat;
     let api = ChatStoreClient::new(channels[0].clone());
-    let (streams, open_errors, watch_connections) =
-        open_watchers(&args, &api, (chat, 1), quiet).await?;
-    let shared = Arc::new(WatchShared::new(Arc::new(Window::new(&args)), chat, 1));
-    let watching = streams.len() as u64;
-    let mut watchers = JoinSet::new();
-    for (slot, stream) in streams {
-        watchers.spawn(watcher(stream, slot, shared.clone()));
-    }
+    let opened = open_watchers(&args, &api, (chat, 1), quiet).await?;
+    let watching = Watching::start(opened, Arc::new(Window::new(&args)), (chat, 1));
+    let (shared, watch_connections) = (watching.shared.clone(), watching.connections);
 
     let line = progress_line(quiet);
     let drawing = Arc::new(AtomicBool::new(true));
@@ -1867,9 +1892,8 @@ async fn watch(
     let (sent, send_window_end) = watch_sender(&args, api, shared.clone()).await;
     // The CPU over the window the rates are per second of.
     let cpu_end = CpuSample::take(args.server_pid);
-    shared.sends_done();
     let mut stats = sent;
-    collect_deliveries(watchers, &shared, shared.expected(|_| watching), &mut stats).await?;
+    watching.finish(&mut stats).await?;
     drawing.store(false, Ordering::Relaxed);
     let _ = drawer.await;
     line.finish_and_clear();
@@ -1877,7 +1901,6 @@ async fn watch(
     let (client_cpu, server_cpu) = cpu_end.percent_since(&cpu_start);
 
     let measured = send_window_end.saturating_duration_since(shared.window.measure_from);
-    stats.merge(open_errors);
     Ok(Report {
         workload: Workload::Watch.name(),
         routers: args.routers.clone(),
