@@ -56,6 +56,18 @@ pub const RAFT_RPC_SECONDS: &str = "chatstore_raft_rpc_seconds";
 /// AppendEntries calls per message on a node pair's append stream.
 pub const RAFT_APPEND_BATCH: &str = "chatstore_raft_append_batch_calls";
 pub const ROUTER_REQUESTS: &str = "chatstore_router_requests_total";
+/// Watch long polls a router sent, by who sent them: a stream for itself
+/// (`by="stream"`) or a chat's shared poll for every stream that follows it
+/// (`by="shared"`).
+pub const ROUTER_WATCH_POLLS: &str = "chatstore_router_watch_polls_total";
+/// A router's shared Watch polls alive: each polls one chat for all of
+/// the router's streams that follow it (for a moment two of one chat, when
+/// one that ended is replaced).
+pub const ROUTER_WATCH_FEEDS: &str = "chatstore_router_watch_feeds";
+/// Watch streams that stopped following a chat's shared poll, behind what
+/// it keeps (a client reading slowly) or after it stopped, and went back to
+/// polling for themselves.
+pub const ROUTER_WATCH_FELL_BEHIND: &str = "chatstore_router_watch_fell_behind_total";
 pub const NODE_API_REQUESTS: &str = "chatstore_node_api_requests_total";
 
 /// Installs the Prometheus exporter listening on `addr`.

@@ -976,6 +976,117 @@ async fn watch_across_router_restart_and_leader_kill_loses_and_repeats_nothing()
     );
 }
 
+/// The series of `metric` in a Prometheus text body, by their labels
+/// (`by="stream"`), "" for a series without labels.
+fn series(body: &str, metric: &str) -> BTreeMap<String, u64> {
+    body.lines()
+        .filter_map(|l| l.strip_prefix(metric))
+        .filter_map(|l| {
+            let (labels, n) = l.rsplit_once(' ')?;
+            let labels = labels.trim_start_matches('{').trim_end_matches('}');
+            Some((labels.to_string(), n.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// Many streams of one router on one chat share its polls: each gets every
+/// change once, in pts order, whether it was there from the start, joined
+/// late from pts 0, or read nothing until the end (so fell behind what the
+/// shared poll keeps and polled for itself); and the router sent far fewer
+/// polls than one per stream per change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn streams_watching_one_chat_on_a_router_share_its_polls() {
+    let dir = TestDir::new("api-watch-shared");
+    let (mut cluster, _nodes) = start_cluster(&dir.path, 8).await;
+    let metrics = format!("127.0.0.1:{}", common::free_port());
+    cluster
+        .router_args
+        .insert("eu".into(), vec!["--metrics".into(), metrics.clone()]);
+    let router = cluster.start_router("eu");
+    let mut api = router_client(&router).await;
+    let chat = 77;
+    let (streams, total) = (6usize, 120u64);
+    let mut watching = Vec::new();
+    for _ in 0..streams {
+        watching.push(common::watch_chat(&mut api.clone(), chat, 0).await);
+    }
+    // Read by no one until every send is done, on a connection whose
+    // HTTP/2 windows hold little: the router's stream fills, and the chat's
+    // shared poll goes past what it keeps.
+    let small_windows = tonic::transport::Endpoint::from_shared(format!("http://{router}"))
+        .unwrap()
+        .initial_stream_window_size(65_535)
+        .initial_connection_window_size(65_535)
+        .connect()
+        .await
+        .expect("connect to the router");
+    let slow = common::watch_chat(&mut ChatStoreClient::new(small_windows), chat, 0).await;
+    let body = vec![b'w'; 2048];
+    let mut late = None;
+    for i in 1..=total {
+        api.send(pb::SendRequest {
+            chat_id: chat,
+            sender_id: 5,
+            client_msg_id: i,
+            body: body.clone().into(),
+            ..Default::default()
+        })
+        .await
+        .expect("send");
+        if i == total / 2 {
+            late = Some(common::watch_chat(&mut api.clone(), chat, 0).await);
+        }
+    }
+    let within = Duration::from_secs(30);
+    let mut readers = tokio::task::JoinSet::new();
+    for (i, mut stream) in watching
+        .into_iter()
+        .chain([late.unwrap(), slow])
+        .enumerate()
+    {
+        readers.spawn(async move {
+            let mut seqs = Vec::new();
+            let mut last_pts = 0;
+            while (seqs.len() as u64) < total {
+                let ev = common::next_event(&mut stream, within).await;
+                assert!(!ev.reset_required, "stream {i}: no reset");
+                assert_eq!(ev.pts, last_pts + 1, "stream {i}: no gap and no repeat");
+                last_pts = ev.pts;
+                let change = ev.change.expect("a change");
+                assert_eq!(change.message.expect("its message").body.len(), 2048);
+                seqs.push(change.seq);
+            }
+            (i, seqs)
+        });
+    }
+    while let Some(joined) = readers.join_next().await {
+        let (i, seqs) = joined.expect("a stream's reader");
+        assert_eq!(
+            seqs,
+            (1..=total).collect::<Vec<_>>(),
+            "stream {i}: every message once"
+        );
+    }
+    let body = common::http_get(&metrics, "/metrics").await;
+    let polls = series(&body, "chatstore_router_watch_polls_total");
+    let fell_behind = series(&body, "chatstore_router_watch_fell_behind_total");
+    let (own, shared) = (polls.get("by=\"stream\""), polls.get("by=\"shared\""));
+    eprintln!("watch polls: {polls:?}; fell behind: {fell_behind:?}");
+    assert!(
+        fell_behind.get("").is_some_and(|n| *n > 0),
+        "the stream read by no one fell behind what the shared poll keeps: {fell_behind:?}"
+    );
+    assert!(
+        shared.is_some_and(|n| *n > 0),
+        "a shared poll ran: {polls:?}"
+    );
+    // One poll per stream per change would be about 8 × 120.
+    assert!(
+        own.is_some_and(|n| *n < total),
+        "the streams' own polls are far fewer than one per change: {polls:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn send_batch_acknowledges_each_send_on_its_own() {
     let dir = TestDir::new("api-batch");

@@ -117,7 +117,7 @@ async fn chatctl_data_moderation_status_and_errors() {
     assert!(out.starts_with("ok:"), "{out}");
 
     // The router's Prometheus endpoint counts what it served.
-    let body = http_get(&metrics, "/metrics").await;
+    let body = common::http_get(&metrics, "/metrics").await;
     assert!(body.contains("chatstore_router_requests_total"), "{body}");
 
     // A node that is down: clear error, non-zero exit.
@@ -135,19 +135,4 @@ async fn chatctl_data_moderation_status_and_errors() {
     let (code, _, err) = chatctl(&["--router", "127.0.0.1:1", "history", "--chat", "1"]);
     assert_eq!(code, 2);
     assert!(err.contains("cannot reach the router"), "{err}");
-}
-
-async fn http_get(addr: &str, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("connect to metrics");
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
 }

@@ -45,6 +45,8 @@ pub struct ChatStoreService {
     pub watch_slots: Arc<Semaphore>,
     /// One permit per chat watched (all streams).
     watched_chats: Arc<Semaphore>,
+    /// The watched chats, and their shared polls.
+    watch_feeds: watch::Feeds,
     /// Turns true when the router stops: Watch streams end then, so that
     /// the server's graceful shutdown is not held up by them.
     stopping: tokio::sync::watch::Receiver<bool>,
@@ -77,6 +79,7 @@ impl ChatStoreService {
             stopping,
             watch_slots: Arc::new(Semaphore::new(WATCH_STREAMS_MAX)),
             watched_chats: Arc::new(Semaphore::new(WATCHED_CHATS_MAX)),
+            watch_feeds: watch::Feeds::default(),
             watches_by_connection: Arc::default(),
         }
     }
@@ -702,11 +705,12 @@ impl ChatStore for ChatStoreService {
         let counted = self.count_watch(peer)?;
         let (tx, events) = watch::event_stream();
         let (router, stopping) = (self.router.clone(), self.stopping.clone());
+        let feeds = self.watch_feeds.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let _chats = chats;
             let _counted = counted;
-            watch::run(router, r.cursors, tx, auth, stopping).await;
+            watch::run(router, feeds, r.cursors, tx, auth, stopping).await;
         });
         Ok(Response::new(Box::pin(events)))
     }

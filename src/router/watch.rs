@@ -1,15 +1,30 @@
 //! Watch: a server stream of changes to a set of chats, from given pts
 //! cursors.
 //!
-//! Each watched chat has a task that long-polls a replica (nearest first):
-//! "the difference after pts, once you have applied past index i". Every
-//! change is sent once, in pts order, and the cursor advances only past what
-//! was sent, so a replica restart, a leader change or a switch of replica
+//! Each watched chat of a stream has a task that sends its changes, from
+//! long polls of a replica (nearest first): "the difference after pts, once
+//! you have applied past index i". Every change is sent once, in pts order,
+//! and the next poll asks for what comes after the last change the poll
+//! answered, so a replica restart, a leader change or a switch of replica
 //! neither loses nor repeats an event. A client that reconnects (for example
 //! after a router restart) passes the last pts it received and resumes
 //! exactly there.
+//!
+//! A chat that two or more of a router's streams watch is polled once for
+//! all of them: a stream polls for itself until it is at the chat's head,
+//! then follows the chat's shared poll ([`Feeds`]), which keeps its latest
+//! changes for its streams to take at their own pace. A stream whose client
+//! reads too slowly for what the shared poll keeps polls for itself again
+//! from its own pts, and rejoins once it is back at the head. A stream joins
+//! only where the changes it would take were fetched within the last
+//! second: a kept change is not fetched again, so a body deleted since
+//! would go out to a stream that joined long after. A popular
+//! chat with thousands of watchers on a router costs its replica one poll
+//! per change, not one per watcher.
 
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -21,7 +36,7 @@ use crate::api::pb::{Cursor, WatchEvent};
 use crate::router::service::{WATCHED_CHATS_MAX, WATCH_STREAMS_MAX};
 use crate::router::Router;
 use crate::security::Role;
-use crate::types::now_ms;
+use crate::types::{now_ms, ShardId};
 
 /// How long a replica holds a watch poll open waiting for a new entry.
 pub const LONG_POLL_MS: u32 = 3_000;
@@ -43,14 +58,16 @@ const STREAM_BYTES_MAX: usize = 64 * 1024;
 
 /// About the most a router holds for Watch clients that read slowly or not
 /// at all (each stream's queue, and the poll answer each chat's task holds
-/// while it waits for room in it), past the overshoot of single messages
-/// larger than a bound: with every stream and chat slot taken, 1.6 GiB
+/// while it waits for room in it, the changes each shared poll keeps and
+/// the answer it holds), past the overshoot of single messages larger than
+/// a bound: with every stream, chat and shared-poll slot taken, 1.8 GiB
 /// (1 MiB per stream and 256 KiB per chat before, 20 GiB in all). hyper's
 /// HTTP/2 send buffer (up to 400 KiB a stream, within the windows the
 /// client grants) comes on top; tonic does not let it be set.
 pub const HELD_BYTES_MAX: usize = WATCH_STREAMS_MAX * (STREAM_BYTES_MAX + POLL_BYTES_MAX as usize)
-    + WATCHED_CHATS_MAX * POLL_BYTES_MIN as usize;
-const _: () = assert!(HELD_BYTES_MAX <= 1700 * 1024 * 1024);
+    + WATCHED_CHATS_MAX * POLL_BYTES_MIN as usize
+    + FEEDS_MAX * (FEED_KEPT_BYTES + FEED_POLL_BYTES as usize);
+const _: () = assert!(HELD_BYTES_MAX <= 1900 * 1024 * 1024);
 
 type Event = Result<WatchEvent, tonic::Status>;
 
@@ -147,6 +164,11 @@ impl EventSender {
     fn is_closed(&self) -> bool {
         self.tx.is_closed()
     }
+
+    /// Waits until the client has gone.
+    async fn closed(&self) {
+        self.tx.closed().await
+    }
 }
 /// Long polls in a row that a replica answers with no news while the
 /// shard's leader had applied past what the Watch waits for, before the
@@ -208,9 +230,12 @@ const REFUSALS_TO_END: u32 = 6;
 
 /// Streams the changes of `cursors` into `tx` until the receiver goes away,
 /// the token in `auth` no longer lets its holder watch (the stream ends
-/// with that error), or `stopping` turns true (the router stops).
+/// with that error), or `stopping` turns true (the router stops). A chat
+/// that other streams of this router watch too is polled once for all of
+/// them (`feeds`).
 pub async fn run(
     router: Router,
+    feeds: Feeds,
     cursors: Vec<Cursor>,
     tx: EventSender,
     auth: tonic::metadata::MetadataMap,
@@ -219,7 +244,13 @@ pub async fn run(
     let mut tasks = tokio::task::JoinSet::new();
     let poll_bytes = poll_bytes(cursors.len());
     for c in cursors {
-        tasks.spawn(watch_chat(router.clone(), c, tx.clone(), poll_bytes));
+        tasks.spawn(watch_chat(
+            router.clone(),
+            feeds.clone(),
+            c,
+            tx.clone(),
+            poll_bytes,
+        ));
     }
     let mut recheck = tokio::time::interval(crate::security::FILES_CHECKED_EVERY);
     // A dropped sender means no stop will come.
@@ -267,38 +298,167 @@ fn poll_bytes(chats: usize) -> u32 {
     (share.min(u32::MAX as usize) as u32).clamp(POLL_BYTES_MIN, POLL_BYTES_MAX)
 }
 
-/// Polls one chat's changes into `tx` until the client goes; returns the
-/// refusal the Watch must end with if polls keep being refused.
+/// Sends one chat's changes into `tx` until the client goes; returns the
+/// refusal the Watch must end with if polls keep being refused. The stream
+/// polls for itself until it is at the chat's head; from there it follows
+/// the chat's shared poll when there is one (or another stream here watches
+/// the chat), and polls for itself again if it falls behind what that
+/// poll keeps.
 async fn watch_chat(
     router: Router,
+    feeds: Feeds,
     cursor: Cursor,
     tx: EventSender,
     poll_bytes: u32,
 ) -> Option<tonic::Status> {
-    let shard = router.shard_of(cursor.chat_id);
-    let mut pts = cursor.pts;
-    let mut after_index = 0u64;
-    let mut replica = 0usize;
-    let mut failures = 0u32;
-    let mut refusals = 0u32;
-    let mut stuck = 0u32;
-    // Answers in a row from a replica far behind, and since when the
-    // Watch is off the nearest replica.
-    let mut placement = (0u32, None);
+    let _counted = feeds.count(cursor.chat_id);
+    let mut poll = ChatPoll::new(&router, cursor, poll_bytes, POLLS_BY_STREAM);
+    let mut feed = feeds.joinable(poll.chat, poll.pts);
     loop {
+        if let Some(shared) = feed.take() {
+            match follow(&shared, &mut poll.pts, &tx).await {
+                Followed::Gone => return None,
+                Followed::Ended(status) => return Some(status),
+                // Behind what the shared poll keeps (or it stopped): polls
+                // for itself again, from its own pts.
+                Followed::Behind => {
+                    metrics::counter!(crate::metrics::ROUTER_WATCH_FELL_BEHIND).increment(1);
+                    poll.rejoin_own();
+                }
+            }
+        }
         if tx.is_closed() {
             return None;
         }
-        let query = Query::Difference(DifferenceQuery {
-            chat_id: cursor.chat_id,
+        let at_head = match poll.next(&router).await {
+            Polled::Refused(status) => return Some(status),
+            Polled::Failed | Polled::Waited => false,
+            Polled::Events { events, at_head } => {
+                for (event, hide_at) in events {
+                    if tx.send(event, hide_at).await.is_err() {
+                        return None;
+                    }
+                }
+                at_head
+            }
+        };
+        // A shared poll starts only from an answer up to the chat's head:
+        // not from a wait with no news, which a replica that applies
+        // nothing gives too.
+        feed = match at_head && poll.after_index > 0 {
+            true => feeds.feed_for(&router, &poll),
+            false => feeds.joinable(poll.chat, poll.pts),
+        };
+    }
+}
+
+/// Who sends a Watch poll, as counted in
+/// [`crate::metrics::ROUTER_WATCH_POLLS`]: one stream for itself, or a
+/// chat's shared poll for every stream here that follows it.
+const POLLS_BY_STREAM: &str = "stream";
+const POLLS_BY_FEED: &str = "shared";
+
+/// One chat's long polls on its shard's replicas: how far they have come
+/// and where the next one goes.
+struct ChatPoll {
+    chat: u64,
+    shard: ShardId,
+    /// The last pts handed on.
+    pts: u64,
+    /// Every entry up to this index is in what was handed on (0: the next
+    /// poll answers at once).
+    after_index: u64,
+    bytes_max: u32,
+    replica: usize,
+    failures: u32,
+    refusals: u32,
+    stuck: u32,
+    /// Answers in a row from a replica far behind, and since when the
+    /// polls are off the nearest replica.
+    placement: (u32, Option<Instant>),
+    by: &'static str,
+}
+
+/// What one poll gave.
+enum Polled {
+    /// The answer's events in pts order (a reset first), and whether the
+    /// chat had nothing after them when the replica answered.
+    Events {
+        events: Vec<(WatchEvent, Option<Instant>)>,
+        at_head: bool,
+    },
+    /// The replica did not apply past the poll's index within the wait:
+    /// usually nothing changed, but a replica that applies nothing answers
+    /// the same (the next poll may go elsewhere).
+    Waited,
+    /// The replica failed; the next poll goes to the next one, after a
+    /// pause.
+    Failed,
+    /// Every replica kept refusing the chat: the Watch ends with this.
+    Refused(tonic::Status),
+}
+
+impl ChatPoll {
+    fn new(router: &Router, cursor: Cursor, bytes_max: u32, by: &'static str) -> ChatPoll {
+        ChatPoll {
+            bytes_max,
+            by,
+            ..ChatPoll::new_at(cursor.chat_id, router.shard_of(cursor.chat_id), cursor.pts)
+        }
+    }
+
+    /// A shared poll that goes on from where this one stands.
+    fn shared(&self) -> ChatPoll {
+        ChatPoll {
+            bytes_max: FEED_POLL_BYTES,
+            replica: self.replica,
+            after_index: self.after_index,
+            placement: self.placement,
+            stuck: self.stuck,
+            by: POLLS_BY_FEED,
+            ..ChatPoll::new_at(self.chat, self.shard, self.pts)
+        }
+    }
+
+    /// Goes back to polling for itself after following a shared poll: the
+    /// next poll answers at once from its pts, with none of its earlier
+    /// failures counted.
+    fn rejoin_own(&mut self) {
+        self.after_index = 0;
+        self.failures = 0;
+        self.refusals = 0;
+        self.stuck = 0;
+    }
+
+    fn new_at(chat: u64, shard: ShardId, pts: u64) -> ChatPoll {
+        ChatPoll {
+            chat,
+            shard,
             pts,
+            after_index: 0,
+            bytes_max: POLL_BYTES_MIN,
+            replica: 0,
+            failures: 0,
+            refusals: 0,
+            stuck: 0,
+            placement: (0, None),
+            by: POLLS_BY_STREAM,
+        }
+    }
+
+    /// Sends the next poll: the changes after `pts`, once the replica has
+    /// applied past `after_index` (at once when that is 0).
+    async fn next(&mut self, router: &Router) -> Polled {
+        metrics::counter!(crate::metrics::ROUTER_WATCH_POLLS, "by" => self.by).increment(1);
+        let query = Query::Difference(DifferenceQuery {
+            chat_id: self.chat,
+            pts: self.pts,
             limit: POLL_CHANGES_MAX,
-            bytes_max: poll_bytes,
+            bytes_max: self.bytes_max,
             wait_for_change: true,
         });
-        // First poll: answer now (min index 0); later: wait for news.
         let (used, result) = router
-            .read_for_watch(shard, after_index, query, replica)
+            .read_for_watch(self.shard, self.after_index, query, self.replica)
             .await;
         let reply = match result {
             Ok(r) => r,
@@ -306,47 +466,46 @@ async fn watch_chat(
                 // A replica that timed out waiting is fine; one that is down
                 // or failing makes us move to the next.
                 if !crate::api::status::is_behind(&status) {
-                    refusals = match worth_retrying(&status) {
+                    self.refusals = match worth_retrying(&status) {
                         true => 0,
-                        false => refusals + 1,
+                        false => self.refusals + 1,
                     };
-                    if refusals >= REFUSALS_TO_END {
+                    if self.refusals >= REFUSALS_TO_END {
                         // INTERNAL: the cluster's fault, not the caller's
                         // (a node's own code, such as FAILED_PRECONDITION,
                         // means something else on this API).
-                        return Some(tonic::Status::internal(format!(
+                        return Polled::Refused(tonic::Status::internal(format!(
                             "watching chat {}: every replica refused it {REFUSALS_TO_END} times in a row: {:?}: {}",
-                            cursor.chat_id,
+                            self.chat,
                             status.code(),
                             status.message()
                         )));
                     }
-                    replica = used + 1;
-                    failures += 1;
-                    let backoff = Duration::from_millis((50u64 << failures.min(4)).min(1000));
+                    self.replica = used + 1;
+                    self.failures += 1;
+                    let backoff = Duration::from_millis((50u64 << self.failures.min(4)).min(1000));
                     tokio::time::sleep(backoff).await;
-                    continue;
+                    return Polled::Failed;
                 }
                 // The replica waited with no news. Usually the chat is
                 // idle; but a replica that is up yet applies nothing (cut
                 // off from its leader, or its disk failed) answers the same
                 // way forever. If the leader had applied past what we wait
                 // for, more than once, try the next replica.
-                stuck = if router.leader_applied(shard) > after_index {
-                    stuck + 1
-                } else {
-                    0
+                self.stuck = match router.leader_applied(self.shard) > self.after_index {
+                    true => self.stuck + 1,
+                    false => 0,
                 };
-                if stuck >= STUCK_POLLS {
-                    replica = used + 1;
-                    stuck = 0;
+                if self.stuck >= STUCK_POLLS {
+                    self.replica = used + 1;
+                    self.stuck = 0;
                 }
-                continue;
+                return Polled::Waited;
             }
         };
-        failures = 0;
-        refusals = 0;
-        stuck = 0;
+        self.failures = 0;
+        self.refusals = 0;
+        self.stuck = 0;
         let received = Instant::now();
         // Every entry up to here is in the answer. Not `applied_index`:
         // that may name an apply call still writing, whose change this
@@ -356,10 +515,10 @@ async fn watch_chat(
             complete => complete,
         };
         // Where the replica stands against its leader says whether to stay.
-        replica = next_replica(
+        self.replica = next_replica(
             used,
-            (complete, router.leader_applied(shard)),
-            &mut placement,
+            (complete, router.leader_applied(self.shard)),
+            &mut self.placement,
             received,
         );
         let node_now = match reply.now_ms {
@@ -367,41 +526,376 @@ async fn watch_chat(
             at => at,
         };
         let Some(diff) = reply.difference else {
-            continue;
-        };
-        if diff.reset_required {
-            let event = WatchEvent {
-                change: None,
-                reset_required: true,
-                chat_id: cursor.chat_id,
-                pts: diff.pts,
-                served_by_node: reply.served_by_node,
+            return Polled::Events {
+                events: Vec::new(),
+                at_head: false,
             };
-            if tx.send(event, None).await.is_err() {
-                return None;
-            }
-            pts = diff.pts;
+        };
+        let mut events = Vec::with_capacity(diff.changes.len() + 1);
+        if diff.reset_required {
+            events.push((
+                WatchEvent {
+                    change: None,
+                    reset_required: true,
+                    chat_id: self.chat,
+                    pts: diff.pts,
+                    served_by_node: reply.served_by_node,
+                },
+                None,
+            ));
+            self.pts = diff.pts;
         }
         for change in diff.changes {
-            if change.pts <= pts {
+            if change.pts <= self.pts {
                 continue;
             }
-            pts = change.pts;
+            self.pts = change.pts;
             let event = WatchEvent {
-                chat_id: cursor.chat_id,
+                chat_id: self.chat,
                 pts: change.pts,
                 change: Some(change),
                 reset_required: false,
                 served_by_node: reply.served_by_node,
             };
             let hide_at = hide_at(&event, received, node_now);
-            if tx.send(event, hide_at).await.is_err() {
-                return None;
-            }
+            events.push((event, hide_at));
         }
         // With more changes pending, poll again at once from the same index.
         if !diff.more {
-            after_index = complete;
+            self.after_index = complete;
+        }
+        Polled::Events {
+            events,
+            at_head: !diff.more,
+        }
+    }
+}
+
+/// Most chats one router polls once for all of its streams that watch them
+/// (a chat two or more of its streams watch); past it, each stream polls
+/// for itself, as a stream alone on its chat does.
+const FEEDS_MAX: usize = 5_000;
+/// Most bytes of messages one shared poll fetches (its first message may
+/// pass it).
+const FEED_POLL_BYTES: u32 = 16 * 1024;
+/// Most bytes a shared poll keeps for the streams that follow it, each
+/// change counted with what holding it costs besides its encoded bytes
+/// (its newest change is kept whatever its size). A stream that falls
+/// further behind, its client reading slowly, polls for itself until it is
+/// back at the chat's head.
+const FEED_KEPT_BYTES: usize = 32 * 1024;
+/// What a kept change costs besides its encoded bytes: the event as a
+/// struct, its reference count and its place in the queue.
+const KEPT_OVERHEAD_BYTES: usize = std::mem::size_of::<Shared>() + 32;
+/// A stream joins a shared poll only where the changes it would take from
+/// it were fetched at most this long ago. Kept changes are not fetched
+/// again: a message deleted, or a chat closed, since keeps its body there,
+/// which a stream that polled for itself would not get.
+const JOIN_AGE_MAX: Duration = Duration::from_secs(1);
+
+/// The chats this router's streams watch: how many streams watch each, and
+/// its shared poll while it has one.
+#[derive(Clone, Default)]
+pub struct Feeds {
+    chats: Arc<Mutex<HashMap<u64, Watchers>>>,
+    alive: Arc<AtomicUsize>,
+}
+
+#[derive(Default)]
+struct Watchers {
+    streams: usize,
+    feed: Weak<Feed>,
+}
+
+/// A stream's watch of one chat, counted in [`Feeds`] while it lasts.
+struct Counted {
+    feeds: Feeds,
+    chat: u64,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        let mut chats = self.feeds.chats.lock().expect("watch feeds");
+        if let Some(w) = chats.get_mut(&self.chat) {
+            w.streams -= 1;
+            if w.streams == 0 {
+                chats.remove(&self.chat);
+            }
+        }
+    }
+}
+
+impl Feeds {
+    fn count(&self, chat: u64) -> Counted {
+        let mut chats = self.chats.lock().expect("watch feeds");
+        chats.entry(chat).or_default().streams += 1;
+        Counted {
+            feeds: self.clone(),
+            chat,
+        }
+    }
+
+    /// The chat's shared poll, if it has one a stream at `pts` may follow.
+    fn joinable(&self, chat: u64, pts: u64) -> Option<Arc<Feed>> {
+        let feed = self
+            .chats
+            .lock()
+            .expect("watch feeds")
+            .get(&chat)?
+            .feed
+            .upgrade()?;
+        let joinable = feed.lock().joinable(pts, Instant::now());
+        joinable.then_some(feed)
+    }
+
+    /// For a stream whose `poll` has just been answered up to its chat's
+    /// head: the chat's shared poll if the stream may follow it; or a new
+    /// one from there, if the chat has none that still polls, another
+    /// stream here watches it too and there is room for one.
+    fn feed_for(&self, router: &Router, poll: &ChatPoll) -> Option<Arc<Feed>> {
+        let mut chats = self.chats.lock().expect("watch feeds");
+        let watchers = chats.get_mut(&poll.chat)?;
+        if let Some(feed) = watchers.feed.upgrade() {
+            let kept = feed.lock();
+            if kept.end.is_none() {
+                let joinable = kept.joinable(poll.pts, Instant::now());
+                drop(kept);
+                return joinable.then_some(feed);
+            }
+        }
+        if watchers.streams < 2 || self.alive.load(Ordering::Relaxed) >= FEEDS_MAX {
+            return None;
+        }
+        let feed = Feed::start(router, poll.shared(), self.alive.clone());
+        watchers.feed = Arc::downgrade(&feed);
+        Some(feed)
+    }
+}
+
+/// One chat's shared poll: the changes it fetched lately, for the streams
+/// that follow it. Its polling stops when the last of them lets go.
+struct Feed {
+    kept: Mutex<Kept>,
+    /// Bumped after each answer that brought changes, and when the polling
+    /// ends.
+    news: tokio::sync::watch::Sender<()>,
+    poller: OnceLock<tokio::task::AbortHandle>,
+    alive: Arc<AtomicUsize>,
+}
+
+impl Feed {
+    fn start(router: &Router, poll: ChatPoll, alive: Arc<AtomicUsize>) -> Arc<Feed> {
+        alive.fetch_add(1, Ordering::Relaxed);
+        metrics::gauge!(crate::metrics::ROUTER_WATCH_FEEDS).increment(1);
+        let feed = Arc::new(Feed {
+            kept: Mutex::new(Kept::after(poll.pts)),
+            news: tokio::sync::watch::Sender::new(()),
+            poller: OnceLock::new(),
+            alive,
+        });
+        let task = tokio::spawn(poll_for_feed(router.clone(), Arc::downgrade(&feed), poll));
+        let _ = feed.poller.set(task.abort_handle());
+        feed
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Kept> {
+        self.kept.lock().expect("watch feed")
+    }
+
+    /// Marks the polling ended (if nothing else did) and wakes the streams.
+    fn end(&self, end: End) {
+        self.lock().end.get_or_insert(end);
+        self.news.send_replace(());
+    }
+}
+
+impl Drop for Feed {
+    fn drop(&mut self) {
+        if let Some(poller) = self.poller.get() {
+            poller.abort();
+        }
+        self.alive.fetch_sub(1, Ordering::Relaxed);
+        metrics::gauge!(crate::metrics::ROUTER_WATCH_FEEDS).decrement(1);
+    }
+}
+
+/// Ends a shared poll however its task stops while streams still follow
+/// it (a panic included): they go back to polling for themselves.
+struct StopsFeed(Weak<Feed>);
+
+impl Drop for StopsFeed {
+    fn drop(&mut self) {
+        if let Some(feed) = self.0.upgrade() {
+            feed.end(End::Stopped);
+        }
+    }
+}
+
+/// Polls a chat for its [`Feed`] until the feed is gone or every replica
+/// keeps refusing the chat.
+async fn poll_for_feed(router: Router, feed: Weak<Feed>, mut poll: ChatPoll) {
+    let _stops = StopsFeed(feed.clone());
+    loop {
+        let polled = poll.next(&router).await;
+        let Some(feed) = feed.upgrade() else {
+            return;
+        };
+        match polled {
+            Polled::Refused(status) => {
+                feed.end(End::Refused(status));
+                return;
+            }
+            Polled::Events { events, .. } if !events.is_empty() => {
+                let fetched = Instant::now();
+                let mut kept = feed.lock();
+                for (event, hide_at) in events {
+                    kept.push(event, hide_at, fetched);
+                }
+                drop(kept);
+                feed.news.send_replace(());
+            }
+            _ => {}
+        }
+    }
+}
+
+/// A change as a shared poll keeps it for its streams.
+#[derive(Debug)]
+struct Shared {
+    event: WatchEvent,
+    hide_at: Option<Instant>,
+    fetched: Instant,
+    bytes: usize,
+}
+
+/// Why a shared poll stopped polling.
+enum End {
+    /// Every replica kept refusing the chat: its streams end with this.
+    Refused(tonic::Status),
+    /// Its task stopped otherwise: its streams poll for themselves.
+    Stopped,
+}
+
+/// The changes a shared poll keeps: every change after pts `after`, in pts
+/// order, and how its polling ended, if it did.
+#[derive(Default)]
+struct Kept {
+    changes: VecDeque<Arc<Shared>>,
+    after: u64,
+    bytes: usize,
+    end: Option<End>,
+}
+
+/// What a stream that follows a shared poll from a pts does next.
+#[derive(Debug)]
+enum Next {
+    Send(Arc<Shared>),
+    Wait,
+    /// The poll no longer keeps the change after that pts, or stopped.
+    Behind,
+    Ended(tonic::Status),
+}
+
+impl Kept {
+    fn after(pts: u64) -> Kept {
+        Kept {
+            after: pts,
+            ..Kept::default()
+        }
+    }
+
+    /// Keeps the next event of the poll, fetched at `fetched` (a reset
+    /// drops what it kept: a stream behind it polls for itself and gets its
+    /// own reset), and lets go of the oldest changes past
+    /// [`FEED_KEPT_BYTES`].
+    fn push(&mut self, event: WatchEvent, hide_at: Option<Instant>, fetched: Instant) {
+        if event.reset_required {
+            self.changes.clear();
+            self.bytes = 0;
+            self.after = event.pts;
+            return;
+        }
+        let bytes = event.encoded_len() + KEPT_OVERHEAD_BYTES;
+        self.bytes += bytes;
+        self.changes.push_back(Arc::new(Shared {
+            event,
+            hide_at,
+            fetched,
+            bytes,
+        }));
+        while self.bytes > FEED_KEPT_BYTES && self.changes.len() > 1 {
+            let oldest = self.changes.pop_front().expect("more than one");
+            self.bytes -= oldest.bytes;
+            self.after = oldest.event.pts;
+        }
+    }
+
+    /// Whether a stream at `pts` may start to follow the poll at `now`: it
+    /// still polls, keeps every change after `pts`, and fetched them lately
+    /// ([`JOIN_AGE_MAX`]).
+    fn joinable(&self, pts: u64, now: Instant) -> bool {
+        if self.end.is_some() || pts < self.after {
+            return false;
+        }
+        let i = self.changes.partition_point(|c| c.event.pts <= pts);
+        self.changes
+            .get(i)
+            .is_none_or(|c| now.duration_since(c.fetched) <= JOIN_AGE_MAX)
+    }
+
+    fn next_after(&self, pts: u64) -> Next {
+        if pts < self.after {
+            return Next::Behind;
+        }
+        let i = self.changes.partition_point(|c| c.event.pts <= pts);
+        match (self.changes.get(i), &self.end) {
+            (Some(change), _) => Next::Send(change.clone()),
+            (None, Some(End::Refused(status))) => Next::Ended(status.clone()),
+            (None, Some(End::Stopped)) => Next::Behind,
+            (None, None) => Next::Wait,
+        }
+    }
+}
+
+/// How following a shared poll ended.
+enum Followed {
+    /// The client went away.
+    Gone,
+    /// The stream fell behind what the poll keeps, or the poll stopped.
+    Behind,
+    /// The poll ended with this refusal.
+    Ended(tonic::Status),
+}
+
+/// Sends `feed`'s changes after `pts` into `tx` as they come, advancing
+/// `pts` past each one sent.
+async fn follow(feed: &Feed, pts: &mut u64, tx: &EventSender) -> Followed {
+    let mut news = feed.news.subscribe();
+    loop {
+        let next = feed.lock().next_after(*pts);
+        match next {
+            Next::Send(change) => {
+                // Not held while the stream waits for room: the poll may let
+                // go of it meanwhile.
+                let (event, hide_at, at) = (change.event.clone(), change.hide_at, change.event.pts);
+                drop(change);
+                if tx.send(event, hide_at).await.is_err() {
+                    return Followed::Gone;
+                }
+                *pts = at;
+            }
+            Next::Wait => {
+                tokio::select! {
+                    changed = news.changed() => {
+                        if changed.is_err() {
+                            return Followed::Behind;
+                        }
+                    }
+                    _ = tx.closed() => return Followed::Gone,
+                }
+            }
+            Next::Behind => return Followed::Behind,
+            Next::Ended(status) => return Followed::Ended(status),
         }
     }
 }
@@ -529,6 +1023,96 @@ mod tests {
         // Sent to self-destruct after sending, with no expiry given: none.
         let timed = with_policy(Policy::AfterSendSecs(60));
         assert_eq!(hide_at(&timed, received, 1_000_000), None);
+    }
+
+    /// A shared poll hands each change after a stream's pts once, in pts
+    /// order; keeps at most its byte bound (the newest change always); sends
+    /// a stream behind what it keeps, behind a reset, or on a poll that
+    /// stopped, back to polling for itself; and passes its refusal on only
+    /// after the changes it kept.
+    #[test]
+    fn a_shared_poll_keeps_its_latest_changes_for_its_streams() {
+        let now = Instant::now();
+        let mut kept = Kept::after(10);
+        assert!(matches!(kept.next_after(10), Next::Wait));
+        assert!(matches!(kept.next_after(12), Next::Wait), "ahead: waits");
+        assert!(matches!(kept.next_after(9), Next::Behind));
+        for pts in 11..=13 {
+            kept.push(event(pts, 10), None, now);
+        }
+        let sent = |next: Next| match next {
+            Next::Send(change) => change.event.pts,
+            other => panic!("a change to send, not {other:?}"),
+        };
+        assert_eq!(sent(kept.next_after(10)), 11);
+        assert_eq!(sent(kept.next_after(11)), 12);
+        assert_eq!(sent(kept.next_after(12)), 13);
+        assert!(matches!(kept.next_after(13), Next::Wait));
+        // Past its byte bound it lets go of the oldest: a stream still
+        // there is behind.
+        let big = FEED_KEPT_BYTES / 2 - KEPT_OVERHEAD_BYTES - 100;
+        kept.push(event(14, big), None, now);
+        kept.push(event(15, big), None, now);
+        assert!(kept.bytes <= FEED_KEPT_BYTES);
+        assert_eq!(kept.after, 13, "14 and 15 fit, with nothing else");
+        assert!(matches!(kept.next_after(12), Next::Behind));
+        assert_eq!(sent(kept.next_after(13)), 14);
+        assert_eq!(sent(kept.next_after(14)), 15);
+        // Many small changes are bounded by what holding them costs.
+        for pts in 16..1_000 {
+            kept.push(event(pts, 0), None, now);
+        }
+        assert!(kept.bytes <= FEED_KEPT_BYTES);
+        assert!(kept.changes.len() < FEED_KEPT_BYTES / KEPT_OVERHEAD_BYTES);
+        // The newest change stays, however large.
+        kept.push(event(1_000, FEED_KEPT_BYTES * 2), None, now);
+        assert_eq!(kept.changes.len(), 1);
+        assert_eq!(sent(kept.next_after(999)), 1_000);
+        // A reset drops everything before it.
+        let reset = WatchEvent {
+            chat_id: 1,
+            pts: 1_040,
+            reset_required: true,
+            ..Default::default()
+        };
+        kept.push(reset, None, now);
+        assert!(matches!(kept.next_after(1_000), Next::Behind));
+        assert!(matches!(kept.next_after(1_040), Next::Wait));
+        kept.push(event(1_041, 10), None, now);
+        // A refusal comes after the changes kept before it.
+        kept.end = Some(End::Refused(tonic::Status::internal("refused")));
+        assert_eq!(sent(kept.next_after(1_040)), 1_041);
+        assert!(matches!(kept.next_after(1_041), Next::Ended(_)));
+        // A poll that stopped otherwise sends its streams back to their own
+        // polls, after what it kept.
+        kept.end = Some(End::Stopped);
+        assert_eq!(sent(kept.next_after(1_040)), 1_041);
+        assert!(matches!(kept.next_after(1_041), Next::Behind));
+    }
+
+    /// A stream joins a shared poll only where the changes it would take
+    /// from it are fresh, at or past what it keeps, and while it polls.
+    #[test]
+    fn a_stream_joins_a_shared_poll_only_for_changes_fetched_lately() {
+        let then = Instant::now();
+        let mut kept = Kept::after(10);
+        kept.push(event(11, 10), None, then);
+        kept.push(event(12, 10), None, then + JOIN_AGE_MAX);
+        let soon = then + JOIN_AGE_MAX;
+        assert!(kept.joinable(10, soon));
+        assert!(!kept.joinable(9, soon), "before what it keeps");
+        let later = then + JOIN_AGE_MAX + Duration::from_millis(1);
+        assert!(
+            !kept.joinable(10, later),
+            "change 11 was fetched too long ago"
+        );
+        assert!(kept.joinable(11, later), "change 12 is fresh");
+        assert!(
+            kept.joinable(12, later + JOIN_AGE_MAX * 100),
+            "nothing to take"
+        );
+        kept.end = Some(End::Stopped);
+        assert!(!kept.joinable(12, later), "no longer polls");
     }
 
     /// A stream holds at most its byte bound of events its client has not

@@ -839,8 +839,9 @@ fn record(history: &History, session: usize, invoke: Instant, kind: OpKind) {
     });
 }
 
-/// Watchers a chaos run keeps, each on chats 1-3.
-const WATCHERS: usize = 2;
+/// Watchers a chaos run keeps, each on chats 1-3. Watchers 0 and 1 start
+/// on the same router, so its streams share their chats' polls.
+const WATCHERS: usize = 3;
 
 /// Waits until every watcher has each watched chat's pts as a LINEARIZABLE
 /// read gives it now; the chats some watcher is still behind on after
@@ -910,7 +911,7 @@ pub async fn run_watcher(
 ) {
     let chats: Vec<u64> = (1..=3).collect();
     let mut last: BTreeMap<u64, u64> = chats.iter().map(|c| (*c, 0)).collect();
-    let mut attempt = id;
+    let mut attempt = id / 2 * 2;
     while !stop.load(Ordering::Relaxed) {
         attempt += 1;
         let Some(mut api) = connect(&routers, attempt).await else {

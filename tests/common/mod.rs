@@ -683,3 +683,19 @@ pub async fn wait_all_quiet(nodes: &Client, ids: &[u64], shards: u64, within: Du
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// The body of an HTTP/1.1 GET of `path` from `addr` (a metrics endpoint).
+pub async fn http_get(addr: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to metrics");
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
