@@ -1038,35 +1038,47 @@ async fn streams_watching_one_chat_on_a_router_share_its_polls() {
         }
     }
     let within = Duration::from_secs(30);
-    let mut readers = tokio::task::JoinSet::new();
-    for (i, mut stream) in watching
-        .into_iter()
-        .chain([late.unwrap(), slow])
-        .enumerate()
-    {
-        readers.spawn(async move {
-            let mut seqs = Vec::new();
-            let mut last_pts = 0;
-            while (seqs.len() as u64) < total {
-                let ev = common::next_event(&mut stream, within).await;
-                assert!(!ev.reset_required, "stream {i}: no reset");
-                assert_eq!(ev.pts, last_pts + 1, "stream {i}: no gap and no repeat");
-                last_pts = ev.pts;
-                let change = ev.change.expect("a change");
-                assert_eq!(change.message.expect("its message").body.len(), 2048);
-                seqs.push(change.seq);
-            }
-            (i, seqs)
-        });
-    }
-    while let Some(joined) = readers.join_next().await {
-        let (i, seqs) = joined.expect("a stream's reader");
+    let read_all = |i: usize, mut stream: tonic::Streaming<pb::WatchEvent>| async move {
+        let mut seqs = Vec::new();
+        let mut last_pts = 0;
+        while (seqs.len() as u64) < total {
+            let ev = common::next_event(&mut stream, within).await;
+            assert!(!ev.reset_required, "stream {i}: no reset");
+            assert_eq!(ev.pts, last_pts + 1, "stream {i}: no gap and no repeat");
+            last_pts = ev.pts;
+            let change = ev.change.expect("a change");
+            assert_eq!(change.message.expect("its message").body.len(), 2048);
+            seqs.push(change.seq);
+        }
         assert_eq!(
             seqs,
             (1..=total).collect::<Vec<_>>(),
             "stream {i}: every message once"
         );
+    };
+    let mut readers = tokio::task::JoinSet::new();
+    for (i, stream) in watching.into_iter().chain(late).enumerate() {
+        readers.spawn(read_all(i, stream));
     }
+    while let Some(joined) = readers.join_next().await {
+        joined.expect("a stream's reader");
+    }
+    // Those streams are closed now. The unread one, waiting for room, keeps
+    // no shared poll going.
+    let feeds_at_end = Instant::now() + Duration::from_secs(20);
+    loop {
+        let body = common::http_get(&metrics, "/metrics").await;
+        let feeds = series(&body, "chatstore_router_watch_feeds");
+        if feeds.get("") == Some(&0) {
+            break;
+        }
+        assert!(
+            Instant::now() < feeds_at_end,
+            "a shared poll outlived every stream that reads: {feeds:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    read_all(streams + 1, slow).await;
     let body = common::http_get(&metrics, "/metrics").await;
     let polls = series(&body, "chatstore_router_watch_polls_total");
     let fell_behind = series(&body, "chatstore_router_watch_fell_behind_total");

@@ -11,16 +11,19 @@
 //! exactly there.
 //!
 //! A chat that two or more of a router's streams watch is polled once for
-//! all of them: a stream polls for itself until it is at the chat's head,
-//! then follows the chat's shared poll ([`Feeds`]), which keeps its latest
-//! changes for its streams to take at their own pace. A stream whose client
-//! reads too slowly for what the shared poll keeps polls for itself again
-//! from its own pts, and rejoins once it is back at the head. A stream joins
-//! only where the changes it would take were fetched within the last
-//! second: a kept change is not fetched again, so a body deleted since
-//! would go out to a stream that joined long after. A popular
-//! chat with thousands of watchers on a router costs its replica one poll
-//! per change, not one per watcher.
+//! all of them ([`Feeds`]). The chat's shared poll keeps its latest changes
+//! for its streams to take at their own pace. A stream follows it from the
+//! moment the poll keeps every change after the stream's pts, fetched
+//! within the last second (a kept change is not fetched again, so a body
+//! deleted since must not go to a stream that joins long after); until then
+//! it polls for itself, and a stream whose own poll reaches the chat's head
+//! starts the shared poll if the chat has none and another stream here
+//! watches it. A stream that falls behind what the shared poll keeps (its
+//! client reads slowly) polls for itself again from its own pts; one whose
+//! client has no room lets go of the shared poll while it waits, so the
+//! poll stops once no stream that keeps up follows it. A popular chat with
+//! thousands of watchers on a router costs its replica one poll per
+//! change, not one per watcher.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -104,6 +107,17 @@ pub fn event_stream() -> (
 /// must be left out.
 type Queued = (Event, Option<OwnedSemaphorePermit>, Option<Instant>);
 
+/// What [`EventSender::try_send`] did. Held for a moment, on the stack: a
+/// box for the event would cost an allocation per event.
+#[allow(clippy::large_enum_variant)]
+enum TrySend {
+    Queued,
+    /// No room now: the event, to send when there is.
+    Full(WatchEvent),
+    /// The client has gone.
+    Gone,
+}
+
 /// When the self-destructing body `event` carries must no longer be handed
 /// on: when a read on the replica that sent it would hide it, by that
 /// replica's clock (`node_now` when it answered, at `received` here) and the
@@ -151,6 +165,21 @@ impl EventSender {
             .send((Ok(event), Some(permit), hide_at))
             .await
             .map_err(|_| ())
+    }
+
+    /// Queues `event` if there is room for it now; gives it back if not.
+    fn try_send(&self, event: WatchEvent, hide_at: Option<Instant>) -> TrySend {
+        let n = event.encoded_len().clamp(1, STREAM_BYTES_MAX) as u32;
+        let permit = match self.bytes.clone().try_acquire_many_owned(n) {
+            Ok(permit) => permit,
+            Err(tokio::sync::TryAcquireError::NoPermits) => return TrySend::Full(event),
+            Err(tokio::sync::TryAcquireError::Closed) => return TrySend::Gone,
+        };
+        match self.tx.try_send((Ok(event), Some(permit), hide_at)) {
+            Ok(()) => TrySend::Queued,
+            Err(mpsc::error::TrySendError::Full((Ok(event), ..))) => TrySend::Full(event),
+            Err(_) => TrySend::Gone,
+        }
     }
 
     /// Sets the error that ends the stream, after the events queued; it
@@ -300,10 +329,9 @@ fn poll_bytes(chats: usize) -> u32 {
 
 /// Sends one chat's changes into `tx` until the client goes; returns the
 /// refusal the Watch must end with if polls keep being refused. The stream
-/// polls for itself until it is at the chat's head; from there it follows
-/// the chat's shared poll when there is one (or another stream here watches
-/// the chat), and polls for itself again if it falls behind what that
-/// poll keeps.
+/// follows the chat's shared poll whenever it may join it (see the module
+/// doc), polls for itself otherwise, and starts a shared poll when its own
+/// poll reaches the chat's head and another stream here watches the chat.
 async fn watch_chat(
     router: Router,
     feeds: Feeds,
@@ -316,7 +344,7 @@ async fn watch_chat(
     let mut feed = feeds.joinable(poll.chat, poll.pts);
     loop {
         if let Some(shared) = feed.take() {
-            match follow(&shared, &mut poll.pts, &tx).await {
+            match follow(shared, &mut poll.pts, &tx).await {
                 Followed::Gone => return None,
                 Followed::Ended(status) => return Some(status),
                 // Behind what the shared poll keeps (or it stopped): polls
@@ -698,8 +726,13 @@ impl Feed {
         feed
     }
 
+    /// What the poll keeps. A panic while it was held left it whole (each
+    /// step under the lock leaves it consistent), so a poisoned lock is
+    /// taken as it is: a second panic in `StopsFeed` would abort.
     fn lock(&self) -> std::sync::MutexGuard<'_, Kept> {
-        self.kept.lock().expect("watch feed")
+        self.kept
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Marks the polling ended (if nothing else did) and wakes the streams.
@@ -805,9 +838,9 @@ impl Kept {
     }
 
     /// Keeps the next event of the poll, fetched at `fetched` (a reset
-    /// drops what it kept: a stream behind it polls for itself and gets its
-    /// own reset), and lets go of the oldest changes past
-    /// [`FEED_KEPT_BYTES`].
+    /// drops what it kept: a stream behind it polls for itself, and gets a
+    /// reset of its own if it needs one), and lets go of the oldest changes
+    /// past [`FEED_KEPT_BYTES`].
     fn push(&mut self, event: WatchEvent, hide_at: Option<Instant>, fetched: Instant) {
         if event.reset_required {
             self.changes.clear();
@@ -868,19 +901,32 @@ enum Followed {
 }
 
 /// Sends `feed`'s changes after `pts` into `tx` as they come, advancing
-/// `pts` past each one sent.
-async fn follow(feed: &Feed, pts: &mut u64, tx: &EventSender) -> Followed {
+/// `pts` past each one sent. A stream whose client has no room for the
+/// next change lets go of the feed while it waits: streams that read slowly
+/// do not keep a chat's shared poll going, and find it gone (so poll for
+/// themselves) if every other stream let go of it meanwhile.
+async fn follow(feed: Arc<Feed>, pts: &mut u64, tx: &EventSender) -> Followed {
     let mut news = feed.news.subscribe();
+    let weak = Arc::downgrade(&feed);
+    let mut held = Some(feed);
     loop {
+        let Some(feed) = held.take().or_else(|| weak.upgrade()) else {
+            return Followed::Behind;
+        };
         let next = feed.lock().next_after(*pts);
         match next {
             Next::Send(change) => {
-                // Not held while the stream waits for room: the poll may let
-                // go of it meanwhile.
                 let (event, hide_at, at) = (change.event.clone(), change.hide_at, change.event.pts);
                 drop(change);
-                if tx.send(event, hide_at).await.is_err() {
-                    return Followed::Gone;
+                match tx.try_send(event, hide_at) {
+                    TrySend::Queued => held = Some(feed),
+                    TrySend::Gone => return Followed::Gone,
+                    TrySend::Full(event) => {
+                        drop(feed);
+                        if tx.send(event, hide_at).await.is_err() {
+                            return Followed::Gone;
+                        }
+                    }
                 }
                 *pts = at;
             }
@@ -893,6 +939,7 @@ async fn follow(feed: &Feed, pts: &mut u64, tx: &EventSender) -> Followed {
                     }
                     _ = tx.closed() => return Followed::Gone,
                 }
+                held = Some(feed);
             }
             Next::Behind => return Followed::Behind,
             Next::Ended(status) => return Followed::Ended(status),
