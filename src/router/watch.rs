@@ -388,6 +388,7 @@ const POLLS_BY_FEED: &str = "shared";
 
 /// One chat's long polls on its shard's replicas: how far they have come
 /// and where the next one goes.
+#[derive(Clone, Copy)]
 struct ChatPoll {
     chat: u64,
     shard: ShardId,
@@ -429,22 +430,29 @@ enum Polled {
 impl ChatPoll {
     fn new(router: &Router, cursor: Cursor, bytes_max: u32, by: &'static str) -> ChatPoll {
         ChatPoll {
+            chat: cursor.chat_id,
+            shard: router.shard_of(cursor.chat_id),
+            pts: cursor.pts,
+            after_index: 0,
             bytes_max,
+            replica: 0,
+            failures: 0,
+            refusals: 0,
+            stuck: 0,
+            placement: (0, None),
             by,
-            ..ChatPoll::new_at(cursor.chat_id, router.shard_of(cursor.chat_id), cursor.pts)
         }
     }
 
-    /// A shared poll that goes on from where this one stands.
+    /// A shared poll that goes on from where this one stands (its replica,
+    /// index and placement), with none of its failures counted.
     fn shared(&self) -> ChatPoll {
         ChatPoll {
             bytes_max: FEED_POLL_BYTES,
-            replica: self.replica,
-            after_index: self.after_index,
-            placement: self.placement,
-            stuck: self.stuck,
+            failures: 0,
+            refusals: 0,
             by: POLLS_BY_FEED,
-            ..ChatPoll::new_at(self.chat, self.shard, self.pts)
+            ..*self
         }
     }
 
@@ -456,22 +464,6 @@ impl ChatPoll {
         self.failures = 0;
         self.refusals = 0;
         self.stuck = 0;
-    }
-
-    fn new_at(chat: u64, shard: ShardId, pts: u64) -> ChatPoll {
-        ChatPoll {
-            chat,
-            shard,
-            pts,
-            after_index: 0,
-            bytes_max: POLL_BYTES_MIN,
-            replica: 0,
-            failures: 0,
-            refusals: 0,
-            stuck: 0,
-            placement: (0, None),
-            by: POLLS_BY_STREAM,
-        }
     }
 
     /// Sends the next poll: the changes after `pts`, once the replica has
