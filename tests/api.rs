@@ -6,6 +6,7 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use chatstore::api::pb::{self, chat_store_client::ChatStoreClient, Consistency};
@@ -1632,6 +1633,62 @@ async fn a_write_whose_caller_gave_up_is_not_sent_again() {
         .await
         .expect("a new leader");
     tokio::time::sleep(Duration::from_secs(12)).await;
+    send(&mut api, chat, 1, 3, "after").await;
+    assert_eq!(newest_bodies(&mut api, chat).await, ["after", "before"]);
+}
+
+/// A send whose caller gave up while the router's call to the leader
+/// waited for a connection (the path had gone black) does not go once the
+/// connection opens: nothing of it had left the router.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_whose_caller_gave_up_before_it_left_is_not_sent() {
+    let dir = TestDir::new("api-abandoned-unsent");
+    let (mut cluster, nodes) = start_cluster(&dir.path, 2).await;
+    let mut proxies = BTreeMap::new();
+    let mut args = Vec::new();
+    for node in &cluster.config.nodes {
+        let proxy = common::proxy::Proxy::start(node.raft_addr.clone()).await;
+        args.push("--node-addr".to_string());
+        args.push(format!("{}={}", node.id, proxy.addr));
+        proxies.insert(node.id, proxy);
+    }
+    cluster.router_args.insert("eu".into(), args);
+    let addr = cluster.start_router("eu");
+    let mut api = router_client(&addr).await;
+    let chat = 1u64;
+    send(&mut api, chat, 1, 1, "before").await;
+    let leader = nodes
+        .leader_of(nodes.shard_of(chat).0)
+        .await
+        .expect("a leader");
+    // The path to the leader goes black: the open connection closes and a
+    // new one is taken but passes nothing either way.
+    let link = &proxies[&leader].ctl;
+    link.stall_up.store(true, Ordering::SeqCst);
+    link.stall_down.store(true, Ordering::SeqCst);
+    link.set_cut(true);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    link.set_cut(false);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut request = tonic::Request::new(pb::SendRequest {
+        chat_id: chat,
+        sender_id: 1,
+        client_msg_id: 2,
+        body: b"abandoned".to_vec().into(),
+        ..Default::default()
+    });
+    request.set_timeout(Duration::from_secs(1));
+    let gave_up = api
+        .send(request)
+        .await
+        .expect_err("no answer through a black path");
+    assert!(
+        matches!(gave_up.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{gave_up}"
+    );
+    // The connection opens well within the router's 5 s for it, and its
+    // call to the leader, still within its own time, finds its caller gone.
+    link.heal();
     send(&mut api, chat, 1, 3, "after").await;
     assert_eq!(newest_bodies(&mut api, chat).await, ["after", "before"]);
 }

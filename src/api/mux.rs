@@ -552,12 +552,44 @@ fn not_reached(code: Code, why: String) -> Status {
     status
 }
 
+/// Whether a call is still worth sending, asked until it leaves: a call
+/// carrying the work of several callers (a router's write call) is not
+/// worth sending once one of them has gone, as the caller then builds a
+/// call without that work.
+pub type Wanted = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// The source of the status a call gets when its [`Wanted`] said no before
+/// it left: nothing of it reached the peer.
+#[derive(Debug)]
+struct NotWanted;
+
+impl std::fmt::Display for NotWanted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the call is no longer wanted; not sent")
+    }
+}
+
+impl std::error::Error for NotWanted {}
+
+fn not_wanted() -> Status {
+    let mut status = Status::cancelled(NotWanted.to_string());
+    status.set_source(Arc::new(NotWanted));
+    status
+}
+
+/// True if `status` says the call was not sent because its [`Wanted`] said
+/// no (see [`Mux::send_while`]).
+pub fn was_not_wanted(status: &Status) -> bool {
+    std::error::Error::source(status).is_some_and(|e| e.is::<NotWanted>())
+}
+
 struct Queued<P: Protocol> {
     request: P::Request,
     timeout: Duration,
     /// When its caller gives up.
     deadline: Instant,
     reply: oneshot::Sender<Result<P::Reply, Status>>,
+    wanted: Option<Wanted>,
 }
 
 /// The task's side, kept until the first call starts it (a mux may be made
@@ -623,10 +655,31 @@ impl<P: Protocol> Mux<P> {
         self.send(request, timeout)?.reply().await
     }
 
+    /// As [`Mux::call`], but the call is not sent if `wanted` says no at
+    /// any time before it leaves: it is then answered with a status that
+    /// [`was_not_wanted`] recognises, and nothing of it reaches the peer.
+    pub async fn call_while(
+        &self,
+        request: P::Request,
+        timeout: Duration,
+        wanted: Wanted,
+    ) -> Result<P::Reply, Status> {
+        self.queue(request, timeout, Some(wanted))?.reply().await
+    }
+
     /// Queues one call at once, behind every call queued before it: calls
     /// leave on the stream, and reach the peer's handler, in the order they
     /// were queued. Its reply comes within `timeout`, or `DeadlineExceeded`.
     pub fn send(&self, request: P::Request, timeout: Duration) -> Result<SentCall<P>, Status> {
+        self.queue(request, timeout, None)
+    }
+
+    fn queue(
+        &self,
+        request: P::Request,
+        timeout: Duration,
+        wanted: Option<Wanted>,
+    ) -> Result<SentCall<P>, Status> {
         if !self.started.load(Ordering::Acquire) {
             if let Some(p) = self.parked.lock().expect("mux start lock").take() {
                 tokio::spawn(run::<P>(p));
@@ -640,6 +693,7 @@ impl<P: Protocol> Mux<P> {
                 timeout,
                 deadline: Instant::now() + timeout,
                 reply: tx,
+                wanted,
             })
             .map_err(|_| Status::unavailable(format!("the {} has stopped", P::NAME)))?;
         Ok(SentCall { reply: rx, timeout })
@@ -729,6 +783,8 @@ async fn open<P: Protocol>(
 struct Waiter<R> {
     reply: oneshot::Sender<Result<R, Status>>,
     deadline: Instant,
+    /// Asked as the call leaves; dropped once it has.
+    wanted: Option<Wanted>,
 }
 
 /// The calls sent on a stream and not yet answered, by id. Shared by the
@@ -744,7 +800,8 @@ fn lock<P: Protocol>(
 /// The batches as HTTP/2 takes them: a batch may wait behind flow control
 /// or a simulated delay, so each call is looked at again as it leaves. One
 /// whose caller has gone is not sent (a write given up on must not land
-/// after writes its client made since), one with no time left is answered
+/// after writes its client made since), nor one its [`Wanted`] says no to
+/// (answered so, see [`was_not_wanted`]), one with no time left is answered
 /// `DeadlineExceeded`, not sent, and the rest tell the peer the time their
 /// callers have left (less an eighth), not the whole timeout again.
 fn fresh<P: Protocol>(rx: mpsc::Receiver<P::Batch>, waiting: Waiting<P>) -> Batches<P::Batch> {
@@ -765,14 +822,19 @@ fn still_wanted<P: Protocol>(
     let calls: Vec<Call<P::Request>> = P::calls(batch)
         .into_iter()
         .filter_map(|mut call| {
-            let left = match waiting.get(&call.id) {
-                // Answered already (the stream failed meanwhile).
-                None => return None,
-                Some(w) if w.reply.is_closed() => None,
-                Some(w) => w
-                    .deadline
+            // None if answered already (the stream failed meanwhile).
+            let w = waiting.get_mut(&call.id)?;
+            let left = if w.reply.is_closed() {
+                None
+            } else if w.wanted.take().is_some_and(|wanted| !wanted()) {
+                if let Some(w) = waiting.remove(&call.id) {
+                    let _ = w.reply.send(Err(not_wanted()));
+                }
+                return None;
+            } else {
+                w.deadline
                     .checked_duration_since(now)
-                    .filter(|left| left.as_millis() >= 1),
+                    .filter(|left| left.as_millis() >= 1)
             };
             match left {
                 Some(left) => {
@@ -866,7 +928,17 @@ async fn run<P: Protocol>(parked: Parked<P>) {
                 Err(_) => break,
             }
         }
-        calls.retain(|q| !q.reply.is_closed());
+        let calls: Vec<Queued<P>> = calls
+            .into_iter()
+            .filter(|q| !q.reply.is_closed())
+            .filter_map(|q| match &q.wanted {
+                Some(wanted) if !wanted() => {
+                    let _ = q.reply.send(Err(not_wanted()));
+                    None
+                }
+                _ => Some(q),
+            })
+            .collect();
         if calls.is_empty() {
             continue;
         }
@@ -929,6 +1001,7 @@ async fn run<P: Protocol>(parked: Parked<P>) {
                     Waiter {
                         reply: q.reply,
                         deadline: q.deadline,
+                        wanted: q.wanted,
                     },
                 );
             }
@@ -998,6 +1071,10 @@ fn fail_all<P: Protocol>(waiting: &Waiting<P>, why: String) {
 }
 
 fn spawn_unary<P: Protocol>(client: P::Client, q: Queued<P>) {
+    if q.wanted.as_ref().is_some_and(|wanted| !wanted()) {
+        let _ = q.reply.send(Err(not_wanted()));
+        return;
+    }
     tokio::spawn(async move {
         // The time its caller has left.
         let left = q.deadline.saturating_duration_since(Instant::now());
@@ -1037,6 +1114,7 @@ mod tests {
                 Waiter {
                     reply: tx,
                     deadline: now + Duration::from_millis(left_ms),
+                    wanted: None,
                 },
             );
             replies.push(rx);
@@ -1071,6 +1149,54 @@ mod tests {
             timeout_ms: 10_000,
         }];
         assert!(still_wanted::<ReadCalls>(ReadCalls::batch(gone), &waiting, later).is_none());
+    }
+
+    /// A call whose `wanted` says no as its batch leaves is answered with
+    /// a status `was_not_wanted` knows, and not sent; one it says yes to
+    /// goes, and is not asked again.
+    #[tokio::test]
+    async fn a_call_no_longer_wanted_is_not_sent() {
+        use super::{still_wanted, was_not_wanted, Call, Protocol, Waiter, Waiting, Wanted};
+        use tokio::time::Instant;
+        let now = Instant::now();
+        let waiting: Waiting<ReadCalls> = Default::default();
+        let asked = Arc::new(AtomicUsize::new(0));
+        let mut replies = Vec::new();
+        for (id, yes) in [(1u64, false), (2, true)] {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let asked = asked.clone();
+            let wanted: Wanted = Arc::new(move || {
+                asked.fetch_add(1, Ordering::SeqCst);
+                yes
+            });
+            waiting.lock().unwrap().insert(
+                id,
+                Waiter {
+                    reply: tx,
+                    deadline: now + Duration::from_millis(5_000),
+                    wanted: Some(wanted),
+                },
+            );
+            replies.push(rx);
+        }
+        let calls = (1..=2)
+            .map(|id| Call {
+                id,
+                request: ReadRequest::default(),
+                timeout_ms: 10_000,
+            })
+            .collect();
+        let batch =
+            still_wanted::<ReadCalls>(ReadCalls::batch(calls), &waiting, now).expect("call 2 goes");
+        let ids: Vec<u64> = ReadCalls::calls(batch).iter().map(|c| c.id).collect();
+        assert_eq!(ids, [2]);
+        let unwanted = replies.remove(0).await.unwrap().unwrap_err();
+        assert!(was_not_wanted(&unwanted), "{unwanted}");
+        assert!(!was_not_wanted(&Status::cancelled("other")));
+        assert_eq!(asked.load(Ordering::SeqCst), 2, "each asked once");
+        let waiting = waiting.lock().unwrap();
+        assert!(waiting[&2].wanted.is_none(), "not kept once sent");
+        assert!(!waiting.contains_key(&1));
     }
 
     fn batch(first_id: u64, calls: u64) -> Result<ReadCallBatch, Status> {

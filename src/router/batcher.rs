@@ -12,8 +12,9 @@
 //! client_msg_id. A group of commands (the sends of one `SendBatch` to one
 //! shard) stays together and in order in one call.
 //!
-//! A write whose caller has gone (it timed out or hung up) is not sent, nor
-//! sent again when the node call that carries it is retried, and a write
+//! A write whose caller has gone (it timed out or hung up) is not sent: not
+//! when the node call that carries it is retried, nor by a try still waiting
+//! to leave the router (for a connection, or behind flow control). A write
 //! that waited in the queue for [`WRITE_DEADLINE`] is answered UNAVAILABLE,
 //! not sent: while a shard cannot commit, its queue does not fill with
 //! writes that nobody waits for.
@@ -25,7 +26,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tonic::Status;
 
-use crate::api::pb::node::WriteRequest;
+use crate::api::mux::{was_not_wanted, Wanted};
+use crate::api::pb::node::{WriteReply, WriteRequest};
 use crate::api::pb::replicated::{Command, CommandResult};
 use crate::router::token::ShardPosition;
 use crate::router::{Inner, Router, WRITE_DEADLINE};
@@ -55,6 +57,9 @@ struct Pending {
     commands: Vec<Command>,
     bytes: usize,
     reply: oneshot::Sender<GroupResult>,
+    /// Alive while its caller waits: unlike `reply`, it can be looked at
+    /// from the node call's stream as the call leaves.
+    caller: Weak<()>,
     queued_at: Instant,
     /// Its share of [`QUEUED_BYTES_MAX`], given back when it is answered.
     held: OwnedSemaphorePermit,
@@ -136,12 +141,14 @@ impl Router {
         }
         let held = reserve(&self.inner.queues.bytes, bytes)?;
         let (tx, rx) = oneshot::channel();
+        let waiting = Arc::new(());
         let queue = self.queue(shard);
         queue
             .try_send(Pending {
                 commands,
                 bytes,
                 reply: tx,
+                caller: Arc::downgrade(&waiting),
                 queued_at: Instant::now(),
                 held,
             })
@@ -153,8 +160,11 @@ impl Router {
                     Status::unavailable("the router is shutting down")
                 }
             })?;
-        rx.await
-            .unwrap_or_else(|_| Err(Status::unavailable("the router is shutting down")))
+        let result = rx
+            .await
+            .unwrap_or_else(|_| Err(Status::unavailable("the router is shutting down")));
+        drop(waiting);
+        result
     }
 
     fn queue(&self, shard: ShardId) -> mpsc::Sender<Pending> {
@@ -221,43 +231,39 @@ async fn run(inner: Weak<Inner>, shard: ShardId, mut rx: mpsc::Receiver<Pending>
 }
 
 /// One node call with every command of `batch`; each waiter gets its own
-/// result. A retry carries only the groups whose callers still wait: a
-/// write its caller gave up on (told its outcome is unknown) is not sent
-/// again, to land after writes the client made since. (A try already at
-/// the node runs on until the node's own timeout and may still commit.)
+/// result. A try carries only the groups whose callers still wait, and is
+/// not sent if one of them goes before it leaves (it may wait for a
+/// connection, or behind flow control): a write its caller gave up on
+/// (told its outcome is unknown) is not sent, to land after writes the
+/// client made since. (A try already at the node runs on until the node's
+/// own timeout and may still commit.)
 async fn call(router: &Router, shard: ShardId, batch: Vec<Pending>) {
     let mut groups = Vec::with_capacity(batch.len());
     let mut waiters = Vec::with_capacity(batch.len());
+    let mut callers = Vec::with_capacity(batch.len());
     // Held until the call ends, when each waiter is answered.
     let mut _held = Vec::with_capacity(batch.len());
     for p in batch {
         groups.push(p.commands);
         waiters.push(p.reply);
+        callers.push(p.caller);
         _held.push(p.held);
     }
     metrics::histogram!(crate::metrics::ROUTER_WRITE_BATCH)
         .record(groups.iter().map(Vec::len).sum::<usize>() as f64);
+    let groups = Arc::new(Groups {
+        commands: groups,
+        callers,
+    });
     let result = router
         .on_leader(
             shard,
             WRITE_DEADLINE,
             (WRITE_OUTCOME_UNKNOWN, true),
-            |node, time| {
-                let live: Vec<bool> = waiters.iter().map(|w| !w.is_closed()).collect();
-                let request = WriteRequest {
-                    shard_id: shard.0,
-                    commands: carried(&groups, &live),
-                };
-                async move {
-                    if request.commands.is_empty() {
-                        return Err(Status::aborted("every caller of this write has gone"));
-                    }
-                    let reply = node.writes.call(request, time).await?;
-                    Ok((reply, live))
-                }
-            },
+            |node, time| try_call(node, shard, groups.clone(), time),
         )
         .await;
+    let groups = &groups.commands;
     let (reply, live) = match result {
         Ok((_, answer)) => answer,
         Err(s) => {
@@ -300,6 +306,55 @@ async fn call(router: &Router, shard: ShardId, batch: Vec<Pending>) {
     }
 }
 
+/// The groups of commands one write call carries, and their callers.
+struct Groups {
+    commands: Vec<Vec<Command>>,
+    callers: Vec<Weak<()>>,
+}
+
+/// One try of a write call at `node`, within `time`: the commands of the
+/// groups whose callers still wait, and which those were. Built again, at
+/// once, each time a caller goes before the call leaves, so at most once
+/// per group.
+async fn try_call(
+    node: crate::router::NodeEntry,
+    shard: ShardId,
+    groups: Arc<Groups>,
+    time: Duration,
+) -> Result<(WriteReply, Vec<bool>), Status> {
+    let started = tokio::time::Instant::now();
+    loop {
+        let live: Vec<bool> = groups
+            .callers
+            .iter()
+            .map(|c| c.strong_count() > 0)
+            .collect();
+        let request = WriteRequest {
+            shard_id: shard.0,
+            commands: carried(&groups.commands, &live),
+        };
+        if request.commands.is_empty() {
+            return Err(Status::aborted("every caller of this write has gone"));
+        }
+        let wanted: Wanted = {
+            let (groups, live) = (groups.clone(), live.clone());
+            Arc::new(move || {
+                groups
+                    .callers
+                    .iter()
+                    .zip(&live)
+                    .all(|(c, live)| !live || c.strong_count() > 0)
+            })
+        };
+        let left = time.saturating_sub(started.elapsed());
+        match node.writes.call_while(request, left, wanted).await {
+            Ok(reply) => return Ok((reply, live)),
+            Err(s) if was_not_wanted(&s) => continue,
+            Err(s) => return Err(s),
+        }
+    }
+}
+
 /// The commands of the groups whose callers still wait, in order.
 fn carried(groups: &[Vec<Command>], live: &[bool]) -> Vec<Command> {
     groups
@@ -320,6 +375,7 @@ mod tests {
             commands: Vec::new(),
             bytes: 0,
             reply,
+            caller: Weak::new(),
             queued_at,
             held: Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap(),
         };
