@@ -70,9 +70,17 @@ async fn newest_bodies(api: &mut Api, chat: u64) -> Vec<String> {
 }
 
 /// The changes of `chat` after `pts` (SESSION, no token).
-async fn difference(api: &mut Api, chat: u64, pts: u64) -> pb::GetDifferenceResponse {
+/// A SESSION `GetDifference` of `chat` from `pts`, after `min_token`'s
+/// writes (none if empty).
+async fn difference(
+    api: &mut Api,
+    chat: u64,
+    pts: u64,
+    min_token: &bytes::Bytes,
+) -> pb::GetDifferenceResponse {
     api.get_difference(pb::GetDifferenceRequest {
         cursors: vec![pb::Cursor { chat_id: chat, pts }],
+        min_token: min_token.clone(),
         ..Default::default()
     })
     .await
@@ -177,7 +185,7 @@ async fn every_rpc_and_its_error_codes() {
         .into_inner();
     assert_eq!(m.messages.len(), 1);
 
-    let diff = difference(api, chat, 0).await;
+    let diff = difference(api, chat, 0, &Default::default()).await;
     let kinds: Vec<i32> = diff.chats[0].changes.iter().map(|c| c.kind).collect();
     use pb::ChangeKind::*;
     assert_eq!(
@@ -582,6 +590,7 @@ async fn every_rpc_and_its_error_codes() {
         code(
             api.get_history(pb::GetHistoryRequest {
                 chat_id: chat,
+                min_token: closed.read_token.clone(),
                 ..Default::default()
             })
             .await
@@ -602,6 +611,7 @@ async fn every_rpc_and_its_error_codes() {
     let c = api
         .get_chat(pb::GetChatRequest {
             chat_id: chat,
+            min_token: closed.read_token.clone(),
             ..Default::default()
         })
         .await
@@ -610,14 +620,14 @@ async fn every_rpc_and_its_error_codes() {
     assert!(c.closed);
     assert_eq!(c.close_reason, "spam");
     // The reason is in the chat's change log, for every device.
-    let diff = difference(api, chat, 5).await;
+    let diff = difference(api, chat, 5, &closed.read_token).await;
     let change = &diff.chats[0].changes[0];
     assert_eq!(
         (change.kind, change.reason.as_str()),
         (pb::ChangeKind::Close as i32, "spam")
     );
     // A closed chat's changes still flow, without their content.
-    let all = difference(api, chat, 0).await;
+    let all = difference(api, chat, 0, &closed.read_token).await;
     assert_eq!(all.chats[0].changes.len(), 6);
     assert!(
         all.chats[0].changes.iter().all(|c| c.message.is_none()),
@@ -633,7 +643,7 @@ async fn every_rpc_and_its_error_codes() {
         .unwrap()
         .into_inner();
     assert_eq!(reopened.pts, 7);
-    let diff = difference(api, chat, 6).await;
+    let diff = difference(api, chat, 6, &reopened.read_token).await;
     assert_eq!(
         diff.chats[0]
             .changes
@@ -773,7 +783,7 @@ async fn two_devices_in_two_regions_see_every_change() {
         dpts, pts,
         "GetDifference gives the same changes in the same order"
     );
-    let partial = difference(&mut laptop, chat, 2).await;
+    let partial = difference(&mut laptop, chat, 2, &Default::default()).await;
     assert_eq!(
         partial.chats[0]
             .changes

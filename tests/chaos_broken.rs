@@ -37,9 +37,10 @@ async fn checker_reports_writes_lost_by_an_early_acking_leader() {
     c.inject(
         Fault::PartitionRegion,
         &mut rng,
-        // Past a new leader's election (about 2.5-3 s with the test
-        // timings), so the broken leader's early acks are lost for sure.
-        Duration::from_secs(5),
+        // Well past a new leader's election (about 2.5-3 s with the test
+        // timings, longer on a loaded machine), so the broken leader's
+        // early acks are lost for sure.
+        Duration::from_secs(8),
         &mut log,
     )
     .await;
@@ -53,9 +54,10 @@ async fn checker_reports_writes_lost_by_an_early_acking_leader() {
     c.inject(
         Fault::PartitionRegion,
         &mut rng,
-        // Past a new leader's election (about 2.5-3 s with the test
-        // timings), so the broken leader's early acks are lost for sure.
-        Duration::from_secs(5),
+        // Well past a new leader's election (about 2.5-3 s with the test
+        // timings, longer on a loaded machine), so the broken leader's
+        // early acks are lost for sure.
+        Duration::from_secs(8),
         &mut log,
     )
     .await;

@@ -107,6 +107,23 @@ async fn send(api: &mut ChatStoreClient<Channel>, chat: u64, cmid: u64) -> pb::S
     }
 }
 
+/// Waits (at most 30 s) until `node`'s replica of `chat` holds `seq`.
+async fn wait_applied_on(nodes: &Client, node: u64, chat: u64, seq: u64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(h) = nodes.history_on(node, chat).await {
+            if h.iter().any(|m| m.seq == seq) {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {node} did not apply seq {seq} of chat {chat} in 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn leaders_and_reads_stay_in_their_regions_and_a_region_fails_over_and_returns() {
     let dir = TestDir::new("geo");
@@ -134,6 +151,10 @@ async fn leaders_and_reads_stay_in_their_regions_and_a_region_fails_over_and_ret
             placement.preferred_region(placement.shard_of_chat(chatstore::types::ChatId(chat)))
         );
         let w = send(&mut api, chat, 1).await;
+        // A SESSION read waits 1 s for the local replica before going to
+        // the leader: that the local one serves it should not depend on
+        // how fast a loaded machine applies the write there.
+        wait_applied_on(&nodes, node, chat, w.seq).await;
         let h = api
             .get_history(pb::GetHistoryRequest {
                 chat_id: chat,

@@ -127,7 +127,7 @@ async fn delete_after_send_and_after_read() {
 
     // Reads hide a message from 500 ms before its expiry: a TTL of a few
     // seconds leaves a loaded machine time to send and then read it.
-    const TTL_SECS: u32 = 5;
+    const TTL_SECS: u32 = 8;
     eprintln!("delete {TTL_SECS} s after sending");
     let keep = send(&mut api, chat, 1, 1, None).await;
     let s = send(&mut api, chat, 1, 2, Some(Policy::AfterSendSecs(TTL_SECS))).await;
@@ -145,7 +145,7 @@ async fn delete_after_send_and_after_read() {
         m.messages[0].expire_at_ms,
         s.created_at_ms + u64::from(TTL_SECS) * 1000
     );
-    wait_gone(&nodes, &[1, 2, 3], chat, s.seq, Duration::from_secs(15)).await;
+    wait_gone(&nodes, &[1, 2, 3], chat, s.seq, Duration::from_secs(20)).await;
     // Reads hide it from 500 ms before expiry; the replicated Expire
     // follows within a chore tick and reaches devices as a change.
     let expired = wait_expired(&mut api, chat, s.pts, Duration::from_secs(10)).await;
@@ -230,7 +230,7 @@ async fn delete_after_send_and_after_read() {
         at >= before + ttl_ms && at <= now_ms() + ttl_ms,
         "timer starts at the other reader's read"
     );
-    wait_gone(&nodes, &[1, 2, 3], chat, r.seq, Duration::from_secs(15)).await;
+    wait_gone(&nodes, &[1, 2, 3], chat, r.seq, Duration::from_secs(20)).await;
     let expired = wait_expired(&mut api, chat, r.pts, Duration::from_secs(15)).await;
     assert!(expired.iter().any(|c| c.seq == r.seq), "{expired:?}");
 }
