@@ -578,7 +578,8 @@ fn not_wanted() -> Status {
 }
 
 /// True if `status` says the call was not sent because its [`Wanted`] said
-/// no (see [`Mux::send_while`]).
+/// no (see [`Mux::call_while`]). A caller retries such a call at once,
+/// rebuilt: unlike [`not_reached`], it says nothing of the peer.
 pub fn was_not_wanted(status: &Status) -> bool {
     std::error::Error::source(status).is_some_and(|e| e.is::<NotWanted>())
 }
@@ -656,8 +657,9 @@ impl<P: Protocol> Mux<P> {
     }
 
     /// As [`Mux::call`], but the call is not sent if `wanted` says no at
-    /// any time before it leaves: it is then answered with a status that
-    /// [`was_not_wanted`] recognises, and nothing of it reaches the peer.
+    /// any time before HTTP/2 takes it: it is then answered with a status
+    /// that [`was_not_wanted`] recognises, and nothing of it reaches the
+    /// peer.
     pub async fn call_while(
         &self,
         request: P::Request,
@@ -797,8 +799,10 @@ fn lock<P: Protocol>(
     waiting.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The batches as HTTP/2 takes them: a batch may wait behind flow control
-/// or a simulated delay, so each call is looked at again as it leaves. One
+/// The batches as HTTP/2 takes them: a batch may wait behind earlier ones,
+/// a stream being opened or a simulated delay, so each call is looked at
+/// again as HTTP/2 takes it (after which it may still wait for flow-control
+/// room, and is not taken back). One
 /// whose caller has gone is not sent (a write given up on must not land
 /// after writes its client made since), nor one its [`Wanted`] says no to
 /// (answered so, see [`was_not_wanted`]), one with no time left is answered

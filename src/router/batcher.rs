@@ -13,8 +13,10 @@
 //! shard) stays together and in order in one call.
 //!
 //! A write whose caller has gone (it timed out or hung up) is not sent: not
-//! when the node call that carries it is retried, nor by a try still waiting
-//! to leave the router (for a connection, or behind flow control). A write
+//! when the node call that carries it is retried, nor by a try still queued
+//! in the router's stream to the node (waiting for a connection, or behind
+//! earlier batches). One already handed to HTTP/2 may still go: it may wait
+//! there for flow-control room, and it is not taken back. A write
 //! that waited in the queue for [`WRITE_DEADLINE`] is answered UNAVAILABLE,
 //! not sent: while a shard cannot commit, its queue does not fill with
 //! writes that nobody waits for.
@@ -232,8 +234,9 @@ async fn run(inner: Weak<Inner>, shard: ShardId, mut rx: mpsc::Receiver<Pending>
 
 /// One node call with every command of `batch`; each waiter gets its own
 /// result. A try carries only the groups whose callers still wait, and is
-/// not sent if one of them goes before it leaves (it may wait for a
-/// connection, or behind flow control): a write its caller gave up on
+/// not sent if one of them goes while it is queued in the router's stream
+/// to the node (waiting for a connection, or behind earlier batches): a
+/// write its caller gave up on
 /// (told its outcome is unknown) is not sent, to land after writes the
 /// client made since. (A try already at the node runs on until the node's
 /// own timeout and may still commit.)
@@ -336,16 +339,16 @@ async fn try_call(
         if request.commands.is_empty() {
             return Err(Status::aborted("every caller of this write has gone"));
         }
-        let wanted: Wanted = {
-            let (groups, live) = (groups.clone(), live.clone());
-            Arc::new(move || {
-                groups
-                    .callers
-                    .iter()
-                    .zip(&live)
-                    .all(|(c, live)| !live || c.strong_count() > 0)
-            })
-        };
+        // The callers it carries; not the commands, which the request
+        // holds already.
+        let carried_for: Vec<Weak<()>> = groups
+            .callers
+            .iter()
+            .zip(&live)
+            .filter(|(_, live)| **live)
+            .map(|(c, _)| c.clone())
+            .collect();
+        let wanted: Wanted = Arc::new(move || carried_for.iter().all(|c| c.strong_count() > 0));
         let left = time.saturating_sub(started.elapsed());
         match node.writes.call_while(request, left, wanted).await {
             Ok(reply) => return Ok((reply, live)),
