@@ -1602,6 +1602,44 @@ async fn a_watch_every_replica_refuses_ends_with_the_refusal() {
     );
 }
 
+/// Starts the `region` router reaching every node through a proxy of its
+/// own, to cut or stall one link; the router's address and the proxies by
+/// node id.
+async fn router_behind_proxies(
+    cluster: &mut ProcessCluster,
+    region: &str,
+) -> (String, BTreeMap<u64, common::proxy::Proxy>) {
+    let mut proxies = BTreeMap::new();
+    let mut args = Vec::new();
+    for node in &cluster.config.nodes {
+        let proxy = common::proxy::Proxy::start(node.raft_addr.clone()).await;
+        args.push("--node-addr".to_string());
+        args.push(format!("{}={}", node.id, proxy.addr));
+        proxies.insert(node.id, proxy);
+    }
+    cluster.router_args.insert(region.into(), args);
+    (cluster.start_router(region), proxies)
+}
+
+/// A send by sender 1 whose caller gives up after `timeout`.
+async fn send_within(
+    api: &mut Api,
+    chat: u64,
+    cmid: u64,
+    body: &str,
+    timeout: Duration,
+) -> Result<tonic::Response<pb::SendResponse>, tonic::Status> {
+    let mut request = tonic::Request::new(pb::SendRequest {
+        chat_id: chat,
+        sender_id: 1,
+        client_msg_id: cmid,
+        body: body.as_bytes().to_vec().into(),
+        ..Default::default()
+    });
+    request.set_timeout(timeout);
+    api.send(request).await
+}
+
 /// A send whose caller gave up while its shard had no leader is not sent
 /// again by the router once a new leader is elected: the client was told
 /// its outcome is unknown and may have moved on, and the message stored
@@ -1621,16 +1659,7 @@ async fn a_write_whose_caller_gave_up_is_not_sent_again() {
     let follower = (1..=3).find(|n| *n != leader).expect("a follower");
     cluster.pause_node(follower, true);
     cluster.kill_node(leader);
-    let mut request = tonic::Request::new(pb::SendRequest {
-        chat_id: chat,
-        sender_id: 1,
-        client_msg_id: 2,
-        body: b"abandoned".to_vec().into(),
-        ..Default::default()
-    });
-    request.set_timeout(Duration::from_millis(300));
-    let gave_up = api
-        .send(request)
+    let gave_up = send_within(&mut api, chat, 2, "abandoned", Duration::from_millis(300))
         .await
         .expect_err("no leader within 300 ms");
     assert!(
@@ -1657,16 +1686,7 @@ async fn a_write_whose_caller_gave_up_is_not_sent_again() {
 async fn a_write_whose_caller_gave_up_before_it_left_is_not_sent() {
     let dir = TestDir::new("api-abandoned-unsent");
     let (mut cluster, nodes) = start_cluster(&dir.path, 2).await;
-    let mut proxies = BTreeMap::new();
-    let mut args = Vec::new();
-    for node in &cluster.config.nodes {
-        let proxy = common::proxy::Proxy::start(node.raft_addr.clone()).await;
-        args.push("--node-addr".to_string());
-        args.push(format!("{}={}", node.id, proxy.addr));
-        proxies.insert(node.id, proxy);
-    }
-    cluster.router_args.insert("eu".into(), args);
-    let addr = cluster.start_router("eu");
+    let (addr, proxies) = router_behind_proxies(&mut cluster, "eu").await;
     let mut api = router_client(&addr).await;
     let chat = 1u64;
     send(&mut api, chat, 1, 1, "before").await;
@@ -1683,16 +1703,7 @@ async fn a_write_whose_caller_gave_up_before_it_left_is_not_sent() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     link.set_cut(false);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let mut request = tonic::Request::new(pb::SendRequest {
-        chat_id: chat,
-        sender_id: 1,
-        client_msg_id: 2,
-        body: b"abandoned".to_vec().into(),
-        ..Default::default()
-    });
-    request.set_timeout(Duration::from_secs(1));
-    let gave_up = api
-        .send(request)
+    let gave_up = send_within(&mut api, chat, 2, "abandoned", Duration::from_secs(1))
         .await
         .expect_err("no answer through a black path");
     assert!(
@@ -1713,17 +1724,7 @@ async fn a_write_whose_caller_gave_up_before_it_left_is_not_sent() {
 async fn a_retried_call_leaves_out_the_sends_whose_callers_gave_up() {
     let dir = TestDir::new("api-abandoned-shared");
     let (mut cluster, nodes) = start_cluster(&dir.path, 2).await;
-    // The router reaches every node through a proxy, to cut one link.
-    let mut proxies = BTreeMap::new();
-    let mut args = Vec::new();
-    for node in &cluster.config.nodes {
-        let proxy = common::proxy::Proxy::start(node.raft_addr.clone()).await;
-        args.push("--node-addr".to_string());
-        args.push(format!("{}={}", node.id, proxy.addr));
-        proxies.insert(node.id, proxy);
-    }
-    cluster.router_args.insert("eu".into(), args);
-    let addr = cluster.start_router("eu");
+    let (addr, proxies) = router_behind_proxies(&mut cluster, "eu").await;
     let api = router_client(&addr).await;
     let chat = 1u64;
     send(&mut api.clone(), chat, 1, 1, "before").await;
@@ -1735,17 +1736,7 @@ async fn a_retried_call_leaves_out_the_sends_whose_callers_gave_up() {
     proxies[&leader].ctl.set_cut(true);
     let send_with = |cmid: u64, body: &'static str, timeout: Duration| {
         let mut api = api.clone();
-        tokio::spawn(async move {
-            let mut request = tonic::Request::new(pb::SendRequest {
-                chat_id: chat,
-                sender_id: 1,
-                client_msg_id: cmid,
-                body: body.as_bytes().to_vec().into(),
-                ..Default::default()
-            });
-            request.set_timeout(timeout);
-            api.send(request).await
-        })
+        tokio::spawn(async move { send_within(&mut api, chat, cmid, body, timeout).await })
     };
     // Two calls, one send each, take the shard's two call slots; their
     // callers give up after 1 s, and the calls end at their next retry.
