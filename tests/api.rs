@@ -1009,11 +1009,7 @@ fn series(body: &str, metric: &str) -> BTreeMap<String, u64> {
 async fn streams_watching_one_chat_on_a_router_share_its_polls() {
     let dir = TestDir::new("api-watch-shared");
     let (mut cluster, _nodes) = start_cluster(&dir.path, 8).await;
-    let metrics = format!("127.0.0.1:{}", common::free_port());
-    cluster
-        .router_args
-        .insert("eu".into(), vec!["--metrics".into(), metrics.clone()]);
-    let router = cluster.start_router("eu");
+    let (router, metrics) = cluster.start_router_with_metrics("eu");
     let mut api = router_client(&router).await;
     let chat = 77;
     let (streams, total) = (6usize, 120u64);
@@ -1621,6 +1617,15 @@ async fn router_behind_proxies(
     (cluster.start_router(region), proxies)
 }
 
+/// Fails unless `status` is what a caller that gave up gets: its deadline
+/// passed, or it hung up.
+fn assert_gave_up(status: &tonic::Status) {
+    assert!(
+        matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{status}"
+    );
+}
+
 /// A send by sender 1 whose caller gives up after `timeout`.
 async fn send_within(
     api: &mut Api,
@@ -1662,10 +1667,7 @@ async fn a_write_whose_caller_gave_up_is_not_sent_again() {
     let gave_up = send_within(&mut api, chat, 2, "abandoned", Duration::from_millis(300))
         .await
         .expect_err("no leader within 300 ms");
-    assert!(
-        matches!(gave_up.code(), Code::DeadlineExceeded | Code::Cancelled),
-        "{gave_up}"
-    );
+    assert_gave_up(&gave_up);
     cluster.pause_node(follower, false);
     // A new leader takes writes; the router's retries of the abandoned call
     // would have reached it within its 10 s write deadline.
@@ -1706,10 +1708,7 @@ async fn a_write_whose_caller_gave_up_before_it_left_is_not_sent() {
     let gave_up = send_within(&mut api, chat, 2, "abandoned", Duration::from_secs(1))
         .await
         .expect_err("no answer through a black path");
-    assert!(
-        matches!(gave_up.code(), Code::DeadlineExceeded | Code::Cancelled),
-        "{gave_up}"
-    );
+    assert_gave_up(&gave_up);
     // The connection opens well within the router's 5 s for it, and its
     // call to the leader, still within its own time, finds its caller gone.
     link.heal();
@@ -1753,10 +1752,7 @@ async fn a_retried_call_leaves_out_the_sends_whose_callers_gave_up() {
         .await
         .unwrap()
         .expect_err("no leader reachable in 3 s");
-    assert!(
-        matches!(gave_up.code(), Code::DeadlineExceeded | Code::Cancelled),
-        "{gave_up}"
-    );
+    assert_gave_up(&gave_up);
     // The router's next try of the shared call reaches the leader.
     proxies[&leader].ctl.heal();
     kept.await

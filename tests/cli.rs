@@ -26,11 +26,7 @@ fn chatctl(args: &[&str]) -> (i32, String, String) {
 async fn chatctl_data_moderation_status_and_errors() {
     let dir = TestDir::new("cli");
     let (mut cluster, nodes) = start_cluster(&dir.path, 4).await;
-    let metrics = format!("127.0.0.1:{}", common::free_port());
-    cluster
-        .router_args
-        .insert("eu".into(), vec!["--metrics".into(), metrics.clone()]);
-    let router = cluster.start_router("eu");
+    let (router, metrics) = cluster.start_router_with_metrics("eu");
     router_client(&router).await;
     let endpoints = cluster.endpoints();
     let r = |extra: &[&str]| {

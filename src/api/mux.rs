@@ -578,8 +578,9 @@ fn not_wanted() -> Status {
 }
 
 /// True if `status` says the call was not sent because its [`Wanted`] said
-/// no (see [`Mux::call_while`]). A caller retries such a call at once,
-/// rebuilt: unlike [`not_reached`], it says nothing of the peer.
+/// no (see [`Mux::call_while`]). Such a call says nothing of the peer
+/// (though it has an error source, as [`not_reached`] statuses do): its
+/// caller handles it, retrying at once with the call rebuilt.
 pub fn was_not_wanted(status: &Status) -> bool {
     std::error::Error::source(status).is_some_and(|e| e.is::<NotWanted>())
 }

@@ -143,14 +143,14 @@ impl Router {
         }
         let held = reserve(&self.inner.queues.bytes, bytes)?;
         let (tx, rx) = oneshot::channel();
-        let waiting = Arc::new(());
+        let caller = Arc::new(());
         let queue = self.queue(shard);
         queue
             .try_send(Pending {
                 commands,
                 bytes,
                 reply: tx,
-                caller: Arc::downgrade(&waiting),
+                caller: Arc::downgrade(&caller),
                 queued_at: Instant::now(),
                 held,
             })
@@ -165,7 +165,7 @@ impl Router {
         let result = rx
             .await
             .unwrap_or_else(|_| Err(Status::unavailable("the router is shutting down")));
-        drop(waiting);
+        drop(caller);
         result
     }
 
@@ -236,10 +236,9 @@ async fn run(inner: Weak<Inner>, shard: ShardId, mut rx: mpsc::Receiver<Pending>
 /// result. A try carries only the groups whose callers still wait, and is
 /// not sent if one of them goes while it is queued in the router's stream
 /// to the node (waiting for a connection, or behind earlier batches): a
-/// write its caller gave up on
-/// (told its outcome is unknown) is not sent, to land after writes the
-/// client made since. (A try already at the node runs on until the node's
-/// own timeout and may still commit.)
+/// write its caller gave up on (told its outcome is unknown) is not sent,
+/// to land after writes the client made since. (A try already at the node
+/// runs on until the node's own timeout and may still commit.)
 async fn call(router: &Router, shard: ShardId, batch: Vec<Pending>) {
     let mut groups = Vec::with_capacity(batch.len());
     let mut waiters = Vec::with_capacity(batch.len());

@@ -439,12 +439,7 @@ impl Router {
             // the node (the round trip alone may take more than it had).
             let cut_short = time < NODE_CALL_TIMEOUT
                 && matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled);
-            // (A call not sent because it was no longer wanted says
-            // nothing of the node either.)
-            if std::error::Error::source(&status).is_some()
-                && !cut_short
-                && !crate::api::mux::was_not_wanted(&status)
-            {
+            if std::error::Error::source(&status).is_some() && !cut_short {
                 self.mark_unreachable(target);
             }
             let retryable = is_retryable(&status);

@@ -168,6 +168,15 @@ impl ProcessCluster {
     }
 
     /// The router of `region`, started if it is not running.
+    /// Starts the router of `region` serving its metrics too; its address
+    /// and the metrics listener's.
+    pub fn start_router_with_metrics(&mut self, region: &str) -> (String, String) {
+        let metrics = format!("127.0.0.1:{}", super::free_port());
+        self.router_args
+            .insert(region.into(), vec!["--metrics".into(), metrics.clone()]);
+        (self.start_router(region), metrics)
+    }
+
     pub fn start_router_if_missing(&mut self, region: &str) -> String {
         match self.routers.get(region) {
             Some((_, addr)) => addr.clone(),
