@@ -534,6 +534,10 @@ pub struct Report {
     /// for a closed loop.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub open_rate: Option<f64>,
+    /// For `bench-raft`: Raft groups of three replicas in this process
+    /// (no routers, no chats).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub raft_groups: Option<u32>,
     pub ops: Vec<OpReport>,
 }
 
@@ -579,13 +583,13 @@ pub struct Percentiles {
 }
 
 /// Latencies and errors of one operation as one task saw them.
-struct OpStats {
+pub(super) struct OpStats {
     latency_us: Histogram<u64>,
     errors: BTreeMap<String, u64>,
 }
 
 impl OpStats {
-    fn new() -> OpStats {
+    pub(super) fn new() -> OpStats {
         OpStats {
             latency_us: Histogram::new_with_bounds(1, LATENCY_US_MAX, LATENCY_SIGNIFICANT_DIGITS)
                 .expect("constant histogram bounds are valid"),
@@ -593,7 +597,7 @@ impl OpStats {
         }
     }
 
-    fn record(&mut self, latency: Duration, result: Result<(), Code>) {
+    pub(super) fn record(&mut self, latency: Duration, result: Result<(), Code>) {
         match result {
             Ok(()) => self
                 .latency_us
@@ -607,7 +611,7 @@ impl OpStats {
         *self.errors.entry(SHORT_ANSWER.to_string()).or_default() += 1;
     }
 
-    fn merge(&mut self, other: OpStats) {
+    pub(super) fn merge(&mut self, other: OpStats) {
         self.latency_us
             .add(other.latency_us)
             .expect("histograms with the same bounds add");
@@ -616,7 +620,7 @@ impl OpStats {
         }
     }
 
-    fn report(&self, op: &'static str, window: Duration) -> OpReport {
+    pub(super) fn report(&self, op: &'static str, window: Duration) -> OpReport {
         let h = &self.latency_us;
         let ms = |us: u64| us as f64 / 1000.0;
         let secs = window.as_secs_f64();
@@ -1366,6 +1370,7 @@ async fn closed_loop(
         measured_secs: measured.as_secs_f64(),
         watch,
         open_rate: args.open_rate,
+        raft_groups: None,
         client_cpu_percent: client_cpu,
         server_cpu_percent: server_cpu,
         ops: stats
@@ -1918,6 +1923,7 @@ async fn watch(
             chats: 1,
         }),
         open_rate: None,
+        raft_groups: None,
         client_cpu_percent: client_cpu,
         server_cpu_percent: server_cpu,
         ops: stats.reports(measured),
@@ -2128,9 +2134,15 @@ fn cpu_text(percent: Option<f64>) -> String {
 }
 
 /// The report for a person.
-fn text(r: &Report) -> String {
+pub(super) fn text(r: &Report) -> String {
     let mut out = String::new();
     let setup = match &r.watch {
+        _ if r.raft_groups.is_some() => format!(
+            "{} in flight, {}-byte bodies; {} Raft groups of three replicas in this process",
+            r.in_flight,
+            r.size_bytes,
+            r.raft_groups.unwrap_or_default()
+        ),
         Some(WatchSetup {
             watchers,
             rate_per_sec: Some(rate),
@@ -2156,18 +2168,26 @@ fn text(r: &Report) -> String {
             })
         }
     };
+    match r.raft_groups {
+        Some(_) => out.push_str(&format!("{}: {setup}\n", r.workload)),
+        None => out.push_str(&format!(
+            "{}: {setup}; {} connections to {}\n",
+            r.workload,
+            r.connections,
+            r.routers.join(", ")
+        )),
+    }
+    let cpu = match r.raft_groups {
+        Some(_) => format!("chatctl {}", cpu_text(r.client_cpu_percent)),
+        None => format!(
+            "chatctl {}, server {}",
+            cpu_text(r.client_cpu_percent),
+            cpu_text(r.server_cpu_percent)
+        ),
+    };
     out.push_str(&format!(
-        "{}: {setup}; {} connections to {}\n",
-        r.workload,
-        r.connections,
-        r.routers.join(", ")
-    ));
-    out.push_str(&format!(
-        "measured {:.1} s after a {:.1} s warmup; CPU (percent of one core): chatctl {}, server {}\n",
-        r.measured_secs,
-        r.warmup_secs,
-        cpu_text(r.client_cpu_percent),
-        cpu_text(r.server_cpu_percent)
+        "measured {:.1} s after a {:.1} s warmup; CPU (percent of one core): {cpu}\n",
+        r.measured_secs, r.warmup_secs,
     ));
     out.push_str(&format!(
         "{:<12} {:>9} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8}  ERRORS\n",

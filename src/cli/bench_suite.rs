@@ -21,12 +21,15 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
 use super::bench::{self, BenchArgs, CpuSample, Report, Workload};
+use super::raft_floor::RaftFloorArgs;
 
 /// The first line of the generated section.
 pub const SECTION_START: &str =
     "<!-- bench-results:start (written by `make bench`; edits between the markers are lost) -->";
 /// The last line of the generated section.
 pub const SECTION_END: &str = "<!-- bench-results:end -->";
+/// Raft groups of the floor case: the dev cluster's shard count.
+const FLOOR_GROUPS: u32 = 64;
 /// Time between readiness checks.
 const READY_POLL: Duration = Duration::from_millis(500);
 /// How long one readiness check may wait on a router.
@@ -235,6 +238,25 @@ pub async fn command(
         _ => None,
     };
     let mut outcomes = Vec::new();
+    // The floor first, while the cluster idles: openraft alone in this
+    // process, with as many groups as the dev cluster has shards and one
+    // command per entry, as unary sends mostly have.
+    let floor = RaftFloorArgs {
+        groups: FLOOR_GROUPS,
+        in_flight: 256,
+        commands_per_entry: 1,
+        size: 1024,
+        duration: args.secs,
+        warmup: args.warmup,
+    };
+    let label = format!(
+        "raft-floor at {} in flight, {} groups",
+        floor.in_flight, floor.groups
+    );
+    eprintln!("bench-suite: {label}");
+    let result = super::raft_floor::run(&floor).await;
+    print_outcome(&result);
+    outcomes.push(Outcome { label, result });
     for case in SUITE {
         let mut bench_args = BenchArgs::for_case(
             args.routers.clone(),
@@ -262,21 +284,7 @@ pub async fn command(
             .map_or_else(String::new, |n| format!(", {n} watchers"));
         eprintln!("bench-suite: {label}");
         let result = bench::run(bench_args, false).await;
-        match &result {
-            Ok(report) => {
-                for op in &report.ops {
-                    eprintln!(
-                        "  {:<10} {:>10.0} ops/s  p50 {:.2} ms  p99 {:.2} ms  errors {}",
-                        op.op,
-                        op.ops_per_sec,
-                        op.latency_ms.p50,
-                        op.latency_ms.p99,
-                        bench::errors_text(&op.errors)
-                    );
-                }
-            }
-            Err(e) => eprintln!("  failed: {e:#}"),
-        }
+        print_outcome(&result);
         outcomes.push(Outcome { label, result });
     }
     let failed = outcomes.iter().filter(|o| o.result.is_err()).count();
@@ -303,6 +311,25 @@ pub async fn command(
         }
     }
     Ok(if failed == 0 { 0 } else { 1 })
+}
+
+/// One line per operation of a case on stderr.
+fn print_outcome(result: &anyhow::Result<Report>) {
+    match result {
+        Ok(report) => {
+            for op in &report.ops {
+                eprintln!(
+                    "  {:<10} {:>10.0} ops/s  p50 {:.2} ms  p99 {:.2} ms  errors {}",
+                    op.op,
+                    op.ops_per_sec,
+                    op.latency_ms.p50,
+                    op.latency_ms.p99,
+                    bench::errors_text(&op.errors)
+                );
+            }
+        }
+        Err(e) => eprintln!("  failed: {e:#}"),
+    }
 }
 
 /// Waits until every router answers a health check and every shard the
@@ -397,9 +424,15 @@ fn percent(p: Option<f64>) -> String {
 /// Microseconds of cluster CPU per operation, over all operations of the
 /// case (each message of a batch, each Watch delivery). It moves less from
 /// run to run than throughput on a shared machine, so commits compare by it.
+///
+/// The Raft floor's groups run inside `chatctl`: its CPU is theirs.
 fn cpu_per_op(report: &bench::Report) -> String {
     let ops: f64 = report.ops.iter().map(|o| o.ops_per_sec).sum();
-    match report.server_cpu_percent {
+    let cluster_cpu = match report.raft_groups {
+        Some(_) => report.client_cpu_percent,
+        None => report.server_cpu_percent,
+    };
+    match cluster_cpu {
         Some(cpu) if ops > 0.0 => format!("{:.0}", cpu / 100.0 * 1e6 / ops),
         _ => String::new(),
     }
@@ -452,7 +485,10 @@ fn markdown(args: &SuiteArgs, idle_cpu: Option<f64>, outcomes: &[Outcome]) -> St
                 (None, None) => format!("{}, {} watchers", report.in_flight, w.watchers),
             },
             (None, Some(rate)) => format!("open loop {rate:.0}/s, ≤ {}", report.in_flight),
-            (None, None) => report.in_flight.to_string(),
+            (None, None) => match report.raft_groups {
+                Some(groups) => format!("{}, {groups} groups in chatctl", report.in_flight),
+                None => report.in_flight.to_string(),
+            },
         };
         for (i, op) in report.ops.iter().enumerate() {
             let name = if op.op == report.workload {
@@ -588,6 +624,7 @@ mod tests {
             client_cpu_percent: None,
             server_cpu_percent: Some(150.0),
             open_rate: None,
+            raft_groups: None,
             ops: vec![op("send", 1000.0), op("history", 2000.0)],
         };
         // 1.5 cores over 3,000 operations a second.

@@ -153,6 +153,9 @@ pub enum Cmd {
     /// Run `make bench`'s fixed set of benchmarks against a running cluster
     /// and write the results as a markdown section.
     BenchSuite(bench_suite::SuiteArgs),
+    /// Measure openraft alone in this process (in-memory log, no network,
+    /// a state machine that does nothing): the floor under chatstore's writes.
+    BenchRaft(raft_floor::RaftFloorArgs),
     /// Certificates and tokens for a cluster.
     #[command(subcommand)]
     Certs(CertsCmd),
@@ -318,6 +321,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         } => data::history(&cli.router, chat, limit, before, cli.json).await,
         Cmd::Tail { chat, from_pts } => data::tail(&cli.router, chat, from_pts, cli.json).await,
         Cmd::Bench(args) => bench::command(args, &cli.router, cli.json).await,
+        Cmd::BenchRaft(args) => raft_floor::command(args, cli.json).await,
         Cmd::BenchSuite(args) => {
             bench_suite::command(args, &cli.endpoints, &cli.router, cli.json).await
         }
@@ -351,3 +355,4 @@ mod certs;
 mod cluster;
 mod data;
 mod ops;
+mod raft_floor;

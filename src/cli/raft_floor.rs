@@ -1,0 +1,612 @@
+//! `chatctl bench-raft`: what openraft alone costs on this machine, the
+//! floor under any write path built on it.
+//!
+//! The same openraft version, Raft settings and log entries as a shard, in
+//! this one process, with every part around openraft as cheap as it can be:
+//!
+//! ```text
+//!  G groups × 3 replicas (openraft::Raft, the shard's Config, snapshots off)
+//!    log: entries in a BTreeMap, "durable" as soon as appended (no fsync)
+//!    state machine: counts entries and answers each command with nothing
+//!    network: a direct call of the target replica's Raft (no encoding)
+//!  N workers: client_write(a Proposal of K 1 KiB sends) to a random group's leader
+//! ```
+//!
+//! A chatstore send does all of that plus the gRPC hops (client to router,
+//! router to leader, leader to followers), the Raft log's writes and
+//! `fdatasync`, and the state machine's work. So a write rate this command
+//! does not reach at K commands per entry, chatstore cannot reach with K
+//! commands per entry either.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Debug;
+use std::io;
+use std::ops::RangeBounds;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use openraft::async_runtime::WatchReceiver;
+use openraft::error::{RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+};
+use openraft::storage::{
+    EntryResponder, IOFlushed, LogState, RaftLogReader, RaftLogStorage, RaftSnapshotBuilder,
+    RaftStateMachine,
+};
+use openraft::{EntryPayload, SnapshotPolicy};
+use tonic::Code;
+
+use super::bench::{CpuSample, OpStats, Report};
+use crate::api::pb::replicated::{command, Command, CommandResult, SendCmd};
+use crate::cluster::config::RaftTiming;
+use crate::shard::types::{
+    ApplyOutput, Entry, LogId, NodeAddr, Proposal, SnapshotMeta, StoredMembership, TypeConfig, Vote,
+};
+
+/// Replicas of each group, as in the dev cluster.
+const REPLICAS: u64 = 3;
+/// How long the groups may take to elect their first leaders.
+const ELECTION_WAIT: Duration = Duration::from_secs(60);
+/// How long one write may take before it counts as failed.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct RaftFloorArgs {
+    /// Raft groups, each with three replicas in this process.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub groups: u32,
+    /// Writes in flight (one worker each).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub in_flight: u64,
+    /// Send commands per log entry (what a router's batching of unary sends
+    /// reaches: about 1.1 to 1.3 with 64 shards at 256 in flight).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    pub commands_per_entry: u64,
+    /// Message body bytes.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(0..=1_048_576))]
+    pub size: u64,
+    /// Measured seconds.
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    /// Seconds of load before the measured window.
+    #[arg(long, default_value_t = 2.0)]
+    pub warmup: f64,
+}
+
+/// `chatctl bench-raft`.
+pub async fn command(args: RaftFloorArgs, json: bool) -> anyhow::Result<i32> {
+    let report = run(&args).await?;
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", super::bench::text(&report));
+        let messages: f64 = report.ops.iter().map(|o| o.ops_per_sec).sum();
+        if let (Some(cpu), true) = (report.client_cpu_percent, messages > 0.0) {
+            println!(
+                "CPU per message: {:.0} µs ({} groups × {REPLICAS} replicas, {} commands per entry)",
+                cpu / 100.0 * 1e6 / messages,
+                args.groups,
+                args.commands_per_entry
+            );
+        }
+    }
+    Ok(0)
+}
+
+/// Starts the groups, loads them, stops them, and reports sends per second
+/// (each command of an entry counts, timed by its entry).
+pub async fn run(args: &RaftFloorArgs) -> anyhow::Result<Report> {
+    anyhow::ensure!(
+        args.duration > 0.0 && args.duration.is_finite(),
+        "--duration must be a positive number of seconds"
+    );
+    anyhow::ensure!(
+        args.warmup >= 0.0 && args.warmup.is_finite(),
+        "--warmup must be zero or more seconds"
+    );
+    let groups = Groups::start(args.groups).await?;
+    let measured = groups.load(args).await;
+    groups.stop().await;
+    let (stats, cpu, window) = measured?;
+    let mut op = stats.report("send", window);
+    op.per_request = args.commands_per_entry;
+    Ok(Report {
+        workload: "raft-floor",
+        routers: Vec::new(),
+        in_flight: args.in_flight as usize,
+        connections: 0,
+        chats: 0,
+        senders: None,
+        size_bytes: args.size as usize,
+        warmup_secs: args.warmup,
+        measured_secs: window.as_secs_f64(),
+        watch: None,
+        client_cpu_percent: cpu,
+        server_cpu_percent: None,
+        open_rate: None,
+        raft_groups: Some(args.groups),
+        ops: vec![op],
+    })
+}
+
+type FloorRaft = openraft::Raft<TypeConfig, FloorStateMachine>;
+
+/// Every replica of every group, by (group, node).
+type Replicas = Arc<RwLock<HashMap<(u32, u64), FloorRaft>>>;
+
+struct Groups {
+    replicas: Replicas,
+    /// The node each group's leader was last seen on.
+    leaders: Arc<Vec<AtomicU64>>,
+}
+
+impl Groups {
+    /// Starts `count` groups of three replicas and waits until each has a
+    /// leader. Group g is initialized on node g % 3 + 1, so leaders spread
+    /// over the nodes as the dev cluster's do.
+    async fn start(count: u32) -> anyhow::Result<Groups> {
+        let timing = RaftTiming::default();
+        let mut config = (*crate::shard::raft_config(
+            "raft-floor",
+            &timing,
+            (
+                timing.election_timeout_ms_min,
+                timing.election_timeout_ms_max,
+            ),
+        )?)
+        .clone();
+        // The log is never purged, so no snapshot is ever needed.
+        config.snapshot_policy = SnapshotPolicy::Never;
+        let config = Arc::new(config.validate()?);
+        let replicas: Replicas = Arc::default();
+        for group in 0..count {
+            for node in 1..=REPLICAS {
+                let network = FloorNetwork {
+                    group,
+                    replicas: replicas.clone(),
+                };
+                let raft = FloorRaft::new(
+                    node,
+                    config.clone(),
+                    network,
+                    MemLog::default(),
+                    FloorStateMachine::default(),
+                )
+                .await?;
+                replicas
+                    .write()
+                    .expect("replica map lock")
+                    .insert((group, node), raft);
+            }
+        }
+        let groups = Groups {
+            replicas,
+            leaders: Arc::new((0..count).map(|_| AtomicU64::new(0)).collect()),
+        };
+        let members: BTreeMap<u64, NodeAddr> =
+            (1..=REPLICAS).map(|n| (n, NodeAddr::default())).collect();
+        for group in 0..count {
+            let first = u64::from(group) % REPLICAS + 1;
+            groups
+                .raft(group, first)
+                .initialize(members.clone())
+                .await?;
+        }
+        let deadline = Instant::now() + ELECTION_WAIT;
+        for group in 0..count {
+            loop {
+                let leader = groups
+                    .raft(group, 1)
+                    .metrics()
+                    .borrow_watched()
+                    .current_leader;
+                if let Some(leader) = leader {
+                    groups.leaders[group as usize].store(leader, Ordering::Relaxed);
+                    break;
+                }
+                if Instant::now() > deadline {
+                    groups.stop().await;
+                    anyhow::bail!("group {group} had no leader after {ELECTION_WAIT:?}");
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        Ok(groups)
+    }
+
+    fn raft(&self, group: u32, node: u64) -> FloorRaft {
+        self.replicas
+            .read()
+            .expect("replica map lock")
+            .get(&(group, node))
+            .expect("every replica is started before use")
+            .clone()
+    }
+
+    /// Runs the closed loop; returns the measured writes, this process's
+    /// CPU over the window, and the window's length.
+    async fn load(&self, args: &RaftFloorArgs) -> anyhow::Result<(OpStats, Option<f64>, Duration)> {
+        let start = Instant::now();
+        let measure_from = start + Duration::from_secs_f64(args.warmup);
+        let end = measure_from + Duration::from_secs_f64(args.duration);
+        let body = Bytes::from(vec![b'x'; args.size as usize]);
+        let next_id = Arc::new(AtomicU64::new(1));
+        let mut workers = tokio::task::JoinSet::new();
+        for _ in 0..args.in_flight {
+            let replicas = self.replicas.clone();
+            let leaders = self.leaders.clone();
+            let body = body.clone();
+            let next_id = next_id.clone();
+            let per_entry = args.commands_per_entry;
+            workers.spawn(async move {
+                let mut stats = OpStats::new();
+                loop {
+                    let now = Instant::now();
+                    if now >= end {
+                        return stats;
+                    }
+                    let group = rand::random_range(0..leaders.len()) as u32;
+                    let leader = leaders[group as usize].load(Ordering::Relaxed);
+                    let raft = replicas
+                        .read()
+                        .expect("replica map lock")
+                        .get(&(group, leader))
+                        .cloned();
+                    let Some(raft) = raft else {
+                        return stats;
+                    };
+                    let commands = (0..per_entry)
+                        .map(|_| send_command(next_id.fetch_add(1, Ordering::Relaxed), &body))
+                        .collect();
+                    let proposal = Proposal::new(crate::types::now_ms(), commands);
+                    let result =
+                        tokio::time::timeout(WRITE_TIMEOUT, raft.client_write(proposal)).await;
+                    let outcome = match result {
+                        Ok(Ok(_)) => Ok(()),
+                        Ok(Err(e)) => {
+                            if let Some(f) = e.forward_to_leader() {
+                                if let Some(id) = f.leader_id {
+                                    leaders[group as usize].store(id, Ordering::Relaxed);
+                                }
+                            }
+                            Err(Code::Unavailable)
+                        }
+                        Err(_) => Err(Code::DeadlineExceeded),
+                    };
+                    if now >= measure_from {
+                        for _ in 0..per_entry {
+                            stats.record(now.elapsed(), outcome);
+                        }
+                    }
+                }
+            });
+        }
+        tokio::time::sleep_until(measure_from.into()).await;
+        let before = CpuSample::take(None);
+        tokio::time::sleep_until(end.into()).await;
+        let (cpu, _) = CpuSample::take(None).percent_since(&before);
+        let mut stats = OpStats::new();
+        while let Some(done) = workers.join_next().await {
+            stats.merge(done?);
+        }
+        Ok((stats, cpu, end - measure_from))
+    }
+
+    async fn stop(&self) {
+        let all: Vec<FloorRaft> = self
+            .replicas
+            .read()
+            .expect("replica map lock")
+            .values()
+            .cloned()
+            .collect();
+        for raft in all {
+            let _ = raft.shutdown().await;
+        }
+    }
+}
+
+fn send_command(id: u64, body: &Bytes) -> Command {
+    Command {
+        kind: Some(command::Kind::Send(SendCmd {
+            chat_id: id % 1000 + 1,
+            sender_id: 1,
+            client_msg_id: id,
+            body: body.clone(),
+            self_destruct: None,
+            sealed_body: None,
+        })),
+    }
+}
+
+fn unreachable(e: impl std::fmt::Display) -> Unreachable<TypeConfig> {
+    Unreachable::from_string(e.to_string())
+}
+
+/// Calls the target replica's Raft directly.
+struct FloorNetwork {
+    group: u32,
+    replicas: Replicas,
+}
+
+impl RaftNetworkFactory<TypeConfig> for FloorNetwork {
+    type Network = FloorLink;
+
+    async fn new_client(&mut self, target: u64, _node: &NodeAddr) -> FloorLink {
+        FloorLink {
+            group: self.group,
+            target,
+            replicas: self.replicas.clone(),
+        }
+    }
+}
+
+struct FloorLink {
+    group: u32,
+    target: u64,
+    replicas: Replicas,
+}
+
+impl FloorLink {
+    fn raft(&self) -> Result<FloorRaft, Unreachable<TypeConfig>> {
+        self.replicas
+            .read()
+            .expect("replica map lock")
+            .get(&(self.group, self.target))
+            .cloned()
+            .ok_or_else(|| unreachable("replica not started"))
+    }
+}
+
+impl RaftNetworkV2<TypeConfig> for FloorLink {
+    type SnapshotData = ();
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        _option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let raft = self.raft().map_err(RPCError::Unreachable)?;
+        raft.append_entries(rpc)
+            .await
+            .map_err(|e| RPCError::Unreachable(unreachable(e)))
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        _option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let raft = self.raft().map_err(RPCError::Unreachable)?;
+        raft.vote(rpc)
+            .await
+            .map_err(|e| RPCError::Unreachable(unreachable(e)))
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        _option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let raft = self.raft().map_err(RPCError::Unreachable)?;
+        raft.pre_vote(rpc)
+            .await
+            .map_err(|e| RPCError::Unreachable(unreachable(e)))
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        _vote: Vote,
+        _snapshot: openraft::alias::SnapshotOf<TypeConfig, ()>,
+        _cancel: impl std::future::Future<Output = ReplicationClosed> + Send + 'static,
+        _option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        Err(StreamingError::Unreachable(unreachable(
+            "the floor's groups never snapshot",
+        )))
+    }
+}
+
+/// A log in memory; an append is durable when it returns.
+#[derive(Clone, Default)]
+struct MemLog {
+    inner: Arc<Mutex<MemLogInner>>,
+}
+
+#[derive(Default)]
+struct MemLogInner {
+    vote: Option<Vote>,
+    committed: Option<LogId>,
+    purged: Option<LogId>,
+    entries: BTreeMap<u64, Entry>,
+}
+
+impl MemLog {
+    fn lock(&self) -> std::sync::MutexGuard<'_, MemLogInner> {
+        self.inner.lock().expect("log lock")
+    }
+}
+
+impl RaftLogReader<TypeConfig> for MemLog {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, io::Error> {
+        Ok(self
+            .lock()
+            .entries
+            .range(range)
+            .map(|(_, e)| e.clone())
+            .collect())
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
+        Ok(self.lock().vote)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for MemLog {
+    type LogReader = MemLog;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
+        let inner = self.lock();
+        let last = inner
+            .entries
+            .last_key_value()
+            .map(|(_, e)| e.log_id)
+            .or(inner.purged);
+        Ok(LogState {
+            last_purged_log_id: inner.purged,
+            last_log_id: last,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> MemLog {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
+        self.lock().vote = Some(*vote);
+        Ok(())
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
+        self.lock().committed = committed;
+        Ok(())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
+        Ok(self.lock().committed)
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: IOFlushed<TypeConfig>,
+    ) -> Result<(), io::Error>
+    where
+        I: IntoIterator<Item = Entry> + Send,
+        I::IntoIter: Send,
+    {
+        {
+            let mut inner = self.lock();
+            for entry in entries {
+                inner.entries.insert(entry.log_id.index, entry);
+            }
+        }
+        callback.io_completed(Ok(()));
+        Ok(())
+    }
+
+    async fn truncate_after(&mut self, last: Option<LogId>) -> Result<(), io::Error> {
+        let from = last.map_or(0, |id| id.index + 1);
+        self.lock().entries.split_off(&from);
+        Ok(())
+    }
+
+    async fn purge(&mut self, upto: LogId) -> Result<(), io::Error> {
+        let mut inner = self.lock();
+        inner.entries = inner.entries.split_off(&(upto.index + 1));
+        inner.purged = Some(upto);
+        Ok(())
+    }
+}
+
+/// Applies nothing: one empty result per command.
+#[derive(Default)]
+struct FloorStateMachine {
+    applied: Option<LogId>,
+    membership: StoredMembership,
+}
+
+impl RaftStateMachine<TypeConfig> for FloorStateMachine {
+    type SnapshotData = ();
+    type SnapshotBuilder = NoSnapshots;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
+        Ok((self.applied, self.membership.clone()))
+    }
+
+    async fn apply<S>(&mut self, mut entries: S) -> Result<(), io::Error>
+    where
+        S: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + Send,
+    {
+        while let Some(item) = entries.next().await {
+            let (entry, responder) = item?;
+            let output = match &entry.payload {
+                EntryPayload::Normal(p) => ApplyOutput {
+                    results: vec![CommandResult::default(); p.batch.commands.len()],
+                },
+                EntryPayload::Membership(m) => {
+                    self.membership = StoredMembership::new(Some(entry.log_id), m.clone());
+                    ApplyOutput::default()
+                }
+                EntryPayload::Blank => ApplyOutput::default(),
+            };
+            self.applied = Some(entry.log_id);
+            if let Some(r) = responder {
+                r.send(output);
+            }
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> NoSnapshots {
+        NoSnapshots
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        _meta: &SnapshotMeta,
+        _snapshot: (),
+    ) -> Result<(), io::Error> {
+        Err(io::Error::other("the floor's groups never snapshot"))
+    }
+
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<openraft::alias::SnapshotOf<TypeConfig, ()>>, io::Error> {
+        Ok(None)
+    }
+}
+
+struct NoSnapshots;
+
+impl RaftSnapshotBuilder<TypeConfig> for NoSnapshots {
+    type SnapshotData = ();
+
+    async fn build_snapshot(
+        &mut self,
+    ) -> Result<openraft::alias::SnapshotOf<TypeConfig, ()>, io::Error> {
+        Err(io::Error::other("the floor's groups never snapshot"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A short run commits writes through three replicas of two groups, with
+    /// each command of an entry counted.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_short_run_commits_writes_and_counts_each_command() {
+        let args = RaftFloorArgs {
+            groups: 2,
+            in_flight: 4,
+            commands_per_entry: 3,
+            size: 16,
+            duration: 0.5,
+            warmup: 0.1,
+        };
+        let report = run(&args).await.unwrap();
+        let op = &report.ops[0];
+        assert!(op.count > 0, "no write committed");
+        assert_eq!(op.count % 3, 0, "each entry counts its three commands");
+        assert!(op.errors.is_empty(), "{:?}", op.errors);
+    }
+}
