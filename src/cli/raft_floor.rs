@@ -80,7 +80,7 @@ pub struct RaftFloorArgs {
 
 /// `chatctl bench-raft`.
 pub async fn command(args: RaftFloorArgs, json: bool) -> anyhow::Result<i32> {
-    let report = run(&args).await?;
+    let (report, rounds) = run_counting(&args).await?;
     if json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
@@ -94,13 +94,63 @@ pub async fn command(args: RaftFloorArgs, json: bool) -> anyhow::Result<i32> {
                 args.commands_per_entry
             );
         }
+        let entries = (report.ops[0].count / args.commands_per_entry).max(1) as f64;
+        println!(
+            "per entry: {:.2} AppendEntries calls; {:.2} entries per apply call",
+            rounds.appends as f64 / entries,
+            rounds.applied as f64 / (rounds.apply_calls as f64).max(1.0)
+        );
     }
     Ok(0)
+}
+
+/// What the groups did over the measured window.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RoundCounts {
+    /// AppendEntries calls, heartbeats included.
+    pub appends: u64,
+    /// Apply calls of every replica.
+    pub apply_calls: u64,
+    /// Entries applied by every replica.
+    pub applied: u64,
+}
+
+/// Counters the groups' network and state machines share.
+#[derive(Default)]
+struct Rounds {
+    appends: AtomicU64,
+    apply_calls: AtomicU64,
+    applied: AtomicU64,
+}
+
+impl Rounds {
+    fn now(&self) -> RoundCounts {
+        RoundCounts {
+            appends: self.appends.load(Ordering::Relaxed),
+            apply_calls: self.apply_calls.load(Ordering::Relaxed),
+            applied: self.applied.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl RoundCounts {
+    fn since(self, earlier: RoundCounts) -> RoundCounts {
+        RoundCounts {
+            appends: self.appends - earlier.appends,
+            apply_calls: self.apply_calls - earlier.apply_calls,
+            applied: self.applied - earlier.applied,
+        }
+    }
 }
 
 /// Starts the groups, loads them, stops them, and reports sends per second
 /// (each command of an entry counts, timed by its entry).
 pub async fn run(args: &RaftFloorArgs) -> anyhow::Result<Report> {
+    Ok(run_counting(args).await?.0)
+}
+
+/// [`run`], with what the groups did.
+async fn run_counting(args: &RaftFloorArgs) -> anyhow::Result<(Report, RoundCounts)> {
     anyhow::ensure!(
         args.duration > 0.0 && args.duration.is_finite(),
         "--duration must be a positive number of seconds"
@@ -112,10 +162,10 @@ pub async fn run(args: &RaftFloorArgs) -> anyhow::Result<Report> {
     let groups = Groups::start(args.groups).await?;
     let measured = groups.load(args).await;
     groups.stop().await;
-    let (stats, cpu, window) = measured?;
+    let (stats, cpu, window, rounds) = measured?;
     let mut op = stats.report("send", window);
     op.per_request = args.commands_per_entry;
-    Ok(Report {
+    let report = Report {
         workload: "raft-floor",
         routers: Vec::new(),
         in_flight: args.in_flight as usize,
@@ -131,7 +181,8 @@ pub async fn run(args: &RaftFloorArgs) -> anyhow::Result<Report> {
         open_rate: None,
         raft_groups: Some(args.groups),
         ops: vec![op],
-    })
+    };
+    Ok((report, rounds))
 }
 
 type FloorRaft = openraft::Raft<TypeConfig, FloorStateMachine>;
@@ -143,6 +194,7 @@ struct Groups {
     replicas: Replicas,
     /// The node each group's leader was last seen on.
     leaders: Arc<Vec<AtomicU64>>,
+    rounds: Arc<Rounds>,
 }
 
 impl Groups {
@@ -164,18 +216,20 @@ impl Groups {
         config.snapshot_policy = SnapshotPolicy::Never;
         let config = Arc::new(config.validate()?);
         let replicas: Replicas = Arc::default();
+        let rounds = Arc::new(Rounds::default());
         for group in 0..count {
             for node in 1..=REPLICAS {
                 let network = FloorNetwork {
                     group,
                     replicas: replicas.clone(),
+                    rounds: rounds.clone(),
                 };
                 let raft = FloorRaft::new(
                     node,
                     config.clone(),
                     network,
                     MemLog::default(),
-                    FloorStateMachine::default(),
+                    FloorStateMachine::new(rounds.clone()),
                 )
                 .await?;
                 replicas
@@ -187,6 +241,7 @@ impl Groups {
         let groups = Groups {
             replicas,
             leaders: Arc::new((0..count).map(|_| AtomicU64::new(0)).collect()),
+            rounds,
         };
         let members: BTreeMap<u64, NodeAddr> =
             (1..=REPLICAS).map(|n| (n, NodeAddr::default())).collect();
@@ -229,8 +284,11 @@ impl Groups {
     }
 
     /// Runs the closed loop; returns the measured writes, this process's
-    /// CPU over the window, and the window's length.
-    async fn load(&self, args: &RaftFloorArgs) -> anyhow::Result<(OpStats, Option<f64>, Duration)> {
+    /// CPU over the window, the window's length and the groups' rounds in it.
+    async fn load(
+        &self,
+        args: &RaftFloorArgs,
+    ) -> anyhow::Result<(OpStats, Option<f64>, Duration, RoundCounts)> {
         let start = Instant::now();
         let measure_from = start + Duration::from_secs_f64(args.warmup);
         let end = measure_from + Duration::from_secs_f64(args.duration);
@@ -288,13 +346,15 @@ impl Groups {
         }
         tokio::time::sleep_until(measure_from.into()).await;
         let before = CpuSample::take(None);
+        let rounds_before = self.rounds.now();
         tokio::time::sleep_until(end.into()).await;
         let (cpu, _) = CpuSample::take(None).percent_since(&before);
+        let rounds = self.rounds.now().since(rounds_before);
         let mut stats = OpStats::new();
         while let Some(done) = workers.join_next().await {
             stats.merge(done?);
         }
-        Ok((stats, cpu, end - measure_from))
+        Ok((stats, cpu, end - measure_from, rounds))
     }
 
     async fn stop(&self) {
@@ -332,6 +392,7 @@ fn unreachable(e: impl std::fmt::Display) -> Unreachable<TypeConfig> {
 struct FloorNetwork {
     group: u32,
     replicas: Replicas,
+    rounds: Arc<Rounds>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for FloorNetwork {
@@ -342,6 +403,7 @@ impl RaftNetworkFactory<TypeConfig> for FloorNetwork {
             group: self.group,
             target,
             replicas: self.replicas.clone(),
+            rounds: self.rounds.clone(),
         }
     }
 }
@@ -350,6 +412,7 @@ struct FloorLink {
     group: u32,
     target: u64,
     replicas: Replicas,
+    rounds: Arc<Rounds>,
 }
 
 impl FloorLink {
@@ -372,6 +435,7 @@ impl RaftNetworkV2<TypeConfig> for FloorLink {
         _option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
         let raft = self.raft().map_err(RPCError::Unreachable)?;
+        self.rounds.appends.fetch_add(1, Ordering::Relaxed);
         raft.append_entries(rpc)
             .await
             .map_err(|e| RPCError::Unreachable(unreachable(e)))
@@ -518,10 +582,20 @@ impl RaftLogStorage<TypeConfig> for MemLog {
 }
 
 /// Applies nothing: one empty result per command.
-#[derive(Default)]
 struct FloorStateMachine {
     applied: Option<LogId>,
     membership: StoredMembership,
+    rounds: Arc<Rounds>,
+}
+
+impl FloorStateMachine {
+    fn new(rounds: Arc<Rounds>) -> FloorStateMachine {
+        FloorStateMachine {
+            applied: None,
+            membership: StoredMembership::default(),
+            rounds,
+        }
+    }
 }
 
 impl RaftStateMachine<TypeConfig> for FloorStateMachine {
@@ -536,8 +610,10 @@ impl RaftStateMachine<TypeConfig> for FloorStateMachine {
     where
         S: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + Send,
     {
+        self.rounds.apply_calls.fetch_add(1, Ordering::Relaxed);
         while let Some(item) = entries.next().await {
             let (entry, responder) = item?;
+            self.rounds.applied.fetch_add(1, Ordering::Relaxed);
             let output = match &entry.payload {
                 EntryPayload::Normal(p) => ApplyOutput {
                     results: vec![CommandResult::default(); p.batch.commands.len()],
@@ -603,9 +679,17 @@ mod tests {
             duration: 0.5,
             warmup: 0.1,
         };
-        let report = run(&args).await.unwrap();
+        let (report, rounds) = run_counting(&args).await.unwrap();
         let op = &report.ops[0];
         assert!(op.count > 0, "no write committed");
+        // Entries reach the followers and are applied on every replica
+        // (followers may trail by the last few at the window's end).
+        let entries = op.count / 3;
+        assert!(rounds.appends > 0 && rounds.apply_calls > 0, "{rounds:?}");
+        assert!(
+            rounds.applied * 2 >= entries * 3,
+            "{rounds:?} for {entries} entries"
+        );
         assert_eq!(op.count % 3, 0, "each entry counts its three commands");
         assert!(op.errors.is_empty(), "{:?}", op.errors);
     }
