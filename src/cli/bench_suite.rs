@@ -498,6 +498,9 @@ fn markdown(args: &SuiteArgs, idle_cpu: Option<f64>, outcomes: &[Outcome]) -> St
             };
             let (server, per_op, client) = if i == 0 {
                 let mut per_op = cpu_per_op(report);
+                if report.raft_groups.is_some() && !per_op.is_empty() {
+                    per_op.push_str(" (chatctl)");
+                }
                 if report.ops.len() > 1 && !per_op.is_empty() {
                     // Over the operations of every row of the case.
                     per_op.push_str(" (all rows)");

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use openraft::async_runtime::WatchReceiver;
-use openraft::error::{RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::error::{RPCError, RaftError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
@@ -54,6 +54,11 @@ const REPLICAS: u64 = 3;
 const ELECTION_WAIT: Duration = Duration::from_secs(60);
 /// How long one write may take before it counts as failed.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A worker's pause after a failed write.
+const RETRY_PAUSE: Duration = Duration::from_millis(10);
+/// Longest measured or warmup time: the log is kept whole in memory, about
+/// 1 KiB per write on each of three replicas.
+const SECS_MAX: f64 = 600.0;
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct RaftFloorArgs {
@@ -152,12 +157,12 @@ pub async fn run(args: &RaftFloorArgs) -> anyhow::Result<Report> {
 /// [`run`], with what the groups did.
 async fn run_counting(args: &RaftFloorArgs) -> anyhow::Result<(Report, RoundCounts)> {
     anyhow::ensure!(
-        args.duration > 0.0 && args.duration.is_finite(),
-        "--duration must be a positive number of seconds"
+        args.duration > 0.0 && args.duration <= SECS_MAX,
+        "--duration must be more than 0 and at most {SECS_MAX} seconds"
     );
     anyhow::ensure!(
-        args.warmup >= 0.0 && args.warmup.is_finite(),
-        "--warmup must be zero or more seconds"
+        (0.0..=SECS_MAX).contains(&args.warmup),
+        "--warmup must be 0 to {SECS_MAX} seconds"
     );
     let groups = Groups::start(args.groups).await?;
     let measured = groups.load(args).await;
@@ -200,9 +205,32 @@ struct Groups {
 impl Groups {
     /// Starts `count` groups of three replicas and waits until each has a
     /// leader. Group g is initialized on node g % 3 + 1, so leaders spread
-    /// over the nodes as the dev cluster's do.
+    /// over the nodes as the dev cluster's do. On failure every replica
+    /// already started is shut down.
     async fn start(count: u32) -> anyhow::Result<Groups> {
-        let timing = RaftTiming::default();
+        let groups = Groups {
+            replicas: Arc::default(),
+            leaders: Arc::new((0..count).map(|_| AtomicU64::new(0)).collect()),
+            rounds: Arc::default(),
+        };
+        match groups.open_and_elect(count).await {
+            Ok(()) => Ok(groups),
+            Err(e) => {
+                groups.stop().await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn open_and_elect(&self, count: u32) -> anyhow::Result<()> {
+        // The Raft timing of `cluster-configs/local-3region.toml`, which
+        // `make bench` runs the cluster with.
+        let timing = RaftTiming {
+            heartbeat_ms: 250,
+            election_timeout_ms_min: 1000,
+            election_timeout_ms_max: 1500,
+            ..RaftTiming::default()
+        };
         let mut config = (*crate::shard::raft_config(
             "raft-floor",
             &timing,
@@ -215,63 +243,53 @@ impl Groups {
         // The log is never purged, so no snapshot is ever needed.
         config.snapshot_policy = SnapshotPolicy::Never;
         let config = Arc::new(config.validate()?);
-        let replicas: Replicas = Arc::default();
-        let rounds = Arc::new(Rounds::default());
         for group in 0..count {
             for node in 1..=REPLICAS {
                 let network = FloorNetwork {
                     group,
-                    replicas: replicas.clone(),
-                    rounds: rounds.clone(),
+                    replicas: self.replicas.clone(),
+                    rounds: self.rounds.clone(),
                 };
                 let raft = FloorRaft::new(
                     node,
                     config.clone(),
                     network,
                     MemLog::default(),
-                    FloorStateMachine::new(rounds.clone()),
+                    FloorStateMachine::new(self.rounds.clone()),
                 )
                 .await?;
-                replicas
+                self.replicas
                     .write()
                     .expect("replica map lock")
                     .insert((group, node), raft);
             }
         }
-        let groups = Groups {
-            replicas,
-            leaders: Arc::new((0..count).map(|_| AtomicU64::new(0)).collect()),
-            rounds,
-        };
         let members: BTreeMap<u64, NodeAddr> =
             (1..=REPLICAS).map(|n| (n, NodeAddr::default())).collect();
         for group in 0..count {
             let first = u64::from(group) % REPLICAS + 1;
-            groups
-                .raft(group, first)
-                .initialize(members.clone())
-                .await?;
+            self.raft(group, first).initialize(members.clone()).await?;
         }
         let deadline = Instant::now() + ELECTION_WAIT;
         for group in 0..count {
             loop {
-                let leader = groups
+                let leader = self
                     .raft(group, 1)
                     .metrics()
                     .borrow_watched()
                     .current_leader;
                 if let Some(leader) = leader {
-                    groups.leaders[group as usize].store(leader, Ordering::Relaxed);
+                    self.leaders[group as usize].store(leader, Ordering::Relaxed);
                     break;
                 }
-                if Instant::now() > deadline {
-                    groups.stop().await;
-                    anyhow::bail!("group {group} had no leader after {ELECTION_WAIT:?}");
-                }
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "group {group} had no leader after {ELECTION_WAIT:?}"
+                );
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
-        Ok(groups)
+        Ok(())
     }
 
     fn raft(&self, group: u32, node: u64) -> FloorRaft {
@@ -315,31 +333,43 @@ impl Groups {
                         .expect("replica map lock")
                         .get(&(group, leader))
                         .cloned();
-                    let Some(raft) = raft else {
-                        return stats;
-                    };
-                    let commands = (0..per_entry)
-                        .map(|_| send_command(next_id.fetch_add(1, Ordering::Relaxed), &body))
-                        .collect();
-                    let proposal = Proposal::new(crate::types::now_ms(), commands);
-                    let result =
-                        tokio::time::timeout(WRITE_TIMEOUT, raft.client_write(proposal)).await;
-                    let outcome = match result {
-                        Ok(Ok(_)) => Ok(()),
-                        Ok(Err(e)) => {
-                            if let Some(f) = e.forward_to_leader() {
-                                if let Some(id) = f.leader_id {
-                                    leaders[group as usize].store(id, Ordering::Relaxed);
+                    let outcome = match raft {
+                        Some(raft) => {
+                            let commands = (0..per_entry)
+                                .map(|_| {
+                                    send_command(next_id.fetch_add(1, Ordering::Relaxed), &body)
+                                })
+                                .collect();
+                            let proposal = Proposal::new(crate::types::now_ms(), commands);
+                            let write = raft.client_write(proposal);
+                            match tokio::time::timeout(WRITE_TIMEOUT, write).await {
+                                Ok(Ok(_)) => Ok(()),
+                                Ok(Err(e)) => {
+                                    if let Some(id) =
+                                        e.forward_to_leader().and_then(|f| f.leader_id)
+                                    {
+                                        leaders[group as usize].store(id, Ordering::Relaxed);
+                                    }
+                                    match e {
+                                        RaftError::Fatal(_) => Err(Code::Internal),
+                                        RaftError::APIError(_) => Err(Code::Unavailable),
+                                    }
                                 }
+                                Err(_) => Err(Code::DeadlineExceeded),
                             }
-                            Err(Code::Unavailable)
                         }
-                        Err(_) => Err(Code::DeadlineExceeded),
+                        // A leader id outside the group: the write had nowhere to go.
+                        None => Err(Code::Internal),
                     };
                     if now >= measure_from {
+                        let latency = now.elapsed();
                         for _ in 0..per_entry {
-                            stats.record(now.elapsed(), outcome);
+                            stats.record(latency, outcome);
                         }
+                    }
+                    if outcome.is_err() {
+                        // An election or a stopped group: not a busy loop.
+                        tokio::time::sleep(RETRY_PAUSE).await;
                     }
                 }
             });
@@ -386,6 +416,10 @@ fn send_command(id: u64, body: &Bytes) -> Command {
 
 fn unreachable(e: impl std::fmt::Display) -> Unreachable<TypeConfig> {
     Unreachable::from_string(e.to_string())
+}
+
+fn rpc_failed(e: impl std::fmt::Display) -> RPCError<TypeConfig> {
+    RPCError::Unreachable(unreachable(e))
 }
 
 /// Calls the target replica's Raft directly.
@@ -436,9 +470,7 @@ impl RaftNetworkV2<TypeConfig> for FloorLink {
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
         let raft = self.raft().map_err(RPCError::Unreachable)?;
         self.rounds.appends.fetch_add(1, Ordering::Relaxed);
-        raft.append_entries(rpc)
-            .await
-            .map_err(|e| RPCError::Unreachable(unreachable(e)))
+        raft.append_entries(rpc).await.map_err(rpc_failed)
     }
 
     async fn vote(
@@ -447,9 +479,7 @@ impl RaftNetworkV2<TypeConfig> for FloorLink {
         _option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
         let raft = self.raft().map_err(RPCError::Unreachable)?;
-        raft.vote(rpc)
-            .await
-            .map_err(|e| RPCError::Unreachable(unreachable(e)))
+        raft.vote(rpc).await.map_err(rpc_failed)
     }
 
     async fn pre_vote(
@@ -458,9 +488,7 @@ impl RaftNetworkV2<TypeConfig> for FloorLink {
         _option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
         let raft = self.raft().map_err(RPCError::Unreachable)?;
-        raft.pre_vote(rpc)
-            .await
-            .map_err(|e| RPCError::Unreachable(unreachable(e)))
+        raft.pre_vote(rpc).await.map_err(rpc_failed)
     }
 
     async fn full_snapshot(
