@@ -248,6 +248,7 @@ pub async fn command(
         size: 1024,
         duration: args.secs,
         warmup: args.warmup,
+        durable_log: false,
     };
     let label = format!(
         "raft-floor at {} in flight, {} groups",

@@ -22,6 +22,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt::Debug;
 use std::io;
 use std::ops::RangeBounds;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -44,9 +45,12 @@ use tonic::Code;
 use super::bench::{CpuSample, OpStats, Report};
 use crate::api::pb::replicated::{command, Command, CommandResult, SendCmd};
 use crate::cluster::config::RaftTiming;
+use crate::shard::log_store::LogStore;
 use crate::shard::types::{
     ApplyOutput, Entry, LogId, NodeAddr, Proposal, SnapshotMeta, StoredMembership, TypeConfig, Vote,
 };
+use crate::storage::Storage;
+use crate::types::ShardId;
 
 /// Replicas of each group, as in the dev cluster.
 const REPLICAS: u64 = 3;
@@ -81,6 +85,11 @@ pub struct RaftFloorArgs {
     /// Seconds of load before the measured window.
     #[arg(long, default_value_t = 2.0)]
     pub warmup: f64,
+    /// Keep the logs in chatstore's own Raft log (segment files, group
+    /// commit, `fdatasync` before an append counts as durable), one per
+    /// node in a temporary folder removed afterwards, instead of in memory.
+    #[arg(long)]
+    pub durable_log: bool,
 }
 
 /// `chatctl bench-raft`.
@@ -164,7 +173,7 @@ async fn run_counting(args: &RaftFloorArgs) -> anyhow::Result<(Report, RoundCoun
         (0.0..=SECS_MAX).contains(&args.warmup),
         "--warmup must be 0 to {SECS_MAX} seconds"
     );
-    let groups = Groups::start(args.groups).await?;
+    let groups = Groups::start(args.groups, args.durable_log).await?;
     let measured = groups.load(args).await;
     groups.stop().await;
     let (stats, cpu, window, rounds) = measured?;
@@ -200,6 +209,9 @@ struct Groups {
     /// The node each group's leader was last seen on.
     leaders: Arc<Vec<AtomicU64>>,
     rounds: Arc<Rounds>,
+    /// With --durable-log: the folder of the nodes' storage, and the
+    /// storage of nodes 1 to 3.
+    durable: Option<(PathBuf, Vec<Storage>)>,
 }
 
 impl Groups {
@@ -207,12 +219,29 @@ impl Groups {
     /// leader. Group g is initialized on node g % 3 + 1, so leaders spread
     /// over the nodes as the dev cluster's do. On failure every replica
     /// already started is shut down.
-    async fn start(count: u32) -> anyhow::Result<Groups> {
-        let groups = Groups {
+    async fn start(count: u32, durable_log: bool) -> anyhow::Result<Groups> {
+        let mut groups = Groups {
             replicas: Arc::default(),
             leaders: Arc::new((0..count).map(|_| AtomicU64::new(0)).collect()),
             rounds: Arc::default(),
+            durable: None,
         };
+        if durable_log {
+            let dir = std::env::temp_dir().join(format!(
+                "chatstore-raft-floor-{:016x}",
+                rand::random::<u64>()
+            ));
+            let storages = (1..=REPLICAS)
+                .map(|node| Storage::open(&dir.join(format!("node{node}"))))
+                .collect::<Result<Vec<_>, _>>();
+            match storages {
+                Ok(storages) => groups.durable = Some((dir, storages)),
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    return Err(anyhow::Error::new(e).context("opening the nodes' storage"));
+                }
+            }
+        }
         match groups.open_and_elect(count).await {
             Ok(()) => Ok(groups),
             Err(e) => {
@@ -250,14 +279,17 @@ impl Groups {
                     replicas: self.replicas.clone(),
                     rounds: self.rounds.clone(),
                 };
-                let raft = FloorRaft::new(
-                    node,
-                    config.clone(),
-                    network,
-                    MemLog::default(),
-                    FloorStateMachine::new(self.rounds.clone()),
-                )
-                .await?;
+                let sm = FloorStateMachine::new(self.rounds.clone());
+                let raft = match &self.durable {
+                    Some((_, storages)) => {
+                        let storage = &storages[node as usize - 1];
+                        let log = LogStore::open(storage, ShardId(u64::from(group))).await?;
+                        FloorRaft::new(node, config.clone(), network, log, sm).await?
+                    }
+                    None => {
+                        FloorRaft::new(node, config.clone(), network, MemLog::default(), sm).await?
+                    }
+                };
                 self.replicas
                     .write()
                     .expect("replica map lock")
@@ -397,6 +429,11 @@ impl Groups {
             .collect();
         for raft in all {
             let _ = raft.shutdown().await;
+        }
+        if let Some((dir, _)) = &self.durable {
+            if let Err(e) = std::fs::remove_dir_all(dir) {
+                eprintln!("bench-raft: could not remove {}: {e}", dir.display());
+            }
         }
     }
 }
@@ -706,6 +743,7 @@ mod tests {
             size: 16,
             duration: 0.5,
             warmup: 0.1,
+            durable_log: false,
         };
         let (report, rounds) = run_counting(&args).await.unwrap();
         let op = &report.ops[0];
@@ -720,5 +758,37 @@ mod tests {
         );
         assert_eq!(op.count % 3, 0, "each entry counts its three commands");
         assert!(op.errors.is_empty(), "{:?}", op.errors);
+    }
+
+    /// With the nodes' own Raft log the writes commit too, and the
+    /// temporary folder is gone afterwards.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_run_on_the_durable_log_commits_and_removes_its_folder() {
+        let before = floor_folders();
+        let args = RaftFloorArgs {
+            groups: 2,
+            in_flight: 4,
+            commands_per_entry: 1,
+            size: 16,
+            duration: 0.5,
+            warmup: 0.1,
+            durable_log: true,
+        };
+        let report = run(&args).await.unwrap();
+        assert!(report.ops[0].count > 0, "no write committed");
+        assert!(
+            report.ops[0].errors.is_empty(),
+            "{:?}",
+            report.ops[0].errors
+        );
+        assert_eq!(floor_folders(), before, "the run left its folder behind");
+    }
+
+    fn floor_folders() -> std::collections::BTreeSet<std::ffi::OsString> {
+        std::fs::read_dir(std::env::temp_dir())
+            .unwrap()
+            .filter_map(|e| e.ok().map(|e| e.file_name()))
+            .filter(|n| n.to_string_lossy().starts_with("chatstore-raft-floor-"))
+            .collect()
     }
 }
