@@ -6,7 +6,8 @@
 //!
 //! ```text
 //!  G groups × 3 replicas (openraft::Raft, the shard's Config, snapshots off)
-//!    log: entries in a BTreeMap, "durable" as soon as appended (no fsync)
+//!    log: entries in a BTreeMap, "durable" as soon as appended (no fsync);
+//!         with --durable-log, chatstore's own Raft log per node, fsynced
 //!    state machine: counts entries and answers each command with nothing
 //!    network: a direct call of the target replica's Raft (no encoding)
 //!  N workers: client_write(a Proposal of K 1 KiB sends) to a random group's leader
