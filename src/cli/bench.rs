@@ -2135,14 +2135,55 @@ fn cpu_text(percent: Option<f64>) -> String {
 
 /// The report for a person.
 pub(super) fn text(r: &Report) -> String {
-    let mut out = String::new();
-    let setup = match &r.watch {
-        _ if r.raft_groups.is_some() => format!(
-            "{} in flight, {}-byte bodies; {} Raft groups of three replicas in this process",
+    let mut out = match r.raft_groups {
+        Some(groups) => format!(
+            "{}: {} in flight, {}-byte bodies; {groups} Raft groups of three replicas in this process\n\
+             measured {:.1} s after a {:.1} s warmup; CPU (percent of one core): chatctl {}\n",
+            r.workload,
             r.in_flight,
             r.size_bytes,
-            r.raft_groups.unwrap_or_default()
+            r.measured_secs,
+            r.warmup_secs,
+            cpu_text(r.client_cpu_percent)
         ),
+        None => format!(
+            "{}: {}; {} connections to {}\n\
+             measured {:.1} s after a {:.1} s warmup; CPU (percent of one core): chatctl {}, server {}\n",
+            r.workload,
+            load_text(r),
+            r.connections,
+            r.routers.join(", "),
+            r.measured_secs,
+            r.warmup_secs,
+            cpu_text(r.client_cpu_percent),
+            cpu_text(r.server_cpu_percent)
+        ),
+    };
+    out.push_str(&format!(
+        "{:<12} {:>9} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8}  ERRORS\n",
+        "OP", "COUNT", "OPS/S", "P50 MS", "P90 MS", "P99 MS", "P999 MS", "MAX MS"
+    ));
+    for op in &r.ops {
+        let l = &op.latency_ms;
+        out.push_str(&format!(
+            "{:<12} {:>9} {:>10.1} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2}  {}\n",
+            op.op,
+            op.count,
+            op.ops_per_sec,
+            l.p50,
+            l.p90,
+            l.p99,
+            l.p999,
+            l.max,
+            errors_text(&op.errors)
+        ));
+    }
+    out
+}
+
+/// What a load through the routers was.
+fn load_text(r: &Report) -> String {
+    match &r.watch {
         Some(WatchSetup {
             watchers,
             rate_per_sec: Some(rate),
@@ -2167,48 +2208,7 @@ pub(super) fn text(r: &Report) -> String {
                 format!(", {} watchers on {} chats", w.watchers, w.chats)
             })
         }
-    };
-    match r.raft_groups {
-        Some(_) => out.push_str(&format!("{}: {setup}\n", r.workload)),
-        None => out.push_str(&format!(
-            "{}: {setup}; {} connections to {}\n",
-            r.workload,
-            r.connections,
-            r.routers.join(", ")
-        )),
     }
-    let cpu = match r.raft_groups {
-        Some(_) => format!("chatctl {}", cpu_text(r.client_cpu_percent)),
-        None => format!(
-            "chatctl {}, server {}",
-            cpu_text(r.client_cpu_percent),
-            cpu_text(r.server_cpu_percent)
-        ),
-    };
-    out.push_str(&format!(
-        "measured {:.1} s after a {:.1} s warmup; CPU (percent of one core): {cpu}\n",
-        r.measured_secs, r.warmup_secs,
-    ));
-    out.push_str(&format!(
-        "{:<12} {:>9} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8}  ERRORS\n",
-        "OP", "COUNT", "OPS/S", "P50 MS", "P90 MS", "P99 MS", "P999 MS", "MAX MS"
-    ));
-    for op in &r.ops {
-        let l = &op.latency_ms;
-        out.push_str(&format!(
-            "{:<12} {:>9} {:>10.1} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2}  {}\n",
-            op.op,
-            op.count,
-            op.ops_per_sec,
-            l.p50,
-            l.p90,
-            l.p99,
-            l.p999,
-            l.max,
-            errors_text(&op.errors)
-        ));
-    }
-    out
 }
 
 #[cfg(test)]

@@ -205,6 +205,14 @@ type FloorRaft = openraft::Raft<TypeConfig, FloorStateMachine>;
 /// Every replica of every group, by (group, node).
 type Replicas = Arc<RwLock<HashMap<(u32, u64), FloorRaft>>>;
 
+fn replica(replicas: &Replicas, group: u32, node: u64) -> Option<FloorRaft> {
+    replicas
+        .read()
+        .expect("replica map lock")
+        .get(&(group, node))
+        .cloned()
+}
+
 struct Groups {
     replicas: Replicas,
     /// The node each group's leader was last seen on.
@@ -326,12 +334,7 @@ impl Groups {
     }
 
     fn raft(&self, group: u32, node: u64) -> FloorRaft {
-        self.replicas
-            .read()
-            .expect("replica map lock")
-            .get(&(group, node))
-            .expect("every replica is started before use")
-            .clone()
+        replica(&self.replicas, group, node).expect("every replica is started before use")
     }
 
     /// Runs the closed loop; returns the measured writes, this process's
@@ -361,12 +364,7 @@ impl Groups {
                     }
                     let group = rand::random_range(0..leaders.len()) as u32;
                     let leader = leaders[group as usize].load(Ordering::Relaxed);
-                    let raft = replicas
-                        .read()
-                        .expect("replica map lock")
-                        .get(&(group, leader))
-                        .cloned();
-                    let outcome = match raft {
+                    let outcome = match replica(&replicas, group, leader) {
                         Some(raft) => {
                             let commands = (0..per_entry)
                                 .map(|_| {
@@ -489,11 +487,7 @@ struct FloorLink {
 
 impl FloorLink {
     fn raft(&self) -> Result<FloorRaft, Unreachable<TypeConfig>> {
-        self.replicas
-            .read()
-            .expect("replica map lock")
-            .get(&(self.group, self.target))
-            .cloned()
+        replica(&self.replicas, self.group, self.target)
             .ok_or_else(|| unreachable("replica not started"))
     }
 }
