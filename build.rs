@@ -24,10 +24,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .btree_map(".")
         .bytes(".")
         .compile_fds(fds.clone())?;
-    // The router's side of history and message reads
-    // (`crate::api::pb::passthrough`): the NodeApi client and ChatStore
-    // server again, decoding read replies and encoding MessagesResponse with
-    // the messages left encoded. Every type is mapped to the one generated
+    // Both ends of history and message reads (`crate::api::pb::passthrough`):
+    // the NodeApi server and client and the ChatStore server again, with read
+    // replies and MessagesResponse carrying their messages encoded. Every type is mapped to the one generated
     // above, so this pass writes service code only (the other services'
     // too, unused).
     let passthrough = out_dir.join("passthrough");

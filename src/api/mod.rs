@@ -34,10 +34,11 @@ pub mod pb {
         tonic::include_proto!("chatstore.v1.node");
     }
 
-    /// The router's NodeApi client and ChatStore server, generated again
-    /// with read replies and `MessagesResponse` mapped to the `Encoded*`
-    /// messages of `node.proto`, whose messages stay encoded (see
-    /// [`crate::api::read_stream::RouterReads`]).
+    /// The router's NodeApi client and ChatStore server, and the node's
+    /// NodeApi server, generated again with read replies and
+    /// `MessagesResponse` mapped to the `Encoded*` messages of `node.proto`,
+    /// whose messages stay encoded (see
+    /// [`crate::api::read_stream::Reads`]).
     pub mod passthrough {
         pub mod chat {
             include!(concat!(env!("OUT_DIR"), "/passthrough/chatstore.v1.rs"));

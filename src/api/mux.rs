@@ -1098,9 +1098,12 @@ mod tests {
     use tonic::{Code, Status};
 
     use super::{serve_within, Bounds};
-    use crate::api::pb::node::{ReadCall, ReadCallBatch, ReadReply, ReadReplyBatch, ReadRequest};
+    use crate::api::pb::node::{
+        EncodedReadReply, EncodedReadReplyBatch, ReadCall, ReadCallBatch, ReadRequest,
+    };
     use crate::api::pb::Message as ChatMessage;
-    use crate::api::read_stream::ReadCalls;
+    use crate::api::read_stream::Reads;
+    use prost::Message as _;
 
     /// As a batch leaves, a call whose caller has gone is dropped, one with
     /// no time left is answered DeadlineExceeded unsent, and the rest carry
@@ -1110,7 +1113,7 @@ mod tests {
         use super::{still_wanted, Call, Protocol, Waiter, Waiting};
         use tokio::time::Instant;
         let now = Instant::now();
-        let waiting: Waiting<ReadCalls> = Default::default();
+        let waiting: Waiting<Reads> = Default::default();
         let mut replies = Vec::new();
         for (id, left_ms) in [(1u64, 5_000u64), (2, 5_000), (3, 0)] {
             let (tx, rx) = tokio::sync::oneshot::channel();
@@ -1134,9 +1137,9 @@ mod tests {
             })
             .collect();
         let later = now + Duration::from_millis(1_000);
-        let batch = still_wanted::<ReadCalls>(ReadCalls::batch(calls), &waiting, later)
-            .expect("call 1 still goes");
-        let left: Vec<(u64, u64)> = ReadCalls::calls(batch)
+        let batch =
+            still_wanted::<Reads>(Reads::batch(calls), &waiting, later).expect("call 1 still goes");
+        let left: Vec<(u64, u64)> = Reads::calls(batch)
             .iter()
             .map(|c| (c.id, c.timeout_ms))
             .collect();
@@ -1153,7 +1156,7 @@ mod tests {
             request: ReadRequest::default(),
             timeout_ms: 10_000,
         }];
-        assert!(still_wanted::<ReadCalls>(ReadCalls::batch(gone), &waiting, later).is_none());
+        assert!(still_wanted::<Reads>(Reads::batch(gone), &waiting, later).is_none());
     }
 
     /// A call whose `wanted` says no as its batch leaves is answered with
@@ -1164,7 +1167,7 @@ mod tests {
         use super::{still_wanted, was_not_wanted, Call, Protocol, Waiter, Waiting, Wanted};
         use tokio::time::Instant;
         let now = Instant::now();
-        let waiting: Waiting<ReadCalls> = Default::default();
+        let waiting: Waiting<Reads> = Default::default();
         let asked = Arc::new(AtomicUsize::new(0));
         let mut replies = Vec::new();
         for (id, yes) in [(1u64, false), (2, true)] {
@@ -1191,9 +1194,8 @@ mod tests {
                 timeout_ms: 10_000,
             })
             .collect();
-        let batch =
-            still_wanted::<ReadCalls>(ReadCalls::batch(calls), &waiting, now).expect("call 2 goes");
-        let ids: Vec<u64> = ReadCalls::calls(batch).iter().map(|c| c.id).collect();
+        let batch = still_wanted::<Reads>(Reads::batch(calls), &waiting, now).expect("call 2 goes");
+        let ids: Vec<u64> = Reads::calls(batch).iter().map(|c| c.id).collect();
         assert_eq!(ids, [2]);
         let unwanted = replies.remove(0).await.unwrap().unwrap_err();
         assert!(was_not_wanted(&unwanted), "{unwanted}");
@@ -1238,8 +1240,8 @@ mod tests {
                     body: body.clone(),
                     ..Default::default()
                 };
-                futures::future::ready(Ok(ReadReply {
-                    messages: vec![message],
+                futures::future::ready(Ok(EncodedReadReply {
+                    messages: vec![message.encode_to_vec().into()],
                     ..Default::default()
                 }))
             }
@@ -1252,7 +1254,7 @@ mod tests {
             reply_bytes: 1024 * 1024,
             waiting: 1000,
         };
-        let mut replies = serve_within::<ReadCalls, _, _>(calls, handle, stopping, bounds);
+        let mut replies = serve_within::<Reads, _, _>(calls, handle, stopping, bounds);
         until("the first calls are handled", || {
             handled.load(Ordering::SeqCst) >= 16
         })
@@ -1292,8 +1294,8 @@ mod tests {
                     body: vec![7u8; 4096].into(),
                     ..Default::default()
                 };
-                futures::future::ready(Ok(ReadReply {
-                    messages: vec![message],
+                futures::future::ready(Ok(EncodedReadReply {
+                    messages: vec![message.encode_to_vec().into()],
                     ..Default::default()
                 }))
             }
@@ -1314,7 +1316,7 @@ mod tests {
             reply_bytes: 1024,
             waiting: 10,
         };
-        let mut replies = serve_within::<ReadCalls, _, _>(calls, handle, stopping, bounds);
+        let mut replies = serve_within::<Reads, _, _>(calls, handle, stopping, bounds);
         until("the first call is handled", || {
             handled.load(Ordering::SeqCst) == 1
         })
@@ -1329,7 +1331,7 @@ mod tests {
 
     /// Takes reply batches until `got` holds `n` calls' status codes.
     async fn take_replies(
-        replies: &mut futures::stream::BoxStream<'static, Result<ReadReplyBatch, Status>>,
+        replies: &mut futures::stream::BoxStream<'static, Result<EncodedReadReplyBatch, Status>>,
         got: &mut std::collections::BTreeMap<u64, i32>,
         n: usize,
     ) {
@@ -1355,7 +1357,7 @@ mod tests {
                 if req.wait_ms > 0 {
                     let _ = released.wait_for(|r| *r).await;
                 }
-                Ok(ReadReply::default())
+                Ok(EncodedReadReply::default())
             }
         };
         let waiting_call = |id| ReadCall {
@@ -1380,7 +1382,7 @@ mod tests {
             waiting: 3,
         };
         let calls = futures::stream::iter(batches).chain(futures::stream::pending());
-        let mut replies = serve_within::<ReadCalls, _, _>(calls, handle, stopping, bounds);
+        let mut replies = serve_within::<Reads, _, _>(calls, handle, stopping, bounds);
         let mut got = std::collections::BTreeMap::new();
         take_replies(&mut replies, &mut got, 3).await;
         let unavailable = Code::Unavailable as i32;
@@ -1404,7 +1406,7 @@ mod tests {
             if req.shard_id == 7 {
                 panic!("a handler bug");
             }
-            Ok(ReadReply::default())
+            Ok(EncodedReadReply::default())
         };
         let call = |id, wait_ms, shard_id| ReadCall {
             id,
@@ -1422,7 +1424,7 @@ mod tests {
             waiting: 1,
         };
         let calls = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
-        let mut replies = serve_within::<ReadCalls, _, _>(calls, handle, stopping, bounds);
+        let mut replies = serve_within::<Reads, _, _>(calls, handle, stopping, bounds);
         let mut got = std::collections::BTreeMap::new();
         let internal = Code::Internal as i32;
         // One that panics after waiting, then one that panics at once.

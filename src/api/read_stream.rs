@@ -6,33 +6,30 @@
 //! up meanwhile leave as one message, and each answer returns as soon as it
 //! is ready.
 //!
-//! The two ends decode the replies differently. The node builds
-//! [`ReadReply`]s ([`ReadCalls`]); the router reads them as
-//! [`EncodedReadReply`]s ([`RouterReads`]), the same bytes with each message
-//! left encoded, and passes a page's messages on to its client as they came.
-//! A 50-message history page was decoded and encoded again in the router:
-//! about a tenth of the cluster's CPU per page (BENCHMARKS.md, seventh round).
-
-use tonic::transport::Channel;
+//! The messages of a reply stay encoded on both ends ([`Reads`]: each an
+//! [`EncodedReadReply`], the wire form of a `ReadReply` with each message
+//! left as its bytes). The node encodes each cached message once, when it
+//! enters the chat's tail in memory (`crate::shard::chat_cache`), and a page
+//! carries those encodings; the router passes them on to its client as they
+//! came. A 50-message history page was decoded and encoded again in the
+//! router: about a tenth of the cluster's CPU per page (BENCHMARKS.md,
+//! seventh round). Built message by message on the node, a page cost about
+//! 5% more than it does from the encodings (twenty-seventh round).
 
 use crate::api::mux::{stream_messages, stream_methods, Mux, Protocol};
-use crate::api::pb::node::node_api_client::NodeApiClient;
 use crate::api::pb::node::{
     EncodedReadCallReply, EncodedReadReply, EncodedReadReplyBatch, ReadCall, ReadCallBatch,
-    ReadCallReply, ReadReply, ReadReplyBatch, ReadRequest,
+    ReadRequest,
 };
-use crate::cluster::latency::Delayed;
 
-/// Node API reads, as the node serves them on its read stream.
-pub struct ReadCalls;
-
-/// Node API reads, as a router calls them: replies with messages encoded.
-pub struct RouterReads;
+/// Node API reads on the read stream, replies with their messages encoded:
+/// as the node serves them and as a router calls them.
+pub struct Reads;
 
 /// The read stream to one node.
-pub type ReadMux = Mux<RouterReads>;
+pub type ReadMux = Mux<Reads>;
 
-impl Protocol for RouterReads {
+impl Protocol for Reads {
     type Client = crate::api::RouterNodeClient;
     type Request = ReadRequest;
     type Reply = EncodedReadReply;
@@ -53,36 +50,15 @@ impl Protocol for RouterReads {
     stream_methods!(read_stream, read);
 }
 
-impl Protocol for ReadCalls {
-    type Client = NodeApiClient<Delayed<Channel>>;
-    type Request = ReadRequest;
-    type Reply = ReadReply;
-    type Batch = ReadCallBatch;
-    type ReplyBatch = ReadReplyBatch;
-    const NAME: &'static str = "read stream";
-    const BATCH_METRIC: &'static str = crate::metrics::ROUTER_READ_BATCH;
-
-    stream_messages!(
-        ReadRequest,
-        ReadReply,
-        ReadCall,
-        ReadCallBatch,
-        ReadCallReply,
-        ReadReplyBatch
-    );
-
-    stream_methods!(read_stream, read);
-}
-
 #[cfg(test)]
 mod tests {
     use prost::Message;
 
-    use super::{ReadCalls, RouterReads};
+    use super::Reads;
     use crate::api::mux::Protocol;
     use crate::api::pb;
     use crate::api::pb::node::{
-        EncodedMessagesResponse, EncodedReadReplyBatch, ReadReply, ReadReplyBatch,
+        EncodedMessagesResponse, EncodedReadReply, EncodedReadReplyBatch, ReadReply, ReadReplyBatch,
     };
     use crate::api::status::{from_shard_error, is_behind};
     use crate::shard;
@@ -101,13 +77,16 @@ mod tests {
         });
         assert!(is_behind(&behind));
         let sent = (behind.code(), behind.message().to_string());
-        let batch = ReadCalls::reply_batch(vec![(5, Err(behind))]);
+        let batch = Reads::reply_batch(vec![(5, Err(behind))]);
+        // As a client with the plain types reads it.
         let wire = ReadReplyBatch::decode(batch.encode_to_vec().as_slice()).unwrap();
-        let (id, reply) = ReadCalls::replies(wire).pop().unwrap();
-        assert_eq!(id, 5);
-        assert!(is_behind(&reply.unwrap_err()));
+        let reply = &wire.replies[0];
+        assert_eq!(reply.id, 5);
+        assert_eq!(reply.status_code, sent.0 as i32);
+        assert_eq!(reply.status_message, sent.1);
+        // As a router reads it.
         let wire = EncodedReadReplyBatch::decode(batch.encode_to_vec().as_slice()).unwrap();
-        let (id, reply) = RouterReads::replies(wire).pop().unwrap();
+        let (id, reply) = Reads::replies(wire).pop().unwrap();
         assert_eq!(id, 5);
         let status = reply.unwrap_err();
         assert!(is_behind(&status));
@@ -132,9 +111,11 @@ mod tests {
         }
     }
 
-    /// What the node sends, the router reads with its messages encoded, and
-    /// what the router sends on, a client reads as the node built it: every
-    /// field of `ReadReply` and `MessagesResponse` survives.
+    /// What the node sends, with each message encoded once, a client with
+    /// the plain types reads as a `ReadReply`; the router reads it with the
+    /// messages left encoded, and what it sends on, a client reads as the
+    /// same messages: every field of `ReadReply` and `MessagesResponse`
+    /// survives.
     #[test]
     fn replies_read_encoded_are_the_replies_sent() {
         let reply = ReadReply {
@@ -157,25 +138,30 @@ mod tests {
             complete_through: 10,
             now_ms: 1_700_000_000_000,
         };
-        let batch = ReadCalls::reply_batch(vec![(8, Ok(reply.clone()))]);
+        let sent_by_node = EncodedReadReply {
+            messages: reply
+                .messages
+                .iter()
+                .map(|m| m.encode_to_vec().into())
+                .collect(),
+            difference: reply.difference.clone(),
+            chat: reply.chat.clone(),
+            applied_index: 11,
+            applied_term: 2,
+            served_by_node: 4,
+            incarnation: 99,
+            complete_through: 10,
+            now_ms: 1_700_000_000_000,
+        };
+        let batch = Reads::reply_batch(vec![(8, Ok(sent_by_node.clone()))]);
+        let plain = ReadReplyBatch::decode(batch.encode_to_vec().as_slice()).unwrap();
+        assert_eq!(plain.replies[0].reply.as_ref(), Some(&reply));
         let wire = EncodedReadReplyBatch::decode(batch.encode_to_vec().as_slice()).unwrap();
-        let (id, encoded) = RouterReads::replies(wire).pop().unwrap();
+        let (id, encoded) = Reads::replies(wire).pop().unwrap();
         assert_eq!(id, 8);
         let encoded = encoded.unwrap();
-        assert_eq!(encoded.messages.len(), 3);
-        assert_eq!(encoded.difference, reply.difference);
-        assert_eq!(encoded.chat, reply.chat);
-        assert_eq!(
-            (encoded.applied_index, encoded.applied_term),
-            (reply.applied_index, reply.applied_term)
-        );
-        assert_eq!(
-            (encoded.served_by_node, encoded.incarnation),
-            (reply.served_by_node, reply.incarnation)
-        );
-        assert_eq!(encoded.complete_through, reply.complete_through);
-        assert_eq!(encoded.now_ms, reply.now_ms);
-        // Encoded back, the same bytes as the node's reply.
+        assert_eq!(encoded, sent_by_node);
+        // Encoded back, the same bytes as the plain reply.
         assert_eq!(encoded.encode_to_vec(), reply.encode_to_vec());
 
         let sent = EncodedMessagesResponse {

@@ -7,15 +7,17 @@ use std::time::Duration;
 use openraft::async_runtime::WatchReceiver;
 use tonic::{Request, Response, Status};
 
-use crate::api::pb::node::node_api_server::NodeApi;
 use crate::api::pb::node::{
-    read_request::Query, ChatDigestsReply, ChatDigestsRequest, Member, MemberProgress, NodeStatus,
-    ReadCallBatch, ReadReply, ReadReplyBatch, ReadRequest, ShardRequest, ShardStatus,
-    StatusRequest, WriteCallBatch, WriteReply, WriteReplyBatch, WriteRequest,
+    read_request::Query, ChatDigestsReply, ChatDigestsRequest, EncodedReadReply,
+    EncodedReadReplyBatch, Member, MemberProgress, NodeStatus, ReadCallBatch, ReadRequest,
+    ShardRequest, ShardStatus, StatusRequest, WriteCallBatch, WriteReply, WriteReplyBatch,
+    WriteRequest,
 };
+// Served with read replies' messages encoded (`crate::api::read_stream`).
+use crate::api::pb::passthrough::node::node_api_server::NodeApi;
 use crate::api::pb::replicated::{command, Command};
 use crate::api::pb::Consistency;
-use crate::api::read_stream::ReadCalls;
+use crate::api::read_stream::Reads;
 use crate::api::status::{from_read_error, from_shard_error};
 use crate::api::write_stream::WriteCalls;
 use crate::cluster::Placement;
@@ -118,7 +120,7 @@ impl NodeApiService {
     }
 
     /// One read, from Read or a read stream.
-    async fn read_one(&self, req: ReadRequest) -> Result<ReadReply, Status> {
+    async fn read_one(&self, req: ReadRequest) -> Result<EncodedReadReply, Status> {
         let chat = match &req.query {
             Some(Query::History(q)) => q.chat_id,
             Some(Query::Messages(q)) => q.chat_id,
@@ -217,7 +219,7 @@ impl NodeApiService {
         // Only the applied log id is needed; no copy of the whole metrics.
         // The position is completed after the query (see below).
         let applied = shard.raft.metrics().borrow_watched().last_applied;
-        let mut reply = ReadReply {
+        let mut reply = EncodedReadReply {
             applied_index: applied.map(|l| l.index).unwrap_or(0),
             complete_through: applied.map(|l| l.index).unwrap_or(0),
             applied_term: applied.map(|l| l.leader_id.term).unwrap_or(0),
@@ -441,11 +443,15 @@ impl NodeApi for NodeApiService {
         )))
     }
 
-    async fn read(&self, request: Request<ReadRequest>) -> Result<Response<ReadReply>, Status> {
+    async fn read(
+        &self,
+        request: Request<ReadRequest>,
+    ) -> Result<Response<EncodedReadReply>, Status> {
         self.read_one(request.into_inner()).await.map(Response::new)
     }
 
-    type ReadStreamStream = futures::stream::BoxStream<'static, Result<ReadReplyBatch, Status>>;
+    type ReadStreamStream =
+        futures::stream::BoxStream<'static, Result<EncodedReadReplyBatch, Status>>;
 
     /// Each read of each batch runs on its own task; replies leave as they
     /// are ready, as many in one message as are waiting.
@@ -454,7 +460,7 @@ impl NodeApi for NodeApiService {
         request: Request<tonic::Streaming<ReadCallBatch>>,
     ) -> Result<Response<Self::ReadStreamStream>, Status> {
         let service = self.clone();
-        Ok(Response::new(crate::api::mux::serve::<ReadCalls, _, _>(
+        Ok(Response::new(crate::api::mux::serve::<Reads, _, _>(
             request.into_inner(),
             move |req| {
                 let service = service.clone();

@@ -896,7 +896,7 @@ async fn serve(
 ) {
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
-        .set_serving::<pb::node::node_api_server::NodeApiServer<api::NodeApiService>>()
+        .set_serving::<pb::passthrough::node::node_api_server::NodeApiServer<api::NodeApiService>>()
         .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -910,16 +910,17 @@ async fn serve(
         })
         .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
         .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX);
-    let node_api = pb::node::node_api_server::NodeApiServer::new(api::NodeApiService {
-        registry: registry.clone(),
-        node_id: registry.node_id(),
-        operator: crate::security::Operator {
-            tokens: security.tokens.clone(),
-            tls: security.tls.is_some(),
-        },
-        shutdown: shutdown.clone(),
-    })
-    .max_decoding_message_size(api::NODE_API_MESSAGE_BYTES_MAX);
+    let node_api =
+        pb::passthrough::node::node_api_server::NodeApiServer::new(api::NodeApiService {
+            registry: registry.clone(),
+            node_id: registry.node_id(),
+            operator: crate::security::Operator {
+                tokens: security.tokens.clone(),
+                tls: security.tls.is_some(),
+            },
+            shutdown: shutdown.clone(),
+        })
+        .max_decoding_message_size(api::NODE_API_MESSAGE_BYTES_MAX);
     let operator = crate::security::Operator {
         tokens: security.tokens.clone(),
         tls: security.tls.is_some(),

@@ -25,6 +25,12 @@
 //! node's, a new tail is not kept. A replica that quiesces forgets its
 //! messages, so an idle replica's cache holds no messages until it is read.
 //!
+//! Each cached message is kept with the public message it reads as, encoded
+//! once when it enters the tail ([`CachedMessage`]; the record's body is a
+//! slice of that encoding, so the body is in memory once). A page served
+//! from memory is those encodings as they are: the node's reply carries them
+//! with no decoding or encoding per message.
+//!
 //! Bodies of self-destructing messages are held here in the clear until they
 //! expire or are removed; the eraser's bound (`crate::node::erasure`) is about
 //! the data folder, not memory.
@@ -40,10 +46,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
+use prost::Message as _;
 use tokio::sync::futures::Notified;
 use tokio::sync::Notify;
 
+use crate::api::pb;
 use crate::api::pb::replicated::{ChatRecord, MessageRecord};
+use crate::shard::reads::to_public;
 use crate::storage::MemoryBudget;
 
 /// Most chat records, and most tails, cached per replica.
@@ -163,7 +173,42 @@ struct Inner {
 struct Tail {
     from: u64,
     to: u64,
-    messages: BTreeMap<u64, MessageRecord>,
+    messages: BTreeMap<u64, CachedMessage>,
+}
+
+/// A message record, body in the clear, and the public message it reads as
+/// (a `chatstore.v1.Message`), encoded.
+#[derive(Debug, Clone)]
+pub struct CachedMessage {
+    record: MessageRecord,
+    public: Bytes,
+}
+
+impl CachedMessage {
+    pub fn record(&self) -> &MessageRecord {
+        &self.record
+    }
+
+    /// The encoded public message.
+    pub fn public(&self) -> &Bytes {
+        &self.public
+    }
+
+    pub fn into_public(self) -> Bytes {
+        self.public
+    }
+}
+
+impl From<MessageRecord> for CachedMessage {
+    /// Encodes the public message; the record's body becomes a slice of the
+    /// encoding, so the two share one copy of it.
+    fn from(mut record: MessageRecord) -> CachedMessage {
+        let public = Bytes::from(to_public(record.clone()).encode_to_vec());
+        if let Ok(m) = pb::Message::decode(public.clone()) {
+            record.body = m.body;
+        }
+        CachedMessage { record, public }
+    }
 }
 
 /// What a reader saw before reading sled on a miss.
@@ -176,8 +221,8 @@ pub struct Miss {
 pub type MessageWrite = (u64, u64, Option<MessageRecord>);
 
 /// The memory one cached message is counted for.
-fn message_bytes(m: &MessageRecord) -> usize {
-    m.body.len() + 96
+fn message_bytes(m: &CachedMessage) -> usize {
+    m.public.len() + 128
 }
 
 impl ChatCache {
@@ -242,15 +287,15 @@ impl ChatCache {
     }
 
     /// The newest `limit` messages below `end` that `keep` accepts, newest
-    /// first, if the chat's tail holds every one of them (or holds all down
-    /// to the chat's first message).
+    /// first and encoded as public messages, if the chat's tail holds every
+    /// one of them (or holds all down to the chat's first message).
     pub fn page(
         &self,
         chat: u64,
         end: u64,
         limit: usize,
         keep: impl Fn(&MessageRecord) -> bool,
-    ) -> Result<Vec<MessageRecord>, Miss> {
+    ) -> Result<Vec<Bytes>, Miss> {
         let inner = self.lock();
         let Some(tail) = inner.tails.get(&chat).filter(|t| end <= t.to) else {
             return Err(inner.miss());
@@ -260,8 +305,8 @@ impl ChatCache {
             if out.len() >= limit {
                 break;
             }
-            if keep(m) {
-                out.push(m.clone());
+            if keep(&m.record) {
+                out.push(m.public.clone());
             }
         }
         if out.len() < limit && tail.from > 1 {
@@ -276,7 +321,7 @@ impl ChatCache {
         let inner = self.lock();
         match inner.tails.get(&chat) {
             Some(tail) if (tail.from..tail.to).contains(&seq) => {
-                Ok(tail.messages.get(&seq).cloned())
+                Ok(tail.messages.get(&seq).map(|m| m.record.clone()))
             }
             _ => Err(inner.miss()),
         }
@@ -293,18 +338,23 @@ impl ChatCache {
         chat: u64,
         from: u64,
         to: u64,
-        messages: impl IntoIterator<Item = MessageRecord>,
+        messages: impl IntoIterator<Item = impl Into<CachedMessage>>,
         miss: Miss,
     ) {
-        let mut inner = self.lock();
-        if inner.generation != miss.generation || from >= to {
+        if from >= to {
             return;
         }
-        let messages: BTreeMap<u64, MessageRecord> = messages
+        // Encoded before the lock is taken.
+        let messages: BTreeMap<u64, CachedMessage> = messages
             .into_iter()
-            .filter(|m| (from..to).contains(&m.seq))
-            .map(|m| (m.seq, m))
+            .map(Into::into)
+            .filter(|m| (from..to).contains(&m.record.seq))
+            .map(|m| (m.record.seq, m))
             .collect();
+        let mut inner = self.lock();
+        if inner.generation != miss.generation {
+            return;
+        }
         let mut tail = Tail { from, to, messages };
         let mut bytes: usize = tail.messages.values().map(message_bytes).sum();
         while tail.messages.len() > TAIL_MESSAGES_MAX || bytes > TAIL_BYTES_MAX {
@@ -432,6 +482,7 @@ impl Inner {
             give_back(tail_bytes, message_bytes(&old), budget);
         }
         if let Some(m) = m {
+            let m = CachedMessage::from(m);
             if !take(tail_bytes, message_bytes(&m), budget) {
                 self.drop_tail(chat, budget);
                 return;
@@ -546,8 +597,15 @@ mod tests {
         }
     }
 
-    fn seqs(page: &[MessageRecord]) -> Vec<u64> {
-        page.iter().map(|m| m.seq).collect()
+    /// A page as the public messages it encodes.
+    fn decoded(page: &[Bytes]) -> Vec<pb::Message> {
+        page.iter()
+            .map(|m| pb::Message::decode(m.clone()).unwrap())
+            .collect()
+    }
+
+    fn seqs(page: &[Bytes]) -> Vec<u64> {
+        decoded(page).iter().map(|m| m.seq).collect()
     }
 
     /// `from`, `to` and the records of a window read from sled.
@@ -613,7 +671,7 @@ mod tests {
         cache.put([], [(chat, 2, Some(msg(chat, 2, "edited")))]);
         let page = cache.page(chat, 12, 4, |_| true).unwrap();
         assert_eq!(seqs(&page), vec![11, 10, 8, 7]);
-        assert_eq!(&page[2].body[..], b"edited");
+        assert_eq!(&decoded(&page)[2].body[..], b"edited");
         assert_eq!(cache.message(chat, 9).unwrap(), None);
         assert_eq!(
             cache.message(chat, 11).unwrap().unwrap().body,
@@ -625,6 +683,28 @@ mod tests {
         cache.put([], [(chat, 13, Some(msg(chat, 13, "c")))]);
         assert!(cache.page(chat, 12, 1, |_| true).is_err());
         assert_eq!(cache.budget.used(), 0);
+    }
+
+    /// A cached message's encoding is the public message its record reads
+    /// as, and its record's body is that encoding's bytes, not a copy.
+    #[test]
+    fn a_cached_message_holds_its_body_once() {
+        let record = MessageRecord {
+            pts: 4,
+            expire_at_ms: 9,
+            self_destruct: Some(crate::api::pb::replicated::SelfDestruct {
+                policy: Some(crate::api::pb::replicated::self_destruct::Policy::AfterSendSecs(5)),
+            }),
+            ..msg(2, 3, "hello")
+        };
+        let cached = CachedMessage::from(record.clone());
+        assert_eq!(
+            pb::Message::decode(cached.public().clone()).unwrap(),
+            to_public(record.clone())
+        );
+        assert_eq!(cached.record(), &record);
+        let public = cached.public().as_ptr_range();
+        assert!(public.contains(&cached.record().body.as_ptr()));
     }
 
     #[test]
@@ -653,7 +733,7 @@ mod tests {
         cache.put([], sends);
         let page = cache.page(1, 1001, TAIL_MESSAGES_MAX, |_| true).unwrap();
         assert_eq!(page.len(), TAIL_MESSAGES_MAX);
-        assert_eq!(page[0].seq, 1000);
+        assert_eq!(seqs(&page)[0], 1000);
         assert!(cache
             .page(1, 1001, TAIL_MESSAGES_MAX + 1, |_| true)
             .is_err());
@@ -688,7 +768,7 @@ mod tests {
         let miss = cache.page(2, 101, 100, |_| true).unwrap_err();
         cache.fill_tail(2, 1, 101, (1..=100).map(|s| msg(2, s, &big)), miss);
         let kept = cache.page(2, 101, 10, |_| true).unwrap();
-        assert_eq!(kept[0].seq, 100);
+        assert_eq!(seqs(&kept)[0], 100);
         assert!(cache.page(2, 101, 100, |_| true).is_err());
         assert!(cache.lock().tail_bytes <= TAIL_BYTES_MAX);
         assert_eq!(seqs(&cache.page(1, 3, 2, |_| true).unwrap()), vec![2, 1]);
@@ -713,8 +793,8 @@ mod tests {
         assert!(cache.page(1, 3, 2, |_| true).is_err());
         // A tail of removals only holds no bytes and still answers.
         let miss = cache.page(2, 2, 1, |_| true).unwrap_err();
-        cache.fill_tail(2, 1, 2, [], miss);
-        assert_eq!(cache.page(2, 2, 1, |_| true).unwrap(), vec![]);
+        cache.fill_tail(2, 1, 2, Vec::<MessageRecord>::new(), miss);
+        assert!(cache.page(2, 2, 1, |_| true).unwrap().is_empty());
         cache.put([], [(2, 2, Some(msg(2, 2, "new")))]);
         assert!(cache.page(2, 3, 1, |_| true).is_err());
         assert_eq!(cache.budget.used(), 0);

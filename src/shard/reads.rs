@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use prost::Message as _;
 
 use xxhash_rust::xxh3::Xxh3;
@@ -17,7 +18,7 @@ use crate::api::codec::decode;
 use crate::api::pb::node::ChatDigest;
 use crate::api::pb::replicated::{ChangeRecord, ChatRecord, MessageRecord};
 use crate::api::pb::{self, ChangeKind};
-use crate::shard::chat_cache::{ChatCache, TAIL_MESSAGES_MAX};
+use crate::shard::chat_cache::{CachedMessage, ChatCache, TAIL_MESSAGES_MAX};
 use crate::shard::memtable::View;
 use crate::shard::sealing;
 use crate::storage::{keys, KeyRing};
@@ -125,17 +126,22 @@ fn io_err(e: sled::Error) -> io::Error {
     io::Error::other(e)
 }
 
-/// The first messages of `page` up to [`PAGE_BYTES_MAX`] bytes, and
-/// always the first.
-fn cap_bytes(mut page: Vec<pb::Message>) -> Vec<pb::Message> {
+/// The first messages of `page` (encoded) up to [`PAGE_BYTES_MAX`] bytes,
+/// and always the first.
+fn cap_bytes(mut page: Vec<Bytes>) -> Vec<Bytes> {
     let mut bytes = 0;
     if let Some(over) = page.iter().position(|m| {
-        bytes += m.encoded_len();
+        bytes += m.len();
         bytes > PAGE_BYTES_MAX
     }) {
         page.truncate(over.max(1));
     }
     page
+}
+
+/// The public message `m` reads as, encoded (as a page carries it).
+pub fn encode_public(m: MessageRecord) -> Bytes {
+    Bytes::from(to_public(m).encode_to_vec())
 }
 
 /// Messages keyed by the (seq, pts) of the change that names them.
@@ -382,13 +388,9 @@ impl StateReader {
         })
     }
 
-    /// Newest first, strictly below `before_seq` (0 = from the newest).
-    pub fn history(
-        &self,
-        chat: u64,
-        before_seq: u64,
-        limit: u32,
-    ) -> Result<Vec<pb::Message>, ReadError> {
+    /// Newest first, strictly below `before_seq` (0 = from the newest);
+    /// each an encoded public message (`chatstore.v1.Message`).
+    pub fn history(&self, chat: u64, before_seq: u64, limit: u32) -> Result<Vec<Bytes>, ReadError> {
         let rec = self.open_chat(chat)?;
         let now = now_ms();
         let limit = limit.min(PAGE_MAX) as usize;
@@ -404,7 +406,7 @@ impl StateReader {
             Ok(page) => {
                 metrics::counter!(crate::metrics::READ_CACHE_PAGES, "found" => "memory")
                     .increment(1);
-                return Ok(cap_bytes(page.into_iter().map(to_public).collect()));
+                return Ok(cap_bytes(page));
             }
             Err(miss) => miss,
         };
@@ -417,10 +419,12 @@ impl StateReader {
         if limit == 1 && end > 1 {
             if let Some(m) = self.stored_message(chat, end - 1)? {
                 if visible(&m, now) {
+                    let m = CachedMessage::from(m);
+                    let public = m.public().clone();
                     if newest {
-                        self.chats.fill_tail(chat, end - 1, end, [m.clone()], miss);
+                        self.chats.fill_tail(chat, end - 1, end, [m], miss);
                     }
-                    return Ok(vec![to_public(m)]);
+                    return Ok(vec![public]);
                 }
             }
         }
@@ -451,11 +455,12 @@ impl StateReader {
                 from = oldest.seq + 1;
             }
         }
-        let mut out: Vec<pb::Message> = window
+        // Each encoded once, for the page and the tail.
+        let window: Vec<CachedMessage> = window.into_iter().map(CachedMessage::from).collect();
+        let mut out: Vec<Bytes> = window
             .iter()
-            .filter(|m| visible(m, now))
-            .cloned()
-            .map(to_public)
+            .filter(|m| visible(m.record(), now))
+            .map(|m| m.public().clone())
             .collect();
         if newest {
             self.chats.fill_tail(chat, from, end, window, miss);
@@ -464,7 +469,7 @@ impl StateReader {
         // Short of `limit` (removed or hidden messages), the page goes on
         // backwards from the oldest record the window kept; a window cut
         // short by bytes may have kept only hidden ones.
-        let mut bytes: usize = out.iter().map(|m| m.encoded_len()).sum();
+        let mut bytes: usize = out.iter().map(Bytes::len).sum();
         if out.len() < limit {
             for pair in self
                 .tree
@@ -478,8 +483,8 @@ impl StateReader {
                     continue;
                 };
                 if visible(&m, now) {
-                    let m = to_public(m);
-                    bytes += m.encoded_len();
+                    let m = encode_public(m);
+                    bytes += m.len();
                     out.push(m);
                 }
             }
@@ -487,9 +492,9 @@ impl StateReader {
         Ok(cap_bytes(out))
     }
 
-    /// The messages at `seqs` that are there; an error if they come to
-    /// more than [`PAGE_BYTES_MAX`].
-    pub fn messages(&self, chat: u64, seqs: &[u64]) -> Result<Vec<pb::Message>, ReadError> {
+    /// The messages at `seqs` that are there, each an encoded public
+    /// message; an error if they come to more than [`PAGE_BYTES_MAX`].
+    pub fn messages(&self, chat: u64, seqs: &[u64]) -> Result<Vec<Bytes>, ReadError> {
         self.open_chat(chat)?;
         let now = now_ms();
         let mut out = Vec::new();
@@ -497,8 +502,8 @@ impl StateReader {
         for seq in seqs {
             if let Some(m) = self.message(chat, *seq)? {
                 if visible(&m, now) {
-                    let m = to_public(m);
-                    bytes += m.encoded_len();
+                    let m = encode_public(m);
+                    bytes += m.len();
                     if bytes > PAGE_BYTES_MAX {
                         return Err(ReadError::TooLarge { count: seqs.len() });
                     }
@@ -890,8 +895,16 @@ mod tests {
     use prost::Message;
 
     use super::StateReader;
+    use crate::api::pb;
     use crate::api::pb::replicated::{ChangeKind, ChangeRecord, ChatRecord, MessageRecord};
     use crate::storage::{keys, Storage};
+
+    /// A page as the public messages it encodes.
+    fn decoded(page: Vec<bytes::Bytes>) -> Vec<pb::Message> {
+        page.into_iter()
+            .map(|m| pb::Message::decode(m).unwrap())
+            .collect()
+    }
 
     /// A shard's state tree in a fresh data folder (kept while the folder is).
     fn state_tree() -> (tempfile::TempDir, Storage, sled::Tree) {
@@ -947,7 +960,10 @@ mod tests {
             .unwrap();
         let reader = StateReader::new(tree.clone(), storage.keys().clone(), Default::default());
         // The history read puts message 1 (pts 1) in memory.
-        assert_eq!(&reader.history(chat, 0, 10).unwrap()[0].body[..], b"first");
+        assert_eq!(
+            &decoded(reader.history(chat, 0, 10).unwrap())[0].body[..],
+            b"first"
+        );
         // An edit in sled; the cache learns of the chat record only.
         put(1, 2, "edited", ChangeKind::Edit);
         tree.insert(keys::chat(chat), rec(2).encode_to_vec())
@@ -1079,6 +1095,7 @@ mod tests {
         for _ in 0..20 {
             let page: Vec<u64> = reader
                 .history(chat, before, 1000)
+                .map(decoded)
                 .unwrap()
                 .iter()
                 .map(|m| m.seq)
@@ -1107,6 +1124,7 @@ mod tests {
         let reader2 = StateReader::new(tree2, storage2.keys().clone(), Default::default());
         let page: Vec<u64> = reader2
             .history(chat, 0, 50)
+            .map(decoded)
             .unwrap()
             .iter()
             .map(|m| m.seq)
@@ -1153,6 +1171,7 @@ mod tests {
             for limit in [0, 1, 3, 5, 9, 10, 50] {
                 let page: Vec<u64> = reader
                     .history(chat, before, limit)
+                    .map(decoded)
                     .unwrap()
                     .iter()
                     .map(|m| m.seq)
@@ -1266,6 +1285,7 @@ mod tests {
                 let history = |reader: &StateReader, limit: u32| -> Vec<(u64, String)> {
                     reader
                         .history(chat, 0, limit)
+                        .map(decoded)
                         .unwrap()
                         .into_iter()
                         .map(|m| (m.seq, String::from_utf8(m.body.to_vec()).unwrap()))
@@ -1288,6 +1308,7 @@ mod tests {
                 let seqs: Vec<u64> = (150..=last_seq).collect();
                 let by_seq: Vec<u64> = reader
                     .messages(chat, &seqs)
+                    .map(decoded)
                     .unwrap()
                     .iter()
                     .map(|m| m.seq)
