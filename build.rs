@@ -24,9 +24,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .btree_map(".")
         .bytes(".")
         .compile_fds(fds.clone())?;
-    // Both ends of history and message reads (`crate::api::pb::passthrough`):
-    // the NodeApi server and client and the ChatStore server again, with read
-    // replies and MessagesResponse carrying their messages encoded. Every type is mapped to the one generated
+    // Both ends of history and message reads
+    // (`crate::api::pb::passthrough`): the NodeApi server and client and the
+    // ChatStore server again, with read replies and MessagesResponse
+    // carrying their messages encoded. Every type is mapped to the one generated
     // above, so this pass writes service code only (the other services'
     // too, unused).
     let passthrough = out_dir.join("passthrough");

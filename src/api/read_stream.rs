@@ -78,12 +78,14 @@ mod tests {
         assert!(is_behind(&behind));
         let sent = (behind.code(), behind.message().to_string());
         let batch = Reads::reply_batch(vec![(5, Err(behind))]);
-        // As a client with the plain types reads it.
+        // As a client with the plain types reads it: the same call reply.
         let wire = ReadReplyBatch::decode(batch.encode_to_vec().as_slice()).unwrap();
         let reply = &wire.replies[0];
         assert_eq!(reply.id, 5);
         assert_eq!(reply.status_code, sent.0 as i32);
         assert_eq!(reply.status_message, sent.1);
+        assert!(!reply.status_metadata.is_empty());
+        assert_eq!(reply.status_metadata, batch.replies[0].status_metadata);
         // As a router reads it.
         let wire = EncodedReadReplyBatch::decode(batch.encode_to_vec().as_slice()).unwrap();
         let (id, reply) = Reads::replies(wire).pop().unwrap();

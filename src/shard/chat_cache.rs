@@ -42,7 +42,7 @@
 //! records does not, so a replica applying thousands of entries a second wakes
 //! each poll only for its own chat.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -193,10 +193,6 @@ impl CachedMessage {
     pub fn public(&self) -> &Bytes {
         &self.public
     }
-
-    pub fn into_public(self) -> Bytes {
-        self.public
-    }
 }
 
 impl From<MessageRecord> for CachedMessage {
@@ -204,6 +200,9 @@ impl From<MessageRecord> for CachedMessage {
     /// encoding, so the two share one copy of it.
     fn from(mut record: MessageRecord) -> CachedMessage {
         let public = Bytes::from(to_public(record.clone()).encode_to_vec());
+        // Decoding from `Bytes` slices the body out of it, without a copy.
+        // (It cannot fail on what was just encoded; if it did, the record
+        // would keep a body of its own.)
         if let Ok(m) = pb::Message::decode(public.clone()) {
             record.body = m.body;
         }
@@ -219,6 +218,13 @@ pub struct Miss {
 
 /// A message record written (`Some`) or removed (`None`) by an apply call.
 pub type MessageWrite = (u64, u64, Option<MessageRecord>);
+
+/// A message write on its way into a tail: encoded already, or not (its
+/// chat had no tail when the put began).
+enum Pending {
+    Encoded(CachedMessage),
+    Record(MessageRecord),
+}
 
 /// The memory one cached message is counted for.
 fn message_bytes(m: &CachedMessage) -> usize {
@@ -377,6 +383,28 @@ impl ChatCache {
         // one); a waiter that comes meanwhile is woken with all the others.
         let noting = self.waiters.count.load(Ordering::SeqCst) > 0;
         let mut changed = Vec::new();
+        // The messages of chats with a tail are encoded before the lock is
+        // taken for the writes, so readers do not wait on the encoding. A
+        // tail a reader fills meanwhile takes them below too, encoded then.
+        let mut messages: Vec<(u64, u64, Option<Pending>)> = messages
+            .into_iter()
+            .map(|(chat, seq, m)| (chat, seq, m.map(Pending::Record)))
+            .collect();
+        if !messages.is_empty() {
+            let tails: HashSet<u64> = {
+                let inner = self.lock();
+                messages
+                    .iter()
+                    .map(|(chat, ..)| *chat)
+                    .filter(|chat| inner.tails.contains_key(chat))
+                    .collect()
+            };
+            for (chat, _, m) in messages.iter_mut() {
+                if let Some(Pending::Record(r)) = m.take_if(|_| tails.contains(chat)) {
+                    *m = Some(Pending::Encoded(CachedMessage::from(r)));
+                }
+            }
+        }
         {
             let mut inner = self.lock();
             inner.generation += 1;
@@ -455,13 +483,7 @@ impl Inner {
 
     /// Brings a chat's tail up to date with one message write; a write the
     /// tail cannot take in (a gap, no room) drops the tail.
-    fn write_message(
-        &mut self,
-        chat: u64,
-        seq: u64,
-        m: Option<MessageRecord>,
-        budget: &MemoryBudget,
-    ) {
+    fn write_message(&mut self, chat: u64, seq: u64, m: Option<Pending>, budget: &MemoryBudget) {
         let Inner {
             tails, tail_bytes, ..
         } = self;
@@ -482,7 +504,10 @@ impl Inner {
             give_back(tail_bytes, message_bytes(&old), budget);
         }
         if let Some(m) = m {
-            let m = CachedMessage::from(m);
+            let m = match m {
+                Pending::Encoded(m) => m,
+                Pending::Record(r) => CachedMessage::from(r),
+            };
             if !take(tail_bytes, message_bytes(&m), budget) {
                 self.drop_tail(chat, budget);
                 return;

@@ -455,16 +455,24 @@ impl StateReader {
                 from = oldest.seq + 1;
             }
         }
-        // Each encoded once, for the page and the tail.
-        let window: Vec<CachedMessage> = window.into_iter().map(CachedMessage::from).collect();
-        let mut out: Vec<Bytes> = window
-            .iter()
-            .filter(|m| visible(m.record(), now))
-            .map(|m| m.public().clone())
-            .collect();
-        if newest {
+        // The newest page fills the tail: each record encoded once, for
+        // both. Another page encodes only what it shows.
+        let mut out: Vec<Bytes> = if newest {
+            let window: Vec<CachedMessage> = window.into_iter().map(CachedMessage::from).collect();
+            let out = window
+                .iter()
+                .filter(|m| visible(m.record(), now))
+                .map(|m| m.public().clone())
+                .collect();
             self.chats.fill_tail(chat, from, end, window, miss);
-        }
+            out
+        } else {
+            window
+                .into_iter()
+                .filter(|m| visible(m, now))
+                .map(encode_public)
+                .collect()
+        };
         out.reverse();
         // Short of `limit` (removed or hidden messages), the page goes on
         // backwards from the oldest record the window kept; a window cut
