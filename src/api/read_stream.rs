@@ -148,12 +148,12 @@ mod tests {
                 .collect(),
             difference: reply.difference.clone(),
             chat: reply.chat.clone(),
-            applied_index: 11,
-            applied_term: 2,
-            served_by_node: 4,
-            incarnation: 99,
-            complete_through: 10,
-            now_ms: 1_700_000_000_000,
+            applied_index: reply.applied_index,
+            applied_term: reply.applied_term,
+            served_by_node: reply.served_by_node,
+            incarnation: reply.incarnation,
+            complete_through: reply.complete_through,
+            now_ms: reply.now_ms,
         };
         let batch = Reads::reply_batch(vec![(8, Ok(sent_by_node.clone()))]);
         let plain = ReadReplyBatch::decode(batch.encode_to_vec().as_slice()).unwrap();
