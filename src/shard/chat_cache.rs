@@ -53,7 +53,7 @@ use tokio::sync::Notify;
 
 use crate::api::pb;
 use crate::api::pb::replicated::{ChatRecord, MessageRecord};
-use crate::shard::reads::to_public;
+use crate::shard::reads::encode_public;
 use crate::storage::MemoryBudget;
 
 /// Most chat records, and most tails, cached per replica.
@@ -199,7 +199,7 @@ impl From<MessageRecord> for CachedMessage {
     /// Encodes the public message; the record's body becomes a slice of the
     /// encoding, so the two share one copy of it.
     fn from(mut record: MessageRecord) -> CachedMessage {
-        let public = Bytes::from(to_public(record.clone()).encode_to_vec());
+        let public = encode_public(record.clone());
         // Decoding from `Bytes` slices the body out of it, without a copy.
         // (It cannot fail on what was just encoded; if it did, the record
         // would keep a body of its own.)
@@ -540,6 +540,7 @@ fn give_back(used: &mut usize, n: usize, budget: &MemoryBudget) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::shard::reads::{decoded, to_public};
     use futures::FutureExt;
 
     /// A long poll's waiter wakes for a put of its own chat's record (even
@@ -622,15 +623,8 @@ mod tests {
         }
     }
 
-    /// A page as the public messages it encodes.
-    fn decoded(page: &[Bytes]) -> Vec<pb::Message> {
-        page.iter()
-            .map(|m| pb::Message::decode(m.clone()).unwrap())
-            .collect()
-    }
-
     fn seqs(page: &[Bytes]) -> Vec<u64> {
-        decoded(page).iter().map(|m| m.seq).collect()
+        decoded(page.to_vec()).iter().map(|m| m.seq).collect()
     }
 
     /// `from`, `to` and the records of a window read from sled.
@@ -696,7 +690,7 @@ mod tests {
         cache.put([], [(chat, 2, Some(msg(chat, 2, "edited")))]);
         let page = cache.page(chat, 12, 4, |_| true).unwrap();
         assert_eq!(seqs(&page), vec![11, 10, 8, 7]);
-        assert_eq!(&decoded(&page)[2].body[..], b"edited");
+        assert_eq!(&decoded(page.clone())[2].body[..], b"edited");
         assert_eq!(cache.message(chat, 9).unwrap(), None);
         assert_eq!(
             cache.message(chat, 11).unwrap().unwrap().body,

@@ -144,6 +144,14 @@ pub fn encode_public(m: MessageRecord) -> Bytes {
     Bytes::from(to_public(m).encode_to_vec())
 }
 
+/// A page as the public messages it encodes (for tests).
+#[cfg(test)]
+pub(crate) fn decoded(page: Vec<Bytes>) -> Vec<pb::Message> {
+    page.into_iter()
+        .map(|m| pb::Message::decode(m).expect("an encoded message"))
+        .collect()
+}
+
 /// Messages keyed by the (seq, pts) of the change that names them.
 type MessagesByChange = HashMap<(u64, u64), MessageRecord>;
 
@@ -419,11 +427,12 @@ impl StateReader {
         if limit == 1 && end > 1 {
             if let Some(m) = self.stored_message(chat, end - 1)? {
                 if visible(&m, now) {
+                    if !newest {
+                        return Ok(vec![encode_public(m)]);
+                    }
                     let m = CachedMessage::from(m);
                     let public = m.public().clone();
-                    if newest {
-                        self.chats.fill_tail(chat, end - 1, end, [m], miss);
-                    }
+                    self.chats.fill_tail(chat, end - 1, end, [m], miss);
                     return Ok(vec![public]);
                 }
             }
@@ -902,17 +911,9 @@ impl StateReader {
 mod tests {
     use prost::Message;
 
-    use super::StateReader;
-    use crate::api::pb;
+    use super::{decoded, StateReader};
     use crate::api::pb::replicated::{ChangeKind, ChangeRecord, ChatRecord, MessageRecord};
     use crate::storage::{keys, Storage};
-
-    /// A page as the public messages it encodes.
-    fn decoded(page: Vec<bytes::Bytes>) -> Vec<pb::Message> {
-        page.into_iter()
-            .map(|m| pb::Message::decode(m).unwrap())
-            .collect()
-    }
 
     /// A shard's state tree in a fresh data folder (kept while the folder is).
     fn state_tree() -> (tempfile::TempDir, Storage, sled::Tree) {
